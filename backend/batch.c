@@ -1,0 +1,155 @@
+/* batch.c -- encoding of shard batches (see batch.h for the format).
+ *
+ * The encoding is a flat byte string so that the same bytes serve as the redo
+ * log record and, later, as a request body; decoding checks every length
+ * against the buffer before touching it.
+ */
+#include "batch.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void put_u32le(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static uint32_t get_u32le(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static int op_has_value(unsigned op)
+{
+    return op == BATCH_PUT || op == BATCH_ASSERT_VALUE || op == BATCH_DEL_RANGE;
+}
+
+void batch_init(struct batch *b)
+{
+    memset(b, 0, sizeof(*b));
+}
+
+void batch_free(struct batch *b)
+{
+    free(b->buf);
+    batch_init(b);
+}
+
+void batch_reset(struct batch *b)
+{
+    b->len = 0;
+    b->count = 0;
+    b->error = 0;
+}
+
+static int batch_reserve(struct batch *b, size_t more)
+{
+    size_t need = b->len + more, cap = b->cap ? b->cap : 256;
+    uint8_t *p;
+
+    if (need > BATCH_MAX)
+        return -EFBIG;
+    if (need <= b->cap)
+        return 0;
+    while (cap < need)
+        cap *= 2;
+    p = realloc(b->buf, cap);
+    if (!p)
+        return -ENOMEM;
+    b->buf = p;
+    b->cap = cap;
+    return 0;
+}
+
+int batch_add(struct batch *b, enum batch_op op, const void *key, size_t klen, const void *val,
+              size_t vlen)
+{
+    int rc = 0;
+    uint8_t *p;
+
+    if (b->error)
+        return b->error;
+    if (klen == 0 || klen > BATCH_KEY_MAX) {
+        rc = klen ? -ENAMETOOLONG : -EINVAL;
+        goto out;
+    }
+    if (!op_has_value(op))
+        vlen = 0;
+    if (vlen > BATCH_VALUE_MAX) {
+        rc = -EFBIG;
+        goto out;
+    }
+    rc = batch_reserve(b, 1 + 4 + klen + (op_has_value(op) ? 4 + vlen : 0));
+    if (rc)
+        goto out;
+    p = b->buf + b->len;
+    *p++ = (uint8_t)op;
+    put_u32le(p, (uint32_t)klen);
+    memcpy(p + 4, key, klen);
+    p += 4 + klen;
+    if (op_has_value(op)) {
+        put_u32le(p, (uint32_t)vlen);
+        if (vlen)
+            memcpy(p + 4, val, vlen);
+        p += 4 + vlen;
+    }
+    b->len = (size_t)(p - b->buf);
+    b->count++;
+out:
+    if (rc)
+        b->error = rc;
+    return rc;
+}
+
+int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *it)
+{
+    size_t p = *pos;
+    uint32_t n;
+
+    if (p == len)
+        return 0;
+    if (len - p < 5)
+        return -EINVAL;
+    it->op = (enum batch_op)buf[p];
+    if (it->op < BATCH_PUT || it->op > BATCH_ASSERT_VALUE)
+        return -EINVAL;
+    n = get_u32le(buf + p + 1);
+    p += 5;
+    if (n == 0 || n > BATCH_KEY_MAX || n > len - p)
+        return -EINVAL;
+    it->key = buf + p;
+    it->klen = n;
+    p += n;
+    it->val = NULL;
+    it->vlen = 0;
+    if (op_has_value(it->op)) {
+        if (len - p < 4)
+            return -EINVAL;
+        n = get_u32le(buf + p);
+        p += 4;
+        if (n > BATCH_VALUE_MAX || n > len - p)
+            return -EINVAL;
+        it->val = buf + p;
+        it->vlen = n;
+        p += n;
+    }
+    *pos = p;
+    return 1;
+}
+
+int batch_validate(const uint8_t *buf, size_t len)
+{
+    struct batch_item it;
+    size_t pos = 0;
+    int rc, count = 0;
+
+    if (len > BATCH_MAX)
+        return -EINVAL;
+    while ((rc = batch_next(buf, len, &pos, &it)) == 1)
+        count++;
+    return rc < 0 ? rc : count;
+}

@@ -1,0 +1,60 @@
+/* config.h -- shards.conf, the one file every node reads.
+ *
+ * The file is INI (parsed with inih). Sections and directives, all documented in
+ * the top-level shards.conf:
+ *
+ *   [cluster]   shards = N (power of two), epoch = E (>= 1),
+ *               commit_interval_ms, cache_timeout (seconds)
+ *   [node NAME] url = http://HOST:PORT, data_dir = DIR (relative to the conf
+ *               file's directory), shards = LIST ("0-3", "0,2,5-7" or "all")
+ *
+ * Every shard must be owned by exactly one node. An unknown section or key, a
+ * bad value or a missing directive is an error naming file, line and reason.
+ *
+ * config_load() fills a caller-owned struct config; nothing to free. Not
+ * thread-safe while loading; read-only afterwards.
+ */
+#ifndef SHARDFS_CONFIG_H
+#define SHARDFS_CONFIG_H
+
+#include <limits.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONFIG_MAX_NODES 64
+#define CONFIG_MAX_SHARDS 1024
+#define CONFIG_NAME_MAX 63
+#define CONFIG_URL_MAX 255
+
+struct config_node {
+    char name[CONFIG_NAME_MAX + 1];
+    char url[CONFIG_URL_MAX + 1];   /* "" when not given */
+    char data_dir[PATH_MAX];        /* absolute after config_load() */
+    int line;                       /* line of the [node] header */
+};
+
+struct config {
+    char path[PATH_MAX];            /* the file as given */
+    unsigned shard_count;           /* power of two */
+    int shards_line;                /* line of "shards =", for later errors */
+    unsigned shard_bits;            /* log2(shard_count) */
+    uint64_t epoch;
+    unsigned commit_interval_ms;    /* batch commit period of a shard, default 200 */
+    double cache_timeout;           /* kernel entry/attr timeout in seconds, default 3600 */
+    unsigned node_count;
+    struct config_node nodes[CONFIG_MAX_NODES];
+    int owner[CONFIG_MAX_SHARDS];   /* index into nodes[] of each shard's owner */
+};
+
+/* Parse and validate path into *cfg. On error returns -1 and writes
+ * "FILE:LINE: reason" (or "FILE: reason") into err; returns 0 on success. */
+int config_load(const char *path, struct config *cfg, char *err, size_t errlen);
+
+/* Index of the node called name, or -1. */
+int config_node_index(const struct config *cfg, const char *name);
+
+/* The node this process is: the named one, or the only node when name is NULL
+ * and there is exactly one. Returns -1 with a message in err otherwise. */
+int config_pick_node(const struct config *cfg, const char *name, char *err, size_t errlen);
+
+#endif

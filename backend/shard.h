@@ -1,0 +1,99 @@
+/* shard.h -- the shard interface.
+ *
+ * A shard is an ordered map from binary keys (1..511 bytes) to binary values,
+ * with atomic batches. The filesystem layer talks to every shard through this
+ * table and never knows whether a shard is a local LMDB environment
+ * (shard_lmdb.c) or, later, a remote one over HTTP, or a fault-injecting
+ * wrapper in tests.
+ *
+ * Errors: every slot returns 0 (or a count) on success and a negative errno:
+ *   -ENOENT  key not found          -EEXIST  BATCH_ASSERT_ABSENT failed
+ *   -EAGAIN  BATCH_ASSERT_VALUE failed (the caller re-reads and retries)
+ *   -ENOSPC  out of space           -EIO     anything the store cannot explain
+ *
+ * Consistency: a successful apply() is visible to every later call on any
+ * thread, and survives the death of the process (kill -9). sync() makes every
+ * applied batch survive power loss as well.
+ *
+ * Threads: all slots may be called from any thread concurrently.
+ */
+#ifndef SHARDFS_SHARD_H
+#define SHARDFS_SHARD_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "batch.h"
+
+struct shard;
+
+/* Scan callback: key and value are borrowed for the duration of the call only.
+ * Return 0 to go on, 1 to stop early, or a negative errno to abort the scan
+ * (the scan returns it). The callback MUST NOT call into the same shard. */
+typedef int (*shard_scan_fn)(void *ctx, const uint8_t *key, size_t klen, const uint8_t *val,
+                             size_t vlen);
+
+struct shard_stat {
+    uint64_t records;       /* keys in the shard */
+    uint64_t bytes;         /* bytes used by the store */
+    uint64_t pending;       /* batches applied but not yet synced */
+};
+
+struct shard_ops {
+    /* MUST: copy at most buflen bytes of the value of key, starting at byte
+     * off, into buf. Returns the bytes copied (0 if off >= value length) and
+     * stores the full value length in *vlen; -ENOENT if the key is absent. */
+    int (*get)(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
+               size_t buflen, size_t *vlen);
+    /* MUST: call fn for every key in [start, end) in key order; end NULL means
+     * "to the end". Returns 0, or what fn returned when it stopped (1 or <0). */
+    int (*scan)(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
+                shard_scan_fn fn, void *ctx);
+    /* MUST: apply an encoded batch atomically: all of it or none of it. */
+    int (*apply)(struct shard *s, const struct batch *b);
+    /* MUST: make every applied batch durable against power loss. */
+    int (*sync)(struct shard *s);
+    /* MAY: fill counters; -ENOSYS if unknown. */
+    int (*stat)(struct shard *s, struct shard_stat *st);
+    /* MUST: flush, sync and free; s is gone afterwards. NULL-safe in wrapper. */
+    void (*close)(struct shard *s);
+};
+
+/* Every implementation embeds this first. */
+struct shard {
+    const struct shard_ops *ops;
+    unsigned index;         /* shard number in the store */
+};
+
+static inline int shard_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf,
+                            size_t buflen, size_t *vlen)
+{
+    return s->ops->get(s, k, kl, off, buf, buflen, vlen);
+}
+static inline int shard_scan(struct shard *s, const void *start, size_t sl, const void *end,
+                             size_t el, shard_scan_fn fn, void *ctx)
+{
+    return s->ops->scan(s, start, sl, end, el, fn, ctx);
+}
+static inline int shard_apply(struct shard *s, const struct batch *b)
+{
+    if (b->error)
+        return b->error;
+    return s->ops->apply(s, b);
+}
+static inline int shard_sync(struct shard *s)
+{
+    return s->ops->sync(s);
+}
+static inline int shard_stat(struct shard *s, struct shard_stat *st)
+{
+    return s->ops->stat ? s->ops->stat(s, st) : -ENOSYS;
+}
+static inline void shard_close(struct shard *s)
+{
+    if (s)
+        s->ops->close(s);
+}
+
+#endif

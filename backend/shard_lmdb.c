@@ -1,0 +1,714 @@
+/* shard_lmdb.c -- a shard in one LMDB environment (see shard_lmdb.h DESIGN).
+ *
+ * Layout of a shard directory:
+ *   data.mdb   the LMDB environment (one unnamed database; MDB_NOLOCK)
+ *   redo.log   batches applied since the last commit, one record each:
+ *              magic:u32le len:u32le seq:u64le check:u64le payload[len]
+ *              check = XXH3_64(payload, seed = seq)
+ *   The key "Mseq" inside LMDB holds the last log sequence number that the
+ *   committed state contains.
+ *
+ * Everything below runs under struct shard_lmdb.lock: LMDB write transactions
+ * allow one user at a time, and the long-lived transaction is what readers
+ * read. A per-shard flusher thread commits every commit_interval_ms.
+ */
+#include "shard_lmdb.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#define LOG_MAGIC 0x474f4c53u /* "SLOG" */
+#define LOG_HDR 24u
+#define MAP_INITIAL (1ull << 30)
+#define DEFAULT_INTERVAL_MS 200u
+#define DEFAULT_COMMIT_BYTES (16u << 20)
+
+static const char seq_key[] = "Mseq";
+
+struct shard_lmdb {
+    struct shard base;
+    char dir[4096];
+    pthread_mutex_t lock;
+    pthread_cond_t wake;        /* flusher sleeps on it; signalled at close */
+    pthread_t flusher;
+    int flusher_started;
+    int closing;                /* protected by lock */
+
+    MDB_env *env;
+    MDB_dbi dbi;
+    MDB_txn *txn;               /* the open write transaction, or NULL */
+    int need_rebuild;           /* a commit failed: rebuild txn from the log */
+    size_t mapsize;
+
+    int log_fd;
+    off_t log_len;
+    uint64_t seq;               /* last sequence number written to the log */
+    uint64_t committed_seq;     /* last one inside the committed LMDB state */
+
+    size_t pending_bytes;
+    struct timespec pending_since;
+    unsigned interval_ms;
+    size_t commit_bytes;
+};
+
+static const struct shard_ops shard_lmdb_ops;
+
+int shard_lmdb_errno(int rc)
+{
+    switch (rc) {
+    case MDB_SUCCESS:
+        return 0;
+    case MDB_NOTFOUND:
+        return -ENOENT;
+    case MDB_KEYEXIST:
+        return -EEXIST;
+    case MDB_MAP_FULL:
+    case MDB_TXN_FULL:
+        return -ENOSPC;
+    case MDB_BAD_VALSIZE:
+        return -EINVAL;
+    case MDB_READERS_FULL:
+    case MDB_MAP_RESIZED:
+        return -EAGAIN;
+    default:
+        /* LMDB passes system errors through as positive errno values. */
+        if (rc > 0 && rc < 4096)
+            return -rc;
+        return -EIO;
+    }
+}
+
+static struct shard_lmdb *to_lmdb(struct shard *s)
+{
+    return (struct shard_lmdb *)s;
+}
+
+static void put_u32le(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_u64le(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get_le(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* ---- applying batches to a transaction ---- */
+
+static int del_range(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
+{
+    MDB_cursor *cur = NULL;
+    MDB_val k = {.mv_size = it->klen, .mv_data = (void *)it->key}, v;
+    int rc = mdb_cursor_open(txn, dbi, &cur);
+
+    if (rc)
+        goto out;
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (rc == 0) {
+        size_t n = k.mv_size < it->vlen ? k.mv_size : it->vlen;
+        int cmp = memcmp(k.mv_data, it->val, n);
+        if (cmp > 0 || (cmp == 0 && k.mv_size >= it->vlen))
+            break;
+        rc = mdb_cursor_del(cur, 0);
+        if (rc)
+            goto out;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
+    }
+    if (rc == MDB_NOTFOUND)
+        rc = 0;
+out:
+    mdb_cursor_close(cur);
+    return rc ? shard_lmdb_errno(rc) : 0;
+}
+
+static int check_assert(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
+{
+    MDB_val k = {.mv_size = it->klen, .mv_data = (void *)it->key}, v;
+    int rc = mdb_get(txn, dbi, &k, &v);
+
+    if (rc && rc != MDB_NOTFOUND)
+        return shard_lmdb_errno(rc);
+    if (it->op == BATCH_ASSERT_ABSENT)
+        return rc == 0 ? -EEXIST : 0;
+    if (rc == MDB_NOTFOUND || v.mv_size != it->vlen || memcmp(v.mv_data, it->val, it->vlen))
+        return -EAGAIN;
+    return 0;
+}
+
+/* Apply every item of an encoded batch to txn. With check_asserts == 0 (log
+ * replay) preconditions are skipped: they held when the batch was logged. */
+static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len,
+                       int check_asserts)
+{
+    struct batch_item it;
+    size_t pos = 0;
+    int rc;
+
+    while ((rc = batch_next(buf, len, &pos, &it)) == 1) {
+        MDB_val k = {.mv_size = it.klen, .mv_data = (void *)it.key};
+        MDB_val v = {.mv_size = it.vlen, .mv_data = (void *)it.val};
+        switch (it.op) {
+        case BATCH_PUT:
+            rc = shard_lmdb_errno(mdb_put(txn, dbi, &k, &v, 0));
+            break;
+        case BATCH_DEL:
+            rc = mdb_del(txn, dbi, &k, NULL);
+            rc = rc == MDB_NOTFOUND ? 0 : shard_lmdb_errno(rc);
+            break;
+        case BATCH_DEL_RANGE:
+            rc = del_range(txn, dbi, &it);
+            break;
+        case BATCH_ASSERT_ABSENT:
+        case BATCH_ASSERT_VALUE:
+            rc = check_asserts ? check_assert(txn, dbi, &it) : 0;
+            break;
+        }
+        if (rc)
+            return rc;
+    }
+    return rc;
+}
+
+/* ---- the redo log ---- */
+
+static int log_append(struct shard_lmdb *sl, uint64_t seq, const struct batch *b)
+{
+    uint8_t hdr[LOG_HDR];
+    struct iovec iov[2] = {{hdr, LOG_HDR}, {b->buf, b->len}};
+    size_t want = LOG_HDR + b->len;
+    ssize_t n;
+
+    put_u32le(hdr, LOG_MAGIC);
+    put_u32le(hdr + 4, (uint32_t)b->len);
+    put_u64le(hdr + 8, seq);
+    put_u64le(hdr + 16, XXH3_64bits_withSeed(b->buf, b->len, seq));
+    n = writev(sl->log_fd, iov, 2);
+    if (n == (ssize_t)want) {
+        sl->log_len += n;
+        return 0;
+    }
+    /* A short write leaves a torn record: cut it off so the log stays a clean
+     * sequence (replay would stop there anyway, but later records would be
+     * unreachable behind it). */
+    int err = n < 0 ? errno : ENOSPC;
+    if (ftruncate(sl->log_fd, sl->log_len) != 0)
+        err = EIO;
+    return -err;
+}
+
+/* Replay log records newer than committed_seq into txn, in order. Stops at the
+ * first torn or corrupt record. Sets sl->seq to the last record applied. */
+static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
+{
+    uint8_t hdr[LOG_HDR];
+    uint8_t *payload = NULL;
+    off_t off = 0;
+    uint64_t expect = sl->committed_seq + 1;
+    int rc = 0;
+
+    sl->seq = sl->committed_seq;
+    for (;;) {
+        if (pread(sl->log_fd, hdr, LOG_HDR, off) != LOG_HDR)
+            break;
+        uint32_t len = (uint32_t)get_le(hdr + 4, 4);
+        uint64_t seq = get_le(hdr + 8, 8), check = get_le(hdr + 16, 8);
+        if (get_le(hdr, 4) != LOG_MAGIC || len > BATCH_MAX)
+            break;
+        uint8_t *p = realloc(payload, len ? len : 1);
+        if (!p) {
+            rc = -ENOMEM;
+            goto out;
+        }
+        payload = p;
+        if (pread(sl->log_fd, payload, len, off + LOG_HDR) != (ssize_t)len ||
+            XXH3_64bits_withSeed(payload, len, seq) != check || batch_validate(payload, len) < 0)
+            break;
+        off += LOG_HDR + len;
+        if (seq < expect)
+            continue; /* already inside the committed state */
+        if (seq != expect)
+            break;    /* a gap: what follows is not a continuation */
+        rc = apply_items(txn, sl->dbi, payload, len, 0);
+        if (rc)
+            goto out;
+        sl->seq = seq;
+        sl->pending_bytes += len;
+        expect++;
+    }
+    /* Drop whatever follows the last good record. */
+    sl->log_len = off;
+    if (ftruncate(sl->log_fd, off) != 0)
+        rc = -errno;
+out:
+    free(payload);
+    return rc;
+}
+
+/* ---- the long-lived transaction ---- */
+
+static int txn_begin(struct shard_lmdb *sl)
+{
+    int rc = mdb_txn_begin(sl->env, NULL, 0, &sl->txn);
+    if (rc) {
+        sl->txn = NULL;
+        return shard_lmdb_errno(rc);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
+    return 0;
+}
+
+/* Make sure sl->txn is open and holds every logged batch. */
+static int txn_ensure(struct shard_lmdb *sl)
+{
+    int rc;
+
+    if (sl->txn && !sl->need_rebuild)
+        return 0;
+    if (sl->txn)
+        mdb_txn_abort(sl->txn);
+    sl->txn = NULL;
+    rc = txn_begin(sl);
+    if (rc)
+        return rc;
+    if (sl->need_rebuild) {
+        sl->pending_bytes = 0;
+        rc = log_replay(sl, sl->txn);
+        if (rc) {
+            mdb_txn_abort(sl->txn);
+            sl->txn = NULL;
+            return rc;
+        }
+        sl->need_rebuild = 0;
+    }
+    return 0;
+}
+
+static void map_maybe_grow(struct shard_lmdb *sl, int force)
+{
+    MDB_envinfo info;
+    MDB_stat st;
+
+    if (mdb_env_info(sl->env, &info) || mdb_env_stat(sl->env, &st))
+        return;
+    size_t used = (info.me_last_pgno + 1) * (size_t)st.ms_psize;
+    if (!force && used < sl->mapsize / 2)
+        return;
+    while (used >= sl->mapsize / 2 || force) {
+        sl->mapsize *= 2;
+        force = 0;
+    }
+    if (mdb_env_set_mapsize(sl->env, sl->mapsize) == 0)
+        return;
+    /* Keep the old size if the bigger one cannot be had. */
+    mdb_env_info(sl->env, &info);
+    sl->mapsize = info.me_mapsize;
+}
+
+/* Commit the open transaction with a full sync and start over. On failure the
+ * transaction is gone, so it is rebuilt from the log on next use. */
+static int txn_commit(struct shard_lmdb *sl, int grow)
+{
+    MDB_val k = {.mv_size = sizeof(seq_key) - 1, .mv_data = (void *)seq_key};
+    uint8_t seqbuf[8];
+    MDB_val v = {.mv_size = 8, .mv_data = seqbuf};
+    int rc;
+
+    if (sl->need_rebuild) {
+        rc = txn_ensure(sl);
+        if (rc)
+            return rc;
+    }
+    if (!sl->txn)
+        return 0;
+    if (sl->seq == sl->committed_seq) {
+        /* Nothing logged since the last commit: nothing to make durable. */
+        if (!grow)
+            return 0;
+        mdb_txn_abort(sl->txn);
+        sl->txn = NULL;
+        map_maybe_grow(sl, 1);
+        return 0;
+    }
+    put_u64le(seqbuf, sl->seq);
+    rc = mdb_put(sl->txn, sl->dbi, &k, &v, 0);
+    if (rc) {
+        mdb_txn_abort(sl->txn);
+        goto failed;
+    }
+    rc = mdb_txn_commit(sl->txn);
+    if (rc)
+        goto failed;
+    sl->txn = NULL;
+    sl->committed_seq = sl->seq;
+    sl->pending_bytes = 0;
+    /* The log's content is now inside LMDB; a stale tail after a crash is
+     * recognised by its sequence numbers, so no sync is needed here. */
+    if (ftruncate(sl->log_fd, 0) == 0)
+        sl->log_len = 0;
+    map_maybe_grow(sl, grow);
+    return 0;
+failed:
+    sl->txn = NULL;
+    sl->need_rebuild = 1;
+    return shard_lmdb_errno(rc);
+}
+
+/* ---- the interface ---- */
+
+static int lmdb_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
+                    size_t buflen, size_t *vlen)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    MDB_val k = {.mv_size = klen, .mv_data = (void *)key}, v;
+    int rc;
+
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    if (rc)
+        goto out;
+    rc = mdb_get(sl->txn, sl->dbi, &k, &v);
+    if (rc) {
+        rc = shard_lmdb_errno(rc);
+        goto out;
+    }
+    if (vlen)
+        *vlen = v.mv_size;
+    if (off >= v.mv_size) {
+        rc = 0;
+        goto out;
+    }
+    size_t n = v.mv_size - off < buflen ? v.mv_size - off : buflen;
+    if (n)
+        memcpy(buf, (const uint8_t *)v.mv_data + off, n);
+    rc = (int)n;
+out:
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void *end,
+                     size_t elen, shard_scan_fn fn, void *ctx)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    MDB_cursor *cur = NULL;
+    MDB_val k = {.mv_size = slen, .mv_data = (void *)start}, v;
+    int rc;
+
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    if (rc)
+        goto out;
+    rc = mdb_cursor_open(sl->txn, sl->dbi, &cur);
+    if (rc) {
+        rc = shard_lmdb_errno(rc);
+        goto out;
+    }
+    rc = slen ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE) : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    while (rc == 0) {
+        if (end) {
+            size_t n = k.mv_size < elen ? k.mv_size : elen;
+            int cmp = memcmp(k.mv_data, end, n);
+            if (cmp > 0 || (cmp == 0 && k.mv_size >= elen))
+                break;
+        }
+        rc = fn(ctx, k.mv_data, k.mv_size, v.mv_data, v.mv_size);
+        if (rc)
+            goto out;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    rc = rc == MDB_NOTFOUND ? 0 : shard_lmdb_errno(rc);
+out:
+    mdb_cursor_close(cur);
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+/* One attempt: nested transaction, log append, merge into the parent. */
+static int apply_once(struct shard_lmdb *sl, const struct batch *b)
+{
+    MDB_txn *child = NULL;
+    int rc = txn_ensure(sl);
+
+    if (rc)
+        return rc;
+    rc = mdb_txn_begin(sl->env, sl->txn, 0, &child);
+    if (rc)
+        return shard_lmdb_errno(rc);
+    rc = apply_items(child, sl->dbi, b->buf, b->len, 1);
+    if (rc)
+        goto abort;
+    rc = log_append(sl, sl->seq + 1, b);
+    if (rc)
+        goto abort;
+    sl->seq++;
+    rc = mdb_txn_commit(child);
+    if (rc) {
+        /* The log has the batch but the transaction does not: rebuild it. */
+        sl->need_rebuild = 1;
+        return txn_ensure(sl);
+    }
+    return 0;
+abort:
+    mdb_txn_abort(child);
+    return rc;
+}
+
+static int lmdb_apply(struct shard *s, const struct batch *b)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    int rc;
+
+    if (b->count == 0)
+        return 0;
+    pthread_mutex_lock(&sl->lock);
+    rc = apply_once(sl, b);
+    if (rc == -ENOSPC && !sl->need_rebuild) {
+        /* Map or dirty list full: commit what we have, grow, try once more.
+         * A real full disk fails the commit or the retry with ENOSPC. */
+        int crc = txn_commit(sl, 1);
+        rc = crc ? crc : apply_once(sl, b);
+    }
+    if (rc == 0) {
+        if (sl->pending_bytes == 0)
+            clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
+        sl->pending_bytes += b->len;
+        if (sl->pending_bytes >= sl->commit_bytes)
+            txn_commit(sl, 0); /* a failure keeps the log; retried later */
+    }
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+static int lmdb_sync(struct shard *s)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    int rc;
+
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_commit(sl, 0);
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+static int lmdb_stat(struct shard *s, struct shard_stat *st)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    MDB_stat ms;
+    MDB_envinfo info;
+    int rc;
+
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    if (rc)
+        goto out;
+    rc = shard_lmdb_errno(mdb_stat(sl->txn, sl->dbi, &ms));
+    if (rc)
+        goto out;
+    mdb_env_info(sl->env, &info);
+    st->records = ms.ms_entries;
+    st->bytes = (info.me_last_pgno + 1) * (uint64_t)ms.ms_psize;
+    st->pending = sl->seq - sl->committed_seq;
+out:
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+int shard_lmdb_flush(struct shard *s, int force)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct timespec now;
+    int rc = 0;
+
+    pthread_mutex_lock(&sl->lock);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long ms = (now.tv_sec - sl->pending_since.tv_sec) * 1000 +
+              (now.tv_nsec - sl->pending_since.tv_nsec) / 1000000;
+    if ((sl->seq != sl->committed_seq || sl->need_rebuild) && (force || ms >= (long)sl->interval_ms))
+        rc = txn_commit(sl, 0);
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+static void *flusher_main(void *arg)
+{
+    struct shard_lmdb *sl = arg;
+    char name[16];
+
+    snprintf(name, sizeof(name), "flush-%u", sl->base.index);
+    pthread_setname_np(pthread_self(), name);
+    pthread_mutex_lock(&sl->lock);
+    while (!sl->closing) {
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_nsec += (long)(sl->interval_ms % 1000) * 1000000;
+        t.tv_sec += sl->interval_ms / 1000 + t.tv_nsec / 1000000000;
+        t.tv_nsec %= 1000000000;
+        pthread_cond_timedwait(&sl->wake, &sl->lock, &t);
+        if (sl->closing)
+            break;
+        pthread_mutex_unlock(&sl->lock);
+        shard_lmdb_flush(&sl->base, 0);
+        pthread_mutex_lock(&sl->lock);
+    }
+    pthread_mutex_unlock(&sl->lock);
+    return NULL;
+}
+
+static void lmdb_close(struct shard *s)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+
+    if (sl->flusher_started) {
+        pthread_mutex_lock(&sl->lock);
+        sl->closing = 1;
+        pthread_cond_signal(&sl->wake);
+        pthread_mutex_unlock(&sl->lock);
+        pthread_join(sl->flusher, NULL);
+    }
+    if (sl->env) {
+        txn_commit(sl, 0);
+        if (sl->txn)
+            mdb_txn_abort(sl->txn);
+        mdb_env_close(sl->env);
+    }
+    if (sl->log_fd >= 0)
+        close(sl->log_fd);
+    pthread_cond_destroy(&sl->wake);
+    pthread_mutex_destroy(&sl->lock);
+    free(sl);
+}
+
+static int read_committed_seq(struct shard_lmdb *sl)
+{
+    MDB_val k = {.mv_size = sizeof(seq_key) - 1, .mv_data = (void *)seq_key}, v;
+    int rc = mdb_get(sl->txn, sl->dbi, &k, &v);
+
+    sl->committed_seq = 0;
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc)
+        return shard_lmdb_errno(rc);
+    if (v.mv_size != 8)
+        return -EIO;
+    sl->committed_seq = get_le(v.mv_data, 8);
+    return 0;
+}
+
+static int open_env(struct shard_lmdb *sl, char *err, size_t errlen)
+{
+    struct stat st;
+    char path[4200];
+    int rc;
+
+    snprintf(path, sizeof(path), "%s/data.mdb", sl->dir);
+    sl->mapsize = MAP_INITIAL;
+    if (stat(path, &st) == 0)
+        while (sl->mapsize < (size_t)st.st_size * 2)
+            sl->mapsize *= 2;
+    rc = mdb_env_create(&sl->env);
+    if (rc == 0)
+        rc = mdb_env_set_mapsize(sl->env, sl->mapsize);
+    if (rc == 0)
+        rc = mdb_env_open(sl->env, sl->dir, MDB_NOLOCK | MDB_NORDAHEAD, 0644);
+    if (rc) {
+        snprintf(err, errlen, "%s: cannot open LMDB environment: %s", sl->dir, mdb_strerror(rc));
+        return shard_lmdb_errno(rc);
+    }
+    rc = mdb_txn_begin(sl->env, NULL, 0, &sl->txn);
+    if (rc == 0)
+        rc = mdb_dbi_open(sl->txn, NULL, 0, &sl->dbi);
+    if (rc) {
+        snprintf(err, errlen, "%s: %s", sl->dir, mdb_strerror(rc));
+        return shard_lmdb_errno(rc);
+    }
+    return 0;
+}
+
+int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_options *opt,
+                    struct shard **out, char *err, size_t errlen)
+{
+    struct shard_lmdb *sl = calloc(1, sizeof(*sl));
+    char path[4200];
+    int rc;
+
+    if (!sl) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    sl->base.ops = &shard_lmdb_ops;
+    sl->base.index = index;
+    sl->log_fd = -1;
+    pthread_mutex_init(&sl->lock, NULL);
+    pthread_cond_init(&sl->wake, NULL);
+    sl->interval_ms = opt && opt->commit_interval_ms ? opt->commit_interval_ms : DEFAULT_INTERVAL_MS;
+    sl->commit_bytes = opt && opt->commit_bytes ? opt->commit_bytes : DEFAULT_COMMIT_BYTES;
+    if (snprintf(sl->dir, sizeof(sl->dir), "%s", dir) >= (int)sizeof(sl->dir)) {
+        snprintf(err, errlen, "%s: path too long", dir);
+        rc = -ENAMETOOLONG;
+        goto fail;
+    }
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+        rc = -errno;
+        snprintf(err, errlen, "%s: %s", dir, strerror(errno));
+        goto fail;
+    }
+    rc = open_env(sl, err, errlen);
+    if (rc)
+        goto fail;
+    snprintf(path, sizeof(path), "%s/redo.log", dir);
+    sl->log_fd = open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (sl->log_fd < 0) {
+        rc = -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        goto fail;
+    }
+    rc = read_committed_seq(sl);
+    if (rc == 0)
+        rc = log_replay(sl, sl->txn);
+    if (rc == 0 && sl->seq != sl->committed_seq)
+        rc = txn_commit(sl, 0);
+    if (rc) {
+        snprintf(err, errlen, "%s: recovering the redo log: %s", dir, strerror(-rc));
+        goto fail;
+    }
+    if (pthread_create(&sl->flusher, NULL, flusher_main, sl) != 0) {
+        rc = -EAGAIN;
+        snprintf(err, errlen, "cannot start flusher thread");
+        goto fail;
+    }
+    sl->flusher_started = 1;
+    *out = &sl->base;
+    return 0;
+fail:
+    lmdb_close(&sl->base);
+    return rc;
+}
+
+static const struct shard_ops shard_lmdb_ops = {
+    .get = lmdb_get,
+    .scan = lmdb_scan,
+    .apply = lmdb_apply,
+    .sync = lmdb_sync,
+    .stat = lmdb_stat,
+    .close = lmdb_close,
+};

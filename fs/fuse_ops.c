@@ -1,0 +1,862 @@
+/* fuse_ops.c -- the low-level FUSE adapter (see fuse_ops.h).
+ *
+ * Each callback is a thin shell: it decodes the request, calls the namespace
+ * and replies exactly once. Errors travel as negative errno values and change
+ * sign only at fuse_reply_err().
+ *
+ * Directory listings: opendir takes nothing; the first readdir (offset 0)
+ * takes a snapshot of the entries of every shard into the handle, and later
+ * calls page through it, so offsets stay stable while the directory changes
+ * (entries added after the snapshot may or may not show, as POSIX allows).
+ */
+#include "fuse_ops.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+
+#define NODE_BUCKETS (1u << 16)
+#define MAX_WRITE (1u << 20)
+
+struct node {
+    struct ino_id id;
+    uint64_t nlookup;           /* protected by fs.lock */
+    unsigned opens;             /* protected by fs.lock */
+    int orphan;                 /* unlinked while open; protected by fs.lock */
+    struct node *next;          /* hash chain */
+};
+
+struct fs {
+    struct ns *ns;
+    double timeout;
+    pthread_mutex_t lock;
+    struct node root;
+    struct node *buckets[NODE_BUCKETS];
+};
+
+/* An open file: O_APPEND must be honoured by the store, not by the offset the
+ * kernel sends, so that appends from several writers never overlap. */
+struct handle {
+    int append;
+};
+
+struct dir_entry {
+    struct ino_id id;
+    uint8_t dtype;
+    uint8_t nlen;
+    char name[RECORD_NAME_MAX + 1];
+};
+
+struct dir_handle {
+    struct dir_entry *ents;
+    size_t n, cap;
+    int loaded;
+};
+
+/* ---- the node table ---- */
+
+static struct fs *fs_of(fuse_req_t req)
+{
+    return fuse_req_userdata(req);
+}
+
+static unsigned bucket_of(const struct ino_id *id)
+{
+    return (unsigned)(record_id_ino(id) & (NODE_BUCKETS - 1));
+}
+
+static struct node *node_of(struct fs *fs, fuse_ino_t ino)
+{
+    return ino == FUSE_ROOT_ID ? &fs->root : (struct node *)(uintptr_t)ino;
+}
+
+static fuse_ino_t nodeid_of(struct fs *fs, struct node *n)
+{
+    return n == &fs->root ? FUSE_ROOT_ID : (fuse_ino_t)(uintptr_t)n;
+}
+
+/* Caller holds fs->lock. */
+static struct node *node_find(struct fs *fs, const struct ino_id *id)
+{
+    if (record_id_is_root(id))
+        return &fs->root;
+    for (struct node *n = fs->buckets[bucket_of(id)]; n; n = n->next)
+        if (memcmp(&n->id, id, sizeof(*id)) == 0)
+            return n;
+    return NULL;
+}
+
+/* Find or add the node of id and take one lookup reference. */
+static struct node *node_ref(struct fs *fs, const struct ino_id *id)
+{
+    struct node *n;
+
+    pthread_mutex_lock(&fs->lock);
+    n = node_find(fs, id);
+    if (!n) {
+        n = calloc(1, sizeof(*n));
+        if (n) {
+            unsigned b = bucket_of(id);
+            n->id = *id;
+            n->next = fs->buckets[b];
+            fs->buckets[b] = n;
+        }
+    }
+    if (n)
+        n->nlookup++;
+    pthread_mutex_unlock(&fs->lock);
+    return n;
+}
+
+/* Caller holds fs->lock. Frees n when nothing refers to it any more. */
+static void node_maybe_free(struct fs *fs, struct node *n)
+{
+    if (n == &fs->root || n->nlookup || n->opens)
+        return;
+    struct node **pp = &fs->buckets[bucket_of(&n->id)];
+    while (*pp && *pp != n)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = n->next;
+    free(n);
+}
+
+static void node_unref(struct fs *fs, struct node *n, uint64_t count)
+{
+    pthread_mutex_lock(&fs->lock);
+    n->nlookup = n->nlookup > count ? n->nlookup - count : 0;
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+}
+
+/* ns_is_open_fn: keep an inode whose last name goes while it is open. */
+static int node_is_open(void *ctx, const struct ino_id *id)
+{
+    struct fs *fs = ctx;
+    struct node *n;
+    int open = 0;
+
+    pthread_mutex_lock(&fs->lock);
+    n = node_find(fs, id);
+    if (n && n->opens) {
+        n->orphan = 1;
+        open = 1;
+    }
+    pthread_mutex_unlock(&fs->lock);
+    return open;
+}
+
+/* ---- replies ---- */
+
+static void attr_fill(struct stat *st, const struct inode *ino)
+{
+    memset(st, 0, sizeof(*st));
+    st->st_ino = record_id_ino(&ino->id);
+    st->st_mode = ino->mode;
+    st->st_nlink = ino->nlink;
+    st->st_uid = ino->uid;
+    st->st_gid = ino->gid;
+    st->st_rdev = ino->rdev;
+    st->st_size = (off_t)ino->size;
+    st->st_blksize = RECORD_CHUNK;
+    /* Allocated space, rounded to 512-byte blocks. Sparse files are counted in
+     * full: cheap to report, and du on a sparse file is rare. */
+    st->st_blocks = (blkcnt_t)((ino->size + 511) / 512);
+    st->st_atim = ino->atime;
+    st->st_mtim = ino->mtime;
+    st->st_ctim = ino->ctime;
+}
+
+static void entry_fill(struct fs *fs, struct fuse_entry_param *e, struct node *n,
+                       const struct inode *ino)
+{
+    memset(e, 0, sizeof(*e));
+    e->ino = nodeid_of(fs, n);
+    e->generation = 1;
+    attr_fill(&e->attr, ino);
+    e->attr_timeout = fs->timeout;
+    e->entry_timeout = fs->timeout;
+}
+
+static void reply_entry(fuse_req_t req, const struct inode *ino)
+{
+    struct fs *fs = fs_of(req);
+    struct fuse_entry_param e;
+    struct node *n = node_ref(fs, &ino->id);
+
+    if (!n) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    entry_fill(fs, &e, n, ino);
+    if (fuse_reply_entry(req, &e) != 0)
+        node_unref(fs, n, 1);
+}
+
+static void reply_rc(fuse_req_t req, int rc)
+{
+    fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+static struct handle *handle_new(int flags)
+{
+    struct handle *h = calloc(1, sizeof(*h));
+    if (h)
+        h->append = (flags & O_APPEND) != 0;
+    return h;
+}
+
+static void open_count(struct fs *fs, struct node *n, int delta)
+{
+    pthread_mutex_lock(&fs->lock);
+    n->opens += delta;
+    pthread_mutex_unlock(&fs->lock);
+}
+
+static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h)
+{
+    (void)fs;
+    fi->fh = (uint64_t)(uintptr_t)h;
+    /* Nothing is buffered in the daemon: every write is applied and logged
+     * before it is answered, so close() needs no FLUSH round trip. */
+    fi->noflush = 1;
+    fi->keep_cache = 1;
+}
+
+/* ---- callbacks ---- */
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+    (void)userdata;
+    conn->max_write = MAX_WRITE;
+    conn->max_readahead = MAX_WRITE;
+    if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
+        conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+    if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
+        conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+    /* Kernel-side writeback caching would let data sit in the page cache past
+     * close(); we want close() to mean "in the store". */
+    conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct fs *fs = fs_of(req);
+    struct inode ino;
+    int rc = ns_lookup(fs->ns, &node_of(fs, parent)->id, name, strlen(name), &ino);
+
+    if (rc == -ENOENT) {
+        /* A negative entry: the kernel remembers the name is free. */
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof(e));
+        e.entry_timeout = fs->timeout;
+        fuse_reply_entry(req, &e);
+        return;
+    }
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    reply_entry(req, &ino);
+}
+
+static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    struct fs *fs = fs_of(req);
+    node_unref(fs, node_of(fs, ino), nlookup);
+    fuse_reply_none(req);
+}
+
+static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    struct fs *fs = fs_of(req);
+    for (size_t i = 0; i < count; i++)
+        node_unref(fs, node_of(fs, forgets[i].ino), forgets[i].nlookup);
+    fuse_reply_none(req);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    struct inode node;
+    struct stat st;
+    int rc = ns_getattr(fs->ns, &node_of(fs, ino)->id, &node);
+
+    (void)fi;
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    attr_fill(&st, &node);
+    fuse_reply_attr(req, &st, fs->timeout);
+}
+
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                       struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    struct ns_setattr sa = {0};
+    struct inode node;
+    struct stat st;
+    int rc;
+
+    (void)fi;
+    if (to_set & FUSE_SET_ATTR_MODE)
+        sa.mask |= NS_SET_MODE, sa.mode = attr->st_mode;
+    if (to_set & FUSE_SET_ATTR_UID)
+        sa.mask |= NS_SET_UID, sa.uid = attr->st_uid;
+    if (to_set & FUSE_SET_ATTR_GID)
+        sa.mask |= NS_SET_GID, sa.gid = attr->st_gid;
+    if (to_set & FUSE_SET_ATTR_SIZE)
+        sa.mask |= NS_SET_SIZE, sa.size = (uint64_t)attr->st_size;
+    if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+        sa.mask |= NS_SET_ATIME_NOW;
+    else if (to_set & FUSE_SET_ATTR_ATIME)
+        sa.mask |= NS_SET_ATIME, sa.atime = attr->st_atim;
+    if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+        sa.mask |= NS_SET_MTIME_NOW;
+    else if (to_set & FUSE_SET_ATTR_MTIME)
+        sa.mask |= NS_SET_MTIME, sa.mtime = attr->st_mtim;
+    if (to_set & FUSE_SET_ATTR_CTIME)
+        sa.mask |= NS_SET_CTIME, sa.ctime = attr->st_ctim;
+    if (to_set & (FUSE_SET_ATTR_KILL_SUID | FUSE_SET_ATTR_KILL_SGID | FUSE_SET_ATTR_KILL_PRIV))
+        sa.mask |= NS_SET_KILL_SUIDGID;
+    rc = ns_setattr(fs->ns, &node_of(fs, ino)->id, &sa, &node);
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    attr_fill(&st, &node);
+    fuse_reply_attr(req, &st, fs->timeout);
+}
+
+static void op_readlink(fuse_req_t req, fuse_ino_t ino)
+{
+    struct fs *fs = fs_of(req);
+    struct inode node;
+    int rc = ns_getattr(fs->ns, &node_of(fs, ino)->id, &node);
+
+    if (rc == 0 && !S_ISLNK(node.mode))
+        rc = -EINVAL;
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    node.tail[node.tail_len < RECORD_TAIL_MAX ? node.tail_len : RECORD_TAIL_MAX - 1] = 0;
+    fuse_reply_readlink(req, (const char *)node.tail);
+}
+
+static void make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                      dev_t rdev, const char *target)
+{
+    struct fs *fs = fs_of(req);
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    struct inode ino;
+    int rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name), mode, (uint32_t)rdev,
+                       ctx->uid, ctx->gid, target, &ino);
+
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    reply_entry(req, &ino);
+}
+
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                     dev_t rdev)
+{
+    make_node(req, parent, name, mode, rdev, NULL);
+}
+
+static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    make_node(req, parent, name, S_IFDIR | (mode & 07777), 0, NULL);
+}
+
+static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+{
+    make_node(req, parent, name, S_IFLNK | 0777, 0, link);
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct fs *fs = fs_of(req);
+    reply_rc(req, ns_unlink(fs->ns, &node_of(fs, parent)->id, name, strlen(name), node_is_open, fs));
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct fs *fs = fs_of(req);
+    reply_rc(req, ns_rmdir(fs->ns, &node_of(fs, parent)->id, name, strlen(name)));
+}
+
+static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+                      const char *newname, unsigned int flags)
+{
+    struct fs *fs = fs_of(req);
+    unsigned f = 0;
+
+    if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    if (flags & RENAME_NOREPLACE)
+        f |= NS_RENAME_NOREPLACE;
+    if (flags & RENAME_EXCHANGE)
+        f |= NS_RENAME_EXCHANGE;
+    reply_rc(req, ns_rename(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                            &node_of(fs, newparent)->id, newname, strlen(newname), f,
+                            node_is_open, fs));
+}
+
+static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
+{
+    struct fs *fs = fs_of(req);
+    struct inode node;
+    int rc = ns_link(fs->ns, &node_of(fs, ino)->id, &node_of(fs, newparent)->id, newname,
+                     strlen(newname), &node);
+
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    reply_entry(req, &node);
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    struct node *n = node_of(fs, ino);
+    struct handle *h;
+    struct inode node;
+    int rc;
+
+    open_count(fs, n, +1);
+    if (fi->flags & O_TRUNC) {
+        struct ns_setattr sa = {.mask = NS_SET_SIZE | NS_SET_KILL_SUIDGID, .size = 0};
+        rc = ns_setattr(fs->ns, &n->id, &sa, &node);
+    } else {
+        rc = ns_getattr(fs->ns, &n->id, &node);
+    }
+    h = rc ? NULL : handle_new(fi->flags);
+    if (!rc && !h)
+        rc = -ENOMEM;
+    if (rc) {
+        pthread_mutex_lock(&fs->lock);
+        n->opens--;
+        node_maybe_free(fs, n);
+        pthread_mutex_unlock(&fs->lock);
+        reply_rc(req, rc);
+        return;
+    }
+    fill_open(fs, fi, h);
+    if (fuse_reply_open(req, fi) != 0) {
+        free(h);
+        open_count(fs, n, -1);
+    }
+}
+
+static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                      struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    struct fuse_entry_param e;
+    struct inode ino;
+    struct node *n;
+    struct handle *h = handle_new(fi->flags);
+    int rc = h ? 0 : -ENOMEM;
+
+    if (rc == 0)
+        rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name), S_IFREG | (mode & 07777),
+                       0, ctx->uid, ctx->gid, NULL, &ino);
+    if (rc) {
+        free(h);
+        reply_rc(req, rc);
+        return;
+    }
+    n = node_ref(fs, &ino.id);
+    if (!n) {
+        free(h);
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    open_count(fs, n, +1);
+    entry_fill(fs, &e, n, &ino);
+    fill_open(fs, fi, h);
+    if (fuse_reply_create(req, &e, fi) != 0) {
+        free(h);
+        open_count(fs, n, -1);
+        node_unref(fs, n, 1);
+    }
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                    struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    char *buf;
+    ssize_t n;
+
+    (void)fi;
+    if (size > MAX_WRITE * 2)
+        size = MAX_WRITE * 2;
+    buf = malloc(size ? size : 1);
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    n = ns_read(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, size, buf);
+    if (n < 0)
+        reply_rc(req, (int)n);
+    else
+        fuse_reply_buf(req, buf, (size_t)n);
+    free(buf);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+    ssize_t n = ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size,
+                         h && h->append, 0, NULL);
+
+    if (n < 0)
+        reply_rc(req, (int)n);
+    else
+        fuse_reply_write(req, (size_t)n);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    fuse_reply_err(req, 0);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    struct node *n = node_of(fs, ino);
+    struct ino_id id = n->id;
+    int reap;
+
+    free((struct handle *)(uintptr_t)fi->fh);
+    pthread_mutex_lock(&fs->lock);
+    n->opens--;
+    reap = n->orphan && n->opens == 0;
+    if (reap)
+        n->orphan = 0;
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+    if (reap)
+        ns_reap(fs->ns, &id);
+    fuse_reply_err(req, 0);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    (void)datasync, (void)fi;
+    reply_rc(req, ns_sync(fs->ns, &node_of(fs, ino)->id));
+}
+
+static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    (void)ino, (void)datasync, (void)fi;
+    reply_rc(req, ns_sync(fs->ns, NULL));
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fs *fs = fs_of(req);
+    struct dir_handle *d;
+    struct inode node;
+    int rc = ns_getattr(fs->ns, &node_of(fs, ino)->id, &node);
+
+    if (rc == 0 && !S_ISDIR(node.mode))
+        rc = -ENOTDIR;
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    d = calloc(1, sizeof(*d));
+    if (!d) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    fi->fh = (uint64_t)(uintptr_t)d;
+    fi->keep_cache = 1;
+    fi->cache_readdir = 0;
+    if (fuse_reply_open(req, fi) != 0)
+        free(d);
+}
+
+static int dir_collect(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
+                       uint8_t dtype)
+{
+    struct dir_handle *d = ctx;
+
+    if (nlen > RECORD_NAME_MAX)
+        return 0;
+    if (d->n == d->cap) {
+        size_t cap = d->cap ? d->cap * 2 : 64;
+        struct dir_entry *e = realloc(d->ents, cap * sizeof(*e));
+        if (!e)
+            return -ENOMEM;
+        d->ents = e;
+        d->cap = cap;
+    }
+    struct dir_entry *e = &d->ents[d->n++];
+    e->id = *id;
+    e->dtype = dtype;
+    e->nlen = (uint8_t)nlen;
+    memcpy(e->name, name, nlen);
+    e->name[nlen] = 0;
+    return 0;
+}
+
+static int dir_load(struct fs *fs, struct dir_handle *d, const struct ino_id *dir)
+{
+    d->n = 0;
+    int rc = ns_readdir(fs->ns, dir, dir_collect, d);
+    d->loaded = rc == 0;
+    return rc;
+}
+
+/* Add "." and ".." (offsets 1 and 2), then the snapshot (offset 3 on). */
+static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                       struct fuse_file_info *fi, int plus)
+{
+    struct fs *fs = fs_of(req);
+    struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
+    struct node *dn = node_of(fs, ino);
+    char *buf = malloc(size), *p = buf;
+    size_t left = size;
+    int rc = 0;
+
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    if (off == 0 || !d->loaded) {
+        rc = dir_load(fs, d, &dn->id);
+        if (rc)
+            goto out;
+    }
+    for (size_t i = (size_t)off; i < d->n + 2; i++) {
+        struct stat st = {0};
+        const char *name;
+        size_t need;
+        if (i < 2) {
+            name = i == 0 ? "." : "..";
+            st.st_ino = i == 0 ? record_id_ino(&dn->id) : 0;
+            st.st_mode = S_IFDIR;
+        } else {
+            struct dir_entry *e = &d->ents[i - 2];
+            name = e->name;
+            st.st_ino = record_id_ino(&e->id);
+            st.st_mode = (mode_t)DTTOIF(e->dtype);
+        }
+        if (!plus || i < 2) {
+            if (plus) {
+                struct fuse_entry_param e = {.attr = st};
+                need = fuse_add_direntry_plus(req, p, left, name, &e, (off_t)i + 1);
+            } else {
+                need = fuse_add_direntry(req, p, left, name, &st, (off_t)i + 1);
+            }
+            if (need > left)
+                break;
+            p += need, left -= need;
+            continue;
+        }
+        /* readdirplus: the kernel takes a lookup reference for each entry. */
+        need = fuse_add_direntry_plus(req, NULL, 0, name, NULL, 0);
+        if (need > left)
+            break;
+        struct dir_entry *de = &d->ents[i - 2];
+        struct inode child;
+        struct fuse_entry_param e;
+        if (ns_getattr(fs->ns, &de->id, &child) != 0)
+            continue; /* gone since the snapshot */
+        struct node *n = node_ref(fs, &child.id);
+        if (!n) {
+            rc = -ENOMEM;
+            break;
+        }
+        entry_fill(fs, &e, n, &child);
+        fuse_add_direntry_plus(req, p, left, name, &e, (off_t)i + 1);
+        p += need, left -= need;
+    }
+out:
+    if (rc && p == buf)
+        reply_rc(req, rc);
+    else
+        fuse_reply_buf(req, buf, (size_t)(p - buf));
+    free(buf);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                       struct fuse_file_info *fi)
+{
+    do_readdir(req, ino, size, off, fi, 0);
+}
+
+static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                           struct fuse_file_info *fi)
+{
+    do_readdir(req, ino, size, off, fi, 1);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
+    (void)ino;
+    if (d)
+        free(d->ents);
+    free(d);
+    fuse_reply_err(req, 0);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    struct fs *fs = fs_of(req);
+    struct statvfs st;
+    int rc = ns_statfs(fs->ns, &st);
+
+    (void)ino;
+    if (rc)
+        reply_rc(req, rc);
+    else
+        fuse_reply_statfs(req, &st);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                        size_t size, int flags)
+{
+    struct fs *fs = fs_of(req);
+    reply_rc(req, ns_setxattr(fs->ns, &node_of(fs, ino)->id, name, value, size, flags));
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    struct fs *fs = fs_of(req);
+    char *buf = NULL;
+    ssize_t n;
+
+    if (size) {
+        buf = malloc(size);
+        if (!buf) {
+            fuse_reply_err(req, ENOMEM);
+            return;
+        }
+    }
+    n = ns_getxattr(fs->ns, &node_of(fs, ino)->id, name, buf, size);
+    if (n < 0)
+        reply_rc(req, (int)n);
+    else if (size == 0)
+        fuse_reply_xattr(req, (size_t)n);
+    else
+        fuse_reply_buf(req, buf, (size_t)n);
+    free(buf);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    struct fs *fs = fs_of(req);
+    char *buf = NULL;
+    ssize_t n;
+
+    if (size) {
+        buf = malloc(size);
+        if (!buf) {
+            fuse_reply_err(req, ENOMEM);
+            return;
+        }
+    }
+    n = ns_listxattr(fs->ns, &node_of(fs, ino)->id, buf, size);
+    if (n < 0)
+        reply_rc(req, (int)n);
+    else if (size == 0)
+        fuse_reply_xattr(req, (size_t)n);
+    else
+        fuse_reply_buf(req, buf, (size_t)n);
+    free(buf);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    struct fs *fs = fs_of(req);
+    reply_rc(req, ns_removexattr(fs->ns, &node_of(fs, ino)->id, name));
+}
+
+struct fs *fs_new(struct ns *ns, double cache_timeout)
+{
+    struct fs *fs = calloc(1, sizeof(*fs));
+
+    if (!fs)
+        return NULL;
+    fs->ns = ns;
+    fs->timeout = cache_timeout;
+    pthread_mutex_init(&fs->lock, NULL);
+    fs->root.id = record_root_id;
+    fs->root.nlookup = 1;
+    return fs;
+}
+
+void fs_free(struct fs *fs)
+{
+    if (!fs)
+        return;
+    for (unsigned b = 0; b < NODE_BUCKETS; b++) {
+        struct node *n = fs->buckets[b];
+        while (n) {
+            struct node *next = n->next;
+            free(n);
+            n = next;
+        }
+    }
+    pthread_mutex_destroy(&fs->lock);
+    free(fs);
+}
+
+const struct fuse_lowlevel_ops fs_fuse_ops = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .forget = op_forget,
+    .forget_multi = op_forget_multi,
+    .getattr = op_getattr,
+    .setattr = op_setattr,
+    .readlink = op_readlink,
+    .mknod = op_mknod,
+    .mkdir = op_mkdir,
+    .symlink = op_symlink,
+    .unlink = op_unlink,
+    .rmdir = op_rmdir,
+    .rename = op_rename,
+    .link = op_link,
+    .open = op_open,
+    .create = op_create,
+    .read = op_read,
+    .write = op_write,
+    .flush = op_flush,
+    .release = op_release,
+    .fsync = op_fsync,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .readdirplus = op_readdirplus,
+    .releasedir = op_releasedir,
+    .fsyncdir = op_fsyncdir,
+    .statfs = op_statfs,
+    .setxattr = op_setxattr,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .removexattr = op_removexattr,
+};

@@ -1,0 +1,32 @@
+/* fuse_ops.h -- the low-level FUSE adapter.
+ *
+ * Translates FUSE requests into namespace calls. Node ids handed to the kernel
+ * are pointers to struct node (the root is FUSE_ROOT_ID); a node lives while
+ * the kernel holds a lookup reference or a file handle on it.
+ *
+ * Cache coherence: in single-node mode every change to the store goes through
+ * this mount, and the kernel keeps its own entry, attribute and page caches in
+ * step with the requests it sends. Entry, negative-entry and attribute
+ * timeouts are therefore long (cache_timeout in shards.conf) and open files
+ * keep their page cache (keep_cache). DESIGN.md explains why this is safe and
+ * what changes when other writers (other nodes, the HTTP API) appear.
+ *
+ * Threads: the callbacks run on libfuse's worker threads; the node table has
+ * its own lock.
+ */
+#ifndef SHARDFS_FUSE_OPS_H
+#define SHARDFS_FUSE_OPS_H
+
+#include <fuse_lowlevel.h>
+
+#include "namespace.h"
+
+struct fs;
+
+/* The state passed as userdata to fuse_session_new(). ns stays the caller's. */
+struct fs *fs_new(struct ns *ns, double cache_timeout);
+void fs_free(struct fs *fs);
+
+extern const struct fuse_lowlevel_ops fs_fuse_ops;
+
+#endif

@@ -1,0 +1,434 @@
+/* main.c -- the shardfs command line: mount, fsck, where.
+ *
+ * mount: the configuration and the data directory's layout are checked first,
+ * in the calling process, so a bad shards.conf fails before anything is
+ * mounted or written. Without -f the process then forks; the child opens the
+ * shards (LMDB environments and threads must not cross a fork), mounts, and
+ * reports "ready" or an error message through a pipe, so the parent exits 0
+ * only once the mount is usable and otherwise prints why it is not.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "fsck.h"
+#include "fuse_ops.h"
+#include "namespace.h"
+#include "placement.h"
+
+#define ERR_MAX 1024
+
+static struct config cfg; /* large: keep it off the stack */
+
+static const char usage_main[] =
+    "usage: shardfs COMMAND [options]\n"
+    "\n"
+    "commands:\n"
+    "  mount [-c CONF] [-n NODE] [-f] [-o OPTS] MOUNTPOINT   mount the store\n"
+    "  fsck  [-c CONF] [-n NODE] [--repair]                 check (and repair) the store\n"
+    "  where [-c CONF] [-n NODE] PATH                       show which shards hold PATH\n"
+    "\n"
+    "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
+
+static const char usage_mount[] =
+    "usage: shardfs mount [-c CONF] [-n NODE] [-f] [-o FUSE_OPTS] MOUNTPOINT\n"
+    "\n"
+    "Mount the store described by CONF (default ./shards.conf) at MOUNTPOINT.\n"
+    "  -c CONF    configuration file\n"
+    "  -n NODE    which [node] of CONF this process is (needed with several nodes)\n"
+    "  -f         stay in the foreground (otherwise return once the mount is ready)\n"
+    "  -o OPTS    extra FUSE mount options, e.g. allow_other\n"
+    "Unmount with: fusermount3 -u MOUNTPOINT (everything is committed on the way out).\n";
+
+static const char usage_fsck[] =
+    "usage: shardfs fsck [-c CONF] [-n NODE] [--repair]\n"
+    "\n"
+    "Check every shard of an unmounted store: dangling entries, orphan inodes and\n"
+    "chunks, link counts, misplaced records and half-done multi-shard operations.\n"
+    "Exits 0 when the store is clean, 1 when problems were found (with --repair:\n"
+    "when some could not be fixed), 2 on errors.\n";
+
+static const char usage_where[] =
+    "usage: shardfs where [-c CONF] [-n NODE] PATH\n"
+    "\n"
+    "Print which shard holds the directory entry, the inode and the data of PATH\n"
+    "(a path inside the store, e.g. /dir/file). The store must not be mounted.\n";
+
+enum { OPT_REPAIR = 256, OPT_HELP };
+
+static const struct option long_opts[] = {
+    {"conf", required_argument, NULL, 'c'}, {"node", required_argument, NULL, 'n'},
+    {"repair", no_argument, NULL, OPT_REPAIR}, {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+struct cli {
+    const char *conf, *node, *fuse_opts;
+    int foreground, repair;
+    const char *arg;
+};
+
+/* Parse options common to all commands; returns -1 after printing usage on
+ * bad input, 1 for --help, 0 otherwise. */
+static int parse_cli(int argc, char **argv, const char *optstr, const char *usage, struct cli *c)
+{
+    int opt;
+
+    memset(c, 0, sizeof(*c));
+    c->conf = "shards.conf";
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, optstr, long_opts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            c->conf = optarg;
+            break;
+        case 'n':
+            c->node = optarg;
+            break;
+        case 'f':
+            c->foreground = 1;
+            break;
+        case 'o':
+            c->fuse_opts = optarg;
+            break;
+        case OPT_REPAIR:
+            c->repair = 1;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return 1;
+        default:
+            fputs(usage, stderr);
+            return -1;
+        }
+    }
+    if (optind < argc)
+        c->arg = argv[optind++];
+    if (optind < argc) {
+        fprintf(stderr, "shardfs: unexpected argument '%s'\n", argv[optind]);
+        return -1;
+    }
+    return 0;
+}
+
+/* Load CONF and pick this node; prints the reason and returns -1 on error. */
+static int load_config(const struct cli *c)
+{
+    char err[ERR_MAX];
+    int node;
+
+    if (config_load(c->conf, &cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return -1;
+    }
+    node = config_pick_node(&cfg, c->node, err, sizeof(err));
+    if (node < 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return -1;
+    }
+    if (ns_check_layout(&cfg, node, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return -1;
+    }
+    return node;
+}
+
+/* ---- mount ---- */
+
+/* Tell the waiting parent how it went: "" for ready, else the message. */
+static void report_ready(int fd, const char *msg)
+{
+    if (fd < 0) {
+        if (msg[0])
+            fprintf(stderr, "shardfs: %s\n", msg);
+        return;
+    }
+    size_t len = strlen(msg);
+    if (write(fd, msg, len + 1) < 0) {
+        /* the parent is gone; nothing to tell */
+    }
+    close(fd);
+}
+
+static int build_fuse_args(struct fuse_args *args, const char *extra)
+{
+    if (fuse_opt_add_arg(args, "shardfs") || fuse_opt_add_arg(args, "-o") ||
+        fuse_opt_add_arg(args, "fsname=shardfs,subtype=shardfs,default_permissions"))
+        return -1;
+    if (extra && (fuse_opt_add_arg(args, "-o") || fuse_opt_add_arg(args, extra)))
+        return -1;
+    return 0;
+}
+
+static void detach_stdio(void)
+{
+    int fd = open("/dev/null", O_RDWR);
+    if (fd < 0)
+        return;
+    dup2(fd, STDIN_FILENO);
+    dup2(fd, STDOUT_FILENO);
+    dup2(fd, STDERR_FILENO);
+    if (fd > STDERR_FILENO)
+        close(fd);
+}
+
+/* Open, mount, serve until unmounted. ready_fd < 0 in the foreground. */
+static int serve_mount(int node, const struct cli *c, int ready_fd)
+{
+    struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
+    struct fuse_session *se = NULL;
+    struct ns *ns = NULL;
+    struct fs *fs = NULL;
+    char err[ERR_MAX] = "";
+    int rc = 1, mounted = 0, handlers = 0;
+
+    if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
+        goto out;
+    fs = fs_new(ns, cfg.cache_timeout);
+    if (!fs || build_fuse_args(&args, c->fuse_opts) != 0) {
+        snprintf(err, sizeof(err), "out of memory");
+        goto out;
+    }
+    se = fuse_session_new(&args, &fs_fuse_ops, sizeof(fs_fuse_ops), fs);
+    if (!se) {
+        snprintf(err, sizeof(err), "bad FUSE options '%s'", c->fuse_opts ? c->fuse_opts : "");
+        goto out;
+    }
+    if (fuse_set_signal_handlers(se) != 0) {
+        snprintf(err, sizeof(err), "cannot set signal handlers");
+        goto out;
+    }
+    handlers = 1;
+    if (fuse_session_mount(se, c->arg) != 0) {
+        snprintf(err, sizeof(err), "cannot mount on %s", c->arg);
+        goto out;
+    }
+    mounted = 1;
+    report_ready(ready_fd, "");
+    ready_fd = -1;
+    if (!c->foreground) {
+        detach_stdio();
+        if (chdir("/") != 0) {
+            /* harmless: we use no relative paths from here on */
+        }
+    }
+    struct fuse_loop_config *lc = fuse_loop_cfg_create();
+    if (lc) {
+        fuse_loop_cfg_set_max_threads(lc, 16);
+        fuse_loop_cfg_set_idle_threads(lc, 8);
+    }
+    rc = fuse_session_loop_mt(se, lc) == 0 ? 0 : 1;
+    fuse_loop_cfg_destroy(lc);
+out:
+    if (mounted)
+        fuse_session_unmount(se);
+    if (handlers)
+        fuse_remove_signal_handlers(se);
+    if (se)
+        fuse_session_destroy(se);
+    fuse_opt_free_args(&args);
+    fs_free(fs);
+    ns_close(ns); /* commits and syncs every shard */
+    if (ready_fd >= 0)
+        report_ready(ready_fd, err[0] ? err : "mount failed");
+    else if (err[0])
+        fprintf(stderr, "shardfs: %s\n", err);
+    return rc;
+}
+
+/* The parent's side: wait for the child's report. */
+static int wait_ready(int fd)
+{
+    char msg[ERR_MAX];
+    size_t got = 0;
+    ssize_t n;
+
+    while (got < sizeof(msg) - 1 && (n = read(fd, msg + got, sizeof(msg) - 1 - got)) > 0) {
+        got += (size_t)n;
+        if (memchr(msg, 0, got))
+            break;
+    }
+    close(fd);
+    msg[got] = 0;
+    if (got == 0) {
+        fprintf(stderr, "shardfs: the mount process died before the mount was ready\n");
+        return 1;
+    }
+    if (msg[0]) {
+        fprintf(stderr, "shardfs: %s\n", msg);
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_mount(int argc, char **argv)
+{
+    struct cli c;
+    struct stat st;
+    int node, fds[2];
+    pid_t pid;
+
+    int r = parse_cli(argc, argv, "+c:n:fo:h", usage_mount, &c);
+    if (r)
+        return r > 0 ? 0 : 2;
+    if (!c.arg) {
+        fputs(usage_mount, stderr);
+        return 2;
+    }
+    node = load_config(&c);
+    if (node < 0)
+        return 1;
+    if (stat(c.arg, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "shardfs: %s: %s\n", c.arg,
+                errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+        return 1;
+    }
+    if (c.foreground)
+        return serve_mount(node, &c, -1);
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        perror("shardfs: pipe");
+        return 1;
+    }
+    pid = fork();
+    if (pid < 0) {
+        perror("shardfs: fork");
+        return 1;
+    }
+    if (pid > 0) {
+        close(fds[1]);
+        return wait_ready(fds[0]);
+    }
+    close(fds[0]);
+    setsid();
+    return serve_mount(node, &c, fds[1]);
+}
+
+/* ---- fsck ---- */
+
+static int cmd_fsck(int argc, char **argv)
+{
+    struct cli c;
+    struct ns *ns = NULL;
+    char err[ERR_MAX];
+    int node, found;
+
+    int r = parse_cli(argc, argv, "+c:n:h", usage_fsck, &c);
+    if (r)
+        return r > 0 ? 0 : 2;
+    if (c.arg) {
+        fputs(usage_fsck, stderr);
+        return 2;
+    }
+    node = load_config(&c);
+    if (node < 0)
+        return 2;
+    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, &ns, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return 2;
+    }
+    found = fsck_run(ns, c.repair, stdout);
+    if (found > 0 && c.repair) {
+        /* Everything found was repaired if a second pass is clean. */
+        found = fsck_run(ns, 0, stdout);
+    }
+    ns_close(ns);
+    if (found < 0) {
+        fprintf(stderr, "shardfs: fsck: %s\n", strerror(-found));
+        return 2;
+    }
+    return found ? 1 : 0;
+}
+
+/* ---- where ---- */
+
+static void print_id(const char *what, const struct ino_id *id)
+{
+    printf("%s ", what);
+    for (int i = 0; i < RECORD_ID_LEN; i++)
+        printf("%02x", id->b[i]);
+}
+
+static int cmd_where(int argc, char **argv)
+{
+    struct cli c;
+    struct ns *ns = NULL;
+    struct ino_id dir = record_root_id;
+    struct inode ino;
+    char err[ERR_MAX], *path, *save = NULL, *name, *last = NULL;
+    int node, rc = 0;
+
+    int r = parse_cli(argc, argv, "+c:n:h", usage_where, &c);
+    if (r)
+        return r > 0 ? 0 : 2;
+    if (!c.arg) {
+        fputs(usage_where, stderr);
+        return 2;
+    }
+    node = load_config(&c);
+    if (node < 0)
+        return 2;
+    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, &ns, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return 2;
+    }
+    path = strdup(c.arg);
+    rc = path ? ns_getattr(ns, &dir, &ino) : -ENOMEM;
+    for (name = path ? strtok_r(path, "/", &save) : NULL; rc == 0 && name;
+         name = strtok_r(NULL, "/", &save)) {
+        dir = ino.id;
+        last = name;
+        rc = ns_lookup(ns, &dir, name, strlen(name), &ino);
+    }
+    if (rc) {
+        fprintf(stderr, "shardfs: where %s: %s\n", c.arg, strerror(-rc));
+        goto out;
+    }
+    printf("path %s\n", c.arg);
+    if (last) {
+        printf("entry shard %u ", ns_entry_shard(ns, &dir, last, strlen(last)));
+        print_id("dir", &dir);
+        printf(" name %s\n", last);
+    } else {
+        printf("entry none (the root has no entry)\n");
+    }
+    printf("inode shard %u ", ns_inode_shard(ns, &ino.id));
+    print_id("id", &ino.id);
+    printf(" ino %llu\n", (unsigned long long)record_id_ino(&ino.id));
+    if (S_ISREG(ino.mode) && ino.size > RECORD_INLINE_MAX)
+        printf("data shard %u chunks %llu of %u bytes\n", ns_inode_shard(ns, &ino.id),
+               (unsigned long long)((ino.size + RECORD_CHUNK - 1) / RECORD_CHUNK), RECORD_CHUNK);
+    else
+        printf("data shard %u inline %llu bytes\n", ns_inode_shard(ns, &ino.id),
+               (unsigned long long)ino.size);
+out:
+    free(path);
+    ns_close(ns);
+    return rc ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fputs(usage_main, stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        fputs(usage_main, stdout);
+        return 0;
+    }
+    if (!strcmp(argv[1], "mount"))
+        return cmd_mount(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "fsck"))
+        return cmd_fsck(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "where"))
+        return cmd_where(argc - 1, argv + 1);
+    fprintf(stderr, "shardfs: unknown command '%s'\n\n%s", argv[1], usage_main);
+    return 2;
+}

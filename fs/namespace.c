@@ -1,0 +1,1794 @@
+/* namespace.c -- filesystem semantics over shards (see namespace.h).
+ *
+ * DESIGN (multi-shard operations)
+ * A batch is atomic on one shard only. Operations that touch two shards are
+ * sequences of single-shard batches, ordered so that a crash between any two
+ * steps leaves the old state, the new state, or a leftover that recovery
+ * (ns_recover, run at every mount and by fsck --repair) resolves without
+ * losing data:
+ *
+ *  create:  1. entry shard: assert the name is free, put entry + inode.
+ *           2. parent's shard: parent mtime (and nlink for a directory).
+ *           A crash after 1 leaves a stale parent mtime/nlink (fsck fixes).
+ *  unlink:  1. entry shard: delete the entry.  2. inode shard: nlink - 1, and
+ *           delete the inode when it reaches 0 (or mark it orphan while open).
+ *           A crash after 1 leaves nlink too high: an inode without a name,
+ *           which recovery counts again.  Same shard: one batch.
+ *  link:    1. inode shard: nlink + 1.  2. entry shard: put the new entry.
+ *           A crash after 1 leaves nlink too high (fsck recounts).
+ *  rename across shards (and RENAME_EXCHANGE):
+ *           1. source shard: intent record {src, dst, inodes}, asserting src.
+ *           2. target shard: put dst -> moved inode (atomically replacing the
+ *              old target, so a reader sees the old or the new file).
+ *           3. source shard: delete src (exchange: point src at the old
+ *              target) and the intent.
+ *           Recovery rolls an intent forward if step 2 happened (dst names the
+ *           moved inode) and back otherwise. The replaced target is then
+ *           unlinked as above.
+ *  rmdir:   mark the directory DYING, check every shard for entries, delete.
+ *           create re-checks its parent after putting the entry and backs out
+ *           if the parent is dying or gone, so no entry can slip into a
+ *           directory that rmdir found empty.
+ *
+ * Inode read-modify-writes are serialised by striped mutexes keyed by inode
+ * id; no thread ever holds two of them.
+ */
+#include "namespace.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include "placement.h"
+#include "shard_lmdb.h"
+
+#define LOCK_STRIPES 256
+#define XATTR_VALUE_MAX 65536
+#define FILE_SIZE_MAX (1ull << 50) /* 1 PiB: chunk indexes stay far from overflow */
+#define STORE_FORMAT 1
+
+struct ns {
+    const struct config *cfg;
+    char data_dir[PATH_MAX];
+    int lock_fd;
+    unsigned nshards;
+    struct shard **shards;
+    _Atomic uint64_t next_unique;
+    pthread_mutex_t stripes[LOCK_STRIPES];
+};
+
+/* ---- small helpers ---- */
+
+static struct timespec now_ts(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return t;
+}
+
+static struct shard *shard_at(struct ns *ns, uint64_t hash)
+{
+    return ns->shards[placement_shard_of(hash, ns->nshards)];
+}
+
+static struct shard *inode_shard(struct ns *ns, const struct ino_id *id)
+{
+    return shard_at(ns, record_id_hash(id));
+}
+
+static uint64_t entry_hash(const struct ino_id *dir, const char *name, size_t nlen)
+{
+    return placement_entry_hash(dir->b, name, nlen);
+}
+
+static struct shard *entry_shard(struct ns *ns, const struct ino_id *dir, const char *name,
+                                 size_t nlen)
+{
+    return shard_at(ns, entry_hash(dir, name, nlen));
+}
+
+unsigned ns_shard_count(const struct ns *ns)
+{
+    return ns->nshards;
+}
+
+struct shard *ns_shard(struct ns *ns, unsigned index)
+{
+    return index < ns->nshards ? ns->shards[index] : NULL;
+}
+
+unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
+                        size_t nlen)
+{
+    return placement_shard_of(entry_hash(dir, name, nlen), ns->nshards);
+}
+
+unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id)
+{
+    return placement_shard_of(record_id_hash(id), ns->nshards);
+}
+
+static pthread_mutex_t *stripe_of(struct ns *ns, const struct ino_id *id)
+{
+    return &ns->stripes[(id->b[15] ^ id->b[7] ^ id->b[11]) % LOCK_STRIPES];
+}
+
+static void lock_inode(struct ns *ns, const struct ino_id *id)
+{
+    pthread_mutex_lock(stripe_of(ns, id));
+}
+
+static void unlock_inode(struct ns *ns, const struct ino_id *id)
+{
+    pthread_mutex_unlock(stripe_of(ns, id));
+}
+
+static int check_name(const char *name, size_t nlen)
+{
+    if (nlen == 0 || memchr(name, '/', nlen) || memchr(name, 0, nlen))
+        return -EINVAL;
+    if (nlen > RECORD_NAME_MAX)
+        return -ENAMETOOLONG;
+    if ((nlen == 1 && name[0] == '.') || (nlen == 2 && name[0] == '.' && name[1] == '.'))
+        return -EINVAL;
+    return 0;
+}
+
+static uint8_t dtype_of(uint32_t mode)
+{
+    return (uint8_t)IFTODT(mode);
+}
+
+/* ---- record access ---- */
+
+static int inode_get(struct ns *ns, const struct ino_id *id, struct inode *out)
+{
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_INODE_MAX];
+    size_t klen = record_inode_key(key, id), vlen = 0;
+    int rc = shard_get(inode_shard(ns, id), key, klen, 0, val, sizeof(val), &vlen);
+
+    if (rc < 0)
+        return rc;
+    if (vlen > sizeof(val))
+        return -EIO;
+    return record_inode_decode(val, vlen, id, out);
+}
+
+static void batch_put_inode(struct batch *b, const struct inode *ino)
+{
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_INODE_MAX];
+    size_t klen = record_inode_key(key, &ino->id);
+    batch_put(b, key, klen, val, record_inode_encode(val, ino));
+}
+
+static int entry_get(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                     struct ino_id *id, uint8_t *dtype)
+{
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_ENTRY_LEN + 1];
+    size_t klen = record_entry_key(key, dir, name, nlen), vlen = 0;
+    int rc = shard_get(entry_shard(ns, dir, name, nlen), key, klen, 0, val, sizeof(val), &vlen);
+
+    if (rc < 0)
+        return rc;
+    return record_entry_decode(val, vlen, id, dtype);
+}
+
+static void batch_entry(struct batch *b, enum batch_op op, const struct ino_id *dir,
+                        const char *name, size_t nlen, const struct ino_id *id, uint8_t dtype)
+{
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_ENTRY_LEN];
+    size_t klen = record_entry_key(key, dir, name, nlen);
+
+    if (id)
+        record_entry_encode(val, id, dtype);
+    batch_add(b, op, key, klen, id ? val : NULL, id ? RECORD_ENTRY_LEN : 0);
+}
+
+/* Delete every record of type t belonging to id. */
+static void batch_del_owned(struct batch *b, enum record_type t, const struct ino_id *id)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, t, id);
+    size_t el = record_prefix_end(end, start, sl);
+    batch_add(b, BATCH_DEL_RANGE, start, sl, end, el);
+}
+
+/* Everything an inode owns goes, in one batch on the inode's shard. */
+static void batch_reap(struct batch *b, const struct ino_id *id)
+{
+    uint8_t key[RECORD_KEY_MAX];
+
+    batch_del(b, key, record_inode_key(key, id));
+    batch_del(b, key, record_orphan_key(key, id));
+    batch_del_owned(b, REC_CHUNK, id);
+    batch_del_owned(b, REC_XATTR, id);
+}
+
+static int apply_batch(struct shard *s, struct batch *b)
+{
+    int rc = shard_apply(s, b);
+    batch_free(b);
+    return rc;
+}
+
+/* Read-modify-write of one inode's times (and nlink) under its lock. */
+static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, int set_mtime)
+{
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc)
+        goto out;
+    ino.ctime = now_ts();
+    if (set_mtime)
+        ino.mtime = ino.ctime;
+    if (nlink_delta < 0 && ino.nlink < (uint32_t)-nlink_delta)
+        ino.nlink = 0;
+    else
+        ino.nlink += nlink_delta;
+    batch_init(&b);
+    batch_put_inode(&b, &ino);
+    rc = apply_batch(inode_shard(ns, id), &b);
+out:
+    unlock_inode(ns, id);
+    return rc;
+}
+
+/* ---- lookup and attributes ---- */
+
+int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
+{
+    return inode_get(ns, id, out);
+}
+
+int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              struct inode *out)
+{
+    struct ino_id id;
+    uint8_t dtype;
+    int rc;
+
+    if (nlen > RECORD_NAME_MAX)
+        return -ENAMETOOLONG;
+    rc = entry_get(ns, dir, name, nlen, &id, &dtype);
+    if (rc)
+        return rc;
+    rc = inode_get(ns, &id, out);
+    /* An entry without its inode is a crash leftover for fsck; to the user it
+     * is not there. */
+    return rc;
+}
+
+/* ---- create ---- */
+
+static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *parent)
+{
+    int rc = inode_get(ns, dir, parent);
+    if (rc)
+        return rc;
+    if (!S_ISDIR(parent->mode))
+        return -ENOTDIR;
+    if (parent->flags & INODE_DYING || parent->nlink == 0)
+        return -ENOENT;
+    return 0;
+}
+
+/* After a new entry is in place: bump the parent's times (and nlink), or back
+ * the entry out if the parent started dying meanwhile (see rmdir). */
+static int parent_after_create(struct ns *ns, const struct ino_id *dir, int is_dir)
+{
+    struct inode parent;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, dir);
+    rc = parent_check(ns, dir, &parent);
+    if (rc == 0) {
+        parent.mtime = parent.ctime = now_ts();
+        if (is_dir)
+            parent.nlink++;
+        batch_init(&b);
+        batch_put_inode(&b, &parent);
+        rc = apply_batch(inode_shard(ns, dir), &b);
+    }
+    unlock_inode(ns, dir);
+    return rc;
+}
+
+int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
+              struct inode *out)
+{
+    struct inode parent, *ino = out;
+    struct batch b;
+    uint64_t h;
+    size_t tlen = target ? strlen(target) : 0;
+    int rc = check_name(name, nlen);
+
+    if (rc)
+        return rc;
+    if (target && (tlen == 0 || tlen >= RECORD_TAIL_MAX))
+        return tlen ? -ENAMETOOLONG : -ENOENT;
+    rc = parent_check(ns, dir, &parent);
+    if (rc)
+        return rc;
+    memset(ino, 0, sizeof(*ino));
+    h = entry_hash(dir, name, nlen);
+    record_id_make(&ino->id, h, atomic_fetch_add(&ns->next_unique, 1));
+    ino->mode = mode;
+    ino->uid = uid;
+    ino->gid = gid;
+    /* BSD group semantics in a set-group-ID directory, as ext4 does. */
+    if (parent.mode & S_ISGID) {
+        ino->gid = parent.gid;
+        if (S_ISDIR(mode))
+            ino->mode |= S_ISGID;
+    }
+    ino->rdev = rdev;
+    ino->nlink = S_ISDIR(mode) ? 2 : 1;
+    ino->atime = ino->mtime = ino->ctime = now_ts();
+    ino->parent = *dir;
+    if (target) {
+        memcpy(ino->tail, target, tlen);
+        ino->tail_len = (uint32_t)tlen;
+        ino->size = tlen;
+    }
+    batch_init(&b);
+    batch_entry(&b, BATCH_ASSERT_ABSENT, dir, name, nlen, NULL, 0);
+    batch_entry(&b, BATCH_PUT, dir, name, nlen, &ino->id, dtype_of(mode));
+    batch_put_inode(&b, ino);
+    rc = apply_batch(shard_at(ns, h), &b);
+    if (rc)
+        return rc;
+    rc = parent_after_create(ns, dir, S_ISDIR(mode));
+    if (rc) {
+        batch_init(&b);
+        batch_entry(&b, BATCH_DEL, dir, name, nlen, NULL, 0);
+        batch_reap(&b, &ino->id);
+        apply_batch(shard_at(ns, h), &b);
+    }
+    return rc;
+}
+
+/* ---- unlink ---- */
+
+/* Drop one name of inode id: nlink - 1, and when none is left delete it or,
+ * if still open, mark it orphan. Adds to b (which must go to the inode's
+ * shard). Caller holds the inode lock. */
+static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, ns_is_open_fn is_open,
+                     void *ctx)
+{
+    uint8_t key[RECORD_KEY_MAX];
+
+    (void)ns;
+    ino->ctime = now_ts();
+    if (S_ISDIR(ino->mode) || ino->nlink <= 1) {
+        ino->nlink = 0;
+        if (!S_ISDIR(ino->mode) && is_open && is_open(ctx, &ino->id)) {
+            batch_put_inode(b, ino);
+            batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
+        } else {
+            batch_reap(b, &ino->id);
+        }
+        return 0;
+    }
+    ino->nlink--;
+    batch_put_inode(b, ino);
+    return 0;
+}
+
+/* Remove entry (dir, name) -> id and drop the link, in one batch when entry
+ * and inode share a shard, else entry first (see DESIGN). */
+static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                        const struct ino_id *id, uint8_t dtype, ns_is_open_fn is_open, void *ctx)
+{
+    struct shard *se = entry_shard(ns, dir, name, nlen), *si = inode_shard(ns, id);
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    batch_init(&b);
+    batch_entry(&b, BATCH_ASSERT_VALUE, dir, name, nlen, id, dtype);
+    batch_entry(&b, BATCH_DEL, dir, name, nlen, NULL, 0);
+    if (rc == -ENOENT) {
+        /* dangling entry: just remove it */
+        rc = apply_batch(se, &b);
+        goto out;
+    }
+    if (rc)
+        goto out_free;
+    if (se == si) {
+        drop_link(ns, &b, &ino, is_open, ctx);
+        rc = apply_batch(se, &b);
+        goto out;
+    }
+    rc = apply_batch(se, &b);
+    if (rc)
+        goto out;
+    batch_init(&b);
+    drop_link(ns, &b, &ino, is_open, ctx);
+    rc = apply_batch(si, &b);
+    goto out;
+out_free:
+    batch_free(&b);
+out:
+    unlock_inode(ns, id);
+    return rc == -EAGAIN ? -ENOENT : rc;
+}
+
+int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              ns_is_open_fn is_open, void *ctx)
+{
+    struct ino_id id;
+    uint8_t dtype;
+    int rc = check_name(name, nlen);
+
+    if (rc)
+        return rc == -EINVAL ? -EISDIR : rc;
+    rc = entry_get(ns, dir, name, nlen, &id, &dtype);
+    if (rc)
+        return rc;
+    if (dtype == DT_DIR)
+        return -EISDIR;
+    rc = remove_entry(ns, dir, name, nlen, &id, dtype, is_open, ctx);
+    if (rc == 0)
+        inode_touch(ns, dir, 0, 1);
+    return rc;
+}
+
+/* ---- rmdir ---- */
+
+static int found_entry(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    (void)k, (void)kl, (void)v, (void)vl;
+    *(int *)ctx = 1;
+    return 1;
+}
+
+static int dir_is_empty(struct ns *ns, const struct ino_id *dir)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
+
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        int found = 0, rc = shard_scan(ns->shards[i], start, sl, end, el, found_entry, &found);
+        if (rc < 0)
+            return rc;
+        if (found)
+            return 0;
+    }
+    return 1;
+}
+
+static int set_dying(struct ns *ns, const struct ino_id *id, int dying)
+{
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc)
+        goto out;
+    if (dying && (ino.flags & INODE_DYING)) {
+        rc = -EBUSY; /* another rmdir/rename is on it */
+        goto out;
+    }
+    ino.flags = dying ? ino.flags | INODE_DYING : ino.flags & ~INODE_DYING;
+    batch_init(&b);
+    batch_put_inode(&b, &ino);
+    rc = apply_batch(inode_shard(ns, id), &b);
+out:
+    unlock_inode(ns, id);
+    return rc;
+}
+
+/* Mark dir dying and make sure it is empty; on failure it is alive again. */
+static int claim_empty_dir(struct ns *ns, const struct ino_id *dir)
+{
+    int rc = set_dying(ns, dir, 1);
+
+    if (rc)
+        return rc;
+    rc = dir_is_empty(ns, dir);
+    if (rc == 1)
+        return 0;
+    set_dying(ns, dir, 0);
+    return rc == 0 ? -ENOTEMPTY : rc;
+}
+
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen)
+{
+    struct ino_id id;
+    uint8_t dtype;
+    int rc = check_name(name, nlen);
+
+    if (rc)
+        return (nlen == 1 && name[0] == '.') ? -EINVAL : (rc == -EINVAL ? -ENOTEMPTY : rc);
+    rc = entry_get(ns, dir, name, nlen, &id, &dtype);
+    if (rc)
+        return rc;
+    if (dtype != DT_DIR)
+        return -ENOTDIR;
+    rc = claim_empty_dir(ns, &id);
+    if (rc)
+        return rc;
+    rc = remove_entry(ns, dir, name, nlen, &id, dtype, NULL, NULL);
+    if (rc) {
+        set_dying(ns, &id, 0);
+        return rc;
+    }
+    inode_touch(ns, dir, -1, 1);
+    return 0;
+}
+
+/* ---- link ---- */
+
+int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
+            size_t nlen, struct inode *out)
+{
+    struct shard *se = entry_shard(ns, ndir, name, nlen), *si = inode_shard(ns, id);
+    struct inode parent;
+    struct batch b;
+    int rc = check_name(name, nlen);
+
+    if (rc)
+        return rc;
+    rc = parent_check(ns, ndir, &parent);
+    if (rc)
+        return rc;
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, out);
+    if (rc)
+        goto out;
+    if (S_ISDIR(out->mode)) {
+        rc = -EPERM;
+        goto out;
+    }
+    if (out->nlink == 0) {
+        rc = -ENOENT;
+        goto out;
+    }
+    out->nlink++;
+    out->ctime = now_ts();
+    batch_init(&b);
+    batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, name, nlen, NULL, 0);
+    batch_entry(&b, BATCH_PUT, ndir, name, nlen, id, dtype_of(out->mode));
+    if (se == si) {
+        batch_put_inode(&b, out);
+        rc = apply_batch(se, &b);
+        goto out;
+    }
+    /* Count the link first: a crash in between leaves nlink too high, never
+     * an entry to a freed inode. */
+    struct batch bi;
+    batch_init(&bi);
+    batch_put_inode(&bi, out);
+    rc = apply_batch(si, &bi);
+    if (rc) {
+        batch_free(&b);
+        goto out;
+    }
+    rc = apply_batch(se, &b);
+    if (rc) {
+        out->nlink--;
+        batch_init(&bi);
+        batch_put_inode(&bi, out);
+        apply_batch(si, &bi);
+    }
+out:
+    unlock_inode(ns, id);
+    if (rc == 0)
+        inode_touch(ns, ndir, 0, 1);
+    return rc;
+}
+
+/* ---- rename ---- */
+
+/* 1 if dir is anc or lies below it. Walks parent pointers up to the root. */
+static int is_within(struct ns *ns, const struct ino_id *dir, const struct ino_id *anc)
+{
+    struct ino_id cur = *dir;
+    struct inode ino;
+
+    for (int depth = 0; depth < 65536; depth++) {
+        if (memcmp(&cur, anc, sizeof(cur)) == 0)
+            return 1;
+        if (record_id_is_root(&cur))
+            return 0;
+        if (inode_get(ns, &cur, &ino))
+            return 0;
+        cur = ino.parent;
+    }
+    return 1; /* a loop: refuse */
+}
+
+struct intent {
+    uint8_t kind;                   /* 1 rename, 2 exchange */
+    struct ino_id sdir, ddir, sid, did;
+    uint8_t stype, dtype;
+    uint8_t slen, dlen;
+    char sname[RECORD_NAME_MAX + 1], dname[RECORD_NAME_MAX + 1];
+};
+
+static size_t intent_encode(uint8_t *out, const struct intent *in)
+{
+    uint8_t *p = out;
+    *p++ = in->kind;
+    memcpy(p, in->sdir.b, 16), p += 16;
+    memcpy(p, in->ddir.b, 16), p += 16;
+    memcpy(p, in->sid.b, 16), p += 16;
+    memcpy(p, in->did.b, 16), p += 16;
+    *p++ = in->stype;
+    *p++ = in->dtype;
+    *p++ = in->slen;
+    memcpy(p, in->sname, in->slen), p += in->slen;
+    *p++ = in->dlen;
+    memcpy(p, in->dname, in->dlen), p += in->dlen;
+    return (size_t)(p - out);
+}
+
+static int intent_decode(const uint8_t *v, size_t vl, struct intent *in)
+{
+    const uint8_t *p = v, *e = v + vl;
+    if (vl < 1 + 64 + 3)
+        return -EIO;
+    in->kind = *p++;
+    memcpy(in->sdir.b, p, 16), p += 16;
+    memcpy(in->ddir.b, p, 16), p += 16;
+    memcpy(in->sid.b, p, 16), p += 16;
+    memcpy(in->did.b, p, 16), p += 16;
+    in->stype = *p++;
+    in->dtype = *p++;
+    in->slen = *p++;
+    if (in->slen == 0 || e - p < in->slen + 1)
+        return -EIO;
+    memcpy(in->sname, p, in->slen), p += in->slen;
+    in->dlen = *p++;
+    if (in->dlen == 0 || e - p != in->dlen)
+        return -EIO;
+    memcpy(in->dname, p, in->dlen);
+    return (in->kind == 1 || in->kind == 2) ? 0 : -EIO;
+}
+
+/* Steps 1-3 of a cross-shard rename or exchange (DESIGN). */
+static int rename_across(struct ns *ns, struct intent *in)
+{
+    struct shard *s1 = entry_shard(ns, &in->sdir, in->sname, in->slen);
+    struct shard *s2 = entry_shard(ns, &in->ddir, in->dname, in->dlen);
+    uint8_t key[RECORD_KEY_MAX], val[512];
+    struct ino_id tid;
+    struct batch b;
+    int have_dst = in->kind == 2 || in->dtype != DT_UNKNOWN;
+    int rc;
+
+    record_id_make(&tid, entry_hash(&in->sdir, in->sname, in->slen),
+                   atomic_fetch_add(&ns->next_unique, 1));
+    size_t klen = record_intent_key(key, &tid);
+    batch_init(&b);
+    batch_entry(&b, BATCH_ASSERT_VALUE, &in->sdir, in->sname, in->slen, &in->sid, in->stype);
+    batch_put(&b, key, klen, val, intent_encode(val, in));
+    rc = apply_batch(s1, &b);
+    if (rc)
+        return rc == -EAGAIN ? -ENOENT : rc;
+
+    batch_init(&b);
+    if (have_dst)
+        batch_entry(&b, BATCH_ASSERT_VALUE, &in->ddir, in->dname, in->dlen, &in->did, in->dtype);
+    else
+        batch_entry(&b, BATCH_ASSERT_ABSENT, &in->ddir, in->dname, in->dlen, NULL, 0);
+    batch_entry(&b, BATCH_PUT, &in->ddir, in->dname, in->dlen, &in->sid, in->stype);
+    rc = apply_batch(s2, &b);
+    if (rc) {
+        /* roll back step 1 */
+        batch_init(&b);
+        batch_del(&b, key, klen);
+        apply_batch(s1, &b);
+        return rc == -EAGAIN ? -ENOENT : rc;
+    }
+
+    batch_init(&b);
+    if (in->kind == 2)
+        batch_entry(&b, BATCH_PUT, &in->sdir, in->sname, in->slen, &in->did, in->dtype);
+    else
+        batch_entry(&b, BATCH_DEL, &in->sdir, in->sname, in->slen, NULL, 0);
+    batch_del(&b, key, klen);
+    return apply_batch(s1, &b);
+}
+
+/* After a directory moved from odir to ndir: its ".." and the link counts. */
+static void fix_moved_dir(struct ns *ns, const struct ino_id *id, const struct ino_id *odir,
+                          const struct ino_id *ndir)
+{
+    struct inode ino;
+    struct batch b;
+
+    lock_inode(ns, id);
+    if (inode_get(ns, id, &ino) == 0) {
+        ino.parent = *ndir;
+        ino.ctime = now_ts();
+        batch_init(&b);
+        batch_put_inode(&b, &ino);
+        apply_batch(inode_shard(ns, id), &b);
+    }
+    unlock_inode(ns, id);
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
+        inode_touch(ns, odir, -1, 1);
+        inode_touch(ns, ndir, +1, 1);
+    }
+}
+
+static int rename_exchange(struct ns *ns, struct intent *in)
+{
+    struct shard *s1 = entry_shard(ns, &in->sdir, in->sname, in->slen);
+    struct shard *s2 = entry_shard(ns, &in->ddir, in->dname, in->dlen);
+    struct batch b;
+    int rc;
+
+    if (in->stype == DT_DIR && is_within(ns, &in->ddir, &in->sid))
+        return -EINVAL;
+    if (in->dtype == DT_DIR && is_within(ns, &in->sdir, &in->did))
+        return -EINVAL;
+    if (s1 == s2) {
+        batch_init(&b);
+        batch_entry(&b, BATCH_ASSERT_VALUE, &in->sdir, in->sname, in->slen, &in->sid, in->stype);
+        batch_entry(&b, BATCH_ASSERT_VALUE, &in->ddir, in->dname, in->dlen, &in->did, in->dtype);
+        batch_entry(&b, BATCH_PUT, &in->sdir, in->sname, in->slen, &in->did, in->dtype);
+        batch_entry(&b, BATCH_PUT, &in->ddir, in->dname, in->dlen, &in->sid, in->stype);
+        rc = apply_batch(s1, &b);
+        if (rc)
+            return rc == -EAGAIN ? -ENOENT : rc;
+    } else {
+        rc = rename_across(ns, in);
+        if (rc)
+            return rc;
+    }
+    if (memcmp(&in->sdir, &in->ddir, sizeof(in->sdir)) != 0) {
+        if (in->stype == DT_DIR)
+            fix_moved_dir(ns, &in->sid, &in->sdir, &in->ddir);
+        if (in->dtype == DT_DIR)
+            fix_moved_dir(ns, &in->did, &in->ddir, &in->sdir);
+    }
+    inode_touch(ns, &in->sid, 0, 0);
+    inode_touch(ns, &in->did, 0, 0);
+    inode_touch(ns, &in->sdir, 0, 1);
+    inode_touch(ns, &in->ddir, 0, 1);
+    return 0;
+}
+
+/* Checks of rename(2) that depend on what the target is. */
+static int rename_target_ok(struct ns *ns, struct intent *in)
+{
+    if (in->dtype == DT_UNKNOWN)
+        return 0;
+    if (in->stype == DT_DIR && in->dtype != DT_DIR)
+        return -ENOTDIR;
+    if (in->stype != DT_DIR && in->dtype == DT_DIR)
+        return -EISDIR;
+    if (in->dtype == DT_DIR)
+        return claim_empty_dir(ns, &in->did);
+    return 0;
+}
+
+int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
+              const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
+              ns_is_open_fn is_open, void *ctx)
+{
+    struct intent in;
+    struct inode parent;
+    int rc = check_name(oname, olen);
+
+    if (rc == 0)
+        rc = check_name(nname, nlen);
+    if (rc)
+        return rc;
+    if ((flags & NS_RENAME_EXCHANGE) && (flags & NS_RENAME_NOREPLACE))
+        return -EINVAL;
+    memset(&in, 0, sizeof(in));
+    in.kind = flags & NS_RENAME_EXCHANGE ? 2 : 1;
+    in.sdir = *odir;
+    in.ddir = *ndir;
+    in.slen = (uint8_t)olen;
+    in.dlen = (uint8_t)nlen;
+    memcpy(in.sname, oname, olen);
+    memcpy(in.dname, nname, nlen);
+    rc = entry_get(ns, odir, oname, olen, &in.sid, &in.stype);
+    if (rc)
+        return rc;
+    rc = parent_check(ns, ndir, &parent);
+    if (rc)
+        return rc;
+    rc = entry_get(ns, ndir, nname, nlen, &in.did, &in.dtype);
+    if (rc == -ENOENT) {
+        in.dtype = DT_UNKNOWN;
+        if (flags & NS_RENAME_EXCHANGE)
+            return -ENOENT;
+    } else if (rc) {
+        return rc;
+    } else if (flags & NS_RENAME_NOREPLACE) {
+        return -EEXIST;
+    }
+    if (in.dtype != DT_UNKNOWN && memcmp(&in.sid, &in.did, sizeof(in.sid)) == 0)
+        return 0; /* two names of one inode: rename(2) does nothing */
+    if (in.kind == 2)
+        return rename_exchange(ns, &in);
+    if (in.stype == DT_DIR && is_within(ns, ndir, &in.sid))
+        return -EINVAL;
+    rc = rename_target_ok(ns, &in);
+    if (rc)
+        return rc;
+
+    struct shard *s1 = entry_shard(ns, odir, oname, olen);
+    struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
+    int replaced_done = 0;
+    if (s1 == s2) {
+        struct batch b;
+        struct inode target;
+        int lock_target = in.dtype != DT_UNKNOWN && inode_shard(ns, &in.did) == s1;
+        batch_init(&b);
+        batch_entry(&b, BATCH_ASSERT_VALUE, odir, oname, olen, &in.sid, in.stype);
+        if (in.dtype == DT_UNKNOWN)
+            batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, nname, nlen, NULL, 0);
+        else
+            batch_entry(&b, BATCH_ASSERT_VALUE, ndir, nname, nlen, &in.did, in.dtype);
+        batch_entry(&b, BATCH_DEL, odir, oname, olen, NULL, 0);
+        batch_entry(&b, BATCH_PUT, ndir, nname, nlen, &in.sid, in.stype);
+        if (lock_target) {
+            /* The replaced file goes in the same batch: rsync's common case. */
+            lock_inode(ns, &in.did);
+            if (inode_get(ns, &in.did, &target) == 0) {
+                drop_link(ns, &b, &target, is_open, ctx);
+                replaced_done = 1;
+            }
+        }
+        rc = apply_batch(s1, &b);
+        if (lock_target)
+            unlock_inode(ns, &in.did);
+        if (rc == -EAGAIN)
+            rc = -ENOENT;
+    } else {
+        rc = rename_across(ns, &in);
+    }
+    if (rc) {
+        if (in.dtype == DT_DIR)
+            set_dying(ns, &in.did, 0);
+        return rc;
+    }
+    if (in.dtype != DT_UNKNOWN && !replaced_done) {
+        struct inode target;
+        struct batch b;
+        lock_inode(ns, &in.did);
+        if (inode_get(ns, &in.did, &target) == 0) {
+            batch_init(&b);
+            drop_link(ns, &b, &target, is_open, ctx);
+            apply_batch(inode_shard(ns, &in.did), &b);
+        }
+        unlock_inode(ns, &in.did);
+    }
+    if (in.dtype == DT_DIR)
+        inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
+    if (in.stype == DT_DIR)
+        fix_moved_dir(ns, &in.sid, odir, ndir);
+    else
+        inode_touch(ns, &in.sid, 0, 0);
+    inode_touch(ns, odir, 0, 1);
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0)
+        inode_touch(ns, ndir, 0, 1);
+    return 0;
+}
+
+/* ---- file data ---- */
+
+static size_t min_sz(size_t a, size_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Copy chunk index idx (or, for an inline file, its tail) into buf, zero-filled
+ * to RECORD_CHUNK. Returns the stored length or -errno. */
+static int chunk_load(struct ns *ns, const struct inode *ino, uint64_t idx, uint8_t *buf)
+{
+    uint8_t key[RECORD_KEY_MAX];
+    size_t vlen = 0;
+    int rc;
+
+    memset(buf, 0, RECORD_CHUNK);
+    if (ino->size <= RECORD_INLINE_MAX) {
+        if (idx != 0)
+            return 0;
+        memcpy(buf, ino->tail, ino->tail_len);
+        return (int)ino->tail_len;
+    }
+    rc = shard_get(inode_shard(ns, &ino->id), key, record_chunk_key(key, &ino->id, idx), 0, buf,
+                   RECORD_CHUNK, &vlen);
+    if (rc == -ENOENT)
+        return 0;
+    return rc < 0 ? rc : (int)min_sz(vlen, RECORD_CHUNK);
+}
+
+/* Change the data of ino to new_size, adding the record changes to b and
+ * keeping the rule "inline iff size <= RECORD_INLINE_MAX". */
+static int data_resize(struct ns *ns, struct batch *b, struct inode *ino, uint64_t new_size)
+{
+    uint64_t old = ino->size;
+    uint8_t key[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    uint8_t *buf = NULL;
+    int rc = 0;
+
+    if (new_size == old)
+        return 0;
+    if (new_size > FILE_SIZE_MAX)
+        return -EFBIG;
+    if (old <= RECORD_INLINE_MAX && new_size <= RECORD_INLINE_MAX) {
+        if (new_size > ino->tail_len)
+            memset(ino->tail + ino->tail_len, 0, new_size - ino->tail_len);
+        ino->tail_len = (uint32_t)new_size;
+        goto out;
+    }
+    buf = malloc(RECORD_CHUNK);
+    if (!buf)
+        return -ENOMEM;
+    if (old <= RECORD_INLINE_MAX) {
+        /* inline -> chunks: the tail becomes chunk 0 */
+        if (ino->tail_len)
+            batch_put(b, key, record_chunk_key(key, &ino->id, 0), ino->tail, ino->tail_len);
+        ino->tail_len = 0;
+        goto out;
+    }
+    if (new_size <= RECORD_INLINE_MAX) {
+        /* chunks -> inline */
+        rc = chunk_load(ns, ino, 0, buf);
+        if (rc < 0)
+            goto out;
+        rc = 0;
+        memcpy(ino->tail, buf, new_size);
+        ino->tail_len = (uint32_t)new_size;
+        batch_del_owned(b, REC_CHUNK, &ino->id);
+        goto out;
+    }
+    if (new_size < old) {
+        uint64_t last = (new_size - 1) / RECORD_CHUNK;
+        size_t keep = (size_t)(new_size - last * RECORD_CHUNK);
+        size_t kl = record_chunk_key(key, &ino->id, last + 1);
+        size_t el = record_id_prefix(end, REC_CHUNK, &ino->id);
+        el = record_prefix_end(end, end, el);
+        batch_add(b, BATCH_DEL_RANGE, key, kl, end, el);
+        rc = chunk_load(ns, ino, last, buf);
+        if (rc < 0)
+            goto out;
+        if ((size_t)rc > keep)
+            batch_put(b, key, record_chunk_key(key, &ino->id, last), buf, keep);
+        rc = 0;
+    }
+out:
+    ino->size = new_size;
+    free(buf);
+    return rc;
+}
+
+ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
+{
+    struct inode ino;
+    uint8_t key[RECORD_KEY_MAX];
+    size_t done = 0, n;
+    int rc = inode_get(ns, id, &ino);
+
+    if (rc)
+        return rc;
+    if (S_ISDIR(ino.mode))
+        return -EISDIR;
+    if (off >= ino.size)
+        return 0;
+    n = (size_t)min_sz(size, ino.size - off);
+    if (ino.size <= RECORD_INLINE_MAX) {
+        size_t have = off < ino.tail_len ? min_sz(n, ino.tail_len - off) : 0;
+        memcpy(buf, ino.tail + off, have);
+        memset((uint8_t *)buf + have, 0, n - have);
+        return (ssize_t)n;
+    }
+    while (done < n) {
+        uint64_t pos = off + done, idx = pos / RECORD_CHUNK;
+        size_t in = (size_t)(pos % RECORD_CHUNK), want = min_sz(n - done, RECORD_CHUNK - in);
+        rc = shard_get(inode_shard(ns, id), key, record_chunk_key(key, id, idx), in,
+                       (uint8_t *)buf + done, want, NULL);
+        if (rc == -ENOENT)
+            rc = 0; /* a hole */
+        if (rc < 0)
+            return done ? (ssize_t)done : rc;
+        memset((uint8_t *)buf + done + rc, 0, want - (size_t)rc);
+        done += want;
+    }
+    return (ssize_t)done;
+}
+
+/* Add the chunk records of writing [off, off+size) to b. */
+static int write_chunks(struct ns *ns, struct batch *b, const struct inode *ino, uint64_t off,
+                        const uint8_t *data, size_t size)
+{
+    uint8_t key[RECORD_KEY_MAX], *buf = NULL;
+    size_t done = 0;
+    int rc = 0;
+
+    while (done < size) {
+        uint64_t pos = off + done, idx = pos / RECORD_CHUNK;
+        size_t in = (size_t)(pos % RECORD_CHUNK), n = min_sz(size - done, RECORD_CHUNK - in);
+        size_t klen = record_chunk_key(key, &ino->id, idx);
+        if (in == 0 && n == RECORD_CHUNK) {
+            batch_put(b, key, klen, data + done, n);
+        } else {
+            if (!buf && !(buf = malloc(RECORD_CHUNK))) {
+                rc = -ENOMEM;
+                goto out;
+            }
+            rc = chunk_load(ns, ino, idx, buf);
+            if (rc < 0)
+                goto out;
+            size_t len = (size_t)rc > in + n ? (size_t)rc : in + n;
+            /* bytes past the old end of file within the chunk must be zero */
+            uint64_t eof_in = ino->size > idx * RECORD_CHUNK ? ino->size - idx * RECORD_CHUNK : 0;
+            if (eof_in < len && eof_in < in)
+                memset(buf + eof_in, 0, in - eof_in);
+            memcpy(buf + in, data + done, n);
+            batch_put(b, key, klen, buf, len);
+            rc = 0;
+        }
+        done += n;
+    }
+out:
+    free(buf);
+    return rc ? rc : b->error;
+}
+
+ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+{
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    batch_init(&b);
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc)
+        goto out;
+    if (!S_ISREG(ino.mode)) {
+        rc = S_ISDIR(ino.mode) ? -EISDIR : -EINVAL;
+        goto out;
+    }
+    if (append)
+        off = ino.size;
+    if (off + size > FILE_SIZE_MAX || off + size < off) {
+        rc = -EFBIG;
+        goto out;
+    }
+    uint64_t end = off + size;
+    if (end <= RECORD_INLINE_MAX && ino.size <= RECORD_INLINE_MAX) {
+        if (end > ino.size)
+            data_resize(ns, &b, &ino, end);
+        memcpy(ino.tail + off, data, size);
+    } else {
+        /* For an inline file chunk_load() serves the tail as chunk 0, so
+         * write_chunks() merges it into chunk 0 when the write touches it. */
+        int was_inline = ino.size <= RECORD_INLINE_MAX;
+        rc = write_chunks(ns, &b, &ino, off, data, size);
+        if (rc == 0 && was_inline && off >= RECORD_CHUNK && ino.tail_len) {
+            uint8_t key[RECORD_KEY_MAX];
+            batch_put(&b, key, record_chunk_key(key, &ino.id, 0), ino.tail, ino.tail_len);
+        }
+        if (was_inline)
+            ino.tail_len = 0;
+        if (rc)
+            goto out;
+        if (end > ino.size)
+            ino.size = end;
+    }
+    ino.mtime = ino.ctime = now_ts();
+    if (kill_suidgid && (ino.mode & (S_ISUID | S_ISGID))) {
+        ino.mode &= ~S_ISUID;
+        if (ino.mode & S_IXGRP)
+            ino.mode &= ~S_ISGID;
+    }
+    batch_put_inode(&b, &ino);
+    rc = shard_apply(inode_shard(ns, id), &b);
+    if (rc == 0 && new_size)
+        *new_size = ino.size;
+out:
+    unlock_inode(ns, id);
+    batch_free(&b);
+    return rc ? rc : (ssize_t)size;
+}
+
+/* ---- setattr ---- */
+
+int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
+               struct inode *out)
+{
+    struct batch b;
+    struct timespec now = now_ts();
+    int rc;
+
+    batch_init(&b);
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, out);
+    if (rc)
+        goto out;
+    if (sa->mask & NS_SET_MODE)
+        out->mode = (out->mode & S_IFMT) | (sa->mode & 07777);
+    if (sa->mask & NS_SET_UID)
+        out->uid = sa->uid;
+    if (sa->mask & NS_SET_GID)
+        out->gid = sa->gid;
+    if ((sa->mask & (NS_SET_UID | NS_SET_GID)) && !S_ISDIR(out->mode) && !(sa->mask & NS_SET_MODE)) {
+        /* chown clears set-user-ID and set-group-ID (when group-executable) */
+        out->mode &= ~S_ISUID;
+        if (out->mode & S_IXGRP)
+            out->mode &= ~S_ISGID;
+    }
+    if (sa->mask & NS_SET_SIZE) {
+        if (S_ISDIR(out->mode)) {
+            rc = -EISDIR;
+            goto out;
+        }
+        if (!S_ISREG(out->mode)) {
+            rc = -EINVAL;
+            goto out;
+        }
+        rc = data_resize(ns, &b, out, sa->size);
+        if (rc)
+            goto out;
+        out->mtime = now;
+        if ((sa->mask & NS_SET_KILL_SUIDGID) && (out->mode & (S_ISUID | S_ISGID))) {
+            out->mode &= ~S_ISUID;
+            if (out->mode & S_IXGRP)
+                out->mode &= ~S_ISGID;
+        }
+    }
+    if (sa->mask & NS_SET_ATIME_NOW)
+        out->atime = now;
+    else if (sa->mask & NS_SET_ATIME)
+        out->atime = sa->atime;
+    if (sa->mask & NS_SET_MTIME_NOW)
+        out->mtime = now;
+    else if (sa->mask & NS_SET_MTIME)
+        out->mtime = sa->mtime;
+    out->ctime = (sa->mask & NS_SET_CTIME) ? sa->ctime : now;
+    batch_put_inode(&b, out);
+    rc = shard_apply(inode_shard(ns, id), &b);
+out:
+    unlock_inode(ns, id);
+    batch_free(&b);
+    return rc;
+}
+
+/* ---- readdir ---- */
+
+struct readdir_ctx {
+    ns_dirent_fn fn;
+    void *ctx;
+};
+
+static int readdir_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct readdir_ctx *rc = ctx;
+    struct ino_id id;
+    uint8_t dtype;
+
+    if (kl <= 1 + RECORD_ID_LEN || record_entry_decode(v, vl, &id, &dtype))
+        return 0; /* malformed: fsck's business */
+    return rc->fn(rc->ctx, (const char *)k + 1 + RECORD_ID_LEN, kl - 1 - RECORD_ID_LEN, &id,
+                  dtype);
+}
+
+int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
+    struct readdir_ctx rc = {fn, ctx};
+
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        int r = shard_scan(ns->shards[i], start, sl, end, el, readdir_one, &rc);
+        if (r)
+            return r < 0 ? r : 0;
+    }
+    return 0;
+}
+
+/* ---- xattrs ---- */
+
+static int xattr_name_ok(const char *name, size_t *nlen)
+{
+    *nlen = strlen(name);
+    if (*nlen == 0)
+        return -EINVAL;
+    if (*nlen > 255)
+        return -ERANGE;
+    if (strncmp(name, "user.", 5) == 0 || strncmp(name, "trusted.", 8) == 0)
+        return 0;
+    return -EOPNOTSUPP;
+}
+
+int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
+                size_t size, int flags)
+{
+    uint8_t key[RECORD_KEY_MAX];
+    struct inode ino;
+    struct batch b;
+    size_t nlen, klen;
+    int rc = xattr_name_ok(name, &nlen);
+
+    if (rc)
+        return rc;
+    if (size > XATTR_VALUE_MAX)
+        return -E2BIG;
+    klen = record_xattr_key(key, id, name, nlen);
+    batch_init(&b);
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc)
+        goto out;
+    if (flags & XATTR_REPLACE) {
+        uint8_t dummy;
+        rc = shard_get(inode_shard(ns, id), key, klen, 0, &dummy, 0, NULL);
+        if (rc < 0) {
+            rc = rc == -ENOENT ? -ENODATA : rc;
+            goto out;
+        }
+    }
+    if (flags & XATTR_CREATE)
+        batch_add(&b, BATCH_ASSERT_ABSENT, key, klen, NULL, 0);
+    batch_put(&b, key, klen, value, size);
+    ino.ctime = now_ts();
+    batch_put_inode(&b, &ino);
+    rc = shard_apply(inode_shard(ns, id), &b);
+out:
+    unlock_inode(ns, id);
+    batch_free(&b);
+    return rc;
+}
+
+ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+                    size_t size)
+{
+    uint8_t key[RECORD_KEY_MAX];
+    size_t nlen, vlen = 0;
+    int rc = xattr_name_ok(name, &nlen);
+
+    if (rc)
+        return rc == -EOPNOTSUPP ? -ENODATA : rc;
+    rc = shard_get(inode_shard(ns, id), key, record_xattr_key(key, id, name, nlen), 0, value,
+                   size, &vlen);
+    if (rc == -ENOENT) {
+        struct inode ino;
+        rc = inode_get(ns, id, &ino);
+        return rc ? rc : -ENODATA;
+    }
+    if (rc < 0)
+        return rc;
+    if (size && vlen > size)
+        return -ERANGE;
+    return (ssize_t)vlen;
+}
+
+struct xlist {
+    char *buf;
+    size_t size, used;
+};
+
+static int xattr_list_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct xlist *xl = ctx;
+    size_t n = kl - 1 - RECORD_ID_LEN;
+
+    (void)v, (void)vl;
+    if (xl->size && xl->used + n + 1 <= xl->size) {
+        memcpy(xl->buf + xl->used, k + 1 + RECORD_ID_LEN, n);
+        xl->buf[xl->used + n] = 0;
+    }
+    xl->used += n + 1;
+    return 0;
+}
+
+ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, REC_XATTR, id), el = record_prefix_end(end, start, sl);
+    struct xlist xl = {list, size, 0};
+    struct inode ino;
+    int rc = inode_get(ns, id, &ino);
+
+    if (rc)
+        return rc;
+    rc = shard_scan(inode_shard(ns, id), start, sl, end, el, xattr_list_one, &xl);
+    if (rc < 0)
+        return rc;
+    if (size && xl.used > size)
+        return -ERANGE;
+    return (ssize_t)xl.used;
+}
+
+int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
+{
+    uint8_t key[RECORD_KEY_MAX];
+    struct inode ino;
+    struct batch b;
+    size_t nlen, klen;
+    uint8_t dummy;
+    int rc = xattr_name_ok(name, &nlen);
+
+    if (rc)
+        return rc == -EOPNOTSUPP ? -ENODATA : rc;
+    klen = record_xattr_key(key, id, name, nlen);
+    batch_init(&b);
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc)
+        goto out;
+    rc = shard_get(inode_shard(ns, id), key, klen, 0, &dummy, 0, NULL);
+    if (rc < 0) {
+        rc = rc == -ENOENT ? -ENODATA : rc;
+        goto out;
+    }
+    batch_del(&b, key, klen);
+    ino.ctime = now_ts();
+    batch_put_inode(&b, &ino);
+    rc = shard_apply(inode_shard(ns, id), &b);
+out:
+    unlock_inode(ns, id);
+    batch_free(&b);
+    return rc;
+}
+
+/* ---- reap, statfs, sync ---- */
+
+int ns_reap(struct ns *ns, const struct ino_id *id)
+{
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc == 0 && ino.nlink == 0) {
+        batch_init(&b);
+        batch_reap(&b, id);
+        rc = apply_batch(inode_shard(ns, id), &b);
+    }
+    unlock_inode(ns, id);
+    return rc == -ENOENT ? 0 : rc;
+}
+
+int ns_statfs(struct ns *ns, struct statvfs *st)
+{
+    if (statvfs(ns->data_dir, st) != 0)
+        return -errno;
+    st->f_namemax = RECORD_NAME_MAX;
+    return 0;
+}
+
+int ns_sync(struct ns *ns, const struct ino_id *id)
+{
+    int rc = 0;
+
+    if (id)
+        return shard_sync(inode_shard(ns, id));
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        int r = shard_sync(ns->shards[i]);
+        if (r && !rc)
+            rc = r;
+    }
+    return rc;
+}
+
+/* ---- recovery ---- */
+
+struct key_list {
+    uint8_t (*keys)[RECORD_KEY_MAX + 1];
+    uint8_t (*vals)[600];
+    size_t *vlens;
+    size_t n, cap;
+};
+
+static int collect_key(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct key_list *l = ctx;
+
+    if (kl > RECORD_KEY_MAX || vl > 600)
+        return 0;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 16;
+        void *a = realloc(l->keys, cap * sizeof(*l->keys));
+        if (!a)
+            return -ENOMEM;
+        l->keys = a;
+        void *b = realloc(l->vals, cap * sizeof(*l->vals));
+        if (!b)
+            return -ENOMEM;
+        l->vals = b;
+        void *c = realloc(l->vlens, cap * sizeof(*l->vlens));
+        if (!c)
+            return -ENOMEM;
+        l->vlens = c;
+        l->cap = cap;
+    }
+    l->keys[l->n][0] = (uint8_t)kl;
+    memcpy(l->keys[l->n] + 1, k, kl);
+    memcpy(l->vals[l->n], v, vl);
+    l->vlens[l->n] = vl;
+    l->n++;
+    return 0;
+}
+
+static void key_list_free(struct key_list *l)
+{
+    free(l->keys);
+    free(l->vals);
+    free(l->vlens);
+    memset(l, 0, sizeof(*l));
+}
+
+static int scan_type(struct ns *ns, unsigned shard, enum record_type t, struct key_list *l)
+{
+    uint8_t s = (uint8_t)t, e = (uint8_t)(t + 1);
+    return shard_scan(ns->shards[shard], &s, 1, &e, 1, collect_key, l);
+}
+
+static void reportf(ns_report_fn report, void *ctx, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void reportf(ns_report_fn report, void *ctx, const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+
+    if (!report)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    report(ctx, line);
+}
+
+static void id_hex(const struct ino_id *id, char out[33])
+{
+    for (int i = 0; i < 16; i++)
+        snprintf(out + 2 * i, 3, "%02x", id->b[i]);
+}
+
+/* Roll an interrupted rename/exchange forward or back (DESIGN). */
+static int resolve_intent(struct ns *ns, const uint8_t *key, size_t klen, const struct intent *in,
+                          int dry_run, ns_report_fn report, void *ctx)
+{
+    struct shard *s1 = entry_shard(ns, &in->sdir, in->sname, in->slen);
+    struct ino_id cur;
+    uint8_t dtype;
+    struct batch b;
+    char hex[33];
+    int forward = entry_get(ns, &in->ddir, in->dname, in->dlen, &cur, &dtype) == 0 &&
+                  memcmp(&cur, &in->sid, sizeof(cur)) == 0;
+
+    id_hex(&in->sid, hex);
+    reportf(report, ctx, "interrupted %s of inode %s (%.*s -> %.*s): %s",
+            in->kind == 2 ? "exchange" : "rename", hex, in->slen, in->sname, in->dlen, in->dname,
+            forward ? "completing it" : "undoing it");
+    if (dry_run)
+        return 1;
+    batch_init(&b);
+    if (forward) {
+        if (in->kind == 2)
+            batch_entry(&b, BATCH_PUT, &in->sdir, in->sname, in->slen, &in->did, in->dtype);
+        else if (entry_get(ns, &in->sdir, in->sname, in->slen, &cur, &dtype) == 0 &&
+                 memcmp(&cur, &in->sid, sizeof(cur)) == 0)
+            batch_entry(&b, BATCH_DEL, &in->sdir, in->sname, in->slen, NULL, 0);
+    }
+    batch_del(&b, key, klen);
+    int rc = apply_batch(s1, &b);
+    return rc ? rc : 1;
+}
+
+static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
+{
+    int fixed = 0;
+
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        struct key_list l = {0};
+        int rc = scan_type(ns, i, REC_INTENT, &l);
+        for (size_t j = 0; rc >= 0 && j < l.n; j++) {
+            struct intent in;
+            if (intent_decode(l.vals[j], l.vlens[j], &in)) {
+                reportf(report, ctx, "shard %u: malformed intent record: %s", i,
+                        dry_run ? "would delete" : "deleting");
+                struct batch b;
+                batch_init(&b);
+                batch_del(&b, l.keys[j] + 1, l.keys[j][0]);
+                if (!dry_run)
+                    apply_batch(ns->shards[i], &b);
+                else
+                    batch_free(&b);
+                fixed++;
+                continue;
+            }
+            rc = resolve_intent(ns, l.keys[j] + 1, l.keys[j][0], &in, dry_run, report, ctx);
+            if (rc > 0)
+                fixed++;
+        }
+        key_list_free(&l);
+        if (rc < 0)
+            return rc;
+    }
+    return fixed;
+}
+
+/* Inodes unlinked while open when the daemon stopped: nobody has them open
+ * now, so they go. */
+static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
+{
+    int fixed = 0;
+
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        struct key_list l = {0};
+        int rc = scan_type(ns, i, REC_ORPHAN, &l);
+        for (size_t j = 0; rc >= 0 && j < l.n; j++) {
+            struct ino_id id;
+            char hex[33];
+            if (l.keys[j][0] != 1 + RECORD_ID_LEN)
+                continue;
+            memcpy(id.b, l.keys[j] + 2, RECORD_ID_LEN);
+            id_hex(&id, hex);
+            reportf(report, ctx, "inode %s was unlinked while open: %s", hex,
+                    dry_run ? "would delete it" : "deleting it");
+            fixed++;
+            if (!dry_run) {
+                struct batch b;
+                batch_init(&b);
+                batch_reap(&b, &id);
+                rc = apply_batch(ns->shards[i], &b);
+            }
+        }
+        key_list_free(&l);
+        if (rc < 0)
+            return rc;
+    }
+    return fixed;
+}
+
+int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
+{
+    int a = recover_intents(ns, dry_run, report, ctx), b;
+
+    if (a < 0)
+        return a;
+    b = recover_orphans(ns, dry_run, report, ctx);
+    return b < 0 ? b : a + b;
+}
+
+/* ---- open and close ---- */
+
+static int store_file_path(const struct config *cfg, int node, char *out, size_t len)
+{
+    return snprintf(out, len, "%s/STORE", cfg->nodes[node].data_dir) >= (int)len ? -1 : 0;
+}
+
+int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen)
+{
+    char path[PATH_MAX + 16], line[128];
+    unsigned long fmt = 0, count = 0;
+    FILE *f;
+
+    if (store_file_path(cfg, node, path, sizeof(path)))
+        goto too_long;
+    f = fopen(path, "re");
+    if (!f) {
+        if (errno == ENOENT)
+            return 0; /* a new store */
+        snprintf(err, errlen, "%s:%d: %s: %s", cfg->path, cfg->nodes[node].line, path,
+                 strerror(errno));
+        return -1;
+    }
+    while (fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "shardfs-store %lu", &fmt) == 1)
+            continue;
+        sscanf(line, "shards %lu", &count);
+    }
+    fclose(f);
+    if (fmt != STORE_FORMAT || count == 0) {
+        snprintf(err, errlen, "%s: %s is not a shardfs store of format %d", cfg->path, path,
+                 STORE_FORMAT);
+        return -1;
+    }
+    if (count != cfg->shard_count) {
+        snprintf(err, errlen,
+                 "%s:%d: shards = %u, but the data in %s was written with %lu shards "
+                 "(resharding is not supported yet)",
+                 cfg->path, cfg->shards_line, cfg->shard_count, cfg->nodes[node].data_dir, count);
+        return -1;
+    }
+    return 0;
+too_long:
+    snprintf(err, errlen, "%s: data_dir path too long", cfg->path);
+    return -1;
+}
+
+static int write_store_file(const struct config *cfg, int node)
+{
+    char path[PATH_MAX + 16], tmp[PATH_MAX + 32], text[64];
+    int fd, rc = 0, n;
+
+    if (store_file_path(cfg, node, path, sizeof(path)))
+        return -ENAMETOOLONG;
+    if (access(path, F_OK) == 0)
+        return 0;
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    n = snprintf(text, sizeof(text), "shardfs-store %d\nshards %u\n", STORE_FORMAT,
+                 cfg->shard_count);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    if (write(fd, text, (size_t)n) != n || fsync(fd) != 0)
+        rc = -errno ? -errno : -EIO;
+    close(fd);
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = -errno;
+    return rc;
+}
+
+/* Each shard records its index and the store's shard count. */
+static int shard_meta_check(struct ns *ns, unsigned i, char *err, size_t errlen)
+{
+    static const char key[] = "Mshard";
+    uint8_t val[8], want[8];
+    size_t vlen = 0;
+    int rc;
+
+    for (int k = 0; k < 4; k++) {
+        want[k] = (uint8_t)(i >> (8 * k));
+        want[4 + k] = (uint8_t)(ns->nshards >> (8 * k));
+    }
+    rc = shard_get(ns->shards[i], key, sizeof(key) - 1, 0, val, sizeof(val), &vlen);
+    if (rc == -ENOENT) {
+        struct batch b;
+        batch_init(&b);
+        batch_put(&b, key, sizeof(key) - 1, want, sizeof(want));
+        rc = apply_batch(ns->shards[i], &b);
+    } else if (rc >= 0 && (vlen != 8 || memcmp(val, want, 8) != 0)) {
+        snprintf(err, errlen, "shard %u: its data belongs to another shard or shard count", i);
+        rc = -EINVAL;
+    }
+    if (rc < 0 && !err[0])
+        snprintf(err, errlen, "shard %u: %s", i, strerror(-rc));
+    return rc < 0 ? rc : 0;
+}
+
+static int root_ensure(struct ns *ns)
+{
+    struct inode root;
+    struct batch b;
+    int rc = inode_get(ns, &record_root_id, &root);
+
+    if (rc != -ENOENT)
+        return rc;
+    memset(&root, 0, sizeof(root));
+    root.id = record_root_id;
+    root.parent = record_root_id;
+    root.mode = S_IFDIR | 0755;
+    root.nlink = 2;
+    root.uid = getuid();
+    root.gid = getgid();
+    root.atime = root.mtime = root.ctime = now_ts();
+    batch_init(&b);
+    batch_put_inode(&b, &root);
+    return apply_batch(inode_shard(ns, &record_root_id), &b);
+}
+
+static int lock_data_dir(struct ns *ns, char *err, size_t errlen)
+{
+    char path[PATH_MAX + 16];
+
+    snprintf(path, sizeof(path), "%s/LOCK", ns->data_dir);
+    ns->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (ns->lock_fd < 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -errno;
+    }
+    if (flock(ns->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        snprintf(err, errlen, "%s: the store is in use by another shardfs process (%s)",
+                 ns->data_dir, e == EWOULDBLOCK ? "mounted?" : strerror(e));
+        return -EBUSY;
+    }
+    return 0;
+}
+
+int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
+            size_t errlen)
+{
+    struct ns *ns = calloc(1, sizeof(*ns));
+    struct shard_lmdb_options opt = {.commit_interval_ms = cfg->commit_interval_ms};
+    uint64_t seed;
+    int rc;
+
+    err[0] = 0;
+    if (!ns)
+        return -ENOMEM;
+    ns->cfg = cfg;
+    ns->lock_fd = -1;
+    ns->nshards = cfg->shard_count;
+    snprintf(ns->data_dir, sizeof(ns->data_dir), "%s", cfg->nodes[node].data_dir);
+    for (int i = 0; i < LOCK_STRIPES; i++)
+        pthread_mutex_init(&ns->stripes[i], NULL);
+    if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed))
+        seed = (uint64_t)now_ts().tv_nsec * 2654435761u ^ (uint64_t)getpid();
+    atomic_init(&ns->next_unique, seed);
+    ns->shards = calloc(ns->nshards, sizeof(*ns->shards));
+    if (!ns->shards) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    if (mkdir(ns->data_dir, 0755) != 0 && errno != EEXIST) {
+        rc = -errno;
+        snprintf(err, errlen, "%s: %s", ns->data_dir, strerror(errno));
+        goto fail;
+    }
+    rc = lock_data_dir(ns, err, errlen);
+    if (rc)
+        goto fail;
+    if (ns_check_layout(cfg, node, err, errlen)) {
+        rc = -EINVAL;
+        goto fail;
+    }
+    rc = write_store_file(cfg, node);
+    if (rc) {
+        snprintf(err, errlen, "%s/STORE: %s", ns->data_dir, strerror(-rc));
+        goto fail;
+    }
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        char dir[PATH_MAX + 32];
+        snprintf(dir, sizeof(dir), "%s/shard-%u", ns->data_dir, i);
+        rc = shard_lmdb_open(dir, i, &opt, &ns->shards[i], err, errlen);
+        if (rc == 0)
+            rc = shard_meta_check(ns, i, err, errlen);
+        if (rc)
+            goto fail;
+    }
+    rc = root_ensure(ns);
+    if (rc == 0 && !(flags & NS_OPEN_NO_RECOVER))
+        rc = ns_recover(ns, 0, NULL, NULL);
+    if (rc < 0) {
+        snprintf(err, errlen, "%s: recovery: %s", ns->data_dir, strerror(-rc));
+        goto fail;
+    }
+    *out = ns;
+    return 0;
+fail:
+    ns_close(ns);
+    return rc;
+}
+
+void ns_close(struct ns *ns)
+{
+    if (!ns)
+        return;
+    for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
+        shard_close(ns->shards[i]);
+    free(ns->shards);
+    if (ns->lock_fd >= 0)
+        close(ns->lock_fd);
+    for (int i = 0; i < LOCK_STRIPES; i++)
+        pthread_mutex_destroy(&ns->stripes[i]);
+    free(ns);
+}

@@ -1,0 +1,131 @@
+/* namespace.h -- filesystem semantics over shards.
+ *
+ * Entries, inodes, chunks and xattrs (record.h) spread over the store's shards
+ * by placement.h; this module implements create, unlink, rename, link, rmdir,
+ * read, write, truncate and xattrs on top of the shard interface, including the
+ * ordered multi-shard protocols (DESIGN.md, "Multi-shard operations"). It knows
+ * no FUSE types, so the FUSE adapter, fsck and later the HTTP key API share it.
+ *
+ * Errors: 0 (or a byte count) or a negative errno, POSIX-style (-ENOENT,
+ * -EEXIST, -ENOTEMPTY, -EISDIR, -ENOTDIR, -EINVAL, -ENODATA, -ERANGE, ...).
+ *
+ * Threads: every function may be called from any thread. Changes to one inode
+ * are serialised by a striped lock inside this module; callers hold no locks.
+ *
+ * Memory: all buffers are the caller's; struct inode is returned by value.
+ */
+#ifndef SHARDFS_NAMESPACE_H
+#define SHARDFS_NAMESPACE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/statvfs.h>
+#include <sys/types.h>
+
+#include "config.h"
+#include "record.h"
+#include "shard.h"
+
+struct ns;
+
+/* Asked when an inode's last name goes away: return 1 if the inode is still
+ * open (it is then kept, with an orphan mark, until ns_reap()), 0 to delete it
+ * at once. */
+typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
+
+/* Called for each directory entry; the name is borrowed for the call. The
+ * callback MUST NOT call back into the namespace. */
+typedef int (*ns_dirent_fn)(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
+                            uint8_t dtype);
+
+/* Open the store of node `node` in cfg: lock the data directory, check the
+ * layout, open every shard, create the root on first use and finish any
+ * multi-shard operation a crash interrupted. -errno and a message in err. */
+#define NS_OPEN_NO_RECOVER 1u   /* leave crash leftovers for fsck to see */
+int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
+            size_t errlen);
+void ns_close(struct ns *ns);
+
+/* Check, before anything is opened or written, that the data directory of node
+ * matches cfg (shard count). Returns 0 or -1 with "FILE:LINE: reason". */
+int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen);
+
+unsigned ns_shard_count(const struct ns *ns);
+struct shard *ns_shard(struct ns *ns, unsigned index);
+unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
+                        size_t nlen);
+unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);
+
+int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out);
+int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              struct inode *out);
+
+/* Create a regular file, directory, symlink (target != NULL), fifo, socket or
+ * device. -EEXIST if the name exists. */
+int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
+              struct inode *out);
+int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              ns_is_open_fn is_open, void *ctx);
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen);
+
+#define NS_RENAME_NOREPLACE 1u
+#define NS_RENAME_EXCHANGE 2u
+int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
+              const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
+              ns_is_open_fn is_open, void *ctx);
+int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
+            size_t nlen, struct inode *out);
+
+/* Attribute changes: set the fields named in mask. */
+#define NS_SET_MODE 0x1u
+#define NS_SET_UID 0x2u
+#define NS_SET_GID 0x4u
+#define NS_SET_SIZE 0x8u
+#define NS_SET_ATIME 0x10u
+#define NS_SET_MTIME 0x20u
+#define NS_SET_ATIME_NOW 0x40u
+#define NS_SET_MTIME_NOW 0x80u
+#define NS_SET_CTIME 0x100u
+#define NS_SET_KILL_SUIDGID 0x200u
+struct ns_setattr {
+    unsigned mask;
+    uint32_t mode, uid, gid;
+    uint64_t size;
+    struct timespec atime, mtime, ctime;
+};
+int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
+               struct inode *out);
+
+/* Read up to size bytes at off into buf; holes read as zeros. Returns bytes. */
+ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf);
+/* Write size bytes at off (at the end of the file when append); returns bytes
+ * written, and the file's new size in *new_size when not NULL. */
+ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *buf,
+                 size_t size, int append, int kill_suidgid, uint64_t *new_size);
+
+int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx);
+
+/* xattrs; flags are XATTR_CREATE / XATTR_REPLACE. get/list with size 0 return
+ * the size needed; -ERANGE if size is too small. */
+int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
+                size_t size, int flags);
+ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+                    size_t size);
+ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size);
+int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name);
+
+/* Delete an inode whose last name is gone and which nobody has open. */
+int ns_reap(struct ns *ns, const struct ino_id *id);
+
+int ns_statfs(struct ns *ns, struct statvfs *st);
+/* Make what is applied durable: the inode's shard, or every shard (id NULL). */
+int ns_sync(struct ns *ns, const struct ino_id *id);
+
+/* Finish interrupted multi-shard operations (intent records) and delete
+ * orphaned inodes; report(ctx, line) is told what was done. Returns the number
+ * of repairs or -errno. With dry_run nothing is changed. */
+typedef void (*ns_report_fn)(void *ctx, const char *line);
+int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx);
+
+#endif
