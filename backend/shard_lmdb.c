@@ -2,7 +2,8 @@
  *
  * Layout of a shard directory:
  *   data.mdb   the LMDB environment (one unnamed database; MDB_NOLOCK)
- *   redo.log   batches applied since the last commit, one record each:
+ *   redo.log   batches applied since the last commit, one record each
+ *              (rewound to offset 0 after every commit):
  *              magic:u32le len:u32le seq:u64le check:u64le payload[len]
  *              check = XXH3_64(payload, seed = seq)
  *   The key "Mseq" inside LMDB holds the last log sequence number that the
@@ -202,27 +203,27 @@ static int log_append(struct shard_lmdb *sl, uint64_t seq, const struct batch *b
     put_u32le(hdr + 4, (uint32_t)b->len);
     put_u64le(hdr + 8, seq);
     put_u64le(hdr + 16, XXH3_64bits_withSeed(b->buf, b->len, seq));
-    n = writev(sl->log_fd, iov, 2);
+    n = pwritev(sl->log_fd, iov, 2, sl->log_len);
     if (n == (ssize_t)want) {
         sl->log_len += n;
         return 0;
     }
-    /* A short write leaves a torn record: cut it off so the log stays a clean
-     * sequence (replay would stop there anyway, but later records would be
-     * unreachable behind it). */
-    int err = n < 0 ? errno : ENOSPC;
-    if (ftruncate(sl->log_fd, sl->log_len) != 0)
-        err = EIO;
-    return -err;
+    /* A short write leaves a torn record at log_len; replay stops there, and
+     * the next append overwrites it. */
+    return n < 0 ? -errno : -ENOSPC;
 }
 
 /* Replay log records newer than committed_seq into txn, in order. Stops at the
- * first torn or corrupt record. Sets sl->seq to the last record applied. */
+ * first torn or corrupt record. Sets sl->seq to the last record applied and
+ * the append position just after it. Records older than committed_seq are
+ * leftovers of earlier cycles (the log is rewound, not truncated, after each
+ * commit, so its pages stay cached) and are skipped. */
 static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
 {
     uint8_t hdr[LOG_HDR];
     uint8_t *payload = NULL;
     off_t off = 0;
+    off_t end = 0;
     uint64_t expect = sl->committed_seq + 1;
     int rc = 0;
 
@@ -253,12 +254,10 @@ static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
             goto out;
         sl->seq = seq;
         sl->pending_bytes += len;
+        end = off;
         expect++;
     }
-    /* Drop whatever follows the last good record. */
-    sl->log_len = off;
-    if (ftruncate(sl->log_fd, off) != 0)
-        rc = -errno;
+    sl->log_len = end;
 out:
     free(payload);
     return rc;
@@ -361,10 +360,9 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
     sl->txn = NULL;
     sl->committed_seq = sl->seq;
     sl->pending_bytes = 0;
-    /* The log's content is now inside LMDB; a stale tail after a crash is
-     * recognised by its sequence numbers, so no sync is needed here. */
-    if (ftruncate(sl->log_fd, 0) == 0)
-        sl->log_len = 0;
+    /* The log's content is now inside LMDB: rewind. What stays in the file is
+     * recognised as stale by its sequence numbers. */
+    sl->log_len = 0;
     map_maybe_grow(sl, grow);
     return 0;
 failed:
@@ -676,7 +674,7 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     if (rc)
         goto fail;
     snprintf(path, sizeof(path), "%s/redo.log", dir);
-    sl->log_fd = open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    sl->log_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (sl->log_fd < 0) {
         rc = -errno;
         snprintf(err, errlen, "%s: %s", path, strerror(errno));

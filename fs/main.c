@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -415,6 +416,10 @@ out:
 
 int main(int argc, char **argv)
 {
+    /* Write batches are up to a few MiB; keep glibc from mmap()ing (and
+     * page-faulting) a fresh buffer for each of them. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 128 << 20);
     if (argc < 2) {
         fputs(usage_main, stderr);
         return 2;
