@@ -17,12 +17,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <lmdb.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,6 +35,10 @@
 #define MAP_INITIAL (1ull << 30)
 #define DEFAULT_INTERVAL_MS 200u
 #define DEFAULT_COMMIT_BYTES (16u << 20)
+#define RESERVE_BYTES (1u << 20)
+#define SPACE_MARGIN (1u << 20)
+#define SPACE_PLENTY (256ull << 20)
+#define SPACE_LOW (1ull << 30)      /* below this, give freed space back at once */
 
 static const char seq_key[] = "Mseq";
 
@@ -58,6 +64,9 @@ struct shard_lmdb {
 
     size_t pending_bytes;
     struct timespec pending_since;
+    uint64_t space_hint;        /* free disk bytes last seen, minus what was
+                                 * applied since */
+    uint64_t punched_txn;       /* free-list records up to this txn are punched */
     unsigned interval_ms;
     size_t commit_bytes;
 };
@@ -263,6 +272,153 @@ out:
     return rc;
 }
 
+/* ---- disk space ----
+ *
+ * Every acknowledged batch must be committable later, so a batch is admitted
+ * only if the disk (plus the free pages inside data.mdb, which LMDB reuses)
+ * can take everything pending: otherwise the writer gets ENOSPC at once and
+ * the shard stays committable, so deleting files frees space again. A small
+ * reserve file is given up if a commit still runs short (another shard on the
+ * same disk may have taken the space), so a commit that frees space can
+ * always run. */
+
+static void reserve_path(const struct shard_lmdb *sl, char *out, size_t len)
+{
+    snprintf(out, len, "%s/reserve", sl->dir);
+}
+
+static void reserve_make(struct shard_lmdb *sl)
+{
+    char path[4200];
+    int fd;
+
+    reserve_path(sl, path, sizeof(path));
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return; /* exists, or no room: try again after a later commit */
+    if (posix_fallocate(fd, 0, RESERVE_BYTES) != 0) {
+        close(fd);
+        unlink(path);
+        return;
+    }
+    close(fd);
+}
+
+/* 1 if the reserve was there and is now given up. */
+static int reserve_release(struct shard_lmdb *sl)
+{
+    char path[4200];
+
+    reserve_path(sl, path, sizeof(path));
+    return unlink(path) == 0;
+}
+
+static uint64_t disk_free(const struct shard_lmdb *sl)
+{
+    struct statvfs st;
+
+    if (statvfs(sl->dir, &st) != 0)
+        return SPACE_PLENTY; /* cannot tell: let the write find out */
+    return (uint64_t)st.f_bavail * st.f_frsize;
+}
+
+/* Punch holes over the pages LMDB lists as free (records newer than the last
+ * punch), giving their blocks back to the filesystem so other shards and
+ * files can use them. LMDB never reads a free page and rewrites it whole when
+ * it reuses it, so a hole is as good as any content. Caller holds the lock
+ * and has no transaction open. */
+static void free_pages_punch(struct shard_lmdb *sl)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    MDB_val k, v;
+    MDB_stat st;
+    int fd, rc;
+
+    if (mdb_env_get_fd(sl->env, &fd) || mdb_env_stat(sl->env, &st) ||
+        mdb_txn_begin(sl->env, NULL, MDB_RDONLY, &txn))
+        return;
+    if (mdb_cursor_open(txn, 0 /* FREE_DBI */, &cur) == 0) {
+        rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+        for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+            size_t txnid, n;
+            if (k.mv_size != sizeof(size_t) || v.mv_size < sizeof(size_t))
+                continue;
+            memcpy(&txnid, k.mv_data, sizeof(txnid));
+            if (txnid <= sl->punched_txn)
+                continue;
+            sl->punched_txn = txnid;
+            /* An ID list: a count, then page numbers (sorted). */
+            const size_t *ids = v.mv_data;
+            memcpy(&n, ids, sizeof(n));
+            if ((n + 1) * sizeof(size_t) > v.mv_size)
+                continue;
+            for (size_t i = 1; i <= n; i++) {
+                size_t lo = ids[i], hi = ids[i];
+                while (i < n && (ids[i + 1] + 1 == lo || ids[i + 1] == hi + 1)) {
+                    if (ids[i + 1] < lo)
+                        lo = ids[i + 1];
+                    else
+                        hi = ids[i + 1];
+                    i++;
+                }
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                          (off_t)lo * st.ms_psize, (off_t)(hi - lo + 1) * st.ms_psize);
+            }
+        }
+        mdb_cursor_close(cur);
+    }
+    mdb_txn_abort(txn);
+}
+
+static void space_refresh(struct shard_lmdb *sl)
+{
+    sl->space_hint = disk_free(sl);
+}
+
+/* After a commit: on a disk running low, give freed pages and the log's
+ * blocks back to the filesystem; keep the reserve file. Plenty of space:
+ * nothing to do (rewound log pages and free pages stay for reuse, which is
+ * faster than allocating new blocks). */
+static void space_after_commit(struct shard_lmdb *sl)
+{
+    space_refresh(sl);
+    if (sl->space_hint < SPACE_LOW) {
+        free_pages_punch(sl);
+        if (ftruncate(sl->log_fd, 0) != 0) {
+            /* keep going: the log is only bigger than it needs to be */
+        }
+        space_refresh(sl);
+    }
+    if (sl->space_hint > 4ull * RESERVE_BYTES)
+        reserve_make(sl);
+}
+
+static int txn_commit(struct shard_lmdb *sl, int grow);
+
+/* Admit a batch of len bytes, or return -ENOSPC. */
+static int space_admit(struct shard_lmdb *sl, size_t len)
+{
+    /* The log copy, the committed copy, copy-on-write overhead and a margin. */
+    uint64_t need = sl->pending_bytes + sl->pending_bytes / 4 + 2 * (uint64_t)len + SPACE_MARGIN;
+
+    if (sl->space_hint >= need + SPACE_PLENTY)
+        goto ok;
+    space_refresh(sl);
+    if (sl->space_hint >= need)
+        goto ok;
+    if (sl->pending_bytes && txn_commit(sl, 0) == 0) {
+        space_refresh(sl);
+        need = 2 * (uint64_t)len + SPACE_MARGIN;
+        if (sl->space_hint >= need)
+            goto ok;
+    }
+    return -ENOSPC;
+ok:
+    sl->space_hint -= 2 * (uint64_t)len < sl->space_hint ? 2 * (uint64_t)len : sl->space_hint;
+    return 0;
+}
+
 /* ---- the long-lived transaction ---- */
 
 static int txn_begin(struct shard_lmdb *sl)
@@ -355,6 +511,15 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
         goto failed;
     }
     rc = mdb_txn_commit(sl->txn);
+    if (rc && reserve_release(sl)) {
+        /* Short of space: give up the reserve, rebuild from the log, retry. */
+        sl->txn = NULL;
+        sl->need_rebuild = 1;
+        if (txn_ensure(sl) == 0 && mdb_put(sl->txn, sl->dbi, &k, &v, 0) == 0)
+            rc = mdb_txn_commit(sl->txn);
+        else if (sl->txn)
+            mdb_txn_abort(sl->txn);
+    }
     if (rc)
         goto failed;
     sl->txn = NULL;
@@ -364,10 +529,14 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
      * recognised as stale by its sequence numbers. */
     sl->log_len = 0;
     map_maybe_grow(sl, grow);
+    space_after_commit(sl);
     return 0;
 failed:
     sl->txn = NULL;
     sl->need_rebuild = 1;
+    /* LMDB reports a short write (the disk filled up mid-commit) as EIO. */
+    if ((rc == EIO || rc == ENOSPC) && disk_free(sl) < SPACE_MARGIN * 4ull)
+        return -ENOSPC;
     return shard_lmdb_errno(rc);
 }
 
@@ -479,6 +648,9 @@ static int lmdb_apply(struct shard *s, const struct batch *b)
     if (b->count == 0)
         return 0;
     pthread_mutex_lock(&sl->lock);
+    rc = space_admit(sl, b->len);
+    if (rc)
+        goto out;
     rc = apply_once(sl, b);
     if (rc == -ENOSPC && !sl->need_rebuild) {
         /* Map or dirty list full: commit what we have, grow, try once more.
@@ -493,6 +665,7 @@ static int lmdb_apply(struct shard *s, const struct batch *b)
         if (sl->pending_bytes >= sl->commit_bytes)
             txn_commit(sl, 0); /* a failure keeps the log; retried later */
     }
+out:
     pthread_mutex_unlock(&sl->lock);
     return rc;
 }
@@ -683,8 +856,14 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     rc = read_committed_seq(sl);
     if (rc == 0)
         rc = log_replay(sl, sl->txn);
-    if (rc == 0 && sl->seq != sl->committed_seq)
-        rc = txn_commit(sl, 0);
+    /* A replayed log that cannot be committed yet (a full disk) stays in
+     * the transaction; the flusher retries. */
+    if (rc == 0 && sl->seq != sl->committed_seq && txn_commit(sl, 0) == -ENOSPC)
+        rc = txn_ensure(sl);
+    if (rc == 0 && !sl->txn)
+        space_after_commit(sl);
+    else if (rc == 0)
+        space_refresh(sl);
     if (rc) {
         snprintf(err, errlen, "%s: recovering the redo log: %s", dir, strerror(-rc));
         goto fail;

@@ -165,9 +165,8 @@ static void attr_fill(struct stat *st, const struct inode *ino)
     st->st_rdev = ino->rdev;
     st->st_size = (off_t)ino->size;
     st->st_blksize = RECORD_CHUNK;
-    /* Allocated space, rounded to 512-byte blocks. Sparse files are counted in
-     * full: cheap to report, and du on a sparse file is rare. */
-    st->st_blocks = (blkcnt_t)((ino->size + 511) / 512);
+    /* Bytes actually stored, in 512-byte units: holes cost nothing. */
+    st->st_blocks = (blkcnt_t)((ino->alloc + 511) / 512);
     st->st_atim = ino->atime;
     st->st_mtim = ino->mtime;
     st->st_ctim = ino->ctime;
@@ -202,6 +201,14 @@ static void reply_entry(fuse_req_t req, const struct inode *ino)
 static void reply_rc(fuse_req_t req, int rc)
 {
     fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+/* The kernel named a node whose inode is gone: it looked the name up before a
+ * rename or unlink freed it. ESTALE makes the VFS walk the path again
+ * (LOOKUP_REVAL) and find what the name means now. */
+static int stale_if_gone(int rc)
+{
+    return rc == -ENOENT ? -ESTALE : rc;
 }
 
 static struct handle *handle_new(int flags)
@@ -290,7 +297,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 
     (void)fi;
     if (rc) {
-        reply_rc(req, rc);
+        reply_rc(req, stale_if_gone(rc));
         return;
     }
     attr_fill(&st, &node);
@@ -345,7 +352,7 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino)
     if (rc == 0 && !S_ISLNK(node.mode))
         rc = -EINVAL;
     if (rc) {
-        reply_rc(req, rc);
+        reply_rc(req, stale_if_gone(rc));
         return;
     }
     node.tail[node.tail_len < RECORD_TAIL_MAX ? node.tail_len : RECORD_TAIL_MAX - 1] = 0;
@@ -452,7 +459,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         n->opens--;
         node_maybe_free(fs, n);
         pthread_mutex_unlock(&fs->lock);
-        reply_rc(req, rc);
+        reply_rc(req, stale_if_gone(rc));
         return;
     }
     fill_open(fs, fi, h);
@@ -584,7 +591,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     if (rc == 0 && !S_ISDIR(node.mode))
         rc = -ENOTDIR;
     if (rc) {
-        reply_rc(req, rc);
+        reply_rc(req, stale_if_gone(rc));
         return;
     }
     d = calloc(1, sizeof(*d));

@@ -225,7 +225,10 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         fuse_loop_cfg_set_max_threads(lc, 16);
         fuse_loop_cfg_set_idle_threads(lc, 8);
     }
-    rc = fuse_session_loop_mt(se, lc) == 0 ? 0 : 1;
+    if (getenv("SHARDFS_SINGLE"))
+        rc = fuse_session_loop(se) == 0 ? 0 : 1;
+    else
+        rc = fuse_session_loop_mt(se, lc) == 0 ? 0 : 1;
     fuse_loop_cfg_destroy(lc);
 out:
     if (mounted)

@@ -13,7 +13,8 @@
  *  unlink:  1. entry shard: delete the entry.  2. inode shard: nlink - 1, and
  *           delete the inode when it reaches 0 (or mark it orphan while open).
  *           A crash after 1 leaves nlink too high: an inode without a name,
- *           which recovery counts again.  Same shard: one batch.
+ *           which fsck --repair links into /lost+found (nothing is lost).
+ *           Same shard: one batch.
  *  link:    1. inode shard: nlink + 1.  2. entry shard: put the new entry.
  *           A crash after 1 leaves nlink too high (fsck recounts).
  *  rename across shards (and RENAME_EXCHANGE):
@@ -259,19 +260,26 @@ int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out)
 {
-    struct ino_id id;
+    struct ino_id id, again;
     uint8_t dtype;
     int rc;
 
     if (nlen > RECORD_NAME_MAX)
         return -ENAMETOOLONG;
     rc = entry_get(ns, dir, name, nlen, &id, &dtype);
-    if (rc)
-        return rc;
-    rc = inode_get(ns, &id, out);
-    /* An entry without its inode is a crash leftover for fsck; to the user it
-     * is not there. */
-    return rc;
+    /* Entry and inode are read in two steps; a rename replacing this name
+     * may free the old inode in between. Re-read the entry then: only an
+     * entry that still names a missing inode is really dangling (fsck). */
+    for (int tries = 0; rc == 0 && tries < 16; tries++) {
+        rc = inode_get(ns, &id, out);
+        if (rc != -ENOENT)
+            return rc;
+        rc = entry_get(ns, dir, name, nlen, &again, &dtype);
+        if (rc == 0 && memcmp(&again, &id, sizeof(id)) == 0)
+            return -ENOENT;
+        id = again;
+    }
+    return rc ? rc : -ENOENT;
 }
 
 /* ---- create ---- */
@@ -923,6 +931,13 @@ static int chunk_load(struct ns *ns, const struct inode *ino, uint64_t idx, uint
     return rc < 0 ? rc : (int)min_sz(vlen, RECORD_CHUNK);
 }
 
+static int sum_value_bytes(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    (void)k, (void)kl, (void)v;
+    *(uint64_t *)ctx += vl;
+    return 0;
+}
+
 /* Change the data of ino to new_size, adding the record changes to b and
  * keeping the rule "inline iff size <= RECORD_INLINE_MAX". */
 static int data_resize(struct ns *ns, struct batch *b, struct inode *ino, uint64_t new_size)
@@ -940,6 +955,7 @@ static int data_resize(struct ns *ns, struct batch *b, struct inode *ino, uint64
         if (new_size > ino->tail_len)
             memset(ino->tail + ino->tail_len, 0, new_size - ino->tail_len);
         ino->tail_len = (uint32_t)new_size;
+        ino->alloc = new_size;
         goto out;
     }
     buf = malloc(RECORD_CHUNK);
@@ -960,6 +976,7 @@ static int data_resize(struct ns *ns, struct batch *b, struct inode *ino, uint64
         rc = 0;
         memcpy(ino->tail, buf, new_size);
         ino->tail_len = (uint32_t)new_size;
+        ino->alloc = new_size;
         batch_del_owned(b, REC_CHUNK, &ino->id);
         goto out;
     }
@@ -969,12 +986,19 @@ static int data_resize(struct ns *ns, struct batch *b, struct inode *ino, uint64
         size_t kl = record_chunk_key(key, &ino->id, last + 1);
         size_t el = record_id_prefix(end, REC_CHUNK, &ino->id);
         el = record_prefix_end(end, end, el);
+        uint64_t gone = 0;
+        rc = shard_scan(inode_shard(ns, &ino->id), key, kl, end, el, sum_value_bytes, &gone);
+        if (rc < 0)
+            goto out;
         batch_add(b, BATCH_DEL_RANGE, key, kl, end, el);
         rc = chunk_load(ns, ino, last, buf);
         if (rc < 0)
             goto out;
-        if ((size_t)rc > keep)
+        if ((size_t)rc > keep) {
             batch_put(b, key, record_chunk_key(key, &ino->id, last), buf, keep);
+            gone += (size_t)rc - keep;
+        }
+        ino->alloc = ino->alloc > gone ? ino->alloc - gone : 0;
         rc = 0;
     }
 out:
@@ -1018,19 +1042,33 @@ ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t siz
     return (ssize_t)done;
 }
 
-/* Add the chunk records of writing [off, off+size) to b. */
+/* Add the chunk records of writing [off, off+size) to b; *grown gets the
+ * change in stored bytes. */
 static int write_chunks(struct ns *ns, struct batch *b, const struct inode *ino, uint64_t off,
-                        const uint8_t *data, size_t size)
+                        const uint8_t *data, size_t size, int64_t *grown)
 {
     uint8_t key[RECORD_KEY_MAX], *buf = NULL;
     size_t done = 0;
     int rc = 0;
 
+    *grown = 0;
     while (done < size) {
         uint64_t pos = off + done, idx = pos / RECORD_CHUNK;
         size_t in = (size_t)(pos % RECORD_CHUNK), n = min_sz(size - done, RECORD_CHUNK - in);
         size_t klen = record_chunk_key(key, &ino->id, idx);
         if (in == 0 && n == RECORD_CHUNK) {
+            size_t had = 0;
+            if (ino->size > RECORD_INLINE_MAX) {
+                rc = shard_get(inode_shard(ns, &ino->id), key, klen, 0, NULL, 0, &had);
+                if (rc < 0 && rc != -ENOENT)
+                    goto out;
+                if (rc == -ENOENT)
+                    had = 0;
+                rc = 0;
+            } else if (idx == 0) {
+                had = ino->tail_len;
+            }
+            *grown += (int64_t)n - (int64_t)had;
             batch_put(b, key, klen, data + done, n);
         } else {
             if (!buf && !(buf = malloc(RECORD_CHUNK))) {
@@ -1047,6 +1085,7 @@ static int write_chunks(struct ns *ns, struct batch *b, const struct inode *ino,
                 memset(buf + eof_in, 0, in - eof_in);
             memcpy(buf + in, data + done, n);
             batch_put(b, key, klen, buf, len);
+            *grown += (int64_t)len - rc;
             rc = 0;
         }
         done += n;
@@ -1083,11 +1122,15 @@ ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const voi
         if (end > ino.size)
             data_resize(ns, &b, &ino, end);
         memcpy(ino.tail + off, data, size);
+        ino.alloc = ino.tail_len;
     } else {
         /* For an inline file chunk_load() serves the tail as chunk 0, so
          * write_chunks() merges it into chunk 0 when the write touches it. */
         int was_inline = ino.size <= RECORD_INLINE_MAX;
-        rc = write_chunks(ns, &b, &ino, off, data, size);
+        int64_t grown = 0;
+        rc = write_chunks(ns, &b, &ino, off, data, size, &grown);
+        if (rc == 0)
+            ino.alloc = (uint64_t)((int64_t)ino.alloc + grown);
         if (rc == 0 && was_inline && off >= RECORD_CHUNK && ino.tail_len) {
             uint8_t key[RECORD_KEY_MAX];
             batch_put(&b, key, record_chunk_key(key, &ino.id, 0), ino.tail, ino.tail_len);
@@ -1471,8 +1514,8 @@ static void id_hex(const struct ino_id *id, char out[33])
 }
 
 /* Roll an interrupted rename/exchange forward or back (DESIGN). */
-static int resolve_intent(struct ns *ns, const uint8_t *key, size_t klen, const struct intent *in,
-                          int dry_run, ns_report_fn report, void *ctx)
+static int resolve_intent(struct ns *ns, struct shard *found, const uint8_t *key, size_t klen,
+                          const struct intent *in, int dry_run, ns_report_fn report, void *ctx)
 {
     struct shard *s1 = entry_shard(ns, &in->sdir, in->sname, in->slen);
     struct ino_id cur;
@@ -1496,8 +1539,21 @@ static int resolve_intent(struct ns *ns, const uint8_t *key, size_t klen, const 
                  memcmp(&cur, &in->sid, sizeof(cur)) == 0)
             batch_entry(&b, BATCH_DEL, &in->sdir, in->sname, in->slen, NULL, 0);
     }
-    batch_del(&b, key, klen);
     int rc = apply_batch(s1, &b);
+    if (rc == 0) {
+        /* the intent goes where it was found (normally s1 too) */
+        batch_init(&b);
+        batch_del(&b, key, klen);
+        rc = apply_batch(found, &b);
+    }
+    if (rc == 0 && forward && memcmp(&in->sdir, &in->ddir, sizeof(in->sdir)) != 0) {
+        /* Step 3 was the last one written, so the moved directories' ".."
+         * and their parents' link counts are still the old ones. */
+        if (in->stype == DT_DIR)
+            fix_moved_dir(ns, &in->sid, &in->sdir, &in->ddir);
+        if (in->kind == 2 && in->dtype == DT_DIR)
+            fix_moved_dir(ns, &in->did, &in->ddir, &in->sdir);
+    }
     return rc ? rc : 1;
 }
 
@@ -1523,7 +1579,8 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
                 fixed++;
                 continue;
             }
-            rc = resolve_intent(ns, l.keys[j] + 1, l.keys[j][0], &in, dry_run, report, ctx);
+            rc = resolve_intent(ns, ns->shards[i], l.keys[j] + 1, l.keys[j][0], &in, dry_run,
+                                report, ctx);
             if (rc > 0)
                 fixed++;
         }
@@ -1535,7 +1592,8 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
 }
 
 /* Inodes unlinked while open when the daemon stopped: nobody has them open
- * now, so they go. */
+ * now, so they go -- but only if no name refers to them any more (nlink 0);
+ * a stray mark on a linked inode is just dropped. */
 static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
 {
     int fixed = 0;
@@ -1545,20 +1603,25 @@ static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void
         int rc = scan_type(ns, i, REC_ORPHAN, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
             struct ino_id id;
+            struct inode ino;
+            struct batch b;
             char hex[33];
             if (l.keys[j][0] != 1 + RECORD_ID_LEN)
                 continue;
             memcpy(id.b, l.keys[j] + 2, RECORD_ID_LEN);
             id_hex(&id, hex);
-            reportf(report, ctx, "inode %s was unlinked while open: %s", hex,
-                    dry_run ? "would delete it" : "deleting it");
+            int linked = inode_get(ns, &id, &ino) == 0 && ino.nlink > 0;
+            reportf(report, ctx, "inode %s %s: %s", hex,
+                    linked ? "has a stale orphan mark" : "was unlinked while open",
+                    dry_run ? "would fix" : linked ? "dropping the mark" : "deleting it");
             fixed++;
-            if (!dry_run) {
-                struct batch b;
-                batch_init(&b);
-                batch_reap(&b, &id);
-                rc = apply_batch(ns->shards[i], &b);
-            }
+            if (dry_run)
+                continue;
+            batch_init(&b);
+            batch_del(&b, l.keys[j] + 1, l.keys[j][0]);
+            rc = apply_batch(ns->shards[i], &b);
+            if (rc == 0 && !linked)
+                rc = ns_reap(ns, &id);
         }
         key_list_free(&l);
         if (rc < 0)

@@ -1,11 +1,11 @@
 /* record.c -- key and value encoding of filesystem records (see record.h).
  *
- * Inode value layout (little-endian; RECORD_INODE_HDR = 92 bytes, then tail):
+ * Inode value layout (little-endian; RECORD_INODE_HDR = 100 bytes, then tail):
  *    0 version:u8 (1)   1..3 zero       4 flags:u32     8 mode:u32    12 uid:u32
  *   16 gid:u32         20 nlink:u32    24 rdev:u32     28 tail_len:u32
  *   32 size:u64        40 atime:i64    48 mtime:i64    56 ctime:i64  (seconds)
  *   64 atime_ns:u32    68 mtime_ns:u32 72 ctime_ns:u32
- *   76 parent id[16]   92 tail[tail_len]
+ *   76 parent id[16]   92 alloc:u64 (bytes stored)   100 tail[tail_len]
  */
 #include "record.h"
 
@@ -18,7 +18,7 @@
 const struct ino_id record_root_id = {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}};
 
 #define HDR_FIXED 76u /* header bytes before the parent id */
-_Static_assert(HDR_FIXED + RECORD_ID_LEN == RECORD_INODE_HDR, "inode header size");
+_Static_assert(HDR_FIXED + RECORD_ID_LEN + 8 == RECORD_INODE_HDR, "inode header size");
 
 static void put_be64(uint8_t *p, uint64_t v)
 {
@@ -194,6 +194,7 @@ size_t record_inode_encode(uint8_t *out, const struct inode *ino)
     put_le(out + 68, (uint64_t)ino->mtime.tv_nsec, 4);
     put_le(out + 72, (uint64_t)ino->ctime.tv_nsec, 4);
     memcpy(out + HDR_FIXED, ino->parent.b, RECORD_ID_LEN);
+    put_le(out + HDR_FIXED + RECORD_ID_LEN, ino->alloc, 8);
     memcpy(out + RECORD_INODE_HDR, ino->tail, tail);
     return RECORD_INODE_HDR + tail;
 }
@@ -223,6 +224,7 @@ int record_inode_decode(const uint8_t *val, size_t vlen, const struct ino_id *id
     ino->mtime.tv_nsec = (long)get_le(val + 68, 4);
     ino->ctime.tv_nsec = (long)get_le(val + 72, 4);
     memcpy(ino->parent.b, val + HDR_FIXED, RECORD_ID_LEN);
+    ino->alloc = get_le(val + HDR_FIXED + RECORD_ID_LEN, 8);
     ino->tail_len = tail;
     memcpy(ino->tail, val + RECORD_INODE_HDR, tail);
     return 0;

@@ -35,7 +35,7 @@
 #define RECORD_CHUNK (64u * 1024u)
 #define RECORD_INLINE_MAX 2048u
 #define RECORD_TAIL_MAX 4096u          /* symlink target limit (PATH_MAX) */
-#define RECORD_INODE_HDR 92u
+#define RECORD_INODE_HDR 100u
 #define RECORD_INODE_MAX (RECORD_INODE_HDR + RECORD_TAIL_MAX)
 #define RECORD_ENTRY_LEN (RECORD_ID_LEN + 1)
 
@@ -60,6 +60,7 @@ struct inode {
     struct ino_id id;
     uint32_t mode, uid, gid, nlink, rdev, flags;
     uint64_t size;
+    uint64_t alloc;                 /* bytes of data stored: inline + chunks */
     struct timespec atime, mtime, ctime;
     struct ino_id parent;           /* directories: the directory holding it */
     uint32_t tail_len;

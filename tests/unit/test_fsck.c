@@ -215,11 +215,13 @@ static void cycle(const char *what, int want)
         CHECK(a == want);
     else
         CHECK(a > 0);
+    /* Repair may find fewer: finishing a half-done directory rename also
+     * fixes its ".." and link counts, which the check counts separately. */
     r = run(1);
-    CHECK(r == a);
+    CHECK(r > 0 && r <= a);
     c = run(0);
     CHECK(c == 0);
-    if (a != (want < 0 ? a : want) || r != a || c != 0)
+    if (a != (want < 0 ? a : want) || r <= 0 || r > a || c != 0)
         fprintf(stderr, "  in scenario: %s (check %d/%d, repair %d, after %d)\n", what, a, b, r, c);
 }
 
