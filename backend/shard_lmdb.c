@@ -142,7 +142,12 @@ static int del_range(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
         rc = mdb_cursor_del(cur, 0);
         if (rc)
             goto out;
-        rc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
+        /* Re-seek from the start: everything before the deleted key in the
+         * range is gone, and after deleting a shard's last key LMDB leaves
+         * the cursor unpositioned (MDB_GET_CURRENT would fail). */
+        k.mv_size = it->klen;
+        k.mv_data = (void *)it->key;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     }
     if (rc == MDB_NOTFOUND)
         rc = 0;
@@ -860,6 +865,10 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
      * the transaction; the flusher retries. */
     if (rc == 0 && sl->seq != sl->committed_seq && txn_commit(sl, 0) == -ENOSPC)
         rc = txn_ensure(sl);
+    /* Cut the log after the replayed prefix: a record beyond a gap must not
+     * be replayed later, once the sequence numbers have caught up with it. */
+    if (rc == 0 && ftruncate(sl->log_fd, sl->log_len) != 0)
+        rc = -errno;
     if (rc == 0 && !sl->txn)
         space_after_commit(sl);
     else if (rc == 0)

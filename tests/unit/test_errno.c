@@ -1,0 +1,377 @@
+/* test_errno.c -- the errno mapping of the layers.
+ *
+ * Covers:
+ *  - shard_lmdb_errno(): every LMDB return code the shards can see, and
+ *    system errors passed through as positive errno values, mapped to the
+ *    negative errno of shard.h;
+ *  - the namespace's POSIX errors end to end, on a real 4-shard store in a
+ *    fresh temporary directory: -EEXIST, -ENAMETOOLONG (255 bytes is fine),
+ *    -EINVAL for ".", ".." and "/" names, -ENOENT, -ENOTDIR, -ENOTEMPTY,
+ *    -EISDIR, rename's -EINVAL/-EISDIR/-ENOTDIR/-EEXIST/-ENOENT, the xattr
+ *    errors (-ENODATA, -EEXIST, -EOPNOTSUPP, -ERANGE), link's -EPERM and
+ *    write's -EISDIR; after every failed call the tree is unchanged.
+ * Exits non-zero on any failed check.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <lmdb.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "namespace.h"
+#include "shard_lmdb.h"
+
+static int failures;
+static int checks;
+
+#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
+#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
+/* An int-returning call that must give exactly want. */
+#define CHECK_RC(call, want)                                                                       \
+    do {                                                                                           \
+        long rc_ = (long)(call);                                                                   \
+        long want_ = (long)(want);                                                                 \
+        check(rc_ == want_, __FILE__, __LINE__, #call " == " #want, "got %ld (%s), want %ld", rc_, \
+              rc_ < 0 ? strerror((int)-rc_) : "ok", want_);                                        \
+    } while (0)
+
+__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
+                                                        const char *expr, const char *fmt, ...)
+{
+    checks++;
+    if (ok)
+        return;
+    failures++;
+    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
+    if (fmt) {
+        va_list ap;
+        fputs(" -- ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+    }
+    fputc('\n', stderr);
+}
+
+/* ---- shard_lmdb_errno ---- */
+
+static void test_lmdb_errno(void)
+{
+    static const struct {
+        const char *what;
+        int mdb_rc, want;
+    } cases[] = {
+        {"MDB_SUCCESS", MDB_SUCCESS, 0},
+        {"MDB_NOTFOUND", MDB_NOTFOUND, -ENOENT},
+        {"MDB_KEYEXIST", MDB_KEYEXIST, -EEXIST},
+        {"MDB_MAP_FULL", MDB_MAP_FULL, -ENOSPC},
+        {"MDB_TXN_FULL", MDB_TXN_FULL, -ENOSPC},
+        {"MDB_BAD_VALSIZE", MDB_BAD_VALSIZE, -EINVAL},
+        {"MDB_CORRUPTED", MDB_CORRUPTED, -EIO},
+        {"MDB_PAGE_NOTFOUND", MDB_PAGE_NOTFOUND, -EIO},
+        {"MDB_INVALID", MDB_INVALID, -EIO},
+        {"MDB_PANIC", MDB_PANIC, -EIO},
+        {"MDB_VERSION_MISMATCH", MDB_VERSION_MISMATCH, -EIO},
+        {"MDB_BAD_TXN", MDB_BAD_TXN, -EIO},
+        {"MDB_BAD_RSLOT", MDB_BAD_RSLOT, -EIO},
+        {"MDB_INCOMPATIBLE", MDB_INCOMPATIBLE, -EIO},
+        {"MDB_PAGE_FULL", MDB_PAGE_FULL, -EIO},
+        {"MDB_CURSOR_FULL", MDB_CURSOR_FULL, -EIO},
+        {"MDB_DBS_FULL", MDB_DBS_FULL, -EIO},
+        {"MDB_TLS_FULL", MDB_TLS_FULL, -EIO},
+        {"MDB_BAD_DBI", MDB_BAD_DBI, -EIO},
+        {"MDB_READERS_FULL", MDB_READERS_FULL, -EAGAIN},
+        {"MDB_MAP_RESIZED", MDB_MAP_RESIZED, -EAGAIN},
+        /* LMDB passes system errors through as positive errno values. */
+        {"ENOSPC", ENOSPC, -ENOSPC},
+        {"EIO", EIO, -EIO},
+        {"ENOMEM", ENOMEM, -ENOMEM},
+        {"EACCES", EACCES, -EACCES},
+        {"EROFS", EROFS, -EROFS},
+        {"EDQUOT", EDQUOT, -EDQUOT},
+        {"EINVAL", EINVAL, -EINVAL},
+        {"ENOENT", ENOENT, -ENOENT},
+        /* Anything else is an unexplained store error. */
+        {"-1", -1, -EIO},
+        {"-30800", -30800, -EIO},
+        {"MDB_LAST_ERRCODE + 1", MDB_LAST_ERRCODE + 1, -EIO},
+        {"4096", 4096, -EIO},
+        {"INT_MIN", -2147483647 - 1, -EIO},
+        {"INT_MAX", 2147483647, -EIO},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int got = shard_lmdb_errno(cases[i].mdb_rc);
+        CHECKF(got == cases[i].want, "%s (%d): got %d, want %d", cases[i].what, cases[i].mdb_rc,
+               got, cases[i].want);
+    }
+    /* Every positive errno passes through, never as a success or positive. */
+    for (int e = 1; e < 134; e++)
+        CHECKF(shard_lmdb_errno(e) == -e, "errno %d", e);
+    /* Every LMDB error maps to a negative errno. */
+    for (int rc = MDB_KEYEXIST; rc <= MDB_LAST_ERRCODE; rc++)
+        CHECKF(shard_lmdb_errno(rc) < 0, "LMDB code %d", rc);
+}
+
+/* ---- the namespace ---- */
+
+static char tmpdir[] = "/tmp/shardfs-test-errno-XXXXXX";
+static struct config cfg; /* large: static */
+
+static void cleanup(void)
+{
+    char cmd[sizeof(tmpdir) + 32];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "warning: could not remove %s\n", tmpdir);
+}
+
+static struct ns *open_store(void)
+{
+    char path[PATH_MAX], err[1024] = "";
+    struct ns *ns = NULL;
+    FILE *f;
+
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        exit(2);
+    }
+    snprintf(path, sizeof(path), "%s/shards.conf", tmpdir);
+    f = fopen(path, "w");
+    if (!f) {
+        perror(path);
+        exit(2);
+    }
+    fputs("[cluster]\nshards = 4\n[node local]\ndata_dir = ./data\nshards = all\n", f);
+    fclose(f);
+    if (config_load(path, &cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "config_load: %s\n", err);
+        cleanup();
+        exit(2);
+    }
+    int rc = ns_open(&cfg, 0, 0, &ns, err, sizeof(err));
+    if (rc != 0) {
+        fprintf(stderr, "ns_open: %d: %s\n", rc, err);
+        cleanup();
+        exit(2);
+    }
+    return ns;
+}
+
+static const struct ino_id *root = &record_root_id;
+
+static int mk(struct ns *ns, const struct ino_id *dir, const char *name, uint32_t mode,
+              struct inode *out)
+{
+    struct inode tmp;
+    return ns_mknode(ns, dir, name, strlen(name), mode, 0, 0, 0, NULL, out ? out : &tmp);
+}
+
+static int lookup(struct ns *ns, const struct ino_id *dir, const char *name, struct inode *out)
+{
+    struct inode tmp;
+    return ns_lookup(ns, dir, name, strlen(name), out ? out : &tmp);
+}
+
+static int ren(struct ns *ns, const struct ino_id *od, const char *on, const struct ino_id *nd,
+               const char *nn, unsigned flags)
+{
+    return ns_rename(ns, od, on, strlen(on), nd, nn, strlen(nn), flags, NULL, NULL);
+}
+
+static int count_entry(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
+                       uint8_t dtype)
+{
+    (void)name, (void)nlen, (void)id, (void)dtype;
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static int entries(struct ns *ns, const struct ino_id *dir)
+{
+    int n = 0, rc = ns_readdir(ns, dir, count_entry, &n);
+    return rc < 0 ? rc : n;
+}
+
+static void test_namespace(void)
+{
+    struct ns *ns = open_store();
+    struct inode d, sub, f, g, e, tmp;
+    char name[300];
+
+    CHECK(ns_shard_count(ns) == 4);
+
+    /* Set up: /d (dir), /d/sub (dir), /d/sub/deep (dir), /f, /g (files),
+     * /e (empty dir), /d/inner (file). */
+    CHECK_RC(mk(ns, root, "d", S_IFDIR | 0755, &d), 0);
+    CHECK_RC(mk(ns, &d.id, "sub", S_IFDIR | 0755, &sub), 0);
+    CHECK_RC(mk(ns, &sub.id, "deep", S_IFDIR | 0755, NULL), 0);
+    CHECK_RC(mk(ns, &d.id, "inner", S_IFREG | 0644, NULL), 0);
+    CHECK_RC(mk(ns, root, "f", S_IFREG | 0644, &f), 0);
+    CHECK_RC(mk(ns, root, "g", S_IFREG | 0644, &g), 0);
+    CHECK_RC(mk(ns, root, "e", S_IFDIR | 0755, &e), 0);
+    CHECK_RC(ns_write(ns, &f.id, 0, "hello", 5, 0, 0, NULL), 5);
+    CHECK_RC(entries(ns, root), 4);
+
+    /* create */
+    CHECK_RC(mk(ns, root, "f", S_IFREG | 0644, NULL), -EEXIST);
+    CHECK_RC(mk(ns, root, "d", S_IFREG | 0644, NULL), -EEXIST);
+    CHECK_RC(mk(ns, root, "f", S_IFDIR | 0755, NULL), -EEXIST);
+    CHECK_RC(ns_mknode(ns, root, "ln", 2, S_IFLNK | 0777, 0, 0, 0, "f", &tmp), 0);
+    CHECK_RC(ns_mknode(ns, root, "ln", 2, S_IFLNK | 0777, 0, 0, 0, "g", &tmp), -EEXIST);
+    memset(name, 'n', sizeof(name));
+    CHECK_RC(ns_mknode(ns, root, name, 256, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -ENAMETOOLONG);
+    CHECK_RC(ns_mknode(ns, root, name, 300, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -ENAMETOOLONG);
+    CHECK_RC(ns_lookup(ns, root, name, 256, &tmp), -ENAMETOOLONG);
+    CHECK_RC(ns_mknode(ns, root, name, 255, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), 0);
+    CHECK_RC(ns_lookup(ns, root, name, 255, &tmp), 0);
+    CHECK_RC(ns_unlink(ns, root, name, 255, NULL, NULL), 0);
+    CHECK_RC(ns_mknode(ns, root, ".", 1, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -EINVAL);
+    CHECK_RC(ns_mknode(ns, root, "..", 2, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -EINVAL);
+    CHECK_RC(ns_mknode(ns, root, "a/b", 3, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -EINVAL);
+    CHECK_RC(ns_mknode(ns, root, "", 0, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -EINVAL);
+    CHECK_RC(ns_mknode(ns, root, "a\0b", 3, S_IFREG | 0644, 0, 0, 0, NULL, &tmp), -EINVAL);
+    /* A file is no directory. */
+    CHECK_RC(mk(ns, &f.id, "x", S_IFREG | 0644, NULL), -ENOTDIR);
+
+    /* lookup */
+    CHECK_RC(lookup(ns, root, "missing", NULL), -ENOENT);
+    CHECK_RC(lookup(ns, &d.id, "f", NULL), -ENOENT);
+    CHECK_RC(lookup(ns, root, "f", NULL), 0);
+    CHECK_RC(lookup(ns, root, "d", NULL), 0);
+
+    /* rmdir / unlink */
+    CHECK_RC(ns_rmdir(ns, root, "d", 1), -ENOTEMPTY);
+    CHECK_RC(lookup(ns, root, "d", NULL), 0);
+    CHECK_RC(mk(ns, &d.id, "after-failed-rmdir", S_IFREG | 0644, NULL), 0); /* not left dying */
+    CHECK_RC(ns_unlink(ns, &d.id, "after-failed-rmdir", 18, NULL, NULL), 0);
+    CHECK_RC(ns_unlink(ns, root, "d", 1, NULL, NULL), -EISDIR);
+    CHECK_RC(ns_unlink(ns, root, "e", 1, NULL, NULL), -EISDIR);
+    CHECK_RC(lookup(ns, root, "e", NULL), 0);
+    CHECK_RC(ns_rmdir(ns, root, "f", 1), -ENOTDIR);
+    CHECK_RC(lookup(ns, root, "f", NULL), 0);
+    CHECK_RC(ns_rmdir(ns, root, "missing", 7), -ENOENT);
+    CHECK_RC(ns_unlink(ns, root, "missing", 7, NULL, NULL), -ENOENT);
+
+    /* rename */
+    CHECK_RC(ren(ns, root, "d", &sub.id, "d", 0), -EINVAL); /* into its own subdir */
+    CHECK_RC(ren(ns, root, "d", &d.id, "d2", 0), -EINVAL);  /* into itself */
+    CHECK_RC(ren(ns, &d.id, "sub", &sub.id, "x", 0), -EINVAL);
+    CHECK_RC(lookup(ns, root, "d", NULL), 0);
+    CHECK_RC(lookup(ns, &d.id, "sub", NULL), 0);
+    CHECK_RC(ren(ns, root, "f", root, "e", 0), -EISDIR);  /* file over dir */
+    CHECK_RC(ren(ns, root, "e", root, "f", 0), -ENOTDIR); /* dir over file */
+    CHECK_RC(ren(ns, root, "d", root, "e", 0), 0);        /* dir over an empty dir: fine */
+    CHECK_RC(lookup(ns, root, "e", &tmp), 0);
+    CHECK(memcmp(&tmp.id, &d.id, sizeof(d.id)) == 0);
+    CHECK_RC(lookup(ns, root, "d", NULL), -ENOENT);
+    CHECK_RC(ren(ns, root, "e", root, "d", 0), 0); /* and back */
+    CHECK_RC(mk(ns, root, "e", S_IFDIR | 0755, &e), 0);
+    CHECK_RC(mk(ns, &e.id, "x", S_IFREG | 0644, NULL), 0);
+    CHECK_RC(ren(ns, root, "d", root, "e", 0), -ENOTEMPTY); /* over a non-empty dir */
+    CHECK_RC(lookup(ns, &e.id, "x", NULL), 0);
+    CHECK_RC(mk(ns, &e.id, "y", S_IFREG | 0644, NULL), 0); /* e not left dying */
+    CHECK_RC(ren(ns, root, "f", root, "g", NS_RENAME_NOREPLACE), -EEXIST);
+    CHECK_RC(ren(ns, root, "f", root, "d", NS_RENAME_NOREPLACE), -EEXIST);
+    CHECK_RC(ren(ns, root, "f", root, "nowhere", NS_RENAME_EXCHANGE), -ENOENT);
+    CHECK_RC(ren(ns, root, "missing", root, "g", NS_RENAME_EXCHANGE), -ENOENT);
+    CHECK_RC(ren(ns, root, "missing", root, "nowhere", 0), -ENOENT);
+    CHECK_RC(ren(ns, root, "f", root, "g", NS_RENAME_EXCHANGE | NS_RENAME_NOREPLACE), -EINVAL);
+    CHECK_RC(ren(ns, root, "f", &f.id, "x", 0), -ENOTDIR); /* target dir is a file */
+    CHECK_RC(ren(ns, root, "f", root, ".", 0), -EINVAL);
+    CHECK_RC(ns_rename(ns, root, "f", 1, root, name, 256, 0, NULL, NULL), -ENAMETOOLONG);
+    CHECK_RC(lookup(ns, root, "f", &tmp), 0);
+    CHECK(memcmp(&tmp.id, &f.id, sizeof(f.id)) == 0);
+    CHECK_RC(lookup(ns, root, "g", &tmp), 0);
+    CHECK(memcmp(&tmp.id, &g.id, sizeof(g.id)) == 0);
+    CHECK_RC(ren(ns, root, "f", root, "g", NS_RENAME_EXCHANGE), 0);
+    CHECK_RC(lookup(ns, root, "g", &tmp), 0);
+    CHECK(memcmp(&tmp.id, &f.id, sizeof(f.id)) == 0);
+    CHECK_RC(ren(ns, root, "f", root, "g", NS_RENAME_EXCHANGE), 0);
+
+    /* xattrs */
+    char buf[64];
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.missing", buf, sizeof(buf)), -ENODATA);
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.missing", NULL, 0), -ENODATA);
+    CHECK_RC(ns_removexattr(ns, &f.id, "user.missing"), -ENODATA);
+    CHECK_RC(ns_setxattr(ns, &f.id, "user.a", "value", 5, 0), 0);
+    CHECK_RC(ns_setxattr(ns, &f.id, "user.a", "other", 5, XATTR_CREATE), -EEXIST);
+    CHECK_RC(ns_setxattr(ns, &f.id, "user.b", "value", 5, XATTR_REPLACE), -ENODATA);
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.b", buf, sizeof(buf)), -ENODATA);
+    CHECK_RC(ns_setxattr(ns, &f.id, "user.a", "value2", 6, XATTR_REPLACE), 0);
+    CHECK_RC(ns_setxattr(ns, &f.id, "user.c", "v", 1, XATTR_CREATE), 0);
+    CHECK_RC(ns_setxattr(ns, &f.id, "security.x", "v", 1, 0), -EOPNOTSUPP);
+    CHECK_RC(ns_setxattr(ns, &f.id, "system.posix_acl_access", "v", 1, 0), -EOPNOTSUPP);
+    CHECK_RC(ns_setxattr(ns, &f.id, "nonamespace", "v", 1, 0), -EOPNOTSUPP);
+    CHECK_RC(ns_setxattr(ns, &f.id, "", "v", 1, 0), -EINVAL);
+    CHECK_RC(ns_getxattr(ns, &f.id, "security.x", buf, sizeof(buf)), -ENODATA);
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.a", NULL, 0), 6); /* size query */
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.a", buf, 5), -ERANGE);
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.a", buf, 1), -ERANGE);
+    memset(buf, 0, sizeof(buf));
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.a", buf, 6), 6);
+    CHECK(memcmp(buf, "value2", 6) == 0);
+    CHECK_RC(ns_listxattr(ns, &f.id, NULL, 0), (long)(sizeof("user.a") + sizeof("user.c")));
+    CHECK_RC(ns_listxattr(ns, &f.id, buf, 3), -ERANGE);
+    {
+        char longx[300] = "user.";
+        memset(longx + 5, 'x', 260);
+        longx[265] = 0;
+        CHECK_RC(ns_setxattr(ns, &f.id, longx, "v", 1, 0), -ERANGE);
+    }
+    CHECK_RC(ns_removexattr(ns, &f.id, "user.c"), 0);
+    CHECK_RC(ns_getxattr(ns, &f.id, "user.c", buf, sizeof(buf)), -ENODATA);
+
+    /* link */
+    CHECK_RC(ns_link(ns, &d.id, root, "dlink", 5, &tmp), -EPERM);
+    CHECK_RC(lookup(ns, root, "dlink", NULL), -ENOENT);
+    CHECK_RC(ns_link(ns, &f.id, root, "g", 1, &tmp), -EEXIST);
+    CHECK_RC(ns_link(ns, &f.id, &f.id, "x", 1, &tmp), -ENOTDIR);
+    CHECK_RC(ns_getattr(ns, &f.id, &tmp), 0);
+    CHECK(tmp.nlink == 1); /* failed links leave the count alone */
+    CHECK_RC(ns_link(ns, &f.id, &d.id, "flink", 5, &tmp), 0);
+    CHECK(tmp.nlink == 2);
+
+    /* data */
+    CHECK_RC(ns_write(ns, &d.id, 0, "x", 1, 0, 0, NULL), -EISDIR);
+    CHECK_RC(ns_write(ns, &d.id, 0, "x", 1, 1, 0, NULL), -EISDIR);
+    CHECK_RC(ns_read(ns, &d.id, 0, sizeof(buf), buf), -EISDIR);
+    memset(buf, 0, sizeof(buf));
+    CHECK_RC(ns_read(ns, &f.id, 0, sizeof(buf), buf), 5);
+    CHECK(memcmp(buf, "hello", 5) == 0);
+
+    /* Operations on an inode that does not exist. */
+    struct ino_id ghost;
+    record_id_make(&ghost, 0x1234, 0x5678);
+    CHECK_RC(ns_getattr(ns, &ghost, &tmp), -ENOENT);
+    CHECK_RC(mk(ns, &ghost, "x", S_IFREG | 0644, NULL), -ENOENT);
+    CHECK_RC(ns_setxattr(ns, &ghost, "user.a", "v", 1, 0), -ENOENT);
+    CHECK_RC(ns_getxattr(ns, &ghost, "user.a", buf, sizeof(buf)), -ENOENT);
+    CHECK_RC(ns_write(ns, &ghost, 0, "x", 1, 0, 0, NULL), -ENOENT);
+
+    /* Nothing above changed the tree behind our back. */
+    CHECK_RC(entries(ns, root), 5);  /* d e f g ln */
+    CHECK_RC(entries(ns, &d.id), 3); /* sub inner flink */
+    CHECK_RC(entries(ns, &e.id), 2); /* x y */
+
+    ns_close(ns);
+}
+
+int main(void)
+{
+    test_lmdb_errno();
+    test_namespace();
+    cleanup();
+    if (failures) {
+        fprintf(stderr, "test_errno: %d of %d checks failed\n", failures, checks);
+        return 1;
+    }
+    printf("test_errno: all %d checks passed\n", checks);
+    return 0;
+}
