@@ -6,19 +6,24 @@
  * batch is applied in a nested transaction and appended, with a sequence
  * number and checksum, to the shard's redo log with one write(2) before
  * apply() returns: the kernel has it, so it survives kill -9 of the daemon.
- * The parent transaction is committed with a full LMDB sync every
- * commit_interval_ms, when it holds more than a few MiB, or on sync(); the
- * committed state records the last sequence number it contains, and the log is
- * truncated. On open, log records newer than that number are replayed in order
- * (a torn or corrupt tail ends the replay). LMDB only ever commits with a full
- * sync, so a machine crash leaves the last committed state, never a corrupt
- * file; batches after it are lost unless the log reached the disk.
+ * The parent transaction is committed every commit_interval_ms, when more
+ * than commit_bytes are pending, or on sync(). LMDB syncs a commit's data
+ * pages before it writes the meta page (MDB_NOMETASYNC: the meta page itself
+ * is synced by the next commit or by sync()), so a machine crash leaves one
+ * of the last two committed states, never a corrupt file. The committed state
+ * records the last log sequence number it contains and the log is rewound;
+ * on open, log records newer than that number are replayed in order (a torn,
+ * corrupt or out-of-sequence record ends the replay). Batches after the
+ * surviving commit are lost in a machine crash unless the log reached the
+ * disk; sync() (fsync) makes everything applied survive power loss.
  *
  * The environment uses MDB_NOLOCK (all access is through our own mutex, and
  * the store directory is flock()ed by the daemon) and a large map that grows
  * as needed. A failed commit (a full disk) keeps the log; the transaction is
  * rebuilt from the log and the commit retried later, so nothing acknowledged
- * is lost. Disk-full surfaces as -ENOSPC from apply().
+ * is lost. A batch is admitted only if the disk can take everything pending,
+ * so disk-full surfaces as -ENOSPC from apply() while the shard stays
+ * committable.
  */
 #ifndef SHARDFS_SHARD_LMDB_H
 #define SHARDFS_SHARD_LMDB_H
@@ -27,7 +32,7 @@
 
 struct shard_lmdb_options {
     unsigned commit_interval_ms;    /* 0 means 200 */
-    size_t commit_bytes;            /* commit when this much is pending; 0 means 16 MiB */
+    size_t commit_bytes;            /* commit when this much is pending; 0 means 32 MiB */
 };
 
 /* Open (creating if needed) the shard in directory dir, replaying its redo

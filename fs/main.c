@@ -225,10 +225,10 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         fuse_loop_cfg_set_max_threads(lc, 16);
         fuse_loop_cfg_set_idle_threads(lc, 8);
     }
-    if (getenv("SHARDFS_SINGLE"))
-        rc = fuse_session_loop(se) == 0 ? 0 : 1;
-    else
-        rc = fuse_session_loop_mt(se, lc) == 0 ? 0 : 1;
+    /* Multi-threaded: measured faster than a single thread here even on 2
+     * cores (ls -lR 0.56 s vs 1.2 s), and a commit's disk sync on one shard
+     * must not stall requests for the others. */
+    rc = fuse_session_loop_mt(se, lc) == 0 ? 0 : 1;
     fuse_loop_cfg_destroy(lc);
 out:
     if (mounted)

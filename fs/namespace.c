@@ -1313,8 +1313,10 @@ ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, vo
     size_t nlen, vlen = 0;
     int rc = xattr_name_ok(name, &nlen);
 
+    /* Unsupported namespaces answer EOPNOTSUPP, not ENODATA: tools such as
+     * ls remember that per filesystem and stop asking for every file. */
     if (rc)
-        return rc == -EOPNOTSUPP ? -ENODATA : rc;
+        return rc;
     rc = shard_get(inode_shard(ns, id), key, record_xattr_key(key, id, name, nlen), 0, value,
                    size, &vlen);
     if (rc == -ENOENT) {
@@ -1376,7 +1378,7 @@ int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
     int rc = xattr_name_ok(name, &nlen);
 
     if (rc)
-        return rc == -EOPNOTSUPP ? -ENODATA : rc;
+        return rc;
     klen = record_xattr_key(key, id, name, nlen);
     batch_init(&b);
     lock_inode(ns, id);
