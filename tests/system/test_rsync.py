@@ -34,3 +34,34 @@ def test_rsync_usr_include(fs):
     assert_same_tree(src_snap, tree_snapshot(dst))
     fs.unmount()
     fs.assert_fsck_clean()
+
+
+def test_rsync_aH_keeps_hard_links(fs, tmp_top):
+    """rsync -aH of a tree with hard links (across directories too): the
+    copy has the same link structure, and a second rsync changes nothing."""
+    import os
+    src = os.path.join(tmp_top, "hsrc")
+    os.makedirs(os.path.join(src, "a", "b"))
+    for i in range(20):
+        with open(os.path.join(src, "a", "f%d" % i), "wb") as f:
+            f.write(os.urandom(100 + i * 3000))
+        os.link(os.path.join(src, "a", "f%d" % i), os.path.join(src, "a", "b", "g%d" % i))
+        if i % 2:
+            os.link(os.path.join(src, "a", "f%d" % i), os.path.join(src, "h%d" % i))
+    dst = fs.path("hdst")
+    run(RSYNC + [src + "/", dst + "/"], timeout=120)
+    run(["diff", "-r", src, dst], timeout=60)
+    for i in range(20):
+        f = os.stat(os.path.join(dst, "a", "f%d" % i))
+        g = os.stat(os.path.join(dst, "a", "b", "g%d" % i))
+        assert f.st_ino == g.st_ino
+        assert f.st_nlink == (3 if i % 2 else 2)
+        if i % 2:
+            assert os.stat(os.path.join(dst, "h%d" % i)).st_ino == f.st_ino
+    r = run(RSYNC + ["--itemize-changes", src + "/", dst + "/"], timeout=120)
+    assert itemized_lines(r.stdout) == [], r.stdout
+    fs.remount()
+    f = os.stat(os.path.join(dst, "a", "f1"))
+    assert f.st_nlink == 3 and f.st_ino == os.stat(os.path.join(dst, "h1")).st_ino
+    fs.unmount()
+    fs.assert_fsck_clean()
