@@ -6,22 +6,11 @@
  */
 #include "batch.h"
 
+#include "endian.h"
+
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-
-static void put_u32le(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16);
-    p[3] = (uint8_t)(v >> 24);
-}
-
-static uint32_t get_u32le(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
 
 static int op_has_value(unsigned op)
 {
@@ -88,11 +77,11 @@ int batch_add(struct batch *b, enum batch_op op, const void *key, size_t klen, c
         goto out;
     p = b->buf + b->len;
     *p++ = (uint8_t)op;
-    put_u32le(p, (uint32_t)klen);
+    endian_put_le(p, klen, 4);
     memcpy(p + 4, key, klen);
     p += 4 + klen;
     if (op_has_value(op)) {
-        put_u32le(p, (uint32_t)vlen);
+        endian_put_le(p, vlen, 4);
         if (vlen)
             memcpy(p + 4, val, vlen);
         p += 4 + vlen;
@@ -117,7 +106,7 @@ int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *i
     it->op = (enum batch_op)buf[p];
     if (it->op < BATCH_PUT || it->op > BATCH_ASSERT_VALUE)
         return -EINVAL;
-    n = get_u32le(buf + p + 1);
+    n = (uint32_t)endian_get_le(buf + p + 1, 4);
     p += 5;
     if (n == 0 || n > BATCH_KEY_MAX || n > len - p)
         return -EINVAL;
@@ -129,7 +118,7 @@ int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *i
     if (op_has_value(it->op)) {
         if (len - p < 4)
             return -EINVAL;
-        n = get_u32le(buf + p);
+        n = (uint32_t)endian_get_le(buf + p, 4);
         p += 4;
         if (n > BATCH_VALUE_MAX || n > len - p)
             return -EINVAL;

@@ -30,6 +30,8 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "endian.h"
+
 #define LOG_MAGIC 0x474f4c53u /* "SLOG" */
 #define LOG_HDR 24u
 #define MAP_INITIAL (1ull << 30)
@@ -101,26 +103,6 @@ int shard_lmdb_errno(int rc)
 static struct shard_lmdb *to_lmdb(struct shard *s)
 {
     return (struct shard_lmdb *)s;
-}
-
-static void put_u32le(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put_u64le(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get_le(const uint8_t *p, int n)
-{
-    uint64_t v = 0;
-    for (int i = n - 1; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
 }
 
 /* ---- applying batches to a transaction ---- */
@@ -213,10 +195,10 @@ static int log_append(struct shard_lmdb *sl, uint64_t seq, const struct batch *b
     size_t want = LOG_HDR + b->len;
     ssize_t n;
 
-    put_u32le(hdr, LOG_MAGIC);
-    put_u32le(hdr + 4, (uint32_t)b->len);
-    put_u64le(hdr + 8, seq);
-    put_u64le(hdr + 16, XXH3_64bits_withSeed(b->buf, b->len, seq));
+    endian_put_le(hdr, LOG_MAGIC, 4);
+    endian_put_le(hdr + 4, (uint32_t)b->len, 4);
+    endian_put_le(hdr + 8, seq, 8);
+    endian_put_le(hdr + 16, XXH3_64bits_withSeed(b->buf, b->len, seq), 8);
     n = pwritev(sl->log_fd, iov, 2, sl->log_len);
     if (n == (ssize_t)want) {
         sl->log_len += n;
@@ -245,9 +227,9 @@ static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
     for (;;) {
         if (pread(sl->log_fd, hdr, LOG_HDR, off) != LOG_HDR)
             break;
-        uint32_t len = (uint32_t)get_le(hdr + 4, 4);
-        uint64_t seq = get_le(hdr + 8, 8), check = get_le(hdr + 16, 8);
-        if (get_le(hdr, 4) != LOG_MAGIC || len > BATCH_MAX)
+        uint32_t len = (uint32_t)endian_get_le(hdr + 4, 4);
+        uint64_t seq = endian_get_le(hdr + 8, 8), check = endian_get_le(hdr + 16, 8);
+        if (endian_get_le(hdr, 4) != LOG_MAGIC || len > BATCH_MAX)
             break;
         uint8_t *p = realloc(payload, len ? len : 1);
         if (!p) {
@@ -509,7 +491,7 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
         map_maybe_grow(sl, 1);
         return 0;
     }
-    put_u64le(seqbuf, sl->seq);
+    endian_put_le(seqbuf, sl->seq, 8);
     rc = mdb_put(sl->txn, sl->dbi, &k, &v, 0);
     if (rc) {
         mdb_txn_abort(sl->txn);
@@ -789,7 +771,7 @@ static int read_committed_seq(struct shard_lmdb *sl)
         return shard_lmdb_errno(rc);
     if (v.mv_size != 8)
         return -EIO;
-    sl->committed_seq = get_le(v.mv_data, 8);
+    sl->committed_seq = endian_get_le(v.mv_data, 8);
     return 0;
 }
 

@@ -38,6 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "endian.h"
 #include "placement.h"
 
 #define NONE SIZE_MAX
@@ -317,15 +318,6 @@ static void escape(const uint8_t *s, size_t n, char out[NAME_ESC])
     out[o] = 0;
 }
 
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 0; i < 8; i++)
-        v = v << 8 | p[i];
-    return v;
-}
-
 static const char *type_name(uint32_t mode)
 {
     switch (mode & S_IFMT) {
@@ -398,7 +390,7 @@ static void rec_desc(const uint8_t *k, size_t kl, char *out, size_t len)
     } else if (k[0] == REC_INODE && kl == 1 + RECORD_ID_LEN) {
         snprintf(out, len, "inode %s", h);
     } else if (k[0] == REC_CHUNK && kl == 1 + RECORD_ID_LEN + 8) {
-        snprintf(out, len, "chunk %" PRIu64 " of inode %s", get_be64(k + 1 + RECORD_ID_LEN), h);
+        snprintf(out, len, "chunk %" PRIu64 " of inode %s", endian_get_be64(k + 1 + RECORD_ID_LEN), h);
     } else if (k[0] == REC_XATTR && entry_key_ok(kl)) {
         escape(k + 1 + RECORD_ID_LEN, kl - 1 - RECORD_ID_LEN, n);
         snprintf(out, len, "xattr \"%s\" of inode %s", n, h);
@@ -1233,7 +1225,7 @@ static int handle_chunk(struct fsck *f, unsigned found, const uint8_t *k, size_t
     if (kl != 1 + RECORD_ID_LEN + 8)
         return malformed(f, found, k, kl, "bad key length", vl);
     memcpy(id.b, k + 1, RECORD_ID_LEN);
-    idx = get_be64(k + 1 + RECORD_ID_LEN);
+    idx = endian_get_be64(k + 1 + RECORD_ID_LEN);
     if (!(n = itab_find(&f->it, &id)))
         return del_desc(f, found, k, kl, ": the inode is missing");
     if (vl > RECORD_CHUNK)
@@ -1647,15 +1639,7 @@ static int exec_root(struct fsck *f)
 {
     struct inode root;
 
-    memset(&root, 0, sizeof(root));
-    root.id = record_root_id;
-    root.parent = record_root_id;
-    root.mode = S_IFDIR | 0755;
-    root.nlink = 2;
-    root.uid = getuid();
-    root.gid = getgid();
-    clock_gettime(CLOCK_REALTIME, &root.ctime);
-    root.atime = root.mtime = root.ctime;
+    record_root_init(&root);
     return put_inode(f, &root);
 }
 

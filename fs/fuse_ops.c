@@ -752,49 +752,40 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const 
     reply_rc(req, ns_setxattr(fs->ns, &node_of(fs, ino)->id, name, value, size, flags));
 }
 
-static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+/* getxattr and listxattr share their reply: size 0 asks for the length. */
+static void reply_xattr(fuse_req_t req, ssize_t n, const char *buf, size_t size)
 {
-    struct fs *fs = fs_of(req);
-    char *buf = NULL;
-    ssize_t n;
-
-    if (size) {
-        buf = malloc(size);
-        if (!buf) {
-            fuse_reply_err(req, ENOMEM);
-            return;
-        }
-    }
-    n = ns_getxattr(fs->ns, &node_of(fs, ino)->id, name, buf, size);
     if (n < 0)
         reply_rc(req, (int)n);
     else if (size == 0)
         fuse_reply_xattr(req, (size_t)n);
     else
         fuse_reply_buf(req, buf, (size_t)n);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    struct fs *fs = fs_of(req);
+    char *buf = size ? malloc(size) : NULL;
+
+    if (size && !buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    reply_xattr(req, ns_getxattr(fs->ns, &node_of(fs, ino)->id, name, buf, size), buf, size);
     free(buf);
 }
 
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     struct fs *fs = fs_of(req);
-    char *buf = NULL;
-    ssize_t n;
+    char *buf = size ? malloc(size) : NULL;
 
-    if (size) {
-        buf = malloc(size);
-        if (!buf) {
-            fuse_reply_err(req, ENOMEM);
-            return;
-        }
+    if (size && !buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
     }
-    n = ns_listxattr(fs->ns, &node_of(fs, ino)->id, buf, size);
-    if (n < 0)
-        reply_rc(req, (int)n);
-    else if (size == 0)
-        fuse_reply_xattr(req, (size_t)n);
-    else
-        fuse_reply_buf(req, buf, (size_t)n);
+    reply_xattr(req, ns_listxattr(fs->ns, &node_of(fs, ino)->id, buf, size), buf, size);
     free(buf);
 }
 

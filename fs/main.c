@@ -289,9 +289,12 @@ static int cmd_mount(int argc, char **argv)
     node = load_config(&c);
     if (node < 0)
         return 1;
-    if (stat(c.arg, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        fprintf(stderr, "shardfs: %s: %s\n", c.arg,
-                errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+    if (stat(c.arg, &st) != 0) {
+        fprintf(stderr, "shardfs: %s: %s\n", c.arg, strerror(errno));
+        return 1;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "shardfs: %s: not a directory\n", c.arg);
         return 1;
     }
     if (c.foreground)
@@ -314,14 +317,31 @@ static int cmd_mount(int argc, char **argv)
     return serve_mount(node, &c, fds[1]);
 }
 
+/* ---- offline commands ---- */
+
+/* Load CONF and open the store without recovery, for fsck and where (which
+ * must see crash leftovers as they are). Returns 0, or the exit code. */
+static int open_offline(const struct cli *c, struct ns **ns)
+{
+    char err[ERR_MAX];
+    int node = load_config(c);
+
+    if (node < 0)
+        return 2;
+    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, ns, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return 2;
+    }
+    return 0;
+}
+
 /* ---- fsck ---- */
 
 static int cmd_fsck(int argc, char **argv)
 {
     struct cli c;
     struct ns *ns = NULL;
-    char err[ERR_MAX];
-    int node, found;
+    int found;
 
     int r = parse_cli(argc, argv, "+c:n:h", usage_fsck, &c);
     if (r)
@@ -330,13 +350,9 @@ static int cmd_fsck(int argc, char **argv)
         fputs(usage_fsck, stderr);
         return 2;
     }
-    node = load_config(&c);
-    if (node < 0)
-        return 2;
-    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, &ns, err, sizeof(err)) != 0) {
-        fprintf(stderr, "shardfs: %s\n", err);
-        return 2;
-    }
+    r = open_offline(&c, &ns);
+    if (r)
+        return r;
     found = fsck_run(ns, c.repair, stdout);
     if (found > 0 && c.repair) {
         /* Everything found was repaired if a second pass is clean. */
@@ -365,8 +381,8 @@ static int cmd_where(int argc, char **argv)
     struct ns *ns = NULL;
     struct ino_id dir = record_root_id;
     struct inode ino;
-    char err[ERR_MAX], *path, *save = NULL, *name, *last = NULL;
-    int node, rc = 0;
+    char *path, *save = NULL, *name, *last = NULL;
+    int rc = 0;
 
     int r = parse_cli(argc, argv, "+c:n:h", usage_where, &c);
     if (r)
@@ -375,13 +391,9 @@ static int cmd_where(int argc, char **argv)
         fputs(usage_where, stderr);
         return 2;
     }
-    node = load_config(&c);
-    if (node < 0)
-        return 2;
-    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, &ns, err, sizeof(err)) != 0) {
-        fprintf(stderr, "shardfs: %s\n", err);
-        return 2;
-    }
+    r = open_offline(&c, &ns);
+    if (r)
+        return r;
     path = strdup(c.arg);
     rc = path ? ns_getattr(ns, &dir, &ino) : -ENOMEM;
     for (name = path ? strtok_r(path, "/", &save) : NULL; rc == 0 && name;

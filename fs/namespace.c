@@ -225,7 +225,12 @@ static int apply_batch(struct shard *s, struct batch *b)
 }
 
 /* Read-modify-write of one inode's times (and nlink) under its lock. */
-static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, int set_mtime)
+/* Read-modify-write of one inode under its lock: mutate() changes *ino (or
+ * returns -errno to leave it alone), and the result goes back in one batch. */
+typedef int (*inode_mutate_fn)(struct inode *ino, const void *arg);
+
+static int inode_update(struct ns *ns, const struct ino_id *id, inode_mutate_fn mutate,
+                        const void *arg)
 {
     struct inode ino;
     struct batch b;
@@ -233,21 +238,40 @@ static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, 
 
     lock_inode(ns, id);
     rc = inode_get(ns, id, &ino);
-    if (rc)
-        goto out;
-    ino.ctime = now_ts();
-    if (set_mtime)
-        ino.mtime = ino.ctime;
-    if (nlink_delta < 0 && ino.nlink < (uint32_t)-nlink_delta)
-        ino.nlink = 0;
-    else
-        ino.nlink += nlink_delta;
-    batch_init(&b);
-    batch_put_inode(&b, &ino);
-    rc = apply_batch(inode_shard(ns, id), &b);
-out:
+    if (rc == 0)
+        rc = mutate(&ino, arg);
+    if (rc == 0) {
+        batch_init(&b);
+        batch_put_inode(&b, &ino);
+        rc = apply_batch(inode_shard(ns, id), &b);
+    }
     unlock_inode(ns, id);
     return rc;
+}
+
+struct touch {
+    int nlink_delta, set_mtime;
+};
+
+static int touch_mutate(struct inode *ino, const void *arg)
+{
+    const struct touch *t = arg;
+
+    ino->ctime = now_ts();
+    if (t->set_mtime)
+        ino->mtime = ino->ctime;
+    if (t->nlink_delta < 0 && ino->nlink < (uint32_t)-t->nlink_delta)
+        ino->nlink = 0;
+    else
+        ino->nlink += t->nlink_delta;
+    return 0;
+}
+
+/* ctime (and mtime) now, nlink + delta. */
+static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, int set_mtime)
+{
+    struct touch t = {nlink_delta, set_mtime};
+    return inode_update(ns, id, touch_mutate, &t);
 }
 
 /* ---- lookup and attributes ---- */
@@ -284,11 +308,9 @@ int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
 
 /* ---- create ---- */
 
-static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *parent)
+/* A directory that may receive a new entry. */
+static int parent_ok(const struct inode *parent)
 {
-    int rc = inode_get(ns, dir, parent);
-    if (rc)
-        return rc;
     if (!S_ISDIR(parent->mode))
         return -ENOTDIR;
     if (parent->flags & INODE_DYING || parent->nlink == 0)
@@ -296,26 +318,29 @@ static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *p
     return 0;
 }
 
+static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *parent)
+{
+    int rc = inode_get(ns, dir, parent);
+    return rc ? rc : parent_ok(parent);
+}
+
 /* After a new entry is in place: bump the parent's times (and nlink), or back
  * the entry out if the parent started dying meanwhile (see rmdir). */
+static int parent_created_mutate(struct inode *parent, const void *arg)
+{
+    int rc = parent_ok(parent);
+
+    if (rc)
+        return rc;
+    parent->mtime = parent->ctime = now_ts();
+    if (*(const int *)arg)
+        parent->nlink++;
+    return 0;
+}
+
 static int parent_after_create(struct ns *ns, const struct ino_id *dir, int is_dir)
 {
-    struct inode parent;
-    struct batch b;
-    int rc;
-
-    lock_inode(ns, dir);
-    rc = parent_check(ns, dir, &parent);
-    if (rc == 0) {
-        parent.mtime = parent.ctime = now_ts();
-        if (is_dir)
-            parent.nlink++;
-        batch_init(&b);
-        batch_put_inode(&b, &parent);
-        rc = apply_batch(inode_shard(ns, dir), &b);
-    }
-    unlock_inode(ns, dir);
-    return rc;
+    return inode_update(ns, dir, parent_created_mutate, &is_dir);
 }
 
 int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
@@ -485,27 +510,19 @@ static int dir_is_empty(struct ns *ns, const struct ino_id *dir)
     return 1;
 }
 
+static int dying_mutate(struct inode *ino, const void *arg)
+{
+    int dying = *(const int *)arg;
+
+    if (dying && (ino->flags & INODE_DYING))
+        return -EBUSY; /* another rmdir/rename is on it */
+    ino->flags = dying ? ino->flags | INODE_DYING : ino->flags & ~INODE_DYING;
+    return 0;
+}
+
 static int set_dying(struct ns *ns, const struct ino_id *id, int dying)
 {
-    struct inode ino;
-    struct batch b;
-    int rc;
-
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, &ino);
-    if (rc)
-        goto out;
-    if (dying && (ino.flags & INODE_DYING)) {
-        rc = -EBUSY; /* another rmdir/rename is on it */
-        goto out;
-    }
-    ino.flags = dying ? ino.flags | INODE_DYING : ino.flags & ~INODE_DYING;
-    batch_init(&b);
-    batch_put_inode(&b, &ino);
-    rc = apply_batch(inode_shard(ns, id), &b);
-out:
-    unlock_inode(ns, id);
-    return rc;
+    return inode_update(ns, id, dying_mutate, &dying);
 }
 
 /* Mark dir dying and make sure it is empty; on failure it is alive again. */
@@ -721,22 +738,18 @@ static int rename_across(struct ns *ns, struct intent *in)
     return apply_batch(s1, &b);
 }
 
+static int reparent_mutate(struct inode *ino, const void *arg)
+{
+    ino->parent = *(const struct ino_id *)arg;
+    ino->ctime = now_ts();
+    return 0;
+}
+
 /* After a directory moved from odir to ndir: its ".." and the link counts. */
 static void fix_moved_dir(struct ns *ns, const struct ino_id *id, const struct ino_id *odir,
                           const struct ino_id *ndir)
 {
-    struct inode ino;
-    struct batch b;
-
-    lock_inode(ns, id);
-    if (inode_get(ns, id, &ino) == 0) {
-        ino.parent = *ndir;
-        ino.ctime = now_ts();
-        batch_init(&b);
-        batch_put_inode(&b, &ino);
-        apply_batch(inode_shard(ns, id), &b);
-    }
-    unlock_inode(ns, id);
+    inode_update(ns, id, reparent_mutate, ndir);
     if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
         inode_touch(ns, odir, -1, 1);
         inode_touch(ns, ndir, +1, 1);
@@ -1747,14 +1760,7 @@ static int root_ensure(struct ns *ns)
 
     if (rc != -ENOENT)
         return rc;
-    memset(&root, 0, sizeof(root));
-    root.id = record_root_id;
-    root.parent = record_root_id;
-    root.mode = S_IFDIR | 0755;
-    root.nlink = 2;
-    root.uid = getuid();
-    root.gid = getgid();
-    root.atime = root.mtime = root.ctime = now_ts();
+    record_root_init(&root);
     batch_init(&b);
     batch_put_inode(&b, &root);
     return apply_batch(inode_shard(ns, &record_root_id), &b);

@@ -11,8 +11,11 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <xxhash.h>
 
+#include "endian.h"
 #include "placement.h"
 
 const struct ino_id record_root_id = {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}};
@@ -20,43 +23,28 @@ const struct ino_id record_root_id = {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 #define HDR_FIXED 76u /* header bytes before the parent id */
 _Static_assert(HDR_FIXED + RECORD_ID_LEN + 8 == RECORD_INODE_HDR, "inode header size");
 
-static void put_be64(uint8_t *p, uint64_t v)
+void record_root_init(struct inode *root)
 {
-    for (int i = 7; i >= 0; i--, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v = v << 8 | p[i];
-    return v;
-}
-
-static void put_le(uint8_t *p, uint64_t v, int n)
-{
-    for (int i = 0; i < n; i++, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-static uint64_t get_le(const uint8_t *p, int n)
-{
-    uint64_t v = 0;
-    for (int i = n - 1; i >= 0; i--)
-        v = v << 8 | p[i];
-    return v;
+    memset(root, 0, sizeof(*root));
+    root->id = record_root_id;
+    root->parent = record_root_id;
+    root->mode = S_IFDIR | 0755;
+    root->nlink = 2;
+    root->uid = getuid();
+    root->gid = getgid();
+    clock_gettime(CLOCK_REALTIME, &root->ctime);
+    root->atime = root->mtime = root->ctime;
 }
 
 uint64_t record_id_hash(const struct ino_id *id)
 {
-    return get_be64(id->b);
+    return endian_get_be64(id->b);
 }
 
 void record_id_make(struct ino_id *id, uint64_t hash, uint64_t unique)
 {
-    put_be64(id->b, hash);
-    put_be64(id->b + 8, unique);
+    endian_put_be64(id->b, hash);
+    endian_put_be64(id->b + 8, unique);
 }
 
 int record_id_is_root(const struct ino_id *id)
@@ -101,7 +89,7 @@ size_t record_inode_key(uint8_t *out, const struct ino_id *id)
 size_t record_chunk_key(uint8_t *out, const struct ino_id *id, uint64_t index)
 {
     size_t n = id_key(out, REC_CHUNK, id);
-    put_be64(out + n, index);
+    endian_put_be64(out + n, index);
     return n + 8;
 }
 
@@ -151,7 +139,7 @@ int record_placement(const uint8_t *key, size_t klen, uint64_t *hash)
     case REC_XATTR:
     case REC_ORPHAN:
     case REC_INTENT:
-        *hash = get_be64(key + 1);
+        *hash = endian_get_be64(key + 1);
         return 0;
     default:
         return -EINVAL;
@@ -179,22 +167,22 @@ size_t record_inode_encode(uint8_t *out, const struct inode *ino)
 
     memset(out, 0, HDR_FIXED);
     out[0] = 1;
-    put_le(out + 4, ino->flags, 4);
-    put_le(out + 8, ino->mode, 4);
-    put_le(out + 12, ino->uid, 4);
-    put_le(out + 16, ino->gid, 4);
-    put_le(out + 20, ino->nlink, 4);
-    put_le(out + 24, ino->rdev, 4);
-    put_le(out + 28, tail, 4);
-    put_le(out + 32, ino->size, 8);
-    put_le(out + 40, (uint64_t)ino->atime.tv_sec, 8);
-    put_le(out + 48, (uint64_t)ino->mtime.tv_sec, 8);
-    put_le(out + 56, (uint64_t)ino->ctime.tv_sec, 8);
-    put_le(out + 64, (uint64_t)ino->atime.tv_nsec, 4);
-    put_le(out + 68, (uint64_t)ino->mtime.tv_nsec, 4);
-    put_le(out + 72, (uint64_t)ino->ctime.tv_nsec, 4);
+    endian_put_le(out + 4, ino->flags, 4);
+    endian_put_le(out + 8, ino->mode, 4);
+    endian_put_le(out + 12, ino->uid, 4);
+    endian_put_le(out + 16, ino->gid, 4);
+    endian_put_le(out + 20, ino->nlink, 4);
+    endian_put_le(out + 24, ino->rdev, 4);
+    endian_put_le(out + 28, tail, 4);
+    endian_put_le(out + 32, ino->size, 8);
+    endian_put_le(out + 40, (uint64_t)ino->atime.tv_sec, 8);
+    endian_put_le(out + 48, (uint64_t)ino->mtime.tv_sec, 8);
+    endian_put_le(out + 56, (uint64_t)ino->ctime.tv_sec, 8);
+    endian_put_le(out + 64, (uint64_t)ino->atime.tv_nsec, 4);
+    endian_put_le(out + 68, (uint64_t)ino->mtime.tv_nsec, 4);
+    endian_put_le(out + 72, (uint64_t)ino->ctime.tv_nsec, 4);
     memcpy(out + HDR_FIXED, ino->parent.b, RECORD_ID_LEN);
-    put_le(out + HDR_FIXED + RECORD_ID_LEN, ino->alloc, 8);
+    endian_put_le(out + HDR_FIXED + RECORD_ID_LEN, ino->alloc, 8);
     memcpy(out + RECORD_INODE_HDR, ino->tail, tail);
     return RECORD_INODE_HDR + tail;
 }
@@ -206,25 +194,25 @@ int record_inode_decode(const uint8_t *val, size_t vlen, const struct ino_id *id
 
     if (vlen < RECORD_INODE_HDR || val[0] != 1)
         return -EIO;
-    tail = (uint32_t)get_le(val + 28, 4);
+    tail = (uint32_t)endian_get_le(val + 28, 4);
     if (tail > RECORD_TAIL_MAX || vlen != RECORD_INODE_HDR + tail)
         return -EIO;
     ino->id = *id;
-    ino->flags = (uint32_t)get_le(val + 4, 4);
-    ino->mode = (uint32_t)get_le(val + 8, 4);
-    ino->uid = (uint32_t)get_le(val + 12, 4);
-    ino->gid = (uint32_t)get_le(val + 16, 4);
-    ino->nlink = (uint32_t)get_le(val + 20, 4);
-    ino->rdev = (uint32_t)get_le(val + 24, 4);
-    ino->size = get_le(val + 32, 8);
-    ino->atime.tv_sec = (time_t)get_le(val + 40, 8);
-    ino->mtime.tv_sec = (time_t)get_le(val + 48, 8);
-    ino->ctime.tv_sec = (time_t)get_le(val + 56, 8);
-    ino->atime.tv_nsec = (long)get_le(val + 64, 4);
-    ino->mtime.tv_nsec = (long)get_le(val + 68, 4);
-    ino->ctime.tv_nsec = (long)get_le(val + 72, 4);
+    ino->flags = (uint32_t)endian_get_le(val + 4, 4);
+    ino->mode = (uint32_t)endian_get_le(val + 8, 4);
+    ino->uid = (uint32_t)endian_get_le(val + 12, 4);
+    ino->gid = (uint32_t)endian_get_le(val + 16, 4);
+    ino->nlink = (uint32_t)endian_get_le(val + 20, 4);
+    ino->rdev = (uint32_t)endian_get_le(val + 24, 4);
+    ino->size = endian_get_le(val + 32, 8);
+    ino->atime.tv_sec = (time_t)endian_get_le(val + 40, 8);
+    ino->mtime.tv_sec = (time_t)endian_get_le(val + 48, 8);
+    ino->ctime.tv_sec = (time_t)endian_get_le(val + 56, 8);
+    ino->atime.tv_nsec = (long)endian_get_le(val + 64, 4);
+    ino->mtime.tv_nsec = (long)endian_get_le(val + 68, 4);
+    ino->ctime.tv_nsec = (long)endian_get_le(val + 72, 4);
     memcpy(ino->parent.b, val + HDR_FIXED, RECORD_ID_LEN);
-    ino->alloc = get_le(val + HDR_FIXED + RECORD_ID_LEN, 8);
+    ino->alloc = endian_get_le(val + HDR_FIXED + RECORD_ID_LEN, 8);
     ino->tail_len = tail;
     memcpy(ino->tail, val + RECORD_INODE_HDR, tail);
     return 0;

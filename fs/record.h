@@ -70,6 +70,10 @@ struct inode {
 /* The root directory's id: all zero but the last byte, 1. Shard 0. */
 extern const struct ino_id record_root_id;
 
+/* A fresh root directory inode (mode 0755, nlink 2) owned by the calling
+ * process's uid and gid, with all times now. */
+void record_root_init(struct inode *root);
+
 uint64_t record_id_hash(const struct ino_id *id);       /* first 8 bytes, BE */
 void record_id_make(struct ino_id *id, uint64_t hash, uint64_t unique);
 int record_id_is_root(const struct ino_id *id);
