@@ -20,6 +20,7 @@
 #include <linux/falloc.h>
 #include <lmdb.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -865,7 +866,14 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
         snprintf(err, errlen, "%s: recovering the redo log: %s", dir, strerror(-rc));
         goto fail;
     }
-    if (pthread_create(&sl->flusher, NULL, flusher_main, sl) != 0) {
+    /* The flusher takes no signals: SIGTERM and SIGINT must reach the thread
+     * that runs the FUSE loop, or the daemon would not notice them. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int prc = pthread_create(&sl->flusher, NULL, flusher_main, sl);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (prc != 0) {
         rc = -EAGAIN;
         snprintf(err, errlen, "cannot start flusher thread");
         goto fail;
