@@ -29,9 +29,9 @@
 
 enum section_kind { SECT_NONE, SECT_CLUSTER, SECT_NODE };
 
-enum cluster_key { CK_SHARDS, CK_EPOCH, CK_COMMIT, CK_CACHE, CK_COUNT };
-static const char *const cluster_keys[CK_COUNT] = {"shards", "epoch", "commit_interval_ms",
-                                                   "cache_timeout"};
+enum cluster_key { CK_SHARDS, CK_EPOCH, CK_COMMIT, CK_CACHE, CK_SECRET, CK_TIMEOUT, CK_COUNT };
+static const char *const cluster_keys[CK_COUNT] = {"shards",        "epoch",  "commit_interval_ms",
+                                                   "cache_timeout", "secret", "timeout_ms"};
 
 enum node_key { NK_URL, NK_DATA_DIR, NK_SHARDS, NK_COUNT };
 static const char *const node_keys[NK_COUNT] = {"url", "data_dir", "shards"};
@@ -498,6 +498,20 @@ static int cluster_key(struct load_ctx *ctx, const char *name, const char *value
             return 0;
         }
         break;
+    case CK_SECRET:
+        if (strlen(value) < 16 || strlen(value) >= sizeof(cfg->secret)) {
+            fail_at(ctx, line, "secret must be 16-%zu characters", sizeof(cfg->secret) - 1);
+            return 0;
+        }
+        snprintf(cfg->secret, sizeof(cfg->secret), "%s", value);
+        break;
+    case CK_TIMEOUT:
+        if (parse_uint(value, 100, 600000, &n) < 0) {
+            fail_at(ctx, line, "bad timeout_ms '%s' (want an integer 100-600000)", value);
+            return 0;
+        }
+        cfg->timeout_ms = (unsigned)n;
+        break;
     case CK_COUNT:
         break;
     }
@@ -645,6 +659,20 @@ static int validate(struct load_ctx *ctx)
             return -1;
         }
     }
+    if (cfg->node_count > 1) {
+        /* Nodes talk to each other: every request is signed, every node
+         * must be reachable. */
+        if (!cfg->secret[0]) {
+            fail_at(ctx, 0, "[cluster] secret is required with more than one node");
+            return -1;
+        }
+        for (unsigned i = 0; i < cfg->node_count; i++) {
+            if (!cfg->nodes[i].url[0]) {
+                fail_at(ctx, cfg->nodes[i].line, "[node %s] url is missing", cfg->nodes[i].name);
+                return -1;
+            }
+        }
+    }
     for (unsigned i = 0; i < cfg->node_count; i++) {
         const struct config_node *node = &cfg->nodes[i];
         int e = check_data_dir(node->data_dir);
@@ -680,6 +708,7 @@ int config_load(const char *path, struct config *cfg, char *err, size_t errlen)
     ctx->cfg.epoch = 1;
     ctx->cfg.commit_interval_ms = 200;
     ctx->cfg.cache_timeout = 3600;
+    ctx->cfg.timeout_ms = 5000;
     for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         ctx->cfg.owner[i] = -1;
     if (strlen(path) >= sizeof(ctx->cfg.path)) {

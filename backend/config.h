@@ -4,7 +4,9 @@
  * the top-level shards.conf:
  *
  *   [cluster]   shards = N (power of two), epoch = E (>= 1),
- *               commit_interval_ms, cache_timeout (seconds)
+ *               commit_interval_ms, cache_timeout (seconds),
+ *               secret (the cluster secret, >= 16 characters; required
+ *               with more than one node), timeout_ms (remote requests)
  *   [node NAME] url = http://HOST:PORT, data_dir = DIR (relative to the conf
  *               file's directory), shards = LIST ("0-3", "0,2,5-7" or "all")
  *
@@ -41,6 +43,8 @@ struct config {
     uint64_t epoch;
     unsigned commit_interval_ms;    /* batch commit period of a shard, default 200 */
     double cache_timeout;           /* kernel entry/attr timeout in seconds, default 3600 */
+    char secret[256];               /* "" when not set */
+    unsigned timeout_ms;            /* remote request bound, default 5000 */
     unsigned node_count;
     struct config_node nodes[CONFIG_MAX_NODES];
     int owner[CONFIG_MAX_SHARDS];   /* index into nodes[] of each shard's owner */

@@ -12,37 +12,13 @@
  * Exits non-zero on any failed check.
  */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "batch.h"
-
-static int failures;
-static int checks;
-
-#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
-#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
-
-__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
-                                                        const char *expr, const char *fmt, ...)
-{
-    checks++;
-    if (ok)
-        return;
-    failures++;
-    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
-    if (fmt) {
-        va_list ap;
-        fputs(" -- ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-    }
-    fputc('\n', stderr);
-}
+#include "check.h"
 
 static void *xmalloc(size_t n)
 {
@@ -517,10 +493,5 @@ int main(void)
     test_truncated();
     test_mutations();
     test_random_garbage();
-    if (failures) {
-        fprintf(stderr, "test_batch: %d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("test_batch: all %d checks passed\n", checks);
-    return 0;
+    return check_summary("batch");
 }

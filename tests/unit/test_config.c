@@ -9,7 +9,6 @@
  */
 #include <errno.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,32 +16,10 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "check.h"
 
-static int failures;
-static int checks;
 static char tmpdir[256];  /* as created */
 static char realtmp[256]; /* realpath of it */
-
-#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
-#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
-
-__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
-                                                        const char *expr, const char *fmt, ...)
-{
-    checks++;
-    if (ok)
-        return;
-    failures++;
-    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
-    if (fmt) {
-        va_list ap;
-        fputs(" -- ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-    }
-    fputc('\n', stderr);
-}
 
 /* Write text to tmpdir/name; returns the path in a static rotating buffer. */
 static const char *write_conf(const char *name, const char *text)
@@ -190,12 +167,15 @@ static void test_three_nodes(void)
                 "\tepoch = 18446744073709551615\n"
                 "commit_interval_ms = 60000\n"
                 "cache_timeout = 0.25\n"
+                "secret = sixteen-chars-at-least\n"
                 "[node beta-2]\n"
                 "shards = 4,5 ,7-9,15\n"
                 "data_dir = beta\n"
+                "url = http://127.0.0.2:7071\n"
                 "[node Gamma_3] ; comment\n"
                 "data_dir = sub/../gamma/\n"
-                "shards = 6,10-13\n",
+                "shards = 6,10-13\n"
+                "url = http://127.0.0.3:7072\n",
                 &cfg) != 0)
         return;
     CHECK(cfg.shard_count == 16);
@@ -206,10 +186,12 @@ static void test_three_nodes(void)
     CHECK(cfg.cache_timeout == 0.25);
     CHECK(cfg.node_count == 3);
     CHECK(strcmp(cfg.nodes[0].name, "alpha") == 0 && cfg.nodes[0].line == 2);
-    CHECK(strcmp(cfg.nodes[1].name, "beta-2") == 0 && cfg.nodes[1].line == 11);
-    CHECK(strcmp(cfg.nodes[2].name, "Gamma_3") == 0 && cfg.nodes[2].line == 14);
+    CHECK(strcmp(cfg.nodes[1].name, "beta-2") == 0 && cfg.nodes[1].line == 12);
+    CHECK(strcmp(cfg.nodes[2].name, "Gamma_3") == 0 && cfg.nodes[2].line == 16);
+    CHECK(strcmp(cfg.secret, "sixteen-chars-at-least") == 0);
+    CHECK(cfg.timeout_ms == 5000);
     CHECK(strcmp(cfg.nodes[0].url, "https://alpha.example:7070/") == 0);
-    CHECK(cfg.nodes[1].url[0] == '\0');
+    CHECK(strcmp(cfg.nodes[1].url, "http://127.0.0.2:7071") == 0);
     CHECKF(strcmp(cfg.nodes[0].data_dir, "/tmp/../tmp/x") == 0, "got %s", cfg.nodes[0].data_dir);
     CHECK(cfg.nodes[1].data_dir[0] == '/' && strstr(cfg.nodes[1].data_dir, "/beta") != NULL);
     CHECK(strncmp(cfg.nodes[2].data_dir, realtmp, strlen(realtmp)) == 0);
@@ -229,8 +211,9 @@ static void test_three_nodes(void)
     CHECKF(strstr(err, ": no node called 'x'") != NULL, "got %s", err);
 
     /* the largest store */
-    if (LOAD_OK("[cluster]\nshards = 1024\n[node a]\ndata_dir = a\nshards = 0-511\n"
-                "[node b]\ndata_dir = b\nshards = 512-1023\n",
+    if (LOAD_OK("[cluster]\nshards = 1024\nsecret = 0123456789abcdef\n"
+                "[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0-511\n"
+                "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 512-1023\n",
                 &cfg) == 0) {
         CHECK(cfg.shard_bits == 10);
         CHECK(cfg.owner[511] == 0 && cfg.owner[512] == 1 && cfg.owner[1023] == 1);
@@ -242,6 +225,15 @@ static void test_syntax_errors(void)
     LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nshards = all\nthis is not a key\n", 6,
              "syntax error");
     LOAD_ERR("[cluster\nshards = 4\n", 1, "syntax error");
+    /* several nodes: a secret and every node's url are required */
+    LOAD_ERR("[cluster]\nshards = 2\n[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0\n"
+             "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 1\n",
+             0, "secret is required");
+    LOAD_ERR("[cluster]\nshards = 2\nsecret = 0123456789abcdef\n[node a]\ndata_dir = a\n"
+             "shards = 0\n[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 1\n",
+             4, "url is missing");
+    LOAD_ERR("[cluster]\nshards = 2\nsecret = short\n", 3, "secret must be");
+    LOAD_ERR("[cluster]\nshards = 2\ntimeout_ms = 5\n", 3, "bad timeout_ms");
     /* a syntax error before a semantic one is reported first */
     LOAD_ERR("[cluster]\noops\nbogus = 1\n", 2, "syntax error");
     /* indented lines are keys, not continuations of the line before */
@@ -482,10 +474,5 @@ int main(int argc, char **argv)
     test_pick_node();
     test_repo_conf(argc > 1 ? argv[1] : NULL);
     remove_tree();
-    if (failures) {
-        fprintf(stderr, "test_config: %d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("test_config: all %d checks passed\n", checks);
-    return 0;
+    return check_summary("config");
 }

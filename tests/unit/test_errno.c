@@ -15,7 +15,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <lmdb.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,38 +26,7 @@
 #include "config.h"
 #include "namespace.h"
 #include "shard_lmdb.h"
-
-static int failures;
-static int checks;
-
-#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
-#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
-/* An int-returning call that must give exactly want. */
-#define CHECK_RC(call, want)                                                                       \
-    do {                                                                                           \
-        long rc_ = (long)(call);                                                                   \
-        long want_ = (long)(want);                                                                 \
-        check(rc_ == want_, __FILE__, __LINE__, #call " == " #want, "got %ld (%s), want %ld", rc_, \
-              rc_ < 0 ? strerror((int)-rc_) : "ok", want_);                                        \
-    } while (0)
-
-__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
-                                                        const char *expr, const char *fmt, ...)
-{
-    checks++;
-    if (ok)
-        return;
-    failures++;
-    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
-    if (fmt) {
-        va_list ap;
-        fputs(" -- ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-    }
-    fputc('\n', stderr);
-}
+#include "check.h"
 
 /* ---- shard_lmdb_errno ---- */
 
@@ -370,10 +338,5 @@ int main(void)
     test_lmdb_errno();
     test_namespace();
     cleanup();
-    if (failures) {
-        fprintf(stderr, "test_errno: %d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("test_errno: all %d checks passed\n", checks);
-    return 0;
+    return check_summary("errno");
 }

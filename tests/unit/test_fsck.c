@@ -20,16 +20,7 @@
 #include "namespace.h"
 #include "placement.h"
 #include "record.h"
-
-static int failures;
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);                  \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
+#include "check.h"
 
 static struct config cfg; /* big: not on the stack */
 static struct ns *ns;
@@ -267,6 +258,23 @@ static void put_intent(const struct intent_rec *in)
                   record_intent_key(key, &tid), val, intent_encode(val, in)) == 0);
 }
 
+/* Step 1 of a cross-shard rename of sid (type stype) from sdir/sname to
+ * ddir/dname. */
+static void put_rename_intent(const struct ino_id *sdir, const char *sname,
+                              const struct ino_id *sid, uint8_t stype, const struct ino_id *ddir,
+                              const char *dname)
+{
+    struct intent_rec in = {.kind = 1,
+                            .sdir = *sdir,
+                            .ddir = *ddir,
+                            .sid = *sid,
+                            .stype = stype,
+                            .dtype = DT_UNKNOWN,
+                            .sname = sname,
+                            .dname = dname};
+    put_intent(&in);
+}
+
 /* Names src in sdir and dst in ddir whose entries live on different shards. */
 static void names_apart(const struct ino_id *sdir, const struct ino_id *ddir, const char *stem,
                         char src[32], char dst[32])
@@ -392,15 +400,10 @@ static void rename_forward(void)
 {
     char src[32], dst[32];
     struct inode f, ino;
-    struct intent_rec in = {.kind = 1, .stype = DT_REG, .dtype = DT_UNKNOWN};
 
     names_apart(root, root, "fw", src, dst);
     f = mkfile(root, src, 3000, 7);
-    in.sdir = in.ddir = *root;
-    in.sid = f.id;
-    in.sname = src;
-    in.dname = dst;
-    put_intent(&in);
+    put_rename_intent(root, src, &f.id, DT_REG, root, dst);
     put_entry(root, dst, &f.id, DT_REG);
     cycle("half-done rename, step 2 done", 1);
     CHECK(lookup(root, src, &ino) == -ENOENT);
@@ -411,15 +414,10 @@ static void rename_back(void)
 {
     char src[32], dst[32];
     struct inode f, ino;
-    struct intent_rec in = {.kind = 1, .stype = DT_REG, .dtype = DT_UNKNOWN};
 
     names_apart(root, root, "bk", src, dst);
     f = mkfile(root, src, 10, 8);
-    in.sdir = in.ddir = *root;
-    in.sid = f.id;
-    in.sname = src;
-    in.dname = dst;
-    put_intent(&in);
+    put_rename_intent(root, src, &f.id, DT_REG, root, dst);
     cycle("half-done rename, only step 1 done", 1);
     CHECK(lookup(root, src, &ino) == 0 && content_ok(&f.id, 10, 8));
     CHECK(lookup(root, dst, &ino) == -ENOENT);
@@ -430,16 +428,10 @@ static void rename_dir(void)
 {
     char src[32], dst[32];
     struct inode m, ino;
-    struct intent_rec in = {.kind = 1, .stype = DT_DIR, .dtype = DT_UNKNOWN};
 
     names_apart(&d.id, &e.id, "dir", src, dst);
     m = mk(&d.id, src, S_IFDIR | 0755, NULL);
-    in.sdir = d.id;
-    in.ddir = e.id;
-    in.sid = m.id;
-    in.sname = src;
-    in.dname = dst;
-    put_intent(&in);
+    put_rename_intent(&d.id, src, &m.id, DT_DIR, &e.id, dst);
     put_entry(&e.id, dst, &m.id, DT_DIR);
     cycle("half-done rename of a directory: intent, parent, two link counts", 4);
     CHECK(lookup(&d.id, src, &ino) == -ENOENT);
@@ -583,7 +575,6 @@ static void everything(void)
     uint8_t key[RECORD_KEY_MAX];
     struct inode g = mkfile(&e.id, "g2", 10, 10), f = mkfile(root, "lost", 5000, 11), ino;
     struct inode r;
-    struct intent_rec in = {.kind = 1, .stype = DT_REG, .dtype = DT_UNKNOWN};
 
     CHECK(raw_del(ns_inode_shard(ns, &g.id), key, record_inode_key(key, &g.id)) == 0);
     ino = getattr(&f1.id);
@@ -596,12 +587,7 @@ static void everything(void)
     del_entry(root, "lost");
     names_apart(root, &e.id, "all", src, dst);
     r = mkfile(root, src, 1000, 12);
-    in.sdir = *root;
-    in.ddir = e.id;
-    in.sid = r.id;
-    in.sname = src;
-    in.dname = dst;
-    put_intent(&in);
+    put_rename_intent(root, src, &r.id, DT_REG, &e.id, dst);
     put_entry(&e.id, dst, &r.id, DT_REG);
     cycle("all at once", 6);
     CHECK(content_ok(&f.id, 5000, 11));
@@ -616,19 +602,20 @@ static void exchange(int without_src)
 {
     char src[32], dst[32], stem[8];
     struct inode a, b, ino;
-    struct intent_rec in = {.kind = 2, .stype = DT_REG, .dtype = DT_REG};
 
     snprintf(stem, sizeof(stem), "x%d", without_src);
     names_apart(root, &e.id, stem, src, dst);
     a = mkfile(root, src, 300, 13);
     b = mkfile(&e.id, dst, 400, 14);
-    in.sdir = *root;
-    in.ddir = e.id;
-    in.sid = a.id;
-    in.did = b.id;
-    in.sname = src;
-    in.dname = dst;
-    put_intent(&in);
+    put_intent(&(struct intent_rec){.kind = 2,
+                                    .sdir = *root,
+                                    .ddir = e.id,
+                                    .sid = a.id,
+                                    .did = b.id,
+                                    .stype = DT_REG,
+                                    .dtype = DT_REG,
+                                    .sname = src,
+                                    .dname = dst});
     put_entry(&e.id, dst, &a.id, DT_REG);
     if (without_src)
         del_entry(root, src);
@@ -774,9 +761,5 @@ int main(void)
     ns_close(ns);
     free(last_out);
     nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-    if (failures)
-        fprintf(stderr, "test_fsck: %d checks failed\n", failures);
-    else
-        printf("test_fsck: all checks passed\n");
-    return failures != 0;
+    return check_summary("fsck");
 }

@@ -9,37 +9,13 @@
  * Exits non-zero on any failed check.
  */
 #include <limits.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <xxhash.h>
 
 #include "placement.h"
-
-static int failures;
-static int checks;
-
-#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
-#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
-
-__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
-                                                        const char *expr, const char *fmt, ...)
-{
-    checks++;
-    if (ok)
-        return;
-    failures++;
-    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
-    if (fmt) {
-        va_list ap;
-        fputs(" -- ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-    }
-    fputc('\n', stderr);
-}
+#include "check.h"
 
 /* Deterministic pseudo-random numbers (splitmix64). */
 static uint64_t rng_state = 0x5eed5eed12345678ull;
@@ -324,10 +300,5 @@ int main(void)
     test_shard_of();
     test_split();
     test_valid_count();
-    if (failures) {
-        fprintf(stderr, "test_placement: %d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("test_placement: all %d checks passed\n", checks);
-    return 0;
+    return check_summary("placement");
 }

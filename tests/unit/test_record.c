@@ -17,7 +17,6 @@
  */
 #include <dirent.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,30 +25,7 @@
 
 #include "placement.h"
 #include "record.h"
-
-static int failures;
-static int checks;
-
-#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
-#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
-
-__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
-                                                        const char *expr, const char *fmt, ...)
-{
-    checks++;
-    if (ok)
-        return;
-    failures++;
-    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
-    if (fmt) {
-        va_list ap;
-        fputs(" -- ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-    }
-    fputc('\n', stderr);
-}
+#include "check.h"
 
 static void *xmalloc(size_t n)
 {
@@ -610,10 +586,5 @@ int main(void)
     test_placement();
     test_inode();
     test_entry();
-    if (failures) {
-        fprintf(stderr, "test_record: %d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("test_record: all %d checks passed\n", checks);
-    return 0;
+    return check_summary("record");
 }

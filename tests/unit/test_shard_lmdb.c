@@ -27,14 +27,12 @@
  *    thread, and 4 threads applying and reading concurrently.
  * With SHARDFS_SLOW_TESTS=1 in the environment, also fills more than the
  * initial 1 GiB map inside one transaction (the MDB_MAP_FULL -> grow path).
- * Checks of bugs already reported are CHECK(): printed on stderr but not
- * counted, until fixed. Exits non-zero on any failed check.
+ * Exits non-zero on any failed check.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,38 +47,7 @@
 #include "batch.h"
 #include "shard.h"
 #include "shard_lmdb.h"
-
-static int failures;
-static int checks;
-
-#define CHECK(cond) check((cond), __FILE__, __LINE__, #cond, NULL)
-#define CHECKF(cond, ...) check((cond), __FILE__, __LINE__, #cond, __VA_ARGS__)
-#define CHECK_RC(call, want)                                                                       \
-    do {                                                                                           \
-        long rc_ = (long)(call);                                                                   \
-        long want_ = (long)(want);                                                                 \
-        check(rc_ == want_, __FILE__, __LINE__, #call " == " #want, "got %ld (%s), want %ld", rc_, \
-              rc_ < 0 ? strerror((int)-rc_) : "ok", want_);                                        \
-    } while (0)
-
-__attribute__((format(printf, 5, 6))) static void check(int ok, const char *file, int line,
-                                                        const char *expr, const char *fmt, ...)
-{
-    checks++;
-    if (ok)
-        return;
-    failures++;
-    fprintf(stderr, "%s:%d: check failed: %s", file, line, expr);
-    if (fmt) {
-        va_list ap;
-        fputs(" -- ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-    }
-    fputc('\n', stderr);
-}
-
+#include "check.h"
 
 static void *xmalloc(size_t n)
 {
@@ -513,6 +480,22 @@ static void verify_model(struct shard *s, unsigned n, int allow_fail, const char
     free(ok);
 }
 
+/* In a forked child: the shard name, opened like open_shard() does, or
+ * _exit(10). */
+static struct shard *child_open(const char *name, unsigned interval_ms, size_t commit_bytes)
+{
+    struct shard_lmdb_options opt = {.commit_interval_ms = interval_ms,
+                                     .commit_bytes = commit_bytes};
+    struct shard *s = NULL;
+    char err[1024];
+
+    if (shard_lmdb_open(path_of(name, NULL), 7, &opt, &s, err, sizeof(err)) != 0) {
+        fprintf(stderr, "child: %s\n", err);
+        _exit(10);
+    }
+    return s;
+}
+
 /* Run apply_range in a child process that then dies without closing the
  * shard (no commit: only the redo log has the batches). */
 static int crash_child(const char *name, unsigned from, unsigned to, int allow_fail, long sync_at)
@@ -525,13 +508,7 @@ static int crash_child(const char *name, unsigned from, unsigned to, int allow_f
         exit(2);
     }
     if (pid == 0) {
-        struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
-        struct shard *s = NULL;
-        char err[1024];
-        if (shard_lmdb_open(path_of(name, NULL), 7, &opt, &s, err, sizeof(err)) != 0) {
-            fprintf(stderr, "child: %s\n", err);
-            _exit(10);
-        }
+        struct shard *s = child_open(name, 60000, 0);
         if (apply_range(s, from, to, allow_fail, sync_at, -1) != to)
             _exit(11);
         _exit(0); /* like kill -9: no close, no commit */
@@ -754,25 +731,26 @@ static void test_del_range_pages(void)
     batch_free(&b);
 }
 
+/* Put key (at most 16 bytes) with the value "V" + key that collect_fn expects. */
+static void batch_put_scan_key(struct batch *b, const char *key, size_t len)
+{
+    uint8_t v[17];
+    v[0] = 'V';
+    memcpy(v + 1, key, len);
+    batch_put(b, key, len, v, len + 1);
+}
+
 static void put_scan_keys(struct shard *s, const char *const *keys, const size_t *lens, int n)
 {
     struct batch b;
     batch_init(&b);
     /* Inserted out of order, over several batches. */
-    for (int j = n - 1; j >= 0; j -= 2) {
-        uint8_t v[17];
-        v[0] = 'V';
-        memcpy(v + 1, keys[j], lens[j]);
-        batch_put(&b, keys[j], lens[j], v, lens[j] + 1);
-    }
+    for (int j = n - 1; j >= 0; j -= 2)
+        batch_put_scan_key(&b, keys[j], lens[j]);
     CHECK_RC(shard_apply(s, &b), 0);
     batch_reset(&b);
-    for (int j = 1; j < n; j += 2) {
-        uint8_t v[17];
-        v[0] = 'V';
-        memcpy(v + 1, keys[j], lens[j]);
-        batch_put(&b, keys[j], lens[j], v, lens[j] + 1);
-    }
+    for (int j = 1; j < n; j += 2)
+        batch_put_scan_key(&b, keys[j], lens[j]);
     CHECK_RC(shard_apply(s, &b), 0);
     batch_free(&b);
 }
@@ -1239,14 +1217,8 @@ static void test_kill9(void)
         fflush(stderr);
         pid_t pid = fork();
         if (pid == 0) {
-            struct shard_lmdb_options opt = {.commit_interval_ms = 5, .commit_bytes = 16384};
-            struct shard *s = NULL;
-            char err[1024];
             close(fds[0]);
-            if (shard_lmdb_open(path_of("kill9", NULL), 7, &opt, &s, err, sizeof(err)) != 0) {
-                fprintf(stderr, "child: %s\n", err);
-                _exit(10);
-            }
+            struct shard *s = child_open("kill9", 5, 16384);
             apply_range(s, done, done + 1000000, 0, -1, fds[1]);
             _exit(11);
         }
@@ -1518,11 +1490,7 @@ static void test_stale_log(void)
     fflush(stderr);
     pid_t pid = fork();
     if (pid == 0) {
-        struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
-        struct shard *cs = NULL;
-        char err[1024];
-        if (shard_lmdb_open(path_of("stale", NULL), 7, &opt, &cs, err, sizeof(err)) != 0)
-            _exit(10);
+        struct shard *cs = child_open("stale", 60000, 0);
         if (put_str(cs, "k", "child") != 0 || put_str(cs, "k9", "nine") != 0)
             _exit(11);
         _exit(0);
@@ -1593,34 +1561,79 @@ static void fill_value(uint8_t *v, size_t len, unsigned i)
     }
 }
 
-static int check_value(struct shard *s, const char *key, unsigned i, uint8_t *want, uint8_t *got,
-                       size_t len)
+/* A set of large values: value i is len bytes of fill_value(seed + i) under
+ * the key "<tag><i>" (i in width digits). A failed put or a wrong value counts
+ * in bad; the first `shown` of them also fail a check at the caller's line,
+ * the rest only count (the tests end with CHECK(vs.bad == 0)). */
+struct valset {
+    char tag;
+    int width;
+    unsigned seed;
+    size_t len;
+    int shown;
+    int bad;
+    uint8_t *want, *got; /* scratch buffers of len bytes */
+};
+
+static struct valset valset_new(char tag, int width, unsigned seed, size_t len, int shown)
 {
-    size_t vlen = 0;
-    fill_value(want, len, i);
-    int rc = shard_get(s, key, strlen(key), 0, got, len, &vlen);
-    return rc == (int)len && vlen == len && memcmp(want, got, len) == 0;
+    return (struct valset){tag, width, seed, len, shown, 0, xmalloc(len), xmalloc(len)};
 }
+
+static void valset_free(struct valset *vs)
+{
+    free(vs->want);
+    free(vs->got);
+}
+
+static const char *valset_key(const struct valset *vs, unsigned i, char key[16])
+{
+    snprintf(key, 16, "%c%0*u", vs->tag, vs->width, i);
+    return key;
+}
+
+static void valset_put(struct valset *vs, struct shard *s, unsigned i, const char *file, int line)
+{
+    char key[16];
+    valset_key(vs, i, key);
+    fill_value(vs->want, vs->len, vs->seed + i);
+    int rc = put_kv(s, key, strlen(key), vs->want, vs->len);
+    if (rc != 0 && vs->bad++ < vs->shown)
+        check(0, file, line, "0", "put %u: %d (%s)", i, rc, strerror(-rc));
+}
+
+/* Check values 0, step, 2 * step, ... below n; what ends the message. */
+static void valset_check(struct valset *vs, struct shard *s, unsigned n, unsigned step,
+                         const char *what, const char *file, int line)
+{
+    char key[16];
+    for (unsigned i = 0; i < n; i += step) {
+        size_t vlen = 0;
+        valset_key(vs, i, key);
+        fill_value(vs->want, vs->len, vs->seed + i);
+        int rc = shard_get(s, key, strlen(key), 0, vs->got, vs->len, &vlen);
+        int ok = rc == (int)vs->len && vlen == vs->len && memcmp(vs->want, vs->got, vs->len) == 0;
+        if (!ok && vs->bad++ < vs->shown)
+            check(0, file, line, "0", "value %u differs%s", i, what);
+    }
+}
+#define VALSET_PUT(vs, s, i) valset_put((vs), (s), (i), __FILE__, __LINE__)
+#define VALSET_CHECK(vs, s, n, step, what)                                                         \
+    valset_check((vs), (s), (n), (step), (what), __FILE__, __LINE__)
 
 static void test_large_values(void)
 {
     enum { N = 2000, VLEN = 64 * 1024 };
-    uint8_t *v = xmalloc(VLEN), *got = xmalloc(VLEN);
+    struct valset vs = valset_new('L', 5, 0, VLEN, 1);
     struct shard *s = open_shard("large", 60000, 0); /* only the size threshold commits */
     const char *log = path_of("large", "redo.log");
-    char key[16];
-    int bad = 0;
     double t0 = now_s();
 
     if (!s)
         goto out;
     long maxlog = 0;
     for (unsigned i = 0; i < N; i++) {
-        snprintf(key, sizeof(key), "L%05u", i);
-        fill_value(v, VLEN, i);
-        int rc = put_kv(s, key, strlen(key), v, VLEN);
-        if (rc != 0 && bad++ == 0)
-            CHECKF(0, "put %u: %d", i, rc);
+        VALSET_PUT(&vs, s, i);
         long ls = file_size(log);
         maxlog = ls > maxlog ? ls : maxlog;
     }
@@ -1630,12 +1643,9 @@ static void test_large_values(void)
     CHECKF(st.pending > 0 && st.pending <= (32u << 20) / VLEN + 1, "pending %llu",
            (unsigned long long)st.pending);
     CHECKF(maxlog <= (32l << 20) + 2 * (VLEN + 64), "log grew to %ld bytes", maxlog);
-    for (unsigned i = 0; i < N; i++) {
-        snprintf(key, sizeof(key), "L%05u", i);
-        if (!check_value(s, key, i, v, got, VLEN) && bad++ == 0)
-            CHECKF(0, "value %u differs", i);
-    }
+    VALSET_CHECK(&vs, s, N, 1, "");
     /* Partial reads across the value. */
+    uint8_t *v = vs.want, *got = vs.got;
     fill_value(v, VLEN, 1234);
     for (size_t off = 0; off < VLEN + 10; off += 4093) {
         size_t vlen = 0;
@@ -1652,46 +1662,30 @@ static void test_large_values(void)
     s = open_shard("large", 60000, 0);
     if (!s)
         goto out;
-    for (unsigned i = 0; i < N; i += 7) {
-        snprintf(key, sizeof(key), "L%05u", i);
-        if (!check_value(s, key, i, v, got, VLEN) && bad++ == 0)
-            CHECKF(0, "value %u differs after reopen", i);
-    }
+    VALSET_CHECK(&vs, s, N, 7, " after reopen");
     shard_close(s);
-    CHECK(bad == 0);
+    CHECK(vs.bad == 0);
     printf("  large values: %.1f s\n", now_s() - t0);
 out:
-    free(v);
-    free(got);
+    valset_free(&vs);
 }
 
 static void test_growth(void)
 {
     enum { N = 200, VLEN = 1 << 20 };
-    uint8_t *v = xmalloc(VLEN), *got = xmalloc(VLEN);
+    struct valset vs = valset_new('G', 4, 100000, VLEN, 1);
     struct shard *s = open_shard("grow", 0, 0);
-    char key[16];
-    int bad = 0;
     double t0 = now_s();
 
     if (!s)
         goto out;
     uint64_t bytes0 = stat_of(s).bytes;
     CHECK(bytes0 < (1u << 20));
-    for (unsigned i = 0; i < N; i++) {
-        snprintf(key, sizeof(key), "G%04u", i);
-        fill_value(v, VLEN, i + 100000);
-        int rc = put_kv(s, key, strlen(key), v, VLEN);
-        if (rc != 0 && bad++ == 0)
-            CHECKF(0, "put %u: %d", i, rc);
-    }
+    for (unsigned i = 0; i < N; i++)
+        VALSET_PUT(&vs, s, i);
     struct shard_stat st = stat_of(s);
     CHECK(st.records >= N);
-    for (unsigned i = 0; i < N; i++) {
-        snprintf(key, sizeof(key), "G%04u", i);
-        if (!check_value(s, key, i + 100000, v, got, VLEN) && bad++ == 0)
-            CHECKF(0, "value %u differs", i);
-    }
+    VALSET_CHECK(&vs, s, N, 1, "");
     CHECK_RC(shard_sync(s), 0);
     /* stat's bytes count the committed state. */
     st = stat_of(s);
@@ -1703,11 +1697,7 @@ static void test_growth(void)
     if (!s)
         goto out;
     CHECK(stat_of(s).bytes >= (uint64_t)N * VLEN);
-    for (unsigned i = 0; i < N; i += 13) {
-        snprintf(key, sizeof(key), "G%04u", i);
-        if (!check_value(s, key, i + 100000, v, got, VLEN) && bad++ == 0)
-            CHECKF(0, "value %u differs after reopen", i);
-    }
+    VALSET_CHECK(&vs, s, N, 13, " after reopen");
     /* Deleting frees records. */
     struct batch b;
     batch_init(&b);
@@ -1716,11 +1706,10 @@ static void test_growth(void)
     batch_free(&b);
     EXPECT_ABSENT(s, "G0000");
     shard_close(s);
-    CHECK(bad == 0);
+    CHECK(vs.bad == 0);
     printf("  200 MiB: %.1f s\n", now_s() - t0);
 out:
-    free(v);
-    free(got);
+    valset_free(&vs);
 }
 
 /* More than the initial 1 GiB map inside one transaction: apply must hit
@@ -1733,41 +1722,25 @@ static void test_map_full(void)
     if (!slow || strcmp(slow, "1") != 0)
         return;
 
-    uint8_t *v = xmalloc(VLEN), *got = xmalloc(VLEN);
+    struct valset vs = valset_new('F', 4, 200000, VLEN, 3);
     struct shard *s = open_shard("mapfull", 60000, (size_t)8 << 30);
-    char key[16];
-    int bad = 0;
     double t0 = now_s();
 
     if (!s)
         goto out;
-    for (unsigned i = 0; i < N; i++) {
-        snprintf(key, sizeof(key), "F%04u", i);
-        fill_value(v, VLEN, i + 200000);
-        int rc = put_kv(s, key, strlen(key), v, VLEN);
-        if (rc != 0 && bad++ < 3)
-            CHECKF(0, "put %u: %d (%s)", i, rc, strerror(-rc));
-    }
-    for (unsigned i = 0; i < N; i++) {
-        snprintf(key, sizeof(key), "F%04u", i);
-        if (!check_value(s, key, i + 200000, v, got, VLEN) && bad++ < 3)
-            CHECKF(0, "value %u differs", i);
-    }
+    for (unsigned i = 0; i < N; i++)
+        VALSET_PUT(&vs, s, i);
+    VALSET_CHECK(&vs, s, N, 1, "");
     shard_close(s);
     s = open_shard("mapfull", 60000, 0);
     if (!s)
         goto out;
-    for (unsigned i = 0; i < N; i += 11) {
-        snprintf(key, sizeof(key), "F%04u", i);
-        if (!check_value(s, key, i + 200000, v, got, VLEN) && bad++ < 3)
-            CHECKF(0, "value %u differs after reopen", i);
-    }
+    VALSET_CHECK(&vs, s, N, 11, " after reopen");
     shard_close(s);
-    CHECK(bad == 0);
+    CHECK(vs.bad == 0);
     printf("  map growth past 1 GiB: %.1f s\n", now_s() - t0);
 out:
-    free(v);
-    free(got);
+    valset_free(&vs);
 }
 
 static void test_sync_and_flush(void)
@@ -1969,11 +1942,5 @@ int main(void)
         fflush(stdout);
     }
     cleanup();
-    if (failures) {
-        fprintf(stderr, "test_shard_lmdb: %d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("test_shard_lmdb: all %d checks passed", checks);
-    printf("\n");
-    return 0;
+    return check_summary("shard_lmdb");
 }

@@ -1,0 +1,2 @@
+/* node_server.c -- placeholder until implemented. */
+#include "node_server.h"

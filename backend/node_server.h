@@ -1,0 +1,64 @@
+/* node_server.h -- a node's HTTP server (libmicrohttpd).
+ *
+ * Serves this node's shards to the other nodes (the /v1/shard routes of
+ * wire.h, including 307 redirects for shards it does not own and for older
+ * epochs) and /v1/config; every other path goes to the handler the caller
+ * registers (the public /v1/kv API lives in fs/, which backend/ must not
+ * know). Every request must carry a valid X-Shardfs-Auth (wire.h) or gets 401
+ * and changes nothing; bodies over WIRE_BODY_MAX get 413; malformed requests
+ * 400. The server binds only to the host and port of this node's URL.
+ *
+ * Threads: libmicrohttpd's thread pool; the handler and the shards are called
+ * from several threads at once (the shard interface allows it). start/stop
+ * from one thread.
+ */
+#ifndef SHARDFS_NODE_SERVER_H
+#define SHARDFS_NODE_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "shard.h"
+
+struct node_server;
+
+struct node_request {
+    const char *method;         /* "GET", "PUT", "DELETE", "HEAD", "POST" */
+    const char *path;           /* percent-decoded, without the query */
+    const uint8_t *body;        /* NULL when empty; borrowed for the call */
+    size_t body_len;
+    void *conn;                 /* opaque: for node_request_query/header */
+};
+
+struct node_response {
+    int status;                 /* HTTP status */
+    const char *content_type;   /* static string or NULL */
+    uint8_t *body;              /* malloc()ed; the server frees it */
+    size_t len;
+    char location[1024];        /* for 3xx, "" otherwise */
+    char errno_name[16];        /* X-Shardfs-Errno, "" for none */
+    char extra_name[32];        /* one more header, e.g. X-Shardfs-Vlen */
+    char extra_value[64];
+};
+
+/* Handle a request for a path the server does not own. Fill resp; return 0.
+ * MUST NOT keep req or its body after returning. */
+typedef int (*node_handler_fn)(void *ctx, const struct node_request *req,
+                               struct node_response *resp);
+
+/* A query argument or request header of req, or NULL. Borrowed. */
+const char *node_request_query(const struct node_request *req, const char *name);
+const char *node_request_header(const struct node_request *req, const char *name);
+
+/* Start serving node `self` of cfg. shards[i] is this node's shard i, or
+ * NULL where another node owns it (requests for it are redirected). other
+ * may be NULL (404 for every other path). Returns 0 or -errno with a reason
+ * in err (e.g. the port is taken). */
+int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
+                      node_handler_fn other, void *other_ctx, struct node_server **out,
+                      char *err, size_t errlen);
+/* Stop and free; waits for requests in progress. NULL-safe. */
+void node_server_stop(struct node_server *s);
+
+#endif

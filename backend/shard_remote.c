@@ -1,0 +1,2 @@
+/* shard_remote.c -- placeholder until implemented. */
+#include "shard_remote.h"

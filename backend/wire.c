@@ -1,0 +1,2 @@
+/* wire.c -- placeholder until implemented. */
+#include "wire.h"
