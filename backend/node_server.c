@@ -1,2 +1,1028 @@
-/* node_server.c -- placeholder until implemented. */
+/* node_server.c -- a node's HTTP server: this node's shards for its peers.
+ *
+ * libmicrohttpd runs the sockets: one listening thread and one thread per
+ * connection (MHD_USE_THREAD_PER_CONNECTION), so a handler that blocks in a
+ * shard (an fsync in sync, a long scan) holds up only its own connection.
+ * Keep-alive is HTTP/1.1's default and stays on unless a request is refused
+ * before its body was read (then MHD closes the connection after the reply).
+ * Idle connections are closed after IDLE_TIMEOUT_S; at most MAX_CONNECTIONS
+ * at once, each buffering at most WIRE_BODY_MAX.
+ *
+ * DESIGN (one request)
+ *  1. The URI log callback runs before MHD splits and percent-decodes the
+ *     URI. It allocates the request context and keeps the raw "path?query"
+ *     exactly as it came on the wire: that is the string the client signed
+ *     (wire.h). Rebuilding it from MHD's decoded url and argument list would
+ *     be lossy (escaping, argument order, "a&a=" forms), so the signature is
+ *     checked over this copy and nothing else, and shard paths are parsed
+ *     from it too.
+ *  2. First call of the access handler (headers only): a Content-Length over
+ *     WIRE_BODY_MAX gets 413; and if the body is over EARLY_REFUSE_MIN or
+ *     chunked, a missing, malformed or stale X-Shardfs-Date or a malformed
+ *     X-Shardfs-Auth gets 401. Both before a byte of the body is read or
+ *     buffered (with "Expect: 100-continue", which curl sends for large
+ *     bodies, the client never sends it).
+ *  3. Body calls append to the context's buffer, never past WIRE_BODY_MAX.
+ *     Only a chunked upload (no Content-Length to refuse at step 2) can
+ *     pass the cap; then the buffer is freed at once and the rest of the
+ *     body is read and thrown away, because libmicrohttpd 0.9.75 cannot
+ *     queue a response while a body is still coming (MHD_queue_response
+ *     fails until the request is complete). The 413 goes out when the body
+ *     ends; a body that goes on for DISCARD_MAX more bytes gets the
+ *     connection closed instead.
+ *  4. Last call (body complete): wire_verify() over method, raw path?query,
+ *     date and body; any failure is 401 and nothing else happens. Then:
+ *     /v1/config, /v1/shard/N/op, or the caller's handler for other paths.
+ *  5. A shard op checks, in order: N < shard_count (400), X-Shardfs-Epoch
+ *     present and numeric (400), the method (405), and whether we serve it:
+ *     a shard we do not own, or a request epoch older than ours, gets 307 to
+ *     the owner's URL + the same raw path?query, with our epoch. A newer
+ *     request epoch is served if the shard is ours (the client has a newer
+ *     config than we do; logged once per epoch seen).
+ *  6. Every reply is built as a struct node_response and turned into an MHD
+ *     response in one place (send_response); errors become statuses through
+ *     wire_status_of_errno() and carry X-Shardfs-Errno when wire.h names
+ *     the errno.
+ *  7. The completion callback frees the context, whatever happened.
+ *
+ * Threads: every callback runs on some connection's thread; the server
+ * struct is read-only after start except newest_epoch (atomic). Signals are
+ * blocked in every thread MHD creates (they inherit the mask set around
+ * MHD_start_daemon), so they reach the main thread.
+ */
 #include "node_server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "batch.h"
+#include "wire.h"
+
+#define MAX_CONNECTIONS 256u
+#define IDLE_TIMEOUT_S 60u
+#define GET_FIRST_TRY (64u << 10) /* first buffer for a get; grown if the value is longer */
+#define BODY_FIRST_ALLOC (64u << 10)
+#define EARLY_REFUSE_MIN (1u << 20)           /* bodies above this are refused from headers */
+#define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
+
+struct node_server {
+    struct MHD_Daemon *daemon;
+    struct config cfg; /* a private copy */
+    int self;
+    struct shard **shards; /* cfg.shard_count entries, borrowed */
+    node_handler_fn other;
+    void *other_ctx;
+    struct sockaddr_storage addr;  /* where we listen */
+    char host[CONFIG_URL_MAX + 1]; /* for messages */
+    char port[8];
+    _Atomic uint64_t newest_epoch; /* highest request epoch logged so far */
+};
+
+/* One request; see DESIGN steps 1-7. */
+struct request {
+    struct node_server *srv;
+    char *uri;          /* raw "path?query" as received; NULL if out of memory */
+    int started;        /* the header-only first call has been made */
+    int replied;        /* a response was queued before the body was complete */
+    int error;          /* -EFBIG or -ENOMEM while reading the body */
+    uint64_t discarded; /* body bytes thrown away after that */
+    uint8_t *body;      /* NULL while empty */
+    size_t len, cap;
+};
+
+/* ---- small helpers ---- */
+
+static void log_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* One line on stderr, written with one call so threads do not interleave. */
+static void log_line(const char *prefix, const char *fmt, va_list ap)
+{
+    char text[512];
+    int n = vsnprintf(text, sizeof(text), fmt, ap);
+
+    if (n < 0)
+        return;
+    n = (int)strlen(text);
+    while (n && text[n - 1] == '\n') /* MHD's messages mostly end in one */
+        text[--n] = '\0';
+    fprintf(stderr, "shardfs: node server: %s%s\n", prefix, text);
+}
+
+static void log_msg(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    log_line("", fmt, ap);
+    va_end(ap);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    if (fmt)
+        log_line("libmicrohttpd: ", fmt, ap);
+}
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (!err || !errlen)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* Strict unsigned decimal: 1-20 digits, no sign, no spaces, no leading zero
+ * (except "0" itself), no overflow. 0 or -EINVAL. */
+static int parse_u64(const char *s, uint64_t *out)
+{
+    uint64_t n = 0;
+
+    if (!s || !*s || (s[0] == '0' && s[1]))
+        return -EINVAL;
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9')
+            return -EINVAL;
+        if (n > (UINT64_MAX - (uint64_t)(*s - '0')) / 10)
+            return -EINVAL;
+        n = n * 10 + (uint64_t)(*s - '0');
+    }
+    *out = n;
+    return 0;
+}
+
+static int parse_date(const char *s, int64_t *out)
+{
+    uint64_t n;
+
+    if (parse_u64(s, &n) < 0 || n > INT64_MAX)
+        return -EINVAL;
+    *out = (int64_t)n;
+    return 0;
+}
+
+/* A query argument as an unsigned number; absent leaves *out alone. An
+ * argument without a value ("?len") or with a NUL in it ("len=1%00") is
+ * malformed. */
+static int query_u64(struct MHD_Connection *conn, const char *name, uint64_t *out)
+{
+    const char *v = NULL;
+    size_t vlen = 0;
+
+    if (MHD_lookup_connection_value_n(conn, MHD_GET_ARGUMENT_KIND, name, strlen(name), &v, &vlen) !=
+        MHD_YES)
+        return 0;
+    if (!v || strlen(v) != vlen)
+        return -EINVAL;
+    return parse_u64(v, out);
+}
+
+static const char *header(struct MHD_Connection *conn, const char *name)
+{
+    return MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
+}
+
+/* The length of url without its trailing slashes. */
+static size_t url_base_len(const char *url)
+{
+    size_t n = strlen(url);
+
+    while (n && url[n - 1] == '/')
+        n--;
+    return n;
+}
+
+/* ---- responses ---- */
+
+static void resp_reset(struct node_response *r)
+{
+    free(r->body);
+    memset(r, 0, sizeof(*r));
+}
+
+/* An error reply for -errno rc with a one-line text body (best effort). */
+static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
+{
+    const char *name = wire_errno_name(rc);
+    char text[256];
+    va_list ap;
+    int n;
+
+    resp_reset(r);
+    r->status = wire_status_of_errno(rc);
+    if (name)
+        snprintf(r->errno_name, sizeof(r->errno_name), "%s", name);
+    va_start(ap, fmt);
+    n = vsnprintf(text, sizeof(text) - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n > sizeof(text) - 2)
+        n = (int)sizeof(text) - 2;
+    text[n++] = '\n';
+    r->body = malloc((size_t)n);
+    if (r->body) {
+        memcpy(r->body, text, (size_t)n);
+        r->len = (size_t)n;
+        r->content_type = "text/plain";
+    }
+}
+
+static void resp_status(struct node_response *r, int status)
+{
+    resp_reset(r);
+    r->status = status;
+}
+
+static void resp_extra(struct node_response *r, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void resp_extra(struct node_response *r, const char *name, const char *fmt, ...)
+{
+    va_list ap;
+
+    snprintf(r->extra_name, sizeof(r->extra_name), "%s", name);
+    va_start(ap, fmt);
+    vsnprintf(r->extra_value, sizeof(r->extra_value), fmt, ap);
+    va_end(ap);
+}
+
+/* A JSON document as the body of a 200 reply; takes the reference to doc. */
+static void resp_json(struct node_response *r, json_t *doc)
+{
+    size_t n = doc ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
+
+    resp_reset(r);
+    if (n == 0 || !(r->body = malloc(n)) ||
+        json_dumpb(doc, (char *)r->body, n, JSON_COMPACT) != n) {
+        json_decref(doc);
+        resp_error(r, -ENOMEM, "out of memory");
+        return;
+    }
+    json_decref(doc);
+    r->len = n;
+    r->status = 200;
+    r->content_type = "application/json";
+}
+
+static int add_header(struct MHD_Response *mr, const char *name, const char *value)
+{
+    return MHD_add_response_header(mr, name, value) == MHD_YES ? 0 : -EINVAL;
+}
+
+/* Turn r into an MHD response and queue it. Consumes r->body either way.
+ * MHD_NO (the connection is dropped) only when MHD itself fails. */
+static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_response *r)
+{
+    struct MHD_Response *mr;
+    enum MHD_Result ok;
+    int bad = 0;
+
+    if (r->body && r->len) {
+        mr = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+        if (!mr)
+            free(r->body);
+    } else {
+        free(r->body);
+        mr = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    }
+    r->body = NULL;
+    r->len = 0;
+    if (!mr) {
+        log_msg("cannot create a response (out of memory?)");
+        return MHD_NO;
+    }
+    /* A handler's strings may lack their NUL; MHD also refuses CR/LF in them. */
+    r->location[sizeof(r->location) - 1] = '\0';
+    r->errno_name[sizeof(r->errno_name) - 1] = '\0';
+    r->extra_name[sizeof(r->extra_name) - 1] = '\0';
+    r->extra_value[sizeof(r->extra_value) - 1] = '\0';
+    if (r->content_type)
+        bad |= add_header(mr, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);
+    if (r->location[0])
+        bad |= add_header(mr, MHD_HTTP_HEADER_LOCATION, r->location);
+    if (r->errno_name[0])
+        bad |= add_header(mr, WIRE_HDR_ERRNO, r->errno_name);
+    if (r->extra_name[0])
+        bad |= add_header(mr, r->extra_name, r->extra_value);
+    if (bad) {
+        /* Only a handler's header can be refused; ours are plain tokens, so
+         * this recursion ends with the 500. */
+        log_msg("a response header was refused (status %d)", r->status);
+        MHD_destroy_response(mr);
+        resp_error(r, -EIO, "bad response header");
+        return send_response(conn, r);
+    }
+    ok = MHD_queue_response(conn, (unsigned)r->status, mr);
+    MHD_destroy_response(mr);
+    if (ok != MHD_YES)
+        log_msg("cannot queue a %d response", r->status);
+    return ok;
+}
+
+/* ---- shard ops: each fills r ---- */
+
+static void op_get(struct shard *sh, struct MHD_Connection *conn, const uint8_t *key, size_t klen,
+                   struct node_response *r)
+{
+    uint64_t off = 0, len = WIRE_GET_MAX;
+    size_t want, need, vlen = 0;
+    uint8_t *buf = NULL;
+    int rc = 0;
+
+    if (query_u64(conn, "off", &off) < 0 || query_u64(conn, "len", &len) < 0) {
+        resp_error(r, -EINVAL, "bad off or len");
+        return;
+    }
+    if (klen == 0 || klen > BATCH_KEY_MAX) {
+        resp_error(r, -EINVAL, "key must be 1-%u bytes", BATCH_KEY_MAX);
+        return;
+    }
+    if (len > WIRE_GET_MAX)
+        len = WIRE_GET_MAX;
+    /* Most values are small: try a modest buffer, and grow it to the size
+     * the value turned out to have (again if it changed meanwhile). */
+    want = len < GET_FIRST_TRY ? (size_t)len : GET_FIRST_TRY;
+    for (int tries = 0;; tries++) {
+        buf = malloc(want ? want : 1);
+        if (!buf) {
+            resp_error(r, -ENOMEM, "out of memory");
+            return;
+        }
+        rc = shard_get(sh, key, klen, (size_t)off, buf, want, &vlen);
+        if (rc < 0) {
+            free(buf);
+            resp_error(r, rc, "get: %s", strerror(-rc));
+            return;
+        }
+        need = off < vlen ? (vlen - off < len ? vlen - (size_t)off : (size_t)len) : 0;
+        if ((size_t)rc >= need || tries == 3)
+            break;
+        free(buf);
+        want = need;
+    }
+    resp_status(r, 200);
+    if (rc > 0) {
+        r->body = buf;
+        r->len = (size_t)rc;
+    } else {
+        free(buf);
+    }
+    r->content_type = "application/octet-stream";
+    resp_extra(r, WIRE_HDR_VLEN, "%zu", vlen);
+}
+
+struct scan_ctx {
+    uint8_t *buf;
+    size_t len, cap;
+    uint64_t count, limit;
+    int more;
+};
+
+static int scan_add(void *c, const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen)
+{
+    struct scan_ctx *sc = c;
+    size_t rec = wire_scan_record_size(klen, vlen);
+
+    /* Only a record that exists but does not fit sets "more". */
+    if (sc->count == sc->limit || (sc->count && sc->len + rec > WIRE_SCAN_REPLY_MAX)) {
+        sc->more = 1;
+        return 1;
+    }
+    if (sc->len + rec > sc->cap) {
+        size_t cap = sc->cap ? sc->cap : 64u << 10;
+        uint8_t *p;
+
+        while (cap < sc->len + rec)
+            cap *= 2;
+        /* Never reserve past the cap unless one big record needs it. */
+        if (cap > WIRE_SCAN_REPLY_MAX && sc->len + rec <= WIRE_SCAN_REPLY_MAX)
+            cap = WIRE_SCAN_REPLY_MAX;
+        p = realloc(sc->buf, cap);
+        if (!p)
+            return -ENOMEM;
+        sc->buf = p;
+        sc->cap = cap;
+    }
+    wire_scan_record_encode(sc->buf + sc->len, key, klen, val, vlen);
+    sc->len += rec;
+    sc->count++;
+    return 0;
+}
+
+static void op_scan(struct shard *sh, struct MHD_Connection *conn, const uint8_t *body, size_t len,
+                    struct node_response *r)
+{
+    struct scan_ctx sc = {.limit = WIRE_SCAN_LIMIT_MAX};
+    const uint8_t *start, *end;
+    size_t slen, elen;
+    int rc;
+
+    if (query_u64(conn, "limit", &sc.limit) < 0 || sc.limit == 0) {
+        resp_error(r, -EINVAL, "bad limit");
+        return;
+    }
+    if (sc.limit > WIRE_SCAN_LIMIT_MAX)
+        sc.limit = WIRE_SCAN_LIMIT_MAX;
+    if (wire_scan_request_decode(body, len, &start, &slen, &end, &elen) < 0) {
+        resp_error(r, -EINVAL, "malformed scan request");
+        return;
+    }
+    rc = shard_scan(sh, start, slen, end, elen, scan_add, &sc);
+    if (rc < 0) {
+        free(sc.buf);
+        resp_error(r, rc, "scan: %s", strerror(-rc));
+        return;
+    }
+    resp_status(r, 200);
+    r->body = sc.buf;
+    r->len = sc.len;
+    r->content_type = "application/octet-stream";
+    if (sc.more)
+        resp_extra(r, WIRE_HDR_MORE, "1");
+}
+
+static void op_apply(struct shard *sh, uint8_t *body, size_t len, struct node_response *r)
+{
+    int n = batch_validate(body, len);
+    struct batch b;
+    int rc;
+
+    if (n < 0) {
+        resp_error(r, -EINVAL, "malformed batch");
+        return;
+    }
+    if (n == 0) {
+        resp_status(r, 204); /* nothing to apply, atomically */
+        return;
+    }
+    b = (struct batch){.buf = body, .len = len, .cap = len, .count = (unsigned)n};
+    rc = shard_apply(sh, &b);
+    if (rc < 0) {
+        resp_error(r, rc, "apply: %s", strerror(-rc));
+        return;
+    }
+    resp_status(r, 204);
+}
+
+static void op_sync(struct shard *sh, size_t len, struct node_response *r)
+{
+    int rc;
+
+    if (len) {
+        resp_error(r, -EINVAL, "sync takes no body");
+        return;
+    }
+    rc = shard_sync(sh);
+    if (rc < 0) {
+        resp_error(r, rc, "sync: %s", strerror(-rc));
+        return;
+    }
+    resp_status(r, 204);
+}
+
+/* JSON numbers here are json_int_t (long long): clamp, never wrap. */
+static json_t *json_u64(uint64_t v)
+{
+    return json_integer(v > (uint64_t)LLONG_MAX ? LLONG_MAX : (json_int_t)v);
+}
+
+static void op_stat(struct shard *sh, struct node_response *r)
+{
+    struct shard_stat st = {0};
+    int rc = shard_stat(sh, &st);
+
+    if (rc < 0) {
+        resp_error(r, rc, "stat: %s", strerror(-rc));
+        return;
+    }
+    resp_json(r, json_pack("{s:o,s:o,s:o}", "records", json_u64(st.records), "bytes",
+                           json_u64(st.bytes), "pending", json_u64(st.pending)));
+}
+
+/* 307 to the owner of shard n: its URL + the raw path?query we got. */
+static void redirect(struct node_server *s, unsigned n, const char *raw_uri,
+                     struct node_response *r)
+{
+    const char *url = s->cfg.nodes[s->cfg.owner[n]].url;
+    size_t base = url_base_len(url);
+    int len;
+
+    if (base == 0) {
+        resp_error(r, -EIO, "shard %u: its owner has no url", n);
+        return;
+    }
+    resp_status(r, 307);
+    len = snprintf(r->location, sizeof(r->location), "%.*s%s", (int)base, url, raw_uri);
+    if (len < 0 || (size_t)len >= sizeof(r->location)) {
+        resp_error(r, -ENAMETOOLONG, "redirect location too long");
+        return;
+    }
+    resp_extra(r, WIRE_HDR_EPOCH, "%" PRIu64, s->cfg.epoch);
+}
+
+static void route_shard(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
+                        const char *method, unsigned n, enum wire_op op, struct node_response *r)
+{
+    struct shard *sh;
+    uint64_t epoch, seen;
+    int want_get = op == WIRE_OP_STAT;
+
+    if (n >= s->cfg.shard_count) {
+        resp_error(r, -EINVAL, "no shard %u (the store has %u)", n, s->cfg.shard_count);
+        return;
+    }
+    if (parse_u64(header(conn, WIRE_HDR_EPOCH), &epoch) < 0) {
+        resp_error(r, -EINVAL, "missing or bad " WIRE_HDR_EPOCH);
+        return;
+    }
+    if (strcmp(method, want_get ? "GET" : "POST") != 0) {
+        resp_error(r, -EINVAL, "%s wants %s", wire_op_name(op), want_get ? "GET" : "POST");
+        r->status = 405;
+        r->errno_name[0] = '\0';
+        resp_extra(r, MHD_HTTP_HEADER_ALLOW, "%s", want_get ? "GET" : "POST");
+        return;
+    }
+    sh = s->shards[n];
+    if (!sh && s->cfg.owner[n] == s->self) {
+        resp_error(r, -EIO, "shard %u is ours but not open", n);
+        return;
+    }
+    if (!sh || epoch < s->cfg.epoch) {
+        redirect(s, n, rq->uri, r);
+        return;
+    }
+    if (epoch > s->cfg.epoch) {
+        seen = atomic_load(&s->newest_epoch);
+        while (epoch > seen && !atomic_compare_exchange_weak(&s->newest_epoch, &seen, epoch))
+            ;
+        if (epoch > seen)
+            log_msg("a peer uses config epoch %" PRIu64 ", ours is %" PRIu64
+                    "; serving shard %u anyway",
+                    epoch, s->cfg.epoch, n);
+    }
+    switch (op) {
+    case WIRE_OP_GET:
+        op_get(sh, conn, rq->body, rq->len, r);
+        return;
+    case WIRE_OP_SCAN:
+        op_scan(sh, conn, rq->body, rq->len, r);
+        return;
+    case WIRE_OP_APPLY:
+        op_apply(sh, rq->body, rq->len, r);
+        return;
+    case WIRE_OP_SYNC:
+        op_sync(sh, rq->len, r);
+        return;
+    case WIRE_OP_STAT:
+        op_stat(sh, r);
+        return;
+    }
+    resp_error(r, -EINVAL, "unknown op");
+}
+
+static void route_config(struct node_server *s, const char *method, struct node_response *r)
+{
+    json_t *shards, *doc;
+
+    if (strcmp(method, "GET") != 0) {
+        resp_status(r, 405);
+        resp_extra(r, MHD_HTTP_HEADER_ALLOW, "GET");
+        return;
+    }
+    shards = json_array();
+    for (unsigned i = 0; shards && i < s->cfg.shard_count; i++) {
+        const char *url = s->cfg.nodes[s->cfg.owner[i]].url;
+        if (json_array_append_new(shards, json_stringn(url, url_base_len(url))) < 0) {
+            json_decref(shards);
+            shards = NULL;
+        }
+    }
+    doc = shards ? json_pack("{s:o,s:s,s:o}", "epoch", json_u64(s->cfg.epoch), "node",
+                             s->cfg.nodes[s->self].name, "shards", shards)
+                 : NULL;
+    resp_json(r, doc);
+}
+
+static void route_other(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
+                        const char *url, const char *method, struct node_response *r)
+{
+    struct node_request req = {
+        .method = method,
+        .path = url,
+        .body = rq->len ? rq->body : NULL,
+        .body_len = rq->len,
+        .conn = conn,
+    };
+    int rc;
+
+    if (!s->other) {
+        resp_error(r, -ENOENT, "no such path");
+        return;
+    }
+    resp_reset(r);
+    rc = s->other(s->other_ctx, &req, r);
+    if (rc < 0) {
+        resp_error(r, rc, "%s", strerror(-rc));
+        return;
+    }
+    if (rc > 0 || r->status < 200 || r->status > 599) {
+        log_msg("the handler for %s %s gave status %d (rc %d)", method, url, r->status, rc);
+        resp_error(r, -EIO, "internal error");
+        return;
+    }
+}
+
+/* Step 4: the whole request is here. */
+static void dispatch(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
+                     const char *url, const char *method, struct node_response *r)
+{
+    const char *auth = header(conn, WIRE_HDR_AUTH);
+    char path[WIRE_PATH_MAX];
+    size_t plen;
+    int64_t date;
+    unsigned n;
+    enum wire_op op;
+    int rc;
+
+    if (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 ||
+        wire_verify(s->cfg.secret, method, rq->uri, date, (int64_t)time(NULL), rq->body, rq->len,
+                    auth) < 0) {
+        resp_error(r, -EACCES, "not authenticated");
+        return;
+    }
+
+    plen = strcspn(rq->uri, "?");
+    if (plen >= sizeof(path)) {
+        if (strncmp(rq->uri, "/v1/shard/", 10) == 0) {
+            resp_error(r, -ENAMETOOLONG, "path too long");
+            return;
+        }
+        route_other(s, rq, conn, url, method, r);
+        return;
+    }
+    memcpy(path, rq->uri, plen);
+    path[plen] = '\0';
+    if (strcmp(path, "/v1/config") == 0) {
+        route_config(s, method, r);
+        return;
+    }
+    rc = wire_parse_shard_path(path, &n, &op);
+    if (rc == -ENOENT) {
+        route_other(s, rq, conn, url, method, r);
+        return;
+    }
+    if (rc < 0) {
+        resp_error(r, -EINVAL, "malformed shard path");
+        return;
+    }
+    route_shard(s, rq, conn, method, n, op, r);
+}
+
+/* Step 2: what can be refused from the headers alone. 0 or a response. */
+static int precheck(struct node_server *s, struct MHD_Connection *conn, struct node_response *r)
+{
+    const char *cl = header(conn, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *auth = header(conn, WIRE_HDR_AUTH);
+    int64_t date, now = (int64_t)time(NULL);
+    uint64_t n = 0;
+
+    (void)s;
+    if (cl && parse_u64(cl, &n) == 0 && n > WIRE_BODY_MAX) {
+        resp_error(r, -EFBIG, "body over %u bytes", WIRE_BODY_MAX);
+        return 1;
+    }
+    /* A small body is cheaper to read than to refuse: a reply before the
+     * body has been read closes the connection, and closing with unread
+     * data makes the kernel send a reset that can destroy the reply on its
+     * way to the client. So only large or chunked bodies are refused here
+     * (no Content-Length and no Transfer-Encoding is no body, n == 0);
+     * step 4 checks everything anyway. */
+    if (!header(conn, MHD_HTTP_HEADER_TRANSFER_ENCODING) && n <= EARLY_REFUSE_MIN)
+        return 0;
+    if (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 || date > now + WIRE_MAX_SKEW ||
+        date < now - WIRE_MAX_SKEW || !auth || strlen(auth) != WIRE_AUTH_LEN) {
+        resp_error(r, -EACCES, "not authenticated");
+        return 1;
+    }
+    return 0;
+}
+
+/* Step 3: one piece of the body. 0, or -EFBIG over the cap, -ENOMEM. */
+static int body_append(struct request *rq, const char *data, size_t n)
+{
+    if (n > WIRE_BODY_MAX - rq->len)
+        return -EFBIG;
+    if (rq->len + n > rq->cap) {
+        size_t cap = rq->cap ? rq->cap : BODY_FIRST_ALLOC;
+        uint8_t *p;
+
+        while (cap < rq->len + n)
+            cap = cap > WIRE_BODY_MAX / 2 ? WIRE_BODY_MAX : cap * 2;
+        p = realloc(rq->body, cap);
+        if (!p)
+            return -ENOMEM;
+        rq->body = p;
+        rq->cap = cap;
+    }
+    memcpy(rq->body + rq->len, data, n);
+    rq->len += n;
+    return 0;
+}
+
+/* ---- MHD callbacks ---- */
+
+/* Step 1. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    struct request *rq = calloc(1, sizeof(*rq));
+
+    (void)conn;
+    if (rq) {
+        rq->srv = cls;
+        rq->uri = strdup(uri ? uri : "");
+    }
+    return rq;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
+{
+    struct node_server *s = cls;
+    struct request *rq = *con_cls;
+    struct node_response r = {0};
+    int rc;
+
+    (void)version;
+    if (!rq || !rq->uri)
+        return MHD_NO; /* out of memory in on_uri: drop the connection */
+    if (rq->replied) {
+        /* Refused early; MHD closes once the reply is out. Read nothing. */
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (!rq->started) {
+        rq->started = 1;
+        if (precheck(s, conn, &r)) {
+            rq->replied = 1;
+            return send_response(conn, &r);
+        }
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        size_t n = *upload_data_size;
+
+        *upload_data_size = 0;
+        if (rq->error) {
+            /* Step 3: past the cap; drop it, and give up on endless bodies. */
+            rq->discarded += n;
+            return rq->discarded > DISCARD_MAX ? MHD_NO : MHD_YES;
+        }
+        rc = body_append(rq, upload_data, n);
+        if (rc < 0) {
+            free(rq->body);
+            rq->body = NULL;
+            rq->len = rq->cap = 0;
+            rq->error = rc;
+            rq->discarded = n;
+        }
+        return MHD_YES;
+    }
+    if (rq->error == -EFBIG)
+        resp_error(&r, rq->error, "body over %u bytes", WIRE_BODY_MAX);
+    else if (rq->error)
+        resp_error(&r, rq->error, "cannot take the body: %s", strerror(-rq->error));
+    else
+        dispatch(s, rq, conn, url, method, &r);
+    return send_response(conn, &r);
+}
+
+/* Step 7. */
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    struct request *rq = *con_cls;
+
+    (void)cls;
+    (void)conn;
+    (void)toe;
+    if (rq) {
+        free(rq->uri);
+        free(rq->body);
+        free(rq);
+        *con_cls = NULL;
+    }
+}
+
+/* ---- the node_request accessors ---- */
+
+const char *node_request_query(const struct node_request *req, const char *name)
+{
+    if (!req || !req->conn || !name)
+        return NULL;
+    return MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+const char *node_request_header(const struct node_request *req, const char *name)
+{
+    if (!req || !req->conn || !name)
+        return NULL;
+    return MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, name);
+}
+
+/* ---- start and stop ---- */
+
+/* "http://HOST:PORT" or "http://[V6]:PORT", an optional trailing "/", into
+ * s->host, s->port and s->addr. 0 or -errno with a reason. */
+static int parse_listen_url(struct node_server *s, const char *url, char *err, size_t errlen)
+{
+    const char *h, *hend, *p, *pend;
+    struct addrinfo hints = {0}, *ai = NULL;
+    uint64_t port;
+    int rc;
+
+    if (strncmp(url, "https://", 8) == 0) {
+        set_err(err, errlen, "%s: TLS not supported yet (use http://)", url);
+        return -ENOTSUP;
+    }
+    if (strncmp(url, "http://", 7) != 0) {
+        set_err(err, errlen, "%s: bad url (want http://HOST:PORT)", url[0] ? url : "\"\"");
+        return -EINVAL;
+    }
+    h = url + 7;
+    if (*h == '[') {
+        hend = strchr(h, ']');
+        if (!hend) {
+            set_err(err, errlen, "%s: bad url (unclosed [)", url);
+            return -EINVAL;
+        }
+        p = hend + 1;
+        h++;
+    } else {
+        hend = h + strcspn(h, ":/@?#");
+        p = hend;
+    }
+    if (hend == h || *p != ':') {
+        set_err(err, errlen, "%s: bad url (want http://HOST:PORT)", url);
+        return -EINVAL;
+    }
+    p++;
+    pend = p + strspn(p, "0123456789");
+    if (pend == p || pend - p > 5 || (pend[0] && strcmp(pend, "/") != 0)) {
+        set_err(err, errlen, "%s: bad url (want http://HOST:PORT with no path)", url);
+        return -EINVAL;
+    }
+    snprintf(s->port, sizeof(s->port), "%.*s", (int)(pend - p), p);
+    if (parse_u64(s->port, &port) < 0 || port == 0 || port > 65535) {
+        set_err(err, errlen, "%s: bad port '%s'", url, s->port);
+        return -EINVAL;
+    }
+    snprintf(s->host, sizeof(s->host), "%.*s", (int)(hend - h), h);
+
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    rc = getaddrinfo(s->host, s->port, &hints, &ai);
+    if (rc != 0 || !ai) {
+        set_err(err, errlen, "%s: cannot resolve '%s': %s", url, s->host, gai_strerror(rc));
+        if (ai)
+            freeaddrinfo(ai);
+        return -EHOSTUNREACH;
+    }
+    if (ai->ai_addrlen > sizeof(s->addr) ||
+        (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)) {
+        freeaddrinfo(ai);
+        set_err(err, errlen, "%s: unsupported address family", url);
+        return -EAFNOSUPPORT;
+    }
+    memcpy(&s->addr, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    return 0;
+}
+
+/* MHD says only "failed"; find out why by trying the bind ourselves. */
+static int explain_bind_failure(struct node_server *s, char *err, size_t errlen)
+{
+    socklen_t alen =
+        s->addr.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+    int fd = socket(s->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1, e = 0;
+
+    if (fd < 0) {
+        e = errno;
+    } else {
+        /* MHD sets SO_REUSEADDR too: only a live listener makes this fail. */
+        (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, (struct sockaddr *)&s->addr, alen) != 0 || listen(fd, 1) != 0)
+            e = errno;
+        close(fd);
+    }
+    if (e == EADDRINUSE) {
+        set_err(err, errlen, "cannot listen on %s port %s: the port is already in use", s->host,
+                s->port);
+        return -EADDRINUSE;
+    }
+    if (e) {
+        set_err(err, errlen, "cannot listen on %s port %s: %s", s->host, s->port, strerror(e));
+        return -e;
+    }
+    set_err(err, errlen, "cannot start the HTTP server on %s port %s", s->host, s->port);
+    return -EIO;
+}
+
+int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
+                      node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
+                      size_t errlen)
+{
+    struct node_server *s = NULL;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+                     MHD_USE_POLL | MHD_USE_ERROR_LOG;
+    sigset_t all, old;
+    uint64_t port = 0;
+    int rc;
+
+    *out = NULL;
+    if (!cfg || self < 0 || (unsigned)self >= cfg->node_count || !shards) {
+        set_err(err, errlen, "node_server_start: bad arguments");
+        return -EINVAL;
+    }
+    if (!cfg->secret[0]) {
+        set_err(err, errlen, "%s: a secret is required to serve ([cluster] secret)", cfg->path);
+        return -EINVAL;
+    }
+    s = calloc(1, sizeof(*s));
+    if (!s)
+        goto nomem;
+    s->cfg = *cfg;
+    s->self = self;
+    s->other = other;
+    s->other_ctx = other_ctx;
+    atomic_init(&s->newest_epoch, cfg->epoch);
+    s->shards = calloc(cfg->shard_count ? cfg->shard_count : 1, sizeof(*s->shards));
+    if (!s->shards)
+        goto nomem;
+    memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
+    rc = parse_listen_url(s, cfg->nodes[self].url, err, errlen);
+    if (rc < 0)
+        goto fail;
+    if (s->addr.ss_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    (void)parse_u64(s->port, &port);
+
+    /* Threads inherit the signal mask: MHD's get every signal blocked. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    /* The port argument only names the port in MHD's messages: the socket
+     * is bound to s->addr. The logger must be the first option. */
+    s->daemon = MHD_start_daemon(
+        flags, (uint16_t)port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&s->addr, MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_LIMIT, MAX_CONNECTIONS,
+        MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_END);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!s->daemon) {
+        rc = explain_bind_failure(s, err, errlen);
+        goto fail;
+    }
+    *out = s;
+    return 0;
+
+nomem:
+    set_err(err, errlen, "node_server_start: out of memory");
+    rc = -ENOMEM;
+fail:
+    node_server_stop(s);
+    return rc;
+}
+
+void node_server_stop(struct node_server *s)
+{
+    if (!s)
+        return;
+    if (s->daemon)
+        MHD_stop_daemon(s->daemon);
+    free(s->shards);
+    free(s);
+}

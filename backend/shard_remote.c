@@ -1,2 +1,1017 @@
-/* shard_remote.c -- placeholder until implemented. */
+/* shard_remote.c -- the shard interface over HTTP (wire.h), with libcurl.
+ *
+ * A remote shard is a struct shard whose slots turn into one signed HTTP
+ * request each (two or more for a get larger than WIRE_GET_MAX or a scan the
+ * server cuts short) to the node that currently owns the shard. Everything
+ * the shards share lives in struct remote: the config, the owner table, the
+ * epoch we speak and a pool of curl easy handles.
+ *
+ * DESIGN
+ * 1. A request takes an easy handle from the pool (or makes one), so each
+ *    handle is used by one thread at a time, and puts it back afterwards.
+ *    A handle keeps its connections alive, so a thread doing requests one
+ *    after another reuses one TCP connection. Handles are made with
+ *    CURLOPT_NOSIGNAL (we have threads and timeouts), TCP keep-alive, only
+ *    http/https, and never follow redirects themselves.
+ * 2. Every attempt is signed afresh: X-Shardfs-Date is time(NULL), and
+ *    X-Shardfs-Auth = wire_sign(secret, method, path?query as sent, date,
+ *    body). "Expect:" is sent empty (no 100-continue round trip) and POST
+ *    bodies are application/octet-stream.
+ * 3. A request has one deadline, cfg->timeout_ms (5000 when 0) after it
+ *    starts. Every attempt gets the time that is left as its curl timeout,
+ *    connect included; an attempt is not started with less than
+ *    REMOTE_MIN_ATTEMPT_MS left. So a dead node costs at most timeout_ms plus
+ *    one callback's worth, never a hang.
+ * 4. A 307 carries the owner's URL with our path and query (Location) and
+ *    the redirecting node's epoch. We remember the URL as the shard's owner
+ *    (owner[]), adopt a newer epoch (a node redirects requests from an older
+ *    epoch, possibly to itself, so without adopting it a client with an old
+ *    config could never be served), re-sign and send again. At most
+ *    REMOTE_MAX_REDIRECTS per request, within the same deadline; more is
+ *    -EIO. Redirects are followed for every operation: a 307 means the node
+ *    did nothing.
+ * 5. get, scan and stat are idempotent: a transport failure or a 503 is
+ *    retried after 20, 40, 80 ... ms (at most REMOTE_BACKOFF_MAX_MS), as long
+ *    as the deadline allows; then the last error is returned. apply and sync
+ *    are sent once: a lost reply cannot be told from a lost request, so the
+ *    caller gets -EIO (or the mapped status) and decides. Because curl itself
+ *    resends a request whose reused keep-alive connection turned out dead,
+ *    bodies go through a read callback whose rewind is refused for apply:
+ *    curl then fails with CURLE_SEND_FAIL_REWIND (-EIO) instead of sending a
+ *    batch a second time. (An empty sync body needs no rewind, and a second
+ *    sync is harmless.)
+ * 6. Replies have hard caps. A get reply is written straight into the
+ *    caller's buffer and may not be longer than what was asked for; a scan
+ *    reply may reach WIRE_SCAN_REPLY_MAX plus one largest record (the server
+ *    cannot cut a record in two); anything else 64 KiB. Going over aborts
+ *    the transfer: -EIO. Bodies of error replies are counted and dropped.
+ * 7. Errors: transport failures map in remote_errno_of_curl(), HTTP statuses
+ *    only through wire_errno_of_status(). A reply we cannot parse (a missing
+ *    X-Shardfs-Vlen, a malformed scan reply, bad JSON) is -EIO.
+ *
+ * Threads: the pool, owner[], the interned URLs and the epoch are protected
+ * by remote.lock; nothing else is shared. The only global state is
+ * curl_global_init(), done once (pthread_once) and never undone.
+ */
 #include "shard_remote.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "wire.h"
+
+#define REMOTE_DEFAULT_TIMEOUT_MS 5000u
+#define REMOTE_MAX_REDIRECTS 3
+#define REMOTE_BACKOFF_FIRST_MS 20
+#define REMOTE_BACKOFF_MAX_MS 500
+#define REMOTE_MIN_ATTEMPT_MS 10 /* no new attempt with less time left */
+#define REMOTE_SMALL_REPLY_MAX (64u << 10)
+/* A scan reply is cut near WIRE_SCAN_REPLY_MAX, but always holds at least
+ * one record, and one record can be as large as a value can be. */
+#define REMOTE_SCAN_REPLY_MAX (WIRE_SCAN_REPLY_MAX + 8u + BATCH_KEY_MAX + BATCH_VALUE_MAX + 4096u)
+#define REMOTE_SCAN_FIRST_LIMIT 256u /* records asked for in a scan's first page */
+#define REMOTE_POOL_IDLE_MAX 64u     /* idle handles kept; more are cleaned up */
+#define REMOTE_URLS_MAX 1024u        /* distinct redirect targets remembered */
+#define REMOTE_LOCATION_MAX (CONFIG_URL_MAX + WIRE_PATH_MAX + 64u)
+
+/* ---- the shared state ---- */
+
+/* An owner URL learnt from a redirect. Never freed before remote_free(), so
+ * pointers handed out by remote_owner_url() stay valid. */
+struct remote_url {
+    struct remote_url *next;
+    char url[];
+};
+
+/* A pooled easy handle. */
+struct conn {
+    struct conn *next;
+    CURL *curl;
+};
+
+struct remote {
+    const struct config *cfg;
+    int self; /* this node, or -1 */
+    unsigned timeout_ms;
+    pthread_mutex_t lock;
+    /* protected by lock: */
+    const char *owner[CONFIG_MAX_SHARDS]; /* cfg->nodes[].url or a remote_url */
+    struct remote_url *urls;
+    unsigned url_count;
+    uint64_t epoch; /* max(cfg->epoch, epochs of redirects) */
+    struct conn *idle;
+    unsigned idle_count;
+};
+
+struct shard_remote {
+    struct shard base;
+    struct remote *r;
+};
+
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_rc;
+
+static void curl_init_once(void)
+{
+    curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int64_t ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* ---- the handle pool ---- */
+
+static struct conn *pool_take(struct remote *r)
+{
+    struct conn *c;
+
+    pthread_mutex_lock(&r->lock);
+    c = r->idle;
+    if (c) {
+        r->idle = c->next;
+        r->idle_count--;
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (c)
+        return c;
+
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->curl = curl_easy_init();
+    if (!c->curl) {
+        free(c);
+        return NULL;
+    }
+    CURL *h = c->curl;
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: CURLOPT_PROTOCOLS deprecated */
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    return c;
+}
+
+static void pool_put(struct remote *r, struct conn *c)
+{
+    if (!c)
+        return;
+    /* Nothing of the finished request may dangle in the handle. */
+    curl_easy_setopt(c->curl, CURLOPT_HTTPHEADER, NULL);
+    pthread_mutex_lock(&r->lock);
+    if (r->idle_count < REMOTE_POOL_IDLE_MAX) {
+        c->next = r->idle;
+        r->idle = c;
+        r->idle_count++;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (c) {
+        curl_easy_cleanup(c->curl);
+        free(c);
+    }
+}
+
+/* ---- one request ---- */
+
+/* A response header we keep: the value, and whether it was too long. */
+struct hdr {
+    int set, trunc;
+    char v[64];
+};
+
+struct request {
+    /* filled by the caller */
+    const char *method; /* "GET" or "POST" */
+    char path_query[WIRE_PATH_MAX + 64];
+    const uint8_t *body;
+    size_t body_len;
+    int idempotent; /* retried, and its body may be resent */
+    int fixed;      /* a 200 body goes to out[0..out_cap) */
+    uint8_t *out;
+    size_t out_cap;
+    size_t reply_max; /* cap of reply (and of dropped bodies) */
+    int keep_body;    /* 0: count a 2xx body but do not keep it */
+
+    /* the reply */
+    long status;    /* final HTTP status */
+    size_t out_len; /* bytes written to out */
+    uint8_t *reply; /* malloc()ed 2xx body; caller frees */
+    size_t reply_len, reply_cap;
+    struct hdr vlen, more, errno_name, epoch;
+    char location[REMOTE_LOCATION_MAX];
+    int location_set, location_trunc;
+
+    /* transfer state */
+    long cur_status; /* status line of the response being read */
+    size_t sent, dropped;
+    int overflow, nomem;
+};
+
+static void request_reset_reply(struct request *q)
+{
+    memset(&q->vlen, 0, sizeof(q->vlen));
+    memset(&q->more, 0, sizeof(q->more));
+    memset(&q->errno_name, 0, sizeof(q->errno_name));
+    memset(&q->epoch, 0, sizeof(q->epoch));
+    q->location[0] = '\0';
+    q->location_set = q->location_trunc = 0;
+    q->cur_status = 0;
+    q->out_len = q->reply_len = q->dropped = 0;
+}
+
+static void request_free(struct request *q)
+{
+    free(q->reply);
+    q->reply = NULL;
+    q->reply_len = q->reply_cap = 0;
+}
+
+static size_t on_read(char *p, size_t size, size_t n, void *ud)
+{
+    struct request *q = ud;
+    size_t len = size * n, left = q->body_len - q->sent;
+
+    if (len > left)
+        len = left;
+    if (len)
+        memcpy(p, q->body + q->sent, len);
+    q->sent += len;
+    return len;
+}
+
+/* curl asks to rewind the body when it must send it again (a reused
+ * connection died under it). Allowed only for idempotent requests. */
+static int on_seek(void *ud, curl_off_t offset, int origin)
+{
+    struct request *q = ud;
+
+    if (!q->idempotent || origin != SEEK_SET || offset < 0 || (uint64_t)offset > q->body_len)
+        return CURL_SEEKFUNC_FAIL;
+    q->sent = (size_t)offset;
+    return CURL_SEEKFUNC_OK;
+}
+
+static size_t on_body(char *p, size_t size, size_t n, void *ud)
+{
+    struct request *q = ud;
+    size_t len = size * n;
+
+    if (q->cur_status < 200 || q->cur_status > 299 || !q->keep_body) {
+        /* Error bodies and bodies nobody reads: count and drop. */
+        if (len > q->reply_max - q->dropped) {
+            q->overflow = 1;
+            return 0;
+        }
+        q->dropped += len;
+        return len;
+    }
+    if (q->fixed && q->cur_status == 200) {
+        if (len > q->out_cap - q->out_len) {
+            q->overflow = 1;
+            return 0;
+        }
+        if (len)
+            memcpy(q->out + q->out_len, p, len);
+        q->out_len += len;
+        return len;
+    }
+    if (len > q->reply_max - q->reply_len) {
+        q->overflow = 1;
+        return 0;
+    }
+    if (q->reply_len + len > q->reply_cap) {
+        size_t cap = q->reply_cap ? q->reply_cap : 4096;
+        while (cap < q->reply_len + len)
+            cap = cap > q->reply_max / 2 ? q->reply_max : cap * 2;
+        uint8_t *nb = realloc(q->reply, cap);
+        if (!nb) {
+            q->nomem = 1;
+            return 0;
+        }
+        q->reply = nb;
+        q->reply_cap = cap;
+    }
+    memcpy(q->reply + q->reply_len, p, len);
+    q->reply_len += len;
+    return len;
+}
+
+static void hdr_store(struct hdr *h, const char *v, size_t len)
+{
+    h->set = 1;
+    h->trunc = len >= sizeof(h->v);
+    if (h->trunc)
+        len = sizeof(h->v) - 1;
+    memcpy(h->v, v, len);
+    h->v[len] = '\0';
+}
+
+static int hdr_is(const char *name, size_t nlen, const char *want)
+{
+    return nlen == strlen(want) && strncasecmp(name, want, nlen) == 0;
+}
+
+static size_t on_header(char *p, size_t size, size_t n, void *ud)
+{
+    struct request *q = ud;
+    size_t len = size * n;
+
+    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
+        /* A new response (after a 1xx, or the first): forget the last one. */
+        request_reset_reply(q);
+        size_t i = 5;
+        while (i < len && p[i] != ' ')
+            i++;
+        long st = 0;
+        int digits = 0;
+        while (++i < len && p[i] >= '0' && p[i] <= '9' && digits < 3) {
+            st = st * 10 + (p[i] - '0');
+            digits++;
+        }
+        q->cur_status = digits == 3 ? st : 0;
+        return len;
+    }
+    const char *colon = memchr(p, ':', len);
+    if (!colon)
+        return len;
+    size_t nlen = (size_t)(colon - p);
+    const char *v = colon + 1, *end = p + len;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    size_t vlen = (size_t)(end - v);
+
+    if (hdr_is(p, nlen, WIRE_HDR_VLEN))
+        hdr_store(&q->vlen, v, vlen);
+    else if (hdr_is(p, nlen, WIRE_HDR_MORE))
+        hdr_store(&q->more, v, vlen);
+    else if (hdr_is(p, nlen, WIRE_HDR_ERRNO))
+        hdr_store(&q->errno_name, v, vlen);
+    else if (hdr_is(p, nlen, WIRE_HDR_EPOCH))
+        hdr_store(&q->epoch, v, vlen);
+    else if (hdr_is(p, nlen, "Location")) {
+        q->location_set = 1;
+        q->location_trunc = vlen >= sizeof(q->location);
+        if (!q->location_trunc) {
+            memcpy(q->location, v, vlen);
+            q->location[vlen] = '\0';
+        }
+    }
+    return len;
+}
+
+/* A decimal header value; 0 or -EIO (missing, too long, not a number). */
+static int hdr_u64(const struct hdr *h, uint64_t *out)
+{
+    uint64_t n = 0;
+
+    if (!h->set || h->trunc || !h->v[0])
+        return -EIO;
+    for (const char *s = h->v; *s; s++) {
+        if (*s < '0' || *s > '9')
+            return -EIO;
+        if (n > (UINT64_MAX - (uint64_t)(*s - '0')) / 10)
+            return -EIO;
+        n = n * 10 + (uint64_t)(*s - '0');
+    }
+    *out = n;
+    return 0;
+}
+
+/* The one translation of transport failures (anything that is not an HTTP
+ * status) into errno. A refused connection is -EHOSTUNREACH, like a host
+ * that does not resolve: both say "that node is not serving", which is what
+ * shard_remote.h promises for a dead node; -ECONNREFUSED would leak a detail
+ * callers cannot act on differently. */
+static int remote_errno_of_curl(CURLcode cc, const struct request *q)
+{
+    if (q && q->nomem)
+        return -ENOMEM;
+    if (q && q->overflow)
+        return -EIO;
+    switch (cc) {
+    case CURLE_OK:
+        return 0;
+    case CURLE_OPERATION_TIMEDOUT:
+        return -ETIMEDOUT;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+        return -EHOSTUNREACH;
+    case CURLE_OUT_OF_MEMORY:
+        return -ENOMEM;
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    default:
+        return -EIO;
+    }
+}
+
+/* Failures worth another attempt of an idempotent request. */
+static int curl_retryable(CURLcode cc, const struct request *q)
+{
+    if (q->nomem || q->overflow)
+        return 0;
+    switch (cc) {
+    case CURLE_OPERATION_TIMEDOUT:
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* One HTTP exchange with base (an owner URL) within budget_ms. Returns the
+ * curl code; q->status holds the HTTP status when it is CURLE_OK. */
+static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint64_t epoch,
+                         struct request *q, int64_t budget_ms)
+{
+    char url[CONFIG_URL_MAX + sizeof(q->path_query) + 1];
+    char auth[WIRE_AUTH_LEN + 1], line[WIRE_AUTH_LEN + 64];
+    struct curl_slist *hdrs = NULL, *t;
+    size_t blen = strlen(base);
+    int64_t date = (int64_t)time(NULL);
+    int post = strcmp(q->method, "POST") == 0;
+    CURLcode cc;
+
+    while (blen > 0 && base[blen - 1] == '/')
+        blen--;
+    snprintf(url, sizeof(url), "%.*s%s", (int)blen, base, q->path_query);
+    wire_sign(r->cfg->secret, q->method, q->path_query, date, q->body, q->body_len, auth);
+
+#define ADD_HDR(...)                                                                               \
+    do {                                                                                           \
+        snprintf(line, sizeof(line), __VA_ARGS__);                                                 \
+        t = curl_slist_append(hdrs, line);                                                         \
+        if (!t)                                                                                    \
+            goto nomem;                                                                            \
+        hdrs = t;                                                                                  \
+    } while (0)
+    ADD_HDR("%s: %" PRIu64, WIRE_HDR_EPOCH, epoch);
+    ADD_HDR("%s: %" PRId64, WIRE_HDR_DATE, date);
+    ADD_HDR("%s: %s", WIRE_HDR_AUTH, auth);
+    ADD_HDR("Expect:");
+    if (post)
+        ADD_HDR("Content-Type: application/octet-stream");
+#undef ADD_HDR
+
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    if (post) {
+        curl_easy_setopt(h, CURLOPT_POST, 1L);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->body_len);
+        curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
+        curl_easy_setopt(h, CURLOPT_READDATA, q);
+        curl_easy_setopt(h, CURLOPT_SEEKFUNCTION, on_seek);
+        curl_easy_setopt(h, CURLOPT_SEEKDATA, q);
+    } else {
+        curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    }
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, q);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, q);
+    if (budget_ms < 1)
+        budget_ms = 1; /* 0 would mean "no timeout" to curl */
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)budget_ms);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)budget_ms);
+
+    request_reset_reply(q);
+    q->sent = 0;
+    q->overflow = q->nomem = 0;
+    q->status = 0;
+    cc = curl_easy_perform(h);
+    if (cc == CURLE_OK)
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &q->status);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
+    curl_slist_free_all(hdrs);
+    return cc;
+
+nomem:
+    curl_slist_free_all(hdrs);
+    q->nomem = 1;
+    return CURLE_OUT_OF_MEMORY;
+}
+
+/* Remember a URL for good (see struct remote_url). Called with lock held;
+ * NULL when there are too many or no memory. */
+static const char *url_intern(struct remote *r, const char *url, size_t len)
+{
+    for (unsigned i = 0; i < r->cfg->node_count; i++)
+        if (strlen(r->cfg->nodes[i].url) == len && memcmp(r->cfg->nodes[i].url, url, len) == 0)
+            return r->cfg->nodes[i].url;
+    for (struct remote_url *u = r->urls; u; u = u->next)
+        if (strlen(u->url) == len && memcmp(u->url, url, len) == 0)
+            return u->url;
+    if (r->url_count >= REMOTE_URLS_MAX)
+        return NULL;
+    struct remote_url *u = malloc(sizeof(*u) + len + 1);
+    if (!u)
+        return NULL;
+    memcpy(u->url, url, len);
+    u->url[len] = '\0';
+    u->next = r->urls;
+    r->urls = u;
+    r->url_count++;
+    return u->url;
+}
+
+/* Act on a 307: the owner URL is Location without our path and query (so it
+ * must end with them), http(s)://HOST..., no spaces or control characters.
+ * Updates owner[shard] and the epoch. 0 or -EIO. */
+static int follow_redirect(struct remote *r, unsigned shard, const struct request *q)
+{
+    size_t llen, plen = strlen(q->path_query), blen, scheme;
+    uint64_t epoch = 0;
+
+    if (!q->location_set || q->location_trunc)
+        return -EIO;
+    llen = strlen(q->location);
+    if (llen <= plen || strcmp(q->location + llen - plen, q->path_query) != 0)
+        return -EIO;
+    blen = llen - plen;
+    scheme = strncmp(q->location, "http://", 7) == 0    ? 7
+             : strncmp(q->location, "https://", 8) == 0 ? 8
+                                                        : 0;
+    if (scheme == 0 || blen <= scheme || blen > CONFIG_URL_MAX)
+        return -EIO;
+    for (size_t i = 0; i < blen; i++) {
+        unsigned char c = (unsigned char)q->location[i];
+        if (c <= ' ' || c >= 0x7f)
+            return -EIO;
+    }
+    if (q->epoch.set && hdr_u64(&q->epoch, &epoch) != 0)
+        return -EIO;
+
+    int rc = 0;
+    pthread_mutex_lock(&r->lock);
+    const char *u = url_intern(r, q->location, blen);
+    if (u)
+        r->owner[shard] = u;
+    else
+        rc = -EIO;
+    if (epoch > r->epoch)
+        r->epoch = epoch;
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+/* A status that is no success, as errno (wire.h's table). */
+static int status_errno(const struct request *q)
+{
+    if (q->status >= 200 && q->status <= 299)
+        return 0;
+    return wire_errno_of_status(q->status,
+                                q->errno_name.set && !q->errno_name.trunc ? q->errno_name.v : NULL);
+}
+
+/* Send q to the owner of shard (or, with shard < 0, to node `node`),
+ * following redirects and retrying idempotent requests, all within
+ * timeout_ms. 0 when a 2xx status came back (q->status tells which), else
+ * -errno. On return the caller owns q->reply (request_free). */
+static int remote_call(struct remote *r, int shard, unsigned node, struct request *q)
+{
+    int64_t deadline = now_ms() + r->timeout_ms;
+    int64_t backoff = REMOTE_BACKOFF_FIRST_MS;
+    int redirects = 0, rc;
+    struct conn *c = pool_take(r);
+
+    if (!c)
+        return -ENOMEM;
+    for (;;) {
+        char base[CONFIG_URL_MAX + 1];
+        uint64_t epoch;
+
+        pthread_mutex_lock(&r->lock);
+        snprintf(base, sizeof(base), "%s", shard >= 0 ? r->owner[shard] : r->cfg->nodes[node].url);
+        epoch = r->epoch;
+        pthread_mutex_unlock(&r->lock);
+        if (!base[0]) {
+            rc = -EHOSTUNREACH; /* no URL configured */
+            break;
+        }
+
+        int64_t left = deadline - now_ms();
+        if (left < 1) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        CURLcode cc = exchange(r, c->curl, base, epoch, q, left);
+        if (cc == CURLE_OK && q->status == 307 && shard >= 0) {
+            if (++redirects > REMOTE_MAX_REDIRECTS) {
+                rc = -EIO;
+                break;
+            }
+            rc = follow_redirect(r, (unsigned)shard, q);
+            if (rc)
+                break;
+            continue;
+        }
+        int retry;
+        if (cc != CURLE_OK) {
+            rc = remote_errno_of_curl(cc, q);
+            retry = curl_retryable(cc, q);
+        } else {
+            rc = status_errno(q);
+            retry = q->status == 503;
+        }
+        if (!retry || !q->idempotent)
+            break;
+        if (now_ms() + backoff + REMOTE_MIN_ATTEMPT_MS > deadline)
+            break;
+        sleep_ms(backoff);
+        backoff = backoff * 2 > REMOTE_BACKOFF_MAX_MS ? REMOTE_BACKOFF_MAX_MS : backoff * 2;
+    }
+    pool_put(r, c);
+    return rc;
+}
+
+/* ---- the shard slots ---- */
+
+static struct shard_remote *to_remote(struct shard *s)
+{
+    return (struct shard_remote *)s;
+}
+
+static int shard_path(struct request *q, unsigned index, enum wire_op op, const char *query)
+{
+    int n = wire_shard_path(q->path_query, sizeof(q->path_query), index, op);
+    if (n < 0)
+        return n;
+    if (query && (size_t)snprintf(q->path_query + n, sizeof(q->path_query) - (size_t)n, "?%s",
+                                  query) >= sizeof(q->path_query) - (size_t)n)
+        return -ENAMETOOLONG;
+    return 0;
+}
+
+/* The value is fetched in pieces of at most WIRE_GET_MAX; a value that
+ * changes between two pieces gives a mix of both (a single piece is atomic). */
+static int remote_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
+                      size_t buflen, size_t *vlen)
+{
+    struct shard_remote *sr = to_remote(s);
+    size_t done = 0;
+    uint64_t full = 0;
+    char query[64];
+
+    if (buflen > INT_MAX)
+        buflen = INT_MAX;
+    do {
+        struct request q = {.method = "POST",
+                            .body = key,
+                            .body_len = klen,
+                            .idempotent = 1,
+                            .fixed = 1,
+                            .keep_body = 1,
+                            .reply_max = REMOTE_SMALL_REPLY_MAX};
+        size_t want = buflen - done < WIRE_GET_MAX ? buflen - done : WIRE_GET_MAX;
+        uint64_t at = (uint64_t)off + done;
+        int rc;
+
+        q.out = want ? (uint8_t *)buf + done : NULL;
+        q.out_cap = want;
+        snprintf(query, sizeof(query), "off=%" PRIu64 "&len=%zu", at, want);
+        rc = shard_path(&q, s->index, WIRE_OP_GET, query);
+        if (rc == 0)
+            rc = remote_call(sr->r, (int)s->index, 0, &q);
+        if (rc == 0 && (q.status != 200 || hdr_u64(&q.vlen, &full) != 0))
+            rc = -EIO;
+        /* More bytes than the value has past `at` is a broken server. */
+        if (rc == 0 && q.out_len > (full > at ? full - at : 0))
+            rc = -EIO;
+        request_free(&q);
+        if (rc)
+            return rc;
+        done += q.out_len;
+        if (q.out_len < want || (uint64_t)off + done >= full)
+            break;
+    } while (done < buflen);
+    if (vlen)
+        *vlen = (size_t)full;
+    return (int)done;
+}
+
+static int key_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+    if (c)
+        return c;
+    return alen < blen ? -1 : alen > blen;
+}
+
+/* The smallest key after k (keys are at most BATCH_KEY_MAX bytes): k + "\0"
+ * when there is room; otherwise k with its last byte incremented, 0xff
+ * bytes at the end dropped first (no key between k and that one can exist,
+ * since every longer key with prefix k would be too long). Returns the
+ * length, 0 when k is the largest key there is, or -1 for a key that is too
+ * long. */
+static int key_successor(const uint8_t *k, size_t klen, uint8_t out[BATCH_KEY_MAX])
+{
+    if (klen > BATCH_KEY_MAX)
+        return -1;
+    if (klen < BATCH_KEY_MAX) {
+        memcpy(out, k, klen);
+        out[klen] = 0;
+        return (int)klen + 1;
+    }
+    while (klen > 0 && k[klen - 1] == 0xff)
+        klen--;
+    if (klen == 0)
+        return 0;
+    memcpy(out, k, klen);
+    out[klen - 1]++;
+    return (int)klen;
+}
+
+/* Pages: the first asks for REMOTE_SCAN_FIRST_LIMIT records (many scans stop
+ * early, e.g. "is this directory empty"), each next one for 4 times more, up
+ * to WIRE_SCAN_LIMIT_MAX. The reply of a page is fully received (and its
+ * handle back in the pool) before fn sees its first record. */
+static int remote_scan(struct shard *s, const void *start, size_t slen, const void *end,
+                       size_t elen, shard_scan_fn fn, void *ctx)
+{
+    struct shard_remote *sr = to_remote(s);
+    uint8_t next[BATCH_KEY_MAX];
+    const uint8_t *from = start;
+    size_t flen = slen;
+    unsigned limit = REMOTE_SCAN_FIRST_LIMIT;
+    char query[32];
+
+    if (!end)
+        elen = 0;
+    for (;;) {
+        struct request q = {
+            .method = "POST", .idempotent = 1, .keep_body = 1, .reply_max = REMOTE_SCAN_REPLY_MAX};
+        size_t blen = wire_scan_request_size(flen, elen);
+        uint8_t *body = malloc(blen ? blen : 1);
+        int rc;
+
+        if (!body)
+            return -ENOMEM;
+        wire_scan_request_encode(body, from, flen, end, elen);
+        q.body = body;
+        q.body_len = blen;
+        snprintf(query, sizeof(query), "limit=%u", limit);
+        rc = shard_path(&q, s->index, WIRE_OP_SCAN, query);
+        if (rc == 0)
+            rc = remote_call(sr->r, (int)s->index, 0, &q);
+        free(body);
+        if (rc == 0 && q.status != 200)
+            rc = -EIO;
+
+        const uint8_t *key, *val, *last = NULL;
+        size_t klen, vlen, lastlen = 0, pos = 0;
+        int more = q.more.set && strcmp(q.more.v, "1") == 0, n;
+        while (rc == 0 && (n = wire_scan_reply_next(q.reply, q.reply_len, &pos, &key, &klen, &val,
+                                                    &vlen)) != 0) {
+            /* Keys must come in order and from `from` on: a server that
+             * went back could make us page forever. */
+            if (n < 0 || (last ? key_cmp(key, klen, last, lastlen) <= 0
+                               : key_cmp(key, klen, from ? from : (const uint8_t *)"", flen) < 0)) {
+                rc = -EIO;
+                break;
+            }
+            last = key;
+            lastlen = klen;
+            rc = fn(ctx, key, klen, val, vlen);
+        }
+        if (rc || !more) {
+            request_free(&q);
+            return rc;
+        }
+        /* Cut short: go on after the last key. */
+        int nlen = last ? key_successor(last, lastlen, next) : -1;
+        request_free(&q);
+        if (nlen < 0)
+            return -EIO; /* "more" without a record: no progress possible */
+        if (nlen == 0 || (end && key_cmp(next, (size_t)nlen, end, elen) >= 0))
+            return 0;
+        from = next;
+        flen = (size_t)nlen;
+        limit = limit * 4 > WIRE_SCAN_LIMIT_MAX ? WIRE_SCAN_LIMIT_MAX : limit * 4;
+    }
+}
+
+static int remote_apply(struct shard *s, const struct batch *b)
+{
+    struct shard_remote *sr = to_remote(s);
+    struct request q = {.method = "POST",
+                        .body = b->buf,
+                        .body_len = b->len,
+                        .keep_body = 1,
+                        .reply_max = REMOTE_SMALL_REPLY_MAX};
+    int rc;
+
+    if (b->error)
+        return b->error;
+    if (b->count == 0)
+        return 0; /* like shard_lmdb: nothing to do, nothing to ask */
+    if (b->len > WIRE_BODY_MAX)
+        return -EFBIG;
+    rc = shard_path(&q, s->index, WIRE_OP_APPLY, NULL);
+    if (rc == 0)
+        rc = remote_call(sr->r, (int)s->index, 0, &q);
+    request_free(&q);
+    return rc;
+}
+
+static int remote_sync(struct shard *s)
+{
+    struct shard_remote *sr = to_remote(s);
+    struct request q = {.method = "POST", .keep_body = 1, .reply_max = REMOTE_SMALL_REPLY_MAX};
+    int rc = shard_path(&q, s->index, WIRE_OP_SYNC, NULL);
+
+    if (rc == 0)
+        rc = remote_call(sr->r, (int)s->index, 0, &q);
+    request_free(&q);
+    return rc;
+}
+
+static int json_u64(json_t *obj, const char *name, uint64_t *out)
+{
+    json_t *v = json_object_get(obj, name);
+    if (!json_is_integer(v) || json_integer_value(v) < 0)
+        return -EIO;
+    *out = (uint64_t)json_integer_value(v);
+    return 0;
+}
+
+static int remote_stat(struct shard *s, struct shard_stat *st)
+{
+    struct shard_remote *sr = to_remote(s);
+    struct request q = {
+        .method = "GET", .idempotent = 1, .keep_body = 1, .reply_max = REMOTE_SMALL_REPLY_MAX};
+    struct shard_stat got;
+    int rc = shard_path(&q, s->index, WIRE_OP_STAT, NULL);
+
+    if (rc == 0)
+        rc = remote_call(sr->r, (int)s->index, 0, &q);
+    if (rc == 0 && q.status != 200)
+        rc = -EIO;
+    if (rc == 0) {
+        json_t *root = json_loadb((const char *)q.reply, q.reply_len, 0, NULL);
+        if (!json_is_object(root) || json_u64(root, "records", &got.records) ||
+            json_u64(root, "bytes", &got.bytes) || json_u64(root, "pending", &got.pending))
+            rc = -EIO;
+        json_decref(root);
+    }
+    request_free(&q);
+    if (rc == 0)
+        *st = got;
+    return rc;
+}
+
+/* Nothing to flush: every applied batch is already on its node. */
+static void remote_close(struct shard *s)
+{
+    free(to_remote(s));
+}
+
+static const struct shard_ops shard_remote_ops = {
+    .get = remote_get,
+    .scan = remote_scan,
+    .apply = remote_apply,
+    .sync = remote_sync,
+    .stat = remote_stat,
+    .close = remote_close,
+};
+
+/* ---- the public functions ---- */
+
+int remote_new(const struct config *cfg, int self, struct remote **out, char *err, size_t errlen)
+{
+    struct remote *r;
+
+    *out = NULL;
+    if (!cfg || cfg->shard_count == 0 || cfg->shard_count > CONFIG_MAX_SHARDS ||
+        cfg->node_count > CONFIG_MAX_NODES || self < -1 ||
+        (self >= 0 && (unsigned)self >= cfg->node_count)) {
+        snprintf(err, errlen, "remote: bad config or node %d", self);
+        return -EINVAL;
+    }
+    pthread_once(&curl_once, curl_init_once);
+    if (curl_init_rc != CURLE_OK) {
+        snprintf(err, errlen, "curl_global_init: %s", curl_easy_strerror(curl_init_rc));
+        return -EIO;
+    }
+    r = calloc(1, sizeof(*r));
+    if (!r) {
+        snprintf(err, errlen, "remote: out of memory");
+        return -ENOMEM;
+    }
+    r->cfg = cfg;
+    r->self = self;
+    r->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : REMOTE_DEFAULT_TIMEOUT_MS;
+    r->epoch = cfg->epoch;
+    for (unsigned i = 0; i < cfg->shard_count; i++) {
+        int o = cfg->owner[i];
+        r->owner[i] = o >= 0 && (unsigned)o < cfg->node_count ? cfg->nodes[o].url : "";
+    }
+    pthread_mutex_init(&r->lock, NULL);
+    *out = r;
+    return 0;
+}
+
+void remote_free(struct remote *r)
+{
+    if (!r)
+        return;
+    while (r->idle) {
+        struct conn *c = r->idle;
+        r->idle = c->next;
+        curl_easy_cleanup(c->curl);
+        free(c);
+    }
+    while (r->urls) {
+        struct remote_url *u = r->urls;
+        r->urls = u->next;
+        free(u);
+    }
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+}
+
+int shard_remote_open(struct remote *r, unsigned index, struct shard **out)
+{
+    struct shard_remote *sr;
+
+    *out = NULL;
+    if (index >= r->cfg->shard_count)
+        return -EINVAL;
+    sr = calloc(1, sizeof(*sr));
+    if (!sr)
+        return -ENOMEM;
+    sr->base.ops = &shard_remote_ops;
+    sr->base.index = index;
+    sr->r = r;
+    *out = &sr->base;
+    return 0;
+}
+
+/* The pointer stays valid until remote_free(): URLs learnt from redirects
+ * are kept, never freed or overwritten, while the remote lives. */
+const char *remote_owner_url(struct remote *r, unsigned index)
+{
+    const char *u;
+
+    if (index >= r->cfg->shard_count)
+        return NULL;
+    pthread_mutex_lock(&r->lock);
+    u = r->owner[index];
+    pthread_mutex_unlock(&r->lock);
+    return u;
+}
+
+/* One attempt, no retry: the point is to see the node as it is now. The
+ * reply body (the node's config) is read and dropped, up to a cap. */
+int remote_ping(struct remote *r, unsigned node, double *rtt_ms)
+{
+    struct request q = {
+        .method = "GET", .path_query = "/v1/config", .keep_body = 0, .reply_max = 1u << 20};
+    struct timespec a, b;
+    int rc;
+
+    if (node >= r->cfg->node_count)
+        return -EINVAL;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    rc = remote_call(r, -1, node, &q);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    request_free(&q);
+    if (rc == 0 && q.status != 200)
+        rc = -EIO;
+    if (rc == 0 && rtt_ms)
+        *rtt_ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
+    return rc;
+}

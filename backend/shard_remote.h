@@ -28,12 +28,14 @@ struct remote;
  * node, e.g. the CLI). cfg must outlive the remote. -errno + reason. */
 int remote_new(const struct config *cfg, int self, struct remote **out, char *err,
                size_t errlen);
+/* Every shard opened from r must be closed first. NULL-safe. */
 void remote_free(struct remote *r);
 
 /* A shard interface for shard `index`, reached at its current owner. */
 int shard_remote_open(struct remote *r, unsigned index, struct shard **out);
 
-/* The URL currently believed to own shard index (after redirects). */
+/* The URL currently believed to own shard index (after redirects); valid
+ * until remote_free(). */
 const char *remote_owner_url(struct remote *r, unsigned index);
 
 /* One authenticated round trip to node `node` (GET /v1/config): 0 and the

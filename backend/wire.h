@@ -9,13 +9,17 @@
  *            X-Shardfs-Vlen: full value length;   404: no such key
  *   POST /v1/shard/N/scan?limit=K      body: wire_scan_request
  *        200 body: records (u32le klen, key, u32le vlen, value)...; header
- *            X-Shardfs-More: 1 when cut short (limit or WIRE_SCAN_REPLY_MAX):
- *            the client continues from the last key + "\0"
+ *            X-Shardfs-More: 1 when cut short (limit, or once the reply passes
+ *            WIRE_SCAN_REPLY_MAX; a reply always holds at least one record, so
+ *            it may reach one value's size): the client continues from the
+ *            next possible key: the last key + "\0", or for a 511-byte key its
+ *            last byte incremented with carry
  *   POST /v1/shard/N/apply             body: an encoded batch (batch.h)
  *        204, or 409 with X-Shardfs-Errno: EEXIST | EAGAIN (a precondition)
  *   POST /v1/shard/N/sync              204 once everything applied is durable
  *   GET  /v1/shard/N/stat              200 JSON {"records":R,"bytes":B,"pending":P}
- *   GET  /v1/config                    200 JSON {"epoch":E,"shards":["URL",...]}
+ *   GET  /v1/config                    200 JSON {"epoch":E,"node":"NAME","shards":["URL",...]}
+ *   A wrong method for an op: 405.
  *
  * Every request carries:
  *   X-Shardfs-Epoch: the sender's config epoch
@@ -26,12 +30,15 @@
  * Routing: a node answers a request for a shard it does not own, or one whose
  * epoch is older than its own, with 307 and Location: the owner's URL with the
  * same path and query, plus its own X-Shardfs-Epoch; the client follows it,
- * remembers the new owner for that shard, and re-signs for the new URL.
+ * remembers the new owner for that shard, adopts the higher epoch (else a
+ * node redirecting an old epoch to itself would loop), and re-signs for the
+ * new URL. X-Shardfs-Epoch is required on /v1/shard routes (else 400).
  *
  * Status <-> errno (wire_errno_of_status / wire_status_of_errno) is the only
  * place the two are translated: 400 EINVAL, 401 EACCES, 404 ENOENT, 409 per
- * X-Shardfs-Errno, 413 EFBIG, 414 ENAMETOOLONG, 507 ENOSPC, 503 EAGAIN,
- * other 5xx EIO; transport failures map separately in shard_remote.c.
+ * X-Shardfs-Errno, 413 EFBIG, 414 ENAMETOOLONG, 507 ENOSPC, other 4xx and
+ * 5xx (503 included: EAGAIN is reserved for a failed ASSERT_VALUE) EIO;
+ * transport failures map separately in shard_remote.c.
  *
  * Pure functions; thread-safe; callers own all buffers.
  */

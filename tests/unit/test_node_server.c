@@ -1,0 +1,1419 @@
+/* test_node_server.c -- unit tests for backend/node_server.c.
+ *
+ * A real server on 127.0.0.1 (a free port picked by binding port 0), from a
+ * real shards.conf loaded with config_load(): two shards, node "a" owns
+ * shard 0 and runs here over a real shard_lmdb, node "b" owns shard 1 and
+ * does not run. libcurl drives it, signing with wire_sign(); both sides are
+ * checked (the HTTP reply and the shard behind it).
+ *
+ *  - start errors: the port in use, https, no secret, a bad url;
+ *  - get/scan/apply/sync/stat round trips with binary keys and values (all
+ *    256 byte values, NUL bytes, 1- and 511-byte keys, empty and 1 MiB
+ *    values), partial gets (off/len), 404 + ENOENT, 409 + EEXIST/EAGAIN with
+ *    the batch not applied; scans in order, continued with limit and
+ *    "last key + \0" (also after a 511-byte key), end keys, the 4 MiB reply
+ *    cut with X-Shardfs-More and a single record over the cut;
+ *  - 401 without auth, with a wrong secret, stale/future/garbage dates, a
+ *    signature over another method, path, query order or body, and that an
+ *    unauthenticated apply changed nothing; auth comes before routing;
+ *  - 400: garbage batch, bad scan request, empty and 512-byte keys, bad off,
+ *    len and limit values, missing/garbage epoch, shard out of range,
+ *    malformed shard paths; 405 for wrong methods;
+ *  - 413 for WIRE_BODY_MAX + 1 bytes, streamed from a read callback, with a
+ *    Content-Length (refused before the body is sent) and chunked (refused
+ *    mid-stream); a body of exactly WIRE_BODY_MAX passes the cap (400 from
+ *    batch_validate);
+ *  - 307 with the right Location and epoch for shard 1 and for an old epoch;
+ *    a newer epoch is served;
+ *  - the handler for other paths (method, decoded path, body, query,
+ *    headers in; status, body, Location, errno and an extra header out;
+ *    errors and bad statuses), and 404 when there is none;
+ *  - /v1/config JSON;
+ *  - keep-alive: 1000 sequential signed requests on one curl handle over one
+ *    connection; and 4 threads with their own handles at once.
+ * Exits non-zero on any failed check.
+ */
+#include <arpa/inet.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "batch.h"
+#include "config.h"
+#include "node_server.h"
+#include "shard.h"
+#include "shard_lmdb.h"
+#include "wire.h"
+#include "check.h"
+
+#define SECRET "test-secret-0123456789"
+#define EPOCH "3"
+
+static char tmpdir[] = "/tmp/shardfs-test-ns-XXXXXX";
+static struct config cfg;
+static char base_url[64]; /* node a, without the trailing slash */
+static char url_b[64];
+static struct shard *shard0;
+static struct node_server *server;
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        perror("malloc");
+        exit(2);
+    }
+    return p;
+}
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* A port nothing listens on right now: bind port 0, read it, close. */
+static int free_port(void)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 ||
+        getsockname(fd, (struct sockaddr *)&sa, &len) != 0) {
+        perror("free_port");
+        exit(2);
+    }
+    port = ntohs(sa.sin_port);
+    close(fd);
+    return port;
+}
+
+/* ---- requests ---- */
+
+struct reply {
+    CURLcode cc;
+    long status;
+    long connects;
+    uint8_t *body;
+    size_t len, cap;
+    char location[2048], errno_hdr[32], vlen[32], more[8], epoch[32], ctype[64], allow[32];
+    char extra[64];
+};
+
+/* How to sign and decorate one request; zero means "the normal thing". */
+struct opts {
+    const char *secret; /* default SECRET */
+    const char *sign_method;
+    const char *sign_pq;   /* sign this instead of what is sent */
+    const void *sign_body; /* sign this body instead (sign_len bytes) */
+    size_t sign_len;
+    int64_t date_delta;   /* added to now */
+    const char *date_hdr; /* literal X-Shardfs-Date ("" omits it) */
+    const char *auth_hdr; /* literal X-Shardfs-Auth ("" omits it) */
+    const char *epoch;    /* default EPOCH; "" omits it */
+    const char *header;   /* one more header line */
+    int chunked;          /* stream the body without a Content-Length */
+    int expect;           /* allow curl's Expect: 100-continue */
+    size_t stream_len;    /* stream this many zero bytes (body is ignored) */
+};
+
+static void reply_free(struct reply *r)
+{
+    free(r->body);
+    memset(r, 0, sizeof(*r));
+}
+
+static size_t on_body(char *p, size_t size, size_t n, void *ctx)
+{
+    struct reply *r = ctx;
+    size_t len = size * n;
+
+    if (r->len + len > r->cap) {
+        size_t cap = r->cap ? r->cap : 4096;
+        while (cap < r->len + len)
+            cap *= 2;
+        r->body = realloc(r->body, cap);
+        if (!r->body)
+            return 0;
+        r->cap = cap;
+    }
+    memcpy(r->body + r->len, p, len);
+    r->len += len;
+    return len;
+}
+
+static void copy_header(char *dst, size_t dlen, const char *line, size_t n, const char *name)
+{
+    size_t nl = strlen(name);
+    const char *v;
+    size_t vlen;
+
+    if (n <= nl + 1 || strncasecmp(line, name, nl) != 0 || line[nl] != ':')
+        return;
+    v = line + nl + 1;
+    vlen = n - nl - 1;
+    while (vlen && (*v == ' ' || *v == '\t'))
+        v++, vlen--;
+    while (vlen && (v[vlen - 1] == '\r' || v[vlen - 1] == '\n' || v[vlen - 1] == ' '))
+        vlen--;
+    snprintf(dst, dlen, "%.*s", (int)vlen, v);
+}
+
+static size_t on_header(char *line, size_t size, size_t n, void *ctx)
+{
+    struct reply *r = ctx;
+    size_t len = size * n;
+
+    if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) { /* a new response (after a 100) */
+        r->location[0] = r->errno_hdr[0] = r->vlen[0] = r->more[0] = r->epoch[0] = '\0';
+        r->ctype[0] = r->allow[0] = r->extra[0] = '\0';
+    }
+    copy_header(r->location, sizeof(r->location), line, len, "Location");
+    copy_header(r->errno_hdr, sizeof(r->errno_hdr), line, len, WIRE_HDR_ERRNO);
+    copy_header(r->vlen, sizeof(r->vlen), line, len, WIRE_HDR_VLEN);
+    copy_header(r->more, sizeof(r->more), line, len, WIRE_HDR_MORE);
+    copy_header(r->epoch, sizeof(r->epoch), line, len, WIRE_HDR_EPOCH);
+    copy_header(r->ctype, sizeof(r->ctype), line, len, "Content-Type");
+    copy_header(r->allow, sizeof(r->allow), line, len, "Allow");
+    copy_header(r->extra, sizeof(r->extra), line, len, "X-Test-Extra");
+    return len;
+}
+
+struct stream {
+    size_t left;
+};
+
+static size_t on_read(char *buf, size_t size, size_t n, void *ctx)
+{
+    struct stream *st = ctx;
+    size_t len = size * n < st->left ? size * n : st->left;
+
+    memset(buf, 0, len);
+    st->left -= len;
+    return len;
+}
+
+/* One request to the server at base_url. Returns the HTTP status (or -1 for
+ * a transport error, in r->cc). r must be reply_free()d. */
+static long request(CURL *h, const char *method, const char *pq, const void *body, size_t len,
+                    const struct opts *o, struct reply *r)
+{
+    static const uint8_t *zeros;
+    struct curl_slist *hdrs = NULL;
+    struct stream st = {o->stream_len};
+    char url[4096], line[256], auth[WIRE_AUTH_LEN + 1];
+    int64_t date = (int64_t)time(NULL) + o->date_delta;
+
+    memset(r, 0, sizeof(*r));
+    if (o->stream_len) {
+        /* Sign the zeros we are about to stream (or the server would 401
+         * a body that got past the cap). */
+        if (!zeros)
+            zeros = calloc(1, WIRE_BODY_MAX + 1);
+        if (!zeros || o->stream_len > WIRE_BODY_MAX + 1) {
+            fprintf(stderr, "stream too long\n");
+            exit(2);
+        }
+        body = zeros;
+        len = o->stream_len;
+    }
+    wire_sign(o->secret ? o->secret : SECRET, o->sign_method ? o->sign_method : method,
+              o->sign_pq ? o->sign_pq : pq, date, o->sign_body ? o->sign_body : body,
+              o->sign_body ? o->sign_len : len, auth);
+
+    curl_easy_reset(h);
+    snprintf(url, sizeof(url), "%s%s", base_url, pq);
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT, 30L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    if (strcmp(method, "GET") == 0) {
+        curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    } else {
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+        curl_easy_setopt(h, CURLOPT_POST, 1L);
+        if (o->stream_len) {
+            curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
+            curl_easy_setopt(h, CURLOPT_READDATA, &st);
+            if (!o->chunked)
+                curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+        } else {
+            curl_easy_setopt(h, CURLOPT_POSTFIELDS, body ? body : "");
+            curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+        }
+    }
+    hdrs = curl_slist_append(hdrs, "Content-Type: application/octet-stream");
+    if (!o->expect)
+        hdrs = curl_slist_append(hdrs, "Expect:");
+    if (o->chunked)
+        hdrs = curl_slist_append(hdrs, "Transfer-Encoding: chunked");
+    if (!o->date_hdr)
+        snprintf(line, sizeof(line), WIRE_HDR_DATE ": %" PRId64, date);
+    else
+        snprintf(line, sizeof(line), WIRE_HDR_DATE ": %s", o->date_hdr);
+    if (!o->date_hdr || o->date_hdr[0])
+        hdrs = curl_slist_append(hdrs, line);
+    snprintf(line, sizeof(line), WIRE_HDR_AUTH ": %s", o->auth_hdr ? o->auth_hdr : auth);
+    if (!o->auth_hdr || o->auth_hdr[0])
+        hdrs = curl_slist_append(hdrs, line);
+    snprintf(line, sizeof(line), WIRE_HDR_EPOCH ": %s", o->epoch ? o->epoch : EPOCH);
+    if (!o->epoch || o->epoch[0])
+        hdrs = curl_slist_append(hdrs, line);
+    if (o->header)
+        hdrs = curl_slist_append(hdrs, o->header);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+
+    r->cc = curl_easy_perform(h);
+    curl_slist_free_all(hdrs);
+    curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &r->connects);
+    if (r->cc != CURLE_OK) {
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r->status);
+        if (!r->status)
+            r->status = -1;
+        return r->status;
+    }
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r->status);
+    return r->status;
+}
+
+#define REQ(h, m, pq, b, l, r, ...)                                                                \
+    request((h), (m), (pq), (b), (l), &(struct opts){__VA_ARGS__}, (r))
+
+/* Expect a status; on a mismatch print the reply body too. */
+static void want_status(const struct reply *r, long want, const char *what, const char *file,
+                        int line)
+{
+    check(r->status == want, file, line, what, "status %ld (curl: %s), want %ld; body: %.*s",
+          r->status, curl_easy_strerror(r->cc), want, (int)(r->len < 200 ? r->len : 200),
+          r->body ? (const char *)r->body : "");
+}
+#define WANT(r, status, what) want_status((r), (status), (what), __FILE__, __LINE__)
+
+static CURL *handle(void)
+{
+    CURL *h = curl_easy_init();
+    if (!h) {
+        fprintf(stderr, "curl_easy_init failed\n");
+        exit(2);
+    }
+    return h;
+}
+
+/* ---- shard-side helpers ---- */
+
+static int apply_http(CURL *h, struct batch *b, struct reply *r)
+{
+    return (int)REQ(h, "POST", "/v1/shard/0/apply", b->buf, b->len, r, 0);
+}
+
+/* The value of key in the local shard, or NULL (-ENOENT). */
+static uint8_t *local_get(const void *key, size_t klen, size_t *vlen)
+{
+    size_t n = 0;
+    int rc = shard_get(shard0, key, klen, 0, NULL, 0, &n);
+    uint8_t *buf;
+
+    if (rc < 0)
+        return NULL;
+    buf = xmalloc(n);
+    rc = shard_get(shard0, key, klen, 0, buf, n, vlen);
+    if (rc < 0 || (size_t)rc != n) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static int count_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    (void)k, (void)kl, (void)v, (void)vl;
+    ++*(long long *)ctx;
+    return 0;
+}
+
+/* Records in the local shard. */
+static long long local_count(void)
+{
+    long long n = 0;
+    CHECK_RC(shard_scan(shard0, NULL, 0, NULL, 0, count_one, &n), 0);
+    return n;
+}
+
+/* A get over HTTP must give exactly val (NULL: 404 ENOENT). */
+static void http_get_is(CURL *h, const void *key, size_t klen, const void *val, size_t vlen,
+                        const char *file, int line)
+{
+    struct reply r;
+    char vl[32];
+
+    REQ(h, "POST", "/v1/shard/0/get", key, klen, &r, 0);
+    if (!val) {
+        check(r.status == 404 && strcmp(r.errno_hdr, "ENOENT") == 0, file, line, "get -> 404",
+              "status %ld errno '%s'", r.status, r.errno_hdr);
+    } else {
+        snprintf(vl, sizeof(vl), "%zu", vlen);
+        check(r.status == 200 && r.len == vlen && (vlen == 0 || memcmp(r.body, val, vlen) == 0) &&
+                  strcmp(r.vlen, vl) == 0,
+              file, line, "get -> value", "status %ld len %zu (want %zu) vlen '%s'", r.status,
+              r.len, vlen, r.vlen);
+    }
+    reply_free(&r);
+}
+#define HTTP_GET_IS(h, k, kl, v, vl) http_get_is((h), (k), (kl), (v), (vl), __FILE__, __LINE__)
+
+/* ---- the other-path handler ---- */
+
+static int handler_calls;
+
+static int test_handler(void *ctx, const struct node_request *req, struct node_response *resp)
+{
+    const char *q = node_request_query(req, "q");
+    const char *hdr = node_request_header(req, "X-Test");
+    char text[1024];
+    int n;
+
+    (void)ctx;
+    __atomic_add_fetch(&handler_calls, 1, __ATOMIC_SEQ_CST);
+    if (strcmp(req->path, "/fail") == 0)
+        return -ENOENT;
+    if (strcmp(req->path, "/full") == 0)
+        return -ENOSPC;
+    if (strcmp(req->path, "/badstatus") == 0) {
+        resp->status = 42;
+        return 0;
+    }
+    if (strcmp(req->path, "/badheader") == 0) {
+        resp->status = 200;
+        resp->body = xmalloc(10);
+        resp->len = 10;
+        memset(resp->extra_name, 'x', sizeof(resp->extra_name)); /* no NUL */
+        snprintf(resp->extra_value, sizeof(resp->extra_value), "a\r\nInjected: 1");
+        return 0;
+    }
+    if (strcmp(req->path, "/redirect") == 0) {
+        resp->status = 302;
+        snprintf(resp->location, sizeof(resp->location), "http://elsewhere/x");
+        snprintf(resp->errno_name, sizeof(resp->errno_name), "EAGAIN");
+        snprintf(resp->extra_name, sizeof(resp->extra_name), "X-Test-Extra");
+        snprintf(resp->extra_value, sizeof(resp->extra_value), "42");
+        return 0;
+    }
+    n = snprintf(text, sizeof(text), "%s %s q=%s h=%s len=%zu body=%s", req->method, req->path,
+                 q ? q : "-", hdr ? hdr : "-", req->body_len, req->body ? "yes" : "no");
+    resp->status = 200;
+    resp->content_type = "text/plain";
+    resp->body = xmalloc((size_t)n + req->body_len);
+    memcpy(resp->body, text, (size_t)n);
+    if (req->body_len)
+        memcpy(resp->body + n, req->body, req->body_len);
+    resp->len = (size_t)n + req->body_len;
+    return 0;
+}
+
+/* ---- setup ---- */
+
+static void setup(void)
+{
+    char path[PATH_MAX], err[1024], text[1024];
+    struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
+    int port_a = free_port(), port_b = free_port();
+    FILE *f;
+
+    while (port_b == port_a)
+        port_b = free_port();
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        exit(2);
+    }
+    snprintf(base_url, sizeof(base_url), "http://127.0.0.1:%d", port_a);
+    snprintf(url_b, sizeof(url_b), "http://127.0.0.1:%d", port_b);
+    /* Node a's url has a trailing slash: redirects and /v1/config drop it. */
+    snprintf(text, sizeof(text),
+             "[cluster]\nshards = 2\nepoch = " EPOCH "\nsecret = " SECRET "\n"
+             "[node a]\nurl = %s/\ndata_dir = ./a\nshards = 0\n"
+             "[node b]\nurl = %s\ndata_dir = ./b\nshards = 1\n",
+             base_url, url_b);
+    snprintf(path, sizeof(path), "%s/shards.conf", tmpdir);
+    f = fopen(path, "w");
+    if (!f || fputs(text, f) < 0 || fclose(f) != 0) {
+        perror(path);
+        exit(2);
+    }
+    if (config_load(path, &cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "config_load: %s\n", err);
+        exit(2);
+    }
+    snprintf(path, sizeof(path), "%s/a", tmpdir);
+    mkdir(path, 0755);
+    snprintf(path, sizeof(path), "%s/a/shard-0", tmpdir);
+    if (shard_lmdb_open(path, 0, &opt, &shard0, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shard_lmdb_open: %s\n", err);
+        exit(2);
+    }
+}
+
+static int start(node_handler_fn other)
+{
+    struct shard *shards[2] = {shard0, NULL};
+    char err[512] = "";
+    int rc = node_server_start(&cfg, 0, shards, other, NULL, &server, err, sizeof(err));
+
+    CHECKF(rc == 0 && server, "node_server_start: %d: %s", rc, err);
+    return rc;
+}
+
+static void test_start_errors(void)
+{
+    static struct config c;
+    struct shard *shards[2] = {shard0, NULL};
+    struct node_server *s = NULL;
+    char err[512];
+    int rc;
+
+    /* The port is taken by the running server. */
+    err[0] = '\0';
+    rc = node_server_start(&cfg, 0, shards, NULL, NULL, &s, err, sizeof(err));
+    CHECKF(rc == -EADDRINUSE && !s && strstr(err, "in use"), "%d: %s", rc, err);
+    node_server_stop(s);
+
+    c = cfg;
+    snprintf(c.nodes[0].url, sizeof(c.nodes[0].url), "https://127.0.0.1:1");
+    err[0] = '\0';
+    s = NULL;
+    rc = node_server_start(&c, 0, shards, NULL, NULL, &s, err, sizeof(err));
+    CHECKF(rc < 0 && !s && strstr(err, "TLS not supported yet"), "%d: %s", rc, err);
+
+    c = cfg;
+    c.secret[0] = '\0';
+    err[0] = '\0';
+    rc = node_server_start(&c, 0, shards, NULL, NULL, &s, err, sizeof(err));
+    CHECKF(rc < 0 && !s && strstr(err, "a secret is required to serve"), "%d: %s", rc, err);
+
+    static const char *const bad_urls[] = {
+        "http://127.0.0.1",         "http://127.0.0.1:",
+        "http://127.0.0.1:0",       "http://127.0.0.1:65536",
+        "http://127.0.0.1:80/path", "http://:80",
+        "ftp://127.0.0.1:80",       "",
+        "http://[::1:80",           "http://127.0.0.1:8x",
+        "http://user@127.0.0.1:80",
+    };
+    for (size_t i = 0; i < sizeof(bad_urls) / sizeof(bad_urls[0]); i++) {
+        c = cfg;
+        snprintf(c.nodes[0].url, sizeof(c.nodes[0].url), "%s", bad_urls[i]);
+        err[0] = '\0';
+        rc = node_server_start(&c, 0, shards, NULL, NULL, &s, err, sizeof(err));
+        CHECKF(rc < 0 && !s && err[0], "'%s': %d: %s", bad_urls[i], rc, err);
+    }
+    node_server_stop(NULL);
+}
+
+/* ---- round trips ---- */
+
+static uint8_t all256[256];
+static uint8_t key511[BATCH_KEY_MAX];
+static uint8_t *big; /* 1 MiB */
+#define BIG_LEN (1u << 20)
+
+static void test_round_trips(CURL *h)
+{
+    struct batch b;
+    struct reply r;
+    uint8_t *v;
+    size_t vlen;
+    json_t *doc;
+    json_error_t jerr;
+
+    for (int i = 0; i < 256; i++)
+        all256[i] = (uint8_t)i;
+    memset(key511, 0x7f, sizeof(key511));
+    big = xmalloc(BIG_LEN);
+    for (size_t i = 0; i < BIG_LEN; i++)
+        big[i] = (uint8_t)(i * 131 + (i >> 8));
+
+    batch_init(&b);
+    batch_put(&b, all256, 256, all256, 256);
+    batch_put(&b, "\0", 1, "zero key", 8);
+    batch_put(&b, "\xff", 1, "", 0);
+    batch_put(&b, key511, sizeof(key511), "\0\0\0", 3);
+    batch_put(&b, "big", 3, big, BIG_LEN);
+    batch_put(&b, "k\0a", 3, all256 + 1, 255);
+    CHECK_RC(b.error, 0);
+    apply_http(h, &b, &r);
+    WANT(&r, 204, "apply");
+    CHECK(r.len == 0);
+    reply_free(&r);
+    batch_free(&b);
+
+    /* Both sides: the shard has it, and HTTP gives it back. */
+    v = local_get(all256, 256, &vlen);
+    CHECK(v && vlen == 256 && memcmp(v, all256, 256) == 0);
+    free(v);
+    v = local_get("big", 3, &vlen);
+    CHECK(v && vlen == BIG_LEN && memcmp(v, big, BIG_LEN) == 0);
+    free(v);
+    HTTP_GET_IS(h, all256, 256, all256, 256);
+    HTTP_GET_IS(h, "\0", 1, "zero key", 8);
+    HTTP_GET_IS(h, "\xff", 1, "", 0);
+    HTTP_GET_IS(h, key511, sizeof(key511), "\0\0\0", 3);
+    HTTP_GET_IS(h, "big", 3, big, BIG_LEN);
+    HTTP_GET_IS(h, "k\0a", 3, all256 + 1, 255);
+    HTTP_GET_IS(h, "k", 1, NULL, 0);
+    HTTP_GET_IS(h, "k\0", 2, NULL, 0);
+
+    /* Partial reads. */
+    REQ(h, "POST", "/v1/shard/0/get?off=10&len=20", all256, 256, &r, 0);
+    CHECK(r.status == 200 && r.len == 20 && memcmp(r.body, all256 + 10, 20) == 0 &&
+          strcmp(r.vlen, "256") == 0);
+    CHECK(strcmp(r.ctype, "application/octet-stream") == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?len=5", all256, 256, &r, 0);
+    CHECK(r.status == 200 && r.len == 5 && memcmp(r.body, all256, 5) == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?off=250", all256, 256, &r, 0);
+    CHECK(r.status == 200 && r.len == 6 && memcmp(r.body, all256 + 250, 6) == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?off=256&len=10", all256, 256, &r, 0);
+    CHECK(r.status == 200 && r.len == 0 && strcmp(r.vlen, "256") == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?off=18446744073709551615", all256, 256, &r, 0);
+    CHECK(r.status == 200 && r.len == 0 && strcmp(r.vlen, "256") == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?len=0", all256, 256, &r, 0);
+    CHECK(r.status == 200 && r.len == 0 && strcmp(r.vlen, "256") == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?off=100000&len=600000", "big", 3, &r, 0);
+    CHECK(r.status == 200 && r.len == 600000 && memcmp(r.body, big + 100000, 600000) == 0);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?len=99999999999", "big", 3, &r, 0); /* capped, not refused */
+    CHECK(r.status == 200 && r.len == BIG_LEN);
+    reply_free(&r);
+
+    /* Preconditions: 409 with the errno, and the batch not applied. */
+    batch_init(&b);
+    batch_put(&b, "new", 3, "x", 1);
+    batch_add(&b, BATCH_ASSERT_ABSENT, "\0", 1, NULL, 0);
+    apply_http(h, &b, &r);
+    CHECKF(r.status == 409 && strcmp(r.errno_hdr, "EEXIST") == 0, "%ld %s", r.status, r.errno_hdr);
+    reply_free(&r);
+    batch_reset(&b);
+    batch_put(&b, "new", 3, "x", 1);
+    batch_add(&b, BATCH_ASSERT_VALUE, "\0", 1, "zero kex", 8);
+    apply_http(h, &b, &r);
+    CHECKF(r.status == 409 && strcmp(r.errno_hdr, "EAGAIN") == 0, "%ld %s", r.status, r.errno_hdr);
+    reply_free(&r);
+    HTTP_GET_IS(h, "new", 3, NULL, 0);
+    batch_reset(&b);
+    batch_add(&b, BATCH_ASSERT_VALUE, "\0", 1, "zero key", 8);
+    batch_del(&b, "\xff", 1);
+    apply_http(h, &b, &r);
+    WANT(&r, 204, "apply with a true precondition");
+    reply_free(&r);
+    HTTP_GET_IS(h, "\xff", 1, NULL, 0);
+    batch_free(&b);
+    /* An empty batch is a valid no-op. */
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, 0);
+    WANT(&r, 204, "empty apply");
+    reply_free(&r);
+
+    /* stat: pending before sync, none after; records as the shard counts
+     * them (its own "Mseq" key appears after the first commit). */
+    REQ(h, "GET", "/v1/shard/0/stat", NULL, 0, &r, 0);
+    WANT(&r, 200, "stat");
+    doc = json_loadb((const char *)r.body, r.len, 0, &jerr);
+    CHECKF(doc && json_integer_value(json_object_get(doc, "records")) == local_count() &&
+               json_integer_value(json_object_get(doc, "bytes")) > 0 &&
+               json_integer_value(json_object_get(doc, "pending")) > 0,
+           "%.*s", (int)r.len, (const char *)r.body);
+    CHECK(strcmp(r.ctype, "application/json") == 0);
+    json_decref(doc);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/sync", NULL, 0, &r, 0);
+    WANT(&r, 204, "sync");
+    reply_free(&r);
+    REQ(h, "GET", "/v1/shard/0/stat", NULL, 0, &r, 0);
+    doc = json_loadb((const char *)r.body, r.len, 0, &jerr);
+    CHECKF(doc && json_integer_value(json_object_get(doc, "pending")) == 0 &&
+               json_integer_value(json_object_get(doc, "records")) == local_count() &&
+               local_count() >= 5,
+           "%.*s", (int)r.len, (const char *)r.body);
+    json_decref(doc);
+    reply_free(&r);
+}
+
+/* ---- scans ---- */
+
+struct rec {
+    uint8_t key[BATCH_KEY_MAX + 1];
+    size_t klen;
+    uint8_t *val;
+    size_t vlen;
+};
+
+struct recs {
+    struct rec *r;
+    size_t n, cap;
+};
+
+static void recs_add(struct recs *rs, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    if (rs->n == rs->cap) {
+        rs->cap = rs->cap ? rs->cap * 2 : 64;
+        rs->r = realloc(rs->r, rs->cap * sizeof(*rs->r));
+        if (!rs->r)
+            exit(2);
+    }
+    memcpy(rs->r[rs->n].key, k, kl);
+    rs->r[rs->n].klen = kl;
+    rs->r[rs->n].val = xmalloc(vl);
+    if (vl)
+        memcpy(rs->r[rs->n].val, v, vl);
+    rs->r[rs->n].vlen = vl;
+    rs->n++;
+}
+
+static void recs_free(struct recs *rs)
+{
+    for (size_t i = 0; i < rs->n; i++)
+        free(rs->r[i].val);
+    free(rs->r);
+    memset(rs, 0, sizeof(*rs));
+}
+
+static int collect(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    recs_add(ctx, k, kl, v, vl);
+    return 0;
+}
+
+/* One scan request; appends the records; returns status, *more. */
+static long scan_once(CURL *h, const void *start, size_t slen, const void *end, size_t elen,
+                      unsigned limit, struct recs *out, int *more)
+{
+    size_t n = wire_scan_request_size(slen, end ? elen : 0), pos = 0;
+    uint8_t *req = xmalloc(n);
+    char pq[64];
+    struct reply r;
+    const uint8_t *k, *v;
+    size_t kl, vl;
+    long status;
+    int rc;
+
+    wire_scan_request_encode(req, start, slen, end, elen);
+    if (limit)
+        snprintf(pq, sizeof(pq), "/v1/shard/0/scan?limit=%u", limit);
+    else
+        snprintf(pq, sizeof(pq), "/v1/shard/0/scan");
+    status = REQ(h, "POST", pq, req, n, &r, 0);
+    free(req);
+    *more = strcmp(r.more, "1") == 0;
+    if (status == 200) {
+        while ((rc = wire_scan_reply_next(r.body, r.len, &pos, &k, &kl, &v, &vl)) == 1)
+            recs_add(out, k, kl, v, vl);
+        CHECK_RC(rc, 0);
+    }
+    reply_free(&r);
+    return status;
+}
+
+/* Scan [start, end) to the end in pieces of `limit`, continuing from the
+ * last key + "\0"; returns the number of requests. */
+static int scan_all(CURL *h, const void *start, size_t slen, const void *end, size_t elen,
+                    unsigned limit, struct recs *out)
+{
+    uint8_t from[BATCH_KEY_MAX + 1];
+    size_t flen = slen;
+    int more = 1, requests = 0;
+
+    memcpy(from, start, slen);
+    while (more) {
+        size_t before = out->n;
+        long status = scan_once(h, from, flen, end, elen, limit, out, &more);
+        requests++;
+        CHECKF(status == 200, "scan: %ld", status);
+        if (status != 200 || (more && out->n == before) || requests > 100000)
+            break;
+        if (more) {
+            struct rec *last = &out->r[out->n - 1];
+            memcpy(from, last->key, last->klen);
+            from[last->klen] = 0;
+            flen = last->klen + 1;
+        }
+    }
+    return requests;
+}
+
+static int recs_equal(const struct recs *a, const struct recs *b)
+{
+    if (a->n != b->n)
+        return 0;
+    for (size_t i = 0; i < a->n; i++)
+        if (a->r[i].klen != b->r[i].klen || memcmp(a->r[i].key, b->r[i].key, a->r[i].klen) ||
+            a->r[i].vlen != b->r[i].vlen ||
+            (a->r[i].vlen && memcmp(a->r[i].val, b->r[i].val, a->r[i].vlen)))
+            return 0;
+    return 1;
+}
+
+static void test_scans(CURL *h)
+{
+    struct recs local = {0}, remote = {0};
+    struct batch b;
+    struct reply r;
+    uint8_t key[BATCH_KEY_MAX];
+    int more, requests;
+
+    /* 300 more keys under "s/", some 511 bytes long, and "\x80" (the
+     * first key after key511). */
+    batch_init(&b);
+    for (int i = 0; i < 300; i++) {
+        size_t kl = i % 10 == 0 ? BATCH_KEY_MAX : 4 + (size_t)i % 7;
+        memset(key, 's', sizeof(key));
+        key[1] = '/';
+        key[2] = (uint8_t)(i >> 8);
+        key[3] = (uint8_t)(i * 7);
+        for (size_t j = 4; j < kl; j++)
+            key[j] = (uint8_t)(i + j);
+        batch_put(&b, key, kl, all256, (size_t)i % 257);
+    }
+    batch_put(&b, "\x80", 1, "after", 5);
+    apply_http(h, &b, &r);
+    WANT(&r, 204, "apply for scans");
+    reply_free(&r);
+    batch_free(&b);
+
+    /* Everything in one go, as the shard itself sees it. */
+    CHECK_RC(shard_scan(shard0, NULL, 0, NULL, 0, collect, &local), 0);
+    CHECK(scan_once(h, "", 0, NULL, 0, 0, &remote, &more) == 200);
+    CHECK(!more);
+    CHECKF(recs_equal(&local, &remote), "%zu vs %zu records", local.n, remote.n);
+    recs_free(&remote);
+
+    /* In pieces of 1, 2, 7 and 64, continuing from last key + "\0" (after
+     * 511-byte keys too, where that start key is 512 bytes). */
+    static const unsigned limits[] = {1, 2, 7, 64};
+    for (size_t i = 0; i < 4; i++) {
+        requests = scan_all(h, "", 0, NULL, 0, limits[i], &remote);
+        CHECKF(recs_equal(&local, &remote), "limit %u: %zu vs %zu records", limits[i], local.n,
+               remote.n);
+        CHECKF(requests == (int)((local.n + limits[i] - 1) / limits[i]) ||
+                   requests == (int)((local.n + limits[i] - 1) / limits[i]) + 1,
+               "limit %u: %d requests", limits[i], requests);
+        recs_free(&remote);
+    }
+    /* A limit that exactly ends the shard: no More header. */
+    CHECK(scan_once(h, "", 0, NULL, 0, (unsigned)local.n, &remote, &more) == 200);
+    CHECK(!more && remote.n == local.n);
+    recs_free(&remote);
+    CHECK(scan_once(h, "", 0, NULL, 0, (unsigned)local.n - 1, &remote, &more) == 200);
+    CHECK(more && remote.n == local.n - 1);
+    recs_free(&remote);
+    recs_free(&local);
+
+    /* Bounds: [s/, s0) is the 300 keys; an end key; a start past the end. */
+    CHECK_RC(shard_scan(shard0, "s/", 2, "s0", 2, collect, &local), 0);
+    CHECK(local.n == 300);
+    scan_all(h, "s/", 2, "s0", 2, 50, &remote);
+    CHECK(recs_equal(&local, &remote));
+    recs_free(&remote);
+    recs_free(&local);
+    CHECK(scan_once(h, "\xff\xff", 2, NULL, 0, 0, &remote, &more) == 200);
+    CHECK(remote.n == 0 && !more);
+    recs_free(&remote);
+    CHECK(scan_once(h, "a", 1, "a", 1, 0, &remote, &more) == 200);
+    CHECK(remote.n == 0 && !more);
+    recs_free(&remote);
+    /* A 512-byte start key right after key511 ("\x7f" * 511). */
+    {
+        uint8_t from[BATCH_KEY_MAX + 1];
+        memcpy(from, key511, BATCH_KEY_MAX);
+        from[BATCH_KEY_MAX] = 0;
+        CHECK_RC(shard_scan(shard0, key511, BATCH_KEY_MAX, NULL, 0, collect, &local), 0);
+        CHECK(scan_once(h, from, sizeof(from), NULL, 0, 0, &remote, &more) == 200);
+        CHECKF(local.n == 2 && remote.n == 1 && !more, "%zu %zu", local.n, remote.n);
+        CHECK(remote.n == 1 && remote.r[0].klen == 1 && remote.r[0].key[0] == 0x80);
+        recs_free(&remote);
+        recs_free(&local);
+    }
+}
+
+/* The reply is cut near WIRE_SCAN_REPLY_MAX, but never to nothing. */
+static void test_scan_cut(CURL *h)
+{
+    struct batch b;
+    struct reply r;
+    struct recs remote = {0};
+    size_t vlen = 1536u << 10; /* 1.5 MiB: two fit in 4 MiB, three do not */
+    uint8_t *val = xmalloc(6u << 20);
+    int more;
+
+    memset(val, 0xab, 6u << 20);
+    batch_init(&b);
+    batch_put(&b, "v/1", 3, val, vlen);
+    batch_put(&b, "v/2", 3, val, vlen);
+    batch_put(&b, "v/3", 3, val, vlen);
+    batch_put(&b, "w/huge", 6, val, 6u << 20); /* alone over the cut */
+    apply_http(h, &b, &r);
+    WANT(&r, 204, "apply big values");
+    reply_free(&r);
+    batch_free(&b);
+
+    CHECK(scan_once(h, "v/", 2, "v0", 2, 0, &remote, &more) == 200);
+    CHECKF(remote.n == 2 && more, "%zu records, more %d", remote.n, more);
+    recs_free(&remote);
+    CHECK(scan_once(h, "v/3", 3, "v0", 2, 0, &remote, &more) == 200);
+    CHECK(remote.n == 1 && !more && remote.r[0].vlen == vlen);
+    recs_free(&remote);
+    scan_all(h, "v/", 2, "v0", 2, 0, &remote);
+    CHECK(remote.n == 3);
+    recs_free(&remote);
+    CHECK(scan_once(h, "w/", 2, "w0", 2, 0, &remote, &more) == 200);
+    CHECK(remote.n == 1 && !more && remote.r[0].vlen == (6u << 20) &&
+          memcmp(remote.r[0].val, val, 6u << 20) == 0);
+    recs_free(&remote);
+    CHECK(scan_once(h, "v/", 2, "w0", 2, 0, &remote, &more) == 200);
+    CHECKF(remote.n == 2 && more, "%zu records", remote.n);
+    recs_free(&remote);
+    free(val);
+
+    /* Clean up so later counts stay small. */
+    batch_init(&b);
+    batch_add(&b, BATCH_DEL_RANGE, "v/", 2, "w0", 2);
+    apply_http(h, &b, &r);
+    WANT(&r, 204, "del_range");
+    reply_free(&r);
+    batch_free(&b);
+}
+
+/* ---- authentication ---- */
+
+static void test_auth(CURL *h)
+{
+    static const char *const paths[] = {"/v1/shard/0/apply", "/v1/shard/1/apply",
+                                        "/v1/shard/0/get",   "/v1/config",
+                                        "/no/such/path",     "/v1/shard/9/get"};
+    struct batch b;
+    struct reply r;
+    char upper[WIRE_AUTH_LEN + 1], date[32];
+    int calls = handler_calls;
+    int64_t now = (int64_t)time(NULL);
+
+    batch_init(&b);
+    batch_put(&b, "unauth", 6, "x", 1);
+
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++) {
+        const char *p = paths[i];
+        const char *m = strcmp(p, "/v1/config") == 0 ? "GET" : "POST";
+#define UNAUTH(what, ...)                                                                          \
+    do {                                                                                           \
+        REQ(h, m, p, b.buf, b.len, &r, __VA_ARGS__);                                               \
+        CHECKF(r.status == 401, "%s %s: %s: got %ld", m, p, what, r.status);                       \
+        reply_free(&r);                                                                            \
+    } while (0)
+        UNAUTH("no auth", .auth_hdr = "");
+        UNAUTH("no date", .date_hdr = "");
+        UNAUTH("wrong secret", .secret = SECRET "x");
+        UNAUTH("stale date", .date_delta = -WIRE_MAX_SKEW - 5);
+        UNAUTH("future date", .date_delta = WIRE_MAX_SKEW + 5);
+        UNAUTH("other method", .sign_method = strcmp(m, "GET") == 0 ? "POST" : "GET");
+        UNAUTH("other path", .sign_pq = "/v1/shard/0/sync");
+        UNAUTH("other body", .sign_body = "y", .sign_len = 1);
+        UNAUTH("garbage auth",
+               .auth_hdr = "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz");
+        UNAUTH("short auth", .auth_hdr = "0123");
+#undef UNAUTH
+    }
+    /* Dates must be plain decimal; the signature covers the same text. */
+    static const char *const bad_dates[] = {
+        "12x", "+1", " 1", "-1", "1.5", "0x10", "99999999999999999999"};
+    for (size_t i = 0; i < sizeof(bad_dates) / sizeof(bad_dates[0]); i++) {
+        REQ(h, "POST", "/v1/shard/0/apply", b.buf, b.len, &r, .date_hdr = bad_dates[i]);
+        CHECKF(r.status == 401, "date '%s': %ld", bad_dates[i], r.status);
+        reply_free(&r);
+    }
+    /* A leading zero changes the text: the date is taken as sent. */
+    snprintf(date, sizeof(date), "0%" PRId64, now);
+    REQ(h, "POST", "/v1/shard/0/apply", b.buf, b.len, &r, .date_hdr = date);
+    CHECKF(r.status == 401, "date '%s': %ld", date, r.status);
+    reply_free(&r);
+    /* Uppercase hex is not the signature. */
+    {
+        char auth[WIRE_AUTH_LEN + 1], line[128];
+        snprintf(date, sizeof(date), "%" PRId64, now);
+        wire_sign(SECRET, "POST", "/v1/shard/0/apply", now, b.buf, b.len, auth);
+        for (int i = 0; i <= WIRE_AUTH_LEN; i++)
+            upper[i] = (char)(auth[i] >= 'a' && auth[i] <= 'f' ? auth[i] - 32 : auth[i]);
+        snprintf(line, sizeof(line), "%s", upper);
+        REQ(h, "POST", "/v1/shard/0/apply", b.buf, b.len, &r, .date_hdr = date, .auth_hdr = line);
+        CHECK(r.status == 401);
+        reply_free(&r);
+    }
+    /* The query is signed exactly as sent: reordering is a different string. */
+    REQ(h, "POST", "/v1/shard/0/get?off=0&len=5", "\0", 1, &r,
+        .sign_pq = "/v1/shard/0/get?len=5&off=0");
+    CHECK(r.status == 401);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?off=0&len=5", "\0", 1, &r,
+        .sign_pq = "/v1/shard/0/get?off=0&len=5");
+    CHECK(r.status == 200 && r.len == 5);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/get?off=%30", "\0", 1, &r, .sign_pq = "/v1/shard/0/get?off=0");
+    CHECK(r.status == 401);
+    reply_free(&r);
+
+    /* Nothing happened: not in the shard, not over HTTP, no handler call. */
+    CHECK(local_get("unauth", 6, &(size_t){0}) == NULL);
+    HTTP_GET_IS(h, "unauth", 6, NULL, 0);
+    CHECK(handler_calls == calls);
+    /* And the same batch, signed, does apply. */
+    apply_http(h, &b, &r);
+    WANT(&r, 204, "signed apply");
+    reply_free(&r);
+    HTTP_GET_IS(h, "unauth", 6, "x", 1);
+    batch_reset(&b);
+    batch_del(&b, "unauth", 6);
+    apply_http(h, &b, &r);
+    reply_free(&r);
+    batch_free(&b);
+}
+
+/* ---- malformed requests ---- */
+
+static void test_bad_requests(CURL *h)
+{
+    static const struct {
+        const char *method, *pq;
+        const void *body;
+        size_t len;
+        const char *epoch;
+        long status;
+    } cases[] = {
+        /* bodies */
+        {"POST", "/v1/shard/0/apply", "\x09garbage", 8, NULL, 400},
+        {"POST", "/v1/shard/0/apply",
+         "\x01\x05\x00\x00\x00"
+         "ab",
+         7, NULL, 400},
+        {"POST", "/v1/shard/0/apply", "\x01\x00\x00\x00\x00", 5, NULL, 400},
+        {"POST", "/v1/shard/0/scan", "\x01", 1, NULL, 400},
+        {"POST", "/v1/shard/0/scan", "", 0, NULL, 400},
+        {"POST", "/v1/shard/0/scan",
+         "\x05\x00\x00\x00"
+         "ab",
+         6, NULL, 400},
+        {"POST", "/v1/shard/0/scan",
+         "\x00\x00\x00\x00\xff\xff\xff\xff"
+         "x",
+         9, NULL, 400},
+        {"POST", "/v1/shard/0/get", "", 0, NULL, 400},
+        {"POST", "/v1/shard/0/get", key511, sizeof(key511), NULL, 200},
+        {"POST", "/v1/shard/0/sync", "x", 1, NULL, 400},
+        /* query values */
+        {"POST", "/v1/shard/0/get?off=abc", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off=-1", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off=01", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off=", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off=18446744073709551616", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off=1%00", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?off=%201", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?len=x", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?len=1e3", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?len=+5", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get?unknown=1", "\0", 1, NULL, 200},
+        {"POST", "/v1/shard/0/scan?limit=0", "\0\0\0\0\xff\xff\xff\xff", 8, NULL, 400},
+        {"POST", "/v1/shard/0/scan?limit=z", "\0\0\0\0\xff\xff\xff\xff", 8, NULL, 400},
+        {"POST", "/v1/shard/0/scan?limit=99999999", "\0\0\0\0\xff\xff\xff\xff", 8, NULL, 200},
+        /* epochs */
+        {"POST", "/v1/shard/0/get", "\0", 1, "", 400},
+        {"POST", "/v1/shard/0/get", "\0", 1, "3x", 400},
+        {"POST", "/v1/shard/0/get", "\0", 1, "-3", 400},
+        {"POST", "/v1/shard/0/get", "\0", 1, "99999999999999999999", 400},
+        {"POST", "/v1/shard/1/get", "\0", 1, "", 400},
+        /* paths */
+        {"POST", "/v1/shard/2/get", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/4294967295/get", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/4294967296/get", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/01/get", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/get/", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/0/put", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/%30/get", "\0", 1, NULL, 400},
+        {"POST", "/v1/shard/", "\0", 1, NULL, 400},
+        /* methods */
+        {"GET", "/v1/shard/0/get", NULL, 0, NULL, 405},
+        {"PUT", "/v1/shard/0/apply", "", 0, NULL, 405},
+        {"POST", "/v1/shard/0/stat", NULL, 0, NULL, 405},
+        {"GET", "/v1/shard/0/sync", NULL, 0, NULL, 405},
+        {"POST", "/v1/config", NULL, 0, NULL, 405},
+        {"DELETE", "/v1/config", NULL, 0, NULL, 405},
+    };
+    struct reply r;
+    uint8_t key512[BATCH_KEY_MAX + 1];
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        REQ(h, cases[i].method, cases[i].pq, cases[i].body, cases[i].len, &r,
+            .epoch = cases[i].epoch);
+        CHECKF(r.status == cases[i].status, "%s %s (epoch %s): got %ld, want %ld: %.*s",
+               cases[i].method, cases[i].pq, cases[i].epoch ? cases[i].epoch : EPOCH, r.status,
+               cases[i].status, (int)(r.len < 100 ? r.len : 100),
+               r.body ? (const char *)r.body : "");
+        if (cases[i].status == 400)
+            CHECKF(strcmp(r.errno_hdr, "EINVAL") == 0, "%s: errno '%s'", cases[i].pq, r.errno_hdr);
+        if (cases[i].status == 405)
+            CHECKF(r.allow[0], "%s %s: no Allow", cases[i].method, cases[i].pq);
+        reply_free(&r);
+    }
+    memset(key512, 'k', sizeof(key512));
+    REQ(h, "POST", "/v1/shard/0/get", key512, sizeof(key512), &r, 0);
+    WANT(&r, 400, "512-byte key");
+    reply_free(&r);
+    /* A 512-byte key in a batch is malformed too. */
+    {
+        uint8_t body[5 + 512 + 4];
+        body[0] = BATCH_PUT;
+        body[1] = 0x00, body[2] = 0x02, body[3] = body[4] = 0; /* 512 */
+        memcpy(body + 5, key512, 512);
+        memset(body + 517, 0, 4);
+        REQ(h, "POST", "/v1/shard/0/apply", body, sizeof(body), &r, 0);
+        WANT(&r, 400, "batch with a 512-byte key");
+        reply_free(&r);
+    }
+}
+
+/* ---- 413 ---- */
+
+static void test_too_large(void)
+{
+    CURL *h = handle();
+    struct reply r;
+    curl_off_t sent = 0;
+    double t0 = now_s();
+
+    /* With a Content-Length: refused from the headers, body never sent. */
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = WIRE_BODY_MAX + 1, .expect = 1);
+    WANT(&r, 413, "WIRE_BODY_MAX + 1 with a Content-Length");
+    CHECK(strcmp(r.errno_hdr, "EFBIG") == 0);
+    curl_easy_getinfo(h, CURLINFO_SIZE_UPLOAD_T, &sent);
+    CHECKF(sent < (curl_off_t)WIRE_BODY_MAX / 2, "sent %ld bytes", (long)sent);
+    reply_free(&r);
+
+    /* A large body that cannot be authentic is refused before it is sent
+     * (stale date, no auth), with a length or chunked. */
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = 8u << 20, .expect = 1,
+        .date_delta = -1000);
+    WANT(&r, 401, "8 MiB with a stale date");
+    curl_easy_getinfo(h, CURLINFO_SIZE_UPLOAD_T, &sent);
+    CHECKF(sent < (curl_off_t)(4u << 20), "sent %ld bytes", (long)sent);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = 8u << 20, .expect = 1,
+        .chunked = 1, .auth_hdr = "");
+    WANT(&r, 401, "8 MiB chunked without auth");
+    curl_easy_getinfo(h, CURLINFO_SIZE_UPLOAD_T, &sent);
+    CHECKF(sent < (curl_off_t)(4u << 20), "sent %ld bytes", (long)sent);
+    reply_free(&r);
+
+    /* Chunked: refused once the cap is passed. */
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = WIRE_BODY_MAX + 1, .chunked = 1,
+        .expect = 1);
+    WANT(&r, 413, "WIRE_BODY_MAX + 1 chunked");
+    reply_free(&r);
+
+    /* Exactly the cap is accepted as a body (and then is no valid batch). */
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = WIRE_BODY_MAX, .expect = 1);
+    WANT(&r, 400, "WIRE_BODY_MAX");
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = WIRE_BODY_MAX, .chunked = 1,
+        .expect = 1);
+    WANT(&r, 400, "WIRE_BODY_MAX chunked");
+    reply_free(&r);
+    curl_easy_cleanup(h);
+    CHECKF(now_s() - t0 < 20, "413 tests took %.1f s", now_s() - t0);
+}
+
+/* ---- routing ---- */
+
+static void test_redirects(CURL *h)
+{
+    struct reply r;
+    char want[256];
+
+    /* Not ours: to node b, same path and query, with our epoch. */
+    REQ(h, "POST", "/v1/shard/1/get?off=3&len=4", "\0", 1, &r, 0);
+    snprintf(want, sizeof(want), "%s/v1/shard/1/get?off=3&len=4", url_b);
+    CHECKF(r.status == 307 && strcmp(r.location, want) == 0 && strcmp(r.epoch, EPOCH) == 0,
+           "%ld '%s' '%s'", r.status, r.location, r.epoch);
+    reply_free(&r);
+    REQ(h, "GET", "/v1/shard/1/stat", NULL, 0, &r, 0);
+    snprintf(want, sizeof(want), "%s/v1/shard/1/stat", url_b);
+    CHECKF(r.status == 307 && strcmp(r.location, want) == 0, "%ld '%s'", r.status, r.location);
+    reply_free(&r);
+    /* An old epoch: to the owner, here ourselves (without the url's "/"). */
+    REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .epoch = "2");
+    snprintf(want, sizeof(want), "%s/v1/shard/0/apply", base_url);
+    CHECKF(r.status == 307 && strcmp(r.location, want) == 0 && strcmp(r.epoch, EPOCH) == 0,
+           "%ld '%s' '%s'", r.status, r.location, r.epoch);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/1/apply", NULL, 0, &r, .epoch = "0");
+    CHECK(r.status == 307);
+    reply_free(&r);
+    /* A newer epoch is served when the shard is ours. */
+    REQ(h, "POST", "/v1/shard/0/get", "\0", 1, &r, .epoch = "4");
+    CHECK(r.status == 200 && r.len == 8);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/1/get", "\0", 1, &r, .epoch = "4");
+    CHECK(r.status == 307);
+    reply_free(&r);
+}
+
+static void test_config_route(CURL *h)
+{
+    struct reply r;
+    json_t *doc, *shards;
+    json_error_t jerr;
+
+    REQ(h, "GET", "/v1/config", NULL, 0, &r, .epoch = "");
+    WANT(&r, 200, "config");
+    doc = json_loadb((const char *)r.body, r.len, 0, &jerr);
+    shards = json_object_get(doc, "shards");
+    CHECKF(doc && json_integer_value(json_object_get(doc, "epoch")) == 3 &&
+               json_string_value(json_object_get(doc, "node")) &&
+               strcmp(json_string_value(json_object_get(doc, "node")), "a") == 0 &&
+               json_array_size(shards) == 2 &&
+               strcmp(json_string_value(json_array_get(shards, 0)), base_url) == 0 &&
+               strcmp(json_string_value(json_array_get(shards, 1)), url_b) == 0,
+           "%.*s", (int)r.len, (const char *)r.body);
+    json_decref(doc);
+    reply_free(&r);
+}
+
+static void test_other_paths(CURL *h)
+{
+    struct reply r;
+    const char *want;
+    int calls = handler_calls;
+
+    REQ(h, "PUT", "/v1/kv/some%20file?q=a%26b&z=1", "body\0x", 6, &r, .header = "X-Test: hi");
+    want = "PUT /v1/kv/some file q=a&b h=hi len=6 body=yes";
+    CHECKF(r.status == 200 && r.len == strlen(want) + 6 &&
+               memcmp(r.body, want, strlen(want)) == 0 &&
+               memcmp(r.body + strlen(want), "body\0x", 6) == 0,
+           "%ld: %.*s", r.status, (int)r.len, r.body ? (const char *)r.body : "");
+    CHECK(strcmp(r.ctype, "text/plain") == 0);
+    reply_free(&r);
+    REQ(h, "GET", "/", NULL, 0, &r, .epoch = "");
+    want = "GET / q=- h=- len=0 body=no";
+    CHECKF(r.status == 200 && r.len == strlen(want) && memcmp(r.body, want, r.len) == 0, "%.*s",
+           (int)r.len, r.body ? (const char *)r.body : "");
+    reply_free(&r);
+    REQ(h, "DELETE", "/v1/shard", NULL, 0, &r, 0); /* not a shard path */
+    CHECK(r.status == 200);
+    reply_free(&r);
+    REQ(h, "GET", "/fail", NULL, 0, &r, 0);
+    CHECK(r.status == 404 && strcmp(r.errno_hdr, "ENOENT") == 0);
+    reply_free(&r);
+    REQ(h, "GET", "/full", NULL, 0, &r, 0);
+    CHECK(r.status == 507 && strcmp(r.errno_hdr, "ENOSPC") == 0);
+    reply_free(&r);
+    REQ(h, "GET", "/badstatus", NULL, 0, &r, 0);
+    CHECK(r.status == 500);
+    reply_free(&r);
+    REQ(h, "GET", "/redirect", NULL, 0, &r, 0);
+    CHECKF(r.status == 302 && strcmp(r.location, "http://elsewhere/x") == 0 &&
+               strcmp(r.errno_hdr, "EAGAIN") == 0 && strcmp(r.extra, "42") == 0,
+           "%ld '%s' '%s' '%s'", r.status, r.location, r.errno_hdr, r.extra);
+    reply_free(&r);
+    REQ(h, "GET", "/badheader", NULL, 0, &r, 0);
+    CHECKF(r.status == 500 && strcmp(r.errno_hdr, "EIO") == 0, "%ld", r.status);
+    reply_free(&r);
+    CHECK(handler_calls == calls + 8);
+}
+
+static void test_no_handler(void)
+{
+    CURL *h = handle();
+    struct reply r;
+
+    REQ(h, "GET", "/v1/kv/x", NULL, 0, &r, 0);
+    CHECK(r.status == 404);
+    reply_free(&r);
+    REQ(h, "GET", "/v1/kv/x", NULL, 0, &r, .auth_hdr = "");
+    CHECK(r.status == 401);
+    reply_free(&r);
+    REQ(h, "GET", "/v1/config", NULL, 0, &r, 0);
+    CHECK(r.status == 200);
+    reply_free(&r);
+    curl_easy_cleanup(h);
+}
+
+/* ---- connections ---- */
+
+static void test_keep_alive(void)
+{
+    CURL *h = handle();
+    struct reply r;
+    int reused = 0, ok = 0;
+    double t0 = now_s();
+
+    for (int i = 0; i < 1000; i++) {
+        if (i % 10 == 9)
+            REQ(h, "POST", "/v1/shard/0/get", "nope", 4, &r, 0); /* a 404 keeps it too */
+        else
+            REQ(h, "POST", "/v1/shard/0/get", all256, 256, &r, 0);
+        ok += i % 10 == 9 ? r.status == 404 : r.status == 200 && r.len == 256;
+        if (i > 0)
+            reused += r.connects == 0;
+        else
+            CHECK(r.connects == 1);
+        reply_free(&r);
+    }
+    /* Refusals keep the connection too: 401 (with and without a body),
+     * 400, 405, 307. */
+    {
+        static const struct {
+            const char *method, *pq;
+            size_t len;
+            int noauth;
+            long status;
+        } refusals[] = {
+            {"GET", "/v1/config", 0, 1, 401},           {"POST", "/v1/shard/0/apply", 300, 1, 401},
+            {"POST", "/v1/shard/0/apply", 300, 0, 400}, {"GET", "/v1/shard/0/apply", 0, 0, 405},
+            {"POST", "/v1/shard/1/get", 1, 0, 307},
+        };
+        for (size_t i = 0; i < sizeof(refusals) / sizeof(refusals[0]); i++) {
+            REQ(h, refusals[i].method, refusals[i].pq, big, refusals[i].len, &r,
+                .auth_hdr = refusals[i].noauth ? "" : NULL);
+            CHECKF(r.status == refusals[i].status && r.connects == 0, "%s %s: %ld, connects %ld",
+                   refusals[i].method, refusals[i].pq, r.status, r.connects);
+            reply_free(&r);
+            REQ(h, "POST", "/v1/shard/0/get", all256, 256, &r, 0);
+            CHECKF(r.status == 200 && r.connects == 0, "after %s %s: %ld, connects %ld",
+                   refusals[i].method, refusals[i].pq, r.status, r.connects);
+            reply_free(&r);
+        }
+    }
+    CHECKF(ok == 1000, "%d of 1000 right", ok);
+    CHECKF(reused == 999, "%d of 999 requests reused the connection", reused);
+    CHECKF(now_s() - t0 < 8, "1000 requests took %.2f s", now_s() - t0);
+    curl_easy_cleanup(h);
+}
+
+struct worker {
+    int id;
+    int errors;
+};
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    CURL *h = handle();
+    struct reply r;
+    struct batch b;
+    char key[32], val[64];
+
+    batch_init(&b);
+    for (int i = 0; i < 150; i++) {
+        int kl = snprintf(key, sizeof(key), "t%d/%d", w->id, i);
+        int vl = snprintf(val, sizeof(val), "value %d of %d", i, w->id);
+        batch_reset(&b);
+        batch_put(&b, key, (size_t)kl, val, (size_t)vl);
+        if (apply_http(h, &b, &r) != 204)
+            w->errors++;
+        reply_free(&r);
+        REQ(h, "POST", "/v1/shard/0/get", key, (size_t)kl, &r, 0);
+        if (r.status != 200 || r.len != (size_t)vl || memcmp(r.body, val, (size_t)vl) != 0)
+            w->errors++;
+        reply_free(&r);
+    }
+    batch_free(&b);
+    curl_easy_cleanup(h);
+    return NULL;
+}
+
+static void test_concurrent(void)
+{
+    pthread_t t[4];
+    struct worker w[4];
+    struct recs rs = {0};
+
+    for (int i = 0; i < 4; i++) {
+        w[i] = (struct worker){.id = i};
+        pthread_create(&t[i], NULL, worker_main, &w[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+        CHECKF(w[i].errors == 0, "worker %d: %d errors", i, w[i].errors);
+    }
+    CHECK_RC(shard_scan(shard0, "t", 1, "u", 1, collect, &rs), 0);
+    CHECK(rs.n == 600);
+    recs_free(&rs);
+}
+
+static void cleanup(void)
+{
+    char cmd[sizeof(tmpdir) + 32];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "warning: could not remove %s\n", tmpdir);
+}
+
+int main(void)
+{
+    CURL *h, *idle;
+    struct reply r;
+
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
+        return 2;
+    setup();
+    if (start(test_handler) != 0)
+        return check_summary("node_server");
+    test_start_errors();
+    h = handle();
+    test_round_trips(h);
+    test_scans(h);
+    test_scan_cut(h);
+    test_auth(h);
+    test_bad_requests(h);
+    test_too_large();
+    test_redirects(h);
+    test_config_route(h);
+    test_other_paths(h);
+    test_keep_alive();
+    test_concurrent();
+    /* Stopping with a connection still open (idle keep-alive) must not hang. */
+    idle = handle();
+    REQ(idle, "GET", "/v1/config", NULL, 0, &r, 0);
+    CHECK(r.status == 200);
+    reply_free(&r);
+    node_server_stop(server);
+    server = NULL;
+
+    if (start(NULL) == 0) {
+        test_no_handler();
+        node_server_stop(server);
+    }
+    curl_easy_cleanup(idle);
+    curl_easy_cleanup(h);
+    shard_close(shard0);
+    free(big);
+    cleanup();
+    curl_global_cleanup();
+    return check_summary("node_server");
+}

@@ -1,0 +1,536 @@
+/* test_wire.c -- unit tests for backend/wire.c.
+ *
+ *  - shard paths: a table of valid and invalid paths for
+ *    wire_parse_shard_path() (leading zeros, overflow past UINT_MAX, trailing
+ *    slash, query, unknown op, not a shard path at all), and
+ *    wire_shard_path() round trips, buffer-size edges and a bad op;
+ *  - signatures: pinned vectors (computed once with Python's hmac module, an
+ *    independent implementation), lowercase hex, and wire_verify() failing
+ *    for a wrong secret, method, path, query, body, date, a truncated,
+ *    uppercased or missing auth, an empty secret; the skew window just
+ *    inside and just outside on both sides, and at the int64 extremes;
+ *  - scan requests: encode/decode round trips (with and without an end key,
+ *    empty keys, binary keys), every truncation of a valid encoding and a
+ *    trailing byte give -EINVAL, as do lengths that point past the buffer;
+ *  - scan replies: encode a series of records and walk it back; every
+ *    truncation of a valid reply fails (never a record read past len), and
+ *    bad key/value lengths fail;
+ *  - the status <-> errno table in both directions, and wire_errno_name().
+ * Exits non-zero on any failed check.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "endian.h"
+#include "wire.h"
+#include "check.h"
+
+/* ---- paths ---- */
+
+static void test_parse_paths(void)
+{
+    static const struct {
+        const char *path;
+        int rc;
+        unsigned shard;
+        enum wire_op op;
+    } cases[] = {
+        {"/v1/shard/0/get", 0, 0, WIRE_OP_GET},
+        {"/v1/shard/1/scan", 0, 1, WIRE_OP_SCAN},
+        {"/v1/shard/17/apply", 0, 17, WIRE_OP_APPLY},
+        {"/v1/shard/1023/sync", 0, 1023, WIRE_OP_SYNC},
+        {"/v1/shard/10/stat", 0, 10, WIRE_OP_STAT},
+        {"/v1/shard/4294967295/get", 0, 4294967295u, WIRE_OP_GET},
+        {"/v1/shard/01/get", -EINVAL, 0, 0},
+        {"/v1/shard/00/get", -EINVAL, 0, 0},
+        {"/v1/shard/4294967296/get", -EINVAL, 0, 0},
+        {"/v1/shard/99999999999999999999999/get", -EINVAL, 0, 0},
+        {"/v1/shard/0/get/", -EINVAL, 0, 0},
+        {"/v1/shard/0/get?off=1", -EINVAL, 0, 0},
+        {"/v1/shard/0/put", -EINVAL, 0, 0},
+        {"/v1/shard/0/GET", -EINVAL, 0, 0},
+        {"/v1/shard/0/gets", -EINVAL, 0, 0},
+        {"/v1/shard/0/ge", -EINVAL, 0, 0},
+        {"/v1/shard/0/", -EINVAL, 0, 0},
+        {"/v1/shard/0", -EINVAL, 0, 0},
+        {"/v1/shard//get", -EINVAL, 0, 0},
+        {"/v1/shard/", -EINVAL, 0, 0},
+        {"/v1/shard/-1/get", -EINVAL, 0, 0},
+        {"/v1/shard/+1/get", -EINVAL, 0, 0},
+        {"/v1/shard/ 1/get", -EINVAL, 0, 0},
+        {"/v1/shard/1 /get", -EINVAL, 0, 0},
+        {"/v1/shard/0x1/get", -EINVAL, 0, 0},
+        {"/v1/shard/1//get", -EINVAL, 0, 0},
+        {"/v1/shard/%30/get", -EINVAL, 0, 0},
+        {"/v1/shard/1/get\n", -EINVAL, 0, 0},
+        {"/v1/shard", -ENOENT, 0, 0},
+        {"/v1/shards/0/get", -ENOENT, 0, 0},
+        {"/v1/config", -ENOENT, 0, 0},
+        {"/v1/kv/a", -ENOENT, 0, 0},
+        {"v1/shard/0/get", -ENOENT, 0, 0},
+        {"//v1/shard/0/get", -ENOENT, 0, 0},
+        {"", -ENOENT, 0, 0},
+        {NULL, -ENOENT, 0, 0},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        unsigned shard = 12345;
+        enum wire_op op = (enum wire_op)99;
+        int rc = wire_parse_shard_path(cases[i].path, &shard, &op);
+
+        CHECKF(rc == cases[i].rc, "'%s': got %d, want %d", cases[i].path ? cases[i].path : "NULL",
+               rc, cases[i].rc);
+        if (rc == 0 && cases[i].rc == 0) {
+            CHECKF(shard == cases[i].shard && op == cases[i].op, "'%s': got %u/%d", cases[i].path,
+                   shard, (int)op);
+        }
+        if (rc != 0)
+            CHECKF(shard == 12345 && op == (enum wire_op)99, "'%s' changed outputs on error",
+                   cases[i].path ? cases[i].path : "NULL");
+    }
+}
+
+static void test_format_paths(void)
+{
+    static const enum wire_op ops[] = {WIRE_OP_GET, WIRE_OP_SCAN, WIRE_OP_APPLY, WIRE_OP_SYNC,
+                                       WIRE_OP_STAT};
+    static const char *const names[] = {"get", "scan", "apply", "sync", "stat"};
+    static const unsigned shards[] = {0, 1, 9, 10, 1023, 4294967295u};
+    char buf[WIRE_PATH_MAX], want[64];
+
+    for (size_t i = 0; i < 5; i++) {
+        CHECK(wire_op_name(ops[i]) && strcmp(wire_op_name(ops[i]), names[i]) == 0);
+        for (size_t j = 0; j < sizeof(shards) / sizeof(shards[0]); j++) {
+            unsigned shard;
+            enum wire_op op;
+            int n = snprintf(want, sizeof(want), "/v1/shard/%u/%s", shards[j], names[i]);
+
+            CHECK_RC(wire_shard_path(buf, sizeof(buf), shards[j], ops[i]), n);
+            CHECKF(strcmp(buf, want) == 0, "got '%s', want '%s'", buf, want);
+            CHECK_RC(wire_parse_shard_path(buf, &shard, &op), 0);
+            CHECK(shard == shards[j] && op == ops[i]);
+            /* Exactly fitting (n + NUL) works; one byte less does not. */
+            CHECK_RC(wire_shard_path(buf, (size_t)n + 1, shards[j], ops[i]), n);
+            CHECK_RC(wire_shard_path(buf, (size_t)n, shards[j], ops[i]), -ENAMETOOLONG);
+        }
+    }
+    CHECK(wire_op_name((enum wire_op)5) == NULL);
+    CHECK(wire_op_name((enum wire_op) - 1) == NULL);
+    CHECK_RC(wire_shard_path(buf, sizeof(buf), 0, (enum wire_op)7), -EINVAL);
+    CHECK_RC(wire_shard_path(buf, 0, 0, WIRE_OP_GET), -ENAMETOOLONG);
+}
+
+/* ---- signatures ---- */
+
+#define SECRET "0123456789abcdef-secret"
+
+static void test_sign_vectors(void)
+{
+    static uint8_t all[256];
+    char out[WIRE_AUTH_LEN + 1];
+
+    for (int i = 0; i < 256; i++)
+        all[i] = (uint8_t)i;
+    /* Pinned with Python: hmac.new(secret, method + "\n" + path_query + "\n"
+     * + str(date) + "\n" + sha256(body).hexdigest(), sha256).hexdigest() */
+    wire_sign(SECRET, "POST", "/v1/shard/3/get?off=0&len=10", 1700000000, "hello", 5, out);
+    CHECKF(strcmp(out, "cf8d07759f87b3c08483649217800c5da5db42cf8d402092943ba500e39eba53") == 0,
+           "got %s", out);
+    wire_sign(SECRET, "GET", "/v1/config", 1700000000, NULL, 0, out);
+    CHECKF(strcmp(out, "02e84163975ab580d5f3cc6987729c73d417ab650c948f9f2aec125805bc0af2") == 0,
+           "got %s", out);
+    wire_sign(SECRET, "POST", "/v1/shard/0/apply", -5, all, sizeof(all), out);
+    CHECKF(strcmp(out, "1b28e29b951bd36ccef54e8d933ce9f0c53eefadfe76ebe3ae2d2ee88d2b0d6e") == 0,
+           "got %s", out);
+    wire_sign("", "GET", "/", 0, "", 0, out);
+    CHECKF(strcmp(out, "f564b06be0316dc69d825c5d225faea826049a3182121c257e2e2e8f6ffc5362") == 0,
+           "got %s", out);
+    CHECK(strlen(out) == WIRE_AUTH_LEN);
+    CHECK(strspn(out, "0123456789abcdef") == WIRE_AUTH_LEN);
+}
+
+static void test_verify(void)
+{
+    const int64_t now = 1700000000;
+    const char *pq = "/v1/shard/3/get?off=0&len=10";
+    char auth[WIRE_AUTH_LEN + 1], other[WIRE_AUTH_LEN + 1], upper[WIRE_AUTH_LEN + 1];
+
+    wire_sign(SECRET, "POST", pq, now, "hello", 5, auth);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, auth), 0);
+
+    /* Anything signed differs. */
+    CHECK_RC(wire_verify(SECRET "x", "POST", pq, now, now, "hello", 5, auth), -EACCES);
+    CHECK_RC(wire_verify("0123456789abcdef-secreT", "POST", pq, now, now, "hello", 5, auth),
+             -EACCES);
+    CHECK_RC(wire_verify(SECRET, "GET", pq, now, now, "hello", 5, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "post", pq, now, now, "hello", 5, auth), -EACCES);
+    CHECK_RC(
+        wire_verify(SECRET, "POST", "/v1/shard/4/get?off=0&len=10", now, now, "hello", 5, auth),
+        -EACCES);
+    CHECK_RC(
+        wire_verify(SECRET, "POST", "/v1/shard/3/get?off=0&len=11", now, now, "hello", 5, auth),
+        -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", "/v1/shard/3/get", now, now, "hello", 5, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hellp", 5, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 4, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "", 0, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now + 1, now, "hello", 5, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now - 1, now, "hello", 5, auth), -EACCES);
+
+    /* The auth string itself. */
+    memcpy(upper, auth, sizeof(upper));
+    for (int i = 0; i < WIRE_AUTH_LEN; i++)
+        if (upper[i] >= 'a' && upper[i] <= 'f')
+            upper[i] = (char)(upper[i] - 'a' + 'A');
+    if (strcmp(upper, auth) != 0)
+        CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, upper), -EACCES);
+    memcpy(other, auth, sizeof(other));
+    other[WIRE_AUTH_LEN - 1] = other[WIRE_AUTH_LEN - 1] == '0' ? '1' : '0';
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, other), -EACCES);
+    memcpy(other, auth, sizeof(other));
+    other[0] = other[0] == '0' ? '1' : '0';
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, other), -EACCES);
+    memcpy(other, auth, sizeof(other));
+    other[WIRE_AUTH_LEN - 1] = '\0';
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, ""), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, NULL), -EACCES);
+    {
+        char longer[WIRE_AUTH_LEN + 2];
+        memcpy(longer, auth, WIRE_AUTH_LEN);
+        longer[WIRE_AUTH_LEN] = '0';
+        longer[WIRE_AUTH_LEN + 1] = '\0';
+        CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, longer), -EACCES);
+    }
+    /* No secret never verifies, not even its own signature. */
+    wire_sign("", "POST", pq, now, "hello", 5, other);
+    CHECK_RC(wire_verify("", "POST", pq, now, now, "hello", 5, other), -EACCES);
+    CHECK_RC(wire_verify(NULL, "POST", pq, now, now, "hello", 5, auth), -EACCES);
+
+    /* The skew window: WIRE_MAX_SKEW either way is in, one more is out. */
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now + WIRE_MAX_SKEW, "hello", 5, auth), 0);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now - WIRE_MAX_SKEW, "hello", 5, auth), 0);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now + WIRE_MAX_SKEW + 1, "hello", 5, auth),
+             -EACCES);
+    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now - WIRE_MAX_SKEW - 1, "hello", 5, auth),
+             -EACCES);
+    /* Extreme dates do not overflow into "close enough". */
+    wire_sign(SECRET, "GET", "/", INT64_MIN, NULL, 0, other);
+    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MIN, INT64_MAX, NULL, 0, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MIN, INT64_MIN + 5, NULL, 0, other), 0);
+    wire_sign(SECRET, "GET", "/", INT64_MAX, NULL, 0, other);
+    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MAX, INT64_MIN, NULL, 0, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MAX, INT64_MAX - WIRE_MAX_SKEW, NULL, 0, other),
+             0);
+}
+
+/* ---- scan requests ---- */
+
+static void scan_request_roundtrip(const void *start, size_t slen, const void *end, size_t elen,
+                                   const char *file, int line)
+{
+    size_t n = wire_scan_request_size(slen, end ? elen : 0);
+    uint8_t *buf = malloc(n + 1);
+    const uint8_t *s, *e;
+    size_t sl, el;
+    int rc;
+
+    wire_scan_request_encode(buf, start, slen, end, elen);
+    rc = wire_scan_request_decode(buf, n, &s, &sl, &e, &el);
+    check(rc == 0, file, line, "decode == 0", "got %d", rc);
+    if (rc == 0) {
+        check(sl == slen && (slen == 0 || memcmp(s, start, slen) == 0), file, line, "start", NULL);
+        if (end)
+            check(e && el == elen && (elen == 0 || memcmp(e, end, elen) == 0), file, line, "end",
+                  NULL);
+        else
+            check(e == NULL && el == 0, file, line, "no end", NULL);
+    }
+    /* Every proper prefix is malformed, and so is one byte too many. */
+    for (size_t cut = 0; cut < n; cut++) {
+        uint8_t *copy = malloc(cut ? cut : 1); /* exact size: ASan catches over-reads */
+        memcpy(copy, buf, cut);
+        rc = wire_scan_request_decode(copy, cut, &s, &sl, &e, &el);
+        check(rc == -EINVAL, file, line, "truncated decode == -EINVAL", "cut %zu of %zu: %d", cut,
+              n, rc);
+        free(copy);
+    }
+    buf[n] = 0;
+    rc = wire_scan_request_decode(buf, n + 1, &s, &sl, &e, &el);
+    check(rc == -EINVAL, file, line, "trailing byte == -EINVAL", "got %d", rc);
+    free(buf);
+}
+#define SCAN_REQ(s, sl, e, el) scan_request_roundtrip((s), (sl), (e), (el), __FILE__, __LINE__)
+
+static void test_scan_request(void)
+{
+    uint8_t all[256], key512[512];
+    uint8_t buf[16];
+    const uint8_t *s, *e;
+    size_t sl, el;
+
+    for (int i = 0; i < 256; i++)
+        all[i] = (uint8_t)i;
+    memset(key512, 0xff, sizeof(key512));
+    CHECK(wire_scan_request_size(0, 0) == 8);
+    CHECK(wire_scan_request_size(3, 4) == 15);
+
+    SCAN_REQ("", 0, NULL, 0);
+    SCAN_REQ("abc", 3, NULL, 0);
+    SCAN_REQ("", 0, "z", 1);
+    SCAN_REQ("", 0, "", 0);
+    SCAN_REQ("a", 1, "b", 1);
+    SCAN_REQ(all, sizeof(all), all + 1, 255);
+    SCAN_REQ(key512, sizeof(key512), NULL, 0);
+
+    /* The exact layout: u32le slen, start, u32le elen or 0xffffffff. */
+    wire_scan_request_encode(buf, "ab", 2, NULL, 0);
+    CHECK(memcmp(buf,
+                 "\x02\x00\x00\x00"
+                 "ab"
+                 "\xff\xff\xff\xff",
+                 10) == 0);
+    wire_scan_request_encode(buf, "ab", 2, "c", 1);
+    CHECK(memcmp(buf,
+                 "\x02\x00\x00\x00"
+                 "ab"
+                 "\x01\x00\x00\x00"
+                 "c",
+                 11) == 0);
+
+    /* Lengths that point past the buffer. */
+    memcpy(buf,
+           "\xff\xff\xff\x7f"
+           "ab"
+           "\xff\xff\xff\xff",
+           10);
+    CHECK_RC(wire_scan_request_decode(buf, 10, &s, &sl, &e, &el), -EINVAL);
+    memcpy(buf,
+           "\x02\x00\x00\x00"
+           "ab"
+           "\xfe\xff\xff\xff",
+           10);
+    CHECK_RC(wire_scan_request_decode(buf, 10, &s, &sl, &e, &el), -EINVAL);
+    memcpy(buf,
+           "\x02\x00\x00\x00"
+           "ab"
+           "\x02\x00\x00\x00"
+           "c",
+           11);
+    CHECK_RC(wire_scan_request_decode(buf, 11, &s, &sl, &e, &el), -EINVAL);
+    memcpy(buf,
+           "\x07\x00\x00\x00"
+           "ab"
+           "\xff\xff\xff\xff",
+           10);
+    CHECK_RC(wire_scan_request_decode(buf, 10, &s, &sl, &e, &el), -EINVAL);
+    CHECK_RC(wire_scan_request_decode(NULL, 0, &s, &sl, &e, &el), -EINVAL);
+}
+
+/* ---- scan replies ---- */
+
+static void test_scan_reply(void)
+{
+    enum { N = 300 };
+    static uint8_t key[N][BATCH_KEY_MAX], val[N][600];
+    size_t klen[N], vlen[N], total = 0, pos;
+    uint8_t *buf, *copy;
+    const uint8_t *k, *v;
+    size_t kl, vl, n;
+    int rc, count;
+
+    for (int i = 0; i < N; i++) {
+        klen[i] = 1 + (size_t)(i * 37) % BATCH_KEY_MAX;
+        vlen[i] = (size_t)(i * 53) % 600; /* includes empty values */
+        for (size_t j = 0; j < klen[i]; j++)
+            key[i][j] = (uint8_t)(i + j);
+        for (size_t j = 0; j < vlen[i]; j++)
+            val[i][j] = (uint8_t)(i * 7 + j);
+        total += wire_scan_record_size(klen[i], vlen[i]);
+    }
+    CHECK(wire_scan_record_size(1, 0) == 9);
+    buf = malloc(total);
+    n = 0;
+    for (int i = 0; i < N; i++) {
+        wire_scan_record_encode(buf + n, key[i], klen[i], val[i], vlen[i]);
+        n += wire_scan_record_size(klen[i], vlen[i]);
+    }
+    pos = 0;
+    count = 0;
+    while ((rc = wire_scan_reply_next(buf, total, &pos, &k, &kl, &v, &vl)) == 1) {
+        int ok = count < N && kl == klen[count] && vl == vlen[count] &&
+                 memcmp(k, key[count], kl) == 0 && (vl == 0 || memcmp(v, val[count], vl) == 0);
+        CHECKF(ok, "record %d", count);
+        count++;
+    }
+    CHECK_RC(rc, 0);
+    CHECK_RC(count, N);
+    CHECK(pos == total);
+    CHECK_RC(wire_scan_reply_next(buf, total, &pos, &k, &kl, &v, &vl), 0);
+    pos = 0;
+    CHECK_RC(wire_scan_reply_next(NULL, 0, &pos, &k, &kl, &v, &vl), 0);
+
+    /* Every truncation of the first three records: whole records come out,
+     * then -EINVAL exactly when the cut is inside a record. */
+    n = wire_scan_record_size(klen[0], vlen[0]) + wire_scan_record_size(klen[1], vlen[1]) +
+        wire_scan_record_size(klen[2], vlen[2]);
+    for (size_t cut = 0; cut <= n; cut++) {
+        size_t bounds[4] = {0}, p = 0;
+        int whole = 0, is_boundary = 0;
+
+        for (int i = 0; i < 3; i++)
+            bounds[i + 1] = bounds[i] + wire_scan_record_size(klen[i], vlen[i]);
+        for (int i = 0; i < 4; i++)
+            if (bounds[i] <= cut)
+                whole = i;
+        for (int i = 0; i < 4; i++)
+            is_boundary |= bounds[i] == cut;
+        copy = malloc(cut ? cut : 1);
+        memcpy(copy, buf, cut);
+        count = 0;
+        while ((rc = wire_scan_reply_next(copy, cut, &p, &k, &kl, &v, &vl)) == 1)
+            count++;
+        CHECKF(count == whole && rc == (is_boundary ? 0 : -EINVAL), "cut %zu: %d records, rc %d",
+               cut, count, rc);
+        free(copy);
+    }
+
+    /* Bad lengths. */
+    {
+        uint8_t b[32];
+        memcpy(b,
+               "\x00\x00\x00\x00"
+               "\x00\x00\x00\x00",
+               8); /* empty key */
+        pos = 0;
+        CHECK_RC(wire_scan_reply_next(b, 8, &pos, &k, &kl, &v, &vl), -EINVAL);
+        endian_put_le(b, BATCH_KEY_MAX + 1, 4); /* key too long */
+        pos = 0;
+        CHECK_RC(wire_scan_reply_next(b, 8, &pos, &k, &kl, &v, &vl), -EINVAL);
+        memcpy(b,
+               "\x01\x00\x00\x00"
+               "a"
+               "\xff\xff\xff\xff",
+               9); /* value past the end */
+        pos = 0;
+        CHECK_RC(wire_scan_reply_next(b, 9, &pos, &k, &kl, &v, &vl), -EINVAL);
+        memcpy(b,
+               "\x01\x00\x00\x00"
+               "a"
+               "\x02\x00\x00\x00"
+               "b",
+               10);
+        pos = 0;
+        CHECK_RC(wire_scan_reply_next(b, 10, &pos, &k, &kl, &v, &vl), -EINVAL);
+        pos = 11; /* a position past len */
+        CHECK_RC(wire_scan_reply_next(b, 10, &pos, &k, &kl, &v, &vl), -EINVAL);
+    }
+    free(buf);
+}
+
+/* ---- status <-> errno ---- */
+
+static void test_errno_table(void)
+{
+    static const struct {
+        long status;
+        const char *hdr;
+        int err;
+    } to_errno[] = {
+        {200, NULL, 0},
+        {204, NULL, 0},
+        {206, NULL, 0},
+        {299, NULL, 0},
+        {400, NULL, -EINVAL},
+        {401, NULL, -EACCES},
+        {404, NULL, -ENOENT},
+        {404, "EEXIST", -ENOENT},
+        {409, "EEXIST", -EEXIST},
+        {409, "EAGAIN", -EAGAIN},
+        {409, NULL, -EIO},
+        {409, "", -EIO},
+        {409, "ENOSPC", -EIO},
+        {409, "eexist", -EIO},
+        {409, "EEXISTS", -EIO},
+        {413, NULL, -EFBIG},
+        {414, NULL, -ENAMETOOLONG},
+        {507, NULL, -ENOSPC},
+        {503, NULL, -EIO},
+        {402, NULL, -EIO},
+        {403, NULL, -EIO},
+        {405, NULL, -EIO},
+        {418, NULL, -EIO},
+        {499, NULL, -EIO},
+        {500, NULL, -EIO},
+        {500, "EEXIST", -EIO},
+        {502, NULL, -EIO},
+        {599, NULL, -EIO},
+        {100, NULL, -EIO},
+        {307, NULL, -EIO},
+        {0, NULL, -EIO},
+        {-1, NULL, -EIO},
+        {600, NULL, -EIO},
+    };
+    static const struct {
+        int err;
+        int status;
+        const char *name;
+    } to_status[] = {
+        {-EEXIST, 409, "EEXIST"},
+        {-EAGAIN, 409, "EAGAIN"},
+        {-ENOSPC, 507, "ENOSPC"},
+        {-EFBIG, 413, "EFBIG"},
+        {-ENAMETOOLONG, 414, "ENAMETOOLONG"},
+        {-ENOENT, 404, "ENOENT"},
+        {-EINVAL, 400, "EINVAL"},
+        {-EACCES, 401, "EACCES"},
+        {-EIO, 500, "EIO"},
+        {-ETIMEDOUT, 500, "ETIMEDOUT"},
+        {-ENOMEM, 500, NULL},
+        {-ENOSYS, 500, NULL},
+        {-EPERM, 500, NULL},
+        {-EHOSTUNREACH, 500, NULL},
+        {-99999, 500, NULL},
+    };
+
+    for (size_t i = 0; i < sizeof(to_errno) / sizeof(to_errno[0]); i++)
+        CHECKF(wire_errno_of_status(to_errno[i].status, to_errno[i].hdr) == to_errno[i].err,
+               "status %ld hdr %s: got %d, want %d", to_errno[i].status,
+               to_errno[i].hdr ? to_errno[i].hdr : "NULL",
+               wire_errno_of_status(to_errno[i].status, to_errno[i].hdr), to_errno[i].err);
+    for (size_t i = 0; i < sizeof(to_status) / sizeof(to_status[0]); i++) {
+        const char *name = wire_errno_name(to_status[i].err);
+        const char *pos_name = wire_errno_name(-to_status[i].err);
+
+        CHECKF(wire_status_of_errno(to_status[i].err) == to_status[i].status, "errno %d: got %d",
+               to_status[i].err, wire_status_of_errno(to_status[i].err));
+        CHECKF(to_status[i].name ? name && strcmp(name, to_status[i].name) == 0 : name == NULL,
+               "name of %d: got %s", to_status[i].err, name ? name : "NULL");
+        CHECK(name == pos_name); /* either sign */
+        /* What the server sends, the client maps back to the same errno
+         * (EIO and ETIMEDOUT both come back as EIO: a 500 is a 500). */
+        if (to_status[i].status != 500)
+            CHECKF(wire_errno_of_status(to_status[i].status, name) == to_status[i].err,
+                   "round trip of %d", to_status[i].err);
+        else
+            CHECK(wire_errno_of_status(to_status[i].status, name) == -EIO);
+    }
+    CHECK(wire_status_of_errno(0) == 200);
+    CHECK(wire_errno_name(0) == NULL);
+}
+
+int main(void)
+{
+    test_parse_paths();
+    test_format_paths();
+    test_sign_vectors();
+    test_verify();
+    test_scan_request();
+    test_scan_reply();
+    test_errno_table();
+    return check_summary("wire");
+}
