@@ -34,7 +34,10 @@ struct node {
 
 struct fs {
     struct ns *ns;
-    double timeout;
+    double entry_timeout;       /* positive entries */
+    double attr_timeout;
+    double negative_timeout;
+    int keep_cache;             /* keep a file's page cache across opens */
     pthread_mutex_t lock;
     struct node root;
     struct node *buckets[NODE_BUCKETS];
@@ -179,8 +182,8 @@ static void entry_fill(struct fs *fs, struct fuse_entry_param *e, struct node *n
     e->ino = nodeid_of(fs, n);
     e->generation = 1;
     attr_fill(&e->attr, ino);
-    e->attr_timeout = fs->timeout;
-    e->entry_timeout = fs->timeout;
+    e->attr_timeout = fs->attr_timeout;
+    e->entry_timeout = fs->entry_timeout;
 }
 
 static void reply_entry(fuse_req_t req, const struct inode *ino)
@@ -233,7 +236,7 @@ static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h
     /* Nothing is buffered in the daemon: every write is applied and logged
      * before it is answered, so close() needs no FLUSH round trip. */
     fi->noflush = 1;
-    fi->keep_cache = 1;
+    fi->keep_cache = fs->keep_cache;
 }
 
 /* ---- callbacks ---- */
@@ -262,7 +265,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         /* A negative entry: the kernel remembers the name is free. */
         struct fuse_entry_param e;
         memset(&e, 0, sizeof(e));
-        e.entry_timeout = fs->timeout;
+        e.entry_timeout = fs->negative_timeout;
         fuse_reply_entry(req, &e);
         return;
     }
@@ -301,7 +304,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         return;
     }
     attr_fill(&st, &node);
-    fuse_reply_attr(req, &st, fs->timeout);
+    fuse_reply_attr(req, &st, fs->attr_timeout);
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -340,7 +343,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         return;
     }
     attr_fill(&st, &node);
-    fuse_reply_attr(req, &st, fs->timeout);
+    fuse_reply_attr(req, &st, fs->attr_timeout);
 }
 
 static void op_readlink(fuse_req_t req, fuse_ino_t ino)
@@ -795,14 +798,28 @@ static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
     reply_rc(req, ns_removexattr(fs->ns, &node_of(fs, ino)->id, name));
 }
 
-struct fs *fs_new(struct ns *ns, double cache_timeout)
+struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
 {
     struct fs *fs = calloc(1, sizeof(*fs));
 
     if (!fs)
         return NULL;
     fs->ns = ns;
-    fs->timeout = cache_timeout;
+    fs->entry_timeout = cache_timeout;
+    if (shared) {
+        /* Other nodes write too: close-to-open. Every open drops the file's
+         * cached pages and every stat asks for fresh attributes; a name
+         * found missing is asked for again. Positive names are kept for
+         * cache_timeout: a stale one leads to a vanished inode, which
+         * answers ESTALE and makes the kernel look the name up again. */
+        fs->attr_timeout = 0;
+        fs->negative_timeout = 0;
+        fs->keep_cache = 0;
+    } else {
+        fs->attr_timeout = cache_timeout;
+        fs->negative_timeout = cache_timeout;
+        fs->keep_cache = 1;
+    }
     pthread_mutex_init(&fs->lock, NULL);
     fs->root.id = record_root_id;
     fs->root.nlookup = 1;

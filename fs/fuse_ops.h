@@ -8,8 +8,10 @@
  * this mount, and the kernel keeps its own entry, attribute and page caches in
  * step with the requests it sends. Entry, negative-entry and attribute
  * timeouts are therefore long (cache_timeout in shards.conf) and open files
- * keep their page cache (keep_cache). DESIGN.md explains why this is safe and
- * what changes when other writers (other nodes, the HTTP API) appear.
+ * keep their page cache (keep_cache). With other writers (shared: other
+ * nodes, the HTTP API) it is close-to-open: attributes and missing names are
+ * not cached and every open drops the file's cached pages. DESIGN.md has the
+ * reasoning.
  *
  * Threads: the callbacks run on libfuse's worker threads; the node table has
  * its own lock.
@@ -23,8 +25,9 @@
 
 struct fs;
 
-/* The state passed as userdata to fuse_session_new(). ns stays the caller's. */
-struct fs *fs_new(struct ns *ns, double cache_timeout);
+/* The state passed as userdata to fuse_session_new(). ns stays the caller's.
+ * shared: other writers exist (see above). */
+struct fs *fs_new(struct ns *ns, double cache_timeout, int shared);
 void fs_free(struct fs *fs);
 
 extern const struct fuse_lowlevel_ops fs_fuse_ops;

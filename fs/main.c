@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <pthread.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@
 #include "fsck.h"
 #include "fuse_ops.h"
 #include "namespace.h"
+#include "node_server.h"
 #include "placement.h"
 
 #define ERR_MAX 1024
@@ -33,6 +35,7 @@ static const char usage_main[] =
     "\n"
     "commands:\n"
     "  mount [-c CONF] [-n NODE] [-f] [-o OPTS] MOUNTPOINT   mount the store\n"
+    "  serve [-c CONF] [-n NODE] [-f]                       run a node without a mount\n"
     "  fsck  [-c CONF] [-n NODE] [--repair]                 check (and repair) the store\n"
     "  where [-c CONF] [-n NODE] PATH                       show which shards hold PATH\n"
     "\n"
@@ -47,6 +50,13 @@ static const char usage_mount[] =
     "  -f         stay in the foreground (otherwise return once the mount is ready)\n"
     "  -o OPTS    extra FUSE mount options, e.g. allow_other\n"
     "Unmount with: fusermount3 -u MOUNTPOINT (everything is committed on the way out).\n";
+
+static const char usage_serve[] =
+    "usage: shardfs serve [-c CONF] [-n NODE] [-f]\n"
+    "\n"
+    "Run node NODE of CONF without mounting: open the shards it owns and serve\n"
+    "them to the other nodes over HTTP at the node's url (a secret is needed).\n"
+    "Without -f it returns once the server is ready. SIGTERM stops it cleanly.\n";
 
 static const char usage_fsck[] =
     "usage: shardfs fsck [-c CONF] [-n NODE] [--repair]\n"
@@ -180,6 +190,21 @@ static void detach_stdio(void)
         close(fd);
 }
 
+/* Start this node's HTTP server if it has a url and the cluster a secret.
+ * *srv stays NULL otherwise. Returns 0 or -1 with a reason in err. */
+static int server_start(struct ns *ns, int node, struct node_server **srv, char *err,
+                        size_t errlen)
+{
+    struct shard *local[CONFIG_MAX_SHARDS];
+
+    *srv = NULL;
+    if (!cfg.nodes[node].url[0] || !cfg.secret[0])
+        return 0;
+    for (unsigned i = 0; i < cfg.shard_count; i++)
+        local[i] = ns_shard_is_local(ns, i) ? ns_shard(ns, i) : NULL;
+    return node_server_start(&cfg, node, local, NULL, NULL, srv, err, errlen) == 0 ? 0 : -1;
+}
+
 /* Open, mount, serve until unmounted. ready_fd < 0 in the foreground. */
 static int serve_mount(int node, const struct cli *c, int ready_fd)
 {
@@ -187,12 +212,16 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     struct fuse_session *se = NULL;
     struct ns *ns = NULL;
     struct fs *fs = NULL;
+    struct node_server *srv = NULL;
     char err[ERR_MAX] = "";
     int rc = 1, mounted = 0, handlers = 0;
 
     if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
         goto out;
-    fs = fs_new(ns, cfg.cache_timeout);
+    if (server_start(ns, node, &srv, err, sizeof(err)) != 0)
+        goto out;
+    /* Other writers exist when other nodes do (or, later, the HTTP API). */
+    fs = fs_new(ns, cfg.cache_timeout, cfg.node_count > 1);
     if (!fs || build_fuse_args(&args, c->fuse_opts) != 0) {
         snprintf(err, sizeof(err), "out of memory");
         goto out;
@@ -242,6 +271,7 @@ out:
         fuse_session_destroy(se);
     fuse_opt_free_args(&args);
     fs_free(fs);
+    node_server_stop(srv);
     ns_close(ns); /* commits and syncs every shard */
     if (ready_fd >= 0)
         report_ready(ready_fd, err[0] ? err : "mount failed");
@@ -318,6 +348,87 @@ static int cmd_mount(int argc, char **argv)
     close(fds[0]);
     setsid();
     return serve_mount(node, &c, fds[1]);
+}
+
+/* ---- serve ---- */
+
+static int serve_node(int node, int ready_fd)
+{
+    struct ns *ns = NULL;
+    struct node_server *srv = NULL;
+    char err[ERR_MAX] = "";
+    sigset_t stop;
+    int sig = 0;
+
+    /* Block the stop signals before any thread starts, then wait for one. */
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGTERM);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &stop, NULL);
+    if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
+        goto out;
+    if (!cfg.secret[0] || !cfg.nodes[node].url[0]) {
+        snprintf(err, sizeof(err), "serve needs a [cluster] secret and a url for node %.64s",
+                 cfg.nodes[node].name);
+        goto out;
+    }
+    if (server_start(ns, node, &srv, err, sizeof(err)) != 0)
+        goto out;
+    report_ready(ready_fd, "");
+    if (ready_fd >= 0) {
+        detach_stdio(); /* in the background from here on */
+        if (chdir("/") != 0) {
+            /* harmless: paths are absolute by now */
+        }
+    }
+    ready_fd = -1;
+    if (sigwait(&stop, &sig) != 0)
+        sig = 0;
+out:
+    node_server_stop(srv);
+    ns_close(ns);
+    if (ready_fd >= 0)
+        report_ready(ready_fd, err[0] ? err : "serve failed");
+    else if (err[0])
+        fprintf(stderr, "shardfs: %s\n", err);
+    return err[0] ? 1 : 0;
+}
+
+static int cmd_serve(int argc, char **argv)
+{
+    struct cli c;
+    int node, fds[2];
+    pid_t pid;
+
+    int r = parse_cli(argc, argv, "+c:n:fh", usage_serve, &c);
+    if (r)
+        return r > 0 ? 0 : 2;
+    if (c.arg) {
+        fputs(usage_serve, stderr);
+        return 2;
+    }
+    node = load_config(&c);
+    if (node < 0)
+        return 1;
+    if (c.foreground)
+        return serve_node(node, -1);
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        perror("shardfs: pipe");
+        return 1;
+    }
+    pid = fork();
+    if (pid < 0) {
+        perror("shardfs: fork");
+        return 1;
+    }
+    if (pid > 0) {
+        close(fds[1]);
+        return wait_ready(fds[0]);
+    }
+    close(fds[0]);
+    setsid();
+    return serve_node(node, fds[1]);
 }
 
 /* ---- offline commands ---- */
@@ -452,6 +563,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "mount"))
         return cmd_mount(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "serve"))
+        return cmd_serve(argc - 1, argv + 1);
     if (!strcmp(argv[1], "fsck"))
         return cmd_fsck(argc - 1, argv + 1);
     if (!strcmp(argv[1], "where"))

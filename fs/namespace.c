@@ -54,6 +54,7 @@
 
 #include "placement.h"
 #include "shard_lmdb.h"
+#include "shard_remote.h"
 
 #define LOCK_STRIPES 256
 #define XATTR_VALUE_MAX 65536
@@ -62,10 +63,12 @@
 
 struct ns {
     const struct config *cfg;
+    int node;                       /* which node of cfg this process is */
     char data_dir[PATH_MAX];
     int lock_fd;
     unsigned nshards;
     struct shard **shards;
+    struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
     pthread_mutex_t stripes[LOCK_STRIPES];
 };
@@ -103,6 +106,11 @@ static struct shard *entry_shard(struct ns *ns, const struct ino_id *dir, const 
 unsigned ns_shard_count(const struct ns *ns)
 {
     return ns->nshards;
+}
+
+int ns_shard_is_local(const struct ns *ns, unsigned index)
+{
+    return index < ns->nshards && ns->cfg->owner[index] == ns->node;
 }
 
 struct shard *ns_shard(struct ns *ns, unsigned index)
@@ -1578,6 +1586,8 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
 
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
+        if (!ns_shard_is_local(ns, i))
+            continue; /* each node recovers its own shards */
         int rc = scan_type(ns, i, REC_INTENT, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
             struct intent in;
@@ -1615,6 +1625,8 @@ static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void
 
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
+        if (!ns_shard_is_local(ns, i))
+            continue;
         int rc = scan_type(ns, i, REC_ORPHAN, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
             struct ino_id id;
@@ -1797,6 +1809,7 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
     if (!ns)
         return -ENOMEM;
     ns->cfg = cfg;
+    ns->node = node;
     ns->lock_fd = -1;
     ns->nshards = cfg->shard_count;
     snprintf(ns->data_dir, sizeof(ns->data_dir), "%s", cfg->nodes[node].data_dir);
@@ -1829,6 +1842,19 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
     }
     for (unsigned i = 0; i < ns->nshards; i++) {
         char dir[PATH_MAX + 32];
+        if (!ns_shard_is_local(ns, i)) {
+            if (!ns->remote) {
+                rc = remote_new(cfg, node, &ns->remote, err, errlen);
+                if (rc)
+                    goto fail;
+            }
+            rc = shard_remote_open(ns->remote, i, &ns->shards[i]);
+            if (rc) {
+                snprintf(err, errlen, "shard %u: %s", i, strerror(-rc));
+                goto fail;
+            }
+            continue;
+        }
         snprintf(dir, sizeof(dir), "%s/shard-%u", ns->data_dir, i);
         rc = shard_lmdb_open(dir, i, &opt, &ns->shards[i], err, errlen);
         if (rc == 0)
@@ -1836,7 +1862,8 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
         if (rc)
             goto fail;
     }
-    rc = root_ensure(ns);
+    /* The root lives on shard 0; its owner creates it. */
+    rc = ns_shard_is_local(ns, 0) ? root_ensure(ns) : 0;
     if (rc == 0 && !(flags & NS_OPEN_NO_RECOVER))
         rc = ns_recover(ns, 0, NULL, NULL);
     if (rc < 0) {
@@ -1857,6 +1884,7 @@ void ns_close(struct ns *ns)
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
         shard_close(ns->shards[i]);
     free(ns->shards);
+    remote_free(ns->remote);
     if (ns->lock_fd >= 0)
         close(ns->lock_fd);
     for (int i = 0; i < LOCK_STRIPES; i++)

@@ -38,9 +38,11 @@ typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
 typedef int (*ns_dirent_fn)(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
                             uint8_t dtype);
 
-/* Open the store of node `node` in cfg: lock the data directory, check the
- * layout, open every shard, create the root on first use and finish any
- * multi-shard operation a crash interrupted. -errno and a message in err. */
+/* Open the store as node `node` of cfg: lock this node's data directory, check
+ * its layout, open the shards it owns (LMDB) and reach the others over HTTP
+ * (shard_remote.h), create the root on first use (shard 0's owner), and
+ * finish any multi-shard operation a crash interrupted on its own shards.
+ * -errno and a message in err. */
 #define NS_OPEN_NO_RECOVER 1u   /* leave crash leftovers for fsck to see */
 int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
             size_t errlen);
@@ -51,6 +53,8 @@ void ns_close(struct ns *ns);
 int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen);
 
 unsigned ns_shard_count(const struct ns *ns);
+/* 1 if this node owns shard index (it is an LMDB environment here). */
+int ns_shard_is_local(const struct ns *ns, unsigned index);
 struct shard *ns_shard(struct ns *ns, unsigned index);
 unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
                         size_t nlen);
