@@ -1,0 +1,439 @@
+"""Multi-node system tests: three nodes (a, b, c) of one 8-shard cluster on
+127.0.0.1, each with its own FUSE mount, talking over the signed HTTP wire
+protocol (DESIGN.md, "Nodes and the wire protocol").
+
+The `cluster` fixture starts `shardfs mount -f -n NODE` for a, b, c (Popen,
+stderr to a file each), polls each mount with a deadline, and at teardown
+unmounts all, waits for the PIDs (SIGKILL after a deadline), fails on
+sanitizer/assertion lines in any daemon stderr, and then runs
+`shardfs fsck -n NODE` for each node while the two other nodes run
+`shardfs serve -f` (fsck reaches their shards over HTTP).
+"""
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import (SHARDFS_BIN, _tail, fsck_says_clean, fuse_unmount, is_mounted,
+                      kill_group, read_file, run, wait_for, write_file, free_port)
+
+NODES = ("a", "b", "c")
+OWNERS = {"a": "0-2", "b": "3-5", "c": "6-7"}
+TIMEOUT_MS = 1500
+SECRET = "cluster-test-secret-0123456789"
+CLUSTER_BAD_STDERR = ("AddressSanitizer", "LeakSanitizer", "runtime error", "Assertion")
+MOUNT_DEADLINE = 10.0
+EXIT_DEADLINE = 20.0
+DEAD_ERRNOS = (errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EIO)
+
+
+def _port_answers(port):
+    """True once something answers HTTP on 127.0.0.1:port (any status)."""
+    try:
+        urllib.request.urlopen("http://127.0.0.1:%d/v1/config" % port, timeout=1)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+class Cluster:
+    def __init__(self, top, watchdog):
+        self.top = top
+        self.watchdog = watchdog
+        self.conf = os.path.join(top, "shards.conf")
+        self.ports = {n: free_port() for n in NODES}
+        self.mnt = {n: os.path.join(top, "mnt", n) for n in NODES}
+        self.data = {n: os.path.join(top, "data", n) for n in NODES}
+        self.proc = {n: None for n in NODES}
+        self.starts = {n: 0 for n in NODES}
+        self.stderr_files = []           # (label, path)
+        self.problems = []
+        for n in NODES:
+            os.makedirs(self.mnt[n], exist_ok=True)
+        os.makedirs(os.path.join(top, "data"), exist_ok=True)
+        for n in NODES:
+            os.makedirs(self.data[n], exist_ok=True)
+        text = ("[cluster]\n"
+                "shards = 8\n"
+                "epoch = 1\n"
+                "commit_interval_ms = 20\n"
+                "cache_timeout = 1\n"
+                "secret = %s\n"
+                "timeout_ms = %d\n" % (SECRET, TIMEOUT_MS))
+        for n in NODES:
+            text += ("\n[node %s]\nurl = http://127.0.0.1:%d\ndata_dir = %s\nshards = %s\n"
+                     % (n, self.ports[n], self.data[n], OWNERS[n]))
+        Path(self.conf).write_text(text)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _spawn(self, label, args):
+        path = os.path.join(self.top, "%s.stderr" % label)
+        with open(path, "wb") as err:
+            p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                 start_new_session=True)
+        self.stderr_files.append((label, path))
+        self.watchdog.daemons.add(p)
+        return p, path
+
+    def start(self, node):
+        assert self.proc[node] is None, "node %s already running" % node
+        assert not is_mounted(self.mnt[node]), "%s still mounted" % self.mnt[node]
+        self.starts[node] += 1
+        p, errpath = self._spawn("mount.%s.%d" % (node, self.starts[node]),
+                                 [SHARDFS_BIN, "mount", "-f", "-o", "allow_other",
+                                  "-c", self.conf, "-n", node, self.mnt[node]])
+        self.proc[node] = p
+        deadline = time.monotonic() + MOUNT_DEADLINE
+        while not is_mounted(self.mnt[node]):
+            if p.poll() is not None:
+                self.proc[node] = None
+                pytest.fail("node %s exited %s before mounting:\n%s"
+                            % (node, p.returncode, _tail(Path(errpath).read_text(errors="replace"))))
+            if time.monotonic() > deadline:
+                kill_group(p.pid)
+                p.wait(timeout=10)
+                self.proc[node] = None
+                pytest.fail("node %s: no mount after %.0fs:\n%s"
+                            % (node, MOUNT_DEADLINE, _tail(Path(errpath).read_text(errors="replace"))))
+            time.sleep(0.02)
+        # The node's HTTP server should be up too once the mount is there.
+        wait_for(lambda: _port_answers(self.ports[node]), 10, "node %s HTTP server" % node,
+                 interval=0.05)
+
+    def kill9(self, node):
+        p = self.proc[node]
+        assert p is not None
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        self.proc[node] = None
+        run(["fusermount3", "-uz", self.mnt[node]], check=False, timeout=30)
+        wait_for(lambda: not is_mounted(self.mnt[node]), 10, "lazy unmount of " + node)
+
+    def _stop(self, node):
+        p, self.proc[node] = self.proc[node], None
+        if is_mounted(self.mnt[node]):
+            how = fuse_unmount(self.mnt[node])
+            if how != "u":
+                self.problems.append("node %s: mount was busy (%s)" % (node, how))
+        if p is None:
+            return
+        try:
+            rc = p.wait(timeout=EXIT_DEADLINE)
+            if rc != 0:
+                self.problems.append("node %s exited %s after unmount" % (node, rc))
+        except subprocess.TimeoutExpired:
+            kill_group(p.pid)
+            p.wait(timeout=10)
+            self.problems.append("node %s did not exit %.0fs after unmount (killed)"
+                                 % (node, EXIT_DEADLINE))
+
+    def unmount_all(self):
+        for n in NODES:
+            if self.proc[n] is not None and self.proc[n].poll() is not None:
+                self.problems.append("node %s died during the test (exit %s)"
+                                     % (n, self.proc[n].returncode))
+                self.proc[n] = None
+        for n in NODES:
+            try:
+                self._stop(n)
+            finally:
+                if self.proc[n] is not None:
+                    kill_group(self.proc[n].pid)
+                    self.proc[n] = None
+                if is_mounted(self.mnt[n]):
+                    run(["fusermount3", "-uz", self.mnt[n]], check=False, timeout=30)
+
+    def fsck_all(self):
+        """fsck each node while the other two run `shardfs serve -f`."""
+        for n in NODES:
+            servers = []
+            try:
+                for o in NODES:
+                    if o == n:
+                        continue
+                    p, errpath = self._spawn("serve.%s.for-fsck-%s" % (o, n),
+                                             [SHARDFS_BIN, "serve", "-f", "-c", self.conf,
+                                              "-n", o])
+                    servers.append((o, p, errpath))
+                for o, p, errpath in servers:
+                    def up(p=p, o=o):
+                        if p.poll() is not None:
+                            pytest.fail("serve %s exited %s:\n%s" % (
+                                o, p.returncode, _tail(Path(errpath).read_text(errors="replace"))))
+                        return _port_answers(self.ports[o])
+                    wait_for(up, 10, "serve node %s" % o, interval=0.05)
+                r = run([SHARDFS_BIN, "fsck", "-c", self.conf, "-n", n], check=False,
+                        timeout=120)
+                if r.returncode != 0 or not fsck_says_clean(r):
+                    self.problems.append("fsck -n %s not clean (exit %d):\n%s\n%s"
+                                         % (n, r.returncode, _tail(r.stdout), _tail(r.stderr)))
+            finally:
+                for o, p, _ in servers:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(timeout=EXIT_DEADLINE)
+                    except subprocess.TimeoutExpired:
+                        kill_group(p.pid)
+                        p.wait(timeout=10)
+                        self.problems.append("serve %s ignored SIGTERM (killed)" % o)
+
+    def check_stderr(self):
+        for label, path in self.stderr_files:
+            text = Path(path).read_text(errors="replace")
+            bad = [l for l in text.splitlines() if any(w in l for w in CLUSTER_BAD_STDERR)]
+            if bad:
+                self.problems.append("suspicious stderr of %s:\n%s" % (label, _tail(text)))
+
+    def p(self, node, *parts):
+        return os.path.join(self.mnt[node], *parts)
+
+
+@pytest.fixture
+def cluster(tmp_top, watchdog):
+    c = Cluster(tmp_top, watchdog)
+    try:
+        for n in NODES:
+            c.start(n)
+        yield c
+    finally:
+        try:
+            c.unmount_all()
+        finally:
+            for n in NODES:
+                if is_mounted(c.mnt[n]):
+                    run(["fusermount3", "-uz", c.mnt[n]], check=False, timeout=30)
+        if not c.problems and not watchdog.fired:
+            c.fsck_all()
+        c.check_stderr()
+        if c.problems:
+            pytest.fail("\n\n".join(c.problems))
+
+
+# --------------------------------------------------------------------------
+
+
+def call_bounded(fn, limit):
+    """Run fn() in a thread; return ("ok", value) / ("err", OSError) and the
+    elapsed time; fail the test if it does not return within limit seconds."""
+    box = {}
+
+    def body():
+        try:
+            box["r"] = ("ok", fn())
+        except OSError as e:
+            box["r"] = ("err", e)
+        except BaseException as e:  # noqa
+            box["r"] = ("exc", e)
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(limit)
+    el = time.monotonic() - t0
+    if t.is_alive():
+        pytest.fail("%r hung: no answer after %.1fs" % (fn, limit))
+    if box["r"][0] == "exc":
+        raise box["r"][1]
+    return box["r"], el
+
+
+def gone_within_name_cache(path):
+    """A name removed on another node may still resolve here until the
+    kernel's cached dentry expires (cache_timeout = 1 s, DESIGN.md); after
+    that it must be gone. Poll with a deadline of cache_timeout + 2 s."""
+    wait_for(lambda: not os.path.lexists(path), 3.0, "%s to disappear" % path, interval=0.05)
+
+
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout_s(150)
+def test_rsync_through_a_diff_on_b_and_c(cluster):
+    run(["rsync", "-a", "/usr/include/", cluster.p("a", "inc") + "/"], timeout=120)
+    for n in ("b", "c"):
+        r = run(["diff", "-r", "--no-dereference", "/usr/include", cluster.p(n, "inc")],
+                check=False, timeout=120)
+        assert r.returncode == 0, "diff on %s:\n%s\n%s" % (n, _tail(r.stdout), _tail(r.stderr))
+
+
+@pytest.mark.timeout_s(60)
+def test_close_to_open(cluster):
+    f = {n: cluster.p(n, "c2o.txt") for n in NODES}
+    write_file(f["b"], b"first version from b\n")
+    assert read_file(f["c"]) == b"first version from b\n"
+    write_file(f["b"], b"v2, shorter\n")
+    assert read_file(f["c"]) == b"v2, shorter\n"
+    big = os.urandom(200_000)
+    write_file(f["b"], big)
+    assert sha(read_file(f["c"])) == sha(big)
+    write_file(f["b"], b"v4\n")
+    assert read_file(f["c"]) == b"v4\n"
+    assert os.stat(f["c"]).st_size == 3
+    write_file(f["c"], b"appended on c\n", mode="ab")
+    assert read_file(f["a"]) == b"v4\nappended on c\n"
+    assert read_file(f["b"]) == b"v4\nappended on c\n"
+    assert os.stat(f["a"]).st_size == len(b"v4\nappended on c\n")
+
+
+@pytest.mark.timeout_s(60)
+def test_cross_node_rename_link_rmdir(cluster):
+    a, b, c = (lambda *p, n=n: cluster.p(n, *p) for n in NODES)
+    os.mkdir(a("d1"))
+    os.mkdir(a("d2"))
+    for i in range(5):
+        write_file(b("d1", "f%d" % i), "content %d\n" % i)
+    assert sorted(os.listdir(c("d1"))) == ["f%d" % i for i in range(5)]
+    assert sorted(os.listdir(a("d1"))) == ["f%d" % i for i in range(5)]
+
+    # rename across directories on c
+    os.rename(c("d1", "f0"), c("d2", "moved"))
+    for n in NODES:
+        gone_within_name_cache(cluster.p(n, "d1", "f0"))
+        assert read_file(cluster.p(n, "d2", "moved")) == b"content 0\n", n
+        assert sorted(os.listdir(cluster.p(n, "d2"))) == ["moved"], n
+
+    # hard link on a, seen from b
+    os.link(a("d1", "f1"), a("d2", "hl"))
+    s1, s2 = os.stat(b("d1", "f1")), os.stat(b("d2", "hl"))
+    assert s1.st_ino == s2.st_ino
+    assert s1.st_nlink == 2 and s2.st_nlink == 2
+    write_file(c("d2", "hl"), b"via link\n")
+    assert read_file(b("d1", "f1")) == b"via link\n"
+
+    # rmdir of a non-empty dir on c
+    with pytest.raises(OSError) as ei:
+        os.rmdir(c("d1"))
+    assert ei.value.errno == errno.ENOTEMPTY
+    for name in os.listdir(c("d1")):
+        os.unlink(c("d1", name))
+    assert os.listdir(a("d1")) == []
+    os.rmdir(c("d1"))
+    for n in NODES:
+        gone_within_name_cache(cluster.p(n, "d1"))
+    # the hard link survives with nlink 1
+    assert os.stat(b("d2", "hl")).st_nlink == 1
+    assert read_file(a("d2", "hl")) == b"via link\n"
+    assert sorted(os.listdir(b())) == ["d2"]
+    assert os.stat(b("d2")).st_nlink == 2
+
+
+@pytest.mark.timeout_s(90)
+def test_concurrent_writers_on_different_nodes(cluster):
+    expect = {}
+    lock = threading.Lock()
+    errors = []
+
+    def writer(node, seed):
+        rnd = random.Random(seed)
+        try:
+            d = cluster.p(node, "w_" + node)
+            os.mkdir(d)
+            for i in range(20):
+                data = rnd.randbytes(rnd.choice([0, 1, 4096, 10_000, 70_000, 300_000]))
+                write_file(os.path.join(d, "f%02d" % i), data)
+                with lock:
+                    expect["w_%s/f%02d" % (node, i)] = sha(data)
+        except BaseException as e:
+            errors.append((node, e))
+
+    threads = [threading.Thread(target=writer, args=(n, i), daemon=True)
+               for i, n in enumerate(NODES)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "writer hung"
+    assert not errors, errors
+    assert len(expect) == 60
+    for rel, h in expect.items():
+        writer_node = rel[2]
+        for n in NODES:
+            if n != writer_node:
+                assert sha(read_file(cluster.p(n, rel))) == h, (rel, n)
+    for n in NODES:
+        assert sorted(os.listdir(cluster.p(n, "w_a"))) == ["f%02d" % i for i in range(20)]
+
+
+@pytest.mark.timeout_s(120)
+def test_dead_node(cluster):
+    # Files directly under the root (whose inode is on shard 0, node a): a
+    # file's entry, inode and data all live on the shard its entry hashes to
+    # (DESIGN.md / placement.h), so about 1 in 4 of them lives on c.
+    files = {}
+    for i in range(40):
+        data = ("file %d " % i).encode() + os.urandom(100 + i)
+        write_file(cluster.p("a", "r%02d" % i), data)
+        files["r%02d" % i] = data
+    # make sure b sees them all before c dies
+    assert sorted(n for n in os.listdir(cluster.p("b")) if n.startswith("r")) == sorted(files)
+
+    cluster.kill9("c")
+    limit = 4 * TIMEOUT_MS / 1000.0
+    ok, failed = [], []
+    for rel, data in sorted(files.items()):
+        path = cluster.p("a", rel)
+        (kind, val), el = call_bounded(lambda path=path: read_file(path), limit)
+        if kind == "ok":
+            assert val == data, "%s read wrong bytes with c dead" % rel
+            ok.append(rel)
+        else:
+            assert val.errno in DEAD_ERRNOS, "%s: unexpected %r" % (rel, val)
+            assert el <= limit, "%s took %.1fs to fail" % (rel, el)
+            failed.append((rel, errno.errorcode.get(val.errno), round(el, 2)))
+        if len(ok) >= 5 and len(failed) >= 5:
+            break
+    print("with c dead: readable %s; failed %s" % (ok, failed))
+    assert ok, "no file readable with c dead (failed: %s)" % failed
+    assert failed, "no file failed with c dead, although c owns 2 of 8 shards"
+
+    # the same split holds when reading through b
+    (kind, val), el = call_bounded(lambda: read_file(cluster.p("b", ok[0])), limit)
+    assert kind == "ok" and val == files[ok[0]]
+    (kind, val), el = call_bounded(lambda: read_file(cluster.p("b", failed[0][0])), limit)
+    assert kind == "err" and val.errno in DEAD_ERRNOS, val
+
+    # restart c: everything reads back again, from every node
+    cluster.start("c")
+    for rel, data in files.items():
+        for n in NODES:
+            (kind, val), el = call_bounded(lambda: read_file(cluster.p(n, rel)), limit)
+            assert kind == "ok", "%s on %s after restart: %r" % (rel, n, val)
+            assert val == data, "%s on %s: wrong bytes after restart" % (rel, n)
+
+
+@pytest.mark.timeout_s(30)
+def test_http_requires_secret(cluster):
+    pa = cluster.ports["a"]
+    r = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10", "-X", "POST",
+             "http://127.0.0.1:%d/v1/shard/0/get" % pa, "--data-binary", "x"], timeout=30)
+    assert r.stdout.strip() == "401", r.stdout
+    r = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10",
+             "http://127.0.0.1:%d/v1/config" % pa], timeout=30)
+    assert r.stdout.strip() == "401", r.stdout
+    # a wrong signature is refused too
+    r = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10",
+             "-H", "X-Shardfs-Epoch: 1", "-H", "X-Shardfs-Date: %d" % int(time.time()),
+             "-H", "X-Shardfs-Auth: " + "0" * 64,
+             "http://127.0.0.1:%d/v1/config" % pa], timeout=30)
+    assert r.stdout.strip() == "401", r.stdout
+    # the filesystem still works afterwards
+    write_file(cluster.p("a", "after-curl"), b"ok\n")
+    assert read_file(cluster.p("c", "after-curl")) == b"ok\n"
