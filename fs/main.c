@@ -64,13 +64,15 @@ static const char usage_fsck[] =
     "Check every shard of an unmounted store: dangling entries, orphan inodes and\n"
     "chunks, link counts, misplaced records and half-done multi-shard operations.\n"
     "Exits 0 when the store is clean, 1 when problems were found (with --repair:\n"
-    "when some could not be fixed), 2 on errors.\n";
+    "when some could not be fixed), 2 on errors. In a cluster, run it for each\n"
+    "node (-n) while the other nodes are running: it reaches their shards over HTTP.\n";
 
 static const char usage_where[] =
     "usage: shardfs where [-c CONF] [-n NODE] PATH\n"
     "\n"
     "Print which shard holds the directory entry, the inode and the data of PATH\n"
-    "(a path inside the store, e.g. /dir/file). The store must not be mounted.\n";
+    "(a path inside the store, e.g. /dir/file). This node's store must not be\n"
+    "mounted; in a cluster the other nodes must be running (mounted or serving).\n";
 
 enum { OPT_REPAIR = 256, OPT_HELP };
 
