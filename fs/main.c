@@ -307,12 +307,41 @@ static int wait_ready(int fd)
     return 0;
 }
 
+/* Run body(node, c, ready_fd) in the foreground (-f, ready_fd -1) or in a
+ * forked child in its own session; the parent returns once the child says it
+ * is ready, or prints why it is not. */
+typedef int (*daemon_body_fn)(int node, const struct cli *c, int ready_fd);
+
+static int run_daemon(daemon_body_fn body, int node, const struct cli *c)
+{
+    int fds[2];
+    pid_t pid;
+
+    if (c->foreground)
+        return body(node, c, -1);
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        perror("shardfs: pipe");
+        return 1;
+    }
+    pid = fork();
+    if (pid < 0) {
+        perror("shardfs: fork");
+        return 1;
+    }
+    if (pid > 0) {
+        close(fds[1]);
+        return wait_ready(fds[0]);
+    }
+    close(fds[0]);
+    setsid();
+    return body(node, c, fds[1]);
+}
+
 static int cmd_mount(int argc, char **argv)
 {
     struct cli c;
     struct stat st;
-    int node, fds[2];
-    pid_t pid;
+    int node;
 
     int r = parse_cli(argc, argv, "+c:n:fo:h", usage_mount, &c);
     if (r)
@@ -332,29 +361,12 @@ static int cmd_mount(int argc, char **argv)
         fprintf(stderr, "shardfs: %s: not a directory\n", c.arg);
         return 1;
     }
-    if (c.foreground)
-        return serve_mount(node, &c, -1);
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-        perror("shardfs: pipe");
-        return 1;
-    }
-    pid = fork();
-    if (pid < 0) {
-        perror("shardfs: fork");
-        return 1;
-    }
-    if (pid > 0) {
-        close(fds[1]);
-        return wait_ready(fds[0]);
-    }
-    close(fds[0]);
-    setsid();
-    return serve_mount(node, &c, fds[1]);
+    return run_daemon(serve_mount, node, &c);
 }
 
 /* ---- serve ---- */
 
-static int serve_node(int node, int ready_fd)
+static int serve_node(int node, const struct cli *c, int ready_fd)
 {
     struct ns *ns = NULL;
     struct node_server *srv = NULL;
@@ -362,6 +374,7 @@ static int serve_node(int node, int ready_fd)
     sigset_t stop;
     int sig = 0;
 
+    (void)c;
     /* Block the stop signals before any thread starts, then wait for one. */
     sigemptyset(&stop);
     sigaddset(&stop, SIGTERM);
@@ -400,8 +413,7 @@ out:
 static int cmd_serve(int argc, char **argv)
 {
     struct cli c;
-    int node, fds[2];
-    pid_t pid;
+    int node;
 
     int r = parse_cli(argc, argv, "+c:n:fh", usage_serve, &c);
     if (r)
@@ -413,24 +425,7 @@ static int cmd_serve(int argc, char **argv)
     node = load_config(&c);
     if (node < 0)
         return 1;
-    if (c.foreground)
-        return serve_node(node, -1);
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-        perror("shardfs: pipe");
-        return 1;
-    }
-    pid = fork();
-    if (pid < 0) {
-        perror("shardfs: fork");
-        return 1;
-    }
-    if (pid > 0) {
-        close(fds[1]);
-        return wait_ready(fds[0]);
-    }
-    close(fds[0]);
-    setsid();
-    return serve_node(node, fds[1]);
+    return run_daemon(serve_node, node, &c);
 }
 
 /* ---- offline commands ---- */
