@@ -193,21 +193,25 @@ size_t wire_scan_request_size(size_t slen, size_t elen)
     return 4 + slen + 4 + elen;
 }
 
+/* Both scan encodings are runs of "u32le length, bytes": write one, return
+ * what follows it. */
+static uint8_t *put_lv(uint8_t *out, const void *p, size_t n)
+{
+    endian_put_le(out, n, 4);
+    if (n)
+        memcpy(out + 4, p, n);
+    return out + 4 + n;
+}
+
 /* end NULL writes "no end" (0xffffffff) and ignores elen. */
 void wire_scan_request_encode(uint8_t *out, const void *start, size_t slen, const void *end,
                               size_t elen)
 {
-    endian_put_le(out, slen, 4);
-    if (slen)
-        memcpy(out + 4, start, slen);
-    out += 4 + slen;
-    if (!end) {
+    out = put_lv(out, start, slen);
+    if (end)
+        put_lv(out, end, elen);
+    else
         endian_put_le(out, NO_END, 4);
-        return;
-    }
-    endian_put_le(out, elen, 4);
-    if (elen)
-        memcpy(out + 4, end, elen);
 }
 
 int wire_scan_request_decode(const uint8_t *buf, size_t len, const uint8_t **start, size_t *slen,
@@ -282,13 +286,7 @@ size_t wire_scan_record_size(size_t klen, size_t vlen)
 void wire_scan_record_encode(uint8_t *out, const void *key, size_t klen, const void *val,
                              size_t vlen)
 {
-    endian_put_le(out, klen, 4);
-    if (klen)
-        memcpy(out + 4, key, klen);
-    out += 4 + klen;
-    endian_put_le(out, vlen, 4);
-    if (vlen)
-        memcpy(out + 4, val, vlen);
+    put_lv(put_lv(out, key, klen), val, vlen);
 }
 
 /* ---- status <-> errno: the one table ---- */

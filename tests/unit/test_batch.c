@@ -19,26 +19,7 @@
 
 #include "batch.h"
 #include "check.h"
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        perror("malloc");
-        exit(2);
-    }
-    return p;
-}
-
-/* A copy of buf in a buffer of exactly len bytes (ASan: any read past the end
- * is reported). */
-static uint8_t *exact_copy(const uint8_t *buf, size_t len)
-{
-    uint8_t *p = xmalloc(len);
-    if (len)
-        memcpy(p, buf, len);
-    return p;
-}
+#include "test_util.h"
 
 static void put_u32le(uint8_t *p, uint32_t v)
 {
@@ -158,7 +139,7 @@ static void test_roundtrip(void)
     CHECKF(b.len == want, "len %zu, want %zu", b.len, want);
 
     /* Also from an exactly-sized copy. */
-    uint8_t *copy = exact_copy(b.buf, b.len);
+    uint8_t *copy = xmemdup(b.buf, b.len);
     walk_ops(copy, b.len);
     free(copy);
 
@@ -308,7 +289,7 @@ static void test_limits(void)
  * is -EINVAL or a consistent walk within bounds. Returns validate's result. */
 static int decode_all(const uint8_t *src, size_t len)
 {
-    uint8_t *buf = exact_copy(src, len);
+    uint8_t *buf = xmemdup(src, len);
     struct batch_item it;
     size_t pos = 0, prev;
     int rc, n = 0;

@@ -27,6 +27,7 @@
 #include "namespace.h"
 #include "shard_lmdb.h"
 #include "check.h"
+#include "test_util.h"
 
 /* ---- shard_lmdb_errno ---- */
 
@@ -94,10 +95,7 @@ static struct config cfg; /* large: static */
 
 static void cleanup(void)
 {
-    char cmd[sizeof(tmpdir) + 32];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "warning: could not remove %s\n", tmpdir);
+    rm_rf(tmpdir);
 }
 
 static struct ns *open_store(void)

@@ -57,6 +57,7 @@
 #include "shard_lmdb.h"
 #include "wire.h"
 #include "check.h"
+#include "test_util.h"
 
 #define SECRET "test-secret-0123456789"
 #define EPOCH "3"
@@ -67,23 +68,6 @@ static char base_url[64]; /* node a, without the trailing slash */
 static char url_b[64];
 static struct shard *shard0;
 static struct node_server *server;
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        perror("malloc");
-        exit(2);
-    }
-    return p;
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
 
 /* A port nothing listens on right now: bind port 0, read it, close. */
 static int free_port(void)
@@ -1368,10 +1352,7 @@ static void test_concurrent(void)
 
 static void cleanup(void)
 {
-    char cmd[sizeof(tmpdir) + 32];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "warning: could not remove %s\n", tmpdir);
+    rm_rf(tmpdir);
 }
 
 int main(void)

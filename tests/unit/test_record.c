@@ -26,16 +26,7 @@
 #include "placement.h"
 #include "record.h"
 #include "check.h"
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        perror("malloc");
-        exit(2);
-    }
-    return p;
-}
+#include "test_util.h"
 
 static uint64_t rng_state = 0xfeedfacecafebeefull;
 static uint64_t rng(void)

@@ -48,23 +48,7 @@
 #include "shard.h"
 #include "shard_lmdb.h"
 #include "check.h"
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        perror("malloc");
-        exit(2);
-    }
-    return p;
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
-}
+#include "test_util.h"
 
 static uint64_t mix64(uint64_t z)
 {
@@ -1900,10 +1884,7 @@ static void test_threads(void)
 
 static void cleanup(void)
 {
-    char cmd[sizeof(tmpdir) + 32];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "warning: could not remove %s\n", tmpdir);
+    rm_rf(tmpdir);
 }
 
 int main(void)

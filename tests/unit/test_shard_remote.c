@@ -63,38 +63,11 @@
 #include "shard_remote.h"
 #include "wire.h"
 #include "check.h"
+#include "test_util.h"
 
 #define SECRET "0123456789abcdef"
 #define TIMEOUT_MS 300
 #define EPOCH 2
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        perror("malloc");
-        exit(2);
-    }
-    return p;
-}
-
-static void *xrealloc(void *p, size_t n)
-{
-    p = realloc(p, n ? n : 1);
-    if (!p) {
-        perror("realloc");
-        exit(2);
-    }
-    return p;
-}
-
-static uint8_t *xmemdup(const void *p, size_t n)
-{
-    uint8_t *d = xmalloc(n);
-    if (n)
-        memcpy(d, p, n);
-    return d;
-}
 
 static double now_ms(void)
 {
@@ -1853,10 +1826,7 @@ static void run_real(void)
 
 static void cleanup(void)
 {
-    char cmd[sizeof(tmpdir) + 32];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "warning: could not remove %s\n", tmpdir);
+    rm_rf(tmpdir);
 }
 
 int main(void)
