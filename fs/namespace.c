@@ -233,23 +233,36 @@ static int apply_batch(struct shard *s, struct batch *b)
 }
 
 /* Read-modify-write of one inode's times (and nlink) under its lock. */
-/* Read-modify-write of one inode under its lock: mutate() changes *ino (or
- * returns -errno to leave it alone), and the result goes back in one batch. */
+/* Read-modify-write of one inode: mutate() changes *ino (or returns -errno to
+ * leave it alone), and the result goes back in one batch that asserts the
+ * record still holds exactly what was read. The striped lock orders this
+ * process; the assertion catches another node's change in between (the
+ * batch then fails with -EAGAIN and the whole step is redone on the new
+ * value). Re-encoding the decoded record reproduces its stored bytes. */
 typedef int (*inode_mutate_fn)(struct inode *ino, const void *arg);
+
+#define INODE_CAS_TRIES 64
 
 static int inode_update(struct ns *ns, const struct ino_id *id, inode_mutate_fn mutate,
                         const void *arg)
 {
+    uint8_t key[RECORD_KEY_MAX], old[RECORD_INODE_MAX];
+    size_t klen = record_inode_key(key, id);
     struct inode ino;
     struct batch b;
-    int rc;
+    int rc = -EAGAIN;
 
     lock_inode(ns, id);
-    rc = inode_get(ns, id, &ino);
-    if (rc == 0)
+    for (int tries = 0; rc == -EAGAIN && tries < INODE_CAS_TRIES; tries++) {
+        rc = inode_get(ns, id, &ino);
+        if (rc)
+            break;
+        size_t olen = record_inode_encode(old, &ino);
         rc = mutate(&ino, arg);
-    if (rc == 0) {
+        if (rc)
+            break;
         batch_init(&b);
+        batch_add(&b, BATCH_ASSERT_VALUE, key, klen, old, olen);
         batch_put_inode(&b, &ino);
         rc = apply_batch(inode_shard(ns, id), &b);
     }

@@ -373,6 +373,35 @@ def test_concurrent_writers_on_different_nodes(cluster):
 
 
 @pytest.mark.timeout_s(120)
+def test_concurrent_mkdir_in_one_dir_keeps_link_count(cluster):
+    """Three nodes create subdirectories of the root at the same moment: every
+    mkdir changes the root inode's link count, so without a compare-and-swap
+    between nodes some increments would be lost (fsck at teardown checks too)."""
+    per_node = 30
+    errors = []
+    start = threading.Barrier(len(NODES))
+
+    def maker(node):
+        try:
+            start.wait(timeout=30)
+            for i in range(per_node):
+                os.mkdir(cluster.p(node, "md_%s_%02d" % (node, i)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append("%s: %r" % (node, e))
+
+    threads = [threading.Thread(target=maker, args=(n,)) for n in NODES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "mkdir threads hung"
+    for n in NODES:
+        names = [x for x in os.listdir(cluster.mnt[n]) if x.startswith("md_")]
+        assert len(names) == per_node * len(NODES), (n, len(names))
+        assert os.stat(cluster.mnt[n]).st_nlink == 2 + per_node * len(NODES), n
+
+
 def test_dead_node(cluster):
     # Files directly under the root (whose inode is on shard 0, node a): a
     # file's entry, inode and data all live on the shard its entry hashes to
