@@ -71,6 +71,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "batch.h"
 #include "wire.h"
 
@@ -78,6 +80,7 @@
 #define IDLE_TIMEOUT_S 60u
 #define GET_FIRST_TRY (64u << 10) /* first buffer for a get; grown if the value is longer */
 #define BODY_FIRST_ALLOC (64u << 10)
+#define STREAM_BLOCK (256u << 10)             /* piece of a streamed reply */
 #define EARLY_REFUSE_MIN (1u << 20)           /* bodies above this are refused from headers */
 #define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
 
@@ -217,6 +220,8 @@ static size_t url_base_len(const char *url)
 static void resp_reset(struct node_response *r)
 {
     free(r->body);
+    if (r->stream.free)
+        r->stream.free(r->stream.ctx);
     memset(r, 0, sizeof(*r));
 }
 
@@ -256,16 +261,19 @@ static void resp_status(struct node_response *r, int status)
     r->status = status;
 }
 
-static void resp_extra(struct node_response *r, const char *name, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void resp_extra(struct node_response *r, const char *name, const char *fmt, ...)
+void node_response_header(struct node_response *r, const char *name, const char *fmt, ...)
 {
     va_list ap;
 
-    snprintf(r->extra_name, sizeof(r->extra_name), "%s", name);
-    va_start(ap, fmt);
-    vsnprintf(r->extra_value, sizeof(r->extra_value), fmt, ap);
-    va_end(ap);
+    for (unsigned i = 0; i < NODE_EXTRA_MAX; i++) {
+        if (r->extra[i].name[0])
+            continue;
+        snprintf(r->extra[i].name, sizeof(r->extra[i].name), "%s", name);
+        va_start(ap, fmt);
+        vsnprintf(r->extra[i].value, sizeof(r->extra[i].value), fmt, ap);
+        va_end(ap);
+        return;
+    }
 }
 
 /* A JSON document as the body of a 200 reply; takes the reference to doc. */
@@ -291,6 +299,51 @@ static int add_header(struct MHD_Response *mr, const char *name, const char *val
     return MHD_add_response_header(mr, name, value) == MHD_YES ? 0 : -EINVAL;
 }
 
+/* MHD's reader callbacks over a heap copy of the handler's node_stream. */
+static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct node_stream *st = cls;
+    ssize_t n;
+
+    if (pos >= st->len)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    n = st->read(st->ctx, pos, buf, max);
+    if (n <= 0) {
+        log_msg("a streamed reply failed at byte %" PRIu64 ": %s", pos,
+                strerror(n < 0 ? (int)-n : EIO));
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
+    return n;
+}
+
+static void stream_free(void *cls)
+{
+    struct node_stream *st = cls;
+
+    if (st->free)
+        st->free(st->ctx);
+    free(st);
+}
+
+/* A response reading from st; takes st's contents either way. */
+static struct MHD_Response *stream_response(struct node_stream *st)
+{
+    struct node_stream *box = malloc(sizeof(*box));
+    struct MHD_Response *mr = NULL;
+
+    if (box) {
+        *box = *st;
+        mr =
+            MHD_create_response_from_callback(st->len, STREAM_BLOCK, stream_read, box, stream_free);
+        if (!mr)
+            stream_free(box);
+    } else if (st->free) {
+        st->free(st->ctx);
+    }
+    memset(st, 0, sizeof(*st));
+    return mr;
+}
+
 /* Turn r into an MHD response and queue it. Consumes r->body either way.
  * MHD_NO (the connection is dropped) only when MHD itself fails. */
 static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_response *r)
@@ -299,7 +352,10 @@ static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_re
     enum MHD_Result ok;
     int bad = 0;
 
-    if (r->body && r->len) {
+    if (r->stream.read) {
+        free(r->body);
+        mr = stream_response(&r->stream);
+    } else if (r->body && r->len) {
         mr = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
         if (!mr)
             free(r->body);
@@ -316,16 +372,18 @@ static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_re
     /* A handler's strings may lack their NUL; MHD also refuses CR/LF in them. */
     r->location[sizeof(r->location) - 1] = '\0';
     r->errno_name[sizeof(r->errno_name) - 1] = '\0';
-    r->extra_name[sizeof(r->extra_name) - 1] = '\0';
-    r->extra_value[sizeof(r->extra_value) - 1] = '\0';
+    for (unsigned i = 0; i < NODE_EXTRA_MAX; i++) {
+        r->extra[i].name[sizeof(r->extra[i].name) - 1] = '\0';
+        r->extra[i].value[sizeof(r->extra[i].value) - 1] = '\0';
+    }
     if (r->content_type)
         bad |= add_header(mr, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);
     if (r->location[0])
         bad |= add_header(mr, MHD_HTTP_HEADER_LOCATION, r->location);
     if (r->errno_name[0])
         bad |= add_header(mr, WIRE_HDR_ERRNO, r->errno_name);
-    if (r->extra_name[0])
-        bad |= add_header(mr, r->extra_name, r->extra_value);
+    for (unsigned i = 0; i < NODE_EXTRA_MAX && r->extra[i].name[0]; i++)
+        bad |= add_header(mr, r->extra[i].name, r->extra[i].value);
     if (bad) {
         /* Only a handler's header can be refused; ours are plain tokens, so
          * this recursion ends with the 500. */
@@ -390,7 +448,7 @@ static void op_get(struct shard *sh, struct MHD_Connection *conn, const uint8_t 
         free(buf);
     }
     r->content_type = "application/octet-stream";
-    resp_extra(r, WIRE_HDR_VLEN, "%zu", vlen);
+    node_response_header(r, WIRE_HDR_VLEN, "%zu", vlen);
 }
 
 struct scan_ctx {
@@ -460,7 +518,7 @@ static void op_scan(struct shard *sh, struct MHD_Connection *conn, const uint8_t
     r->len = sc.len;
     r->content_type = "application/octet-stream";
     if (sc.more)
-        resp_extra(r, WIRE_HDR_MORE, "1");
+        node_response_header(r, WIRE_HDR_MORE, "1");
 }
 
 static void op_apply(struct shard *sh, uint8_t *body, size_t len, struct node_response *r)
@@ -539,7 +597,7 @@ static void redirect(struct node_server *s, unsigned n, const char *raw_uri,
         resp_error(r, -ENAMETOOLONG, "redirect location too long");
         return;
     }
-    resp_extra(r, WIRE_HDR_EPOCH, "%" PRIu64, s->cfg.epoch);
+    node_response_header(r, WIRE_HDR_EPOCH, "%" PRIu64, s->cfg.epoch);
 }
 
 static void route_shard(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
@@ -561,7 +619,7 @@ static void route_shard(struct node_server *s, struct request *rq, struct MHD_Co
         resp_error(r, -EINVAL, "%s wants %s", wire_op_name(op), want_get ? "GET" : "POST");
         r->status = 405;
         r->errno_name[0] = '\0';
-        resp_extra(r, MHD_HTTP_HEADER_ALLOW, "%s", want_get ? "GET" : "POST");
+        node_response_header(r, MHD_HTTP_HEADER_ALLOW, "%s", want_get ? "GET" : "POST");
         return;
     }
     sh = s->shards[n];
@@ -608,7 +666,7 @@ static void route_config(struct node_server *s, const char *method, struct node_
 
     if (strcmp(method, "GET") != 0) {
         resp_status(r, 405);
-        resp_extra(r, MHD_HTTP_HEADER_ALLOW, "GET");
+        node_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET");
         return;
     }
     shards = json_array();
@@ -654,6 +712,23 @@ static void route_other(struct node_server *s, struct request *rq, struct MHD_Co
     }
 }
 
+/* The public API's alternative to a signature, for clients that cannot sign
+ * (curl): "Authorization: Bearer SECRET" on a /v1/kv path. The comparison
+ * takes the same time wherever the first difference is. */
+static int bearer_ok(const struct node_server *s, const char *uri, struct MHD_Connection *conn)
+{
+    const char *h = header(conn, MHD_HTTP_HEADER_AUTHORIZATION);
+    size_t slen = strlen(s->cfg.secret);
+
+    if (!h || strncmp(uri, NODE_KV_PREFIX, strlen(NODE_KV_PREFIX)) != 0 ||
+        !strchr("/?", uri[strlen(NODE_KV_PREFIX)]))
+        return 0;
+    if (strncasecmp(h, "Bearer ", 7) != 0)
+        return 0;
+    h += 7;
+    return slen > 0 && strlen(h) == slen && CRYPTO_memcmp(h, s->cfg.secret, slen) == 0;
+}
+
 /* Step 4: the whole request is here. */
 static void dispatch(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
                      const char *url, const char *method, struct node_response *r)
@@ -666,9 +741,10 @@ static void dispatch(struct node_server *s, struct request *rq, struct MHD_Conne
     enum wire_op op;
     int rc;
 
-    if (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 ||
-        wire_verify(s->cfg.secret, method, rq->uri, date, (int64_t)time(NULL), rq->body, rq->len,
-                    auth) < 0) {
+    if (!bearer_ok(s, rq->uri, conn) &&
+        (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 ||
+         wire_verify(s->cfg.secret, method, rq->uri, date, (int64_t)time(NULL), rq->body, rq->len,
+                     auth) < 0)) {
         resp_error(r, -EACCES, "not authenticated");
         return;
     }
@@ -701,14 +777,14 @@ static void dispatch(struct node_server *s, struct request *rq, struct MHD_Conne
 }
 
 /* Step 2: what can be refused from the headers alone. 0 or a response. */
-static int precheck(struct node_server *s, struct MHD_Connection *conn, struct node_response *r)
+static int precheck(struct node_server *s, const char *uri, struct MHD_Connection *conn,
+                    struct node_response *r)
 {
     const char *cl = header(conn, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *auth = header(conn, WIRE_HDR_AUTH);
     int64_t date, now = (int64_t)time(NULL);
     uint64_t n = 0;
 
-    (void)s;
     if (cl && parse_u64(cl, &n) == 0 && n > WIRE_BODY_MAX) {
         resp_error(r, -EFBIG, "body over %u bytes", WIRE_BODY_MAX);
         return 1;
@@ -720,6 +796,8 @@ static int precheck(struct node_server *s, struct MHD_Connection *conn, struct n
      * (no Content-Length and no Transfer-Encoding is no body, n == 0);
      * step 4 checks everything anyway. */
     if (!header(conn, MHD_HTTP_HEADER_TRANSFER_ENCODING) && n <= EARLY_REFUSE_MIN)
+        return 0;
+    if (bearer_ok(s, uri, conn))
         return 0;
     if (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 || date > now + WIRE_MAX_SKEW ||
         date < now - WIRE_MAX_SKEW || !auth || strlen(auth) != WIRE_AUTH_LEN) {
@@ -785,7 +863,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (!rq->started) {
         rq->started = 1;
-        if (precheck(s, conn, &r)) {
+        if (precheck(s, rq->uri, conn, &r)) {
             rq->replied = 1;
             return send_response(conn, &r);
         }

@@ -5,7 +5,8 @@
  * epochs) and /v1/config; every other path goes to the handler the caller
  * registers (the public /v1/kv API lives in fs/, which backend/ must not
  * know). Every request must carry a valid X-Shardfs-Auth (wire.h) or gets 401
- * and changes nothing; bodies over WIRE_BODY_MAX get 413; malformed requests
+ * and changes nothing; paths under /v1/kv (the public API, for curl users
+ * who cannot sign) may instead carry "Authorization: Bearer SECRET"; bodies over WIRE_BODY_MAX get 413; malformed requests
  * 400. The server binds only to the host and port of this node's URL.
  *
  * Threads: libmicrohttpd's thread pool; the handler and the shards are called
@@ -17,11 +18,15 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "config.h"
 #include "shard.h"
 
 struct node_server;
+
+/* Paths under this prefix are the public key API (fs/kv_api.h). */
+#define NODE_KV_PREFIX "/v1/kv"
 
 struct node_request {
     const char *method;         /* "GET", "PUT", "DELETE", "HEAD", "POST" */
@@ -31,16 +36,36 @@ struct node_request {
     void *conn;                 /* opaque: for node_request_query/header */
 };
 
+#define NODE_EXTRA_MAX 4
+
+/* A reply body produced piece by piece (a large file): read(ctx, pos, buf,
+ * max) returns 1..max bytes at pos, or -errno (the connection is then cut,
+ * as the status line has gone out). free(ctx) runs once when the reply is
+ * done or abandoned; the server calls it even if the reply is never sent. */
+struct node_stream {
+    ssize_t (*read)(void *ctx, uint64_t pos, void *buf, size_t max);
+    void (*free)(void *ctx);
+    void *ctx;
+    uint64_t len;               /* Content-Length */
+};
+
 struct node_response {
     int status;                 /* HTTP status */
     const char *content_type;   /* static string or NULL */
     uint8_t *body;              /* malloc()ed; the server frees it */
     size_t len;
+    struct node_stream stream;  /* instead of body when stream.read is set */
     char location[1024];        /* for 3xx, "" otherwise */
     char errno_name[16];        /* X-Shardfs-Errno, "" for none */
-    char extra_name[32];        /* one more header, e.g. X-Shardfs-Vlen */
-    char extra_value[64];
+    struct {                    /* more headers, e.g. X-Shardfs-Vlen; "" ends */
+        char name[32];
+        char value[64];
+    } extra[NODE_EXTRA_MAX];
 };
+
+/* Add a header to resp (silently dropped past NODE_EXTRA_MAX). */
+void node_response_header(struct node_response *resp, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Handle a request for a path the server does not own. Fill resp; return 0.
  * MUST NOT keep req or its body after returning. */

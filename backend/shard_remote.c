@@ -82,6 +82,9 @@
 #define REMOTE_POOL_IDLE_MAX 64u     /* idle handles kept; more are cleaned up */
 #define REMOTE_URLS_MAX 1024u        /* distinct redirect targets remembered */
 #define REMOTE_LOCATION_MAX (CONFIG_URL_MAX + WIRE_PATH_MAX + 64u)
+/* Shard paths are short; a key API path is up to 4096 bytes, each of which
+ * may be percent-encoded. */
+#define REMOTE_PATH_QUERY_MAX (3u * 4096u + 64u)
 
 /* ---- the shared state ---- */
 
@@ -207,15 +210,18 @@ struct hdr {
 struct request {
     /* filled by the caller */
     const char *method; /* "GET" or "POST" */
-    char path_query[WIRE_PATH_MAX + 64];
+    char path_query[REMOTE_PATH_QUERY_MAX];
     const uint8_t *body;
     size_t body_len;
     int idempotent; /* retried, and its body may be resent */
     int fixed;      /* a 200 body goes to out[0..out_cap) */
     uint8_t *out;
     size_t out_cap;
-    size_t reply_max; /* cap of reply (and of dropped bodies) */
-    int keep_body;    /* 0: count a 2xx body but do not keep it */
+    size_t reply_max;    /* cap of reply (and of dropped bodies) */
+    int keep_body;       /* 0: count a 2xx body but do not keep it */
+    remote_sink_fn sink; /* set: a 2xx body goes here, piece by piece */
+    void *sink_ctx;
+    int stream; /* bound the time without progress, not the whole exchange */
 
     /* the reply */
     long status;    /* final HTTP status */
@@ -229,7 +235,7 @@ struct request {
     /* transfer state */
     long cur_status; /* status line of the response being read */
     size_t sent, dropped;
-    int overflow, nomem;
+    int overflow, nomem, sink_err;
 };
 
 static void request_reset_reply(struct request *q)
@@ -288,6 +294,14 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
             return 0;
         }
         q->dropped += len;
+        return len;
+    }
+    if (q->sink) {
+        int rc = q->sink(q->sink_ctx, p, len);
+        if (rc < 0) {
+            q->sink_err = rc;
+            return 0; /* abort the transfer */
+        }
         return len;
     }
     if (q->fixed && q->cur_status == 200) {
@@ -411,6 +425,8 @@ static int hdr_u64(const struct hdr *h, uint64_t *out)
  * callers cannot act on differently. */
 static int remote_errno_of_curl(CURLcode cc, const struct request *q)
 {
+    if (q && q->sink_err)
+        return q->sink_err;
     if (q && q->nomem)
         return -ENOMEM;
     if (q && q->overflow)
@@ -436,7 +452,7 @@ static int remote_errno_of_curl(CURLcode cc, const struct request *q)
 /* Failures worth another attempt of an idempotent request. */
 static int curl_retryable(CURLcode cc, const struct request *q)
 {
-    if (q->nomem || q->overflow)
+    if (q->nomem || q->overflow || q->sink_err)
         return 0;
     switch (cc) {
     case CURLE_OPERATION_TIMEDOUT:
@@ -462,7 +478,7 @@ static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint
     struct curl_slist *hdrs = NULL, *t;
     size_t blen = strlen(base);
     int64_t date = (int64_t)time(NULL);
-    int post = strcmp(q->method, "POST") == 0;
+    int post = strcmp(q->method, "POST") == 0, put = strcmp(q->method, "PUT") == 0;
     CURLcode cc;
 
     while (blen > 0 && base[blen - 1] == '/')
@@ -482,21 +498,31 @@ static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint
     ADD_HDR("%s: %" PRId64, WIRE_HDR_DATE, date);
     ADD_HDR("%s: %s", WIRE_HDR_AUTH, auth);
     ADD_HDR("Expect:");
-    if (post)
+    if (post || put)
         ADD_HDR("Content-Type: application/octet-stream");
 #undef ADD_HDR
 
     curl_easy_setopt(h, CURLOPT_URL, url);
-    if (post) {
-        curl_easy_setopt(h, CURLOPT_POST, 1L);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->body_len);
+    /* A pooled handle may carry the last request's method: start from GET. */
+    curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, NULL);
+    if (post || put) {
+        if (post) {
+            curl_easy_setopt(h, CURLOPT_POST, 1L);
+            curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
+            curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->body_len);
+        } else {
+            curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+            curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)q->body_len);
+        }
         curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
         curl_easy_setopt(h, CURLOPT_READDATA, q);
         curl_easy_setopt(h, CURLOPT_SEEKFUNCTION, on_seek);
         curl_easy_setopt(h, CURLOPT_SEEKDATA, q);
-    } else {
-        curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(q->method, "HEAD") == 0) {
+        curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+    } else if (strcmp(q->method, "GET") != 0) {
+        curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, q->method); /* DELETE */
     }
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
@@ -505,7 +531,12 @@ static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint
     curl_easy_setopt(h, CURLOPT_HEADERDATA, q);
     if (budget_ms < 1)
         budget_ms = 1; /* 0 would mean "no timeout" to curl */
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)budget_ms);
+    /* A stream (a large file through the API) may take long, but must not
+     * stall: then the budget is for connecting and for each stretch
+     * without a byte. */
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, q->stream ? 0L : (long)budget_ms);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, q->stream ? 1L : 0L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, q->stream ? (long)(budget_ms + 999) / 1000 : 0L);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)budget_ms);
 
     request_reset_reply(q);
@@ -992,6 +1023,33 @@ const char *remote_owner_url(struct remote *r, unsigned index)
     u = r->owner[index];
     pthread_mutex_unlock(&r->lock);
     return u;
+}
+
+int remote_api_call(struct remote *r, unsigned node, const char *method, const char *path_query,
+                    const void *body, size_t len, remote_sink_fn sink, void *ctx, long *status)
+{
+    struct request q = {.method = method,
+                        .body = body,
+                        .body_len = len,
+                        .keep_body = 1,
+                        .sink = sink,
+                        .sink_ctx = ctx,
+                        .stream = 1,
+                        .reply_max = 1u << 20};
+    int rc;
+
+    if (node >= r->cfg->node_count)
+        return -EINVAL;
+    if (strlen(path_query) >= sizeof(q.path_query))
+        return -ENAMETOOLONG;
+    strcpy(q.path_query, path_query);
+    if (!sink)
+        q.keep_body = 0;
+    rc = remote_call(r, -1, node, &q);
+    request_free(&q);
+    if (status)
+        *status = q.status;
+    return rc;
 }
 
 /* One attempt, no retry: the point is to see the node as it is now. The

@@ -38,6 +38,18 @@ int shard_remote_open(struct remote *r, unsigned index, struct shard **out);
  * until remote_free(). */
 const char *remote_owner_url(struct remote *r, unsigned index);
 
+/* One signed request to node `node` outside the shard routes: the key API
+ * (fs/kv_api.h), for the CLI. method is GET, HEAD, PUT or DELETE; body is
+ * sent with PUT. A 2xx reply body goes to sink (dropped if sink is NULL;
+ * a negative return from sink aborts with that errno). No redirects, no
+ * retries; the time bound is timeout_ms to connect and timeout_ms without
+ * progress, not the whole transfer (files can be large). Returns 0 for a
+ * 2xx, else -errno (the status table of wire.h, or a transport failure);
+ * *status gets the HTTP status (0 if none came). */
+typedef int (*remote_sink_fn)(void *ctx, const void *data, size_t len);
+int remote_api_call(struct remote *r, unsigned node, const char *method, const char *path_query,
+                    const void *body, size_t len, remote_sink_fn sink, void *ctx, long *status);
+
 /* One authenticated round trip to node `node` (GET /v1/config): 0 and the
  * time in *rtt_ms, or -errno (e.g. -ETIMEDOUT for a dead node). */
 int remote_ping(struct remote *r, unsigned node, double *rtt_ms);

@@ -296,11 +296,15 @@ static const struct {
     const char *name; /* X-Shardfs-Errno */
     int status;       /* what the server sends for it */
 } errno_table[] = {
-    {EEXIST, "EEXIST", 409},       {EAGAIN, "EAGAIN", 409},
-    {ENOSPC, "ENOSPC", 507},       {EIO, "EIO", 500},
-    {ENOENT, "ENOENT", 404},       {EINVAL, "EINVAL", 400},
-    {EFBIG, "EFBIG", 413},         {ENAMETOOLONG, "ENAMETOOLONG", 414},
-    {ETIMEDOUT, "ETIMEDOUT", 500}, {EACCES, "EACCES", 401},
+    {EEXIST, "EEXIST", 409},         {EAGAIN, "EAGAIN", 409},
+    {ENOTEMPTY, "ENOTEMPTY", 409},   {ENOTDIR, "ENOTDIR", 409},
+    {EISDIR, "EISDIR", 409},         {EMLINK, "EMLINK", 409},
+    {ENOSPC, "ENOSPC", 507},         {EIO, "EIO", 500},
+    {ENOENT, "ENOENT", 404},         {ESTALE, "ESTALE", 404},
+    {EINVAL, "EINVAL", 400},         {EFBIG, "EFBIG", 413},
+    {ENAMETOOLONG, "ENAMETOOLONG", 414},
+    {EHOSTUNREACH, "EHOSTUNREACH", 502}, {ETIMEDOUT, "ETIMEDOUT", 504},
+    {EACCES, "EACCES", 401},         {EPERM, "EPERM", 403},
 };
 #define ERRNO_COUNT (sizeof(errno_table) / sizeof(errno_table[0]))
 
@@ -308,6 +312,11 @@ int wire_errno_of_status(long status, const char *errno_hdr)
 {
     if (status >= 200 && status <= 299)
         return 0;
+    /* The header refines a status only to an errno the server would send
+     * with that very status (so a 500 never turns into EEXIST). */
+    for (unsigned i = 0; errno_hdr && i < ERRNO_COUNT; i++)
+        if (errno_table[i].status == status && strcmp(errno_table[i].name, errno_hdr) == 0)
+            return -errno_table[i].err;
     switch (status) {
     case 400:
         return -EINVAL;
@@ -315,13 +324,6 @@ int wire_errno_of_status(long status, const char *errno_hdr)
         return -EACCES;
     case 404:
         return -ENOENT;
-    case 409:
-        /* A failed precondition; the header says which. */
-        if (errno_hdr && strcmp(errno_hdr, "EEXIST") == 0)
-            return -EEXIST;
-        if (errno_hdr && strcmp(errno_hdr, "EAGAIN") == 0)
-            return -EAGAIN;
-        return -EIO;
     case 413:
         return -EFBIG;
     case 414:
@@ -334,7 +336,8 @@ int wire_errno_of_status(long status, const char *errno_hdr)
     case 507:
         return -ENOSPC;
     default:
-        /* Other 4xx, 5xx, and anything a peer should never send (1xx, 3xx). */
+        /* 409 without a known header, other 4xx and 5xx, and anything a
+         * peer should never send (1xx, 3xx). */
         return -EIO;
     }
 }

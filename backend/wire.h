@@ -35,9 +35,11 @@
  * new URL. X-Shardfs-Epoch is required on /v1/shard routes (else 400).
  *
  * Status <-> errno (wire_errno_of_status / wire_status_of_errno) is the only
- * place the two are translated: 400 EINVAL, 401 EACCES, 404 ENOENT, 409 per
- * X-Shardfs-Errno, 413 EFBIG, 414 ENAMETOOLONG, 507 ENOSPC, other 4xx and
- * 5xx (503 included: EAGAIN is reserved for a failed ASSERT_VALUE) EIO;
+ * place the two are translated: 400 EINVAL, 401 EACCES, 403 EPERM, 404
+ * ENOENT (or ESTALE), 409 per X-Shardfs-Errno (EEXIST, EAGAIN, ENOTEMPTY,
+ * ENOTDIR, EISDIR, EMLINK), 413 EFBIG, 414 ENAMETOOLONG, 502 EHOSTUNREACH
+ * and 504 ETIMEDOUT (a node could not reach another), 507 ENOSPC, other 4xx
+ * and 5xx (503 included: EAGAIN is reserved for a failed ASSERT_VALUE) EIO;
  * transport failures map separately in shard_remote.c.
  *
  * Pure functions; thread-safe; callers own all buffers.

@@ -318,28 +318,6 @@ static void escape(const uint8_t *s, size_t n, char out[NAME_ESC])
     out[o] = 0;
 }
 
-static const char *type_name(uint32_t mode)
-{
-    switch (mode & S_IFMT) {
-    case S_IFREG:
-        return "regular file";
-    case S_IFDIR:
-        return "directory";
-    case S_IFLNK:
-        return "symlink";
-    case S_IFIFO:
-        return "fifo";
-    case S_IFSOCK:
-        return "socket";
-    case S_IFCHR:
-        return "character device";
-    case S_IFBLK:
-        return "block device";
-    default:
-        return "inode of unknown type";
-    }
-}
-
 static void key_hex(const uint8_t *k, size_t kl, char *out, size_t len)
 {
     char h[2 * 40 + 1];
@@ -970,7 +948,7 @@ static int check_root(struct fsck *f)
         return 0;
     if (r)
         problem(f, PH_ROOT, FIX_ROOT, "the root inode is a %s, not a directory: recreate it",
-                type_name(r->mode));
+                record_type_name(r->mode));
     else
         problem(f, PH_ROOT, FIX_ROOT, "the root directory is missing: recreate it");
     if (f->err)
@@ -1020,7 +998,7 @@ static int entry_fix(struct fsck *f, unsigned found, const uint8_t *k, size_t kl
     record_entry_encode(val, target, want);
     rc = move_rec(f, found, correct, k, kl, val, UINT64_MAX,
                   "entry type mismatch: %s -> inode %s: the entry says type %u, the inode is a %s",
-                  d, hexid(target, h), dtype, type_name(mode));
+                  d, hexid(target, h), dtype, record_type_name(mode));
     return rc ? rc : wrong_shard_note(f, PH_MOVE, found, k, kl);
 }
 
@@ -1083,7 +1061,7 @@ static int handle_entry(struct fsck *f, unsigned found, const uint8_t *k, size_t
     if (!(dn = itab_find(&f->it, &dir)))
         return bad_entry(f, found, k, kl, "entry in a missing directory", &tid, "");
     if (!S_ISDIR(dn->mode)) {
-        snprintf(what, sizeof(what), "entry in a %s, not a directory", type_name(dn->mode));
+        snprintf(what, sizeof(what), "entry in a %s, not a directory", record_type_name(dn->mode));
         return bad_entry(f, found, k, kl, what, &tid, "");
     }
     if (record_id_is_root(&tid))
@@ -1231,7 +1209,7 @@ static int handle_chunk(struct fsck *f, unsigned found, const uint8_t *k, size_t
     if (vl > RECORD_CHUNK)
         return del_desc(f, found, k, kl, " is too long (%zu bytes)", vl);
     if (!S_ISREG(n->mode))
-        return del_desc(f, found, k, kl, ": the inode is a %s", type_name(n->mode));
+        return del_desc(f, found, k, kl, ": the inode is a %s", record_type_name(n->mode));
     if (n->size <= RECORD_INLINE_MAX)
         return del_desc(f, found, k, kl, ": the file is inline (%" PRIu64 " bytes)", n->size);
     count = n->size / RECORD_CHUNK + (n->size % RECORD_CHUNK != 0);
@@ -1402,7 +1380,7 @@ static int plan_link(struct fsck *f, struct fino *n)
     else
         snprintf(why, sizeof(why),
                  "orphan inode %s (%s, %" PRIu64 " bytes, %u entries): no entry names it", h,
-                 type_name(n->mode), n->size, n->children);
+                 record_type_name(n->mode), n->size, n->children);
     if (f->lf_blocked) {
         n->fate = FATE_STUCK;
         return problem(f, PH_LINK, FIX_NONE, "%s: cannot link it, /" LF_NAME " is not a directory",
@@ -1434,7 +1412,7 @@ static int plan_reap(struct fsck *f, struct fino *n, const char *why)
 {
     char h[ID_HEX];
     struct fix *x = problem(f, PH_REAP, FIX_REAP, "%s inode %s (%s, %" PRIu64 " bytes): delete it",
-                            why, hexid(&n->id, h), type_name(n->mode), n->size);
+                            why, hexid(&n->id, h), record_type_name(n->mode), n->size);
 
     if (!x)
         return f->err;
@@ -1522,7 +1500,7 @@ static int plan_inode(struct fsck *f, const struct fino *n)
         return 0;
     hexid(&n->id, h);
     if (nlink_bad && inode_problem(f, &owner, "wrong link count: %s %s has nlink %u, should be %u",
-                                   type_name(n->mode), h, n->nlink, base))
+                                   record_type_name(n->mode), h, n->nlink, base))
         return f->err;
     if (parent_bad &&
         inode_problem(f, &owner,

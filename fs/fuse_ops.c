@@ -60,6 +60,7 @@ struct dir_handle {
     struct dir_entry *ents;
     size_t n, cap;
     int loaded;
+    uint64_t parent_ino; /* st_ino of ".." (0 would hide it from readdir(3)) */
 };
 
 /* ---- the node table ---- */
@@ -138,8 +139,7 @@ static void node_unref(struct fs *fs, struct node *n, uint64_t count)
     pthread_mutex_unlock(&fs->lock);
 }
 
-/* ns_is_open_fn: keep an inode whose last name goes while it is open. */
-static int node_is_open(void *ctx, const struct ino_id *id)
+int fs_is_open(void *ctx, const struct ino_id *id)
 {
     struct fs *fs = ctx;
     struct node *n;
@@ -397,7 +397,7 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
-    reply_rc(req, ns_unlink(fs->ns, &node_of(fs, parent)->id, name, strlen(name), node_is_open, fs));
+    reply_rc(req, ns_unlink(fs->ns, &node_of(fs, parent)->id, name, strlen(name), fs_is_open, fs));
 }
 
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -422,7 +422,7 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
         f |= NS_RENAME_EXCHANGE;
     reply_rc(req, ns_rename(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
                             &node_of(fs, newparent)->id, newname, strlen(newname), f,
-                            node_is_open, fs));
+                            fs_is_open, fs));
 }
 
 static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
@@ -635,8 +635,14 @@ static int dir_collect(void *ctx, const char *name, size_t nlen, const struct in
 
 static int dir_load(struct fs *fs, struct dir_handle *d, const struct ino_id *dir)
 {
+    struct inode self;
+    int rc = ns_getattr(fs->ns, dir, &self);
+
     d->n = 0;
-    int rc = ns_readdir(fs->ns, dir, dir_collect, d);
+    if (rc == 0) {
+        d->parent_ino = record_id_ino(record_id_is_root(dir) ? dir : &self.parent);
+        rc = ns_readdir(fs->ns, dir, dir_collect, d);
+    }
     d->loaded = rc == 0;
     return rc;
 }
@@ -667,7 +673,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         size_t need;
         if (i < 2) {
             name = i == 0 ? "." : "..";
-            st.st_ino = i == 0 ? record_id_ino(&dn->id) : 0;
+            st.st_ino = i == 0 ? record_id_ino(&dn->id) : d->parent_ino;
             st.st_mode = S_IFDIR;
         } else {
             struct dir_entry *e = &d->ents[i - 2];

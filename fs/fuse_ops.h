@@ -30,6 +30,10 @@ struct fs;
 struct fs *fs_new(struct ns *ns, double cache_timeout, int shared);
 void fs_free(struct fs *fs);
 
+/* An ns_is_open_fn (ctx: the struct fs): 1 while the kernel holds the inode
+ * open through this mount, so its last name may go but not its data. */
+int fs_is_open(void *ctx, const struct ino_id *id);
+
 extern const struct fuse_lowlevel_ops fs_fuse_ops;
 
 #endif

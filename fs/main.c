@@ -1,4 +1,5 @@
-/* main.c -- the shardfs command line: mount, fsck, where.
+/* main.c -- the shardfs command line: mount, serve, fsck, where; the HTTP
+ * clients (get, put, rm, ls, status, bench) are in client.c and bench.c.
  *
  * mount: the configuration and the data directory's layout are checked first,
  * in the calling process, so a bad shards.conf fails before anything is
@@ -19,9 +20,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "client.h"
 #include "config.h"
 #include "fsck.h"
 #include "fuse_ops.h"
+#include "kv_api.h"
 #include "namespace.h"
 #include "node_server.h"
 #include "placement.h"
@@ -38,6 +41,12 @@ static const char usage_main[] =
     "  serve [-c CONF] [-n NODE] [-f]                       run a node without a mount\n"
     "  fsck  [-c CONF] [-n NODE] [--repair]                 check (and repair) the store\n"
     "  where [-c CONF] [-n NODE] PATH                       show which shards hold PATH\n"
+    "  get   [-c CONF] [--node NODE] PATH                   print a file (via the key API)\n"
+    "  put   [-c CONF] [--node NODE] PATH [FILE]            store a file (stdin by default)\n"
+    "  rm    [-c CONF] [--node NODE] PATH                   remove a file or empty directory\n"
+    "  ls    [-c CONF] [--node NODE] [PATH]                 list a directory\n"
+    "  status [-c CONF]                                     nodes and shards of a cluster\n"
+    "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
     "\n"
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
 
@@ -192,19 +201,45 @@ static void detach_stdio(void)
         close(fd);
 }
 
-/* Start this node's HTTP server if it has a url and the cluster a secret.
- * *srv stays NULL otherwise. Returns 0 or -1 with a reason in err. */
-static int server_start(struct ns *ns, int node, struct node_server **srv, char *err,
+/* This node's HTTP server: its shards for the peers and the key API. */
+struct server {
+    struct node_server *srv;
+    struct kv_api *api;
+};
+
+static int server_wanted(int node)
+{
+    return cfg.nodes[node].url[0] && cfg.secret[0];
+}
+
+/* Start the server if this node has a url and the cluster a secret (else
+ * leave sv empty). fs (may be NULL) says which inodes the mount has open.
+ * Returns 0 or -1 with a reason in err. */
+static int server_start(struct ns *ns, int node, struct fs *fs, struct server *sv, char *err,
                         size_t errlen)
 {
     struct shard *local[CONFIG_MAX_SHARDS];
 
-    *srv = NULL;
-    if (!cfg.nodes[node].url[0] || !cfg.secret[0])
+    memset(sv, 0, sizeof(*sv));
+    if (!server_wanted(node))
         return 0;
     for (unsigned i = 0; i < cfg.shard_count; i++)
         local[i] = ns_shard_is_local(ns, i) ? ns_shard(ns, i) : NULL;
-    return node_server_start(&cfg, node, local, NULL, NULL, srv, err, errlen) == 0 ? 0 : -1;
+    sv->api = kv_api_new(ns, fs ? fs_is_open : NULL, fs);
+    if (!sv->api) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return node_server_start(&cfg, node, local, kv_api_handle, sv->api, &sv->srv, err, errlen) == 0
+               ? 0
+               : -1;
+}
+
+static void server_stop(struct server *sv)
+{
+    node_server_stop(sv->srv); /* waits for requests in progress */
+    kv_api_free(sv->api);
+    memset(sv, 0, sizeof(*sv));
 }
 
 /* Open, mount, serve until unmounted. ready_fd < 0 in the foreground. */
@@ -214,20 +249,20 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     struct fuse_session *se = NULL;
     struct ns *ns = NULL;
     struct fs *fs = NULL;
-    struct node_server *srv = NULL;
+    struct server sv = {0};
     char err[ERR_MAX] = "";
     int rc = 1, mounted = 0, handlers = 0;
 
     if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
         goto out;
-    if (server_start(ns, node, &srv, err, sizeof(err)) != 0)
-        goto out;
-    /* Other writers exist when other nodes do (or, later, the HTTP API). */
-    fs = fs_new(ns, cfg.cache_timeout, cfg.node_count > 1);
+    /* Other writers exist when other nodes do, or the key API. */
+    fs = fs_new(ns, cfg.cache_timeout, cfg.node_count > 1 || server_wanted(node));
     if (!fs || build_fuse_args(&args, c->fuse_opts) != 0) {
         snprintf(err, sizeof(err), "out of memory");
         goto out;
     }
+    if (server_start(ns, node, fs, &sv, err, sizeof(err)) != 0)
+        goto out;
     se = fuse_session_new(&args, &fs_fuse_ops, sizeof(fs_fuse_ops), fs);
     if (!se) {
         snprintf(err, sizeof(err), "bad FUSE options '%s'", c->fuse_opts ? c->fuse_opts : "");
@@ -272,8 +307,8 @@ out:
     if (se)
         fuse_session_destroy(se);
     fuse_opt_free_args(&args);
+    server_stop(&sv);
     fs_free(fs);
-    node_server_stop(srv);
     ns_close(ns); /* commits and syncs every shard */
     if (ready_fd >= 0)
         report_ready(ready_fd, err[0] ? err : "mount failed");
@@ -369,7 +404,7 @@ static int cmd_mount(int argc, char **argv)
 static int serve_node(int node, const struct cli *c, int ready_fd)
 {
     struct ns *ns = NULL;
-    struct node_server *srv = NULL;
+    struct server sv = {0};
     char err[ERR_MAX] = "";
     sigset_t stop;
     int sig = 0;
@@ -388,7 +423,7 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
                  cfg.nodes[node].name);
         goto out;
     }
-    if (server_start(ns, node, &srv, err, sizeof(err)) != 0)
+    if (server_start(ns, node, NULL, &sv, err, sizeof(err)) != 0)
         goto out;
     report_ready(ready_fd, "");
     if (ready_fd >= 0) {
@@ -401,7 +436,7 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     if (sigwait(&stop, &sig) != 0)
         sig = 0;
 out:
-    node_server_stop(srv);
+    server_stop(&sv);
     ns_close(ns);
     if (ready_fd >= 0)
         report_ready(ready_fd, err[0] ? err : "serve failed");
@@ -566,6 +601,14 @@ int main(int argc, char **argv)
         return cmd_fsck(argc - 1, argv + 1);
     if (!strcmp(argv[1], "where"))
         return cmd_where(argc - 1, argv + 1);
+    static const struct {
+        const char *name;
+        int (*fn)(int, char **);
+    } clients[] = {{"get", cmd_get}, {"put", cmd_put},       {"rm", cmd_rm},
+                   {"ls", cmd_ls},   {"status", cmd_status}, {"bench", cmd_bench}};
+    for (size_t i = 0; i < sizeof(clients) / sizeof(clients[0]); i++)
+        if (!strcmp(argv[1], clients[i].name))
+            return clients[i].fn(argc - 1, argv + 1);
     fprintf(stderr, "shardfs: unknown command '%s'\n\n%s", argv[1], usage_main);
     return 2;
 }

@@ -217,3 +217,25 @@ int record_inode_decode(const uint8_t *val, size_t vlen, const struct ino_id *id
     memcpy(ino->tail, val + RECORD_INODE_HDR, tail);
     return 0;
 }
+
+const char *record_type_name(uint32_t mode)
+{
+    switch (mode & S_IFMT) {
+    case S_IFREG:
+        return "file";
+    case S_IFDIR:
+        return "dir";
+    case S_IFLNK:
+        return "symlink";
+    case S_IFIFO:
+        return "fifo";
+    case S_IFSOCK:
+        return "socket";
+    case S_IFCHR:
+        return "chardev";
+    case S_IFBLK:
+        return "blockdev";
+    default:
+        return "unknown";
+    }
+}

@@ -77,6 +77,10 @@ void record_root_init(struct inode *root);
 uint64_t record_id_hash(const struct ino_id *id);       /* first 8 bytes, BE */
 void record_id_make(struct ino_id *id, uint64_t hash, uint64_t unique);
 int record_id_is_root(const struct ino_id *id);
+/* The kind of file of mode in one word: file, dir, symlink, fifo, socket,
+ * chardev, blockdev (unknown for anything else). Static strings. */
+const char *record_type_name(uint32_t mode);
+
 /* The st_ino the kernel and users see: 1 for root, else a mix of the id. */
 uint64_t record_id_ino(const struct ino_id *id);
 

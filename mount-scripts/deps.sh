@@ -8,7 +8,7 @@ SHARDFS_DEPS=(
     libfuse3-dev fuse3
     liblmdb-dev lmdb-utils
     libxxhash-dev libinih-dev libjansson-dev
-    libcurl4-openssl-dev libmicrohttpd-dev libssl-dev
+    libcurl4-openssl-dev libmicrohttpd-dev libssl-dev curl
     python3-pytest
     rsync fio attr acl bc util-linux
 )

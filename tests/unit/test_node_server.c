@@ -389,16 +389,15 @@ static int test_handler(void *ctx, const struct node_request *req, struct node_r
         resp->status = 200;
         resp->body = xmalloc(10);
         resp->len = 10;
-        memset(resp->extra_name, 'x', sizeof(resp->extra_name)); /* no NUL */
-        snprintf(resp->extra_value, sizeof(resp->extra_value), "a\r\nInjected: 1");
+        memset(resp->extra[0].name, 'x', sizeof(resp->extra[0].name)); /* no NUL */
+        snprintf(resp->extra[0].value, sizeof(resp->extra[0].value), "a\r\nInjected: 1");
         return 0;
     }
     if (strcmp(req->path, "/redirect") == 0) {
         resp->status = 302;
         snprintf(resp->location, sizeof(resp->location), "http://elsewhere/x");
         snprintf(resp->errno_name, sizeof(resp->errno_name), "EAGAIN");
-        snprintf(resp->extra_name, sizeof(resp->extra_name), "X-Test-Extra");
-        snprintf(resp->extra_value, sizeof(resp->extra_value), "42");
+        node_response_header(resp, "X-Test-Extra", "%d", 42);
         return 0;
     }
     n = snprintf(text, sizeof(text), "%s %s q=%s h=%s len=%zu body=%s", req->method, req->path,

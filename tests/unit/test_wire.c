@@ -456,6 +456,14 @@ static void test_errno_table(void)
         {409, "ENOSPC", -EIO},
         {409, "eexist", -EIO},
         {409, "EEXISTS", -EIO},
+        {409, "ENOTEMPTY", -ENOTEMPTY},
+        {409, "EISDIR", -EISDIR},
+        {409, "ENOTDIR", -ENOTDIR},
+        {404, "ESTALE", -ESTALE},
+        {502, "EHOSTUNREACH", -EHOSTUNREACH},
+        {504, "ETIMEDOUT", -ETIMEDOUT},
+        {500, "ETIMEDOUT", -EIO},
+        {502, "ETIMEDOUT", -EIO},
         {413, NULL, -EFBIG},
         {414, NULL, -ENAMETOOLONG},
         {507, NULL, -ENOSPC},
@@ -489,11 +497,13 @@ static void test_errno_table(void)
         {-EINVAL, 400, "EINVAL"},
         {-EACCES, 401, "EACCES"},
         {-EIO, 500, "EIO"},
-        {-ETIMEDOUT, 500, "ETIMEDOUT"},
+        {-ETIMEDOUT, 504, "ETIMEDOUT"},
+        {-ENOTEMPTY, 409, "ENOTEMPTY"},
+        {-EPERM, 403, "EPERM"},
         {-ENOMEM, 500, NULL},
         {-ENOSYS, 500, NULL},
-        {-EPERM, 500, NULL},
-        {-EHOSTUNREACH, 500, NULL},
+        {-EHOSTUNREACH, 502, "EHOSTUNREACH"},
+        {-EXDEV, 500, NULL},
         {-99999, 500, NULL},
     };
 
@@ -512,8 +522,8 @@ static void test_errno_table(void)
                "name of %d: got %s", to_status[i].err, name ? name : "NULL");
         CHECK(name == pos_name); /* either sign */
         /* What the server sends, the client maps back to the same errno
-         * (EIO and ETIMEDOUT both come back as EIO: a 500 is a 500). */
-        if (to_status[i].status != 500)
+         * (an errno without a name comes back as EIO: a 500 is a 500). */
+        if (name)
             CHECKF(wire_errno_of_status(to_status[i].status, name) == to_status[i].err,
                    "round trip of %d", to_status[i].err);
         else

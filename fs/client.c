@@ -1,0 +1,441 @@
+/* client.c -- get, put, rm, ls and status (client.h). */
+#include "client.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "node_server.h"
+#include "wire.h"
+
+#define CLIENT_ERR_MAX 1024
+#define CLIENT_PATH_MAX (3u * 4096u + 16u)
+
+int client_open(struct client *c, const char *conf, const char *node_arg)
+{
+    char err[CLIENT_ERR_MAX];
+
+    memset(c, 0, sizeof(*c));
+    c->node = -1;
+    if (config_load(conf, &c->cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return -1;
+    }
+    if (!c->cfg.secret[0]) {
+        fprintf(stderr,
+                "shardfs: %s: the [cluster] has no secret; nodes serve HTTP only with one\n", conf);
+        return -1;
+    }
+    for (unsigned i = 0; i < c->cfg.node_count && c->node < 0; i++) {
+        const char *url = c->cfg.nodes[i].url;
+        size_t ulen = strlen(url);
+
+        while (ulen > 0 && url[ulen - 1] == '/')
+            ulen--;
+        if (!url[0])
+            continue;
+        if (!node_arg || !strcmp(node_arg, c->cfg.nodes[i].name) ||
+            (!strncmp(node_arg, url, ulen) && (!node_arg[ulen] || !strcmp(node_arg + ulen, "/"))))
+            c->node = (int)i;
+    }
+    if (c->node < 0) {
+        fprintf(stderr, "shardfs: %s: %s\n", conf,
+                node_arg ? "no node has that name or url" : "no node has a url");
+        if (node_arg)
+            fprintf(stderr, "shardfs: unknown node '%s'\n", node_arg);
+        return -1;
+    }
+    if (remote_new(&c->cfg, -1, &c->remote, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+void client_close(struct client *c)
+{
+    remote_free(c->remote);
+    c->remote = NULL;
+}
+
+int client_kv_path(const char *path, char *out, size_t cap)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = (size_t)snprintf(out, cap, "%s%s", NODE_KV_PREFIX, path[0] == '/' ? "" : "/");
+
+    for (const unsigned char *p = (const unsigned char *)path; *p; p++) {
+        int plain = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                    (*p >= '0' && *p <= '9') || strchr("-._~/", *p);
+        if (n + 4 > cap)
+            return -ENAMETOOLONG;
+        if (plain) {
+            out[n++] = (char)*p;
+        } else {
+            out[n++] = '%';
+            out[n++] = hex[*p >> 4];
+            out[n++] = hex[*p & 15];
+        }
+    }
+    out[n] = '\0';
+    return 0;
+}
+
+/* ---- option parsing shared by the commands ---- */
+
+struct opts {
+    const char *conf, *node;
+    const char *args[2];
+    int nargs;
+};
+
+static const struct option client_long_opts[] = {
+    {"conf", required_argument, NULL, 'c'},
+    {"node", required_argument, NULL, 'n'},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+/* Parse "-c CONF --node NODE ARGS"; min..max positional arguments. Returns
+ * 0, 1 after --help, or -1 after printing the usage to stderr. */
+static int parse_opts(int argc, char **argv, const char *usage, int min, int max, struct opts *o)
+{
+    int opt;
+
+    memset(o, 0, sizeof(*o));
+    o->conf = "shards.conf";
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "+c:n:h", client_long_opts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            o->conf = optarg;
+            break;
+        case 'n':
+            o->node = optarg;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return 1;
+        default:
+            fputs(usage, stderr);
+            return -1;
+        }
+    }
+    o->nargs = argc - optind;
+    if (o->nargs < min || o->nargs > max) {
+        fputs(usage, stderr);
+        return -1;
+    }
+    for (int i = 0; i < o->nargs; i++)
+        o->args[i] = argv[optind + i];
+    return 0;
+}
+
+/* Set up c for o; fills path with the API path of o->args[0] if want_path.
+ * Returns 0 or an exit status. */
+static int open_for(struct client *c, const struct opts *o, char *path, size_t cap)
+{
+    if (client_open(c, o->conf, o->node) != 0)
+        return 2;
+    if (path && client_kv_path(o->args[0], path, cap) != 0) {
+        fprintf(stderr, "shardfs: %s: path too long\n", o->args[0]);
+        return 2;
+    }
+    return 0;
+}
+
+static int report(const char *what, const char *path, int rc)
+{
+    if (rc == 0)
+        return 0;
+    fprintf(stderr, "shardfs: %s %s: %s\n", what, path, strerror(-rc));
+    return 1;
+}
+
+/* One command that is one request on its PATH argument (default "/"). */
+struct call {
+    const char *what, *usage, *method;
+    int min_args, max_args;
+    remote_sink_fn sink;    /* for the reply body, with ctx */
+    int (*done)(void *ctx); /* after a success, with ctx; -errno */
+};
+
+static int run_call(const struct call *k, void *ctx, int argc, char **argv)
+{
+    static struct client c;
+    static char path[CLIENT_PATH_MAX];
+    struct opts o;
+    int rc = parse_opts(argc, argv, k->usage, k->min_args, k->max_args, &o);
+
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    if (o.nargs == 0)
+        o.args[0] = "/";
+    rc = open_for(&c, &o, path, sizeof(path));
+    if (rc)
+        return rc;
+    rc = remote_api_call(c.remote, (unsigned)c.node, k->method, path, NULL, 0, k->sink, ctx, NULL);
+    if (rc == 0 && k->done)
+        rc = k->done(ctx);
+    client_close(&c);
+    return report(k->what, o.args[0], rc);
+}
+
+/* ---- get ---- */
+
+static const char usage_get[] =
+    "usage: shardfs get [-c CONF] [--node NODE] PATH\n"
+    "\n"
+    "Write the file PATH of the store to stdout (a directory: its JSON\n"
+    "listing), read through NODE's key API (a node name or url of CONF;\n"
+    "default the first node).\n";
+
+static int sink_stdout(void *ctx, const void *data, size_t len)
+{
+    (void)ctx;
+    return fwrite(data, 1, len, stdout) == len ? 0 : -EIO;
+}
+
+static int flush_stdout(void *ctx)
+{
+    (void)ctx;
+    return fflush(stdout) == 0 ? 0 : -EIO;
+}
+
+int cmd_get(int argc, char **argv)
+{
+    static const struct call k = {"get", usage_get, "GET", 1, 1, sink_stdout, flush_stdout};
+
+    return run_call(&k, NULL, argc, argv);
+}
+
+/* ---- put ---- */
+
+static const char usage_put[] =
+    "usage: shardfs put [-c CONF] [--node NODE] PATH [FILE]\n"
+    "\n"
+    "Store the bytes of FILE (default: stdin) as the file PATH, atomically,\n"
+    "creating missing directories; PATH ending in / makes a directory.\n";
+
+/* All of fd into a malloc()ed buffer, at most max bytes. */
+static int slurp(int fd, size_t max, uint8_t **out, size_t *len)
+{
+    size_t cap = 1u << 16, n = 0;
+    uint8_t *buf = malloc(cap), *nb;
+    ssize_t r;
+
+    if (!buf)
+        return -ENOMEM;
+    for (;;) {
+        if (n == cap) {
+            if (cap > max) {
+                free(buf);
+                return -EFBIG;
+            }
+            nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                return -ENOMEM;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        r = read(fd, buf + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            free(buf);
+            return -errno;
+        }
+        if (r == 0)
+            break;
+        n += (size_t)r;
+    }
+    if (n > max) {
+        free(buf);
+        return -EFBIG;
+    }
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+int cmd_put(int argc, char **argv)
+{
+    static struct client c;
+    static char path[CLIENT_PATH_MAX];
+    struct opts o;
+    uint8_t *body = NULL;
+    size_t len = 0;
+    int fd = STDIN_FILENO;
+    int rc = parse_opts(argc, argv, usage_put, 1, 2, &o);
+
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    if (o.nargs == 2 && (fd = open(o.args[1], O_RDONLY | O_CLOEXEC)) < 0) {
+        fprintf(stderr, "shardfs: %s: %s\n", o.args[1], strerror(errno));
+        return 1;
+    }
+    rc = slurp(fd, WIRE_BODY_MAX - 4096, &body, &len);
+    if (fd != STDIN_FILENO)
+        close(fd);
+    if (rc == -EFBIG) {
+        fprintf(stderr,
+                "shardfs: put %s: over %u MiB, the key API's cap; copy it through a mount\n",
+                o.args[0], (WIRE_BODY_MAX - 4096) >> 20);
+        return 1;
+    }
+    if (rc)
+        return report("put", o.args[1] ? o.args[1] : "(stdin)", rc);
+    rc = open_for(&c, &o, path, sizeof(path));
+    if (rc == 0) {
+        rc = remote_api_call(c.remote, (unsigned)c.node, "PUT", path, body, len, NULL, NULL, NULL);
+        rc = report("put", o.args[0], rc);
+    }
+    free(body);
+    client_close(&c);
+    return rc;
+}
+
+/* ---- rm ---- */
+
+static const char usage_rm[] = "usage: shardfs rm [-c CONF] [--node NODE] PATH\n"
+                               "\n"
+                               "Remove the file PATH, or the directory PATH if it is empty.\n";
+
+int cmd_rm(int argc, char **argv)
+{
+    static const struct call k = {"rm", usage_rm, "DELETE", 1, 1, NULL, NULL};
+
+    return run_call(&k, NULL, argc, argv);
+}
+
+/* ---- ls ---- */
+
+static const char usage_ls[] =
+    "usage: shardfs ls [-c CONF] [--node NODE] [PATH]\n"
+    "\n"
+    "List the directory PATH (default /), one name a line, directories with\n"
+    "a trailing /, like ls -p.\n";
+
+struct growbuf {
+    char *p;
+    size_t len, cap;
+};
+
+static int sink_buf(void *ctx, const void *data, size_t len)
+{
+    struct growbuf *b = ctx;
+
+    if (b->len + len + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + len + 1)
+            cap *= 2;
+        char *np = realloc(b->p, cap);
+        if (!np)
+            return -ENOMEM;
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, data, len);
+    b->len += len;
+    b->p[b->len] = '\0';
+    return 0;
+}
+
+/* Print the listing; -EIO if it is no listing (e.g. PATH is a file). */
+static int print_listing(void *ctx)
+{
+    struct growbuf *b = ctx;
+    json_t *doc = b->p ? json_loadb(b->p, b->len, 0, NULL) : NULL;
+    json_t *entries = json_object_get(doc, "entries"), *e;
+    size_t i;
+    int rc = json_is_array(entries) ? 0 : -ENOTDIR;
+
+    json_array_foreach(entries, i, e)
+    {
+        const char *name = json_string_value(json_object_get(e, "name"));
+        const char *type = json_string_value(json_object_get(e, "type"));
+
+        if (!name) /* not UTF-8: shown as the server sent it, in hex */
+            printf("(hex)%s\n", json_string_value(json_object_get(e, "name_hex")));
+        else
+            printf("%s%s\n", name, type && !strcmp(type, "dir") ? "/" : "");
+    }
+    json_decref(doc);
+    return rc;
+}
+
+int cmd_ls(int argc, char **argv)
+{
+    static const struct call k = {"ls", usage_ls, "GET", 0, 1, sink_buf, print_listing};
+    struct growbuf b = {0};
+    int rc = run_call(&k, &b, argc, argv);
+
+    free(b.p);
+    return rc;
+}
+
+/* ---- status ---- */
+
+static const char usage_status[] =
+    "usage: shardfs status [-c CONF]\n"
+    "\n"
+    "Print every node of CONF (up or down, address, round-trip time) and every\n"
+    "shard (owner, records, bytes, batches not yet synced). Exits 1 if a node\n"
+    "is down.\n";
+
+int cmd_status(int argc, char **argv)
+{
+    static struct client c;
+    int up[CONFIG_MAX_NODES] = {0}, down = 0;
+    struct opts o;
+    int rc = parse_opts(argc, argv, usage_status, 0, 0, &o);
+
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    rc = open_for(&c, &o, NULL, 0);
+    if (rc)
+        return rc;
+    printf("cluster: %u shards, epoch %llu, %u nodes, timeout %u ms\n\n", c.cfg.shard_count,
+           (unsigned long long)c.cfg.epoch, c.cfg.node_count, c.cfg.timeout_ms);
+    printf("%-12s %-5s %-32s %10s\n", "NODE", "STATE", "URL", "RTT");
+    for (unsigned i = 0; i < c.cfg.node_count; i++) {
+        double rtt = 0;
+        int prc = remote_ping(c.remote, i, &rtt);
+
+        up[i] = prc == 0;
+        down += !up[i];
+        if (up[i])
+            printf("%-12s %-5s %-32s %7.2f ms\n", c.cfg.nodes[i].name, "up", c.cfg.nodes[i].url,
+                   rtt);
+        else
+            printf("%-12s %-5s %-32s %10s  (%s)\n", c.cfg.nodes[i].name, "down", c.cfg.nodes[i].url,
+                   "-", strerror(-prc));
+    }
+    printf("\n%-6s %-12s %12s %14s %8s\n", "SHARD", "OWNER", "RECORDS", "BYTES", "PENDING");
+    for (unsigned s = 0; s < c.cfg.shard_count; s++) {
+        int owner = c.cfg.owner[s];
+        struct shard *sh = NULL;
+        struct shard_stat st;
+        int src = -EHOSTUNREACH;
+
+        if (up[owner] && shard_remote_open(c.remote, s, &sh) == 0) {
+            src = shard_stat(sh, &st);
+            shard_close(sh);
+        }
+        if (src == 0)
+            printf("%-6u %-12s %12llu %14llu %8llu\n", s, c.cfg.nodes[owner].name,
+                   (unsigned long long)st.records, (unsigned long long)st.bytes,
+                   (unsigned long long)st.pending);
+        else
+            printf("%-6u %-12s %12s %14s %8s  (%s)\n", s, c.cfg.nodes[owner].name, "-", "-", "-",
+                   strerror(-src));
+    }
+    client_close(&c);
+    return down ? 1 : 0;
+}
