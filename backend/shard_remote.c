@@ -468,10 +468,11 @@ static int curl_retryable(CURLcode cc, const struct request *q)
     }
 }
 
-/* One HTTP exchange with base (an owner URL) within budget_ms. Returns the
- * curl code; q->status holds the HTTP status when it is CURLE_OK. */
-static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint64_t epoch,
-                         struct request *q, int64_t budget_ms)
+/* Set h up for one HTTP exchange of q with base (an owner URL) within
+ * budget_ms; *hdrs must be given to exchange_finish() after the transfer.
+ * CURLE_OK or CURLE_OUT_OF_MEMORY. */
+static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base, uint64_t epoch,
+                               struct request *q, int64_t budget_ms, struct curl_slist **hdrs_out)
 {
     char url[CONFIG_URL_MAX + sizeof(q->path_query) + 1];
     char auth[WIRE_AUTH_LEN + 1], line[WIRE_AUTH_LEN + 64];
@@ -479,7 +480,6 @@ static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint
     size_t blen = strlen(base);
     int64_t date = (int64_t)time(NULL);
     int post = strcmp(q->method, "POST") == 0, put = strcmp(q->method, "PUT") == 0;
-    CURLcode cc;
 
     while (blen > 0 && base[blen - 1] == '/')
         blen--;
@@ -543,17 +543,37 @@ static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint
     q->sent = 0;
     q->overflow = q->nomem = 0;
     q->status = 0;
-    cc = curl_easy_perform(h);
+    *hdrs_out = hdrs;
+    return CURLE_OK;
+
+nomem:
+    curl_slist_free_all(hdrs);
+    q->nomem = 1;
+    *hdrs_out = NULL;
+    return CURLE_OUT_OF_MEMORY;
+}
+
+/* After the transfer cc of q on h: the status, and nothing left dangling. */
+static CURLcode exchange_finish(CURL *h, struct request *q, struct curl_slist *hdrs, CURLcode cc)
+{
     if (cc == CURLE_OK)
         curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &q->status);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, NULL);
     curl_slist_free_all(hdrs);
     return cc;
+}
 
-nomem:
-    curl_slist_free_all(hdrs);
-    q->nomem = 1;
-    return CURLE_OUT_OF_MEMORY;
+/* One HTTP exchange with base (an owner URL) within budget_ms. Returns the
+ * curl code; q->status holds the HTTP status when it is CURLE_OK. */
+static CURLcode exchange(const struct remote *r, CURL *h, const char *base, uint64_t epoch,
+                         struct request *q, int64_t budget_ms)
+{
+    struct curl_slist *hdrs;
+    CURLcode cc = exchange_setup(r, h, base, epoch, q, budget_ms, &hdrs);
+
+    if (cc != CURLE_OK)
+        return cc;
+    return exchange_finish(h, q, hdrs, curl_easy_perform(h));
 }
 
 /* Remember a URL for good (see struct remote_url). Called with lock held;
@@ -691,6 +711,8 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
 
 /* ---- the shard slots ---- */
 
+static const struct shard_ops shard_remote_ops;
+
 static struct shard_remote *to_remote(struct shard *s)
 {
     return (struct shard_remote *)s;
@@ -786,73 +808,241 @@ static int key_successor(const uint8_t *k, size_t klen, uint8_t out[BATCH_KEY_MA
     return (int)klen;
 }
 
-/* Pages: the first asks for REMOTE_SCAN_FIRST_LIMIT records (many scans stop
- * early, e.g. "is this directory empty"), each next one for 4 times more, up
- * to WIRE_SCAN_LIMIT_MAX. The reply of a page is fully received (and its
- * handle back in the pool) before fn sees its first record. */
-static int remote_scan(struct shard *s, const void *start, size_t slen, const void *end,
-                       size_t elen, shard_scan_fn fn, void *ctx)
+/* A scan request for [from, end) with a record limit; its body in *body
+ * (the caller frees it). 0 or -errno. */
+static int scan_request(struct request *q, uint8_t **body, unsigned index, const void *from,
+                        size_t flen, const void *end, size_t elen, unsigned limit)
 {
-    struct shard_remote *sr = to_remote(s);
-    uint8_t next[BATCH_KEY_MAX];
-    const uint8_t *from = start;
-    size_t flen = slen;
-    unsigned limit = REMOTE_SCAN_FIRST_LIMIT;
+    size_t blen = wire_scan_request_size(flen, elen);
     char query[32];
 
-    if (!end)
-        elen = 0;
-    for (;;) {
-        struct request q = {
-            .method = "POST", .idempotent = 1, .keep_body = 1, .reply_max = REMOTE_SCAN_REPLY_MAX};
-        size_t blen = wire_scan_request_size(flen, elen);
-        uint8_t *body = malloc(blen ? blen : 1);
-        int rc;
+    *q = (struct request){
+        .method = "POST", .idempotent = 1, .keep_body = 1, .reply_max = REMOTE_SCAN_REPLY_MAX};
+    *body = malloc(blen ? blen : 1);
+    if (!*body)
+        return -ENOMEM;
+    wire_scan_request_encode(*body, from, flen, end, elen);
+    q->body = *body;
+    q->body_len = blen;
+    snprintf(query, sizeof(query), "limit=%u", limit);
+    return shard_path(q, index, WIRE_OP_SCAN, query);
+}
 
-        if (!body)
-            return -ENOMEM;
-        wire_scan_request_encode(body, from, flen, end, elen);
-        q.body = body;
-        q.body_len = blen;
-        snprintf(query, sizeof(query), "limit=%u", limit);
-        rc = shard_path(&q, s->index, WIRE_OP_SCAN, query);
+/* Hand the records of one scan reply (for a scan from `from`) to fn. On 0,
+ * *nlen says where the next page starts: next[0..*nlen), or 0 when the scan
+ * is complete. Otherwise fn's return (1: stopped) or -errno. */
+static int scan_page(const struct request *q, const uint8_t *from, size_t flen, const void *end,
+                     size_t elen, shard_scan_fn fn, void *ctx, uint8_t next[BATCH_KEY_MAX],
+                     int *nlen)
+{
+    const uint8_t *key, *val, *last = NULL;
+    size_t klen, vlen, lastlen = 0, pos = 0;
+    int more = q->more.set && strcmp(q->more.v, "1") == 0, n, rc = 0;
+
+    *nlen = 0;
+    if (q->status != 200)
+        return -EIO;
+    while ((n = wire_scan_reply_next(q->reply, q->reply_len, &pos, &key, &klen, &val, &vlen)) !=
+           0) {
+        /* Keys must come in order and from `from` on: a server that went
+         * back could make us page forever. */
+        if (n < 0 || (last ? key_cmp(key, klen, last, lastlen) <= 0
+                           : key_cmp(key, klen, from ? from : (const uint8_t *)"", flen) < 0))
+            return -EIO;
+        last = key;
+        lastlen = klen;
+        rc = fn(ctx, key, klen, val, vlen);
+        if (rc)
+            return rc;
+    }
+    if (!more)
+        return 0;
+    /* Cut short: go on after the last key. */
+    n = last ? key_successor(last, lastlen, next) : -1;
+    if (n < 0)
+        return -EIO; /* "more" without a record: no progress possible */
+    if (n > 0 && !(end && key_cmp(next, (size_t)n, end, elen) >= 0))
+        *nlen = n;
+    return 0;
+}
+
+/* The pages of a scan from `from`, the first asking for `limit` records.
+ * Each next page asks for 4 times more, up to WIRE_SCAN_LIMIT_MAX. The reply
+ * of a page is fully received (and its handle back in the pool) before fn
+ * sees its first record. */
+static int scan_pages(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
+                      unsigned limit, shard_scan_fn fn, void *ctx)
+{
+    struct shard_remote *sr = to_remote(s);
+    uint8_t next[BATCH_KEY_MAX], from[BATCH_KEY_MAX];
+    size_t flen = slen;
+    int nlen, rc;
+
+    if (slen > sizeof(from))
+        return -EINVAL;
+    if (slen)
+        memcpy(from, start, slen);
+    for (;;) {
+        struct request q;
+        uint8_t *body = NULL;
+
+        rc = scan_request(&q, &body, s->index, start ? from : NULL, flen, end, elen, limit);
         if (rc == 0)
             rc = remote_call(sr->r, (int)s->index, 0, &q);
         free(body);
-        if (rc == 0 && q.status != 200)
-            rc = -EIO;
-
-        const uint8_t *key, *val, *last = NULL;
-        size_t klen, vlen, lastlen = 0, pos = 0;
-        int more = q.more.set && strcmp(q.more.v, "1") == 0, n;
-        while (rc == 0 && (n = wire_scan_reply_next(q.reply, q.reply_len, &pos, &key, &klen, &val,
-                                                    &vlen)) != 0) {
-            /* Keys must come in order and from `from` on: a server that
-             * went back could make us page forever. */
-            if (n < 0 || (last ? key_cmp(key, klen, last, lastlen) <= 0
-                               : key_cmp(key, klen, from ? from : (const uint8_t *)"", flen) < 0)) {
-                rc = -EIO;
-                break;
-            }
-            last = key;
-            lastlen = klen;
-            rc = fn(ctx, key, klen, val, vlen);
-        }
-        if (rc || !more) {
-            request_free(&q);
-            return rc;
-        }
-        /* Cut short: go on after the last key. */
-        int nlen = last ? key_successor(last, lastlen, next) : -1;
+        if (rc == 0)
+            rc = scan_page(&q, start ? from : NULL, flen, end, elen, fn, ctx, next, &nlen);
         request_free(&q);
-        if (nlen < 0)
-            return -EIO; /* "more" without a record: no progress possible */
-        if (nlen == 0 || (end && key_cmp(next, (size_t)nlen, end, elen) >= 0))
-            return 0;
-        from = next;
+        if (rc || nlen == 0)
+            return rc;
+        memcpy(from, next, (size_t)nlen);
         flen = (size_t)nlen;
+        start = from;
         limit = limit * 4 > WIRE_SCAN_LIMIT_MAX ? WIRE_SCAN_LIMIT_MAX : limit * 4;
     }
+}
+
+/* The first page asks for REMOTE_SCAN_FIRST_LIMIT records: many scans stop
+ * early ("is this directory empty?"). */
+static int remote_scan(struct shard *s, const void *start, size_t slen, const void *end,
+                       size_t elen, shard_scan_fn fn, void *ctx)
+{
+    return scan_pages(s, start, slen, end ? end : NULL, end ? elen : 0, REMOTE_SCAN_FIRST_LIMIT, fn,
+                      ctx);
+}
+
+/* ---- fan-out: the first page of many scans at once ---- */
+
+/* One shard of a shard_scan_many(). */
+struct fan {
+    struct shard *s;
+    struct remote *r; /* NULL: a local shard */
+    struct request q;
+    uint8_t *body;
+    struct conn *c;
+    struct curl_slist *hdrs;
+    CURLcode cc;
+    int running;
+};
+
+/* Start f's first page on multi handle m. 0, or -errno (then the shard
+ * is scanned the ordinary way later). */
+static int fan_start(CURLM *m, struct fan *f, const void *start, size_t slen, const void *end,
+                     size_t elen)
+{
+    struct remote *r = f->r;
+    char base[CONFIG_URL_MAX + 1];
+    uint64_t epoch;
+    int rc =
+        scan_request(&f->q, &f->body, f->s->index, start, slen, end, elen, REMOTE_SCAN_FIRST_LIMIT);
+
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&r->lock);
+    snprintf(base, sizeof(base), "%s", r->owner[f->s->index]);
+    epoch = r->epoch;
+    pthread_mutex_unlock(&r->lock);
+    if (!base[0] || !(f->c = pool_take(r)))
+        return -EHOSTUNREACH;
+    if (exchange_setup(r, f->c->curl, base, epoch, &f->q, r->timeout_ms, &f->hdrs) != CURLE_OK)
+        return -ENOMEM;
+    curl_easy_setopt(f->c->curl, CURLOPT_PRIVATE, f);
+    if (curl_multi_add_handle(m, f->c->curl) != CURLM_OK) {
+        exchange_finish(f->c->curl, &f->q, f->hdrs, CURLE_FAILED_INIT);
+        f->hdrs = NULL;
+        return -ENOMEM;
+    }
+    f->running = 1;
+    return 0;
+}
+
+/* Drive m until every transfer is done; each bounds itself (timeout_ms). */
+static void fan_run(CURLM *m)
+{
+    int running = 1, left;
+    CURLMsg *msg;
+
+    while (running) {
+        if (curl_multi_perform(m, &running) != CURLM_OK)
+            break;
+        while ((msg = curl_multi_info_read(m, &left))) {
+            struct fan *f = NULL;
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&f);
+            if (f)
+                f->cc = msg->data.result;
+        }
+        if (running && curl_multi_poll(m, NULL, 0, 100, NULL) != CURLM_OK)
+            break;
+    }
+}
+
+/* Hand f's records to fn: from its parallel first page if that worked, else
+ * by an ordinary scan (which follows redirects and retries). */
+static int fan_deliver(struct fan *f, const void *start, size_t slen, const void *end, size_t elen,
+                       shard_scan_fn fn, void *ctx)
+{
+    uint8_t next[BATCH_KEY_MAX];
+    int nlen, rc;
+
+    if (!f->r)
+        return shard_scan(f->s, start, slen, end, elen, fn, ctx);
+    /* A node that did not answer within the bound is not asked again: the
+     * caller would wait twice the bound. */
+    if (f->cc == CURLE_OPERATION_TIMEDOUT || f->cc == CURLE_COULDNT_CONNECT)
+        return remote_errno_of_curl(f->cc, &f->q);
+    if (f->cc != CURLE_OK || f->q.status != 200)
+        return remote_scan(f->s, start, slen, end, elen, fn, ctx);
+    rc = scan_page(&f->q, start, slen, end, elen, fn, ctx, next, &nlen);
+    if (rc || nlen == 0)
+        return rc;
+    return scan_pages(f->s, next, (size_t)nlen, end, elen, REMOTE_SCAN_FIRST_LIMIT * 4, fn, ctx);
+}
+
+int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
+                    const void *end, size_t elen, shard_scan_fn fn, void *ctx)
+{
+    struct fan *fans = calloc(n ? n : 1, sizeof(*fans));
+    CURLM *m = curl_multi_init();
+    int rc = 0;
+
+    if (!end)
+        elen = 0;
+    for (unsigned i = 0; fans && i < n; i++) {
+        fans[i].s = shards[i];
+        fans[i].cc = CURLE_FAILED_INIT; /* "not done in parallel" until it is */
+        if (shards[i]->ops == &shard_remote_ops) {
+            fans[i].r = to_remote(shards[i])->r;
+            if (m)
+                fan_start(m, &fans[i], start, slen, end, elen);
+        }
+    }
+    if (m && fans)
+        fan_run(m);
+    for (unsigned i = 0; fans && i < n; i++) {
+        struct fan *f = &fans[i];
+        if (f->running) {
+            curl_multi_remove_handle(m, f->c->curl);
+            exchange_finish(f->c->curl, &f->q, f->hdrs, f->cc);
+        }
+        if (f->c)
+            pool_put(f->r, f->c);
+        free(f->body);
+        f->body = NULL;
+    }
+    /* Every handle is back in its pool before fn runs: fn may do I/O. */
+    for (unsigned i = 0; fans && i < n && rc == 0; i++)
+        rc = fan_deliver(&fans[i], start, slen, end, elen, fn, ctx);
+    for (unsigned i = 0; fans && i < n; i++)
+        request_free(&fans[i].q);
+    if (!fans)
+        for (unsigned i = 0; i < n && rc == 0; i++)
+            rc = shard_scan(shards[i], start, slen, end, elen, fn, ctx);
+    if (m)
+        curl_multi_cleanup(m);
+    free(fans);
+    return rc < 0 ? rc : 0;
 }
 
 static int remote_apply(struct shard *s, const struct batch *b)

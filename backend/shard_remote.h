@@ -34,6 +34,18 @@ void remote_free(struct remote *r);
 /* A shard interface for shard `index`, reached at its current owner. */
 int shard_remote_open(struct remote *r, unsigned index, struct shard **out);
 
+/* Scan [start, end) (shard.h's scan) on several shards, for fan-outs such as
+ * a directory listing, which spans every shard. Remote shards get their
+ * first page requested all at once (libcurl's multi interface), so the wait
+ * is one round trip, not one per shard; a shard whose parallel request
+ * failed in any way (a redirect, a timeout, a 503) is scanned again the
+ * ordinary way, which follows redirects and retries. Other shards (LMDB)
+ * are scanned directly. fn runs on the calling thread, shard after shard in
+ * the order given, never while a request of this call is in flight. Returns
+ * 0 (also when fn stopped it with 1) or the first -errno. */
+int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
+                    const void *end, size_t elen, shard_scan_fn fn, void *ctx);
+
 /* The URL currently believed to own shard index (after redirects); valid
  * until remote_free(). */
 const char *remote_owner_url(struct remote *r, unsigned index);

@@ -1455,6 +1455,61 @@ static void c_threads(struct target *t)
     client_close(&c);
 }
 
+/* shard_scan_many over two remote shards and a local one; with swapped
+ * owners every parallel first page is redirected and redone. */
+static void c_scan_many(struct target *t)
+{
+    char dir[PATH_MAX], err[256];
+    struct shard *local = NULL;
+    struct collect *col = calloc(1, sizeof(*col));
+    struct client c, sw;
+    uint8_t k[8];
+
+    snprintf(dir, sizeof(dir), "%s/many-%s", tmpdir, t->name);
+    mkdir(dir, 0700);
+    if (shard_lmdb_open(dir, 0, &(struct shard_lmdb_options){0}, &local, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shard_lmdb_open: %s\n", err);
+        exit(2);
+    }
+    client_open(&c, t->cfg);
+    client_open(&sw, t->swapped);
+    struct shard *three[3] = {c.s[0], local, c.s[1]};
+    unsigned want[3] = {300, 5, 10};
+    for (unsigned i = 0; i < 3; i++) {
+        struct batch b;
+        batch_init(&b);
+        for (unsigned j = 0; j < want[i]; j++) {
+            k[0] = 0x05, k[1] = (uint8_t)i, k[2] = (uint8_t)(j >> 8), k[3] = (uint8_t)j;
+            batch_put(&b, k, 4, k, 4);
+        }
+        CHECK_RC(shard_apply(three[i], &b), 0);
+        batch_free(&b);
+    }
+    /* shard after shard, in the order given: keys ascend throughout */
+    CHECK_RC(shard_scan_many(three, 3, "\x05", 1, "\x06", 1, collect_fn, col), 0);
+    CHECKF(col->count == 315 && col->out_of_order == 0, "%u records, %d out of order", col->count,
+           col->out_of_order);
+    /* stopped with 1 (0 comes back), an error from the callback */
+    memset(col, 0, sizeof(*col));
+    col->stop_at = 200, col->ret = 1;
+    CHECK_RC(shard_scan_many(three, 3, "\x05", 1, "\x06", 1, collect_fn, col), 0);
+    CHECK(col->count == 200);
+    memset(col, 0, sizeof(*col));
+    col->stop_at = 302, col->ret = -ECANCELED;
+    CHECK_RC(shard_scan_many(three, 3, "\x05", 1, "\x06", 1, collect_fn, col), -ECANCELED);
+    CHECK(col->count == 302);
+    /* wrong owners: the redirects are followed by the ordinary scan */
+    struct shard *swapped[2] = {sw.s[0], sw.s[1]};
+    memset(col, 0, sizeof(*col));
+    CHECK_RC(shard_scan_many(swapped, 2, "\x05", 1, "\x06", 1, collect_fn, col), 0);
+    CHECKF(col->count == 310 && col->out_of_order == 0, "%u records", col->count);
+    CHECK_RC(shard_scan_many(NULL, 0, NULL, 0, NULL, 0, collect_fn, col), 0);
+    client_close(&sw);
+    client_close(&c);
+    shard_close(local);
+    free(col);
+}
+
 static void run_conformance(struct target *t)
 {
     static const struct {
@@ -1464,7 +1519,7 @@ static void run_conformance(struct target *t)
         {"round trips", c_roundtrip},      {"errors", c_errors},
         {"big values", c_big_values},      {"scan", c_scan},
         {"stat, sync, ping", c_stat_sync}, {"redirects and epochs", c_redirect},
-        {"8 threads", c_threads},
+        {"8 threads", c_threads},          {"scan many", c_scan_many},
     };
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
         int before = failures;
@@ -1509,6 +1564,21 @@ static void f_timeout(void)
     CHECK_RC(remote_ping(c.r, 0, &rtt), 0); /* /v1/config is not delayed */
     el = now_ms() - t0;
     CHECKF(el < 3 * TIMEOUT_MS + 1000, "%.0f ms", el);
+    /* a fan-out waits for a dead node once, not twice */
+    t0 = now_ms();
+    CHECK_RC(shard_scan_many(c.s, 2, NULL, 0, NULL, 0, collect_fn, &(struct collect){0}),
+             -ETIMEDOUT);
+    el = now_ms() - t0;
+    CHECKF(el < TIMEOUT_MS + 500, "%.0f ms", el);
+    /* slow nodes are waited for at once: about one delay, not two */
+    FAKE_SET(&fa, delay_ms, 250);
+    FAKE_SET(&fb, delay_ms, 250);
+    t0 = now_ms();
+    /* (a range of one page each: every page is delayed) */
+    CHECK_RC(shard_scan_many(c.s, 2, "\x07", 1, "\x08", 1, collect_fn, &(struct collect){0}), 0);
+    el = now_ms() - t0;
+    CHECKF(el >= 240 && el < 450, "%.0f ms for two 250 ms scans", el);
+    fake_behave(&fb);
     /* slow but in time: fine */
     FAKE_SET(&fa, delay_ms, 100);
     CHECK_RC(shard_get(c.s[0], "slow", 4, 0, buf, sizeof(buf), &vlen), 1);
