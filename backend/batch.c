@@ -94,6 +94,23 @@ out:
     return rc;
 }
 
+int batch_append(struct batch *b, const struct batch *from)
+{
+    int rc = b->error ? b->error : from->error;
+
+    if (rc == 0)
+        rc = batch_reserve(b, from->len);
+    if (rc) {
+        b->error = rc;
+        return rc;
+    }
+    if (from->len)
+        memcpy(b->buf + b->len, from->buf, from->len);
+    b->len += from->len;
+    b->count += from->count;
+    return 0;
+}
+
 int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *it)
 {
     size_t p = *pos;

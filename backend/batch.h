@@ -61,6 +61,10 @@ static inline int batch_del(struct batch *b, const void *k, size_t kl)
     return batch_add(b, BATCH_DEL, k, kl, NULL, 0);
 }
 
+/* Append every operation of from to b (a copy; from is unchanged). Returns 0
+ * or from's sticky error, -EFBIG or -ENOMEM, which also stick in b->error. */
+int batch_append(struct batch *b, const struct batch *from);
+
 /* Walk an encoded batch: *pos starts at 0. Returns 1 and fills *it, 0 at the
  * end, -EINVAL on a malformed encoding (never reads past len). */
 int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *it);

@@ -32,7 +32,8 @@
  *           directory that rmdir found empty.
  *
  * Inode read-modify-writes are serialised by striped mutexes keyed by inode
- * id; no thread ever holds two of them.
+ * id within this process (no thread ever holds two of them), and across nodes
+ * by a compare-and-swap on the inode record (DESIGN at inode_cas()).
  */
 #include "namespace.h"
 
@@ -50,6 +51,7 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "placement.h"
@@ -232,41 +234,157 @@ static int apply_batch(struct shard *s, struct batch *b)
     return rc;
 }
 
-/* Read-modify-write of one inode's times (and nlink) under its lock. */
-/* Read-modify-write of one inode: mutate() changes *ino (or returns -errno to
- * leave it alone), and the result goes back in one batch that asserts the
- * record still holds exactly what was read. The striped lock orders this
- * process; the assertion catches another node's change in between (the
- * batch then fails with -EAGAIN and the whole step is redone on the new
- * value). Re-encoding the decoded record reproduces its stored bytes. */
-typedef int (*inode_mutate_fn)(struct inode *ino, const void *arg);
+/* ---- inode compare-and-swap ----
+ *
+ * DESIGN (one inode changed by several nodes)
+ * Every change of an inode record is a read-modify-write, and all of them go
+ * through inode_cas():
+ *  1. read the record (the striped lock orders this process's threads);
+ *  2. a change function turns it into the new record and adds the records
+ *     that change with it to the batch: a write's chunks, an xattr, the
+ *     entries of a link, unlink or rename whose entry shares the inode's shard;
+ *  3. apply that batch on the inode's shard, led by BATCH_ASSERT_VALUE of the
+ *     bytes read. Another node's change in between fails the whole batch with
+ *     -EAGAIN and changes nothing; go back to 1 with the new record.
+ * Re-encoding a decoded record reproduces its stored bytes, so no version
+ * field is needed; and every change moves ctime strictly forward
+ * (inode_bump_ctime, even if clocks disagree), so while the bytes are the
+ * same, so is what the record vouches for (data, xattrs): a chunk merged or an xattr
+ * found present after step 1 is still as read at step 3. The common path
+ * pays nothing: the record is read anyway, and the shard checks the
+ * assertion inside its own transaction.
+ * Each failure means another change succeeded, so the store moves on, but
+ * one node can be starved: a node whose shard is remote needs two round
+ * trips between read and apply, and a local writer that never pauses lands
+ * in that window every time. So after a few quick tries a loser backs off
+ * (a random part of a window doubling up to 12.8 ms, with the stripe lock
+ * released) and keeps trying for INODE_CAS_GIVE_UP_MS: long enough to wait
+ * out a burst, short enough that a livelock ends. Then it gives up with
+ * -EIO, having changed nothing (EAGAIN would tell a caller of write(2) or
+ * chmod(2) a story about non-blocking descriptors).
+ */
 
-#define INODE_CAS_TRIES 64
+#define INODE_PUT 0  /* change function: store the changed record */
+#define INODE_DONE 1 /* change function: the batch already deletes the record */
+#define INODE_CAS_QUICK_TRIES 4
+#define INODE_CAS_GIVE_UP_MS 10000
 
-static int inode_update(struct ns *ns, const struct ino_id *id, inode_mutate_fn mutate,
-                        const void *arg)
+/* Step 2 above: change *ino (as read) and add to b, which goes to the
+ * inode's shard, what changes with it. Returns INODE_PUT, INODE_DONE, or
+ * -errno to stop without changing anything. */
+typedef int (*inode_change_fn)(struct ns *ns, struct batch *b, struct inode *ino,
+                               const void *arg);
+
+/* ctime now, and always later than the ctime read: see DESIGN above. */
+static void inode_bump_ctime(struct inode *ino)
+{
+    struct timespec t = now_ts(), old = ino->ctime;
+
+    if (t.tv_sec < old.tv_sec || (t.tv_sec == old.tv_sec && t.tv_nsec <= old.tv_nsec)) {
+        t = old;
+        if (++t.tv_nsec == 1000000000L) {
+            t.tv_sec++;
+            t.tv_nsec = 0;
+        }
+    }
+    ino->ctime = t;
+}
+
+/* 0 if every assertion in b holds on s now, else the error applying b would
+ * give (-EAGAIN, -EEXIST) or a read error. For small values (entries). */
+static int batch_assertions_hold(struct shard *s, const struct batch *b)
+{
+    uint8_t val[RECORD_INODE_MAX];
+    struct batch_item it;
+    size_t pos = 0, vlen;
+    int rc;
+
+    while ((rc = batch_next(b->buf, b->len, &pos, &it)) == 1) {
+        if (it.op != BATCH_ASSERT_ABSENT && it.op != BATCH_ASSERT_VALUE)
+            continue;
+        vlen = 0;
+        rc = shard_get(s, it.key, it.klen, 0, val, sizeof(val), &vlen);
+        if (it.op == BATCH_ASSERT_ABSENT)
+            rc = rc == -ENOENT ? 0 : rc < 0 ? rc : -EEXIST;
+        else if (rc >= 0)
+            rc = vlen == it.vlen && vlen <= sizeof(val) && !memcmp(val, it.val, vlen) ? 0 : -EAGAIN;
+        else if (rc == -ENOENT)
+            rc = -EAGAIN;
+        if (rc)
+            return rc;
+    }
+    return rc;
+}
+
+static uint64_t monotonic_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
+}
+
+/* The pause before try tries + 1 of a contended inode_cas(): none for the
+ * first few, then a random part of a window that doubles up to 12.8 ms. */
+static void inode_cas_backoff(int tries)
+{
+    int shift = tries - INODE_CAS_QUICK_TRIES;
+    long window_ns = 100000L << (shift < 7 ? shift : 7);
+    struct timespec t = {0, now_ts().tv_nsec % window_ns};
+
+    nanosleep(&t, NULL);
+}
+
+/* Read-modify-write of inode id (DESIGN above). with, if not NULL, holds
+ * records of the inode's shard that change in the same batch, with their own
+ * assertions (a link's or an unlink's entry); when the batch fails they are
+ * read again, and if one of them no longer holds the step ends with its
+ * error instead of being redone. Returns 0 and the stored record in *out (if
+ * not NULL); -ENOENT if the inode is gone; the change function's error;
+ * -EAGAIN (an asserted value in with changed) or -EEXIST (a key asserted
+ * absent in with exists); a shard error; -EIO after INODE_CAS_GIVE_UP_MS. */
+static int inode_cas(struct ns *ns, const struct ino_id *id, const struct batch *with,
+                     inode_change_fn change, const void *arg, struct inode *out)
 {
     uint8_t key[RECORD_KEY_MAX], old[RECORD_INODE_MAX];
     size_t klen = record_inode_key(key, id);
+    struct shard *s = inode_shard(ns, id);
     struct inode ino;
     struct batch b;
-    int rc = -EAGAIN;
+    uint64_t give_up = monotonic_ms() + INODE_CAS_GIVE_UP_MS;
+    int rc;
 
     lock_inode(ns, id);
-    for (int tries = 0; rc == -EAGAIN && tries < INODE_CAS_TRIES; tries++) {
+    for (int tries = 0;; tries++) {
         rc = inode_get(ns, id, &ino);
         if (rc)
             break;
         size_t olen = record_inode_encode(old, &ino);
-        rc = mutate(&ino, arg);
-        if (rc)
-            break;
         batch_init(&b);
         batch_add(&b, BATCH_ASSERT_VALUE, key, klen, old, olen);
-        batch_put_inode(&b, &ino);
-        rc = apply_batch(inode_shard(ns, id), &b);
+        if (with)
+            batch_append(&b, with);
+        rc = change(ns, &b, &ino, arg);
+        if (rc == INODE_PUT)
+            batch_put_inode(&b, &ino);
+        if (rc >= 0)
+            rc = shard_apply(s, &b);
+        batch_free(&b);
+        if (rc != -EAGAIN)
+            break;
+        if (with && (rc = batch_assertions_hold(s, with)) != 0)
+            break;
+        rc = -EIO;
+        if (monotonic_ms() >= give_up)
+            break;
+        if (tries >= INODE_CAS_QUICK_TRIES) {
+            unlock_inode(ns, id);
+            inode_cas_backoff(tries);
+            lock_inode(ns, id);
+        }
     }
     unlock_inode(ns, id);
+    if (rc == 0 && out)
+        *out = ino;
     return rc;
 }
 
@@ -274,11 +392,12 @@ struct touch {
     int nlink_delta, set_mtime;
 };
 
-static int touch_mutate(struct inode *ino, const void *arg)
+static int touch_mutate(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
     const struct touch *t = arg;
 
-    ino->ctime = now_ts();
+    (void)ns, (void)b;
+    inode_bump_ctime(ino);
     if (t->set_mtime)
         ino->mtime = ino->ctime;
     if (t->nlink_delta < 0 && ino->nlink < (uint32_t)-t->nlink_delta)
@@ -292,7 +411,7 @@ static int touch_mutate(struct inode *ino, const void *arg)
 static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, int set_mtime)
 {
     struct touch t = {nlink_delta, set_mtime};
-    return inode_update(ns, id, touch_mutate, &t);
+    return inode_cas(ns, id, NULL, touch_mutate, &t, NULL);
 }
 
 /* ---- lookup and attributes ---- */
@@ -347,13 +466,16 @@ static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *p
 
 /* After a new entry is in place: bump the parent's times (and nlink), or back
  * the entry out if the parent started dying meanwhile (see rmdir). */
-static int parent_created_mutate(struct inode *parent, const void *arg)
+static int parent_created_mutate(struct ns *ns, struct batch *b, struct inode *parent,
+                                 const void *arg)
 {
     int rc = parent_ok(parent);
 
+    (void)ns, (void)b;
     if (rc)
         return rc;
-    parent->mtime = parent->ctime = now_ts();
+    inode_bump_ctime(parent);
+    parent->mtime = parent->ctime;
     if (*(const int *)arg)
         parent->nlink++;
     return 0;
@@ -361,7 +483,7 @@ static int parent_created_mutate(struct inode *parent, const void *arg)
 
 static int parent_after_create(struct ns *ns, const struct ino_id *dir, int is_dir)
 {
-    return inode_update(ns, dir, parent_created_mutate, &is_dir);
+    return inode_cas(ns, dir, NULL, parent_created_mutate, &is_dir, NULL);
 }
 
 int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
@@ -421,29 +543,40 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
 
 /* ---- unlink ---- */
 
-/* Drop one name of inode id: nlink - 1, and when none is left delete it or,
- * if still open, mark it orphan. Adds to b (which must go to the inode's
- * shard). Caller holds the inode lock. */
-static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, ns_is_open_fn is_open,
-                     void *ctx)
+struct drop {
+    ns_is_open_fn is_open;
+    void *ctx;
+};
+
+/* Change function dropping one name of an inode (arg: struct drop): nlink - 1,
+ * and when none is left delete it or, if still open, mark it orphan. */
+static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
+    const struct drop *d = arg;
     uint8_t key[RECORD_KEY_MAX];
 
     (void)ns;
-    ino->ctime = now_ts();
+    inode_bump_ctime(ino);
     if (S_ISDIR(ino->mode) || ino->nlink <= 1) {
         ino->nlink = 0;
-        if (!S_ISDIR(ino->mode) && is_open && is_open(ctx, &ino->id)) {
-            batch_put_inode(b, ino);
+        if (!S_ISDIR(ino->mode) && d->is_open && d->is_open(d->ctx, &ino->id)) {
             batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
-        } else {
-            batch_reap(b, &ino->id);
+            return INODE_PUT;
         }
-        return 0;
+        batch_reap(b, &ino->id);
+        return INODE_DONE;
     }
     ino->nlink--;
-    batch_put_inode(b, ino);
-    return 0;
+    return INODE_PUT;
+}
+
+/* Apply the entry changes in e, which live on id's shard, and drop one link
+ * of id, in one batch; if id is gone (a dangling entry), e alone. */
+static int drop_link_with(struct ns *ns, const struct ino_id *id, const struct batch *e,
+                          const struct drop *d)
+{
+    int rc = inode_cas(ns, id, e, drop_link, d, NULL);
+    return rc == -ENOENT ? shard_apply(inode_shard(ns, id), e) : rc;
 }
 
 /* Remove entry (dir, name) -> id and drop the link, in one batch when entry
@@ -451,39 +584,25 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, ns_is_op
 static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                         const struct ino_id *id, uint8_t dtype, ns_is_open_fn is_open, void *ctx)
 {
-    struct shard *se = entry_shard(ns, dir, name, nlen), *si = inode_shard(ns, id);
-    struct inode ino;
-    struct batch b;
+    struct shard *se = entry_shard(ns, dir, name, nlen);
+    struct drop d = {is_open, ctx};
+    struct batch e;
     int rc;
 
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, &ino);
-    batch_init(&b);
-    batch_entry(&b, BATCH_ASSERT_VALUE, dir, name, nlen, id, dtype);
-    batch_entry(&b, BATCH_DEL, dir, name, nlen, NULL, 0);
-    if (rc == -ENOENT) {
-        /* dangling entry: just remove it */
-        rc = apply_batch(se, &b);
-        goto out;
+    batch_init(&e);
+    batch_entry(&e, BATCH_ASSERT_VALUE, dir, name, nlen, id, dtype);
+    batch_entry(&e, BATCH_DEL, dir, name, nlen, NULL, 0);
+    if (se == inode_shard(ns, id)) {
+        rc = drop_link_with(ns, id, &e, &d);
+    } else {
+        rc = shard_apply(se, &e);
+        if (rc == 0) {
+            rc = inode_cas(ns, id, NULL, drop_link, &d, NULL);
+            if (rc == -ENOENT)
+                rc = 0; /* a dangling entry, now removed */
+        }
     }
-    if (rc)
-        goto out_free;
-    if (se == si) {
-        drop_link(ns, &b, &ino, is_open, ctx);
-        rc = apply_batch(se, &b);
-        goto out;
-    }
-    rc = apply_batch(se, &b);
-    if (rc)
-        goto out;
-    batch_init(&b);
-    drop_link(ns, &b, &ino, is_open, ctx);
-    rc = apply_batch(si, &b);
-    goto out;
-out_free:
-    batch_free(&b);
-out:
-    unlock_inode(ns, id);
+    batch_free(&e);
     return rc == -EAGAIN ? -ENOENT : rc;
 }
 
@@ -531,10 +650,11 @@ static int dir_is_empty(struct ns *ns, const struct ino_id *dir)
     return 1;
 }
 
-static int dying_mutate(struct inode *ino, const void *arg)
+static int dying_mutate(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
     int dying = *(const int *)arg;
 
+    (void)ns, (void)b;
     if (dying && (ino->flags & INODE_DYING))
         return -EBUSY; /* another rmdir/rename is on it */
     ino->flags = dying ? ino->flags | INODE_DYING : ino->flags & ~INODE_DYING;
@@ -543,7 +663,7 @@ static int dying_mutate(struct inode *ino, const void *arg)
 
 static int set_dying(struct ns *ns, const struct ino_id *id, int dying)
 {
-    return inode_update(ns, id, dying_mutate, &dying);
+    return inode_cas(ns, id, NULL, dying_mutate, &dying, NULL);
 }
 
 /* Mark dir dying and make sure it is empty; on failure it is alive again. */
@@ -587,10 +707,38 @@ int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t n
 
 /* ---- link ---- */
 
+struct new_name {
+    const struct ino_id *dir;
+    const char *name;
+    size_t nlen;
+    int same_shard;         /* the entry goes in the inode's batch */
+};
+
+/* Change function adding a name to a file (arg: struct new_name). An entry
+ * that exists fails the batch with -EEXIST, which ends inode_cas(). */
+static int link_change(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
+{
+    const struct new_name *n = arg;
+
+    (void)ns;
+    if (S_ISDIR(ino->mode))
+        return -EPERM;
+    if (ino->nlink == 0)
+        return -ENOENT;
+    ino->nlink++;
+    inode_bump_ctime(ino);
+    if (n->same_shard) {
+        batch_entry(b, BATCH_ASSERT_ABSENT, n->dir, n->name, n->nlen, NULL, 0);
+        batch_entry(b, BATCH_PUT, n->dir, n->name, n->nlen, &ino->id, dtype_of(ino->mode));
+    }
+    return INODE_PUT;
+}
+
 int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
             size_t nlen, struct inode *out)
 {
-    struct shard *se = entry_shard(ns, ndir, name, nlen), *si = inode_shard(ns, id);
+    struct shard *se = entry_shard(ns, ndir, name, nlen);
+    struct new_name n = {ndir, name, nlen, se == inode_shard(ns, id)};
     struct inode parent;
     struct batch b;
     int rc = check_name(name, nlen);
@@ -600,47 +748,17 @@ int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, c
     rc = parent_check(ns, ndir, &parent);
     if (rc)
         return rc;
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, out);
-    if (rc)
-        goto out;
-    if (S_ISDIR(out->mode)) {
-        rc = -EPERM;
-        goto out;
-    }
-    if (out->nlink == 0) {
-        rc = -ENOENT;
-        goto out;
-    }
-    out->nlink++;
-    out->ctime = now_ts();
-    batch_init(&b);
-    batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, name, nlen, NULL, 0);
-    batch_entry(&b, BATCH_PUT, ndir, name, nlen, id, dtype_of(out->mode));
-    if (se == si) {
-        batch_put_inode(&b, out);
+    /* Across shards, count the link first: a crash in between leaves nlink
+     * too high, never an entry to a freed inode. */
+    rc = inode_cas(ns, id, NULL, link_change, &n, out);
+    if (rc == 0 && !n.same_shard) {
+        batch_init(&b);
+        batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, name, nlen, NULL, 0);
+        batch_entry(&b, BATCH_PUT, ndir, name, nlen, id, dtype_of(out->mode));
         rc = apply_batch(se, &b);
-        goto out;
+        if (rc)
+            inode_touch(ns, id, -1, 0);
     }
-    /* Count the link first: a crash in between leaves nlink too high, never
-     * an entry to a freed inode. */
-    struct batch bi;
-    batch_init(&bi);
-    batch_put_inode(&bi, out);
-    rc = apply_batch(si, &bi);
-    if (rc) {
-        batch_free(&b);
-        goto out;
-    }
-    rc = apply_batch(se, &b);
-    if (rc) {
-        out->nlink--;
-        batch_init(&bi);
-        batch_put_inode(&bi, out);
-        apply_batch(si, &bi);
-    }
-out:
-    unlock_inode(ns, id);
     if (rc == 0)
         inode_touch(ns, ndir, 0, 1);
     return rc;
@@ -759,10 +877,11 @@ static int rename_across(struct ns *ns, struct intent *in)
     return apply_batch(s1, &b);
 }
 
-static int reparent_mutate(struct inode *ino, const void *arg)
+static int reparent_mutate(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
+    (void)ns, (void)b;
     ino->parent = *(const struct ino_id *)arg;
-    ino->ctime = now_ts();
+    inode_bump_ctime(ino);
     return 0;
 }
 
@@ -770,7 +889,7 @@ static int reparent_mutate(struct inode *ino, const void *arg)
 static void fix_moved_dir(struct ns *ns, const struct ino_id *id, const struct ino_id *odir,
                           const struct ino_id *ndir)
 {
-    inode_update(ns, id, reparent_mutate, ndir);
+    inode_cas(ns, id, NULL, reparent_mutate, ndir, NULL);
     if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
         inode_touch(ns, odir, -1, 1);
         inode_touch(ns, ndir, +1, 1);
@@ -879,11 +998,10 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
 
     struct shard *s1 = entry_shard(ns, odir, oname, olen);
     struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
+    struct drop d = {is_open, ctx};
     int replaced_done = 0;
     if (s1 == s2) {
         struct batch b;
-        struct inode target;
-        int lock_target = in.dtype != DT_UNKNOWN && inode_shard(ns, &in.did) == s1;
         batch_init(&b);
         batch_entry(&b, BATCH_ASSERT_VALUE, odir, oname, olen, &in.sid, in.stype);
         if (in.dtype == DT_UNKNOWN)
@@ -892,17 +1010,14 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
             batch_entry(&b, BATCH_ASSERT_VALUE, ndir, nname, nlen, &in.did, in.dtype);
         batch_entry(&b, BATCH_DEL, odir, oname, olen, NULL, 0);
         batch_entry(&b, BATCH_PUT, ndir, nname, nlen, &in.sid, in.stype);
-        if (lock_target) {
+        if (in.dtype != DT_UNKNOWN && inode_shard(ns, &in.did) == s1) {
             /* The replaced file goes in the same batch: rsync's common case. */
-            lock_inode(ns, &in.did);
-            if (inode_get(ns, &in.did, &target) == 0) {
-                drop_link(ns, &b, &target, is_open, ctx);
-                replaced_done = 1;
-            }
+            rc = drop_link_with(ns, &in.did, &b, &d);
+            replaced_done = 1;
+        } else {
+            rc = shard_apply(s1, &b);
         }
-        rc = apply_batch(s1, &b);
-        if (lock_target)
-            unlock_inode(ns, &in.did);
+        batch_free(&b);
         if (rc == -EAGAIN)
             rc = -ENOENT;
     } else {
@@ -913,17 +1028,8 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
             set_dying(ns, &in.did, 0);
         return rc;
     }
-    if (in.dtype != DT_UNKNOWN && !replaced_done) {
-        struct inode target;
-        struct batch b;
-        lock_inode(ns, &in.did);
-        if (inode_get(ns, &in.did, &target) == 0) {
-            batch_init(&b);
-            drop_link(ns, &b, &target, is_open, ctx);
-            apply_batch(inode_shard(ns, &in.did), &b);
-        }
-        unlock_inode(ns, &in.did);
-    }
+    if (in.dtype != DT_UNKNOWN && !replaced_done)
+        inode_cas(ns, &in.did, NULL, drop_link, &d, NULL);
     if (in.dtype == DT_DIR)
         inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
     if (in.stype == DT_DIR)
@@ -1129,129 +1235,129 @@ out:
     return rc ? rc : b->error;
 }
 
-ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
-                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+/* Clear set-user-ID, and set-group-ID when group-executable (without that
+ * bit it means mandatory locking), as a write or chown by others does. */
+static void drop_suidgid(struct inode *ino)
 {
-    struct inode ino;
-    struct batch b;
+    ino->mode &= ~S_ISUID;
+    if (ino->mode & S_IXGRP)
+        ino->mode &= ~S_ISGID;
+}
+
+struct write_args {
+    uint64_t off;
+    const uint8_t *data;
+    size_t size;
+    int append, kill_suidgid;
+};
+
+/* Change function of a write (arg: struct write_args): the chunks go in the
+ * inode's batch, so a write whose inode changed meanwhile changes nothing and
+ * is redone on the new size (an append) and the new chunks. */
+static int write_change(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
+{
+    const struct write_args *w = arg;
+    uint64_t off = w->append ? ino->size : w->off, end = off + w->size;
     int rc;
 
-    batch_init(&b);
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, &ino);
-    if (rc)
-        goto out;
-    if (!S_ISREG(ino.mode)) {
-        rc = S_ISDIR(ino.mode) ? -EISDIR : -EINVAL;
-        goto out;
-    }
-    if (append)
-        off = ino.size;
-    if (off + size > FILE_SIZE_MAX || off + size < off) {
-        rc = -EFBIG;
-        goto out;
-    }
-    uint64_t end = off + size;
-    if (end <= RECORD_INLINE_MAX && ino.size <= RECORD_INLINE_MAX) {
-        if (end > ino.size)
-            data_resize(ns, &b, &ino, end);
-        memcpy(ino.tail + off, data, size);
-        ino.alloc = ino.tail_len;
+    if (!S_ISREG(ino->mode))
+        return S_ISDIR(ino->mode) ? -EISDIR : -EINVAL;
+    if (end > FILE_SIZE_MAX || end < off)
+        return -EFBIG;
+    if (end <= RECORD_INLINE_MAX && ino->size <= RECORD_INLINE_MAX) {
+        if (end > ino->size)
+            data_resize(ns, b, ino, end);
+        memcpy(ino->tail + off, w->data, w->size);
+        ino->alloc = ino->tail_len;
     } else {
         /* For an inline file chunk_load() serves the tail as chunk 0, so
          * write_chunks() merges it into chunk 0 when the write touches it. */
-        int was_inline = ino.size <= RECORD_INLINE_MAX;
+        int was_inline = ino->size <= RECORD_INLINE_MAX;
         int64_t grown = 0;
-        rc = write_chunks(ns, &b, &ino, off, data, size, &grown);
-        if (rc == 0)
-            ino.alloc = (uint64_t)((int64_t)ino.alloc + grown);
-        if (rc == 0 && was_inline && off >= RECORD_CHUNK && ino.tail_len) {
+        rc = write_chunks(ns, b, ino, off, w->data, w->size, &grown);
+        if (rc)
+            return rc;
+        ino->alloc = (uint64_t)((int64_t)ino->alloc + grown);
+        if (was_inline && off >= RECORD_CHUNK && ino->tail_len) {
             uint8_t key[RECORD_KEY_MAX];
-            batch_put(&b, key, record_chunk_key(key, &ino.id, 0), ino.tail, ino.tail_len);
+            batch_put(b, key, record_chunk_key(key, &ino->id, 0), ino->tail, ino->tail_len);
         }
         if (was_inline)
-            ino.tail_len = 0;
-        if (rc)
-            goto out;
-        if (end > ino.size)
-            ino.size = end;
+            ino->tail_len = 0;
+        if (end > ino->size)
+            ino->size = end;
     }
-    ino.mtime = ino.ctime = now_ts();
-    if (kill_suidgid && (ino.mode & (S_ISUID | S_ISGID))) {
-        ino.mode &= ~S_ISUID;
-        if (ino.mode & S_IXGRP)
-            ino.mode &= ~S_ISGID;
-    }
-    batch_put_inode(&b, &ino);
-    rc = shard_apply(inode_shard(ns, id), &b);
-    if (rc == 0 && new_size)
+    inode_bump_ctime(ino);
+    ino->mtime = ino->ctime;
+    if (w->kill_suidgid)
+        drop_suidgid(ino);
+    return INODE_PUT;
+}
+
+ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+{
+    struct write_args w = {off, data, size, append, kill_suidgid};
+    struct inode ino;
+    int rc = inode_cas(ns, id, NULL, write_change, &w, &ino);
+
+    if (rc)
+        return rc;
+    if (new_size)
         *new_size = ino.size;
-out:
-    unlock_inode(ns, id);
-    batch_free(&b);
-    return rc ? rc : (ssize_t)size;
+    return (ssize_t)size;
 }
 
 /* ---- setattr ---- */
 
+/* Change function of setattr (arg: struct ns_setattr); a truncation's chunk
+ * changes go in the inode's batch. */
+static int setattr_change(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
+{
+    const struct ns_setattr *sa = arg;
+    struct timespec now;
+    int rc;
+
+    inode_bump_ctime(ino);
+    now = ino->ctime;
+    if (sa->mask & NS_SET_MODE)
+        ino->mode = (ino->mode & S_IFMT) | (sa->mode & 07777);
+    if (sa->mask & NS_SET_UID)
+        ino->uid = sa->uid;
+    if (sa->mask & NS_SET_GID)
+        ino->gid = sa->gid;
+    if ((sa->mask & (NS_SET_UID | NS_SET_GID)) && !(sa->mask & NS_SET_MODE) &&
+        !S_ISDIR(ino->mode))
+        drop_suidgid(ino); /* as chown does */
+    if (sa->mask & NS_SET_SIZE) {
+        if (S_ISDIR(ino->mode))
+            return -EISDIR;
+        if (!S_ISREG(ino->mode))
+            return -EINVAL;
+        rc = data_resize(ns, b, ino, sa->size);
+        if (rc)
+            return rc;
+        ino->mtime = now;
+        if (sa->mask & NS_SET_KILL_SUIDGID)
+            drop_suidgid(ino);
+    }
+    if (sa->mask & NS_SET_ATIME_NOW)
+        ino->atime = now;
+    else if (sa->mask & NS_SET_ATIME)
+        ino->atime = sa->atime;
+    if (sa->mask & NS_SET_MTIME_NOW)
+        ino->mtime = now;
+    else if (sa->mask & NS_SET_MTIME)
+        ino->mtime = sa->mtime;
+    if (sa->mask & NS_SET_CTIME)
+        ino->ctime = sa->ctime;
+    return INODE_PUT;
+}
+
 int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
                struct inode *out)
 {
-    struct batch b;
-    struct timespec now = now_ts();
-    int rc;
-
-    batch_init(&b);
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, out);
-    if (rc)
-        goto out;
-    if (sa->mask & NS_SET_MODE)
-        out->mode = (out->mode & S_IFMT) | (sa->mode & 07777);
-    if (sa->mask & NS_SET_UID)
-        out->uid = sa->uid;
-    if (sa->mask & NS_SET_GID)
-        out->gid = sa->gid;
-    if ((sa->mask & (NS_SET_UID | NS_SET_GID)) && !S_ISDIR(out->mode) && !(sa->mask & NS_SET_MODE)) {
-        /* chown clears set-user-ID and set-group-ID (when group-executable) */
-        out->mode &= ~S_ISUID;
-        if (out->mode & S_IXGRP)
-            out->mode &= ~S_ISGID;
-    }
-    if (sa->mask & NS_SET_SIZE) {
-        if (S_ISDIR(out->mode)) {
-            rc = -EISDIR;
-            goto out;
-        }
-        if (!S_ISREG(out->mode)) {
-            rc = -EINVAL;
-            goto out;
-        }
-        rc = data_resize(ns, &b, out, sa->size);
-        if (rc)
-            goto out;
-        out->mtime = now;
-        if ((sa->mask & NS_SET_KILL_SUIDGID) && (out->mode & (S_ISUID | S_ISGID))) {
-            out->mode &= ~S_ISUID;
-            if (out->mode & S_IXGRP)
-                out->mode &= ~S_ISGID;
-        }
-    }
-    if (sa->mask & NS_SET_ATIME_NOW)
-        out->atime = now;
-    else if (sa->mask & NS_SET_ATIME)
-        out->atime = sa->atime;
-    if (sa->mask & NS_SET_MTIME_NOW)
-        out->mtime = now;
-    else if (sa->mask & NS_SET_MTIME)
-        out->mtime = sa->mtime;
-    out->ctime = (sa->mask & NS_SET_CTIME) ? sa->ctime : now;
-    batch_put_inode(&b, out);
-    rc = shard_apply(inode_shard(ns, id), &b);
-out:
-    unlock_inode(ns, id);
-    batch_free(&b);
-    return rc;
+    return inode_cas(ns, id, NULL, setattr_change, sa, out);
 }
 
 /* ---- readdir ---- */
@@ -1301,43 +1407,53 @@ static int xattr_name_ok(const char *name, size_t *nlen)
     return -EOPNOTSUPP;
 }
 
+struct xattr_change_args {
+    const uint8_t *key;
+    size_t klen;
+    const void *value;      /* NULL: remove */
+    size_t size;
+    int flags;              /* XATTR_CREATE, XATTR_REPLACE */
+};
+
+/* Change function of setxattr and removexattr (arg: struct
+ * xattr_change_args). The xattr goes in the inode's batch with a new ctime,
+ * so its presence, read here, still holds when the batch applies (DESIGN at
+ * inode_cas()); a name that must be new is asserted absent. */
+static int xattr_change(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
+{
+    const struct xattr_change_args *x = arg;
+
+    if (!x->value || (x->flags & XATTR_REPLACE)) {
+        uint8_t dummy;
+        int rc = shard_get(inode_shard(ns, &ino->id), x->key, x->klen, 0, &dummy, 0, NULL);
+        if (rc < 0)
+            return rc == -ENOENT ? -ENODATA : rc;
+    }
+    if (!x->value) {
+        batch_del(b, x->key, x->klen);
+    } else {
+        if (x->flags & XATTR_CREATE)
+            batch_add(b, BATCH_ASSERT_ABSENT, x->key, x->klen, NULL, 0);
+        batch_put(b, x->key, x->klen, x->value, x->size);
+    }
+    inode_bump_ctime(ino);
+    return INODE_PUT;
+}
+
 int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
                 size_t size, int flags)
 {
     uint8_t key[RECORD_KEY_MAX];
-    struct inode ino;
-    struct batch b;
-    size_t nlen, klen;
+    size_t nlen;
     int rc = xattr_name_ok(name, &nlen);
 
     if (rc)
         return rc;
     if (size > XATTR_VALUE_MAX)
         return -E2BIG;
-    klen = record_xattr_key(key, id, name, nlen);
-    batch_init(&b);
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, &ino);
-    if (rc)
-        goto out;
-    if (flags & XATTR_REPLACE) {
-        uint8_t dummy;
-        rc = shard_get(inode_shard(ns, id), key, klen, 0, &dummy, 0, NULL);
-        if (rc < 0) {
-            rc = rc == -ENOENT ? -ENODATA : rc;
-            goto out;
-        }
-    }
-    if (flags & XATTR_CREATE)
-        batch_add(&b, BATCH_ASSERT_ABSENT, key, klen, NULL, 0);
-    batch_put(&b, key, klen, value, size);
-    ino.ctime = now_ts();
-    batch_put_inode(&b, &ino);
-    rc = shard_apply(inode_shard(ns, id), &b);
-out:
-    unlock_inode(ns, id);
-    batch_free(&b);
-    return rc;
+    struct xattr_change_args x = {key, record_xattr_key(key, id, name, nlen), value ? value : "",
+                                  size, flags};
+    return inode_cas(ns, id, NULL, xattr_change, &x, NULL);
 }
 
 ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
@@ -1405,33 +1521,13 @@ ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t 
 int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
 {
     uint8_t key[RECORD_KEY_MAX];
-    struct inode ino;
-    struct batch b;
-    size_t nlen, klen;
-    uint8_t dummy;
+    size_t nlen;
     int rc = xattr_name_ok(name, &nlen);
 
     if (rc)
         return rc;
-    klen = record_xattr_key(key, id, name, nlen);
-    batch_init(&b);
-    lock_inode(ns, id);
-    rc = inode_get(ns, id, &ino);
-    if (rc)
-        goto out;
-    rc = shard_get(inode_shard(ns, id), key, klen, 0, &dummy, 0, NULL);
-    if (rc < 0) {
-        rc = rc == -ENOENT ? -ENODATA : rc;
-        goto out;
-    }
-    batch_del(&b, key, klen);
-    ino.ctime = now_ts();
-    batch_put_inode(&b, &ino);
-    rc = shard_apply(inode_shard(ns, id), &b);
-out:
-    unlock_inode(ns, id);
-    batch_free(&b);
-    return rc;
+    struct xattr_change_args x = {key, record_xattr_key(key, id, name, nlen), NULL, 0, 0};
+    return inode_cas(ns, id, NULL, xattr_change, &x, NULL);
 }
 
 /* ---- reap, statfs, sync ---- */

@@ -466,9 +466,35 @@ static void test_random_garbage(void)
     }
 }
 
+/* batch_append: the concatenation of two encodings, and errors stick. */
+static void test_append(void)
+{
+    struct batch a, b, empty, bad;
+
+    batch_init(&a);
+    batch_init(&b);
+    batch_init(&empty);
+    batch_init(&bad);
+    build_ops(&b);
+    CHECK(batch_append(&a, &empty) == 0 && a.len == 0 && a.count == 0);
+    CHECK(batch_put(&a, "k", 1, "v", 1) == 0);
+    size_t head = a.len;
+    CHECK(batch_append(&a, &b) == 0);
+    CHECK(a.count == NOPS + 1 && a.len == head + b.len);
+    CHECK(memcmp(a.buf + head, b.buf, b.len) == 0);
+    CHECK(batch_validate(a.buf, a.len) == (int)NOPS + 1);
+    walk_ops(a.buf + head, b.len);
+
+    bad.error = -ENOMEM;
+    CHECK(batch_append(&a, &bad) == -ENOMEM && a.error == -ENOMEM);
+    batch_free(&a);
+    batch_free(&b);
+}
+
 int main(void)
 {
     test_roundtrip();
+    test_append();
     test_layout();
     test_limits();
     test_truncated();
