@@ -54,6 +54,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "endian.h"
 #include "placement.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
@@ -73,6 +74,13 @@ struct ns {
     struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
     pthread_mutex_t stripes[LOCK_STRIPES];
+    struct inode_guess *guesses;    /* LOCK_STRIPES of them; see inode_cas() */
+};
+
+/* The record of a remote inode as this process last read or wrote it. */
+struct inode_guess {
+    int valid;
+    struct inode ino;
 };
 
 /* ---- small helpers ---- */
@@ -131,9 +139,14 @@ unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id)
     return placement_shard_of(record_id_hash(id), ns->nshards);
 }
 
+static unsigned stripe_index(const struct ino_id *id)
+{
+    return (unsigned)(id->b[15] ^ id->b[7] ^ id->b[11]) % LOCK_STRIPES;
+}
+
 static pthread_mutex_t *stripe_of(struct ns *ns, const struct ino_id *id)
 {
-    return &ns->stripes[(id->b[15] ^ id->b[7] ^ id->b[11]) % LOCK_STRIPES];
+    return &ns->stripes[stripe_index(id)];
 }
 
 static void lock_inode(struct ns *ns, const struct ino_id *id)
@@ -290,6 +303,50 @@ static void inode_bump_ctime(struct inode *ino)
     ino->ctime = t;
 }
 
+/* First guesses: the record of a remote inode as this process last read or
+ * wrote it, one per lock stripe, guarded by the stripe's lock. inode_cas()
+ * asserts the guess instead of reading first, which saves a round trip
+ * whenever nobody else changed the inode since; when somebody did, the
+ * assertion fails, nothing changes, and the step reads and is redone. The
+ * ctime rule above makes an old guess fail rather than pass. Local inodes are
+ * always read: reading LMDB costs less than a failed apply. */
+static int inode_is_remote(const struct ns *ns, const struct ino_id *id)
+{
+    return !ns_shard_is_local(ns, placement_shard_of(record_id_hash(id), ns->nshards));
+}
+
+/* With the stripe lock held. */
+static void guess_set(struct ns *ns, const struct inode *ino)
+{
+    struct inode_guess *g = &ns->guesses[stripe_index(&ino->id)];
+
+    if (!inode_is_remote(ns, &ino->id))
+        return;
+    g->ino = *ino;
+    g->valid = 1;
+}
+
+/* With the stripe lock held: 0 and the guess for id, or -ENOENT. */
+static int guess_get(struct ns *ns, const struct ino_id *id, struct inode *out)
+{
+    struct inode_guess *g = &ns->guesses[stripe_index(id)];
+
+    if (!g->valid || memcmp(&g->ino.id, id, sizeof(*id)) != 0)
+        return -ENOENT;
+    *out = g->ino;
+    return 0;
+}
+
+/* Remember what was just read or created (takes the stripe lock). */
+static void guess_note(struct ns *ns, const struct inode *ino)
+{
+    if (!inode_is_remote(ns, &ino->id))
+        return;
+    lock_inode(ns, &ino->id);
+    guess_set(ns, ino);
+    unlock_inode(ns, &ino->id);
+}
+
 /* 0 if every assertion in b holds on s now, else the error applying b would
  * give (-EAGAIN, -EEXIST) or a read error. For small values (entries). */
 static int batch_assertions_hold(struct shard *s, const struct batch *b)
@@ -355,7 +412,11 @@ static int inode_cas(struct ns *ns, const struct ino_id *id, const struct batch 
 
     lock_inode(ns, id);
     for (int tries = 0;; tries++) {
-        rc = inode_get(ns, id, &ino);
+        int put;
+
+        rc = tries == 0 ? guess_get(ns, id, &ino) : -ENOENT;
+        if (rc)
+            rc = inode_get(ns, id, &ino);
         if (rc)
             break;
         size_t olen = record_inode_encode(old, &ino);
@@ -364,11 +425,14 @@ static int inode_cas(struct ns *ns, const struct ino_id *id, const struct batch 
         if (with)
             batch_append(&b, with);
         rc = change(ns, &b, &ino, arg);
-        if (rc == INODE_PUT)
+        put = rc == INODE_PUT;
+        if (put)
             batch_put_inode(&b, &ino);
         if (rc >= 0)
             rc = shard_apply(s, &b);
         batch_free(&b);
+        if (rc == 0 && put)
+            guess_set(ns, &ino);
         if (rc != -EAGAIN)
             break;
         if (with && (rc = batch_assertions_hold(s, with)) != 0)
@@ -418,7 +482,11 @@ static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, 
 
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
-    return inode_get(ns, id, out);
+    int rc = inode_get(ns, id, out);
+
+    if (rc == 0)
+        guess_note(ns, out);
+    return rc;
 }
 
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
@@ -436,6 +504,8 @@ int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
      * entry that still names a missing inode is really dangling (fsck). */
     for (int tries = 0; rc == 0 && tries < 16; tries++) {
         rc = inode_get(ns, &id, out);
+        if (rc == 0)
+            guess_note(ns, out);
         if (rc != -ENOENT)
             return rc;
         rc = entry_get(ns, dir, name, nlen, &again, &dtype);
@@ -531,6 +601,7 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     rc = apply_batch(shard_at(ns, h), &b);
     if (rc)
         return rc;
+    guess_note(ns, ino);
     rc = parent_after_create(ns, dir, S_ISDIR(mode));
     if (rc) {
         batch_init(&b);
@@ -640,14 +711,10 @@ static int dir_is_empty(struct ns *ns, const struct ino_id *dir)
     uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
     size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
 
-    for (unsigned i = 0; i < ns->nshards; i++) {
-        int found = 0, rc = shard_scan(ns->shards[i], start, sl, end, el, found_entry, &found);
-        if (rc < 0)
-            return rc;
-        if (found)
-            return 0;
-    }
-    return 1;
+    int found = 0, rc = shard_scan_many(ns->shards, ns->nshards, start, sl, end, el, found_entry,
+                                        &found);
+
+    return rc < 0 ? rc : !found;
 }
 
 static int dying_mutate(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
@@ -1147,6 +1214,44 @@ out:
     return rc;
 }
 
+struct chunk_copy {
+    uint64_t off; /* of buf[0] in the file */
+    size_t n;
+    uint8_t *buf;
+};
+
+static int chunk_copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct chunk_copy *c = ctx;
+    uint64_t start, from, to;
+
+    if (kl < 8 || vl > RECORD_CHUNK)
+        return -EIO;
+    start = endian_get_be64(k + kl - 8) * RECORD_CHUNK;
+    from = start > c->off ? start : c->off;
+    to = start + vl < c->off + c->n ? start + vl : c->off + c->n;
+    if (from < to)
+        memcpy(c->buf + (from - c->off), v + (from - start), (size_t)(to - from));
+    return 0;
+}
+
+/* Bytes [off, off + n) of a file on another node, in one scan of its chunks
+ * (one round trip for up to a scan page, 4 MiB) instead of a get per chunk.
+ * Missing chunks are holes. */
+static ssize_t read_chunks_scan(struct ns *ns, const struct ino_id *id, uint64_t off, size_t n,
+                                void *buf)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_chunk_key(start, id, off / RECORD_CHUNK);
+    size_t el = record_chunk_key(end, id, (off + n - 1) / RECORD_CHUNK + 1);
+    struct chunk_copy c = {off, n, buf};
+    int rc;
+
+    memset(buf, 0, n);
+    rc = shard_scan(inode_shard(ns, id), start, sl, end, el, chunk_copy_one, &c);
+    return rc < 0 ? rc : (ssize_t)n;
+}
+
 ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
 {
     struct inode ino;
@@ -1167,6 +1272,8 @@ ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t siz
         memset((uint8_t *)buf + have, 0, n - have);
         return (ssize_t)n;
     }
+    if (inode_is_remote(ns, id) && off / RECORD_CHUNK != (off + n - 1) / RECORD_CHUNK)
+        return read_chunks_scan(ns, id, off, n, buf);
     while (done < n) {
         uint64_t pos = off + done, idx = pos / RECORD_CHUNK;
         size_t in = (size_t)(pos % RECORD_CHUNK), want = min_sz(n - done, RECORD_CHUNK - in);
@@ -1385,12 +1492,8 @@ int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *c
     size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
     struct readdir_ctx rc = {fn, ctx};
 
-    for (unsigned i = 0; i < ns->nshards; i++) {
-        int r = shard_scan(ns->shards[i], start, sl, end, el, readdir_one, &rc);
-        if (r)
-            return r < 0 ? r : 0;
-    }
-    return 0;
+    /* Entries are spread over every shard: ask them all at once. */
+    return shard_scan_many(ns->shards, ns->nshards, start, sl, end, el, readdir_one, &rc);
 }
 
 /* ---- xattrs ---- */
@@ -1924,6 +2027,11 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
     snprintf(ns->data_dir, sizeof(ns->data_dir), "%s", cfg->nodes[node].data_dir);
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_init(&ns->stripes[i], NULL);
+    ns->guesses = calloc(LOCK_STRIPES, sizeof(*ns->guesses));
+    if (!ns->guesses) {
+        rc = -ENOMEM;
+        goto fail;
+    }
     if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed))
         seed = (uint64_t)now_ts().tv_nsec * 2654435761u ^ (uint64_t)getpid();
     atomic_init(&ns->next_unique, seed);
@@ -1998,5 +2106,6 @@ void ns_close(struct ns *ns)
         close(ns->lock_fd);
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_destroy(&ns->stripes[i]);
+    free(ns->guesses);
     free(ns);
 }
