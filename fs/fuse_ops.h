@@ -9,8 +9,8 @@
  * step with the requests it sends. Entry, negative-entry and attribute
  * timeouts are therefore long (cache_timeout in shards.conf) and open files
  * keep their page cache (keep_cache). With other writers (shared: other
- * nodes, the HTTP API) it is close-to-open: attributes and missing names are
- * not cached and every open drops the file's cached pages. DESIGN.md has the
+ * nodes, the HTTP API) it is close-to-open: missing names are not cached and
+ * every open drops the file's cached pages and attributes. DESIGN.md has the
  * reasoning.
  *
  * Threads: the callbacks run on libfuse's worker threads; the node table has
@@ -29,6 +29,8 @@ struct fs;
  * shared: other writers exist (see above). */
 struct fs *fs_new(struct ns *ns, double cache_timeout, int shared);
 void fs_free(struct fs *fs);
+/* The session fs serves, for the invalidations close-to-open needs. */
+void fs_attach_session(struct fs *fs, struct fuse_session *se);
 
 /* An ns_is_open_fn (ctx: the struct fs): 1 while the kernel holds the inode
  * open through this mount, so its last name may go but not its data. */

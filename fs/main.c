@@ -268,6 +268,7 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         snprintf(err, sizeof(err), "bad FUSE options '%s'", c->fuse_opts ? c->fuse_opts : "");
         goto out;
     }
+    fs_attach_session(fs, se);
     if (fuse_set_signal_handlers(se) != 0) {
         snprintf(err, sizeof(err), "cannot set signal handlers");
         goto out;

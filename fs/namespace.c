@@ -530,8 +530,22 @@ static int parent_ok(const struct inode *parent)
 
 static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *parent)
 {
-    int rc = inode_get(ns, dir, parent);
+    int rc = ns_getattr(ns, dir, parent);
     return rc ? rc : parent_ok(parent);
+}
+
+/* parent_check() for a create: from the guess if there is one (a remote
+ * directory), because the parent's compare-and-swap after the entry is in
+ * place checks again for real (parent_created_mutate) and backs the entry
+ * out if the directory is no longer fit. */
+static int parent_check_for_create(struct ns *ns, const struct ino_id *dir, struct inode *parent)
+{
+    int rc;
+
+    lock_inode(ns, dir);
+    rc = guess_get(ns, dir, parent);
+    unlock_inode(ns, dir);
+    return rc ? parent_check(ns, dir, parent) : parent_ok(parent);
 }
 
 /* After a new entry is in place: bump the parent's times (and nlink), or back
@@ -570,7 +584,7 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
         return rc;
     if (target && (tlen == 0 || tlen >= RECORD_TAIL_MAX))
         return tlen ? -ENAMETOOLONG : -ENOENT;
-    rc = parent_check(ns, dir, &parent);
+    rc = parent_check_for_create(ns, dir, &parent);
     if (rc)
         return rc;
     memset(ino, 0, sizeof(*ino));

@@ -293,6 +293,27 @@ def test_close_to_open(cluster):
     assert os.stat(f["a"]).st_size == len(b"v4\nappended on c\n")
 
 
+def test_open_sees_new_size_despite_cached_attributes(cluster):
+    """c caches the attributes of a file (stat); b rewrites it longer, then
+    shorter; every open on c within cache_timeout still reads exactly what b
+    closed (the open invalidates c's cached attributes)."""
+    f = {n: cluster.p(n, "attrs.txt") for n in NODES}
+    write_file(f["b"], b"short\n")
+    for _ in range(3):
+        assert os.stat(f["c"]).st_size == 6
+        assert read_file(f["c"]) == b"short\n"
+    t0 = time.monotonic()
+    longer = b"much longer than before\n" * 1000
+    write_file(f["b"], longer)
+    assert read_file(f["c"]) == longer
+    assert os.stat(f["c"]).st_size == len(longer)
+    write_file(f["b"], b"tiny\n")
+    assert read_file(f["c"]) == b"tiny\n"
+    with open(f["c"], "rb") as fh:
+        assert os.fstat(fh.fileno()).st_size == 5
+    assert time.monotonic() - t0 < 1.0, "too slow to test the attribute cache"
+
+
 @pytest.mark.timeout_s(60)
 def test_cross_node_rename_link_rmdir(cluster):
     a, b, c = (lambda *p, n=n: cluster.p(n, *p) for n in NODES)
