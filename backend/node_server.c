@@ -14,8 +14,8 @@
  *     exactly as it came on the wire: that is the string the client signed
  *     (wire.h). Rebuilding it from MHD's decoded url and argument list would
  *     be lossy (escaping, argument order, "a&a=" forms), so the signature is
- *     checked over this copy and nothing else, and shard paths are parsed
- *     from it too.
+ *     checked over this copy and nothing else, and shard paths and their
+ *     query arguments (off, len, limit) are parsed from it too.
  *  2. First call of the access handler (headers only): a Content-Length over
  *     WIRE_BODY_MAX gets 413; and if the body is over EARLY_REFUSE_MIN or
  *     chunked, a missing, malformed or stale X-Shardfs-Date or a malformed
@@ -33,6 +33,9 @@
  *  4. Last call (body complete): wire_verify() over method, raw path?query,
  *     date and body; any failure is 401 and nothing else happens. Then:
  *     /v1/config, /v1/shard/N/op, or the caller's handler for other paths.
+ *     Steps 2 and 4 see the request only as a struct node_input
+ *     (node_server_precheck, node_server_handle), so they run without a
+ *     socket too: tests/fuzz feeds them directly.
  *  5. A shard op checks, in order: N < shard_count (400), X-Shardfs-Epoch
  *     present and numeric (400), the method (405), and whether we serve it:
  *     a shard we do not own, or a request epoch older than ours, gets 307 to
@@ -184,25 +187,87 @@ static int parse_date(const char *s, int64_t *out)
     return 0;
 }
 
-/* A query argument as an unsigned number; absent leaves *out alone. An
- * argument without a value ("?len") or with a NUL in it ("len=1%00") is
- * malformed. */
-static int query_u64(struct MHD_Connection *conn, const char *name, uint64_t *out)
+static int hex_digit(char c)
 {
-    const char *v = NULL;
-    size_t vlen = 0;
-
-    if (MHD_lookup_connection_value_n(conn, MHD_GET_ARGUMENT_KIND, name, strlen(name), &v, &vlen) !=
-        MHD_YES)
-        return 0;
-    if (!v || strlen(v) != vlen)
-        return -EINVAL;
-    return parse_u64(v, out);
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
 }
 
-static const char *header(struct MHD_Connection *conn, const char *name)
+/* Percent-decode the n bytes at s into out (cap bytes, NUL added), '+' as a
+ * space and a malformed escape kept as it is: what libmicrohttpd does to
+ * query arguments. The decoded length, or -ENAMETOOLONG if over cap - 1. */
+static int query_decode(const char *s, size_t n, char *out, size_t cap)
 {
-    return MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
+    size_t o = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        int hi, lo;
+
+        if (c == '+') {
+            c = ' ';
+        } else if (c == '%' && n - i > 2 && (hi = hex_digit(s[i + 1])) >= 0 &&
+                   (lo = hex_digit(s[i + 2])) >= 0) {
+            c = (char)(hi << 4 | lo);
+            i += 2;
+        }
+        if (o + 1 >= cap)
+            return -ENAMETOOLONG;
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    return (int)o;
+}
+
+/* A query argument of the raw uri (the signed "path?query", DESIGN step 1)
+ * as an unsigned number; the first argument of that name counts, and an
+ * absent one leaves *out alone. An argument without a value ("?len"), with a
+ * NUL in it ("len=1%00") or not a number is malformed: -EINVAL. */
+static int query_u64(const char *uri, const char *name, uint64_t *out)
+{
+    const char *q = strchr(uri, '?');
+    char key[32], val[32];
+
+    if (!q)
+        return 0;
+    for (q++; *q; q += *q == '&') {
+        size_t arg = strcspn(q, "&"), klen = strcspn(q, "=&");
+        const char *v = q + klen;
+        int n;
+
+        q += arg;
+        n = query_decode(v - klen, klen, key, sizeof(key));
+        if (n < 0 || (size_t)n != strlen(name) || memcmp(key, name, (size_t)n) != 0)
+            continue;
+        if (*v != '=')
+            return -EINVAL;
+        n = query_decode(v + 1, arg - klen - 1, val, sizeof(val));
+        if (n < 0 || strlen(val) != (size_t)n)
+            return -EINVAL;
+        return parse_u64(val, out);
+    }
+    return 0;
+}
+
+static const char *header(const struct node_input *in, const char *name)
+{
+    return in->header ? in->header(in->ctx, name) : NULL;
+}
+
+/* A request target holds no control character and no space (RFC 9112).
+ * libmicrohttpd passes some through (a tab, \x01, DEL); refusing them keeps
+ * them out of a redirect's Location, which repeats the target verbatim. */
+static int target_is_clean(const char *uri)
+{
+    for (; *uri; uri++)
+        if ((unsigned char)*uri <= 0x20 || *uri == 0x7f)
+            return 0;
+    return 1;
 }
 
 /* The length of url without its trailing slashes. */
@@ -401,7 +466,7 @@ static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_re
 
 /* ---- shard ops: each fills r ---- */
 
-static void op_get(struct shard *sh, struct MHD_Connection *conn, const uint8_t *key, size_t klen,
+static void op_get(struct shard *sh, const char *uri, const uint8_t *key, size_t klen,
                    struct node_response *r)
 {
     uint64_t off = 0, len = WIRE_GET_MAX;
@@ -409,7 +474,7 @@ static void op_get(struct shard *sh, struct MHD_Connection *conn, const uint8_t 
     uint8_t *buf = NULL;
     int rc = 0;
 
-    if (query_u64(conn, "off", &off) < 0 || query_u64(conn, "len", &len) < 0) {
+    if (query_u64(uri, "off", &off) < 0 || query_u64(uri, "len", &len) < 0) {
         resp_error(r, -EINVAL, "bad off or len");
         return;
     }
@@ -489,7 +554,7 @@ static int scan_add(void *c, const uint8_t *key, size_t klen, const uint8_t *val
     return 0;
 }
 
-static void op_scan(struct shard *sh, struct MHD_Connection *conn, const uint8_t *body, size_t len,
+static void op_scan(struct shard *sh, const char *uri, const uint8_t *body, size_t len,
                     struct node_response *r)
 {
     struct scan_ctx sc = {.limit = WIRE_SCAN_LIMIT_MAX};
@@ -497,7 +562,7 @@ static void op_scan(struct shard *sh, struct MHD_Connection *conn, const uint8_t
     size_t slen, elen;
     int rc;
 
-    if (query_u64(conn, "limit", &sc.limit) < 0 || sc.limit == 0) {
+    if (query_u64(uri, "limit", &sc.limit) < 0 || sc.limit == 0) {
         resp_error(r, -EINVAL, "bad limit");
         return;
     }
@@ -521,7 +586,7 @@ static void op_scan(struct shard *sh, struct MHD_Connection *conn, const uint8_t
         node_response_header(r, WIRE_HDR_MORE, "1");
 }
 
-static void op_apply(struct shard *sh, uint8_t *body, size_t len, struct node_response *r)
+static void op_apply(struct shard *sh, const uint8_t *body, size_t len, struct node_response *r)
 {
     int n = batch_validate(body, len);
     struct batch b;
@@ -535,7 +600,8 @@ static void op_apply(struct shard *sh, uint8_t *body, size_t len, struct node_re
         resp_status(r, 204); /* nothing to apply, atomically */
         return;
     }
-    b = (struct batch){.buf = body, .len = len, .cap = len, .count = (unsigned)n};
+    /* shard_apply() only reads the batch: lending it the body is safe. */
+    b = (struct batch){.buf = (uint8_t *)body, .len = len, .cap = len, .count = (unsigned)n};
     rc = shard_apply(sh, &b);
     if (rc < 0) {
         resp_error(r, rc, "apply: %s", strerror(-rc));
@@ -600,8 +666,8 @@ static void redirect(struct node_server *s, unsigned n, const char *raw_uri,
     node_response_header(r, WIRE_HDR_EPOCH, "%" PRIu64, s->cfg.epoch);
 }
 
-static void route_shard(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
-                        const char *method, unsigned n, enum wire_op op, struct node_response *r)
+static void route_shard(struct node_server *s, const struct node_input *in, unsigned n,
+                        enum wire_op op, struct node_response *r)
 {
     struct shard *sh;
     uint64_t epoch, seen;
@@ -611,11 +677,11 @@ static void route_shard(struct node_server *s, struct request *rq, struct MHD_Co
         resp_error(r, -EINVAL, "no shard %u (the store has %u)", n, s->cfg.shard_count);
         return;
     }
-    if (parse_u64(header(conn, WIRE_HDR_EPOCH), &epoch) < 0) {
+    if (parse_u64(header(in, WIRE_HDR_EPOCH), &epoch) < 0) {
         resp_error(r, -EINVAL, "missing or bad " WIRE_HDR_EPOCH);
         return;
     }
-    if (strcmp(method, want_get ? "GET" : "POST") != 0) {
+    if (strcmp(in->method, want_get ? "GET" : "POST") != 0) {
         resp_error(r, -EINVAL, "%s wants %s", wire_op_name(op), want_get ? "GET" : "POST");
         r->status = 405;
         r->errno_name[0] = '\0';
@@ -628,7 +694,7 @@ static void route_shard(struct node_server *s, struct request *rq, struct MHD_Co
         return;
     }
     if (!sh || epoch < s->cfg.epoch) {
-        redirect(s, n, rq->uri, r);
+        redirect(s, n, in->uri, r);
         return;
     }
     if (epoch > s->cfg.epoch) {
@@ -642,16 +708,16 @@ static void route_shard(struct node_server *s, struct request *rq, struct MHD_Co
     }
     switch (op) {
     case WIRE_OP_GET:
-        op_get(sh, conn, rq->body, rq->len, r);
+        op_get(sh, in->uri, in->body, in->body_len, r);
         return;
     case WIRE_OP_SCAN:
-        op_scan(sh, conn, rq->body, rq->len, r);
+        op_scan(sh, in->uri, in->body, in->body_len, r);
         return;
     case WIRE_OP_APPLY:
-        op_apply(sh, rq->body, rq->len, r);
+        op_apply(sh, in->body, in->body_len, r);
         return;
     case WIRE_OP_SYNC:
-        op_sync(sh, rq->len, r);
+        op_sync(sh, in->body_len, r);
         return;
     case WIRE_OP_STAT:
         op_stat(sh, r);
@@ -683,15 +749,14 @@ static void route_config(struct node_server *s, const char *method, struct node_
     resp_json(r, doc);
 }
 
-static void route_other(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
-                        const char *url, const char *method, struct node_response *r)
+static void route_other(struct node_server *s, const struct node_input *in, struct node_response *r)
 {
     struct node_request req = {
-        .method = method,
-        .path = url,
-        .body = rq->len ? rq->body : NULL,
-        .body_len = rq->len,
-        .conn = conn,
+        .method = in->method,
+        .path = in->path,
+        .body = in->body_len ? in->body : NULL,
+        .body_len = in->body_len,
+        .in = in,
     };
     int rc;
 
@@ -706,7 +771,8 @@ static void route_other(struct node_server *s, struct request *rq, struct MHD_Co
         return;
     }
     if (rc > 0 || r->status < 200 || r->status > 599) {
-        log_msg("the handler for %s %s gave status %d (rc %d)", method, url, r->status, rc);
+        log_msg("the handler for %s %s gave status %d (rc %d)", in->method, in->path, r->status,
+                rc);
         resp_error(r, -EIO, "internal error");
         return;
     }
@@ -715,9 +781,9 @@ static void route_other(struct node_server *s, struct request *rq, struct MHD_Co
 /* The public API's alternative to a signature, for clients that cannot sign
  * (curl): "Authorization: Bearer SECRET" on a /v1/kv path. The comparison
  * takes the same time wherever the first difference is. */
-static int bearer_ok(const struct node_server *s, const char *uri, struct MHD_Connection *conn)
+static int bearer_ok(const struct node_server *s, const struct node_input *in)
 {
-    const char *h = header(conn, MHD_HTTP_HEADER_AUTHORIZATION);
+    const char *h = header(in, MHD_HTTP_HEADER_AUTHORIZATION), *uri = in->uri;
     size_t slen = strlen(s->cfg.secret);
 
     if (!h || strncmp(uri, NODE_KV_PREFIX, strlen(NODE_KV_PREFIX)) != 0 ||
@@ -730,10 +796,9 @@ static int bearer_ok(const struct node_server *s, const char *uri, struct MHD_Co
 }
 
 /* Step 4: the whole request is here. */
-static void dispatch(struct node_server *s, struct request *rq, struct MHD_Connection *conn,
-                     const char *url, const char *method, struct node_response *r)
+void node_server_handle(struct node_server *s, const struct node_input *in, struct node_response *r)
 {
-    const char *auth = header(conn, WIRE_HDR_AUTH);
+    const char *auth = header(in, WIRE_HDR_AUTH);
     char path[WIRE_PATH_MAX];
     size_t plen;
     int64_t date;
@@ -741,50 +806,56 @@ static void dispatch(struct node_server *s, struct request *rq, struct MHD_Conne
     enum wire_op op;
     int rc;
 
-    if (!bearer_ok(s, rq->uri, conn) &&
-        (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 ||
-         wire_verify(s->cfg.secret, method, rq->uri, date, (int64_t)time(NULL), rq->body, rq->len,
+    memset(r, 0, sizeof(*r));
+    if (!bearer_ok(s, in) &&
+        (parse_date(header(in, WIRE_HDR_DATE), &date) < 0 ||
+         wire_verify(s->cfg.secret, in->method, in->uri, date, in->now, in->body, in->body_len,
                      auth) < 0)) {
         resp_error(r, -EACCES, "not authenticated");
         return;
     }
+    if (!target_is_clean(in->uri)) {
+        resp_error(r, -EINVAL, "control character or space in the request target");
+        return;
+    }
 
-    plen = strcspn(rq->uri, "?");
+    plen = strcspn(in->uri, "?");
     if (plen >= sizeof(path)) {
-        if (strncmp(rq->uri, "/v1/shard/", 10) == 0) {
+        if (strncmp(in->uri, "/v1/shard/", 10) == 0) {
             resp_error(r, -ENAMETOOLONG, "path too long");
             return;
         }
-        route_other(s, rq, conn, url, method, r);
+        route_other(s, in, r);
         return;
     }
-    memcpy(path, rq->uri, plen);
+    memcpy(path, in->uri, plen);
     path[plen] = '\0';
     if (strcmp(path, "/v1/config") == 0) {
-        route_config(s, method, r);
+        route_config(s, in->method, r);
         return;
     }
     rc = wire_parse_shard_path(path, &n, &op);
     if (rc == -ENOENT) {
-        route_other(s, rq, conn, url, method, r);
+        route_other(s, in, r);
         return;
     }
     if (rc < 0) {
         resp_error(r, -EINVAL, "malformed shard path");
         return;
     }
-    route_shard(s, rq, conn, method, n, op, r);
+    route_shard(s, in, n, op, r);
 }
 
-/* Step 2: what can be refused from the headers alone. 0 or a response. */
-static int precheck(struct node_server *s, const char *uri, struct MHD_Connection *conn,
-                    struct node_response *r)
+/* Step 2: what can be refused from the headers alone. */
+int node_server_precheck(struct node_server *s, const struct node_input *in,
+                         struct node_response *r)
 {
-    const char *cl = header(conn, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    const char *auth = header(conn, WIRE_HDR_AUTH);
-    int64_t date, now = (int64_t)time(NULL);
+    const char *cl = header(in, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *auth = header(in, WIRE_HDR_AUTH);
+    int64_t date, now = in->now;
     uint64_t n = 0;
 
+    memset(r, 0, sizeof(*r));
     if (cl && parse_u64(cl, &n) == 0 && n > WIRE_BODY_MAX) {
         resp_error(r, -EFBIG, "body over %u bytes", WIRE_BODY_MAX);
         return 1;
@@ -795,11 +866,11 @@ static int precheck(struct node_server *s, const char *uri, struct MHD_Connectio
      * way to the client. So only large or chunked bodies are refused here
      * (no Content-Length and no Transfer-Encoding is no body, n == 0);
      * step 4 checks everything anyway. */
-    if (!header(conn, MHD_HTTP_HEADER_TRANSFER_ENCODING) && n <= EARLY_REFUSE_MIN)
+    if (!header(in, MHD_HTTP_HEADER_TRANSFER_ENCODING) && n <= EARLY_REFUSE_MIN)
         return 0;
-    if (bearer_ok(s, uri, conn))
+    if (bearer_ok(s, in))
         return 0;
-    if (parse_date(header(conn, WIRE_HDR_DATE), &date) < 0 || date > now + WIRE_MAX_SKEW ||
+    if (parse_date(header(in, WIRE_HDR_DATE), &date) < 0 || date > now + WIRE_MAX_SKEW ||
         date < now - WIRE_MAX_SKEW || !auth || strlen(auth) != WIRE_AUTH_LEN) {
         resp_error(r, -EACCES, "not authenticated");
         return 1;
@@ -831,6 +902,33 @@ static int body_append(struct request *rq, const char *data, size_t n)
 
 /* ---- MHD callbacks ---- */
 
+static const char *mhd_header(void *conn, const char *name)
+{
+    return MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
+}
+
+static const char *mhd_query(void *conn, const char *name)
+{
+    return MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+/* What the handlers see of a request on conn; the body as buffered so far. */
+static struct node_input mhd_input(struct MHD_Connection *conn, const struct request *rq,
+                                   const char *url, const char *method)
+{
+    return (struct node_input){
+        .method = method,
+        .uri = rq->uri,
+        .path = url,
+        .body = rq->len ? rq->body : NULL,
+        .body_len = rq->len,
+        .now = (int64_t)time(NULL),
+        .header = mhd_header,
+        .query = mhd_query,
+        .ctx = conn,
+    };
+}
+
 /* Step 1. */
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
 {
@@ -851,6 +949,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     struct node_server *s = cls;
     struct request *rq = *con_cls;
     struct node_response r = {0};
+    struct node_input in;
     int rc;
 
     (void)version;
@@ -863,7 +962,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (!rq->started) {
         rq->started = 1;
-        if (precheck(s, rq->uri, conn, &r)) {
+        in = mhd_input(conn, rq, url, method);
+        if (node_server_precheck(s, &in, &r)) {
             rq->replied = 1;
             return send_response(conn, &r);
         }
@@ -892,8 +992,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         resp_error(&r, rq->error, "body over %u bytes", WIRE_BODY_MAX);
     else if (rq->error)
         resp_error(&r, rq->error, "cannot take the body: %s", strerror(-rq->error));
-    else
-        dispatch(s, rq, conn, url, method, &r);
+    else {
+        in = mhd_input(conn, rq, url, method);
+        node_server_handle(s, &in, &r);
+    }
     return send_response(conn, &r);
 }
 
@@ -918,16 +1020,16 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 const char *node_request_query(const struct node_request *req, const char *name)
 {
-    if (!req || !req->conn || !name)
+    if (!req || !req->in || !req->in->query || !name)
         return NULL;
-    return MHD_lookup_connection_value(req->conn, MHD_GET_ARGUMENT_KIND, name);
+    return req->in->query(req->in->ctx, name);
 }
 
 const char *node_request_header(const struct node_request *req, const char *name)
 {
-    if (!req || !req->conn || !name)
+    if (!req || !req->in || !name)
         return NULL;
-    return MHD_lookup_connection_value(req->conn, MHD_HEADER_KIND, name);
+    return header(req->in, name);
 }
 
 /* ---- start and stop ---- */
@@ -1030,16 +1132,11 @@ static int explain_bind_failure(struct node_server *s, char *err, size_t errlen)
     return -EIO;
 }
 
-int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
-                      node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
-                      size_t errlen)
+int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
+                    node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
+                    size_t errlen)
 {
     struct node_server *s = NULL;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-                     MHD_USE_POLL | MHD_USE_ERROR_LOG;
-    sigset_t all, old;
-    uint64_t port = 0;
-    int rc;
 
     *out = NULL;
     if (!cfg || self < 0 || (unsigned)self >= cfg->node_count || !shards) {
@@ -1062,6 +1159,30 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     if (!s->shards)
         goto nomem;
     memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
+    *out = s;
+    return 0;
+
+nomem:
+    node_server_stop(s);
+    set_err(err, errlen, "node_server_start: out of memory");
+    return -ENOMEM;
+}
+
+int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
+                      node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
+                      size_t errlen)
+{
+    struct node_server *s = NULL;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+                     MHD_USE_POLL | MHD_USE_ERROR_LOG;
+    sigset_t all, old;
+    uint64_t port = 0;
+    int rc;
+
+    *out = NULL;
+    rc = node_server_new(cfg, self, shards, other, other_ctx, &s, err, errlen);
+    if (rc < 0)
+        return rc;
     rc = parse_listen_url(s, cfg->nodes[self].url, err, errlen);
     if (rc < 0)
         goto fail;
@@ -1087,9 +1208,6 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     *out = s;
     return 0;
 
-nomem:
-    set_err(err, errlen, "node_server_start: out of memory");
-    rc = -ENOMEM;
 fail:
     node_server_stop(s);
     return rc;

@@ -9,6 +9,12 @@
  * who cannot sign) may instead carry "Authorization: Bearer SECRET"; bodies over WIRE_BODY_MAX get 413; malformed requests
  * 400. The server binds only to the host and port of this node's URL.
  *
+ * Everything after the socket is reachable without one: node_server_new()
+ * makes a server that does not listen, and node_server_precheck() and
+ * node_server_handle() answer a struct node_input, which is all the handlers
+ * ever see of a request (the libmicrohttpd callbacks only fill one in and
+ * send what comes back). tests/fuzz drives them that way.
+ *
  * Threads: libmicrohttpd's thread pool; the handler and the shards are called
  * from several threads at once (the shard interface allows it). start/stop
  * from one thread.
@@ -28,12 +34,30 @@ struct node_server;
 /* Paths under this prefix are the public key API (fs/kv_api.h). */
 #define NODE_KV_PREFIX "/v1/kv"
 
+/* One request with its whole body, as node_server_handle() takes it.
+ * Everything is borrowed for the call. */
+struct node_input {
+    const char *method;
+    const char *uri;            /* raw "path?query" as received: what was signed */
+    const char *path;           /* percent-decoded path, without the query */
+    const uint8_t *body;        /* NULL when empty */
+    size_t body_len;
+    int64_t now;                /* unix seconds, for the X-Shardfs-Date check */
+    /* Header name (case-insensitive), or NULL. */
+    const char *(*header)(void *ctx, const char *name);
+    /* Query argument name, percent-decoded, or NULL; only for the handler of
+     * other paths (node_request_query). May be NULL. The shard routes parse
+     * their arguments from uri themselves. */
+    const char *(*query)(void *ctx, const char *name);
+    void *ctx;
+};
+
 struct node_request {
     const char *method;         /* "GET", "PUT", "DELETE", "HEAD", "POST" */
     const char *path;           /* percent-decoded, without the query */
     const uint8_t *body;        /* NULL when empty; borrowed for the call */
     size_t body_len;
-    void *conn;                 /* opaque: for node_request_query/header */
+    const struct node_input *in; /* opaque: for node_request_query/header */
 };
 
 #define NODE_EXTRA_MAX 4
@@ -83,7 +107,27 @@ const char *node_request_header(const struct node_request *req, const char *name
 int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
                       node_handler_fn other, void *other_ctx, struct node_server **out,
                       char *err, size_t errlen);
-/* Stop and free; waits for requests in progress. NULL-safe. */
+/* Stop and free; waits for requests in progress. NULL-safe; also frees a
+ * server from node_server_new(). */
 void node_server_stop(struct node_server *s);
+
+/* The server of node_server_start() without the socket: nothing listens,
+ * requests come only through node_server_precheck/handle. Same arguments
+ * and errors, except that the url is not looked at. */
+int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
+                    node_handler_fn other, void *other_ctx, struct node_server **out,
+                    char *err, size_t errlen);
+/* Step one of a request, from its headers alone (the body unread; in->body
+ * is ignored): returns 1 with the refusal in *r (413 for a Content-Length
+ * over WIRE_BODY_MAX; 401 for a large or chunked body without a plausible
+ * date and auth), or 0 with *r cleared. */
+int node_server_precheck(struct node_server *s, const struct node_input *in,
+                         struct node_response *r);
+/* Answer a request whose body is complete: auth, then routing, epochs and
+ * the shard op or the handler. Fills *r from scratch (whatever it held is
+ * overwritten, not freed); the caller frees r->body. Never fails: every
+ * error is a status in *r. Thread-safe like the handler and the shards. */
+void node_server_handle(struct node_server *s, const struct node_input *in,
+                        struct node_response *r);
 
 #endif

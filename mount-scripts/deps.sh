@@ -9,6 +9,7 @@ SHARDFS_DEPS=(
     liblmdb-dev lmdb-utils
     libxxhash-dev libinih-dev libjansson-dev
     libcurl4-openssl-dev libmicrohttpd-dev libssl-dev curl
+    clang libclang-rt-14-dev               # the libFuzzer build (tests/run)
     python3-pytest
     rsync fio attr acl bc util-linux
 )

@@ -1,0 +1,519 @@
+/* fuzz_request.c -- a libFuzzer target for what a node does with a peer's bytes.
+ *
+ * Built only with meson -Dfuzz=true (clang, -fsanitize=fuzzer,address,
+ * undefined); tests/run runs it for SHARDFS_FUZZ_SECONDS on tests/fuzz/corpus.
+ * The first byte of an input picks the target:
+ *
+ *   0  batch_validate/batch_next (batch.c): a valid batch re-encodes with
+ *      batch_add() to exactly the input, and the counts agree
+ *   1  wire_scan_request_decode: a valid body re-encodes to the input
+ *   2  wire_scan_reply_next: every record re-encodes to the bytes it took
+ *   3  wire_parse_shard_path: a parsed path prints back as the input
+ *   any other value: a run of requests to a node_server made with
+ *      node_server_new() (no socket) over a real LMDB shard in a temp dir,
+ *      through node_server_precheck() and node_server_handle(), the code the
+ *      libmicrohttpd callbacks run
+ *
+ * A request is: flags:u8, headlen:u16le, head, bodylen:u16le, body (lengths
+ * are cut to what is left). head is text: "METHOD URI" on the first line,
+ * then "Name: value" lines. flags:
+ *
+ *   bit 0  sign it: X-Shardfs-Date and a valid X-Shardfs-Auth for the
+ *          method, uri and body are put before the head's own headers (the
+ *          first header of a name wins), so handlers behind auth are reached
+ *   bit 1  also put X-Shardfs-Epoch: 3 (the server's epoch) first
+ *   bits 4-7  pick the signed date's distance from now (SKEWS[]), some past
+ *          WIRE_MAX_SKEW
+ *
+ * The shard is emptied before each input, so an input's outcome depends on
+ * that input alone. Checks beyond the sanitizers: an unsigned request gets
+ * only 401 or 413; every status is 200-599; a 3xx has a Location; header
+ * strings are NUL-terminated without control characters (a redirect repeats
+ * the request target); a scan reply decodes and is in key order within
+ * [start, end); a get reply carries X-Shardfs-Vlen. A failed check abort()s,
+ * which libFuzzer reports with the reproducer's path.
+ *
+ * SHARDFS_FUZZ_VERBOSE=1 prints each request and its status (for reading a
+ * reproducer: fuzz_request FILE).
+ *
+ * Shard 0 is node a's (here), shard 1 node b's (redirected), as in
+ * tests/unit/test_node_server.c.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "batch.h"
+#include "config.h"
+#include "node_server.h"
+#include "shard.h"
+#include "shard_lmdb.h"
+#include "wire.h"
+#include "test_node.h"
+
+#define SECRET "fuzz-secret-0123456789"
+#define EPOCH 3
+#define NOW INT64_C(1700000000) /* a fixed clock: inputs replay the same */
+#define MAX_REQUESTS 8
+#define MAX_HEADERS 32
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static const int64_t SKEWS[16] = {0,    1,   -1,   60,   -60,   299,       -299, 300,
+                                  -300, 301, -301, 1000, -1000, INT32_MAX, -NOW, 0};
+
+static char tmpdir[PATH_MAX];
+static int verbose; /* SHARDFS_FUZZ_VERBOSE set: one line per request on stderr */
+static struct config cfg;
+static struct shard *shard0;
+static struct node_server *server;
+
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        fprintf(stderr, "fuzz_request: check failed: " __VA_ARGS__);                               \
+        fputc('\n', stderr);                                                                       \
+        abort();                                                                                   \
+    } while (0)
+
+/* ---- setup, once per process ---- */
+
+static void cleanup(void)
+{
+    char cmd[PATH_MAX + 16];
+
+    node_server_stop(server);
+    if (shard0)
+        shard_close(shard0);
+    if (tmpdir[0] && snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir) < (int)sizeof(cmd))
+        (void)system(cmd);
+}
+
+/* The handler for other paths: echoes what it got, or fails as asked by the
+ * path ("/err" -errno, "/status/N" a raw status), so route_other's checks run. */
+static int other(void *ctx, const struct node_request *req, struct node_response *resp)
+{
+    const char *hdr = node_request_header(req, "X-Test");
+    const char *q = node_request_query(req, "q");
+    int n;
+
+    (void)ctx;
+    if (strcmp(req->path, "/err") == 0)
+        return -ENOSPC;
+    if (strncmp(req->path, "/status/", 8) == 0) {
+        resp->status = (int)(strtoul(req->path + 8, NULL, 10) % 1000);
+        return 0;
+    }
+    resp->status = 200;
+    resp->body = malloc(req->body_len + 256);
+    if (!resp->body)
+        return -ENOMEM;
+    n = snprintf((char *)resp->body, 256, "%s %s %s %s ", req->method, req->path, hdr ? hdr : "-",
+                 q ? q : "-");
+    if (n < 0 || n > 255)
+        n = 255;
+    if (req->body_len)
+        memcpy(resp->body + n, req->body, req->body_len);
+    resp->len = (size_t)n + req->body_len;
+    return 0;
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    const char *tmp = getenv("TMPDIR");
+    struct shard *shards[2];
+    char err[1024], text[1024];
+
+    (void)argc;
+    (void)argv;
+    verbose = getenv("SHARDFS_FUZZ_VERBOSE") != NULL;
+    snprintf(tmpdir, sizeof(tmpdir), "%s/shardfs-fuzz-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(tmpdir)) {
+        perror(tmpdir);
+        exit(2);
+    }
+    atexit(cleanup);
+    snprintf(text, sizeof(text),
+             "[cluster]\nshards = 2\nepoch = %d\nsecret = " SECRET "\n"
+             "[node a]\nurl = http://127.0.0.1:1/\ndata_dir = ./a\nshards = 0\n"
+             "[node b]\nurl = http://127.0.0.1:2\ndata_dir = ./b\nshards = 1\n",
+             EPOCH);
+    shard0 = test_node_a_open(tmpdir, text, &cfg);
+    shards[0] = shard0;
+    shards[1] = NULL;
+    if (node_server_new(&cfg, 0, shards, other, NULL, &server, err, sizeof(err)) != 0) {
+        fprintf(stderr, "node_server_new: %s\n", err);
+        exit(2);
+    }
+    return 0;
+}
+
+/* Empty shard 0: every key lies in ["\0", 511 x "\xff"] . */
+static void shard_empty(void)
+{
+    static uint8_t lo[1], hi[BATCH_KEY_MAX];
+    struct batch b;
+
+    memset(hi, 0xff, sizeof(hi));
+    batch_init(&b);
+    batch_add(&b, BATCH_DEL_RANGE, lo, sizeof(lo), hi, sizeof(hi));
+    batch_del(&b, hi, sizeof(hi));
+    if (b.error || shard_apply(shard0, &b) < 0)
+        FAIL("cannot empty the shard");
+    batch_free(&b);
+}
+
+/* ---- the decoders ---- */
+
+static void fuzz_batch(const uint8_t *data, size_t size)
+{
+    struct batch_item it;
+    struct batch b;
+    size_t pos = 0;
+    int n = batch_validate(data, size), rc, count = 0;
+
+    batch_init(&b);
+    while ((rc = batch_next(data, size, &pos, &it)) == 1) {
+        if (pos > size || it.klen == 0 || it.klen > BATCH_KEY_MAX || it.vlen > BATCH_VALUE_MAX)
+            FAIL("batch_next gave an item out of bounds");
+        batch_add(&b, it.op, it.key, it.klen, it.val, it.vlen);
+        count++;
+    }
+    if ((rc < 0) != (n < 0))
+        FAIL("batch_validate %d but batch_next %d", n, rc);
+    if (n >= 0 && (n != count || b.error || b.len != size || (size && memcmp(b.buf, data, size))))
+        FAIL("a valid batch of %d ops does not re-encode to itself", n);
+    batch_free(&b);
+}
+
+static void fuzz_scan_request(const uint8_t *data, size_t size)
+{
+    const uint8_t *start, *end;
+    size_t slen, elen;
+    uint8_t *out;
+
+    if (wire_scan_request_decode(data, size, &start, &slen, &end, &elen) < 0)
+        return;
+    if (wire_scan_request_size(slen, end ? elen : 0) != size)
+        FAIL("a decoded scan request has the wrong size");
+    out = malloc(size);
+    if (!out)
+        abort();
+    wire_scan_request_encode(out, start, slen, end, elen);
+    if (memcmp(out, data, size) != 0)
+        FAIL("a scan request does not re-encode to itself");
+    free(out);
+}
+
+static void fuzz_scan_reply(const uint8_t *data, size_t size)
+{
+    const uint8_t *key, *val;
+    size_t pos = 0, last, klen, vlen;
+    uint8_t *out;
+
+    for (;;) {
+        last = pos;
+        if (wire_scan_reply_next(data, size, &pos, &key, &klen, &val, &vlen) != 1)
+            return;
+        if (pos <= last || pos > size || wire_scan_record_size(klen, vlen) != pos - last)
+            FAIL("a scan reply record has the wrong size");
+        out = malloc(pos - last);
+        if (!out)
+            abort();
+        wire_scan_record_encode(out, key, klen, val, vlen);
+        if (memcmp(out, data + last, pos - last) != 0)
+            FAIL("a scan reply record does not re-encode to itself");
+        free(out);
+    }
+}
+
+static void fuzz_shard_path(const uint8_t *data, size_t size)
+{
+    char path[WIRE_PATH_MAX], again[WIRE_PATH_MAX];
+    enum wire_op op;
+    unsigned n;
+
+    if (size >= sizeof(path))
+        size = sizeof(path) - 1;
+    memcpy(path, data, size);
+    path[size] = '\0';
+    if (wire_parse_shard_path(path, &n, &op) < 0)
+        return;
+    if (wire_shard_path(again, sizeof(again), n, op) < 0 || strcmp(again, path) != 0)
+        FAIL("shard path '%s' prints back as '%s'", path, again);
+}
+
+/* ---- requests ---- */
+
+struct header {
+    const char *name, *value;
+};
+
+struct fuzz_request {
+    char *head; /* the head, NUL-terminated and cut into pieces */
+    const char *method, *uri;
+    char path[WIRE_PATH_MAX + 1];
+    struct header headers[MAX_HEADERS];
+    unsigned nheaders;
+    char date[24], auth[WIRE_AUTH_LEN + 1];
+};
+
+static const char *lookup_header(void *ctx, const char *name)
+{
+    const struct fuzz_request *fr = ctx;
+
+    for (unsigned i = 0; i < fr->nheaders; i++)
+        if (strcasecmp(fr->headers[i].name, name) == 0)
+            return fr->headers[i].value;
+    return NULL;
+}
+
+static void add_header(struct fuzz_request *fr, const char *name, const char *value)
+{
+    if (fr->nheaders < MAX_HEADERS)
+        fr->headers[fr->nheaders++] = (struct header){name, value};
+}
+
+/* Cut the head's first line, "METHOD URI[ VERSION]", into fr->method and
+ * fr->uri; returns the header lines after it, or NULL. */
+static char *parse_request_line(struct fuzz_request *fr)
+{
+    char *next = strchr(fr->head, '\n'), *sp;
+
+    if (next)
+        *next++ = '\0';
+    fr->method = fr->head;
+    fr->uri = "";
+    sp = strchr(fr->head, ' ');
+    if (sp) {
+        *sp = '\0';
+        fr->uri = sp + 1;
+        sp = strchr(sp + 1, ' ');
+        if (sp)
+            *sp = '\0';
+    }
+    return next;
+}
+
+/* "Name: value" lines; one without a colon is skipped (libmicrohttpd would
+ * refuse the request). */
+static void parse_header_lines(struct fuzz_request *fr, char *line)
+{
+    char *next, *colon;
+
+    for (; line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = '\0';
+        colon = strchr(line, ':');
+        if (!colon)
+            continue;
+        *colon++ = '\0';
+        while (*colon == ' ')
+            colon++;
+        add_header(fr, line, colon);
+    }
+}
+
+/* A reply header field without its NUL or with a control character (CR/LF
+ * would inject headers; the others make a Location a peer cannot follow). */
+static int bad_header_text(const char *s, size_t cap)
+{
+    if (!memchr(s, '\0', cap))
+        return 1;
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return 1;
+    return 0;
+}
+
+/* The scan request in body, as the server will read it, or -1. */
+static int scan_bounds(const uint8_t *body, size_t len, const uint8_t **start, size_t *slen,
+                       const uint8_t **end, size_t *elen)
+{
+    return wire_scan_request_decode(body, len, start, slen, end, elen) < 0 ? -1 : 0;
+}
+
+static int key_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+
+    return c ? c : (alen > blen) - (alen < blen);
+}
+
+/* What every reply must look like, and what a scan or get reply promises. */
+static void check_reply(const struct fuzz_request *fr, const struct node_input *in, int signed_ok,
+                        const struct node_response *r)
+{
+    unsigned n;
+    enum wire_op op;
+
+    if (verbose)
+        fprintf(stderr, "fuzz_request: %s %s (%zu bytes)%s -> %d %s %s%s%s\n", fr->method, fr->uri,
+                in->body_len, signed_ok ? " signed" : "", r->status, r->errno_name, r->extra_name,
+                r->extra_name[0] ? ": " : "", r->extra_value);
+    if (r->status < 200 || r->status > 599)
+        FAIL("status %d for %s %s", r->status, fr->method, fr->uri);
+    if (r->len && !r->body)
+        FAIL("a %zu-byte reply without a body", r->len);
+    if (bad_header_text(r->location, sizeof(r->location)) ||
+        bad_header_text(r->errno_name, sizeof(r->errno_name)) ||
+        bad_header_text(r->extra_name, sizeof(r->extra_name)) ||
+        bad_header_text(r->extra_value, sizeof(r->extra_value)))
+        FAIL("a reply header is unterminated or has CR/LF (%s %s)", fr->method, fr->uri);
+    if (r->status >= 300 && r->status < 400 && !r->location[0])
+        FAIL("status %d without a Location", r->status);
+    if (!signed_ok && r->status != 401 && r->status != 413)
+        FAIL("status %d for an unsigned %s %s", r->status, fr->method, fr->uri);
+    if (r->status != 200 || wire_parse_shard_path(fr->path, &n, &op) < 0)
+        return;
+    if (op == WIRE_OP_SCAN) {
+        const uint8_t *start, *end, *key, *val, *prev = NULL;
+        size_t slen, elen, klen, vlen, prevlen = 0, pos = 0, count = 0;
+        int rc;
+
+        if (scan_bounds(in->body, in->body_len, &start, &slen, &end, &elen) < 0)
+            FAIL("200 for a malformed scan request");
+        while ((rc = wire_scan_reply_next(r->body, r->len, &pos, &key, &klen, &val, &vlen)) == 1) {
+            if (key_cmp(key, klen, start, slen) < 0 || (end && key_cmp(key, klen, end, elen) >= 0))
+                FAIL("a scan reply key outside [start, end)");
+            if (prev && key_cmp(prev, prevlen, key, klen) >= 0)
+                FAIL("scan reply keys out of order");
+            prev = key;
+            prevlen = klen;
+            count++;
+        }
+        if (rc < 0)
+            FAIL("a scan reply that does not decode");
+        if (count > WIRE_SCAN_LIMIT_MAX)
+            FAIL("%zu records in one scan reply", count);
+    } else if (op == WIRE_OP_GET) {
+        if (r->len > WIRE_GET_MAX || strcmp(r->extra_name, WIRE_HDR_VLEN) != 0)
+            FAIL("a get reply of %zu bytes, extra header '%s'", r->len, r->extra_name);
+    }
+}
+
+static void run_request(uint8_t flags, const uint8_t *head, size_t hlen, const uint8_t *body,
+                        size_t blen)
+{
+    struct fuzz_request fr = {0};
+    struct node_response r;
+    struct node_input in;
+    int signed_ok = 0;
+    char epoch[24], *lines;
+    int64_t date;
+
+    fr.head = malloc(hlen + 1);
+    if (!fr.head)
+        abort();
+    memcpy(fr.head, head, hlen);
+    fr.head[hlen] = '\0';
+    lines = parse_request_line(&fr);
+    snprintf(fr.path, sizeof(fr.path), "%.*s", (int)strcspn(fr.uri, "?"), fr.uri);
+
+    /* Generated headers go first: the first of a name wins. */
+    if (flags & 1) {
+        date = NOW + SKEWS[flags >> 4];
+        snprintf(fr.date, sizeof(fr.date), "%" PRId64, date);
+        wire_sign(SECRET, fr.method, fr.uri, date, body, blen, fr.auth);
+        signed_ok = date >= NOW - WIRE_MAX_SKEW && date <= NOW + WIRE_MAX_SKEW;
+        add_header(&fr, WIRE_HDR_DATE, fr.date);
+        add_header(&fr, WIRE_HDR_AUTH, fr.auth);
+    }
+    if (flags & 2) {
+        snprintf(epoch, sizeof(epoch), "%d", EPOCH);
+        add_header(&fr, WIRE_HDR_EPOCH, epoch);
+    }
+    parse_header_lines(&fr, lines);
+
+    in = (struct node_input){
+        .method = fr.method,
+        .uri = fr.uri,
+        .path = fr.path,
+        .body = blen ? body : NULL,
+        .body_len = blen,
+        .now = NOW,
+        .header = lookup_header,
+        .query = NULL,
+        .ctx = &fr,
+    };
+    if (node_server_precheck(server, &in, &r)) {
+        check_reply(&fr, &in, 0, &r);
+        free(r.body);
+        free(fr.head);
+        return;
+    }
+    if (r.status || r.body)
+        FAIL("precheck passed a request but left a reply");
+    node_server_handle(server, &in, &r);
+    check_reply(&fr, &in, signed_ok, &r);
+    free(r.body);
+    free(fr.head);
+}
+
+static size_t take_u16(const uint8_t **p, size_t *left)
+{
+    size_t n;
+
+    if (*left < 2) {
+        *left = 0;
+        return 0;
+    }
+    n = (size_t)(*p)[0] | (size_t)(*p)[1] << 8;
+    *p += 2;
+    *left -= 2;
+    return n < *left ? n : *left;
+}
+
+/* A u16le length and that many bytes (fewer if the input ends first). */
+static const uint8_t *take_field(const uint8_t **p, size_t *left, size_t *len)
+{
+    const uint8_t *field;
+
+    *len = take_u16(p, left);
+    field = *p;
+    *p += *len;
+    *left -= *len;
+    return field;
+}
+
+static void fuzz_requests(const uint8_t *p, size_t left)
+{
+    shard_empty();
+    for (int i = 0; i < MAX_REQUESTS && left; i++) {
+        const uint8_t *head, *body;
+        size_t hlen, blen;
+        uint8_t flags = *p++;
+
+        left--;
+        head = take_field(&p, &left, &hlen);
+        body = take_field(&p, &left, &blen);
+        run_request(flags, head, hlen, body, blen);
+    }
+}
+
+/* The decoders, by the input's first byte; any other value is requests. */
+static void (*const decoders[])(const uint8_t *, size_t) = {
+    fuzz_batch,
+    fuzz_scan_request,
+    fuzz_scan_reply,
+    fuzz_shard_path,
+};
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size == 0)
+        return 0;
+    if (data[0] < sizeof(decoders) / sizeof(decoders[0]))
+        decoders[data[0]](data + 1, size - 1);
+    else
+        fuzz_requests(data + 1, size - 1);
+    return 0;
+}

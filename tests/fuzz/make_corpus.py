@@ -1,0 +1,88 @@
+#!/usr/bin/python3
+"""Write the seed corpus of tests/fuzz/fuzz_request.c into tests/fuzz/corpus/.
+
+One file per seed, named for what it is; the input format is described at the
+top of fuzz_request.c. Run it again after changing that format.
+"""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "corpus")
+
+SIGN = 1   # flags: a valid X-Shardfs-Date and X-Shardfs-Auth
+EPOCH = 2  # flags: X-Shardfs-Epoch: 3
+PUT, DEL, DEL_RANGE, ASSERT_ABSENT, ASSERT_VALUE = 1, 2, 3, 4, 5
+
+
+def lv(b):
+    return struct.pack("<I", len(b)) + b
+
+
+def batch(*ops):
+    out = b""
+    for op, key, *val in ops:
+        out += bytes([op]) + lv(key)
+        if op in (PUT, DEL_RANGE, ASSERT_VALUE):
+            out += lv(val[0])
+    return out
+
+
+def scan_req(start, end=None):
+    return lv(start) + (lv(end) if end is not None else b"\xff\xff\xff\xff")
+
+
+def request(flags, head, body=b""):
+    head = head.encode()
+    return bytes([flags]) + struct.pack("<H", len(head)) + head + struct.pack("<H", len(body)) + body
+
+
+def requests(*reqs):
+    return b"\x04" + b"".join(reqs)
+
+
+B = batch((PUT, b"k1", b"v1"), (PUT, b"k\x00\xff", b"\x00" * 8), (ASSERT_ABSENT, b"new"),
+          (ASSERT_VALUE, b"k1", b"v1"), (DEL, b"gone"), (DEL_RANGE, b"a", b"b"))
+SEEDS = {
+    "batch": b"\x00" + B,
+    "scan-request": b"\x01" + scan_req(b"a", b"z"),
+    "scan-request-open": b"\x01" + scan_req(b""),
+    "scan-reply": b"\x02" + lv(b"k1") + lv(b"v1") + lv(b"k2") + lv(b""),
+    "shard-path": b"\x03/v1/shard/0/scan",
+    "put-get-scan": requests(
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply", B),
+        request(SIGN | EPOCH, "POST /v1/shard/0/get?off=1&len=4", b"k1"),
+        request(SIGN | EPOCH, "POST /v1/shard/0/scan?limit=2", scan_req(b"", b"zz")),
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply", batch((ASSERT_ABSENT, b"k1"))),
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply", batch((ASSERT_VALUE, b"k1", b"no")))),
+    "stat-sync-config": requests(
+        request(SIGN | EPOCH, "GET /v1/shard/0/stat"),
+        request(SIGN | EPOCH, "POST /v1/shard/0/sync"),
+        request(SIGN, "GET /v1/config"),
+        request(SIGN, "POST /v1/config")),
+    "redirects": requests(
+        request(SIGN | EPOCH, "POST /v1/shard/1/get", b"k"),
+        request(SIGN, "POST /v1/shard/0/get\nX-Shardfs-Epoch: 2", b"k"),
+        request(SIGN, "POST /v1/shard/0/get\nX-Shardfs-Epoch: 4", b"k"),
+        request(SIGN | EPOCH, "GET /v1/shard/0/get", b"k"),
+        request(SIGN | EPOCH, "POST /v1/shard/7/get", b"k")),
+    "other-paths": requests(
+        request(SIGN, "PUT /v1/kv/a?q=1\nX-Test: yes", b"body"),
+        request(SIGN, "GET /err"),
+        request(SIGN, "GET /status/42")),
+    "unsigned": requests(
+        request(EPOCH, "POST /v1/shard/0/apply", B),
+        request(EPOCH, "POST /v1/shard/0/get\nX-Shardfs-Date: 1700000000\n"
+                "X-Shardfs-Auth: 0000000000000000000000000000000000000000000000000000000000000000",
+                b"k1"),
+        request(EPOCH | 0x90 | SIGN, "POST /v1/shard/0/get", b"k1")),
+    "precheck": requests(
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply\nContent-Length: 67112961"),
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply\nTransfer-Encoding: chunked", B),
+        request(EPOCH, "POST /v1/shard/0/apply\nContent-Length: 2000000")),
+}
+
+os.makedirs(OUT, exist_ok=True)
+for name, data in SEEDS.items():
+    with open(os.path.join(OUT, name), "wb") as f:
+        f.write(data)
