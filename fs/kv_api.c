@@ -93,19 +93,25 @@ static int path_parse(const char *path, struct kv_path *p)
 }
 
 /* Walk the first `depth` components from the root; the last inode in *out.
- * -ENOTDIR when a component before the last is no directory. */
+ * -ENOTDIR when a component before the last is no directory. Directories on
+ * the way are passed by their entries alone (an entry names the type): one
+ * read each, not two. */
 static int path_walk(struct ns *ns, const struct kv_path *p, unsigned depth, struct inode *out)
 {
-    int rc = ns_getattr(ns, &record_root_id, out);
+    struct ino_id dir = record_root_id, id;
+    uint8_t dtype;
+    int rc;
 
-    for (unsigned i = 0; rc == 0 && i < depth; i++) {
-        struct ino_id dir = out->id;
-
-        if (!S_ISDIR(out->mode))
+    if (depth == 0)
+        return ns_getattr(ns, &dir, out);
+    for (unsigned i = 0; i + 1 < depth; i++, dir = id) {
+        rc = ns_lookup_id(ns, &dir, p->comp[i], p->len[i], &id, &dtype);
+        if (rc)
+            return rc;
+        if (dtype != DT_DIR)
             return -ENOTDIR;
-        rc = ns_lookup(ns, &dir, p->comp[i], p->len[i], out);
     }
-    return rc;
+    return ns_lookup(ns, &dir, p->comp[depth - 1], p->len[depth - 1], out);
 }
 
 /* ---- replies ---- */
@@ -317,21 +323,27 @@ static int handle_get(struct kv_api *api, const struct kv_path *p, int head,
 /* ---- PUT ---- */
 
 /* Make sure the first `depth` components are directories (creating missing
- * ones, as mkdir -p); the last in *dir. */
-static int make_parents(struct ns *ns, const struct kv_path *p, unsigned depth, struct inode *dir)
+ * ones, as mkdir -p); the id of the last in *dir. */
+static int make_parents(struct ns *ns, const struct kv_path *p, unsigned depth, struct ino_id *dir)
 {
-    int rc = ns_getattr(ns, &record_root_id, dir);
+    struct inode made;
+    uint8_t dtype;
+    int rc = 0;
 
+    *dir = record_root_id;
     for (unsigned i = 0; rc == 0 && i < depth; i++) {
-        struct ino_id parent = dir->id;
+        struct ino_id parent = *dir;
 
-        rc = ns_lookup(ns, &parent, p->comp[i], p->len[i], dir);
+        rc = ns_lookup_id(ns, &parent, p->comp[i], p->len[i], dir, &dtype);
         if (rc == -ENOENT) {
-            rc = ns_mknode(ns, &parent, p->comp[i], p->len[i], S_IFDIR | 0755, 0, 0, 0, NULL, dir);
-            if (rc == -EEXIST) /* made by someone else meanwhile: fine */
-                rc = ns_lookup(ns, &parent, p->comp[i], p->len[i], dir);
+            rc =
+                ns_mknode(ns, &parent, p->comp[i], p->len[i], S_IFDIR | 0755, 0, 0, 0, NULL, &made);
+            if (rc == 0)
+                *dir = made.id, dtype = DT_DIR;
+            else if (rc == -EEXIST) /* made by someone else meanwhile: fine */
+                rc = ns_lookup_id(ns, &parent, p->comp[i], p->len[i], dir, &dtype);
         }
-        if (rc == 0 && !S_ISDIR(dir->mode))
+        if (rc == 0 && dtype != DT_DIR)
             rc = -ENOTDIR;
     }
     return rc;
@@ -373,15 +385,15 @@ static int temp_name(char *out, size_t cap, const char *name, size_t nlen, size_
 
 /* Create or truncate name in dir and write body into it: for names too long
  * to have a temporary name beside them. */
-static int put_in_place(struct kv_api *api, const struct inode *dir, const char *name, size_t nlen,
+static int put_in_place(struct kv_api *api, const struct ino_id *dir, const char *name, size_t nlen,
                         const struct node_request *req, uint32_t mode)
 {
     struct ns_setattr sa = {.mask = NS_SET_SIZE, .size = 0};
     struct inode ino;
-    int rc = ns_mknode(api->ns, &dir->id, name, nlen, mode, 0, 0, 0, NULL, &ino);
+    int rc = ns_mknode(api->ns, dir, name, nlen, mode, 0, 0, 0, NULL, &ino);
 
     if (rc == -EEXIST) {
-        rc = ns_lookup(api->ns, &dir->id, name, nlen, &ino);
+        rc = ns_lookup(api->ns, dir, name, nlen, &ino);
         if (rc == 0 && !S_ISREG(ino.mode))
             rc = S_ISDIR(ino.mode) ? -EISDIR : -EEXIST;
         if (rc == 0)
@@ -391,7 +403,7 @@ static int put_in_place(struct kv_api *api, const struct inode *dir, const char 
 }
 
 /* Write body as a new file named name in dir and rename it over name. */
-static int put_file(struct kv_api *api, const struct inode *dir, const char *name, size_t nlen,
+static int put_file(struct kv_api *api, const struct ino_id *dir, const char *name, size_t nlen,
                     const struct node_request *req, int *created)
 {
     struct ns *ns = api->ns;
@@ -399,7 +411,7 @@ static int put_file(struct kv_api *api, const struct inode *dir, const char *nam
     char tname[RECORD_NAME_MAX + 1];
     size_t tlen = 0;
     uint32_t mode = S_IFREG | 0644, uid = 0, gid = 0;
-    int rc = ns_lookup(ns, &dir->id, name, nlen, &old);
+    int rc = ns_lookup(ns, dir, name, nlen, &old);
 
     if (rc == 0) {
         if (S_ISDIR(old.mode))
@@ -417,7 +429,7 @@ static int put_file(struct kv_api *api, const struct inode *dir, const char *nam
     for (int i = 0; rc == -EEXIST && i < KV_TEMP_TRIES; i++) {
         rc = temp_name(tname, sizeof(tname), name, nlen, &tlen);
         if (rc == 0)
-            rc = ns_mknode(ns, &dir->id, tname, tlen, mode, 0, uid, gid, NULL, &tmp);
+            rc = ns_mknode(ns, dir, tname, tlen, mode, 0, uid, gid, NULL, &tmp);
     }
     if (rc == -ENAMETOOLONG) {
         /* No room for a temporary name: write in place (not atomic). */
@@ -427,17 +439,17 @@ static int put_file(struct kv_api *api, const struct inode *dir, const char *nam
         return rc;
     rc = write_all(ns, &tmp.id, req->body, req->body_len);
     if (rc == 0)
-        rc = ns_rename(ns, &dir->id, tname, tlen, &dir->id, name, nlen, 0, api->is_open,
-                       api->is_open_ctx);
+        rc = ns_rename(ns, dir, tname, tlen, dir, name, nlen, 0, api->is_open, api->is_open_ctx);
     if (rc)
-        ns_unlink(ns, &dir->id, tname, tlen, api->is_open, api->is_open_ctx);
+        ns_unlink(ns, dir, tname, tlen, api->is_open, api->is_open_ctx);
     return rc;
 }
 
 static int handle_put(struct kv_api *api, const struct kv_path *p, const struct node_request *req,
                       struct node_response *r)
 {
-    struct inode dir, ino;
+    struct ino_id dir;
+    struct inode ino;
     int rc, created = 0;
 
     if (p->n == 0) {
@@ -454,10 +466,10 @@ static int handle_put(struct kv_api *api, const struct kv_path *p, const struct 
     if (p->trailing_slash) {
         if (req->body_len)
             return -EINVAL; /* a directory has no bytes */
-        rc = ns_mknode(api->ns, &dir.id, name, nlen, S_IFDIR | 0755, 0, 0, 0, NULL, &ino);
+        rc = ns_mknode(api->ns, &dir, name, nlen, S_IFDIR | 0755, 0, 0, 0, NULL, &ino);
         created = rc == 0;
         if (rc == -EEXIST) {
-            rc = ns_lookup(api->ns, &dir.id, name, nlen, &ino);
+            rc = ns_lookup(api->ns, &dir, name, nlen, &ino);
             if (rc == 0 && !S_ISDIR(ino.mode))
                 rc = -EEXIST;
         }

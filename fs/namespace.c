@@ -489,6 +489,14 @@ int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
     return rc;
 }
 
+int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                 struct ino_id *id, uint8_t *dtype)
+{
+    if (nlen > RECORD_NAME_MAX)
+        return -ENAMETOOLONG;
+    return entry_get(ns, dir, name, nlen, id, dtype);
+}
+
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out)
 {

@@ -63,6 +63,10 @@ unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out);
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out);
+/* The entry alone: the id and the DT_* type name names in dir (one read,
+ * where ns_lookup makes two), for walking through directories. */
+int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                 struct ino_id *id, uint8_t *dtype);
 
 /* Create a regular file, directory, symlink (target != NULL), fifo, socket or
  * device. -EEXIST if the name exists. */
