@@ -357,16 +357,18 @@ static void check_reply(const struct fuzz_request *fr, const struct node_input *
 
     if (verbose)
         fprintf(stderr, "fuzz_request: %s %s (%zu bytes)%s -> %d %s %s%s%s\n", fr->method, fr->uri,
-                in->body_len, signed_ok ? " signed" : "", r->status, r->errno_name, r->extra_name,
-                r->extra_name[0] ? ": " : "", r->extra_value);
+                in->body_len, signed_ok ? " signed" : "", r->status, r->errno_name,
+                r->extra[0].name, r->extra[0].name[0] ? ": " : "", r->extra[0].value);
     if (r->status < 200 || r->status > 599)
         FAIL("status %d for %s %s", r->status, fr->method, fr->uri);
     if (r->len && !r->body)
         FAIL("a %zu-byte reply without a body", r->len);
-    if (bad_header_text(r->location, sizeof(r->location)) ||
-        bad_header_text(r->errno_name, sizeof(r->errno_name)) ||
-        bad_header_text(r->extra_name, sizeof(r->extra_name)) ||
-        bad_header_text(r->extra_value, sizeof(r->extra_value)))
+    int bad = bad_header_text(r->location, sizeof(r->location)) ||
+              bad_header_text(r->errno_name, sizeof(r->errno_name));
+    for (unsigned i = 0; i < NODE_EXTRA_MAX; i++)
+        bad |= bad_header_text(r->extra[i].name, sizeof(r->extra[i].name)) ||
+               bad_header_text(r->extra[i].value, sizeof(r->extra[i].value));
+    if (bad)
         FAIL("a reply header is unterminated or has CR/LF (%s %s)", fr->method, fr->uri);
     if (r->status >= 300 && r->status < 400 && !r->location[0])
         FAIL("status %d without a Location", r->status);
@@ -395,8 +397,8 @@ static void check_reply(const struct fuzz_request *fr, const struct node_input *
         if (count > WIRE_SCAN_LIMIT_MAX)
             FAIL("%zu records in one scan reply", count);
     } else if (op == WIRE_OP_GET) {
-        if (r->len > WIRE_GET_MAX || strcmp(r->extra_name, WIRE_HDR_VLEN) != 0)
-            FAIL("a get reply of %zu bytes, extra header '%s'", r->len, r->extra_name);
+        if (r->len > WIRE_GET_MAX || strcmp(r->extra[0].name, WIRE_HDR_VLEN) != 0)
+            FAIL("a get reply of %zu bytes, extra header '%s'", r->len, r->extra[0].name);
     }
 }
 
