@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,10 +27,24 @@
 #define KV_WRITE_PIECE (1u << 20) /* one ns_write of a PUT */
 #define KV_TEMP_TRIES 8
 
+#define KV_DIR_SLOTS 4096  /* remembered directory entries */
+#define KV_DIR_TTL_MAX 1.0 /* seconds a directory entry is remembered, at most */
+
+/* A directory's entry as a GET walked through it, until `expires`. */
+struct dir_slot {
+    struct ino_id parent, id;
+    double expires; /* CLOCK_MONOTONIC seconds; 0: empty */
+    size_t nlen;
+    char name[RECORD_NAME_MAX];
+};
+
 struct kv_api {
     struct ns *ns;
     ns_is_open_fn is_open;
     void *is_open_ctx;
+    double dir_ttl;           /* cache_timeout; 0: remember nothing */
+    pthread_mutex_t dir_lock; /* guards dirs */
+    struct dir_slot *dirs;    /* KV_DIR_SLOTS, direct-mapped */
 };
 
 /* A path split into components; the strings point into buf. */
@@ -41,21 +56,115 @@ struct kv_path {
     int trailing_slash;
 };
 
-struct kv_api *kv_api_new(struct ns *ns, ns_is_open_fn is_open, void *is_open_ctx)
+struct kv_api *kv_api_new(struct ns *ns, double cache_timeout, ns_is_open_fn is_open,
+                          void *is_open_ctx)
 {
     struct kv_api *api = calloc(1, sizeof(*api));
 
-    if (api) {
-        api->ns = ns;
-        api->is_open = is_open;
-        api->is_open_ctx = is_open_ctx;
+    if (!api)
+        return NULL;
+    api->dirs = calloc(KV_DIR_SLOTS, sizeof(*api->dirs));
+    if (!api->dirs) {
+        free(api);
+        return NULL;
     }
+    api->ns = ns;
+    api->is_open = is_open;
+    api->is_open_ctx = is_open_ctx;
+    /* At most KV_DIR_TTL_MAX even on a single node, whose cache_timeout
+     * is long: the mount changes directories without telling us. */
+    api->dir_ttl = cache_timeout < 0                ? 0
+                   : cache_timeout > KV_DIR_TTL_MAX ? KV_DIR_TTL_MAX
+                                                    : cache_timeout;
+    pthread_mutex_init(&api->dir_lock, NULL);
     return api;
 }
 
 void kv_api_free(struct kv_api *api)
 {
+    if (!api)
+        return;
+    pthread_mutex_destroy(&api->dir_lock);
+    free(api->dirs);
     free(api);
+}
+
+/* ---- directories a GET walked through ----
+ *
+ * A GET of a/b/c reads the entries of a and b before c's entry and inode;
+ * remembering directory entries for cache_timeout (at most a second), as a
+ * mount's kernel remembers names, halves the reads of a typical GET. Writes (PUT, DELETE)
+ * never use what is remembered, and a DELETE of a directory forgets it.
+ */
+
+static double mono_now(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static struct dir_slot *dir_slot_of(struct kv_api *api, const struct ino_id *parent,
+                                    const char *name, size_t nlen)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+
+    for (size_t i = 0; i < sizeof(*parent); i++)
+        h = (h ^ parent->b[i]) * 1099511628211ull;
+    for (size_t i = 0; i < nlen; i++)
+        h = (h ^ (uint8_t)name[i]) * 1099511628211ull;
+    return &api->dirs[h % KV_DIR_SLOTS];
+}
+
+static int dir_slot_is(const struct dir_slot *d, const struct ino_id *parent, const char *name,
+                       size_t nlen)
+{
+    return d->nlen == nlen && memcmp(&d->parent, parent, sizeof(*parent)) == 0 &&
+           memcmp(d->name, name, nlen) == 0;
+}
+
+/* The id of directory name in parent: remembered, or read (and remembered
+ * if it is a directory). -ENOTDIR if it is something else. */
+static int dir_lookup(struct kv_api *api, const struct ino_id *parent, const char *name,
+                      size_t nlen, struct ino_id *id)
+{
+    struct dir_slot *d = dir_slot_of(api, parent, name, nlen);
+    double now = mono_now();
+    uint8_t dtype;
+    int rc, hit;
+
+    pthread_mutex_lock(&api->dir_lock);
+    hit = d->expires > now && dir_slot_is(d, parent, name, nlen);
+    if (hit)
+        *id = d->id;
+    pthread_mutex_unlock(&api->dir_lock);
+    if (hit)
+        return 0;
+    rc = ns_lookup_id(api->ns, parent, name, nlen, id, &dtype);
+    if (rc == 0 && dtype != DT_DIR)
+        return -ENOTDIR;
+    if (rc == 0 && api->dir_ttl > 0) {
+        pthread_mutex_lock(&api->dir_lock);
+        d->parent = *parent;
+        d->id = *id;
+        d->nlen = nlen;
+        memcpy(d->name, name, nlen);
+        d->expires = now + api->dir_ttl;
+        pthread_mutex_unlock(&api->dir_lock);
+    }
+    return rc;
+}
+
+static void dir_forget(struct kv_api *api, const struct ino_id *parent, const char *name,
+                       size_t nlen)
+{
+    struct dir_slot *d = dir_slot_of(api, parent, name, nlen);
+
+    pthread_mutex_lock(&api->dir_lock);
+    if (dir_slot_is(d, parent, name, nlen))
+        d->expires = 0;
+    pthread_mutex_unlock(&api->dir_lock);
 }
 
 /* ---- paths ---- */
@@ -94,24 +203,29 @@ static int path_parse(const char *path, struct kv_path *p)
 
 /* Walk the first `depth` components from the root; the last inode in *out.
  * -ENOTDIR when a component before the last is no directory. Directories on
- * the way are passed by their entries alone (an entry names the type): one
- * read each, not two. */
-static int path_walk(struct ns *ns, const struct kv_path *p, unsigned depth, struct inode *out)
+ * the way are passed by their entries alone (an entry names the type), and
+ * with `remembered` from what earlier GETs read (dir_lookup). */
+static int path_walk(struct kv_api *api, const struct kv_path *p, unsigned depth, int remembered,
+                     struct inode *out)
 {
     struct ino_id dir = record_root_id, id;
     uint8_t dtype;
     int rc;
 
     if (depth == 0)
-        return ns_getattr(ns, &dir, out);
+        return ns_getattr(api->ns, &dir, out);
     for (unsigned i = 0; i + 1 < depth; i++, dir = id) {
-        rc = ns_lookup_id(ns, &dir, p->comp[i], p->len[i], &id, &dtype);
+        if (remembered) {
+            rc = dir_lookup(api, &dir, p->comp[i], p->len[i], &id);
+        } else {
+            rc = ns_lookup_id(api->ns, &dir, p->comp[i], p->len[i], &id, &dtype);
+            if (rc == 0 && dtype != DT_DIR)
+                rc = -ENOTDIR;
+        }
         if (rc)
             return rc;
-        if (dtype != DT_DIR)
-            return -ENOTDIR;
     }
-    return ns_lookup(ns, &dir, p->comp[depth - 1], p->len[depth - 1], out);
+    return ns_lookup(api->ns, &dir, p->comp[depth - 1], p->len[depth - 1], out);
 }
 
 /* ---- replies ---- */
@@ -293,7 +407,7 @@ static int handle_get(struct kv_api *api, const struct kv_path *p, int head,
                       struct node_response *r)
 {
     struct inode ino;
-    int rc = path_walk(api->ns, p, p->n, &ino);
+    int rc = path_walk(api, p, p->n, 1, &ino);
 
     if (rc)
         return rc;
@@ -490,7 +604,7 @@ static int handle_delete(struct kv_api *api, const struct kv_path *p, struct nod
 
     if (p->n == 0)
         return -EPERM; /* the root cannot go */
-    rc = path_walk(api->ns, p, p->n - 1, &dir);
+    rc = path_walk(api, p, p->n - 1, 0, &dir);
     if (rc == 0 && !S_ISDIR(dir.mode))
         rc = -ENOTDIR;
     const char *name = p->comp[p->n - 1];
@@ -499,10 +613,12 @@ static int handle_delete(struct kv_api *api, const struct kv_path *p, struct nod
         rc = ns_lookup(api->ns, &dir.id, name, nlen, &ino);
     if (rc == 0 && p->trailing_slash && !S_ISDIR(ino.mode))
         rc = -ENOTDIR;
-    if (rc == 0)
-        rc = S_ISDIR(ino.mode)
-                 ? ns_rmdir(api->ns, &dir.id, name, nlen)
-                 : ns_unlink(api->ns, &dir.id, name, nlen, api->is_open, api->is_open_ctx);
+    if (rc == 0 && S_ISDIR(ino.mode)) {
+        dir_forget(api, &dir.id, name, nlen);
+        rc = ns_rmdir(api->ns, &dir.id, name, nlen);
+    } else if (rc == 0) {
+        rc = ns_unlink(api->ns, &dir.id, name, nlen, api->is_open, api->is_open_ctx);
+    }
     if (rc == 0)
         r->status = 204;
     return rc;

@@ -40,8 +40,11 @@
 struct kv_api;
 
 /* ns and is_open (ns_unlink's "is this inode still open here", NULL for
- * "never") stay the caller's and must outlive the api. NULL on ENOMEM. */
-struct kv_api *kv_api_new(struct ns *ns, ns_is_open_fn is_open, void *is_open_ctx);
+ * "never") stay the caller's and must outlive the api. GET and HEAD pass
+ * through directories they walked within the last cache_timeout seconds (at
+ * most one) without reading their entries again (0: always read). NULL on ENOMEM. */
+struct kv_api *kv_api_new(struct ns *ns, double cache_timeout, ns_is_open_fn is_open,
+                          void *is_open_ctx);
 void kv_api_free(struct kv_api *api);
 
 /* A node_handler_fn; ctx is the struct kv_api. */

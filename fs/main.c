@@ -225,7 +225,7 @@ static int server_start(struct ns *ns, int node, struct fs *fs, struct server *s
         return 0;
     for (unsigned i = 0; i < cfg.shard_count; i++)
         local[i] = ns_shard_is_local(ns, i) ? ns_shard(ns, i) : NULL;
-    sv->api = kv_api_new(ns, fs ? fs_is_open : NULL, fs);
+    sv->api = kv_api_new(ns, cfg.cache_timeout, fs ? fs_is_open : NULL, fs);
     if (!sv->api) {
         snprintf(err, errlen, "out of memory");
         return -1;

@@ -151,6 +151,24 @@ def test_put_delete_and_errors_seen_by_mounts(cluster):
     assert not os.path.exists(cluster.p("b", "p", "d"))
 
 
+def test_get_follows_a_replaced_directory(cluster):
+    """GETs remember the directories they walk through for at most
+    cache_timeout (1 s here): after the directory is replaced through a
+    mount, a GET finds the new one's file within that bound."""
+    assert put(cluster, "a", "/rep/d/f", b"old") == 201
+    assert curl("-H", BEARER, url(cluster, "b", "/rep/d/f")) == (200, b"old")
+    os.rename(cluster.p("c", "rep", "d"), cluster.p("c", "rep", "d.old"))
+    os.mkdir(cluster.p("c", "rep", "d"))
+    write_file(cluster.p("c", "rep", "d", "f"), b"new")
+    t0 = time.monotonic()
+    wait_for(lambda: curl("-H", BEARER, url(cluster, "b", "/rep/d/f")) == (200, b"new"), 3.0,
+             "GET to see the new directory")
+    assert time.monotonic() - t0 < 2.0
+    # A write through the API never goes by a remembered directory.
+    assert put(cluster, "b", "/rep/d/g", b"g") == 201
+    assert read_file(cluster.p("a", "rep", "d", "g")) == b"g"
+
+
 def test_any_byte_in_names_and_big_values(cluster):
     name = "sp ace%25 ü\x01\x7f#?&"
     quoted = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else "%%%02X" % b
