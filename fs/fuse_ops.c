@@ -26,20 +26,20 @@
 
 struct node {
     struct ino_id id;
-    uint64_t nlookup;           /* protected by fs.lock */
-    unsigned opens;             /* protected by fs.lock */
-    int orphan;                 /* unlinked while open; protected by fs.lock */
-    struct node *next;          /* hash chain */
+    uint64_t nlookup;  /* protected by fs.lock */
+    unsigned opens;    /* protected by fs.lock */
+    int orphan;        /* unlinked while open; protected by fs.lock */
+    struct node *next; /* hash chain */
 };
 
 struct fs {
     struct ns *ns;
-    double entry_timeout;       /* positive entries */
-    double attr_timeout;        /* files */
-    double dir_attr_timeout;    /* directories */
+    double entry_timeout;    /* positive entries */
+    double attr_timeout;     /* files */
+    double dir_attr_timeout; /* directories */
     double negative_timeout;
-    int keep_cache;             /* keep a file's page cache across opens */
-    struct fuse_session *se;    /* for invalidations; NULL until attached */
+    int keep_cache;          /* keep a file's page cache across opens */
+    struct fuse_session *se; /* for invalidations; NULL until attached */
     pthread_mutex_t lock;
     struct node root;
     struct node *buckets[NODE_BUCKETS];
@@ -303,7 +303,15 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct fs *fs = fs_of(req);
     struct inode node;
     struct stat st;
-    int rc = ns_getattr(fs->ns, &node_of(fs, ino)->id, &node);
+    unsigned age_ms;
+    /* The kernel asks again after its cache was dropped (a write, an open
+     * elsewhere in this mount): what this process read or wrote within the
+     * attribute timeout is as good as what the kernel would have kept, and
+     * the kernel keeps it only for what is left of that timeout, so nothing
+     * is older than the timeout. An open reads afresh (op_open), so
+     * close-to-open holds. */
+    int rc = ns_getattr_recent(fs->ns, &node_of(fs, ino)->id, (unsigned)(fs->attr_timeout * 1000),
+                               &node, &age_ms);
 
     (void)fi;
     if (rc) {
@@ -311,7 +319,8 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         return;
     }
     attr_fill(&st, &node);
-    fuse_reply_attr(req, &st, attr_timeout_of(fs, node.mode));
+    double left = attr_timeout_of(fs, node.mode) - age_ms / 1000.0;
+    fuse_reply_attr(req, &st, left > 0 ? left : 0);
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -369,8 +378,8 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino)
     fuse_reply_readlink(req, (const char *)node.tail);
 }
 
-static void make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                      dev_t rdev, const char *target)
+static void make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev,
+                      const char *target)
 {
     struct fs *fs = fs_of(req);
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
@@ -385,8 +394,7 @@ static void make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     reply_entry(req, &ino);
 }
 
-static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
-                     dev_t rdev)
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
     make_node(req, parent, name, mode, rdev, NULL);
 }
@@ -427,9 +435,9 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
         f |= NS_RENAME_NOREPLACE;
     if (flags & RENAME_EXCHANGE)
         f |= NS_RENAME_EXCHANGE;
-    reply_rc(req, ns_rename(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
-                            &node_of(fs, newparent)->id, newname, strlen(newname), f,
-                            fs_is_open, fs));
+    reply_rc(req,
+             ns_rename(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                       &node_of(fs, newparent)->id, newname, strlen(newname), f, fs_is_open, fs));
 }
 
 static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
@@ -497,8 +505,8 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     int rc = h ? 0 : -ENOMEM;
 
     if (rc == 0)
-        rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name), S_IFREG | (mode & 07777),
-                       0, ctx->uid, ctx->gid, NULL, &ino);
+        rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                       S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
     if (rc) {
         free(h);
         reply_rc(req, rc);
@@ -548,8 +556,8 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 {
     struct fs *fs = fs_of(req);
     struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-    ssize_t n = ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size,
-                         h && h->append, 0, NULL);
+    ssize_t n =
+        ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size, h && h->append, 0, NULL);
 
     if (n < 0)
         reply_rc(req, (int)n);

@@ -80,6 +80,7 @@ struct ns {
 /* The record of a remote inode as this process last read or wrote it. */
 struct inode_guess {
     int valid;
+    uint64_t seen_ms; /* CLOCK_MONOTONIC: when ino was read or written */
     struct inode ino;
 };
 
@@ -303,6 +304,13 @@ static void inode_bump_ctime(struct inode *ino)
     ino->ctime = t;
 }
 
+static uint64_t monotonic_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
+}
+
 /* First guesses: the record of a remote inode as this process last read or
  * wrote it, one per lock stripe, guarded by the stripe's lock. inode_cas()
  * asserts the guess instead of reading first, which saves a round trip
@@ -324,6 +332,7 @@ static void guess_set(struct ns *ns, const struct inode *ino)
         return;
     g->ino = *ino;
     g->valid = 1;
+    g->seen_ms = monotonic_ms();
 }
 
 /* With the stripe lock held: 0 and the guess for id, or -ENOENT. */
@@ -335,6 +344,16 @@ static int guess_get(struct ns *ns, const struct ino_id *id, struct inode *out)
         return -ENOENT;
     *out = g->ino;
     return 0;
+}
+
+/* With the stripe lock held: the guess's age in ms (UINT64_MAX: none). */
+static uint64_t guess_age_ms(struct ns *ns, const struct ino_id *id)
+{
+    struct inode_guess *g = &ns->guesses[stripe_index(id)];
+
+    if (!g->valid || memcmp(&g->ino.id, id, sizeof(*id)) != 0)
+        return UINT64_MAX;
+    return monotonic_ms() - g->seen_ms;
 }
 
 /* Remember what was just read or created (takes the stripe lock). */
@@ -371,13 +390,6 @@ static int batch_assertions_hold(struct shard *s, const struct batch *b)
             return rc;
     }
     return rc;
-}
-
-static uint64_t monotonic_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
 }
 
 /* The pause before try tries + 1 of a contended inode_cas(): none for the
@@ -479,6 +491,21 @@ static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, 
 }
 
 /* ---- lookup and attributes ---- */
+
+int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
+                      struct inode *out, unsigned *age_ms)
+{
+    uint64_t age;
+    int rc = -ENOENT;
+
+    lock_inode(ns, id);
+    age = guess_age_ms(ns, id);
+    if (age <= max_age_ms)
+        rc = guess_get(ns, id, out);
+    unlock_inode(ns, id);
+    *age_ms = rc ? 0 : (unsigned)age;
+    return rc ? ns_getattr(ns, id, out) : 0;
+}
 
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
@@ -1088,7 +1115,7 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     struct shard *s1 = entry_shard(ns, odir, oname, olen);
     struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
     struct drop d = {is_open, ctx};
-    int replaced_done = 0;
+    int replaced_done = 0, moved_done = 0;
     if (s1 == s2) {
         struct batch b;
         batch_init(&b);
@@ -1103,6 +1130,12 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
             /* The replaced file goes in the same batch: rsync's common case. */
             rc = drop_link_with(ns, &in.did, &b, &d);
             replaced_done = 1;
+        } else if (in.stype != DT_DIR && inode_shard(ns, &in.sid) == s1) {
+            /* The moved file's ctime goes in the same batch: rsync's new
+             * files (a temporary name is placed as its final name). */
+            struct touch t = {0, 0};
+            rc = inode_cas(ns, &in.sid, &b, touch_mutate, &t, NULL);
+            moved_done = 1;
         } else {
             rc = shard_apply(s1, &b);
         }
@@ -1123,7 +1156,7 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
         inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
     if (in.stype == DT_DIR)
         fix_moved_dir(ns, &in.sid, odir, ndir);
-    else
+    else if (!moved_done)
         inode_touch(ns, &in.sid, 0, 0);
     inode_touch(ns, odir, 0, 1);
     if (memcmp(odir, ndir, sizeof(*odir)) != 0)

@@ -61,6 +61,11 @@ unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const cha
 unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);
 
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out);
+/* ns_getattr, or the inode as this process read or wrote it at most
+ * max_age_ms ago (attribute caching, for a kernel that asks again); *age_ms
+ * says how old the answer is (0: read now). */
+int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
+                      struct inode *out, unsigned *age_ms);
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out);
 /* The entry alone: the id and the DT_* type name names in dir (one read,
