@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "record.h"
 
@@ -108,12 +109,8 @@ static double mono_now(void)
 static struct dir_slot *dir_slot_of(struct kv_api *api, const struct ino_id *parent,
                                     const char *name, size_t nlen)
 {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    uint64_t h = XXH3_64bits_withSeed(name, nlen, XXH3_64bits(parent, sizeof(*parent)));
 
-    for (size_t i = 0; i < sizeof(*parent); i++)
-        h = (h ^ parent->b[i]) * 1099511628211ull;
-    for (size_t i = 0; i < nlen; i++)
-        h = (h ^ (uint8_t)name[i]) * 1099511628211ull;
     return &api->dirs[h % KV_DIR_SLOTS];
 }
 

@@ -419,7 +419,7 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
         goto out;
-    if (!cfg.secret[0] || !cfg.nodes[node].url[0]) {
+    if (!server_wanted(node)) {
         snprintf(err, sizeof(err), "serve needs a [cluster] secret and a url for node %.64s",
                  cfg.nodes[node].name);
         goto out;

@@ -41,6 +41,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -335,25 +336,18 @@ static void guess_set(struct ns *ns, const struct inode *ino)
     g->seen_ms = monotonic_ms();
 }
 
-/* With the stripe lock held: 0 and the guess for id, or -ENOENT. */
-static int guess_get(struct ns *ns, const struct ino_id *id, struct inode *out)
+/* With the stripe lock held: 0 and the guess for id (and its age in ms, if
+ * age_ms is not NULL), or -ENOENT. */
+static int guess_get(struct ns *ns, const struct ino_id *id, struct inode *out, uint64_t *age_ms)
 {
     struct inode_guess *g = &ns->guesses[stripe_index(id)];
 
     if (!g->valid || memcmp(&g->ino.id, id, sizeof(*id)) != 0)
         return -ENOENT;
     *out = g->ino;
+    if (age_ms)
+        *age_ms = monotonic_ms() - g->seen_ms;
     return 0;
-}
-
-/* With the stripe lock held: the guess's age in ms (UINT64_MAX: none). */
-static uint64_t guess_age_ms(struct ns *ns, const struct ino_id *id)
-{
-    struct inode_guess *g = &ns->guesses[stripe_index(id)];
-
-    if (!g->valid || memcmp(&g->ino.id, id, sizeof(*id)) != 0)
-        return UINT64_MAX;
-    return monotonic_ms() - g->seen_ms;
 }
 
 /* Remember what was just read or created (takes the stripe lock). */
@@ -426,7 +420,7 @@ static int inode_cas(struct ns *ns, const struct ino_id *id, const struct batch 
     for (int tries = 0;; tries++) {
         int put;
 
-        rc = tries == 0 ? guess_get(ns, id, &ino) : -ENOENT;
+        rc = tries == 0 ? guess_get(ns, id, &ino, NULL) : -ENOENT;
         if (rc)
             rc = inode_get(ns, id, &ino);
         if (rc)
@@ -495,16 +489,18 @@ static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, 
 int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
                       struct inode *out, unsigned *age_ms)
 {
-    uint64_t age;
-    int rc = -ENOENT;
+    uint64_t age = 0;
+    int rc;
 
     lock_inode(ns, id);
-    age = guess_age_ms(ns, id);
-    if (age <= max_age_ms)
-        rc = guess_get(ns, id, out);
+    rc = guess_get(ns, id, out, &age);
     unlock_inode(ns, id);
-    *age_ms = rc ? 0 : (unsigned)age;
-    return rc ? ns_getattr(ns, id, out) : 0;
+    if (rc == 0 && age <= max_age_ms) {
+        *age_ms = (unsigned)age;
+        return 0;
+    }
+    *age_ms = 0;
+    return ns_getattr(ns, id, out);
 }
 
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
@@ -575,12 +571,10 @@ static int parent_check(struct ns *ns, const struct ino_id *dir, struct inode *p
  * out if the directory is no longer fit. */
 static int parent_check_for_create(struct ns *ns, const struct ino_id *dir, struct inode *parent)
 {
-    int rc;
+    unsigned age;
+    int rc = ns_getattr_recent(ns, dir, UINT_MAX, parent, &age);
 
-    lock_inode(ns, dir);
-    rc = guess_get(ns, dir, parent);
-    unlock_inode(ns, dir);
-    return rc ? parent_check(ns, dir, parent) : parent_ok(parent);
+    return rc ? rc : parent_ok(parent);
 }
 
 /* After a new entry is in place: bump the parent's times (and nlink), or back
