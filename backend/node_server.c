@@ -516,6 +516,52 @@ static void op_get(struct shard *sh, const char *uri, const uint8_t *key, size_t
     node_response_header(r, WIRE_HDR_VLEN, "%zu", vlen);
 }
 
+/* Several reads as of one moment (wire.h, getv): each value into its part of
+ * one slab, then the reply encoded from them. */
+static void op_getv(struct shard *sh, const uint8_t *body, size_t len, struct node_response *r)
+{
+    struct shard_read rd[SHARD_READS_MAX];
+    uint8_t *slab = NULL, *out = NULL;
+    size_t total = 0;
+    unsigned n = 0;
+    int rc = wire_getv_request_decode(body, len, rd, &n);
+
+    if (rc) {
+        resp_error(r, rc, "malformed getv body");
+        return;
+    }
+    for (unsigned i = 0; i < n; i++)
+        total += rd[i].buflen > SHARD_READ_VALUE_MAX ? SHARD_READ_VALUE_MAX : rd[i].buflen;
+    slab = malloc(total ? total : 1);
+    if (!slab) {
+        resp_error(r, -ENOMEM, "out of memory");
+        return;
+    }
+    total = 0;
+    for (unsigned i = 0; i < n; i++) {
+        rd[i].buf = rd[i].buflen ? slab + total : NULL;
+        total += rd[i].buflen > SHARD_READ_VALUE_MAX ? SHARD_READ_VALUE_MAX : rd[i].buflen;
+    }
+    rc = shard_get_many(sh, rd, n);
+    if (rc) {
+        resp_error(r, rc, "getv: %s", strerror(-rc));
+        goto out;
+    }
+    len = wire_getv_reply_size(rd, n);
+    out = malloc(len ? len : 1);
+    if (!out) {
+        resp_error(r, -ENOMEM, "out of memory");
+        goto out;
+    }
+    wire_getv_reply_encode(out, rd, n);
+    resp_status(r, 200);
+    r->body = out;
+    r->len = len;
+    r->content_type = "application/octet-stream";
+out:
+    free(slab);
+}
+
 struct scan_ctx {
     uint8_t *buf;
     size_t len, cap;
@@ -721,6 +767,9 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
         return;
     case WIRE_OP_STAT:
         op_stat(sh, r);
+        return;
+    case WIRE_OP_GETV:
+        op_getv(sh, in->body, in->body_len, r);
         return;
     }
     resp_error(r, -EINVAL, "unknown op");

@@ -34,6 +34,24 @@ struct shard;
 typedef int (*shard_scan_fn)(void *ctx, const uint8_t *key, size_t klen, const uint8_t *val,
                              size_t vlen);
 
+/* One read of shard_get_many(). The key is key[0..klen), followed, when link
+ * is not 0, by the first link bytes of the previous read's value (a pointer
+ * chase: a directory entry names the inode to read next). The value's first
+ * buflen bytes (at most SHARD_READ_VALUE_MAX) land in buf. */
+#define SHARD_READS_MAX 16u
+#define SHARD_READ_VALUE_MAX (64u << 10)
+struct shard_read {
+    const uint8_t *key;
+    size_t klen;
+    size_t link;
+    void *buf;
+    size_t buflen;
+    /* out */
+    int rc;                 /* 0, -ENOENT (or the linked read's was), -EINVAL */
+    size_t len;             /* bytes copied into buf */
+    size_t vlen;            /* the whole value's length */
+};
+
 struct shard_stat {
     uint64_t records;       /* keys in the shard */
     uint64_t bytes;         /* bytes used by the store */
@@ -54,6 +72,12 @@ struct shard_ops {
     int (*apply)(struct shard *s, const struct batch *b);
     /* MUST: make every applied batch durable against power loss. */
     int (*sync)(struct shard *s);
+    /* MAY: do n (1..SHARD_READS_MAX) reads as of one moment: one round trip
+     * for a remote shard. Each read's outcome is in its rc; the call returns
+     * 0, or a negative errno when none could be done (-EINVAL for a bad
+     * list, the transport's errors). Without it, shard_get_many() does the
+     * reads one get at a time. */
+    int (*get_many)(struct shard *s, struct shard_read *r, unsigned n);
     /* MAY: fill counters; -ENOSYS if unknown. */
     int (*stat)(struct shard *s, struct shard_stat *st);
     /* MUST: flush, sync and free; s is gone afterwards. NULL-safe in wrapper. */
@@ -86,6 +110,16 @@ static inline int shard_sync(struct shard *s)
 {
     return s->ops->sync(s);
 }
+/* The key of read i of r, resolved (its link followed): 0 and the length in
+ * *klen, or the read's rc when it cannot be made (the linked read failed:
+ * -ENOENT; too short a value, a bad or over-long key: -EINVAL). */
+int shard_read_key(const struct shard_read *r, unsigned i, uint8_t out[BATCH_KEY_MAX],
+                   size_t *klen);
+/* Check a read list before doing it: 0 or -EINVAL. */
+int shard_reads_check(const struct shard_read *r, unsigned n);
+/* s->ops->get_many, or the reads one get at a time when s has none. */
+int shard_get_many(struct shard *s, struct shard_read *r, unsigned n);
+
 static inline int shard_stat(struct shard *s, struct shard_stat *st)
 {
     return s->ops->stat ? s->ops->stat(s, st) : -ENOSYS;

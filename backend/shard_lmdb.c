@@ -561,6 +561,41 @@ out:
     return rc;
 }
 
+/* All reads in the one transaction, under the one lock: as of one moment. */
+static int lmdb_get_many(struct shard *s, struct shard_read *r, unsigned n)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    int rc;
+
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    for (unsigned i = 0; rc == 0 && i < n; i++) {
+        uint8_t key[BATCH_KEY_MAX];
+        MDB_val k = {.mv_data = key}, v;
+
+        r[i].len = r[i].vlen = 0;
+        r[i].rc = shard_read_key(r, i, key, &k.mv_size);
+        if (r[i].rc)
+            continue;
+        rc = mdb_get(sl->txn, sl->dbi, &k, &v);
+        if (rc == MDB_NOTFOUND) {
+            r[i].rc = -ENOENT;
+            rc = 0;
+            continue;
+        }
+        if (rc) {
+            rc = shard_lmdb_errno(rc);
+            break;
+        }
+        r[i].vlen = v.mv_size;
+        r[i].len = v.mv_size < r[i].buflen ? v.mv_size : r[i].buflen;
+        if (r[i].len)
+            memcpy(r[i].buf, v.mv_data, r[i].len);
+    }
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
 static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void *end,
                      size_t elen, shard_scan_fn fn, void *ctx)
 {
@@ -888,6 +923,7 @@ fail:
 
 static const struct shard_ops shard_lmdb_ops = {
     .get = lmdb_get,
+    .get_many = lmdb_get_many,
     .scan = lmdb_scan,
     .apply = lmdb_apply,
     .sync = lmdb_sync,

@@ -1045,6 +1045,31 @@ int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, 
     return rc < 0 ? rc : 0;
 }
 
+/* The reads in one getv request; the reply is at most every value asked for
+ * plus 12 bytes each. */
+static int remote_get_many(struct shard *s, struct shard_read *r, unsigned n)
+{
+    struct shard_remote *sr = to_remote(s);
+    uint8_t body[SHARD_READS_MAX * (12 + BATCH_KEY_MAX)];
+    size_t cap = 0;
+    struct request q = {.method = "POST", .idempotent = 1, .keep_body = 1};
+    int rc;
+
+    for (unsigned i = 0; i < n; i++)
+        cap += 12 + r[i].buflen;
+    q.reply_max = cap;
+    q.body = body;
+    q.body_len = wire_getv_request_size(r, n);
+    wire_getv_request_encode(body, r, n);
+    rc = shard_path(&q, s->index, WIRE_OP_GETV, NULL);
+    if (rc == 0)
+        rc = remote_call(sr->r, (int)s->index, 0, &q);
+    if (rc == 0 && (q.status != 200 || wire_getv_reply_decode(q.reply, q.reply_len, r, n) != 0))
+        rc = -EIO;
+    request_free(&q);
+    return rc;
+}
+
 static int remote_apply(struct shard *s, const struct batch *b)
 {
     struct shard_remote *sr = to_remote(s);
@@ -1122,6 +1147,7 @@ static void remote_close(struct shard *s)
 
 static const struct shard_ops shard_remote_ops = {
     .get = remote_get,
+    .get_many = remote_get_many,
     .scan = remote_scan,
     .apply = remote_apply,
     .sync = remote_sync,

@@ -37,7 +37,7 @@
 
 static const char *const op_names[] = {
     [WIRE_OP_GET] = "get",   [WIRE_OP_SCAN] = "scan", [WIRE_OP_APPLY] = "apply",
-    [WIRE_OP_SYNC] = "sync", [WIRE_OP_STAT] = "stat",
+    [WIRE_OP_SYNC] = "sync", [WIRE_OP_STAT] = "stat", [WIRE_OP_GETV] = "getv",
 };
 #define OP_COUNT (sizeof(op_names) / sizeof(op_names[0]))
 
@@ -212,6 +212,111 @@ void wire_scan_request_encode(uint8_t *out, const void *start, size_t slen, cons
         put_lv(out, end, elen);
     else
         endian_put_le(out, NO_END, 4);
+}
+
+/* ---- getv ---- */
+
+size_t wire_getv_request_size(const struct shard_read *r, unsigned n)
+{
+    size_t len = 0;
+
+    for (unsigned i = 0; i < n; i++)
+        len += 12 + r[i].klen;
+    return len;
+}
+
+void wire_getv_request_encode(uint8_t *out, const struct shard_read *r, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        endian_put_le(out, r[i].klen, 4);
+        memcpy(out + 4, r[i].key, r[i].klen);
+        out += 4 + r[i].klen;
+        endian_put_le(out, r[i].link, 4);
+        endian_put_le(out + 4, r[i].buflen, 4);
+        out += 8;
+    }
+}
+
+int wire_getv_request_decode(const uint8_t *buf, size_t len, struct shard_read *r, unsigned *n)
+{
+    size_t p = 0;
+    unsigned i = 0;
+
+    if (!buf)
+        return -EINVAL;
+    while (p < len) {
+        size_t klen;
+
+        if (i == SHARD_READS_MAX || len - p < 4)
+            return -EINVAL;
+        klen = (size_t)endian_get_le(buf + p, 4);
+        p += 4;
+        if (klen > BATCH_KEY_MAX || len - p < klen + 8)
+            return -EINVAL;
+        memset(&r[i], 0, sizeof(r[i]));
+        r[i].key = buf + p;
+        r[i].klen = klen;
+        p += klen;
+        r[i].link = (size_t)endian_get_le(buf + p, 4);
+        r[i].buflen = (size_t)endian_get_le(buf + p + 4, 4);
+        p += 8;
+        i++;
+    }
+    *n = i;
+    return i ? 0 : -EINVAL; /* the rest is shard_reads_check()'s */
+}
+
+size_t wire_getv_reply_size(const struct shard_read *r, unsigned n)
+{
+    size_t len = 0;
+
+    for (unsigned i = 0; i < n; i++)
+        len += 12 + (r[i].rc ? 0 : r[i].len);
+    return len;
+}
+
+void wire_getv_reply_encode(uint8_t *out, const struct shard_read *r, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        size_t len = r[i].rc ? 0 : r[i].len;
+
+        endian_put_le(out, (uint32_t)-r[i].rc, 4);
+        endian_put_le(out + 4, r[i].rc ? 0 : r[i].vlen, 4);
+        endian_put_le(out + 8, len, 4);
+        if (len)
+            memcpy(out + 12, r[i].buf, len);
+        out += 12 + len;
+    }
+}
+
+int wire_getv_reply_decode(const uint8_t *buf, size_t len, struct shard_read *r, unsigned n)
+{
+    size_t p = 0;
+
+    for (unsigned i = 0; i < n; i++) {
+        uint32_t err, vlen, got;
+
+        if (!buf || len - p < 12)
+            return -EINVAL;
+        err = (uint32_t)endian_get_le(buf + p, 4);
+        vlen = (uint32_t)endian_get_le(buf + p + 4, 4);
+        got = (uint32_t)endian_get_le(buf + p + 8, 4);
+        p += 12;
+        if (err != 0 && err != ENOENT && err != EINVAL)
+            return -EINVAL;
+        if (got > r[i].buflen || got > vlen || len - p < got || (err && (got || vlen)))
+            return -EINVAL;
+        /* A short copy only when the value is longer than the buffer. */
+        if (got < r[i].buflen && got != vlen)
+            return -EINVAL;
+        r[i].rc = -(int)err;
+        r[i].vlen = vlen;
+        r[i].len = got;
+        if (got)
+            memcpy(r[i].buf, buf + p, got);
+        p += got;
+    }
+    return p == len ? 0 : -EINVAL;
 }
 
 int wire_scan_request_decode(const uint8_t *buf, size_t len, const uint8_t **start, size_t *slen,

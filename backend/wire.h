@@ -14,6 +14,10 @@
  *            it may reach one value's size): the client continues from the
  *            next possible key: the last key + "\0", or for a 511-byte key its
  *            last byte incremented with carry
+ *   POST /v1/shard/N/getv              body: 1..SHARD_READS_MAX reads, each
+ *            u32le klen, key, u32le link, u32le buflen (shard.h's shard_read)
+ *        200 body: per read u32le errno (0, ENOENT, EINVAL), u32le vlen,
+ *            u32le len, the value's first len bytes; all read as of one moment
  *   POST /v1/shard/N/apply             body: an encoded batch (batch.h)
  *        204, or 409 with X-Shardfs-Errno: EEXIST | EAGAIN (a precondition)
  *   POST /v1/shard/N/sync              204 once everything applied is durable
@@ -51,6 +55,7 @@
 #include <stdint.h>
 
 #include "batch.h"
+#include "shard.h"
 
 #define WIRE_HDR_EPOCH "X-Shardfs-Epoch"
 #define WIRE_HDR_DATE "X-Shardfs-Date"
@@ -73,6 +78,7 @@ enum wire_op {
     WIRE_OP_APPLY,
     WIRE_OP_SYNC,
     WIRE_OP_STAT,
+    WIRE_OP_GETV,
 };
 
 /* "/v1/shard/N/op" -> shard and op. Returns 0, or -EINVAL (malformed) or
@@ -106,6 +112,20 @@ int wire_scan_reply_next(const uint8_t *buf, size_t len, size_t *pos, const uint
 size_t wire_scan_record_size(size_t klen, size_t vlen);
 void wire_scan_record_encode(uint8_t *out, const void *key, size_t klen, const void *val,
                              size_t vlen);
+
+/* getv request body. decode points r[i].key into buf and sets klen, link
+ * and buflen (buf NULL; the list is checked when it is done:
+ * shard_reads_check); -EINVAL for a malformed or empty body. */
+size_t wire_getv_request_size(const struct shard_read *r, unsigned n);
+void wire_getv_request_encode(uint8_t *out, const struct shard_read *r, unsigned n);
+int wire_getv_request_decode(const uint8_t *buf, size_t len, struct shard_read *r, unsigned *n);
+/* getv reply body, from reads done. decode fills rc, vlen and len of the n
+ * reads asked for and copies each value into its buf; -EINVAL for a reply
+ * that does not match what was asked (a value longer than asked, too few
+ * or too many reads, a bad errno). */
+size_t wire_getv_reply_size(const struct shard_read *r, unsigned n);
+void wire_getv_reply_encode(uint8_t *out, const struct shard_read *r, unsigned n);
+int wire_getv_reply_decode(const uint8_t *buf, size_t len, struct shard_read *r, unsigned n);
 
 /* The one status <-> errno translation. errno_hdr may be NULL. */
 int wire_errno_of_status(long status, const char *errno_hdr);

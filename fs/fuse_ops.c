@@ -266,7 +266,12 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
     struct inode ino;
-    int rc = ns_lookup(fs->ns, &node_of(fs, parent)->id, name, strlen(name), &ino);
+    /* The kernel asks again for a rename's target (and an exclusive
+     * create's name) whatever its negative entry says; a name found
+     * missing within the negative timeout is missing still, as far as the
+     * kernel's own cache would have it. */
+    int rc = ns_lookup_recent(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                              (unsigned)(fs->negative_timeout * 1000), &ino);
 
     if (rc == -ENOENT) {
         /* A negative entry: the kernel remembers the name is free. */
@@ -802,7 +807,10 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    reply_xattr(req, ns_getxattr(fs->ns, &node_of(fs, ino)->id, name, buf, size), buf, size);
+    reply_xattr(req,
+                ns_getxattr_recent(fs->ns, &node_of(fs, ino)->id, name, buf, size,
+                                   (unsigned)(fs->attr_timeout * 1000)),
+                buf, size);
     free(buf);
 }
 
@@ -837,16 +845,20 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
         /* Other nodes write too: close-to-open, as NFS does it. Every open
          * drops the file's cached pages and its cached attributes (an
          * invalidation in op_open), so what another node closed is what
-         * is read; a name found missing is asked for again. Otherwise
-         * names and attributes are kept for cache_timeout: a stale name
-         * leads to a vanished inode, which answers ESTALE and makes the
-         * kernel look the name up again. Asking for attributes on every
-         * stat, and for every directory of every path walked (with
-         * default_permissions), was most of the round trips of an rsync
-         * (measured: 50 gets a file, then 14 with directories cached). */
+         * is read. Otherwise names, missing names and attributes are kept
+         * for cache_timeout: a stale name leads to a vanished inode, which
+         * answers ESTALE and makes the kernel look the name up again; a
+         * name another node creates shows here at most cache_timeout after
+         * this node last found it missing (NFS keeps a missing name until
+         * the directory's attributes time out, 30 s and more). Asking for
+         * attributes on every stat, and for every directory of every path
+         * walked (with default_permissions), was most of the round trips
+         * of an rsync (measured: 50 gets a file, then 14 with directories
+         * cached); a missing name is looked up three times a file by rsync
+         * (generator's lstat, receiver's open, rename's target). */
         fs->attr_timeout = cache_timeout;
         fs->dir_attr_timeout = cache_timeout;
-        fs->negative_timeout = 0;
+        fs->negative_timeout = cache_timeout;
         fs->keep_cache = 0;
     } else {
         fs->attr_timeout = cache_timeout;

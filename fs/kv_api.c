@@ -292,10 +292,13 @@ static int get_file(struct kv_api *api, const struct inode *ino, int head, struc
     r->body = malloc(ino->size);
     if (!r->body)
         return -ENOMEM;
-    ssize_t n = ns_read(api->ns, &ino->id, 0, ino->size, r->body);
+    /* A file held in its inode record comes with the lookup (one read
+     * between nodes); a larger one is read anew and may have shrunk. */
+    ssize_t n = ino->size <= RECORD_INLINE_MAX ? ns_read_at(api->ns, ino, 0, ino->size, r->body)
+                                               : ns_read(api->ns, &ino->id, 0, ino->size, r->body);
     if (n < 0)
         return (int)n;
-    r->len = (size_t)n; /* it may have shrunk since the getattr */
+    r->len = (size_t)n;
     return 0;
 }
 

@@ -62,6 +62,7 @@
 
 #define LOCK_STRIPES 256
 #define XATTR_VALUE_MAX 65536
+_Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one shard_read");
 #define FILE_SIZE_MAX (1ull << 50) /* 1 PiB: chunk indexes stay far from overflow */
 #define STORE_FORMAT 1
 
@@ -76,6 +77,19 @@ struct ns {
     _Atomic uint64_t next_unique;
     pthread_mutex_t stripes[LOCK_STRIPES];
     struct inode_guess *guesses;    /* LOCK_STRIPES of them; see inode_cas() */
+    pthread_mutex_t missing_lock;
+    struct missing_name *missing;   /* MISSING_SLOTS of them; see ns_lookup_recent() */
+};
+
+/* A name found missing on a remote shard, and when. */
+#define MISSING_SLOTS 256
+struct missing_name {
+    int valid;
+    uint64_t version;   /* bumped by every local create of a name of this slot */
+    uint64_t seen_ms;   /* CLOCK_MONOTONIC */
+    struct ino_id dir;
+    uint8_t nlen;
+    char name[RECORD_NAME_MAX];
 };
 
 /* The record of a remote inode as this process last read or wrote it. */
@@ -520,6 +534,39 @@ int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size
     return entry_get(ns, dir, name, nlen, id, dtype);
 }
 
+/* An entry and, in the same read, the inode it names when that inode lives
+ * on the entry's shard (a name's inode is placed by the hash of the name
+ * that created it: every file not renamed since). 1 and *out when the inode
+ * came along; 0 when it is elsewhere (or was missing: read it again); or
+ * -errno for the entry. */
+static int entry_and_inode_get(struct ns *ns, const struct ino_id *dir, const char *name,
+                               size_t nlen, struct ino_id *id, uint8_t *dtype, struct inode *out)
+{
+    uint8_t key[RECORD_KEY_MAX], ival[RECORD_INODE_MAX], eval[RECORD_ENTRY_LEN + 1];
+    uint8_t ikey = REC_INODE;
+    struct shard *s = entry_shard(ns, dir, name, nlen);
+    struct shard_read r[2] = {
+        {.key = key, .klen = record_entry_key(key, dir, name, nlen), .buf = eval,
+         .buflen = sizeof(eval)},
+        {.key = &ikey, .klen = 1, .link = RECORD_ID_LEN, .buf = ival, .buflen = sizeof(ival)},
+    };
+    int rc = shard_get_many(s, r, 2);
+
+    if (rc)
+        return rc;
+    if (r[0].rc)
+        return r[0].rc;
+    rc = record_entry_decode(eval, r[0].len, id, dtype);
+    if (rc)
+        return rc;
+    if (inode_shard(ns, id) != s || r[1].rc)
+        return 0;
+    if (r[1].vlen > sizeof(ival))
+        return -EIO;
+    rc = record_inode_decode(ival, r[1].len, id, out);
+    return rc ? rc : 1;
+}
+
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out)
 {
@@ -529,7 +576,11 @@ int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
 
     if (nlen > RECORD_NAME_MAX)
         return -ENAMETOOLONG;
-    rc = entry_get(ns, dir, name, nlen, &id, &dtype);
+    rc = entry_and_inode_get(ns, dir, name, nlen, &id, &dtype, out);
+    if (rc == 1) {
+        guess_note(ns, out);
+        return 0;
+    }
     /* Entry and inode are read in two steps; a rename replacing this name
      * may free the old inode in between. Re-read the entry then: only an
      * entry that still names a missing inode is really dangling (fsck). */
@@ -545,6 +596,70 @@ int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
         id = again;
     }
     return rc ? rc : -ENOENT;
+}
+
+/* Missing names: a name a lookup found missing on a remote shard is
+ * remembered in one of MISSING_SLOTS slots (by the name's hash), so that a
+ * lookup soon after can say so again without asking; the kernel asks again
+ * whatever its own cache says before a rename, for the target. Any name this
+ * process creates bumps its slot's version first thing after the create, and
+ * a lookup stores its "missing" only if the version did not move while it
+ * read: a create racing a lookup never leaves a stale "missing" behind. A
+ * name another node creates may be reported missing for max_age_ms, as the
+ * kernel's own negative entries do. */
+static struct missing_name *missing_slot(struct ns *ns, const struct ino_id *dir,
+                                         const char *name, size_t nlen)
+{
+    return &ns->missing[(entry_hash(dir, name, nlen) >> 32) % MISSING_SLOTS];
+}
+
+static int missing_is(const struct missing_name *m, const struct ino_id *dir, const char *name,
+                      size_t nlen)
+{
+    return m->valid && m->nlen == nlen && memcmp(&m->dir, dir, sizeof(*dir)) == 0 &&
+           memcmp(m->name, name, nlen) == 0;
+}
+
+static void missing_forget(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen)
+{
+    struct missing_name *m = missing_slot(ns, dir, name, nlen);
+
+    pthread_mutex_lock(&ns->missing_lock);
+    m->version++;
+    m->valid = 0;
+    pthread_mutex_unlock(&ns->missing_lock);
+}
+
+int ns_lookup_recent(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                     unsigned max_age_ms, struct inode *out)
+{
+    struct missing_name *m;
+    uint64_t version;
+    int rc;
+
+    if (nlen > RECORD_NAME_MAX || ns_shard_is_local(ns, ns_entry_shard(ns, dir, name, nlen)))
+        return ns_lookup(ns, dir, name, nlen, out);
+    m = missing_slot(ns, dir, name, nlen);
+    pthread_mutex_lock(&ns->missing_lock);
+    if (missing_is(m, dir, name, nlen) && monotonic_ms() - m->seen_ms <= max_age_ms) {
+        pthread_mutex_unlock(&ns->missing_lock);
+        return -ENOENT;
+    }
+    version = m->version;
+    pthread_mutex_unlock(&ns->missing_lock);
+    rc = ns_lookup(ns, dir, name, nlen, out);
+    if (rc != -ENOENT)
+        return rc;
+    pthread_mutex_lock(&ns->missing_lock);
+    if (m->version == version) {
+        m->valid = 1;
+        m->seen_ms = monotonic_ms();
+        m->dir = *dir;
+        m->nlen = (uint8_t)nlen;
+        memcpy(m->name, name, nlen);
+    }
+    pthread_mutex_unlock(&ns->missing_lock);
+    return rc;
 }
 
 /* ---- create ---- */
@@ -630,6 +745,7 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     }
     ino->rdev = rdev;
     ino->nlink = S_ISDIR(mode) ? 2 : 1;
+    ino->flags = INODE_NO_XATTR;
     ino->atime = ino->mtime = ino->ctime = now_ts();
     ino->parent = *dir;
     if (target) {
@@ -642,6 +758,7 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     batch_entry(&b, BATCH_PUT, dir, name, nlen, &ino->id, dtype_of(mode));
     batch_put_inode(&b, ino);
     rc = apply_batch(shard_at(ns, h), &b);
+    missing_forget(ns, dir, name, nlen);
     if (rc)
         return rc;
     guess_note(ns, ino);
@@ -869,6 +986,7 @@ int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, c
         if (rc)
             inode_touch(ns, id, -1, 0);
     }
+    missing_forget(ns, ndir, name, nlen);
     if (rc == 0)
         inode_touch(ns, ndir, 0, 1);
     return rc;
@@ -1058,13 +1176,44 @@ static int rename_target_ok(struct ns *ns, struct intent *in)
     return 0;
 }
 
+/* The source entry (its errors returned) and the target entry (its result
+ * in *dst_rc); in one read when both names live on one shard, as rsync's
+ * temporary and final names do. */
+static int rename_entries_get(struct ns *ns, struct intent *in, int *dst_rc)
+{
+    uint8_t skey[RECORD_KEY_MAX], dkey[RECORD_KEY_MAX];
+    uint8_t sval[RECORD_ENTRY_LEN + 1], dval[RECORD_ENTRY_LEN + 1];
+    struct shard *s1 = entry_shard(ns, &in->sdir, in->sname, in->slen);
+    struct shard_read r[2] = {
+        {.key = skey, .klen = record_entry_key(skey, &in->sdir, in->sname, in->slen),
+         .buf = sval, .buflen = sizeof(sval)},
+        {.key = dkey, .klen = record_entry_key(dkey, &in->ddir, in->dname, in->dlen),
+         .buf = dval, .buflen = sizeof(dval)},
+    };
+    int rc;
+
+    if (s1 != entry_shard(ns, &in->ddir, in->dname, in->dlen)) {
+        rc = entry_get(ns, &in->sdir, in->sname, in->slen, &in->sid, &in->stype);
+        if (rc == 0)
+            *dst_rc = entry_get(ns, &in->ddir, in->dname, in->dlen, &in->did, &in->dtype);
+        return rc;
+    }
+    rc = shard_get_many(s1, r, 2);
+    if (rc == 0)
+        rc = r[0].rc ? r[0].rc : record_entry_decode(sval, r[0].len, &in->sid, &in->stype);
+    if (rc)
+        return rc;
+    *dst_rc = r[1].rc ? r[1].rc : record_entry_decode(dval, r[1].len, &in->did, &in->dtype);
+    return 0;
+}
+
 int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
               const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
               ns_is_open_fn is_open, void *ctx)
 {
     struct intent in;
     struct inode parent;
-    int rc = check_name(oname, olen);
+    int dst_rc = 0, rc = check_name(oname, olen);
 
     if (rc == 0)
         rc = check_name(nname, nlen);
@@ -1080,13 +1229,17 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     in.dlen = (uint8_t)nlen;
     memcpy(in.sname, oname, olen);
     memcpy(in.dname, nname, nlen);
-    rc = entry_get(ns, odir, oname, olen, &in.sid, &in.stype);
+    rc = rename_entries_get(ns, &in, &dst_rc);
     if (rc)
         return rc;
-    rc = parent_check(ns, ndir, &parent);
-    if (rc)
-        return rc;
-    rc = entry_get(ns, ndir, nname, nlen, &in.did, &in.dtype);
+    /* Within one directory the source entry, there until the rename's own
+     * batch, keeps the directory alive (rmdir would find it not empty). */
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
+        rc = parent_check(ns, ndir, &parent);
+        if (rc)
+            return rc;
+    }
+    rc = dst_rc;
     if (rc == -ENOENT) {
         in.dtype = DT_UNKNOWN;
         if (flags & NS_RENAME_EXCHANGE)
@@ -1098,6 +1251,8 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     }
     if (in.dtype != DT_UNKNOWN && memcmp(&in.sid, &in.did, sizeof(in.sid)) == 0)
         return 0; /* two names of one inode: rename(2) does nothing */
+    /* Whatever happens next, the target name may exist from now on. */
+    missing_forget(ns, ndir, nname, nlen);
     if (in.kind == 2)
         return rename_exchange(ns, &in);
     if (in.stype == DT_DIR && is_within(ns, ndir, &in.sid))
@@ -1139,6 +1294,7 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     } else {
         rc = rename_across(ns, &in);
     }
+    missing_forget(ns, ndir, nname, nlen); /* again: a lookup may have raced the rename */
     if (rc) {
         if (in.dtype == DT_DIR)
             set_dying(ns, &in.did, 0);
@@ -1304,20 +1460,26 @@ static ssize_t read_chunks_scan(struct ns *ns, const struct ino_id *id, uint64_t
 ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
 {
     struct inode ino;
-    uint8_t key[RECORD_KEY_MAX];
-    size_t done = 0, n;
     int rc = inode_get(ns, id, &ino);
 
-    if (rc)
-        return rc;
-    if (S_ISDIR(ino.mode))
+    return rc ? rc : ns_read_at(ns, &ino, off, size, buf);
+}
+
+ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t size, void *buf)
+{
+    const struct ino_id *id = &ino->id;
+    uint8_t key[RECORD_KEY_MAX];
+    size_t done = 0, n;
+    int rc;
+
+    if (S_ISDIR(ino->mode))
         return -EISDIR;
-    if (off >= ino.size)
+    if (off >= ino->size)
         return 0;
-    n = (size_t)min_sz(size, ino.size - off);
-    if (ino.size <= RECORD_INLINE_MAX) {
-        size_t have = off < ino.tail_len ? min_sz(n, ino.tail_len - off) : 0;
-        memcpy(buf, ino.tail + off, have);
+    n = (size_t)min_sz(size, ino->size - off);
+    if (ino->size <= RECORD_INLINE_MAX) {
+        size_t have = off < ino->tail_len ? min_sz(n, ino->tail_len - off) : 0;
+        memcpy(buf, ino->tail + off, have);
         memset((uint8_t *)buf + have, 0, n - have);
         return (ssize_t)n;
     }
@@ -1584,6 +1746,7 @@ static int xattr_change(struct ns *ns, struct batch *b, struct inode *ino, const
     if (!x->value) {
         batch_del(b, x->key, x->klen);
     } else {
+        ino->flags &= ~INODE_NO_XATTR;
         if (x->flags & XATTR_CREATE)
             batch_add(b, BATCH_ASSERT_ABSENT, x->key, x->klen, NULL, 0);
         batch_put(b, x->key, x->klen, x->value, x->size);
@@ -1611,26 +1774,53 @@ int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const 
 ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
                     size_t size)
 {
-    uint8_t key[RECORD_KEY_MAX];
-    size_t nlen, vlen = 0;
+    uint8_t xkey[RECORD_KEY_MAX], ikey[RECORD_KEY_MAX];
+    size_t nlen;
     int rc = xattr_name_ok(name, &nlen);
 
     /* Unsupported namespaces answer EOPNOTSUPP, not ENODATA: tools such as
      * ls remember that per filesystem and stop asking for every file. */
     if (rc)
         return rc;
-    rc = shard_get(inode_shard(ns, id), key, record_xattr_key(key, id, name, nlen), 0, value,
-                   size, &vlen);
-    if (rc == -ENOENT) {
-        struct inode ino;
-        rc = inode_get(ns, id, &ino);
+    /* The inode comes along (no bytes of it) to tell a missing attribute
+     * (ENODATA) from a missing file (ENOENT) in the same read. */
+    struct shard_read r[2] = {
+        {.key = xkey, .klen = record_xattr_key(xkey, id, name, nlen), .buf = value,
+         .buflen = min_sz(size, SHARD_READ_VALUE_MAX)},
+        {.key = ikey, .klen = record_inode_key(ikey, id)},
+    };
+    rc = shard_get_many(inode_shard(ns, id), r, 2);
+    if (rc)
+        return rc;
+    if (r[0].rc == -ENOENT)
+        return r[1].rc ? r[1].rc : -ENODATA;
+    if (r[0].rc)
+        return r[0].rc;
+    if (size && r[0].vlen > size)
+        return -ERANGE;
+    if (size && r[0].len < r[0].vlen)
+        return -EIO; /* no attribute value is over SHARD_READ_VALUE_MAX */
+    return (ssize_t)r[0].vlen;
+}
+
+ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+                           size_t size, unsigned max_age_ms)
+{
+    struct inode ino;
+    uint64_t age = 0;
+    int rc = -ENOENT;
+
+    if (inode_is_remote(ns, id)) {
+        lock_inode(ns, id);
+        rc = guess_get(ns, id, &ino, &age);
+        unlock_inode(ns, id);
+    }
+    if (rc == 0 && age <= max_age_ms && (ino.flags & INODE_NO_XATTR)) {
+        size_t nlen;
+        rc = xattr_name_ok(name, &nlen);
         return rc ? rc : -ENODATA;
     }
-    if (rc < 0)
-        return rc;
-    if (size && vlen > size)
-        return -ERANGE;
-    return (ssize_t)vlen;
+    return ns_getxattr(ns, id, name, value, size);
 }
 
 struct xlist {
@@ -2076,8 +2266,10 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
     snprintf(ns->data_dir, sizeof(ns->data_dir), "%s", cfg->nodes[node].data_dir);
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_init(&ns->stripes[i], NULL);
+    pthread_mutex_init(&ns->missing_lock, NULL);
     ns->guesses = calloc(LOCK_STRIPES, sizeof(*ns->guesses));
-    if (!ns->guesses) {
+    ns->missing = calloc(MISSING_SLOTS, sizeof(*ns->missing));
+    if (!ns->guesses || !ns->missing) {
         rc = -ENOMEM;
         goto fail;
     }
@@ -2155,6 +2347,8 @@ void ns_close(struct ns *ns)
         close(ns->lock_fd);
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_destroy(&ns->stripes[i]);
+    pthread_mutex_destroy(&ns->missing_lock);
     free(ns->guesses);
+    free(ns->missing);
     free(ns);
 }

@@ -68,6 +68,11 @@ int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_m
                       struct inode *out, unsigned *age_ms);
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out);
+/* ns_lookup, or -ENOENT at once when this process found the name missing
+ * at most max_age_ms ago and created no such name since (names on remote
+ * shards only). */
+int ns_lookup_recent(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                     unsigned max_age_ms, struct inode *out);
 /* The entry alone: the id and the DT_* type name names in dir (one read,
  * where ns_lookup makes two), for walking through directories. */
 int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
@@ -112,6 +117,10 @@ int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *
 
 /* Read up to size bytes at off into buf; holes read as zeros. Returns bytes. */
 ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf);
+/* ns_read as of the inode record ino, read before (by ns_lookup, say): a
+ * file small enough to be held in the record is read from ino alone, a
+ * larger one from its chunks as they are now. */
+ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t size, void *buf);
 /* Write size bytes at off (at the end of the file when append); returns bytes
  * written, and the file's new size in *new_size when not NULL. */
 ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *buf,
@@ -125,6 +134,11 @@ int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const 
                 size_t size, int flags);
 ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
                     size_t size);
+/* ns_getxattr, or -ENODATA at once when the inode as this process read or
+ * wrote it at most max_age_ms ago promised no xattrs (INODE_NO_XATTR): the
+ * kernel asks for security.capability before every write(2). */
+ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+                           size_t size, unsigned max_age_ms);
 ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size);
 int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name);
 

@@ -51,6 +51,9 @@ enum record_type {
 
 /* Inode flags (persistent). */
 #define INODE_DYING 0x1u    /* rmdir/rename-over in progress: no new entries */
+#define INODE_NO_XATTR 0x2u /* made without xattrs and none set since (a
+                             * getxattr need not look); records written
+                             * before this flag existed never promise it */
 
 struct ino_id {
     uint8_t b[RECORD_ID_LEN];

@@ -9,7 +9,10 @@
  *   1  wire_scan_request_decode: a valid body re-encodes to the input
  *   2  wire_scan_reply_next: every record re-encodes to the bytes it took
  *   3  wire_parse_shard_path: a parsed path prints back as the input
- *   any other value: a run of requests to a node_server made with
+ *   4  wire_getv_request_decode: a valid body re-encodes to the input
+ *   5  wire_getv_reply_decode, for three reads of up to 64 bytes each: a
+ *      reply it takes re-encodes to the input
+ *   any other value (the seeds use 0xff): a run of requests to a node_server made with
  *      node_server_new() (no socket) over a real LMDB shard in a temp dir,
  *      through node_server_precheck() and node_server_handle(), the code the
  *      libmicrohttpd callbacks run
@@ -30,7 +33,8 @@
  * only 401 or 413; every status is 200-599; a 3xx has a Location; header
  * strings are NUL-terminated without control characters (a redirect repeats
  * the request target); a scan reply decodes and is in key order within
- * [start, end); a get reply carries X-Shardfs-Vlen. A failed check abort()s,
+ * [start, end); a get reply carries X-Shardfs-Vlen; a getv reply decodes
+ * for the reads asked. A failed check abort()s,
  * which libFuzzer reports with the reproducer's path.
  *
  * SHARDFS_FUZZ_VERBOSE=1 prints each request and its status (for reading a
@@ -250,6 +254,51 @@ static void fuzz_shard_path(const uint8_t *data, size_t size)
         FAIL("shard path '%s' prints back as '%s'", path, again);
 }
 
+static void fuzz_getv_request(const uint8_t *data, size_t size)
+{
+    struct shard_read r[SHARD_READS_MAX];
+    unsigned n;
+    uint8_t *out;
+
+    if (wire_getv_request_decode(data, size, r, &n) < 0)
+        return;
+    if (n == 0 || n > SHARD_READS_MAX || wire_getv_request_size(r, n) != size)
+        FAIL("a decoded getv request of %u reads has the wrong size", n);
+    out = malloc(size);
+    if (!out)
+        abort();
+    wire_getv_request_encode(out, r, n);
+    if (memcmp(out, data, size) != 0)
+        FAIL("a getv request does not re-encode to itself");
+    free(out);
+}
+
+static void fuzz_getv_reply(const uint8_t *data, size_t size)
+{
+    struct shard_read r[3];
+    uint8_t bufs[3][64], *out;
+
+    memset(r, 0, sizeof(r));
+    for (unsigned i = 0; i < 3; i++) {
+        r[i].buf = bufs[i];
+        r[i].buflen = sizeof(bufs[i]);
+    }
+    if (wire_getv_reply_decode(data, size, r, 3) < 0)
+        return;
+    for (unsigned i = 0; i < 3; i++)
+        if (r[i].len > r[i].buflen || r[i].len > r[i].vlen || (r[i].rc && r[i].len))
+            FAIL("getv reply read %u: len %zu vlen %zu rc %d", i, r[i].len, r[i].vlen, r[i].rc);
+    if (wire_getv_reply_size(r, 3) != size)
+        FAIL("a decoded getv reply has the wrong size");
+    out = malloc(size ? size : 1);
+    if (!out)
+        abort();
+    wire_getv_reply_encode(out, r, 3);
+    if (memcmp(out, data, size) != 0)
+        FAIL("a getv reply does not re-encode to itself");
+    free(out);
+}
+
 /* ---- requests ---- */
 
 struct header {
@@ -348,6 +397,31 @@ static int key_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
     return c ? c : (alen > blen) - (alen < blen);
 }
 
+/* A 200 getv reply decodes against the request's own reads. */
+static void check_getv_reply(const struct node_input *in, const struct node_response *r)
+{
+    struct shard_read rd[SHARD_READS_MAX];
+    unsigned n;
+    size_t cap = 0;
+    uint8_t *bufs;
+
+    if (wire_getv_request_decode(in->body, in->body_len, rd, &n) < 0)
+        FAIL("200 for a malformed getv request");
+    for (unsigned i = 0; i < n; i++)
+        cap += rd[i].buflen;
+    bufs = malloc(cap ? cap : 1);
+    if (!bufs)
+        abort();
+    cap = 0;
+    for (unsigned i = 0; i < n; i++) {
+        rd[i].buf = bufs + cap;
+        cap += rd[i].buflen;
+    }
+    if (wire_getv_reply_decode(r->body, r->len, rd, n) < 0)
+        FAIL("a getv reply that does not decode");
+    free(bufs);
+}
+
 /* What every reply must look like, and what a scan or get reply promises. */
 static void check_reply(const struct fuzz_request *fr, const struct node_input *in, int signed_ok,
                         const struct node_response *r)
@@ -399,6 +473,8 @@ static void check_reply(const struct fuzz_request *fr, const struct node_input *
     } else if (op == WIRE_OP_GET) {
         if (r->len > WIRE_GET_MAX || strcmp(r->extra[0].name, WIRE_HDR_VLEN) != 0)
             FAIL("a get reply of %zu bytes, extra header '%s'", r->len, r->extra[0].name);
+    } else if (op == WIRE_OP_GETV) {
+        check_getv_reply(in, r);
     }
 }
 
@@ -507,6 +583,8 @@ static void (*const decoders[])(const uint8_t *, size_t) = {
     fuzz_scan_request,
     fuzz_scan_reply,
     fuzz_shard_path,
+    fuzz_getv_request,
+    fuzz_getv_reply,
 };
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

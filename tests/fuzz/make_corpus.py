@@ -38,7 +38,17 @@ def request(flags, head, body=b""):
 
 
 def requests(*reqs):
-    return b"\x04" + b"".join(reqs)
+    return b"\xff" + b"".join(reqs)
+
+
+def getv_req(*reads):
+    """reads: (key, link, buflen)"""
+    return b"".join(lv(k) + struct.pack("<II", link, buflen) for k, link, buflen in reads)
+
+
+def getv_reply(*reads):
+    """reads: (errno, vlen, value)"""
+    return b"".join(struct.pack("<III", e, vlen, len(v)) + v for e, vlen, v in reads)
 
 
 B = batch((PUT, b"k1", b"v1"), (PUT, b"k\x00\xff", b"\x00" * 8), (ASSERT_ABSENT, b"new"),
@@ -49,6 +59,15 @@ SEEDS = {
     "scan-request-open": b"\x01" + scan_req(b""),
     "scan-reply": b"\x02" + lv(b"k1") + lv(b"v1") + lv(b"k2") + lv(b""),
     "shard-path": b"\x03/v1/shard/0/scan",
+    "getv-request": b"\x04" + getv_req((b"E\x00dir", 0, 64), (b"I", 4, 64), (b"k1", 0, 0)),
+    "getv-reply": b"\x05" + getv_reply((0, 6, b"I\x01\x02\x03\x04x"), (2, 0, b""), (0, 2, b"ab")),
+    "getv": requests(
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply", batch((PUT, b"E1", b"ptr1"),
+                                                              (PUT, b"Iptr1", b"target"))),
+        request(SIGN | EPOCH, "POST /v1/shard/0/getv",
+                getv_req((b"E1", 0, 64), (b"I", 4, 64), (b"nothing", 0, 8), (b"X", 2, 8))),
+        request(SIGN | EPOCH, "POST /v1/shard/0/getv", getv_req((b"I", 4, 64))),
+        request(SIGN | EPOCH, "POST /v1/shard/0/getv", b"\x01\x00")),
     "put-get-scan": requests(
         request(SIGN | EPOCH, "POST /v1/shard/0/apply", B),
         request(SIGN | EPOCH, "POST /v1/shard/0/get?off=1&len=4", b"k1"),

@@ -315,6 +315,77 @@ def test_open_sees_new_size_despite_cached_attributes(cluster):
 
 
 @pytest.mark.timeout_s(60)
+def test_missing_names_and_xattrs_lag_at_most_cache_timeout(cluster):
+    """A name c found missing may stay missing on c while b creates it, but
+    for cache_timeout (1 s) at most; a name a creates itself, or an xattr it
+    sets itself, shows on a at once; an xattr set on b shows on a within
+    cache_timeout although a remembers the file had none."""
+    names = ["neg%02d" % i for i in range(12)]   # spread over all shards
+    for nm in names:
+        assert not os.path.lexists(cluster.p("c", nm))
+        assert not os.path.lexists(cluster.p("a", nm))
+    for nm in names:
+        write_file(cluster.p("b", nm), b"made on b\n")
+    wait_for(lambda: all(os.path.lexists(cluster.p("c", nm)) for nm in names), 3.0,
+             "names made on b to show on c")
+    for nm in names:
+        assert read_file(cluster.p("c", nm)) == b"made on b\n"
+        # a created the same name itself: no lag at all (its own create
+        # forgets what its lookup remembered)
+        own = cluster.p("a", nm + ".own")
+        assert not os.path.lexists(own)
+        write_file(own, b"own\n")
+        assert read_file(own) == b"own\n"
+        os.setxattr(own, "user.k", b"v-a")
+        assert os.getxattr(own, "user.k") == b"v-a"
+        with pytest.raises(OSError) as e:
+            os.getxattr(own, "user.none")
+        assert e.value.errno == errno.ENODATA
+    # a read the files (and so knows they had no xattrs); b sets some
+    for nm in names:
+        assert read_file(cluster.p("a", nm)) == b"made on b\n"
+    for nm in names:
+        os.setxattr(cluster.p("b", nm), "user.k", b"from b")
+
+    def all_seen():
+        try:
+            return all(os.getxattr(cluster.p("a", nm), "user.k") == b"from b" for nm in names)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+            return False
+    wait_for(all_seen, 3.0, "xattrs set on b to show on a")
+    # and removing the last one answers ENODATA again
+    os.removexattr(cluster.p("a", names[0]), "user.k")
+    with pytest.raises(OSError) as e:
+        os.getxattr(cluster.p("a", names[0]), "user.k")
+    assert e.value.errno == errno.ENODATA
+
+
+@pytest.mark.timeout_s(60)
+def test_rename_over_a_name_just_found_missing(cluster):
+    """a finds names missing; b then creates them; a at once renames its own
+    files over them (the kernel's lookup of the target may hear "missing"):
+    every target must end up holding a's bytes on all nodes, b's files
+    replaced, nothing left over (fsck at teardown)."""
+    names = ["rt%02d" % i for i in range(12)]
+    for nm in names:
+        write_file(cluster.p("a", nm + ".src"), b"from a " + nm.encode())
+        assert not os.path.lexists(cluster.p("a", nm))
+    for nm in names:
+        write_file(cluster.p("b", nm), b"from b")
+    for nm in names:
+        os.rename(cluster.p("a", nm + ".src"), cluster.p("a", nm))
+    for n in NODES:
+        for nm in names:
+            assert read_file(cluster.p(n, nm)) == b"from a " + nm.encode(), (n, nm)
+    wait_for(lambda: not any(x.endswith(".src") for x in os.listdir(cluster.mnt["c"])), 3.0,
+             "the source names to go")
+    listed = sorted(x for x in os.listdir(cluster.mnt["c"]) if x.startswith("rt"))
+    assert listed == names
+
+
+@pytest.mark.timeout_s(60)
 def test_cross_node_rename_link_rmdir(cluster):
     a, b, c = (lambda *p, n=n: cluster.p(n, *p) for n in NODES)
     os.mkdir(a("d1"))

@@ -48,6 +48,7 @@
 #include "shard.h"
 #include "shard_lmdb.h"
 #include "check.h"
+#include "get_many_check.h"
 #include "test_util.h"
 
 static uint64_t mix64(uint64_t z)
@@ -528,6 +529,27 @@ static void test_open_errors(void)
     rc = shard_lmdb_open(path_of("bad-mdb", NULL), 0, NULL, &s, err, sizeof(err));
     CHECKF(rc < 0 && err[0], "open of a corrupt data.mdb: rc %d, err \"%s\"", rc, err);
     shard_close(NULL); /* NULL-safe */
+}
+
+/* get_many: the LMDB one (one transaction), and shard_get_many()'s
+ * fallback for a shard without get_many, on the same checks. */
+static void test_get_many(void)
+{
+    struct shard *s = open_shard("get_many", 60000, 0);
+    const struct shard_ops *own;
+    struct shard_ops plain;
+
+    if (!s)
+        return;
+    CHECK(s->ops->get_many != NULL);
+    check_get_many(s);
+    own = s->ops;
+    plain = *own;
+    plain.get_many = NULL;
+    s->ops = &plain;
+    check_get_many(s);
+    s->ops = own;
+    shard_close(s);
 }
 
 static void test_get(void)
@@ -1895,6 +1917,7 @@ int main(void)
     } tests[] = {
         {"open errors", test_open_errors},
         {"get", test_get},
+        {"get_many", test_get_many},
         {"scan", test_scan},
         {"del_range across pages", test_del_range_pages},
         {"atomicity", test_atomicity},

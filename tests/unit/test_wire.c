@@ -96,13 +96,13 @@ static void test_parse_paths(void)
 
 static void test_format_paths(void)
 {
-    static const enum wire_op ops[] = {WIRE_OP_GET, WIRE_OP_SCAN, WIRE_OP_APPLY, WIRE_OP_SYNC,
-                                       WIRE_OP_STAT};
-    static const char *const names[] = {"get", "scan", "apply", "sync", "stat"};
+    static const enum wire_op ops[] = {WIRE_OP_GET,  WIRE_OP_SCAN, WIRE_OP_APPLY,
+                                       WIRE_OP_SYNC, WIRE_OP_STAT, WIRE_OP_GETV};
+    static const char *const names[] = {"get", "scan", "apply", "sync", "stat", "getv"};
     static const unsigned shards[] = {0, 1, 9, 10, 1023, 4294967295u};
     char buf[WIRE_PATH_MAX], want[64];
 
-    for (size_t i = 0; i < 5; i++) {
+    for (size_t i = 0; i < 6; i++) {
         CHECK(wire_op_name(ops[i]) && strcmp(wire_op_name(ops[i]), names[i]) == 0);
         for (size_t j = 0; j < sizeof(shards) / sizeof(shards[0]); j++) {
             unsigned shard;
@@ -118,7 +118,7 @@ static void test_format_paths(void)
             CHECK_RC(wire_shard_path(buf, (size_t)n, shards[j], ops[i]), -ENAMETOOLONG);
         }
     }
-    CHECK(wire_op_name((enum wire_op)5) == NULL);
+    CHECK(wire_op_name((enum wire_op)6) == NULL);
     CHECK(wire_op_name((enum wire_op) - 1) == NULL);
     CHECK_RC(wire_shard_path(buf, sizeof(buf), 0, (enum wire_op)7), -EINVAL);
     CHECK_RC(wire_shard_path(buf, 0, 0, WIRE_OP_GET), -ENAMETOOLONG);
@@ -333,6 +333,86 @@ static void test_scan_request(void)
 
 /* ---- scan replies ---- */
 
+/* getv bodies: round trips of request and reply, and every way a peer's
+ * bytes can be wrong. */
+static void test_getv(void)
+{
+    static const uint8_t k0[] = {'E', 0x00, 0xff, 'n'};
+    struct shard_read r[SHARD_READS_MAX + 1], d[SHARD_READS_MAX + 1];
+    uint8_t body[2 * SHARD_READS_MAX * (12 + BATCH_KEY_MAX)], reply[512];
+    uint8_t v0[16] = "0123456789abcdef", v1[8] = "vvvvvvvv", b[3][64];
+    size_t len;
+    unsigned n;
+
+    memset(r, 0, sizeof(r));
+    r[0] = (struct shard_read){.key = k0, .klen = sizeof(k0), .buflen = 64};
+    r[1] = (struct shard_read){.key = (const uint8_t *)"I", .klen = 1, .link = 16, .buflen = 64};
+    r[2] = (struct shard_read){.key = (const uint8_t *)"k", .klen = 1, .buflen = 0};
+    len = wire_getv_request_size(r, 3);
+    CHECK(len == 3 * 12 + sizeof(k0) + 2);
+    wire_getv_request_encode(body, r, 3);
+    CHECK_RC(wire_getv_request_decode(body, len, d, &n), 0);
+    CHECK(n == 3 && d[0].klen == sizeof(k0) && memcmp(d[0].key, k0, sizeof(k0)) == 0);
+    CHECK(d[1].klen == 1 && d[1].link == 16 && d[1].buflen == 64 && d[2].buflen == 0);
+    CHECK(d[0].buf == NULL && d[1].buf == NULL);
+    /* a cut between reads is a shorter list, any other cut is malformed;
+     * so are empty, too many reads and a key over BATCH_KEY_MAX */
+    for (size_t cut = 0; cut < len; cut++) {
+        size_t one = 12 + sizeof(k0), two = one + 13;
+        int want = cut == one || cut == two ? 0 : -EINVAL;
+
+        CHECKF(wire_getv_request_decode(body, cut, d, &n) == want, "cut at %zu", cut);
+        if (want == 0)
+            CHECK(n == (cut == one ? 1u : 2u));
+    }
+    CHECK_RC(wire_getv_request_decode(NULL, 0, d, &n), -EINVAL);
+    for (unsigned i = 0; i <= SHARD_READS_MAX; i++)
+        r[i] = (struct shard_read){.key = (const uint8_t *)"k", .klen = 1};
+    wire_getv_request_encode(body, r, SHARD_READS_MAX + 1);
+    CHECK_RC(wire_getv_request_decode(body, wire_getv_request_size(r, SHARD_READS_MAX), d, &n), 0);
+    CHECK(n == SHARD_READS_MAX);
+    CHECK_RC(wire_getv_request_decode(body, wire_getv_request_size(r, SHARD_READS_MAX + 1), d, &n),
+             -EINVAL);
+    memset(body, 0, 4);
+    body[1] = 0x02; /* klen 512 */
+    CHECK_RC(wire_getv_request_decode(body, 4 + 512 + 8, d, &n), -EINVAL);
+
+    /* a reply: a value, an absent key, a value cut to its buffer */
+    r[0] = (struct shard_read){.buf = v0, .buflen = 64, .len = 16, .vlen = 16};
+    r[1] = (struct shard_read){.rc = -ENOENT, .buflen = 64};
+    r[2] = (struct shard_read){.buf = v1, .buflen = 8, .len = 8, .vlen = 1000};
+    len = wire_getv_reply_size(r, 3);
+    CHECK(len == 3 * 12 + 16 + 8);
+    wire_getv_reply_encode(reply, r, 3);
+    for (unsigned i = 0; i < 3; i++)
+        d[i] = (struct shard_read){.buf = b[i], .buflen = i == 2 ? 8 : 64};
+    CHECK_RC(wire_getv_reply_decode(reply, len, d, 3), 0);
+    CHECK(d[0].rc == 0 && d[0].len == 16 && d[0].vlen == 16 && memcmp(b[0], v0, 16) == 0);
+    CHECK(d[1].rc == -ENOENT && d[1].len == 0);
+    CHECK(d[2].rc == 0 && d[2].len == 8 && d[2].vlen == 1000 && memcmp(b[2], v1, 8) == 0);
+    /* cut anywhere, trailing bytes, fewer reads asked than sent */
+    for (size_t cut = 0; cut < len; cut++)
+        CHECKF(wire_getv_reply_decode(reply, cut, d, 3) == -EINVAL, "cut at %zu", cut);
+    reply[len] = 0;
+    CHECK_RC(wire_getv_reply_decode(reply, len + 1, d, 3), -EINVAL);
+    CHECK_RC(wire_getv_reply_decode(reply, len, d, 2), -EINVAL);
+    /* more than the buffer asked for; a short copy of a longer value; an
+     * errno we never send; bytes with an error */
+    d[2].buflen = 4;
+    CHECK_RC(wire_getv_reply_decode(reply, len, d, 3), -EINVAL);
+    d[2].buflen = 8;
+    d[0].buflen = 64;
+    r[0].len = 10; /* 10 of 16 bytes into a 64-byte buffer */
+    wire_getv_reply_encode(reply, r, 1);
+    CHECK_RC(wire_getv_reply_decode(reply, wire_getv_reply_size(r, 1), d, 1), -EINVAL);
+    r[0].len = 16;
+    wire_getv_reply_encode(reply, r, 1);
+    reply[0] = EIO;
+    CHECK_RC(wire_getv_reply_decode(reply, wire_getv_reply_size(r, 1), d, 1), -EINVAL);
+    reply[0] = ENOENT; /* an error that carries a value */
+    CHECK_RC(wire_getv_reply_decode(reply, wire_getv_reply_size(r, 1), d, 1), -EINVAL);
+}
+
 static void test_scan_reply(void)
 {
     enum { N = 300 };
@@ -541,6 +621,7 @@ int main(void)
     test_verify();
     test_scan_request();
     test_scan_reply();
+    test_getv();
     test_errno_table();
     return check_summary("wire");
 }
