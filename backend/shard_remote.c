@@ -75,6 +75,8 @@
 #define REMOTE_BACKOFF_MAX_MS 500
 #define REMOTE_MIN_ATTEMPT_MS 10 /* no new attempt with less time left */
 #define REMOTE_SMALL_REPLY_MAX (64u << 10)
+/* POST bodies up to this go out with the headers (curl's own limit for that). */
+#define REMOTE_INLINE_BODY_MAX (64u << 10)
 /* A scan reply is cut near WIRE_SCAN_REPLY_MAX, but always holds at least
  * one record, and one record can be as large as a value can be. */
 #define REMOTE_SCAN_REPLY_MAX (WIRE_SCAN_REPLY_MAX + 8u + BATCH_KEY_MAX + BATCH_VALUE_MAX + 4096u)
@@ -144,6 +146,20 @@ static void sleep_ms(int64_t ms)
 
 /* ---- the handle pool ---- */
 
+/* What every easy handle of ours is set to once. */
+static void handle_defaults(CURL *h)
+{
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: CURLOPT_PROTOCOLS deprecated */
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+}
+
 static struct conn *pool_take(struct remote *r)
 {
     struct conn *c;
@@ -166,16 +182,7 @@ static struct conn *pool_take(struct remote *r)
         free(c);
         return NULL;
     }
-    CURL *h = c->curl;
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
-#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: CURLOPT_PROTOCOLS deprecated */
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-#else
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
-#endif
-    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    handle_defaults(c->curl);
     return c;
 }
 
@@ -235,6 +242,7 @@ struct request {
     /* transfer state */
     long cur_status; /* status line of the response being read */
     size_t sent, dropped;
+    unsigned sends;  /* times curl began to send this request (prereq) */
     int overflow, nomem, sink_err;
 };
 
@@ -280,6 +288,19 @@ static int on_seek(void *ud, curl_off_t offset, int origin)
         return CURL_SEEKFUNC_FAIL;
     q->sent = (size_t)offset;
     return CURL_SEEKFUNC_OK;
+}
+
+/* curl is about to send the request: the second time for one exchange is
+ * curl resending on its own (a reused connection died under the first),
+ * allowed only for idempotent requests: an apply may have been applied. */
+static int on_prereq(void *ud, char *ip, char *local_ip, int port, int local_port)
+{
+    struct request *q = ud;
+
+    (void)ip, (void)local_ip, (void)port, (void)local_port;
+    if (++q->sends > 1 && !q->idempotent)
+        return CURL_PREREQFUNC_ABORT;
+    return CURL_PREREQFUNC_OK;
 }
 
 static size_t on_body(char *p, size_t size, size_t n, void *ud)
@@ -506,7 +527,13 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
     /* A pooled handle may carry the last request's method: start from GET. */
     curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, NULL);
-    if (post || put) {
+    if (post && q->body_len <= REMOTE_INLINE_BODY_MAX) {
+        /* From memory: curl sends it in the same packet as the headers, so
+         * the node wakes once for the request, not twice. */
+        curl_easy_setopt(h, CURLOPT_POST, 1L);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)q->body_len);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, q->body_len ? (const char *)q->body : "");
+    } else if (post || put) {
         if (post) {
             curl_easy_setopt(h, CURLOPT_POST, 1L);
             curl_easy_setopt(h, CURLOPT_POSTFIELDS, NULL);
@@ -539,8 +566,11 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, q->stream ? (long)(budget_ms + 999) / 1000 : 0L);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)budget_ms);
 
+    curl_easy_setopt(h, CURLOPT_PREREQFUNCTION, on_prereq);
+    curl_easy_setopt(h, CURLOPT_PREREQDATA, q);
     request_reset_reply(q);
     q->sent = 0;
+    q->sends = 0;
     q->overflow = q->nomem = 0;
     q->status = 0;
     *hdrs_out = hdrs;
@@ -1265,6 +1295,150 @@ int remote_api_call(struct remote *r, unsigned node, const char *method, const c
     request_free(&q);
     if (status)
         *status = q.status;
+    return rc;
+}
+
+/* ---- many API calls on one thread ---- */
+
+struct loop_slot {
+    struct remote_api_req *call;
+    struct request q;
+    CURL *curl;
+    struct curl_slist *hdrs;
+};
+
+/* Start the next call in slot sl. 1 when started, 0 when there is no next
+ * call, -ENOMEM. A call that cannot start is done at once with its error. */
+static int loop_start(struct remote *r, CURLM *m, struct loop_slot *sl,
+                      struct remote_api_req *(*next)(void *),
+                      void (*done)(void *, struct remote_api_req *), void *ctx)
+{
+    for (;;) {
+        struct remote_api_req *call = next(ctx);
+        int rc = 0;
+
+        if (!call)
+            return 0;
+        sl->call = call;
+        sl->q = (struct request){.method = call->method, .body = call->body,
+                                 .body_len = call->len, .keep_body = call->sink != NULL,
+                                 .sink = call->sink, .sink_ctx = call->sink_ctx, .stream = 1,
+                                 .reply_max = 1u << 20};
+        if (call->node >= r->cfg->node_count || !r->cfg->nodes[call->node].url[0])
+            rc = call->node >= r->cfg->node_count ? -EINVAL : -EHOSTUNREACH;
+        else if (strlen(call->path_query) >= sizeof(sl->q.path_query))
+            rc = -ENAMETOOLONG;
+        if (rc == 0) {
+            uint64_t epoch;
+
+            pthread_mutex_lock(&r->lock);
+            epoch = r->epoch;
+            pthread_mutex_unlock(&r->lock);
+            strcpy(sl->q.path_query, call->path_query);
+            if (exchange_setup(r, sl->curl, r->cfg->nodes[call->node].url, epoch, &sl->q,
+                               r->timeout_ms, &sl->hdrs) != CURLE_OK)
+                rc = -ENOMEM;
+        }
+        if (rc == 0) {
+            curl_easy_setopt(sl->curl, CURLOPT_PRIVATE, sl);
+            if (curl_multi_add_handle(m, sl->curl) == CURLM_OK)
+                return 1;
+            exchange_finish(sl->curl, &sl->q, sl->hdrs, CURLE_FAILED_INIT);
+            rc = -ENOMEM;
+        }
+        request_free(&sl->q);
+        call->rc = rc;
+        call->status = 0;
+        done(ctx, call);
+        if (rc == -ENOMEM)
+            return rc;
+    }
+}
+
+/* The transfer of slot sl ended with cc: tell the caller. */
+static void loop_finish(CURLM *m, struct loop_slot *sl, CURLcode cc,
+                        void (*done)(void *, struct remote_api_req *), void *ctx)
+{
+    curl_multi_remove_handle(m, sl->curl);
+    exchange_finish(sl->curl, &sl->q, sl->hdrs, cc);
+    sl->hdrs = NULL;
+    sl->call->rc = cc != CURLE_OK ? remote_errno_of_curl(cc, &sl->q) : status_errno(&sl->q);
+    sl->call->status = sl->q.status;
+    request_free(&sl->q);
+    done(ctx, sl->call);
+    sl->call = NULL;
+}
+
+int remote_api_loop(struct remote *r, unsigned parallel,
+                    struct remote_api_req *(*next)(void *ctx),
+                    void (*done)(void *ctx, struct remote_api_req *call), void *ctx)
+{
+    struct loop_slot *slots = NULL;
+    CURLM *m = NULL;
+    unsigned active = 0;
+    int rc = 0, more = 1;
+
+    if (parallel == 0 || parallel > REMOTE_LOOP_MAX)
+        return -EINVAL;
+    slots = calloc(parallel, sizeof(*slots));
+    m = curl_multi_init();
+    if (!slots || !m) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (unsigned i = 0; i < parallel; i++) {
+        slots[i].curl = curl_easy_init();
+        if (!slots[i].curl) {
+            rc = -ENOMEM;
+            goto out;
+        }
+        handle_defaults(slots[i].curl);
+    }
+    for (unsigned i = 0; more && i < parallel; i++) {
+        int st = loop_start(r, m, &slots[i], next, done, ctx);
+        if (st < 0)
+            rc = st;
+        more = st > 0;
+        active += st > 0;
+    }
+    while (active) {
+        int running, left;
+        CURLMsg *msg;
+
+        if (curl_multi_perform(m, &running) != CURLM_OK) {
+            rc = -EIO;
+            break;
+        }
+        while ((msg = curl_multi_info_read(m, &left))) {
+            struct loop_slot *sl = NULL;
+            int st;
+
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&sl);
+            loop_finish(m, sl, msg->data.result, done, ctx);
+            active--;
+            st = more ? loop_start(r, m, sl, next, done, ctx) : 0;
+            if (st < 0)
+                rc = st;
+            more = st > 0;
+            active += st > 0;
+        }
+        if (active && curl_multi_poll(m, NULL, 0, 100, NULL) != CURLM_OK) {
+            rc = -EIO;
+            break;
+        }
+    }
+out:
+    for (unsigned i = 0; slots && i < parallel; i++) {
+        if (slots[i].call)
+            loop_finish(m, &slots[i], CURLE_ABORTED_BY_CALLBACK, done, ctx);
+        if (slots[i].curl)
+            curl_easy_cleanup(slots[i].curl);
+    }
+    if (m)
+        curl_multi_cleanup(m);
+    free(slots);
     return rc;
 }
 

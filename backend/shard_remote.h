@@ -62,6 +62,28 @@ typedef int (*remote_sink_fn)(void *ctx, const void *data, size_t len);
 int remote_api_call(struct remote *r, unsigned node, const char *method, const char *path_query,
                     const void *body, size_t len, remote_sink_fn sink, void *ctx, long *status);
 
+/* Many such calls from one thread, up to `parallel` (1..REMOTE_LOOP_MAX) in
+ * flight on one curl multi handle, for a load generator: next(ctx) hands out
+ * the next call (NULL: no more), done(ctx, call) gets each one back with rc
+ * and status filled, before next is asked again. Each call is one attempt,
+ * as remote_api_call makes. The call structs are the caller's and must stay
+ * put until done. Returns 0, or -ENOMEM (calls in flight are done with it). */
+#define REMOTE_LOOP_MAX 256u
+struct remote_api_req {
+    unsigned node;
+    const char *method;         /* GET, HEAD, PUT, DELETE */
+    const char *path_query;
+    const void *body;           /* PUT */
+    size_t len;
+    remote_sink_fn sink;        /* 2xx body, or NULL to drop it */
+    void *sink_ctx;
+    int rc;                     /* out: as remote_api_call returns */
+    long status;                /* out */
+};
+int remote_api_loop(struct remote *r, unsigned parallel,
+                    struct remote_api_req *(*next)(void *ctx),
+                    void (*done)(void *ctx, struct remote_api_req *call), void *ctx);
+
 /* One authenticated round trip to node `node` (GET /v1/config): 0 and the
  * time in *rtt_ms, or -errno (e.g. -ETIMEDOUT for a dead node). */
 int remote_ping(struct remote *r, unsigned node, double *rtt_ms);

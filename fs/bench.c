@@ -1,7 +1,9 @@
 /* bench.c -- shardfs bench: load the key API of every node (client.h).
  *
- * KEYS keys of SIZE bytes under a fresh directory, split over CLIENTS
- * threads; requests go round-robin to the nodes that have a url. Three
+ * KEYS keys of SIZE bytes under a fresh directory; CLIENTS requests are
+ * kept in flight by one event-loop thread a CPU (remote_api_loop: a curl
+ * multi handle each, as wrk does it), and go round-robin to the nodes that
+ * have a url. Three
  * timed phases: PUT every key, GET every key ROUNDS times (each value is
  * checked against what was put: a benchmark that returns wrong bytes has
  * failed), DELETE every key. Each phase reports ops/s over its wall time
@@ -9,12 +11,12 @@
  *
  *   PUT 10000 ops 2.310 s 4329 ops/s p50 3.10 ms p99 9.80 ms errors 0
  *
- * Threads share the client's remote: its handle pool gives each thread its
- * own keep-alive connections.
+ * Each client has its own keep-alive connection.
  */
 #include <errno.h>
 #include <getopt.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +25,7 @@
 
 #include "client.h"
 
-#define BENCH_CLIENTS_MAX 256
+#define BENCH_CLIENTS_MAX REMOTE_LOOP_MAX
 #define BENCH_SIZE_MAX (16u << 20)
 #define BENCH_PATH_MAX 256
 
@@ -36,17 +38,32 @@ struct bench {
     unsigned nodes[CONFIG_MAX_NODES], node_count; /* nodes with a url */
     char dir[BENCH_PATH_MAX];
     enum phase phase;
+    _Atomic size_t next_op;     /* ops of a phase: keys x rounds (GET) or keys */
+    size_t ops;
+    double *lat;                /* ms, one per op of this phase */
 };
 
+/* One request in flight: a client of the benchmark. */
+struct call {
+    struct remote_api_req req;
+    struct worker *w;
+    struct call *next_free;
+    size_t op;
+    unsigned k;
+    double t0;
+    char api[3 * (BENCH_PATH_MAX + 32)];
+    uint8_t *value, *got;
+    size_t got_len;
+};
+
+/* A thread keeping `parallel` requests in flight (remote_api_loop). */
 struct worker {
     struct bench *b;
     pthread_t tid;
-    unsigned index;
-    double *lat; /* ms, one per request of this phase */
-    size_t nlat;
+    unsigned parallel;
+    struct call *calls, *free_calls;
     unsigned errors, wrong;
-    uint8_t *value, *got;
-    size_t got_len;
+    int rc;
 };
 
 static double now_ms(void)
@@ -70,65 +87,82 @@ static void value_of(unsigned k, uint8_t *out, size_t size)
 
 static int sink_value(void *ctx, const void *data, size_t len)
 {
-    struct worker *w = ctx;
+    struct call *c = ctx;
 
-    if (len > w->b->size - w->got_len)
+    if (len > c->w->b->size - c->got_len)
         return -EIO; /* longer than what was put */
-    memcpy(w->got + w->got_len, data, len);
-    w->got_len += len;
+    memcpy(c->got + c->got_len, data, len);
+    c->got_len += len;
     return 0;
 }
 
-/* One request for key k; its latency is recorded. */
-static void one_request(struct worker *w, unsigned k, unsigned seq)
+/* remote_api_loop's next(): the phase's next op in a free call, or NULL.
+ * Ops go to the nodes round-robin. */
+static struct remote_api_req *next_call(void *ctx)
 {
+    struct worker *w = ctx;
     struct bench *b = w->b;
-    char path[BENCH_PATH_MAX + 32], api[3 * (BENCH_PATH_MAX + 32)];
-    unsigned node = b->nodes[(w->index + seq) % b->node_count];
-    double t0;
-    int rc;
+    struct call *c = w->free_calls;
+    size_t op;
+    char path[BENCH_PATH_MAX + 32];
 
-    snprintf(path, sizeof(path), "%s/k%u", b->dir, k);
-    client_kv_path(path, api, sizeof(api));
-    t0 = now_ms();
-    switch (b->phase) {
-    case PH_PUT:
-        value_of(k, w->value, b->size);
-        rc = remote_api_call(b->c->remote, node, "PUT", api, w->value, b->size, NULL, NULL, NULL);
-        break;
-    case PH_GET:
-        w->got_len = 0;
-        rc = remote_api_call(b->c->remote, node, "GET", api, NULL, 0, sink_value, w, NULL);
-        break;
-    default:
-        rc = remote_api_call(b->c->remote, node, "DELETE", api, NULL, 0, NULL, NULL, NULL);
-        break;
+    if (!c)
+        return NULL;
+    op = atomic_fetch_add(&b->next_op, 1);
+    if (op >= b->ops)
+        return NULL;
+    w->free_calls = c->next_free;
+    c->op = op;
+    c->k = (unsigned)(op % b->keys);
+    snprintf(path, sizeof(path), "%s/k%u", b->dir, c->k);
+    client_kv_path(path, c->api, sizeof(c->api));
+    c->req = (struct remote_api_req){.node = b->nodes[op % b->node_count],
+                                     .method = phase_name[b->phase],
+                                     .path_query = c->api};
+    if (b->phase == PH_PUT) {
+        value_of(c->k, c->value, b->size);
+        c->req.body = c->value;
+        c->req.len = b->size;
+    } else if (b->phase == PH_GET) {
+        c->got_len = 0;
+        c->req.sink = sink_value;
+        c->req.sink_ctx = c;
     }
-    w->lat[w->nlat++] = now_ms() - t0;
-    if (rc) {
+    c->t0 = now_ms();
+    return &c->req;
+}
+
+/* remote_api_loop's done(): latency, errors, and a GET's bytes checked. */
+static void call_done(void *ctx, struct remote_api_req *req)
+{
+    struct worker *w = ctx;
+    struct bench *b = w->b;
+    struct call *c = (struct call *)req; /* req is the first member */
+
+    b->lat[c->op] = now_ms() - c->t0;
+    if (req->rc) {
         if (w->errors++ == 0)
-            fprintf(stderr, "shardfs: bench: %s %s: %s\n", phase_name[b->phase], path,
-                    strerror(-rc));
-        return;
+            fprintf(stderr, "shardfs: bench: %s %s/k%u: %s\n", phase_name[b->phase], b->dir,
+                    c->k, strerror(-req->rc));
+    } else if (b->phase == PH_GET) {
+        value_of(c->k, c->value, b->size);
+        if ((c->got_len != b->size || memcmp(c->got, c->value, b->size) != 0) && w->wrong++ == 0)
+            fprintf(stderr, "shardfs: bench: GET %s/k%u: wrong bytes\n", b->dir, c->k);
     }
-    if (b->phase == PH_GET) {
-        value_of(k, w->value, b->size);
-        if (w->got_len != b->size || memcmp(w->got, w->value, b->size) != 0) {
-            if (w->wrong++ == 0)
-                fprintf(stderr, "shardfs: bench: GET %s: wrong bytes\n", path);
-        }
-    }
+    c->next_free = w->free_calls;
+    w->free_calls = c;
 }
 
 static void *worker_run(void *arg)
 {
     struct worker *w = arg;
-    struct bench *b = w->b;
-    unsigned rounds = b->phase == PH_GET ? b->rounds : 1, seq = 0;
 
-    for (unsigned r = 0; r < rounds; r++)
-        for (unsigned k = w->index; k < b->keys; k += b->clients)
-            one_request(w, k, seq++);
+    w->free_calls = NULL;
+    for (unsigned i = w->parallel; i-- > 0;) {
+        w->calls[i].next_free = w->free_calls;
+        w->free_calls = &w->calls[i];
+    }
+    w->rc = remote_api_loop(w->b->c->remote, w->parallel, next_call, call_done, w);
     return NULL;
 }
 
@@ -140,47 +174,55 @@ static int cmp_double(const void *a, const void *b)
 }
 
 /* Run one phase on all workers and print its line. Returns its errors. */
-static unsigned run_phase(struct bench *b, struct worker *ws, enum phase ph)
+static unsigned run_phase(struct bench *b, struct worker *ws, unsigned nw, enum phase ph)
 {
-    size_t total = 0, at = 0;
+    size_t total;
     unsigned errors = 0, wrong = 0;
-    double t0, secs, *all;
+    double t0, secs;
 
     b->phase = ph;
-    for (unsigned i = 0; i < b->clients; i++) {
-        ws[i].nlat = ws[i].errors = ws[i].wrong = 0;
-    }
+    b->ops = (size_t)b->keys * (ph == PH_GET ? b->rounds : 1);
+    atomic_store(&b->next_op, 0);
+    for (unsigned i = 0; i < nw; i++)
+        ws[i].errors = ws[i].wrong = 0;
     t0 = now_ms();
-    for (unsigned i = 0; i < b->clients; i++)
+    for (unsigned i = 0; i < nw; i++)
         if (pthread_create(&ws[i].tid, NULL, worker_run, &ws[i]) != 0) {
             worker_run(&ws[i]); /* no thread: do its share here */
             ws[i].tid = 0;
         }
-    for (unsigned i = 0; i < b->clients; i++)
+    for (unsigned i = 0; i < nw; i++)
         if (ws[i].tid)
             pthread_join(ws[i].tid, NULL);
     secs = (now_ms() - t0) / 1e3;
-    for (unsigned i = 0; i < b->clients; i++) {
-        total += ws[i].nlat;
+    for (unsigned i = 0; i < nw; i++) {
         errors += ws[i].errors;
         wrong += ws[i].wrong;
+        if (ws[i].rc) {
+            fprintf(stderr, "shardfs: bench: %s: %s\n", phase_name[ph], strerror(-ws[i].rc));
+            errors++;
+        }
     }
-    all = malloc((total ? total : 1) * sizeof(*all));
-    if (!all) {
-        fprintf(stderr, "shardfs: bench: out of memory\n");
-        return 1;
-    }
-    for (unsigned i = 0; i < b->clients; i++) {
-        memcpy(all + at, ws[i].lat, ws[i].nlat * sizeof(*all));
-        at += ws[i].nlat;
-    }
-    qsort(all, total, sizeof(*all), cmp_double);
+    total = atomic_load(&b->next_op) < b->ops ? atomic_load(&b->next_op) : b->ops;
+    qsort(b->lat, total, sizeof(*b->lat), cmp_double);
     printf("%-6s %8zu ops %8.3f s %9.0f ops/s p50 %7.2f ms p99 %7.2f ms errors %u\n",
            phase_name[ph], total, secs, secs > 0 ? (double)total / secs : 0.0,
-           total ? all[total / 2] : 0.0, total ? all[total * 99 / 100] : 0.0, errors + wrong);
+           total ? b->lat[total / 2] : 0.0, total ? b->lat[total * 99 / 100] : 0.0,
+           errors + wrong);
     fflush(stdout);
-    free(all);
     return errors + wrong;
+}
+
+/* CLIENTS requests in flight, spread over one thread a CPU (at most one a
+ * client), each thread an event loop as wrk runs them: a thread a client
+ * would measure this machine's context switches as much as the nodes. */
+static unsigned worker_count(unsigned clients)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+    if (cpus < 1)
+        cpus = 1;
+    return clients < (unsigned long)cpus ? clients : (unsigned)cpus;
 }
 
 static const char usage_bench[] =
@@ -222,7 +264,7 @@ int cmd_bench(int argc, char **argv)
     struct bench b = {.c = &c, .keys = 10000, .size = 1024, .clients = 16, .rounds = 1};
     struct worker *ws = NULL;
     const char *conf = "shards.conf";
-    unsigned failed = 0;
+    unsigned failed = 0, nw = 0;
     int opt, keep = 0, rc = 1;
 
     optind = 1;
@@ -268,41 +310,53 @@ int cmd_bench(int argc, char **argv)
         if (c.cfg.nodes[i].url[0])
             b.nodes[b.node_count++] = i;
     snprintf(b.dir, sizeof(b.dir), "/bench/run-%ld-%d", (long)time(NULL), (int)getpid());
-    ws = calloc(b.clients, sizeof(*ws));
-    for (unsigned i = 0; ws && i < b.clients; i++) {
-        size_t share = (b.keys / b.clients + 1) * b.rounds;
-        ws[i] = (struct worker){.b = &b, .index = i};
-        ws[i].lat = malloc(share * sizeof(double));
-        ws[i].value = malloc(b.size ? b.size : 1);
-        ws[i].got = malloc(b.size ? b.size : 1);
-        if (!ws[i].lat || !ws[i].value || !ws[i].got) {
+    nw = worker_count(b.clients);
+    ws = calloc(nw, sizeof(*ws));
+    b.lat = malloc((size_t)b.keys * b.rounds * sizeof(*b.lat));
+    if (!ws || !b.lat) {
+        fprintf(stderr, "shardfs: bench: out of memory\n");
+        goto out;
+    }
+    for (unsigned i = 0; i < nw; i++) {
+        ws[i] = (struct worker){.b = &b, .parallel = b.clients / nw + (i < b.clients % nw)};
+        ws[i].calls = calloc(ws[i].parallel, sizeof(struct call));
+        for (unsigned j = 0; ws[i].calls && j < ws[i].parallel; j++) {
+            struct call *c = &ws[i].calls[j];
+            c->w = &ws[i];
+            c->value = malloc(b.size ? b.size : 1);
+            c->got = malloc(b.size ? b.size : 1);
+            if (!c->value || !c->got) {
+                fprintf(stderr, "shardfs: bench: out of memory\n");
+                goto out;
+            }
+        }
+        if (!ws[i].calls) {
             fprintf(stderr, "shardfs: bench: out of memory\n");
             goto out;
         }
     }
-    if (!ws) {
-        fprintf(stderr, "shardfs: bench: out of memory\n");
-        goto out;
-    }
     printf("bench: %u keys of %u bytes, %u clients, %u nodes, under %s\n", b.keys, b.size,
            b.clients, b.node_count, b.dir);
-    failed += run_phase(&b, ws, PH_PUT);
-    failed += run_phase(&b, ws, PH_GET);
+    failed += run_phase(&b, ws, nw, PH_PUT);
+    failed += run_phase(&b, ws, nw, PH_GET);
     if (!keep) {
         char api[3 * BENCH_PATH_MAX];
 
-        failed += run_phase(&b, ws, PH_DELETE);
+        failed += run_phase(&b, ws, nw, PH_DELETE);
         client_kv_path(b.dir, api, sizeof(api));
         remote_api_call(c.remote, b.nodes[0], "DELETE", api, NULL, 0, NULL, NULL, NULL);
     }
     rc = failed ? 1 : 0;
 out:
-    for (unsigned i = 0; ws && i < b.clients; i++) {
-        free(ws[i].lat);
-        free(ws[i].value);
-        free(ws[i].got);
+    for (unsigned i = 0; ws && i < nw; i++) {
+        for (unsigned j = 0; ws[i].calls && j < ws[i].parallel; j++) {
+            free(ws[i].calls[j].value);
+            free(ws[i].calls[j].got);
+        }
+        free(ws[i].calls);
     }
     free(ws);
+    free(b.lat);
     client_close(&c);
     return rc;
 }

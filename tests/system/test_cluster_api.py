@@ -248,6 +248,13 @@ def test_status_and_bench(cluster):
     assert r.returncode == 1
     assert re.search(r"(?m)^c\s+down\s", out) and re.search(r"(?m)^a\s+up\s", out), out
     assert re.search(r"(?m)^7\s+c\s+-\s+-\s+-", out), out
+    # bench against a cluster with a dead node: the requests to c (and to
+    # c's shards) fail, are counted, and the exit status says so
+    r = cli(cluster, "bench", "-k", "60", "-s", "100", "-C", "4", check=False)
+    out = r.stdout.decode()
+    assert r.returncode == 1, out
+    m = re.search(r"(?m)^PUT\s+60 ops .* errors (\d+)$", out)
+    assert m and int(m.group(1)) >= 20, out  # a third go to c itself
     cluster.start("c")
 
 
