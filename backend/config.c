@@ -271,7 +271,9 @@ static int absolute_dir(const char *base, const char *value, char *out, size_t o
 }
 
 /* 0 if dir is usable, else an errno: dir must be a directory we may read,
- * write and search, or be missing with a writable parent directory. */
+ * write and search, or be missing with a writable parent directory. Only the
+ * node a process is needs its own (config_check_data_dir): a client of the
+ * key API, or a node, runs where the other nodes' directories do not exist. */
 static int check_data_dir(const char *dir)
 {
     char parent[PATH_MAX];
@@ -673,15 +675,8 @@ static int validate(struct load_ctx *ctx)
             }
         }
     }
-    for (unsigned i = 0; i < cfg->node_count; i++) {
-        const struct config_node *node = &cfg->nodes[i];
-        int e = check_data_dir(node->data_dir);
-        if (e) {
-            fail_at(ctx, ctx->nodes[i].key_line[NK_DATA_DIR], "data_dir %s: %s", node->data_dir,
-                    strerror(e));
-            return -1;
-        }
-    }
+    for (unsigned i = 0; i < cfg->node_count; i++)
+        cfg->nodes[i].data_dir_line = ctx->nodes[i].key_line[NK_DATA_DIR];
     cfg->shard_bits = 0;
     while ((1u << cfg->shard_bits) < cfg->shard_count)
         cfg->shard_bits++;
@@ -775,4 +770,17 @@ int config_pick_node(const struct config *cfg, const char *name, char *err, size
     if (idx < 0 && err && errlen)
         snprintf(err, errlen, "%s: no node called '%s'", cfg->path, name);
     return idx;
+}
+
+int config_check_data_dir(const struct config *cfg, int node, char *err, size_t errlen)
+{
+    const struct config_node *n = &cfg->nodes[node];
+    int e = check_data_dir(n->data_dir);
+
+    if (!e)
+        return 0;
+    if (err && errlen)
+        snprintf(err, errlen, "%s:%d: data_dir %s: %s", cfg->path, n->data_dir_line, n->data_dir,
+                 strerror(e));
+    return -1;
 }

@@ -33,6 +33,7 @@ struct config_node {
     char url[CONFIG_URL_MAX + 1];   /* "" when not given */
     char data_dir[PATH_MAX];        /* absolute after config_load() */
     int line;                       /* line of the [node] header */
+    int data_dir_line;              /* line of its data_dir, for later errors */
 };
 
 struct config {
@@ -53,6 +54,12 @@ struct config {
 /* Parse and validate path into *cfg. On error returns -1 and writes
  * "FILE:LINE: reason" (or "FILE: reason") into err; returns 0 on success. */
 int config_load(const char *path, struct config *cfg, char *err, size_t errlen);
+
+/* Check that node's data_dir can be used: a directory this process may
+ * read, write and search, or missing with a writable parent. config_load()
+ * does not look at directories (a client needs none). Returns 0, or -1 with
+ * "FILE:LINE: data_dir DIR: reason" in err. */
+int config_check_data_dir(const struct config *cfg, int node, char *err, size_t errlen);
 
 /* Index of the node called name, or -1. */
 int config_node_index(const struct config *cfg, const char *name);

@@ -151,7 +151,7 @@ static int load_config(const struct cli *c)
         return -1;
     }
     node = config_pick_node(&cfg, c->node, err, sizeof(err));
-    if (node < 0) {
+    if (node < 0 || config_check_data_dir(&cfg, node, err, sizeof(err)) != 0) {
         fprintf(stderr, "shardfs: %s\n", err);
         return -1;
     }

@@ -222,6 +222,17 @@ def test_cli_get_put_rm_ls(cluster):
     assert r.returncode == 2 and b"unknown node" in r.stderr
     r = cli(cluster, "put", check=False)
     assert r.returncode == 2 and b"usage" in r.stderr
+    # A client elsewhere: the nodes' data_dirs do not exist where it runs.
+    away = os.path.join(cluster.top, "client-elsewhere.conf")
+    Path(away).write_text(re.sub(r"(?m)^data_dir = .*$", "data_dir = /nonexistent/shardfs",
+                                 Path(cluster.conf).read_text()))
+    r = subprocess.run([SHARDFS_BIN, "get", "-c", away, "--node", "b", "/cli/src.bin"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode == 0 and r.stdout == Path(src).read_bytes(), r.stderr
+    # ... while a node started with it is refused, naming the directory.
+    r = subprocess.run([SHARDFS_BIN, "serve", "-c", away, "-n", "a"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert r.returncode != 0 and b"data_dir /nonexistent/shardfs: " in r.stderr, r.stderr
 
 
 def test_status_and_bench(cluster):

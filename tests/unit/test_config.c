@@ -88,6 +88,29 @@ static void load_err(const char *text, int want_line, const char *reason, const 
 #define LOAD_ERR(text, want_line, reason)                                                          \
     load_err((text), (want_line), (reason), __FILE__, __LINE__)
 
+/* Load text (which must load) and expect config_check_data_dir() of its
+ * first node to fail with "PATH:LINE: ..." and reason in the message. */
+static void dir_err(const char *text, int want_line, const char *reason, const char *file,
+                    int line)
+{
+    static struct config cfg;
+    char err[1024] = "", prefix[PATH_MAX + 32];
+    const char *path = write_conf("t.conf", text);
+
+    if (config_load(path, &cfg, err, sizeof(err)) != 0) {
+        check(0, file, line, "config_load() == 0", "%s", err);
+        return;
+    }
+    snprintf(prefix, sizeof(prefix), "%s:%d: ", path, want_line);
+    check(config_check_data_dir(&cfg, 0, err, sizeof(err)) == -1, file, line,
+          "config_check_data_dir() == -1", NULL);
+    check(strncmp(err, prefix, strlen(prefix)) == 0, file, line, "message prefix",
+          "want \"%s...\", got \"%s\"", prefix, err);
+    check(strstr(err, reason) != NULL, file, line, "message reason", "want \"%s\" in \"%s\"",
+          reason, err);
+}
+#define DIR_ERR(text, want_line, reason) dir_err((text), (want_line), (reason), __FILE__, __LINE__)
+
 static void test_default(void)
 {
     static struct config cfg;
@@ -361,28 +384,44 @@ static void test_whole_file_errors(void)
              "[cluster]\nshards = 1\n[node a]\nurl = http://h:1\n"
              "data_dir = plainfile\nshards = all\n");
     snprintf(path, sizeof(path), "data_dir %s/plainfile: %s", realtmp, strerror(ENOTDIR));
-    LOAD_ERR(text, 5, path);
+    DIR_ERR(text, 5, path);
     /* data_dir's parent does not exist */
     snprintf(path, sizeof(path), "data_dir %s/no/such: %s", realtmp, strerror(ENOENT));
-    LOAD_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = no/such\nshards = all\n", 4, path);
+    DIR_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = no/such\nshards = all\n", 4, path);
     /* data_dir's parent is a file */
-    LOAD_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = plainfile/x\nshards = all\n", 4,
+    DIR_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = plainfile/x\nshards = all\n", 4,
              strerror(ENOTDIR));
     /* missing data_dir with an existing parent is fine; an existing one too */
     {
         static struct config cfg;
+        char err[256];
         LOAD_OK("[cluster]\nshards = 1\n[node a]\ndata_dir = fresh\nshards = all\n", &cfg);
+        CHECK_RC(config_check_data_dir(&cfg, 0, err, sizeof(err)), 0);
         snprintf(path, sizeof(path), "%s/exists", tmpdir);
         CHECK(mkdir(path, 0700) == 0);
         LOAD_OK("[cluster]\nshards = 1\n[node a]\ndata_dir = exists\nshards = all\n", &cfg);
+        CHECK_RC(config_check_data_dir(&cfg, 0, err, sizeof(err)), 0);
+    }
+    /* only the node that is checked needs a usable directory: a client of
+     * the key API loads a config whose directories live on other machines */
+    {
+        static struct config cfg;
+        char err[256];
+        LOAD_OK("[cluster]\nshards = 2\nsecret = 0123456789abcdef\n"
+                "[node a]\nurl = http://127.0.0.1:1\ndata_dir = exists\nshards = 0\n"
+                "[node b]\nurl = http://127.0.0.1:2\ndata_dir = /no/such/dir/b\nshards = 1\n",
+                &cfg);
+        CHECK_RC(config_check_data_dir(&cfg, 0, err, sizeof(err)), 0);
+        CHECK_RC(config_check_data_dir(&cfg, 1, err, sizeof(err)), -1);
+        CHECKF(strstr(err, ":10: data_dir /no/such/dir/b: ") != NULL, "got %s", err);
     }
     /* permissions: root passes every access() check, so only as a user */
     if (geteuid() != 0) {
         snprintf(path, sizeof(path), "%s/ro", tmpdir);
         CHECK(mkdir(path, 0500) == 0);
         snprintf(path, sizeof(path), "data_dir %s/ro: %s", realtmp, strerror(EACCES));
-        LOAD_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = ro\nshards = all\n", 4, path);
-        LOAD_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = ro/new\nshards = all\n", 4,
+        DIR_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = ro\nshards = all\n", 4, path);
+        DIR_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = ro/new\nshards = all\n", 4,
                  strerror(EACCES));
     }
 
