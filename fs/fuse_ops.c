@@ -29,6 +29,7 @@ struct node {
     uint64_t nlookup;  /* protected by fs.lock */
     unsigned opens;    /* protected by fs.lock */
     int orphan;        /* unlinked while open; protected by fs.lock */
+    int reaping;       /* its last release is deleting it; protected by fs.lock */
     struct node *next; /* hash chain */
 };
 
@@ -123,7 +124,7 @@ static struct node *node_ref(struct fs *fs, const struct ino_id *id)
 /* Caller holds fs->lock. Frees n when nothing refers to it any more. */
 static void node_maybe_free(struct fs *fs, struct node *n)
 {
-    if (n == &fs->root || n->nlookup || n->opens)
+    if (n == &fs->root || n->nlookup || n->opens || n->reaping)
         return;
     struct node **pp = &fs->buckets[bucket_of(&n->id)];
     while (*pp && *pp != n)
@@ -234,6 +235,24 @@ static void open_count(struct fs *fs, struct node *n, int delta)
     pthread_mutex_lock(&fs->lock);
     n->opens += delta;
     pthread_mutex_unlock(&fs->lock);
+}
+
+/* Count an open of n, unless its last release is deleting it right now (an
+ * open that reached an unlinked file through a name the kernel had not yet
+ * let go of): then -ESTALE, and the kernel walks the path again. Counting
+ * first and reading the inode after means a rename or unlink sees the open
+ * (and keeps the inode), or the open sees the inode gone. */
+static int open_begin(struct fs *fs, struct node *n)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&fs->lock);
+    if (n->reaping)
+        rc = -ESTALE;
+    else
+        n->opens++;
+    pthread_mutex_unlock(&fs->lock);
+    return rc;
 }
 
 static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h)
@@ -467,12 +486,16 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     struct inode node;
     int rc;
 
-    open_count(fs, n, +1);
+    rc = open_begin(fs, n);
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
     if (fi->flags & O_TRUNC) {
         struct ns_setattr sa = {.mask = NS_SET_SIZE | NS_SET_KILL_SUIDGID, .size = 0};
         rc = ns_setattr(fs->ns, &n->id, &sa, &node);
     } else {
-        rc = ns_getattr(fs->ns, &n->id, &node);
+        rc = ns_getattr_ordered(fs->ns, &n->id, &node);
     }
     h = rc ? NULL : handle_new(fi->flags);
     if (!rc && !h)
@@ -587,12 +610,19 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     pthread_mutex_lock(&fs->lock);
     n->opens--;
     reap = n->orphan && n->opens == 0;
-    if (reap)
+    if (reap) {
         n->orphan = 0;
+        n->reaping = 1; /* no open may start until the inode is gone */
+    }
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
-    if (reap)
+    if (reap) {
         ns_reap(fs->ns, &id);
+        pthread_mutex_lock(&fs->lock);
+        n->reaping = 0;
+        node_maybe_free(fs, n);
+        pthread_mutex_unlock(&fs->lock);
+    }
     fuse_reply_err(req, 0);
 }
 

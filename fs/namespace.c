@@ -517,6 +517,18 @@ int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_m
     return ns_getattr(ns, id, out);
 }
 
+int ns_getattr_ordered(struct ns *ns, const struct ino_id *id, struct inode *out)
+{
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, out);
+    unlock_inode(ns, id);
+    if (rc == 0)
+        guess_note(ns, out);
+    return rc;
+}
+
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
     int rc = inode_get(ns, id, out);

@@ -61,6 +61,11 @@ unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const cha
 unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);
 
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out);
+/* ns_getattr under the inode's lock, so it falls before or after any change
+ * of this process to the inode, never between the change's decisions and
+ * its apply: an unlink asks is_open (ns_is_open_fn) under that lock, so an
+ * open counted before this read is seen, or this read sees the inode gone. */
+int ns_getattr_ordered(struct ns *ns, const struct ino_id *id, struct inode *out);
 /* ns_getattr, or the inode as this process read or wrote it at most
  * max_age_ms ago (attribute caching, for a kernel that asks again); *age_ms
  * says how old the answer is (0: read now). */
