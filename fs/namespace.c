@@ -500,8 +500,10 @@ static int inode_touch(struct ns *ns, const struct ino_id *id, int nlink_delta, 
 
 /* ---- lookup and attributes ---- */
 
-int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
-                      struct inode *out, unsigned *age_ms)
+/* The guess for id if it is at most max_age_ms old (takes the stripe lock):
+ * 0, its age in *age_ms and the record in *out, or -ENOENT. */
+static int guess_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
+                        struct inode *out, unsigned *age_ms)
 {
     uint64_t age = 0;
     int rc;
@@ -509,10 +511,17 @@ int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_m
     lock_inode(ns, id);
     rc = guess_get(ns, id, out, &age);
     unlock_inode(ns, id);
-    if (rc == 0 && age <= max_age_ms) {
-        *age_ms = (unsigned)age;
+    if (rc || age > max_age_ms)
+        return -ENOENT;
+    *age_ms = (unsigned)age;
+    return 0;
+}
+
+int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
+                      struct inode *out, unsigned *age_ms)
+{
+    if (guess_recent(ns, id, max_age_ms, out, age_ms) == 0)
         return 0;
-    }
     *age_ms = 0;
     return ns_getattr(ns, id, out);
 }
@@ -1263,10 +1272,11 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     }
     if (in.dtype != DT_UNKNOWN && memcmp(&in.sid, &in.did, sizeof(in.sid)) == 0)
         return 0; /* two names of one inode: rename(2) does nothing */
-    /* Whatever happens next, the target name may exist from now on. */
-    missing_forget(ns, ndir, nname, nlen);
-    if (in.kind == 2)
-        return rename_exchange(ns, &in);
+    if (in.kind == 2) {
+        rc = rename_exchange(ns, &in);
+        missing_forget(ns, ndir, nname, nlen);
+        return rc;
+    }
     if (in.stype == DT_DIR && is_within(ns, ndir, &in.sid))
         return -EINVAL;
     rc = rename_target_ok(ns, &in);
@@ -1306,7 +1316,9 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     } else {
         rc = rename_across(ns, &in);
     }
-    missing_forget(ns, ndir, nname, nlen); /* again: a lookup may have raced the rename */
+    /* The target name may exist from now on (whatever rc says: a cross-shard
+     * rename may be half done); a lookup that raced the rename stores nothing. */
+    missing_forget(ns, ndir, nname, nlen);
     if (rc) {
         if (in.dtype == DT_DIR)
             set_dying(ns, &in.did, 0);
@@ -1819,17 +1831,11 @@ ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *n
                            size_t size, unsigned max_age_ms)
 {
     struct inode ino;
-    uint64_t age = 0;
-    int rc = -ENOENT;
+    unsigned age;
 
-    if (inode_is_remote(ns, id)) {
-        lock_inode(ns, id);
-        rc = guess_get(ns, id, &ino, &age);
-        unlock_inode(ns, id);
-    }
-    if (rc == 0 && age <= max_age_ms && (ino.flags & INODE_NO_XATTR)) {
+    if (guess_recent(ns, id, max_age_ms, &ino, &age) == 0 && (ino.flags & INODE_NO_XATTR)) {
         size_t nlen;
-        rc = xattr_name_ok(name, &nlen);
+        int rc = xattr_name_ok(name, &nlen);
         return rc ? rc : -ENODATA;
     }
     return ns_getxattr(ns, id, name, value, size);
