@@ -2,10 +2,12 @@
  *
  * Layout of a shard directory:
  *   data.mdb   the LMDB environment (one unnamed database; MDB_NOLOCK)
- *   redo.log   batches applied since the last commit, one record each
- *              (rewound to offset 0 after every commit):
+ *   redo.log   the two redo logs, used in turns (see shard_lmdb.h): batches
+ *   redo2.log  applied since the last commit that is surely on disk, one
+ *              record each:
  *              magic:u32le len:u32le seq:u64le check:u64le payload[len]
  *              check = XXH3_64(payload, seed = seq)
+ *   reserve    a small preallocated file given up when a commit runs short
  *   The key "Mseq" inside LMDB holds the last log sequence number that the
  *   committed state contains.
  *
@@ -31,6 +33,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "durable.h"
 #include "endian.h"
 
 #define LOG_MAGIC 0x474f4c53u /* "SLOG" */
@@ -44,6 +47,14 @@
 #define SPACE_LOW (1ull << 30)      /* below this, give freed space back at once */
 
 static const char seq_key[] = "Mseq";
+static const char *const log_names[2] = {"redo.log", "redo2.log"};
+
+/* One of the two redo log files. */
+struct redo_log {
+    int fd;
+    off_t len;                  /* append position */
+    uint64_t max_seq;           /* newest record written since it was rewound */
+};
 
 struct shard_lmdb {
     struct shard base;
@@ -60,10 +71,12 @@ struct shard_lmdb {
     int need_rebuild;           /* a commit failed: rebuild txn from the log */
     size_t mapsize;
 
-    int log_fd;
-    off_t log_len;
-    uint64_t seq;               /* last sequence number written to the log */
+    struct redo_log logs[2];
+    int active;                 /* the log appended to */
+    uint64_t seq;               /* last sequence number written to a log */
     uint64_t committed_seq;     /* last one inside the committed LMDB state */
+    uint64_t durable_seq;       /* last one inside a commit whose meta page is
+                                 * surely on disk */
 
     size_t pending_bytes;
     struct timespec pending_since;
@@ -200,33 +213,40 @@ static int log_append(struct shard_lmdb *sl, uint64_t seq, const struct batch *b
     endian_put_le(hdr + 4, (uint32_t)b->len, 4);
     endian_put_le(hdr + 8, seq, 8);
     endian_put_le(hdr + 16, XXH3_64bits_withSeed(b->buf, b->len, seq), 8);
-    n = pwritev(sl->log_fd, iov, 2, sl->log_len);
+    struct redo_log *log = &sl->logs[sl->active];
+
+    n = pwritev(log->fd, iov, 2, log->len);
     if (n == (ssize_t)want) {
-        sl->log_len += n;
+        log->len += n;
+        log->max_seq = seq;
         return 0;
     }
-    /* A short write leaves a torn record at log_len; replay stops there, and
-     * the next append overwrites it. */
+    /* A short write leaves a torn record at len; replay stops there, and the
+     * next append overwrites it. */
     return n < 0 ? -errno : -ENOSPC;
 }
 
-/* Replay log records newer than committed_seq into txn, in order. Stops at the
- * first torn or corrupt record. Sets sl->seq to the last record applied and
- * the append position just after it. Records older than committed_seq are
- * leftovers of earlier cycles (the log is rewound, not truncated, after each
- * commit, so its pages stay cached) and are skipped. */
-static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
+/* Where one pass over a log got to: the end of the last record it applied
+ * (0: none) and that record's sequence number. */
+struct replay_pass {
+    off_t end;
+    uint64_t last;
+};
+
+/* Apply, from the start of one log, the records that continue the chain at
+ * *expect, in order. Records older than *expect are leftovers of earlier
+ * turns (a log is rewound, not truncated, so its pages stay cached) and are
+ * skipped; a torn or corrupt record, or one beyond a gap, ends the pass. */
+static int log_replay_one(struct shard_lmdb *sl, MDB_txn *txn, int fd, uint64_t *expect,
+                          struct replay_pass *pass)
 {
     uint8_t hdr[LOG_HDR];
     uint8_t *payload = NULL;
     off_t off = 0;
-    off_t end = 0;
-    uint64_t expect = sl->committed_seq + 1;
     int rc = 0;
 
-    sl->seq = sl->committed_seq;
     for (;;) {
-        if (pread(sl->log_fd, hdr, LOG_HDR, off) != LOG_HDR)
+        if (pread(fd, hdr, LOG_HDR, off) != LOG_HDR)
             break;
         uint32_t len = (uint32_t)endian_get_le(hdr + 4, 4);
         uint64_t seq = endian_get_le(hdr + 8, 8), check = endian_get_le(hdr + 16, 8);
@@ -238,26 +258,72 @@ static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
             goto out;
         }
         payload = p;
-        if (pread(sl->log_fd, payload, len, off + LOG_HDR) != (ssize_t)len ||
+        if (pread(fd, payload, len, off + LOG_HDR) != (ssize_t)len ||
             XXH3_64bits_withSeed(payload, len, seq) != check || batch_validate(payload, len) < 0)
             break;
         off += LOG_HDR + len;
-        if (seq < expect)
-            continue; /* already inside the committed state */
-        if (seq != expect)
-            break;    /* a gap: what follows is not a continuation */
+        if (seq < *expect)
+            continue;
+        if (seq != *expect)
+            break;
         rc = apply_items(txn, sl->dbi, payload, len, 0);
         if (rc)
             goto out;
-        sl->seq = seq;
         sl->pending_bytes += len;
-        end = off;
-        expect++;
+        pass->end = off;
+        pass->last = seq;
+        (*expect)++;
     }
-    sl->log_len = end;
 out:
     free(payload);
     return rc;
+}
+
+/* Replay the records newer than committed_seq from both logs into txn, in
+ * sequence order. The chain runs through the older log's records and then
+ * the newer one's, so passes over the two alternate until one round adds
+ * nothing. Sets sl->seq to the last record applied; each log's append
+ * position and max_seq to just after its last applied record (the start and
+ * 0 if it had none), and the active log to the one holding the newest. */
+static int log_replay(struct shard_lmdb *sl, MDB_txn *txn)
+{
+    struct replay_pass pass[2] = {{0, 0}, {0, 0}};
+    uint64_t expect = sl->committed_seq + 1;
+    int rc = 0;
+
+    for (uint64_t before = 0; before != expect;) {
+        before = expect;
+        for (int i = 0; i < 2 && rc == 0; i++)
+            rc = log_replay_one(sl, txn, sl->logs[i].fd, &expect, &pass[i]);
+        if (rc)
+            return rc;
+    }
+    sl->seq = expect - 1;
+    for (int i = 0; i < 2; i++) {
+        sl->logs[i].len = pass[i].end;
+        sl->logs[i].max_seq = pass[i].last;
+    }
+    sl->active = pass[1].last > pass[0].last;
+    return 0;
+}
+
+/* After a commit: the log that is not active holds records up to some
+ * max_seq. Once every one of them is inside a commit that is surely on disk,
+ * that log is not needed by any state a power cut can leave: rewind it (cut
+ * it on a disk running low) and append there from now on. Otherwise keep
+ * appending to the active one. */
+static void log_switch(struct shard_lmdb *sl, int low_disk)
+{
+    struct redo_log *other = &sl->logs[!sl->active];
+
+    if (other->max_seq > sl->durable_seq)
+        return;
+    if (low_disk && ftruncate(other->fd, 0) != 0) {
+        /* keep going: the log is only bigger than it needs to be */
+    }
+    other->len = 0;
+    other->max_seq = 0;
+    sl->active = !sl->active;
 }
 
 /* ---- disk space ----
@@ -310,21 +376,29 @@ static uint64_t disk_free(const struct shard_lmdb *sl)
     return (uint64_t)st.f_bavail * st.f_frsize;
 }
 
-/* Punch holes over the pages LMDB lists as free (records newer than the last
- * punch), giving their blocks back to the filesystem so other shards and
- * files can use them. LMDB never reads a free page and rewrites it whole when
- * it reuses it, so a hole is as good as any content. Caller holds the lock
- * and has no transaction open. */
+/* Punch holes over the pages LMDB lists as free, giving their blocks back to
+ * the filesystem so other shards and files can use them. LMDB never reads a
+ * free page and rewrites it whole when it reuses it, so a hole is as good as
+ * any content -- but only once no state a power cut can leave still uses
+ * the page. The free-list record of transaction T lists the pages T
+ * replaced: they belong to T - 1's tree. The last commit's meta page may not
+ * be on disk (MDB_NOMETASYNC), so the state after a power cut may be the
+ * commit before it; its pages are the ones the last commit freed. Punch only
+ * the records of older transactions, the rule LMDB itself follows before it
+ * reuses a page (mdb_find_oldest: the current transaction's id - 1, so a
+ * page freed by T is rewritten from T + 2 on). Records newer than the last
+ * punch only. Caller holds the lock and has no transaction open. */
 static void free_pages_punch(struct shard_lmdb *sl)
 {
     MDB_txn *txn;
     MDB_cursor *cur;
     MDB_val k, v;
     MDB_stat st;
+    MDB_envinfo info;
     int fd, rc;
 
     if (mdb_env_get_fd(sl->env, &fd) || mdb_env_stat(sl->env, &st) ||
-        mdb_txn_begin(sl->env, NULL, MDB_RDONLY, &txn))
+        mdb_env_info(sl->env, &info) || mdb_txn_begin(sl->env, NULL, MDB_RDONLY, &txn))
         return;
     if (mdb_cursor_open(txn, 0 /* FREE_DBI */, &cur) == 0) {
         rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
@@ -333,6 +407,8 @@ static void free_pages_punch(struct shard_lmdb *sl)
             if (k.mv_size != sizeof(size_t) || v.mv_size < sizeof(size_t))
                 continue;
             memcpy(&txnid, k.mv_data, sizeof(txnid));
+            if (txnid >= info.me_last_txnid)
+                break; /* freed by the last commit: the previous state's pages */
             if (txnid <= sl->punched_txn)
                 continue;
             sl->punched_txn = txnid;
@@ -364,19 +440,20 @@ static void space_refresh(struct shard_lmdb *sl)
     sl->space_hint = disk_free(sl);
 }
 
-/* After a commit: on a disk running low, give freed pages and the log's
- * blocks back to the filesystem; keep the reserve file. Plenty of space:
- * nothing to do (rewound log pages and free pages stay for reuse, which is
- * faster than allocating new blocks). */
+/* After a commit: switch logs if the other one is no longer needed; on a
+ * disk running low, give freed pages and the unneeded log's blocks back to
+ * the filesystem; keep the reserve file. Plenty of space: free pages and
+ * rewound log pages stay for reuse, which is faster than allocating new
+ * blocks. */
 static void space_after_commit(struct shard_lmdb *sl)
 {
     space_refresh(sl);
     if (sl->space_hint < SPACE_LOW) {
         free_pages_punch(sl);
-        if (ftruncate(sl->log_fd, 0) != 0) {
-            /* keep going: the log is only bigger than it needs to be */
-        }
+        log_switch(sl, 1);
         space_refresh(sl);
+    } else {
+        log_switch(sl, 0);
     }
     if (sl->space_hint > 4ull * RESERVE_BYTES)
         reserve_make(sl);
@@ -511,11 +588,12 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
     if (rc)
         goto failed;
     sl->txn = NULL;
+    /* This commit synced its data pages before writing its meta page, and
+     * with them the previous commit's meta page: that one is on disk now. */
+    if (sl->committed_seq > sl->durable_seq)
+        sl->durable_seq = sl->committed_seq;
     sl->committed_seq = sl->seq;
     sl->pending_bytes = 0;
-    /* The log's content is now inside LMDB: rewind. What stays in the file is
-     * recognised as stale by its sequence numbers. */
-    sl->log_len = 0;
     map_maybe_grow(sl, grow);
     space_after_commit(sl);
     return 0;
@@ -702,6 +780,10 @@ static int lmdb_sync(struct shard *s)
     rc = txn_commit(sl, 0);
     if (rc == 0)
         rc = shard_lmdb_errno(mdb_env_sync(sl->env, 1)); /* the meta page too */
+    if (rc == 0) {
+        sl->durable_seq = sl->committed_seq;
+        log_switch(sl, sl->space_hint < SPACE_LOW);
+    }
     pthread_mutex_unlock(&sl->lock);
     return rc;
 }
@@ -788,8 +870,9 @@ static void lmdb_close(struct shard *s)
             mdb_txn_abort(sl->txn);
         mdb_env_close(sl->env);
     }
-    if (sl->log_fd >= 0)
-        close(sl->log_fd);
+    for (int i = 0; i < 2; i++)
+        if (sl->logs[i].fd >= 0)
+            close(sl->logs[i].fd);
     pthread_cond_destroy(&sl->wake);
     pthread_mutex_destroy(&sl->lock);
     free(sl);
@@ -811,6 +894,41 @@ static int read_committed_seq(struct shard_lmdb *sl)
     return 0;
 }
 
+/* Make a new, empty data.mdb as one step a power cut cannot split: LMDB
+ * writes a new file's two meta pages without syncing them, and a file with
+ * a torn meta page does not open (MDB_INVALID). So the environment is made
+ * under another name, synced, renamed into place and the directory synced.
+ * A leftover data.mdb.new of an earlier attempt is overwritten. */
+static int env_create(struct shard_lmdb *sl, const char *path, char *err, size_t errlen)
+{
+    char tmp[4300];
+    MDB_env *env = NULL;
+    int rc;
+
+    snprintf(tmp, sizeof(tmp), "%s.new", path);
+    if (unlink(tmp) != 0 && errno != ENOENT) {
+        rc = -errno;
+        snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
+        return rc;
+    }
+    rc = mdb_env_create(&env);
+    if (rc == 0)
+        rc = mdb_env_open(env, tmp, MDB_NOSUBDIR | MDB_NOLOCK, 0644);
+    if (rc == 0)
+        rc = mdb_env_sync(env, 1);
+    mdb_env_close(env);
+    if (rc) {
+        snprintf(err, errlen, "%s: cannot create LMDB environment: %s", tmp, mdb_strerror(rc));
+        return shard_lmdb_errno(rc);
+    }
+    if (rename(tmp, path) != 0 || (rc = durable_sync_dir(sl->dir)) != 0) {
+        rc = rc ? rc : -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
 static int open_env(struct shard_lmdb *sl, char *err, size_t errlen)
 {
     struct stat st;
@@ -819,9 +937,16 @@ static int open_env(struct shard_lmdb *sl, char *err, size_t errlen)
 
     snprintf(path, sizeof(path), "%s/data.mdb", sl->dir);
     sl->mapsize = MAP_INITIAL;
-    if (stat(path, &st) == 0)
+    if (stat(path, &st) == 0) {
         while (sl->mapsize < (size_t)st.st_size * 2)
             sl->mapsize *= 2;
+    } else if (errno != ENOENT) {
+        rc = -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return rc;
+    } else if ((rc = env_create(sl, path, err, errlen)) != 0) {
+        return rc;
+    }
     rc = mdb_env_create(&sl->env);
     if (rc == 0)
         rc = mdb_env_set_mapsize(sl->env, sl->mapsize);
@@ -844,11 +969,86 @@ static int open_env(struct shard_lmdb *sl, char *err, size_t errlen)
     return 0;
 }
 
+/* Open (creating) both redo logs; a new name is made durable at once. */
+static int logs_open(struct shard_lmdb *sl, char *err, size_t errlen)
+{
+    char path[4200];
+    int created = 0;
+
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof(path), "%s/%s", sl->dir, log_names[i]);
+        sl->logs[i].fd = open(path, O_RDWR | O_CLOEXEC);
+        if (sl->logs[i].fd < 0 && errno == ENOENT) {
+            sl->logs[i].fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+            created = 1;
+        }
+        if (sl->logs[i].fd < 0) {
+            int rc = -errno;
+            snprintf(err, errlen, "%s: %s", path, strerror(errno));
+            return rc;
+        }
+    }
+    if (created) {
+        int rc = durable_sync_dir(sl->dir);
+        if (rc) {
+            snprintf(err, errlen, "%s: %s", sl->dir, strerror(-rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* The end of recovery at open: commit what was replayed and make the
+ * opened state durable (a killed process may have left its last commit's
+ * meta page in the page cache only), then empty both logs, with the cut on
+ * disk before anything is appended: a record beyond a gap, left behind,
+ * could otherwise be replayed later, once the sequence numbers have caught
+ * up with it. A replayed log that cannot be committed yet (a full disk)
+ * stays in the transaction and in the logs, which are cut after the
+ * replayed records instead; the flusher retries the commit. */
+static int recover_commit(struct shard_lmdb *sl)
+{
+    int rc = 0, committed;
+
+    if (sl->seq != sl->committed_seq) {
+        rc = txn_commit(sl, 0);
+        if (rc == -ENOSPC)
+            rc = txn_ensure(sl);
+        if (rc)
+            return rc;
+    }
+    committed = sl->seq == sl->committed_seq;
+    if (committed && sl->txn) {
+        /* Nothing replayed: the transaction open since open_env() is empty. */
+        mdb_txn_abort(sl->txn);
+        sl->txn = NULL;
+    }
+    rc = shard_lmdb_errno(mdb_env_sync(sl->env, 1));
+    if (rc)
+        return rc;
+    sl->durable_seq = sl->committed_seq;
+    for (int i = 0; i < 2; i++) {
+        struct redo_log *log = &sl->logs[i];
+        if (committed) {
+            log->len = 0;
+            log->max_seq = 0;
+        }
+        if (ftruncate(log->fd, log->len) != 0 || fsync(log->fd) != 0)
+            return -errno;
+    }
+    if (committed) {
+        space_after_commit(sl);
+        sl->active = 0; /* both are empty: start with the first */
+    } else {
+        space_refresh(sl);
+    }
+    return 0;
+}
+
 int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_options *opt,
                     struct shard **out, char *err, size_t errlen)
 {
     struct shard_lmdb *sl = calloc(1, sizeof(*sl));
-    char path[4200];
     int rc;
 
     if (!sl) {
@@ -857,7 +1057,7 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     }
     sl->base.ops = &shard_lmdb_ops;
     sl->base.index = index;
-    sl->log_fd = -1;
+    sl->logs[0].fd = sl->logs[1].fd = -1;
     pthread_mutex_init(&sl->lock, NULL);
     pthread_cond_init(&sl->wake, NULL);
     sl->interval_ms = opt && opt->commit_interval_ms ? opt->commit_interval_ms : DEFAULT_INTERVAL_MS;
@@ -867,36 +1067,27 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
         rc = -ENAMETOOLONG;
         goto fail;
     }
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+    if (mkdir(dir, 0755) == 0) {
+        rc = durable_sync_parent(dir);
+        if (rc) {
+            snprintf(err, errlen, "%s: %s", dir, strerror(-rc));
+            goto fail;
+        }
+    } else if (errno != EEXIST) {
         rc = -errno;
         snprintf(err, errlen, "%s: %s", dir, strerror(errno));
         goto fail;
     }
     rc = open_env(sl, err, errlen);
+    if (rc == 0)
+        rc = logs_open(sl, err, errlen);
     if (rc)
         goto fail;
-    snprintf(path, sizeof(path), "%s/redo.log", dir);
-    sl->log_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (sl->log_fd < 0) {
-        rc = -errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        goto fail;
-    }
     rc = read_committed_seq(sl);
     if (rc == 0)
         rc = log_replay(sl, sl->txn);
-    /* A replayed log that cannot be committed yet (a full disk) stays in
-     * the transaction; the flusher retries. */
-    if (rc == 0 && sl->seq != sl->committed_seq && txn_commit(sl, 0) == -ENOSPC)
-        rc = txn_ensure(sl);
-    /* Cut the log after the replayed prefix: a record beyond a gap must not
-     * be replayed later, once the sequence numbers have caught up with it. */
-    if (rc == 0 && ftruncate(sl->log_fd, sl->log_len) != 0)
-        rc = -errno;
-    if (rc == 0 && !sl->txn)
-        space_after_commit(sl);
-    else if (rc == 0)
-        space_refresh(sl);
+    if (rc == 0)
+        rc = recover_commit(sl);
     if (rc) {
         snprintf(err, errlen, "%s: recovering the redo log: %s", dir, strerror(-rc));
         goto fail;

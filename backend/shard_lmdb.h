@@ -11,11 +11,18 @@
  * pages before it writes the meta page (MDB_NOMETASYNC: the meta page itself
  * is synced by the next commit or by sync()), so a machine crash leaves one
  * of the last two committed states, never a corrupt file. The committed state
- * records the last log sequence number it contains and the log is rewound;
- * on open, log records newer than that number are replayed in order (a torn,
- * corrupt or out-of-sequence record ends the replay). Batches after the
- * surviving commit are lost in a machine crash unless the log reached the
- * disk; sync() (fsync) makes everything applied survive power loss.
+ * records the last log sequence number it contains. There are two logs, used
+ * in turns: a log is rewound only once all its records are inside a commit
+ * whose meta page is surely on disk (the one before the last), so the
+ * batches a power cut can take out of LMDB are always still in a log. On
+ * open, the records of both logs newer than that number are replayed in
+ * order (a torn, corrupt or out-of-sequence record ends a log's part); the
+ * result is committed and synced before the logs are emptied. Batches after
+ * the surviving commit are lost in a machine crash unless the log reached
+ * the disk; sync() (fsync) makes everything applied survive power loss. Free
+ * pages are given back to the filesystem (hole punching) on a disk running
+ * low, only those no surviving state can use (see free_pages_punch()).
+ * tests/crashsim/ checks all of this against simulated power cuts.
  *
  * The environment uses MDB_NOLOCK (all access is through our own mutex, and
  * the store directory is flock()ed by the daemon) and a large map that grows

@@ -55,6 +55,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "durable.h"
 #include "endian.h"
 #include "placement.h"
 #include "shard_lmdb.h"
@@ -2203,6 +2204,8 @@ static int write_store_file(const struct config *cfg, int node)
     close(fd);
     if (rc == 0 && rename(tmp, path) != 0)
         rc = -errno;
+    if (rc == 0)
+        rc = durable_sync_parent(path); /* the new name, not only the bytes */
     return rc;
 }
 
@@ -2299,7 +2302,13 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
         rc = -ENOMEM;
         goto fail;
     }
-    if (mkdir(ns->data_dir, 0755) != 0 && errno != EEXIST) {
+    if (mkdir(ns->data_dir, 0755) == 0) {
+        rc = durable_sync_parent(ns->data_dir);
+        if (rc) {
+            snprintf(err, errlen, "%s: %s", ns->data_dir, strerror(-rc));
+            goto fail;
+        }
+    } else if (errno != EEXIST) {
         rc = -errno;
         snprintf(err, errlen, "%s: %s", ns->data_dir, strerror(errno));
         goto fail;

@@ -1,0 +1,19 @@
+/* durable.h -- making names durable: fsync of directories.
+ *
+ * An fsync of a file makes its data and size durable, not its name: a file
+ * created or renamed in a directory survives a power cut only once the
+ * directory itself is synced (POSIX; ext4 often does it anyway, other
+ * filesystems do not). Every place that creates or renames a file the store
+ * needs after a crash calls one of these. Both return 0 or -errno and are
+ * safe from any thread.
+ */
+#ifndef SHARDFS_DURABLE_H
+#define SHARDFS_DURABLE_H
+
+/* fsync the directory dir. */
+int durable_sync_dir(const char *dir);
+
+/* fsync the directory that holds path (path's parent; "." for a bare name). */
+int durable_sync_parent(const char *path);
+
+#endif

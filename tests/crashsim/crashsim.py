@@ -1,0 +1,416 @@
+#!/usr/bin/python3
+"""crashsim.py -- the shard crash simulator: power cuts at every step.
+
+    crashsim.py [--seeds 1,2] [--batches N] [--free BYTES] [--subsets K]
+                [--keep DIR] WORKLOAD SHIM
+
+In the spirit of ALICE and CrashMonkey: run the shard workload
+(tests/crashsim/workload.c) with its file I/O recorded at the system-call
+level by an LD_PRELOAD shim (tests/crashsim/shim.c), then rebuild the disk
+as a power cut could have left it at many points of the run, open each such
+state with the real shard code and check it.
+
+The model of the disk (strict POSIX, what an fsync promises and no more):
+  * a write, truncate, hole punch or allocation of a file reaches the disk
+    only when a later fsync/fdatasync of that file returned, or, before that,
+    if the crash happens to have let it through: any subset of the not yet
+    synced operations may be on the disk. Writes are cut at 4 KiB
+    boundaries, so a multi-page write can land in part;
+  * creating, renaming and unlinking a name reaches the disk only with an
+    fsync of the directory (or by chance, as above);
+  * writes through an O_DSYNC descriptor are synced at once.
+
+A crash point is a place in the trace; the state at it holds everything
+synced before it plus a chosen subset of what was not: nothing, everything
+(a kill -9 of the process), only the redo logs' operations (the log reached
+the disk, nothing else did), only the hole punches, prefixes and random
+subsets. Every state must open, hold exactly the state after some batch J
+(every record checked), with J at least the last batch acknowledged by a
+sync that returned before the crash point (J at least the last applied
+batch for a kill -9 state, or when the logs reached the disk), and take a
+new batch, a sync and a reopen.
+
+Recovery is crashed too: some of those states are opened by the workload's
+"recover" command under the shim, and power cuts during that run must
+leave exactly the batches the state held.
+
+Exit status 0 if every state checked out; prints counts and the first
+failures. --free makes statvfs() report that many free bytes, so the shard
+takes its low-disk path (hole punching of freed pages, log truncation).
+"""
+
+import argparse
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+BLOCK = 4096
+
+
+class Op:
+    __slots__ = ("kind", "path", "a", "b", "data")
+
+    def __init__(self, kind, path, a, b, data):
+        self.kind, self.path, self.a, self.b, self.data = kind, path, a, b, data
+
+
+def read_trace(path):
+    ops = []
+    with open(path, "rb") as f:
+        buf = f.read()
+    pos = 0
+    while pos < len(buf):
+        kind = chr(buf[pos])
+        (plen,) = struct.unpack_from("<H", buf, pos + 1)
+        p = buf[pos + 3:pos + 3 + plen].decode()
+        pos += 3 + plen
+        a, b, dlen = struct.unpack_from("<QQI", buf, pos)
+        pos += 20
+        data = buf[pos:pos + dlen]
+        pos += dlen
+        if kind == "W":
+            # Cut at block boundaries: each piece may reach the disk alone.
+            off = a
+            while data:
+                n = min(len(data), BLOCK - off % BLOCK)
+                ops.append(Op("W", p, off, 0, data[:n]))
+                off += n
+                data = data[n:]
+        else:
+            ops.append(Op(kind, p, a, b, data))
+    return ops
+
+
+class Inode:
+    __slots__ = ("ident", "durable", "pending")
+
+    def __init__(self, ident, content=b""):
+        self.ident = ident
+        self.durable = bytearray(content)
+        self.pending = []          # data ops not yet synced, in order
+
+
+def apply_data(img, op):
+    if op.kind == "W":
+        end = op.a + len(op.data)
+        if len(img) < end:
+            img.extend(b"\0" * (end - len(img)))
+        img[op.a:end] = op.data
+    elif op.kind == "T":
+        if op.a < len(img):
+            del img[op.a:]
+        else:
+            img.extend(b"\0" * (op.a - len(img)))
+    elif op.kind == "P":
+        end = min(op.a + op.b, len(img))
+        if op.a < end:
+            img[op.a:end] = b"\0" * (end - op.a)
+    elif op.kind == "A":
+        end = op.a + op.b
+        if len(img) < end:
+            img.extend(b"\0" * (end - len(img)))
+
+
+class Disk:
+    """Walks a trace and can produce the crash states at the current point."""
+
+    def __init__(self, watch, initial):
+        self.watch = watch
+        self.next_ident = 0
+        self.names = {}            # the live name -> inode
+        self.durable_names = {}    # name -> inode as the disk has it for sure
+        self.pending_dir = []      # dir ops not yet synced: (op, inode or None)
+        self.created = {}          # inode ident -> inode, for replaying creates
+        for name, content in initial.items():
+            ino = self.new_inode(content)
+            self.names[name] = ino
+            self.durable_names[name] = ino
+        self.acked = 0             # last batch a returned sync covers
+        self.applied = 0           # last batch whose apply returned
+        self.recovered = False     # an "O" mark: the recover command's open returned
+        self.pending = []          # every pending op in trace order: (op, inode or None)
+
+    def new_inode(self, content=b""):
+        self.next_ident += 1
+        return Inode(self.next_ident, content)
+
+    def step(self, op):
+        name = os.path.basename(op.path)
+        if op.kind == "M":
+            what, num = op.data.decode().split()
+            if what == "A":
+                self.applied = max(self.applied, int(num))
+            elif what == "S":
+                self.acked = max(self.acked, int(num))
+            elif what == "O":
+                self.recovered = True
+            return
+        if op.kind == "S":
+            if op.path == self.watch:
+                for o, _ in self.pending_dir:
+                    self.apply_dir(self.durable_names, o)
+                self.pending_dir = []
+                self.pending = [(o, i) for o, i in self.pending if i is not None]
+            else:
+                ino = self.names[name]
+                for o in ino.pending:
+                    apply_data(ino.durable, o)
+                ino.pending = []
+                self.pending = [(o, i) for o, i in self.pending if i is not ino]
+            return
+        if op.kind in "CUR":
+            ino = None
+            if op.kind == "C":
+                ino = self.new_inode()
+                op = Op("C", op.path, ino.ident, 0, b"")
+                self.pending_dir.append((op, ino))
+                self.names[name] = ino
+            elif op.kind == "U":
+                self.pending_dir.append((op, None))
+                del self.names[name]
+            else:
+                self.pending_dir.append((op, None))
+                self.names[os.path.basename(op.data.decode())] = self.names.pop(name)
+            self.pending.append((op, None))
+            if ino is not None:
+                self.created[ino.ident] = ino
+            return
+        ino = self.names[name]
+        ino.pending.append(op)
+        self.pending.append((op, ino))
+
+    def apply_dir(self, names, op):
+        name = os.path.basename(op.path)
+        if op.kind == "C":
+            names[name] = self.created[op.a]
+        elif op.kind == "U":
+            names.pop(name, None)
+        elif op.kind == "R":
+            ino = names.pop(name, None)
+            if ino is not None:
+                names[os.path.basename(op.data.decode())] = ino
+
+    def state(self, chosen):
+        """The files of the state: durable + the chosen pending ops (a set of
+        indexes into self.pending). Returns {name: bytes}."""
+        names = dict(self.durable_names)
+        extra = {}
+        for k, (op, ino) in enumerate(self.pending):
+            if k not in chosen:
+                continue
+            if ino is None:
+                self.apply_dir(names, op)
+            else:
+                extra.setdefault(ino.ident, []).append(op)
+        out = {}
+        for name, ino in names.items():
+            img = bytearray(ino.durable)
+            for op in extra.get(ino.ident, ()):
+                apply_data(img, op)
+            out[name] = img
+        return out
+
+
+def list_dir(d):
+    out = {}
+    for name in sorted(os.listdir(d)):
+        with open(os.path.join(d, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def materialize(files, d):
+    if os.path.exists(d):
+        shutil.rmtree(d)
+    os.mkdir(d)
+    for name, content in files.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(content)
+
+
+class Checker:
+    def __init__(self, workload, seed):
+        self.proc = subprocess.Popen([workload, "check", str(seed)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def check(self, d, lo, hi):
+        self.proc.stdin.write("%s %d %d\n" % (d, lo, hi))
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            return False, "the checker stopped", None
+        if line.startswith("ok "):
+            return True, "", int(line.split()[1])
+        return False, line[4:], None
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class Stats:
+    def __init__(self):
+        self.states = 0
+        self.bad = 0
+        self.by_kind = {}
+        self.failures = []
+
+    def add(self, kind, ok, why, where):
+        self.states += 1
+        k = self.by_kind.setdefault(kind, [0, 0])
+        k[0] += 1
+        if not ok:
+            self.bad += 1
+            k[1] += 1
+            if len(self.failures) < 12:
+                self.failures.append("%s at %s: %s" % (kind, where, why))
+
+
+def variants(disk, rnd, nsubsets, logs):
+    """The (kind, chosen set, minimum J) of the crash states at this point."""
+    n = len(disk.pending)
+    out = [("synced-only", set(), disk.acked), ("everything", set(range(n)), disk.applied)]
+    if n == 0:
+        return out[:1]
+    logk = {k for k, (op, ino) in enumerate(disk.pending)
+            if os.path.basename(op.path) in logs and ino is not None}
+    if logk:
+        out.append(("logs-only", logk, disk.applied))
+    punch = {k for k, (op, _) in enumerate(disk.pending) if op.kind == "P"}
+    if punch:
+        out.append(("punches-only", punch, disk.acked))
+    for k in sorted({n // 4, n // 2, 3 * n // 4, rnd.randrange(n)}):
+        if 0 < k < n:
+            out.append(("prefix", set(range(k)), disk.acked))
+    for _ in range(nsubsets):
+        p = rnd.choice((0.2, 0.5, 0.8))
+        out.append(("subset", {k for k in range(n) if rnd.random() < p}, disk.acked))
+    return out
+
+
+def crash_points(ops, rnd, extra):
+    """Indexes i: the crash happens before ops[i] (len(ops): at the end)."""
+    pts = {len(ops)}
+    for i, op in enumerate(ops):
+        if op.kind in "STPURC":
+            pts.add(i)          # just before a sync or a metadata change
+            pts.add(i + 1)      # and just after
+    pts.update(rnd.randrange(len(ops) + 1) for _ in range(extra))
+    return sorted(pts)
+
+
+def explore(ops, initial, watch, rnd, checker, stats, work, nsubsets, extra, logs,
+            exact=None, base_states=None, label=""):
+    """Walk the trace, check the crash states at each crash point. With
+    exact=J every state must hold exactly J (a recovery run). Collects
+    kill -9 states into base_states (for crashing recovery) if given."""
+    disk = Disk(watch, initial)
+    pts = crash_points(ops, rnd, extra)
+    d = os.path.join(work, "state")
+    pi = 0
+    for i in range(len(ops) + 1):
+        while pi < len(pts) and pts[pi] == i:
+            pi += 1
+            for kind, chosen, lo in variants(disk, rnd, nsubsets, logs):
+                hi = disk.applied + 1
+                if exact is not None:
+                    lo = hi = exact
+                materialize(disk.state(chosen), d)
+                ok, why, j = checker.check(d, lo, hi)
+                stats.add(label + kind, ok, why, "op %d/%d" % (i, len(ops)))
+                if ok and base_states is not None and kind in ("everything", "logs-only") \
+                        and disk.applied > disk.acked:
+                    base_states.append((disk.state(chosen), j))
+        if i < len(ops):
+            disk.step(ops[i])
+
+
+def run_traced(args, watch, trace, shim, free):
+    env = dict(os.environ, LD_PRELOAD=shim, CRASHSIM_DIR=watch, CRASHSIM_TRACE=trace)
+    if free is not None:
+        env["CRASHSIM_FREE"] = str(free)
+    r = subprocess.run(args, env=env, timeout=600, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit("crashsim: %s failed (%d):\n%s%s" % (" ".join(args), r.returncode, r.stdout,
+                                                      r.stderr))
+
+
+def one_seed(a, seed, stats, work):
+    rnd = random.Random(seed)
+    watch = os.path.join(work, "shard")
+    trace = os.path.join(work, "trace")
+    os.mkdir(watch)
+    run_traced([a.workload, "run", watch, str(seed), str(a.batches)], watch, trace, a.shim,
+               a.free)
+    ops = read_trace(trace)
+    logs = {n for n in os.listdir(watch) if n.startswith("redo")}
+    checker = Checker(a.workload, seed)
+    bases = []
+    t = time.time()
+    explore(ops, {}, watch, rnd, checker, stats, work, a.subsets, a.extra, logs,
+            base_states=bases)
+    print("seed %d: %d trace operations, %d states so far, %.1f s" %
+          (seed, len(ops), stats.states, time.time() - t), flush=True)
+    # Crash the recovery of some kill -9 states.
+    rnd.shuffle(bases)
+    for n, (files, j) in enumerate(bases[:a.recoveries]):
+        rdir = os.path.join(work, "rec")
+        materialize(files, rdir)
+        rtrace = os.path.join(work, "rtrace")
+        if os.path.exists(rtrace):
+            os.unlink(rtrace)
+        run_traced([a.workload, "recover", rdir], rdir, rtrace, a.shim, a.free)
+        rops = read_trace(rtrace)
+        explore(rops, files, rdir, rnd, checker, stats, work, a.subsets, 0, logs, exact=j,
+                label="recovery-")
+        shutil.rmtree(rdir)
+    checker.close()
+    os.unlink(trace)
+    shutil.rmtree(watch)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workload")
+    ap.add_argument("shim")
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--batches", type=int, default=300)
+    ap.add_argument("--free", type=int, default=None,
+                    help="free bytes statvfs reports (low-disk path below 1 GiB)")
+    ap.add_argument("--subsets", type=int, default=3, help="random subsets per crash point")
+    ap.add_argument("--extra", type=int, default=40, help="random extra crash points")
+    ap.add_argument("--recoveries", type=int, default=6, help="recoveries crashed per seed")
+    ap.add_argument("--keep", help="work directory to keep (default: a temp dir, removed)")
+    a = ap.parse_args()
+    a.workload = os.path.abspath(a.workload)
+    a.shim = os.path.abspath(a.shim)
+    work = a.keep or tempfile.mkdtemp(prefix="shardfs-crashsim-", dir="/dev/shm"
+                                      if os.path.isdir("/dev/shm") else None)
+    os.makedirs(work, exist_ok=True)
+    stats = Stats()
+    t0 = time.time()
+    try:
+        for seed in (int(s) for s in a.seeds.split(",")):
+            sw = os.path.join(work, "seed-%d" % seed)
+            os.mkdir(sw)
+            one_seed(a, seed, stats, sw)
+            shutil.rmtree(sw)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print("crash states checked: %d, inconsistent: %d (%.1f s)" %
+          (stats.states, stats.bad, time.time() - t0))
+    for kind, (n, bad) in sorted(stats.by_kind.items()):
+        print("  %-28s %6d states, %d bad" % (kind, n, bad))
+    for f in stats.failures:
+        print("FAIL " + f)
+    return 1 if stats.bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
