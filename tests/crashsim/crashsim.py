@@ -87,10 +87,11 @@ def read_trace(path):
 
 
 class Inode:
-    __slots__ = ("ident", "durable", "pending")
+    __slots__ = ("ident", "is_dir", "durable", "pending")
 
-    def __init__(self, ident, content=b""):
+    def __init__(self, ident, content=b"", is_dir=False):
         self.ident = ident
+        self.is_dir = is_dir
         self.durable = bytearray(content)
         self.pending = []          # data ops not yet synced, in order
 
@@ -117,87 +118,94 @@ def apply_data(img, op):
 
 
 class Disk:
-    """Walks a trace and can produce the crash states at the current point."""
+    """Walks a trace and can produce the crash states at the current point.
+
+    Names are absolute paths under the watched directory. A name's create,
+    mkdir, rename or unlink is an operation on its parent directory, made
+    durable by an fsync of that directory (renames stay in one directory)."""
 
     def __init__(self, watch, initial):
         self.watch = watch
         self.next_ident = 0
-        self.names = {}            # the live name -> inode
-        self.durable_names = {}    # name -> inode as the disk has it for sure
-        self.pending_dir = []      # dir ops not yet synced: (op, inode or None)
+        self.names = {}            # the live path -> inode
+        self.durable_names = {}    # path -> inode as the disk has it for sure
         self.created = {}          # inode ident -> inode, for replaying creates
-        for name, content in initial.items():
-            ino = self.new_inode(content)
-            self.names[name] = ino
-            self.durable_names[name] = ino
+        for rel, content in initial.items():
+            path = os.path.join(watch, rel)
+            ino = self.new_inode(content or b"", content is None)
+            self.names[path] = ino
+            self.durable_names[path] = ino
         self.acked = 0             # last batch a returned sync covers
         self.applied = 0           # last batch whose apply returned
-        self.recovered = False     # an "O" mark: the recover command's open returned
         self.pending = []          # every pending op in trace order: (op, inode or None)
 
-    def new_inode(self, content=b""):
+    def new_inode(self, content=b"", is_dir=False):
         self.next_ident += 1
-        return Inode(self.next_ident, content)
+        ino = Inode(self.next_ident, content, is_dir)
+        self.created[ino.ident] = ino
+        return ino
+
+    def is_dir(self, path):
+        return path == self.watch or (path in self.names and self.names[path].is_dir)
 
     def step(self, op):
-        name = os.path.basename(op.path)
         if op.kind == "M":
             what, num = op.data.decode().split()
             if what == "A":
                 self.applied = max(self.applied, int(num))
             elif what == "S":
                 self.acked = max(self.acked, int(num))
-            elif what == "O":
-                self.recovered = True
+            return
+        if op.kind == "S" and self.is_dir(op.path):
+            keep = []
+            for o, ino in self.pending:
+                if ino is None and os.path.dirname(o.path) == op.path:
+                    self.apply_dir(self.durable_names, o)
+                else:
+                    keep.append((o, ino))
+            self.pending = keep
             return
         if op.kind == "S":
-            if op.path == self.watch:
-                for o, _ in self.pending_dir:
-                    self.apply_dir(self.durable_names, o)
-                self.pending_dir = []
-                self.pending = [(o, i) for o, i in self.pending if i is not None]
-            else:
-                ino = self.names[name]
-                for o in ino.pending:
-                    apply_data(ino.durable, o)
-                ino.pending = []
-                self.pending = [(o, i) for o, i in self.pending if i is not ino]
+            ino = self.names[op.path]
+            for o in ino.pending:
+                apply_data(ino.durable, o)
+            ino.pending = []
+            self.pending = [(o, i) for o, i in self.pending if i is not ino]
             return
-        if op.kind in "CUR":
-            ino = None
-            if op.kind == "C":
-                ino = self.new_inode()
-                op = Op("C", op.path, ino.ident, 0, b"")
-                self.pending_dir.append((op, ino))
-                self.names[name] = ino
+        if op.kind in "CKUR":
+            if op.kind in "CK":
+                ino = self.new_inode(b"", op.kind == "K")
+                op = Op(op.kind, op.path, ino.ident, 0, b"")
+                self.names[op.path] = ino
             elif op.kind == "U":
-                self.pending_dir.append((op, None))
-                del self.names[name]
+                del self.names[op.path]
             else:
-                self.pending_dir.append((op, None))
-                self.names[os.path.basename(op.data.decode())] = self.names.pop(name)
+                to = op.data.decode()
+                if os.path.dirname(to) != os.path.dirname(op.path):
+                    sys.exit("crashsim: a rename across directories is not modelled: %s -> %s"
+                             % (op.path, to))
+                self.names[to] = self.names.pop(op.path)
             self.pending.append((op, None))
-            if ino is not None:
-                self.created[ino.ident] = ino
             return
-        ino = self.names[name]
+        ino = self.names[op.path]
         ino.pending.append(op)
         self.pending.append((op, ino))
 
     def apply_dir(self, names, op):
-        name = os.path.basename(op.path)
-        if op.kind == "C":
-            names[name] = self.created[op.a]
+        if op.kind in "CK":
+            names[op.path] = self.created[op.a]
         elif op.kind == "U":
-            names.pop(name, None)
+            names.pop(op.path, None)
         elif op.kind == "R":
-            ino = names.pop(name, None)
+            ino = names.pop(op.path, None)
             if ino is not None:
-                names[os.path.basename(op.data.decode())] = ino
+                names[op.data.decode()] = ino
 
     def state(self, chosen):
         """The files of the state: durable + the chosen pending ops (a set of
-        indexes into self.pending). Returns {name: bytes}."""
+        indexes into self.pending). Returns {path relative to the watched
+        directory: bytes, or None for a directory}; a name whose directory
+        is not in the state is not either."""
         names = dict(self.durable_names)
         extra = {}
         for k, (op, ino) in enumerate(self.pending):
@@ -208,19 +216,31 @@ class Disk:
             else:
                 extra.setdefault(ino.ident, []).append(op)
         out = {}
-        for name, ino in names.items():
+        for path in sorted(names, key=lambda p: p.count("/")):
+            parent = os.path.dirname(path)
+            rel = os.path.relpath(path, self.watch)
+            if parent != self.watch and out.get(os.path.relpath(parent, self.watch), 0) is not None:
+                continue        # its directory is not there
+            ino = names[path]
+            if ino.is_dir:
+                out[rel] = None
+                continue
             img = bytearray(ino.durable)
             for op in extra.get(ino.ident, ()):
                 apply_data(img, op)
-            out[name] = img
+            out[rel] = img
         return out
 
 
 def list_dir(d):
+    """{relative path: bytes, or None for a directory} of everything under d."""
     out = {}
-    for name in sorted(os.listdir(d)):
-        with open(os.path.join(d, name), "rb") as f:
-            out[name] = f.read()
+    for top, dirs, files in os.walk(d):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(top, name), d)] = None
+        for name in files:
+            with open(os.path.join(top, name), "rb") as f:
+                out[os.path.relpath(os.path.join(top, name), d)] = f.read()
     return out
 
 
@@ -228,8 +248,12 @@ def materialize(files, d):
     if os.path.exists(d):
         shutil.rmtree(d)
     os.mkdir(d)
-    for name, content in files.items():
-        with open(os.path.join(d, name), "wb") as f:
+    for rel in sorted(files, key=lambda p: p.count("/")):
+        content = files[rel]
+        if content is None:
+            os.mkdir(os.path.join(d, rel))
+            continue
+        with open(os.path.join(d, rel), "wb") as f:
             f.write(content)
 
 
@@ -271,14 +295,14 @@ class Stats:
                 self.failures.append("%s at %s: %s" % (kind, where, why))
 
 
-def variants(disk, rnd, nsubsets, logs):
+def variants(disk, rnd, nsubsets):
     """The (kind, chosen set, minimum J) of the crash states at this point."""
     n = len(disk.pending)
     out = [("synced-only", set(), disk.acked), ("everything", set(range(n)), disk.applied)]
     if n == 0:
         return out[:1]
     logk = {k for k, (op, ino) in enumerate(disk.pending)
-            if os.path.basename(op.path) in logs and ino is not None}
+            if os.path.basename(op.path).startswith("redo") and ino is not None}
     if logk:
         out.append(("logs-only", logk, disk.applied))
     punch = {k for k, (op, _) in enumerate(disk.pending) if op.kind == "P"}
@@ -304,7 +328,7 @@ def crash_points(ops, rnd, extra):
     return sorted(pts)
 
 
-def explore(ops, initial, watch, rnd, checker, stats, work, nsubsets, extra, logs,
+def explore(ops, initial, watch, rnd, checker, stats, work, nsubsets, extra,
             exact=None, base_states=None, label=""):
     """Walk the trace, check the crash states at each crash point. With
     exact=J every state must hold exactly J (a recovery run). Collects
@@ -316,7 +340,7 @@ def explore(ops, initial, watch, rnd, checker, stats, work, nsubsets, extra, log
     for i in range(len(ops) + 1):
         while pi < len(pts) and pts[pi] == i:
             pi += 1
-            for kind, chosen, lo in variants(disk, rnd, nsubsets, logs):
+            for kind, chosen, lo in variants(disk, rnd, nsubsets):
                 hi = disk.applied + 1
                 if exact is not None:
                     lo = hi = exact
@@ -348,12 +372,10 @@ def one_seed(a, seed, stats, work):
     run_traced([a.workload, "run", watch, str(seed), str(a.batches)], watch, trace, a.shim,
                a.free)
     ops = read_trace(trace)
-    logs = {n for n in os.listdir(watch) if n.startswith("redo")}
     checker = Checker(a.workload, seed)
     bases = []
     t = time.time()
-    explore(ops, {}, watch, rnd, checker, stats, work, a.subsets, a.extra, logs,
-            base_states=bases)
+    explore(ops, {}, watch, rnd, checker, stats, work, a.subsets, a.extra, base_states=bases)
     print("seed %d: %d trace operations, %d states so far, %.1f s" %
           (seed, len(ops), stats.states, time.time() - t), flush=True)
     # Crash the recovery of some kill -9 states.
@@ -366,7 +388,7 @@ def one_seed(a, seed, stats, work):
             os.unlink(rtrace)
         run_traced([a.workload, "recover", rdir], rdir, rtrace, a.shim, a.free)
         rops = read_trace(rtrace)
-        explore(rops, files, rdir, rnd, checker, stats, work, a.subsets, 0, logs, exact=j,
+        explore(rops, files, rdir, rnd, checker, stats, work, a.subsets, 0, exact=j,
                 label="recovery-")
         shutil.rmtree(rdir)
     checker.close()

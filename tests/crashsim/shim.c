@@ -1,8 +1,8 @@
 /* shim.c -- an LD_PRELOAD library that records file I/O for the crash
  * simulator (tests/crashsim/crashsim.py).
  *
- * Every call that changes a file directly inside $CRASHSIM_DIR (no
- * subdirectories) is passed to libc and, once it succeeded, appended to
+ * Every call that changes a file or a directory under $CRASHSIM_DIR (at
+ * any depth) is passed to libc and, once it succeeded, appended to
  * $CRASHSIM_TRACE as one record:
  *
  *   op:u8 plen:u16le path[plen] a:u64le b:u64le dlen:u32le data[dlen]
@@ -11,9 +11,9 @@
  *   'T' truncate  path, a = new size
  *   'P' punch     path, a = offset, b = length (zeros, size kept)
  *   'A' allocate  path, a = offset, b = length (size grows, content kept)
- *   'S' sync      path (fsync or fdatasync of the file; of the directory
- *                 itself when path is $CRASHSIM_DIR)
+ *   'S' sync      path (fsync or fdatasync of a file or a directory)
  *   'C' create    path (a new name, an empty file)
+ *   'K' mkdir     path (a new name, an empty directory)
  *   'U' unlink    path
  *   'R' rename    path -> data (the new name)
  *   'M' mark      data = text from crashsim_mark() (the workload's acks)
@@ -81,6 +81,7 @@ REAL(fallocate);
 REAL(posix_fallocate);
 REAL(rename);
 REAL(unlink);
+REAL(mkdir);
 REAL(statvfs);
 REAL(fstatvfs);
 REAL(lseek);
@@ -114,6 +115,7 @@ static void init(void)
     real_posix_fallocate = next_sym("posix_fallocate");
     real_rename = next_sym("rename");
     real_unlink = next_sym("unlink");
+    real_mkdir = next_sym("mkdir");
     real_statvfs = next_sym("statvfs");
     real_fstatvfs = next_sym("fstatvfs");
     real_lseek = next_sym("lseek");
@@ -183,8 +185,8 @@ static void record_simple(char op, const char *path, uint64_t a, uint64_t b)
     record(op, path, a, b, NULL, 0, 0);
 }
 
-/* The absolute form of path (relative to dirfd or the cwd) if it names a
- * file directly inside the watched directory, or the directory itself. */
+/* The absolute form of path (relative to dirfd or the cwd) if it names the
+ * watched directory or something under it. */
 static int watched(int dirfd, const char *path, char *out)
 {
     char base[PATH_MAX];
@@ -207,9 +209,7 @@ static int watched(int dirfd, const char *path, char *out)
         out[--n] = 0;
     if (strcmp(out, watch) == 0)
         return 1;
-    if (n <= watch_len + 1 || strncmp(out, watch, watch_len) != 0 || out[watch_len] != '/')
-        return 0;
-    return strchr(out + watch_len + 1, '/') == NULL;
+    return n > watch_len + 1 && strncmp(out, watch, watch_len) == 0 && out[watch_len] == '/';
 }
 
 static const struct fd_info *tracked(int fd)
@@ -533,6 +533,22 @@ int unlink(const char *path)
     rc = real_unlink(path);
     if (rc == 0)
         record_simple('U', abs, 0, 0);
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int mkdir(const char *path, mode_t mode)
+{
+    char abs[PATH_MAX];
+    int rc;
+
+    ENSURE_INIT();
+    if (!watched(AT_FDCWD, path, abs))
+        return real_mkdir(path, mode);
+    pthread_mutex_lock(&lock);
+    rc = real_mkdir(path, mode);
+    if (rc == 0)
+        record_simple('K', abs, 0, 0);
     pthread_mutex_unlock(&lock);
     return rc;
 }
