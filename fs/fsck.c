@@ -1843,3 +1843,23 @@ int fsck_run(struct ns *ns, int repair, FILE *out)
         return rc;
     return found > INT_MAX ? INT_MAX : (int)found;
 }
+
+int fsck_after_unclean_stop(struct ns *ns, FILE *out)
+{
+    int how = ns_unclean_stop(ns), found;
+    const char *what = how == 2 ? "the machine stopped" : "the last shardfs daemon was killed";
+
+    if (!how)
+        return 0;
+    if (!ns_all_local(ns)) {
+        /* fsck needs the whole store to itself; other nodes keep serving. */
+        fprintf(out, "shardfs: %s while this node served the store; run "
+                     "'shardfs fsck --repair' with every node stopped to check the shards "
+                     "together\n", what);
+        return 0;
+    }
+    fprintf(out, "shardfs: %s while the store was open: checking and repairing it "
+                 "(shardfs fsck --repair)\n", what);
+    found = fsck_run(ns, 1, out);
+    return found < 0 ? found : 0;
+}

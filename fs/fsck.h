@@ -25,4 +25,12 @@
 
 int fsck_run(struct ns *ns, int repair, FILE *out);
 
+/* At the start of serving a store (before the FUSE session and the node
+ * server): if its last daemon did not close it (ns_unclean_stop(): killed,
+ * or the machine stopped), a multi-shard operation may be half done without
+ * an intent saying so; on a single-node store run fsck_run(ns, 1, out) then,
+ * saying why; on a cluster only say that fsck should be run. Returns 0 or
+ * -errno. */
+int fsck_after_unclean_stop(struct ns *ns, FILE *out);
+
 #endif

@@ -255,6 +255,10 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
 
     if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
         goto out;
+    if (fsck_after_unclean_stop(ns, stderr) != 0) {
+        snprintf(err, sizeof(err), "checking the store after an unclean stop failed");
+        goto out;
+    }
     /* Other writers exist when other nodes do, or the key API. */
     fs = fs_new(ns, cfg.cache_timeout, cfg.node_count > 1 || server_wanted(node));
     if (!fs || build_fuse_args(&args, c->fuse_opts) != 0) {
@@ -419,6 +423,10 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
         goto out;
+    if (fsck_after_unclean_stop(ns, stderr) != 0) {
+        snprintf(err, sizeof(err), "checking the store after an unclean stop failed");
+        goto out;
+    }
     if (!server_wanted(node)) {
         snprintf(err, sizeof(err), "serve needs a [cluster] secret and a url for node %.64s",
                  cfg.nodes[node].name);

@@ -58,6 +58,7 @@
 #include "durable.h"
 #include "endian.h"
 #include "placement.h"
+#include "runmark.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
 
@@ -72,6 +73,8 @@ struct ns {
     int node;                       /* which node of cfg this process is */
     char data_dir[PATH_MAX];
     int lock_fd;
+    int marked;                     /* this open wrote DATA_DIR/RUNNING */
+    enum runmark_last last_run;     /* how the last daemon of the store stopped */
     unsigned nshards;
     struct shard **shards;
     struct remote *remote;          /* NULL when every shard is local */
@@ -128,6 +131,16 @@ static struct shard *entry_shard(struct ns *ns, const struct ino_id *dir, const 
                                  size_t nlen)
 {
     return shard_at(ns, entry_hash(dir, name, nlen));
+}
+
+int ns_unclean_stop(const struct ns *ns)
+{
+    return (int)ns->last_run;
+}
+
+int ns_all_local(const struct ns *ns)
+{
+    return ns->remote == NULL;
 }
 
 unsigned ns_shard_count(const struct ns *ns)
@@ -2325,6 +2338,13 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
         snprintf(err, errlen, "%s/STORE: %s", ns->data_dir, strerror(-rc));
         goto fail;
     }
+    /* Before any shard changes: a serving open marks the store running. */
+    rc = runmark_begin(ns->data_dir, !(flags & NS_OPEN_NO_RECOVER), &ns->last_run);
+    if (rc) {
+        snprintf(err, errlen, "%s/RUNNING: %s", ns->data_dir, strerror(-rc));
+        goto fail;
+    }
+    ns->marked = !(flags & NS_OPEN_NO_RECOVER);
     for (unsigned i = 0; i < ns->nshards; i++) {
         char dir[PATH_MAX + 32];
         if (!ns_shard_is_local(ns, i)) {
@@ -2368,6 +2388,8 @@ void ns_close(struct ns *ns)
         return;
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
         shard_close(ns->shards[i]);
+    if (ns->marked)
+        runmark_end(ns->data_dir); /* every local shard is committed and synced */
     free(ns->shards);
     remote_free(ns->remote);
     if (ns->lock_fd >= 0)

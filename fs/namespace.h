@@ -52,6 +52,14 @@ void ns_close(struct ns *ns);
  * matches cfg (shard count). Returns 0 or -1 with "FILE:LINE: reason". */
 int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen);
 
+/* How the last process that served this data directory stopped: 0 it
+ * closed the store, 1 it died (kill -9), 2 the machine stopped under it (a
+ * power cut); see runmark.h. After 1 or 2 a multi-shard operation may be
+ * half done in a way recovery does not see (fsck_after_unclean_stop()). */
+int ns_unclean_stop(const struct ns *ns);
+/* 1 if every shard of the store is local (a single-node store). */
+int ns_all_local(const struct ns *ns);
+
 unsigned ns_shard_count(const struct ns *ns);
 /* 1 if this node owns shard index (it is an LMDB environment here). */
 int ns_shard_is_local(const struct ns *ns, unsigned index);

@@ -1,14 +1,17 @@
 #!/usr/bin/python3
-"""crashsim.py -- the shard crash simulator: power cuts at every step.
+"""crashsim.py -- the crash simulator: power cuts at every step.
 
     crashsim.py [--seeds 1,2] [--batches N] [--free BYTES] [--subsets K]
                 [--keep DIR] WORKLOAD SHIM
 
-In the spirit of ALICE and CrashMonkey: run the shard workload
-(tests/crashsim/workload.c) with its file I/O recorded at the system-call
-level by an LD_PRELOAD shim (tests/crashsim/shim.c), then rebuild the disk
-as a power cut could have left it at many points of the run, open each such
-state with the real shard code and check it.
+In the spirit of ALICE and CrashMonkey: run a workload with its file I/O
+recorded at the system-call level by an LD_PRELOAD shim
+(tests/crashsim/shim.c), then rebuild the disk as a power cut could have
+left it at many points of the run, open each such state with the real code
+and check it. Two workloads speak the same commands (run, recover, check):
+workload.c drives one shard with batches and checks it record by record;
+nsworkload.c drives files over a whole store and checks it with fsck after
+the repair a mount does after an unclean stop.
 
 The model of the disk (strict POSIX, what an fsync promises and no more):
   * a write, truncate, hole punch or allocation of a file reaches the disk

@@ -23,29 +23,20 @@
  * damaged free list shows too. Each check runs in a forked child, so a
  * shard that crashes its reader is reported, not fatal.
  */
-#include <dlfcn.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "batch.h"
+#include "crashsim.h"
 #include "shard.h"
 #include "shard_lmdb.h"
 
 #define NKEYS 160
 #define VALUE_MAX (20u << 10)
-
-static uint64_t mix64(uint64_t z)
-{
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 struct rng {
     uint64_t s;
@@ -53,7 +44,7 @@ struct rng {
 
 static uint64_t rng_next(struct rng *r)
 {
-    r->s = mix64(r->s);
+    r->s = crashsim_mix64(r->s);
     return r->s;
 }
 
@@ -69,7 +60,7 @@ struct op {
 
 static unsigned batch_ops(uint64_t seed, uint64_t i, struct op *ops)
 {
-    struct rng r = {mix64(seed ^ mix64(i))};
+    struct rng r = {crashsim_mix64(seed ^ crashsim_mix64(i))};
     unsigned n = 1 + (unsigned)(rng_next(&r) % 6);
 
     for (unsigned k = 0; k < n; k++) {
@@ -107,7 +98,7 @@ static void key_of(unsigned k, char out[8])
 /* The value batch i puts under key k: len bytes from a seeded stream. */
 static void value_of(uint64_t seed, uint64_t i, unsigned k, size_t len, uint8_t *out)
 {
-    struct rng r = {mix64(seed ^ (i << 20) ^ k)};
+    struct rng r = {crashsim_mix64(seed ^ (i << 20) ^ k)};
     for (size_t o = 0; o < len; o += 8) {
         uint64_t x = rng_next(&r);
         size_t n = len - o < 8 ? len - o : 8;
@@ -141,17 +132,6 @@ static int make_batch(uint64_t seed, uint64_t i, struct batch *b, uint8_t *val)
     return b->error;
 }
 
-static void (*mark_fn)(const char *);
-
-static void mark(const char *what, uint64_t i)
-{
-    char text[64];
-    if (!mark_fn)
-        return;
-    snprintf(text, sizeof(text), "%s %llu", what, (unsigned long long)i);
-    mark_fn(text);
-}
-
 static int open_shard(const char *dir, struct shard **s)
 {
     /* No timed commits: the workload decides when, so a seed is a trace. */
@@ -167,11 +147,10 @@ static int cmd_run(const char *dir, uint64_t seed, uint64_t n)
 {
     struct shard *s;
     struct batch b;
-    struct rng r = {mix64(seed * 31 + 7)};
+    struct rng r = {crashsim_mix64(seed * 31 + 7)};
     uint8_t *val = malloc(VALUE_MAX);
     int rc;
 
-    mark_fn = (void (*)(const char *))dlsym(RTLD_DEFAULT, "crashsim_mark");
     if (!val || open_shard(dir, &s))
         return 1;
     batch_init(&b);
@@ -183,7 +162,7 @@ static int cmd_run(const char *dir, uint64_t seed, uint64_t n)
             fprintf(stderr, "workload: apply %llu: %s\n", (unsigned long long)i, strerror(-rc));
             return 1;
         }
-        mark("A", i);
+        crashsim_mark("A", i);
         uint64_t x = rng_next(&r) % 16;
         if (x == 0) {
             rc = shard_sync(s);
@@ -191,13 +170,13 @@ static int cmd_run(const char *dir, uint64_t seed, uint64_t n)
                 fprintf(stderr, "workload: sync: %s\n", strerror(-rc));
                 return 1;
             }
-            mark("S", i);
+            crashsim_mark("S", i);
         } else if (x < 3) {
             shard_lmdb_flush(s, 1);
         }
     }
     shard_close(s);
-    mark("S", n);
+    crashsim_mark("S", n);
     batch_free(&b);
     free(val);
     return 0;
@@ -207,10 +186,9 @@ static int cmd_recover(const char *dir)
 {
     struct shard *s;
 
-    mark_fn = (void (*)(const char *))dlsym(RTLD_DEFAULT, "crashsim_mark");
     if (open_shard(dir, &s))
         return 1;
-    mark("O", 0);
+    crashsim_mark("O", 0);
     shard_close(s);
     return 0;
 }
@@ -370,49 +348,6 @@ out:
     return rc;
 }
 
-static int cmd_check(uint64_t seed)
-{
-    char line[8192], dir[4096];
-    unsigned long long min, max;
-
-    while (fgets(line, sizeof(line), stdin)) {
-        int pipefd[2], status = -1;
-        char answer[400] = "";
-        if (sscanf(line, "%4095s %llu %llu", dir, &min, &max) != 3) {
-            printf("bad malformed request\n");
-            fflush(stdout);
-            continue;
-        }
-        if (pipe(pipefd) != 0)
-            return 1;
-        pid_t pid = fork();
-        if (pid == 0) {
-            char why[300] = "";
-            uint64_t j = 0;
-            close(pipefd[0]);
-            int rc = check_state(dir, seed, min, max, &j, why, sizeof(why));
-            int n = rc ? snprintf(answer, sizeof(answer), "bad %s", why)
-                       : snprintf(answer, sizeof(answer), "ok %llu", (unsigned long long)j);
-            if (write(pipefd[1], answer, (size_t)n) != n)
-                _exit(2);
-            _exit(0);
-        }
-        close(pipefd[1]);
-        ssize_t got = pid > 0 ? read(pipefd[0], answer, sizeof(answer) - 1) : -1;
-        close(pipefd[0]);
-        if (pid > 0)
-            waitpid(pid, &status, 0);
-        if (got <= 0) {
-            snprintf(answer, sizeof(answer), "bad the checker died (status %d)", status);
-        } else {
-            answer[got] = 0;
-        }
-        printf("%s\n", answer);
-        fflush(stdout);
-    }
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "run") == 0)
@@ -420,7 +355,7 @@ int main(int argc, char **argv)
     if (argc == 3 && strcmp(argv[1], "recover") == 0)
         return cmd_recover(argv[2]);
     if (argc == 3 && strcmp(argv[1], "check") == 0)
-        return cmd_check(strtoull(argv[2], NULL, 10));
+        return crashsim_serve_checks(strtoull(argv[2], NULL, 10), check_state);
     fprintf(stderr, "usage: workload run DIR SEED N | recover DIR | check SEED\n");
     return 2;
 }
