@@ -1813,6 +1813,18 @@ static void f_replies(void)
     free(v);
     free(out);
 
+    /* a getv list over SHARD_READS_MAX reads of BATCH_KEY_MAX-byte keys
+     * would not fit the request buffer: refused before it is encoded */
+    {
+        static uint8_t big[BATCH_KEY_MAX];
+        struct shard_read r[SHARD_READS_MAX + 1];
+
+        memset(big, 'k', sizeof(big));
+        for (unsigned i = 0; i <= SHARD_READS_MAX; i++)
+            r[i] = (struct shard_read){.key = big, .klen = sizeof(big)};
+        CHECK_RC(c.s[0]->ops->get_many(c.s[0], r, SHARD_READS_MAX + 1), -EINVAL);
+    }
+
     /* records past the end asked for: -EIO (callers size what they take
      * from a key by the range they asked for) */
     unsigned seen = 0;
