@@ -875,9 +875,12 @@ static int scan_page(const struct request *q, const uint8_t *from, size_t flen, 
     while ((n = wire_scan_reply_next(q->reply, q->reply_len, &pos, &key, &klen, &val, &vlen)) !=
            0) {
         /* Keys must come in order and from `from` on: a server that went
-         * back could make us page forever. */
+         * back could make us page forever. And before `end`: callers size
+         * what they take from a key by the range they asked for. */
         if (n < 0 || (last ? key_cmp(key, klen, last, lastlen) <= 0
                            : key_cmp(key, klen, from ? from : (const uint8_t *)"", flen) < 0))
+            return -EIO;
+        if (end && key_cmp(key, klen, end, elen) >= 0)
             return -EIO;
         last = key;
         lastlen = klen;
@@ -1080,11 +1083,15 @@ int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, 
 static int remote_get_many(struct shard *s, struct shard_read *r, unsigned n)
 {
     struct shard_remote *sr = to_remote(s);
-    uint8_t body[SHARD_READS_MAX * (12 + BATCH_KEY_MAX)];
+    uint8_t body[WIRE_GETV_REQUEST_MAX];
     size_t cap = 0;
     struct request q = {.method = "POST", .idempotent = 1, .keep_body = 1};
     int rc;
 
+    /* shard_get_many() checked the list, so it fits; a caller that did not
+     * gets -EINVAL rather than a write past body. */
+    if (shard_reads_check(r, n) != 0)
+        return -EINVAL;
     for (unsigned i = 0; i < n; i++)
         cap += 12 + r[i].buflen;
     q.reply_max = cap;

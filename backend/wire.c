@@ -216,12 +216,14 @@ void wire_scan_request_encode(uint8_t *out, const void *start, size_t slen, cons
 
 /* ---- getv ---- */
 
+_Static_assert(WIRE_GETV_REQUEST_MAX <= WIRE_BODY_MAX, "a getv request fits a request body");
+
 size_t wire_getv_request_size(const struct shard_read *r, unsigned n)
 {
     size_t len = 0;
 
     for (unsigned i = 0; i < n; i++)
-        len += 12 + r[i].klen;
+        len += WIRE_GETV_READ_HDR + r[i].klen;
     return len;
 }
 

@@ -71,6 +71,8 @@
 #define WIRE_PATH_MAX 512u
 #define WIRE_MAX_SKEW 300                   /* seconds */
 #define WIRE_AUTH_LEN 64                    /* hex characters */
+#define WIRE_GETV_READ_HDR 12u              /* klen, link, buflen: u32le each */
+#define WIRE_GETV_REQUEST_MAX (SHARD_READS_MAX * (WIRE_GETV_READ_HDR + BATCH_KEY_MAX))
 
 enum wire_op {
     WIRE_OP_GET,
@@ -113,7 +115,9 @@ size_t wire_scan_record_size(size_t klen, size_t vlen);
 void wire_scan_record_encode(uint8_t *out, const void *key, size_t klen, const void *val,
                              size_t vlen);
 
-/* getv request body. decode points r[i].key into buf and sets klen, link
+/* getv request body. Each read takes WIRE_GETV_READ_HDR bytes plus its key,
+ * so a list that shard_reads_check() accepts encodes into at most
+ * WIRE_GETV_REQUEST_MAX bytes. decode points r[i].key into buf and sets klen, link
  * and buflen (buf NULL; the list is checked when it is done:
  * shard_reads_check); -EINVAL for a malformed or empty body. */
 size_t wire_getv_request_size(const struct shard_read *r, unsigned n);

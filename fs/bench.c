@@ -51,7 +51,7 @@ struct call {
     size_t op;
     unsigned k;
     double t0;
-    char api[3 * (BENCH_PATH_MAX + 32)];
+    char api[CLIENT_KV_PATH_SIZE(BENCH_PATH_MAX + 32)];
     uint8_t *value, *got;
     size_t got_len;
 };
@@ -340,7 +340,7 @@ int cmd_bench(int argc, char **argv)
     failed += run_phase(&b, ws, nw, PH_PUT);
     failed += run_phase(&b, ws, nw, PH_GET);
     if (!keep) {
-        char api[3 * BENCH_PATH_MAX];
+        char api[CLIENT_KV_PATH_SIZE(BENCH_PATH_MAX)];
 
         failed += run_phase(&b, ws, nw, PH_DELETE);
         client_kv_path(b.dir, api, sizeof(api));

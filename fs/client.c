@@ -14,7 +14,7 @@
 #include "wire.h"
 
 #define CLIENT_ERR_MAX 1024
-#define CLIENT_PATH_MAX (3u * 4096u + 16u)
+#define CLIENT_PATH_MAX CLIENT_KV_PATH_SIZE(4096u) /* a PATH_MAX path */
 
 int client_open(struct client *c, const char *conf, const char *node_arg)
 {
@@ -66,13 +66,16 @@ void client_close(struct client *c)
 int client_kv_path(const char *path, char *out, size_t cap)
 {
     static const char hex[] = "0123456789ABCDEF";
-    size_t n = (size_t)snprintf(out, cap, "%s%s", NODE_KV_PREFIX, path[0] == '/' ? "" : "/");
+    int w = snprintf(out, cap, "%s%s", NODE_KV_PREFIX, path[0] == '/' ? "" : "/");
+    size_t n = w < 0 ? cap : (size_t)w;
 
+    if (n >= cap)
+        goto too_long;
     for (const unsigned char *p = (const unsigned char *)path; *p; p++) {
         int plain = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
                     (*p >= '0' && *p <= '9') || strchr("-._~/", *p);
         if (n + 4 > cap)
-            return -ENAMETOOLONG;
+            goto too_long;
         if (plain) {
             out[n++] = (char)*p;
         } else {
@@ -83,6 +86,10 @@ int client_kv_path(const char *path, char *out, size_t cap)
     }
     out[n] = '\0';
     return 0;
+too_long:
+    if (cap)
+        out[0] = '\0';
+    return -ENAMETOOLONG;
 }
 
 /* ---- option parsing shared by the commands ---- */

@@ -14,6 +14,7 @@
 #define SHARDFS_CLIENT_H
 
 #include "config.h"
+#include "node_server.h"
 #include "shard_remote.h"
 
 int cmd_get(int argc, char **argv);
@@ -37,7 +38,9 @@ int client_open(struct client *c, const char *conf, const char *node_arg);
 void client_close(struct client *c);
 
 /* "/v1/kv" + path, each byte outside [A-Za-z0-9-._~/] percent-encoded, into
- * out. -ENAMETOOLONG if it does not fit. */
+ * out. -ENAMETOOLONG if it does not fit (out is then ""); a cap of
+ * CLIENT_KV_PATH_SIZE(strlen(path)) always fits. */
+#define CLIENT_KV_PATH_SIZE(len) (sizeof(NODE_KV_PREFIX) + 1 + 3 * (size_t)(len))
 int client_kv_path(const char *path, char *out, size_t cap);
 
 #endif

@@ -47,7 +47,7 @@
 #define NAME_ESC (RECORD_NAME_MAX * 4 + 1)
 #define DESC_MAX (NAME_ESC + 128)
 #define ID_HEX (2 * RECORD_ID_LEN + 1)
-#define RECOVER_VAL_MAX 600 /* ns_recover() skips longer values */
+#define RECOVER_VAL_MAX RECORD_INTENT_MAX /* ns_recover() skips longer values */
 #define LF_NAME "lost+found"
 
 #define PRINTF(a, b) __attribute__((format(printf, a, b)))

@@ -44,13 +44,15 @@ struct fs {
     pthread_mutex_t lock;
     struct node root;
     struct node *buckets[NODE_BUCKETS];
+    struct dir_handle *dirs; /* open directories; protected by lock */
 };
 
-/* An open file: O_APPEND must be honoured by the store, not by the offset the
- * kernel sends, so that appends from several writers never overlap. */
-struct handle {
-    int append;
-};
+/* An open file is its flags in fi->fh, nothing allocated: the kernel drops
+ * the RELEASE of a file closed just before an unmount, so whatever an open
+ * allocated would never be freed. O_APPEND must be honoured by the store,
+ * not by the offset the kernel sends, so that appends from several writers
+ * never overlap. */
+#define FH_APPEND 1u
 
 struct dir_entry {
     struct ino_id id;
@@ -59,11 +61,14 @@ struct dir_entry {
     char name[RECORD_NAME_MAX + 1];
 };
 
+/* An open directory; on fs->dirs until its RELEASEDIR, or fs_free() when
+ * that never came (see FH_APPEND). */
 struct dir_handle {
     struct dir_entry *ents;
     size_t n, cap;
     int loaded;
     uint64_t parent_ino; /* st_ino of ".." (0 would hide it from readdir(3)) */
+    struct dir_handle *prev, *next; /* on fs->dirs */
 };
 
 /* ---- the node table ---- */
@@ -222,14 +227,6 @@ static int stale_if_gone(int rc)
     return rc == -ENOENT ? -ESTALE : rc;
 }
 
-static struct handle *handle_new(int flags)
-{
-    struct handle *h = calloc(1, sizeof(*h));
-    if (h)
-        h->append = (flags & O_APPEND) != 0;
-    return h;
-}
-
 static void open_count(struct fs *fs, struct node *n, int delta)
 {
     pthread_mutex_lock(&fs->lock);
@@ -255,10 +252,9 @@ static int open_begin(struct fs *fs, struct node *n)
     return rc;
 }
 
-static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h)
+static void fill_open(struct fs *fs, struct fuse_file_info *fi)
 {
-    (void)fs;
-    fi->fh = (uint64_t)(uintptr_t)h;
+    fi->fh = (fi->flags & O_APPEND) ? FH_APPEND : 0;
     /* Nothing is buffered in the daemon: every write is applied and logged
      * before it is answered, so close() needs no FLUSH round trip. */
     fi->noflush = 1;
@@ -482,7 +478,6 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
     struct node *n = node_of(fs, ino);
-    struct handle *h;
     struct inode node;
     int rc;
 
@@ -497,9 +492,6 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     } else {
         rc = ns_getattr_ordered(fs->ns, &n->id, &node);
     }
-    h = rc ? NULL : handle_new(fi->flags);
-    if (!rc && !h)
-        rc = -ENOMEM;
     if (rc) {
         pthread_mutex_lock(&fs->lock);
         n->opens--;
@@ -508,17 +500,15 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         reply_rc(req, stale_if_gone(rc));
         return;
     }
-    fill_open(fs, fi, h);
+    fill_open(fs, fi);
     if (!fs->keep_cache && fs->se) {
         /* Close-to-open: the kernel may hold this file's attributes for
          * cache_timeout; make it ask again, so a read sees the size that
          * another node's close left (DESIGN, "Caching with several nodes"). */
         fuse_lowlevel_notify_inval_inode(fs->se, ino, -1, 0);
     }
-    if (fuse_reply_open(req, fi) != 0) {
-        free(h);
+    if (fuse_reply_open(req, fi) != 0)
         open_count(fs, n, -1);
-    }
 }
 
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
@@ -529,28 +519,22 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     struct fuse_entry_param e;
     struct inode ino;
     struct node *n;
-    struct handle *h = handle_new(fi->flags);
-    int rc = h ? 0 : -ENOMEM;
-
-    if (rc == 0)
-        rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+    int rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
                        S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
+
     if (rc) {
-        free(h);
         reply_rc(req, rc);
         return;
     }
     n = node_ref(fs, &ino.id);
     if (!n) {
-        free(h);
         fuse_reply_err(req, ENOMEM);
         return;
     }
     open_count(fs, n, +1);
     entry_fill(fs, &e, n, &ino);
-    fill_open(fs, fi, h);
+    fill_open(fs, fi);
     if (fuse_reply_create(req, &e, fi) != 0) {
-        free(h);
         open_count(fs, n, -1);
         node_unref(fs, n, 1);
     }
@@ -583,9 +567,8 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
                      struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-    ssize_t n =
-        ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size, h && h->append, 0, NULL);
+    ssize_t n = ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size,
+                         (fi->fh & FH_APPEND) != 0, 0, NULL);
 
     if (n < 0)
         reply_rc(req, (int)n);
@@ -606,7 +589,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct ino_id id = n->id;
     int reap;
 
-    free((struct handle *)(uintptr_t)fi->fh);
+    (void)fi; /* nothing to free: FH_APPEND */
     pthread_mutex_lock(&fs->lock);
     n->opens--;
     reap = n->orphan && n->opens == 0;
@@ -640,6 +623,33 @@ static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fus
     reply_rc(req, ns_sync(fs->ns, NULL));
 }
 
+static void dir_handle_link(struct fs *fs, struct dir_handle *d)
+{
+    pthread_mutex_lock(&fs->lock);
+    d->next = fs->dirs;
+    if (d->next)
+        d->next->prev = d;
+    fs->dirs = d;
+    pthread_mutex_unlock(&fs->lock);
+}
+
+/* Unlink d from fs->dirs and free it; NULL-safe. */
+static void dir_handle_free(struct fs *fs, struct dir_handle *d)
+{
+    if (!d)
+        return;
+    pthread_mutex_lock(&fs->lock);
+    if (d->prev)
+        d->prev->next = d->next;
+    else
+        fs->dirs = d->next;
+    if (d->next)
+        d->next->prev = d->prev;
+    pthread_mutex_unlock(&fs->lock);
+    free(d->ents);
+    free(d);
+}
+
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
@@ -658,11 +668,12 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fuse_reply_err(req, ENOMEM);
         return;
     }
+    dir_handle_link(fs, d);
     fi->fh = (uint64_t)(uintptr_t)d;
     fi->keep_cache = 1;
     fi->cache_readdir = 0;
     if (fuse_reply_open(req, fi) != 0)
-        free(d);
+        dir_handle_free(fs, d);
 }
 
 static int dir_collect(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
@@ -789,11 +800,8 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
     (void)ino;
-    if (d)
-        free(d->ents);
-    free(d);
+    dir_handle_free(fs_of(req), (struct dir_handle *)(uintptr_t)fi->fh);
     fuse_reply_err(req, 0);
 }
 
@@ -919,6 +927,8 @@ void fs_free(struct fs *fs)
             n = next;
         }
     }
+    while (fs->dirs) /* their RELEASEDIR never came (an unmount) */
+        dir_handle_free(fs, fs->dirs);
     pthread_mutex_destroy(&fs->lock);
     free(fs);
 }

@@ -377,7 +377,9 @@ static int get_dir(struct kv_api *api, const struct kv_path *p, const struct ino
         rc = -ENOMEM;
     if (rc == 0)
         rc = sort_entries(l.entries);
-    for (unsigned i = 0; rc == 0 && i < p->n; i++)
+    /* At most 1 + the request's path: fits; used < sizeof(path) keeps a
+     * cut-short snprintf from sending the next one past the end. */
+    for (unsigned i = 0; rc == 0 && i < p->n && used < sizeof(path); i++)
         used +=
             (size_t)snprintf(path + used, sizeof(path) - used, "%s%s", i ? "/" : "", p->comp[i]);
     if (rc == 0) {

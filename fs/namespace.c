@@ -1055,7 +1055,11 @@ struct intent {
     char sname[RECORD_NAME_MAX + 1], dname[RECORD_NAME_MAX + 1];
 };
 
-static size_t intent_encode(uint8_t *out, const struct intent *in)
+/* The longest intent_encode() writes: slen and dlen are one byte each. */
+_Static_assert(RECORD_INTENT_MAX == 1 + 4 * RECORD_ID_LEN + 2 + 2 * (1 + UINT8_MAX),
+               "RECORD_INTENT_MAX is intent_encode()'s longest output");
+
+static size_t intent_encode(uint8_t out[RECORD_INTENT_MAX], const struct intent *in)
 {
     uint8_t *p = out;
     *p++ = in->kind;
@@ -1100,7 +1104,7 @@ static int rename_across(struct ns *ns, struct intent *in)
 {
     struct shard *s1 = entry_shard(ns, &in->sdir, in->sname, in->slen);
     struct shard *s2 = entry_shard(ns, &in->ddir, in->dname, in->dlen);
-    uint8_t key[RECORD_KEY_MAX], val[512];
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_INTENT_MAX];
     struct ino_id tid;
     struct batch b;
     int have_dst = in->kind == 2 || in->dtype != DT_UNKNOWN;
@@ -1729,8 +1733,8 @@ static int readdir_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v,
     struct ino_id id;
     uint8_t dtype;
 
-    if (kl <= 1 + RECORD_ID_LEN || record_entry_decode(v, vl, &id, &dtype))
-        return 0; /* malformed: fsck's business */
+    if (kl <= 1 + RECORD_ID_LEN || kl > RECORD_KEY_MAX || record_entry_decode(v, vl, &id, &dtype))
+        return 0; /* malformed: fsck's business (and no name is over RECORD_NAME_MAX) */
     return rc->fn(rc->ctx, (const char *)k + 1 + RECORD_ID_LEN, kl - 1 - RECORD_ID_LEN, &id,
                   dtype);
 }
@@ -1752,7 +1756,7 @@ static int xattr_name_ok(const char *name, size_t *nlen)
     *nlen = strlen(name);
     if (*nlen == 0)
         return -EINVAL;
-    if (*nlen > 255)
+    if (*nlen > RECORD_NAME_MAX) /* XATTR_NAME_MAX, the key's room */
         return -ERANGE;
     if (strncmp(name, "user.", 5) == 0 || strncmp(name, "trusted.", 8) == 0)
         return 0;
@@ -1949,7 +1953,7 @@ int ns_sync(struct ns *ns, const struct ino_id *id)
 
 struct key_list {
     uint8_t (*keys)[RECORD_KEY_MAX + 1];
-    uint8_t (*vals)[600];
+    uint8_t (*vals)[RECORD_INTENT_MAX]; /* longer values are no intent: passed over */
     size_t *vlens;
     size_t n, cap;
 };
@@ -1958,7 +1962,7 @@ static int collect_key(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v,
 {
     struct key_list *l = ctx;
 
-    if (kl > RECORD_KEY_MAX || vl > 600)
+    if (kl > RECORD_KEY_MAX || vl > sizeof(*l->vals))
         return 0;
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 16;

@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "batch.h"
 #include "endian.h"
 #include "placement.h"
 
@@ -22,6 +23,14 @@ const struct ino_id record_root_id = {{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 
 #define HDR_FIXED 76u /* header bytes before the parent id */
 _Static_assert(HDR_FIXED + RECORD_ID_LEN + 8 == RECORD_INODE_HDR, "inode header size");
+/* Every record fits a batch item, so a batch of them fails cleanly at most
+ * (batch_add's sticky -ENAMETOOLONG or -EFBIG), never half-written. */
+_Static_assert(RECORD_CHUNK_KEY_LEN <= RECORD_KEY_MAX, "RECORD_KEY_MAX holds any record key");
+_Static_assert(RECORD_KEY_MAX <= BATCH_KEY_MAX, "a record key fits a batch key");
+_Static_assert(RECORD_INODE_MAX <= BATCH_VALUE_MAX, "an inode record fits a batch value");
+_Static_assert(RECORD_INTENT_MAX <= BATCH_VALUE_MAX, "an intent record fits a batch value");
+/* Name lengths travel in one byte (intents, readdir entries). */
+_Static_assert(RECORD_NAME_MAX <= UINT8_MAX, "a name length fits a byte");
 
 void record_root_init(struct inode *root)
 {
@@ -62,50 +71,62 @@ uint64_t record_id_ino(const struct ino_id *id)
     return h <= 1 ? h + 2 : h;
 }
 
-static size_t id_key(uint8_t *out, enum record_type t, const struct ino_id *id)
+static size_t id_key(uint8_t out[RECORD_ID_KEY_LEN], enum record_type t, const struct ino_id *id)
 {
     out[0] = (uint8_t)t;
     memcpy(out + 1, id->b, RECORD_ID_LEN);
     return 1 + RECORD_ID_LEN;
 }
 
-size_t record_id_prefix(uint8_t *out, enum record_type type, const struct ino_id *id)
+size_t record_id_prefix(uint8_t out[RECORD_ID_KEY_LEN], enum record_type type,
+                        const struct ino_id *id)
 {
     return id_key(out, type, id);
 }
 
-size_t record_entry_key(uint8_t *out, const struct ino_id *dir, const char *name, size_t nlen)
+/* id_key plus a name: 0 for a name too long for RECORD_KEY_MAX. */
+static size_t named_key(uint8_t out[RECORD_KEY_MAX], enum record_type t, const struct ino_id *id,
+                        const char *name, size_t nlen)
 {
-    size_t n = id_key(out, REC_ENTRY, dir);
+    size_t n;
+
+    if (nlen > RECORD_NAME_MAX)
+        return 0;
+    n = id_key(out, t, id);
     memcpy(out + n, name, nlen);
     return n + nlen;
 }
 
-size_t record_inode_key(uint8_t *out, const struct ino_id *id)
+size_t record_entry_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *dir, const char *name,
+                        size_t nlen)
+{
+    return named_key(out, REC_ENTRY, dir, name, nlen);
+}
+
+size_t record_inode_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id)
 {
     return id_key(out, REC_INODE, id);
 }
 
-size_t record_chunk_key(uint8_t *out, const struct ino_id *id, uint64_t index)
+size_t record_chunk_key(uint8_t out[RECORD_CHUNK_KEY_LEN], const struct ino_id *id, uint64_t index)
 {
     size_t n = id_key(out, REC_CHUNK, id);
     endian_put_be64(out + n, index);
     return n + 8;
 }
 
-size_t record_xattr_key(uint8_t *out, const struct ino_id *id, const char *name, size_t nlen)
+size_t record_xattr_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *id, const char *name,
+                        size_t nlen)
 {
-    size_t n = id_key(out, REC_XATTR, id);
-    memcpy(out + n, name, nlen);
-    return n + nlen;
+    return named_key(out, REC_XATTR, id, name, nlen);
 }
 
-size_t record_orphan_key(uint8_t *out, const struct ino_id *id)
+size_t record_orphan_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id)
 {
     return id_key(out, REC_ORPHAN, id);
 }
 
-size_t record_intent_key(uint8_t *out, const struct ino_id *id)
+size_t record_intent_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id)
 {
     return id_key(out, REC_INTENT, id);
 }
@@ -161,7 +182,7 @@ int record_entry_decode(const uint8_t *val, size_t vlen, struct ino_id *id, uint
     return 0;
 }
 
-size_t record_inode_encode(uint8_t *out, const struct inode *ino)
+size_t record_inode_encode(uint8_t out[RECORD_INODE_MAX], const struct inode *ino)
 {
     uint32_t tail = ino->tail_len > RECORD_TAIL_MAX ? RECORD_TAIL_MAX : ino->tail_len;
 

@@ -19,6 +19,15 @@
  * or a symlink's target. Larger files keep data in chunks of RECORD_CHUNK bytes;
  * a missing chunk is a hole.
  *
+ * Intent record (written and read by namespace.c's cross-shard rename, read
+ * by fsck.c): kind:u8 sdir[16] ddir[16] sid[16] did[16] stype:u8 dtype:u8
+ * slen:u8 sname dlen:u8 dname -- at most RECORD_INTENT_MAX bytes.
+ *
+ * Sizes: every buffer an encoder here writes into is declared with the
+ * encoder's maximum (RECORD_KEY_MAX, RECORD_ID_KEY_LEN, ..., RECORD_INODE_MAX), so
+ * the compiler flags a caller's smaller buffer; record.c ties each maximum
+ * to the batch limits with _Static_assert.
+ *
  * Pure functions, thread-safe; callers own every buffer.
  */
 #ifndef SHARDFS_RECORD_H
@@ -32,12 +41,17 @@
 #define RECORD_ID_LEN 16
 #define RECORD_NAME_MAX 255
 #define RECORD_KEY_MAX (1 + RECORD_ID_LEN + RECORD_NAME_MAX)
+#define RECORD_ID_KEY_LEN (1 + RECORD_ID_LEN) /* 'I', 'O', 'T' keys, id prefixes */
+#define RECORD_CHUNK_KEY_LEN (RECORD_ID_KEY_LEN + 8)
 #define RECORD_CHUNK (64u * 1024u)
 #define RECORD_INLINE_MAX 2048u
 #define RECORD_TAIL_MAX 4096u          /* symlink target limit (PATH_MAX) */
 #define RECORD_INODE_HDR 100u
 #define RECORD_INODE_MAX (RECORD_INODE_HDR + RECORD_TAIL_MAX)
 #define RECORD_ENTRY_LEN (RECORD_ID_LEN + 1)
+/* An intent value with both names at their longest; slen and dlen are one
+ * byte each, so no name can be longer (RECORD_NAME_MAX <= 255). */
+#define RECORD_INTENT_MAX (1 + 4 * RECORD_ID_LEN + 2 + 2 * (1 + RECORD_NAME_MAX))
 
 enum record_type {
     REC_ENTRY = 'E',
@@ -87,14 +101,20 @@ const char *record_type_name(uint32_t mode);
 /* The st_ino the kernel and users see: 1 for root, else a mix of the id. */
 uint64_t record_id_ino(const struct ino_id *id);
 
-size_t record_entry_key(uint8_t *out, const struct ino_id *dir, const char *name, size_t nlen);
-size_t record_inode_key(uint8_t *out, const struct ino_id *id);
-size_t record_chunk_key(uint8_t *out, const struct ino_id *id, uint64_t index);
-size_t record_xattr_key(uint8_t *out, const struct ino_id *id, const char *name, size_t nlen);
-size_t record_orphan_key(uint8_t *out, const struct ino_id *id);
-size_t record_intent_key(uint8_t *out, const struct ino_id *id);
+/* Keys. Each returns the key's length. An entry or xattr name over
+ * RECORD_NAME_MAX bytes gives length 0 and writes nothing: an empty key,
+ * which every shard operation refuses (-EINVAL), never a longer one. */
+size_t record_entry_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *dir, const char *name,
+                        size_t nlen);
+size_t record_inode_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id);
+size_t record_chunk_key(uint8_t out[RECORD_CHUNK_KEY_LEN], const struct ino_id *id, uint64_t index);
+size_t record_xattr_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *id, const char *name,
+                        size_t nlen);
+size_t record_orphan_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id);
+size_t record_intent_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id);
 /* The prefix 'type' + id: every chunk (or xattr) of id starts with it. */
-size_t record_id_prefix(uint8_t *out, enum record_type type, const struct ino_id *id);
+size_t record_id_prefix(uint8_t out[RECORD_ID_KEY_LEN], enum record_type type,
+                        const struct ino_id *id);
 /* The smallest key greater than every key starting with prefix. Returns its
  * length, or 0 if there is none (prefix all 0xff). */
 size_t record_prefix_end(uint8_t *out, const uint8_t *prefix, size_t plen);
@@ -109,7 +129,7 @@ int record_entry_decode(const uint8_t *val, size_t vlen, struct ino_id *id, uint
 
 /* Inode value. encode returns the length written (<= RECORD_INODE_MAX);
  * decode returns 0 or -EIO on a malformed record. */
-size_t record_inode_encode(uint8_t *out, const struct inode *ino);
+size_t record_inode_encode(uint8_t out[RECORD_INODE_MAX], const struct inode *ino);
 int record_inode_decode(const uint8_t *val, size_t vlen, const struct ino_id *id,
                         struct inode *ino);
 

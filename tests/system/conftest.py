@@ -375,6 +375,7 @@ class ShardFS:
                 self._fail("daemon died during the test (exit %s)" % self.proc.returncode)
                 self.proc = None
                 clean = False
+                self._check_stderr(self.starts)    # a sanitizer's report says why
             if self.proc is not None:
                 self.unmount()
             elif is_mounted(self.mnt):

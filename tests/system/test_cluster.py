@@ -265,12 +265,14 @@ def sha(b):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.timeout_s(150)
+# Hang guards, not speed limits: ~35 s in all on the 2-CPU VM, ~140 s under the
+# sanitized daemon of tests/run (its rsync alone passed 120 s once).
+@pytest.mark.timeout_s(900)
 def test_rsync_through_a_diff_on_b_and_c(cluster):
-    run(["rsync", "-a", "/usr/include/", cluster.p("a", "inc") + "/"], timeout=120)
+    run(["rsync", "-a", "/usr/include/", cluster.p("a", "inc") + "/"], timeout=600)
     for n in ("b", "c"):
         r = run(["diff", "-r", "--no-dereference", "/usr/include", cluster.p(n, "inc")],
-                check=False, timeout=120)
+                check=False, timeout=300)
         assert r.returncode == 0, "diff on %s:\n%s\n%s" % (n, _tail(r.stdout), _tail(r.stderr))
 
 
@@ -420,8 +422,10 @@ def test_cross_node_rename_link_rmdir(cluster):
     os.rmdir(c("d1"))
     for n in NODES:
         gone_within_name_cache(cluster.p(n, "d1"))
-    # the hard link survives with nlink 1
-    assert os.stat(b("d2", "hl")).st_nlink == 1
+    # the hard link survives with nlink 1; b may show the 2 it cached for up
+    # to cache_timeout, as any stat may lag another node's change (DESIGN)
+    wait_for(lambda: os.stat(b("d2", "hl")).st_nlink == 1, 3.0, "nlink 1 of d2/hl on b",
+             interval=0.05)
     assert read_file(a("d2", "hl")) == b"via link\n"
     assert sorted(os.listdir(b())) == ["d2"]
     assert os.stat(b("d2")).st_nlink == 2

@@ -9,7 +9,8 @@
  *    -EINVAL for ".", ".." and "/" names, -ENOENT, -ENOTDIR, -ENOTEMPTY,
  *    -EISDIR, rename's -EINVAL/-EISDIR/-ENOTDIR/-EEXIST/-ENOENT, the xattr
  *    errors (-ENODATA, -EEXIST, -EOPNOTSUPP, -ERANGE), link's -EPERM and
- *    write's -EISDIR; after every failed call the tree is unchanged.
+ *    write's -EISDIR; after every failed call the tree is unchanged;
+ *  - cross-shard rename, rename-over and exchange of two 255-byte names.
  * Exits non-zero on any failed check.
  */
 #include <dirent.h>
@@ -163,6 +164,73 @@ static int entries(struct ns *ns, const struct ino_id *dir)
 {
     int n = 0, rc = ns_readdir(ns, dir, count_entry, &n);
     return rc < 0 ? rc : n;
+}
+
+/* A name in dir on another shard than (odir, oname): name's last byte is
+ * varied until the two entries are apart. */
+static void name_apart(struct ns *ns, const struct ino_id *odir, const char *oname,
+                       const struct ino_id *dir, char *name, size_t nlen)
+{
+    static const char set[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+    for (size_t i = 0; i < sizeof(set) - 1; i++) {
+        name[nlen - 1] = set[i];
+        if (ns_entry_shard(ns, odir, oname, strlen(oname)) != ns_entry_shard(ns, dir, name, nlen))
+            return;
+    }
+    CHECK(!"no name on another shard");
+}
+
+/* Cross-shard renames and exchanges of two RECORD_NAME_MAX-byte names: the
+ * intent record holds both names at their longest (RECORD_INTENT_MAX; it
+ * overflowed a 512-byte buffer once). */
+static void test_long_names_across_shards(struct ns *ns)
+{
+    char a[RECORD_NAME_MAX + 1], b[RECORD_NAME_MAX + 1], far[RECORD_NAME_MAX + 2];
+    struct inode d1, d2, fa, fb, tmp;
+
+    CHECK_RC(mk(ns, root, "long1", S_IFDIR | 0755, &d1), 0);
+    CHECK_RC(mk(ns, root, "long2", S_IFDIR | 0755, &d2), 0);
+    memset(a, 'a', RECORD_NAME_MAX);
+    a[RECORD_NAME_MAX] = 0;
+    memset(b, 'b', RECORD_NAME_MAX);
+    b[RECORD_NAME_MAX] = 0;
+    name_apart(ns, &d1.id, a, &d2.id, b, RECORD_NAME_MAX);
+
+    /* rename to a new name */
+    CHECK_RC(mk(ns, &d1.id, a, S_IFREG | 0644, &fa), 0);
+    CHECK_RC(ns_write(ns, &fa.id, 0, "A", 1, 0, 0, NULL), 1);
+    CHECK_RC(ren(ns, &d1.id, a, &d2.id, b, 0), 0);
+    CHECK_RC(lookup(ns, &d1.id, a, NULL), -ENOENT);
+    CHECK_RC(lookup(ns, &d2.id, b, &tmp), 0);
+    CHECK(memcmp(&tmp.id, &fa.id, sizeof(fa.id)) == 0);
+    /* over an existing long name */
+    CHECK_RC(mk(ns, &d1.id, a, S_IFREG | 0644, &fb), 0);
+    CHECK_RC(ren(ns, &d1.id, a, &d2.id, b, 0), 0);
+    CHECK_RC(lookup(ns, &d2.id, b, &tmp), 0);
+    CHECK(memcmp(&tmp.id, &fb.id, sizeof(fb.id)) == 0);
+    CHECK_RC(ns_getattr(ns, &fa.id, &tmp), -ENOENT); /* the replaced file is gone */
+    /* exchange, both ways */
+    CHECK_RC(mk(ns, &d1.id, a, S_IFDIR | 0755, &fa), 0);
+    CHECK_RC(ren(ns, &d1.id, a, &d2.id, b, NS_RENAME_EXCHANGE), 0);
+    CHECK_RC(lookup(ns, &d1.id, a, &tmp), 0);
+    CHECK(memcmp(&tmp.id, &fb.id, sizeof(fb.id)) == 0);
+    CHECK_RC(lookup(ns, &d2.id, b, &tmp), 0);
+    CHECK(memcmp(&tmp.id, &fa.id, sizeof(fa.id)) == 0);
+    CHECK_RC(ns_getattr(ns, &fa.id, &tmp), 0);
+    CHECK(memcmp(&tmp.parent, &d2.id, sizeof(d2.id)) == 0); /* the moved dir's ".." */
+    /* one byte more is refused, and changes nothing */
+    memset(far, 'c', sizeof(far) - 1);
+    far[sizeof(far) - 1] = 0;
+    CHECK_RC(ren(ns, &d1.id, a, &d2.id, far, 0), -ENAMETOOLONG);
+    CHECK_RC(ren(ns, &d1.id, far, &d2.id, b, 0), -ENAMETOOLONG);
+    CHECK_RC(lookup(ns, &d1.id, a, &tmp), 0);
+    CHECK(memcmp(&tmp.id, &fb.id, sizeof(fb.id)) == 0);
+    CHECK_RC(ns_recover(ns, 1, NULL, NULL), 0); /* no intent left behind */
+    CHECK_RC(ns_unlink(ns, &d1.id, a, RECORD_NAME_MAX, NULL, NULL), 0);
+    CHECK_RC(ns_rmdir(ns, &d2.id, b, RECORD_NAME_MAX), 0);
+    CHECK_RC(entries(ns, &d1.id), 0);
+    CHECK_RC(entries(ns, &d2.id), 0);
 }
 
 static void test_namespace(void)
@@ -328,6 +396,7 @@ static void test_namespace(void)
     CHECK_RC(entries(ns, &d.id), 3); /* sub inner flink */
     CHECK_RC(entries(ns, &e.id), 2); /* x y */
 
+    test_long_names_across_shards(ns);
     ns_close(ns);
 }
 

@@ -152,6 +152,17 @@ static void test_keys(void)
     memset(longname, 'L', sizeof(longname));
     n = record_entry_key(key, &id, longname, RECORD_NAME_MAX);
     CHECK(n == RECORD_KEY_MAX && key[RECORD_KEY_MAX - 1] == 'L');
+    /* One byte more: an empty key (which every shard refuses), nothing written. */
+    {
+        char longer[RECORD_NAME_MAX + 1];
+        memset(longer, 'M', sizeof(longer));
+        memset(key, 0, sizeof(key));
+        CHECK(record_entry_key(key, &id, longer, sizeof(longer)) == 0);
+        CHECK(record_xattr_key(key, &id, longer, sizeof(longer)) == 0);
+        CHECK(key[0] == 0);
+    }
+    /* An intent with both names at 255 bytes (namespace.c's layout). */
+    CHECK(RECORD_INTENT_MAX == 1 + 64 + 2 + 1 + 255 + 1 + 255);
 
     /* 'I' id */
     n = record_inode_key(key, &id);

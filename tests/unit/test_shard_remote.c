@@ -297,6 +297,7 @@ struct fake {
     int drop_after_apply; /* this many applies: apply, then close */
     int ignore_len;       /* get sends the whole value from off */
     int lazy_more;        /* a full page says "more" even if nothing follows */
+    int ignore_end;       /* a scan sends records past its end key too */
     unsigned scan_page;   /* records per scan reply at most; 0: limit only */
     char redirect_to[64]; /* set: every shard request gets 307 there */
     int bad_location;     /* ... with a Location that is not ours + path */
@@ -449,7 +450,7 @@ static void fake_scan(struct fake *f, unsigned shard, const char *query, const s
     size_t i = kv_lower(m, start, slen);
     for (; i < m->n; i++) {
         struct kv *e = &m->e[i];
-        if (end && key_cmp(e->k, e->kl, end, elen) >= 0)
+        if (end && !f->ignore_end && key_cmp(e->k, e->kl, end, elen) >= 0)
             break;
         size_t rec = wire_scan_record_size(e->kl, e->vl);
         if ((int64_t)count == limit || (count && rp->len + rec > WIRE_SCAN_REPLY_MAX)) {
@@ -910,7 +911,7 @@ static void fake_behave(struct fake *f)
 {
     pthread_mutex_lock(&f->lock);
     f->delay_ms = f->fail503 = f->drop = f->drop_after_apply = f->ignore_len = 0;
-    f->lazy_more = f->bad_location = 0;
+    f->lazy_more = f->bad_location = f->ignore_end = 0;
     f->scan_page = 0;
     f->redirect_to[0] = '\0';
     pthread_mutex_unlock(&f->lock);
@@ -1767,6 +1768,13 @@ static void f_redirects(void)
     client_close(&c);
 }
 
+static int count_records(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    (void)k, (void)kl, (void)v, (void)vl;
+    (*(unsigned *)ctx)++;
+    return 0;
+}
+
 static void f_replies(void)
 {
     struct client c;
@@ -1804,6 +1812,30 @@ static void f_replies(void)
     batch_free(&b);
     free(v);
     free(out);
+
+    /* a getv list over SHARD_READS_MAX reads of BATCH_KEY_MAX-byte keys
+     * would not fit the request buffer: refused before it is encoded */
+    {
+        static uint8_t big[BATCH_KEY_MAX];
+        struct shard_read r[SHARD_READS_MAX + 1];
+
+        memset(big, 'k', sizeof(big));
+        for (unsigned i = 0; i <= SHARD_READS_MAX; i++)
+            r[i] = (struct shard_read){.key = big, .klen = sizeof(big)};
+        CHECK_RC(c.s[0]->ops->get_many(c.s[0], r, SHARD_READS_MAX + 1), -EINVAL);
+    }
+
+    /* records past the end asked for: -EIO (callers size what they take
+     * from a key by the range they asked for) */
+    unsigned seen = 0;
+    CHECK_RC(put1(c.s[0], "ra", 2, "1", 1), 0);
+    CHECK_RC(put1(c.s[0], "rb", 2, "2", 1), 0);
+    CHECK_RC(put1(c.s[0], "rc", 2, "3", 1), 0);
+    CHECK_RC(shard_scan(c.s[0], "ra", 2, "rb", 2, count_records, &seen), 0);
+    CHECK(seen == 1);
+    FAKE_SET(&fa, ignore_end, 1);
+    CHECK_RC(shard_scan(c.s[0], "ra", 2, "rb", 2, count_records, &seen), -EIO);
+    FAKE_SET(&fa, ignore_end, 0);
 
     /* one record per page, "more" even after the last one: every 511-byte
      * successor case, and a scan that ends at the largest key */
