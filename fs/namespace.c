@@ -48,7 +48,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
@@ -2247,28 +2246,10 @@ static int root_ensure(struct ns *ns)
     return apply_batch(inode_shard(ns, &record_root_id), &b);
 }
 
-static int lock_data_dir(struct ns *ns, char *err, size_t errlen)
+int ns_open(const struct config *cfg, int node, unsigned flags, const struct store_lock_opts *lock,
+            struct ns **out, char *err, size_t errlen)
 {
-    char path[PATH_MAX + 16];
-
-    snprintf(path, sizeof(path), "%s/LOCK", ns->data_dir);
-    ns->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (ns->lock_fd < 0) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return -errno;
-    }
-    if (flock(ns->lock_fd, LOCK_EX | LOCK_NB) != 0) {
-        int e = errno;
-        snprintf(err, errlen, "%s: the store is in use by another shardfs process (%s)",
-                 ns->data_dir, e == EWOULDBLOCK ? "mounted?" : strerror(e));
-        return -EBUSY;
-    }
-    return 0;
-}
-
-int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
-            size_t errlen)
-{
+    static const struct store_lock_opts no_wait = {0};
     struct ns *ns = calloc(1, sizeof(*ns));
     struct shard_lmdb_options opt = {.commit_interval_ms = cfg->commit_interval_ms};
     uint64_t seed;
@@ -2304,7 +2285,7 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
         snprintf(err, errlen, "%s: %s", ns->data_dir, strerror(errno));
         goto fail;
     }
-    rc = lock_data_dir(ns, err, errlen);
+    rc = store_lock_acquire(ns->data_dir, lock ? lock : &no_wait, &ns->lock_fd, err, errlen);
     if (rc)
         goto fail;
     if (ns_check_layout(cfg, node, err, errlen)) {

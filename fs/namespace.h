@@ -25,6 +25,7 @@
 #include "config.h"
 #include "record.h"
 #include "shard.h"
+#include "store_lock.h"
 
 struct ns;
 
@@ -38,14 +39,16 @@ typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
 typedef int (*ns_dirent_fn)(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
                             uint8_t dtype);
 
-/* Open the store as node `node` of cfg: lock this node's data directory, check
- * its layout, open the shards it owns (LMDB) and reach the others over HTTP
- * (shard_remote.h), create the root on first use (shard 0's owner), and
- * finish any multi-shard operation a crash interrupted on its own shards.
- * -errno and a message in err. */
+/* Open the store as node `node` of cfg: lock this node's data directory
+ * (store_lock.h: lock says how to wait for another process and what to record;
+ * NULL fails at once if the store is in use), check its layout, open the
+ * shards it owns (LMDB) and reach the others over HTTP (shard_remote.h),
+ * create the root on first use (shard 0's owner), and finish any multi-shard
+ * operation a crash interrupted on its own shards. -errno and a message in
+ * err (-EBUSY: another process has the store open). */
 #define NS_OPEN_NO_RECOVER 1u   /* leave crash leftovers for fsck to see */
-int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
-            size_t errlen);
+int ns_open(const struct config *cfg, int node, unsigned flags, const struct store_lock_opts *lock,
+            struct ns **out, char *err, size_t errlen);
 void ns_close(struct ns *ns);
 
 /* Check, before anything is opened or written, that the data directory of node

@@ -121,7 +121,7 @@ static struct ns *open_store(void)
         cleanup();
         exit(2);
     }
-    int rc = ns_open(&cfg, 0, 0, &ns, err, sizeof(err));
+    int rc = ns_open(&cfg, 0, 0, NULL, &ns, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "ns_open: %d: %s\n", rc, err);
         cleanup();
