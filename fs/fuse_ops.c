@@ -237,6 +237,32 @@ static void open_count(struct fs *fs, struct node *n, int delta)
     pthread_mutex_unlock(&fs->lock);
 }
 
+/* One open of n ends (a release, or an open that failed after counting
+ * itself): the last one of an inode whose last name went meanwhile (an
+ * orphan, marked by fs_is_open) deletes it. Files and directories alike. */
+static void open_end(struct fs *fs, struct node *n)
+{
+    struct ino_id id = n->id;
+    int reap;
+
+    pthread_mutex_lock(&fs->lock);
+    n->opens--;
+    reap = n->orphan && n->opens == 0;
+    if (reap) {
+        n->orphan = 0;
+        n->reaping = 1; /* no open may start until the inode is gone */
+    }
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+    if (reap) {
+        ns_reap(fs->ns, &id);
+        pthread_mutex_lock(&fs->lock);
+        n->reaping = 0;
+        node_maybe_free(fs, n);
+        pthread_mutex_unlock(&fs->lock);
+    }
+}
+
 /* Count an open of n, unless its last release is deleting it right now (an
  * open that reached an unlinked file through a name the kernel had not yet
  * let go of): then -ESTALE, and the kernel walks the path again. Counting
@@ -442,7 +468,7 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
-    reply_rc(req, ns_rmdir(fs->ns, &node_of(fs, parent)->id, name, strlen(name)));
+    reply_rc(req, ns_rmdir(fs->ns, &node_of(fs, parent)->id, name, strlen(name), fs_is_open, fs));
 }
 
 static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
@@ -501,10 +527,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (!rc && !h)
         rc = -ENOMEM;
     if (rc) {
-        pthread_mutex_lock(&fs->lock);
-        n->opens--;
-        node_maybe_free(fs, n);
-        pthread_mutex_unlock(&fs->lock);
+        open_end(fs, n);
         reply_rc(req, stale_if_gone(rc));
         return;
     }
@@ -517,7 +540,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
     if (fuse_reply_open(req, fi) != 0) {
         free(h);
-        open_count(fs, n, -1);
+        open_end(fs, n);
     }
 }
 
@@ -551,7 +574,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     fill_open(fs, fi, h);
     if (fuse_reply_create(req, &e, fi) != 0) {
         free(h);
-        open_count(fs, n, -1);
+        open_end(fs, n);
         node_unref(fs, n, 1);
     }
 }
@@ -602,27 +625,9 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    struct node *n = node_of(fs, ino);
-    struct ino_id id = n->id;
-    int reap;
 
     free((struct handle *)(uintptr_t)fi->fh);
-    pthread_mutex_lock(&fs->lock);
-    n->opens--;
-    reap = n->orphan && n->opens == 0;
-    if (reap) {
-        n->orphan = 0;
-        n->reaping = 1; /* no open may start until the inode is gone */
-    }
-    node_maybe_free(fs, n);
-    pthread_mutex_unlock(&fs->lock);
-    if (reap) {
-        ns_reap(fs->ns, &id);
-        pthread_mutex_lock(&fs->lock);
-        n->reaping = 0;
-        node_maybe_free(fs, n);
-        pthread_mutex_unlock(&fs->lock);
-    }
+    open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
 }
 
@@ -640,29 +645,40 @@ static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fus
     reply_rc(req, ns_sync(fs->ns, NULL));
 }
 
+/* An open directory counts as an open of its node, as a file does (op_open):
+ * rmdir or a rename over it then keeps the inode, with nlink 0 and an orphan
+ * mark, until the last releasedir, so fstat, fchdir and readdir of the
+ * descriptor work as on a local filesystem (the directory is empty and takes
+ * no new entries). */
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    struct dir_handle *d;
+    struct node *n = node_of(fs, ino);
+    struct dir_handle *d = NULL;
     struct inode node;
-    int rc = ns_getattr(fs->ns, &node_of(fs, ino)->id, &node);
+    int rc = open_begin(fs, n);
 
-    if (rc == 0 && !S_ISDIR(node.mode))
-        rc = -ENOTDIR;
     if (rc) {
-        reply_rc(req, stale_if_gone(rc));
+        reply_rc(req, rc);
         return;
     }
-    d = calloc(1, sizeof(*d));
-    if (!d) {
-        fuse_reply_err(req, ENOMEM);
+    rc = ns_getattr_ordered(fs->ns, &n->id, &node);
+    if (rc == 0 && !S_ISDIR(node.mode))
+        rc = -ENOTDIR;
+    if (rc == 0 && !(d = calloc(1, sizeof(*d))))
+        rc = -ENOMEM;
+    if (rc) {
+        open_end(fs, n);
+        reply_rc(req, stale_if_gone(rc));
         return;
     }
     fi->fh = (uint64_t)(uintptr_t)d;
     fi->keep_cache = 1;
     fi->cache_readdir = 0;
-    if (fuse_reply_open(req, fi) != 0)
+    if (fuse_reply_open(req, fi) != 0) {
         free(d);
+        open_end(fs, n);
+    }
 }
 
 static int dir_collect(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
@@ -789,11 +805,13 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+    struct fs *fs = fs_of(req);
     struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
-    (void)ino;
+
     if (d)
         free(d->ents);
     free(d);
+    open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
 }
 

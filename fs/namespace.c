@@ -800,7 +800,9 @@ struct drop {
 };
 
 /* Change function dropping one name of an inode (arg: struct drop): nlink - 1,
- * and when none is left delete it or, if still open, mark it orphan. */
+ * and when none is left delete it or, if still open, mark it orphan (a
+ * directory too: one that is open stays, empty and with nlink 0, until its
+ * last close, as on a local filesystem). */
 static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
     const struct drop *d = arg;
@@ -810,7 +812,7 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
     inode_bump_ctime(ino);
     if (S_ISDIR(ino->mode) || ino->nlink <= 1) {
         ino->nlink = 0;
-        if (!S_ISDIR(ino->mode) && d->is_open && d->is_open(d->ctx, &ino->id)) {
+        if (d->is_open && d->is_open(d->ctx, &ino->id)) {
             batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
             return INODE_PUT;
         }
@@ -927,7 +929,8 @@ static int claim_empty_dir(struct ns *ns, const struct ino_id *dir)
     return rc == 0 ? -ENOTEMPTY : rc;
 }
 
-int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen)
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+             ns_is_open_fn is_open, void *ctx)
 {
     struct ino_id id;
     uint8_t dtype;
@@ -943,7 +946,7 @@ int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t n
     rc = claim_empty_dir(ns, &id);
     if (rc)
         return rc;
-    rc = remove_entry(ns, dir, name, nlen, &id, dtype, NULL, NULL);
+    rc = remove_entry(ns, dir, name, nlen, &id, dtype, is_open, ctx);
     if (rc) {
         set_dying(ns, &id, 0);
         return rc;

@@ -29,9 +29,9 @@
 
 struct ns;
 
-/* Asked when an inode's last name goes away: return 1 if the inode is still
- * open (it is then kept, with an orphan mark, until ns_reap()), 0 to delete it
- * at once. */
+/* Asked when an inode's last name goes away (unlink, rmdir, rename over it):
+ * return 1 if the inode, file or directory, is still open (it is then kept,
+ * with nlink 0 and an orphan mark, until ns_reap()), 0 to delete it at once. */
 typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
 
 /* Called for each directory entry; the name is borrowed for the call. The
@@ -93,7 +93,9 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
               struct inode *out);
 int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               ns_is_open_fn is_open, void *ctx);
-int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen);
+/* An open directory (is_open) stays, empty, until ns_reap(), as a file does. */
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+             ns_is_open_fn is_open, void *ctx);
 
 #define NS_RENAME_NOREPLACE 1u
 #define NS_RENAME_EXCHANGE 2u

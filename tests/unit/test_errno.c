@@ -213,16 +213,16 @@ static void test_namespace(void)
     CHECK_RC(lookup(ns, root, "d", NULL), 0);
 
     /* rmdir / unlink */
-    CHECK_RC(ns_rmdir(ns, root, "d", 1), -ENOTEMPTY);
+    CHECK_RC(ns_rmdir(ns, root, "d", 1, NULL, NULL), -ENOTEMPTY);
     CHECK_RC(lookup(ns, root, "d", NULL), 0);
     CHECK_RC(mk(ns, &d.id, "after-failed-rmdir", S_IFREG | 0644, NULL), 0); /* not left dying */
     CHECK_RC(ns_unlink(ns, &d.id, "after-failed-rmdir", 18, NULL, NULL), 0);
     CHECK_RC(ns_unlink(ns, root, "d", 1, NULL, NULL), -EISDIR);
     CHECK_RC(ns_unlink(ns, root, "e", 1, NULL, NULL), -EISDIR);
     CHECK_RC(lookup(ns, root, "e", NULL), 0);
-    CHECK_RC(ns_rmdir(ns, root, "f", 1), -ENOTDIR);
+    CHECK_RC(ns_rmdir(ns, root, "f", 1, NULL, NULL), -ENOTDIR);
     CHECK_RC(lookup(ns, root, "f", NULL), 0);
-    CHECK_RC(ns_rmdir(ns, root, "missing", 7), -ENOENT);
+    CHECK_RC(ns_rmdir(ns, root, "missing", 7, NULL, NULL), -ENOENT);
     CHECK_RC(ns_unlink(ns, root, "missing", 7, NULL, NULL), -ENOENT);
 
     /* rename */
