@@ -8,6 +8,21 @@
  * takes a snapshot of the entries of every shard into the handle, and later
  * calls page through it, so offsets stay stable while the directory changes
  * (entries added after the snapshot may or may not show, as POSIX allows).
+ *
+ * O_DIRECT writes and the page cache: the kernel drops a file's cached pages
+ * around a direct write, but not after an asynchronous one (io_submit), so a
+ * buffered read that fetched the old bytes while the write was in flight
+ * would leave them cached for good (keep_cache). So each direct write, once
+ * applied, has the written range of the kernel's cache invalidated before
+ * it is answered. The invalidation waits for pages that a read in flight
+ * has locked; done on a worker thread, enough such writes could hold every
+ * worker while the reads they wait for find none, so one invalidation thread
+ * does it and answers the write (inval_main). A read that fetched the old
+ * bytes locked its pages before the write was applied, so the invalidation
+ * waits for it and then drops them: after a direct write returns, every
+ * read sees it. A file that no read and no buffered write has gone through
+ * (node.paged: set before the store is read, tested after it is written) has
+ * nothing cached, and its direct writes are answered at once.
  */
 #include "fuse_ops.h"
 
@@ -16,6 +31,8 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -30,7 +47,17 @@ struct node {
     unsigned opens;    /* protected by fs.lock */
     int orphan;        /* unlinked while open; protected by fs.lock */
     int reaping;       /* its last release is deleting it; protected by fs.lock */
+    atomic_int paged;  /* a read or buffered write went through the kernel's cache */
     struct node *next; /* hash chain */
+};
+
+/* A direct write's range to drop from the kernel's cache, and its answer. */
+struct inval {
+    fuse_req_t req;
+    fuse_ino_t ino;
+    off_t off;
+    size_t size; /* bytes written: the range, and the reply */
+    struct inval *next;
 };
 
 struct fs {
@@ -40,7 +67,13 @@ struct fs {
     double dir_attr_timeout; /* directories */
     double negative_timeout;
     int keep_cache;          /* keep a file's page cache across opens */
-    struct fuse_session *se; /* for invalidations; NULL until attached */
+    struct fuse_session *se; /* for invalidations; NULL until fs_start() */
+    pthread_mutex_t inval_lock;
+    pthread_cond_t inval_cond;
+    struct inval *inval_head, **inval_tail; /* protected by inval_lock */
+    int inval_stop;                         /* protected by inval_lock */
+    int inval_running;                      /* set by fs_start(), cleared by fs_stop() */
+    pthread_t inval_thread;
     pthread_mutex_t lock;
     struct node root;
     struct node *buckets[NODE_BUCKETS];
@@ -583,10 +616,14 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
+    struct node *nd = node_of(fs, ino);
     char *buf;
     ssize_t n;
 
     (void)fi;
+    /* Any read may fill the page cache, even one of an O_DIRECT descriptor
+     * (a page fault of its mmap). Set before the store is read (op_write). */
+    atomic_store(&nd->paged, 1);
     if (size > MAX_WRITE * 2)
         size = MAX_WRITE * 2;
     buf = malloc(size ? size : 1);
@@ -594,7 +631,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    n = ns_read(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, size, buf);
+    n = ns_read(fs->ns, &nd->id, (uint64_t)off, size, buf);
     if (n < 0)
         reply_rc(req, (int)n);
     else
@@ -602,18 +639,81 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     free(buf);
 }
 
+/* The invalidation thread: drop each direct write's range from the kernel's
+ * cache, then answer the write (see the top of the file). */
+static void *inval_main(void *arg)
+{
+    struct fs *fs = arg;
+
+    pthread_mutex_lock(&fs->inval_lock);
+    for (;;) {
+        while (!fs->inval_head && !fs->inval_stop)
+            pthread_cond_wait(&fs->inval_cond, &fs->inval_lock);
+        struct inval *iv = fs->inval_head;
+        if (!iv)
+            break; /* stopping, and nothing is left to answer */
+        fs->inval_head = iv->next;
+        if (!fs->inval_head)
+            fs->inval_tail = &fs->inval_head;
+        pthread_mutex_unlock(&fs->inval_lock);
+        /* Fails only when the kernel no longer has the inode (nothing cached)
+         * or the connection is gone (nobody to read stale bytes). */
+        fuse_lowlevel_notify_inval_inode(fs->se, iv->ino, iv->off, (off_t)iv->size);
+        fuse_reply_write(iv->req, iv->size);
+        free(iv);
+        pthread_mutex_lock(&fs->inval_lock);
+    }
+    pthread_mutex_unlock(&fs->inval_lock);
+    return NULL;
+}
+
+/* Hand a direct write's answer to the invalidation thread; -ENOMEM if it
+ * cannot, and then the caller invalidates and answers itself. */
+static int inval_queue(struct fs *fs, fuse_req_t req, fuse_ino_t ino, off_t off, size_t size)
+{
+    struct inval *iv = malloc(sizeof(*iv));
+
+    if (!iv)
+        return -ENOMEM;
+    *iv = (struct inval){.req = req, .ino = ino, .off = off, .size = size};
+    pthread_mutex_lock(&fs->inval_lock);
+    *fs->inval_tail = iv;
+    fs->inval_tail = &iv->next;
+    pthread_cond_signal(&fs->inval_cond);
+    pthread_mutex_unlock(&fs->inval_lock);
+    return 0;
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
+    struct node *nd = node_of(fs, ino);
     struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-    ssize_t n =
-        ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size, h && h->append, 0, NULL);
+    int append = h && h->append;
+    /* The kernel sends the file's flags with each write; a write of cached
+     * pages (writepage: a shared mmap) is the cache's own. */
+    int direct = (fi->flags & O_DIRECT) && !fi->writepage && fs->inval_running;
+    uint64_t new_size = 0;
+    ssize_t n;
 
-    if (n < 0)
+    if (!direct)
+        atomic_store(&nd->paged, 1); /* the kernel keeps what it wrote */
+    n = ns_write(fs->ns, &nd->id, (uint64_t)off, buf, size, append, 0, direct ? &new_size : NULL);
+    if (n < 0) {
         reply_rc(req, (int)n);
-    else
-        fuse_reply_write(req, (size_t)n);
+        return;
+    }
+    /* A read that fetched the old bytes set paged before it read the store,
+     * and the shard ordered that read before this write, so it shows here. */
+    if (direct && n > 0 && atomic_load(&nd->paged)) {
+        /* O_APPEND wrote at the end, wherever the kernel said. */
+        off_t at = append ? (off_t)(new_size - (uint64_t)n) : off;
+        if (inval_queue(fs, req, ino, at, (size_t)n) == 0)
+            return;
+        fuse_lowlevel_notify_inval_inode(fs->se, ino, at, n);
+    }
+    fuse_reply_write(req, (size_t)n);
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -915,20 +1015,50 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
         fs->keep_cache = 1;
     }
     pthread_mutex_init(&fs->lock, NULL);
+    pthread_mutex_init(&fs->inval_lock, NULL);
+    pthread_cond_init(&fs->inval_cond, NULL);
+    fs->inval_tail = &fs->inval_head;
     fs->root.id = record_root_id;
     fs->root.nlookup = 1;
     return fs;
 }
 
-void fs_attach_session(struct fs *fs, struct fuse_session *se)
+int fs_start(struct fs *fs, struct fuse_session *se)
 {
+    sigset_t all, old;
+    int rc;
+
     fs->se = se;
+    /* Signals go to the main thread (fuse_set_signal_handlers), as with
+     * libfuse's own workers. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = pthread_create(&fs->inval_thread, NULL, inval_main, fs);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc)
+        return -rc;
+    pthread_setname_np(fs->inval_thread, "shardfs-inval");
+    fs->inval_running = 1;
+    return 0;
+}
+
+void fs_stop(struct fs *fs)
+{
+    if (!fs || !fs->inval_running)
+        return;
+    pthread_mutex_lock(&fs->inval_lock);
+    fs->inval_stop = 1;
+    pthread_cond_signal(&fs->inval_cond);
+    pthread_mutex_unlock(&fs->inval_lock);
+    pthread_join(fs->inval_thread, NULL);
+    fs->inval_running = 0;
 }
 
 void fs_free(struct fs *fs)
 {
     if (!fs)
         return;
+    fs_stop(fs);
     for (unsigned b = 0; b < NODE_BUCKETS; b++) {
         struct node *n = fs->buckets[b];
         while (n) {
@@ -938,6 +1068,8 @@ void fs_free(struct fs *fs)
         }
     }
     pthread_mutex_destroy(&fs->lock);
+    pthread_mutex_destroy(&fs->inval_lock);
+    pthread_cond_destroy(&fs->inval_cond);
     free(fs);
 }
 

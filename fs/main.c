@@ -326,7 +326,10 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         snprintf(err, sizeof(err), "bad FUSE options '%s'", c->fuse_opts ? c->fuse_opts : "");
         goto out;
     }
-    fs_attach_session(fs, se);
+    if (fs_start(fs, se) != 0) {
+        snprintf(err, sizeof(err), "cannot start a thread");
+        goto out;
+    }
     if (fuse_set_signal_handlers(se) != 0) {
         snprintf(err, sizeof(err), "cannot set signal handlers");
         goto out;
@@ -363,6 +366,7 @@ out:
         fuse_session_unmount(se);
     if (handlers)
         fuse_remove_signal_handlers(se);
+    fs_stop(fs); /* answers what it holds: before the session goes */
     if (se)
         fuse_session_destroy(se);
     fuse_opt_free_args(&args);
