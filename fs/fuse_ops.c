@@ -1042,9 +1042,45 @@ int fs_start(struct fs *fs, struct fuse_session *se)
     return 0;
 }
 
-void fs_stop(struct fs *fs)
+/* The kernel ends the connection at unmount, and the RELEASE and
+ * RELEASEDIR requests it had queued (they are sent after close() returns)
+ * end with it, unseen: an unlinked file closed just before the unmount
+ * would stay in the store, with its orphan mark, until the next mount's
+ * recovery. Nothing can have it open any more, so it goes now. */
+static void reap_orphans(struct fs *fs)
 {
-    if (!fs || !fs->inval_running)
+    struct ino_id *ids = NULL;
+    size_t n = 0, cap = 0;
+
+    /* Collected under the lock (the key API may still ask fs_is_open),
+     * deleted outside it (ns_reap takes the inode's lock, which is held
+     * around fs_is_open). */
+    pthread_mutex_lock(&fs->lock);
+    for (unsigned b = 0; b < NODE_BUCKETS; b++) {
+        for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
+            if (!nd->orphan)
+                continue;
+            if (n == cap) {
+                size_t ncap = cap ? cap * 2 : 64;
+                struct ino_id *grown = realloc(ids, ncap * sizeof(*ids));
+                if (!grown)
+                    goto collected; /* the next mount's recovery has the rest */
+                ids = grown, cap = ncap;
+            }
+            nd->orphan = 0;
+            ids[n++] = nd->id;
+        }
+    }
+collected:
+    pthread_mutex_unlock(&fs->lock);
+    for (size_t i = 0; i < n; i++)
+        ns_reap(fs->ns, &ids[i]);
+    free(ids);
+}
+
+static void inval_thread_stop(struct fs *fs)
+{
+    if (!fs->inval_running)
         return;
     pthread_mutex_lock(&fs->inval_lock);
     fs->inval_stop = 1;
@@ -1054,11 +1090,19 @@ void fs_stop(struct fs *fs)
     fs->inval_running = 0;
 }
 
+void fs_stop(struct fs *fs)
+{
+    if (!fs)
+        return;
+    inval_thread_stop(fs);
+    reap_orphans(fs);
+}
+
 void fs_free(struct fs *fs)
 {
     if (!fs)
         return;
-    fs_stop(fs);
+    inval_thread_stop(fs); /* if fs_stop() was not called: nothing is queued */
     for (unsigned b = 0; b < NODE_BUCKETS; b++) {
         struct node *n = fs->buckets[b];
         while (n) {

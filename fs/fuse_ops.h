@@ -34,7 +34,9 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared);
  * session loop. 0 or -errno. */
 int fs_start(struct fs *fs, struct fuse_session *se);
 /* After the session loop ended and before fuse_session_destroy(): answer
- * what the invalidation thread holds and stop it. NULL-safe, idempotent. */
+ * what the invalidation thread holds and stop it, then delete the unlinked
+ * files and directories whose last close the kernel never told (it drops
+ * the releases still queued when the mount goes). NULL-safe, idempotent. */
 void fs_stop(struct fs *fs);
 /* Stops the thread if fs_stop() was not called; accepts NULL. */
 void fs_free(struct fs *fs);

@@ -96,10 +96,9 @@ static const char usage_where[] =
 enum { OPT_REPAIR = 256, OPT_HELP };
 
 static const struct option long_opts[] = {
-    {"conf", required_argument, NULL, 'c'}, {"node", required_argument, NULL, 'n'},
+    {"conf", required_argument, NULL, 'c'},    {"node", required_argument, NULL, 'n'},
     {"repair", no_argument, NULL, OPT_REPAIR}, {"help", no_argument, NULL, 'h'},
-    {"wait", required_argument, NULL, 'w'},
-    {NULL, 0, NULL, 0},
+    {"wait", required_argument, NULL, 'w'},    {NULL, 0, NULL, 0},
 };
 
 struct cli {
@@ -358,8 +357,13 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
      * must not stall requests for the others. */
     int lrc = fuse_session_loop_mt(se, lc);
     /* SIGTERM/SIGINT end the loop with the signal as its result: that is an
-     * orderly stop, and everything is committed below. */
-    rc = lrc == 0 || lrc == SIGTERM || lrc == SIGINT || lrc == SIGHUP ? 0 : 1;
+     * orderly stop, and everything is committed below. So is -ECONNABORTED:
+     * an unmount with requests still queued (the releases of files closed
+     * just before it) ends them, and a worker reading one at that moment
+     * gets ECONNABORTED instead of the ENODEV libfuse takes for an unmount
+     * (it says "fuse: reading device: Software caused connection abort"). */
+    int orderly = lrc == 0 || lrc == SIGTERM || lrc == SIGINT || lrc == SIGHUP;
+    rc = orderly || lrc == -ECONNABORTED ? 0 : 1;
     fuse_loop_cfg_destroy(lc);
 out:
     if (mounted)

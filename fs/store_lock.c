@@ -183,7 +183,8 @@ int store_lock_acquire(const char *data_dir, const struct store_lock_opts *o, in
         }
         holder_read(lfd, &h);
         holder_describe(&h, who, sizeof(who));
-        if (h.pid && h.mountpoint[0] && !strcmp(h.what, "mount") && is_shardfs_mount(h.mountpoint)) {
+        if (h.pid && h.mountpoint[0] && !strcmp(h.what, "mount") &&
+            is_shardfs_mount(h.mountpoint)) {
             snprintf(err, errlen, "%s: the store is in use: mounted at %s by shardfs pid %ld",
                      data_dir, h.mountpoint, h.pid);
             rc = -EBUSY;

@@ -9,6 +9,7 @@ really mounted they must fail at once, naming the mount.
 
 import os
 import random
+import resource
 import subprocess
 import time
 
@@ -61,6 +62,39 @@ def test_unmount_then_mount_at_once(fs):
             with open(fs.path(name), "rb") as f:
                 assert f.read() == data, "cycle %d: %s differs after the remount" % (cycle, name)
     print("%d of %d mounts waited for the previous daemon" % (waits, CYCLES))
+
+
+def test_unmount_right_after_last_closes(fs):
+    """Files and directories unlinked while open, closed just before the
+    unmount: the kernel drops the releases it has not yet sent when the mount
+    goes, and the daemon must still delete them (fsck finds them otherwise,
+    with their orphan marks, until the next mount's recovery)."""
+    files, dirs = 1000, 100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < files + dirs + 100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, files + dirs + 100), hard))
+    try:
+        for cycle in range(2):
+            fds = []
+            for i in range(files):
+                p = fs.path("f%d" % i)
+                fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+                fds.append(fd)
+                os.write(fd, b"%d" % i * 700)
+                os.unlink(p)
+            for i in range(dirs):
+                d = fs.path("d%d" % i)
+                os.mkdir(d)
+                fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY))
+                os.rmdir(d)
+            for fd in fds:
+                os.close(fd)
+            fs.unmount()  # at once; waits for the daemon to exit
+            fs.assert_fsck_clean()
+            fs.start()
+            assert os.listdir(fs.mnt) == []
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_fsck_right_after_unmount(fs):
