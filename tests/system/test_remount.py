@@ -20,11 +20,36 @@ from conftest import EXIT_DEADLINE, SHARDFS_BIN, fsck_says_clean, run, write_fil
 CYCLES = 50
 
 
+def mount_holders(mnt):
+    """Who holds something in mnt now (fds, cwd, root, mappings), and which
+    processes are inside a FUSE request: what makes umount answer EBUSY, for
+    the message if it does."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        d = "/proc/" + pid
+        try:
+            names = ["cwd", "root"] + ["fd/" + f for f in os.listdir(d + "/fd")]
+            refs = [n for n in names if os.path.realpath(d + "/" + n).startswith(mnt)]
+            with open(d + "/maps") as f:
+                refs += ["map " + l.split()[-1] for l in f if mnt in l]
+            with open(d + "/stack") as f:
+                stack = f.read()
+            with open(d + "/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        waiting = "request_wait_answer" in stack  # in a FUSE request (of any mount)
+        if refs or waiting:
+            found.append("pid %s %s: %s%s" % (pid, comm, refs, " in a FUSE request" * waiting))
+    return found
+
+
 def unmount_leaving_daemon(fs):
     """fusermount3 -u, and nothing else: the old daemon may still be closing
     the store. Returns (its Popen, its start number) for reap_daemon()."""
     r = run(["fusermount3", "-u", fs.mnt], check=False, timeout=30)
-    assert r.returncode == 0, "fusermount3 -u failed: %s" % r.stderr
+    assert r.returncode == 0, "fusermount3 -u failed: %s\nholders: %s" % (
+        r.stderr, mount_holders(fs.mnt))
     old, fs.proc = fs.proc, None
     return old, fs.starts
 
