@@ -75,13 +75,23 @@ struct fs {
     int inval_running;                      /* set by fs_start(), cleared by fs_stop() */
     pthread_t inval_thread;
     pthread_mutex_t lock;
+    struct opened *opened; /* every open handle; protected by lock */
     struct node root;
     struct node *buckets[NODE_BUCKETS];
+};
+
+/* What every open handle starts with: its place in fs.opened, so that the
+ * handles whose release never came (the kernel drops the releases still
+ * queued when the mount goes) are freed by fs_free(). */
+struct opened {
+    struct opened *prev, *next; /* protected by fs.lock */
+    int is_dir;                 /* a struct dir_handle, else a struct handle */
 };
 
 /* An open file: O_APPEND must be honoured by the store, not by the offset the
  * kernel sends, so that appends from several writers never overlap. */
 struct handle {
+    struct opened o;
     int append;
 };
 
@@ -93,6 +103,7 @@ struct dir_entry {
 };
 
 struct dir_handle {
+    struct opened o;
     struct dir_entry *ents;
     size_t n, cap;
     int loaded;
@@ -255,9 +266,52 @@ static int stale_if_gone(int rc)
     return rc == -ENOENT ? -ESTALE : rc;
 }
 
-static struct handle *handle_new(int flags)
+/* A zeroed handle of size bytes (a struct handle or dir_handle), linked
+ * into fs->opened; NULL if out of memory. handle_free() takes it back. */
+static void *handle_alloc(struct fs *fs, size_t size, int is_dir)
 {
-    struct handle *h = calloc(1, sizeof(*h));
+    struct opened *o = calloc(1, size);
+
+    if (!o)
+        return NULL;
+    o->is_dir = is_dir;
+    pthread_mutex_lock(&fs->lock);
+    o->next = fs->opened;
+    if (o->next)
+        o->next->prev = o;
+    fs->opened = o;
+    pthread_mutex_unlock(&fs->lock);
+    return o;
+}
+
+static void opened_destroy(struct opened *o)
+{
+    if (o->is_dir)
+        free(((struct dir_handle *)o)->ents);
+    free(o);
+}
+
+/* Unlink and free a handle of handle_alloc(); accepts NULL. */
+static void handle_free(struct fs *fs, void *handle)
+{
+    struct opened *o = handle;
+
+    if (!o)
+        return;
+    pthread_mutex_lock(&fs->lock);
+    if (o->prev)
+        o->prev->next = o->next;
+    else
+        fs->opened = o->next;
+    if (o->next)
+        o->next->prev = o->prev;
+    pthread_mutex_unlock(&fs->lock);
+    opened_destroy(o);
+}
+
+static struct handle *handle_new(struct fs *fs, int flags)
+{
+    struct handle *h = handle_alloc(fs, sizeof(*h), 0);
     if (h)
         h->append = (flags & O_APPEND) != 0;
     return h;
@@ -556,7 +610,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     } else {
         rc = ns_getattr_ordered(fs->ns, &n->id, &node);
     }
-    h = rc ? NULL : handle_new(fi->flags);
+    h = rc ? NULL : handle_new(fs, fi->flags);
     if (!rc && !h)
         rc = -ENOMEM;
     if (rc) {
@@ -572,7 +626,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_lowlevel_notify_inval_inode(fs->se, ino, -1, 0);
     }
     if (fuse_reply_open(req, fi) != 0) {
-        free(h);
+        handle_free(fs, h);
         open_end(fs, n);
     }
 }
@@ -585,20 +639,20 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     struct fuse_entry_param e;
     struct inode ino;
     struct node *n;
-    struct handle *h = handle_new(fi->flags);
+    struct handle *h = handle_new(fs, fi->flags);
     int rc = h ? 0 : -ENOMEM;
 
     if (rc == 0)
         rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
                        S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
     if (rc) {
-        free(h);
+        handle_free(fs, h);
         reply_rc(req, rc);
         return;
     }
     n = node_ref(fs, &ino.id);
     if (!n) {
-        free(h);
+        handle_free(fs, h);
         fuse_reply_err(req, ENOMEM);
         return;
     }
@@ -606,7 +660,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     entry_fill(fs, &e, n, &ino);
     fill_open(fs, fi, h);
     if (fuse_reply_create(req, &e, fi) != 0) {
-        free(h);
+        handle_free(fs, h);
         open_end(fs, n);
         node_unref(fs, n, 1);
     }
@@ -726,7 +780,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
     struct fs *fs = fs_of(req);
 
-    free((struct handle *)(uintptr_t)fi->fh);
+    handle_free(fs, (struct handle *)(uintptr_t)fi->fh);
     open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
 }
@@ -765,7 +819,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     rc = ns_getattr_ordered(fs->ns, &n->id, &node);
     if (rc == 0 && !S_ISDIR(node.mode))
         rc = -ENOTDIR;
-    if (rc == 0 && !(d = calloc(1, sizeof(*d))))
+    if (rc == 0 && !(d = handle_alloc(fs, sizeof(*d), 1)))
         rc = -ENOMEM;
     if (rc) {
         open_end(fs, n);
@@ -776,7 +830,7 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fi->keep_cache = 1;
     fi->cache_readdir = 0;
     if (fuse_reply_open(req, fi) != 0) {
-        free(d);
+        handle_free(fs, d);
         open_end(fs, n);
     }
 }
@@ -906,11 +960,8 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
 
-    if (d)
-        free(d->ents);
-    free(d);
+    handle_free(fs, (struct dir_handle *)(uintptr_t)fi->fh);
     open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
 }
@@ -1103,6 +1154,11 @@ void fs_free(struct fs *fs)
     if (!fs)
         return;
     inval_thread_stop(fs); /* if fs_stop() was not called: nothing is queued */
+    while (fs->opened) {
+        struct opened *o = fs->opened; /* its release never came */
+        fs->opened = o->next;
+        opened_destroy(o);
+    }
     for (unsigned b = 0; b < NODE_BUCKETS; b++) {
         struct node *n = fs->buckets[b];
         while (n) {
