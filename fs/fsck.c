@@ -1841,6 +1841,8 @@ int fsck_run(struct ns *ns, int repair, FILE *out)
     fsck_free(&f);
     if (rc < 0)
         return rc;
+    if (repair && fixed == found)
+        ns_repaired(ns); /* clean now: an unclean stop's mark can go */
     return found > INT_MAX ? INT_MAX : (int)found;
 }
 

@@ -8,6 +8,21 @@
  * takes a snapshot of the entries of every shard into the handle, and later
  * calls page through it, so offsets stay stable while the directory changes
  * (entries added after the snapshot may or may not show, as POSIX allows).
+ *
+ * O_DIRECT writes and the page cache: the kernel drops a file's cached pages
+ * around a direct write, but not after an asynchronous one (io_submit), so a
+ * buffered read that fetched the old bytes while the write was in flight
+ * would leave them cached for good (keep_cache). So each direct write, once
+ * applied, has the written range of the kernel's cache invalidated before
+ * it is answered. The invalidation waits for pages that a read in flight
+ * has locked; done on a worker thread, enough such writes could hold every
+ * worker while the reads they wait for find none, so one invalidation thread
+ * does it and answers the write (inval_main). A read that fetched the old
+ * bytes locked its pages before the write was applied, so the invalidation
+ * waits for it and then drops them: after a direct write returns, every
+ * read sees it. A file that no read and no buffered write has gone through
+ * (node.paged: set before the store is read, tested after it is written) has
+ * nothing cached, and its direct writes are answered at once.
  */
 #include "fuse_ops.h"
 
@@ -16,6 +31,8 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -30,7 +47,17 @@ struct node {
     unsigned opens;    /* protected by fs.lock */
     int orphan;        /* unlinked while open; protected by fs.lock */
     int reaping;       /* its last release is deleting it; protected by fs.lock */
+    atomic_int paged;  /* a read or buffered write went through the kernel's cache */
     struct node *next; /* hash chain */
+};
+
+/* A direct write's range to drop from the kernel's cache, and its answer. */
+struct inval {
+    fuse_req_t req;
+    fuse_ino_t ino;
+    off_t off;
+    size_t size; /* bytes written: the range, and the reply */
+    struct inval *next;
 };
 
 struct fs {
@@ -40,19 +67,33 @@ struct fs {
     double dir_attr_timeout; /* directories */
     double negative_timeout;
     int keep_cache;          /* keep a file's page cache across opens */
-    struct fuse_session *se; /* for invalidations; NULL until attached */
+    struct fuse_session *se; /* for invalidations; NULL until fs_start() */
+    pthread_mutex_t inval_lock;
+    pthread_cond_t inval_cond;
+    struct inval *inval_head, **inval_tail; /* protected by inval_lock */
+    int inval_stop;                         /* protected by inval_lock */
+    int inval_running;                      /* set by fs_start(), cleared by fs_stop() */
+    pthread_t inval_thread;
     pthread_mutex_t lock;
+    struct opened *opened; /* every open handle; protected by lock */
     struct node root;
     struct node *buckets[NODE_BUCKETS];
-    struct dir_handle *dirs; /* open directories; protected by lock */
 };
 
-/* An open file is its flags in fi->fh, nothing allocated: the kernel drops
- * the RELEASE of a file closed just before an unmount, so whatever an open
- * allocated would never be freed. O_APPEND must be honoured by the store,
- * not by the offset the kernel sends, so that appends from several writers
- * never overlap. */
-#define FH_APPEND 1u
+/* What every open handle starts with: its place in fs.opened, so that the
+ * handles whose release never came (the kernel drops the releases still
+ * queued when the mount goes) are freed by fs_free(). */
+struct opened {
+    struct opened *prev, *next; /* protected by fs.lock */
+    int is_dir;                 /* a struct dir_handle, else a struct handle */
+};
+
+/* An open file: O_APPEND must be honoured by the store, not by the offset the
+ * kernel sends, so that appends from several writers never overlap. */
+struct handle {
+    struct opened o;
+    int append;
+};
 
 struct dir_entry {
     struct ino_id id;
@@ -61,14 +102,12 @@ struct dir_entry {
     char name[RECORD_NAME_MAX + 1];
 };
 
-/* An open directory; on fs->dirs until its RELEASEDIR, or fs_free() when
- * that never came (see FH_APPEND). */
 struct dir_handle {
+    struct opened o;
     struct dir_entry *ents;
     size_t n, cap;
     int loaded;
     uint64_t parent_ino; /* st_ino of ".." (0 would hide it from readdir(3)) */
-    struct dir_handle *prev, *next; /* on fs->dirs */
 };
 
 /* ---- the node table ---- */
@@ -227,11 +266,88 @@ static int stale_if_gone(int rc)
     return rc == -ENOENT ? -ESTALE : rc;
 }
 
+/* A zeroed handle of size bytes (a struct handle or dir_handle), linked
+ * into fs->opened; NULL if out of memory. handle_free() takes it back. */
+static void *handle_alloc(struct fs *fs, size_t size, int is_dir)
+{
+    struct opened *o = calloc(1, size);
+
+    if (!o)
+        return NULL;
+    o->is_dir = is_dir;
+    pthread_mutex_lock(&fs->lock);
+    o->next = fs->opened;
+    if (o->next)
+        o->next->prev = o;
+    fs->opened = o;
+    pthread_mutex_unlock(&fs->lock);
+    return o;
+}
+
+static void opened_destroy(struct opened *o)
+{
+    if (o->is_dir)
+        free(((struct dir_handle *)o)->ents);
+    free(o);
+}
+
+/* Unlink and free a handle of handle_alloc(); accepts NULL. */
+static void handle_free(struct fs *fs, void *handle)
+{
+    struct opened *o = handle;
+
+    if (!o)
+        return;
+    pthread_mutex_lock(&fs->lock);
+    if (o->prev)
+        o->prev->next = o->next;
+    else
+        fs->opened = o->next;
+    if (o->next)
+        o->next->prev = o->prev;
+    pthread_mutex_unlock(&fs->lock);
+    opened_destroy(o);
+}
+
+static struct handle *handle_new(struct fs *fs, int flags)
+{
+    struct handle *h = handle_alloc(fs, sizeof(*h), 0);
+    if (h)
+        h->append = (flags & O_APPEND) != 0;
+    return h;
+}
+
 static void open_count(struct fs *fs, struct node *n, int delta)
 {
     pthread_mutex_lock(&fs->lock);
     n->opens += delta;
     pthread_mutex_unlock(&fs->lock);
+}
+
+/* One open of n ends (a release, or an open that failed after counting
+ * itself): the last one of an inode whose last name went meanwhile (an
+ * orphan, marked by fs_is_open) deletes it. Files and directories alike. */
+static void open_end(struct fs *fs, struct node *n)
+{
+    struct ino_id id = n->id;
+    int reap;
+
+    pthread_mutex_lock(&fs->lock);
+    n->opens--;
+    reap = n->orphan && n->opens == 0;
+    if (reap) {
+        n->orphan = 0;
+        n->reaping = 1; /* no open may start until the inode is gone */
+    }
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+    if (reap) {
+        ns_reap(fs->ns, &id);
+        pthread_mutex_lock(&fs->lock);
+        n->reaping = 0;
+        node_maybe_free(fs, n);
+        pthread_mutex_unlock(&fs->lock);
+    }
 }
 
 /* Count an open of n, unless its last release is deleting it right now (an
@@ -252,9 +368,10 @@ static int open_begin(struct fs *fs, struct node *n)
     return rc;
 }
 
-static void fill_open(struct fs *fs, struct fuse_file_info *fi)
+static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h)
 {
-    fi->fh = (fi->flags & O_APPEND) ? FH_APPEND : 0;
+    (void)fs;
+    fi->fh = (uint64_t)(uintptr_t)h;
     /* Nothing is buffered in the daemon: every write is applied and logged
      * before it is answered, so close() needs no FLUSH round trip. */
     fi->noflush = 1;
@@ -438,7 +555,7 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     struct fs *fs = fs_of(req);
-    reply_rc(req, ns_rmdir(fs->ns, &node_of(fs, parent)->id, name, strlen(name)));
+    reply_rc(req, ns_rmdir(fs->ns, &node_of(fs, parent)->id, name, strlen(name), fs_is_open, fs));
 }
 
 static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
@@ -478,6 +595,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
     struct node *n = node_of(fs, ino);
+    struct handle *h;
     struct inode node;
     int rc;
 
@@ -492,23 +610,25 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     } else {
         rc = ns_getattr_ordered(fs->ns, &n->id, &node);
     }
+    h = rc ? NULL : handle_new(fs, fi->flags);
+    if (!rc && !h)
+        rc = -ENOMEM;
     if (rc) {
-        pthread_mutex_lock(&fs->lock);
-        n->opens--;
-        node_maybe_free(fs, n);
-        pthread_mutex_unlock(&fs->lock);
+        open_end(fs, n);
         reply_rc(req, stale_if_gone(rc));
         return;
     }
-    fill_open(fs, fi);
+    fill_open(fs, fi, h);
     if (!fs->keep_cache && fs->se) {
         /* Close-to-open: the kernel may hold this file's attributes for
          * cache_timeout; make it ask again, so a read sees the size that
          * another node's close left (DESIGN, "Caching with several nodes"). */
         fuse_lowlevel_notify_inval_inode(fs->se, ino, -1, 0);
     }
-    if (fuse_reply_open(req, fi) != 0)
-        open_count(fs, n, -1);
+    if (fuse_reply_open(req, fi) != 0) {
+        handle_free(fs, h);
+        open_end(fs, n);
+    }
 }
 
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
@@ -519,23 +639,29 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     struct fuse_entry_param e;
     struct inode ino;
     struct node *n;
-    int rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
-                       S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
+    struct handle *h = handle_new(fs, fi->flags);
+    int rc = h ? 0 : -ENOMEM;
 
+    if (rc == 0)
+        rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                       S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
     if (rc) {
+        handle_free(fs, h);
         reply_rc(req, rc);
         return;
     }
     n = node_ref(fs, &ino.id);
     if (!n) {
+        handle_free(fs, h);
         fuse_reply_err(req, ENOMEM);
         return;
     }
     open_count(fs, n, +1);
     entry_fill(fs, &e, n, &ino);
-    fill_open(fs, fi);
+    fill_open(fs, fi, h);
     if (fuse_reply_create(req, &e, fi) != 0) {
-        open_count(fs, n, -1);
+        handle_free(fs, h);
+        open_end(fs, n);
         node_unref(fs, n, 1);
     }
 }
@@ -544,10 +670,14 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
+    struct node *nd = node_of(fs, ino);
     char *buf;
     ssize_t n;
 
     (void)fi;
+    /* Any read may fill the page cache, even one of an O_DIRECT descriptor
+     * (a page fault of its mmap). Set before the store is read (op_write). */
+    atomic_store(&nd->paged, 1);
     if (size > MAX_WRITE * 2)
         size = MAX_WRITE * 2;
     buf = malloc(size ? size : 1);
@@ -555,7 +685,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    n = ns_read(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, size, buf);
+    n = ns_read(fs->ns, &nd->id, (uint64_t)off, size, buf);
     if (n < 0)
         reply_rc(req, (int)n);
     else
@@ -563,17 +693,81 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     free(buf);
 }
 
+/* The invalidation thread: drop each direct write's range from the kernel's
+ * cache, then answer the write (see the top of the file). */
+static void *inval_main(void *arg)
+{
+    struct fs *fs = arg;
+
+    pthread_mutex_lock(&fs->inval_lock);
+    for (;;) {
+        while (!fs->inval_head && !fs->inval_stop)
+            pthread_cond_wait(&fs->inval_cond, &fs->inval_lock);
+        struct inval *iv = fs->inval_head;
+        if (!iv)
+            break; /* stopping, and nothing is left to answer */
+        fs->inval_head = iv->next;
+        if (!fs->inval_head)
+            fs->inval_tail = &fs->inval_head;
+        pthread_mutex_unlock(&fs->inval_lock);
+        /* Fails only when the kernel no longer has the inode (nothing cached)
+         * or the connection is gone (nobody to read stale bytes). */
+        fuse_lowlevel_notify_inval_inode(fs->se, iv->ino, iv->off, (off_t)iv->size);
+        fuse_reply_write(iv->req, iv->size);
+        free(iv);
+        pthread_mutex_lock(&fs->inval_lock);
+    }
+    pthread_mutex_unlock(&fs->inval_lock);
+    return NULL;
+}
+
+/* Hand a direct write's answer to the invalidation thread; -ENOMEM if it
+ * cannot, and then the caller invalidates and answers itself. */
+static int inval_queue(struct fs *fs, fuse_req_t req, fuse_ino_t ino, off_t off, size_t size)
+{
+    struct inval *iv = malloc(sizeof(*iv));
+
+    if (!iv)
+        return -ENOMEM;
+    *iv = (struct inval){.req = req, .ino = ino, .off = off, .size = size};
+    pthread_mutex_lock(&fs->inval_lock);
+    *fs->inval_tail = iv;
+    fs->inval_tail = &iv->next;
+    pthread_cond_signal(&fs->inval_cond);
+    pthread_mutex_unlock(&fs->inval_lock);
+    return 0;
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    ssize_t n = ns_write(fs->ns, &node_of(fs, ino)->id, (uint64_t)off, buf, size,
-                         (fi->fh & FH_APPEND) != 0, 0, NULL);
+    struct node *nd = node_of(fs, ino);
+    struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+    int append = h && h->append;
+    /* The kernel sends the file's flags with each write; a write of cached
+     * pages (writepage: a shared mmap) is the cache's own. */
+    int direct = (fi->flags & O_DIRECT) && !fi->writepage && fs->inval_running;
+    uint64_t new_size = 0;
+    ssize_t n;
 
-    if (n < 0)
+    if (!direct)
+        atomic_store(&nd->paged, 1); /* the kernel keeps what it wrote */
+    n = ns_write(fs->ns, &nd->id, (uint64_t)off, buf, size, append, 0, direct ? &new_size : NULL);
+    if (n < 0) {
         reply_rc(req, (int)n);
-    else
-        fuse_reply_write(req, (size_t)n);
+        return;
+    }
+    /* A read that fetched the old bytes set paged before it read the store,
+     * and the shard ordered that read before this write, so it shows here. */
+    if (direct && n > 0 && atomic_load(&nd->paged)) {
+        /* O_APPEND wrote at the end, wherever the kernel said. */
+        off_t at = append ? (off_t)(new_size - (uint64_t)n) : off;
+        if (inval_queue(fs, req, ino, at, (size_t)n) == 0)
+            return;
+        fuse_lowlevel_notify_inval_inode(fs->se, ino, at, n);
+    }
+    fuse_reply_write(req, (size_t)n);
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -585,27 +779,9 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    struct node *n = node_of(fs, ino);
-    struct ino_id id = n->id;
-    int reap;
 
-    (void)fi; /* nothing to free: FH_APPEND */
-    pthread_mutex_lock(&fs->lock);
-    n->opens--;
-    reap = n->orphan && n->opens == 0;
-    if (reap) {
-        n->orphan = 0;
-        n->reaping = 1; /* no open may start until the inode is gone */
-    }
-    node_maybe_free(fs, n);
-    pthread_mutex_unlock(&fs->lock);
-    if (reap) {
-        ns_reap(fs->ns, &id);
-        pthread_mutex_lock(&fs->lock);
-        n->reaping = 0;
-        node_maybe_free(fs, n);
-        pthread_mutex_unlock(&fs->lock);
-    }
+    handle_free(fs, (struct handle *)(uintptr_t)fi->fh);
+    open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
 }
 
@@ -623,57 +799,40 @@ static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fus
     reply_rc(req, ns_sync(fs->ns, NULL));
 }
 
-static void dir_handle_link(struct fs *fs, struct dir_handle *d)
-{
-    pthread_mutex_lock(&fs->lock);
-    d->next = fs->dirs;
-    if (d->next)
-        d->next->prev = d;
-    fs->dirs = d;
-    pthread_mutex_unlock(&fs->lock);
-}
-
-/* Unlink d from fs->dirs and free it; NULL-safe. */
-static void dir_handle_free(struct fs *fs, struct dir_handle *d)
-{
-    if (!d)
-        return;
-    pthread_mutex_lock(&fs->lock);
-    if (d->prev)
-        d->prev->next = d->next;
-    else
-        fs->dirs = d->next;
-    if (d->next)
-        d->next->prev = d->prev;
-    pthread_mutex_unlock(&fs->lock);
-    free(d->ents);
-    free(d);
-}
-
+/* An open directory counts as an open of its node, as a file does (op_open):
+ * rmdir or a rename over it then keeps the inode, with nlink 0 and an orphan
+ * mark, until the last releasedir, so fstat, fchdir and readdir of the
+ * descriptor work as on a local filesystem (the directory is empty and takes
+ * no new entries). */
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
-    struct dir_handle *d;
+    struct node *n = node_of(fs, ino);
+    struct dir_handle *d = NULL;
     struct inode node;
-    int rc = ns_getattr(fs->ns, &node_of(fs, ino)->id, &node);
+    int rc = open_begin(fs, n);
 
+    if (rc) {
+        reply_rc(req, rc);
+        return;
+    }
+    rc = ns_getattr_ordered(fs->ns, &n->id, &node);
     if (rc == 0 && !S_ISDIR(node.mode))
         rc = -ENOTDIR;
+    if (rc == 0 && !(d = handle_alloc(fs, sizeof(*d), 1)))
+        rc = -ENOMEM;
     if (rc) {
+        open_end(fs, n);
         reply_rc(req, stale_if_gone(rc));
         return;
     }
-    d = calloc(1, sizeof(*d));
-    if (!d) {
-        fuse_reply_err(req, ENOMEM);
-        return;
-    }
-    dir_handle_link(fs, d);
     fi->fh = (uint64_t)(uintptr_t)d;
     fi->keep_cache = 1;
     fi->cache_readdir = 0;
-    if (fuse_reply_open(req, fi) != 0)
-        dir_handle_free(fs, d);
+    if (fuse_reply_open(req, fi) != 0) {
+        handle_free(fs, d);
+        open_end(fs, n);
+    }
 }
 
 static int dir_collect(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
@@ -800,8 +959,10 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    (void)ino;
-    dir_handle_free(fs_of(req), (struct dir_handle *)(uintptr_t)fi->fh);
+    struct fs *fs = fs_of(req);
+
+    handle_free(fs, (struct dir_handle *)(uintptr_t)fi->fh);
+    open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
 }
 
@@ -905,20 +1066,99 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
         fs->keep_cache = 1;
     }
     pthread_mutex_init(&fs->lock, NULL);
+    pthread_mutex_init(&fs->inval_lock, NULL);
+    pthread_cond_init(&fs->inval_cond, NULL);
+    fs->inval_tail = &fs->inval_head;
     fs->root.id = record_root_id;
     fs->root.nlookup = 1;
     return fs;
 }
 
-void fs_attach_session(struct fs *fs, struct fuse_session *se)
+int fs_start(struct fs *fs, struct fuse_session *se)
 {
+    sigset_t all, old;
+    int rc;
+
     fs->se = se;
+    /* Signals go to the main thread (fuse_set_signal_handlers), as with
+     * libfuse's own workers. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = pthread_create(&fs->inval_thread, NULL, inval_main, fs);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc)
+        return -rc;
+    pthread_setname_np(fs->inval_thread, "shardfs-inval");
+    fs->inval_running = 1;
+    return 0;
+}
+
+/* The kernel ends the connection at unmount, and the RELEASE and
+ * RELEASEDIR requests it had queued (they are sent after close() returns)
+ * end with it, unseen: an unlinked file closed just before the unmount
+ * would stay in the store, with its orphan mark, until the next mount's
+ * recovery. Nothing can have it open any more, so it goes now. */
+static void reap_orphans(struct fs *fs)
+{
+    struct ino_id *ids = NULL;
+    size_t n = 0, cap = 0;
+
+    /* Collected under the lock (the key API may still ask fs_is_open),
+     * deleted outside it (ns_reap takes the inode's lock, which is held
+     * around fs_is_open). */
+    pthread_mutex_lock(&fs->lock);
+    for (unsigned b = 0; b < NODE_BUCKETS; b++) {
+        for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
+            if (!nd->orphan)
+                continue;
+            if (n == cap) {
+                size_t ncap = cap ? cap * 2 : 64;
+                struct ino_id *grown = realloc(ids, ncap * sizeof(*ids));
+                if (!grown)
+                    goto collected; /* the next mount's recovery has the rest */
+                ids = grown, cap = ncap;
+            }
+            nd->orphan = 0;
+            ids[n++] = nd->id;
+        }
+    }
+collected:
+    pthread_mutex_unlock(&fs->lock);
+    for (size_t i = 0; i < n; i++)
+        ns_reap(fs->ns, &ids[i]);
+    free(ids);
+}
+
+static void inval_thread_stop(struct fs *fs)
+{
+    if (!fs->inval_running)
+        return;
+    pthread_mutex_lock(&fs->inval_lock);
+    fs->inval_stop = 1;
+    pthread_cond_signal(&fs->inval_cond);
+    pthread_mutex_unlock(&fs->inval_lock);
+    pthread_join(fs->inval_thread, NULL);
+    fs->inval_running = 0;
+}
+
+void fs_stop(struct fs *fs)
+{
+    if (!fs)
+        return;
+    inval_thread_stop(fs);
+    reap_orphans(fs);
 }
 
 void fs_free(struct fs *fs)
 {
     if (!fs)
         return;
+    inval_thread_stop(fs); /* if fs_stop() was not called: nothing is queued */
+    while (fs->opened) {
+        struct opened *o = fs->opened; /* its release never came */
+        fs->opened = o->next;
+        opened_destroy(o);
+    }
     for (unsigned b = 0; b < NODE_BUCKETS; b++) {
         struct node *n = fs->buckets[b];
         while (n) {
@@ -927,9 +1167,9 @@ void fs_free(struct fs *fs)
             n = next;
         }
     }
-    while (fs->dirs) /* their RELEASEDIR never came (an unmount) */
-        dir_handle_free(fs, fs->dirs);
     pthread_mutex_destroy(&fs->lock);
+    pthread_mutex_destroy(&fs->inval_lock);
+    pthread_cond_destroy(&fs->inval_cond);
     free(fs);
 }
 

@@ -14,7 +14,8 @@
  * reasoning.
  *
  * Threads: the callbacks run on libfuse's worker threads; the node table has
- * its own lock.
+ * its own lock. fs_start() adds one thread, which drops what O_DIRECT writes
+ * changed from the kernel's page cache and then answers them (fuse_ops.c).
  */
 #ifndef SHARDFS_FUSE_OPS_H
 #define SHARDFS_FUSE_OPS_H
@@ -28,9 +29,17 @@ struct fs;
 /* The state passed as userdata to fuse_session_new(). ns stays the caller's.
  * shared: other writers exist (see above). */
 struct fs *fs_new(struct ns *ns, double cache_timeout, int shared);
+/* Serve se: the session of the invalidations (close-to-open, O_DIRECT
+ * writes); starts the invalidation thread. Call after fork(), before the
+ * session loop. 0 or -errno. */
+int fs_start(struct fs *fs, struct fuse_session *se);
+/* After the session loop ended and before fuse_session_destroy(): answer
+ * what the invalidation thread holds and stop it, then delete the unlinked
+ * files and directories whose last close the kernel never told (it drops
+ * the releases still queued when the mount goes). NULL-safe, idempotent. */
+void fs_stop(struct fs *fs);
+/* Stops the thread if fs_stop() was not called; accepts NULL. */
 void fs_free(struct fs *fs);
-/* The session fs serves, for the invalidations close-to-open needs. */
-void fs_attach_session(struct fs *fs, struct fuse_session *se);
 
 /* An ns_is_open_fn (ctx: the struct fs): 1 while the kernel holds the inode
  * open through this mount, so its last name may go but not its data. */

@@ -617,7 +617,7 @@ static int handle_delete(struct kv_api *api, const struct kv_path *p, struct nod
         rc = -ENOTDIR;
     if (rc == 0 && S_ISDIR(ino.mode)) {
         dir_forget(api, &dir.id, name, nlen);
-        rc = ns_rmdir(api->ns, &dir.id, name, nlen);
+        rc = ns_rmdir(api->ns, &dir.id, name, nlen, api->is_open, api->is_open_ctx);
     } else if (rc == 0) {
         rc = ns_unlink(api->ns, &dir.id, name, nlen, api->is_open, api->is_open_ctx);
     }

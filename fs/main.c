@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <limits.h>
 #include <pthread.h>
 #include <malloc.h>
 #include <signal.h>
@@ -41,6 +42,7 @@ static const char usage_main[] =
     "  serve [-c CONF] [-n NODE] [-f]                       run a node without a mount\n"
     "  fsck  [-c CONF] [-n NODE] [--repair]                 check (and repair) the store\n"
     "  where [-c CONF] [-n NODE] PATH                       show which shards hold PATH\n"
+    "  (these four take -w SECONDS: how long to wait for another process of the store)\n"
     "  get   [-c CONF] [--node NODE] PATH                   print a file (via the key API)\n"
     "  put   [-c CONF] [--node NODE] PATH [FILE]            store a file (stdin by default)\n"
     "  rm    [-c CONF] [--node NODE] PATH                   remove a file or empty directory\n"
@@ -51,51 +53,78 @@ static const char usage_main[] =
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
 
 static const char usage_mount[] =
-    "usage: shardfs mount [-c CONF] [-n NODE] [-f] [-o FUSE_OPTS] MOUNTPOINT\n"
+    "usage: shardfs mount [-c CONF] [-n NODE] [-f] [-w SECONDS] [-o FUSE_OPTS] MOUNTPOINT\n"
     "\n"
     "Mount the store described by CONF (default ./shards.conf) at MOUNTPOINT.\n"
     "  -c CONF    configuration file\n"
     "  -n NODE    which [node] of CONF this process is (needed with several nodes)\n"
     "  -f         stay in the foreground (otherwise return once the mount is ready)\n"
+    "  -w SECONDS wait this long (default 10) for another shardfs process that has the\n"
+    "             store open to finish, e.g. the daemon of a mount just unmounted;\n"
+    "             a store that is still mounted fails at once\n"
     "  -o OPTS    extra FUSE mount options, e.g. allow_other\n"
-    "Unmount with: fusermount3 -u MOUNTPOINT (everything is committed on the way out).\n";
+    "Unmount with: fusermount3 -u MOUNTPOINT (everything is committed on the way out;\n"
+    "the daemon may still be closing the store for a moment after that returns).\n";
 
 static const char usage_serve[] =
-    "usage: shardfs serve [-c CONF] [-n NODE] [-f]\n"
+    "usage: shardfs serve [-c CONF] [-n NODE] [-f] [-w SECONDS]\n"
     "\n"
     "Run node NODE of CONF without mounting: open the shards it owns and serve\n"
     "them to the other nodes over HTTP at the node's url (a secret is needed).\n"
-    "Without -f it returns once the server is ready. SIGTERM stops it cleanly.\n";
+    "Without -f it returns once the server is ready. SIGTERM stops it cleanly.\n"
+    "-w SECONDS: as for mount.\n";
 
 static const char usage_fsck[] =
-    "usage: shardfs fsck [-c CONF] [-n NODE] [--repair]\n"
+    "usage: shardfs fsck [-c CONF] [-n NODE] [-w SECONDS] [--repair]\n"
     "\n"
     "Check every shard of an unmounted store: dangling entries, orphan inodes and\n"
     "chunks, link counts, misplaced records and half-done multi-shard operations.\n"
     "Exits 0 when the store is clean, 1 when problems were found (with --repair:\n"
     "when some could not be fixed), 2 on errors. In a cluster, run it for each\n"
-    "node (-n) while the other nodes are running: it reaches their shards over HTTP.\n";
+    "node (-n) while the other nodes are running: it reaches their shards over HTTP.\n"
+    "If another shardfs process has the store open, fsck waits up to -w SECONDS\n"
+    "(default 10) for it to finish; a store that is still mounted fails at once.\n";
 
 static const char usage_where[] =
-    "usage: shardfs where [-c CONF] [-n NODE] PATH\n"
+    "usage: shardfs where [-c CONF] [-n NODE] [-w SECONDS] PATH\n"
     "\n"
     "Print which shard holds the directory entry, the inode and the data of PATH\n"
     "(a path inside the store, e.g. /dir/file). This node's store must not be\n"
-    "mounted; in a cluster the other nodes must be running (mounted or serving).\n";
+    "mounted; in a cluster the other nodes must be running (mounted or serving).\n"
+    "-w SECONDS: as for fsck.\n";
 
 enum { OPT_REPAIR = 256, OPT_HELP };
 
 static const struct option long_opts[] = {
-    {"conf", required_argument, NULL, 'c'}, {"node", required_argument, NULL, 'n'},
+    {"conf", required_argument, NULL, 'c'},    {"node", required_argument, NULL, 'n'},
     {"repair", no_argument, NULL, OPT_REPAIR}, {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
+    {"wait", required_argument, NULL, 'w'},    {NULL, 0, NULL, 0},
 };
 
 struct cli {
     const char *conf, *node, *fuse_opts;
     int foreground, repair;
+    unsigned wait_ms; /* for the store's lock (store_lock.h) */
     const char *arg;
 };
+
+#define WAIT_MAX_S 86400
+
+/* -w SECONDS: a whole number of seconds up to a day. */
+static int parse_wait(const char *s, unsigned *ms)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || s[0] == '-' || v > WAIT_MAX_S) {
+        fprintf(stderr, "shardfs: -w: '%s' is not a number of seconds (0 to %d)\n", s, WAIT_MAX_S);
+        return -1;
+    }
+    *ms = (unsigned)v * 1000u;
+    return 0;
+}
 
 /* Parse options common to all commands; returns -1 after printing usage on
  * bad input, 1 for --help, 0 otherwise. */
@@ -105,6 +134,7 @@ static int parse_cli(int argc, char **argv, const char *optstr, const char *usag
 
     memset(c, 0, sizeof(*c));
     c->conf = "shards.conf";
+    c->wait_ms = STORE_LOCK_WAIT_MS;
     optind = 1;
     while ((opt = getopt_long(argc, argv, optstr, long_opts, NULL)) != -1) {
         switch (opt) {
@@ -122,6 +152,12 @@ static int parse_cli(int argc, char **argv, const char *optstr, const char *usag
             break;
         case OPT_REPAIR:
             c->repair = 1;
+            break;
+        case 'w':
+            if (parse_wait(optarg, &c->wait_ms) != 0) {
+                fputs(usage, stderr);
+                return -1;
+            }
             break;
         case 'h':
             fputs(usage, stdout);
@@ -162,7 +198,27 @@ static int load_config(const struct cli *c)
     return node;
 }
 
+/* ---- the store's lock ---- */
+
+static void say_waiting(void *ctx, const char *why)
+{
+    (void)ctx;
+    fprintf(stderr, "shardfs: %s\n", why);
+}
+
+/* How this command waits for the store's lock, and what it records there;
+ * mountpoint is absolute or NULL. */
+static struct store_lock_opts lock_opts(const struct cli *c, const char *what,
+                                        const char *mountpoint)
+{
+    struct store_lock_opts o = {
+        .wait_ms = c->wait_ms, .what = what, .mountpoint = mountpoint, .waiting = say_waiting};
+    return o;
+}
+
 /* ---- mount ---- */
+
+static char mount_abs[PATH_MAX]; /* the mountpoint, absolute, for the store's lock */
 
 /* Tell the waiting parent how it went: "" for ready, else the message. */
 static void report_ready(int fd, const char *msg)
@@ -252,8 +308,9 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     struct server sv = {0};
     char err[ERR_MAX] = "";
     int rc = 1, mounted = 0, handlers = 0;
+    struct store_lock_opts lock = lock_opts(c, "mount", mount_abs[0] ? mount_abs : NULL);
 
-    if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
+    if (ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
         goto out;
     if (fsck_after_unclean_stop(ns, stderr) != 0) {
         snprintf(err, sizeof(err), "checking the store after an unclean stop failed");
@@ -272,7 +329,10 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         snprintf(err, sizeof(err), "bad FUSE options '%s'", c->fuse_opts ? c->fuse_opts : "");
         goto out;
     }
-    fs_attach_session(fs, se);
+    if (fs_start(fs, se) != 0) {
+        snprintf(err, sizeof(err), "cannot start a thread");
+        goto out;
+    }
     if (fuse_set_signal_handlers(se) != 0) {
         snprintf(err, sizeof(err), "cannot set signal handlers");
         goto out;
@@ -301,14 +361,20 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
      * must not stall requests for the others. */
     int lrc = fuse_session_loop_mt(se, lc);
     /* SIGTERM/SIGINT end the loop with the signal as its result: that is an
-     * orderly stop, and everything is committed below. */
-    rc = lrc == 0 || lrc == SIGTERM || lrc == SIGINT || lrc == SIGHUP ? 0 : 1;
+     * orderly stop, and everything is committed below. So is -ECONNABORTED:
+     * an unmount with requests still queued (the releases of files closed
+     * just before it) ends them, and a worker reading one at that moment
+     * gets ECONNABORTED instead of the ENODEV libfuse takes for an unmount
+     * (it says "fuse: reading device: Software caused connection abort"). */
+    int orderly = lrc == 0 || lrc == SIGTERM || lrc == SIGINT || lrc == SIGHUP;
+    rc = orderly || lrc == -ECONNABORTED ? 0 : 1;
     fuse_loop_cfg_destroy(lc);
 out:
     if (mounted)
         fuse_session_unmount(se);
     if (handlers)
         fuse_remove_signal_handlers(se);
+    fs_stop(fs); /* answers what it holds: before the session goes */
     if (se)
         fuse_session_destroy(se);
     fuse_opt_free_args(&args);
@@ -383,7 +449,7 @@ static int cmd_mount(int argc, char **argv)
     struct stat st;
     int node;
 
-    int r = parse_cli(argc, argv, "+c:n:fo:h", usage_mount, &c);
+    int r = parse_cli(argc, argv, "+c:n:fw:o:h", usage_mount, &c);
     if (r)
         return r > 0 ? 0 : 2;
     if (!c.arg) {
@@ -401,6 +467,8 @@ static int cmd_mount(int argc, char **argv)
         fprintf(stderr, "shardfs: %s: not a directory\n", c.arg);
         return 1;
     }
+    if (!realpath(c.arg, mount_abs))
+        mount_abs[0] = 0; /* the lock then names no mountpoint */
     return run_daemon(serve_mount, node, &c);
 }
 
@@ -411,17 +479,17 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     struct ns *ns = NULL;
     struct server sv = {0};
     char err[ERR_MAX] = "";
+    struct store_lock_opts lock = lock_opts(c, "serve", NULL);
     sigset_t stop;
     int sig = 0;
 
-    (void)c;
     /* Block the stop signals before any thread starts, then wait for one. */
     sigemptyset(&stop);
     sigaddset(&stop, SIGTERM);
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
-    if (ns_open(&cfg, node, 0, &ns, err, sizeof(err)) != 0)
+    if (ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
         goto out;
     if (fsck_after_unclean_stop(ns, stderr) != 0) {
         snprintf(err, sizeof(err), "checking the store after an unclean stop failed");
@@ -459,7 +527,7 @@ static int cmd_serve(int argc, char **argv)
     struct cli c;
     int node;
 
-    int r = parse_cli(argc, argv, "+c:n:fh", usage_serve, &c);
+    int r = parse_cli(argc, argv, "+c:n:fw:h", usage_serve, &c);
     if (r)
         return r > 0 ? 0 : 2;
     if (c.arg) {
@@ -475,15 +543,19 @@ static int cmd_serve(int argc, char **argv)
 /* ---- offline commands ---- */
 
 /* Load CONF and open the store without recovery, for fsck and where (which
- * must see crash leftovers as they are). Returns 0, or the exit code. */
-static int open_offline(const struct cli *c, struct ns **ns)
+ * must see crash leftovers as they are); what names the command. Like a
+ * mount, they wait for a process that is finishing with the store (a daemon
+ * just unmounted), so a script may unmount and check at once. Returns 0, or
+ * the exit code. */
+static int open_offline(const struct cli *c, const char *what, struct ns **ns)
 {
     char err[ERR_MAX];
+    struct store_lock_opts lock = lock_opts(c, what, NULL);
     int node = load_config(c);
 
     if (node < 0)
         return 2;
-    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, ns, err, sizeof(err)) != 0) {
+    if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, &lock, ns, err, sizeof(err)) != 0) {
         fprintf(stderr, "shardfs: %s\n", err);
         return 2;
     }
@@ -498,14 +570,14 @@ static int cmd_fsck(int argc, char **argv)
     struct ns *ns = NULL;
     int found;
 
-    int r = parse_cli(argc, argv, "+c:n:h", usage_fsck, &c);
+    int r = parse_cli(argc, argv, "+c:n:w:h", usage_fsck, &c);
     if (r)
         return r > 0 ? 0 : 2;
     if (c.arg) {
         fputs(usage_fsck, stderr);
         return 2;
     }
-    r = open_offline(&c, &ns);
+    r = open_offline(&c, "fsck", &ns);
     if (r)
         return r;
     found = fsck_run(ns, c.repair, stdout);
@@ -539,14 +611,14 @@ static int cmd_where(int argc, char **argv)
     char *path, *save = NULL, *name, *last = NULL;
     int rc = 0;
 
-    int r = parse_cli(argc, argv, "+c:n:h", usage_where, &c);
+    int r = parse_cli(argc, argv, "+c:n:w:h", usage_where, &c);
     if (r)
         return r > 0 ? 0 : 2;
     if (!c.arg) {
         fputs(usage_where, stderr);
         return 2;
     }
-    r = open_offline(&c, &ns);
+    r = open_offline(&c, "where", &ns);
     if (r)
         return r;
     path = strdup(c.arg);

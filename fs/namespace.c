@@ -48,7 +48,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
@@ -73,7 +72,7 @@ struct ns {
     int node;                       /* which node of cfg this process is */
     char data_dir[PATH_MAX];
     int lock_fd;
-    int marked;                     /* this open wrote DATA_DIR/RUNNING */
+    int clear_mark;                 /* remove DATA_DIR/RUNNING at close */
     enum runmark_last last_run;     /* how the last daemon of the store stopped */
     unsigned nshards;
     struct shard **shards;
@@ -136,6 +135,11 @@ static struct shard *entry_shard(struct ns *ns, const struct ino_id *dir, const 
 int ns_unclean_stop(const struct ns *ns)
 {
     return (int)ns->last_run;
+}
+
+void ns_repaired(struct ns *ns)
+{
+    ns->clear_mark = 1;
 }
 
 int ns_all_local(const struct ns *ns)
@@ -815,7 +819,9 @@ struct drop {
 };
 
 /* Change function dropping one name of an inode (arg: struct drop): nlink - 1,
- * and when none is left delete it or, if still open, mark it orphan. */
+ * and when none is left delete it or, if still open, mark it orphan (a
+ * directory too: one that is open stays, empty and with nlink 0, until its
+ * last close, as on a local filesystem). */
 static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
     const struct drop *d = arg;
@@ -825,7 +831,7 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
     inode_bump_ctime(ino);
     if (S_ISDIR(ino->mode) || ino->nlink <= 1) {
         ino->nlink = 0;
-        if (!S_ISDIR(ino->mode) && d->is_open && d->is_open(d->ctx, &ino->id)) {
+        if (d->is_open && d->is_open(d->ctx, &ino->id)) {
             batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
             return INODE_PUT;
         }
@@ -942,7 +948,8 @@ static int claim_empty_dir(struct ns *ns, const struct ino_id *dir)
     return rc == 0 ? -ENOTEMPTY : rc;
 }
 
-int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen)
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+             ns_is_open_fn is_open, void *ctx)
 {
     struct ino_id id;
     uint8_t dtype;
@@ -958,7 +965,7 @@ int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t n
     rc = claim_empty_dir(ns, &id);
     if (rc)
         return rc;
-    rc = remove_entry(ns, dir, name, nlen, &id, dtype, NULL, NULL);
+    rc = remove_entry(ns, dir, name, nlen, &id, dtype, is_open, ctx);
     if (rc) {
         set_dying(ns, &id, 0);
         return rc;
@@ -2267,28 +2274,10 @@ static int root_ensure(struct ns *ns)
     return apply_batch(inode_shard(ns, &record_root_id), &b);
 }
 
-static int lock_data_dir(struct ns *ns, char *err, size_t errlen)
+int ns_open(const struct config *cfg, int node, unsigned flags, const struct store_lock_opts *lock,
+            struct ns **out, char *err, size_t errlen)
 {
-    char path[PATH_MAX + 16];
-
-    snprintf(path, sizeof(path), "%s/LOCK", ns->data_dir);
-    ns->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (ns->lock_fd < 0) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return -errno;
-    }
-    if (flock(ns->lock_fd, LOCK_EX | LOCK_NB) != 0) {
-        int e = errno;
-        snprintf(err, errlen, "%s: the store is in use by another shardfs process (%s)",
-                 ns->data_dir, e == EWOULDBLOCK ? "mounted?" : strerror(e));
-        return -EBUSY;
-    }
-    return 0;
-}
-
-int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
-            size_t errlen)
-{
+    static const struct store_lock_opts no_wait = {0};
     struct ns *ns = calloc(1, sizeof(*ns));
     struct shard_lmdb_options opt = {.commit_interval_ms = cfg->commit_interval_ms};
     uint64_t seed;
@@ -2330,7 +2319,7 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
         snprintf(err, errlen, "%s: %s", ns->data_dir, strerror(errno));
         goto fail;
     }
-    rc = lock_data_dir(ns, err, errlen);
+    rc = store_lock_acquire(ns->data_dir, lock ? lock : &no_wait, &ns->lock_fd, err, errlen);
     if (rc)
         goto fail;
     if (ns_check_layout(cfg, node, err, errlen)) {
@@ -2348,7 +2337,8 @@ int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out,
         snprintf(err, errlen, "%s/RUNNING: %s", ns->data_dir, strerror(-rc));
         goto fail;
     }
-    ns->marked = !(flags & NS_OPEN_NO_RECOVER);
+    /* The mark of an unclean stop stays until a repair (ns_repaired()). */
+    ns->clear_mark = !(flags & NS_OPEN_NO_RECOVER) && ns->last_run == RUNMARK_CLEAN;
     for (unsigned i = 0; i < ns->nshards; i++) {
         char dir[PATH_MAX + 32];
         if (!ns_shard_is_local(ns, i)) {
@@ -2392,7 +2382,7 @@ void ns_close(struct ns *ns)
         return;
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
         shard_close(ns->shards[i]);
-    if (ns->marked)
+    if (ns->clear_mark)
         runmark_end(ns->data_dir); /* every local shard is committed and synced */
     free(ns->shards);
     remote_free(ns->remote);

@@ -25,12 +25,13 @@
 #include "config.h"
 #include "record.h"
 #include "shard.h"
+#include "store_lock.h"
 
 struct ns;
 
-/* Asked when an inode's last name goes away: return 1 if the inode is still
- * open (it is then kept, with an orphan mark, until ns_reap()), 0 to delete it
- * at once. */
+/* Asked when an inode's last name goes away (unlink, rmdir, rename over it):
+ * return 1 if the inode, file or directory, is still open (it is then kept,
+ * with nlink 0 and an orphan mark, until ns_reap()), 0 to delete it at once. */
 typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
 
 /* Called for each directory entry; the name is borrowed for the call. The
@@ -38,14 +39,16 @@ typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
 typedef int (*ns_dirent_fn)(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
                             uint8_t dtype);
 
-/* Open the store as node `node` of cfg: lock this node's data directory, check
- * its layout, open the shards it owns (LMDB) and reach the others over HTTP
- * (shard_remote.h), create the root on first use (shard 0's owner), and
- * finish any multi-shard operation a crash interrupted on its own shards.
- * -errno and a message in err. */
+/* Open the store as node `node` of cfg: lock this node's data directory
+ * (store_lock.h: lock says how to wait for another process and what to record;
+ * NULL fails at once if the store is in use), check its layout, open the
+ * shards it owns (LMDB) and reach the others over HTTP (shard_remote.h),
+ * create the root on first use (shard 0's owner), and finish any multi-shard
+ * operation a crash interrupted on its own shards. -errno and a message in
+ * err (-EBUSY: another process has the store open). */
 #define NS_OPEN_NO_RECOVER 1u   /* leave crash leftovers for fsck to see */
-int ns_open(const struct config *cfg, int node, unsigned flags, struct ns **out, char *err,
-            size_t errlen);
+int ns_open(const struct config *cfg, int node, unsigned flags, const struct store_lock_opts *lock,
+            struct ns **out, char *err, size_t errlen);
 void ns_close(struct ns *ns);
 
 /* Check, before anything is opened or written, that the data directory of node
@@ -57,6 +60,9 @@ int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen
  * power cut); see runmark.h. After 1 or 2 a multi-shard operation may be
  * half done in a way recovery does not see (fsck_after_unclean_stop()). */
 int ns_unclean_stop(const struct ns *ns);
+/* A full fsck --repair of the store succeeded: the mark of an unclean stop
+ * goes at ns_close() (until then a failed open or a crash keeps it). */
+void ns_repaired(struct ns *ns);
 /* 1 if every shard of the store is local (a single-node store). */
 int ns_all_local(const struct ns *ns);
 
@@ -98,7 +104,9 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
               struct inode *out);
 int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               ns_is_open_fn is_open, void *ctx);
-int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen);
+/* An open directory (is_open) stays, empty, until ns_reap(), as a file does. */
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+             ns_is_open_fn is_open, void *ctx);
 
 #define NS_RENAME_NOREPLACE 1u
 #define NS_RENAME_EXCHANGE 2u

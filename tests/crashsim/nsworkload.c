@@ -186,7 +186,7 @@ static int store_open(const char *dir, unsigned flags, struct ns **ns)
                "shards = all\n", dir);
     fclose(f);
     if (config_load(conf, &cfg, err, sizeof(err)) != 0 ||
-        ns_open(&cfg, 0, flags, ns, err, sizeof(err)) != 0) {
+        ns_open(&cfg, 0, flags, NULL, ns, err, sizeof(err)) != 0) {
         fprintf(stderr, "nsworkload: %s: %s\n", dir, err);
         return -EIO;
     }

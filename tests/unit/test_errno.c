@@ -122,7 +122,7 @@ static struct ns *open_store(void)
         cleanup();
         exit(2);
     }
-    int rc = ns_open(&cfg, 0, 0, &ns, err, sizeof(err));
+    int rc = ns_open(&cfg, 0, 0, NULL, &ns, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "ns_open: %d: %s\n", rc, err);
         cleanup();
@@ -228,7 +228,7 @@ static void test_long_names_across_shards(struct ns *ns)
     CHECK(memcmp(&tmp.id, &fb.id, sizeof(fb.id)) == 0);
     CHECK_RC(ns_recover(ns, 1, NULL, NULL), 0); /* no intent left behind */
     CHECK_RC(ns_unlink(ns, &d1.id, a, RECORD_NAME_MAX, NULL, NULL), 0);
-    CHECK_RC(ns_rmdir(ns, &d2.id, b, RECORD_NAME_MAX), 0);
+    CHECK_RC(ns_rmdir(ns, &d2.id, b, RECORD_NAME_MAX, NULL, NULL), 0);
     CHECK_RC(entries(ns, &d1.id), 0);
     CHECK_RC(entries(ns, &d2.id), 0);
 }
@@ -281,16 +281,16 @@ static void test_namespace(void)
     CHECK_RC(lookup(ns, root, "d", NULL), 0);
 
     /* rmdir / unlink */
-    CHECK_RC(ns_rmdir(ns, root, "d", 1), -ENOTEMPTY);
+    CHECK_RC(ns_rmdir(ns, root, "d", 1, NULL, NULL), -ENOTEMPTY);
     CHECK_RC(lookup(ns, root, "d", NULL), 0);
     CHECK_RC(mk(ns, &d.id, "after-failed-rmdir", S_IFREG | 0644, NULL), 0); /* not left dying */
     CHECK_RC(ns_unlink(ns, &d.id, "after-failed-rmdir", 18, NULL, NULL), 0);
     CHECK_RC(ns_unlink(ns, root, "d", 1, NULL, NULL), -EISDIR);
     CHECK_RC(ns_unlink(ns, root, "e", 1, NULL, NULL), -EISDIR);
     CHECK_RC(lookup(ns, root, "e", NULL), 0);
-    CHECK_RC(ns_rmdir(ns, root, "f", 1), -ENOTDIR);
+    CHECK_RC(ns_rmdir(ns, root, "f", 1, NULL, NULL), -ENOTDIR);
     CHECK_RC(lookup(ns, root, "f", NULL), 0);
-    CHECK_RC(ns_rmdir(ns, root, "missing", 7), -ENOENT);
+    CHECK_RC(ns_rmdir(ns, root, "missing", 7, NULL, NULL), -ENOENT);
     CHECK_RC(ns_unlink(ns, root, "missing", 7, NULL, NULL), -ENOENT);
 
     /* rename */

@@ -741,7 +741,7 @@ int main(void)
     fputs("[cluster]\nshards = 4\n[node local]\ndata_dir = ./data\nshards = all\n", conf);
     fclose(conf);
     if (config_load(path, &cfg, err, sizeof(err)) != 0 ||
-        ns_open(&cfg, 0, NS_OPEN_NO_RECOVER, &ns, err, sizeof(err)) != 0) {
+        ns_open(&cfg, 0, NS_OPEN_NO_RECOVER, NULL, &ns, err, sizeof(err)) != 0) {
         fprintf(stderr, "setup: %s\n", err);
         return 1;
     }
