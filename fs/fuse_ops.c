@@ -46,6 +46,9 @@ struct node {
     uint64_t nlookup;  /* protected by fs.lock */
     unsigned opens;    /* protected by fs.lock */
     int orphan;        /* unlinked while open; protected by fs.lock */
+    int pinned;        /* an orphan kept for the kernel's lookups too (a rename
+                        * replaced it): deleted at the last release or forget,
+                        * whichever comes later; protected by fs.lock */
     int reaping;       /* its last release is deleting it; protected by fs.lock */
     atomic_int paged;  /* a read or buffered write went through the kernel's cache */
     struct node *next; /* hash chain */
@@ -178,12 +181,40 @@ static void node_maybe_free(struct fs *fs, struct node *n)
     free(n);
 }
 
-static void node_unref(struct fs *fs, struct node *n, uint64_t count)
+/* Caller holds fs->lock. 1 if n is an orphan nothing refers to any more:
+ * the caller then deletes it (node_reap()). */
+static int node_reap_due(struct node *n)
 {
+    if (!n->orphan || n->opens || (n->pinned && n->nlookup))
+        return 0;
+    n->orphan = 0;
+    n->pinned = 0;
+    n->reaping = 1; /* no open may start until the inode is gone */
+    return 1;
+}
+
+/* Delete an orphan node_reap_due() chose; takes fs->lock. */
+static void node_reap(struct fs *fs, struct node *n, const struct ino_id *id)
+{
+    ns_reap(fs->ns, id);
     pthread_mutex_lock(&fs->lock);
-    n->nlookup = n->nlookup > count ? n->nlookup - count : 0;
+    n->reaping = 0;
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
+}
+
+static void node_unref(struct fs *fs, struct node *n, uint64_t count)
+{
+    struct ino_id id = n->id;
+    int reap;
+
+    pthread_mutex_lock(&fs->lock);
+    n->nlookup = n->nlookup > count ? n->nlookup - count : 0;
+    reap = n->nlookup == 0 && node_reap_due(n);
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+    if (reap)
+        node_reap(fs, n, &id);
 }
 
 int fs_is_open(void *ctx, const struct ino_id *id)
@@ -200,6 +231,31 @@ int fs_is_open(void *ctx, const struct ino_id *id)
     }
     pthread_mutex_unlock(&fs->lock);
     return open;
+}
+
+/* For a rename's replaced target: like fs_is_open, and also keep the inode
+ * while the kernel holds a lookup of it. An open(2) of the name that raced
+ * the rename may have found the old inode and send its OPEN after the
+ * rename; the inode must still be there, or the open fails with ESTALE
+ * (the kernel walks the path again once, and a second rename over the name
+ * in that time makes the error reach the caller) where a local filesystem
+ * opens the old file or the new one. The kernel forgets the replaced inode
+ * as soon as nothing of its own holds it. */
+static int fs_is_referenced(void *ctx, const struct ino_id *id)
+{
+    struct fs *fs = ctx;
+    struct node *n;
+    int held = 0;
+
+    pthread_mutex_lock(&fs->lock);
+    n = node_find(fs, id);
+    if (n && (n->opens || n->nlookup) && !n->reaping) {
+        n->orphan = 1;
+        n->pinned = n->nlookup != 0;
+        held = 1;
+    }
+    pthread_mutex_unlock(&fs->lock);
+    return held;
 }
 
 /* ---- replies ---- */
@@ -334,20 +390,11 @@ static void open_end(struct fs *fs, struct node *n)
 
     pthread_mutex_lock(&fs->lock);
     n->opens--;
-    reap = n->orphan && n->opens == 0;
-    if (reap) {
-        n->orphan = 0;
-        n->reaping = 1; /* no open may start until the inode is gone */
-    }
+    reap = node_reap_due(n);
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
-    if (reap) {
-        ns_reap(fs->ns, &id);
-        pthread_mutex_lock(&fs->lock);
-        n->reaping = 0;
-        node_maybe_free(fs, n);
-        pthread_mutex_unlock(&fs->lock);
-    }
+    if (reap)
+        node_reap(fs, n, &id);
 }
 
 /* Count an open of n, unless its last release is deleting it right now (an
@@ -574,7 +621,8 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
         f |= NS_RENAME_EXCHANGE;
     reply_rc(req,
              ns_rename(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
-                       &node_of(fs, newparent)->id, newname, strlen(newname), f, fs_is_open, fs));
+                       &node_of(fs, newparent)->id, newname, strlen(newname), f,
+                       fs_is_referenced, fs));
 }
 
 static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)

@@ -65,3 +65,18 @@ def test_remount_after_machine_stop_checks_the_store(fs):
     assert MACHINE in err, err
     assert re.search(r"fsck: clean", err, re.I), err
     assert_same_tree(snap, tree_snapshot(fs.mnt))
+
+
+def test_fsck_repair_clears_the_mark_fsck_alone_does_not(fs):
+    make_tree(fs.path("t"), seed=13)
+    snap = tree_snapshot(fs.mnt)
+    fs.kill9()
+    fs.lazy_unmount()
+    fs.fsck()                      # a check changes nothing, the mark included
+    assert os.path.exists(_mark(fs))
+    r = fs.fsck(repair=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not os.path.exists(_mark(fs)), "a full repair leaves nothing for the mount to do"
+    fs.start()
+    assert KILLED not in fs.read_stderr()
+    assert_same_tree(snap, tree_snapshot(fs.mnt))
