@@ -1863,5 +1863,10 @@ int fsck_after_unclean_stop(struct ns *ns, FILE *out)
     fprintf(out, "shardfs: %s while the store was open: checking and repairing it "
                  "(shardfs fsck --repair)\n", what);
     found = fsck_run(ns, 1, out);
+    if (found < 0)
+        /* Refusing to serve would also refuse the deletes that a full disk,
+         * say, needs; the mark stays, so the next mount tries again. */
+        fprintf(out, "shardfs: the check stopped (%s): serving the store as it is; run "
+                     "'shardfs fsck --repair' when it is unmounted\n", strerror(-found));
     return found < 0 ? found : 0;
 }

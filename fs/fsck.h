@@ -30,7 +30,8 @@ int fsck_run(struct ns *ns, int repair, FILE *out);
  * or the machine stopped), a multi-shard operation may be half done without
  * an intent saying so; on a single-node store run fsck_run(ns, 1, out) then,
  * saying why; on a cluster only say that fsck should be run. Returns 0 or
- * -errno. */
+ * -errno; a failed check is said on out too, and the caller serves the store
+ * as it is (the mark stays for the next mount). */
 int fsck_after_unclean_stop(struct ns *ns, FILE *out);
 
 #endif

@@ -312,10 +312,7 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
 
     if (ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
         goto out;
-    if (fsck_after_unclean_stop(ns, stderr) != 0) {
-        snprintf(err, sizeof(err), "checking the store after an unclean stop failed");
-        goto out;
-    }
+    fsck_after_unclean_stop(ns, stderr); /* a failure is said, and served as is */
     /* Other writers exist when other nodes do, or the key API. */
     fs = fs_new(ns, cfg.cache_timeout, cfg.node_count > 1 || server_wanted(node));
     if (!fs || build_fuse_args(&args, c->fuse_opts) != 0) {
@@ -491,10 +488,7 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     if (ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
         goto out;
-    if (fsck_after_unclean_stop(ns, stderr) != 0) {
-        snprintf(err, sizeof(err), "checking the store after an unclean stop failed");
-        goto out;
-    }
+    fsck_after_unclean_stop(ns, stderr); /* a failure is said, and served as is */
     if (!server_wanted(node)) {
         snprintf(err, sizeof(err), "serve needs a [cluster] secret and a url for node %.64s",
                  cfg.nodes[node].name);
