@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -520,6 +521,69 @@ static int cluster_key(struct load_ctx *ctx, const char *name, const char *value
     return 1;
 }
 
+/* Bytes that may not appear in a url's host: the rest of a url's syntax
+ * (userinfo, path, query, fragment), spaces and controls. */
+static int bad_host_byte(unsigned char c)
+{
+    return c <= ' ' || c >= 0x7f || strchr("@/?#[]%\\", c) != NULL;
+}
+
+int config_url_parse(const char *url, struct config_url *out, char *why, size_t whylen)
+{
+    const char *h, *hend, *p;
+    unsigned long port = 0;
+    size_t digits;
+
+    memset(out, 0, sizeof(*out));
+    if (strncmp(url, "http://", 7) == 0) {
+        h = url + 7;
+    } else if (strncmp(url, "https://", 8) == 0) {
+        h = url + 8;
+        out->tls = 1;
+    } else {
+        snprintf(why, whylen, "want http://HOST:PORT or https://HOST:PORT");
+        return -EINVAL;
+    }
+    if (*h == '[') { /* [IPv6]: the colons inside are not the port's */
+        hend = strchr(h, ']');
+        if (!hend || hend == h + 1 ||
+            strspn(h + 1, "0123456789abcdefABCDEF:.") != (size_t)(hend - h - 1)) {
+            snprintf(why, whylen, "want [IPV6-ADDRESS] as a bracketed host");
+            return -EINVAL;
+        }
+        p = hend + 1;
+        h++;
+    } else {
+        hend = h;
+        while (*hend && *hend != ':' && !bad_host_byte((unsigned char)*hend))
+            hend++;
+        p = hend;
+    }
+    if (hend == h) {
+        snprintf(why, whylen, "no host");
+        return -EINVAL;
+    }
+    if (*p != ':') {
+        snprintf(why, whylen, *p ? "a '%c' in the host" : "no :PORT", *p);
+        return -EINVAL;
+    }
+    p++;
+    digits = strspn(p, "0123456789");
+    for (size_t i = 0; i < digits && port <= 65535; i++)
+        port = port * 10 + (unsigned long)(p[i] - '0');
+    if (digits == 0 || port == 0 || port > 65535) {
+        snprintf(why, whylen, "the port is not a number from 1 to 65535");
+        return -EINVAL;
+    }
+    if (p[digits] && strcmp(p + digits, "/") != 0) {
+        snprintf(why, whylen, "nothing may follow HOST:PORT but one '/'");
+        return -EINVAL;
+    }
+    snprintf(out->host, sizeof(out->host), "%.*s", (int)(hend - h), h);
+    out->port = (unsigned)port;
+    return 0;
+}
+
 static int node_key(struct load_ctx *ctx, const char *name, const char *value)
 {
     struct config *cfg = &ctx->cfg;
@@ -540,23 +604,15 @@ static int node_key(struct load_ctx *ctx, const char *name, const char *value)
     st->key_line[k] = line;
     switch ((enum node_key)k) {
     case NK_URL: {
-        size_t len = strlen(value);
-        size_t scheme = strncmp(value, "http://", 7) == 0    ? 7
-                        : strncmp(value, "https://", 8) == 0 ? 8
-                                                             : 0;
-        if (scheme == 0 || len == scheme) {
-            fail_at(ctx, line, "bad url '%s' (want http://HOST:PORT or https://...)", value);
-            return 0;
-        }
-        if (len > CONFIG_URL_MAX) {
+        struct config_url u;
+
+        if (strlen(value) > CONFIG_URL_MAX) {
             fail_at(ctx, line, "url is too long (at most %d characters)", CONFIG_URL_MAX);
             return 0;
         }
-        for (size_t i = 0; i < len; i++) {
-            if (isspace((unsigned char)value[i]) || iscntrl((unsigned char)value[i])) {
-                fail_at(ctx, line, "bad url '%s' (contains a space or control character)", value);
-                return 0;
-            }
+        if (config_url_parse(value, &u, why, sizeof(why)) < 0) {
+            fail_at(ctx, line, "bad url '%s' (%s)", value, why);
+            return 0;
         }
         snprintf(node->url, sizeof(node->url), "%s", value);
         break;
@@ -631,6 +687,38 @@ static int set_conf_dir(struct load_ctx *ctx)
     return 0;
 }
 
+/* Two nodes at one HOST:PORT would be one server answering for both, and
+ * every request for the shards of one of them would go to the other. The
+ * hosts are compared as written (case aside): "localhost" and "127.0.0.1"
+ * are not found to be the same. The urls were checked by node_key(). */
+static int check_url_duplicates(struct load_ctx *ctx)
+{
+    const struct config *cfg = &ctx->cfg;
+    struct config_url *u = calloc(cfg->node_count, sizeof(*u));
+    char why[128];
+    int rc = 0;
+
+    if (!u) {
+        fail_at(ctx, 0, "%s", strerror(ENOMEM));
+        return -1;
+    }
+    for (unsigned i = 0; i < cfg->node_count && rc == 0; i++) {
+        if (!cfg->nodes[i].url[0] || config_url_parse(cfg->nodes[i].url, &u[i], why, sizeof(why)))
+            continue;
+        for (unsigned j = 0; j < i; j++) {
+            if (u[j].port == u[i].port && strcasecmp(u[j].host, u[i].host) == 0) {
+                fail_at(ctx, ctx->nodes[i].key_line[NK_URL],
+                        "url %s: nodes %s and %s cannot have the same host and port",
+                        cfg->nodes[i].url, cfg->nodes[j].name, cfg->nodes[i].name);
+                rc = -1;
+                break;
+            }
+        }
+    }
+    free(u);
+    return rc;
+}
+
 static int validate(struct load_ctx *ctx)
 {
     struct config *cfg = &ctx->cfg;
@@ -675,6 +763,8 @@ static int validate(struct load_ctx *ctx)
             }
         }
     }
+    if (check_url_duplicates(ctx) < 0)
+        return -1;
     for (unsigned i = 0; i < cfg->node_count; i++)
         cfg->nodes[i].data_dir_line = ctx->nodes[i].key_line[NK_DATA_DIR];
     cfg->shard_bits = 0;

@@ -7,8 +7,11 @@
  *               commit_interval_ms, cache_timeout (seconds),
  *               secret (the cluster secret, >= 16 characters; required
  *               with more than one node), timeout_ms (remote requests)
- *   [node NAME] url = http://HOST:PORT, data_dir = DIR (relative to the conf
- *               file's directory), shards = LIST ("0-3", "0,2,5-7" or "all")
+ *   [node NAME] url = http://HOST:PORT or https://HOST:PORT (HOST a name,
+ *               an IPv4 address or [IPv6]; PORT 1-65535; nothing after but
+ *               one "/"; no two nodes at the same HOST:PORT), data_dir = DIR
+ *               (relative to the conf file's directory), shards = LIST
+ *               ("0-3", "0,2,5-7" or "all")
  *
  * Every shard must be owned by exactly one node. An unknown section or key, a
  * bad value or a missing directive is an error naming file, line and reason.
@@ -50,6 +53,18 @@ struct config {
     struct config_node nodes[CONFIG_MAX_NODES];
     int owner[CONFIG_MAX_SHARDS];   /* index into nodes[] of each shard's owner */
 };
+
+/* A node url split: host (an IPv6 address without its brackets), port and
+ * whether the scheme is https. */
+struct config_url {
+    char host[CONFIG_URL_MAX + 1];
+    unsigned port;                  /* 1-65535 */
+    int tls;                        /* https:// */
+};
+
+/* Check url as the config file's url (see above) and split it into *out.
+ * 0, or -EINVAL with the reason (without the url) in why. */
+int config_url_parse(const char *url, struct config_url *out, char *why, size_t whylen);
 
 /* Parse and validate path into *cfg. On error returns -1 and writes
  * "FILE:LINE: reason" (or "FILE: reason") into err; returns 0 on success. */

@@ -198,10 +198,11 @@ static int hex_digit(char c)
     return -1;
 }
 
-/* Percent-decode the n bytes at s into out (cap bytes, NUL added), '+' as a
- * space and a malformed escape kept as it is: what libmicrohttpd does to
- * query arguments. The decoded length, or -ENAMETOOLONG if over cap - 1. */
-static int query_decode(const char *s, size_t n, char *out, size_t cap)
+/* Percent-decode the n bytes at s into out (cap bytes, NUL added), a
+ * malformed escape kept as it is, and with `plus` '+' as a space: what
+ * libmicrohttpd does to query arguments (plus) and to the path (not). The
+ * decoded length, or -ENAMETOOLONG if over cap - 1. */
+static int percent_decode(const char *s, size_t n, int plus, char *out, size_t cap)
 {
     size_t o = 0;
 
@@ -209,7 +210,7 @@ static int query_decode(const char *s, size_t n, char *out, size_t cap)
         char c = s[i];
         int hi, lo;
 
-        if (c == '+') {
+        if (c == '+' && plus) {
             c = ' ';
         } else if (c == '%' && n - i > 2 && (hi = hex_digit(s[i + 1])) >= 0 &&
                    (lo = hex_digit(s[i + 2])) >= 0) {
@@ -241,12 +242,12 @@ static int query_u64(const char *uri, const char *name, uint64_t *out)
         int n;
 
         q += arg;
-        n = query_decode(v - klen, klen, key, sizeof(key));
+        n = percent_decode(v - klen, klen, 1, key, sizeof(key));
         if (n < 0 || (size_t)n != strlen(name) || memcmp(key, name, (size_t)n) != 0)
             continue;
         if (*v != '=')
             return -EINVAL;
-        n = query_decode(v + 1, arg - klen - 1, val, sizeof(val));
+        n = percent_decode(v + 1, arg - klen - 1, 1, val, sizeof(val));
         if (n < 0 || strlen(val) != (size_t)n)
             return -EINVAL;
         return parse_u64(val, out);
@@ -291,22 +292,17 @@ static void resp_reset(struct node_response *r)
 }
 
 /* An error reply for -errno rc with a one-line text body (best effort). */
-static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
+static void resp_verror(struct node_response *r, int rc, const char *fmt, va_list ap)
 {
     const char *name = wire_errno_name(rc);
     char text[256];
-    va_list ap;
     int n;
 
     resp_reset(r);
     r->status = wire_status_of_errno(rc);
     if (name)
         snprintf(r->errno_name, sizeof(r->errno_name), "%s", name);
-    va_start(ap, fmt);
     n = vsnprintf(text, sizeof(text) - 1, fmt, ap);
-    va_end(ap);
     if (n < 0)
         return;
     if ((size_t)n > sizeof(text) - 2)
@@ -318,6 +314,26 @@ static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
         r->len = (size_t)n;
         r->content_type = "text/plain";
     }
+}
+
+static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void resp_error(struct node_response *r, int rc, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    resp_verror(r, rc, fmt, ap);
+    va_end(ap);
+}
+
+void node_response_error(struct node_response *r, int rc, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    resp_verror(r, rc, fmt, ap);
+    va_end(ap);
 }
 
 static void resp_status(struct node_response *r, int status)
@@ -798,33 +814,59 @@ static void route_config(struct node_server *s, const char *method, struct node_
     resp_json(r, doc);
 }
 
+/* The path part of raw (up to '?') percent-decoded into a new string of
+ * *len bytes: %XX with two hex digits is the byte XX, anything else is
+ * itself, as libmicrohttpd decodes. Decoded here rather than taken from
+ * MHD's url because MHD hands the url over as a C string, which a %00
+ * silently cuts short. NULL when out of memory. */
+static char *decode_path(const char *raw, size_t *len)
+{
+    size_t n = strcspn(raw, "?");
+    char *out = malloc(n + 1);
+    int rc = out ? percent_decode(raw, n, 0, out, n + 1) : -ENOMEM;
+
+    if (rc < 0) { /* cannot be -ENAMETOOLONG: decoding never lengthens */
+        free(out);
+        return NULL;
+    }
+    *len = (size_t)rc;
+    return out;
+}
+
 static void route_other(struct node_server *s, const struct node_input *in, struct node_response *r)
 {
     struct node_request req = {
         .method = in->method,
-        .path = in->path,
         .body = in->body_len ? in->body : NULL,
         .body_len = in->body_len,
         .in = in,
     };
+    char *path = NULL;
     int rc;
 
     if (!s->other) {
         resp_error(r, -ENOENT, "no such path");
         return;
     }
+    path = decode_path(in->uri, &req.path_len);
+    if (!path) {
+        resp_error(r, -ENOMEM, "out of memory");
+        return;
+    }
+    req.path = path;
     resp_reset(r);
     rc = s->other(s->other_ctx, &req, r);
     if (rc < 0) {
         resp_error(r, rc, "%s", strerror(-rc));
-        return;
+        goto out;
     }
     if (rc > 0 || r->status < 200 || r->status > 599) {
-        log_msg("the handler for %s %s gave status %d (rc %d)", in->method, in->path, r->status,
-                rc);
+        log_msg("the handler for %s %s gave status %d (rc %d)", in->method, path, r->status, rc);
         resp_error(r, -EIO, "internal error");
-        return;
+        goto out;
     }
+out:
+    free(path);
 }
 
 /* The public API's alternative to a signature, for clients that cannot sign
@@ -856,10 +898,9 @@ void node_server_handle(struct node_server *s, const struct node_input *in, stru
     int rc;
 
     memset(r, 0, sizeof(*r));
-    if (!bearer_ok(s, in) &&
-        (parse_date(header(in, WIRE_HDR_DATE), &date) < 0 ||
-         wire_verify(s->cfg.secret, in->method, in->uri, date, in->now, in->body, in->body_len,
-                     auth) < 0)) {
+    if (!bearer_ok(s, in) && (parse_date(header(in, WIRE_HDR_DATE), &date) < 0 ||
+                              wire_verify(s->cfg.secret, in->method, in->uri, date, in->now,
+                                          in->body, in->body_len, auth) < 0)) {
         resp_error(r, -EACCES, "not authenticated");
         return;
     }
@@ -1083,52 +1124,25 @@ const char *node_request_header(const struct node_request *req, const char *name
 
 /* ---- start and stop ---- */
 
-/* "http://HOST:PORT" or "http://[V6]:PORT", an optional trailing "/", into
- * s->host, s->port and s->addr. 0 or -errno with a reason. */
+/* The url of this node (config_url_parse) into s->host, s->port and
+ * s->addr. 0 or -errno with a reason. */
 static int parse_listen_url(struct node_server *s, const char *url, char *err, size_t errlen)
 {
-    const char *h, *hend, *p, *pend;
     struct addrinfo hints = {0}, *ai = NULL;
-    uint64_t port;
+    struct config_url u;
+    char why[128];
     int rc;
 
-    if (strncmp(url, "https://", 8) == 0) {
+    if (config_url_parse(url, &u, why, sizeof(why)) < 0) {
+        set_err(err, errlen, "%s: bad url (%s)", url[0] ? url : "\"\"", why);
+        return -EINVAL;
+    }
+    if (u.tls) {
         set_err(err, errlen, "%s: TLS not supported yet (use http://)", url);
         return -ENOTSUP;
     }
-    if (strncmp(url, "http://", 7) != 0) {
-        set_err(err, errlen, "%s: bad url (want http://HOST:PORT)", url[0] ? url : "\"\"");
-        return -EINVAL;
-    }
-    h = url + 7;
-    if (*h == '[') {
-        hend = strchr(h, ']');
-        if (!hend) {
-            set_err(err, errlen, "%s: bad url (unclosed [)", url);
-            return -EINVAL;
-        }
-        p = hend + 1;
-        h++;
-    } else {
-        hend = h + strcspn(h, ":/@?#");
-        p = hend;
-    }
-    if (hend == h || *p != ':') {
-        set_err(err, errlen, "%s: bad url (want http://HOST:PORT)", url);
-        return -EINVAL;
-    }
-    p++;
-    pend = p + strspn(p, "0123456789");
-    if (pend == p || pend - p > 5 || (pend[0] && strcmp(pend, "/") != 0)) {
-        set_err(err, errlen, "%s: bad url (want http://HOST:PORT with no path)", url);
-        return -EINVAL;
-    }
-    snprintf(s->port, sizeof(s->port), "%.*s", (int)(pend - p), p);
-    if (parse_u64(s->port, &port) < 0 || port == 0 || port > 65535) {
-        set_err(err, errlen, "%s: bad port '%s'", url, s->port);
-        return -EINVAL;
-    }
-    snprintf(s->host, sizeof(s->host), "%.*s", (int)(hend - h), h);
+    snprintf(s->host, sizeof(s->host), "%s", u.host);
+    snprintf(s->port, sizeof(s->port), "%u", u.port);
 
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;

@@ -54,7 +54,11 @@ struct node_input {
 
 struct node_request {
     const char *method;         /* "GET", "PUT", "DELETE", "HEAD", "POST" */
-    const char *path;           /* percent-decoded, without the query */
+    /* Percent-decoded from the raw uri (what was signed), without the query;
+     * path_len bytes, then a '\0'. A %00 decodes to a NUL inside the path,
+     * so a handler MUST use path_len, not strlen, to see every byte. */
+    const char *path;
+    size_t path_len;
     const uint8_t *body;        /* NULL when empty; borrowed for the call */
     size_t body_len;
     const struct node_input *in; /* opaque: for node_request_query/header */
@@ -89,6 +93,11 @@ struct node_response {
 
 /* Add a header to resp (silently dropped past NODE_EXTRA_MAX). */
 void node_response_header(struct node_response *resp, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Make resp an error reply for -errno rc (its status by wire.h) with a
+ * one-line text body: the reason a handler gives its client. */
+void node_response_error(struct node_response *resp, int rc, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 /* Handle a request for a path the server does not own. Fill resp; return 0.

@@ -166,34 +166,53 @@ static void dir_forget(struct kv_api *api, const struct ino_id *parent, const ch
 
 /* ---- paths ---- */
 
-/* "/v1/kv/a/b/" into components. -ENOENT for a path outside /v1/kv,
- * -EINVAL for "." or "..", -ENAMETOOLONG for a long name or path. */
-static int path_parse(const char *path, struct kv_path *p)
+/* "/v1/kv/a/b/", len bytes, into components. -ENOENT for a path outside
+ * /v1/kv; a name the namespace would refuse gets its reason in r: -EINVAL
+ * for a NUL byte (a %00: the path is decoded with its length, so the NUL
+ * is seen rather than cutting the name short), "." or ".." (also as
+ * %2e%2e), -ENAMETOOLONG for a long name or path. */
+static int path_parse(const char *path, size_t len, struct kv_path *p, struct node_response *r)
 {
-    size_t plen = strlen(NODE_KV_PREFIX), total;
-    char *s, *save = NULL, *c;
+    size_t plen = strlen(NODE_KV_PREFIX), i = 0;
 
-    if (strncmp(path, NODE_KV_PREFIX, plen) != 0 || (path[plen] && path[plen] != '/'))
+    if (len < plen || memcmp(path, NODE_KV_PREFIX, plen) != 0 || (len > plen && path[plen] != '/'))
         return -ENOENT;
     path += plen;
-    total = strlen(path);
-    if (total >= sizeof(p->buf))
-        return -ENAMETOOLONG;
-    memcpy(p->buf, path, total + 1);
+    len -= plen;
+    if (memchr(path, '\0', len)) {
+        node_response_error(r, -EINVAL, "a NUL byte (%%00) in the path: no name holds one");
+        return 0;
+    }
+    if (len >= sizeof(p->buf)) {
+        node_response_error(r, -ENAMETOOLONG, "path over %d bytes", KV_PATH_MAX - 1);
+        return 0;
+    }
+    memcpy(p->buf, path, len);
+    p->buf[len] = '\0';
     p->n = 0;
-    p->trailing_slash = total > 0 && path[total - 1] == '/';
-    s = p->buf;
-    for (c = strtok_r(s, "/", &save); c; c = strtok_r(NULL, "/", &save)) {
-        size_t len = strlen(c);
+    p->trailing_slash = len > 0 && path[len - 1] == '/';
+    while (i < len) {
+        char *c = p->buf + i;
+        size_t clen = strcspn(c, "/");
 
-        if (!strcmp(c, ".") || !strcmp(c, ".."))
-            return -EINVAL;
-        if (len > RECORD_NAME_MAX)
-            return -ENAMETOOLONG;
-        if (p->n == KV_MAX_DEPTH)
-            return -ENAMETOOLONG;
+        c[clen] = '\0'; /* each component a string, as for a listing's path */
+        i += clen + 1;
+        if (clen == 0)
+            continue; /* "a//b" is "a/b", as for the kernel */
+        if ((clen == 1 && c[0] == '.') || (clen == 2 && c[0] == '.' && c[1] == '.')) {
+            node_response_error(r, -EINVAL, "'.' and '..' are not names here");
+            return 0;
+        }
+        if (clen > RECORD_NAME_MAX) {
+            node_response_error(r, -ENAMETOOLONG, "a name over %d bytes", RECORD_NAME_MAX);
+            return 0;
+        }
+        if (p->n == KV_MAX_DEPTH) {
+            node_response_error(r, -ENAMETOOLONG, "over %d names in the path", KV_MAX_DEPTH);
+            return 0;
+        }
         p->comp[p->n] = c;
-        p->len[p->n++] = len;
+        p->len[p->n++] = clen;
     }
     return 0;
 }
@@ -634,8 +653,8 @@ int kv_api_handle(void *ctx, const struct node_request *req, struct node_respons
 
     if (!p)
         return -ENOMEM;
-    rc = path_parse(req->path, p);
-    if (rc)
+    rc = path_parse(req->path, req->path_len, p, r);
+    if (rc || r->status)
         goto out;
     if (!strcmp(req->method, "GET") || !strcmp(req->method, "HEAD"))
         rc = handle_get(api, p, req->method[0] == 'H', r);

@@ -88,7 +88,10 @@ SEEDS = {
     "other-paths": requests(
         request(SIGN, "PUT /v1/kv/a?q=1\nX-Test: yes", b"body"),
         request(SIGN, "GET /err"),
-        request(SIGN, "GET /status/42")),
+        request(SIGN, "GET /status/42"),
+        request(SIGN, "PUT /v1/kv/nul%00tail", b"x"),
+        request(SIGN, "GET /v1/kv/trav/nul2%00/../../x"),
+        request(SIGN, "DELETE /v1/kv/%2e%2e/a%2Fb%zz%4")),
     "unsigned": requests(
         request(EPOCH, "POST /v1/shard/0/apply", B),
         request(EPOCH, "POST /v1/shard/0/get\nX-Shardfs-Date: 1700000000\n"

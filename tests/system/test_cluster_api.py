@@ -303,6 +303,34 @@ def test_unauthenticated_and_malformed_requests(cluster):
     assert curl("-H", BEARER, url(cluster, "c", "/after")) == (200, b"fine")
 
 
+def test_nul_and_dot_names_after_decoding_are_refused(cluster):
+    """A %00 anywhere in a key API path is 400 and creates nothing (it used to
+    cut the name short: nul%00tail made "nul", nul2%00/../../x made
+    "trav/nul2"); "." and ".." are refused also when percent-encoded; a name
+    of 256 bytes after decoding is 414."""
+    os.mkdir(cluster.p("a", "trav"))
+    for path in ["/trav/nul%00tail", "/trav/nul2%00/../../x", "/trav/%00", "/trav/%00/y",
+                 "/%00trav/z", "/trav/d%00/", "/trav/a%00b/c"]:
+        for method in ("PUT", "GET", "DELETE"):
+            st, body = curl("--path-as-is", "-X", method, "-H", BEARER, "--data-binary", "x",
+                            url(cluster, "a", path))
+            assert st == 400 and b"NUL" in body, (method, path, st, body)
+        st, _, body = signed(cluster, "b", "PUT", "/v1/kv" + path, b"y")
+        assert st == 400, (path, st, body)
+    for path in ["/trav/%2e%2e/x", "/trav/%2E", "/trav/.%2e/trav/x", "/%2e%2e", "/trav/%2e%2e/"]:
+        st, body = curl("--path-as-is", "-X", "PUT", "-H", BEARER, "--data-binary", "x",
+                        url(cluster, "a", path))
+        assert st == 400 and b"'..'" in body, (path, st, body)
+    assert curl("-X", "PUT", "-H", BEARER, "--data-binary", "x",
+                url(cluster, "a", "/trav/" + "%6E" * 256))[0] == 414
+    assert sorted(os.listdir(cluster.p("b", "trav"))) == []
+    assert curl("-H", BEARER, url(cluster, "c", "/trav/nul"))[0] == 404
+    assert not os.path.exists(cluster.p("c", "x"))
+    # Escapes that decode to allowed bytes still work, with the name whole.
+    assert put(cluster, "a", "/trav/%6Eul%20tail", b"ok") == 201
+    assert os.listdir(cluster.p("b", "trav")) == ["nul tail"]
+
+
 @pytest.mark.timeout_s(150)
 def test_redirect_after_owner_change(cluster):
     """Shard 7 moves from c to b (its LMDB directory is carried over, as

@@ -93,7 +93,63 @@ CASES = [
      lambda t: _replace_line(t, 9, "data_dir = ./afile"), None, r"director|afile"),
     ("data_dir_under_a_file",
      lambda t: _replace_line(t, 9, "data_dir = ./afile/sub"), None, r"director|afile"),
+    # this node's own url: checked at load, so the message has the line
+    ("own_url_port_too_big",
+     lambda t: _replace_line(t, 8, "url = http://127.0.0.1:99999999"), [8],
+     r"bad url.*port is not a number from 1 to 65535"),
+    ("own_url_port_not_a_number",
+     lambda t: _replace_line(t, 8, "url = http://127.0.0.1:notaport"), [8],
+     r"bad url.*port is not a number"),
+    ("own_url_with_a_path",
+     lambda t: _replace_line(t, 8, "url = http://127.0.0.1:7070/x"), [8],
+     r"bad url.*nothing may follow"),
 ]
+
+# Two nodes; this mount is node a, so node b's url is only ever called.
+TWO_NODES = """\
+[cluster]
+shards = 4
+secret = 0123456789abcdef0123
+cache_timeout = 0
+
+[node a]
+url = http://127.0.0.1:{port}
+data_dir = ./data
+shards = 0-1
+
+[node b]
+url = {url_b}
+data_dir = ./data-b
+shards = 2-3
+"""
+# line numbers in TWO_NODES: 7 = a's url, 12 = b's url
+
+
+@pytest.mark.parametrize("url_b,reason", [
+    ("http://127.0.0.1:99999999", r"bad url.*port is not a number from 1 to 65535"),
+    ("http://127.0.0.1:notaport", r"bad url.*port is not a number"),
+    ("http://127.0.0.1:0", r"bad url.*port is not a number"),
+    ("http://127.0.0.1", r"bad url.*no :PORT"),
+    ("http://user@127.0.0.1:7071", r"bad url.*'@' in the host"),
+    ("gopher://127.0.0.1:7071", r"bad url.*want http://HOST:PORT"),
+    ("http://127.0.0.1:{port}/", r"nodes a and b cannot have the same host and port"),
+], ids=["port_too_big", "port_not_a_number", "port_zero", "no_port", "userinfo", "scheme",
+        "same_as_node_a"])
+def test_bad_url_of_another_node_refused(url_b, reason, tmp_top):
+    port = free_port()
+    conf = _conf(tmp_top, TWO_NODES.format(port=port, url_b=url_b.format(port=port)))
+    mnt = os.path.join(tmp_top, "mnt")
+    args = [SHARDFS_BIN, "mount", "-c", conf, "--node", "a", "-o", "allow_other", mnt]
+    try:
+        r = run(args, check=False, timeout=30)
+    finally:
+        mounted = is_mounted(mnt)
+        if mounted:
+            fuse_unmount(mnt)
+    assert not mounted, "a bad config got mounted"
+    assert r.returncode != 0
+    _assert_located(r.stderr, conf, [12], reason)
+    assert os.listdir(mnt) == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -353,6 +353,97 @@ static void test_node_value_errors(void)
              6, "shard 1 is owned by two nodes");
 }
 
+/* Every node's url is checked at load, the url of a node this process will
+ * only call as much as its own, at the url's line. */
+static void test_bad_urls(void)
+{
+    static const struct {
+        const char *url, *reason;
+    } bad[] = {
+        {"ftp://x:1", "want http://HOST:PORT"},
+        {"http//127.0.0.1:1", "want http://HOST:PORT"},
+        {"http://", "no host"},
+        {"http://:7070", "no host"},
+        {"http://127.0.0.1", "no :PORT"},
+        {"http://127.0.0.1:", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:0", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:65536", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:99999999", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:18446744073709551617", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:notaport", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:-1", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:+80", "not a number from 1 to 65535"},
+        {"http://127.0.0.1:80x", "nothing may follow"},
+        {"http://127.0.0.1:80/path", "nothing may follow"},
+        {"http://127.0.0.1:80//", "nothing may follow"},
+        {"http://127.0.0.1:80?q", "nothing may follow"},
+        {"http://user@127.0.0.1:80", "a '@' in the host"},
+        {"http://h/x:80", "a '/' in the host"},
+        {"http://h%41:80", "a '%' in the host"},
+        {"http://[::1:80", "bracketed host"},
+        {"http://[]:80", "bracketed host"},
+        {"http://[::1]x:80", "a 'x' in the host"},
+        {"http://[::1]", "no :PORT"},
+        {"http://a\tb:80", "a '\t' in the host"},
+    };
+    char text[512], want[160];
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        /* the url of node b, which a mount of node a only calls */
+        snprintf(text, sizeof(text),
+                 "[cluster]\nshards = 2\nsecret = 0123456789abcdef\n"
+                 "[node a]\nurl = http://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+                 "[node b]\nurl = %s\ndata_dir = b\nshards = 1\n",
+                 bad[i].url);
+        snprintf(want, sizeof(want), "bad url '%s' (", bad[i].url);
+        LOAD_ERR(text, 9, want);
+        LOAD_ERR(text, 9, bad[i].reason);
+    }
+    /* two nodes at one HOST:PORT: at the second url's line */
+    LOAD_ERR("[cluster]\nshards = 2\nsecret = 0123456789abcdef\n"
+             "[node a]\nurl = http://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+             "[node b]\nurl = http://127.0.0.1:7070/\ndata_dir = b\nshards = 1\n",
+             9, "nodes a and b cannot have the same host and port");
+    LOAD_ERR("[cluster]\nshards = 4\nsecret = 0123456789abcdef\n"
+             "[node a]\nurl = http://Alpha:7070\ndata_dir = a\nshards = 0\n"
+             "[node b]\nurl = http://beta:7070\ndata_dir = b\nshards = 1\n"
+             "[node c]\nurl = https://alpha:7070\ndata_dir = c\nshards = 2-3\n",
+             13, "nodes a and c cannot have the same host and port");
+}
+
+/* The urls that load, split as a node connects to them. */
+static void test_good_urls(void)
+{
+    static const struct {
+        const char *url, *host;
+        unsigned port;
+        int tls;
+    } good[] = {
+        {"http://127.0.0.1:1", "127.0.0.1", 1, 0},
+        {"http://127.0.0.1:65535/", "127.0.0.1", 65535, 0},
+        {"https://node-1.example.org:443", "node-1.example.org", 443, 1},
+        {"http://[::1]:7070", "::1", 7070, 0},
+        {"http://[fe80::1:2]:007070", "fe80::1:2", 7070, 0},
+    };
+    struct config_url u;
+    char why[128];
+
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        int rc = config_url_parse(good[i].url, &u, why, sizeof(why));
+
+        CHECKF(rc == 0 && strcmp(u.host, good[i].host) == 0 && u.port == good[i].port &&
+                   u.tls == good[i].tls,
+               "%s: %d %s %u %d: %s", good[i].url, rc, u.host, u.port, u.tls, rc ? why : "");
+    }
+    /* different ports on one host, the same port on different hosts */
+    struct config cfg;
+    LOAD_OK("[cluster]\nshards = 4\nsecret = 0123456789abcdef\n"
+            "[node a]\nurl = http://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+            "[node b]\nurl = http://127.0.0.1:7071\ndata_dir = b\nshards = 1\n"
+            "[node c]\nurl = http://127.0.0.2:7070\ndata_dir = c\nshards = 2-3\n",
+            &cfg);
+}
+
 static void test_url_too_long(void)
 {
     /* inih's line limit (usually 200) is below CONFIG_URL_MAX, so an over-long
@@ -508,6 +599,8 @@ int main(int argc, char **argv)
     test_key_errors();
     test_number_errors();
     test_node_value_errors();
+    test_bad_urls();
+    test_good_urls();
     test_url_too_long();
     test_whole_file_errors();
     test_pick_node();
