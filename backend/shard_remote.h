@@ -9,7 +9,11 @@
  *
  * Errors: transport failures map to errno in one function: a timeout or a
  * dead node gives -ETIMEDOUT or -EHOSTUNREACH within cfg->timeout_ms, never a
- * hang; HTTP statuses map through wire_errno_of_status(). Idempotent reads
+ * hang; HTTP statuses map through wire_errno_of_status(). A node that could
+ * not be connected to (refused, unreachable, connect timeout) is remembered
+ * as down: its requests then give -EHOSTUNREACH at once, without retries,
+ * until one of them (every request after a refusal, one each 500 ms after a
+ * connect timeout; remote_ping always) gets an HTTP answer. Idempotent reads
  * (get, scan, stat) are retried with capped exponential backoff within the
  * timeout; apply and sync are never retried (a lost reply cannot be told
  * from a lost request).
