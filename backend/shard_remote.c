@@ -1579,6 +1579,20 @@ out:
     return rc;
 }
 
+int remote_node_down(struct remote *r, unsigned node, time_t *since)
+{
+    int down;
+
+    if (node >= r->cfg->node_count)
+        return -EINVAL;
+    pthread_mutex_lock(&r->lock);
+    down = r->health[node].down_ms != 0;
+    if (down && since)
+        *since = r->health[node].down_since;
+    pthread_mutex_unlock(&r->lock);
+    return down;
+}
+
 /* One attempt, no retry: the point is to see the node as it is now. The
  * reply body (the node's config) is read and dropped, up to a cap. */
 int remote_ping(struct remote *r, unsigned node, double *rtt_ms)

@@ -23,6 +23,8 @@
 #ifndef SHARDFS_SHARD_REMOTE_H
 #define SHARDFS_SHARD_REMOTE_H
 
+#include <time.h>
+
 #include "config.h"
 #include "shard.h"
 
@@ -87,6 +89,12 @@ struct remote_api_req {
 int remote_api_loop(struct remote *r, unsigned parallel,
                     struct remote_api_req *(*next)(void *ctx),
                     void (*done)(void *ctx, struct remote_api_req *call), void *ctx);
+
+/* Whether this process has node `node` marked down (the Errors paragraph
+ * above): 1 and the wall-clock time it was marked in *since, 0 if not (up,
+ * or never failed), -EINVAL for no such node. A mark stays until a request
+ * for the node gets an answer: it says "down when last asked". */
+int remote_node_down(struct remote *r, unsigned node, time_t *since);
 
 /* One authenticated round trip to node `node` (GET /v1/config): 0 and the
  * time in *rtt_ms, or -errno (e.g. -ETIMEDOUT for a dead node). */

@@ -10,10 +10,12 @@ sanitizer/assertion lines in any daemon stderr, and then runs
 `shardfs serve -f` (fsck reaches their shards over HTTP).
 """
 
+import calendar
 import errno
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -589,6 +591,7 @@ def test_dead_node_fails_fast(cluster):
     files = write_root_files(cluster, "f", 200)
 
     cluster.kill9("c")
+    killed_at = time.time()
     t0 = time.monotonic()
     ok, failed = read_with_c_dead(cluster, "b", files, 4 * TIMEOUT_MS / 1000.0,
                                   (errno.EHOSTUNREACH,))
@@ -598,6 +601,17 @@ def test_dead_node_fails_fast(cluster):
     assert took <= 2 * TIMEOUT_MS / 1000.0, "reading 200 files took %.1f s" % took
     # c owns 2 of 8 shards: about 50 of 200 (a binomial's sd is about 6)
     assert 20 <= len(failed) <= 90, "%d of 200 failed" % len(failed)
+
+    # status shows since when b has c marked down (b failed to reach it)
+    r = run([SHARDFS_BIN, "status", "-c", cluster.conf], check=False, timeout=60)
+    out = r.stdout
+    print(out)
+    assert r.returncode == 1, out
+    m = re.search(r"(?m)^c\s+down\s.*down since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC, "
+                  r"seen by b\)$", out)
+    assert m, out
+    since = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+    assert abs(since - killed_at) <= 3, (m.group(1), killed_at)
 
     # restarted, c is used again by the next requests: every file reads
     cluster.start("c")
