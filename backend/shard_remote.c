@@ -51,7 +51,8 @@
  * 8. Dead nodes fail fast. A node (of cfg; a URL learnt from a redirect that
  *    is no configured node is not tracked) is marked down, with the time,
  *    when an attempt could not connect to it: refused, unreachable, or a
- *    connect that ran out a budget of at least REMOTE_DOWN_CONNECT_MS. Only
+ *    connect that ran out a budget of at least REMOTE_DOWN_CONNECT_MS (or
+ *    half of timeout_ms if that is less). Only
  *    then: an HTTP status, a reset or a timeout after the connection was
  *    made (on_prereq ran) say the node is there, perhaps slow or loaded, and
  *    marking it down would turn a slow request into failures of every
@@ -749,8 +750,9 @@ static int health_gate(struct remote *r, int node, int probe)
 static int health_note(struct remote *r, int node, CURLcode cc, const struct request *q,
                        int64_t connect_ms)
 {
-    int64_t floor_ms = r->timeout_ms < REMOTE_DOWN_CONNECT_MS ? r->timeout_ms
-                                                              : REMOTE_DOWN_CONNECT_MS;
+    /* A connect squeezed into the end of a request's time proves nothing. */
+    int64_t floor_ms = r->timeout_ms / 2 < REMOTE_DOWN_CONNECT_MS ? r->timeout_ms / 2
+                                                                  : REMOTE_DOWN_CONNECT_MS;
     int down;
 
     if (node < 0)
