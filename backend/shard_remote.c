@@ -48,6 +48,23 @@
  * 7. Errors: transport failures map in remote_errno_of_curl(), HTTP statuses
  *    only through wire_errno_of_status(). A reply we cannot parse (a missing
  *    X-Shardfs-Vlen, a malformed scan reply, bad JSON) is -EIO.
+ * 8. Dead nodes fail fast. A node (of cfg; a URL learnt from a redirect that
+ *    is no configured node is not tracked) is marked down, with the time,
+ *    when an attempt could not connect to it: refused, unreachable, or a
+ *    connect that ran out a budget of at least REMOTE_DOWN_CONNECT_MS (or
+ *    half of timeout_ms if that is less). Only
+ *    then: an HTTP status, a reset or a timeout after the connection was
+ *    made (on_prereq ran) say the node is there, perhaps slow or loaded, and
+ *    marking it down would turn a slow request into failures of every
+ *    request. While a node is down no request for it is retried, and its
+ *    connect is bounded by REMOTE_DOWN_CONNECT_MS. After a refusal every
+ *    request still makes its one attempt: a refusal costs a round trip, and
+ *    so a restarted node is used by the very next request. After a connect
+ *    timeout (a black hole, each try costs a second) requests fail at once
+ *    with -EHOSTUNREACH except one every REMOTE_PROBE_MS, the probe. The
+ *    probe is lazy, the request itself: no thread, so nothing to start after
+ *    fork and nothing to do for a node nobody asks for. Any HTTP answer to
+ *    any request marks the node up.
  *
  * Threads: the pool, owner[], the interned URLs and the epoch are protected
  * by remote.lock; nothing else is shared. The only global state is
@@ -74,6 +91,8 @@
 #define REMOTE_BACKOFF_FIRST_MS 20
 #define REMOTE_BACKOFF_MAX_MS 500
 #define REMOTE_MIN_ATTEMPT_MS 10 /* no new attempt with less time left */
+#define REMOTE_PROBE_MS 500         /* a down node is tried again this often */
+#define REMOTE_DOWN_CONNECT_MS 1000 /* a connect timeout marks down from here */
 #define REMOTE_SMALL_REPLY_MAX (64u << 10)
 /* POST bodies up to this go out with the headers (curl's own limit for that). */
 #define REMOTE_INLINE_BODY_MAX (64u << 10)
@@ -103,6 +122,14 @@ struct conn {
     CURL *curl;
 };
 
+/* What we know of a configured node (DESIGN 8). */
+struct node_health {
+    int64_t down_ms;    /* CLOCK_MONOTONIC ms it was marked down; 0: up */
+    time_t down_since;  /* the same moment on the wall clock, for status */
+    int64_t probe_at;   /* while down: the next request is let through then */
+    int refused;        /* the last failure was a refusal (an answer, in a way) */
+};
+
 struct remote {
     const struct config *cfg;
     int self; /* this node, or -1 */
@@ -115,6 +142,7 @@ struct remote {
     uint64_t epoch; /* max(cfg->epoch, epochs of redirects) */
     struct conn *idle;
     unsigned idle_count;
+    struct node_health health[CONFIG_MAX_NODES];
 };
 
 struct shard_remote {
@@ -229,6 +257,8 @@ struct request {
     remote_sink_fn sink; /* set: a 2xx body goes here, piece by piece */
     void *sink_ctx;
     int stream; /* bound the time without progress, not the whole exchange */
+    int probe;  /* see the node as it is now: never failed fast (remote_ping) */
+    long connect_max_ms; /* > 0: the connect phase gets at most this */
 
     /* the reply */
     long status;    /* final HTTP status */
@@ -564,7 +594,9 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, q->stream ? 0L : (long)budget_ms);
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, q->stream ? 1L : 0L);
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, q->stream ? (long)(budget_ms + 999) / 1000 : 0L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)budget_ms);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
+                     q->connect_max_ms > 0 && q->connect_max_ms < budget_ms ? q->connect_max_ms
+                                                                           : (long)budget_ms);
 
     curl_easy_setopt(h, CURLOPT_PREREQFUNCTION, on_prereq);
     curl_easy_setopt(h, CURLOPT_PREREQDATA, q);
@@ -678,6 +710,77 @@ static int status_errno(const struct request *q)
                                 q->errno_name.set && !q->errno_name.trunc ? q->errno_name.v : NULL);
 }
 
+/* ---- node health (DESIGN 8) ---- */
+
+/* The configured node whose URL is url (a pointer from owner[] or
+ * cfg->nodes[]: url_intern() hands out the configured string for a
+ * configured URL), or -1. */
+static int node_of_url(const struct remote *r, const char *url)
+{
+    for (unsigned i = 0; i < r->cfg->node_count; i++)
+        if (r->cfg->nodes[i].url == url)
+            return (int)i;
+    return -1;
+}
+
+/* May an attempt go to node (-1: untracked) now? 0: yes; 1: yes, as the
+ * probe of a down node (its connect gets at most REMOTE_DOWN_CONNECT_MS);
+ * -EHOSTUNREACH: no, it is down, did not even refuse (a connect timeout),
+ * and another attempt probed it less than REMOTE_PROBE_MS ago. probe: always
+ * let through (remote_ping). Called with lock held. */
+static int health_gate(struct remote *r, int node, int probe)
+{
+    struct node_health *h;
+    int64_t now;
+
+    if (node < 0 || r->health[node].down_ms == 0)
+        return 0;
+    h = &r->health[node];
+    now = now_ms();
+    if (!probe && !h->refused && now < h->probe_at)
+        return -EHOSTUNREACH;
+    h->probe_at = now + REMOTE_PROBE_MS;
+    return 1;
+}
+
+/* An attempt on node ended with cc, its connect allowed connect_ms: an HTTP
+ * answer marks the node up; a failure to connect at all marks it down
+ * (keeping the time of a mark already there). Anything else tells nothing
+ * (DESIGN 8). Returns 1 when this attempt marked the node down. */
+static int health_note(struct remote *r, int node, CURLcode cc, const struct request *q,
+                       int64_t connect_ms)
+{
+    /* A connect squeezed into the end of a request's time proves nothing. */
+    int64_t floor_ms = r->timeout_ms / 2 < REMOTE_DOWN_CONNECT_MS ? r->timeout_ms / 2
+                                                                  : REMOTE_DOWN_CONNECT_MS;
+    int down;
+
+    if (node < 0)
+        return 0;
+    down = cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST ||
+           (cc == CURLE_OPERATION_TIMEDOUT && q->sends == 0 && connect_ms >= floor_ms);
+    if (cc != CURLE_OK && !down)
+        return 0;
+    pthread_mutex_lock(&r->lock);
+    struct node_health *h = &r->health[node];
+    if (!down) {
+        h->down_ms = 0;
+    } else {
+        int64_t now = now_ms();
+        if (h->down_ms == 0) {
+            h->down_ms = now;
+            h->down_since = time(NULL);
+        }
+        h->probe_at = now + REMOTE_PROBE_MS;
+        /* curl reports a connect that ran out of time as a timeout, so
+         * this is a refusal or an unreachable host, seen quickly: the next
+         * request may try again, at the cost of a round trip. */
+        h->refused = cc == CURLE_COULDNT_CONNECT;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return down;
+}
+
 /* Send q to the owner of shard (or, with shard < 0, to node `node`),
  * following redirects and retrying idempotent requests, all within
  * timeout_ms. 0 when a 2xx status came back (q->status tells which), else
@@ -694,13 +797,16 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
     for (;;) {
         char base[CONFIG_URL_MAX + 1];
         uint64_t epoch;
+        int target, gate;
 
         pthread_mutex_lock(&r->lock);
+        target = shard >= 0 ? node_of_url(r, r->owner[shard]) : (int)node;
         snprintf(base, sizeof(base), "%s", shard >= 0 ? r->owner[shard] : r->cfg->nodes[node].url);
         epoch = r->epoch;
+        gate = health_gate(r, target, q->probe);
         pthread_mutex_unlock(&r->lock);
-        if (!base[0]) {
-            rc = -EHOSTUNREACH; /* no URL configured */
+        if (!base[0] || gate < 0) {
+            rc = -EHOSTUNREACH; /* no URL configured, or known to be down */
             break;
         }
 
@@ -709,7 +815,15 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
             rc = -ETIMEDOUT;
             break;
         }
+        q->connect_max_ms = gate > 0 ? REMOTE_DOWN_CONNECT_MS : 0;
         CURLcode cc = exchange(r, c->curl, base, epoch, q, left);
+        if (health_note(r, target, cc, q,
+                        q->connect_max_ms > 0 && q->connect_max_ms < left ? q->connect_max_ms
+                                                                          : left)) {
+            /* Not retried: the next attempt is the probe's, REMOTE_PROBE_MS on. */
+            rc = remote_errno_of_curl(cc, q);
+            break;
+        }
         if (cc == CURLE_OK && q->status == 307 && shard >= 0) {
             if (++redirects > REMOTE_MAX_REDIRECTS) {
                 rc = -EIO;
@@ -956,6 +1070,8 @@ struct fan {
     struct curl_slist *hdrs;
     CURLcode cc;
     int running;
+    int node; /* the owner as a configured node, or -1 (DESIGN 8) */
+    int down; /* not sent: the node is known to be down */
 };
 
 /* Start f's first page on multi handle m. 0, or -errno (then the shard
@@ -968,13 +1084,21 @@ static int fan_start(CURLM *m, struct fan *f, const void *start, size_t slen, co
     uint64_t epoch;
     int rc =
         scan_request(&f->q, &f->body, f->s->index, start, slen, end, elen, REMOTE_SCAN_FIRST_LIMIT);
+    int gate;
 
     if (rc)
         return rc;
     pthread_mutex_lock(&r->lock);
     snprintf(base, sizeof(base), "%s", r->owner[f->s->index]);
     epoch = r->epoch;
+    f->node = node_of_url(r, r->owner[f->s->index]);
+    gate = health_gate(r, f->node, 0);
     pthread_mutex_unlock(&r->lock);
+    if (gate < 0) {
+        f->down = 1;
+        return gate;
+    }
+    f->q.connect_max_ms = gate > 0 ? REMOTE_DOWN_CONNECT_MS : 0;
     if (!base[0] || !(f->c = pool_take(r)))
         return -EHOSTUNREACH;
     if (exchange_setup(r, f->c->curl, base, epoch, &f->q, r->timeout_ms, &f->hdrs) != CURLE_OK)
@@ -1021,6 +1145,8 @@ static int fan_deliver(struct fan *f, const void *start, size_t slen, const void
 
     if (!f->r)
         return shard_scan(f->s, start, slen, end, elen, fn, ctx);
+    if (f->down)
+        return -EHOSTUNREACH;
     /* A node that did not answer within the bound is not asked again: the
      * caller would wait twice the bound. */
     if (f->cc == CURLE_OPERATION_TIMEDOUT || f->cc == CURLE_COULDNT_CONNECT)
@@ -1045,6 +1171,7 @@ int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, 
     for (unsigned i = 0; fans && i < n; i++) {
         fans[i].s = shards[i];
         fans[i].cc = CURLE_FAILED_INIT; /* "not done in parallel" until it is */
+        fans[i].node = -1;
         if (shards[i]->ops == &shard_remote_ops) {
             fans[i].r = to_remote(shards[i])->r;
             if (m)
@@ -1056,8 +1183,13 @@ int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, 
     for (unsigned i = 0; fans && i < n; i++) {
         struct fan *f = &fans[i];
         if (f->running) {
+            int64_t budget = f->r->timeout_ms;
+
             curl_multi_remove_handle(m, f->c->curl);
             exchange_finish(f->c->curl, &f->q, f->hdrs, f->cc);
+            if (f->q.connect_max_ms > 0 && f->q.connect_max_ms < budget)
+                budget = f->q.connect_max_ms;
+            health_note(f->r, f->node, f->cc, &f->q, budget);
         }
         if (f->c)
             pool_put(f->r, f->c);
@@ -1449,12 +1581,29 @@ out:
     return rc;
 }
 
+int remote_node_down(struct remote *r, unsigned node, time_t *since)
+{
+    int down;
+
+    if (node >= r->cfg->node_count)
+        return -EINVAL;
+    pthread_mutex_lock(&r->lock);
+    down = r->health[node].down_ms != 0;
+    if (down && since)
+        *since = r->health[node].down_since;
+    pthread_mutex_unlock(&r->lock);
+    return down;
+}
+
 /* One attempt, no retry: the point is to see the node as it is now. The
  * reply body (the node's config) is read and dropped, up to a cap. */
 int remote_ping(struct remote *r, unsigned node, double *rtt_ms)
 {
-    struct request q = {
-        .method = "GET", .path_query = "/v1/config", .keep_body = 0, .reply_max = 1u << 20};
+    struct request q = {.method = "GET",
+                        .path_query = "/v1/config",
+                        .keep_body = 0,
+                        .probe = 1,
+                        .reply_max = 1u << 20};
     struct timespec a, b;
     int rc;
 

@@ -9,7 +9,11 @@
  *
  * Errors: transport failures map to errno in one function: a timeout or a
  * dead node gives -ETIMEDOUT or -EHOSTUNREACH within cfg->timeout_ms, never a
- * hang; HTTP statuses map through wire_errno_of_status(). Idempotent reads
+ * hang; HTTP statuses map through wire_errno_of_status(). A node that could
+ * not be connected to (refused, unreachable, connect timeout) is remembered
+ * as down: its requests then give -EHOSTUNREACH at once, without retries,
+ * until one of them (every request after a refusal, one each 500 ms after a
+ * connect timeout; remote_ping always) gets an HTTP answer. Idempotent reads
  * (get, scan, stat) are retried with capped exponential backoff within the
  * timeout; apply and sync are never retried (a lost reply cannot be told
  * from a lost request).
@@ -18,6 +22,8 @@
  */
 #ifndef SHARDFS_SHARD_REMOTE_H
 #define SHARDFS_SHARD_REMOTE_H
+
+#include <time.h>
 
 #include "config.h"
 #include "shard.h"
@@ -83,6 +89,12 @@ struct remote_api_req {
 int remote_api_loop(struct remote *r, unsigned parallel,
                     struct remote_api_req *(*next)(void *ctx),
                     void (*done)(void *ctx, struct remote_api_req *call), void *ctx);
+
+/* Whether this process has node `node` marked down (the Errors paragraph
+ * above): 1 and the wall-clock time it was marked in *since, 0 if not (up,
+ * or never failed), -EINVAL for no such node. A mark stays until a request
+ * for the node gets an answer: it says "down when last asked". */
+int remote_node_down(struct remote *r, unsigned node, time_t *since);
 
 /* One authenticated round trip to node `node` (GET /v1/config): 0 and the
  * time in *rtt_ms, or -errno (e.g. -ETIMEDOUT for a dead node). */

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "node_server.h"
@@ -389,17 +390,45 @@ int cmd_ls(int argc, char **argv)
 
 /* ---- status ---- */
 
+/* Since when node `name` is down, as the earliest mark any live node has
+ * of it (GET /v1/nodes, kv_api.h): 0 and *since, *by (the live node's
+ * name), or -ENOENT if no live node has it marked. */
+static int down_since(struct client *c, const int *up, const char *name, time_t *since,
+                      const char **by)
+{
+    int found = -ENOENT;
+
+    for (unsigned i = 0; i < c->cfg.node_count; i++) {
+        struct growbuf b = {0};
+        json_t *doc = NULL, *t;
+
+        if (up[i] && remote_api_call(c->remote, i, "GET", "/v1/nodes", NULL, 0, sink_buf, &b,
+                                     NULL) == 0 && b.p)
+            doc = json_loads(b.p, 0, NULL);
+        t = json_object_get(json_object_get(doc, "down"), name);
+        if (json_is_integer(t) && (found || (time_t)json_integer_value(t) < *since)) {
+            *since = (time_t)json_integer_value(t);
+            *by = c->cfg.nodes[i].name;
+            found = 0;
+        }
+        json_decref(doc);
+        free(b.p);
+    }
+    return found;
+}
+
 static const char usage_status[] =
     "usage: shardfs status [-c CONF]\n"
     "\n"
-    "Print every node of CONF (up or down, address, round-trip time) and every\n"
-    "shard (owner, records, bytes, batches not yet synced). Exits 1 if a node\n"
-    "is down.\n";
+    "Print every node of CONF (up or down, address, round-trip time; for a\n"
+    "node that is down, since when the live nodes have it marked down) and\n"
+    "every shard (owner, records, bytes, batches not yet synced). Exits 1 if a\n"
+    "node is down.\n";
 
 int cmd_status(int argc, char **argv)
 {
     static struct client c;
-    int up[CONFIG_MAX_NODES] = {0}, down = 0;
+    int up[CONFIG_MAX_NODES] = {0}, prc[CONFIG_MAX_NODES] = {0}, down = 0;
     struct opts o;
     int rc = parse_opts(argc, argv, usage_status, 0, 0, &o);
 
@@ -411,18 +440,34 @@ int cmd_status(int argc, char **argv)
     printf("cluster: %u shards, epoch %llu, %u nodes, timeout %u ms\n\n", c.cfg.shard_count,
            (unsigned long long)c.cfg.epoch, c.cfg.node_count, c.cfg.timeout_ms);
     printf("%-12s %-5s %-32s %10s\n", "NODE", "STATE", "URL", "RTT");
+    double rtt[CONFIG_MAX_NODES] = {0};
     for (unsigned i = 0; i < c.cfg.node_count; i++) {
-        double rtt = 0;
-        int prc = remote_ping(c.remote, i, &rtt);
-
-        up[i] = prc == 0;
+        prc[i] = remote_ping(c.remote, i, &rtt[i]);
+        up[i] = prc[i] == 0;
         down += !up[i];
-        if (up[i])
+    }
+    /* In config order, once every node was pinged: a down node's line asks
+     * the live ones since when they have it marked. */
+    for (unsigned i = 0; i < c.cfg.node_count; i++) {
+        char when[32] = "";
+        const char *by = NULL;
+        time_t since;
+        struct tm tm;
+
+        if (up[i]) {
             printf("%-12s %-5s %-32s %7.2f ms\n", c.cfg.nodes[i].name, "up", c.cfg.nodes[i].url,
-                   rtt);
+                   rtt[i]);
+            continue;
+        }
+        if (down_since(&c, up, c.cfg.nodes[i].name, &since, &by) == 0 && gmtime_r(&since, &tm))
+            strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", &tm);
+        if (when[0])
+            printf("%-12s %-5s %-32s %10s  (%s; down since %s, seen by %s)\n",
+                   c.cfg.nodes[i].name, "down", c.cfg.nodes[i].url, "-", strerror(-prc[i]), when,
+                   by);
         else
-            printf("%-12s %-5s %-32s %10s  (%s)\n", c.cfg.nodes[i].name, "down", c.cfg.nodes[i].url,
-                   "-", strerror(-prc));
+            printf("%-12s %-5s %-32s %10s  (%s)\n", c.cfg.nodes[i].name, "down",
+                   c.cfg.nodes[i].url, "-", strerror(-prc[i]));
     }
     printf("\n%-6s %-12s %12s %14s %8s\n", "SHARD", "OWNER", "RECORDS", "BYTES", "PENDING");
     for (unsigned s = 0; s < c.cfg.shard_count; s++) {

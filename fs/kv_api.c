@@ -645,12 +645,47 @@ static int handle_delete(struct kv_api *api, const struct kv_path *p, struct nod
     return rc;
 }
 
+static void nodes_down_add(void *ctx, const char *node, time_t since)
+{
+    json_object_set_new(ctx, node, json_integer((json_int_t)since));
+}
+
+/* GET /v1/nodes: {"down": {NAME: UNIX_SECONDS, ...}}, the nodes this node
+ * has marked down and since when (for `shardfs status`). */
+static int handle_nodes(struct kv_api *api, const struct node_request *req,
+                        struct node_response *r)
+{
+    json_t *down = json_object(), *doc = down ? json_pack("{s:o}", "down", down) : NULL;
+    char *text = NULL;
+
+    if (strcmp(req->method, "GET") != 0) {
+        json_decref(doc);
+        r->status = 405;
+        node_response_header(r, "Allow", "GET");
+        return 0;
+    }
+    if (doc)
+        ns_nodes_down(api->ns, nodes_down_add, down);
+    text = doc ? json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(doc);
+    if (!text)
+        return -ENOMEM;
+    r->status = 200;
+    r->content_type = "application/json";
+    r->body = (uint8_t *)text;
+    r->len = strlen(text);
+    return 0;
+}
+
 int kv_api_handle(void *ctx, const struct node_request *req, struct node_response *r)
 {
     struct kv_api *api = ctx;
-    struct kv_path *p = malloc(sizeof(*p)); /* 6 KiB: off the server thread's stack */
+    struct kv_path *p;
     int rc;
 
+    if (strcmp(req->path, "/v1/nodes") == 0)
+        return handle_nodes(api, req, r);
+    p = malloc(sizeof(*p)); /* 6 KiB: off the server thread's stack */
     if (!p)
         return -ENOMEM;
     rc = path_parse(req->path, req->path_len, p, r);

@@ -23,6 +23,10 @@
  *   DELETE a file or symlink is unlinked, a directory removed (409
  *          ENOTEMPTY if it is not empty); 204.
  *
+ * Also GET /v1/nodes: {"down": {NAME: UNIX_SECONDS, ...}}, the nodes this
+ * node's process has marked down and since when (ns_nodes_down), which
+ * `shardfs status` shows.
+ *
  * Errors come back as node_server maps -errno: 404 ENOENT, 409 EEXIST /
  * ENOTDIR / EISDIR / ENOTEMPTY, 400 for "." or ".." in a path, 414 for a
  * name over 255 bytes, 413 for a body over the server's cap, 405 for other

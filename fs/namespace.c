@@ -142,6 +142,16 @@ void ns_repaired(struct ns *ns)
     ns->clear_mark = 1;
 }
 
+void ns_nodes_down(struct ns *ns, void (*fn)(void *ctx, const char *node, time_t since),
+                   void *ctx)
+{
+    for (unsigned i = 0; ns->remote && i < ns->cfg->node_count; i++) {
+        time_t since;
+        if (remote_node_down(ns->remote, i, &since) == 1)
+            fn(ctx, ns->cfg->nodes[i].name, since);
+    }
+}
+
 int ns_all_local(const struct ns *ns)
 {
     return ns->remote == NULL;

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <sys/statvfs.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "config.h"
 #include "record.h"
@@ -65,6 +66,12 @@ int ns_unclean_stop(const struct ns *ns);
 void ns_repaired(struct ns *ns);
 /* 1 if every shard of the store is local (a single-node store). */
 int ns_all_local(const struct ns *ns);
+/* fn(ctx, name, since) for every node this process has marked down
+ * (shard_remote.h: a connection to it failed and none has been answered
+ * since; since is the wall-clock time of the mark). Nothing for a
+ * single-node store. */
+void ns_nodes_down(struct ns *ns, void (*fn)(void *ctx, const char *node, time_t since),
+                   void *ctx);
 
 unsigned ns_shard_count(const struct ns *ns);
 /* 1 if this node owns shard index (it is an LMDB environment here). */

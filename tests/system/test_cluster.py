@@ -10,10 +10,12 @@ sanitizer/assertion lines in any daemon stderr, and then runs
 `shardfs serve -f` (fsck reaches their shards over HTTP).
 """
 
+import calendar
 import errno
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -498,33 +500,49 @@ def test_concurrent_mkdir_in_one_dir_keeps_link_count(cluster):
         assert os.stat(cluster.mnt[n]).st_nlink == 2 + per_node * len(NODES), n
 
 
-def test_dead_node(cluster):
-    # Files directly under the root (whose inode is on shard 0, node a): a
-    # file's entry, inode and data all live on the shard its entry hashes to
-    # (DESIGN.md / placement.h), so about 1 in 4 of them lives on c.
+def write_root_files(cluster, prefix, n):
+    """n files PREFIXnnn of random bytes under the root, written through a
+    and listed through b (so b sees them all before a node dies); returns
+    name -> bytes."""
     files = {}
-    for i in range(40):
-        data = ("file %d " % i).encode() + os.urandom(100 + i)
-        write_file(cluster.p("a", "r%02d" % i), data)
-        files["r%02d" % i] = data
-    # make sure b sees them all before c dies
-    assert sorted(n for n in os.listdir(cluster.p("b")) if n.startswith("r")) == sorted(files)
+    for i in range(n):
+        name = "%s%03d" % (prefix, i)
+        files[name] = ("file %d " % i).encode() + os.urandom(64 + i)
+        write_file(cluster.p("a", name), files[name])
+    assert sorted(x for x in os.listdir(cluster.p("b")) if x.startswith(prefix)) == sorted(files)
+    return files
 
-    cluster.kill9("c")
-    limit = 4 * TIMEOUT_MS / 1000.0
+
+def read_with_c_dead(cluster, node, files, limit, errnos, enough=None):
+    """Read files (name -> bytes) through node, each within limit seconds:
+    the right bytes or an errno of errnos. Returns the names read and
+    (name, errno name, seconds) of those that failed; stops once both
+    have `enough`."""
     ok, failed = [], []
     for rel, data in sorted(files.items()):
-        path = cluster.p("a", rel)
+        path = cluster.p(node, rel)
         (kind, val), el = call_bounded(lambda path=path: read_file(path), limit)
         if kind == "ok":
             assert val == data, "%s read wrong bytes with c dead" % rel
             ok.append(rel)
         else:
-            assert val.errno in DEAD_ERRNOS, "%s: unexpected %r" % (rel, val)
+            assert val.errno in errnos, "%s: unexpected %r" % (rel, val)
             assert el <= limit, "%s took %.1fs to fail" % (rel, el)
             failed.append((rel, errno.errorcode.get(val.errno), round(el, 2)))
-        if len(ok) >= 5 and len(failed) >= 5:
+        if enough and len(ok) >= enough and len(failed) >= enough:
             break
+    return ok, failed
+
+
+def test_dead_node(cluster):
+    # Files directly under the root (whose inode is on shard 0, node a): a
+    # file's entry, inode and data all live on the shard its entry hashes to
+    # (DESIGN.md / placement.h), so about 1 in 4 of them lives on c.
+    files = write_root_files(cluster, "r", 40)
+
+    cluster.kill9("c")
+    limit = 4 * TIMEOUT_MS / 1000.0
+    ok, failed = read_with_c_dead(cluster, "a", files, limit, DEAD_ERRNOS, enough=5)
     print("with c dead: readable %s; failed %s" % (ok, failed))
     assert ok, "no file readable with c dead (failed: %s)" % failed
     assert failed, "no file failed with c dead, although c owns 2 of 8 shards"
@@ -562,3 +580,50 @@ def test_http_requires_secret(cluster):
     # the filesystem still works afterwards
     write_file(cluster.p("a", "after-curl"), b"ok\n")
     assert read_file(cluster.p("c", "after-curl")) == b"ok\n"
+
+
+@pytest.mark.timeout_s(240)
+def test_dead_node_fails_fast(cluster):
+    # Issue 9, item 6: with c dead, every request for its shards used to
+    # wait out timeout_ms (and reads were retried until then), so reading
+    # 200 files of which about a quarter live on c took minutes. Now the
+    # first refused connection marks c down and the rest fail at once.
+    files = write_root_files(cluster, "f", 200)
+
+    cluster.kill9("c")
+    killed_at = time.time()
+    t0 = time.monotonic()
+    ok, failed = read_with_c_dead(cluster, "b", files, 4 * TIMEOUT_MS / 1000.0,
+                                  (errno.EHOSTUNREACH,))
+    took = time.monotonic() - t0
+    print("200 files through b with c dead: %.2f s, %d read, %d failed"
+          % (took, len(ok), len(failed)))
+    assert took <= 2 * TIMEOUT_MS / 1000.0, "reading 200 files took %.1f s" % took
+    # c owns 2 of 8 shards: about 50 of 200 (a binomial's sd is about 6)
+    assert 20 <= len(failed) <= 90, "%d of 200 failed" % len(failed)
+
+    # status shows since when b has c marked down (b failed to reach it)
+    r = run([SHARDFS_BIN, "status", "-c", cluster.conf], check=False, timeout=60)
+    out = r.stdout
+    print(out)
+    assert r.returncode == 1, out
+    m = re.search(r"(?m)^c\s+down\s.*down since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC, "
+                  r"seen by b\)$", out)
+    assert m, out
+    since = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+    assert abs(since - killed_at) <= 3, (m.group(1), killed_at)
+
+    # restarted, c is used again by the next requests: every file reads
+    cluster.start("c")
+    t1 = time.monotonic()
+
+    def all_read():
+        for rel, data in files.items():
+            try:
+                if read_file(cluster.p("b", rel)) != data:
+                    return False
+            except OSError:
+                return False
+        return True
+    wait_for(all_read, 3.0, "all 200 files to read through b after c restarted", interval=0.1)
+    print("all 200 read again %.2f s after c listened" % (time.monotonic() - t1))

@@ -1610,6 +1610,8 @@ static void f_timeout(void)
     CHECK_RC(put1(c.s[0], "slow", 4, "w", 1), -ETIMEDOUT);
     el = now_ms() - t0;
     CHECKF(el < TIMEOUT_MS + 500, "%.0f ms", el);
+    /* it accepted the connections: slow, not down */
+    CHECK_RC(remote_node_down(c.r, 0, NULL), 0);
     t0 = now_ms();
     CHECK_RC(shard_scan(c.s[0], NULL, 0, NULL, 0, collect_fn, &(struct collect){0}), -ETIMEDOUT);
     CHECK_RC(shard_sync(c.s[0]), -ETIMEDOUT);
@@ -1640,8 +1642,9 @@ static void f_timeout(void)
     fake_behave(&fa);
     client_close(&c);
 
-    /* nobody listening: apply fails at once (never retried), get within
-     * the bound (retried until then) */
+    /* nobody listening: a refused connection marks the node down, so
+     * apply and get both fail at once (get is not retried until the
+     * bound), and so do the requests after them, a fan-out included */
     client_open(&c, &cfg_dead);
     t0 = now_ms();
     CHECK_RC(put1(c.s[0], "x", 1, "y", 1), -EHOSTUNREACH);
@@ -1649,10 +1652,56 @@ static void f_timeout(void)
     CHECKF(el < 100, "%.0f ms", el);
     t0 = now_ms();
     CHECK_RC(shard_get(c.s[1], "x", 1, 0, buf, sizeof(buf), &vlen), -EHOSTUNREACH);
+    CHECK_RC(shard_get(c.s[1], "x", 1, 0, buf, sizeof(buf), &vlen), -EHOSTUNREACH);
+    CHECK_RC(shard_stat(c.s[0], &st), -EHOSTUNREACH);
+    CHECK_RC(shard_scan_many(c.s, 2, NULL, 0, NULL, 0, collect_fn, &(struct collect){0}),
+             -EHOSTUNREACH);
     el = now_ms() - t0;
-    CHECKF(el < TIMEOUT_MS + 500, "%.0f ms", el);
+    CHECKF(el < 100, "%.0f ms", el);
     CHECK_RC(remote_ping(c.r, 1, &rtt), -EHOSTUNREACH);
     client_close(&c);
+
+    /* a black hole: a listener whose queue is full drops our SYNs, so the
+     * connect runs out of time. That marks the node down too; then only one
+     * request every 500 ms probes it (a connect timeout again), the others
+     * fail at once. A request that connected and then timed out (the first
+     * part of this function) marked nothing. */
+    static struct config cfg_hole;
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof(sa);
+    unsigned hole_port;
+    int hole = listen_any(&hole_port), filler = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    char url_hole[64], url_none[64];
+
+    CHECK(hole >= 0 && filler >= 0 && listen(hole, 0) == 0);
+    CHECK(getsockname(hole, (struct sockaddr *)&sa, &sl) == 0);
+    CHECK(connect(filler, (struct sockaddr *)&sa, sl) == 0); /* fills the queue */
+    snprintf(url_hole, sizeof(url_hole), "http://127.0.0.1:%u", hole_port);
+    snprintf(url_none, sizeof(url_none), "http://127.0.0.1:%u", free_port());
+    make_config(&cfg_hole, "hole", url_hole, url_none, 0, EPOCH, SECRET);
+    client_open(&c, &cfg_hole);
+    t0 = now_ms();
+    CHECK_RC(shard_get(c.s[0], "x", 1, 0, buf, sizeof(buf), &vlen), -ETIMEDOUT);
+    el = now_ms() - t0;
+    CHECKF(el >= TIMEOUT_MS - 50 && el < TIMEOUT_MS + 300, "%.0f ms", el);
+    t0 = now_ms();
+    for (int i = 0; i < 20; i++)
+        CHECK_RC(shard_get(c.s[0], "x", 1, 0, buf, sizeof(buf), &vlen), -EHOSTUNREACH);
+    el = now_ms() - t0;
+    CHECKF(el < 100, "%.0f ms for 20 gets of a node marked down", el);
+    usleep(550 * 1000);
+    t0 = now_ms();
+    CHECK_RC(shard_get(c.s[0], "x", 1, 0, buf, sizeof(buf), &vlen), -ETIMEDOUT); /* the probe */
+    CHECK_RC(shard_get(c.s[0], "x", 1, 0, buf, sizeof(buf), &vlen), -EHOSTUNREACH);
+    el = now_ms() - t0;
+    CHECKF(el >= TIMEOUT_MS - 50 && el < TIMEOUT_MS + 300, "%.0f ms", el);
+    time_t since = 0;
+    CHECK_RC(remote_node_down(c.r, 0, &since), 1);
+    CHECK(since > 0 && since <= time(NULL));
+    CHECK_RC(remote_node_down(c.r, 1, &since), 0);
+    client_close(&c);
+    close(filler);
+    close(hole);
 }
 
 static void f_retries(void)
