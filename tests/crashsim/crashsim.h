@@ -83,4 +83,20 @@ static inline int crashsim_serve_checks(uint64_t seed, crashsim_check_fn check)
     return 0;
 }
 
+/* The command line both workloads share:
+ *   NAME run DIR SEED N | recover DIR | check SEED */
+static inline int crashsim_main(int argc, char **argv, const char *name,
+                                int (*run)(const char *dir, uint64_t seed, uint64_t n),
+                                int (*recover)(const char *dir), crashsim_check_fn check)
+{
+    if (argc == 5 && strcmp(argv[1], "run") == 0)
+        return run(argv[2], strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
+    if (argc == 3 && strcmp(argv[1], "recover") == 0)
+        return recover(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "check") == 0)
+        return crashsim_serve_checks(strtoull(argv[2], NULL, 10), check);
+    fprintf(stderr, "usage: %s run DIR SEED N | recover DIR | check SEED\n", name);
+    return 2;
+}
+
 #endif

@@ -203,39 +203,27 @@ static const struct ino_id *slot_dir(int slot)
     return &dirs[slot / NFILES];
 }
 
-static int dirs_make(struct ns *ns)
+/* Find the directories d1..d3 (dirs[]), making them first when make is set
+ * (then synced: operation 1). */
+static int dirs_open(struct ns *ns, int make)
 {
     struct inode ino;
+    int rc;
 
     dirs[0] = record_root_id;
     for (int i = 1; i < NDIRS; i++) {
         char name[8];
         snprintf(name, sizeof(name), "d%d", i);
-        int rc = ns_mknode(ns, &record_root_id, name, strlen(name), S_IFDIR | 0755, 0, 0, 0,
-                           NULL, &ino);
+        rc = make ? ns_mknode(ns, &record_root_id, name, strlen(name), S_IFDIR | 0755, 0, 0, 0,
+                              NULL, &ino)
+                  : -EEXIST;
         if (rc == -EEXIST)
             rc = ns_lookup(ns, &record_root_id, name, strlen(name), &ino);
         if (rc)
             return rc;
         dirs[i] = ino.id;
     }
-    return ns_sync(ns, NULL);
-}
-
-static int dirs_find(struct ns *ns)
-{
-    struct inode ino;
-
-    dirs[0] = record_root_id;
-    for (int i = 1; i < NDIRS; i++) {
-        char name[8];
-        snprintf(name, sizeof(name), "d%d", i);
-        int rc = ns_lookup(ns, &record_root_id, name, strlen(name), &ino);
-        if (rc)
-            return rc;
-        dirs[i] = ino.id;
-    }
-    return 0;
+    return make ? ns_sync(ns, NULL) : 0;
 }
 
 static int set_size(struct ns *ns, const struct ino_id *id, uint64_t size)
@@ -295,7 +283,7 @@ static int cmd_run(const char *dir, uint64_t seed, uint64_t n)
 
     if (!buf || model_init(&m) || store_open(dir, 0, &ns))
         return 1;
-    rc = dirs_make(ns);
+    rc = dirs_open(ns, 1);
     if (rc) {
         fprintf(stderr, "nsworkload: directories: %s\n", strerror(-rc));
         return 1;
@@ -448,7 +436,7 @@ static int check_state(const char *dir, uint64_t seed, uint64_t k, uint64_t max,
         snprintf(why, whylen, "the store does not reopen");
         return -EIO;
     }
-    if (k >= 1 && dirs_find(ns) != 0) {
+    if (k >= 1 && dirs_open(ns, 0) != 0) {
         snprintf(why, whylen, "a directory made and synced before everything is missing");
         rc = -EIO;
     } else if (k >= 1) {
@@ -474,12 +462,5 @@ static int check_state(const char *dir, uint64_t seed, uint64_t k, uint64_t max,
 
 int main(int argc, char **argv)
 {
-    if (argc == 5 && strcmp(argv[1], "run") == 0)
-        return cmd_run(argv[2], strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
-    if (argc == 3 && strcmp(argv[1], "recover") == 0)
-        return cmd_recover(argv[2]);
-    if (argc == 3 && strcmp(argv[1], "check") == 0)
-        return crashsim_serve_checks(strtoull(argv[2], NULL, 10), check_state);
-    fprintf(stderr, "usage: nsworkload run DIR SEED N | recover DIR | check SEED\n");
-    return 2;
+    return crashsim_main(argc, argv, "nsworkload", cmd_run, cmd_recover, check_state);
 }

@@ -350,12 +350,5 @@ out:
 
 int main(int argc, char **argv)
 {
-    if (argc == 5 && strcmp(argv[1], "run") == 0)
-        return cmd_run(argv[2], strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
-    if (argc == 3 && strcmp(argv[1], "recover") == 0)
-        return cmd_recover(argv[2]);
-    if (argc == 3 && strcmp(argv[1], "check") == 0)
-        return crashsim_serve_checks(strtoull(argv[2], NULL, 10), check_state);
-    fprintf(stderr, "usage: workload run DIR SEED N | recover DIR | check SEED\n");
-    return 2;
+    return crashsim_main(argc, argv, "workload", cmd_run, cmd_recover, check_state);
 }
