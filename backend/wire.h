@@ -71,6 +71,9 @@
 #define WIRE_PATH_MAX 512u
 #define WIRE_MAX_SKEW 300                   /* seconds */
 #define WIRE_AUTH_LEN 64                    /* hex characters */
+#define WIRE_NONCE_BYTES 16
+#define WIRE_NONCE_LEN (2 * WIRE_NONCE_BYTES) /* hex characters */
+#define WIRE_DIGEST_LEN 64                  /* hex characters of a SHA-256 */
 #define WIRE_GETV_READ_HDR 12u              /* klen, link, buflen: u32le each */
 #define WIRE_GETV_REQUEST_MAX (SHARD_READS_MAX * (WIRE_GETV_READ_HDR + BATCH_KEY_MAX))
 
