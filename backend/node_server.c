@@ -280,6 +280,14 @@ static const char *header(const struct node_input *in, const char *name)
     return in->header ? in->header(in->ctx, name) : NULL;
 }
 
+/* Whether a body follows the headers: chunked, or a Content-Length but 0. */
+static int has_body(const struct node_input *in)
+{
+    const char *cl = header(in, MHD_HTTP_HEADER_CONTENT_LENGTH);
+
+    return header(in, MHD_HTTP_HEADER_TRANSFER_ENCODING) || (cl && strcmp(cl, "0") != 0);
+}
+
 /* A request target holds no control character and no space (RFC 9112).
  * libmicrohttpd passes some through (a tab, \x01, DEL); refusing them keeps
  * them out of a redirect's Location, which repeats the target verbatim. */
@@ -1160,8 +1168,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         in = mhd_input(conn, rq, url, method);
         if (node_server_precheck(s, &in, &r))
             return refuse(conn, rq, &in, &r);
-        /* Authentic: a signed body is hashed as it comes (checked in step 4). */
-        if (header(&in, WIRE_HDR_DIGEST) && !(rq->digest = wire_digest_new()))
+        /* Authentic: a signed body is hashed as it comes (checked in step 4;
+         * no body, no hashing: an empty body's digest is a constant). */
+        if (header(&in, WIRE_HDR_DIGEST) && has_body(&in) && !(rq->digest = wire_digest_new()))
             rq->error = -ENOMEM;
         return MHD_YES;
     }
