@@ -128,6 +128,7 @@ struct request {
     int error;          /* -EFBIG, -ENOMEM or -EIO while reading the body */
     uint64_t discarded; /* body bytes thrown away after that */
     struct wire_digest *digest; /* of a signed body, as it comes */
+    char body_digest[WIRE_DIGEST_LEN + 1]; /* ... in hex once complete, or "" */
     uint8_t *body;      /* NULL while empty */
     size_t len, cap;
 };
@@ -1098,6 +1099,7 @@ static struct node_input mhd_input(struct MHD_Connection *conn, const struct req
         .path = url,
         .body = rq->len ? rq->body : NULL,
         .body_len = rq->len,
+        .body_digest = rq->body_digest[0] ? rq->body_digest : NULL,
         .now = rq->now,
         .header = mhd_header,
         .query = mhd_query,
@@ -1152,7 +1154,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     struct request *rq = *con_cls;
     struct node_response r = {0};
     struct node_input in;
-    char digest[WIRE_DIGEST_LEN + 1] = "";
     int rc;
 
     (void)version;
@@ -1204,7 +1205,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (rq->digest) {
         if (rq->error)
             wire_digest_free(rq->digest);
-        else if (wire_digest_final(rq->digest, digest) < 0)
+        else if (wire_digest_final(rq->digest, rq->body_digest) < 0)
             rq->error = -EIO;
         rq->digest = NULL;
     }
@@ -1214,7 +1215,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         resp_error(&r, rq->error, "cannot take the body: %s", strerror(-rq->error));
     else {
         in = mhd_input(conn, rq, url, method);
-        in.body_digest = digest[0] ? digest : NULL;
         node_server_handle(s, &in, &r);
     }
     return send_response(conn, &r);
