@@ -62,8 +62,9 @@
  * and 5xx (503 included: EAGAIN is reserved for a failed ASSERT_VALUE) EIO;
  * transport failures map separately in shard_remote.c.
  *
- * Pure functions, but for wire_nonce_new() (getrandom) and the wire_digest
- * objects (on the heap); thread-safe; callers own all buffers.
+ * Pure functions, but for wire_nonce_new() (getrandom), the wire_digest
+ * objects (on the heap) and the HMAC context each thread that signs keeps
+ * (freed when the thread ends); thread-safe; callers own all buffers.
  */
 #ifndef SHARDFS_WIRE_H
 #define SHARDFS_WIRE_H
