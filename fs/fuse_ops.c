@@ -826,9 +826,13 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     struct fs *fs = fs_of(req);
     struct node *nd = node_of(fs, ino);
     struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-    int append = h && h->append;
+    /* A write of cached pages (writepage: a shared mmap's dirty pages) goes
+     * at its own offset, whichever open's handle the kernel picked for it:
+     * O_APPEND is for write(2), and an O_APPEND handle used to move a mapped
+     * page to the end of the file. */
+    int append = h && h->append && !fi->writepage;
     /* The kernel sends the file's flags with each write; a write of cached
-     * pages (writepage: a shared mmap) is the cache's own. */
+     * pages is the cache's own. */
     int direct =
         ((fi->flags & O_DIRECT) || (h && h->direct_io)) && !fi->writepage && fs->inval_running;
     uint64_t new_size = 0;

@@ -174,21 +174,38 @@ def test_appends_from_three_processes_on_one_node_stay_whole(fs):
     check_everywhere([("the mount", path)], want, took)
 
 
-def test_read_write_append_open_can_still_be_mapped_shared(cluster):
-    """A read-write O_APPEND open keeps the page cache where the kernel
-    refuses a shared mmap of a direct-I/O file (libfuse before 3.16): a
-    program that maps its log file must not get ENODEV. A write-only one
-    cannot be mapped at all, so it loses nothing by direct I/O."""
-    p = cluster.p("a", "mapped.log")
-    write_file(p, b"first line\n")
-    fd = os.open(cluster.p("b", "mapped.log"), os.O_RDWR | os.O_APPEND)
+def map_and_write_in_place(path):
+    """Through an O_RDWR | O_APPEND descriptor: append a line, map the file
+    shared, change its first bytes in place, msync. O_APPEND is for write(2);
+    the kernel writes a mapping's dirty pages back at their own offsets
+    (writepage), which the daemon used to put at the end of the file."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
     try:
         assert os.write(fd, b"second line\n") == 12
         m = mmap.mmap(fd, 0, mmap.MAP_SHARED)
         try:
             assert m[:] == b"first line\nsecond line\n"
+            m[:5] = b"FIRST"
+            m.flush()
         finally:
             m.close()
     finally:
         os.close(fd)
-    assert read_file(cluster.p("c", "mapped.log")) == b"first line\nsecond line\n"
+
+
+def test_read_write_append_open_can_still_be_mapped_shared(cluster):
+    """A read-write O_APPEND open keeps the page cache where the kernel
+    refuses a shared mmap of a direct-I/O file (libfuse before 3.16): a
+    program that maps its log file must not get ENODEV. A write-only one
+    cannot be mapped at all, so it loses nothing by direct I/O."""
+    write_file(cluster.p("a", "mapped.log"), b"first line\n")
+    map_and_write_in_place(cluster.p("b", "mapped.log"))
+    for n in NODES:
+        assert read_file(cluster.p(n, "mapped.log")) == b"FIRST line\nsecond line\n", n
+
+
+def test_mapped_write_of_an_append_open_stays_in_place(fs):
+    """The same on a single node, where the page cache is kept."""
+    write_file(fs.path("mapped.log"), b"first line\n")
+    map_and_write_in_place(fs.path("mapped.log"))
+    assert read_file(fs.path("mapped.log")) == b"FIRST line\nsecond line\n"
