@@ -108,11 +108,11 @@ struct opened {
     int is_dir;                 /* a struct dir_handle, else a struct handle */
 };
 
-/* An open file: O_APPEND must be honoured by the store, not by the offset the
- * kernel sends, so that appends from several writers never overlap. */
+/* An open file. O_APPEND is honoured by the store, not by the offset the
+ * kernel sends, so that appends from several writers never overlap; it is
+ * taken from each write's flags (fcntl may set or clear it after the open). */
 struct handle {
     struct opened o;
-    int append;
     int direct_io; /* opened with fi->direct_io (an O_APPEND open, see the top) */
 };
 
@@ -386,13 +386,11 @@ static void handle_free(struct fs *fs, void *handle)
 static struct handle *handle_new(struct fs *fs, int flags)
 {
     struct handle *h = handle_alloc(fs, sizeof(*h), 0);
-    if (h) {
-        h->append = (flags & O_APPEND) != 0;
-        /* Whole appends across nodes, where no shared mmap can break on it
-         * (see the top of the file). */
-        h->direct_io = h->append && fs->direct_append &&
+    /* Whole appends across nodes, where no shared mmap can break on it (see
+     * the top of the file). */
+    if (h)
+        h->direct_io = (flags & O_APPEND) && fs->direct_append &&
                        ((flags & O_ACCMODE) == O_WRONLY || fs->direct_io_mmap);
-    }
     return h;
 }
 
@@ -826,13 +824,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     struct fs *fs = fs_of(req);
     struct node *nd = node_of(fs, ino);
     struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-    /* A write of cached pages (writepage: a shared mmap's dirty pages) goes
-     * at its own offset, whichever open's handle the kernel picked for it:
-     * O_APPEND is for write(2), and an O_APPEND handle used to move a mapped
-     * page to the end of the file. */
-    int append = h && h->append && !fi->writepage;
-    /* The kernel sends the file's flags with each write; a write of cached
-     * pages is the cache's own. */
+    /* The kernel sends the descriptor's flags as they are now with each
+     * write (F_SETFL may have changed O_APPEND since the open). A write of
+     * cached pages (writepage: a shared mmap's dirty pages) goes at its own
+     * offset and is the cache's own: O_APPEND is for write(2). */
+    int append = (fi->flags & O_APPEND) && !fi->writepage;
     int direct =
         ((fi->flags & O_DIRECT) || (h && h->direct_io)) && !fi->writepage && fs->inval_running;
     uint64_t new_size = 0;

@@ -16,6 +16,7 @@ every line says who wrote it, its number and its length, so a line cut in two,
 overwritten or written twice is found.
 """
 
+import fcntl
 import mmap
 import os
 import random
@@ -209,3 +210,38 @@ def test_mapped_write_of_an_append_open_stays_in_place(fs):
     write_file(fs.path("mapped.log"), b"first line\n")
     map_and_write_in_place(fs.path("mapped.log"))
     assert read_file(fs.path("mapped.log")) == b"FIRST line\nsecond line\n"
+
+
+def test_o_append_set_and_cleared_by_fcntl_is_honoured(cluster):
+    """O_APPEND is the descriptor's flag now, not the one it was opened with:
+    fcntl(F_SETFL) may add or clear it after the open. Added: node a's kernel
+    still holds the size it read at open, so the store must take the end
+    itself or b's line is overwritten. Cleared: a pwrite goes at its offset
+    again, not at the end."""
+    write_file(cluster.p("a", "f.log"), b"a first\n")
+    fd = os.open(cluster.p("a", "f.log"), os.O_WRONLY)
+    try:
+        assert os.fstat(fd).st_size == 8  # a's kernel keeps this for cache_timeout
+        with open(cluster.p("b", "f.log"), "ab") as f:
+            f.write(b"b second\n")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        assert os.write(fd, b"a third\n") == 8
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+        assert os.pwrite(fd, b"A", 0) == 1
+    finally:
+        os.close(fd)
+    for n in NODES:
+        assert read_file(cluster.p(n, "f.log")) == b"A first\nb second\na third\n", n
+
+
+def test_o_append_cleared_by_fcntl_writes_at_the_offset(fs):
+    """An O_APPEND open whose flag fcntl clears writes where it is told."""
+    write_file(fs.path("g.log"), b"one\n")
+    fd = os.open(fs.path("g.log"), os.O_WRONLY | os.O_APPEND)
+    try:
+        assert os.write(fd, b"two\n") == 4
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+        assert os.pwrite(fd, b"ONE", 0) == 3
+    finally:
+        os.close(fd)
+    assert read_file(fs.path("g.log")) == b"ONE\ntwo\n"
