@@ -245,3 +245,24 @@ def test_o_append_cleared_by_fcntl_writes_at_the_offset(fs):
     finally:
         os.close(fd)
     assert read_file(fs.path("g.log")) == b"ONE\ntwo\n"
+
+
+def test_reader_on_the_appending_node_sees_the_appends(cluster):
+    """A descriptor that read the file (its last page is cached) reads what
+    later direct appends on the same node wrote into that page and past it,
+    without reopening. The daemon drops each append's range from the cache;
+    kernels from 6.6 on also drop a direct write's range themselves (this
+    test passes here without the daemon's part; it guards the promise)."""
+    p = cluster.p("a", "seen.log")
+    write_file(p, b"0" * 100)
+    rfd = os.open(p, os.O_RDONLY)
+    try:
+        want = b"0" * 100
+        assert os.pread(rfd, 1 << 16, 0) == want  # the page is cached now
+        for i in range(1, 6):
+            with open(p, "ab") as f:
+                f.write(b"%d" % i * 3000)
+            want += b"%d" % i * 3000
+            assert os.pread(rfd, 1 << 16, 0) == want, i
+    finally:
+        os.close(rfd)
