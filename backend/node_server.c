@@ -86,6 +86,8 @@
 #include <unistd.h>
 
 #include <openssl/crypto.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include "batch.h"
 #include "nonce_cache.h"
@@ -101,6 +103,7 @@
 #define NONCE_MIN_KEEP_S 30                   /* ... for at least this long (nonce_cache.h) */
 #define BUSY_LOG_S 10                         /* "cannot remember more nonces", at most this often */
 #define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
+#define TLS_FILE_MAX (1u << 20)               /* a PEM certificate chain or key */
 
 struct node_server {
     struct MHD_Daemon *daemon;
@@ -112,6 +115,8 @@ struct node_server {
     struct sockaddr_storage addr;  /* where we listen */
     char host[CONFIG_URL_MAX + 1]; /* for messages */
     char port[8];
+    int tls;                       /* https:// url: serve TLS */
+    char *tls_cert, *tls_key;      /* their PEM text, for MHD */
     _Atomic uint64_t newest_epoch; /* highest request epoch logged so far */
     struct nonce_cache *nonces;    /* of the signed requests accepted */
     _Atomic int64_t busy_logged;   /* when a full nonce cache was last logged */
@@ -1272,10 +1277,7 @@ static int parse_listen_url(struct node_server *s, const char *url, char *err, s
         set_err(err, errlen, "%s: bad url (%s)", url[0] ? url : "\"\"", why);
         return -EINVAL;
     }
-    if (u.tls) {
-        set_err(err, errlen, "%s: TLS not supported yet (use http://)", url);
-        return -ENOTSUP;
-    }
+    s->tls = u.tls;
     snprintf(s->host, sizeof(s->host), "%s", u.host);
     snprintf(s->port, sizeof(s->port), "%u", u.port);
 
@@ -1298,6 +1300,100 @@ static int parse_listen_url(struct node_server *s, const char *url, char *err, s
     memcpy(&s->addr, ai->ai_addr, ai->ai_addrlen);
     freeaddrinfo(ai);
     return 0;
+}
+
+/* ---- TLS ---- */
+
+/* The whole of a small file as a NUL-terminated string; -errno. */
+static int read_text_file(const char *path, char **out)
+{
+    FILE *f = fopen(path, "re");
+    char *buf = NULL;
+    size_t n;
+    int rc = 0;
+
+    *out = NULL;
+    if (!f)
+        return -errno;
+    buf = malloc(TLS_FILE_MAX + 1);
+    if (!buf) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    n = fread(buf, 1, TLS_FILE_MAX + 1, f);
+    if (ferror(f)) {
+        rc = -EIO;
+        goto out;
+    }
+    if (n > TLS_FILE_MAX) {
+        rc = -EFBIG;
+        goto out;
+    }
+    buf[n] = '\0';
+    *out = buf;
+    buf = NULL;
+out:
+    free(buf);
+    fclose(f);
+    return rc;
+}
+
+/* Check with libcrypto what MHD (GnuTLS) would only call "failed": the
+ * certificate and key are PEM and belong together. 0 or -EINVAL with the
+ * reason in why. */
+static int check_cert_and_key(const char *cert_pem, const char *key_pem, char *why, size_t whylen,
+                              int *bad_key)
+{
+    BIO *cb = BIO_new_mem_buf(cert_pem, -1), *kb = BIO_new_mem_buf(key_pem, -1);
+    X509 *cert = cb ? PEM_read_bio_X509(cb, NULL, NULL, NULL) : NULL;
+    EVP_PKEY *key = kb ? PEM_read_bio_PrivateKey(kb, NULL, NULL, NULL) : NULL;
+    int rc = -EINVAL;
+
+    *bad_key = 0;
+    if (!cert) {
+        snprintf(why, whylen, "not a PEM certificate");
+    } else if (!key) {
+        *bad_key = 1;
+        snprintf(why, whylen, "not an unencrypted PEM private key");
+    } else if (X509_check_private_key(cert, key) != 1) {
+        *bad_key = 1;
+        snprintf(why, whylen, "the key does not match the certificate");
+    } else {
+        rc = 0;
+    }
+    X509_free(cert);
+    EVP_PKEY_free(key);
+    BIO_free(cb);
+    BIO_free(kb);
+    return rc;
+}
+
+/* This node's certificate and key from its tls_cert and tls_key, checked;
+ * errors name the file and its conf line. */
+static int load_tls(struct node_server *s, char *err, size_t errlen)
+{
+    const struct config_node *n = &s->cfg.nodes[s->self];
+    char why[128];
+    int rc, bad_key;
+
+    rc = read_text_file(n->tls_cert, &s->tls_cert);
+    if (rc < 0) {
+        set_err(err, errlen, "%s:%d: tls_cert %s: %s", s->cfg.path, n->tls_cert_line, n->tls_cert,
+                strerror(-rc));
+        return rc;
+    }
+    rc = read_text_file(n->tls_key, &s->tls_key);
+    if (rc < 0) {
+        set_err(err, errlen, "%s:%d: tls_key %s: %s", s->cfg.path, n->tls_key_line, n->tls_key,
+                strerror(-rc));
+        return rc;
+    }
+    rc = check_cert_and_key(s->tls_cert, s->tls_key, why, sizeof(why), &bad_key);
+    if (rc < 0)
+        set_err(err, errlen, "%s:%d: %s %s: %s", s->cfg.path,
+                bad_key ? n->tls_key_line : n->tls_cert_line, bad_key ? "tls_key" : "tls_cert",
+                bad_key ? n->tls_key : n->tls_cert, why);
+    return rc;
 }
 
 /* MHD says only "failed"; find out why by trying the bind ourselves. */
@@ -1375,6 +1471,7 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     struct node_server *s = NULL;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
                      MHD_USE_POLL | MHD_USE_ERROR_LOG;
+    struct MHD_OptionItem tls_opts[3] = {{MHD_OPTION_END, 0, NULL}};
     sigset_t all, old;
     uint64_t port = 0;
     int rc;
@@ -1389,6 +1486,15 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     if (s->addr.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     (void)parse_u64(s->port, &port);
+    if (s->tls) {
+        rc = load_tls(s, err, errlen);
+        if (rc < 0)
+            goto fail;
+        flags |= MHD_USE_TLS;
+        tls_opts[0] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert};
+        tls_opts[1] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key};
+        tls_opts[2] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+    }
 
     /* Threads inherit the signal mask: MHD's get every signal blocked. */
     sigfillset(&all);
@@ -1399,7 +1505,7 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
         flags, (uint16_t)port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&s->addr, MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_LIMIT, MAX_CONNECTIONS,
-        MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_END);
+        MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_ARRAY, tls_opts, MHD_OPTION_END);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (!s->daemon) {
         rc = explain_bind_failure(s, err, errlen);
@@ -1420,6 +1526,10 @@ void node_server_stop(struct node_server *s)
     if (s->daemon)
         MHD_stop_daemon(s->daemon);
     nonce_cache_free(s->nonces);
+    if (s->tls_key)
+        OPENSSL_cleanse(s->tls_key, strlen(s->tls_key));
+    free(s->tls_key);
+    free(s->tls_cert);
     free(s->shards);
     free(s);
 }
