@@ -1135,7 +1135,7 @@ static int rename_across(struct ns *ns, struct intent *in)
     batch_put(&b, key, klen, val, intent_encode(val, in));
     rc = apply_batch(s1, &b);
     if (rc)
-        return rc == -EAGAIN ? -ENOENT : rc;
+        return rc; /* -EAGAIN: the source changed; ns_rename reads it again */
 
     batch_init(&b);
     if (have_dst)
@@ -1149,7 +1149,7 @@ static int rename_across(struct ns *ns, struct intent *in)
         batch_init(&b);
         batch_del(&b, key, klen);
         apply_batch(s1, &b);
-        return rc == -EAGAIN ? -ENOENT : rc;
+        return rc; /* -EAGAIN: the target changed; ns_rename reads it again */
     }
 
     batch_init(&b);
@@ -1199,7 +1199,7 @@ static int rename_exchange(struct ns *ns, struct intent *in)
         batch_entry(&b, BATCH_PUT, &in->ddir, in->dname, in->dlen, &in->sid, in->stype);
         rc = apply_batch(s1, &b);
         if (rc)
-            return rc == -EAGAIN ? -ENOENT : rc;
+            return rc; /* -EAGAIN: ns_rename reads the names again */
     } else {
         rc = rename_across(ns, in);
         if (rc)
@@ -1263,13 +1263,113 @@ static int rename_entries_get(struct ns *ns, struct intent *in, int *dst_rc)
     return 0;
 }
 
+/* One attempt at a rename: read both entries, check, apply. -EAGAIN when
+ * an entry changed between its read and the batch that asserts it (another
+ * node renamed over the target, or moved the source): nothing was changed,
+ * and the caller reads the entries again. */
+static int rename_try(struct ns *ns, struct intent *in, unsigned flags, const struct drop *d)
+{
+    const struct ino_id *odir = &in->sdir, *ndir = &in->ddir;
+    const char *oname = in->sname, *nname = in->dname;
+    size_t olen = in->slen, nlen = in->dlen;
+    struct inode parent;
+    int dst_rc = 0, rc;
+
+    memset(&in->did, 0, sizeof(in->did));
+    in->dtype = DT_UNKNOWN;
+    rc = rename_entries_get(ns, in, &dst_rc);
+    if (rc)
+        return rc;
+    /* Within one directory the source entry, there until the rename's own
+     * batch, keeps the directory alive (rmdir would find it not empty). */
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
+        rc = parent_check(ns, ndir, &parent);
+        if (rc)
+            return rc;
+    }
+    rc = dst_rc;
+    if (rc == -ENOENT) {
+        in->dtype = DT_UNKNOWN;
+        if (flags & NS_RENAME_EXCHANGE)
+            return -ENOENT;
+    } else if (rc) {
+        return rc;
+    } else if (flags & NS_RENAME_NOREPLACE) {
+        return -EEXIST;
+    }
+    if (in->dtype != DT_UNKNOWN && memcmp(&in->sid, &in->did, sizeof(in->sid)) == 0)
+        return 0; /* two names of one inode: rename(2) does nothing */
+    if (in->kind == 2)
+        return rename_exchange(ns, in);
+    if (in->stype == DT_DIR && is_within(ns, ndir, &in->sid))
+        return -EINVAL;
+    rc = rename_target_ok(ns, in);
+    if (rc)
+        return rc;
+
+    struct shard *s1 = entry_shard(ns, odir, oname, olen);
+    struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
+    int replaced_done = 0, moved_done = 0;
+    if (s1 == s2) {
+        struct batch b;
+        batch_init(&b);
+        batch_entry(&b, BATCH_ASSERT_VALUE, odir, oname, olen, &in->sid, in->stype);
+        if (in->dtype == DT_UNKNOWN)
+            batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, nname, nlen, NULL, 0);
+        else
+            batch_entry(&b, BATCH_ASSERT_VALUE, ndir, nname, nlen, &in->did, in->dtype);
+        batch_entry(&b, BATCH_DEL, odir, oname, olen, NULL, 0);
+        batch_entry(&b, BATCH_PUT, ndir, nname, nlen, &in->sid, in->stype);
+        if (in->dtype != DT_UNKNOWN && inode_shard(ns, &in->did) == s1) {
+            /* The replaced file goes in the same batch: rsync's common case. */
+            rc = drop_link_with(ns, &in->did, &b, d);
+            replaced_done = 1;
+        } else if (in->stype != DT_DIR && inode_shard(ns, &in->sid) == s1) {
+            /* The moved file's ctime goes in the same batch: rsync's new
+             * files (a temporary name is placed as its final name). */
+            struct touch t = {0, 0};
+            rc = inode_cas(ns, &in->sid, &b, touch_mutate, &t, NULL);
+            if (rc == -ENOENT && batch_assertions_hold(s1, &b) == -EAGAIN)
+                rc = -EAGAIN; /* the source was replaced and freed meanwhile */
+            moved_done = 1;
+        } else {
+            rc = shard_apply(s1, &b);
+        }
+        batch_free(&b);
+    } else {
+        rc = rename_across(ns, in);
+    }
+    if (rc == -EEXIST && in->dtype == DT_UNKNOWN && !(flags & NS_RENAME_NOREPLACE))
+        rc = -EAGAIN; /* the target was created meanwhile: replace it */
+    if (rc) {
+        if (in->dtype == DT_DIR)
+            set_dying(ns, &in->did, 0);
+        return rc;
+    }
+    /* Only the rename whose batch replaced the target entry gets here for
+     * that target, so the replaced inode loses its link exactly once. */
+    if (in->dtype != DT_UNKNOWN && !replaced_done)
+        inode_cas(ns, &in->did, NULL, drop_link, d, NULL);
+    if (in->dtype == DT_DIR)
+        inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
+    if (in->stype == DT_DIR)
+        fix_moved_dir(ns, &in->sid, odir, ndir);
+    else if (!moved_done)
+        inode_touch(ns, &in->sid, 0, 0);
+    inode_touch(ns, odir, 0, 1);
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0)
+        inode_touch(ns, ndir, 0, 1);
+    return 0;
+}
+
 int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
               const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
               ns_is_open_fn is_open, void *ctx)
 {
     struct intent in;
-    struct inode parent;
-    int dst_rc = 0, rc = check_name(oname, olen);
+    struct drop d = {is_open, ctx};
+    uint64_t give_up = monotonic_ms() + INODE_CAS_GIVE_UP_MS;
+    int rc = check_name(oname, olen);
 
     if (rc == 0)
         rc = check_name(nname, nlen);
@@ -1285,92 +1385,27 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     in.dlen = (uint8_t)nlen;
     memcpy(in.sname, oname, olen);
     memcpy(in.dname, nname, nlen);
-    rc = rename_entries_get(ns, &in, &dst_rc);
-    if (rc)
-        return rc;
-    /* Within one directory the source entry, there until the rename's own
-     * batch, keeps the directory alive (rmdir would find it not empty). */
-    if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
-        rc = parent_check(ns, ndir, &parent);
-        if (rc)
-            return rc;
-    }
-    rc = dst_rc;
-    if (rc == -ENOENT) {
-        in.dtype = DT_UNKNOWN;
-        if (flags & NS_RENAME_EXCHANGE)
-            return -ENOENT;
-    } else if (rc) {
-        return rc;
-    } else if (flags & NS_RENAME_NOREPLACE) {
-        return -EEXIST;
-    }
-    if (in.dtype != DT_UNKNOWN && memcmp(&in.sid, &in.did, sizeof(in.sid)) == 0)
-        return 0; /* two names of one inode: rename(2) does nothing */
-    if (in.kind == 2) {
-        rc = rename_exchange(ns, &in);
+    /* Renames over one name from several nodes: each failed try means
+     * another rename (or an unlink, a create) of one of the two names went
+     * through, so the names are read again and the rename is redone on
+     * what they hold now; the last rename wins, as on a local filesystem.
+     * A source that is gone by then answers -ENOENT from the read. The same
+     * backoff as inode_cas() keeps a node that loses every race going. */
+    for (int tries = 0;; tries++) {
+        rc = rename_try(ns, &in, flags, &d);
+        /* The target name may exist from now on (whatever rc says: a
+         * cross-shard rename may be half done); a lookup that raced the
+         * rename stores nothing. */
         missing_forget(ns, ndir, nname, nlen);
-        return rc;
+        if (rc != -EAGAIN)
+            break;
+        rc = -EIO;
+        if (monotonic_ms() >= give_up)
+            break;
+        if (tries >= INODE_CAS_QUICK_TRIES)
+            inode_cas_backoff(tries);
     }
-    if (in.stype == DT_DIR && is_within(ns, ndir, &in.sid))
-        return -EINVAL;
-    rc = rename_target_ok(ns, &in);
-    if (rc)
-        return rc;
-
-    struct shard *s1 = entry_shard(ns, odir, oname, olen);
-    struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
-    struct drop d = {is_open, ctx};
-    int replaced_done = 0, moved_done = 0;
-    if (s1 == s2) {
-        struct batch b;
-        batch_init(&b);
-        batch_entry(&b, BATCH_ASSERT_VALUE, odir, oname, olen, &in.sid, in.stype);
-        if (in.dtype == DT_UNKNOWN)
-            batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, nname, nlen, NULL, 0);
-        else
-            batch_entry(&b, BATCH_ASSERT_VALUE, ndir, nname, nlen, &in.did, in.dtype);
-        batch_entry(&b, BATCH_DEL, odir, oname, olen, NULL, 0);
-        batch_entry(&b, BATCH_PUT, ndir, nname, nlen, &in.sid, in.stype);
-        if (in.dtype != DT_UNKNOWN && inode_shard(ns, &in.did) == s1) {
-            /* The replaced file goes in the same batch: rsync's common case. */
-            rc = drop_link_with(ns, &in.did, &b, &d);
-            replaced_done = 1;
-        } else if (in.stype != DT_DIR && inode_shard(ns, &in.sid) == s1) {
-            /* The moved file's ctime goes in the same batch: rsync's new
-             * files (a temporary name is placed as its final name). */
-            struct touch t = {0, 0};
-            rc = inode_cas(ns, &in.sid, &b, touch_mutate, &t, NULL);
-            moved_done = 1;
-        } else {
-            rc = shard_apply(s1, &b);
-        }
-        batch_free(&b);
-        if (rc == -EAGAIN)
-            rc = -ENOENT;
-    } else {
-        rc = rename_across(ns, &in);
-    }
-    /* The target name may exist from now on (whatever rc says: a cross-shard
-     * rename may be half done); a lookup that raced the rename stores nothing. */
-    missing_forget(ns, ndir, nname, nlen);
-    if (rc) {
-        if (in.dtype == DT_DIR)
-            set_dying(ns, &in.did, 0);
-        return rc;
-    }
-    if (in.dtype != DT_UNKNOWN && !replaced_done)
-        inode_cas(ns, &in.did, NULL, drop_link, &d, NULL);
-    if (in.dtype == DT_DIR)
-        inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
-    if (in.stype == DT_DIR)
-        fix_moved_dir(ns, &in.sid, odir, ndir);
-    else if (!moved_done)
-        inode_touch(ns, &in.sid, 0, 0);
-    inode_touch(ns, odir, 0, 1);
-    if (memcmp(odir, ndir, sizeof(*odir)) != 0)
-        inode_touch(ns, ndir, 0, 1);
-    return 0;
+    return rc;
 }
 
 /* ---- file data ---- */

@@ -1,0 +1,135 @@
+"""Atomic replace (write a temporary file, `mv` it over the name) from several
+nodes at once (DESIGN.md, "Multi-shard operations" and "Caching with several
+nodes").
+
+Two mounts of a 3-node cluster replace one file 1000 times each, with
+temporary names of their own, while the third mount reads it in a loop. POSIX
+rename-over is atomic: the name exists the whole time, so every open of it
+must succeed and read one whole version (old or new), and every `mv` must
+succeed (the other node renaming over the same name in between changes what
+the name holds, not whether it exists). At the end every node reads the same
+last version, only the name is left, and the teardown fsck of every node
+finds no leftover (a replaced inode freed exactly once).
+
+The `cluster` fixture (three nodes, eight shards, fsck at teardown) is the
+one of test_cluster.py.
+"""
+
+import collections
+import errno
+import hashlib
+import os
+import re
+import threading
+import time
+
+from test_cluster import cluster, NODES  # noqa: F401
+from conftest import read_file, run, wait_for, write_file
+
+import pytest
+
+ROUNDS = 1000
+NAME = "cfg"
+
+
+def version(node, i):
+    """A version that says who wrote it, which one it is and how long it is,
+    and ends with the SHA-256 of what comes before: a torn read, a mix of two
+    versions or a short read cannot pass check(). Sizes run from 700 bytes
+    (kept in the inode record) to 9 KiB (in a chunk), so both ways a file's
+    bytes are stored are replaced."""
+    size = 700 + (i * 977 + (0 if node == "a" else 4111)) % 8500
+    head = ("%s %05d %05d\n" % (node, i, size)).encode()
+    body = (head * (size // len(head) + 1))[:size - len(head) - 65]
+    data = head + body
+    return data + hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def check(data):
+    """(node, i) of a whole version, or raise AssertionError."""
+    head, _, _ = data.partition(b"\n")
+    parts = head.split()
+    assert len(parts) == 3, "no header: %r" % data[:80]
+    node, i, size = parts[0].decode(), int(parts[1]), int(parts[2])
+    assert len(data) == size, "%s %d: %d bytes, %d expected" % (node, i, len(data), size)
+    assert data[-65:-1] == hashlib.sha256(data[:-65]).hexdigest().encode(), \
+        "%s %d: checksum" % (node, i)
+    return node, i
+
+
+@pytest.mark.timeout_s(300)
+def test_replace_from_two_nodes_while_a_third_reads(cluster):
+    paths = {n: cluster.p(n, NAME) for n in NODES}
+    write_file(paths["a"], version("a", 0))
+    stop = threading.Event()
+    errors = []                # (who, what): every one fails the test
+    mv_failed = {"a": 0, "b": 0}
+    reads = {"ok": 0, "by": {"a": 0, "b": 0}}
+
+    def writer(node):
+        tmp = cluster.p(node, "%s.tmp.%s" % (NAME, node))
+        try:
+            for i in range(1, ROUNDS + 1):
+                write_file(tmp, version(node, i))
+                r = run(["mv", tmp, paths[node]], check=False)
+                if r.returncode != 0:
+                    errors.append((node, "mv %d: %s" % (i, r.stderr.strip()[:200])))
+                    mv_failed[node] += 1
+                    if mv_failed[node] > 100:
+                        return
+        except OSError as e:
+            errors.append((node, "write: %r" % e))
+
+    def reader():
+        last = {}
+        while not stop.is_set():
+            try:
+                fd = os.open(paths["c"], os.O_RDONLY)
+            except OSError as e:
+                errors.append(("c", "open: %s" % errno.errorcode.get(e.errno, e.errno)))
+                continue
+            try:
+                st = os.fstat(fd)
+                with os.fdopen(fd, "rb", buffering=0, closefd=False) as raw:
+                    data = raw.readall()   # read(2) up to end of file
+                node, i = check(data)
+                assert st.st_size == len(data), "fstat says %d, read %d" % (st.st_size,
+                                                                            len(data))
+                reads["ok"] += 1
+                reads["by"][node] += 1
+                last[node] = i
+            except OSError as e:
+                errors.append(("c", "read: %s" % errno.errorcode.get(e.errno, e.errno)))
+            except AssertionError as e:
+                errors.append(("c", "content: %s" % str(e)[:100]))
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in ("a", "b")]
+    rt = threading.Thread(target=reader, daemon=True)
+    t0 = time.monotonic()
+    rt.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    stop.set()
+    rt.join(30)
+    elapsed = time.monotonic() - t0
+    assert not any(t.is_alive() for t in threads + [rt]), "a worker hung"
+    print("%d replaces in %.1f s; %d whole reads on c (%d of a's, %d of b's)"
+          % (2 * ROUNDS, elapsed, reads["ok"], reads["by"]["a"], reads["by"]["b"]))
+    kinds = collections.Counter("%s %s" % (who, re.sub(r"\d+", "N", what)[:40])
+                                for who, what in errors)
+    assert not errors, "%d failures %r, first ones: %r" % (len(errors), dict(kinds), errors[:8])
+    assert reads["ok"] > 100, "too few reads to test anything: %d" % reads["ok"]
+    assert reads["by"]["a"] and reads["by"]["b"], reads
+
+    # The last rename wins, and every node sees it once its cached name and
+    # attributes expire (cache_timeout = 1 s).
+    final = read_file(paths["a"])
+    assert check(final) in (("a", ROUNDS), ("b", ROUNDS))
+    for n in NODES:
+        wait_for(lambda n=n: read_file(paths[n]) == final, 3.0, "the last version on " + n)
+    for n in NODES:
+        assert sorted(os.listdir(cluster.mnt[n])) == [NAME], n
