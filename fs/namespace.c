@@ -31,6 +31,21 @@
  *           if the parent is dying or gone, so no entry can slip into a
  *           directory that rmdir found empty.
  *
+ * DESIGN (replaced files across nodes)
+ * A node knows only its own opens. With other nodes, a file whose last name
+ * a rename replaced is therefore not deleted at once: it keeps its records,
+ * with nlink 0 and a *kept* orphan mark (ORPHAN_KEPT), so that a reader on
+ * another node that opened it just before reads it whole. Its ctime is the
+ * moment it lost the name (drop_link moves ctime), and REPLACED_KEEP_MS
+ * after that the node that owns its shard deletes it (the reaper thread,
+ * ns_reaper_start; every record of an inode is on that shard). A file this
+ * node has open is marked as any unlinked open file is (an empty mark) and
+ * deleted at its last close, or at that moment marked kept if the keep time
+ * is not over yet (ns_reap). The owner deletes every kept file at its clean
+ * stop (ns_reaper_stop), so a stopped store has none; a crash leaves them to
+ * recovery, as other orphans. Readers of a file on a node that holds neither
+ * its shard nor an open of the renaming node get ESTALE once it is gone.
+ *
  * Inode read-modify-writes are serialised by striped mutexes keyed by inode
  * id within this process (no thread ever holds two of them), and across nodes
  * by a compare-and-swap on the inode record (DESIGN at inode_cas()).
@@ -43,6 +58,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -65,6 +81,12 @@
 #define XATTR_VALUE_MAX 65536
 _Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one shard_read");
 #define FILE_SIZE_MAX (1ull << 50) /* 1 PiB: chunk indexes stay far from overflow */
+/* How long a file replaced on a cluster stays readable (DESIGN above). */
+#define REPLACED_KEEP_MS 10000
+/* How often the reaper looks for kept files that are due. */
+#define REAPER_SCAN_MS 1000
+/* The value of a kept orphan mark; an empty one marks a file open somewhere. */
+static const uint8_t ORPHAN_KEPT[1] = {'K'};
 #define STORE_FORMAT 1
 
 struct ns {
@@ -82,6 +104,14 @@ struct ns {
     struct inode_guess *guesses;    /* LOCK_STRIPES of them; see inode_cas() */
     pthread_mutex_t missing_lock;
     struct missing_name *missing;   /* MISSING_SLOTS of them; see ns_lookup_recent() */
+    /* The reaper of kept files (DESIGN above); set up by ns_reaper_start(). */
+    int reaper_running;
+    int reaper_stop;                /* protected by reaper_lock */
+    pthread_t reaper;
+    pthread_mutex_t reaper_lock;
+    pthread_cond_t reaper_cond;     /* CLOCK_MONOTONIC */
+    ns_is_open_fn reaper_is_open;
+    void *reaper_ctx;
 };
 
 /* A name found missing on a remote shard, and when. */
@@ -626,25 +656,30 @@ int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     if (nlen > RECORD_NAME_MAX)
         return -ENAMETOOLONG;
     rc = entry_and_inode_get(ns, dir, name, nlen, &id, &dtype, out);
-    if (rc == 1) {
-        guess_note(ns, out);
-        return 0;
-    }
-    /* Entry and inode are read in two steps; a rename replacing this name
-     * may free the old inode in between. Re-read the entry then: only an
-     * entry that still names a missing inode is really dangling (fsck). */
-    for (int tries = 0; rc == 0 && tries < 16; tries++) {
-        rc = inode_get(ns, &id, out);
+    /* Entry and inode are read in two steps when they live on two shards;
+     * a rename replacing this name (here or on another node) may drop the
+     * old inode's last link in between: the inode is then missing, or kept
+     * with nlink 0 for its readers (DESIGN, "Caching with several nodes").
+     * Re-read the entry then: only an entry that still names such an inode
+     * is really what the name holds (a dangling entry: fsck). */
+    for (int tries = 0; rc >= 0 && tries < 16; tries++) {
+        if (rc == 0)
+            rc = inode_get(ns, &id, out);
+        else
+            rc = 0; /* came along with the entry */
         if (rc == 0)
             guess_note(ns, out);
-        if (rc != -ENOENT)
-            return rc;
-        rc = entry_get(ns, dir, name, nlen, &again, &dtype);
-        if (rc == 0 && memcmp(&again, &id, sizeof(id)) == 0)
-            return -ENOENT;
-        id = again;
+        if (rc == -ENOENT || (rc == 0 && out->nlink == 0)) {
+            int gone = rc;
+            rc = entry_get(ns, dir, name, nlen, &again, &dtype);
+            if (rc == 0 && memcmp(&again, &id, sizeof(id)) == 0)
+                return gone;
+            id = again;
+            continue;
+        }
+        return rc;
     }
-    return rc ? rc : -ENOENT;
+    return rc < 0 ? rc : -ENOENT;
 }
 
 /* Missing names: a name a lookup found missing on a remote shard is
@@ -826,12 +861,13 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
 struct drop {
     ns_is_open_fn is_open;
     void *ctx;
+    int keep; /* a file left without a name is kept for other nodes' readers */
 };
 
 /* Change function dropping one name of an inode (arg: struct drop): nlink - 1,
  * and when none is left delete it or, if still open, mark it orphan (a
  * directory too: one that is open stays, empty and with nlink 0, until its
- * last close, as on a local filesystem). */
+ * last close, as on a local filesystem), or, with keep, mark it kept. */
 static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
     const struct drop *d = arg;
@@ -843,6 +879,10 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
         ino->nlink = 0;
         if (d->is_open && d->is_open(d->ctx, &ino->id)) {
             batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
+            return INODE_PUT;
+        }
+        if (d->keep && !S_ISDIR(ino->mode)) {
+            batch_put(b, key, record_orphan_key(key, &ino->id), ORPHAN_KEPT, sizeof(ORPHAN_KEPT));
             return INODE_PUT;
         }
         batch_reap(b, &ino->id);
@@ -867,7 +907,7 @@ static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *nam
                         const struct ino_id *id, uint8_t dtype, ns_is_open_fn is_open, void *ctx)
 {
     struct shard *se = entry_shard(ns, dir, name, nlen);
-    struct drop d = {is_open, ctx};
+    struct drop d = {is_open, ctx, 0};
     struct batch e;
     int rc;
 
@@ -1367,7 +1407,9 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
               ns_is_open_fn is_open, void *ctx)
 {
     struct intent in;
-    struct drop d = {is_open, ctx};
+    /* With other nodes the replaced file stays a while for their readers
+     * (DESIGN, "replaced files across nodes"). */
+    struct drop d = {is_open, ctx, ns->remote != NULL};
     uint64_t give_up = monotonic_ms() + INODE_CAS_GIVE_UP_MS;
     int rc = check_name(oname, olen);
 
@@ -1730,6 +1772,8 @@ static int setattr_change(struct ns *ns, struct batch *b, struct inode *ino, con
     struct timespec now;
     int rc;
 
+    if ((sa->mask & NS_SET_LINKED) && ino->nlink == 0 && !S_ISDIR(ino->mode))
+        return -ENOENT;
     inode_bump_ctime(ino);
     now = ino->ctime;
     if (sa->mask & NS_SET_MODE)
@@ -1962,8 +2006,31 @@ int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
 
 /* ---- reap, statfs, sync ---- */
 
+/* With the inode's lock held: delete inode id (read as *ino, nlink 0) and
+ * everything it owns. */
+static int orphan_delete(struct ns *ns, const struct ino_id *id)
+{
+    struct batch b;
+
+    batch_init(&b);
+    batch_reap(&b, id);
+    return apply_batch(inode_shard(ns, id), &b);
+}
+
+/* 1 if ino, a file that lost its last name, is still within the time it is
+ * kept for other nodes' readers (DESIGN, "replaced files across nodes"). */
+static int orphan_keep_left(const struct ns *ns, const struct inode *ino)
+{
+    struct timespec now = now_ts();
+    int64_t lost_ms = (int64_t)ino->ctime.tv_sec * 1000 + ino->ctime.tv_nsec / 1000000;
+    int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+
+    return ns->remote && !S_ISDIR(ino->mode) && now_ms - lost_ms < REPLACED_KEEP_MS;
+}
+
 int ns_reap(struct ns *ns, const struct ino_id *id)
 {
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_INODE_MAX];
     struct inode ino;
     struct batch b;
     int rc;
@@ -1971,9 +2038,19 @@ int ns_reap(struct ns *ns, const struct ino_id *id)
     lock_inode(ns, id);
     rc = inode_get(ns, id, &ino);
     if (rc == 0 && ino.nlink == 0) {
-        batch_init(&b);
-        batch_reap(&b, id);
-        rc = apply_batch(inode_shard(ns, id), &b);
+        if (orphan_keep_left(ns, &ino)) {
+            /* The owner of its shard deletes it when the time is over;
+             * asserted, so a mark never outlives its inode. */
+            batch_init(&b);
+            batch_add(&b, BATCH_ASSERT_VALUE, key, record_inode_key(key, id), val,
+                      record_inode_encode(val, &ino));
+            batch_put(&b, key, record_orphan_key(key, id), ORPHAN_KEPT, sizeof(ORPHAN_KEPT));
+            rc = apply_batch(inode_shard(ns, id), &b);
+            if (rc == -EAGAIN)
+                rc = 0; /* changed or deleted meanwhile: whoever did decides */
+        } else {
+            rc = orphan_delete(ns, id);
+        }
     }
     unlock_inode(ns, id);
     return rc == -ENOENT ? 0 : rc;
@@ -2155,13 +2232,14 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
     return fixed;
 }
 
-/* Inodes unlinked while open when the daemon stopped: nobody has them open
- * now, so they go -- but only if no name refers to them any more (nlink 0);
- * a stray mark on a linked inode is just dropped. */
-static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
-{
-    int fixed = 0;
+/* fn for every orphan mark on this node's shards: the shard, the mark's key,
+ * the inode's id and the mark's value (empty: unlinked while open;
+ * ORPHAN_KEPT: kept for other nodes' readers). Stops at fn's first error. */
+typedef int (*orphan_fn)(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
+                         const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg);
 
+static int orphans_each(struct ns *ns, orphan_fn fn, void *arg)
+{
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
         if (!ns_shard_is_local(ns, i))
@@ -2169,31 +2247,66 @@ static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void
         int rc = scan_type(ns, i, REC_ORPHAN, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
             struct ino_id id;
-            struct inode ino;
-            struct batch b;
-            char hex[33];
             if (l.keys[j][0] != 1 + RECORD_ID_LEN)
                 continue;
             memcpy(id.b, l.keys[j] + 2, RECORD_ID_LEN);
-            id_hex(&id, hex);
-            int linked = inode_get(ns, &id, &ino) == 0 && ino.nlink > 0;
-            reportf(report, ctx, "inode %s %s: %s", hex,
-                    linked ? "has a stale orphan mark" : "was unlinked while open",
-                    dry_run ? "would fix" : linked ? "dropping the mark" : "deleting it");
-            fixed++;
-            if (dry_run)
-                continue;
-            batch_init(&b);
-            batch_del(&b, l.keys[j] + 1, l.keys[j][0]);
-            rc = apply_batch(ns->shards[i], &b);
-            if (rc == 0 && !linked)
-                rc = ns_reap(ns, &id);
+            rc = fn(ns, i, l.keys[j] + 1, l.keys[j][0], &id, l.vals[j], l.vlens[j], arg);
         }
         key_list_free(&l);
         if (rc < 0)
             return rc;
     }
-    return fixed;
+    return 0;
+}
+
+struct recover_args {
+    int dry_run, fixed;
+    ns_report_fn report;
+    void *ctx;
+};
+
+/* An orphan mark found by recovery (orphans_each): nobody has the inode
+ * open now, and a kept file's readers are gone with the crash that left it,
+ * so it goes -- but only if no name refers to it any more (nlink 0); a
+ * stray mark on a linked inode is just dropped. */
+static int recover_orphan(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
+                          const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg)
+{
+    struct recover_args *r = arg;
+    struct inode ino;
+    struct batch b;
+    char hex[33];
+    int rc;
+
+    (void)val;
+    id_hex(id, hex);
+    int linked = inode_get(ns, id, &ino) == 0 && ino.nlink > 0;
+    reportf(r->report, r->ctx, "inode %s %s: %s", hex,
+            linked ? "has a stale orphan mark"
+            : vlen ? "was replaced (kept for readers)" : "was unlinked while open",
+            r->dry_run ? "would fix" : linked ? "dropping the mark" : "deleting it");
+    r->fixed++;
+    if (r->dry_run)
+        return 0;
+    batch_init(&b);
+    batch_del(&b, key, klen);
+    rc = apply_batch(ns->shards[shard], &b);
+    if (rc == 0 && !linked) {
+        lock_inode(ns, id);
+        if (inode_get(ns, id, &ino) == 0 && ino.nlink == 0)
+            rc = orphan_delete(ns, id);
+        unlock_inode(ns, id);
+    }
+    return rc;
+}
+
+/* Inodes unlinked while open, or kept, when the daemon stopped. */
+static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
+{
+    struct recover_args r = {dry_run, 0, report, ctx};
+    int rc = orphans_each(ns, recover_orphan, &r);
+
+    return rc < 0 ? rc : r.fixed;
 }
 
 int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
@@ -2204,6 +2317,127 @@ int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
         return a;
     b = recover_orphans(ns, dry_run, report, ctx);
     return b < 0 ? b : a + b;
+}
+
+/* ---- kept files (DESIGN, "replaced files across nodes") ---- */
+
+/* The kept file id on a local shard: deleted when its time is over (or at
+ * once with all), unless this process has it open (is_open, asked under the
+ * inode's lock: an open counts itself before it reads the inode under that
+ * lock, so it is seen here or finds the inode gone), which then deletes it
+ * at its last close (ns_reap). A mark on a linked inode is dropped. */
+static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
+{
+    uint8_t key[RECORD_KEY_MAX];
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc == 0 && ino.nlink > 0) {
+        batch_init(&b);
+        batch_del(&b, key, record_orphan_key(key, id));
+        rc = apply_batch(inode_shard(ns, id), &b);
+    } else if (rc == 0 && (all || !orphan_keep_left(ns, &ino)) &&
+               !(!all && ns->reaper_is_open && ns->reaper_is_open(ns->reaper_ctx, id))) {
+        rc = orphan_delete(ns, id);
+    }
+    unlock_inode(ns, id);
+    return rc == -ENOENT ? 0 : rc;
+}
+
+/* orphans_each: kept_settle for a kept mark (arg: int all). */
+static int kept_settle_one(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
+                           const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg)
+{
+    (void)shard, (void)key, (void)klen;
+    if (vlen == sizeof(ORPHAN_KEPT) && memcmp(val, ORPHAN_KEPT, vlen) == 0)
+        kept_settle(ns, id, *(const int *)arg); /* an error: the next scan tries again */
+    return 0;
+}
+
+/* Settle every kept file on this node's shards (kept_settle). */
+static void kept_settle_all(struct ns *ns, int all)
+{
+    orphans_each(ns, kept_settle_one, &all);
+}
+
+static void *reaper_main(void *arg)
+{
+    struct ns *ns = arg;
+
+    pthread_mutex_lock(&ns->reaper_lock);
+    while (!ns->reaper_stop) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        t.tv_sec += REAPER_SCAN_MS / 1000;
+        t.tv_nsec += (REAPER_SCAN_MS % 1000) * 1000000L;
+        if (t.tv_nsec >= 1000000000L)
+            t.tv_sec++, t.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&ns->reaper_cond, &ns->reaper_lock, &t);
+        if (ns->reaper_stop)
+            break;
+        pthread_mutex_unlock(&ns->reaper_lock);
+        kept_settle_all(ns, 0);
+        pthread_mutex_lock(&ns->reaper_lock);
+    }
+    pthread_mutex_unlock(&ns->reaper_lock);
+    return NULL;
+}
+
+int ns_reaper_start(struct ns *ns, ns_is_open_fn is_open, void *ctx)
+{
+    pthread_condattr_t ca;
+    sigset_t all, old;
+    int rc;
+
+    if (!ns->remote || ns->reaper_running)
+        return 0; /* a single node deletes a replaced file at once */
+    ns->reaper_is_open = is_open;
+    ns->reaper_ctx = ctx;
+    ns->reaper_stop = 0;
+    pthread_mutex_init(&ns->reaper_lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ns->reaper_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    /* Signals belong to the main thread. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = pthread_create(&ns->reaper, NULL, reaper_main, ns);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        pthread_cond_destroy(&ns->reaper_cond);
+        pthread_mutex_destroy(&ns->reaper_lock);
+        return -rc;
+    }
+    pthread_setname_np(ns->reaper, "shardfs-reaper");
+    ns->reaper_running = 1;
+    return 0;
+}
+
+/* Stop and join the reaper thread, if it runs. */
+static void reaper_join(struct ns *ns)
+{
+    if (!ns->reaper_running)
+        return;
+    pthread_mutex_lock(&ns->reaper_lock);
+    ns->reaper_stop = 1;
+    pthread_cond_signal(&ns->reaper_cond);
+    pthread_mutex_unlock(&ns->reaper_lock);
+    pthread_join(ns->reaper, NULL);
+    pthread_cond_destroy(&ns->reaper_cond);
+    pthread_mutex_destroy(&ns->reaper_lock);
+    ns->reaper_running = 0;
+}
+
+void ns_reaper_stop(struct ns *ns)
+{
+    if (!ns || !ns->reaper_running)
+        return;
+    reaper_join(ns);
+    kept_settle_all(ns, 1);
 }
 
 /* ---- open and close ---- */
@@ -2425,6 +2659,7 @@ void ns_close(struct ns *ns)
 {
     if (!ns)
         return;
+    reaper_join(ns); /* without ns_reaper_stop(): its is_open may be gone */
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
         shard_close(ns->shards[i]);
     if (ns->clear_mark)

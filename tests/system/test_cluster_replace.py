@@ -24,12 +24,14 @@ import threading
 import time
 
 from test_cluster import cluster, NODES  # noqa: F401
-from conftest import read_file, run, wait_for, write_file
+from conftest import SHARDFS_BIN, read_file, run, wait_for, write_file
 
 import pytest
 
 ROUNDS = 1000
 NAME = "cfg"
+INLINE_MAX = 2048          # a file up to this size lives in its inode record
+KEEP_S = 10                # a replaced file is kept this long (namespace.c)
 
 
 def version(node, i):
@@ -43,6 +45,14 @@ def version(node, i):
     body = (head * (size // len(head) + 1))[:size - len(head) - 65]
     data = head + body
     return data + hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def store_records(cluster):
+    """Records in all shards of the cluster, by `shardfs status`."""
+    out = run([SHARDFS_BIN, "status", "-c", cluster.conf]).stdout
+    shards = re.findall(r"(?m)^\d+\s+[abc]\s+(\d+)\s+\d+\s+\d+$", out)
+    assert len(shards) == 8, out
+    return sum(int(r) for r in shards)
 
 
 def check(data):
@@ -61,6 +71,8 @@ def check(data):
 def test_replace_from_two_nodes_while_a_third_reads(cluster):
     paths = {n: cluster.p(n, NAME) for n in NODES}
     write_file(paths["a"], version("a", 0))
+    assert len(version("a", 0)) <= INLINE_MAX
+    before = store_records(cluster)      # cfg is its entry and its inode
     stop = threading.Event()
     errors = []                # (who, what): every one fails the test
     mv_failed = {"a": 0, "b": 0}
@@ -133,3 +145,13 @@ def test_replace_from_two_nodes_while_a_third_reads(cluster):
         wait_for(lambda n=n: read_file(paths[n]) == final, 3.0, "the last version on " + n)
     for n in NODES:
         assert sorted(os.listdir(cluster.mnt[n])) == [NAME], n
+
+    # Every replaced file is deleted, once, after it was kept for readers
+    # elsewhere: the store holds cfg alone again (and its chunk, if it has
+    # one). fsck at teardown checks link counts and orphans.
+    want = before + (1 if len(final) > INLINE_MAX else 0)
+    kept = store_records(cluster) - want
+    wait_for(lambda: store_records(cluster) == want, KEEP_S + 10,
+             "the replaced files to be deleted", interval=0.5)
+    print("%d records of replaced files kept after the last mv, none %d s later"
+          % (kept, KEEP_S))
