@@ -43,8 +43,8 @@
  * is kept for a while for readers elsewhere (namespace.c, "replaced files
  * across nodes"), with nlink 0. A name this node's kernel cached before the
  * rename then leads to an inode that is still there instead of a missing
- * one, so open and getattr answer ESTALE for a file with no name left that
- * nothing here has open, and the kernel looks the name up again. Except
+ * one, so open answers ESTALE for a file with no name left (and getattr,
+ * unless this node has it open), and the kernel looks the name up again. Except
  * when the kernel has just looked the name up for this very open (a lookup
  * answered at most OPEN_AFTER_LOOKUP_MS before, and no open since): then the
  * walk raced the rename, and it opens the old file, as on a local
@@ -292,7 +292,15 @@ int fs_is_open(void *ctx, const struct ino_id *id)
  * (the kernel walks the path again once, and a second rename over the name
  * in that time makes the error reach the caller) where a local filesystem
  * opens the old file or the new one. The kernel forgets the replaced inode
- * as soon as nothing of its own holds it. */
+ * as soon as nothing of its own holds it: it drops the link of the inode
+ * its rename replaced. With other nodes that inode may not be the one the
+ * daemon replaced (another node renamed over the name between the kernel's
+ * lookup of the target and the rename), and then the kernel keeps a lookup
+ * of the daemon's one, with its dentry gone but a link count of 1, in its
+ * inode cache until memory runs short: pinned so, it stayed in the store
+ * (test_cluster_replace.py). There the replaced file is kept for a while
+ * anyway (namespace.c, "replaced files across nodes"), which covers the
+ * racing open, so only opens hold it. */
 static int fs_is_referenced(void *ctx, const struct ino_id *id)
 {
     struct fs *fs = ctx;
@@ -301,9 +309,9 @@ static int fs_is_referenced(void *ctx, const struct ino_id *id)
 
     pthread_mutex_lock(&fs->lock);
     n = node_find(fs, id);
-    if (n && (n->opens || n->nlookup) && !n->reaping) {
+    if (n && (n->opens || (n->nlookup && !fs->other_nodes)) && !n->reaping) {
         n->orphan = 1;
-        n->pinned = n->nlookup != 0;
+        n->pinned = n->nlookup != 0 && !fs->other_nodes;
         held = 1;
     }
     pthread_mutex_unlock(&fs->lock);
@@ -367,21 +375,22 @@ static void reply_rc(fuse_req_t req, int rc)
 }
 
 /* 1 if the kernel may have reached n by a name it cached before another node
- * replaced or unlinked the file: other nodes exist, nothing on this node has
- * it open beyond the caller's own `mine` opens, and no lookup of the last
- * OPEN_AFTER_LOOKUP_MS answered with n that no open has followed yet (an
- * open passes consume, and uses that lookup up). A file with no name left
- * then answers ESTALE (top of the file). */
-static int node_reached_by_old_name(struct fs *fs, struct node *n, unsigned mine, int consume)
+ * replaced or unlinked the file: other nodes exist, and no lookup of the
+ * last OPEN_AFTER_LOOKUP_MS answered with n that no open has followed yet.
+ * An open (for_open) uses that lookup up. A getattr is also answered while
+ * this node has n open (fstat of a descriptor); an open is not, or a write
+ * through an old name (O_TRUNC) would go to the old file and be lost. A
+ * file with no name left then answers ESTALE (top of the file). */
+static int node_reached_by_old_name(struct fs *fs, struct node *n, int for_open)
 {
     int old;
 
     if (!fs->other_nodes || n == &fs->root)
         return 0;
     pthread_mutex_lock(&fs->lock);
-    old = n->opens <= mine &&
+    old = (for_open || n->opens == 0) &&
           !(n->walked && monotonic_ms() - n->named_ms <= OPEN_AFTER_LOOKUP_MS);
-    if (consume)
+    if (for_open)
         n->walked = 0;
     pthread_mutex_unlock(&fs->lock);
     return old;
@@ -592,7 +601,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
                                &age_ms);
 
     (void)fi;
-    if (rc == 0 && unnamed_file(&node) && node_reached_by_old_name(fs, n, 0, 0))
+    if (rc == 0 && unnamed_file(&node) && node_reached_by_old_name(fs, n, 0))
         rc = -ESTALE;
     if (rc) {
         reply_rc(req, stale_if_gone(rc));
@@ -751,7 +760,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     /* A file replaced on another node stays for its readers there; an open
      * through a name the kernel cached before that must not find it, nor
      * truncate it (node_reached_by_old_name). */
-    int strict = node_reached_by_old_name(fs, n, 1, 1);
+    int strict = node_reached_by_old_name(fs, n, 1);
     if (fi->flags & O_TRUNC) {
         struct ns_setattr sa = {.mask = NS_SET_SIZE | NS_SET_KILL_SUIDGID, .size = 0};
         if (strict)

@@ -155,3 +155,58 @@ def test_replace_from_two_nodes_while_a_third_reads(cluster):
              "the replaced files to be deleted", interval=0.5)
     print("%d records of replaced files kept after the last mv, none %d s later"
           % (kept, KEEP_S))
+
+
+@pytest.mark.timeout_s(120)
+def test_open_descriptor_and_cached_name_across_a_replace(cluster):
+    """What a reader on another node sees when a replaces files it has open
+    or has looked up (DESIGN.md, "A file replaced on another node"):
+    a descriptor opened on c before the replace reads the old file whole
+    (fstat: nlink 0) for REPLACED_KEEP_MS, and then ESTALE, unless c owns
+    the file's shard (then for as long as it is open); a write through a name
+    c cached before the replace (O_TRUNC) goes to the new file, not to the
+    kept old one."""
+    names = ["keep%d" % i for i in range(8)]     # old files on several shards
+    old = {nm: version("a", i) for i, nm in enumerate(names)}
+    for nm in names:
+        write_file(cluster.p("a", nm), old[nm])
+    fds = {nm: os.open(cluster.p("c", nm), os.O_RDONLY) for nm in names}
+    try:
+        for i, nm in enumerate(names):
+            write_file(cluster.p("a", nm + ".tmp"), version("b", i))
+            run(["mv", cluster.p("a", nm + ".tmp"), cluster.p("a", nm)])
+        t_replaced = time.monotonic()
+        for nm in names:
+            assert os.pread(fds[nm], 65536, 0) == old[nm], nm
+
+        # c cached the name of keep0 (it opened it); a write through it
+        # must reach the file the name holds now.
+        with open(cluster.p("c", names[0]), "wb") as f:
+            f.write(b"written on c\n")
+        for n in NODES:
+            assert read_file(cluster.p(n, names[0])) == b"written on c\n", n
+        assert os.pread(fds[names[0]], 65536, 0) == old[names[0]]
+
+        # fstat asks the daemon once c's cached attributes (from the open)
+        # expire, after cache_timeout (1 s): the old file, with no name left.
+        stale = {}
+
+        def all_settled():
+            for nm in names:
+                if nm in stale:
+                    continue
+                try:
+                    nlink = os.fstat(fds[nm]).st_nlink
+                    assert nlink == 0 or time.monotonic() - t_replaced < 1.5, (nm, nlink)
+                except OSError as e:
+                    assert e.errno == errno.ESTALE, (nm, e)
+                    stale[nm] = time.monotonic() - t_replaced
+            return len(stale) >= len(names) - 4 and \
+                time.monotonic() - t_replaced > KEEP_S + 2.5
+        wait_for(all_settled, KEEP_S + 15, "the kept files to go", interval=0.2)
+        print("descriptors stale after %s s" % sorted("%.1f" % t for t in stale.values()))
+        assert stale, "no kept file was deleted"
+        assert min(stale.values()) > KEEP_S - 1, stale
+    finally:
+        for fd in fds.values():
+            os.close(fd)
