@@ -2325,7 +2325,8 @@ int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
  * once with all), unless this process has it open (is_open, asked under the
  * inode's lock: an open counts itself before it reads the inode under that
  * lock, so it is seen here or finds the inode gone), which then deletes it
- * at its last close (ns_reap). A mark on a linked inode is dropped. */
+ * at its last close (ns_reap). A mark on a linked or missing inode is
+ * dropped. 0 or -errno (the next scan tries again). */
 static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
 {
     uint8_t key[RECORD_KEY_MAX];
@@ -2335,16 +2336,17 @@ static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
 
     lock_inode(ns, id);
     rc = inode_get(ns, id, &ino);
-    if (rc == 0 && ino.nlink > 0) {
-        batch_init(&b);
+    if (rc == -ENOENT || (rc == 0 && ino.nlink > 0)) {
+        batch_init(&b); /* a stray mark: never made so, but never left either */
         batch_del(&b, key, record_orphan_key(key, id));
         rc = apply_batch(inode_shard(ns, id), &b);
-    } else if (rc == 0 && (all || !orphan_keep_left(ns, &ino)) &&
-               !(!all && ns->reaper_is_open && ns->reaper_is_open(ns->reaper_ctx, id))) {
-        rc = orphan_delete(ns, id);
+    } else if (rc == 0 && (all || !orphan_keep_left(ns, &ino))) {
+        int open = !all && ns->reaper_is_open && ns->reaper_is_open(ns->reaper_ctx, id);
+        if (!open)
+            rc = orphan_delete(ns, id);
     }
     unlock_inode(ns, id);
-    return rc == -ENOENT ? 0 : rc;
+    return rc;
 }
 
 /* orphans_each: kept_settle for a kept mark (arg: int all). */
