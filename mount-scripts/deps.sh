@@ -13,6 +13,7 @@ SHARDFS_DEPS=(
     python3-pytest
     rsync fio attr acl bc util-linux
     openssl                                # tests/system/test_tls.py makes a CA
+    etcd-server                            # backend/etcd.c and tests/unit/test_etcd.c (issue 10)
 )
 
 # shardfs_missing_deps: print the packages of SHARDFS_DEPS that are not installed.
