@@ -965,6 +965,8 @@ struct watch_ctx {
     int depth, in_str, esc;
     int rc;            /* 1: stopped (fn/cancel), <0: error; 0: going on */
     CURL *h;
+    int64_t answer_by; /* ms (now_ms): no HTTP status by then is -ETIMEDOUT */
+    unsigned timeout_ms;
     char *err;
     size_t errlen;
 };
@@ -1113,6 +1115,16 @@ static int watch_progress(void *ctx, curl_off_t dt, curl_off_t dn, curl_off_t ut
         w->rc = 1;
         return 1;
     }
+    /* The stream itself may be silent for ever, but etcd answers a watch
+     * (its "created" message) at once: a server that took the connection
+     * and says nothing is as dead as one that refused it. */
+    long status = 0;
+    curl_easy_getinfo(w->h, CURLINFO_RESPONSE_CODE, &status);
+    if (status == 0 && now_ms() > w->answer_by) {
+        w->rc = -ETIMEDOUT;
+        set_err(w->err, w->errlen, "etcd watch: no answer within %u ms", w->timeout_ms);
+        return 1;
+    }
     return 0;
 }
 
@@ -1146,6 +1158,8 @@ int etcd_watch(struct etcd *e, const struct etcd_watch_req *req, etcd_event_fn f
     /* A handle of its own, not the pool's: it is held for as long as the
      * watch lasts. */
     w.h = h;
+    w.timeout_ms = e->timeout_ms;
+    w.answer_by = now_ms() + e->timeout_ms;
     rc = etcd_send(e, h, "/v3/watch", body, watch_write, &w, 1, watch_before, &w, &a, err,
                    errlen);
     if (w.rc != 0) {

@@ -274,12 +274,14 @@ struct etcd_watch_req {
 /* Returns 0 when fn or *cancel stopped it; -ERANGE when start_revision was
  * compacted (err says the compact revision; read the state again with
  * etcd_get_prefix and watch from its revision + 1); -EHOSTUNREACH when no
- * endpoint could be connected within timeout_ms; -EPIPE when etcd ended the
- * stream or the connection broke (etcd stopped): watch again from the last
- * mod_revision seen + 1, which loses and repeats nothing. The connection is
- * not otherwise time-bounded: a watch with no events can last forever.
- * The watch does not notice a network that silently drops packets (TCP
- * keep-alive is on, but takes minutes). */
+ * endpoint could be connected, -ETIMEDOUT when the one connected sent no
+ * answer, within timeout_ms; -EPIPE when etcd ended the stream or the
+ * connection broke (etcd stopped): watch again from the last mod_revision
+ * seen + 1, which loses and repeats nothing. Once answered, the stream is
+ * not time-bounded: a watch with no events can last for ever, and it does
+ * not notice a network that silently drops packets (TCP keep-alive is on,
+ * but takes minutes); a caller that must know sooner watches a key it
+ * updates itself (or its lease keep-alive fails first). */
 int etcd_watch(struct etcd *e, const struct etcd_watch_req *req, etcd_event_fn fn, void *ctx,
                char *err, size_t errlen);
 

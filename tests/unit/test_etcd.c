@@ -84,6 +84,7 @@ struct seen {
     size_t klen[2048];
     char value[2048][32];
     int64_t rev[2048];
+    size_t vlen[2048];
     int type[2048];
     unsigned stop_after; /* 0: never */
 };
@@ -97,6 +98,7 @@ static void seen_add(struct seen *s, const void *k, size_t kl, const void *v, si
     s->klen[s->n] = kl;
     memcpy(s->value[s->n], v, vl < 31 ? vl : 31);
     s->rev[s->n] = rev;
+    s->vlen[s->n] = vl;
     s->type[s->n] = type;
     s->n++;
 }
@@ -386,20 +388,54 @@ static void test_watch(struct etcd *e)
     /* Live, on a thread: events written after it started; then cancelled. */
     struct watcher *w = watcher_start(e, "w/", 0);
     usleep(300000); /* let it be created; a put before that is missed, and the check says so */
-    unsigned char big[4000];
-    for (unsigned i = 0; i < sizeof(big); i++)
-        big[i] = (unsigned char)(i * 7 + (i >> 8)); /* braces and quotes, split across chunks */
-    CHECK_RC(etcd_put(e, ETCD_S("w/live"), big, sizeof(big), 0, NULL, err, sizeof(err)), 0);
+    /* 200 KB: its message spans many of curl's write callbacks. */
+    size_t bigsize = 200000;
+    unsigned char *big = xmalloc(bigsize);
+    for (size_t i = 0; i < bigsize; i++)
+        big[i] = (unsigned char)(i * 7 + (i >> 8));
+    CHECK_RC(etcd_put(e, ETCD_S("w/live"), big, bigsize, 0, NULL, err, sizeof(err)), 0);
     CHECK_RC(etcd_put(e, ETCD_S("w/{\"}"), ETCD_S("}{\\\""), 0, NULL, err, sizeof(err)), 0);
     CHECK(watcher_wait(w, 2));
     CHECK(w->seen.n >= 2 && strcmp(w->seen.key[0], "w/live") == 0 &&
-          memcmp(w->seen.value[0], big, 31) == 0 && strcmp(w->seen.value[1], "}{\\\"") == 0);
+          w->seen.vlen[0] == bigsize && memcmp(w->seen.value[0], big, 31) == 0 &&
+          strcmp(w->seen.value[1], "}{\\\"") == 0);
+    free(big);
     double t0 = now_s();
     atomic_store(&w->cancel, 1);
     pthread_join(w->th, NULL);
     CHECKF(now_s() - t0 < 2.5, "cancel took %.2f s", now_s() - t0);
     CHECKF(w->rc == 0, "watch rc %d: %s", w->rc, w->err);
     free(w);
+}
+
+/* A server that takes connections and never answers: calls and a watch
+ * end within timeout_ms with -ETIMEDOUT. */
+static void test_silent_server(void)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(fd, 16) < 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) < 0) {
+        perror("silent server");
+        exit(2);
+    }
+    char url[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", ntohs(a.sin_port));
+    struct etcd *e = NULL;
+    CHECK_RC(etcd_new(url, 500, &e, err, sizeof(err)), 0);
+    double t0 = now_s();
+    int64_t id;
+    CHECK_RC(etcd_lease_grant(e, 5, &id, err, sizeof(err)), -ETIMEDOUT);
+    CHECKF(now_s() - t0 < 1.0, "took %.2f s", now_s() - t0);
+    t0 = now_s();
+    struct seen *s = calloc(1, sizeof(*s));
+    struct etcd_watch_req req = {ETCD_S("w/"), 1, 0, NULL};
+    CHECK_RC(etcd_watch(e, &req, on_event, s, err, sizeof(err)), -ETIMEDOUT);
+    CHECKF(now_s() - t0 < 2.0, "watch took %.2f s", now_s() - t0);
+    free(s);
+    etcd_free(e);
+    close(fd);
 }
 
 int main(void)
@@ -417,6 +453,7 @@ int main(void)
     while (peer == client)
         peer = free_port();
     pid_t pid = start_etcd(dir, client, peer);
+    test_silent_server();
 
     /* A dead endpoint first: every call must get past it. */
     char endpoints[128];
