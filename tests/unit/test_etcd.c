@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -29,7 +30,9 @@
 #include "etcd.h"
 #include "test_util.h"
 
+#ifndef ETCD_BIN
 #define ETCD_BIN "/usr/bin/etcd"
+#endif
 #define TIMEOUT_MS 2000u
 
 static char err[512];
@@ -63,6 +66,8 @@ static pid_t start_etcd(const char *dir, int client, int peer)
         exit(2);
     }
     if (pid == 0) {
+        /* etcd goes when the test goes, also when it crashes or is killed. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
         int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (fd >= 0) {
             dup2(fd, 1);
@@ -408,6 +413,53 @@ static void test_watch(struct etcd *e)
     free(w);
 }
 
+/* Several threads on one struct etcd at once (the handle pool): each
+ * writes and reads back its own keys. */
+struct worker {
+    struct etcd *e;
+    unsigned id;
+    int bad;
+    pthread_t th;
+};
+
+static void *worker_thread(void *arg)
+{
+    struct worker *w = arg;
+    char e2[256];
+    for (unsigned i = 0; i < 40; i++) {
+        char k[32], val[32];
+        void *v = NULL;
+        size_t vl = 0;
+        snprintf(k, sizeof(k), "t/%u/%u", w->id, i);
+        snprintf(val, sizeof(val), "v%u.%u", w->id, i);
+        if (etcd_put(w->e, ETCD_S(k), ETCD_S(val), 0, NULL, e2, sizeof(e2)) != 0 ||
+            etcd_get(w->e, ETCD_S(k), &v, &vl, NULL, e2, sizeof(e2)) != 0 ||
+            vl != strlen(val) || memcmp(v, val, vl) != 0)
+            w->bad++;
+        free(v);
+    }
+    return NULL;
+}
+
+static void test_threads(struct etcd *e)
+{
+    struct worker w[6];
+    for (unsigned i = 0; i < 6; i++) {
+        w[i] = (struct worker){e, i, 0, 0};
+        if (pthread_create(&w[i].th, NULL, worker_thread, &w[i]) != 0)
+            exit(2);
+    }
+    int bad = 0;
+    for (unsigned i = 0; i < 6; i++) {
+        pthread_join(w[i].th, NULL);
+        bad += w[i].bad;
+    }
+    CHECKF(bad == 0, "%d failed calls", bad);
+    int64_t n = 0;
+    CHECK_RC(etcd_delete(e, ETCD_S("t/"), 1, &n, NULL, err, sizeof(err)), 0);
+    CHECK(n == 6 * 40);
+}
+
 /* A server that takes connections and never answers: calls and a watch
  * end within timeout_ms with -ETIMEDOUT. */
 static void test_silent_server(void)
@@ -480,6 +532,7 @@ int main(void)
         test_txn(e);
         test_leases(e);
         test_watch(e);
+        test_threads(e);
     }
 
     /* etcd stopped: a running watch ends with -EPIPE, calls fail within
