@@ -6,8 +6,10 @@
  * (order, the prefix's end, paging past ETCD_PAGE_KEYS), delete of a key and
  * a prefix, a txn that succeeds and one that fails (with a range in the
  * failure branch), a lease left to expire and one kept alive, revoke, a
- * watch from a past revision seeing put/put/delete in order, a live watch and
- * its cancellation; the endpoint list starts with a dead endpoint. At the end
+ * watch from a past revision seeing put/put/delete in order, a live watch (a
+ * 200 KB message) and its cancellation, a watch from a compacted revision,
+ * six threads on one handle; the endpoint list starts with a dead endpoint.
+ * A server that accepts and never answers times calls and a watch out. At the end
  * etcd is stopped by PID and calls must fail within timeout_ms, a running
  * watch with -EPIPE.
  */
@@ -25,6 +27,8 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <curl/curl.h>
 
 #include "check.h"
 #include "etcd.h"
@@ -413,6 +417,51 @@ static void test_watch(struct etcd *e)
     free(w);
 }
 
+static int client_port;
+
+/* Compact etcd's history up to rev (the client has no call for it: shardfs
+ * will not compact; etcd's own auto-compaction does). */
+static int compact(int64_t rev)
+{
+    char url[96], body[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/v3/kv/compaction", client_port);
+    snprintf(body, sizeof(body), "{\"revision\":\"%" PRId64 "\",\"physical\":true}", rev);
+    CURL *h = curl_easy_init();
+    FILE *devnull = fopen("/dev/null", "w");
+    long status = 0;
+    if (!h || !devnull)
+        exit(2);
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, devnull);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+    CURLcode cc = curl_easy_perform(h);
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(h);
+    fclose(devnull);
+    return cc == CURLE_OK && status == 200 ? 0 : -EIO;
+}
+
+/* A watch from a compacted revision: -ERANGE, saying so. */
+static void test_watch_compacted(struct etcd *e)
+{
+    int64_t rev = 0;
+    CHECK_RC(etcd_put(e, ETCD_S("c/a"), ETCD_S("1"), 0, &rev, err, sizeof(err)), 0);
+    CHECK_RC(compact(rev), 0);
+    struct seen *s = calloc(1, sizeof(*s));
+    struct etcd_watch_req req = {ETCD_S("c/"), 1, rev - 1, NULL};
+    err[0] = 0;
+    CHECK_RC(etcd_watch(e, &req, on_event, s, err, sizeof(err)), -ERANGE);
+    CHECKF(strstr(err, "compacted") != NULL, "err '%s'", err);
+    CHECK(s->n == 0);
+    /* From the compact revision on, it works. */
+    s->stop_after = 1;
+    req.start_revision = rev;
+    CHECK_RC(etcd_watch(e, &req, on_event, s, err, sizeof(err)), 0);
+    CHECK(s->n == 1 && s->rev[0] == rev);
+    free(s);
+}
+
 /* Several threads on one struct etcd at once (the handle pool): each
  * writes and reads back its own keys. */
 struct worker {
@@ -504,6 +553,7 @@ int main(void)
     int client = free_port(), peer = free_port(), dead = free_port();
     while (peer == client)
         peer = free_port();
+    client_port = client;
     pid_t pid = start_etcd(dir, client, peer);
     test_silent_server();
 
@@ -533,6 +583,7 @@ int main(void)
         test_leases(e);
         test_watch(e);
         test_threads(e);
+        test_watch_compacted(e);
     }
 
     /* etcd stopped: a running watch ends with -EPIPE, calls fail within
