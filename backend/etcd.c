@@ -520,6 +520,16 @@ static int64_t header_revision(const json_t *reply)
 
 /* ---- setup */
 
+/* curl_global_init is not thread-safe: once per process, from the first
+ * etcd_new (shard_remote.c does the same; curl counts the calls). */
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_rc;
+
+static void curl_init_once(void)
+{
+    curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
 int etcd_new(const char *endpoints, unsigned timeout_ms, struct etcd **out, char *err,
              size_t errlen)
 {
@@ -530,6 +540,12 @@ int etcd_new(const char *endpoints, unsigned timeout_ms, struct etcd **out, char
         err[0] = 0;
     if (!e)
         return -ENOMEM;
+    pthread_once(&curl_once, curl_init_once);
+    if (curl_init_rc != CURLE_OK) {
+        set_err(err, errlen, "curl_global_init: %s", curl_easy_strerror(curl_init_rc));
+        free(e);
+        return -EIO;
+    }
     pthread_mutex_init(&e->lock, NULL);
     e->timeout_ms = timeout_ms ? timeout_ms : 5000;
     const char *p = endpoints ? endpoints : "";

@@ -35,7 +35,8 @@
  * one) and gives it back, so calls run in parallel and keep their
  * connections alive; callbacks run on the calling thread with no lock held
  * (a callback may call into the same struct etcd). Made after fork only
- * (curl handles do not survive it).
+ * (curl handles do not survive it); the first etcd_new runs
+ * curl_global_init once for the process.
  */
 #ifndef SHARDFS_ETCD_H
 #define SHARDFS_ETCD_H
