@@ -15,9 +15,17 @@
  * ever see of a request (the libmicrohttpd callbacks only fill one in and
  * send what comes back). tests/fuzz drives them that way.
  *
- * Threads: libmicrohttpd's thread pool; the handler and the shards are called
- * from several threads at once (the shard interface allows it). start/stop
- * from one thread.
+ * Threads: libmicrohttpd's event loop on a few I/O threads, which never
+ * wait, and a pool of worker threads for what may (node_server.c, DESIGN
+ * threads). The handler, its streams and the shards are called from several
+ * threads at once (the shard interface allows it). start/stop from one
+ * thread.
+ *
+ * Limits (node_server_start): at most 4096 connections (fewer if the
+ * descriptor limit does not allow it; the soft RLIMIT_NOFILE of the process
+ * is raised towards its hard limit for them), a quarter of them from one
+ * address, 10 s from a request's first byte to its last header, 60 s of
+ * silence on a connection.
  */
 #ifndef SHARDFS_NODE_SERVER_H
 #define SHARDFS_NODE_SERVER_H
@@ -68,8 +76,9 @@ struct node_request {
 
 /* A reply body produced piece by piece (a large file): read(ctx, pos, buf,
  * max) returns 1..max bytes at pos, or -errno (the connection is then cut,
- * as the status line has gone out). free(ctx) runs once when the reply is
- * done or abandoned; the server calls it even if the reply is never sent. */
+ * as the status line has gone out); it runs on a worker thread and may wait.
+ * free(ctx) runs once when the reply is done or abandoned; the server calls
+ * it even if the reply is never sent. */
 struct node_stream {
     ssize_t (*read)(void *ctx, uint64_t pos, void *buf, size_t max);
     void (*free)(void *ctx);
@@ -101,7 +110,12 @@ void node_response_error(struct node_response *resp, int rc, const char *fmt, ..
     __attribute__((format(printf, 3, 4)));
 
 /* Handle a request for a path the server does not own. Fill resp; return 0.
- * MUST NOT keep req or its body after returning. */
+ * MUST NOT keep req or its body after returning. A GET or HEAD is first
+ * called on an I/O thread in the shards' no-waiting mode (shard.h): it MUST
+ * then wait for nothing but shard slots (which refuse instead) and must not
+ * change anything; if a slot refused, its reply is thrown away and it is
+ * called again on a worker thread, where it may wait. Other methods are
+ * called on a worker thread only. */
 typedef int (*node_handler_fn)(void *ctx, const struct node_request *req,
                                struct node_response *resp);
 

@@ -608,14 +608,37 @@ failed:
 
 /* ---- the interface ---- */
 
+/* Take the shard's lock for a read. In no-waiting mode (shard.h) only a free
+ * lock is taken, and a transaction that must first be rebuilt from the log
+ * (disk reads) is left to a thread that may wait: -EWOULDBLOCK. */
+static int read_lock(struct shard_lmdb *sl)
+{
+    if (!shard_nowait_active()) {
+        pthread_mutex_lock(&sl->lock);
+        return 0;
+    }
+    if (pthread_mutex_trylock(&sl->lock) != 0) {
+        shard_nowait_refuse();
+        return -EWOULDBLOCK;
+    }
+    if (sl->need_rebuild) {
+        pthread_mutex_unlock(&sl->lock);
+        shard_nowait_refuse();
+        return -EWOULDBLOCK;
+    }
+    return 0;
+}
+
+
 static int lmdb_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
                     size_t buflen, size_t *vlen)
 {
     struct shard_lmdb *sl = to_lmdb(s);
     MDB_val k = {.mv_size = klen, .mv_data = (void *)key}, v;
-    int rc;
+    int rc = read_lock(sl);
 
-    pthread_mutex_lock(&sl->lock);
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     if (rc)
         goto out;
@@ -643,9 +666,10 @@ out:
 static int lmdb_get_many(struct shard *s, struct shard_read *r, unsigned n)
 {
     struct shard_lmdb *sl = to_lmdb(s);
-    int rc;
+    int rc = read_lock(sl);
 
-    pthread_mutex_lock(&sl->lock);
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     for (unsigned i = 0; rc == 0 && i < n; i++) {
         uint8_t key[BATCH_KEY_MAX];
@@ -682,6 +706,8 @@ static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void
     MDB_val k = {.mv_size = slen, .mv_data = (void *)start}, v;
     int rc;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* a scan may take long: not on a thread that must not wait */
     pthread_mutex_lock(&sl->lock);
     rc = txn_ensure(sl);
     if (rc)
@@ -748,6 +774,8 @@ static int lmdb_apply(struct shard *s, const struct batch *b)
 
     if (b->count == 0)
         return 0;
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* writes the log, may commit */
     pthread_mutex_lock(&sl->lock);
     rc = space_admit(sl, b->len);
     if (rc)
@@ -776,6 +804,8 @@ static int lmdb_sync(struct shard *s)
     struct shard_lmdb *sl = to_lmdb(s);
     int rc;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK;
     pthread_mutex_lock(&sl->lock);
     rc = txn_commit(sl, 0);
     if (rc == 0)
@@ -793,9 +823,10 @@ static int lmdb_stat(struct shard *s, struct shard_stat *st)
     struct shard_lmdb *sl = to_lmdb(s);
     MDB_stat ms;
     MDB_envinfo info;
-    int rc;
+    int rc = read_lock(sl);
 
-    pthread_mutex_lock(&sl->lock);
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     if (rc)
         goto out;

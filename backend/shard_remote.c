@@ -790,8 +790,11 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
     int64_t deadline = now_ms() + r->timeout_ms;
     int64_t backoff = REMOTE_BACKOFF_FIRST_MS;
     int redirects = 0, rc;
-    struct conn *c = pool_take(r);
+    struct conn *c;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* a round trip is waiting (shard.h) */
+    c = pool_take(r);
     if (!c)
         return -ENOMEM;
     for (;;) {
@@ -1162,10 +1165,14 @@ static int fan_deliver(struct fan *f, const void *start, size_t slen, const void
 int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
                     const void *end, size_t elen, shard_scan_fn fn, void *ctx)
 {
-    struct fan *fans = calloc(n ? n : 1, sizeof(*fans));
-    CURLM *m = curl_multi_init();
+    struct fan *fans;
+    CURLM *m;
     int rc = 0;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* scans and round trips wait (shard.h) */
+    fans = calloc(n ? n : 1, sizeof(*fans));
+    m = curl_multi_init();
     if (!end)
         elen = 0;
     for (unsigned i = 0; fans && i < n; i++) {
