@@ -22,10 +22,15 @@
  *  The I/O threads must never wait: one waiting thread stalls every
  *  connection it serves. A handler that may wait (an apply that writes the
  *  redo log, a sync, a scan, the key API, which reads from other nodes) runs
- *  on one of WORKERS worker threads instead: the access handler suspends the
- *  connection (MHD_suspend_connection), queues the request, and the worker
- *  fills the reply and resumes the connection; MHD then calls the access
- *  handler again, on an I/O thread, which queues the reply. Reads that are
+ *  on a worker thread instead: the access handler suspends the connection
+ *  (MHD_suspend_connection), queues the request, and the worker fills the
+ *  reply and resumes the connection; MHD then calls the access handler
+ *  again, on an I/O thread, which queues the reply. There are two pools:
+ *  SHARD_WORKERS for shard ops, API_WORKERS for the handler (and the reads
+ *  of its streams). The key API waits for shard ops of other nodes; were
+ *  those queued behind key API requests there, two nodes busy with key API
+ *  requests would wait for each other until their timeouts. A shard op
+ *  waits for nothing remote, so its pool always drains. Reads that are
  *  usually cheap (a shard get, getv or stat, and GET/HEAD of the key API)
  *  are first tried on the I/O thread in the shards' no-waiting mode
  *  (shard.h): a local shard whose lock is free answers at once; anything
@@ -90,8 +95,8 @@
  *  7. The completion callback frees the context, whatever happened.
  *
  * Threads: the server struct is read-only after start except newest_epoch
- * (atomic), the worker queue (pool_lock) and the connection list
- * (conn_lock). A request context is used by one thread at a time: its I/O
+ * (atomic), the worker queues (their pool's lock), the connection list
+ * (conn_lock) and the log's minute (log_lock). A request context is used by one thread at a time: its I/O
  * thread, or the worker while the connection is suspended. Signals are
  * blocked in every thread MHD or we create (they inherit the mask set
  * around their creation), so they reach the main thread.
@@ -128,7 +133,8 @@
 
 #define IO_THREADS_MIN 2u          /* MHD's epoll threads: one a CPU, within these */
 #define IO_THREADS_MAX 4u
-#define WORKERS 16u                /* threads for handlers that may wait */
+#define API_WORKERS 16u            /* threads for the handler (the key API), which may wait */
+#define SHARD_WORKERS 4u           /* threads for shard ops that may wait (disk, lock) */
 #define CONN_LIMIT 4096u           /* connections at once, if descriptors allow */
 #define CONN_LIMIT_MIN 64u
 #define FD_RESERVE 512u            /* descriptors kept free for everything else (curl, FUSE) */
@@ -144,10 +150,22 @@
 #define EARLY_REFUSE_MIN (1u << 20)           /* bodies above this are refused from headers */
 #define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
 
-/* Work for the worker pool: run(job) on some worker thread. */
+/* Work for a worker pool: run(job) on one of its threads. */
 struct job {
     struct job *next;
     void (*run)(struct job *job);
+};
+
+/* Threads running jobs in the order they came. */
+struct pool {
+    const char *name;              /* of its threads */
+    unsigned size;                 /* threads to start */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    struct job *head, *tail;       /* protected by lock */
+    int stopping;                  /* protected by lock */
+    pthread_t threads[API_WORKERS > SHARD_WORKERS ? API_WORKERS : SHARD_WORKERS];
+    unsigned started;
 };
 
 /* A connection, as the reaper sees it (DESIGN threads). */
@@ -179,13 +197,8 @@ struct node_server {
     pthread_mutex_t log_lock;
     int64_t log_window_ms;         /* the minute of mhd_log(), under log_lock */
     unsigned log_shown, log_dropped;
-    /* the worker pool */
-    pthread_mutex_t pool_lock;
-    pthread_cond_t pool_wake;
-    struct job *queue_head, *queue_tail; /* protected by pool_lock */
-    int pool_stopping;                   /* protected by pool_lock */
-    pthread_t workers[WORKERS];
-    unsigned nworkers;
+    /* the worker pools (DESIGN threads) */
+    struct pool api_pool, shard_pool;
     /* the reaper */
     pthread_mutex_t conn_lock;
     pthread_cond_t reaper_wake;
@@ -516,67 +529,92 @@ static int add_header(struct MHD_Response *mr, const char *name, const char *val
     return MHD_add_response_header(mr, name, value) == MHD_YES ? 0 : -EINVAL;
 }
 
-/* ---- the worker pool (DESIGN threads) ---- */
+/* ---- the worker pools (DESIGN threads) ---- */
 
-/* Queue job for a worker. 0, or -ESHUTDOWN once the server is stopping
- * (the job is not run). */
-static int pool_submit(struct node_server *s, struct job *job)
+static void pool_init(struct pool *p, const char *name, unsigned size)
+{
+    p->name = name;
+    p->size = size;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+}
+
+static void pool_destroy(struct pool *p)
+{
+    pthread_cond_destroy(&p->wake);
+    pthread_mutex_destroy(&p->lock);
+}
+
+/* Queue job. 0, or -ESHUTDOWN once the pool is stopping (the job is not
+ * run). */
+static int pool_submit(struct pool *p, struct job *job)
 {
     int rc = 0;
 
     job->next = NULL;
-    pthread_mutex_lock(&s->pool_lock);
-    if (s->pool_stopping) {
+    pthread_mutex_lock(&p->lock);
+    if (p->stopping) {
         rc = -ESHUTDOWN;
     } else {
-        if (s->queue_tail)
-            s->queue_tail->next = job;
+        if (p->tail)
+            p->tail->next = job;
         else
-            s->queue_head = job;
-        s->queue_tail = job;
-        pthread_cond_signal(&s->pool_wake);
+            p->head = job;
+        p->tail = job;
+        pthread_cond_signal(&p->wake);
     }
-    pthread_mutex_unlock(&s->pool_lock);
+    pthread_mutex_unlock(&p->lock);
     return rc;
 }
 
-/* A worker: run jobs until the server stops and the queue is empty. */
+/* A worker: run jobs until the pool stops and its queue is empty. */
 static void *worker_main(void *arg)
 {
-    struct node_server *s = arg;
+    struct pool *p = arg;
 
-    pthread_setname_np(pthread_self(), "node-worker");
-    pthread_mutex_lock(&s->pool_lock);
+    pthread_setname_np(pthread_self(), p->name);
+    pthread_mutex_lock(&p->lock);
     for (;;) {
-        struct job *job = s->queue_head;
+        struct job *job = p->head;
 
         if (!job) {
-            if (s->pool_stopping)
+            if (p->stopping)
                 break;
-            pthread_cond_wait(&s->pool_wake, &s->pool_lock);
+            pthread_cond_wait(&p->wake, &p->lock);
             continue;
         }
-        s->queue_head = job->next;
-        if (!s->queue_head)
-            s->queue_tail = NULL;
-        pthread_mutex_unlock(&s->pool_lock);
+        p->head = job->next;
+        if (!p->head)
+            p->tail = NULL;
+        pthread_mutex_unlock(&p->lock);
         job->run(job);
-        pthread_mutex_lock(&s->pool_lock);
+        pthread_mutex_lock(&p->lock);
     }
-    pthread_mutex_unlock(&s->pool_lock);
+    pthread_mutex_unlock(&p->lock);
     return NULL;
 }
 
-/* Let the workers finish what is queued, then join them. */
-static void pool_stop(struct node_server *s)
+/* Start the pool's threads (signals blocked by the caller). 0 or -errno. */
+static int pool_start(struct pool *p)
 {
-    pthread_mutex_lock(&s->pool_lock);
-    s->pool_stopping = 1;
-    pthread_cond_broadcast(&s->pool_wake);
-    pthread_mutex_unlock(&s->pool_lock);
-    for (unsigned i = 0; i < s->nworkers; i++)
-        pthread_join(s->workers[i], NULL);
-    s->nworkers = 0;
+    for (; p->started < p->size; p->started++) {
+        int rc = pthread_create(&p->threads[p->started], NULL, worker_main, p);
+        if (rc)
+            return -rc;
+    }
+    return 0;
+}
+
+/* Let the workers finish what is queued, then join them. */
+static void pool_stop(struct pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->stopping = 1;
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    for (unsigned i = 0; i < p->started; i++)
+        pthread_join(p->threads[i], NULL);
+    p->started = 0;
 }
 
 /* ---- streamed replies (DESIGN threads) ---- */
@@ -641,7 +679,7 @@ static int stream_fetch(struct stream_box *b)
         return -ENOMEM;
     b->pending = 1;
     b->job.run = stream_job;
-    if (pool_submit(b->srv, &b->job) < 0) {
+    if (pool_submit(&b->srv->api_pool, &b->job) < 0) {
         b->pending = 0;
         return -ESHUTDOWN;
     }
@@ -1350,15 +1388,15 @@ enum run_where {
     RUN_WORKER, /* on a worker */
 };
 
-static enum run_where run_where(const struct node_input *in)
+static enum run_where run_where(struct node_server *s, const struct node_input *in,
+                                struct pool **pool)
 {
     size_t plen = strcspn(in->uri, "?");
     char path[WIRE_PATH_MAX];
     enum wire_op op;
     unsigned n;
 
-    if (in->body_len > INLINE_BODY_MAX)
-        return RUN_WORKER; /* hashing it for the signature takes a while */
+    *pool = &s->api_pool;
     if (plen < sizeof(path)) {
         memcpy(path, in->uri, plen);
         path[plen] = '\0';
@@ -1366,6 +1404,11 @@ static enum run_where run_where(const struct node_input *in)
             return RUN_INLINE;
         switch (wire_parse_shard_path(path, &n, &op)) {
         case 0:
+            /* Never behind the handler's requests, which wait for other
+             * nodes' shard ops: two nodes would wait for each other. */
+            *pool = &s->shard_pool;
+            if (in->body_len > INLINE_BODY_MAX)
+                return RUN_WORKER; /* hashing it for the signature takes a while */
             return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_STAT ? RUN_TRY
                                                                                 : RUN_WORKER;
         case -ENOENT:
@@ -1374,6 +1417,8 @@ static enum run_where run_where(const struct node_input *in)
             return RUN_INLINE; /* a malformed shard path: 400 */
         }
     }
+    if (in->body_len > INLINE_BODY_MAX)
+        return RUN_WORKER;
     /* The handler's GET and HEAD are reads (node_server.h). */
     return strcmp(in->method, "GET") == 0 || strcmp(in->method, "HEAD") == 0 ? RUN_TRY
                                                                              : RUN_WORKER;
@@ -1396,7 +1441,8 @@ static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *co
                                 struct request *rq, const char *url, const char *method)
 {
     struct node_input in = mhd_input(conn, rq, url, method);
-    enum run_where where = run_where(&in);
+    struct pool *pool;
+    enum run_where where = run_where(s, &in, &pool);
     struct node_response r;
 
     if (where != RUN_WORKER) {
@@ -1412,7 +1458,7 @@ static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *co
     rq->method = method;
     rq->job.run = request_job;
     MHD_suspend_connection(conn);
-    if (pool_submit(s, &rq->job) < 0) {
+    if (pool_submit(pool, &rq->job) < 0) {
         resp_error(&rq->resp, -EIO, "the node is stopping");
         rq->resp.status = 503; /* try again (elsewhere) */
         rq->resp.errno_name[0] = '\0';
@@ -1738,8 +1784,8 @@ static int sync_init(struct node_server *s)
         return -EINVAL;
     }
     pthread_mutex_init(&s->log_lock, NULL);
-    pthread_mutex_init(&s->pool_lock, NULL);
-    pthread_cond_init(&s->pool_wake, NULL);
+    pool_init(&s->api_pool, "node-api", API_WORKERS);
+    pool_init(&s->shard_pool, "node-shard", SHARD_WORKERS);
     pthread_mutex_init(&s->conn_lock, NULL);
     pthread_cond_init(&s->reaper_wake, &ca);
     pthread_condattr_destroy(&ca);
@@ -1838,14 +1884,13 @@ static unsigned io_threads(void)
 /* The workers and the reaper; signals are blocked by the caller. */
 static int threads_start(struct node_server *s, char *err, size_t errlen)
 {
-    int rc;
+    int rc = pool_start(&s->api_pool);
 
-    for (s->nworkers = 0; s->nworkers < WORKERS; s->nworkers++) {
-        rc = pthread_create(&s->workers[s->nworkers], NULL, worker_main, s);
-        if (rc) {
-            set_err(err, errlen, "cannot start the node server's workers: %s", strerror(rc));
-            return -rc;
-        }
+    if (rc == 0)
+        rc = pool_start(&s->shard_pool);
+    if (rc < 0) {
+        set_err(err, errlen, "cannot start the node server's workers: %s", strerror(-rc));
+        return rc;
     }
     rc = pthread_create(&s->reaper, NULL, reaper_main, s);
     if (rc) {
@@ -1923,16 +1968,18 @@ void node_server_stop(struct node_server *s)
     /* Every queued request and read runs and resumes its connection before
      * MHD stops (MHD must not stop with a connection suspended); from now
      * on a request that would need a worker gets 503 instead. */
-    if (s->sync_ready)
-        pool_stop(s);
+    if (s->sync_ready) {
+        pool_stop(&s->api_pool);
+        pool_stop(&s->shard_pool);
+    }
     if (s->daemon)
         MHD_stop_daemon(s->daemon);
     if (s->sync_ready) {
         pthread_cond_destroy(&s->reaper_wake);
         pthread_mutex_destroy(&s->conn_lock);
-        pthread_cond_destroy(&s->pool_wake);
+        pool_destroy(&s->shard_pool);
+        pool_destroy(&s->api_pool);
         pthread_mutex_destroy(&s->log_lock);
-        pthread_mutex_destroy(&s->pool_lock);
     }
     free(s->shards);
     free(s);

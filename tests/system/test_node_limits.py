@@ -256,3 +256,51 @@ def test_header_deadline_is_not_extended_by_a_trickle(cluster):
     assert results["second request trickled"] <= HEADER_DEADLINE_S + 3, results
     assert results.get("idle for 14 s") is None, results
     assert results.get("next request after idling") == 200, results
+
+
+@pytest.mark.timeout_s(180)
+def test_api_load_on_every_node_at_once(cluster):
+    """Key API requests wait for other nodes' shards; those shard requests
+    must never queue behind key API requests on the other node, or two nodes
+    full of PUTs wait for each other until the timeout (a pool of workers
+    shared by both kinds did: PUTs failed with ETIMEDOUT after timeout_ms)."""
+    import http.client
+    from test_cluster import SECRET
+
+    per_node = 48
+    errors, lock = [], threading.Lock()
+    go = threading.Barrier(per_node * 3)
+
+    def putter(node, i):
+        body = ("%s-%d " % (node, i)).encode() * 50
+        go.wait()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", cluster.ports[node], timeout=60)
+            for j in range(4):
+                path = "/v1/kv/load/%s-%d-%d" % (node, i, j)
+                conn.request("PUT", path, body=body, headers={"Authorization": "Bearer " + SECRET})
+                r = conn.getresponse()
+                r.read()
+                if r.status != 201:
+                    with lock:
+                        errors.append((path, r.status))
+            conn.close()
+        except OSError as e:
+            with lock:
+                errors.append((node, i, repr(e)))
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=putter, args=(n, i), daemon=True)
+               for n in ("a", "b", "c") for i in range(per_node)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    took = time.monotonic() - t0
+    print("%d PUTs from %d clients on 3 nodes at once: %.1f s, %d errors"
+          % (len(threads) * 4, len(threads), took, len(errors)))
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:10]
+    names = os.listdir(cluster.p("b", "load"))
+    assert len(names) == len(threads) * 4
+    assert read_file(cluster.p("c", "load", "a-7-3")) == b"a-7 " * 50
