@@ -20,9 +20,9 @@
  *
  * DESIGN (threads)
  *  The I/O threads must never wait: one waiting thread stalls every
- *  connection it serves. A handler that may wait (an apply that writes the
- *  redo log, a sync, a scan, the key API, which reads from other nodes) runs
- *  on a worker thread instead: the access handler suspends the connection
+ *  connection it serves. A handler that may wait (a sync, a long scan, an
+ *  apply that commits, the key API, which reads from other nodes) runs on a
+ *  worker thread instead: the access handler suspends the connection
  *  (MHD_suspend_connection), queues the request, and the worker fills the
  *  reply and resumes the connection; MHD then calls the access handler
  *  again, on an I/O thread, which queues the reply. There are two pools:
@@ -30,13 +30,17 @@
  *  of its streams). The key API waits for shard ops of other nodes; were
  *  those queued behind key API requests there, two nodes busy with key API
  *  requests would wait for each other until their timeouts. A shard op
- *  waits for nothing remote, so its pool always drains. Reads that are
- *  usually cheap (a shard get, getv or stat, and GET/HEAD of the key API)
- *  are first tried on the I/O thread in the shards' no-waiting mode
- *  (shard.h): a local shard whose lock is free answers at once; anything
- *  that would wait (the lock held by a commit, another node, a scan)
- *  refuses, the reply is thrown away and the request goes to a worker.
- *  Those handlers are read-only, so running one twice is harmless. The
+ *  waits for nothing remote, so its pool always drains. What is usually
+ *  cheap (a shard get, getv, stat, apply, a scan of at most SCAN_INLINE_MAX
+ *  records, and GET/HEAD of the key API) is first tried on the I/O thread in
+ *  the shards' no-waiting mode (shard.h): a local shard whose lock is free
+ *  answers at once; anything that would wait (the lock held by a commit, an
+ *  apply that must commit, another node) refuses having changed nothing,
+ *  the reply is thrown away and the request goes to a worker, where it runs
+ *  again from the start: the tried key API handlers only read, and a
+ *  refused apply changed nothing. A worker costs a request two more thread
+ *  wakeups, which on a small VM cost more than the work itself, so a
+ *  mount's shard ops run inline nearly always. The
  *  queue needs no bound of its own: a connection has at most one request
  *  in it, and connections are bounded.
  *  A streamed reply (a large file) is read by the workers too, one
@@ -143,6 +147,7 @@
 #define HEADER_DEADLINE_MS 10000   /* a request's headers, from its first byte */
 #define REAPER_PERIOD_MS 250
 #define INLINE_BODY_MAX (64u << 10) /* a larger body is hashed (wire_verify) on a worker */
+#define SCAN_INLINE_MAX 256u       /* scans of at most this many records are tried inline */
 #define LOG_BURST 10u              /* libmicrohttpd's messages shown a minute */
 #define GET_FIRST_TRY (64u << 10) /* first buffer for a get; grown if the value is longer */
 #define BODY_FIRST_ALLOC (64u << 10)
@@ -222,6 +227,7 @@ struct request {
     struct job job;
     struct MHD_Connection *conn;
     const char *url, *method; /* MHD's, valid until the request completes */
+    int tried;                /* handled once already, in no-waiting mode, and refused */
     int answered;             /* the worker filled resp; the connection is resumed */
     struct node_response resp;
 };
@@ -1393,6 +1399,7 @@ static enum run_where run_where(struct node_server *s, const struct node_input *
 {
     size_t plen = strcspn(in->uri, "?");
     char path[WIRE_PATH_MAX];
+    uint64_t limit = WIRE_SCAN_LIMIT_MAX;
     enum wire_op op;
     unsigned n;
 
@@ -1409,8 +1416,12 @@ static enum run_where run_where(struct node_server *s, const struct node_input *
             *pool = &s->shard_pool;
             if (in->body_len > INLINE_BODY_MAX)
                 return RUN_WORKER; /* hashing it for the signature takes a while */
-            return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_STAT ? RUN_TRY
-                                                                                : RUN_WORKER;
+            if (op == WIRE_OP_SYNC)
+                return RUN_WORKER; /* an fsync */
+            if (op == WIRE_OP_SCAN && (query_u64(in->uri, "limit", &limit) < 0 ||
+                                       limit > SCAN_INLINE_MAX))
+                return RUN_WORKER; /* up to WIRE_SCAN_REPLY_MAX of records */
+            return RUN_TRY;
         case -ENOENT:
             break; /* the handler's */
         default:
@@ -1431,6 +1442,7 @@ static void request_job(struct job *job)
     struct request *rq = (struct request *)((char *)job - offsetof(struct request, job));
     struct node_input in = mhd_input(rq->conn, rq, rq->url, rq->method);
 
+    in.again = rq->tried;
     node_server_handle(rq->srv, &in, &rq->resp);
     rq->answered = 1;
     MHD_resume_connection(rq->conn);
@@ -1452,6 +1464,7 @@ static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *co
         if (where == RUN_INLINE || !shard_nowait_end())
             return send_response(s, conn, &r);
         resp_reset(&r); /* it would have waited: again, on a worker */
+        rq->tried = 1;
     }
     rq->conn = conn;
     rq->url = url;

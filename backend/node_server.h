@@ -51,6 +51,12 @@ struct node_input {
     const uint8_t *body;        /* NULL when empty */
     size_t body_len;
     int64_t now;                /* unix seconds, for the X-Shardfs-Date check */
+    /* 1 when node_server_handle() already had this very request, in the
+     * shards' no-waiting mode, and a shard slot refused (node_server.c,
+     * DESIGN threads): it is being handled again on a worker, and its
+     * authentication has already counted once (whatever a check remembers
+     * of a request, it must not take this second call for a replay). */
+    int again;
     /* Header name (case-insensitive), or NULL. */
     const char *(*header)(void *ctx, const char *name);
     /* Query argument name, percent-decoded, or NULL; only for the handler of
@@ -149,7 +155,10 @@ int node_server_precheck(struct node_server *s, const struct node_input *in,
 /* Answer a request whose body is complete: auth, then routing, epochs and
  * the shard op or the handler. Fills *r from scratch (whatever it held is
  * overwritten, not freed); the caller frees r->body. Never fails: every
- * error is a status in *r. Thread-safe like the handler and the shards. */
+ * error is a status in *r. Thread-safe like the handler and the shards.
+ * The server calls it for reads and small applies first in the shards'
+ * no-waiting mode (shard.h); if a slot refused, the reply is dropped and it
+ * is called again on a worker with in->again set. */
 void node_server_handle(struct node_server *s, const struct node_input *in,
                         struct node_response *r);
 

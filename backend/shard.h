@@ -23,9 +23,12 @@
  * wait for the disk, for another node or for a lock another thread holds
  * MUST instead return -EWOULDBLOCK at once, having changed nothing, after
  * calling shard_nowait_refuse(); shard_nowait_end() then returns 1 and the
- * caller does the work again on a thread that may wait. Reads of a local
- * shard whose lock is free are done; everything remote, every apply, sync
- * and scan is refused. The mode is per thread and does not nest.
+ * caller does the work again on a thread that may wait. On a local shard
+ * whose lock is free, reads and scans are done (the caller bounds a scan),
+ * and so is an apply that needs no commit and no new look at the disk's
+ * free space (its redo log write goes to the page cache); a sync, a scan of
+ * several shards and everything remote are refused. The mode is per thread
+ * and does not nest.
  */
 #ifndef SHARDFS_SHARD_H
 #define SHARDFS_SHARD_H

@@ -444,7 +444,7 @@ static int event_loop_paths(const struct node_request *req, struct node_response
             *rc = -EWOULDBLOCK;
             return 1;
         }
-        text = "on a worker";
+        text = req->in->again ? "on a worker, again" : "on a worker";
     } else if (strcmp(req->path, "/where") == 0) {
         text = shard_nowait_active() ? "inline" : "worker";
     } else if (strcmp(req->path, "/slow") == 0) {
@@ -1619,12 +1619,14 @@ static void test_dispatch(CURL *h)
 
     /* GET is tried inline; refused there, it is done again on a worker. */
     REQ(h, "GET", "/wouldblock", NULL, 0, &r, 0);
-    CHECKF(r.status == 200 && r.len == 11 && memcmp(r.body, "on a worker", 11) == 0, "%ld %.*s",
-           r.status, (int)r.len, r.body ? (const char *)r.body : "");
+    CHECKF(r.status == 200 && r.len == 18 && memcmp(r.body, "on a worker, again", 18) == 0,
+           "%ld %.*s", r.status, (int)r.len, r.body ? (const char *)r.body : "");
     CHECK(handler_calls == calls + 2 && refusals == refused + 1);
     reply_free(&r);
     REQ(h, "POST", "/wouldblock", "x", 1, &r, 0);
-    CHECK(r.status == 200 && handler_calls == calls + 3 && refusals == refused + 1);
+    CHECKF(r.status == 200 && r.len == 11 && memcmp(r.body, "on a worker", 11) == 0, "%.*s",
+           (int)r.len, r.body ? (const char *)r.body : "");
+    CHECK(handler_calls == calls + 3 && refusals == refused + 1);
     reply_free(&r);
     REQ(h, "GET", "/where", NULL, 0, &r, 0);
     CHECKF(r.status == 200 && r.len == 6 && memcmp(r.body, "inline", 6) == 0, "%.*s", (int)r.len,
