@@ -265,7 +265,7 @@ struct request {
     size_t out_len; /* bytes written to out */
     uint8_t *reply; /* malloc()ed 2xx body; caller frees */
     size_t reply_len, reply_cap;
-    struct hdr vlen, more, errno_name, epoch;
+    struct hdr vlen, more, errno_name, epoch, shard;
     char location[REMOTE_LOCATION_MAX];
     int location_set, location_trunc;
 
@@ -282,6 +282,7 @@ static void request_reset_reply(struct request *q)
     memset(&q->more, 0, sizeof(q->more));
     memset(&q->errno_name, 0, sizeof(q->errno_name));
     memset(&q->epoch, 0, sizeof(q->epoch));
+    memset(&q->shard, 0, sizeof(q->shard));
     q->location[0] = '\0';
     q->location_set = q->location_trunc = 0;
     q->cur_status = 0;
@@ -440,6 +441,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         hdr_store(&q->errno_name, v, vlen);
     else if (hdr_is(p, nlen, WIRE_HDR_EPOCH))
         hdr_store(&q->epoch, v, vlen);
+    else if (hdr_is(p, nlen, REMOTE_HDR_SHARD))
+        hdr_store(&q->shard, v, vlen);
     else if (hdr_is(p, nlen, "Location")) {
         q->location_set = 1;
         q->location_trunc = vlen >= sizeof(q->location);
@@ -1495,6 +1498,7 @@ static int loop_start(struct remote *r, CURLM *m, struct loop_slot *sl,
         request_free(&sl->q);
         call->rc = rc;
         call->status = 0;
+        call->shard = -1;
         done(ctx, call);
         if (rc == -ENOMEM)
             return rc;
@@ -1505,11 +1509,14 @@ static int loop_start(struct remote *r, CURLM *m, struct loop_slot *sl,
 static void loop_finish(CURLM *m, struct loop_slot *sl, CURLcode cc,
                         void (*done)(void *, struct remote_api_req *), void *ctx)
 {
+    uint64_t shard;
+
     curl_multi_remove_handle(m, sl->curl);
     exchange_finish(sl->curl, &sl->q, sl->hdrs, cc);
     sl->hdrs = NULL;
     sl->call->rc = cc != CURLE_OK ? remote_errno_of_curl(cc, &sl->q) : status_errno(&sl->q);
     sl->call->status = sl->q.status;
+    sl->call->shard = hdr_u64(&sl->q.shard, &shard) == 0 && shard <= LONG_MAX ? (long)shard : -1;
     request_free(&sl->q);
     done(ctx, sl->call);
     sl->call = NULL;
