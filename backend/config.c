@@ -30,12 +30,22 @@
 
 enum section_kind { SECT_NONE, SECT_CLUSTER, SECT_NODE };
 
-enum cluster_key { CK_SHARDS, CK_EPOCH, CK_COMMIT, CK_CACHE, CK_SECRET, CK_TIMEOUT, CK_COUNT };
-static const char *const cluster_keys[CK_COUNT] = {"shards",        "epoch",  "commit_interval_ms",
-                                                   "cache_timeout", "secret", "timeout_ms"};
+enum cluster_key {
+    CK_SHARDS,
+    CK_EPOCH,
+    CK_COMMIT,
+    CK_CACHE,
+    CK_SECRET,
+    CK_TIMEOUT,
+    CK_TLS_CA,
+    CK_COUNT
+};
+static const char *const cluster_keys[CK_COUNT] = {
+    "shards", "epoch", "commit_interval_ms", "cache_timeout", "secret", "timeout_ms", "tls_ca"};
 
-enum node_key { NK_URL, NK_DATA_DIR, NK_SHARDS, NK_COUNT };
-static const char *const node_keys[NK_COUNT] = {"url", "data_dir", "shards"};
+enum node_key { NK_URL, NK_DATA_DIR, NK_SHARDS, NK_TLS_CERT, NK_TLS_KEY, NK_COUNT };
+static const char *const node_keys[NK_COUNT] = {"url", "data_dir", "shards", "tls_cert",
+                                                "tls_key"};
 
 struct node_state {
     int key_line[NK_COUNT];     /* 0 = not given yet */
@@ -443,6 +453,23 @@ static int find_key(const char *const *keys, int n, const char *name)
     return -1;
 }
 
+/* A file name value (relative to the conf file's directory) into out. Its
+ * contents are read by whoever needs them: the node server its own
+ * certificate and key, every client the CA. 0 or -1 (failed). */
+static int file_value(struct load_ctx *ctx, int line, const char *name, const char *value,
+                      char *out, size_t outlen)
+{
+    if (value[0] == '\0') {
+        fail_at(ctx, line, "%s is empty", name);
+        return -1;
+    }
+    if (absolute_dir(ctx->conf_dir, value, out, outlen) < 0) {
+        fail_at(ctx, line, "%s is too long", name);
+        return -1;
+    }
+    return 0;
+}
+
 static int cluster_key(struct load_ctx *ctx, const char *name, const char *value)
 {
     struct config *cfg = &ctx->cfg;
@@ -514,6 +541,17 @@ static int cluster_key(struct load_ctx *ctx, const char *name, const char *value
             return 0;
         }
         cfg->timeout_ms = (unsigned)n;
+        break;
+    case CK_TLS_CA:
+        if (file_value(ctx, line, name, value, cfg->tls_ca, sizeof(cfg->tls_ca)) < 0)
+            return 0;
+        /* Every process that talks to a node needs the CA, clients too:
+         * an unreadable one is a config error, not a failed request later. */
+        if (access(cfg->tls_ca, R_OK) != 0) {
+            fail_at(ctx, line, "tls_ca %s: %s", cfg->tls_ca, strerror(errno));
+            return 0;
+        }
+        cfg->tls_ca_line = line;
         break;
     case CK_COUNT:
         break;
@@ -636,6 +674,16 @@ static int node_key(struct load_ctx *ctx, const char *name, const char *value)
         if (cfg->shard_count && assign_shards(ctx, ctx->cur_node) < 0)
             return 0;
         break;
+    case NK_TLS_CERT:
+        if (file_value(ctx, line, name, value, node->tls_cert, sizeof(node->tls_cert)) < 0)
+            return 0;
+        node->tls_cert_line = line;
+        break;
+    case NK_TLS_KEY:
+        if (file_value(ctx, line, name, value, node->tls_key, sizeof(node->tls_key)) < 0)
+            return 0;
+        node->tls_key_line = line;
+        break;
     case NK_COUNT:
         break;
     }
@@ -719,6 +767,37 @@ static int check_url_duplicates(struct load_ctx *ctx)
     return rc;
 }
 
+/* https:// urls need the CA (every client checks the node's certificate
+ * against it) and, for the node itself, a certificate and key; TLS files
+ * next to an http:// url would be silently unused, so they are an error. */
+static int check_tls(struct load_ctx *ctx)
+{
+    const struct config *cfg = &ctx->cfg;
+
+    for (unsigned i = 0; i < cfg->node_count; i++) {
+        const struct config_node *n = &cfg->nodes[i];
+        int tls = strncmp(n->url, "https://", 8) == 0;
+
+        if (tls && !cfg->tls_ca[0]) {
+            fail_at(ctx, ctx->nodes[i].key_line[NK_URL],
+                    "url %s: https:// needs tls_ca in [cluster]", n->url);
+            return -1;
+        }
+        if (tls && (!n->tls_cert[0] || !n->tls_key[0])) {
+            fail_at(ctx, n->line, "[node %s] has an https:// url but no %s", n->name,
+                    n->tls_cert[0] ? "tls_key" : "tls_cert");
+            return -1;
+        }
+        if (!tls && (n->tls_cert[0] || n->tls_key[0])) {
+            fail_at(ctx, n->tls_cert[0] ? n->tls_cert_line : n->tls_key_line,
+                    "[node %s] %s needs an https:// url", n->name,
+                    n->tls_cert[0] ? "tls_cert" : "tls_key");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int validate(struct load_ctx *ctx)
 {
     struct config *cfg = &ctx->cfg;
@@ -763,7 +842,7 @@ static int validate(struct load_ctx *ctx)
             }
         }
     }
-    if (check_url_duplicates(ctx) < 0)
+    if (check_url_duplicates(ctx) < 0 || check_tls(ctx) < 0)
         return -1;
     for (unsigned i = 0; i < cfg->node_count; i++)
         cfg->nodes[i].data_dir_line = ctx->nodes[i].key_line[NK_DATA_DIR];

@@ -6,12 +6,19 @@
  *   [cluster]   shards = N (power of two), epoch = E (>= 1),
  *               commit_interval_ms, cache_timeout (seconds),
  *               secret (the cluster secret, >= 16 characters; required
- *               with more than one node), timeout_ms (remote requests)
+ *               with more than one node), timeout_ms (remote requests),
+ *               tls_ca = FILE (PEM CA certificates every https:// node's
+ *               certificate is checked against; required with one)
  *   [node NAME] url = http://HOST:PORT or https://HOST:PORT (HOST a name,
  *               an IPv4 address or [IPv6]; PORT 1-65535; nothing after but
  *               one "/"; no two nodes at the same HOST:PORT), data_dir = DIR
  *               (relative to the conf file's directory), shards = LIST
- *               ("0-3", "0,2,5-7" or "all")
+ *               ("0-3", "0,2,5-7" or "all"), tls_cert = FILE and
+ *               tls_key = FILE (PEM; required with, and only with, an
+ *               https:// url; read by the node's server at start)
+ *
+ * FILE and DIR values are relative to the conf file's directory; tls_ca
+ * must be readable at load, the others are read by whoever uses them.
  *
  * Every shard must be owned by exactly one node. An unknown section or key, a
  * bad value or a missing directive is an error naming file, line and reason.
@@ -37,6 +44,9 @@ struct config_node {
     char data_dir[PATH_MAX];        /* absolute after config_load() */
     int line;                       /* line of the [node] header */
     int data_dir_line;              /* line of its data_dir, for later errors */
+    char tls_cert[PATH_MAX];        /* absolute; "" unless the url is https:// */
+    char tls_key[PATH_MAX];
+    int tls_cert_line, tls_key_line;
 };
 
 struct config {
@@ -49,6 +59,8 @@ struct config {
     double cache_timeout;           /* kernel entry/attr timeout in seconds, default 3600 */
     char secret[256];               /* "" when not set */
     unsigned timeout_ms;            /* remote request bound, default 5000 */
+    char tls_ca[PATH_MAX];          /* absolute; "" when not given */
+    int tls_ca_line;
     unsigned node_count;
     struct config_node nodes[CONFIG_MAX_NODES];
     int owner[CONFIG_MAX_SHARDS];   /* index into nodes[] of each shard's owner */

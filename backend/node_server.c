@@ -131,6 +131,8 @@
 #include <unistd.h>
 
 #include <openssl/crypto.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 
 #include "batch.h"
 #include "wire.h"
@@ -154,6 +156,7 @@
 #define STREAM_BLOCK (256u << 10)             /* piece of a streamed reply */
 #define EARLY_REFUSE_MIN (1u << 20)           /* bodies above this are refused from headers */
 #define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
+#define TLS_FILE_MAX (1u << 20)               /* a PEM certificate chain or key */
 
 /* Work for a worker pool: run(job) on one of its threads. */
 struct job {
@@ -196,6 +199,8 @@ struct node_server {
     struct sockaddr_storage addr;  /* where we listen */
     char host[CONFIG_URL_MAX + 1]; /* for messages */
     char port[8];
+    int tls;                       /* https:// url: serve TLS */
+    char *tls_cert, *tls_key;      /* their PEM text, for MHD */
     _Atomic uint64_t newest_epoch; /* highest request epoch logged so far */
     unsigned conn_limit, per_ip_limit;
     int sync_ready;                /* the locks below are initialised */
@@ -1726,10 +1731,7 @@ static int parse_listen_url(struct node_server *s, const char *url, char *err, s
         set_err(err, errlen, "%s: bad url (%s)", url[0] ? url : "\"\"", why);
         return -EINVAL;
     }
-    if (u.tls) {
-        set_err(err, errlen, "%s: TLS not supported yet (use http://)", url);
-        return -ENOTSUP;
-    }
+    s->tls = u.tls;
     snprintf(s->host, sizeof(s->host), "%s", u.host);
     snprintf(s->port, sizeof(s->port), "%u", u.port);
 
@@ -1752,6 +1754,100 @@ static int parse_listen_url(struct node_server *s, const char *url, char *err, s
     memcpy(&s->addr, ai->ai_addr, ai->ai_addrlen);
     freeaddrinfo(ai);
     return 0;
+}
+
+/* ---- TLS ---- */
+
+/* The whole of a small file as a NUL-terminated string; -errno. */
+static int read_text_file(const char *path, char **out)
+{
+    FILE *f = fopen(path, "re");
+    char *buf = NULL;
+    size_t n;
+    int rc = 0;
+
+    *out = NULL;
+    if (!f)
+        return -errno;
+    buf = malloc(TLS_FILE_MAX + 1);
+    if (!buf) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    n = fread(buf, 1, TLS_FILE_MAX + 1, f);
+    if (ferror(f)) {
+        rc = -EIO;
+        goto out;
+    }
+    if (n > TLS_FILE_MAX) {
+        rc = -EFBIG;
+        goto out;
+    }
+    buf[n] = '\0';
+    *out = buf;
+    buf = NULL;
+out:
+    free(buf);
+    fclose(f);
+    return rc;
+}
+
+/* Check with libcrypto what MHD (GnuTLS) would only call "failed": the
+ * certificate and key are PEM and belong together. 0 or -EINVAL with the
+ * reason in why. */
+static int check_cert_and_key(const char *cert_pem, const char *key_pem, char *why, size_t whylen,
+                              int *bad_key)
+{
+    BIO *cb = BIO_new_mem_buf(cert_pem, -1), *kb = BIO_new_mem_buf(key_pem, -1);
+    X509 *cert = cb ? PEM_read_bio_X509(cb, NULL, NULL, NULL) : NULL;
+    EVP_PKEY *key = kb ? PEM_read_bio_PrivateKey(kb, NULL, NULL, NULL) : NULL;
+    int rc = -EINVAL;
+
+    *bad_key = 0;
+    if (!cert) {
+        snprintf(why, whylen, "not a PEM certificate");
+    } else if (!key) {
+        *bad_key = 1;
+        snprintf(why, whylen, "not an unencrypted PEM private key");
+    } else if (X509_check_private_key(cert, key) != 1) {
+        *bad_key = 1;
+        snprintf(why, whylen, "the key does not match the certificate");
+    } else {
+        rc = 0;
+    }
+    X509_free(cert);
+    EVP_PKEY_free(key);
+    BIO_free(cb);
+    BIO_free(kb);
+    return rc;
+}
+
+/* This node's certificate and key from its tls_cert and tls_key, checked;
+ * errors name the file and its conf line. */
+static int load_tls(struct node_server *s, char *err, size_t errlen)
+{
+    const struct config_node *n = &s->cfg.nodes[s->self];
+    char why[128];
+    int rc, bad_key;
+
+    rc = read_text_file(n->tls_cert, &s->tls_cert);
+    if (rc < 0) {
+        set_err(err, errlen, "%s:%d: tls_cert %s: %s", s->cfg.path, n->tls_cert_line, n->tls_cert,
+                strerror(-rc));
+        return rc;
+    }
+    rc = read_text_file(n->tls_key, &s->tls_key);
+    if (rc < 0) {
+        set_err(err, errlen, "%s:%d: tls_key %s: %s", s->cfg.path, n->tls_key_line, n->tls_key,
+                strerror(-rc));
+        return rc;
+    }
+    rc = check_cert_and_key(s->tls_cert, s->tls_key, why, sizeof(why), &bad_key);
+    if (rc < 0)
+        set_err(err, errlen, "%s:%d: %s %s: %s", s->cfg.path,
+                bad_key ? n->tls_key_line : n->tls_cert_line, bad_key ? "tls_key" : "tls_cert",
+                bad_key ? n->tls_key : n->tls_cert, why);
+    return rc;
 }
 
 /* MHD says only "failed"; find out why by trying the bind ourselves. */
@@ -1920,6 +2016,7 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
 {
     struct node_server *s = NULL;
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    struct MHD_OptionItem tls_opts[3] = {{MHD_OPTION_END, 0, NULL}};
     sigset_t all, old;
     uint64_t port = 0;
     int rc;
@@ -1936,6 +2033,15 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     (void)parse_u64(s->port, &port);
     s->conn_limit = conn_limit_of_fds();
     s->per_ip_limit = s->conn_limit / PER_IP_SHARE;
+    if (s->tls) {
+        rc = load_tls(s, err, errlen);
+        if (rc < 0)
+            goto fail;
+        flags |= MHD_USE_TLS;
+        tls_opts[0] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert};
+        tls_opts[1] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key};
+        tls_opts[2] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+    }
 
     /* Threads inherit the signal mask: ours and MHD's get every signal
      * blocked. */
@@ -1951,7 +2057,8 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
             on_uri, s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
             on_connection, s, MHD_OPTION_THREAD_POOL_SIZE, io_threads(),
             MHD_OPTION_CONNECTION_LIMIT, s->conn_limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
-            s->per_ip_limit, MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_END);
+            s->per_ip_limit, MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_ARRAY,
+            tls_opts, MHD_OPTION_END);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc < 0)
         goto fail;
@@ -1994,6 +2101,10 @@ void node_server_stop(struct node_server *s)
         pool_destroy(&s->api_pool);
         pthread_mutex_destroy(&s->log_lock);
     }
+    if (s->tls_key)
+        OPENSSL_cleanse(s->tls_key, strlen(s->tls_key));
+    free(s->tls_key);
+    free(s->tls_cert);
     free(s->shards);
     free(s);
 }

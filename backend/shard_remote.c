@@ -92,6 +92,7 @@
 #define REMOTE_BACKOFF_MAX_MS 500
 #define REMOTE_MIN_ATTEMPT_MS 10 /* no new attempt with less time left */
 #define REMOTE_PROBE_MS 500         /* a down node is tried again this often */
+#define REMOTE_TLS_LOG_MS 10000     /* a TLS failure with a node is logged this often */
 #define REMOTE_DOWN_CONNECT_MS 1000 /* a connect timeout marks down from here */
 #define REMOTE_SMALL_REPLY_MAX (64u << 10)
 /* POST bodies up to this go out with the headers (curl's own limit for that). */
@@ -128,6 +129,7 @@ struct node_health {
     time_t down_since;  /* the same moment on the wall clock, for status */
     int64_t probe_at;   /* while down: the next request is let through then */
     int refused;        /* the last failure was a refusal (an answer, in a way) */
+    int64_t tls_said_ms; /* when a TLS failure with it was last logged */
 };
 
 struct remote {
@@ -174,9 +176,15 @@ static void sleep_ms(int64_t ms)
 
 /* ---- the handle pool ---- */
 
-/* What every easy handle of ours is set to once. */
-static void handle_defaults(CURL *h)
+/* What every easy handle of ours is set to once. With https:// nodes the
+ * peer's certificate and host name are checked (curl's default) against the
+ * cluster's CA only, not the system's. */
+static void handle_defaults(const struct remote *r, CURL *h)
 {
+    if (r->cfg->tls_ca[0]) {
+        curl_easy_setopt(h, CURLOPT_CAINFO, r->cfg->tls_ca);
+        curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
+    }
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
@@ -210,7 +218,7 @@ static struct conn *pool_take(struct remote *r)
         free(c);
         return NULL;
     }
-    handle_defaults(c->curl);
+    handle_defaults(r, c->curl);
     return c;
 }
 
@@ -746,6 +754,30 @@ static int health_gate(struct remote *r, int node, int probe)
     return 1;
 }
 
+/* A TLS handshake that fails is a configuration problem (a certificate
+ * the cluster's CA did not sign, a name it does not cover), not a dead
+ * node: say so on stderr, at most every REMOTE_TLS_LOG_MS per node, since
+ * the caller sees only EIO. */
+static void tls_note(struct remote *r, int node, CURLcode cc)
+{
+    int64_t now = now_ms();
+    int say;
+
+    if (cc != CURLE_PEER_FAILED_VERIFICATION && cc != CURLE_SSL_CONNECT_ERROR &&
+        cc != CURLE_SSL_CACERT_BADFILE && cc != CURLE_SSL_CERTPROBLEM)
+        return;
+    pthread_mutex_lock(&r->lock);
+    say = r->health[node].tls_said_ms == 0 ||
+          now - r->health[node].tls_said_ms >= REMOTE_TLS_LOG_MS;
+    if (say)
+        r->health[node].tls_said_ms = now;
+    pthread_mutex_unlock(&r->lock);
+    if (say)
+        fprintf(stderr, "shardfs: node %s (%s): TLS failed: %s (is its certificate signed by "
+                        "tls_ca and made for its url's host?)\n",
+                r->cfg->nodes[node].name, r->cfg->nodes[node].url, curl_easy_strerror(cc));
+}
+
 /* An attempt on node ended with cc, its connect allowed connect_ms: an HTTP
  * answer marks the node up; a failure to connect at all marks it down
  * (keeping the time of a mark already there). Anything else tells nothing
@@ -760,6 +792,7 @@ static int health_note(struct remote *r, int node, CURLcode cc, const struct req
 
     if (node < 0)
         return 0;
+    tls_note(r, node, cc);
     down = cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST ||
            (cc == CURLE_OPERATION_TIMEDOUT && q->sends == 0 && connect_ms >= floor_ms);
     if (cc != CURLE_OK && !down)
@@ -1545,7 +1578,7 @@ int remote_api_loop(struct remote *r, unsigned parallel,
             rc = -ENOMEM;
             goto out;
         }
-        handle_defaults(slots[i].curl);
+        handle_defaults(r, slots[i].curl);
     }
     for (unsigned i = 0; more && i < parallel; i++) {
         int st = loop_start(r, m, &slots[i], next, done, ctx);

@@ -23,6 +23,21 @@
  * read sees it. A file that no read and no buffered write has gone through
  * (node.paged: set before the store is read, tested after it is written) has
  * nothing cached, and its direct writes are answered at once.
+ *
+ * O_APPEND across nodes: the kernel cuts a buffered write at the end of a
+ * page it has not cached and sends the pieces one by one; the store puts each
+ * at the end of the file, so with other writers (shared) another node's
+ * append could land between the pieces. So, when shared, a write-only
+ * O_APPEND open uses direct I/O (fi->direct_io): the kernel sends each
+ * write(2) of up to max_write as one request, and ns_write() places it at the
+ * end in one compare-and-swap on the inode's shard. A read-write one does too
+ * only where the kernel can map a direct-I/O file shared
+ * (FUSE_CAP_DIRECT_IO_ALLOW_MMAP, libfuse 3.16); elsewhere mmap(MAP_SHARED)
+ * of it would fail with ENODEV, so it keeps the page cache. A write-only
+ * descriptor cannot be mapped at all. Its direct writes drop their range
+ * from this mount's cache as O_DIRECT writes do (above). Alone (not shared)
+ * the kernel holds the inode lock over all the pieces of a write and nobody
+ * else writes, so appends keep the page cache there.
  */
 #include "fuse_ops.h"
 
@@ -70,6 +85,8 @@ struct fs {
     double dir_attr_timeout; /* directories */
     double negative_timeout;
     int keep_cache;          /* keep a file's page cache across opens */
+    int direct_append;       /* O_APPEND opens use direct I/O: others write too */
+    int direct_io_mmap;      /* the kernel maps direct-I/O files shared; set by op_init */
     struct fuse_session *se; /* for invalidations; NULL until fs_start() */
     pthread_mutex_t inval_lock;
     pthread_cond_t inval_cond;
@@ -91,11 +108,12 @@ struct opened {
     int is_dir;                 /* a struct dir_handle, else a struct handle */
 };
 
-/* An open file: O_APPEND must be honoured by the store, not by the offset the
- * kernel sends, so that appends from several writers never overlap. */
+/* An open file. O_APPEND is honoured by the store, not by the offset the
+ * kernel sends, so that appends from several writers never overlap; it is
+ * taken from each write's flags (fcntl may set or clear it after the open). */
 struct handle {
     struct opened o;
-    int append;
+    int direct_io; /* opened with fi->direct_io (an O_APPEND open, see the top) */
 };
 
 struct dir_entry {
@@ -368,8 +386,11 @@ static void handle_free(struct fs *fs, void *handle)
 static struct handle *handle_new(struct fs *fs, int flags)
 {
     struct handle *h = handle_alloc(fs, sizeof(*h), 0);
+    /* Whole appends across nodes, where no shared mmap can break on it (see
+     * the top of the file). */
     if (h)
-        h->append = (flags & O_APPEND) != 0;
+        h->direct_io = (flags & O_APPEND) && fs->direct_append &&
+                       ((flags & O_ACCMODE) == O_WRONLY || fs->direct_io_mmap);
     return h;
 }
 
@@ -423,13 +444,15 @@ static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h
      * before it is answered, so close() needs no FLUSH round trip. */
     fi->noflush = 1;
     fi->keep_cache = fs->keep_cache;
+    fi->direct_io = h->direct_io;
 }
 
 /* ---- callbacks ---- */
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
-    (void)userdata;
+    struct fs *fs = userdata;
+
     conn->max_write = MAX_WRITE;
     conn->max_readahead = MAX_WRITE;
     if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
@@ -439,6 +462,15 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     /* Kernel-side writeback caching would let data sit in the page cache past
      * close(); we want close() to mean "in the store". */
     conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+#ifdef FUSE_CAP_DIRECT_IO_ALLOW_MMAP
+    /* Lets a read-write O_APPEND open use direct I/O too (handle_new). */
+    if (conn->capable & FUSE_CAP_DIRECT_IO_ALLOW_MMAP) {
+        conn->want |= FUSE_CAP_DIRECT_IO_ALLOW_MMAP;
+        fs->direct_io_mmap = 1;
+    }
+#else
+    (void)fs;
+#endif
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -792,10 +824,13 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     struct fs *fs = fs_of(req);
     struct node *nd = node_of(fs, ino);
     struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-    int append = h && h->append;
-    /* The kernel sends the file's flags with each write; a write of cached
-     * pages (writepage: a shared mmap) is the cache's own. */
-    int direct = (fi->flags & O_DIRECT) && !fi->writepage && fs->inval_running;
+    /* The kernel sends the descriptor's flags as they are now with each
+     * write (F_SETFL may have changed O_APPEND since the open). A write of
+     * cached pages (writepage: a shared mmap's dirty pages) goes at its own
+     * offset and is the cache's own: O_APPEND is for write(2). */
+    int append = (fi->flags & O_APPEND) && !fi->writepage;
+    int direct =
+        ((fi->flags & O_DIRECT) || (h && h->direct_io)) && !fi->writepage && fs->inval_running;
     uint64_t new_size = 0;
     ssize_t n;
 
@@ -1107,6 +1142,7 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
         fs->dir_attr_timeout = cache_timeout;
         fs->negative_timeout = cache_timeout;
         fs->keep_cache = 0;
+        fs->direct_append = 1;
     } else {
         fs->attr_timeout = cache_timeout;
         fs->dir_attr_timeout = cache_timeout;

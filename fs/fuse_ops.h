@@ -10,8 +10,10 @@
  * timeouts are therefore long (cache_timeout in shards.conf) and open files
  * keep their page cache (keep_cache). With other writers (shared: other
  * nodes, the HTTP API) it is close-to-open: missing names are not cached and
- * every open drops the file's cached pages and attributes. DESIGN.md has the
- * reasoning.
+ * every open drops the file's cached pages and attributes; and a write-only
+ * O_APPEND open uses direct I/O, so that each write(2) of up to max_write
+ * (1 MiB, less a page for an unaligned buffer) reaches the store whole and
+ * goes at the end of the file in one piece. DESIGN.md has the reasoning.
  *
  * Threads: the callbacks run on libfuse's worker threads; the node table has
  * its own lock. fs_start() adds one thread, which drops what O_DIRECT writes

@@ -12,6 +12,7 @@ SHARDFS_DEPS=(
     clang libclang-rt-14-dev               # the libFuzzer build (tests/run)
     python3-pytest
     rsync fio attr acl bc util-linux
+    openssl                                # tests/system/test_tls.py makes a CA
 )
 
 # shardfs_missing_deps: print the packages of SHARDFS_DEPS that are not installed.

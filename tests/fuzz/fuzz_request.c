@@ -15,7 +15,9 @@
  *   any other value (the seeds use 0xff): a run of requests to a node_server made with
  *      node_server_new() (no socket) over a real LMDB shard in a temp dir,
  *      through node_server_precheck() and node_server_handle(), the code the
- *      libmicrohttpd callbacks run
+ *      libmicrohttpd callbacks run. Paths under /v1/kv and /v1/nodes reach
+ *      the real key API (fs/kv_api.c) over a real one-node namespace of its
+ *      own in the temp dir (4 local shards); other paths a stand-in handler
  *
  * A request is: flags:u8, headlen:u16le, head, bodylen:u16le, body (lengths
  * are cut to what is left). head is text: "METHOD URI" on the first line,
@@ -29,13 +31,21 @@
  *          WIRE_MAX_SKEW
  *
  * The shard is emptied before each input, so an input's outcome depends on
- * that input alone. Checks beyond the sanitizers: an unsigned request gets
- * only 401 or 413; every status is 200-599; a 3xx has a Location; header
- * strings are NUL-terminated without control characters (a redirect repeats
- * the request target); a scan reply decodes and is in key order within
- * [start, end); a get reply carries X-Shardfs-Vlen; a getv reply decodes
- * for the reads asked. A failed check abort()s,
- * which libFuzzer reports with the reproducer's path.
+ * that input alone. The key API's namespace is not (emptying it would take
+ * a remount): it keeps what earlier inputs made, and is thrown away and made
+ * anew every KV_RESET_EVERY inputs so it stays small; a reproducer may need
+ * the inputs run before it.
+ *
+ * Checks beyond the sanitizers: an unsigned request gets only 401 or 413
+ * (unless it carries the key API's bearer secret); every status is 200-599;
+ * a 3xx has a Location; header strings are NUL-terminated without control
+ * characters (a redirect repeats the request target); a scan reply decodes
+ * and is in key order within [start, end); a get reply carries
+ * X-Shardfs-Vlen; a getv reply decodes for the reads asked; the key API
+ * never answers 500 (its store is local, so EIO is a bug), and a file it
+ * accepted with PUT (201/204) reads back with GET as exactly the body sent;
+ * a streamed reply is read to its end. A failed check abort()s, which
+ * libFuzzer reports with the reproducer's path.
  *
  * SHARDFS_FUZZ_VERBOSE=1 prints each request and its status (for reading a
  * reproducer: fuzz_request FILE).
@@ -56,6 +66,8 @@
 
 #include "batch.h"
 #include "config.h"
+#include "kv_api.h"
+#include "namespace.h"
 #include "node_server.h"
 #include "shard.h"
 #include "shard_lmdb.h"
@@ -67,6 +79,7 @@
 #define NOW INT64_C(1700000000) /* a fixed clock: inputs replay the same */
 #define MAX_REQUESTS 8
 #define MAX_HEADERS 32
+#define KV_RESET_EVERY 2000 /* inputs between two fresh key API namespaces */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -79,6 +92,10 @@ static int verbose; /* SHARDFS_FUZZ_VERBOSE set: one line per request on stderr 
 static struct config cfg;
 static struct shard *shard0;
 static struct node_server *server;
+static struct config kv_cfg; /* the key API's one-node store, in tmpdir/kv */
+static struct ns *kv_ns;
+static struct kv_api *kv_api;
+static unsigned long inputs;
 
 #define FAIL(...)                                                                                  \
     do {                                                                                           \
@@ -89,19 +106,153 @@ static struct node_server *server;
 
 /* ---- setup, once per process ---- */
 
+static void kv_close(void)
+{
+    kv_api_free(kv_api);
+    kv_api = NULL;
+    if (kv_ns)
+        ns_close(kv_ns);
+    kv_ns = NULL;
+}
+
 static void cleanup(void)
 {
     char cmd[PATH_MAX + 16];
 
     node_server_stop(server);
+    kv_close();
     if (shard0)
         shard_close(shard0);
     if (tmpdir[0] && snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir) < (int)sizeof(cmd))
         (void)system(cmd);
 }
 
-/* The handler for other paths: echoes what it got, or fails as asked by the
- * path ("/err" -errno, "/status/N" a raw status), so route_other's checks run. */
+/* A fresh one-node store for the key API in tmpdir/kv: a new config file and
+ * data directory each time, so nothing of the old one is reused. */
+static void kv_open(void)
+{
+    static unsigned generation;
+    char path[PATH_MAX + 64], cmd[PATH_MAX + 80], err[1024];
+    FILE *f;
+
+    kv_close();
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s/kv'", tmpdir);
+    if (system(cmd) != 0)
+        FAIL("%s failed", cmd);
+    snprintf(path, sizeof(path), "%s/kv", tmpdir);
+    if (mkdir(path, 0755) != 0)
+        FAIL("mkdir %s: %s", path, strerror(errno));
+    snprintf(path, sizeof(path), "%s/kv/shards.conf", tmpdir);
+    f = fopen(path, "w");
+    if (!f || fprintf(f,
+                      "[cluster]\nshards = 4\nepoch = %u\nsecret = " SECRET "\n"
+                      "commit_interval_ms = 60000\n"
+                      "[node k]\nurl = http://127.0.0.1:1\ndata_dir = ./data\nshards = 0-3\n",
+                      ++generation) < 0 ||
+        fclose(f) != 0)
+        FAIL("cannot write %s", path);
+    if (config_load(path, &kv_cfg, err, sizeof(err)) != 0 ||
+        ns_open(&kv_cfg, 0, 0, NULL, &kv_ns, err, sizeof(err)) != 0)
+        FAIL("key API store: %s", err);
+    kv_api = kv_api_new(kv_ns, 0, NULL, NULL);
+    if (!kv_api)
+        FAIL("kv_api_new: out of memory");
+}
+
+static int is_kv_path(const struct node_request *req)
+{
+    size_t plen = strlen(NODE_KV_PREFIX);
+
+    if (strcmp(req->path, "/v1/nodes") == 0)
+        return 1;
+    return req->path_len >= plen && memcmp(req->path, NODE_KV_PREFIX, plen) == 0 &&
+           (req->path_len == plen || req->path[plen] == '/');
+}
+
+static const char *no_header(void *ctx, const char *name)
+{
+    (void)ctx;
+    (void)name;
+    return NULL;
+}
+
+/* Free what a reply holds: its body, or its stream's context. */
+static void reply_done(struct node_response *r)
+{
+    free(r->body);
+    r->body = NULL;
+    if (r->stream.free)
+        r->stream.free(r->stream.ctx);
+    r->stream = (struct node_stream){0};
+}
+
+/* A reply's body, streamed or not, as one malloc()ed buffer (*len bytes);
+ * frees the stream. NULL (only) if a stream read fails before its end. */
+static uint8_t *reply_bytes(struct node_response *r, size_t *len)
+{
+    uint64_t pos = 0, want = r->stream.len;
+    uint8_t *buf;
+    ssize_t n = 1;
+
+    if (!r->stream.read) {
+        *len = r->len;
+        buf = r->body ? r->body : malloc(1);
+        if (!buf)
+            abort();
+        r->body = NULL;
+        return buf;
+    }
+    buf = malloc(want + 1);
+    if (!buf)
+        abort();
+    while (pos < want && (n = r->stream.read(r->stream.ctx, pos, buf + pos, want - pos)) > 0)
+        pos += (uint64_t)n;
+    reply_done(r);
+    *len = (size_t)pos;
+    if (pos < want) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* After a PUT the key API accepted, GET must give back exactly its body. */
+static void check_kv_put(const struct node_request *put)
+{
+    struct node_input in = {.method = "GET", .uri = put->path, .path = put->path,
+                            .header = no_header};
+    struct node_request get = {.method = "GET", .path = put->path, .path_len = put->path_len,
+                               .in = &in};
+    struct node_response r = {0};
+    uint8_t *got;
+    size_t len;
+
+    if (kv_api_handle(kv_api, &get, &r) != 0 || r.status != 200)
+        FAIL("PUT %s succeeded but GET gives %d", put->path, r.status);
+    got = reply_bytes(&r, &len);
+    if (!got)
+        FAIL("GET %s: a stream read failed", put->path);
+    if (len != put->body_len || (len && memcmp(got, put->body, len) != 0))
+        FAIL("PUT %s of %zu bytes reads back %zu different bytes", put->path, put->body_len, len);
+    free(got);
+}
+
+/* The key API, with what it promises checked. */
+static int kv(const struct node_request *req, struct node_response *resp)
+{
+    int rc = kv_api_handle(kv_api, req, resp);
+
+    if (rc == 0 && resp->status == 500)
+        FAIL("500 from the key API over a local store: %s %s", req->method, req->path);
+    if (rc == 0 && strcmp(req->method, "PUT") == 0 && (resp->status == 201 || resp->status == 204) &&
+        req->path_len && req->path[req->path_len - 1] != '/')
+        check_kv_put(req);
+    return rc;
+}
+
+/* The handler for other paths: the key API for its paths; otherwise echoes
+ * what it got, or fails as asked by the path ("/err" -errno, "/status/N" a
+ * raw status), so route_other's checks run. */
 static int other(void *ctx, const struct node_request *req, struct node_response *resp)
 {
     const char *hdr = node_request_header(req, "X-Test");
@@ -109,6 +260,8 @@ static int other(void *ctx, const struct node_request *req, struct node_response
     int n;
 
     (void)ctx;
+    if (is_kv_path(req))
+        return kv(req, resp);
     if (strcmp(req->path, "/err") == 0)
         return -ENOSPC;
     if (strncmp(req->path, "/status/", 8) == 0) {
@@ -156,6 +309,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         fprintf(stderr, "node_server_new: %s\n", err);
         exit(2);
     }
+    kv_open();
     return 0;
 }
 
@@ -322,6 +476,18 @@ static const char *lookup_header(void *ctx, const char *name)
         if (strcasecmp(fr->headers[i].name, name) == 0)
             return fr->headers[i].value;
     return NULL;
+}
+
+/* The key API's bearer rule, written out again: "Authorization: Bearer
+ * SECRET" on a target under /v1/kv passes without a signature. */
+static int bearer_given(const struct fuzz_request *fr)
+{
+    const char *h = lookup_header((void *)fr, "Authorization");
+    size_t plen = strlen(NODE_KV_PREFIX);
+
+    return h && strncmp(fr->uri, NODE_KV_PREFIX, plen) == 0 &&
+           (fr->uri[plen] == '\0' || fr->uri[plen] == '/' || fr->uri[plen] == '?') &&
+           strncasecmp(h, "Bearer ", 7) == 0 && strcmp(h + 7, SECRET) == 0;
 }
 
 static void add_header(struct fuzz_request *fr, const char *name, const char *value)
@@ -531,8 +697,16 @@ static void run_request(uint8_t flags, const uint8_t *head, size_t hlen, const u
     if (r.status || r.body)
         FAIL("precheck passed a request but left a reply");
     node_server_handle(server, &in, &r);
-    check_reply(&fr, &in, signed_ok, &r);
-    free(r.body);
+    check_reply(&fr, &in, signed_ok || bearer_given(&fr), &r);
+    if (r.stream.read && strcmp(fr.method, "HEAD") != 0) {
+        size_t len;
+        uint8_t *all = reply_bytes(&r, &len);
+
+        if (!all)
+            FAIL("a streamed reply to %s %s fails before its end", fr.method, fr.uri);
+        free(all);
+    }
+    reply_done(&r);
     free(fr.head);
 }
 
@@ -564,6 +738,8 @@ static const uint8_t *take_field(const uint8_t **p, size_t *left, size_t *len)
 
 static void fuzz_requests(const uint8_t *p, size_t left)
 {
+    if (++inputs % KV_RESET_EVERY == 0)
+        kv_open();
     shard_empty();
     for (int i = 0; i < MAX_REQUESTS && left; i++) {
         const uint8_t *head, *body;

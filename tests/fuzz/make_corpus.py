@@ -92,6 +92,24 @@ SEEDS = {
         request(SIGN, "PUT /v1/kv/nul%00tail", b"x"),
         request(SIGN, "GET /v1/kv/trav/nul2%00/../../x"),
         request(SIGN, "DELETE /v1/kv/%2e%2e/a%2Fb%zz%4")),
+    "kv": requests(
+        request(SIGN, "PUT /v1/kv/dir/a", b"hello"),
+        request(SIGN, "PUT /v1/kv/dir/sub/"),
+        request(SIGN, "PUT /v1/kv/dir/%C3%A9t%C3%A9%20x", b"\x00\xff"),
+        request(SIGN, "GET /v1/kv/dir"),
+        request(SIGN, "HEAD /v1/kv/dir/a"),
+        request(SIGN, "GET /v1/kv/dir/a"),
+        request(SIGN, "DELETE /v1/kv/dir"),
+        request(SIGN, "GET /v1/nodes")),
+    "kv-replace": requests(
+        request(SIGN, "PUT /v1/kv/f", b"one"),
+        request(SIGN, "PUT /v1/kv/f", b""),
+        request(SIGN, "PUT /v1/kv/f/", b""),
+        request(SIGN, "DELETE /v1/kv/f"),
+        request(SIGN, "PUT /v1/kv/f/g", b"two"),
+        request(SIGN, "GET /v1/kv/"),
+        request(SIGN, "POST /v1/kv/f"),
+        request(0, "PUT /v1/kv/x\nAuthorization: Bearer " + "fuzz-secret-0123456789", b"b")),
     "unsigned": requests(
         request(EPOCH, "POST /v1/shard/0/apply", B),
         request(EPOCH, "POST /v1/shard/0/get\nX-Shardfs-Date: 1700000000\n"

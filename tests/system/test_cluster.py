@@ -39,10 +39,12 @@ EXIT_DEADLINE = 20.0
 DEAD_ERRNOS = (errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EIO)
 
 
-def _port_answers(port):
-    """True once something answers HTTP on 127.0.0.1:port (any status)."""
+def _port_answers(port, scheme="http", context=None):
+    """True once something answers HTTP on 127.0.0.1:port (any status);
+    context: the ssl.SSLContext for https."""
     try:
-        urllib.request.urlopen("http://127.0.0.1:%d/v1/config" % port, timeout=1)
+        urllib.request.urlopen("%s://127.0.0.1:%d/v1/config" % (scheme, port), timeout=1,
+                               context=context)
         return True
     except urllib.error.HTTPError:
         return True
@@ -112,8 +114,12 @@ class Cluster:
                             % (node, MOUNT_DEADLINE, _tail(Path(errpath).read_text(errors="replace"))))
             time.sleep(0.02)
         # The node's HTTP server should be up too once the mount is there.
-        wait_for(lambda: _port_answers(self.ports[node]), 10, "node %s HTTP server" % node,
+        wait_for(lambda: self.answers(node), 10, "node %s HTTP server" % node,
                  interval=0.05)
+
+    def answers(self, node):
+        """True once node's HTTP server answers (any status)."""
+        return _port_answers(self.ports[node])
 
     def kill9(self, node):
         p = self.proc[node]
@@ -175,7 +181,7 @@ class Cluster:
                         if p.poll() is not None:
                             pytest.fail("serve %s exited %s:\n%s" % (
                                 o, p.returncode, _tail(Path(errpath).read_text(errors="replace"))))
-                        return _port_answers(self.ports[o])
+                        return self.answers(o)
                     wait_for(up, 10, "serve node %s" % o, interval=0.05)
                 r = run([SHARDFS_BIN, "fsck", "-c", self.conf, "-n", n], check=False,
                         timeout=120)

@@ -182,7 +182,7 @@ static void test_three_nodes(void)
 
     if (LOAD_OK("# nodes may come before [cluster]\n"
                 "[node alpha]\n"
-                "url = https://alpha.example:7070/\n"
+                "url = http://alpha.example:7070/\n"
                 "data_dir = /tmp/../tmp//./x/ ; absolute, cleaned\n"
                 "shards = 0-3, 14\n"
                 "[cluster]\r\n"
@@ -213,7 +213,7 @@ static void test_three_nodes(void)
     CHECK(strcmp(cfg.nodes[2].name, "Gamma_3") == 0 && cfg.nodes[2].line == 16);
     CHECK(strcmp(cfg.secret, "sixteen-chars-at-least") == 0);
     CHECK(cfg.timeout_ms == 5000);
-    CHECK(strcmp(cfg.nodes[0].url, "https://alpha.example:7070/") == 0);
+    CHECK(strcmp(cfg.nodes[0].url, "http://alpha.example:7070/") == 0);
     CHECK(strcmp(cfg.nodes[1].url, "http://127.0.0.2:7071") == 0);
     CHECKF(strcmp(cfg.nodes[0].data_dir, "/tmp/../tmp/x") == 0, "got %s", cfg.nodes[0].data_dir);
     CHECK(cfg.nodes[1].data_dir[0] == '/' && strstr(cfg.nodes[1].data_dir, "/beta") != NULL);
@@ -411,6 +411,50 @@ static void test_bad_urls(void)
              13, "nodes a and c cannot have the same host and port");
 }
 
+/* https:// urls: the CA for everyone, a certificate and key for the node;
+ * file names relative to the conf file; mistakes at their line. */
+static void test_tls(void)
+{
+    static struct config cfg;
+    char want[PATH_MAX + 32];
+
+    write_conf("ca.pem", "not read by config_load\n");
+    if (LOAD_OK("[cluster]\nshards = 2\nsecret = 0123456789abcdef\ntls_ca = ca.pem\n"
+                "[node a]\nurl = https://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+                "tls_cert = pki/a.pem\ntls_key = /etc/a.key\n"
+                "[node b]\nurl = http://127.0.0.1:7071\ndata_dir = b\nshards = 1\n",
+                &cfg) == 0) {
+        snprintf(want, sizeof(want), "%s/ca.pem", realtmp);
+        CHECKF(strcmp(cfg.tls_ca, want) == 0 && cfg.tls_ca_line == 4, "got %s:%d", cfg.tls_ca,
+               cfg.tls_ca_line);
+        snprintf(want, sizeof(want), "%s/pki/a.pem", realtmp);
+        CHECKF(strcmp(cfg.nodes[0].tls_cert, want) == 0 && cfg.nodes[0].tls_cert_line == 9,
+               "got %s:%d", cfg.nodes[0].tls_cert, cfg.nodes[0].tls_cert_line);
+        CHECK(strcmp(cfg.nodes[0].tls_key, "/etc/a.key") == 0 && cfg.nodes[0].tls_key_line == 10);
+        CHECK(cfg.nodes[1].tls_cert[0] == '\0' && cfg.nodes[1].tls_key[0] == '\0');
+    }
+    LOAD_ERR("[cluster]\nshards = 1\n"
+             "[node a]\nurl = https://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+             "tls_cert = a.pem\ntls_key = a.key\n",
+             4, "https:// needs tls_ca in [cluster]");
+    LOAD_ERR("[cluster]\nshards = 1\ntls_ca = missing.pem\n"
+             "[node a]\nurl = https://127.0.0.1:7070\ndata_dir = a\nshards = 0\n",
+             3, "tls_ca");
+    LOAD_ERR("[cluster]\nshards = 1\ntls_ca = ca.pem\n"
+             "[node a]\nurl = https://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+             "tls_cert = a.pem\n",
+             4, "[node a] has an https:// url but no tls_key");
+    LOAD_ERR("[cluster]\nshards = 1\ntls_ca = ca.pem\n"
+             "[node a]\nurl = http://127.0.0.1:7070\ndata_dir = a\nshards = 0\n"
+             "tls_key = a.key\n",
+             8, "[node a] tls_key needs an https:// url");
+    LOAD_ERR("[cluster]\nshards = 1\ntls_ca =\n[node a]\ndata_dir = a\nshards = 0\n", 3,
+             "tls_ca is empty");
+    LOAD_ERR("[cluster]\nshards = 1\n[node a]\ndata_dir = a\nshards = 0\n"
+             "tls_cert = x\ntls_cert = y\n",
+             7, "duplicate key 'tls_cert'");
+}
+
 /* The urls that load, split as a node connects to them. */
 static void test_good_urls(void)
 {
@@ -601,6 +645,7 @@ int main(int argc, char **argv)
     test_node_value_errors();
     test_bad_urls();
     test_good_urls();
+    test_tls();
     test_url_too_long();
     test_whole_file_errors();
     test_pick_node();
