@@ -17,6 +17,7 @@ a keep-alive connection idle between requests must not be.
 
 import errno
 import os
+import re
 import socket
 import threading
 import time
@@ -106,6 +107,11 @@ class Attacker:
             s.close()
 
 
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"(?m)^VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+
 def timed(fn, limit=PROMPT_S):
     t0 = time.monotonic()
     v = fn()
@@ -123,12 +129,17 @@ def test_idle_connections_do_not_lock_others_out(cluster):
                  input=b"via the api\n")
     assert st == 201
 
+    rss_idle = rss_kib(cluster.proc["b"].pid)
     att = Attacker(cluster.ports["b"], ATTACK_CONNECTIONS)
     att.start()
     try:
         time.sleep(3)   # it holds what it can, and has trickled a byte to some
         held = att.alive
-        print("attacker: %d open after 3 s (%d closed by b)" % (held, att.closed_by_server))
+        rss = rss_kib(cluster.proc["b"].pid)
+        print("attacker: %d open after 3 s (%d closed by b); b's RSS %d -> %d KiB"
+              % (held, att.closed_by_server, rss_idle, rss))
+        # Bounded by memory: a connection costs a socket and a small buffer.
+        assert rss - rss_idle < 64 * 1024, (rss_idle, rss)
 
         # A signed request from another client.
         (st, _, body), took = timed(lambda: signed(cluster, "b", "GET", "/v1/config"))
