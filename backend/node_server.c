@@ -17,6 +17,8 @@
  *    hold a connection forever; it still closes idle keep-alive connections.
  * Keep-alive is HTTP/1.1's default and stays on unless a request is refused
  * before its body was read (then MHD closes the connection after the reply).
+ * Only a request that authenticated from its headers (step 2) gets its
+ * body buffered.
  *
  * DESIGN (threads)
  *  The I/O threads must never wait: one waiting thread stalls every
@@ -64,28 +66,38 @@
  *     be lossy (escaping, argument order, "a&a=" forms), so the signature is
  *     checked over this copy and nothing else, and shard paths and their
  *     query arguments (off, len, limit) are parsed from it too.
- *  2. First call of the access handler (headers only): a Content-Length over
- *     WIRE_BODY_MAX gets 413; and if the body is over EARLY_REFUSE_MIN or
- *     chunked, a missing, malformed or stale X-Shardfs-Date or a malformed
- *     X-Shardfs-Auth gets 401. Both before a byte of the body is read or
- *     buffered (with "Expect: 100-continue", which curl sends for large
- *     bodies, the client never sends it).
- *  3. Body calls append to the context's buffer, never past WIRE_BODY_MAX.
- *     Only a chunked upload (no Content-Length to refuse at step 2) can
- *     pass the cap; then the buffer is freed at once and the rest of the
- *     body is read and thrown away, because libmicrohttpd 0.9.75 cannot
- *     queue a response while a body is still coming (MHD_queue_response
- *     fails until the request is complete). The 413 goes out when the body
- *     ends; a body that goes on for DISCARD_MAX more bytes gets the
- *     connection closed instead.
+ *  2. First call of the access handler (headers only), node_server_precheck:
+ *     a Content-Length over WIRE_BODY_MAX gets 413; then the request must
+ *     authenticate from its headers alone: the bearer secret on /v1/kv, or
+ *     wire_verify() over method, this node's URL, raw path?query, epoch,
+ *     date, nonce and the body's declared X-Shardfs-Digest and
+ *     Content-Length, and then a nonce never accepted before (the nonce
+ *     cache remembers it from here on; 503 when it cannot). A refusal is
+ *     401, and no byte of the body is ever buffered for it: with no body,
+ *     or a body of at most EARLY_REFUSE_MIN with a Content-Length (curl
+ *     sends small ones with the headers), the body is read, dropped, and
+ *     the reply sent at its end (see refuse(): a reply before the body keeps
+ *     the connection from being reused, and can be lost to a reset); any
+ *     other body is refused at once, unread, and MHD closes the connection.
+ *  3. Body calls append to the context's buffer, never past WIRE_BODY_MAX,
+ *     and feed a signed body's SHA-256 as it comes. Only a chunked upload
+ *     (no Content-Length to refuse at step 2) can pass the cap; then the
+ *     buffer is freed at once and the rest of the body is read and thrown
+ *     away, because libmicrohttpd 0.9.75 cannot queue a response while a
+ *     body is still coming (MHD_queue_response fails until the request is
+ *     complete). The 413 goes out when the body ends; a body that goes on
+ *     for DISCARD_MAX more bytes gets the connection closed instead.
  *  4. Last call (body complete): dispatch (DESIGN threads above) runs
- *     node_server_handle() inline, tries it inline, or hands it to a worker:
- *     wire_verify() over method, raw path?query, date and body; any failure
- *     is 401 and nothing else happens. Then: /v1/config, /v1/shard/N/op, or
- *     the caller's handler for other paths.
- *     Steps 2 and 4 see the request only as a struct node_input
- *     (node_server_precheck, node_server_handle), so they run without a
- *     socket too: tests/fuzz feeds them directly.
+ *     node_server_handle inline, tries it inline, or hands it to a worker
+ *     (and so it may run twice for one request: harmless, it takes no
+ *     nonce). There the headers are
+ *     authenticated again (the same answer, with the clock of step 2; not
+ *     the nonce, which step 2 took), and the body must be the one signed,
+ *     its digest and length those declared: else 401 and nothing else
+ *     happens. Then: /v1/config, /v1/shard/N/op, or the caller's handler
+ *     for other paths. Steps 2 and 4 see the request only as a struct
+ *     node_input (node_server_precheck, node_server_handle), so they run
+ *     without a socket too: tests/fuzz feeds them directly.
  *  5. A shard op checks, in order: N < shard_count (400), X-Shardfs-Epoch
  *     present and numeric (400), the method (405), and whether we serve it:
  *     a shard we do not own, or a request epoch older than ours, gets 307 to
@@ -99,9 +111,10 @@
  *  7. The completion callback frees the context, whatever happened.
  *
  * Threads: the server struct is read-only after start except newest_epoch
- * (atomic), the worker queues (their pool's lock), the connection list
- * (conn_lock) and the log's minute (log_lock). A request context is used by one thread at a time: its I/O
- * thread, or the worker while the connection is suspended. Signals are
+ * and busy_logged (atomic), the nonce cache (its own lock), the worker
+ * queues (their pool's lock), the connection list (conn_lock) and the log's
+ * minute (log_lock). A request context is used by one thread at a time: its
+ * I/O thread, or the worker while the connection is suspended. Signals are
  * blocked in every thread MHD or we create (they inherit the mask set
  * around their creation), so they reach the main thread.
  */
@@ -135,6 +148,7 @@
 #include <openssl/x509.h>
 
 #include "batch.h"
+#include "nonce_cache.h"
 #include "wire.h"
 
 #define IO_THREADS_MIN 2u          /* MHD's epoll threads: one a CPU, within these */
@@ -148,13 +162,16 @@
 #define IDLE_TIMEOUT_S 60u         /* MHD's: no byte for this long closes a connection */
 #define HEADER_DEADLINE_MS 10000   /* a request's headers, from its first byte */
 #define REAPER_PERIOD_MS 250
-#define INLINE_BODY_MAX (64u << 10) /* a larger body is hashed (wire_verify) on a worker */
+#define INLINE_BODY_MAX (64u << 10) /* a larger apply (LMDB, the redo log) runs on a worker */
 #define SCAN_INLINE_MAX 256u       /* scans of at most this many records are tried inline */
 #define LOG_BURST 10u              /* libmicrohttpd's messages shown a minute */
 #define GET_FIRST_TRY (64u << 10) /* first buffer for a get; grown if the value is longer */
 #define BODY_FIRST_ALLOC (64u << 10)
 #define STREAM_BLOCK (256u << 10)             /* piece of a streamed reply */
-#define EARLY_REFUSE_MIN (1u << 20)           /* bodies above this are refused from headers */
+#define EARLY_REFUSE_MIN (1u << 20)           /* a refused body above this is not read */
+#define NONCE_MAX (1u << 20)                  /* nonces remembered (32 MiB at most) */
+#define NONCE_MIN_KEEP_S 30                   /* ... for at least this long (nonce_cache.h) */
+#define BUSY_LOG_S 10                         /* "cannot remember more nonces", at most this often */
 #define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
 #define TLS_FILE_MAX (1u << 20)               /* a PEM certificate chain or key */
 
@@ -202,6 +219,8 @@ struct node_server {
     int tls;                       /* https:// url: serve TLS */
     char *tls_cert, *tls_key;      /* their PEM text, for MHD */
     _Atomic uint64_t newest_epoch; /* highest request epoch logged so far */
+    struct nonce_cache *nonces;    /* of the signed requests accepted */
+    _Atomic int64_t busy_logged;   /* when a full nonce cache was last logged */
     unsigned conn_limit, per_ip_limit;
     int sync_ready;                /* the locks below are initialised */
     pthread_mutex_t log_lock;
@@ -222,17 +241,20 @@ struct node_server {
 struct request {
     struct node_server *srv;
     char *uri;          /* raw "path?query" as received; NULL if out of memory */
+    int64_t now;        /* when the headers came: the clock of steps 2 and 4 */
     int started;        /* the header-only first call has been made */
     int replied;        /* a response was queued before the body was complete */
-    int error;          /* -EFBIG or -ENOMEM while reading the body */
+    struct node_response *refusal; /* step 2's, sent once the body is dropped */
+    int error;          /* -EFBIG, -ENOMEM or -EIO while reading the body */
     uint64_t discarded; /* body bytes thrown away after that */
+    struct wire_digest *digest; /* of a signed body, as it comes */
+    char body_digest[WIRE_DIGEST_LEN + 1]; /* ... in hex once complete, or "" */
     uint8_t *body;      /* NULL while empty */
     size_t len, cap;
     /* handed to a worker (step 4): */
     struct job job;
     struct MHD_Connection *conn;
     const char *url, *method; /* MHD's, valid until the request completes */
-    int tried;                /* handled once already, in no-waiting mode, and refused */
     int answered;             /* the worker filled resp; the connection is resumed */
     struct node_response resp;
 };
@@ -418,6 +440,14 @@ static int query_u64(const char *uri, const char *name, uint64_t *out)
 static const char *header(const struct node_input *in, const char *name)
 {
     return in->header ? in->header(in->ctx, name) : NULL;
+}
+
+/* Whether a body follows the headers: chunked, or a Content-Length but 0. */
+static int has_body(const struct node_input *in)
+{
+    const char *cl = header(in, MHD_HTTP_HEADER_CONTENT_LENGTH);
+
+    return header(in, MHD_HTTP_HEADER_TRANSFER_ENCODING) || (cl && strcmp(cl, "0") != 0);
 }
 
 /* A request target holds no control character and no space (RFC 9112).
@@ -1237,23 +1267,94 @@ static int bearer_ok(const struct node_server *s, const struct node_input *in)
     return slen > 0 && strlen(h) == slen && CRYPTO_memcmp(h, s->cfg.secret, slen) == 0;
 }
 
+/* How a request proved itself. */
+enum auth {
+    AUTH_REFUSED = -1, /* r holds the refusal */
+    AUTH_BEARER,
+    AUTH_SIGNED, /* *ws holds what was signed */
+};
+
+/* Steps 2 and 4: who sent in, from its headers alone. A signed request must
+ * be signed for this node's URL (so one captured on its way to another node
+ * fails here) and within the clock window; with record (step 2), its nonce
+ * must be new, and is remembered. */
+static enum auth authenticate(struct node_server *s, const struct node_input *in, int record,
+                              struct wire_signed *ws, struct node_response *r)
+{
+    const char *cl = header(in, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *epoch = header(in, WIRE_HDR_EPOCH), *auth = header(in, WIRE_HDR_AUTH);
+    uint8_t nonce[WIRE_NONCE_BYTES];
+    int64_t now = in->now;
+    uint64_t len = 0;
+    int rc;
+
+    if (bearer_ok(s, in))
+        return AUTH_BEARER;
+    /* No Content-Length is no body (a chunked one then must be empty). */
+    *ws = (struct wire_signed){
+        .method = in->method,
+        .node_url = s->cfg.nodes[s->self].url,
+        .path_query = in->uri,
+        .epoch = epoch ? epoch : "",
+        .nonce = header(in, WIRE_HDR_NONCE),
+        .digest = header(in, WIRE_HDR_DIGEST),
+    };
+    if (parse_date(header(in, WIRE_HDR_DATE), &ws->date) < 0 || (cl && parse_u64(cl, &len) < 0) ||
+        !ws->nonce || !ws->digest)
+        goto refused;
+    ws->body_len = len;
+    if (wire_verify(s->cfg.secret, ws, now, auth) < 0)
+        goto refused;
+    if (!record)
+        return AUTH_SIGNED;
+    wire_hex_decode(ws->nonce, WIRE_NONCE_LEN, nonce); /* well-formed: wire_verify */
+    rc = nonce_cache_add(s->nonces, nonce, ws->date, now);
+    if (rc == 0)
+        return AUTH_SIGNED;
+    if (rc == -EBUSY) {
+        int64_t last = atomic_load(&s->busy_logged);
+
+        if (now - last >= BUSY_LOG_S && atomic_compare_exchange_strong(&s->busy_logged, &last, now))
+            log_msg("refusing signed requests (503): %u nonces of the last %d s remembered, "
+                    "no room for more",
+                    NONCE_MAX, NONCE_MIN_KEEP_S);
+        resp_error(r, -EIO, "busy: no room to remember this request's nonce");
+        r->status = 503;
+        r->errno_name[0] = '\0';
+        return AUTH_REFUSED;
+    }
+    resp_error(r, -EACCES, "not authenticated: %s",
+               rc == -EEXIST ? "a replay (this nonce was used before)"
+                             : "the date is older than the nonces this node remembers");
+    return AUTH_REFUSED;
+refused:
+    resp_error(r, -EACCES, "not authenticated");
+    return AUTH_REFUSED;
+}
+
 /* Step 4: the whole request is here. */
 void node_server_handle(struct node_server *s, const struct node_input *in, struct node_response *r)
 {
-    const char *auth = header(in, WIRE_HDR_AUTH);
-    char path[WIRE_PATH_MAX];
+    char path[WIRE_PATH_MAX], got[WIRE_DIGEST_LEN + 1];
+    struct wire_signed ws;
     size_t plen;
-    int64_t date;
     unsigned n;
     enum wire_op op;
     int rc;
 
     memset(r, 0, sizeof(*r));
-    if (!bearer_ok(s, in) && (parse_date(header(in, WIRE_HDR_DATE), &date) < 0 ||
-                              wire_verify(s->cfg.secret, in->method, in->uri, date, in->now,
-                                          in->body, in->body_len, auth) < 0)) {
-        resp_error(r, -EACCES, "not authenticated");
+    rc = authenticate(s, in, 0, &ws, r);
+    if (rc == AUTH_REFUSED)
         return;
+    if (rc == AUTH_SIGNED) {
+        if (!in->body_digest)
+            wire_body_digest(in->body, in->body_len, got);
+        if (in->body_len != ws.body_len ||
+            strcmp(in->body_digest ? in->body_digest : got, ws.digest) != 0) {
+            resp_error(r, -EACCES, "not authenticated: the body is not the one signed (%s, %s)",
+                       WIRE_HDR_DIGEST, MHD_HTTP_HEADER_CONTENT_LENGTH);
+            return;
+        }
     }
     if (!target_is_clean(in->uri)) {
         resp_error(r, -EINVAL, "control character or space in the request target");
@@ -1292,8 +1393,7 @@ int node_server_precheck(struct node_server *s, const struct node_input *in,
                          struct node_response *r)
 {
     const char *cl = header(in, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    const char *auth = header(in, WIRE_HDR_AUTH);
-    int64_t date, now = in->now;
+    struct wire_signed ws;
     uint64_t n = 0;
 
     memset(r, 0, sizeof(*r));
@@ -1301,29 +1401,17 @@ int node_server_precheck(struct node_server *s, const struct node_input *in,
         resp_error(r, -EFBIG, "body over %u bytes", WIRE_BODY_MAX);
         return 1;
     }
-    /* A small body is cheaper to read than to refuse: a reply before the
-     * body has been read closes the connection, and closing with unread
-     * data makes the kernel send a reset that can destroy the reply on its
-     * way to the client. So only large or chunked bodies are refused here
-     * (no Content-Length and no Transfer-Encoding is no body, n == 0);
-     * step 4 checks everything anyway. */
-    if (!header(in, MHD_HTTP_HEADER_TRANSFER_ENCODING) && n <= EARLY_REFUSE_MIN)
-        return 0;
-    if (bearer_ok(s, in))
-        return 0;
-    if (parse_date(header(in, WIRE_HDR_DATE), &date) < 0 || date > now + WIRE_MAX_SKEW ||
-        date < now - WIRE_MAX_SKEW || !auth || strlen(auth) != WIRE_AUTH_LEN) {
-        resp_error(r, -EACCES, "not authenticated");
-        return 1;
-    }
-    return 0;
+    return authenticate(s, in, 1, &ws, r) == AUTH_REFUSED;
 }
 
-/* Step 3: one piece of the body. 0, or -EFBIG over the cap, -ENOMEM. */
+/* Step 3: one piece of the body. 0, or -EFBIG over the cap, -ENOMEM, -EIO
+ * (the digest failed). */
 static int body_append(struct request *rq, const char *data, size_t n)
 {
     if (n > WIRE_BODY_MAX - rq->len)
         return -EFBIG;
+    if (rq->digest && wire_digest_update(rq->digest, data, n) < 0)
+        return -EIO;
     if (rq->len + n > rq->cap) {
         size_t cap = rq->cap ? rq->cap : BODY_FIRST_ALLOC;
         uint8_t *p;
@@ -1363,7 +1451,8 @@ static struct node_input mhd_input(struct MHD_Connection *conn, const struct req
         .path = url,
         .body = rq->len ? rq->body : NULL,
         .body_len = rq->len,
-        .now = (int64_t)time(NULL),
+        .body_digest = rq->body_digest[0] ? rq->body_digest : NULL,
+        .now = rq->now,
         .header = mhd_header,
         .query = mhd_query,
         .ctx = conn,
@@ -1379,8 +1468,34 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
     if (rq) {
         rq->srv = cls;
         rq->uri = strdup(uri ? uri : "");
+        rq->now = (int64_t)time(NULL);
     }
     return rq;
+}
+
+/* Step 2 refused the request. A reply queued before the body has been read
+ * closes the connection (libmicrohttpd reads no further request on it, even
+ * when there was no body), and closing with unread data makes the kernel
+ * send a reset that can destroy the reply on its way to the client. So the
+ * reply waits for the end of a small body, or of none, which is read and
+ * dropped (curl sends a small body with the headers); a body that may be
+ * large (over EARLY_REFUSE_MIN, or chunked), or that the client holds back
+ * until "100 Continue", is refused at once and never read. */
+static enum MHD_Result refuse(struct MHD_Connection *conn, struct request *rq,
+                              const struct node_input *in, struct node_response *r)
+{
+    const char *cl = header(in, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *expect = header(in, MHD_HTTP_HEADER_EXPECT);
+    uint64_t n = 0;
+
+    if ((!cl || (parse_u64(cl, &n) == 0 && n <= EARLY_REFUSE_MIN)) &&
+        !header(in, MHD_HTTP_HEADER_TRANSFER_ENCODING) && !(expect && expect[0]) &&
+        (rq->refusal = malloc(sizeof(*r)))) {
+        *rq->refusal = *r;
+        return MHD_YES;
+    }
+    rq->replied = 1;
+    return send_response(rq->srv, conn, r);
 }
 
 /* The reaper's record of conn (on_connection), or NULL. */
@@ -1420,7 +1535,7 @@ static enum run_where run_where(struct node_server *s, const struct node_input *
              * nodes' shard ops: two nodes would wait for each other. */
             *pool = &s->shard_pool;
             if (in->body_len > INLINE_BODY_MAX)
-                return RUN_WORKER; /* hashing it for the signature takes a while */
+                return RUN_WORKER; /* a large batch takes a while to apply */
             if (op == WIRE_OP_SYNC)
                 return RUN_WORKER; /* an fsync */
             if (op == WIRE_OP_SCAN && (query_u64(in->uri, "limit", &limit) < 0 ||
@@ -1447,7 +1562,6 @@ static void request_job(struct job *job)
     struct request *rq = (struct request *)((char *)job - offsetof(struct request, job));
     struct node_input in = mhd_input(rq->conn, rq, rq->url, rq->method);
 
-    in.again = rq->tried;
     node_server_handle(rq->srv, &in, &rq->resp);
     rq->answered = 1;
     MHD_resume_connection(rq->conn);
@@ -1469,7 +1583,6 @@ static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *co
         if (where == RUN_INLINE || !shard_nowait_end())
             return send_response(s, conn, &r);
         resp_reset(&r); /* it would have waited: again, on a worker */
-        rq->tried = 1;
     }
     rq->conn = conn;
     rq->url = url;
@@ -1515,16 +1628,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if ((t = track_of(conn)))
             atomic_store(&t->busy, 1); /* the headers are in: no deadline now */
         in = mhd_input(conn, rq, url, method);
-        if (node_server_precheck(s, &in, &r)) {
-            rq->replied = 1;
-            return send_response(s, conn, &r);
-        }
+        if (node_server_precheck(s, &in, &r))
+            return refuse(conn, rq, &in, &r);
+        /* Authentic: a signed body is hashed as it comes (checked in step 4;
+         * no body, no hashing: an empty body's digest is a constant). */
+        if (header(&in, WIRE_HDR_DIGEST) && has_body(&in) && !(rq->digest = wire_digest_new()))
+            rq->error = -ENOMEM;
         return MHD_YES;
     }
     if (*upload_data_size) {
         size_t n = *upload_data_size;
 
         *upload_data_size = 0;
+        if (rq->refusal) /* at most EARLY_REFUSE_MIN: the Content-Length said so */
+            return MHD_YES;
         if (rq->error) {
             /* Step 3: past the cap; drop it, and give up on endless bodies. */
             rq->discarded += n;
@@ -1539,6 +1656,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             rq->discarded = n;
         }
         return MHD_YES;
+    }
+    if (rq->refusal) {
+        r = *rq->refusal;
+        free(rq->refusal);
+        rq->refusal = NULL;
+        return send_response(s, conn, &r);
+    }
+    if (rq->digest) {
+        if (rq->error)
+            wire_digest_free(rq->digest);
+        else if (wire_digest_final(rq->digest, rq->body_digest) < 0)
+            rq->error = -EIO;
+        rq->digest = NULL;
     }
     if (rq->error == -EFBIG)
         resp_error(&r, rq->error, "body over %u bytes", WIRE_BODY_MAX);
@@ -1567,6 +1697,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         resp_reset(&rq->resp); /* a worker's reply that was never sent */
         free(rq->uri);
         free(rq->body);
+        if (rq->refusal)
+            free(rq->refusal->body);
+        free(rq->refusal);
+        wire_digest_free(rq->digest);
         free(rq);
         *con_cls = NULL;
     }
@@ -1929,6 +2063,8 @@ int node_server_new(const struct config *cfg, int self, struct shard *const *sha
     if (!s->shards || sync_init(s) < 0)
         goto nomem;
     memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
+    if (nonce_cache_new(NONCE_MAX, WIRE_MAX_SKEW, NONCE_MIN_KEEP_S, &s->nonces) < 0)
+        goto nomem;
     *out = s;
     return 0;
 
@@ -2094,6 +2230,7 @@ void node_server_stop(struct node_server *s)
     }
     if (s->daemon)
         MHD_stop_daemon(s->daemon);
+    nonce_cache_free(s->nonces);
     if (s->sync_ready) {
         pthread_cond_destroy(&s->reaper_wake);
         pthread_mutex_destroy(&s->conn_lock);

@@ -4,10 +4,16 @@
  * wire.h, including 307 redirects for shards it does not own and for older
  * epochs) and /v1/config; every other path goes to the handler the caller
  * registers (the public /v1/kv API lives in fs/, which backend/ must not
- * know). Every request must carry a valid X-Shardfs-Auth (wire.h) or gets 401
- * and changes nothing; paths under /v1/kv (the public API, for curl users
- * who cannot sign) may instead carry "Authorization: Bearer SECRET"; bodies over WIRE_BODY_MAX get 413; malformed requests
- * 400. The server binds only to the host and port of this node's URL.
+ * know). Every request must be signed for this node (wire.h: X-Shardfs-Auth
+ * over the method, this node's URL, the target, epoch, date, a nonce and the
+ * body's declared digest and length) or gets 401 and changes nothing; the
+ * signature is checked from the headers, before any of the body is read, and
+ * a nonce accepted once is refused after (nonce_cache.h); the body must then
+ * be the one signed (401). Paths under /v1/kv (the public API, for curl
+ * users who cannot sign) may instead carry "Authorization: Bearer SECRET",
+ * which is not protected from replay. Bodies over WIRE_BODY_MAX get 413;
+ * malformed requests 400. The server binds only to the host and port of
+ * this node's URL.
  *
  * Everything after the socket is reachable without one: node_server_new()
  * makes a server that does not listen, and node_server_precheck() and
@@ -50,13 +56,11 @@ struct node_input {
     const char *path;           /* percent-decoded path, without the query */
     const uint8_t *body;        /* NULL when empty */
     size_t body_len;
-    int64_t now;                /* unix seconds, for the X-Shardfs-Date check */
-    /* 1 when node_server_handle() already had this very request, in the
-     * shards' no-waiting mode, and a shard slot refused (node_server.c,
-     * DESIGN threads): it is being handled again on a worker, and its
-     * authentication has already counted once (whatever a check remembers
-     * of a request, it must not take this second call for a replay). */
-    int again;
+    /* The hex SHA-256 of the body if the caller hashed it as it came (or
+     * NULL: node_server_handle hashes body itself). */
+    const char *body_digest;
+    int64_t now;                /* unix seconds, for the X-Shardfs-Date check:
+                                 * when the headers came, for both steps */
     /* Header name (case-insensitive), or NULL. */
     const char *(*header)(void *ctx, const char *name);
     /* Query argument name, percent-decoded, or NULL; only for the handler of
@@ -148,17 +152,24 @@ int node_server_new(const struct config *cfg, int self, struct shard *const *sha
                     char *err, size_t errlen);
 /* Step one of a request, from its headers alone (the body unread; in->body
  * is ignored): returns 1 with the refusal in *r (413 for a Content-Length
- * over WIRE_BODY_MAX; 401 for a large or chunked body without a plausible
- * date and auth), or 0 with *r cleared. */
+ * over WIRE_BODY_MAX; 401 for a request that is neither signed for this
+ * node, within the clock window and with a nonce never seen, nor a key API
+ * request with the bearer secret; 503 when this node cannot remember more
+ * nonces), or 0 with *r cleared: then the request's nonce is remembered,
+ * and the body may be read. */
 int node_server_precheck(struct node_server *s, const struct node_input *in,
                          struct node_response *r);
-/* Answer a request whose body is complete: auth, then routing, epochs and
+/* Answer a request whose body is complete, after node_server_precheck()
+ * returned 0 for it (that is where a replay is caught; call this alone and
+ * nothing is): authentication again (not the nonce), the body against the
+ * signed digest and length (401 if it is another), then routing, epochs and
  * the shard op or the handler. Fills *r from scratch (whatever it held is
  * overwritten, not freed); the caller frees r->body. Never fails: every
  * error is a status in *r. Thread-safe like the handler and the shards.
  * The server calls it for reads and small applies first in the shards'
  * no-waiting mode (shard.h); if a slot refused, the reply is dropped and it
- * is called again on a worker with in->again set. */
+ * is called again, on a worker: so it may run twice for one request, which
+ * is why it takes no nonce. */
 void node_server_handle(struct node_server *s, const struct node_input *in,
                         struct node_response *r);
 

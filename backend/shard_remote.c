@@ -13,10 +13,14 @@
  *    after another reuses one TCP connection. Handles are made with
  *    CURLOPT_NOSIGNAL (we have threads and timeouts), TCP keep-alive, only
  *    http/https, and never follow redirects themselves.
- * 2. Every attempt is signed afresh: X-Shardfs-Date is time(NULL), and
- *    X-Shardfs-Auth = wire_sign(secret, method, path?query as sent, date,
- *    body). "Expect:" is sent empty (no 100-continue round trip) and POST
- *    bodies are application/octet-stream.
+ * 2. Every attempt is signed afresh (wire.h) for the URL it goes to (after
+ *    a redirect: the new owner's), with X-Shardfs-Date time(NULL) and a new
+ *    X-Shardfs-Nonce, so a node never sees one nonce twice from us; the
+ *    body's X-Shardfs-Digest is computed once a request. "Expect:" is sent
+ *    empty (no 100-continue round trip) and POST bodies are
+ *    application/octet-stream. (curl's own resend of a request on a
+ *    reused connection that died repeats the headers, nonce included: the
+ *    node never read them the first time, or it would have answered.)
  * 3. A request has one deadline, cfg->timeout_ms (5000 when 0) after it
  *    starts. Every attempt gets the time that is left as its curl timeout,
  *    connect included; an attempt is not started with less than
@@ -256,6 +260,7 @@ struct request {
     char path_query[REMOTE_PATH_QUERY_MAX];
     const uint8_t *body;
     size_t body_len;
+    char digest[WIRE_DIGEST_LEN + 1]; /* of body, "" until the first attempt */
     int idempotent; /* retried, and its body may be resent */
     int fixed;      /* a 200 body goes to out[0..out_cap) */
     uint8_t *out;
@@ -537,16 +542,30 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
                                struct request *q, int64_t budget_ms, struct curl_slist **hdrs_out)
 {
     char url[CONFIG_URL_MAX + sizeof(q->path_query) + 1];
-    char auth[WIRE_AUTH_LEN + 1], line[WIRE_AUTH_LEN + 64];
+    char auth[WIRE_AUTH_LEN + 1], line[WIRE_AUTH_LEN + 64], nonce[WIRE_NONCE_LEN + 1];
+    char epoch_text[24];
     struct curl_slist *hdrs = NULL, *t;
     size_t blen = strlen(base);
-    int64_t date = (int64_t)time(NULL);
     int post = strcmp(q->method, "POST") == 0, put = strcmp(q->method, "PUT") == 0;
+    struct wire_signed ws = {.method = q->method,
+                             .node_url = base,
+                             .path_query = q->path_query,
+                             .epoch = epoch_text,
+                             .date = (int64_t)time(NULL),
+                             .nonce = nonce,
+                             .digest = q->digest,
+                             .body_len = q->body_len};
 
     while (blen > 0 && base[blen - 1] == '/')
         blen--;
     snprintf(url, sizeof(url), "%.*s%s", (int)blen, base, q->path_query);
-    wire_sign(r->cfg->secret, q->method, q->path_query, date, q->body, q->body_len, auth);
+    snprintf(epoch_text, sizeof(epoch_text), "%" PRIu64, epoch);
+    if (!q->digest[0])
+        wire_body_digest(q->body, q->body_len, q->digest);
+    /* No nonce (getrandom failed) or no MAC: an empty auth, which the node
+     * refuses (401), rather than a request anyone could replay. */
+    if (wire_nonce_new(nonce) < 0 || wire_sign(r->cfg->secret, &ws, auth) < 0)
+        auth[0] = '\0';
 
 #define ADD_HDR(...)                                                                               \
     do {                                                                                           \
@@ -556,8 +575,10 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
             goto nomem;                                                                            \
         hdrs = t;                                                                                  \
     } while (0)
-    ADD_HDR("%s: %" PRIu64, WIRE_HDR_EPOCH, epoch);
-    ADD_HDR("%s: %" PRId64, WIRE_HDR_DATE, date);
+    ADD_HDR("%s: %s", WIRE_HDR_EPOCH, epoch_text);
+    ADD_HDR("%s: %" PRId64, WIRE_HDR_DATE, ws.date);
+    ADD_HDR("%s: %s", WIRE_HDR_NONCE, nonce);
+    ADD_HDR("%s: %s", WIRE_HDR_DIGEST, q->digest);
     ADD_HDR("%s: %s", WIRE_HDR_AUTH, auth);
     ADD_HDR("Expect:");
     if (post || put)

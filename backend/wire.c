@@ -8,13 +8,13 @@
  * Parsers take a length and check every length field against what is left
  * of the buffer before touching the bytes it covers; they never read past
  * len and never trust a peer's number. The HMAC key is the cluster secret;
- * the signed text is
- *
- *     METHOD "\n" PATH?QUERY "\n" DATE "\n" lowercase-hex(SHA-256(body))
- *
- * with DATE in decimal, fed to the MAC piece by piece (no copy of the body or
- * the path). OpenSSL's EVP_MAC "HMAC" is fetched once per process and shared
- * (an EVP_MAC is immutable and thread-safe; each call has its own context).
+ * the signed text (wire.h) is fed to the MAC through a small buffer (a long
+ * path directly). OpenSSL's EVP_MAC "HMAC" is fetched once per process and shared
+ * (an EVP_MAC is immutable and thread-safe); each thread keeps its own
+ * context, keyed once (hmac_begin).
+ * The body is not in the MAC: its SHA-256 and length are, as the client
+ * declared them, so a server can authenticate a request before it reads the
+ * body, and check the body against the digest as it streams in.
  */
 #include "wire.h"
 
@@ -23,7 +23,9 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -96,10 +98,71 @@ int wire_shard_path(char *out, size_t len, unsigned shard, enum wire_op op)
 
 static EVP_MAC *hmac_alg;
 static pthread_once_t hmac_once = PTHREAD_ONCE_INIT;
+static pthread_key_t hmac_key;
+static int hmac_key_ok;
+
+/* A thread's HMAC context, keyed with the secret it last used: keying (and
+ * the digest lookup behind it) is two thirds of a signature's cost, and a
+ * process signs with one secret. Freed when the thread ends. */
+struct hmac_tls {
+    EVP_MAC_CTX *ctx;
+    size_t klen; /* SIZE_MAX: not keyed */
+    char key[256];
+};
+
+static void hmac_tls_free(void *p)
+{
+    struct hmac_tls *t = p;
+
+    EVP_MAC_CTX_free(t->ctx);
+    OPENSSL_cleanse(t->key, sizeof(t->key));
+    free(t);
+}
 
 static void hmac_fetch(void)
 {
     hmac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    hmac_key_ok = pthread_key_create(&hmac_key, hmac_tls_free) == 0;
+}
+
+/* This thread's context, ready for the updates of a MAC under secret; NULL
+ * when OpenSSL fails (or is out of memory). */
+static EVP_MAC_CTX *hmac_begin(const char *secret)
+{
+    struct hmac_tls *t;
+    size_t n = strlen(secret);
+    OSSL_PARAM params[2];
+
+    if (pthread_once(&hmac_once, hmac_fetch) != 0 || !hmac_alg || !hmac_key_ok)
+        return NULL;
+    t = pthread_getspecific(hmac_key);
+    if (!t) {
+        t = calloc(1, sizeof(*t));
+        if (!t)
+            return NULL;
+        t->ctx = EVP_MAC_CTX_new(hmac_alg);
+        if (!t->ctx || pthread_setspecific(hmac_key, t) != 0) {
+            hmac_tls_free(t);
+            return NULL;
+        }
+        t->klen = SIZE_MAX;
+    }
+    if (t->klen == n && memcmp(t->key, secret, n) == 0) {
+        /* Same key: OpenSSL restarts from the key it kept. */
+        if (EVP_MAC_init(t->ctx, NULL, 0, NULL))
+            return t->ctx;
+    }
+    t->klen = SIZE_MAX;
+    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0);
+    params[1] = OSSL_PARAM_construct_end();
+    /* An empty key is legal HMAC; OpenSSL wants a non-NULL pointer for it. */
+    if (!EVP_MAC_init(t->ctx, (const unsigned char *)secret, n, params))
+        return NULL;
+    if (n < sizeof(t->key)) {
+        memcpy(t->key, secret, n);
+        t->klen = n;
+    }
+    return t->ctx;
 }
 
 static void hex_encode(const unsigned char *in, size_t n, char *out)
@@ -113,62 +176,91 @@ static void hex_encode(const unsigned char *in, size_t n, char *out)
     out[2 * n] = '\0';
 }
 
-/* The MAC into out (64 hex + NUL); 0 or -EIO (OpenSSL failed, out is ""). */
-static int sign(const char *secret, const char *method, const char *path_query, int64_t date,
-                const void *body, size_t len, char out[WIRE_AUTH_LEN + 1])
+/* The text of wire.h is "shardfs-v2" and these fields, "\n" between them. */
+#define SIGN_VERSION "shardfs-v2"
+
+/* Exactly n lowercase hex digits: 1 (and the bytes into out, if given). */
+int wire_hex_decode(const char *s, size_t n, uint8_t *out)
 {
-    unsigned char digest[EVP_MAX_MD_SIZE], mac[EVP_MAX_MD_SIZE];
-    char body_hex[2 * 32 + 1], date_text[24];
-    unsigned dlen = 0;
-    size_t mlen = 0;
-    EVP_MAC_CTX *ctx = NULL;
-    OSSL_PARAM params[2];
-    int rc = -EIO;
+    for (size_t i = 0; i < n; i++) {
+        char c = s ? s[i] : '\0';
+        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+
+        if (v < 0)
+            return 0;
+        if (out)
+            out[i / 2] = (uint8_t)(i % 2 ? out[i / 2] | v : v << 4);
+    }
+    return s && s[n] == '\0';
+}
+
+int wire_sign(const char *secret, const struct wire_signed *s, char out[WIRE_AUTH_LEN + 1])
+{
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    char date[24], len[24];
+    size_t mlen = 0, ulen;
+    EVP_MAC_CTX *ctx;
 
     memset(out, 0, WIRE_AUTH_LEN + 1);
-    if (!secret || !method || !path_query || (!body && len))
+    if (!secret || !s->method || !s->node_url || !s->path_query || !s->epoch || !s->nonce ||
+        !s->digest)
         return -EIO;
-    if (pthread_once(&hmac_once, hmac_fetch) != 0 || !hmac_alg)
-        return -EIO;
-    if (!EVP_Digest(len ? body : "", len, digest, &dlen, EVP_sha256(), NULL) || dlen != 32)
-        return -EIO;
-    hex_encode(digest, dlen, body_hex);
-    snprintf(date_text, sizeof(date_text), "%" PRId64, date);
+    snprintf(date, sizeof(date), "%" PRId64, s->date);
+    snprintf(len, sizeof(len), "%" PRIu64, s->body_len);
+    ulen = strlen(s->node_url);
+    if (ulen && s->node_url[ulen - 1] == '/')
+        ulen--;
+    const struct {
+        const char *p;
+        size_t n;
+    } fields[] = {
+        {SIGN_VERSION, strlen(SIGN_VERSION)},
+        {s->method, strlen(s->method)},
+        {s->node_url, ulen},
+        {s->path_query, strlen(s->path_query)},
+        {s->epoch, strlen(s->epoch)},
+        {date, strlen(date)},
+        {s->nonce, strlen(s->nonce)},
+        {len, strlen(len)},
+        {s->digest, strlen(s->digest)},
+    };
 
-    ctx = EVP_MAC_CTX_new(hmac_alg);
+    unsigned char text[1024];
+    size_t used = 0;
+
+    ctx = hmac_begin(secret);
     if (!ctx)
         return -EIO;
-    params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0);
-    params[1] = OSSL_PARAM_construct_end();
-    /* An empty key is legal HMAC; OpenSSL wants a non-NULL pointer for it. */
-    if (!EVP_MAC_init(ctx, (const unsigned char *)secret, strlen(secret), params))
-        goto out;
-    if (!EVP_MAC_update(ctx, (const unsigned char *)method, strlen(method)) ||
-        !EVP_MAC_update(ctx, (const unsigned char *)"\n", 1) ||
-        !EVP_MAC_update(ctx, (const unsigned char *)path_query, strlen(path_query)) ||
-        !EVP_MAC_update(ctx, (const unsigned char *)"\n", 1) ||
-        !EVP_MAC_update(ctx, (const unsigned char *)date_text, strlen(date_text)) ||
-        !EVP_MAC_update(ctx, (const unsigned char *)"\n", 1) ||
-        !EVP_MAC_update(ctx, (const unsigned char *)body_hex, 64))
-        goto out;
-    if (!EVP_MAC_final(ctx, mac, &mlen, sizeof(mac)) || mlen != 32)
-        goto out;
+    /* The fields go through a buffer: one MAC update for a usual request
+     * (each is a call through OpenSSL's provider layers); a field that does
+     * not fit, a long key API path, goes in by itself. */
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+        size_t n = fields[i].n + (i > 0);
+
+        if (n > sizeof(text) - used) {
+            if (!EVP_MAC_update(ctx, text, used))
+                return -EIO;
+            used = 0;
+        }
+        if (i > 0 && n <= sizeof(text))
+            text[used++] = '\n';
+        else if (i > 0 && !EVP_MAC_update(ctx, (const unsigned char *)"\n", 1))
+            return -EIO;
+        if (n <= sizeof(text)) {
+            memcpy(text + used, fields[i].p, fields[i].n);
+            used += fields[i].n;
+        } else if (!EVP_MAC_update(ctx, (const unsigned char *)fields[i].p, fields[i].n)) {
+            return -EIO;
+        }
+    }
+    if (!EVP_MAC_update(ctx, text, used) || !EVP_MAC_final(ctx, mac, &mlen, sizeof(mac)) ||
+        mlen != 32)
+        return -EIO;
     hex_encode(mac, mlen, out);
-    rc = 0;
-out:
-    EVP_MAC_CTX_free(ctx);
-    return rc;
+    return 0;
 }
 
-void wire_sign(const char *secret, const char *method, const char *path_query, int64_t date,
-               const void *body, size_t len, char out[WIRE_AUTH_LEN + 1])
-{
-    /* On failure out is "", which no request can carry as a valid auth. */
-    (void)sign(secret, method, path_query, date, body, len, out);
-}
-
-int wire_verify(const char *secret, const char *method, const char *path_query, int64_t date,
-                int64_t now, const void *body, size_t len, const char *auth)
+int wire_verify(const char *secret, const struct wire_signed *s, int64_t now, const char *auth)
 {
     char want[WIRE_AUTH_LEN + 1];
     uint64_t skew;
@@ -176,13 +268,105 @@ int wire_verify(const char *secret, const char *method, const char *path_query, 
     /* No secret, no trust: an unset secret must never verify anything. */
     if (!secret || !secret[0] || !auth || strlen(auth) != WIRE_AUTH_LEN)
         return -EACCES;
+    /* A nonce or digest in another spelling would be another string under
+     * the same meaning: one spelling only, so a nonce is one nonce. */
+    if (!wire_hex_decode(s->nonce, WIRE_NONCE_LEN, NULL) ||
+        !wire_hex_decode(s->digest, WIRE_DIGEST_LEN, NULL))
+        return -EACCES;
     /* |now - date| without overflow: the distance of two int64 fits a uint64. */
-    skew = date > now ? (uint64_t)date - (uint64_t)now : (uint64_t)now - (uint64_t)date;
+    skew = s->date > now ? (uint64_t)s->date - (uint64_t)now : (uint64_t)now - (uint64_t)s->date;
     if (skew > WIRE_MAX_SKEW)
         return -EACCES;
-    if (sign(secret, method, path_query, date, body, len, want) != 0)
+    if (wire_sign(secret, s, want) != 0)
         return -EACCES;
     return CRYPTO_memcmp(want, auth, WIRE_AUTH_LEN) == 0 ? 0 : -EACCES;
+}
+
+int wire_nonce_new(char out[WIRE_NONCE_LEN + 1])
+{
+    unsigned char b[WIRE_NONCE_BYTES];
+    size_t got = 0;
+
+    while (got < sizeof(b)) {
+        ssize_t n = getrandom(b + got, sizeof(b) - got, 0);
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            out[0] = '\0';
+            return n < 0 ? -errno : -EIO;
+        }
+        got += (size_t)n;
+    }
+    hex_encode(b, sizeof(b), out);
+    return 0;
+}
+
+/* ---- body digests ---- */
+
+struct wire_digest {
+    EVP_MD_CTX *ctx;
+};
+
+struct wire_digest *wire_digest_new(void)
+{
+    struct wire_digest *d = malloc(sizeof(*d));
+
+    if (!d)
+        return NULL;
+    d->ctx = EVP_MD_CTX_new();
+    if (!d->ctx || !EVP_DigestInit_ex(d->ctx, EVP_sha256(), NULL)) {
+        wire_digest_free(d);
+        return NULL;
+    }
+    return d;
+}
+
+int wire_digest_update(struct wire_digest *d, const void *p, size_t n)
+{
+    return n == 0 || EVP_DigestUpdate(d->ctx, p, n) ? 0 : -EIO;
+}
+
+int wire_digest_final(struct wire_digest *d, char out[WIRE_DIGEST_LEN + 1])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    int rc = EVP_DigestFinal_ex(d->ctx, md, &n) && n == 32 ? 0 : -EIO;
+
+    if (rc == 0)
+        hex_encode(md, n, out);
+    else
+        out[0] = '\0';
+    wire_digest_free(d);
+    return rc;
+}
+
+void wire_digest_free(struct wire_digest *d)
+{
+    if (!d)
+        return;
+    EVP_MD_CTX_free(d->ctx);
+    free(d);
+}
+
+void wire_body_digest(const void *body, size_t len, char out[WIRE_DIGEST_LEN + 1])
+{
+    static const char empty[] = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+
+    _Static_assert(sizeof(empty) == WIRE_DIGEST_LEN + 1, "a SHA-256 in hex");
+    if (len == 0) { /* most requests: every GET, stat and sync */
+        memcpy(out, empty, sizeof(empty));
+        return;
+    }
+
+    /* On failure out is "", which no request can carry as a valid digest. */
+    if (!EVP_Digest(len ? body : "", len, md, &n, EVP_sha256(), NULL) || n != 32) {
+        out[0] = '\0';
+        return;
+    }
+    hex_encode(md, n, out);
 }
 
 /* ---- scan bodies ---- */

@@ -25,11 +25,27 @@
  *   GET  /v1/config                    200 JSON {"epoch":E,"node":"NAME","shards":["URL",...]}
  *   A wrong method for an op: 405.
  *
- * Every request carries:
- *   X-Shardfs-Epoch: the sender's config epoch
- *   X-Shardfs-Date:  unix seconds (requests more than WIRE_MAX_SKEW away are 401)
- *   X-Shardfs-Auth:  hex HMAC-SHA256(secret, METHOD "\n" PATH?QUERY "\n" DATE
- *                    "\n" hex SHA-256(body)); without a valid one: 401, nothing done
+ * Every signed request carries (the HMAC signs the body's declared digest and
+ * length, not the body, so a node authenticates it from the headers alone,
+ * before it reads a byte of the body):
+ *   X-Shardfs-Epoch:  the sender's config epoch (signed as sent, "" when
+ *                     absent: only the /v1/shard routes require it, 400)
+ *   X-Shardfs-Date:   unix seconds (more than WIRE_MAX_SKEW away: 401)
+ *   X-Shardfs-Nonce:  WIRE_NONCE_LEN lowercase hex digits, random (16 bytes
+ *                     from getrandom), new for every attempt
+ *   X-Shardfs-Digest: lowercase hex SHA-256 of the body (of "" without one)
+ *   Content-Length:   the body's length (none: 0)
+ *   X-Shardfs-Auth:   lowercase hex HMAC-SHA256(secret, the text below)
+ * The signed text is, lines joined by "\n", no "\n" at the end:
+ *   "shardfs-v2", METHOD, NODE_URL, PATH?QUERY, EPOCH, DATE, NONCE,
+ *   BODY_LENGTH, DIGEST
+ * with NODE_URL the url (shards.conf) of the node the request is sent to,
+ * without a trailing "/", PATH?QUERY the request target exactly as sent,
+ * and the numbers in decimal. Without a valid one: 401, nothing done. A node
+ * refuses a nonce it accepted before (401) while its date could still pass
+ * (nonce_cache.h), and a request signed for another node's URL (401), so a
+ * captured request cannot be replayed, here or elsewhere. A body that is not
+ * the one signed (another digest or length) is 401 and changes nothing.
  *
  * Routing: a node answers a request for a shard it does not own, or one whose
  * epoch is older than its own, with 307 and Location: the owner's URL with the
@@ -46,7 +62,9 @@
  * and 5xx (503 included: EAGAIN is reserved for a failed ASSERT_VALUE) EIO;
  * transport failures map separately in shard_remote.c.
  *
- * Pure functions; thread-safe; callers own all buffers.
+ * Pure functions, but for wire_nonce_new() (getrandom), the wire_digest
+ * objects (on the heap) and the HMAC context each thread that signs keeps
+ * (freed when the thread ends); thread-safe; callers own all buffers.
  */
 #ifndef SHARDFS_WIRE_H
 #define SHARDFS_WIRE_H
@@ -60,6 +78,8 @@
 #define WIRE_HDR_EPOCH "X-Shardfs-Epoch"
 #define WIRE_HDR_DATE "X-Shardfs-Date"
 #define WIRE_HDR_AUTH "X-Shardfs-Auth"
+#define WIRE_HDR_NONCE "X-Shardfs-Nonce"
+#define WIRE_HDR_DIGEST "X-Shardfs-Digest"
 #define WIRE_HDR_VLEN "X-Shardfs-Vlen"
 #define WIRE_HDR_MORE "X-Shardfs-More"
 #define WIRE_HDR_ERRNO "X-Shardfs-Errno"
@@ -71,6 +91,9 @@
 #define WIRE_PATH_MAX 512u
 #define WIRE_MAX_SKEW 300                   /* seconds */
 #define WIRE_AUTH_LEN 64                    /* hex characters */
+#define WIRE_NONCE_BYTES 16
+#define WIRE_NONCE_LEN (2 * WIRE_NONCE_BYTES) /* hex characters */
+#define WIRE_DIGEST_LEN 64                  /* hex characters of a SHA-256 */
 #define WIRE_GETV_READ_HDR 12u              /* klen, link, buflen: u32le each */
 #define WIRE_GETV_REQUEST_MAX (SHARD_READS_MAX * (WIRE_GETV_READ_HDR + BATCH_KEY_MAX))
 
@@ -90,14 +113,46 @@ int wire_parse_shard_path(const char *path, unsigned *shard, enum wire_op *op);
 int wire_shard_path(char *out, size_t len, unsigned shard, enum wire_op op);
 const char *wire_op_name(enum wire_op op);
 
-/* The X-Shardfs-Auth value for a request. path_query is the path plus "?"
- * and query if there is one, exactly as sent. out gets 64 hex chars + NUL. */
-void wire_sign(const char *secret, const char *method, const char *path_query, int64_t date,
-               const void *body, size_t len, char out[WIRE_AUTH_LEN + 1]);
-/* 0 if auth is right and date within WIRE_MAX_SKEW of now, else -EACCES.
- * Compares in constant time. */
-int wire_verify(const char *secret, const char *method, const char *path_query, int64_t date,
-                int64_t now, const void *body, size_t len, const char *auth);
+/* What a request's signature covers (see the top of this file). All strings
+ * are borrowed. node_url may end in one "/" (shards.conf allows it); it is
+ * signed without. */
+struct wire_signed {
+    const char *method;
+    const char *node_url;   /* the node it is sent to */
+    const char *path_query; /* the request target exactly as sent */
+    const char *epoch;      /* X-Shardfs-Epoch as sent, "" without one */
+    int64_t date;
+    const char *nonce;  /* WIRE_NONCE_LEN lowercase hex digits */
+    const char *digest; /* WIRE_DIGEST_LEN lowercase hex digits */
+    uint64_t body_len;
+};
+
+/* The X-Shardfs-Auth value of s into out (64 hex digits + NUL). 0, or -EIO
+ * (OpenSSL failed, or a field is NULL; out is then "", which no request can
+ * carry as a valid auth). */
+int wire_sign(const char *secret, const struct wire_signed *s, char out[WIRE_AUTH_LEN + 1]);
+/* 0 if auth is s's signature under secret, s->date is within WIRE_MAX_SKEW
+ * of now and the nonce and digest are well-formed (lowercase hex of their
+ * length); else -EACCES. An empty secret verifies nothing. Compares in
+ * constant time. Does not look at nonces seen before: nonce_cache.h. */
+int wire_verify(const char *secret, const struct wire_signed *s, int64_t now, const char *auth);
+
+/* A fresh nonce from getrandom(): WIRE_NONCE_LEN hex digits + NUL. 0 or
+ * -errno. */
+int wire_nonce_new(char out[WIRE_NONCE_LEN + 1]);
+/* Whether s is exactly n lowercase hex digits (then 1, with the bytes in
+ * out[n / 2] if out is not NULL). */
+int wire_hex_decode(const char *s, size_t n, uint8_t *out);
+
+/* SHA-256 of a body as X-Shardfs-Digest wants it: in one go, or piece by
+ * piece as it streams in (wire_digest_new, _update, _final; _free is
+ * NULL-safe and may be called instead of _final, which frees). */
+void wire_body_digest(const void *body, size_t len, char out[WIRE_DIGEST_LEN + 1]);
+struct wire_digest;
+struct wire_digest *wire_digest_new(void); /* NULL: out of memory */
+int wire_digest_update(struct wire_digest *d, const void *p, size_t n); /* 0 or -EIO */
+int wire_digest_final(struct wire_digest *d, char out[WIRE_DIGEST_LEN + 1]); /* 0 or -EIO */
+void wire_digest_free(struct wire_digest *d);
 
 /* Scan request body: u32le slen, start, u32le elen (0xffffffff: no end), end. */
 size_t wire_scan_request_size(size_t slen, size_t elen);

@@ -38,6 +38,18 @@
  * from this mount's cache as O_DIRECT writes do (above). Alone (not shared)
  * the kernel holds the inode lock over all the pieces of a write and nobody
  * else writes, so appends keep the page cache there.
+ *
+ * Files replaced on other nodes: with other nodes, a file a rename replaced
+ * is kept for a while for readers elsewhere (namespace.c, "replaced files
+ * across nodes"), with nlink 0. A name this node's kernel cached before the
+ * rename then leads to an inode that is still there instead of a missing
+ * one, so open answers ESTALE for a file with no name left (and getattr,
+ * unless this node has it open), and the kernel looks the name up again. Except
+ * when the kernel has just looked the name up for this very open (a lookup
+ * answered at most OPEN_AFTER_LOOKUP_MS before, and no open since): then the
+ * walk raced the rename, and it opens the old file, as on a local
+ * filesystem. That is what makes the kernel's one repeated walk after
+ * ESTALE enough while renames keep coming (node_reached_by_old_name()).
  */
 #include "fuse_ops.h"
 
@@ -52,9 +64,14 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
+#include <time.h>
 
 #define NODE_BUCKETS (1u << 16)
 #define MAX_WRITE (1u << 20)
+/* An open of a file with no name left that follows the daemon's answer
+ * naming its node by at most this long raced the rename: the kernel walked
+ * the name just before (the walk it repeats after ESTALE is one of those). */
+#define OPEN_AFTER_LOOKUP_MS 250u
 
 struct node {
     struct ino_id id;
@@ -65,6 +82,9 @@ struct node {
                         * replaced it): deleted at the last release or forget,
                         * whichever comes later; protected by fs.lock */
     int reaping;       /* its last release is deleting it; protected by fs.lock */
+    uint64_t named_ms; /* CLOCK_MONOTONIC of the last lookup answered with this
+                        * node; protected by fs.lock */
+    int walked;        /* no open since that lookup; protected by fs.lock */
     atomic_int paged;  /* a read or buffered write went through the kernel's cache */
     struct node *next; /* hash chain */
 };
@@ -87,6 +107,7 @@ struct fs {
     int keep_cache;          /* keep a file's page cache across opens */
     int direct_append;       /* O_APPEND opens use direct I/O: others write too */
     int direct_io_mmap;      /* the kernel maps direct-I/O files shared; set by op_init */
+    int other_nodes;         /* other nodes' mounts may replace files */
     struct fuse_session *se; /* for invalidations; NULL until fs_start() */
     pthread_mutex_t inval_lock;
     pthread_cond_t inval_cond;
@@ -133,6 +154,13 @@ struct dir_handle {
 
 /* ---- the node table ---- */
 
+static uint64_t monotonic_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
+}
+
 static struct fs *fs_of(fuse_req_t req)
 {
     return fuse_req_userdata(req);
@@ -164,8 +192,9 @@ static struct node *node_find(struct fs *fs, const struct ino_id *id)
     return NULL;
 }
 
-/* Find or add the node of id and take one lookup reference. */
-static struct node *node_ref(struct fs *fs, const struct ino_id *id)
+/* Find or add the node of id and take one lookup reference; named: the
+ * answer to a lookup of a name (node_reached_by_old_name). */
+static struct node *node_ref(struct fs *fs, const struct ino_id *id, int named)
 {
     struct node *n;
 
@@ -180,8 +209,13 @@ static struct node *node_ref(struct fs *fs, const struct ino_id *id)
             fs->buckets[b] = n;
         }
     }
-    if (n)
+    if (n) {
         n->nlookup++;
+        if (named) {
+            n->named_ms = monotonic_ms();
+            n->walked = 1;
+        }
+    }
     pthread_mutex_unlock(&fs->lock);
     return n;
 }
@@ -258,7 +292,15 @@ int fs_is_open(void *ctx, const struct ino_id *id)
  * (the kernel walks the path again once, and a second rename over the name
  * in that time makes the error reach the caller) where a local filesystem
  * opens the old file or the new one. The kernel forgets the replaced inode
- * as soon as nothing of its own holds it. */
+ * as soon as nothing of its own holds it: it drops the link of the inode
+ * its rename replaced. With other nodes that inode may not be the one the
+ * daemon replaced (another node renamed over the name between the kernel's
+ * lookup of the target and the rename), and then the kernel keeps a lookup
+ * of the daemon's one, with its dentry gone but a link count of 1, in its
+ * inode cache until memory runs short: pinned so, it stayed in the store
+ * (test_cluster_replace.py). There the replaced file is kept for a while
+ * anyway (namespace.c, "replaced files across nodes"), which covers the
+ * racing open, so only opens hold it. */
 static int fs_is_referenced(void *ctx, const struct ino_id *id)
 {
     struct fs *fs = ctx;
@@ -267,9 +309,9 @@ static int fs_is_referenced(void *ctx, const struct ino_id *id)
 
     pthread_mutex_lock(&fs->lock);
     n = node_find(fs, id);
-    if (n && (n->opens || n->nlookup) && !n->reaping) {
+    if (n && (n->opens || (n->nlookup && !fs->other_nodes)) && !n->reaping) {
         n->orphan = 1;
-        n->pinned = n->nlookup != 0;
+        n->pinned = n->nlookup != 0 && !fs->other_nodes;
         held = 1;
     }
     pthread_mutex_unlock(&fs->lock);
@@ -316,7 +358,7 @@ static void reply_entry(fuse_req_t req, const struct inode *ino)
 {
     struct fs *fs = fs_of(req);
     struct fuse_entry_param e;
-    struct node *n = node_ref(fs, &ino->id);
+    struct node *n = node_ref(fs, &ino->id, 1);
 
     if (!n) {
         fuse_reply_err(req, ENOMEM);
@@ -330,6 +372,34 @@ static void reply_entry(fuse_req_t req, const struct inode *ino)
 static void reply_rc(fuse_req_t req, int rc)
 {
     fuse_reply_err(req, rc < 0 ? -rc : 0);
+}
+
+/* 1 if the kernel may have reached n by a name it cached before another node
+ * replaced or unlinked the file: other nodes exist, and no lookup of the
+ * last OPEN_AFTER_LOOKUP_MS answered with n that no open has followed yet.
+ * An open (for_open) uses that lookup up. A getattr is also answered while
+ * this node has n open (fstat of a descriptor); an open is not, or a write
+ * through an old name (O_TRUNC) would go to the old file and be lost. A
+ * file with no name left then answers ESTALE (top of the file). */
+static int node_reached_by_old_name(struct fs *fs, struct node *n, int for_open)
+{
+    int old;
+
+    if (!fs->other_nodes || n == &fs->root)
+        return 0;
+    pthread_mutex_lock(&fs->lock);
+    old = (for_open || n->opens == 0) &&
+          !(n->walked && monotonic_ms() - n->named_ms <= OPEN_AFTER_LOOKUP_MS);
+    if (for_open)
+        n->walked = 0;
+    pthread_mutex_unlock(&fs->lock);
+    return old;
+}
+
+/* A file with no name left: kept only for those who have it open. */
+static int unnamed_file(const struct inode *ino)
+{
+    return ino->nlink == 0 && !S_ISDIR(ino->mode);
 }
 
 /* The kernel named a node whose inode is gone: it looked the name up before a
@@ -526,10 +596,13 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
      * the kernel keeps it only for what is left of that timeout, so nothing
      * is older than the timeout. An open reads afresh (op_open), so
      * close-to-open holds. */
-    int rc = ns_getattr_recent(fs->ns, &node_of(fs, ino)->id, (unsigned)(fs->attr_timeout * 1000),
-                               &node, &age_ms);
+    struct node *n = node_of(fs, ino);
+    int rc = ns_getattr_recent(fs->ns, &n->id, (unsigned)(fs->attr_timeout * 1000), &node,
+                               &age_ms);
 
     (void)fi;
+    if (rc == 0 && unnamed_file(&node) && node_reached_by_old_name(fs, n, 0))
+        rc = -ESTALE;
     if (rc) {
         reply_rc(req, stale_if_gone(rc));
         return;
@@ -684,11 +757,19 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         reply_rc(req, rc);
         return;
     }
+    /* A file replaced on another node stays for its readers there; an open
+     * through a name the kernel cached before that must not find it, nor
+     * truncate it (node_reached_by_old_name). */
+    int strict = node_reached_by_old_name(fs, n, 1);
     if (fi->flags & O_TRUNC) {
         struct ns_setattr sa = {.mask = NS_SET_SIZE | NS_SET_KILL_SUIDGID, .size = 0};
+        if (strict)
+            sa.mask |= NS_SET_LINKED;
         rc = ns_setattr(fs->ns, &n->id, &sa, &node);
     } else {
         rc = ns_getattr_ordered(fs->ns, &n->id, &node);
+        if (rc == 0 && strict && unnamed_file(&node))
+            rc = -ESTALE;
     }
     h = rc ? NULL : handle_new(fs, fi->flags);
     if (!rc && !h)
@@ -730,7 +811,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         reply_rc(req, rc);
         return;
     }
-    n = node_ref(fs, &ino.id);
+    n = node_ref(fs, &ino.id, 0);
     if (!n) {
         handle_free(fs, h);
         fuse_reply_err(req, ENOMEM);
@@ -767,7 +848,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     n = ns_read(fs->ns, &nd->id, (uint64_t)off, size, buf);
     if (n < 0)
-        reply_rc(req, (int)n);
+        reply_rc(req, stale_if_gone((int)n));
     else
         fuse_reply_buf(req, buf, (size_t)n);
     free(buf);
@@ -1011,7 +1092,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         struct fuse_entry_param e;
         if (ns_getattr(fs->ns, &de->id, &child) != 0)
             continue; /* gone since the snapshot */
-        struct node *n = node_ref(fs, &child.id);
+        struct node *n = node_ref(fs, &child.id, 0);
         if (!n) {
             rc = -ENOMEM;
             break;
@@ -1122,6 +1203,7 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
     if (!fs)
         return NULL;
     fs->ns = ns;
+    fs->other_nodes = !ns_all_local(ns);
     fs->entry_timeout = cache_timeout;
     if (shared) {
         /* Other nodes write too: close-to-open, as NFS does it. Every open

@@ -326,7 +326,7 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         snprintf(err, sizeof(err), "bad FUSE options '%s'", c->fuse_opts ? c->fuse_opts : "");
         goto out;
     }
-    if (fs_start(fs, se) != 0) {
+    if (fs_start(fs, se) != 0 || ns_reaper_start(ns, fs_is_open, fs) != 0) {
         snprintf(err, sizeof(err), "cannot start a thread");
         goto out;
     }
@@ -376,6 +376,7 @@ out:
         fuse_session_destroy(se);
     fuse_opt_free_args(&args);
     server_stop(&sv);
+    ns_reaper_stop(ns); /* nothing replaces files now; it asks fs: before fs_free */
     fs_free(fs);
     ns_close(ns); /* commits and syncs every shard */
     if (ready_fd >= 0)
@@ -496,6 +497,10 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     }
     if (server_start(ns, node, NULL, &sv, err, sizeof(err)) != 0)
         goto out;
+    if (ns_reaper_start(ns, NULL, NULL) != 0) {
+        snprintf(err, sizeof(err), "cannot start a thread");
+        goto out;
+    }
     report_ready(ready_fd, "");
     if (ready_fd >= 0) {
         detach_stdio(); /* in the background from here on */
@@ -508,6 +513,7 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
         sig = 0;
 out:
     server_stop(&sv);
+    ns_reaper_stop(ns);
     ns_close(ns);
     if (ready_fd >= 0)
         report_ready(ready_fd, err[0] ? err : "serve failed");

@@ -31,6 +31,21 @@
  *           if the parent is dying or gone, so no entry can slip into a
  *           directory that rmdir found empty.
  *
+ * DESIGN (replaced files across nodes)
+ * A node knows only its own opens. With other nodes, a file whose last name
+ * a rename replaced is therefore not deleted at once: it keeps its records,
+ * with nlink 0 and a *kept* orphan mark (ORPHAN_KEPT), so that a reader on
+ * another node that opened it just before reads it whole. Its ctime is the
+ * moment it lost the name (drop_link moves ctime), and REPLACED_KEEP_MS
+ * after that the node that owns its shard deletes it (the reaper thread,
+ * ns_reaper_start; every record of an inode is on that shard). A file this
+ * node has open is marked as any unlinked open file is (an empty mark) and
+ * deleted at its last close, or at that moment marked kept if the keep time
+ * is not over yet (ns_reap). The owner deletes every kept file at its clean
+ * stop (ns_reaper_stop), so a stopped store has none; a crash leaves them to
+ * recovery, as other orphans. Readers of a file on a node that holds neither
+ * its shard nor an open of the renaming node get ESTALE once it is gone.
+ *
  * Inode read-modify-writes are serialised by striped mutexes keyed by inode
  * id within this process (no thread ever holds two of them), and across nodes
  * by a compare-and-swap on the inode record (DESIGN at inode_cas()).
@@ -43,6 +58,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -65,6 +81,12 @@
 #define XATTR_VALUE_MAX 65536
 _Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one shard_read");
 #define FILE_SIZE_MAX (1ull << 50) /* 1 PiB: chunk indexes stay far from overflow */
+/* How long a file replaced on a cluster stays readable (DESIGN above). */
+#define REPLACED_KEEP_MS 10000
+/* How often the reaper looks for kept files that are due. */
+#define REAPER_SCAN_MS 1000
+/* The value of a kept orphan mark; an empty one marks a file open somewhere. */
+static const uint8_t ORPHAN_KEPT[1] = {'K'};
 #define STORE_FORMAT 1
 
 struct ns {
@@ -82,6 +104,14 @@ struct ns {
     struct inode_guess *guesses;    /* LOCK_STRIPES of them; see inode_cas() */
     pthread_mutex_t missing_lock;
     struct missing_name *missing;   /* MISSING_SLOTS of them; see ns_lookup_recent() */
+    /* The reaper of kept files (DESIGN above); set up by ns_reaper_start(). */
+    int reaper_running;
+    int reaper_stop;                /* protected by reaper_lock */
+    pthread_t reaper;
+    pthread_mutex_t reaper_lock;
+    pthread_cond_t reaper_cond;     /* CLOCK_MONOTONIC */
+    ns_is_open_fn reaper_is_open;
+    void *reaper_ctx;
 };
 
 /* A name found missing on a remote shard, and when. */
@@ -626,25 +656,30 @@ int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     if (nlen > RECORD_NAME_MAX)
         return -ENAMETOOLONG;
     rc = entry_and_inode_get(ns, dir, name, nlen, &id, &dtype, out);
-    if (rc == 1) {
-        guess_note(ns, out);
-        return 0;
-    }
-    /* Entry and inode are read in two steps; a rename replacing this name
-     * may free the old inode in between. Re-read the entry then: only an
-     * entry that still names a missing inode is really dangling (fsck). */
-    for (int tries = 0; rc == 0 && tries < 16; tries++) {
-        rc = inode_get(ns, &id, out);
+    /* Entry and inode are read in two steps when they live on two shards;
+     * a rename replacing this name (here or on another node) may drop the
+     * old inode's last link in between: the inode is then missing, or kept
+     * with nlink 0 for its readers (DESIGN, "Caching with several nodes").
+     * Re-read the entry then: only an entry that still names such an inode
+     * is really what the name holds (a dangling entry: fsck). */
+    for (int tries = 0; rc >= 0 && tries < 16; tries++) {
+        if (rc == 0)
+            rc = inode_get(ns, &id, out);
+        else
+            rc = 0; /* came along with the entry */
         if (rc == 0)
             guess_note(ns, out);
-        if (rc != -ENOENT)
-            return rc;
-        rc = entry_get(ns, dir, name, nlen, &again, &dtype);
-        if (rc == 0 && memcmp(&again, &id, sizeof(id)) == 0)
-            return -ENOENT;
-        id = again;
+        if (rc == -ENOENT || (rc == 0 && out->nlink == 0)) {
+            int gone = rc;
+            rc = entry_get(ns, dir, name, nlen, &again, &dtype);
+            if (rc == 0 && memcmp(&again, &id, sizeof(id)) == 0)
+                return gone;
+            id = again;
+            continue;
+        }
+        return rc;
     }
-    return rc ? rc : -ENOENT;
+    return rc < 0 ? rc : -ENOENT;
 }
 
 /* Missing names: a name a lookup found missing on a remote shard is
@@ -826,12 +861,13 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
 struct drop {
     ns_is_open_fn is_open;
     void *ctx;
+    int keep; /* a file left without a name is kept for other nodes' readers */
 };
 
 /* Change function dropping one name of an inode (arg: struct drop): nlink - 1,
  * and when none is left delete it or, if still open, mark it orphan (a
  * directory too: one that is open stays, empty and with nlink 0, until its
- * last close, as on a local filesystem). */
+ * last close, as on a local filesystem), or, with keep, mark it kept. */
 static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
 {
     const struct drop *d = arg;
@@ -843,6 +879,10 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
         ino->nlink = 0;
         if (d->is_open && d->is_open(d->ctx, &ino->id)) {
             batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
+            return INODE_PUT;
+        }
+        if (d->keep && !S_ISDIR(ino->mode)) {
+            batch_put(b, key, record_orphan_key(key, &ino->id), ORPHAN_KEPT, sizeof(ORPHAN_KEPT));
             return INODE_PUT;
         }
         batch_reap(b, &ino->id);
@@ -867,7 +907,7 @@ static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *nam
                         const struct ino_id *id, uint8_t dtype, ns_is_open_fn is_open, void *ctx)
 {
     struct shard *se = entry_shard(ns, dir, name, nlen);
-    struct drop d = {is_open, ctx};
+    struct drop d = {is_open, ctx, 0};
     struct batch e;
     int rc;
 
@@ -1135,7 +1175,7 @@ static int rename_across(struct ns *ns, struct intent *in)
     batch_put(&b, key, klen, val, intent_encode(val, in));
     rc = apply_batch(s1, &b);
     if (rc)
-        return rc == -EAGAIN ? -ENOENT : rc;
+        return rc; /* -EAGAIN: the source changed; ns_rename reads it again */
 
     batch_init(&b);
     if (have_dst)
@@ -1149,7 +1189,7 @@ static int rename_across(struct ns *ns, struct intent *in)
         batch_init(&b);
         batch_del(&b, key, klen);
         apply_batch(s1, &b);
-        return rc == -EAGAIN ? -ENOENT : rc;
+        return rc; /* -EAGAIN: the target changed; ns_rename reads it again */
     }
 
     batch_init(&b);
@@ -1199,7 +1239,7 @@ static int rename_exchange(struct ns *ns, struct intent *in)
         batch_entry(&b, BATCH_PUT, &in->ddir, in->dname, in->dlen, &in->sid, in->stype);
         rc = apply_batch(s1, &b);
         if (rc)
-            return rc == -EAGAIN ? -ENOENT : rc;
+            return rc; /* -EAGAIN: ns_rename reads the names again */
     } else {
         rc = rename_across(ns, in);
         if (rc)
@@ -1263,13 +1303,115 @@ static int rename_entries_get(struct ns *ns, struct intent *in, int *dst_rc)
     return 0;
 }
 
+/* One attempt at a rename: read both entries, check, apply. -EAGAIN when
+ * an entry changed between its read and the batch that asserts it (another
+ * node renamed over the target, or moved the source): nothing was changed,
+ * and the caller reads the entries again. */
+static int rename_try(struct ns *ns, struct intent *in, unsigned flags, const struct drop *d)
+{
+    const struct ino_id *odir = &in->sdir, *ndir = &in->ddir;
+    const char *oname = in->sname, *nname = in->dname;
+    size_t olen = in->slen, nlen = in->dlen;
+    struct inode parent;
+    int dst_rc = 0, rc;
+
+    memset(&in->did, 0, sizeof(in->did));
+    in->dtype = DT_UNKNOWN;
+    rc = rename_entries_get(ns, in, &dst_rc);
+    if (rc)
+        return rc;
+    /* Within one directory the source entry, there until the rename's own
+     * batch, keeps the directory alive (rmdir would find it not empty). */
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
+        rc = parent_check(ns, ndir, &parent);
+        if (rc)
+            return rc;
+    }
+    rc = dst_rc;
+    if (rc == -ENOENT) {
+        in->dtype = DT_UNKNOWN;
+        if (flags & NS_RENAME_EXCHANGE)
+            return -ENOENT;
+    } else if (rc) {
+        return rc;
+    } else if (flags & NS_RENAME_NOREPLACE) {
+        return -EEXIST;
+    }
+    if (in->dtype != DT_UNKNOWN && memcmp(&in->sid, &in->did, sizeof(in->sid)) == 0)
+        return 0; /* two names of one inode: rename(2) does nothing */
+    if (in->kind == 2)
+        return rename_exchange(ns, in);
+    if (in->stype == DT_DIR && is_within(ns, ndir, &in->sid))
+        return -EINVAL;
+    rc = rename_target_ok(ns, in);
+    if (rc)
+        return rc;
+
+    struct shard *s1 = entry_shard(ns, odir, oname, olen);
+    struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
+    int replaced_done = 0, moved_done = 0;
+    if (s1 == s2) {
+        struct batch b;
+        batch_init(&b);
+        batch_entry(&b, BATCH_ASSERT_VALUE, odir, oname, olen, &in->sid, in->stype);
+        if (in->dtype == DT_UNKNOWN)
+            batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, nname, nlen, NULL, 0);
+        else
+            batch_entry(&b, BATCH_ASSERT_VALUE, ndir, nname, nlen, &in->did, in->dtype);
+        batch_entry(&b, BATCH_DEL, odir, oname, olen, NULL, 0);
+        batch_entry(&b, BATCH_PUT, ndir, nname, nlen, &in->sid, in->stype);
+        if (in->dtype != DT_UNKNOWN && inode_shard(ns, &in->did) == s1) {
+            /* The replaced file goes in the same batch: rsync's common case. */
+            rc = drop_link_with(ns, &in->did, &b, d);
+            replaced_done = 1;
+        } else if (in->stype != DT_DIR && inode_shard(ns, &in->sid) == s1) {
+            /* The moved file's ctime goes in the same batch: rsync's new
+             * files (a temporary name is placed as its final name). */
+            struct touch t = {0, 0};
+            rc = inode_cas(ns, &in->sid, &b, touch_mutate, &t, NULL);
+            if (rc == -ENOENT && batch_assertions_hold(s1, &b) == -EAGAIN)
+                rc = -EAGAIN; /* the source was replaced and freed meanwhile */
+            moved_done = 1;
+        } else {
+            rc = shard_apply(s1, &b);
+        }
+        batch_free(&b);
+    } else {
+        rc = rename_across(ns, in);
+    }
+    if (rc == -EEXIST && in->dtype == DT_UNKNOWN && !(flags & NS_RENAME_NOREPLACE))
+        rc = -EAGAIN; /* the target was created meanwhile: replace it */
+    if (rc) {
+        if (in->dtype == DT_DIR)
+            set_dying(ns, &in->did, 0);
+        return rc;
+    }
+    /* Only the rename whose batch replaced the target entry gets here for
+     * that target, so the replaced inode loses its link exactly once. */
+    if (in->dtype != DT_UNKNOWN && !replaced_done)
+        inode_cas(ns, &in->did, NULL, drop_link, d, NULL);
+    if (in->dtype == DT_DIR)
+        inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
+    if (in->stype == DT_DIR)
+        fix_moved_dir(ns, &in->sid, odir, ndir);
+    else if (!moved_done)
+        inode_touch(ns, &in->sid, 0, 0);
+    inode_touch(ns, odir, 0, 1);
+    if (memcmp(odir, ndir, sizeof(*odir)) != 0)
+        inode_touch(ns, ndir, 0, 1);
+    return 0;
+}
+
 int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
               const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
               ns_is_open_fn is_open, void *ctx)
 {
     struct intent in;
-    struct inode parent;
-    int dst_rc = 0, rc = check_name(oname, olen);
+    /* With other nodes the replaced file stays a while for their readers
+     * (DESIGN, "replaced files across nodes"). */
+    struct drop d = {is_open, ctx, ns->remote != NULL};
+    uint64_t give_up = monotonic_ms() + INODE_CAS_GIVE_UP_MS;
+    int rc = check_name(oname, olen);
 
     if (rc == 0)
         rc = check_name(nname, nlen);
@@ -1285,92 +1427,27 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     in.dlen = (uint8_t)nlen;
     memcpy(in.sname, oname, olen);
     memcpy(in.dname, nname, nlen);
-    rc = rename_entries_get(ns, &in, &dst_rc);
-    if (rc)
-        return rc;
-    /* Within one directory the source entry, there until the rename's own
-     * batch, keeps the directory alive (rmdir would find it not empty). */
-    if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
-        rc = parent_check(ns, ndir, &parent);
-        if (rc)
-            return rc;
-    }
-    rc = dst_rc;
-    if (rc == -ENOENT) {
-        in.dtype = DT_UNKNOWN;
-        if (flags & NS_RENAME_EXCHANGE)
-            return -ENOENT;
-    } else if (rc) {
-        return rc;
-    } else if (flags & NS_RENAME_NOREPLACE) {
-        return -EEXIST;
-    }
-    if (in.dtype != DT_UNKNOWN && memcmp(&in.sid, &in.did, sizeof(in.sid)) == 0)
-        return 0; /* two names of one inode: rename(2) does nothing */
-    if (in.kind == 2) {
-        rc = rename_exchange(ns, &in);
+    /* Renames over one name from several nodes: each failed try means
+     * another rename (or an unlink, a create) of one of the two names went
+     * through, so the names are read again and the rename is redone on
+     * what they hold now; the last rename wins, as on a local filesystem.
+     * A source that is gone by then answers -ENOENT from the read. The same
+     * backoff as inode_cas() keeps a node that loses every race going. */
+    for (int tries = 0;; tries++) {
+        rc = rename_try(ns, &in, flags, &d);
+        /* The target name may exist from now on (whatever rc says: a
+         * cross-shard rename may be half done); a lookup that raced the
+         * rename stores nothing. */
         missing_forget(ns, ndir, nname, nlen);
-        return rc;
+        if (rc != -EAGAIN)
+            break;
+        rc = -EIO;
+        if (monotonic_ms() >= give_up)
+            break;
+        if (tries >= INODE_CAS_QUICK_TRIES)
+            inode_cas_backoff(tries);
     }
-    if (in.stype == DT_DIR && is_within(ns, ndir, &in.sid))
-        return -EINVAL;
-    rc = rename_target_ok(ns, &in);
-    if (rc)
-        return rc;
-
-    struct shard *s1 = entry_shard(ns, odir, oname, olen);
-    struct shard *s2 = entry_shard(ns, ndir, nname, nlen);
-    struct drop d = {is_open, ctx};
-    int replaced_done = 0, moved_done = 0;
-    if (s1 == s2) {
-        struct batch b;
-        batch_init(&b);
-        batch_entry(&b, BATCH_ASSERT_VALUE, odir, oname, olen, &in.sid, in.stype);
-        if (in.dtype == DT_UNKNOWN)
-            batch_entry(&b, BATCH_ASSERT_ABSENT, ndir, nname, nlen, NULL, 0);
-        else
-            batch_entry(&b, BATCH_ASSERT_VALUE, ndir, nname, nlen, &in.did, in.dtype);
-        batch_entry(&b, BATCH_DEL, odir, oname, olen, NULL, 0);
-        batch_entry(&b, BATCH_PUT, ndir, nname, nlen, &in.sid, in.stype);
-        if (in.dtype != DT_UNKNOWN && inode_shard(ns, &in.did) == s1) {
-            /* The replaced file goes in the same batch: rsync's common case. */
-            rc = drop_link_with(ns, &in.did, &b, &d);
-            replaced_done = 1;
-        } else if (in.stype != DT_DIR && inode_shard(ns, &in.sid) == s1) {
-            /* The moved file's ctime goes in the same batch: rsync's new
-             * files (a temporary name is placed as its final name). */
-            struct touch t = {0, 0};
-            rc = inode_cas(ns, &in.sid, &b, touch_mutate, &t, NULL);
-            moved_done = 1;
-        } else {
-            rc = shard_apply(s1, &b);
-        }
-        batch_free(&b);
-        if (rc == -EAGAIN)
-            rc = -ENOENT;
-    } else {
-        rc = rename_across(ns, &in);
-    }
-    /* The target name may exist from now on (whatever rc says: a cross-shard
-     * rename may be half done); a lookup that raced the rename stores nothing. */
-    missing_forget(ns, ndir, nname, nlen);
-    if (rc) {
-        if (in.dtype == DT_DIR)
-            set_dying(ns, &in.did, 0);
-        return rc;
-    }
-    if (in.dtype != DT_UNKNOWN && !replaced_done)
-        inode_cas(ns, &in.did, NULL, drop_link, &d, NULL);
-    if (in.dtype == DT_DIR)
-        inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
-    if (in.stype == DT_DIR)
-        fix_moved_dir(ns, &in.sid, odir, ndir);
-    else if (!moved_done)
-        inode_touch(ns, &in.sid, 0, 0);
-    inode_touch(ns, odir, 0, 1);
-    if (memcmp(odir, ndir, sizeof(*odir)) != 0)
-        inode_touch(ns, ndir, 0, 1);
-    return 0;
+    return rc;
 }
 
 /* ---- file data ---- */
@@ -1695,6 +1772,8 @@ static int setattr_change(struct ns *ns, struct batch *b, struct inode *ino, con
     struct timespec now;
     int rc;
 
+    if ((sa->mask & NS_SET_LINKED) && ino->nlink == 0 && !S_ISDIR(ino->mode))
+        return -ENOENT;
     inode_bump_ctime(ino);
     now = ino->ctime;
     if (sa->mask & NS_SET_MODE)
@@ -1927,8 +2006,31 @@ int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
 
 /* ---- reap, statfs, sync ---- */
 
+/* With the inode's lock held: delete inode id (read as *ino, nlink 0) and
+ * everything it owns. */
+static int orphan_delete(struct ns *ns, const struct ino_id *id)
+{
+    struct batch b;
+
+    batch_init(&b);
+    batch_reap(&b, id);
+    return apply_batch(inode_shard(ns, id), &b);
+}
+
+/* 1 if ino, a file that lost its last name, is still within the time it is
+ * kept for other nodes' readers (DESIGN, "replaced files across nodes"). */
+static int orphan_keep_left(const struct ns *ns, const struct inode *ino)
+{
+    struct timespec now = now_ts();
+    int64_t lost_ms = (int64_t)ino->ctime.tv_sec * 1000 + ino->ctime.tv_nsec / 1000000;
+    int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+
+    return ns->remote && !S_ISDIR(ino->mode) && now_ms - lost_ms < REPLACED_KEEP_MS;
+}
+
 int ns_reap(struct ns *ns, const struct ino_id *id)
 {
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_INODE_MAX];
     struct inode ino;
     struct batch b;
     int rc;
@@ -1936,9 +2038,19 @@ int ns_reap(struct ns *ns, const struct ino_id *id)
     lock_inode(ns, id);
     rc = inode_get(ns, id, &ino);
     if (rc == 0 && ino.nlink == 0) {
-        batch_init(&b);
-        batch_reap(&b, id);
-        rc = apply_batch(inode_shard(ns, id), &b);
+        if (orphan_keep_left(ns, &ino)) {
+            /* The owner of its shard deletes it when the time is over;
+             * asserted, so a mark never outlives its inode. */
+            batch_init(&b);
+            batch_add(&b, BATCH_ASSERT_VALUE, key, record_inode_key(key, id), val,
+                      record_inode_encode(val, &ino));
+            batch_put(&b, key, record_orphan_key(key, id), ORPHAN_KEPT, sizeof(ORPHAN_KEPT));
+            rc = apply_batch(inode_shard(ns, id), &b);
+            if (rc == -EAGAIN)
+                rc = 0; /* changed or deleted meanwhile: whoever did decides */
+        } else {
+            rc = orphan_delete(ns, id);
+        }
     }
     unlock_inode(ns, id);
     return rc == -ENOENT ? 0 : rc;
@@ -2120,13 +2232,14 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
     return fixed;
 }
 
-/* Inodes unlinked while open when the daemon stopped: nobody has them open
- * now, so they go -- but only if no name refers to them any more (nlink 0);
- * a stray mark on a linked inode is just dropped. */
-static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
-{
-    int fixed = 0;
+/* fn for every orphan mark on this node's shards: the shard, the mark's key,
+ * the inode's id and the mark's value (empty: unlinked while open;
+ * ORPHAN_KEPT: kept for other nodes' readers). Stops at fn's first error. */
+typedef int (*orphan_fn)(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
+                         const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg);
 
+static int orphans_each(struct ns *ns, orphan_fn fn, void *arg)
+{
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
         if (!ns_shard_is_local(ns, i))
@@ -2134,31 +2247,66 @@ static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void
         int rc = scan_type(ns, i, REC_ORPHAN, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
             struct ino_id id;
-            struct inode ino;
-            struct batch b;
-            char hex[33];
             if (l.keys[j][0] != 1 + RECORD_ID_LEN)
                 continue;
             memcpy(id.b, l.keys[j] + 2, RECORD_ID_LEN);
-            id_hex(&id, hex);
-            int linked = inode_get(ns, &id, &ino) == 0 && ino.nlink > 0;
-            reportf(report, ctx, "inode %s %s: %s", hex,
-                    linked ? "has a stale orphan mark" : "was unlinked while open",
-                    dry_run ? "would fix" : linked ? "dropping the mark" : "deleting it");
-            fixed++;
-            if (dry_run)
-                continue;
-            batch_init(&b);
-            batch_del(&b, l.keys[j] + 1, l.keys[j][0]);
-            rc = apply_batch(ns->shards[i], &b);
-            if (rc == 0 && !linked)
-                rc = ns_reap(ns, &id);
+            rc = fn(ns, i, l.keys[j] + 1, l.keys[j][0], &id, l.vals[j], l.vlens[j], arg);
         }
         key_list_free(&l);
         if (rc < 0)
             return rc;
     }
-    return fixed;
+    return 0;
+}
+
+struct recover_args {
+    int dry_run, fixed;
+    ns_report_fn report;
+    void *ctx;
+};
+
+/* An orphan mark found by recovery (orphans_each): nobody has the inode
+ * open now, and a kept file's readers are gone with the crash that left it,
+ * so it goes -- but only if no name refers to it any more (nlink 0); a
+ * stray mark on a linked inode is just dropped. */
+static int recover_orphan(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
+                          const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg)
+{
+    struct recover_args *r = arg;
+    struct inode ino;
+    struct batch b;
+    char hex[33];
+    int rc;
+
+    (void)val;
+    id_hex(id, hex);
+    int linked = inode_get(ns, id, &ino) == 0 && ino.nlink > 0;
+    reportf(r->report, r->ctx, "inode %s %s: %s", hex,
+            linked ? "has a stale orphan mark"
+            : vlen ? "was replaced (kept for readers)" : "was unlinked while open",
+            r->dry_run ? "would fix" : linked ? "dropping the mark" : "deleting it");
+    r->fixed++;
+    if (r->dry_run)
+        return 0;
+    batch_init(&b);
+    batch_del(&b, key, klen);
+    rc = apply_batch(ns->shards[shard], &b);
+    if (rc == 0 && !linked) {
+        lock_inode(ns, id);
+        if (inode_get(ns, id, &ino) == 0 && ino.nlink == 0)
+            rc = orphan_delete(ns, id);
+        unlock_inode(ns, id);
+    }
+    return rc;
+}
+
+/* Inodes unlinked while open, or kept, when the daemon stopped. */
+static int recover_orphans(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
+{
+    struct recover_args r = {dry_run, 0, report, ctx};
+    int rc = orphans_each(ns, recover_orphan, &r);
+
+    return rc < 0 ? rc : r.fixed;
 }
 
 int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
@@ -2169,6 +2317,129 @@ int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
         return a;
     b = recover_orphans(ns, dry_run, report, ctx);
     return b < 0 ? b : a + b;
+}
+
+/* ---- kept files (DESIGN, "replaced files across nodes") ---- */
+
+/* The kept file id on a local shard: deleted when its time is over (or at
+ * once with all), unless this process has it open (is_open, asked under the
+ * inode's lock: an open counts itself before it reads the inode under that
+ * lock, so it is seen here or finds the inode gone), which then deletes it
+ * at its last close (ns_reap). A mark on a linked or missing inode is
+ * dropped. 0 or -errno (the next scan tries again). */
+static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
+{
+    uint8_t key[RECORD_KEY_MAX];
+    struct inode ino;
+    struct batch b;
+    int rc;
+
+    lock_inode(ns, id);
+    rc = inode_get(ns, id, &ino);
+    if (rc == -ENOENT || (rc == 0 && ino.nlink > 0)) {
+        batch_init(&b); /* a stray mark: never made so, but never left either */
+        batch_del(&b, key, record_orphan_key(key, id));
+        rc = apply_batch(inode_shard(ns, id), &b);
+    } else if (rc == 0 && (all || !orphan_keep_left(ns, &ino))) {
+        int open = !all && ns->reaper_is_open && ns->reaper_is_open(ns->reaper_ctx, id);
+        if (!open)
+            rc = orphan_delete(ns, id);
+    }
+    unlock_inode(ns, id);
+    return rc;
+}
+
+/* orphans_each: kept_settle for a kept mark (arg: int all). */
+static int kept_settle_one(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
+                           const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg)
+{
+    (void)shard, (void)key, (void)klen;
+    if (vlen == sizeof(ORPHAN_KEPT) && memcmp(val, ORPHAN_KEPT, vlen) == 0)
+        kept_settle(ns, id, *(const int *)arg); /* an error: the next scan tries again */
+    return 0;
+}
+
+/* Settle every kept file on this node's shards (kept_settle). */
+static void kept_settle_all(struct ns *ns, int all)
+{
+    orphans_each(ns, kept_settle_one, &all);
+}
+
+static void *reaper_main(void *arg)
+{
+    struct ns *ns = arg;
+
+    pthread_mutex_lock(&ns->reaper_lock);
+    while (!ns->reaper_stop) {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        t.tv_sec += REAPER_SCAN_MS / 1000;
+        t.tv_nsec += (REAPER_SCAN_MS % 1000) * 1000000L;
+        if (t.tv_nsec >= 1000000000L)
+            t.tv_sec++, t.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&ns->reaper_cond, &ns->reaper_lock, &t);
+        if (ns->reaper_stop)
+            break;
+        pthread_mutex_unlock(&ns->reaper_lock);
+        kept_settle_all(ns, 0);
+        pthread_mutex_lock(&ns->reaper_lock);
+    }
+    pthread_mutex_unlock(&ns->reaper_lock);
+    return NULL;
+}
+
+int ns_reaper_start(struct ns *ns, ns_is_open_fn is_open, void *ctx)
+{
+    pthread_condattr_t ca;
+    sigset_t all, old;
+    int rc;
+
+    if (!ns->remote || ns->reaper_running)
+        return 0; /* a single node deletes a replaced file at once */
+    ns->reaper_is_open = is_open;
+    ns->reaper_ctx = ctx;
+    ns->reaper_stop = 0;
+    pthread_mutex_init(&ns->reaper_lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ns->reaper_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    /* Signals belong to the main thread. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = pthread_create(&ns->reaper, NULL, reaper_main, ns);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        pthread_cond_destroy(&ns->reaper_cond);
+        pthread_mutex_destroy(&ns->reaper_lock);
+        return -rc;
+    }
+    pthread_setname_np(ns->reaper, "shardfs-reaper");
+    ns->reaper_running = 1;
+    return 0;
+}
+
+/* Stop and join the reaper thread, if it runs. */
+static void reaper_join(struct ns *ns)
+{
+    if (!ns->reaper_running)
+        return;
+    pthread_mutex_lock(&ns->reaper_lock);
+    ns->reaper_stop = 1;
+    pthread_cond_signal(&ns->reaper_cond);
+    pthread_mutex_unlock(&ns->reaper_lock);
+    pthread_join(ns->reaper, NULL);
+    pthread_cond_destroy(&ns->reaper_cond);
+    pthread_mutex_destroy(&ns->reaper_lock);
+    ns->reaper_running = 0;
+}
+
+void ns_reaper_stop(struct ns *ns)
+{
+    if (!ns || !ns->reaper_running)
+        return;
+    reaper_join(ns);
+    kept_settle_all(ns, 1);
 }
 
 /* ---- open and close ---- */
@@ -2390,6 +2661,7 @@ void ns_close(struct ns *ns)
 {
     if (!ns)
         return;
+    reaper_join(ns); /* without ns_reaper_stop(): its is_open may be gone */
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
         shard_close(ns->shards[i]);
     if (ns->clear_mark)

@@ -134,6 +134,9 @@ int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, c
 #define NS_SET_MTIME_NOW 0x80u
 #define NS_SET_CTIME 0x100u
 #define NS_SET_KILL_SUIDGID 0x200u
+/* Change nothing and answer -ENOENT if the file has no name left (nlink 0:
+ * unlinked or replaced, kept only for those who have it open). */
+#define NS_SET_LINKED 0x400u
 struct ns_setattr {
     unsigned mask;
     uint32_t mode, uid, gid;
@@ -170,8 +173,24 @@ ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *n
 ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size);
 int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name);
 
-/* Delete an inode whose last name is gone and which nobody has open. */
+/* The last close (or unmount) of an inode whose last name is gone (nlink 0;
+ * a linked inode is left alone): delete it, or, with other nodes and when
+ * its last name went less than 10 s ago, leave it to its shard's owner for
+ * their readers (DESIGN.md, "Multi-shard operations"). 0 also when it is
+ * gone already. */
 int ns_reap(struct ns *ns, const struct ino_id *id);
+/* With other nodes, a file a rename replaced is kept for their readers for
+ * 10 s; the node that owns its shard deletes it then. Start that node's
+ * reaper thread (after fork: call from the serving process). is_open(ctx,
+ * id), may be NULL, says the file is open in this process: then its last
+ * close deletes it (and is_open must see to that, as fs_is_open does).
+ * Nothing to do on a single-node store. 0 or -errno. */
+int ns_reaper_start(struct ns *ns, ns_is_open_fn is_open, void *ctx);
+/* Stop the reaper and delete every kept file of this node's shards (a
+ * clean stop leaves none); after it, is_open is not called again. Call
+ * once nothing can replace files any more (the mount and the key API are
+ * gone). NULL-safe. ns_close() only stops the thread. */
+void ns_reaper_stop(struct ns *ns);
 
 int ns_statfs(struct ns *ns, struct statvfs *st);
 /* Make what is applied durable: the inode's shard, or every shard (id NULL). */

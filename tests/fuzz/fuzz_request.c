@@ -23,29 +23,37 @@
  * are cut to what is left). head is text: "METHOD URI" on the first line,
  * then "Name: value" lines. flags:
  *
- *   bit 0  sign it: X-Shardfs-Date and a valid X-Shardfs-Auth for the
- *          method, uri and body are put before the head's own headers (the
- *          first header of a name wins), so handlers behind auth are reached
+ *   bit 0  sign it: X-Shardfs-Date, a new X-Shardfs-Nonce, the body's
+ *          X-Shardfs-Digest, its Content-Length (when not empty) and a
+ *          valid X-Shardfs-Auth for node a's URL, the method, uri, epoch
+ *          (the first X-Shardfs-Epoch, as sent) and those, are put before
+ *          the head's own headers (the first header of a name wins), so
+ *          handlers behind auth are reached
  *   bit 1  also put X-Shardfs-Epoch: 3 (the server's epoch) first
+ *   bit 2  with bit 0: sign with the nonce of the last signed request of
+ *          this input instead (a replay: 401 if that one got past precheck)
+ *   bit 3  with bit 0: X-Shardfs-Digest of another body (signed, so the
+ *          headers pass; the body then does not: 401)
  *   bits 4-7  pick the signed date's distance from now (SKEWS[]), some past
  *          WIRE_MAX_SKEW
  *
- * The shard is emptied before each input, so an input's outcome depends on
- * that input alone. The key API's namespace is not (emptying it would take
- * a remount): it keeps what earlier inputs made, and is thrown away and made
- * anew every KV_RESET_EVERY inputs so it stays small; a reproducer may need
- * the inputs run before it.
+ * The shard is emptied before each input, and the clock moves 1000 s on
+ * (so the nonces of earlier inputs are out of the window: forgotten), so an
+ * input's outcome depends on that input alone. The key API's namespace is
+ * not (emptying it would take a remount): it keeps what earlier inputs
+ * made, and is thrown away and made anew every KV_RESET_EVERY inputs so it
+ * stays small; a reproducer may need the inputs run before it.
  *
- * Checks beyond the sanitizers: an unsigned request gets only 401 or 413
- * (unless it carries the key API's bearer secret); every status is 200-599;
- * a 3xx has a Location; header strings are NUL-terminated without control
- * characters (a redirect repeats the request target); a scan reply decodes
- * and is in key order within [start, end); a get reply carries
- * X-Shardfs-Vlen; a getv reply decodes for the reads asked; the key API
- * never answers 500 (its store is local, so EIO is a bug), and a file it
- * accepted with PUT (201/204) reads back with GET as exactly the body sent;
- * a streamed reply is read to its end. A failed check abort()s, which
- * libFuzzer reports with the reproducer's path.
+ * Checks beyond the sanitizers: an unsigned, replayed or wrongly digested
+ * request gets only 401 or 413 (unless it carries the key API's bearer
+ * secret); every status is 200-599; a 3xx has a Location; header strings
+ * are NUL-terminated without control characters (a redirect repeats the
+ * request target); a scan reply decodes and is in key order within [start,
+ * end); a get reply carries X-Shardfs-Vlen; a getv reply decodes for the
+ * reads asked; the key API never answers 500 (its store is local, so EIO is
+ * a bug), and a file it accepted with PUT (201/204) reads back with GET as
+ * exactly the body sent; a streamed reply is read to its end. A failed
+ * check abort()s, which libFuzzer reports with the reproducer's path.
  *
  * SHARDFS_FUZZ_VERBOSE=1 prints each request and its status (for reading a
  * reproducer: fuzz_request FILE).
@@ -76,7 +84,8 @@
 
 #define SECRET "fuzz-secret-0123456789"
 #define EPOCH 3
-#define NOW INT64_C(1700000000) /* a fixed clock: inputs replay the same */
+#define NOW INT64_C(1700000000) /* the clock of the first input; 1000 s later each */
+#define INPUT_SECONDS 1000       /* > 2 x WIRE_MAX_SKEW: every nonce forgotten */
 #define MAX_REQUESTS 8
 #define MAX_HEADERS 32
 #define KV_RESET_EVERY 2000 /* inputs between two fresh key API namespaces */
@@ -92,6 +101,10 @@ static int verbose; /* SHARDFS_FUZZ_VERBOSE set: one line per request on stderr 
 static struct config cfg;
 static struct shard *shard0;
 static struct node_server *server;
+static int64_t now;          /* this input's clock */
+static uint64_t nonce_count; /* nonces handed out, never the same twice */
+static char last_nonce[WIRE_NONCE_LEN + 1]; /* of the input's last signed request */
+static int last_recorded;    /* ... which got past precheck */
 static struct config kv_cfg; /* the key API's one-node store, in tmpdir/kv */
 static struct ns *kv_ns;
 static struct kv_api *kv_api;
@@ -465,7 +478,8 @@ struct fuzz_request {
     char path[WIRE_PATH_MAX + 1];
     struct header headers[MAX_HEADERS];
     unsigned nheaders;
-    char date[24], auth[WIRE_AUTH_LEN + 1];
+    char date[24], auth[WIRE_AUTH_LEN + 1], nonce[WIRE_NONCE_LEN + 1];
+    char digest[WIRE_DIGEST_LEN + 1], length[24];
 };
 
 static const char *lookup_header(void *ctx, const char *name)
@@ -650,9 +664,9 @@ static void run_request(uint8_t flags, const uint8_t *head, size_t hlen, const u
     struct fuzz_request fr = {0};
     struct node_response r;
     struct node_input in;
-    int signed_ok = 0;
+    int signed_ok = 0, replay = 0, passed;
     char epoch[24], *lines;
-    int64_t date;
+    struct wire_signed ws;
 
     fr.head = malloc(hlen + 1);
     if (!fr.head)
@@ -663,19 +677,63 @@ static void run_request(uint8_t flags, const uint8_t *head, size_t hlen, const u
     snprintf(fr.path, sizeof(fr.path), "%.*s", (int)strcspn(fr.uri, "?"), fr.uri);
 
     /* Generated headers go first: the first of a name wins. */
-    if (flags & 1) {
-        date = NOW + SKEWS[flags >> 4];
-        snprintf(fr.date, sizeof(fr.date), "%" PRId64, date);
-        wire_sign(SECRET, fr.method, fr.uri, date, body, blen, fr.auth);
-        signed_ok = date >= NOW - WIRE_MAX_SKEW && date <= NOW + WIRE_MAX_SKEW;
-        add_header(&fr, WIRE_HDR_DATE, fr.date);
-        add_header(&fr, WIRE_HDR_AUTH, fr.auth);
-    }
     if (flags & 2) {
         snprintf(epoch, sizeof(epoch), "%d", EPOCH);
         add_header(&fr, WIRE_HDR_EPOCH, epoch);
     }
+    if (flags & 1) {
+        ws = (struct wire_signed){.method = fr.method,
+                                  .node_url = cfg.nodes[0].url,
+                                  .path_query = fr.uri,
+                                  .date = now + SKEWS[flags >> 4],
+                                  .nonce = fr.nonce,
+                                  .digest = fr.digest,
+                                  .body_len = blen};
+        replay = (flags & 4) && last_nonce[0];
+        if (replay)
+            memcpy(fr.nonce, last_nonce, sizeof(fr.nonce));
+        else
+            snprintf(fr.nonce, sizeof(fr.nonce), "%032" PRIx64, ++nonce_count);
+        if (flags & 8) { /* another body: the first byte changed, or one more */
+            uint8_t *other = malloc(blen + 1);
+            if (!other)
+                abort();
+            other[0] = 0;
+            if (blen) {
+                memcpy(other, body, blen);
+                other[0] ^= 1;
+            }
+            wire_body_digest(other, blen ? blen : 1, fr.digest);
+            free(other);
+        } else {
+            wire_body_digest(body, blen, fr.digest);
+        }
+        snprintf(fr.date, sizeof(fr.date), "%" PRId64, ws.date);
+        snprintf(fr.length, sizeof(fr.length), "%zu", blen);
+        add_header(&fr, WIRE_HDR_DATE, fr.date);
+        add_header(&fr, WIRE_HDR_NONCE, fr.nonce);
+        add_header(&fr, WIRE_HDR_DIGEST, fr.digest);
+        if (blen)
+            add_header(&fr, "Content-Length", fr.length);
+    }
     parse_header_lines(&fr, lines);
+    if (flags & 1) {
+        /* The epoch is signed as the server will see it: the first one. */
+        ws.epoch = lookup_header(&fr, WIRE_HDR_EPOCH);
+        if (!ws.epoch)
+            ws.epoch = "";
+        if (wire_sign(SECRET, &ws, fr.auth) < 0)
+            FAIL("wire_sign");
+        /* The first header of a name wins, so the auth goes in front. */
+        memmove(&fr.headers[1], &fr.headers[0],
+                (fr.nheaders < MAX_HEADERS ? fr.nheaders : MAX_HEADERS - 1) *
+                    sizeof(fr.headers[0]));
+        fr.headers[0] = (struct header){WIRE_HDR_AUTH, fr.auth};
+        if (fr.nheaders < MAX_HEADERS)
+            fr.nheaders++;
+        signed_ok = ws.date >= now - WIRE_MAX_SKEW && ws.date <= now + WIRE_MAX_SKEW &&
+                    !(replay && last_recorded) && !(flags & 8);
+    }
 
     in = (struct node_input){
         .method = fr.method,
@@ -683,12 +741,17 @@ static void run_request(uint8_t flags, const uint8_t *head, size_t hlen, const u
         .path = fr.path,
         .body = blen ? body : NULL,
         .body_len = blen,
-        .now = NOW,
+        .now = now,
         .header = lookup_header,
         .query = NULL,
         .ctx = &fr,
     };
-    if (node_server_precheck(server, &in, &r)) {
+    passed = !node_server_precheck(server, &in, &r);
+    if (flags & 1) {
+        last_recorded = replay ? last_recorded || passed : passed;
+        memcpy(last_nonce, fr.nonce, sizeof(last_nonce));
+    }
+    if (!passed) {
         check_reply(&fr, &in, 0, &r);
         free(r.body);
         free(fr.head);
@@ -741,6 +804,9 @@ static void fuzz_requests(const uint8_t *p, size_t left)
     if (++inputs % KV_RESET_EVERY == 0)
         kv_open();
     shard_empty();
+    now = NOW + INPUT_SECONDS * (int64_t)inputs;
+    last_nonce[0] = '\0';
+    last_recorded = 0;
     for (int i = 0; i < MAX_REQUESTS && left; i++) {
         const uint8_t *head, *body;
         size_t hlen, blen;

@@ -10,8 +10,10 @@ import struct
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus")
 
-SIGN = 1   # flags: a valid X-Shardfs-Date and X-Shardfs-Auth
-EPOCH = 2  # flags: X-Shardfs-Epoch: 3
+SIGN = 1    # flags: signed (date, nonce, digest, length and auth)
+EPOCH = 2   # flags: X-Shardfs-Epoch: 3
+REPLAY = 4  # flags: with SIGN, the nonce of the last signed request
+BADSUM = 8  # flags: with SIGN, the digest of another body
 PUT, DEL, DEL_RANGE, ASSERT_ABSENT, ASSERT_VALUE = 1, 2, 3, 4, 5
 
 
@@ -113,9 +115,18 @@ SEEDS = {
     "unsigned": requests(
         request(EPOCH, "POST /v1/shard/0/apply", B),
         request(EPOCH, "POST /v1/shard/0/get\nX-Shardfs-Date: 1700000000\n"
+                "X-Shardfs-Nonce: 000102030405060708090a0b0c0d0e0f\n"
+                "X-Shardfs-Digest: " + "0" * 64 + "\nContent-Length: 2\n"
                 "X-Shardfs-Auth: 0000000000000000000000000000000000000000000000000000000000000000",
                 b"k1"),
         request(EPOCH | 0x90 | SIGN, "POST /v1/shard/0/get", b"k1")),
+    "replay": requests(
+        request(SIGN | EPOCH, "POST /v1/shard/0/apply", B),
+        request(SIGN | EPOCH | REPLAY, "POST /v1/shard/0/apply", B),
+        request(SIGN | EPOCH | REPLAY, "POST /v1/shard/0/get", b"k1"),
+        request(SIGN | EPOCH | BADSUM, "POST /v1/shard/0/apply", B),
+        request(SIGN | BADSUM, "GET /v1/config"),
+        request(SIGN | REPLAY, "PUT /v1/kv/a", b"x")),
     "precheck": requests(
         request(SIGN | EPOCH, "POST /v1/shard/0/apply\nContent-Length: 67112961"),
         request(SIGN | EPOCH, "POST /v1/shard/0/apply\nTransfer-Encoding: chunked", B),

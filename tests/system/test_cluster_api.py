@@ -47,19 +47,30 @@ def put(c, node, path, data):
                 input=data)[0]
 
 
-def signed(c, node, method, raw_path, body=b"", headers=None, date=None):
-    """One request signed like wire_sign() does; raw_path goes on the wire
-    as it is. Returns (status, headers dict, body)."""
+def sign_headers(c, node, method, raw_path, body=b"", date=None, nonce=None, epoch="1",
+                 for_node=None):
+    """The headers of a request signed as shard_remote.c signs it (wire.h):
+    for the URL of node for_node (default: node, where it is sent), with a
+    fresh random nonce unless one is given. Content-Length is the sender's."""
     date = int(time.time()) if date is None else date
-    msg = b"\n".join([method.encode(), raw_path.encode("latin-1"), str(date).encode(),
-                      hashlib.sha256(body).hexdigest().encode()])
+    nonce = os.urandom(16).hex() if nonce is None else nonce
+    digest = hashlib.sha256(body).hexdigest()
+    node_url = "http://127.0.0.1:%d" % c.ports[for_node or node]
+    msg = b"\n".join([b"shardfs-v2", method.encode(), node_url.encode(),
+                      raw_path.encode("latin-1"), epoch.encode(), str(date).encode(),
+                      nonce.encode(), str(len(body)).encode(), digest.encode()])
     auth = hmac.new(SECRET.encode(), msg, hashlib.sha256).hexdigest()
-    h = {"X-Shardfs-Date": str(date), "X-Shardfs-Auth": auth, "X-Shardfs-Epoch": "1"}
-    h.update(headers or {})
+    return {"X-Shardfs-Date": str(date), "X-Shardfs-Nonce": nonce, "X-Shardfs-Digest": digest,
+            "X-Shardfs-Auth": auth, "X-Shardfs-Epoch": epoch}
+
+
+def send_raw(c, node, method, raw_path, headers, body=b""):
+    """Send exactly these headers and body (with its Content-Length) to node;
+    raw_path goes on the wire as it is. Returns (status, headers dict, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", c.ports[node], timeout=20)
     try:
         conn.putrequest(method, raw_path, skip_accept_encoding=True)
-        for k, v in h.items():
+        for k, v in headers.items():
             conn.putheader(k, v)
         conn.putheader("Content-Length", str(len(body)))
         conn.endheaders(body)
@@ -67,6 +78,14 @@ def signed(c, node, method, raw_path, body=b"", headers=None, date=None):
         return r.status, dict(r.getheaders()), r.read()
     finally:
         conn.close()
+
+
+def signed(c, node, method, raw_path, body=b"", headers=None, date=None):
+    """One request signed like a node signs it, sent to node. Returns
+    (status, headers dict, body)."""
+    h = sign_headers(c, node, method, raw_path, body, date=date)
+    h.update(headers or {})
+    return send_raw(c, node, method, raw_path, h, body)
 
 
 def cli(c, *args, input=None, check=True):

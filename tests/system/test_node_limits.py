@@ -26,7 +26,7 @@ import pytest
 
 from conftest import SHARDFS_BIN, read_file, run, wait_for, write_file
 from test_cluster import cluster  # noqa: F401
-from test_cluster_api import BEARER, curl, signed, url
+from test_cluster_api import BEARER, curl, sign_headers, signed, url
 
 ATTACK_CONNECTIONS = 2000
 ATTACKER_ADDR = "127.0.0.2"
@@ -197,16 +197,13 @@ def closed_within(sock, seconds, trickle=None):
     return None
 
 
-def config_request(port, keep):
-    """A signed GET /v1/config on the open socket keep; returns the status."""
-    import hashlib
-    import hmac
-    from test_cluster import SECRET
-    date = str(int(time.time()))
-    msg = b"\n".join([b"GET", b"/v1/config", date.encode(), hashlib.sha256(b"").hexdigest().encode()])
-    auth = hmac.new(SECRET.encode(), msg, hashlib.sha256).hexdigest()
-    keep.sendall(("GET /v1/config HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Shardfs-Date: %s\r\n"
-                  "X-Shardfs-Auth: %s\r\nX-Shardfs-Epoch: 1\r\n\r\n" % (port, date, auth)).encode())
+def config_request(cluster, node, keep):
+    """A signed GET /v1/config on the open socket keep (to node); returns the
+    status."""
+    h = sign_headers(cluster, node, "GET", "/v1/config")
+    keep.sendall(("GET /v1/config HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n"
+                  % (cluster.ports[node], "".join("%s: %s\r\n" % kv for kv in h.items())))
+                 .encode())
     keep.settimeout(10)
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -234,7 +231,7 @@ def test_header_deadline_is_not_extended_by_a_trickle(cluster):
 
     def keepalive_then_trickle():
         s = socket.create_connection(("127.0.0.1", port))
-        assert config_request(port, s) == 200
+        assert config_request(cluster, "b", s) == 200
         # Idle between requests: no deadline.
         results["idle for 4 s"] = closed_within(s, 4)
         # Then a second request a byte a second: its deadline runs from its first byte.
@@ -244,10 +241,10 @@ def test_header_deadline_is_not_extended_by_a_trickle(cluster):
 
     def keepalive_idle():
         s = socket.create_connection(("127.0.0.1", port))
-        assert config_request(port, s) == 200
+        assert config_request(cluster, "b", s) == 200
         results["idle for 14 s"] = closed_within(s, HEADER_DEADLINE_S + 4)
         # ... and still serves its next request.
-        results["next request after idling"] = config_request(port, s)
+        results["next request after idling"] = config_request(cluster, "b", s)
         s.close()
 
     threads = [threading.Thread(target=f, daemon=True)

@@ -73,6 +73,7 @@
 
 #define SECRET "test-secret-0123456789"
 #define EPOCH "3"
+#define EMPTY_DIGEST_FOR_TEST "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 static char tmpdir[] = "/tmp/shardfs-test-ns-XXXXXX";
 static struct config cfg;
@@ -116,11 +117,14 @@ struct opts {
     const char *secret; /* default SECRET */
     const char *sign_method;
     const char *sign_pq;   /* sign this instead of what is sent */
-    const void *sign_body; /* sign this body instead (sign_len bytes) */
-    size_t sign_len;
+    const char *sign_url;  /* sign for this node url (default node a's) */
+    const void *sign_body; /* declare and sign this body instead (sign_len bytes): */
+    size_t sign_len;       /* its digest in X-Shardfs-Digest, its length signed */
     int64_t date_delta;   /* added to now */
     const char *date_hdr; /* literal X-Shardfs-Date ("" omits it) */
     const char *auth_hdr; /* literal X-Shardfs-Auth ("" omits it) */
+    const char *nonce;    /* this X-Shardfs-Nonce, signed ("" omits it); default a new one */
+    const char *digest_hdr; /* literal X-Shardfs-Digest, not signed ("" omits it) */
     const char *epoch;    /* default EPOCH; "" omits it */
     const char *header;   /* one more header line */
     int chunked;          /* stream the body without a Content-Length */
@@ -214,8 +218,10 @@ static long request(CURL *h, const char *method, const char *pq, const void *bod
     static const uint8_t *zeros;
     struct curl_slist *hdrs = NULL;
     struct stream st = {o->stream_len};
-    char url[4096], line[256], auth[WIRE_AUTH_LEN + 1];
+    char url[4096], line[256], auth[WIRE_AUTH_LEN + 1], nonce[WIRE_NONCE_LEN + 1];
+    char digest[WIRE_DIGEST_LEN + 1];
     int64_t date = (int64_t)time(NULL) + o->date_delta;
+    struct wire_signed ws;
 
     memset(r, 0, sizeof(*r));
     if (o->stream_len) {
@@ -230,9 +236,24 @@ static long request(CURL *h, const char *method, const char *pq, const void *bod
         body = zeros;
         len = o->stream_len;
     }
-    wire_sign(o->secret ? o->secret : SECRET, o->sign_method ? o->sign_method : method,
-              o->sign_pq ? o->sign_pq : pq, date, o->sign_body ? o->sign_body : body,
-              o->sign_body ? o->sign_len : len, auth);
+    if (wire_nonce_new(nonce) < 0)
+        exit(2);
+    wire_body_digest(o->sign_body ? o->sign_body : body, o->sign_body ? o->sign_len : len,
+                     digest);
+    /* What curl sends as Content-Length: the body's length for a POST (but
+     * none when chunked), nothing for a GET. */
+    ws = (struct wire_signed){
+        .method = o->sign_method ? o->sign_method : method,
+        .node_url = o->sign_url ? o->sign_url : base_url,
+        .path_query = o->sign_pq ? o->sign_pq : pq,
+        .epoch = o->epoch ? o->epoch : EPOCH,
+        .date = date,
+        .nonce = o->nonce ? o->nonce : nonce,
+        .digest = digest,
+        .body_len = o->sign_body ? o->sign_len : strcmp(method, "GET") == 0 || o->chunked ? 0 : len,
+    };
+    if (wire_sign(o->secret ? o->secret : SECRET, &ws, auth) < 0)
+        auth[0] = '\0';
 
     curl_easy_reset(h);
     snprintf(url, sizeof(url), "%s%s", base_url, pq);
@@ -276,6 +297,12 @@ static long request(CURL *h, const char *method, const char *pq, const void *bod
         hdrs = curl_slist_append(hdrs, line);
     snprintf(line, sizeof(line), WIRE_HDR_AUTH ": %s", o->auth_hdr ? o->auth_hdr : auth);
     if (!o->auth_hdr || o->auth_hdr[0])
+        hdrs = curl_slist_append(hdrs, line);
+    snprintf(line, sizeof(line), WIRE_HDR_NONCE ": %s", ws.nonce);
+    if (ws.nonce[0])
+        hdrs = curl_slist_append(hdrs, line);
+    snprintf(line, sizeof(line), WIRE_HDR_DIGEST ": %s", o->digest_hdr ? o->digest_hdr : digest);
+    if (!o->digest_hdr || o->digest_hdr[0])
         hdrs = curl_slist_append(hdrs, line);
     snprintf(line, sizeof(line), WIRE_HDR_EPOCH ": %s", o->epoch ? o->epoch : EPOCH);
     if (!o->epoch || o->epoch[0])
@@ -446,7 +473,7 @@ static int event_loop_paths(const struct node_request *req, struct node_response
             *rc = -EWOULDBLOCK;
             return 1;
         }
-        text = req->in->again ? "on a worker, again" : "on a worker";
+        text = "on a worker";
     } else if (strcmp(req->path, "/where") == 0) {
         text = shard_nowait_active() ? "inline" : "worker";
     } else if (strcmp(req->path, "/slow") == 0) {
@@ -1019,13 +1046,18 @@ static void test_auth(CURL *h)
     reply_free(&r);
     /* Uppercase hex is not the signature. */
     {
-        char auth[WIRE_AUTH_LEN + 1], line[128];
+        static const char nonce[] = "0123456789abcdef0123456789abcdef";
+        char auth[WIRE_AUTH_LEN + 1], digest[WIRE_DIGEST_LEN + 1];
+        struct wire_signed ws = {"POST", base_url, "/v1/shard/0/apply", EPOCH, now,
+                                 nonce,  digest,   b.len};
+
         snprintf(date, sizeof(date), "%" PRId64, now);
-        wire_sign(SECRET, "POST", "/v1/shard/0/apply", now, b.buf, b.len, auth);
+        wire_body_digest(b.buf, b.len, digest);
+        CHECK_RC(wire_sign(SECRET, &ws, auth), 0);
         for (int i = 0; i <= WIRE_AUTH_LEN; i++)
             upper[i] = (char)(auth[i] >= 'a' && auth[i] <= 'f' ? auth[i] - 32 : auth[i]);
-        snprintf(line, sizeof(line), "%s", upper);
-        REQ(h, "POST", "/v1/shard/0/apply", b.buf, b.len, &r, .date_hdr = date, .auth_hdr = line);
+        REQ(h, "POST", "/v1/shard/0/apply", b.buf, b.len, &r, .date_hdr = date, .auth_hdr = upper,
+            .nonce = nonce);
         CHECK(r.status == 401);
         reply_free(&r);
     }
@@ -1214,9 +1246,11 @@ static void test_too_large(void)
     REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = WIRE_BODY_MAX, .expect = 1);
     WANT(&r, 400, "WIRE_BODY_MAX");
     reply_free(&r);
+    /* A chunked body has no Content-Length, so its signed length is 0: read
+     * up to the cap, it is then not the body that was signed. */
     REQ(h, "POST", "/v1/shard/0/apply", NULL, 0, &r, .stream_len = WIRE_BODY_MAX, .chunked = 1,
         .expect = 1);
-    WANT(&r, 400, "WIRE_BODY_MAX chunked");
+    WANT(&r, 401, "WIRE_BODY_MAX chunked");
     reply_free(&r);
     curl_easy_cleanup(h);
     CHECKF(now_s() - t0 < 20, "413 tests took %.1f s", now_s() - t0);
@@ -1323,7 +1357,7 @@ static void test_other_paths(CURL *h)
 /* node_server_new() and node_server_handle(): the same answers without a
  * socket (the fuzzer's way in), and a new server listens on nothing. */
 struct fixed_headers {
-    const char *date, *auth;
+    const char *date, *auth, *nonce, *digest, *length;
 };
 
 static const char *fixed_header(void *ctx, const char *name)
@@ -1334,16 +1368,43 @@ static const char *fixed_header(void *ctx, const char *name)
         return h->date;
     if (strcasecmp(name, WIRE_HDR_AUTH) == 0)
         return h->auth;
+    if (strcasecmp(name, WIRE_HDR_NONCE) == 0)
+        return h->nonce;
+    if (strcasecmp(name, WIRE_HDR_DIGEST) == 0)
+        return h->digest;
+    if (strcasecmp(name, "Content-Length") == 0)
+        return h->length;
     if (strcasecmp(name, WIRE_HDR_EPOCH) == 0)
         return EPOCH;
     return NULL;
 }
 
+/* Sign in for node a at 1700000000 with nonce, into hd (auth is hd's). */
+static void sign_input(const struct node_input *in, struct fixed_headers *hd, const char *nonce,
+                       char *auth, char *digest)
+{
+    struct wire_signed ws = {.method = in->method,
+                             .node_url = base_url,
+                             .path_query = in->uri,
+                             .epoch = EPOCH,
+                             .date = 1700000000,
+                             .nonce = nonce,
+                             .digest = digest,
+                             .body_len = in->body_len};
+
+    wire_body_digest(in->body, in->body_len, digest);
+    CHECK_RC(wire_sign(SECRET, &ws, auth), 0);
+    hd->auth = auth;
+    hd->nonce = nonce;
+    hd->digest = digest;
+}
+
 static void test_no_socket(void)
 {
     struct shard *shards[2] = {shard0, NULL};
-    struct fixed_headers hd = {.date = "1700000000"};
-    char auth[WIRE_AUTH_LEN + 1], err[256] = "";
+    struct fixed_headers hd = {.date = "1700000000", .length = "1"};
+    char auth[WIRE_AUTH_LEN + 1], digest[WIRE_DIGEST_LEN + 1], err[256] = "";
+    char n1[WIRE_NONCE_LEN + 1] = "00000000000000000000000000000001";
     struct node_server *s = NULL;
     struct node_response r = {0};
     struct node_input in = {
@@ -1363,8 +1424,9 @@ static void test_no_socket(void)
     node_server_handle(s, &in, &r);
     CHECKF(r.status == 401, "unsigned: %d", r.status);
     free(r.body);
-    wire_sign(SECRET, in.method, in.uri, 1700000000, in.body, in.body_len, auth);
-    hd.auth = auth;
+    CHECK(node_server_precheck(s, &in, &r) == 1 && r.status == 401);
+    free(r.body);
+    sign_input(&in, &hd, n1, auth, digest);
     node_server_handle(s, &in, &r);
     CHECKF(r.status == 307 && strncmp(r.location, url_b, strlen(url_b)) == 0 &&
                strcmp(r.location + strlen(url_b), in.uri) == 0,
@@ -1375,6 +1437,56 @@ static void test_no_socket(void)
     node_server_handle(s, &in, &r);
     CHECKF(r.status == 401, "stale: %d", r.status);
     free(r.body);
+    CHECK(node_server_precheck(s, &in, &r) == 1 && r.status == 401);
+    free(r.body);
+    /* precheck remembers the nonce: once it passes, never again; handle
+     * alone does not look (it comes after precheck). */
+    in.now = 1700000000;
+    CHECK(node_server_precheck(s, &in, &r) == 0 && r.status == 0 && !r.body);
+    CHECK(node_server_precheck(s, &in, &r) == 1 && r.status == 401);
+    CHECKF(r.body && strstr((const char *)r.body, "replay"), "%.*s", (int)r.len, r.body);
+    free(r.body);
+    node_server_handle(s, &in, &r);
+    CHECK(r.status == 307);
+    free(r.body);
+    /* The body is checked against the signed digest and length: by hashing
+     * it, or by the digest the caller made as it streamed in. */
+    in.body = (const uint8_t *)"j";
+    node_server_handle(s, &in, &r);
+    CHECKF(r.status == 401 && r.body && strstr((const char *)r.body, "not the one signed"),
+           "another body: %d", r.status);
+    free(r.body);
+    in.body_digest = digest;
+    node_server_handle(s, &in, &r);
+    CHECK(r.status == 307);
+    free(r.body);
+    in.body_digest = EMPTY_DIGEST_FOR_TEST;
+    node_server_handle(s, &in, &r);
+    CHECK(r.status == 401);
+    free(r.body);
+    in.body_digest = NULL;
+    in.body = (const uint8_t *)"kk";
+    in.body_len = 2; /* Content-Length still says 1 */
+    node_server_handle(s, &in, &r);
+    CHECK(r.status == 401);
+    free(r.body);
+    in.body = (const uint8_t *)"k";
+    in.body_len = 1;
+    /* Signed for node b's url: refused by a, from the headers. */
+    {
+        struct wire_signed ws = {in.method, url_b, in.uri, EPOCH, 1700000000,
+                                 "00000000000000000000000000000002", digest, 1};
+        char ab[WIRE_AUTH_LEN + 1];
+
+        CHECK_RC(wire_sign(SECRET, &ws, ab), 0);
+        hd.auth = ab;
+        hd.nonce = ws.nonce;
+        CHECK(node_server_precheck(s, &in, &r) == 1 && r.status == 401);
+        free(r.body);
+        node_server_handle(s, &in, &r);
+        CHECK(r.status == 401);
+        free(r.body);
+    }
     /* Regression (found by the fuzz target's header check): a signed target
      * with a control character came back verbatim in the 307's Location (CR
      * made libmicrohttpd refuse the header; \x01, tab and DEL went out). curl
@@ -1384,24 +1496,18 @@ static void test_no_socket(void)
             "/v1/shard/1/get?a=\r", "/v1/shard/1/get?a=\x01", "/v1/shard/1/get?a=\t",
             "/v1/shard/1/get?a=\x7f", "/v1/shard/1/get?a= ", "/v1/kv/a\x02",
         };
-        char a2[WIRE_AUTH_LEN + 1];
         struct node_input bad = in;
 
-        bad.now = 1700000000;
-        hd.auth = a2;
         for (size_t i = 0; i < sizeof(targets) / sizeof(targets[0]); i++) {
             bad.uri = targets[i];
-            wire_sign(SECRET, bad.method, bad.uri, 1700000000, bad.body, bad.body_len, a2);
+            snprintf(n1, sizeof(n1), "%032zx", i + 100);
+            sign_input(&bad, &hd, n1, auth, digest);
             node_server_handle(s, &bad, &r);
             CHECKF(r.status == 400 && !r.location[0], "target %zu: %d '%s'", i, r.status,
                    r.location);
             free(r.body);
         }
-        hd.auth = auth;
     }
-    /* precheck: a small body with a Content-Length is never refused early */
-    in.now = 1700000000;
-    CHECK(node_server_precheck(s, &in, &r) == 0 && r.status == 0);
     node_server_stop(s);
 }
 
@@ -1621,8 +1727,8 @@ static void test_dispatch(CURL *h)
 
     /* GET is tried inline; refused there, it is done again on a worker. */
     REQ(h, "GET", "/wouldblock", NULL, 0, &r, 0);
-    CHECKF(r.status == 200 && r.len == 18 && memcmp(r.body, "on a worker, again", 18) == 0,
-           "%ld %.*s", r.status, (int)r.len, r.body ? (const char *)r.body : "");
+    CHECKF(r.status == 200 && r.len == 11 && memcmp(r.body, "on a worker", 11) == 0, "%ld %.*s",
+           r.status, (int)r.len, r.body ? (const char *)r.body : "");
     CHECK(handler_calls == calls + 2 && refusals == refused + 1);
     reply_free(&r);
     REQ(h, "POST", "/wouldblock", "x", 1, &r, 0);

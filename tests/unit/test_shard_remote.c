@@ -4,7 +4,9 @@
  *  - a fake node inside this test: a thread with a listening socket on
  *    127.0.0.1:0 and one thread per connection, speaking just enough
  *    HTTP/1.1 (request line, headers, Content-Length bodies, keep-alive). It
- *    checks every signature with wire_verify(), serves two in-memory sorted
+ *    checks every signature with wire_verify() (signed for its own URL, the
+ *    body's digest as declared), counts nonces of answered requests seen
+ *    again, serves two in-memory sorted
  *    maps with the wire.h semantics (get/scan/apply/sync/stat, 409 with
  *    X-Shardfs-Errno, 307 for shards it does not own or older epochs), and
  *    can be told to misbehave: delay or never answer, 503 N times, close the
@@ -33,7 +35,8 @@
  * oversized get reply is -EIO and the handle stays usable; a 20 MiB value
  * read in WIRE_GET_MAX pieces; every 511-byte successor case with one record
  * per page; 200 sequential gets over one TCP connection; no request carries
- * "Expect: 100-continue" or a bad signature.
+ * "Expect: 100-continue" or a bad signature, and no answered request's
+ * nonce comes again (every attempt, and every redirect, is signed anew).
  * Exits non-zero on any failed check.
  */
 #include <arpa/inet.h>
@@ -274,6 +277,7 @@ static int kv_apply(struct kvmap *m, const uint8_t *buf, size_t len)
 /* ---- the fake node ---- */
 
 #define FAKE_MAX_CONNS 64
+#define FAKE_NONCES (1u << 18) /* more than the requests of all fake tests */
 
 struct fake {
     int lfd;
@@ -290,6 +294,8 @@ struct fake {
     uint64_t epoch; /* requests with an older epoch get 307 */
     char secret[64];
     unsigned accepts, requests, ops[WIRE_OP_GETV + 1], auth_failures, expect_seen, bad_requests;
+    unsigned nonce_repeats; /* requests whose nonce an earlier one carried */
+    uint8_t (*nonces)[WIRE_NONCE_BYTES]; /* FAKE_NONCES slots, all zero = free */
     uint64_t last_epoch;  /* X-Shardfs-Epoch of the last request */
     int delay_ms;         /* before each shard reply; -1: never reply */
     int fail503;          /* this many shard requests get 503 */
@@ -309,7 +315,7 @@ struct fake {
 struct http_req {
     char method[16];
     char target[WIRE_PATH_MAX + 256];
-    char epoch[32], date[32], auth[128];
+    char epoch[32], date[32], auth[128], nonce[64], digest[128];
     int has_epoch, has_date, has_auth;
     const uint8_t *body;
     size_t body_len;
@@ -473,6 +479,31 @@ static void fake_scan(struct fake *f, unsigned shard, const char *query, const s
         reply_hdr(rp, "%s: 1\r\n", WIRE_HDR_MORE);
 }
 
+/* Count a nonce we saw before. */
+static void fake_nonce_seen(struct fake *f, const char *hex)
+{
+    uint8_t n[WIRE_NONCE_BYTES];
+    uint32_t i;
+
+    if (!wire_hex_decode(hex, WIRE_NONCE_LEN, n))
+        return;
+    memcpy(&i, n, sizeof(i));
+    pthread_mutex_lock(&f->lock);
+    for (i &= FAKE_NONCES - 1;; i = (i + 1) & (FAKE_NONCES - 1)) {
+        static const uint8_t zero[WIRE_NONCE_BYTES];
+
+        if (memcmp(f->nonces[i], n, sizeof(n)) == 0) {
+            f->nonce_repeats++;
+            break;
+        }
+        if (memcmp(f->nonces[i], zero, sizeof(zero)) == 0) {
+            memcpy(f->nonces[i], n, sizeof(n));
+            break;
+        }
+    }
+    pthread_mutex_unlock(&f->lock);
+}
+
 /* Decide what to do with one request; fills rp for ACT_REPLY. */
 static enum fake_action fake_handle(struct fake *f, const struct http_req *rq,
                                     struct http_reply *rp)
@@ -496,9 +527,19 @@ static enum fake_action fake_handle(struct fake *f, const struct http_req *rq,
     pthread_mutex_unlock(&f->lock);
 
     rp->status = 500;
-    if (!rq->has_date || !rq->has_auth ||
-        wire_verify(secret, rq->method, rq->target, date, (int64_t)time(NULL), rq->body,
-                    rq->body_len, rq->auth) != 0) {
+    /* Signed for us, over the body that came. */
+    char digest[WIRE_DIGEST_LEN + 1];
+    struct wire_signed ws = {.method = rq->method,
+                             .node_url = f->url,
+                             .path_query = rq->target,
+                             .epoch = rq->has_epoch ? rq->epoch : "",
+                             .date = date,
+                             .nonce = rq->nonce,
+                             .digest = rq->digest,
+                             .body_len = rq->body_len};
+    wire_body_digest(rq->body, rq->body_len, digest);
+    if (!rq->has_date || !rq->has_auth || wire_verify(secret, &ws, (int64_t)time(NULL), rq->auth) ||
+        strcmp(digest, rq->digest) != 0) {
         pthread_mutex_lock(&f->lock);
         f->auth_failures++;
         pthread_mutex_unlock(&f->lock);
@@ -688,6 +729,10 @@ static int parse_head(struct fake *f, char *head, struct http_req *rq, size_t *c
             rq->has_date = snprintf(rq->date, sizeof(rq->date), "%s", v) > 0;
         else if (IS(WIRE_HDR_AUTH))
             rq->has_auth = snprintf(rq->auth, sizeof(rq->auth), "%s", v) > 0;
+        else if (IS(WIRE_HDR_NONCE))
+            snprintf(rq->nonce, sizeof(rq->nonce), "%s", v);
+        else if (IS(WIRE_HDR_DIGEST))
+            snprintf(rq->digest, sizeof(rq->digest), "%s", v);
         else if (IS("Expect") && *v) {
             pthread_mutex_lock(&f->lock);
             f->expect_seen++;
@@ -753,6 +798,11 @@ static void *fake_conn(void *p)
 
         struct http_reply rp = {0};
         enum fake_action act = fake_handle(f, &rq, &rp);
+        /* A request answered must never come again; one dropped unanswered
+         * may (curl resends it by itself on a reused connection, as a node
+         * that never read it would want). */
+        if (act == ACT_REPLY)
+            fake_nonce_seen(f, rq.nonce);
         if (act == ACT_DROP) {
             free(rp.body);
             goto out;
@@ -876,6 +926,9 @@ static void fake_start(struct fake *f, unsigned owned)
     snprintf(f->secret, sizeof(f->secret), "%s", SECRET);
     f->owned = owned;
     f->epoch = EPOCH;
+    f->nonces = calloc(FAKE_NONCES, sizeof(*f->nonces));
+    if (!f->nonces)
+        exit(2);
     for (int i = 0; i < FAKE_MAX_CONNS; i++)
         f->fds[i] = -1;
     pthread_mutex_init(&f->lock, NULL);
@@ -902,6 +955,7 @@ static void fake_stop(struct fake *f)
     pthread_mutex_unlock(&f->lock);
     kv_clear(&f->map[0]);
     kv_clear(&f->map[1]);
+    free(f->nonces);
     pthread_mutex_destroy(&f->lock);
     pthread_cond_destroy(&f->cond);
 }
@@ -1969,6 +2023,8 @@ static void run_fake(void)
     unsigned auth = FAKE_GET(&fa, auth_failures) + FAKE_GET(&fb, auth_failures);
     CHECKF(auth == 2, "%u bad signatures (want the 2 of the wrong secret)", auth);
     CHECK(FAKE_GET(&fa, expect_seen) + FAKE_GET(&fb, expect_seen) == 0);
+    CHECKF(FAKE_GET(&fa, nonce_repeats) + FAKE_GET(&fb, nonce_repeats) == 0, "%u repeated nonces",
+           FAKE_GET(&fa, nonce_repeats) + FAKE_GET(&fb, nonce_repeats));
     CHECK(FAKE_GET(&fa, bad_requests) + FAKE_GET(&fb, bad_requests) == 0);
     fake_stop(&fa);
     fake_stop(&fb);

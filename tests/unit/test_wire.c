@@ -4,11 +4,18 @@
  *    wire_parse_shard_path() (leading zeros, overflow past UINT_MAX, trailing
  *    slash, query, unknown op, not a shard path at all), and
  *    wire_shard_path() round trips, buffer-size edges and a bad op;
- *  - signatures: pinned vectors (computed once with Python's hmac module, an
- *    independent implementation), lowercase hex, and wire_verify() failing
- *    for a wrong secret, method, path, query, body, date, a truncated,
- *    uppercased or missing auth, an empty secret; the skew window just
+ *  - signatures: pinned vectors (computed with Python's hmac and hashlib, an
+ *    independent implementation; the script is in test_sign_vectors), the
+ *    node URL's trailing "/" not signed, lowercase hex, and wire_verify()
+ *    failing for a wrong secret and for every signed field changed (method,
+ *    node URL, path, query, epoch, date, nonce, body length and digest), a
+ *    truncated, uppercased or missing auth, a nonce or digest not exactly
+ *    lowercase hex of its length, an empty secret; the skew window just
  *    inside and just outside on both sides, and at the int64 extremes;
+ *  - nonces: 32 lowercase hex digits, 10,000 of them all different;
+ *    wire_hex_decode() of good and bad spellings;
+ *  - body digests: known SHA-256 values, and streamed in pieces of every
+ *    size equal to the one-shot digest;
  *  - scan requests: encode/decode round trips (with and without an end key,
  *    empty keys, binary keys), every truncation of a valid encoding and a
  *    trailing byte give -EINVAL, as do lengths that point past the buffer;
@@ -24,6 +31,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <openssl/evp.h>
 
 #include "endian.h"
 #include "wire.h"
@@ -127,59 +136,211 @@ static void test_format_paths(void)
 /* ---- signatures ---- */
 
 #define SECRET "0123456789abcdef-secret"
+#define N1 "000102030405060708090a0b0c0d0e0f"
+#define HELLO_SHA256 "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+#define EMPTY_SHA256 "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+#define ALL256_SHA256 "40aff2e9d2d8922e47afd4648e6967497158785fbd1da870e7110266bf944880"
+
+/* The request of most checks below: a get of 5 bytes' key "hello". */
+static struct wire_signed hello(void)
+{
+    return (struct wire_signed){.method = "POST",
+                                .node_url = "http://127.0.0.1:7071",
+                                .path_query = "/v1/shard/3/get?off=0&len=10",
+                                .epoch = "3",
+                                .date = 1700000000,
+                                .nonce = N1,
+                                .digest = HELLO_SHA256,
+                                .body_len = 5};
+}
+
+static void sign_is(const char *secret, const struct wire_signed *ws, const char *want,
+                    const char *file, int line)
+{
+    char out[WIRE_AUTH_LEN + 1];
+    int rc = wire_sign(secret, ws, out);
+
+    check(rc == 0 && strcmp(out, want) == 0, file, line, "wire_sign", "rc %d, got %s", rc, out);
+}
+#define SIGN_IS(secret, ws, want) sign_is((secret), (ws), (want), __FILE__, __LINE__)
 
 static void test_sign_vectors(void)
 {
     static uint8_t all[256];
-    char out[WIRE_AUTH_LEN + 1];
+    char digest[WIRE_DIGEST_LEN + 1], out[WIRE_AUTH_LEN + 1];
+    struct wire_signed ws = hello();
 
     for (int i = 0; i < 256; i++)
         all[i] = (uint8_t)i;
-    /* Pinned with Python: hmac.new(secret, method + "\n" + path_query + "\n"
-     * + str(date) + "\n" + sha256(body).hexdigest(), sha256).hexdigest() */
-    wire_sign(SECRET, "POST", "/v1/shard/3/get?off=0&len=10", 1700000000, "hello", 5, out);
-    CHECKF(strcmp(out, "cf8d07759f87b3c08483649217800c5da5db42cf8d402092943ba500e39eba53") == 0,
-           "got %s", out);
-    wire_sign(SECRET, "GET", "/v1/config", 1700000000, NULL, 0, out);
-    CHECKF(strcmp(out, "02e84163975ab580d5f3cc6987729c73d417ab650c948f9f2aec125805bc0af2") == 0,
-           "got %s", out);
-    wire_sign(SECRET, "POST", "/v1/shard/0/apply", -5, all, sizeof(all), out);
-    CHECKF(strcmp(out, "1b28e29b951bd36ccef54e8d933ce9f0c53eefadfe76ebe3ae2d2ee88d2b0d6e") == 0,
-           "got %s", out);
-    wire_sign("", "GET", "/", 0, "", 0, out);
-    CHECKF(strcmp(out, "f564b06be0316dc69d825c5d225faea826049a3182121c257e2e2e8f6ffc5362") == 0,
-           "got %s", out);
+    /* Pinned with /usr/bin/python3:
+     *   def sign(secret, method, url, pq, epoch, date, nonce, body):
+     *       url = url[:-1] if url.endswith("/") else url
+     *       msg = "\n".join(["shardfs-v2", method, url, pq, epoch, str(date), nonce,
+     *                        str(len(body)), hashlib.sha256(body).hexdigest()])
+     *       return hmac.new(secret.encode(), msg.encode("latin-1"),
+     *                       hashlib.sha256).hexdigest()
+     * with the arguments of each call below. */
+    SIGN_IS(SECRET, &ws, "875865ae0c60e6a4ca48f2a77bf8c9e8915d1228e91068c27d5467e329322e17");
+    ws.node_url = "http://127.0.0.1:7071/"; /* the config's "/" is not signed */
+    SIGN_IS(SECRET, &ws, "875865ae0c60e6a4ca48f2a77bf8c9e8915d1228e91068c27d5467e329322e17");
+    ws = (struct wire_signed){.method = "GET",
+                              .node_url = "http://[::1]:80",
+                              .path_query = "/v1/config",
+                              .epoch = "",
+                              .date = 1700000000,
+                              .nonce = "ffffffffffffffffffffffffffffffff",
+                              .digest = EMPTY_SHA256,
+                              .body_len = 0};
+    SIGN_IS(SECRET, &ws, "a28030510aa28778cd3c125e432cbc9bb6930d59f8bdd8ee5dea25061776090b");
+    wire_body_digest(all, sizeof(all), digest);
+    CHECKF(strcmp(digest, ALL256_SHA256) == 0, "got %s", digest);
+    ws = (struct wire_signed){.method = "POST",
+                              .node_url = "https://node-b.example:7443",
+                              .path_query = "/v1/shard/0/apply",
+                              .epoch = "18446744073709551615",
+                              .date = -5,
+                              .nonce = "0123456789abcdef0123456789abcdef",
+                              .digest = digest,
+                              .body_len = sizeof(all)};
+    SIGN_IS(SECRET, &ws, "310fa8b0832221246854d0a4b45ec4b5bde2f99c062810e92c874762697bef9f");
+    ws = (struct wire_signed){.method = "DELETE",
+                              .node_url = "http://h:1",
+                              .path_query = "/v1/kv/a%20b?x=1",
+                              .epoch = "1",
+                              .date = 0,
+                              .nonce = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                              .digest = EMPTY_SHA256,
+                              .body_len = 0};
+    SIGN_IS("", &ws, "6ef0cd71546ac9f79d855fc3e692c518214a37cceb32a00889872ad65e1594f1");
+    /* Key API paths longer than wire.c's text buffer (1 KiB). */
+    {
+        static char pq[4100];
+        int n = snprintf(pq, sizeof(pq), "/v1/kv/");
+
+        for (int i = 0; i < 1000; i++)
+            n += snprintf(pq + n, sizeof(pq) - (size_t)n, "%%41b");
+        ws = (struct wire_signed){.method = "PUT",
+                                  .node_url = "http://127.0.0.1:7071",
+                                  .path_query = pq,
+                                  .epoch = "7",
+                                  .date = 1700000000,
+                                  .nonce = "0123456789abcdef0123456789abcdef",
+                                  .digest = HELLO_SHA256,
+                                  .body_len = 5};
+        SIGN_IS(SECRET, &ws, "aaca9c2914288f74d36aa79a8953c3caf9d1f8e10bc17b75d93b26098c708f18");
+        memset(pq + 7, 'x', 1006);
+        pq[7 + 1006] = '\0';
+        SIGN_IS(SECRET, &ws, "f49fb54516e8eb6886df1f271b2aa6f3d2641bfca5f35c0aa4966fe277ae5e82");
+    }
+    ws = hello();
+    CHECK_RC(wire_sign(SECRET, &ws, out), 0);
     CHECK(strlen(out) == WIRE_AUTH_LEN);
     CHECK(strspn(out, "0123456789abcdef") == WIRE_AUTH_LEN);
+    /* A missing field signs nothing: "" comes out. */
+    ws.nonce = NULL;
+    CHECK_RC(wire_sign(SECRET, &ws, out), -EIO);
+    CHECK(out[0] == '\0');
+    ws = hello();
+    ws.epoch = NULL;
+    CHECK_RC(wire_sign(SECRET, &ws, out), -EIO);
+    CHECK_RC(wire_sign(NULL, &ws, out), -EIO);
+}
+
+/* wire_sign() against OpenSSL's one-shot HMAC of the whole text, built here
+ * by hand, for every path length around wire.c's 1 KiB text buffer and
+ * beyond (the buffer's edges are where a field goes in by itself). */
+static void test_sign_long_paths(void)
+{
+    static char pq[3200], text[4096];
+    char out[WIRE_AUTH_LEN + 1], want[WIRE_AUTH_LEN + 1];
+    unsigned char mac[32];
+    size_t mlen = 0;
+    int bad = 0;
+
+    for (size_t len = 1; len < sizeof(pq) - 1; len += len < 900 ? 97 : len < 1100 ? 1 : 31) {
+        struct wire_signed ws = hello();
+        int n;
+
+        memset(pq, 'p', len);
+        pq[0] = '/';
+        pq[len] = '\0';
+        ws.path_query = pq;
+        n = snprintf(text, sizeof(text), "shardfs-v2\nPOST\nhttp://127.0.0.1:7071\n%s\n3\n"
+                     "1700000000\n" N1 "\n5\n" HELLO_SHA256, pq);
+        if (!EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, SECRET, strlen(SECRET),
+                       (const unsigned char *)text, (size_t)n, mac, sizeof(mac), &mlen) ||
+            mlen != 32) {
+            CHECK(!"EVP_Q_mac");
+            return;
+        }
+        for (int i = 0; i < 32; i++)
+            snprintf(want + 2 * i, 3, "%02x", mac[i]);
+        if ((wire_sign(SECRET, &ws, out) != 0 || strcmp(out, want) != 0) && bad++ < 5)
+            CHECKF(0, "path of %zu bytes: got %s, want %s", len, out, want);
+    }
+    CHECK(bad == 0);
 }
 
 static void test_verify(void)
 {
     const int64_t now = 1700000000;
-    const char *pq = "/v1/shard/3/get?off=0&len=10";
+    const struct wire_signed good = hello();
+    struct wire_signed ws = good;
     char auth[WIRE_AUTH_LEN + 1], other[WIRE_AUTH_LEN + 1], upper[WIRE_AUTH_LEN + 1];
 
-    wire_sign(SECRET, "POST", pq, now, "hello", 5, auth);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, auth), 0);
+    CHECK_RC(wire_sign(SECRET, &good, auth), 0);
+    CHECK_RC(wire_verify(SECRET, &good, now, auth), 0);
 
     /* Anything signed differs. */
-    CHECK_RC(wire_verify(SECRET "x", "POST", pq, now, now, "hello", 5, auth), -EACCES);
-    CHECK_RC(wire_verify("0123456789abcdef-secreT", "POST", pq, now, now, "hello", 5, auth),
-             -EACCES);
-    CHECK_RC(wire_verify(SECRET, "GET", pq, now, now, "hello", 5, auth), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "post", pq, now, now, "hello", 5, auth), -EACCES);
-    CHECK_RC(
-        wire_verify(SECRET, "POST", "/v1/shard/4/get?off=0&len=10", now, now, "hello", 5, auth),
-        -EACCES);
-    CHECK_RC(
-        wire_verify(SECRET, "POST", "/v1/shard/3/get?off=0&len=11", now, now, "hello", 5, auth),
-        -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", "/v1/shard/3/get", now, now, "hello", 5, auth), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hellp", 5, auth), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 4, auth), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "", 0, auth), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now + 1, now, "hello", 5, auth), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now - 1, now, "hello", 5, auth), -EACCES);
+#define CHANGED(field, value)                                                                      \
+    do {                                                                                           \
+        ws = good;                                                                                 \
+        ws.field = (value);                                                                        \
+        CHECKF(wire_verify(SECRET, &ws, now, auth) == -EACCES, "%s = %s", #field, #value);         \
+    } while (0)
+    CHANGED(method, "GET");
+    CHANGED(method, "post");
+    CHANGED(node_url, "http://127.0.0.1:7072");
+    CHANGED(node_url, "http://localhost:7071");
+    CHANGED(node_url, "https://127.0.0.1:7071");
+    CHANGED(node_url, "http://127.0.0.1:7071//");
+    CHANGED(node_url, "");
+    CHANGED(path_query, "/v1/shard/4/get?off=0&len=10");
+    CHANGED(path_query, "/v1/shard/3/get?off=0&len=11");
+    CHANGED(path_query, "/v1/shard/3/get?len=10&off=0");
+    CHANGED(path_query, "/v1/shard/3/get");
+    CHANGED(epoch, "4");
+    CHANGED(epoch, "03");
+    CHANGED(epoch, "");
+    CHANGED(date, now + 1);
+    CHANGED(date, now - 1);
+    CHANGED(nonce, "000102030405060708090a0b0c0d0e0e");
+    CHANGED(nonce, "100102030405060708090a0b0c0d0e0f");
+    CHANGED(digest, EMPTY_SHA256);
+    CHANGED(body_len, 4);
+    CHANGED(body_len, 6);
+    CHANGED(body_len, 5 + (1ull << 32));
+    /* Nonces and digests in one spelling only: lowercase hex, exact length. */
+    CHANGED(nonce, "000102030405060708090A0B0C0D0E0F");
+    CHANGED(nonce, "000102030405060708090a0b0c0d0e0");
+    CHANGED(nonce, "000102030405060708090a0b0c0d0e0f0");
+    CHANGED(nonce, "000102030405060708090a0b0c0d0e0g");
+    CHANGED(nonce, "");
+    CHANGED(digest, "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824");
+    CHANGED(digest, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b982");
+    CHANGED(digest, "");
+#undef CHANGED
+    /* ... even when the signature is over the bad spelling itself. */
+    ws = good;
+    ws.nonce = "000102030405060708090A0B0C0D0E0F";
+    CHECK_RC(wire_sign(SECRET, &ws, other), 0);
+    CHECK_RC(wire_verify(SECRET, &ws, now, other), -EACCES);
+    ws = good;
+    ws.digest = "x";
+    CHECK_RC(wire_sign(SECRET, &ws, other), 0);
+    CHECK_RC(wire_verify(SECRET, &ws, now, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET "x", &good, now, auth), -EACCES);
+    CHECK_RC(wire_verify("0123456789abcdef-secreT", &good, now, auth), -EACCES);
 
     /* The auth string itself. */
     memcpy(upper, auth, sizeof(upper));
@@ -187,45 +348,106 @@ static void test_verify(void)
         if (upper[i] >= 'a' && upper[i] <= 'f')
             upper[i] = (char)(upper[i] - 'a' + 'A');
     if (strcmp(upper, auth) != 0)
-        CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, upper), -EACCES);
+        CHECK_RC(wire_verify(SECRET, &good, now, upper), -EACCES);
     memcpy(other, auth, sizeof(other));
     other[WIRE_AUTH_LEN - 1] = other[WIRE_AUTH_LEN - 1] == '0' ? '1' : '0';
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now, other), -EACCES);
     memcpy(other, auth, sizeof(other));
     other[0] = other[0] == '0' ? '1' : '0';
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now, other), -EACCES);
     memcpy(other, auth, sizeof(other));
     other[WIRE_AUTH_LEN - 1] = '\0';
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, other), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, ""), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, NULL), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now, ""), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now, NULL), -EACCES);
     {
         char longer[WIRE_AUTH_LEN + 2];
         memcpy(longer, auth, WIRE_AUTH_LEN);
         longer[WIRE_AUTH_LEN] = '0';
         longer[WIRE_AUTH_LEN + 1] = '\0';
-        CHECK_RC(wire_verify(SECRET, "POST", pq, now, now, "hello", 5, longer), -EACCES);
+        CHECK_RC(wire_verify(SECRET, &good, now, longer), -EACCES);
     }
     /* No secret never verifies, not even its own signature. */
-    wire_sign("", "POST", pq, now, "hello", 5, other);
-    CHECK_RC(wire_verify("", "POST", pq, now, now, "hello", 5, other), -EACCES);
-    CHECK_RC(wire_verify(NULL, "POST", pq, now, now, "hello", 5, auth), -EACCES);
+    CHECK_RC(wire_sign("", &good, other), 0);
+    CHECK_RC(wire_verify("", &good, now, other), -EACCES);
+    CHECK_RC(wire_verify(NULL, &good, now, auth), -EACCES);
 
     /* The skew window: WIRE_MAX_SKEW either way is in, one more is out. */
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now + WIRE_MAX_SKEW, "hello", 5, auth), 0);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now - WIRE_MAX_SKEW, "hello", 5, auth), 0);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now + WIRE_MAX_SKEW + 1, "hello", 5, auth),
-             -EACCES);
-    CHECK_RC(wire_verify(SECRET, "POST", pq, now, now - WIRE_MAX_SKEW - 1, "hello", 5, auth),
-             -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now + WIRE_MAX_SKEW, auth), 0);
+    CHECK_RC(wire_verify(SECRET, &good, now - WIRE_MAX_SKEW, auth), 0);
+    CHECK_RC(wire_verify(SECRET, &good, now + WIRE_MAX_SKEW + 1, auth), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &good, now - WIRE_MAX_SKEW - 1, auth), -EACCES);
     /* Extreme dates do not overflow into "close enough". */
-    wire_sign(SECRET, "GET", "/", INT64_MIN, NULL, 0, other);
-    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MIN, INT64_MAX, NULL, 0, other), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MIN, INT64_MIN + 5, NULL, 0, other), 0);
-    wire_sign(SECRET, "GET", "/", INT64_MAX, NULL, 0, other);
-    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MAX, INT64_MIN, NULL, 0, other), -EACCES);
-    CHECK_RC(wire_verify(SECRET, "GET", "/", INT64_MAX, INT64_MAX - WIRE_MAX_SKEW, NULL, 0, other),
-             0);
+    ws = good;
+    ws.date = INT64_MIN;
+    CHECK_RC(wire_sign(SECRET, &ws, other), 0);
+    CHECK_RC(wire_verify(SECRET, &ws, INT64_MAX, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &ws, INT64_MIN + 5, other), 0);
+    ws.date = INT64_MAX;
+    CHECK_RC(wire_sign(SECRET, &ws, other), 0);
+    CHECK_RC(wire_verify(SECRET, &ws, INT64_MIN, other), -EACCES);
+    CHECK_RC(wire_verify(SECRET, &ws, INT64_MAX - WIRE_MAX_SKEW, other), 0);
+}
+
+static int cmp_nonce(const void *a, const void *b)
+{
+    return memcmp(a, b, WIRE_NONCE_LEN + 1);
+}
+
+static void test_nonces(void)
+{
+    enum { N = 10000 };
+    static char n[N][WIRE_NONCE_LEN + 1];
+    uint8_t b[WIRE_NONCE_BYTES];
+    int dups = 0;
+
+    for (int i = 0; i < N; i++) {
+        CHECK_RC(wire_nonce_new(n[i]), 0);
+        CHECKF(strlen(n[i]) == WIRE_NONCE_LEN && wire_hex_decode(n[i], WIRE_NONCE_LEN, NULL),
+               "'%s'", n[i]);
+    }
+    qsort(n, N, sizeof(n[0]), cmp_nonce);
+    for (int i = 1; i < N; i++)
+        dups += strcmp(n[i - 1], n[i]) == 0;
+    CHECKF(dups == 0, "%d repeated nonces", dups);
+
+    CHECK(wire_hex_decode(N1, WIRE_NONCE_LEN, b) == 1);
+    for (int i = 0; i < WIRE_NONCE_BYTES; i++)
+        CHECKF(b[i] == i, "byte %d: %02x", i, b[i]);
+    CHECK(wire_hex_decode("ff00aB", 6, NULL) == 0);
+    CHECK(wire_hex_decode("ff00ab", 6, b) == 1 && b[0] == 0xff && b[1] == 0 && b[2] == 0xab);
+    CHECK(wire_hex_decode("ff00ab", 4, NULL) == 0); /* longer than said */
+    CHECK(wire_hex_decode("ff0", 4, NULL) == 0);    /* shorter */
+    CHECK(wire_hex_decode(" ff0", 4, NULL) == 0);
+    CHECK(wire_hex_decode("", 0, NULL) == 1);
+    CHECK(wire_hex_decode(NULL, 0, NULL) == 0);
+    CHECK(wire_hex_decode(NULL, 4, NULL) == 0);
+}
+
+static void test_digests(void)
+{
+    static uint8_t data[3000];
+    char one[WIRE_DIGEST_LEN + 1], streamed[WIRE_DIGEST_LEN + 1];
+
+    wire_body_digest("hello", 5, one);
+    CHECKF(strcmp(one, HELLO_SHA256) == 0, "got %s", one);
+    wire_body_digest(NULL, 0, one);
+    CHECKF(strcmp(one, EMPTY_SHA256) == 0, "got %s", one);
+    for (size_t i = 0; i < sizeof(data); i++)
+        data[i] = (uint8_t)(i * 7 + (i >> 5));
+    wire_body_digest(data, sizeof(data), one);
+    for (size_t piece = 1; piece <= sizeof(data); piece += piece < 70 ? 1 : 997) {
+        struct wire_digest *d = wire_digest_new();
+        int ok = d != NULL;
+
+        for (size_t off = 0; ok && off < sizeof(data); off += piece)
+            ok = wire_digest_update(d, data + off,
+                                    sizeof(data) - off < piece ? sizeof(data) - off : piece) == 0;
+        ok = ok && wire_digest_update(d, NULL, 0) == 0 && wire_digest_final(d, streamed) == 0;
+        CHECKF(ok && strcmp(one, streamed) == 0, "pieces of %zu: %s", piece, streamed);
+    }
+    wire_digest_free(wire_digest_new()); /* abandoned: freed */
+    wire_digest_free(NULL);
 }
 
 /* ---- scan requests ---- */
@@ -618,7 +840,10 @@ int main(void)
     test_parse_paths();
     test_format_paths();
     test_sign_vectors();
+    test_sign_long_paths();
     test_verify();
+    test_nonces();
+    test_digests();
     test_scan_request();
     test_scan_reply();
     test_getv();
