@@ -1,13 +1,62 @@
 /* node_server.c -- a node's HTTP server: this node's shards for its peers.
  *
- * libmicrohttpd runs the sockets: one listening thread and one thread per
- * connection (MHD_USE_THREAD_PER_CONNECTION), so a handler that blocks in a
- * shard (an fsync in sync, a long scan) holds up only its own connection.
+ * libmicrohttpd runs the sockets in an event loop: IO_THREADS threads, each
+ * with its own epoll set, all accepting on the one listening socket
+ * (MHD_USE_EPOLL_INTERNAL_THREAD + MHD_OPTION_THREAD_POOL_SIZE). A
+ * connection costs a socket and MHD's 32 KiB per-connection buffer, not a
+ * thread, so the server is bounded by connections and memory:
+ *  - at most conn_limit connections (CONN_LIMIT, 4096, fewer if the process
+ *    may not open that many descriptors; the soft RLIMIT_NOFILE is raised
+ *    towards its hard limit at start), each buffering at most WIRE_BODY_MAX;
+ *  - at most conn_limit / PER_IP_SHARE of them from one address, so one
+ *    client cannot take every slot (MHD closes the extra ones at once);
+ *  - a request's headers must be complete HEADER_DEADLINE_MS after its first
+ *    byte (after the accept for a new connection's first request), however
+ *    slowly they trickle in (the reaper, below). MHD's own timeout,
+ *    IDLE_TIMEOUT_S, counts from the last byte, so a byte a second would
+ *    hold a connection forever; it still closes idle keep-alive connections.
  * Keep-alive is HTTP/1.1's default and stays on unless a request is refused
  * before its body was read (then MHD closes the connection after the reply).
- * Idle connections are closed after IDLE_TIMEOUT_S; at most MAX_CONNECTIONS
- * at once, each buffering at most WIRE_BODY_MAX, and only for a request
- * that authenticated from its headers (step 2).
+ * Only a request that authenticated from its headers (step 2) gets its
+ * body buffered.
+ *
+ * DESIGN (threads)
+ *  The I/O threads must never wait: one waiting thread stalls every
+ *  connection it serves. A handler that may wait (a sync, a long scan, an
+ *  apply that commits, the key API, which reads from other nodes) runs on a
+ *  worker thread instead: the access handler suspends the connection
+ *  (MHD_suspend_connection), queues the request, and the worker fills the
+ *  reply and resumes the connection; MHD then calls the access handler
+ *  again, on an I/O thread, which queues the reply. There are two pools:
+ *  SHARD_WORKERS for shard ops, API_WORKERS for the handler (and the reads
+ *  of its streams). The key API waits for shard ops of other nodes; were
+ *  those queued behind key API requests there, two nodes busy with key API
+ *  requests would wait for each other until their timeouts. A shard op
+ *  waits for nothing remote, so its pool always drains. What is usually
+ *  cheap (a shard get, getv, stat, apply, a scan of at most SCAN_INLINE_MAX
+ *  records, and GET/HEAD of the key API) is first tried on the I/O thread in
+ *  the shards' no-waiting mode (shard.h): a local shard whose lock is free
+ *  answers at once; anything that would wait (the lock held by a commit, an
+ *  apply that must commit, another node) refuses having changed nothing,
+ *  the reply is thrown away and the request goes to a worker, where it runs
+ *  again from the start: the tried key API handlers only read, and a
+ *  refused apply changed nothing. A worker costs a request two more thread
+ *  wakeups, which on a small VM cost more than the work itself, so a
+ *  mount's shard ops run inline nearly always. The
+ *  queue needs no bound of its own: a connection has at most one request
+ *  in it, and connections are bounded.
+ *  A streamed reply (a large file) is read by the workers too, one
+ *  STREAM_BLOCK ahead of what MHD sends: MHD's content reader runs on an I/O
+ *  thread and copies from the block read ahead; when it finds none ready it
+ *  suspends the connection and returns 0, and the worker resumes it when the
+ *  block is in (returning 0 without suspending would make MHD spin).
+ *  The reaper thread enforces the header deadline: every REAPER_PERIOD_MS
+ *  it looks at each connection waiting for a request's headers, starts the
+ *  clock when the kernel's count of bytes received (TCP_INFO) moves, and
+ *  shuts down (shutdown(2); MHD then closes it) one whose clock passed the
+ *  deadline. MHD tells us of each connection (MHD_OPTION_NOTIFY_CONNECTION)
+ *  before it closes the socket, and the list is under conn_lock, so the
+ *  reaper never touches a descriptor that is already another connection's.
  *
  * DESIGN (one request)
  *  1. The URI log callback runs before MHD splits and percent-decodes the
@@ -38,7 +87,10 @@
  *     body is still coming (MHD_queue_response fails until the request is
  *     complete). The 413 goes out when the body ends; a body that goes on
  *     for DISCARD_MAX more bytes gets the connection closed instead.
- *  4. Last call (body complete), node_server_handle: the headers are
+ *  4. Last call (body complete): dispatch (DESIGN threads above) runs
+ *     node_server_handle inline, tries it inline, or hands it to a worker
+ *     (and so it may run twice for one request: harmless, it takes no
+ *     nonce). There the headers are
  *     authenticated again (the same answer, with the clock of step 2; not
  *     the nonce, which step 2 took), and the body must be the one signed,
  *     its digest and length those declared: else 401 and nothing else
@@ -58,19 +110,23 @@
  *     the errno.
  *  7. The completion callback frees the context, whatever happened.
  *
- * Threads: every callback runs on some connection's thread; the server
- * struct is read-only after start except newest_epoch and busy_logged
- * (atomic) and the nonce cache (its own lock). Signals are
- * blocked in every thread MHD creates (they inherit the mask set around
- * MHD_start_daemon), so they reach the main thread.
+ * Threads: the server struct is read-only after start except newest_epoch
+ * and busy_logged (atomic), the nonce cache (its own lock), the worker
+ * queues (their pool's lock), the connection list (conn_lock) and the log's
+ * minute (log_lock). A request context is used by one thread at a time: its
+ * I/O thread, or the worker while the connection is suspended. Signals are
+ * blocked in every thread MHD or we create (they inherit the mask set
+ * around their creation), so they reach the main thread.
  */
 #include "node_server.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <jansson.h>
+#include <linux/tcp.h> /* struct tcp_info with tcpi_bytes_received (not in glibc's) */
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -78,9 +134,11 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -93,8 +151,20 @@
 #include "nonce_cache.h"
 #include "wire.h"
 
-#define MAX_CONNECTIONS 256u
-#define IDLE_TIMEOUT_S 60u
+#define IO_THREADS_MIN 2u          /* MHD's epoll threads: one a CPU, within these */
+#define IO_THREADS_MAX 4u
+#define API_WORKERS 16u            /* threads for the handler (the key API), which may wait */
+#define SHARD_WORKERS 4u           /* threads for shard ops that may wait (disk, lock) */
+#define CONN_LIMIT 4096u           /* connections at once, if descriptors allow */
+#define CONN_LIMIT_MIN 64u
+#define FD_RESERVE 512u            /* descriptors kept free for everything else (curl, FUSE) */
+#define PER_IP_SHARE 4u            /* one address may hold conn_limit / this */
+#define IDLE_TIMEOUT_S 60u         /* MHD's: no byte for this long closes a connection */
+#define HEADER_DEADLINE_MS 10000   /* a request's headers, from its first byte */
+#define REAPER_PERIOD_MS 250
+#define INLINE_BODY_MAX (64u << 10) /* a larger apply (LMDB, the redo log) runs on a worker */
+#define SCAN_INLINE_MAX 256u       /* scans of at most this many records are tried inline */
+#define LOG_BURST 10u              /* libmicrohttpd's messages shown a minute */
 #define GET_FIRST_TRY (64u << 10) /* first buffer for a get; grown if the value is longer */
 #define BODY_FIRST_ALLOC (64u << 10)
 #define STREAM_BLOCK (256u << 10)             /* piece of a streamed reply */
@@ -104,6 +174,37 @@
 #define BUSY_LOG_S 10                         /* "cannot remember more nonces", at most this often */
 #define DISCARD_MAX ((uint64_t)WIRE_BODY_MAX) /* read past the cap before closing */
 #define TLS_FILE_MAX (1u << 20)               /* a PEM certificate chain or key */
+
+/* Work for a worker pool: run(job) on one of its threads. */
+struct job {
+    struct job *next;
+    void (*run)(struct job *job);
+};
+
+/* Threads running jobs in the order they came. */
+struct pool {
+    const char *name;              /* of its threads */
+    unsigned size;                 /* threads to start */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    struct job *head, *tail;       /* protected by lock */
+    int stopping;                  /* protected by lock */
+    pthread_t threads[API_WORKERS > SHARD_WORKERS ? API_WORKERS : SHARD_WORKERS];
+    unsigned started;
+};
+
+/* A connection, as the reaper sees it (DESIGN threads). */
+struct conn_track {
+    struct conn_track *prev, *next; /* in node_server.conns */
+    int fd;
+    _Atomic int busy;      /* a request's headers are in: no deadline */
+    _Atomic unsigned done; /* requests completed on this connection */
+    /* the reaper's own, under conn_lock: */
+    unsigned seen_done;    /* `done` when it last looked */
+    uint64_t rx_mark;      /* bytes received when the wait for headers began */
+    int64_t clock_ms;      /* when the headers' clock started; 0: not yet */
+    int shut;              /* shut down for the deadline */
+};
 
 struct node_server {
     struct MHD_Daemon *daemon;
@@ -120,6 +221,20 @@ struct node_server {
     _Atomic uint64_t newest_epoch; /* highest request epoch logged so far */
     struct nonce_cache *nonces;    /* of the signed requests accepted */
     _Atomic int64_t busy_logged;   /* when a full nonce cache was last logged */
+    unsigned conn_limit, per_ip_limit;
+    int sync_ready;                /* the locks below are initialised */
+    pthread_mutex_t log_lock;
+    int64_t log_window_ms;         /* the minute of mhd_log(), under log_lock */
+    unsigned log_shown, log_dropped;
+    /* the worker pools (DESIGN threads) */
+    struct pool api_pool, shard_pool;
+    /* the reaper */
+    pthread_mutex_t conn_lock;
+    pthread_cond_t reaper_wake;
+    struct conn_track *conns; /* protected by conn_lock */
+    int reaper_stop;          /* protected by conn_lock */
+    int reaper_started;
+    pthread_t reaper;
 };
 
 /* One request; see DESIGN steps 1-7. */
@@ -136,6 +251,12 @@ struct request {
     char body_digest[WIRE_DIGEST_LEN + 1]; /* ... in hex once complete, or "" */
     uint8_t *body;      /* NULL while empty */
     size_t len, cap;
+    /* handed to a worker (step 4): */
+    struct job job;
+    struct MHD_Connection *conn;
+    const char *url, *method; /* MHD's, valid until the request completes */
+    int answered;             /* the worker filled resp; the connection is resumed */
+    struct node_response resp;
 };
 
 /* ---- small helpers ---- */
@@ -164,10 +285,45 @@ static void log_msg(const char *fmt, ...)
     va_end(ap);
 }
 
+static int64_t mono_ms(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Start a new minute of MHD messages if the last one is over, saying how
+ * many of it were not shown; under log_lock. */
+static void mhd_log_window(struct node_server *s, int64_t now)
+{
+    if (now - s->log_window_ms < 60000)
+        return;
+    if (s->log_dropped)
+        log_msg("libmicrohttpd: %u more messages in the last minute not shown", s->log_dropped);
+    s->log_window_ms = now;
+    s->log_shown = s->log_dropped = 0;
+}
+
+/* MHD says something for every connection it refuses or that fails; under
+ * attack that is thousands of lines a second. LOG_BURST a minute are shown,
+ * the rest counted. */
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
-    (void)cls;
-    if (fmt)
+    struct node_server *s = cls;
+    int show;
+
+    if (!fmt)
+        return;
+    pthread_mutex_lock(&s->log_lock);
+    mhd_log_window(s, mono_ms());
+    show = s->log_shown < LOG_BURST;
+    if (show)
+        s->log_shown++;
+    else
+        s->log_dropped++;
+    pthread_mutex_unlock(&s->log_lock);
+    if (show)
         log_line("libmicrohttpd: ", fmt, ap);
 }
 
@@ -414,44 +570,234 @@ static int add_header(struct MHD_Response *mr, const char *name, const char *val
     return MHD_add_response_header(mr, name, value) == MHD_YES ? 0 : -EINVAL;
 }
 
-/* MHD's reader callbacks over a heap copy of the handler's node_stream. */
-static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
-{
-    struct node_stream *st = cls;
-    ssize_t n;
+/* ---- the worker pools (DESIGN threads) ---- */
 
-    if (pos >= st->len)
-        return MHD_CONTENT_READER_END_OF_STREAM;
-    n = st->read(st->ctx, pos, buf, max);
-    if (n <= 0) {
-        log_msg("a streamed reply failed at byte %" PRIu64 ": %s", pos,
-                strerror(n < 0 ? (int)-n : EIO));
-        return MHD_CONTENT_READER_END_WITH_ERROR;
-    }
-    return n;
+static void pool_init(struct pool *p, const char *name, unsigned size)
+{
+    p->name = name;
+    p->size = size;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
 }
 
+static void pool_destroy(struct pool *p)
+{
+    pthread_cond_destroy(&p->wake);
+    pthread_mutex_destroy(&p->lock);
+}
+
+/* Queue job. 0, or -ESHUTDOWN once the pool is stopping (the job is not
+ * run). */
+static int pool_submit(struct pool *p, struct job *job)
+{
+    int rc = 0;
+
+    job->next = NULL;
+    pthread_mutex_lock(&p->lock);
+    if (p->stopping) {
+        rc = -ESHUTDOWN;
+    } else {
+        if (p->tail)
+            p->tail->next = job;
+        else
+            p->head = job;
+        p->tail = job;
+        pthread_cond_signal(&p->wake);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return rc;
+}
+
+/* A worker: run jobs until the pool stops and its queue is empty. */
+static void *worker_main(void *arg)
+{
+    struct pool *p = arg;
+
+    pthread_setname_np(pthread_self(), p->name);
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        struct job *job = p->head;
+
+        if (!job) {
+            if (p->stopping)
+                break;
+            pthread_cond_wait(&p->wake, &p->lock);
+            continue;
+        }
+        p->head = job->next;
+        if (!p->head)
+            p->tail = NULL;
+        pthread_mutex_unlock(&p->lock);
+        job->run(job);
+        pthread_mutex_lock(&p->lock);
+    }
+    pthread_mutex_unlock(&p->lock);
+    return NULL;
+}
+
+/* Start the pool's threads (signals blocked by the caller). 0 or -errno. */
+static int pool_start(struct pool *p)
+{
+    for (; p->started < p->size; p->started++) {
+        int rc = pthread_create(&p->threads[p->started], NULL, worker_main, p);
+        if (rc)
+            return -rc;
+    }
+    return 0;
+}
+
+/* Let the workers finish what is queued, then join them. */
+static void pool_stop(struct pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->stopping = 1;
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    for (unsigned i = 0; i < p->started; i++)
+        pthread_join(p->threads[i], NULL);
+    p->started = 0;
+}
+
+/* ---- streamed replies (DESIGN threads) ---- */
+
+/* The handler's node_stream and the block a worker reads ahead. The reader
+ * (an I/O thread) touches buf only while no read is pending; the worker
+ * only while one is. */
+struct stream_box {
+    struct node_stream st;
+    struct node_server *srv;
+    struct MHD_Connection *conn;
+    struct job job;
+    pthread_mutex_t lock; /* guards everything below */
+    uint8_t *buf;         /* STREAM_BLOCK bytes, allocated at the first read */
+    uint64_t at;          /* stream position of buf[off] (or of the read pending) */
+    size_t off, len;      /* buf[off, off + len) is read and not yet sent */
+    int err;              /* -errno of the last read, 0 */
+    int pending;          /* a worker is reading into buf */
+    int waiting;          /* the connection is suspended until that read is in */
+    int orphaned;         /* MHD is done with the reply: the worker frees the box */
+};
+
+static void stream_box_free(struct stream_box *b)
+{
+    if (b->st.free)
+        b->st.free(b->st.ctx);
+    pthread_mutex_destroy(&b->lock);
+    free(b->buf);
+    free(b);
+}
+
+/* A worker: read the block at b->at. */
+static void stream_job(struct job *job)
+{
+    struct stream_box *b = (struct stream_box *)((char *)job - offsetof(struct stream_box, job));
+    uint64_t left = b->st.len - b->at;
+    ssize_t n = b->st.read(b->st.ctx, b->at, b->buf, left < STREAM_BLOCK ? (size_t)left : STREAM_BLOCK);
+    int waiting;
+
+    pthread_mutex_lock(&b->lock);
+    b->pending = 0;
+    b->off = 0;
+    b->len = n > 0 ? (size_t)n : 0;
+    b->err = n > 0 ? 0 : n < 0 ? (int)n : -EIO;
+    if (b->orphaned) {
+        pthread_mutex_unlock(&b->lock);
+        stream_box_free(b);
+        return;
+    }
+    waiting = b->waiting;
+    b->waiting = 0;
+    pthread_mutex_unlock(&b->lock);
+    /* Suspended, the connection (and so b) stays until it is resumed. */
+    if (waiting)
+        MHD_resume_connection(b->conn);
+}
+
+/* Start reading the block at b->at on a worker; under b->lock. 0 or -errno. */
+static int stream_fetch(struct stream_box *b)
+{
+    if (!b->buf && !(b->buf = malloc(STREAM_BLOCK)))
+        return -ENOMEM;
+    b->pending = 1;
+    b->job.run = stream_job;
+    if (pool_submit(&b->srv->api_pool, &b->job) < 0) {
+        b->pending = 0;
+        return -ESHUTDOWN;
+    }
+    return 0;
+}
+
+/* MHD's content reader, on an I/O thread: what a worker read ahead, or
+ * suspend until it has. */
+static ssize_t stream_read(void *cls, uint64_t pos, char *out, size_t max)
+{
+    struct stream_box *b = cls;
+    ssize_t n = 0;
+    int rc;
+
+    if (pos >= b->st.len)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    pthread_mutex_lock(&b->lock);
+    if (!b->pending && b->len && b->at == pos) {
+        n = (ssize_t)(b->len < max ? b->len : max);
+        memcpy(out, b->buf + b->off, (size_t)n);
+        b->off += (size_t)n;
+        b->len -= (size_t)n;
+        b->at += (uint64_t)n;
+        /* Read the next block while this one goes out. Should that not
+         * start, the next call tries again and reports the failure. */
+        if (b->len == 0 && b->at < b->st.len)
+            (void)stream_fetch(b);
+        pthread_mutex_unlock(&b->lock);
+        return n;
+    }
+    if (!b->pending) {
+        rc = b->err;
+        if (rc == 0 && b->at != pos)
+            rc = -EIO; /* cannot happen: MHD reads a response once, in order */
+        if (rc == 0)
+            rc = stream_fetch(b);
+        if (rc < 0) {
+            pthread_mutex_unlock(&b->lock);
+            log_msg("a streamed reply failed at byte %" PRIu64 ": %s", pos, strerror(-rc));
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        }
+    }
+    b->waiting = 1;
+    MHD_suspend_connection(b->conn);
+    pthread_mutex_unlock(&b->lock);
+    return 0;
+}
+
+/* MHD is done with the reply (sent, or the connection went away). */
 static void stream_free(void *cls)
 {
-    struct node_stream *st = cls;
+    struct stream_box *b = cls;
+    int pending;
 
-    if (st->free)
-        st->free(st->ctx);
-    free(st);
+    pthread_mutex_lock(&b->lock);
+    pending = b->pending;
+    b->orphaned = pending;
+    pthread_mutex_unlock(&b->lock);
+    if (!pending)
+        stream_box_free(b);
 }
 
-/* A response reading from st; takes st's contents either way. */
-static struct MHD_Response *stream_response(struct node_stream *st)
+/* A response reading from st on conn; takes st's contents either way. */
+static struct MHD_Response *stream_response(struct node_server *s, struct MHD_Connection *conn,
+                                            struct node_stream *st)
 {
-    struct node_stream *box = malloc(sizeof(*box));
+    struct stream_box *b = calloc(1, sizeof(*b));
     struct MHD_Response *mr = NULL;
 
-    if (box) {
-        *box = *st;
-        mr =
-            MHD_create_response_from_callback(st->len, STREAM_BLOCK, stream_read, box, stream_free);
+    if (b) {
+        b->st = *st;
+        b->srv = s;
+        b->conn = conn;
+        pthread_mutex_init(&b->lock, NULL);
+        mr = MHD_create_response_from_callback(st->len, STREAM_BLOCK, stream_read, b, stream_free);
         if (!mr)
-            stream_free(box);
+            stream_box_free(b);
     } else if (st->free) {
         st->free(st->ctx);
     }
@@ -461,7 +807,8 @@ static struct MHD_Response *stream_response(struct node_stream *st)
 
 /* Turn r into an MHD response and queue it. Consumes r->body either way.
  * MHD_NO (the connection is dropped) only when MHD itself fails. */
-static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_response *r)
+static enum MHD_Result send_response(struct node_server *s, struct MHD_Connection *conn,
+                                     struct node_response *r)
 {
     struct MHD_Response *mr;
     enum MHD_Result ok;
@@ -469,7 +816,7 @@ static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_re
 
     if (r->stream.read) {
         free(r->body);
-        mr = stream_response(&r->stream);
+        mr = stream_response(s, conn, &r->stream);
     } else if (r->body && r->len) {
         mr = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
         if (!mr)
@@ -505,7 +852,7 @@ static enum MHD_Result send_response(struct MHD_Connection *conn, struct node_re
         log_msg("a response header was refused (status %d)", r->status);
         MHD_destroy_response(mr);
         resp_error(r, -EIO, "bad response header");
-        return send_response(conn, r);
+        return send_response(s, conn, r);
     }
     ok = MHD_queue_response(conn, (unsigned)r->status, mr);
     MHD_destroy_response(mr);
@@ -1148,7 +1495,108 @@ static enum MHD_Result refuse(struct MHD_Connection *conn, struct request *rq,
         return MHD_YES;
     }
     rq->replied = 1;
-    return send_response(conn, r);
+    return send_response(rq->srv, conn, r);
+}
+
+/* The reaper's record of conn (on_connection), or NULL. */
+static struct conn_track *track_of(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+
+    return ci ? ci->socket_context : NULL;
+}
+
+/* Where a request may run (DESIGN threads). */
+enum run_where {
+    RUN_INLINE, /* on the I/O thread: nothing in it waits */
+    RUN_TRY,    /* on the I/O thread in no-waiting mode, else on a worker */
+    RUN_WORKER, /* on a worker */
+};
+
+static enum run_where run_where(struct node_server *s, const struct node_input *in,
+                                struct pool **pool)
+{
+    size_t plen = strcspn(in->uri, "?");
+    char path[WIRE_PATH_MAX];
+    uint64_t limit = WIRE_SCAN_LIMIT_MAX;
+    enum wire_op op;
+    unsigned n;
+
+    *pool = &s->api_pool;
+    if (plen < sizeof(path)) {
+        memcpy(path, in->uri, plen);
+        path[plen] = '\0';
+        if (strcmp(path, "/v1/config") == 0)
+            return RUN_INLINE;
+        switch (wire_parse_shard_path(path, &n, &op)) {
+        case 0:
+            /* Never behind the handler's requests, which wait for other
+             * nodes' shard ops: two nodes would wait for each other. */
+            *pool = &s->shard_pool;
+            if (in->body_len > INLINE_BODY_MAX)
+                return RUN_WORKER; /* a large batch takes a while to apply */
+            if (op == WIRE_OP_SYNC)
+                return RUN_WORKER; /* an fsync */
+            if (op == WIRE_OP_SCAN && (query_u64(in->uri, "limit", &limit) < 0 ||
+                                       limit > SCAN_INLINE_MAX))
+                return RUN_WORKER; /* up to WIRE_SCAN_REPLY_MAX of records */
+            return RUN_TRY;
+        case -ENOENT:
+            break; /* the handler's */
+        default:
+            return RUN_INLINE; /* a malformed shard path: 400 */
+        }
+    }
+    if (in->body_len > INLINE_BODY_MAX)
+        return RUN_WORKER;
+    /* The handler's GET and HEAD are reads (node_server.h). */
+    return strcmp(in->method, "GET") == 0 || strcmp(in->method, "HEAD") == 0 ? RUN_TRY
+                                                                             : RUN_WORKER;
+}
+
+/* A worker: answer the request, and give the connection back to MHD, which
+ * calls on_request again to send rq->resp. */
+static void request_job(struct job *job)
+{
+    struct request *rq = (struct request *)((char *)job - offsetof(struct request, job));
+    struct node_input in = mhd_input(rq->conn, rq, rq->url, rq->method);
+
+    node_server_handle(rq->srv, &in, &rq->resp);
+    rq->answered = 1;
+    MHD_resume_connection(rq->conn);
+}
+
+/* Step 4: answer here, or suspend the connection and queue the request. */
+static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *conn,
+                                struct request *rq, const char *url, const char *method)
+{
+    struct node_input in = mhd_input(conn, rq, url, method);
+    struct pool *pool;
+    enum run_where where = run_where(s, &in, &pool);
+    struct node_response r;
+
+    if (where != RUN_WORKER) {
+        if (where == RUN_TRY)
+            shard_nowait_begin();
+        node_server_handle(s, &in, &r);
+        if (where == RUN_INLINE || !shard_nowait_end())
+            return send_response(s, conn, &r);
+        resp_reset(&r); /* it would have waited: again, on a worker */
+    }
+    rq->conn = conn;
+    rq->url = url;
+    rq->method = method;
+    rq->job.run = request_job;
+    MHD_suspend_connection(conn);
+    if (pool_submit(pool, &rq->job) < 0) {
+        resp_error(&rq->resp, -EIO, "the node is stopping");
+        rq->resp.status = 503; /* try again (elsewhere) */
+        rq->resp.errno_name[0] = '\0';
+        rq->answered = 1;
+        MHD_resume_connection(conn);
+    }
+    return MHD_YES;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -1158,12 +1606,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     struct node_server *s = cls;
     struct request *rq = *con_cls;
     struct node_response r = {0};
+    struct conn_track *t;
     struct node_input in;
     int rc;
 
     (void)version;
     if (!rq || !rq->uri)
         return MHD_NO; /* out of memory in on_uri: drop the connection */
+    if (rq->answered) {
+        /* Back from a worker (dispatch). */
+        rq->answered = 0;
+        return send_response(s, conn, &rq->resp);
+    }
     if (rq->replied) {
         /* Refused early; MHD closes once the reply is out. Read nothing. */
         *upload_data_size = 0;
@@ -1171,6 +1625,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (!rq->started) {
         rq->started = 1;
+        if ((t = track_of(conn)))
+            atomic_store(&t->busy, 1); /* the headers are in: no deadline now */
         in = mhd_input(conn, rq, url, method);
         if (node_server_precheck(s, &in, &r))
             return refuse(conn, rq, &in, &r);
@@ -1205,7 +1661,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r = *rq->refusal;
         free(rq->refusal);
         rq->refusal = NULL;
-        return send_response(conn, &r);
+        return send_response(s, conn, &r);
     }
     if (rq->digest) {
         if (rq->error)
@@ -1218,11 +1674,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         resp_error(&r, rq->error, "body over %u bytes", WIRE_BODY_MAX);
     else if (rq->error)
         resp_error(&r, rq->error, "cannot take the body: %s", strerror(-rq->error));
-    else {
-        in = mhd_input(conn, rq, url, method);
-        node_server_handle(s, &in, &r);
-    }
-    return send_response(conn, &r);
+    else
+        return dispatch(s, conn, rq, url, method);
+    return send_response(s, conn, &r);
 }
 
 /* Step 7. */
@@ -1230,11 +1684,17 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     struct request *rq = *con_cls;
+    struct conn_track *t = track_of(conn);
 
     (void)cls;
-    (void)conn;
     (void)toe;
+    if (t) {
+        /* Waiting for the next request's headers now (the reaper). */
+        atomic_fetch_add(&t->done, 1);
+        atomic_store(&t->busy, 0);
+    }
     if (rq) {
+        resp_reset(&rq->resp); /* a worker's reply that was never sent */
         free(rq->uri);
         free(rq->body);
         if (rq->refusal)
@@ -1244,6 +1704,134 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         free(rq);
         *con_cls = NULL;
     }
+}
+
+/* ---- connections and the header deadline (DESIGN threads) ---- */
+
+/* MHD tells of every connection it accepts and, before closing its socket,
+ * of its end. A connection we could not record (out of memory) only has
+ * MHD's idle timeout. */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    struct node_server *s = cls;
+    struct conn_track *t = *socket_context;
+    const union MHD_ConnectionInfo *ci;
+
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (!ci || !(t = calloc(1, sizeof(*t))))
+            return;
+        t->fd = ci->connect_fd;
+        t->clock_ms = mono_ms(); /* the first request's clock runs from the accept */
+        pthread_mutex_lock(&s->conn_lock);
+        t->next = s->conns;
+        if (s->conns)
+            s->conns->prev = t;
+        s->conns = t;
+        pthread_mutex_unlock(&s->conn_lock);
+        *socket_context = t;
+        return;
+    }
+    if (!t)
+        return;
+    pthread_mutex_lock(&s->conn_lock);
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        s->conns = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    pthread_mutex_unlock(&s->conn_lock);
+    free(t);
+    *socket_context = NULL;
+}
+
+/* The kernel's count of bytes received on fd: 0 and *n, or -1 if it does
+ * not tell (no TCP_INFO, or a kernel before 4.1). */
+static int bytes_received(int fd, uint64_t *n)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+
+    memset(&ti, 0, sizeof(ti));
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0 ||
+        len < offsetof(struct tcp_info, tcpi_bytes_received) + sizeof(ti.tcpi_bytes_received))
+        return -1;
+    *n = ti.tcpi_bytes_received;
+    return 0;
+}
+
+/* One pass over the connections, under conn_lock; returns how many it shut. */
+static unsigned reap(struct node_server *s, int64_t now)
+{
+    unsigned shut = 0;
+
+    for (struct conn_track *t = s->conns; t; t = t->next) {
+        unsigned done;
+        uint64_t rx;
+
+        if (t->shut || atomic_load(&t->busy))
+            continue;
+        done = atomic_load(&t->done);
+        if (done != t->seen_done) {
+            /* A request completed since the last pass: the next one's
+             * clock starts with its first byte. */
+            t->seen_done = done;
+            t->clock_ms = 0;
+            if (bytes_received(t->fd, &t->rx_mark) < 0)
+                t->rx_mark = UINT64_MAX; /* cannot tell: MHD's idle timeout only */
+            continue;
+        }
+        if (!t->clock_ms) {
+            if (t->rx_mark == UINT64_MAX || bytes_received(t->fd, &rx) < 0 || rx == t->rx_mark)
+                continue; /* idle between requests */
+            t->clock_ms = now;
+        }
+        if (now - t->clock_ms >= HEADER_DEADLINE_MS) {
+            /* MHD sees the end of the stream and closes the connection. */
+            shutdown(t->fd, SHUT_RDWR);
+            t->shut = 1;
+            shut++;
+        }
+    }
+    return shut;
+}
+
+static void *reaper_main(void *arg)
+{
+    struct node_server *s = arg;
+    int64_t said_ms = 0;
+    unsigned unsaid = 0;
+
+    pthread_setname_np(pthread_self(), "node-reaper");
+    pthread_mutex_lock(&s->conn_lock);
+    while (!s->reaper_stop) {
+        struct timespec t;
+        int64_t now;
+
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        t.tv_nsec += REAPER_PERIOD_MS * 1000000L;
+        t.tv_sec += t.tv_nsec / 1000000000L;
+        t.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&s->reaper_wake, &s->conn_lock, &t);
+        if (s->reaper_stop)
+            break;
+        now = mono_ms();
+        unsaid += reap(s, now);
+        pthread_mutex_lock(&s->log_lock);
+        mhd_log_window(s, now);
+        pthread_mutex_unlock(&s->log_lock);
+        /* One line a minute at most: an attack must not fill the log. */
+        if (unsaid && now - said_ms >= 60000) {
+            log_msg("closed %u connection(s) that did not send a request's headers within %d s",
+                    unsaid, HEADER_DEADLINE_MS / 1000);
+            unsaid = 0;
+            said_ms = now;
+        }
+    }
+    pthread_mutex_unlock(&s->conn_lock);
+    return NULL;
 }
 
 /* ---- the node_request accessors ---- */
@@ -1426,6 +2014,28 @@ static int explain_bind_failure(struct node_server *s, char *err, size_t errlen)
     return -EIO;
 }
 
+/* The locks and condition variables of s; the reaper waits on the
+ * monotonic clock. With default attributes glibc's inits cannot fail. */
+static int sync_init(struct node_server *s)
+{
+    pthread_condattr_t ca;
+
+    if (pthread_condattr_init(&ca) != 0)
+        return -ENOMEM;
+    if (pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) != 0) {
+        pthread_condattr_destroy(&ca);
+        return -EINVAL;
+    }
+    pthread_mutex_init(&s->log_lock, NULL);
+    pool_init(&s->api_pool, "node-api", API_WORKERS);
+    pool_init(&s->shard_pool, "node-shard", SHARD_WORKERS);
+    pthread_mutex_init(&s->conn_lock, NULL);
+    pthread_cond_init(&s->reaper_wake, &ca);
+    pthread_condattr_destroy(&ca);
+    s->sync_ready = 1;
+    return 0;
+}
+
 int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
                     node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
                     size_t errlen)
@@ -1450,7 +2060,7 @@ int node_server_new(const struct config *cfg, int self, struct shard *const *sha
     s->other_ctx = other_ctx;
     atomic_init(&s->newest_epoch, cfg->epoch);
     s->shards = calloc(cfg->shard_count ? cfg->shard_count : 1, sizeof(*s->shards));
-    if (!s->shards)
+    if (!s->shards || sync_init(s) < 0)
         goto nomem;
     memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
     if (nonce_cache_new(NONCE_MAX, WIRE_MAX_SKEW, NONCE_MIN_KEEP_S, &s->nonces) < 0)
@@ -1464,13 +2074,84 @@ nomem:
     return -ENOMEM;
 }
 
+/* Descriptors open now: the shards' files and logs, the FUSE device... */
+static unsigned fds_open(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    unsigned n = 0;
+
+    if (!d)
+        return FD_RESERVE;
+    while (readdir(d))
+        n++;
+    closedir(d);
+    return n;
+}
+
+/* How many connections to allow: CONN_LIMIT if the descriptor limit lets
+ * us keep FD_RESERVE more than those open now, raising the soft limit
+ * (towards the hard one) for it; fewer, said on stderr, if it does not. */
+static unsigned conn_limit_of_fds(void)
+{
+    rlim_t want = (rlim_t)CONN_LIMIT + FD_RESERVE + fds_open(), spare;
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return CONN_LIMIT_MIN;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want) {
+        struct rlimit raised = {
+            .rlim_cur = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want ? rl.rlim_max : want,
+            .rlim_max = rl.rlim_max,
+        };
+        if (setrlimit(RLIMIT_NOFILE, &raised) == 0)
+            rl.rlim_cur = raised.rlim_cur;
+    }
+    if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= want)
+        return CONN_LIMIT;
+    spare = rl.rlim_cur > want - CONN_LIMIT ? rl.rlim_cur - (want - CONN_LIMIT) : 0;
+    if (spare < CONN_LIMIT_MIN)
+        spare = CONN_LIMIT_MIN;
+    log_msg("at most %u connections: the descriptor limit (ulimit -n) is %llu", (unsigned)spare,
+            (unsigned long long)rl.rlim_cur);
+    return (unsigned)spare;
+}
+
+/* The I/O threads: one a CPU, within IO_THREADS_MIN..IO_THREADS_MAX. */
+static unsigned io_threads(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    return n < (long)IO_THREADS_MIN ? IO_THREADS_MIN
+           : n > (long)IO_THREADS_MAX ? IO_THREADS_MAX
+                                      : (unsigned)n;
+}
+
+/* The workers and the reaper; signals are blocked by the caller. */
+static int threads_start(struct node_server *s, char *err, size_t errlen)
+{
+    int rc = pool_start(&s->api_pool);
+
+    if (rc == 0)
+        rc = pool_start(&s->shard_pool);
+    if (rc < 0) {
+        set_err(err, errlen, "cannot start the node server's workers: %s", strerror(-rc));
+        return rc;
+    }
+    rc = pthread_create(&s->reaper, NULL, reaper_main, s);
+    if (rc) {
+        set_err(err, errlen, "cannot start the node server's reaper: %s", strerror(rc));
+        return -rc;
+    }
+    s->reaper_started = 1;
+    return 0;
+}
+
 int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
                       node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
                       size_t errlen)
 {
     struct node_server *s = NULL;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-                     MHD_USE_POLL | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
     struct MHD_OptionItem tls_opts[3] = {{MHD_OPTION_END, 0, NULL}};
     sigset_t all, old;
     uint64_t port = 0;
@@ -1486,6 +2167,8 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     if (s->addr.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     (void)parse_u64(s->port, &port);
+    s->conn_limit = conn_limit_of_fds();
+    s->per_ip_limit = s->conn_limit / PER_IP_SHARE;
     if (s->tls) {
         rc = load_tls(s, err, errlen);
         if (rc < 0)
@@ -1496,17 +2179,25 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
         tls_opts[2] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     }
 
-    /* Threads inherit the signal mask: MHD's get every signal blocked. */
+    /* Threads inherit the signal mask: ours and MHD's get every signal
+     * blocked. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = threads_start(s, err, errlen);
     /* The port argument only names the port in MHD's messages: the socket
      * is bound to s->addr. The logger must be the first option. */
-    s->daemon = MHD_start_daemon(
-        flags, (uint16_t)port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
-        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&s->addr, MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_LIMIT, MAX_CONNECTIONS,
-        MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_ARRAY, tls_opts, MHD_OPTION_END);
+    if (rc == 0)
+        s->daemon = MHD_start_daemon(
+            flags, (uint16_t)port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
+            s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&s->addr, MHD_OPTION_URI_LOG_CALLBACK,
+            on_uri, s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
+            on_connection, s, MHD_OPTION_THREAD_POOL_SIZE, io_threads(),
+            MHD_OPTION_CONNECTION_LIMIT, s->conn_limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+            s->per_ip_limit, MHD_OPTION_CONNECTION_TIMEOUT, IDLE_TIMEOUT_S, MHD_OPTION_ARRAY,
+            tls_opts, MHD_OPTION_END);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc < 0)
+        goto fail;
     if (!s->daemon) {
         rc = explain_bind_failure(s, err, errlen);
         goto fail;
@@ -1523,9 +2214,30 @@ void node_server_stop(struct node_server *s)
 {
     if (!s)
         return;
+    if (s->reaper_started) {
+        pthread_mutex_lock(&s->conn_lock);
+        s->reaper_stop = 1;
+        pthread_cond_signal(&s->reaper_wake);
+        pthread_mutex_unlock(&s->conn_lock);
+        pthread_join(s->reaper, NULL);
+    }
+    /* Every queued request and read runs and resumes its connection before
+     * MHD stops (MHD must not stop with a connection suspended); from now
+     * on a request that would need a worker gets 503 instead. */
+    if (s->sync_ready) {
+        pool_stop(&s->api_pool);
+        pool_stop(&s->shard_pool);
+    }
     if (s->daemon)
         MHD_stop_daemon(s->daemon);
     nonce_cache_free(s->nonces);
+    if (s->sync_ready) {
+        pthread_cond_destroy(&s->reaper_wake);
+        pthread_mutex_destroy(&s->conn_lock);
+        pool_destroy(&s->shard_pool);
+        pool_destroy(&s->api_pool);
+        pthread_mutex_destroy(&s->log_lock);
+    }
     if (s->tls_key)
         OPENSSL_cleanse(s->tls_key, strlen(s->tls_key));
     free(s->tls_key);

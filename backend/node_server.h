@@ -21,9 +21,17 @@
  * ever see of a request (the libmicrohttpd callbacks only fill one in and
  * send what comes back). tests/fuzz drives them that way.
  *
- * Threads: libmicrohttpd's thread pool; the handler and the shards are called
- * from several threads at once (the shard interface allows it). start/stop
- * from one thread.
+ * Threads: libmicrohttpd's event loop on a few I/O threads, which never
+ * wait, and a pool of worker threads for what may (node_server.c, DESIGN
+ * threads). The handler, its streams and the shards are called from several
+ * threads at once (the shard interface allows it). start/stop from one
+ * thread.
+ *
+ * Limits (node_server_start): at most 4096 connections (fewer if the
+ * descriptor limit does not allow it; the soft RLIMIT_NOFILE of the process
+ * is raised towards its hard limit for them), a quarter of them from one
+ * address, 10 s from a request's first byte to its last header, 60 s of
+ * silence on a connection.
  */
 #ifndef SHARDFS_NODE_SERVER_H
 #define SHARDFS_NODE_SERVER_H
@@ -78,8 +86,9 @@ struct node_request {
 
 /* A reply body produced piece by piece (a large file): read(ctx, pos, buf,
  * max) returns 1..max bytes at pos, or -errno (the connection is then cut,
- * as the status line has gone out). free(ctx) runs once when the reply is
- * done or abandoned; the server calls it even if the reply is never sent. */
+ * as the status line has gone out); it runs on a worker thread and may wait.
+ * free(ctx) runs once when the reply is done or abandoned; the server calls
+ * it even if the reply is never sent. */
 struct node_stream {
     ssize_t (*read)(void *ctx, uint64_t pos, void *buf, size_t max);
     void (*free)(void *ctx);
@@ -111,7 +120,12 @@ void node_response_error(struct node_response *resp, int rc, const char *fmt, ..
     __attribute__((format(printf, 3, 4)));
 
 /* Handle a request for a path the server does not own. Fill resp; return 0.
- * MUST NOT keep req or its body after returning. */
+ * MUST NOT keep req or its body after returning. A GET or HEAD is first
+ * called on an I/O thread in the shards' no-waiting mode (shard.h): it MUST
+ * then wait for nothing but shard slots (which refuse instead) and must not
+ * change anything; if a slot refused, its reply is thrown away and it is
+ * called again on a worker thread, where it may wait. Other methods are
+ * called on a worker thread only. */
 typedef int (*node_handler_fn)(void *ctx, const struct node_request *req,
                                struct node_response *resp);
 
@@ -151,7 +165,11 @@ int node_server_precheck(struct node_server *s, const struct node_input *in,
  * signed digest and length (401 if it is another), then routing, epochs and
  * the shard op or the handler. Fills *r from scratch (whatever it held is
  * overwritten, not freed); the caller frees r->body. Never fails: every
- * error is a status in *r. Thread-safe like the handler and the shards. */
+ * error is a status in *r. Thread-safe like the handler and the shards.
+ * The server calls it for reads and small applies first in the shards'
+ * no-waiting mode (shard.h); if a slot refused, the reply is dropped and it
+ * is called again, on a worker: so it may run twice for one request, which
+ * is why it takes no nonce. */
 void node_server_handle(struct node_server *s, const struct node_input *in,
                         struct node_response *r);
 

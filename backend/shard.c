@@ -1,9 +1,37 @@
 /* shard.c -- what every shard implementation shares: resolving the keys of a
- * shard_get_many() list, and doing the list one get at a time for a shard
- * that has no get_many of its own (test wrappers). */
+ * shard_get_many() list, doing the list one get at a time for a shard that
+ * has no get_many of its own (test wrappers), and the per-thread no-waiting
+ * mode (shard.h). */
 #include <string.h>
 
 #include "shard.h"
+
+static _Thread_local int nowait_on;      /* between shard_nowait_begin/end */
+static _Thread_local int nowait_refused; /* a slot refused since the begin */
+
+void shard_nowait_begin(void)
+{
+    nowait_on = 1;
+    nowait_refused = 0;
+}
+
+int shard_nowait_end(void)
+{
+    nowait_on = 0;
+    return nowait_refused;
+}
+
+int shard_nowait_active(void)
+{
+    return nowait_on;
+}
+
+int shard_nowait_refuse(void)
+{
+    if (nowait_on)
+        nowait_refused = 1;
+    return nowait_on;
+}
 
 int shard_reads_check(const struct shard_read *r, unsigned n)
 {

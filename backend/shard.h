@@ -16,6 +16,19 @@
  * applied batch survive power loss as well.
  *
  * Threads: all slots may be called from any thread concurrently.
+ *
+ * Not waiting: a thread that must never wait (a node server's I/O thread,
+ * which serves many connections) brackets its calls with
+ * shard_nowait_begin() and shard_nowait_end(). In between, a slot that would
+ * wait for the disk, for another node or for a lock another thread holds
+ * MUST instead return -EWOULDBLOCK at once, having changed nothing, after
+ * calling shard_nowait_refuse(); shard_nowait_end() then returns 1 and the
+ * caller does the work again on a thread that may wait. On a local shard
+ * whose lock is free, reads and scans are done (the caller bounds a scan),
+ * and so is an apply that needs no commit and no new look at the disk's
+ * free space (its redo log write goes to the page cache); a sync, a scan of
+ * several shards and everything remote are refused. The mode is per thread
+ * and does not nest.
  */
 #ifndef SHARDFS_SHARD_H
 #define SHARDFS_SHARD_H
@@ -89,6 +102,17 @@ struct shard {
     const struct shard_ops *ops;
     unsigned index;         /* shard number in the store */
 };
+
+/* Enter or leave the calling thread's no-waiting mode (above);
+ * shard_nowait_end() returns 1 if a slot refused since the begin, else 0. */
+void shard_nowait_begin(void);
+int shard_nowait_end(void);
+/* For implementations: 1 if the thread is in no-waiting mode (the refusal is
+ * then recorded, so return -EWOULDBLOCK), 0 if the slot may wait. */
+int shard_nowait_refuse(void);
+/* For implementations that can try first (a lock): 1 if waiting is not
+ * allowed; call shard_nowait_refuse() when the try fails. */
+int shard_nowait_active(void);
 
 static inline int shard_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf,
                             size_t buflen, size_t *vlen)

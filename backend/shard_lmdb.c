@@ -469,6 +469,8 @@ static int space_admit(struct shard_lmdb *sl, size_t len)
 
     if (sl->space_hint >= need + SPACE_PLENTY)
         goto ok;
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* asking the disk, perhaps committing: not here */
     space_refresh(sl);
     if (sl->space_hint >= need)
         goto ok;
@@ -608,14 +610,37 @@ failed:
 
 /* ---- the interface ---- */
 
+/* Take the shard's lock. In no-waiting mode (shard.h) only a free lock is
+ * taken, and a transaction that must first be rebuilt from the log (disk
+ * reads) is left to a thread that may wait: -EWOULDBLOCK. */
+static int lock_or_refuse(struct shard_lmdb *sl)
+{
+    if (!shard_nowait_active()) {
+        pthread_mutex_lock(&sl->lock);
+        return 0;
+    }
+    if (pthread_mutex_trylock(&sl->lock) != 0) {
+        shard_nowait_refuse();
+        return -EWOULDBLOCK;
+    }
+    if (sl->need_rebuild) {
+        pthread_mutex_unlock(&sl->lock);
+        shard_nowait_refuse();
+        return -EWOULDBLOCK;
+    }
+    return 0;
+}
+
+
 static int lmdb_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
                     size_t buflen, size_t *vlen)
 {
     struct shard_lmdb *sl = to_lmdb(s);
     MDB_val k = {.mv_size = klen, .mv_data = (void *)key}, v;
-    int rc;
+    int rc = lock_or_refuse(sl);
 
-    pthread_mutex_lock(&sl->lock);
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     if (rc)
         goto out;
@@ -643,9 +668,10 @@ out:
 static int lmdb_get_many(struct shard *s, struct shard_read *r, unsigned n)
 {
     struct shard_lmdb *sl = to_lmdb(s);
-    int rc;
+    int rc = lock_or_refuse(sl);
 
-    pthread_mutex_lock(&sl->lock);
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     for (unsigned i = 0; rc == 0 && i < n; i++) {
         uint8_t key[BATCH_KEY_MAX];
@@ -682,7 +708,9 @@ static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void
     MDB_val k = {.mv_size = slen, .mv_data = (void *)start}, v;
     int rc;
 
-    pthread_mutex_lock(&sl->lock);
+    rc = lock_or_refuse(sl); /* in no-waiting mode the caller bounds the scan */
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     if (rc)
         goto out;
@@ -748,11 +776,23 @@ static int lmdb_apply(struct shard *s, const struct batch *b)
 
     if (b->count == 0)
         return 0;
-    pthread_mutex_lock(&sl->lock);
+    rc = lock_or_refuse(sl);
+    if (rc)
+        return rc;
+    /* Without waiting: a batch that needs no commit (the log write goes to
+     * the page cache). */
+    if (sl->pending_bytes + b->len >= sl->commit_bytes && shard_nowait_refuse()) {
+        rc = -EWOULDBLOCK;
+        goto out;
+    }
     rc = space_admit(sl, b->len);
     if (rc)
         goto out;
     rc = apply_once(sl, b);
+    if (rc == -ENOSPC && !sl->need_rebuild && shard_nowait_refuse()) {
+        rc = -EWOULDBLOCK; /* the nested transaction was aborted: nothing changed */
+        goto out;
+    }
     if (rc == -ENOSPC && !sl->need_rebuild) {
         /* Map or dirty list full: commit what we have, grow, try once more.
          * A real full disk fails the commit or the retry with ENOSPC. */
@@ -776,6 +816,8 @@ static int lmdb_sync(struct shard *s)
     struct shard_lmdb *sl = to_lmdb(s);
     int rc;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK;
     pthread_mutex_lock(&sl->lock);
     rc = txn_commit(sl, 0);
     if (rc == 0)
@@ -793,9 +835,10 @@ static int lmdb_stat(struct shard *s, struct shard_stat *st)
     struct shard_lmdb *sl = to_lmdb(s);
     MDB_stat ms;
     MDB_envinfo info;
-    int rc;
+    int rc = lock_or_refuse(sl);
 
-    pthread_mutex_lock(&sl->lock);
+    if (rc)
+        return rc;
     rc = txn_ensure(sl);
     if (rc)
         goto out;

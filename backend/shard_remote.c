@@ -278,7 +278,7 @@ struct request {
     size_t out_len; /* bytes written to out */
     uint8_t *reply; /* malloc()ed 2xx body; caller frees */
     size_t reply_len, reply_cap;
-    struct hdr vlen, more, errno_name, epoch;
+    struct hdr vlen, more, errno_name, epoch, shard;
     char location[REMOTE_LOCATION_MAX];
     int location_set, location_trunc;
 
@@ -295,6 +295,7 @@ static void request_reset_reply(struct request *q)
     memset(&q->more, 0, sizeof(q->more));
     memset(&q->errno_name, 0, sizeof(q->errno_name));
     memset(&q->epoch, 0, sizeof(q->epoch));
+    memset(&q->shard, 0, sizeof(q->shard));
     q->location[0] = '\0';
     q->location_set = q->location_trunc = 0;
     q->cur_status = 0;
@@ -453,6 +454,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         hdr_store(&q->errno_name, v, vlen);
     else if (hdr_is(p, nlen, WIRE_HDR_EPOCH))
         hdr_store(&q->epoch, v, vlen);
+    else if (hdr_is(p, nlen, REMOTE_HDR_SHARD))
+        hdr_store(&q->shard, v, vlen);
     else if (hdr_is(p, nlen, "Location")) {
         q->location_set = 1;
         q->location_trunc = vlen >= sizeof(q->location);
@@ -844,8 +847,11 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
     int64_t deadline = now_ms() + r->timeout_ms;
     int64_t backoff = REMOTE_BACKOFF_FIRST_MS;
     int redirects = 0, rc;
-    struct conn *c = pool_take(r);
+    struct conn *c;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* a round trip is waiting (shard.h) */
+    c = pool_take(r);
     if (!c)
         return -ENOMEM;
     for (;;) {
@@ -1216,10 +1222,14 @@ static int fan_deliver(struct fan *f, const void *start, size_t slen, const void
 int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
                     const void *end, size_t elen, shard_scan_fn fn, void *ctx)
 {
-    struct fan *fans = calloc(n ? n : 1, sizeof(*fans));
-    CURLM *m = curl_multi_init();
+    struct fan *fans;
+    CURLM *m;
     int rc = 0;
 
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* scans and round trips wait (shard.h) */
+    fans = calloc(n ? n : 1, sizeof(*fans));
+    m = curl_multi_init();
     if (!end)
         elen = 0;
     for (unsigned i = 0; fans && i < n; i++) {
@@ -1542,6 +1552,7 @@ static int loop_start(struct remote *r, CURLM *m, struct loop_slot *sl,
         request_free(&sl->q);
         call->rc = rc;
         call->status = 0;
+        call->shard = -1;
         done(ctx, call);
         if (rc == -ENOMEM)
             return rc;
@@ -1552,11 +1563,14 @@ static int loop_start(struct remote *r, CURLM *m, struct loop_slot *sl,
 static void loop_finish(CURLM *m, struct loop_slot *sl, CURLcode cc,
                         void (*done)(void *, struct remote_api_req *), void *ctx)
 {
+    uint64_t shard;
+
     curl_multi_remove_handle(m, sl->curl);
     exchange_finish(sl->curl, &sl->q, sl->hdrs, cc);
     sl->hdrs = NULL;
     sl->call->rc = cc != CURLE_OK ? remote_errno_of_curl(cc, &sl->q) : status_errno(&sl->q);
     sl->call->status = sl->q.status;
+    sl->call->shard = hdr_u64(&sl->q.shard, &shard) == 0 && shard <= LONG_MAX ? (long)shard : -1;
     request_free(&sl->q);
     done(ctx, sl->call);
     sl->call = NULL;

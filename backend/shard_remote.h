@@ -75,6 +75,8 @@ int remote_api_call(struct remote *r, unsigned node, const char *method, const c
  * as remote_api_call makes. The call structs are the caller's and must stay
  * put until done. Returns 0, or -ENOMEM (calls in flight are done with it). */
 #define REMOTE_LOOP_MAX 256u
+/* The key API's answer to "which shard holds this name's entry" (kv_api.h). */
+#define REMOTE_HDR_SHARD "X-Shardfs-Shard"
 struct remote_api_req {
     unsigned node;
     const char *method;         /* GET, HEAD, PUT, DELETE */
@@ -85,6 +87,7 @@ struct remote_api_req {
     void *sink_ctx;
     int rc;                     /* out: as remote_api_call returns */
     long status;                /* out */
+    long shard;                 /* out: the reply's REMOTE_HDR_SHARD, -1 if none */
 };
 int remote_api_loop(struct remote *r, unsigned parallel,
                     struct remote_api_req *(*next)(void *ctx),

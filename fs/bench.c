@@ -6,7 +6,11 @@
  * have a url. Three
  * timed phases: PUT every key, GET every key ROUNDS times (each value is
  * checked against what was put: a benchmark that returns wrong bytes has
- * failed), DELETE every key. Each phase reports ops/s over its wall time
+ * failed), DELETE every key. A GET goes to the node that owns the shard of
+ * the key's entry, which the PUT's reply named (X-Shardfs-Shard, kv_api.h):
+ * that node reads the key without asking another one, as an owner-aware
+ * client would; with --any-node GETs go round-robin like the rest, and two
+ * in three take a second hop between nodes (on three nodes). Each phase reports ops/s over its wall time
  * and the p50/p99 latency of single requests, one line a phase:
  *
  *   PUT 10000 ops 2.310 s 4329 ops/s p50 3.10 ms p99 9.80 ms errors 0
@@ -36,6 +40,8 @@ struct bench {
     struct client *c;
     unsigned keys, size, clients, rounds;
     unsigned nodes[CONFIG_MAX_NODES], node_count; /* nodes with a url */
+    int *owner;                 /* per key: the node its PUT named, -1: unknown */
+    int any_node;               /* --any-node: GETs round-robin too */
     char dir[BENCH_PATH_MAX];
     enum phase phase;
     _Atomic size_t next_op;     /* ops of a phase: keys x rounds (GET) or keys */
@@ -119,6 +125,8 @@ static struct remote_api_req *next_call(void *ctx)
     c->req = (struct remote_api_req){.node = b->nodes[op % b->node_count],
                                      .method = phase_name[b->phase],
                                      .path_query = c->api};
+    if (b->phase == PH_GET && !b->any_node && b->owner[c->k] >= 0)
+        c->req.node = (unsigned)b->owner[c->k];
     if (b->phase == PH_PUT) {
         value_of(c->k, c->value, b->size);
         c->req.body = c->value;
@@ -132,6 +140,18 @@ static struct remote_api_req *next_call(void *ctx)
     return &c->req;
 }
 
+/* The node (with a url) that owns shard, or -1. */
+static int owner_of(const struct bench *b, long shard)
+{
+    const struct config *cfg = &b->c->cfg;
+    unsigned node;
+
+    if (shard < 0 || (unsigned long)shard >= cfg->shard_count)
+        return -1;
+    node = cfg->owner[shard];
+    return node < cfg->node_count && cfg->nodes[node].url[0] ? (int)node : -1;
+}
+
 /* remote_api_loop's done(): latency, errors, and a GET's bytes checked. */
 static void call_done(void *ctx, struct remote_api_req *req)
 {
@@ -140,6 +160,8 @@ static void call_done(void *ctx, struct remote_api_req *req)
     struct call *c = (struct call *)req; /* req is the first member */
 
     b->lat[c->op] = now_ms() - c->t0;
+    if (b->phase == PH_PUT && req->rc == 0)
+        b->owner[c->k] = owner_of(b, req->shard);
     if (req->rc) {
         if (w->errors++ == 0)
             fprintf(stderr, "shardfs: bench: %s %s/k%u: %s\n", phase_name[b->phase], b->dir,
@@ -227,18 +249,22 @@ static unsigned worker_count(unsigned clients)
 
 static const char usage_bench[] =
     "usage: shardfs bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS] [-r ROUNDS] [--keep]\n"
+    "                     [--any-node]\n"
     "\n"
     "Load the key API of every node of CONF: PUT KEYS keys (default 10000) of\n"
     "SIZE bytes (default 1024) with CLIENTS concurrent clients (default 16),\n"
     "GET each ROUNDS times (default 1) checking the bytes, then DELETE them\n"
-    "(not with --keep). Prints ops/s and p50/p99 latency per phase; exits 1\n"
-    "if any request failed or returned wrong bytes.\n";
+    "(not with --keep). Requests go round-robin over the nodes, except that a\n"
+    "GET goes to the node holding the key's entry, as its PUT's reply said\n"
+    "(round-robin too with --any-node). Prints ops/s and p50/p99 latency per\n"
+    "phase; exits 1 if any request failed or returned wrong bytes.\n";
 
-enum { OPT_KEEP = 256 };
+enum { OPT_KEEP = 256, OPT_ANY_NODE };
 
 static const struct option bench_opts[] = {
     {"conf", required_argument, NULL, 'c'},
     {"keep", no_argument, NULL, OPT_KEEP},
+    {"any-node", no_argument, NULL, OPT_ANY_NODE},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -289,6 +315,9 @@ int cmd_bench(int argc, char **argv)
         case OPT_KEEP:
             keep = 1;
             break;
+        case OPT_ANY_NODE:
+            b.any_node = 1;
+            break;
         case 'h':
             fputs(usage_bench, stdout);
             return 0;
@@ -313,7 +342,8 @@ int cmd_bench(int argc, char **argv)
     nw = worker_count(b.clients);
     ws = calloc(nw, sizeof(*ws));
     b.lat = malloc((size_t)b.keys * b.rounds * sizeof(*b.lat));
-    if (!ws || !b.lat) {
+    b.owner = malloc((size_t)b.keys * sizeof(*b.owner));
+    if (!ws || !b.lat || !b.owner) {
         fprintf(stderr, "shardfs: bench: out of memory\n");
         goto out;
     }
@@ -335,8 +365,11 @@ int cmd_bench(int argc, char **argv)
             goto out;
         }
     }
-    printf("bench: %u keys of %u bytes, %u clients, %u nodes, under %s\n", b.keys, b.size,
-           b.clients, b.node_count, b.dir);
+    for (unsigned k = 0; k < b.keys; k++)
+        b.owner[k] = -1;
+    printf("bench: %u keys of %u bytes, %u clients, %u nodes, under %s; GETs to %s\n", b.keys,
+           b.size, b.clients, b.node_count, b.dir,
+           b.any_node ? "any node (round-robin)" : "the key's owner");
     failed += run_phase(&b, ws, nw, PH_PUT);
     failed += run_phase(&b, ws, nw, PH_GET);
     if (!keep) {
@@ -357,6 +390,7 @@ out:
     }
     free(ws);
     free(b.lat);
+    free(b.owner);
     client_close(&c);
     return rc;
 }

@@ -21,6 +21,7 @@
 #include <xxhash.h>
 
 #include "record.h"
+#include "shard_remote.h"
 
 #define KV_PATH_MAX 4096          /* bytes of a decoded path, as PATH_MAX */
 #define KV_MAX_DEPTH 256          /* components in one path */
@@ -217,17 +218,21 @@ static int path_parse(const char *path, size_t len, struct kv_path *p, struct no
     return 0;
 }
 
-/* Walk the first `depth` components from the root; the last inode in *out.
- * -ENOTDIR when a component before the last is no directory. Directories on
- * the way are passed by their entries alone (an entry names the type), and
- * with `remembered` from what earlier GETs read (dir_lookup). */
+/* Walk the first `depth` components from the root; the last inode in *out
+ * and, if parent is not NULL, the directory it was found in in *parent (the
+ * root's own for depth 0). -ENOTDIR when a component before the last is no
+ * directory. Directories on the way are passed by their entries alone (an
+ * entry names the type), and with `remembered` from what earlier GETs read
+ * (dir_lookup). */
 static int path_walk(struct kv_api *api, const struct kv_path *p, unsigned depth, int remembered,
-                     struct inode *out)
+                     struct inode *out, struct ino_id *parent)
 {
     struct ino_id dir = record_root_id, id;
     uint8_t dtype;
     int rc;
 
+    if (parent)
+        *parent = dir;
     if (depth == 0)
         return ns_getattr(api->ns, &dir, out);
     for (unsigned i = 0; i + 1 < depth; i++, dir = id) {
@@ -241,6 +246,8 @@ static int path_walk(struct kv_api *api, const struct kv_path *p, unsigned depth
         if (rc)
             return rc;
     }
+    if (parent)
+        *parent = dir;
     return ns_lookup(api->ns, &dir, p->comp[depth - 1], p->len[depth - 1], out);
 }
 
@@ -261,6 +268,18 @@ static void reply_inode_headers(struct node_response *r, const struct inode *ino
     node_response_header(r, "X-Shardfs-Mode", "%04o", ino->mode & 07777);
     if (gmtime_r(&t, &tm) && strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S GMT", &tm))
         node_response_header(r, "Last-Modified", "%s", date);
+}
+
+/* The shard of the entry of component i (in directory dir): where a lookup
+ * of the name goes first, and, unless the file was renamed since it was
+ * made, where its inode and data live. A client that sends its next request
+ * for the name to that shard's owner is served without a second hop
+ * (shardfs bench does). */
+static void reply_shard_header(struct kv_api *api, struct node_response *r,
+                               const struct ino_id *dir, unsigned i, const struct kv_path *p)
+{
+    node_response_header(r, REMOTE_HDR_SHARD, "%u",
+                         ns_entry_shard(api->ns, dir, p->comp[i], p->len[i]));
 }
 
 /* ---- GET and HEAD ---- */
@@ -428,13 +447,16 @@ static int handle_get(struct kv_api *api, const struct kv_path *p, int head,
                       struct node_response *r)
 {
     struct inode ino;
-    int rc = path_walk(api, p, p->n, 1, &ino);
+    struct ino_id parent;
+    int rc = path_walk(api, p, p->n, 1, &ino, &parent);
 
     if (rc)
         return rc;
     if (p->trailing_slash && !S_ISDIR(ino.mode))
         return -ENOTDIR;
     reply_inode_headers(r, &ino);
+    if (p->n)
+        reply_shard_header(api, r, &parent, p->n - 1, p);
     r->status = 200;
     if (S_ISDIR(ino.mode))
         return get_dir(api, p, &ino, head, r);
@@ -611,8 +633,10 @@ static int handle_put(struct kv_api *api, const struct kv_path *p, const struct 
     } else {
         rc = put_file(api, &dir, name, nlen, req, &created);
     }
-    if (rc == 0)
+    if (rc == 0) {
         r->status = created ? 201 : 204;
+        reply_shard_header(api, r, &dir, p->n - 1, p);
+    }
     return rc;
 }
 
@@ -625,7 +649,7 @@ static int handle_delete(struct kv_api *api, const struct kv_path *p, struct nod
 
     if (p->n == 0)
         return -EPERM; /* the root cannot go */
-    rc = path_walk(api, p, p->n - 1, 0, &dir);
+    rc = path_walk(api, p, p->n - 1, 0, &dir, NULL);
     if (rc == 0 && !S_ISDIR(dir.mode))
         rc = -ENOTDIR;
     const char *name = p->comp[p->n - 1];

@@ -11,7 +11,10 @@
  *          a symlink: its target.
  *   HEAD   the headers of GET: Content-Length, X-Shardfs-Type (file, dir,
  *          symlink, fifo, socket, chardev, blockdev), X-Shardfs-Mode
- *          (octal), Last-Modified.
+ *          (octal), Last-Modified, and X-Shardfs-Shard: the shard of the
+ *          name's directory entry (PUT's reply has it too), where a lookup
+ *          of the name goes; a GET sent to that shard's owner needs no
+ *          second hop when the file was not renamed since it was made.
  *   PUT    PATH: the body becomes the file PATH, atomically: it is written
  *          under a temporary name in the same directory (".NAME.XXXXXX", the
  *          rsync rule keeps it on NAME's shard) and renamed over NAME, so a

@@ -265,11 +265,14 @@ def test_status_and_bench(cluster):
         ("0", "a"), ("1", "a"), ("2", "a"), ("3", "b"), ("4", "b"), ("5", "b"), ("6", "c"),
         ("7", "c")], out
     assert int(shards[0][2]) >= 1  # the root lives on shard 0
-    r = cli(cluster, "bench", "-k", "400", "-s", "1024", "-C", "8")
-    out = r.stdout.decode()
-    for ph in ("PUT", "GET", "DELETE"):
-        m = re.search(r"(?m)^%s\s+(\d+) ops .* ops/s p50 .* ms p99 .* ms errors (\d+)$" % ph, out)
-        assert m and m.group(1) == "400" and m.group(2) == "0", out
+    for route in ([], ["--any-node"]):
+        r = cli(cluster, "bench", "-k", "400", "-s", "1024", "-C", "8", *route)
+        out = r.stdout.decode()
+        assert ("GETs to any node" in out) == bool(route), out
+        for ph in ("PUT", "GET", "DELETE"):
+            m = re.search(r"(?m)^%s\s+(\d+) ops .* ops/s p50 .* ms p99 .* ms errors (\d+)$" % ph,
+                          out)
+            assert m and m.group(1) == "400" and m.group(2) == "0", out
     assert os.listdir(cluster.p("b", "bench")) == []
     # A dead node shows as down (exit 1), its shards without figures.
     cluster.kill9("c")
@@ -394,3 +397,50 @@ def test_redirect_after_owner_change(cluster):
     assert sorted(os.listdir(cluster.p("a", "r"))) == sorted(
         [n.split("/")[1] for n in files] + ["new%02d" % i for i in range(32)])
     assert conf1 != cluster.conf
+
+
+def test_shard_header_names_the_owner(cluster):
+    """GET, HEAD and PUT of a name say which shard holds its entry
+    (X-Shardfs-Shard); its owner answers a GET of a file made there without
+    asking any other node (shardfs bench sends its GETs there)."""
+    import http.client
+    from test_cluster import OWNERS
+
+    def owner_of(shard):
+        for n, rng in OWNERS.items():
+            lo, hi = (int(x) for x in rng.split("-"))
+            if lo <= shard <= hi:
+                return n
+        raise AssertionError(shard)
+
+    def request(node, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", cluster.ports[node], timeout=20)
+        try:
+            conn.request(method, "/v1/kv" + path, body=body,
+                         headers={"Authorization": "Bearer " + SECRET})
+            r = conn.getresponse()
+            return r.status, r.getheader("X-Shardfs-Shard"), r.read()
+        finally:
+            conn.close()
+
+    owned = {}
+    for i in range(40):
+        path = "/owned-%d" % i
+        st, shard, _ = request("a", "PUT", path, b"owned %d\n" % i)
+        assert st == 201 and shard is not None and 0 <= int(shard) < 8, (st, shard)
+        for n in NODES:
+            for method in ("GET", "HEAD"):
+                st2, shard2, body = request(n, method, path)
+                assert (st2, shard2) == (200, shard), (n, method, st2, shard2)
+        owned.setdefault(owner_of(int(shard)), path)
+        if "c" in owned:
+            break
+    assert "c" in owned, owned
+    # A file in the root: its entry and its inode are all a GET reads. With
+    # a and b dead, c still serves one it owns.
+    cluster.kill9("a")
+    cluster.kill9("b")
+    st, _, body = request("c", "GET", owned["c"])
+    assert (st, body) == (200, b"owned %s\n" % owned["c"].split("-")[1].encode()), (st, body)
+    cluster.start("a")
+    cluster.start("b")

@@ -31,7 +31,16 @@
  *    errors and bad statuses), and 404 when there is none;
  *  - /v1/config JSON;
  *  - keep-alive: 1000 sequential signed requests on one curl handle over one
- *    connection; and 4 threads with their own handles at once.
+ *    connection; and 4 threads with their own handles at once;
+ *  - the event loop: streamed replies of several blocks read ahead by the
+ *    workers (never in no-waiting mode), HEAD of one, a stream failing
+ *    mid-way cuts the connection, every stream freed; GET of the handler is
+ *    tried on an I/O thread in no-waiting mode and redone on a worker when it
+ *    refuses, other methods go to a worker at once; 40 slow requests on the
+ *    16 workers while /v1/config answers at once; 1100 connections from one
+ *    other address (127.0.0.2) get at most the per-address share, and a
+ *    request from 127.0.0.1 is served meanwhile; stopping with a slow
+ *    request and a stream in flight.
  * Exits non-zero on any failed check.
  */
 #include <arpa/inet.h>
@@ -46,6 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -99,7 +109,7 @@ struct reply {
     uint8_t *body;
     size_t len, cap;
     char location[2048], errno_hdr[32], vlen[32], more[8], epoch[32], ctype[64], allow[32];
-    char extra[64];
+    char extra[64], clen[32];
 };
 
 /* How to sign and decorate one request; zero means "the normal thing". */
@@ -120,6 +130,7 @@ struct opts {
     int chunked;          /* stream the body without a Content-Length */
     int expect;           /* allow curl's Expect: 100-continue */
     size_t stream_len;    /* stream this many zero bytes (body is ignored) */
+    long max_speed;       /* receive at most this many bytes a second */
 };
 
 static void reply_free(struct reply *r)
@@ -171,8 +182,9 @@ static size_t on_header(char *line, size_t size, size_t n, void *ctx)
 
     if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) { /* a new response (after a 100) */
         r->location[0] = r->errno_hdr[0] = r->vlen[0] = r->more[0] = r->epoch[0] = '\0';
-        r->ctype[0] = r->allow[0] = r->extra[0] = '\0';
+        r->ctype[0] = r->allow[0] = r->extra[0] = r->clen[0] = '\0';
     }
+    copy_header(r->clen, sizeof(r->clen), line, len, "Content-Length");
     copy_header(r->location, sizeof(r->location), line, len, "Location");
     copy_header(r->errno_hdr, sizeof(r->errno_hdr), line, len, WIRE_HDR_ERRNO);
     copy_header(r->vlen, sizeof(r->vlen), line, len, WIRE_HDR_VLEN);
@@ -252,8 +264,12 @@ static long request(CURL *h, const char *method, const char *pq, const void *bod
     curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
+    if (o->max_speed)
+        curl_easy_setopt(h, CURLOPT_MAX_RECV_SPEED_LARGE, (curl_off_t)o->max_speed);
     if (strcmp(method, "GET") == 0) {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
     } else {
         if (strcmp(method, "POST") != 0)
             curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
@@ -397,6 +413,84 @@ static void http_get_is(CURL *h, const void *key, size_t klen, const void *val, 
 
 static int handler_calls;
 
+/* A streamed reply of STREAM_TEST_LEN bytes, byte i being stream_byte(i),
+ * in pieces of at most 100000 bytes; "/streamfail" fails at byte 300000. */
+#define STREAM_TEST_LEN ((3u << 20) + 12345u)
+static int streams_made, streams_freed, stream_reads_nowait, refusals, slow_running;
+
+struct test_stream {
+    uint64_t fail_at; /* 0: never */
+};
+
+static uint8_t stream_byte(uint64_t i)
+{
+    return (uint8_t)(i * 131u + (i >> 9));
+}
+
+static ssize_t test_stream_read(void *ctx, uint64_t pos, void *buf, size_t max)
+{
+    const struct test_stream *ts = ctx;
+    size_t n = max < 100000 ? max : 100000;
+
+    if (shard_nowait_active())
+        __atomic_add_fetch(&stream_reads_nowait, 1, __ATOMIC_SEQ_CST);
+    if (ts->fail_at && pos + n > ts->fail_at) {
+        if (pos >= ts->fail_at)
+            return -EIO;
+        n = (size_t)(ts->fail_at - pos);
+    }
+    for (size_t i = 0; i < n; i++)
+        ((uint8_t *)buf)[i] = stream_byte(pos + i);
+    return (ssize_t)n;
+}
+
+static void test_stream_free(void *ctx)
+{
+    free(ctx);
+    __atomic_add_fetch(&streams_freed, 1, __ATOMIC_SEQ_CST);
+}
+
+/* The paths of the event-loop tests; 1 if path was one of them. */
+static int event_loop_paths(const struct node_request *req, struct node_response *resp, int *rc)
+{
+    const char *text;
+
+    *rc = 0;
+    if (strcmp(req->path, "/stream") == 0 || strcmp(req->path, "/streamfail") == 0) {
+        struct test_stream *ts = xmalloc(sizeof(*ts));
+
+        ts->fail_at = req->path[7] ? 300000 : 0;
+        resp->status = 200;
+        resp->stream = (struct node_stream){
+            .read = test_stream_read, .free = test_stream_free, .ctx = ts, .len = STREAM_TEST_LEN};
+        __atomic_add_fetch(&streams_made, 1, __ATOMIC_SEQ_CST);
+        return 1;
+    }
+    if (strcmp(req->path, "/wouldblock") == 0) {
+        /* What a shard op does in no-waiting mode (shard.h). */
+        if (shard_nowait_refuse()) {
+            __atomic_add_fetch(&refusals, 1, __ATOMIC_SEQ_CST);
+            *rc = -EWOULDBLOCK;
+            return 1;
+        }
+        text = "on a worker";
+    } else if (strcmp(req->path, "/where") == 0) {
+        text = shard_nowait_active() ? "inline" : "worker";
+    } else if (strcmp(req->path, "/slow") == 0) {
+        __atomic_add_fetch(&slow_running, 1, __ATOMIC_SEQ_CST);
+        usleep(300000);
+        __atomic_sub_fetch(&slow_running, 1, __ATOMIC_SEQ_CST);
+        text = "slow";
+    } else {
+        return 0;
+    }
+    resp->status = 200;
+    resp->len = strlen(text);
+    resp->body = xmalloc(resp->len);
+    memcpy(resp->body, text, resp->len);
+    return 1;
+}
+
 static int test_handler(void *ctx, const struct node_request *req, struct node_response *resp)
 {
     const char *q = node_request_query(req, "q");
@@ -406,6 +500,8 @@ static int test_handler(void *ctx, const struct node_request *req, struct node_r
 
     (void)ctx;
     __atomic_add_fetch(&handler_calls, 1, __ATOMIC_SEQ_CST);
+    if (event_loop_paths(req, resp, &n))
+        return n;
     if (strcmp(req->path, "/fail") == 0)
         return -ENOENT;
     if (strcmp(req->path, "/full") == 0)
@@ -1535,6 +1631,208 @@ static void test_concurrent(void)
     recs_free(&rs);
 }
 
+/* ---- the event loop (node_server.c, DESIGN threads) ---- */
+
+static int stream_body_ok(const struct reply *r, size_t len)
+{
+    if (r->len != len)
+        return 0;
+    for (size_t i = 0; i < len; i++)
+        if (r->body[i] != stream_byte(i))
+            return 0;
+    return 1;
+}
+
+/* One request on a thread of its own, with a handle of its own. */
+struct thread_req {
+    pthread_t tid;
+    const char *method, *path;
+    long max_speed;
+    struct reply r; /* out; reply_free() it */
+};
+
+static void *thread_req_main(void *arg)
+{
+    struct thread_req *q = arg;
+    CURL *h = handle();
+
+    REQ(h, q->method, q->path, NULL, 0, &q->r, .max_speed = q->max_speed);
+    curl_easy_cleanup(h);
+    return NULL;
+}
+
+static void thread_req_start(struct thread_req *q, const char *method, const char *path,
+                             long max_speed)
+{
+    q->method = method;
+    q->path = path;
+    q->max_speed = max_speed;
+    pthread_create(&q->tid, NULL, thread_req_main, q);
+}
+
+/* Every stream made is freed once its reply is done (on an I/O thread,
+ * soon after the client has the last byte). */
+static void streams_all_freed(const char *when)
+{
+    double t0 = now_s();
+
+    while (__atomic_load_n(&streams_freed, __ATOMIC_SEQ_CST) !=
+               __atomic_load_n(&streams_made, __ATOMIC_SEQ_CST) &&
+           now_s() - t0 < 5)
+        usleep(10000);
+    CHECKF(streams_freed == streams_made, "%s: %d streams made, %d freed", when, streams_made,
+           streams_freed);
+}
+
+static void test_streams(CURL *h)
+{
+    struct thread_req t[6];
+    struct reply r;
+    char want[32];
+    int ok = 0;
+
+    REQ(h, "GET", "/stream", NULL, 0, &r, 0);
+    CHECKF(r.status == 200 && stream_body_ok(&r, STREAM_TEST_LEN), "%ld, %zu bytes", r.status,
+           r.len);
+    reply_free(&r);
+    snprintf(want, sizeof(want), "%u", STREAM_TEST_LEN);
+    REQ(h, "HEAD", "/stream", NULL, 0, &r, 0);
+    CHECKF(r.status == 200 && r.len == 0 && strcmp(r.clen, want) == 0, "%ld, %zu bytes, '%s'",
+           r.status, r.len, r.clen);
+    reply_free(&r);
+    /* A read failing mid-way: the status line has gone out, so the
+     * connection is cut short of the Content-Length. */
+    REQ(h, "GET", "/streamfail", NULL, 0, &r, 0);
+    CHECKF(r.cc != CURLE_OK && r.len <= 300000 && stream_body_ok(&r, r.len), "%s, %zu bytes",
+           curl_easy_strerror(r.cc), r.len);
+    reply_free(&r);
+    for (int i = 0; i < 6; i++)
+        thread_req_start(&t[i], "GET", "/stream", 0);
+    for (int i = 0; i < 6; i++) {
+        pthread_join(t[i].tid, NULL);
+        ok += t[i].r.status == 200 && stream_body_ok(&t[i].r, STREAM_TEST_LEN);
+        reply_free(&t[i].r);
+    }
+    CHECKF(ok == 6, "%d of 6 parallel streams right", ok);
+    CHECKF(stream_reads_nowait == 0, "%d stream reads in no-waiting mode", stream_reads_nowait);
+    streams_all_freed("after the stream tests");
+}
+
+static void test_dispatch(CURL *h)
+{
+    int calls = handler_calls, refused = refusals, ok = 0, slow_left;
+    struct thread_req t[40];
+    struct reply r;
+    double t0;
+
+    /* GET is tried inline; refused there, it is done again on a worker. */
+    REQ(h, "GET", "/wouldblock", NULL, 0, &r, 0);
+    CHECKF(r.status == 200 && r.len == 11 && memcmp(r.body, "on a worker", 11) == 0, "%ld %.*s",
+           r.status, (int)r.len, r.body ? (const char *)r.body : "");
+    CHECK(handler_calls == calls + 2 && refusals == refused + 1);
+    reply_free(&r);
+    REQ(h, "POST", "/wouldblock", "x", 1, &r, 0);
+    CHECKF(r.status == 200 && r.len == 11 && memcmp(r.body, "on a worker", 11) == 0, "%.*s",
+           (int)r.len, r.body ? (const char *)r.body : "");
+    CHECK(handler_calls == calls + 3 && refusals == refused + 1);
+    reply_free(&r);
+    REQ(h, "GET", "/where", NULL, 0, &r, 0);
+    CHECKF(r.status == 200 && r.len == 6 && memcmp(r.body, "inline", 6) == 0, "%.*s", (int)r.len,
+           r.body ? (const char *)r.body : "");
+    reply_free(&r);
+    REQ(h, "PUT", "/where", "x", 1, &r, 0);
+    CHECKF(r.status == 200 && r.len == 6 && memcmp(r.body, "worker", 6) == 0, "%.*s", (int)r.len,
+           r.body ? (const char *)r.body : "");
+    reply_free(&r);
+
+    /* 40 slow requests keep the 16 workers busy for about a second; the I/O
+     * threads still answer at once meanwhile. */
+    t0 = now_s();
+    for (int i = 0; i < 40; i++)
+        thread_req_start(&t[i], "POST", "/slow", 0);
+    while (__atomic_load_n(&slow_running, __ATOMIC_SEQ_CST) == 0 && now_s() - t0 < 5)
+        usleep(1000);
+    REQ(h, "GET", "/v1/config", NULL, 0, &r, 0);
+    slow_left = __atomic_load_n(&slow_running, __ATOMIC_SEQ_CST);
+    CHECKF(r.status == 200 && slow_left > 0,
+           "/v1/config: %ld, answered with %d slow requests running", r.status, slow_left);
+    reply_free(&r);
+    for (int i = 0; i < 40; i++) {
+        pthread_join(t[i].tid, NULL);
+        ok += t[i].r.status == 200 && t[i].r.len == 4;
+        reply_free(&t[i].r);
+    }
+    CHECKF(ok == 40, "%d of 40 slow requests answered", ok);
+    CHECKF(now_s() - t0 < 10, "40 x 0.3 s on the workers took %.1f s", now_s() - t0);
+}
+
+/* Connections from one address beyond its share are closed at once; others
+ * are served meanwhile. */
+static void test_many_connections(CURL *h)
+{
+    enum { N_MAX = 1100 };
+    static int fds[N_MAX];
+    struct sockaddr_in from = {.sin_family = AF_INET}, to = {.sin_family = AF_INET};
+    int opened = 0, closed = 0, N = N_MAX;
+    struct rlimit rl;
+    struct reply r;
+    char c;
+
+    /* node_server_start raised this process's soft limit if it could. */
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < (rlim_t)N_MAX + 200)
+        N = rl.rlim_cur > 400 ? (int)rl.rlim_cur - 200 : 200;
+
+    from.sin_addr.s_addr = htonl(0x7f000002); /* 127.0.0.2 */
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    to.sin_port = htons((uint16_t)atoi(strrchr(base_url, ':') + 1));
+    for (int i = 0; i < N; i++) {
+        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+        if (fds[i] >= 0 && bind(fds[i], (struct sockaddr *)&from, sizeof(from)) == 0 &&
+            connect(fds[i], (struct sockaddr *)&to, sizeof(to)) == 0)
+            opened++;
+    }
+    CHECKF(opened == N, "%d of %d connections made", opened, N);
+    usleep(500000);
+    REQ(h, "GET", "/v1/config", NULL, 0, &r, 0);
+    CHECKF(r.status == 200, "/v1/config with %d connections from 127.0.0.2: %ld (%s)", N,
+           r.status, curl_easy_strerror(r.cc));
+    reply_free(&r);
+    for (int i = 0; i < N; i++) {
+        if (fds[i] < 0)
+            continue;
+        if (recv(fds[i], &c, 1, MSG_DONTWAIT | MSG_PEEK) == 0 ||
+            (errno != EAGAIN && errno != EWOULDBLOCK))
+            closed++;
+        close(fds[i]);
+    }
+    /* 4096 connections, a quarter for one address (fewer with a low ulimit -n). */
+    CHECKF(closed >= N - 1024, "%d of %d connections from one address closed", closed, N);
+}
+
+/* Stop with a request on a worker and a stream being read by a slow client:
+ * stop waits for the worker, then closes; nothing leaks or crashes. */
+static void test_stop_in_flight(void)
+{
+    struct thread_req slow, st;
+    double t0 = now_s();
+
+    thread_req_start(&st, "GET", "/stream", 1 << 20);
+    thread_req_start(&slow, "POST", "/slow", 0);
+    while (__atomic_load_n(&slow_running, __ATOMIC_SEQ_CST) == 0 && now_s() - t0 < 5)
+        usleep(1000);
+    usleep(100000);
+    t0 = now_s();
+    node_server_stop(server);
+    server = NULL;
+    CHECKF(now_s() - t0 < 3, "stopping took %.1f s", now_s() - t0);
+    pthread_join(slow.tid, NULL);
+    pthread_join(st.tid, NULL);
+    reply_free(&slow.r);
+    reply_free(&st.r);
+    streams_all_freed("after the stop");
+}
+
 static void cleanup(void)
 {
     rm_rf(tmpdir);
@@ -1564,13 +1862,15 @@ int main(void)
     test_keep_alive();
     test_concurrent();
     test_no_socket();
+    test_streams(h);
+    test_dispatch(h);
+    test_many_connections(h);
     /* Stopping with a connection still open (idle keep-alive) must not hang. */
     idle = handle();
     REQ(idle, "GET", "/v1/config", NULL, 0, &r, 0);
     CHECK(r.status == 200);
     reply_free(&r);
-    node_server_stop(server);
-    server = NULL;
+    test_stop_in_flight();
 
     if (start(NULL) == 0) {
         test_no_handler();

@@ -1904,6 +1904,73 @@ static void test_threads(void)
     shard_close(s);
 }
 
+/* A scan that holds the shard's lock while `hold` is set. */
+static volatile int hold, holding;
+
+static int hold_lock(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    (void)ctx, (void)k, (void)kl, (void)v, (void)vl;
+    holding = 1;
+    while (hold)
+        usleep(1000);
+    return 1;
+}
+
+static void *scan_holding(void *arg)
+{
+    shard_scan(arg, NULL, 0, NULL, 0, hold_lock, NULL);
+    return NULL;
+}
+
+/* No-waiting mode (shard.h): what may be done is done, the rest refused
+ * with nothing changed. */
+static void test_nowait(void)
+{
+    struct shard *s = open_shard("nowait", 60000, 4096);
+    uint8_t big[5000], buf[16];
+    struct shard_stat st;
+    struct batch b;
+    pthread_t th;
+    size_t vlen = 0;
+
+    if (!s)
+        return;
+    memset(big, 'b', sizeof(big));
+    shard_nowait_begin();
+    CHECK_RC(put_str(s, "small", "v"), 0); /* no commit due: done */
+    CHECK_RC(shard_get(s, "small", 5, 0, buf, sizeof(buf), &vlen), 1);
+    CHECK_RC(shard_stat(s, &st), 0);
+    CHECK_RC(shard_nowait_end(), 0);
+    CHECK(st.pending == 1);
+    /* A batch that would make the shard commit is left to a thread that may. */
+    shard_nowait_begin();
+    CHECK_RC(put_kv(s, "big", 3, big, sizeof(big)), -EWOULDBLOCK);
+    CHECK_RC(shard_sync(s), -EWOULDBLOCK);
+    CHECK_RC(shard_nowait_end(), 1);
+    CHECK_RC(shard_get(s, "big", 3, 0, buf, sizeof(buf), &vlen), -ENOENT);
+    CHECK(stat_of(s).pending == 1);
+    CHECK_RC(put_kv(s, "big", 3, big, sizeof(big)), 0);
+    CHECK(stat_of(s).pending == 0); /* it committed */
+    /* The lock held by another thread: refused, not waited for. */
+    hold = 1;
+    holding = 0;
+    CHECK(pthread_create(&th, NULL, scan_holding, s) == 0);
+    while (!holding)
+        usleep(1000);
+    shard_nowait_begin();
+    CHECK_RC(shard_get(s, "small", 5, 0, buf, sizeof(buf), &vlen), -EWOULDBLOCK);
+    batch_init(&b);
+    batch_put(&b, "x", 1, "y", 1);
+    CHECK_RC(shard_apply(s, &b), -EWOULDBLOCK);
+    CHECK_RC(shard_nowait_end(), 1);
+    hold = 0;
+    pthread_join(th, NULL);
+    CHECK_RC(shard_apply(s, &b), 0);
+    batch_free(&b);
+    CHECK_RC(shard_get(s, "x", 1, 0, buf, sizeof(buf), &vlen), 1);
+    shard_close(s);
+}
+
 static void cleanup(void)
 {
     rm_rf(tmpdir);
@@ -1928,6 +1995,7 @@ int main(void)
         {"record beyond a gap", test_gap_record},
         {"sync and flush", test_sync_and_flush},
         {"threads", test_threads},
+        {"no-waiting mode", test_nowait},
         {"large values", test_large_values},
         {"200 MiB", test_growth},
         {"map full (SHARDFS_SLOW_TESTS=1)", test_map_full},
