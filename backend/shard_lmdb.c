@@ -631,7 +631,6 @@ static int lock_or_refuse(struct shard_lmdb *sl)
     return 0;
 }
 
-
 static int lmdb_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
                     size_t buflen, size_t *vlen)
 {
