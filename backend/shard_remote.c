@@ -88,6 +88,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "curl_defaults.h"
 #include "wire.h"
 
 #define REMOTE_DEFAULT_TIMEOUT_MS 5000u
@@ -189,15 +190,7 @@ static void handle_defaults(const struct remote *r, CURL *h)
         curl_easy_setopt(h, CURLOPT_CAINFO, r->cfg->tls_ca);
         curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
     }
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L);
-#if LIBCURL_VERSION_NUM >= 0x075500 /* 7.85: CURLOPT_PROTOCOLS deprecated */
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
-#else
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
-#endif
-    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    curl_defaults(h);
 }
 
 static struct conn *pool_take(struct remote *r)
