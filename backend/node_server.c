@@ -1168,6 +1168,9 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
     case WIRE_OP_GETV:
         op_getv(sh, in->body, in->body_len, r);
         return;
+    case WIRE_OP_STREAM:
+    case WIRE_OP_POSITION:
+        break; /* not served yet */
     }
     resp_error(r, -EINVAL, "unknown op");
 }

@@ -140,6 +140,36 @@ const char *node_request_header(const struct node_request *req, const char *name
 int node_server_start(const struct config *cfg, int self, struct shard *const *shards,
                       node_handler_fn other, void *other_ctx, struct node_server **out,
                       char *err, size_t errlen);
+/* Replication (issue 10): the stream and position routes of wire.h and
+ * routing by the live shard map. */
+struct shard_map;
+struct node_server_repl {
+    /* The live map (shard_map.h), borrowed; it must outlive the server.
+     * With it, a shard op is served only when the map names this node the
+     * shard's primary; otherwise it gets 307 to the map's primary (also
+     * when this node holds a replica of it), or 503 while it has none. */
+    struct shard_map *map;
+    /* cfg.shard_count entries, borrowed: the local LMDB shard (shard_lmdb)
+     * of every shard this node holds a copy of, primary or replica, else
+     * NULL. The server owns their on_apply listener (shard_lmdb_on_apply):
+     * set at start, removed at stop. For a primary with replicas, shards[n]
+     * (above) is its shard_repl wrapper and local[n] its inner shard. */
+    struct shard *const *local;
+};
+
+/* node_server_start() with replication: repl as above (NULL: as
+ * node_server_start). A stream request is answered from local[n] when
+ * shards[n] is a shard_repl (shard_repl.h), whose replicas report through
+ * it; a long poll holds no thread while it waits. */
+int node_server_start_repl(const struct config *cfg, int self, struct shard *const *shards,
+                           const struct node_server_repl *repl, node_handler_fn other,
+                           void *other_ctx, struct node_server **out, char *err, size_t errlen);
+/* node_server_new() with replication (no socket: a stream request that
+ * finds nothing answers 204 at once, it cannot wait). */
+int node_server_new_repl(const struct config *cfg, int self, struct shard *const *shards,
+                         const struct node_server_repl *repl, node_handler_fn other,
+                         void *other_ctx, struct node_server **out, char *err, size_t errlen);
+
 /* Stop and free; waits for requests in progress. NULL-safe; also frees a
  * server from node_server_new(). */
 void node_server_stop(struct node_server *s);

@@ -40,6 +40,7 @@
 static const char *const op_names[] = {
     [WIRE_OP_GET] = "get",   [WIRE_OP_SCAN] = "scan", [WIRE_OP_APPLY] = "apply",
     [WIRE_OP_SYNC] = "sync", [WIRE_OP_STAT] = "stat", [WIRE_OP_GETV] = "getv",
+    [WIRE_OP_STREAM] = "stream", [WIRE_OP_POSITION] = "position",
 };
 #define OP_COUNT (sizeof(op_names) / sizeof(op_names[0]))
 
@@ -596,6 +597,9 @@ static const struct {
     {ENAMETOOLONG, "ENAMETOOLONG", 414},
     {EHOSTUNREACH, "EHOSTUNREACH", 502}, {ETIMEDOUT, "ETIMEDOUT", 504},
     {EACCES, "EACCES", 401},         {EPERM, "EPERM", 403},
+    /* The stream route's "needs a snapshot" (wire.h); ESTALE is sent with
+     * 404 elsewhere, so this second row only decodes a 409. */
+    {ERANGE, "ERANGE", 409},         {ESTALE, "ESTALE", 409},
 };
 #define ERRNO_COUNT (sizeof(errno_table) / sizeof(errno_table[0]))
 

@@ -25,6 +25,52 @@
  *   GET  /v1/config                    200 JSON {"epoch":E,"node":"NAME","shards":["URL",...]}
  *   A wrong method for an op: 405.
  *
+ * Replication (issue 10; the primary's side is shard_repl.h):
+ *   GET  /v1/shard/N/stream?node=NAME&epoch=E&lsn=L&check=C&wait=MS&max=BYTES[&synced=S]
+ *        Sent by node NAME, a replica of shard N, to N's primary: "my copy is
+ *        at position (E,L,C) (stream.h), in my redo log; everything up to lsn
+ *        S is synced (fsync) here; send what follows". The query is part of
+ *        the signed target, so NAME is authenticated like the rest of the
+ *        request (by the cluster secret). Every argument but synced is
+ *        required, in any order, each once; numbers in decimal (u64), check
+ *        included. The request is the replica's acknowledgement: the primary
+ *        records (E,L,C) and S for NAME (shard_repl_report) and keeps its
+ *        stream after L (a hold for NAME, released after 10 minutes without
+ *        a request from NAME).
+ *        200 body: the entries after (E,L,C), concatenated in the stream.h
+ *            encoding (stream_entry_next walks them), at least one, about
+ *            max bytes at most (max capped at WIRE_STREAM_MAX; 0 means
+ *            WIRE_STREAM_MAX; a single entry may exceed it)
+ *        204 no entry after (E,L,C) came within wait ms (capped at
+ *            WIRE_STREAM_WAIT_MAX; 0: answer at once): a long poll, woken
+ *            by the next batch the primary applies. The connection holds
+ *            no thread while it waits.
+ *        409 + X-Shardfs-Errno: ERANGE (entries after L are no longer
+ *            retained) or ESTALE ((E,L,C) is not a position of the
+ *            primary's history: a diverged copy): the replica needs a
+ *            snapshot; the primary holds its stream after the position in
+ *            X-Shardfs-Position for NAME from now on, so a snapshot based
+ *            on that position (taken after this reply) finds its tail.
+ *        403 + EPERM: NAME is not a replica of N in the shard map (or not a
+ *            node of the config, or this node itself).
+ *        307 (as for any shard op) when this node is not N's primary: to the
+ *            primary of the shard map.
+ *        Every 200, 204 and 409 carries X-Shardfs-Position: "E/L/C" in
+ *        decimal, the primary's position when it answered (lag), and a
+ *        200 or 204 carries X-Shardfs-Sync: LSN when a sync() on the
+ *        primary waits for this replica to have synced up to LSN (so sync
+ *        your copy, then ask again with synced >= LSN; such a sync also
+ *        wakes the long poll).
+ *   GET  /v1/shard/N/position          (the primary of N)
+ *        200 JSON {"epoch":E,"lsn":L,"check":"C","replicas":[{"node":"NAME",
+ *            "in_sync":true|false,"lsn":L,"synced":S,"lag_batches":B,
+ *            "lag_ms":MS,"last_report_ms":MS|-1,"snapshot":true|false},...]}
+ *            ("check" a decimal string: JSON numbers lose u64 bits), also
+ *            X-Shardfs-Position; replicas only where the shard has them.
+ *   A shard op (get, getv, scan, apply, sync, stat, stream, position) sent
+ *   to a node that holds only a replica of N gets 307 to N's primary, like
+ *   one sent to a node holding no copy.
+ *
  * Every signed request carries (the HMAC signs the body's declared digest and
  * length, not the body, so a node authenticates it from the headers alone,
  * before it reads a byte of the body):
@@ -57,10 +103,11 @@
  * Status <-> errno (wire_errno_of_status / wire_status_of_errno) is the only
  * place the two are translated: 400 EINVAL, 401 EACCES, 403 EPERM, 404
  * ENOENT (or ESTALE), 409 per X-Shardfs-Errno (EEXIST, EAGAIN, ENOTEMPTY,
- * ENOTDIR, EISDIR, EMLINK), 413 EFBIG, 414 ENAMETOOLONG, 502 EHOSTUNREACH
- * and 504 ETIMEDOUT (a node could not reach another), 507 ENOSPC, other 4xx
- * and 5xx (503 included: EAGAIN is reserved for a failed ASSERT_VALUE) EIO;
- * transport failures map separately in shard_remote.c.
+ * ENOTDIR, EISDIR, EMLINK; ERANGE and ESTALE from the stream route), 413
+ * EFBIG, 414 ENAMETOOLONG, 502 EHOSTUNREACH and 504 ETIMEDOUT (a node could
+ * not reach another), 507 ENOSPC, other 4xx and 5xx (503 included: EAGAIN is
+ * reserved for a failed ASSERT_VALUE) EIO; transport failures map
+ * separately in shard_remote.c.
  *
  * Pure functions, but for wire_nonce_new() (getrandom), the wire_digest
  * objects (on the heap) and the HMAC context each thread that signs keeps
@@ -83,12 +130,16 @@
 #define WIRE_HDR_VLEN "X-Shardfs-Vlen"
 #define WIRE_HDR_MORE "X-Shardfs-More"
 #define WIRE_HDR_ERRNO "X-Shardfs-Errno"
+#define WIRE_HDR_POSITION "X-Shardfs-Position" /* "E/L/C" */
+#define WIRE_HDR_SYNC "X-Shardfs-Sync"
 
 #define WIRE_BODY_MAX (BATCH_MAX + 4096u)   /* largest request body accepted */
 #define WIRE_GET_MAX (16u << 20)            /* largest get reply */
 #define WIRE_SCAN_REPLY_MAX (4u << 20)      /* a scan reply is cut near this size */
 #define WIRE_SCAN_LIMIT_MAX 65536u          /* records per scan reply */
 #define WIRE_PATH_MAX 512u
+#define WIRE_STREAM_MAX (16u << 20)         /* stream reply, about (max=) */
+#define WIRE_STREAM_WAIT_MAX 30000u         /* ms a stream request may wait */
 #define WIRE_MAX_SKEW 300                   /* seconds */
 #define WIRE_AUTH_LEN 64                    /* hex characters */
 #define WIRE_NONCE_BYTES 16
@@ -104,6 +155,8 @@ enum wire_op {
     WIRE_OP_SYNC,
     WIRE_OP_STAT,
     WIRE_OP_GETV,
+    WIRE_OP_STREAM,
+    WIRE_OP_POSITION,
 };
 
 /* "/v1/shard/N/op" -> shard and op. Returns 0, or -EINVAL (malformed) or

@@ -1,0 +1,115 @@
+/* shard_repl.h -- the primary's side of a replicated shard (issue 10).
+ *
+ * A third implementation of struct shard_ops, around the local LMDB shard
+ * (shard_lmdb) of a shard this node is the primary of. Reads (get, scan,
+ * get_many, stat) go to the LMDB shard unchanged. Writes:
+ *
+ *  - apply: refused with -EHOSTUNREACH when this node may not acknowledge
+ *    as primary (shard_map_lease_ok() is 0, or the map names another
+ *    primary), before anything is applied. Else shard_lmdb_apply_pos(); then
+ *    with ack = replica (config.h) it waits until every replica in the
+ *    shard's in-sync set (shard_map_get) has reported a position at or past
+ *    the batch's (shard_repl_report: it holds the batch in its redo log).
+ *    A replica that has not within replica_lag_ms is taken out of the
+ *    in-sync set with shard_map_isr_remove() BEFORE the write is
+ *    acknowledged without it; if that fails the apply fails with -EIO (the
+ *    batch is in the primary's copy but was never acknowledged): never a
+ *    silent fallback. The lease is checked again before returning 0. With
+ *    ack = primary, or no replica in sync, nothing waits.
+ *  - sync: the LMDB shard's sync, then (ack = replica) the same wait for
+ *    the in-sync replicas' synced lsn to reach the position the primary had
+ *    when the sync began, with the same rule for laggards.
+ *  - No-waiting mode (shard.h): an apply that would wait for acks refuses
+ *    with -EWOULDBLOCK before applying anything; a sync always refuses.
+ *
+ * A replica leaves the in-sync set only here (a laggard, above); it joins
+ * it again (shard_map_isr_add) when it reports the primary's current
+ * position. Replicas report through the stream route of node_server.c
+ * (wire.h), which calls shard_repl_report(); each report also holds the
+ * primary's stream after the reported lsn for that node
+ * (shard_lmdb_stream_hold, slot = node index), and a node that has not
+ * reported for SHARD_REPL_HOLD_MS loses its hold (checked at applies and
+ * reports).
+ *
+ * Errors: those of the LMDB shard, plus -EHOSTUNREACH (no lease, not the
+ * primary) and -EIO (a laggard could not be taken out of the in-sync set).
+ *
+ * Threads: every call from any thread; waits are on a condition variable
+ * signalled by reports. The map is borrowed and must outlive the shard.
+ */
+#ifndef SHARDFS_SHARD_REPL_H
+#define SHARDFS_SHARD_REPL_H
+
+#include <stdint.h>
+
+#include "config.h"
+#include "shard.h"
+#include "shard_map.h"
+#include "stream.h"
+
+#define SHARD_REPL_HOLD_MS (10 * 60 * 1000) /* a silent node's stream hold lasts this */
+
+/* Wrap lmdb (a shard_lmdb shard) of which node self is the primary in map.
+ * cfg gives ack and replica_lag_ms (copied). Sets the LMDB shard's epoch to
+ * the map's epoch of the shard. On success the wrapper owns lmdb (closing
+ * it closes both). 0 and *out, or -errno (-ENOMEM; -EINVAL for bad
+ * arguments; the map's or the shard's error). */
+int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct config *cfg, int self,
+                   struct shard **out);
+
+/* 1 if s was made by shard_repl_new(), else 0. */
+int shard_repl_is(const struct shard *s);
+
+/* The LMDB shard inside s (a shard_repl). */
+struct shard *shard_repl_inner(struct shard *s);
+
+/* Replica `node` reports (the stream route, after checking that applied is
+ * a position of this shard's history): its copy holds everything up to
+ * applied (in its redo log) and is synced up to synced_lsn. Wakes the
+ * writes waiting for it, holds the stream after applied->lsn for it, and
+ * puts it back in the in-sync set if applied is the primary's position.
+ * 0, -EINVAL (node is not a replica of this shard in the map), the map's
+ * error from shard_map_isr_add, or -EWOULDBLOCK in no-waiting mode when
+ * that call was due (do the request again where it may wait). */
+int shard_repl_report(struct shard *s, int node, const struct stream_pos *applied,
+                      uint64_t synced_lsn);
+
+/* Replica `node` needs a snapshot (its position was not retained or not
+ * of this history): hold the stream after base->lsn for it (base is the
+ * primary's position the reply names), and remember it for status. 0 or
+ * -EINVAL (not a replica). */
+int shard_repl_needs_snapshot(struct shard *s, int node, const struct stream_pos *base);
+
+/* The lsn some sync() waits for replica `node` to have synced (so it should
+ * sync and report), or 0 when none waits for it. */
+uint64_t shard_repl_sync_wanted(struct shard *s, int node);
+
+/* Called when a sync() starts waiting for the replicas' synced lsn, so the
+ * stream route can wake their long polls (X-Shardfs-Sync, wire.h). One
+ * listener; NULL removes it. fn runs on the syncing thread, no lock held. */
+void shard_repl_on_sync_wanted(struct shard *s, void (*fn)(void *ctx, unsigned index), void *ctx);
+
+/* For `shardfs status`: the primary's position and each replica of the
+ * shard in the map. lag_batches counts the batches the primary applied
+ * after the replica's position (at least SHARD_REPL_LAG_WINDOW when it is
+ * further behind than the wrapper remembers); lag_ms is how long the
+ * oldest of them has been waiting (0 when in step). */
+#define SHARD_REPL_LAG_WINDOW 1024u
+struct shard_repl_peer {
+    int node;                   /* node index */
+    int in_sync;                /* in the map's in-sync set */
+    int needs_snapshot;         /* its last request got ERANGE/ESTALE */
+    struct stream_pos applied;  /* last reported ({0,0,0}: none since start) */
+    uint64_t synced_lsn;
+    uint64_t lag_batches, lag_ms;
+    int64_t last_report_ms;     /* ms since its last request, -1 never */
+};
+struct shard_repl_status {
+    struct stream_pos position; /* the primary's */
+    uint64_t epoch;             /* the shard's epoch in the map */
+    unsigned nreplicas;
+    struct shard_repl_peer replicas[SHARD_MAP_COPIES_MAX - 1];
+};
+int shard_repl_status(struct shard *s, struct shard_repl_status *out);
+
+#endif
