@@ -661,6 +661,10 @@ static enum fake_action fake_handle(struct fake *f, const struct http_req *rq,
         rp->len = (size_t)n;
         break;
     }
+    case WIRE_OP_STREAM:
+    case WIRE_OP_POSITION:
+        rp->status = 404; /* replication: not this fake's business */
+        break;
     }
     return ACT_REPLY;
 }
