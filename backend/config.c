@@ -38,20 +38,28 @@ enum cluster_key {
     CK_SECRET,
     CK_TIMEOUT,
     CK_TLS_CA,
+    CK_ACK,
+    CK_ETCD,
+    CK_LEASE_TTL,
+    CK_REPLICA_LAG,
     CK_COUNT
 };
 static const char *const cluster_keys[CK_COUNT] = {
-    "shards", "epoch", "commit_interval_ms", "cache_timeout", "secret", "timeout_ms", "tls_ca"};
+    "shards",     "epoch", "commit_interval_ms", "cache_timeout",  "secret",
+    "timeout_ms", "tls_ca", "ack",               "etcd",           "lease_ttl_ms",
+    "replica_lag_ms"};
 
-enum node_key { NK_URL, NK_DATA_DIR, NK_SHARDS, NK_TLS_CERT, NK_TLS_KEY, NK_COUNT };
-static const char *const node_keys[NK_COUNT] = {"url", "data_dir", "shards", "tls_cert",
-                                                "tls_key"};
+enum node_key { NK_URL, NK_DATA_DIR, NK_SHARDS, NK_TLS_CERT, NK_TLS_KEY, NK_REPLICAS, NK_COUNT };
+static const char *const node_keys[NK_COUNT] = {"url",     "data_dir", "shards",
+                                                "tls_cert", "tls_key", "replicas"};
 
 struct node_state {
-    int key_line[NK_COUNT];     /* 0 = not given yet */
-    int all;                    /* shards = all */
-    int assigned;               /* shards written into owner[] */
-    uint64_t bits[SHARD_WORDS]; /* listed shards unless all */
+    int key_line[NK_COUNT];      /* 0 = not given yet */
+    int all;                     /* shards = all */
+    int assigned;                /* shards written into owner[] */
+    uint64_t bits[SHARD_WORDS];  /* listed shards unless all */
+    int rall;                    /* replicas = all */
+    uint64_t rbits[SHARD_WORDS]; /* shards listed by replicas = unless rall */
 };
 
 struct load_ctx {
@@ -141,19 +149,22 @@ static int valid_node_name(const char *s, size_t len)
     return 1;
 }
 
-/* Parse a shard list ("all", "0-3", "0,2,5-7") into st. Indices must be below
- * limit. On error writes a reason into why and returns -1. */
-static int parse_shard_list(const char *s, unsigned limit, struct node_state *st, char *why,
-                            size_t whylen)
+/* Parse the shard list s of directive key ("all", "0-3", "0,2,5-7", and
+ * for replicas "none") into *all and bits. Indices must be below limit. On
+ * error writes a reason into why and returns -1. */
+static int parse_shard_list(const char *key, const char *s, unsigned limit, int *all,
+                            uint64_t bits[SHARD_WORDS], char *why, size_t whylen)
 {
     const char *p = s;
 
-    st->all = 0;
-    memset(st->bits, 0, sizeof(st->bits));
+    *all = 0;
+    memset(bits, 0, SHARD_WORDS * sizeof(bits[0]));
     if (strcmp(s, "all") == 0) {
-        st->all = 1;
+        *all = 1;
         return 0;
     }
+    if (strcmp(key, "replicas") == 0 && strcmp(s, "none") == 0)
+        return 0;
     for (;;) {
         unsigned long lo, hi;
         char *end;
@@ -184,22 +195,23 @@ static int parse_shard_list(const char *s, unsigned limit, struct node_state *st
             while (*p == ' ' || *p == '\t')
                 p++;
             if (hi < lo) {
-                snprintf(why, whylen, "shards = %s: range %lu-%lu is backwards", s, lo, hi);
+                snprintf(why, whylen, "%s = %s: range %lu-%lu is backwards", key, s, lo, hi);
                 return -1;
             }
         }
         if (hi >= limit) {
-            snprintf(why, whylen, "shard %lu is out of range 0-%u", lo >= limit ? lo : hi,
+            snprintf(why, whylen, "%sshard %lu is out of range 0-%u",
+                     strcmp(key, "shards") ? "replicas: " : "", lo >= limit ? lo : hi,
                      limit - 1);
             return -1;
         }
         for (unsigned long i = lo; i <= hi; i++) {
             uint64_t bit = UINT64_C(1) << (i % 64);
-            if (st->bits[i / 64] & bit) {
-                snprintf(why, whylen, "shards = %s lists shard %lu twice", s, i);
+            if (bits[i / 64] & bit) {
+                snprintf(why, whylen, "%s = %s lists shard %lu twice", key, s, i);
                 return -1;
             }
-            st->bits[i / 64] |= bit;
+            bits[i / 64] |= bit;
         }
         if (*p == '\0')
             return 0;
@@ -208,7 +220,12 @@ static int parse_shard_list(const char *s, unsigned limit, struct node_state *st
         p++;
     }
 bad:
-    snprintf(why, whylen, "bad shard list '%s' (want \"all\" or a list like \"0,2,5-7\")", s);
+    if (strcmp(key, "shards") == 0)
+        snprintf(why, whylen, "bad shard list '%s' (want \"all\" or a list like \"0,2,5-7\")", s);
+    else
+        snprintf(why, whylen,
+                 "bad %s list '%s' (want \"none\", \"all\" or a list like \"0,2,5-7\")", key,
+                 s);
     return -1;
 }
 
@@ -470,6 +487,56 @@ static int file_value(struct load_ctx *ctx, int line, const char *name, const ch
     return 0;
 }
 
+/* etcd = URL[,URL...]: each an http:// or https:// HOST:PORT as a node url
+ * (spaces around the commas allowed), at most CONFIG_ETCD_MAX_ENDPOINTS.
+ * Stored without the spaces, as etcd_new() wants it. 0 or -1 (failed). */
+static int parse_etcd_list(struct load_ctx *ctx, int line, const char *value)
+{
+    struct config *cfg = &ctx->cfg;
+    const char *p = value;
+    size_t used = 0;
+    unsigned count = 0;
+
+    for (;;) {
+        char one[CONFIG_URL_MAX + 1], why[128];
+        struct config_url u;
+        size_t len;
+
+        while (*p == ' ' || *p == '\t')
+            p++;
+        len = strcspn(p, ",");
+        while (len > 0 && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+            len--;
+        if (len == 0) {
+            fail_at(ctx, line, "etcd = %s: an empty url in the list", value);
+            return -1;
+        }
+        if (len > CONFIG_URL_MAX) {
+            fail_at(ctx, line, "etcd: a url is too long (at most %d characters)", CONFIG_URL_MAX);
+            return -1;
+        }
+        snprintf(one, sizeof(one), "%.*s", (int)len, p);
+        if (config_url_parse(one, &u, why, sizeof(why)) < 0) {
+            fail_at(ctx, line, "etcd: bad url '%s' (%s)", one, why);
+            return -1;
+        }
+        if (++count > CONFIG_ETCD_MAX_ENDPOINTS) {
+            fail_at(ctx, line, "etcd: more than %d urls", CONFIG_ETCD_MAX_ENDPOINTS);
+            return -1;
+        }
+        if (used + (used ? 1 : 0) + len >= sizeof(cfg->etcd)) {
+            fail_at(ctx, line, "etcd is too long (at most %zu characters)", sizeof(cfg->etcd) - 1);
+            return -1;
+        }
+        used += (size_t)snprintf(cfg->etcd + used, sizeof(cfg->etcd) - used, "%s%s",
+                                 used ? "," : "", one);
+        p += strcspn(p, ",");
+        if (*p == '\0')
+            return 0;
+        p++;
+    }
+}
+
 static int cluster_key(struct load_ctx *ctx, const char *name, const char *value)
 {
     struct config *cfg = &ctx->cfg;
@@ -552,6 +619,34 @@ static int cluster_key(struct load_ctx *ctx, const char *name, const char *value
             return 0;
         }
         cfg->tls_ca_line = line;
+        break;
+    case CK_ACK:
+        if (strcmp(value, "primary") == 0) {
+            cfg->ack = CONFIG_ACK_PRIMARY;
+        } else if (strcmp(value, "replica") == 0) {
+            cfg->ack = CONFIG_ACK_REPLICA;
+        } else {
+            fail_at(ctx, line, "bad ack '%s' (want primary or replica)", value);
+            return 0;
+        }
+        break;
+    case CK_ETCD:
+        if (parse_etcd_list(ctx, line, value) < 0)
+            return 0;
+        break;
+    case CK_LEASE_TTL:
+        if (parse_uint(value, 1000, 60000, &n) < 0) {
+            fail_at(ctx, line, "bad lease_ttl_ms '%s' (want an integer 1000-60000)", value);
+            return 0;
+        }
+        cfg->lease_ttl_ms = (unsigned)n;
+        break;
+    case CK_REPLICA_LAG:
+        if (parse_uint(value, 100, 60000, &n) < 0) {
+            fail_at(ctx, line, "bad replica_lag_ms '%s' (want an integer 100-60000)", value);
+            return 0;
+        }
+        cfg->replica_lag_ms = (unsigned)n;
         break;
     case CK_COUNT:
         break;
@@ -666,8 +761,8 @@ static int node_key(struct load_ctx *ctx, const char *name, const char *value)
         }
         break;
     case NK_SHARDS:
-        if (parse_shard_list(value, cfg->shard_count ? cfg->shard_count : CONFIG_MAX_SHARDS, st,
-                             why, sizeof(why)) < 0) {
+        if (parse_shard_list(name, value, cfg->shard_count ? cfg->shard_count : CONFIG_MAX_SHARDS,
+                             &st->all, st->bits, why, sizeof(why)) < 0) {
             fail_at(ctx, line, "%s", why);
             return 0;
         }
@@ -683,6 +778,14 @@ static int node_key(struct load_ctx *ctx, const char *name, const char *value)
         if (file_value(ctx, line, name, value, node->tls_key, sizeof(node->tls_key)) < 0)
             return 0;
         node->tls_key_line = line;
+        break;
+    case NK_REPLICAS:
+        /* Assigned in validate(): the owners of every shard must be known. */
+        if (parse_shard_list(name, value, cfg->shard_count ? cfg->shard_count : CONFIG_MAX_SHARDS,
+                             &st->rall, st->rbits, why, sizeof(why)) < 0) {
+            fail_at(ctx, line, "%s", why);
+            return 0;
+        }
         break;
     case NK_COUNT:
         break;
@@ -798,6 +901,67 @@ static int check_tls(struct load_ctx *ctx)
     return 0;
 }
 
+/* Every node's replicas = list into nreplicas[]/replicas[], in config
+ * order; needs every owner. A copy on the owner would be no copy at all, and
+ * more than CONFIG_REPLICAS_MAX would overflow the map's copy set. */
+static int assign_replicas(struct load_ctx *ctx)
+{
+    struct config *cfg = &ctx->cfg;
+
+    for (unsigned idx = 0; idx < cfg->node_count; idx++) {
+        const struct node_state *st = &ctx->nodes[idx];
+        int line = st->key_line[NK_REPLICAS];
+
+        if (!line)
+            continue;
+        for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
+            int listed = st->rall ? i < cfg->shard_count : !!(st->rbits[i / 64] >> (i % 64) & 1);
+            if (!listed)
+                continue;
+            if (i >= cfg->shard_count) {
+                fail_at(ctx, line, "replicas: shard %u is out of range 0-%u", i,
+                        cfg->shard_count - 1);
+                return -1;
+            }
+            if (cfg->owner[i] == (int)idx) {
+                fail_at(ctx, line,
+                        "replicas: shard %u is owned by node '%s' itself (a replica must be on "
+                        "another node)",
+                        i, cfg->nodes[idx].name);
+                return -1;
+            }
+            if (cfg->nreplicas[i] >= CONFIG_REPLICAS_MAX) {
+                fail_at(ctx, line, "replicas: shard %u would have more than %d replicas", i,
+                        CONFIG_REPLICAS_MAX);
+                return -1;
+            }
+            cfg->replicas[i][cfg->nreplicas[i]++] = (int)idx;
+        }
+    }
+    return 0;
+}
+
+/* A primary waits replica_lag_ms for a replica's ack before it drops the
+ * replica from the in-sync set; that must end before the writer's own remote
+ * request (timeout_ms) gives up on the primary. Given explicitly it must be
+ * below timeout_ms; by default it is 2000 or timeout_ms / 2 if that is less. */
+static int check_replica_lag(struct load_ctx *ctx)
+{
+    struct config *cfg = &ctx->cfg;
+    int line = ctx->cluster_key_line[CK_REPLICA_LAG];
+
+    if (!line) {
+        cfg->replica_lag_ms = cfg->timeout_ms / 2 < 2000 ? cfg->timeout_ms / 2 : 2000;
+        return 0;
+    }
+    if (cfg->replica_lag_ms >= cfg->timeout_ms) {
+        fail_at(ctx, line, "replica_lag_ms = %u must be less than timeout_ms = %u",
+                cfg->replica_lag_ms, cfg->timeout_ms);
+        return -1;
+    }
+    return 0;
+}
+
 static int validate(struct load_ctx *ctx)
 {
     struct config *cfg = &ctx->cfg;
@@ -828,6 +992,8 @@ static int validate(struct load_ctx *ctx)
             return -1;
         }
     }
+    if (assign_replicas(ctx) < 0 || check_replica_lag(ctx) < 0)
+        return -1;
     if (cfg->node_count > 1) {
         /* Nodes talk to each other: every request is signed, every node
          * must be reachable. */
@@ -873,6 +1039,8 @@ int config_load(const char *path, struct config *cfg, char *err, size_t errlen)
     ctx->cfg.commit_interval_ms = 200;
     ctx->cfg.cache_timeout = 3600;
     ctx->cfg.timeout_ms = 5000;
+    ctx->cfg.ack = CONFIG_ACK_REPLICA;
+    ctx->cfg.lease_ttl_ms = 5000;
     for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         ctx->cfg.owner[i] = -1;
     if (strlen(path) >= sizeof(ctx->cfg.path)) {

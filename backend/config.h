@@ -8,19 +8,29 @@
  *               secret (the cluster secret, >= 16 characters; required
  *               with more than one node), timeout_ms (remote requests),
  *               tls_ca = FILE (PEM CA certificates every https:// node's
- *               certificate is checked against; required with one)
+ *               certificate is checked against; required with one),
+ *               ack = primary | replica (default replica), etcd =
+ *               URL[,URL...] (http(s)://HOST:PORT each, at most
+ *               CONFIG_ETCD_MAX_ENDPOINTS; optional: without it the shard
+ *               map is this file), lease_ttl_ms (1000-60000, default 5000),
+ *               replica_lag_ms (100-60000, below timeout_ms; default 2000,
+ *               or timeout_ms / 2 when that is less)
  *   [node NAME] url = http://HOST:PORT or https://HOST:PORT (HOST a name,
  *               an IPv4 address or [IPv6]; PORT 1-65535; nothing after but
  *               one "/"; no two nodes at the same HOST:PORT), data_dir = DIR
  *               (relative to the conf file's directory), shards = LIST
  *               ("0-3", "0,2,5-7" or "all"), tls_cert = FILE and
  *               tls_key = FILE (PEM; required with, and only with, an
- *               https:// url; read by the node's server at start)
+ *               https:// url; read by the node's server at start),
+ *               replicas = LIST (the shards this node holds a replica of:
+ *               the syntax of shards, or "none", the default)
  *
  * FILE and DIR values are relative to the conf file's directory; tls_ca
  * must be readable at load, the others are read by whoever uses them.
  *
- * Every shard must be owned by exactly one node. An unknown section or key, a
+ * Every shard must be owned by exactly one node and may have up to
+ * CONFIG_REPLICAS_MAX replicas, none on its owner; a node lists a shard at
+ * most once. An unknown section or key, a
  * bad value or a missing directive is an error naming file, line and reason.
  *
  * config_load() fills a caller-owned struct config; nothing to free. Not
@@ -37,6 +47,13 @@
 #define CONFIG_MAX_SHARDS 1024
 #define CONFIG_NAME_MAX 63
 #define CONFIG_URL_MAX 255
+#define CONFIG_REPLICAS_MAX 3
+#define CONFIG_ETCD_MAX_ENDPOINTS 16 /* etcd.h's ETCD_MAX_ENDPOINTS */
+
+/* ack: when a write is acknowledged. PRIMARY: once the primary holds it (a
+ * failover may lose the last moments); REPLICA: once every in-sync replica
+ * holds it as durably as the primary. */
+enum { CONFIG_ACK_PRIMARY = 0, CONFIG_ACK_REPLICA = 1 };
 
 struct config_node {
     char name[CONFIG_NAME_MAX + 1];
@@ -64,6 +81,12 @@ struct config {
     unsigned node_count;
     struct config_node nodes[CONFIG_MAX_NODES];
     int owner[CONFIG_MAX_SHARDS];   /* index into nodes[] of each shard's owner */
+    unsigned nreplicas[CONFIG_MAX_SHARDS]; /* replicas of each shard, 0-CONFIG_REPLICAS_MAX */
+    int replicas[CONFIG_MAX_SHARDS][CONFIG_REPLICAS_MAX]; /* node indexes, config order */
+    int ack;                        /* CONFIG_ACK_*, default CONFIG_ACK_REPLICA */
+    char etcd[1024];                /* endpoints joined by ",", no spaces; "" when not set */
+    unsigned lease_ttl_ms;          /* a node's etcd lease, default 5000 */
+    unsigned replica_lag_ms;        /* ack wait before a replica leaves the in-sync set */
 };
 
 /* A node url split: host (an IPv6 address without its brackets), port and

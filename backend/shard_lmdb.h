@@ -31,15 +31,31 @@
  * is lost. A batch is admitted only if the disk can take everything pending,
  * so disk-full surfaces as -ENOSPC from apply() while the shard stays
  * committable.
+ *
+ * STREAM (issue 10): every applied batch gets a position (stream.h) and an
+ * entry 'L' lsn:u64be -> epoch:u64le check:u64le time_ms:u64le batch, put
+ * in the same nested transaction as the batch's data together with the
+ * shard's position ("Mpos"). The redo log record carries the position and
+ * time in its header (not the entry: the batch bytes are logged once), and
+ * replay rebuilds the entry and "Mpos" from it, so a committed or replayed
+ * state holds exactly the position of its last batch. LSNs come from a
+ * durable reservation ("Mlsn", committed and synced, above every lsn handed
+ * out): at open the next lsn starts at the reservation (a gap, never a
+ * reuse), and it is raised at commits well before it is reached. Old entries
+ * are trimmed at commits (size, age, holds); "Mbase" is the position just
+ * before the oldest retained entry. See DESIGN.md "Change stream".
  */
 #ifndef SHARDFS_SHARD_LMDB_H
 #define SHARDFS_SHARD_LMDB_H
 
 #include "shard.h"
+#include "stream.h"
 
 struct shard_lmdb_options {
     unsigned commit_interval_ms;    /* 0 means 200 */
     size_t commit_bytes;            /* commit when this much is pending; 0 means 32 MiB */
+    size_t stream_bytes;            /* stream retention by size; 0 means 64 MiB */
+    unsigned stream_age_ms;         /* stream retention by age; 0 means 10 min */
 };
 
 /* Open (creating if needed) the shard in directory dir, replaying its redo
@@ -53,5 +69,83 @@ int shard_lmdb_flush(struct shard *s, int force);
 
 /* Map an LMDB return code to a negative errno. */
 int shard_lmdb_errno(int mdb_rc);
+
+/* ---- the change stream (issue 10; see "STREAM" above and stream.h) ----
+ * Every function below takes a shard opened by shard_lmdb_open() (never a
+ * remote one) and is safe from any thread. */
+
+/* The shard's position: the last batch applied ({0,0,0} if none). -EAGAIN
+ * while a snapshot is in progress (also after a restart mid-snapshot): the
+ * shard is not a usable copy until shard_lmdb_snapshot_done(). */
+int shard_lmdb_position(struct shard *s, struct stream_pos *out);
+
+/* The epoch new batches of this (primary) shard get; set by the map's owner.
+ * Until set, the epoch of the shard's last batch (0 for an empty shard). */
+void shard_lmdb_set_epoch(struct shard *s, uint64_t epoch);
+
+/* shard_apply() that also returns the new batch's position in *out (out may
+ * be NULL). An empty batch changes nothing and returns the current position.
+ * Errors as shard_apply(); -EBUSY while a snapshot is in progress. */
+int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_pos *out);
+
+/* Replica side: apply b at pos, which must continue this shard's history:
+ * pos->lsn > current lsn and pos->check == stream_check_next(current check,
+ * pos->epoch, pos->lsn, b) (else -ESTALE, nothing changed). Asserts in b are
+ * NOT checked and there is no early space admission (a replica must not
+ * refuse what its primary accepted); a real ENOSPC/EIO is returned. Written
+ * to the redo log like any apply before it returns (kill -9 safe). -EAGAIN
+ * while a snapshot is in progress; -EINVAL for an empty or failed batch. */
+int shard_lmdb_apply_at(struct shard *s, const struct stream_pos *pos, const struct batch *b);
+
+/* Call fn for each retained entry after `after`, in order, until about
+ * max_bytes were handed out (at least one entry). Returns the count (0: none
+ * newer), -ERANGE when entries after `after` are no longer retained (the
+ * reader needs a snapshot), -ESTALE when `after` is not a position of this
+ * history (no entry with that lsn and check, and not the shard's base): a
+ * diverged copy, which needs a snapshot too. -EAGAIN while a snapshot is in
+ * progress. fn's pointers are borrowed for the call; fn runs under the
+ * shard's lock and MUST NOT call into the shard; it returns 0 to go on, 1 to
+ * stop after this entry (it counts), or a negative errno, returned as is. */
+typedef int (*stream_entry_fn)(void *ctx, const struct stream_pos *p, uint64_t time_ms,
+                               const uint8_t *batch, size_t len);
+int shard_lmdb_stream_read(struct shard *s, const struct stream_pos *after, size_t max_bytes,
+                           stream_entry_fn fn, void *ctx);
+
+/* Retention: entries are trimmed (at commit time) beyond
+ * options.stream_bytes and stream_age_ms, EXCEPT those after a hold. A hold
+ * is a slot (0..SHARD_LMDB_HOLDS-1, e.g. one per replica node index) with an
+ * lsn: keep every entry after it. lsn UINT64_MAX releases the slot (all are
+ * released at open). Holds are in memory. A slot out of range is ignored. */
+#define SHARD_LMDB_HOLDS 64
+void shard_lmdb_stream_hold(struct shard *s, unsigned slot, uint64_t lsn);
+
+/* Called (no shard lock held) after every batch applied (apply, apply_pos,
+ * apply_at), with the shard's index and the batch's position: for waking
+ * long polls. One listener; fn NULL removes it. fn may call into the shard. */
+void shard_lmdb_on_apply(struct shard *s,
+                         void (*fn)(void *ctx, unsigned index, const struct stream_pos *p),
+                         void *ctx);
+
+/* Snapshot (fuzzy, Redis/ARIES style; no LMDB read txns: MDB_NOLOCK forbids
+ * them). A replica catching up from scratch:
+ * 1. shard_lmdb_snapshot_begin(): the shard empties itself (every record but
+ *    its own local 'M' records: Mseq, Mpos, Mbase, Mlsn, Msnap) and marks
+ *    itself "snapshot in progress", committed and synced before it returns.
+ *    From then on, also after a restart, shard_lmdb_position() (and
+ *    stream_read, apply_at, apply_pos) return -EAGAIN / -EBUSY.
+ * 2. shard_lmdb_load() for each page of the primary's records (taken with
+ *    the scan route AFTER the primary's position P0 was read): plain puts,
+ *    no position, no stream entry; keys of 'L' records and of the local 'M'
+ *    records above are skipped (they describe the primary, not this copy).
+ *    Only BATCH_PUT and BATCH_DEL items (else -EINVAL, nothing changed).
+ *    Logged like any apply (kill -9 safe). -EINVAL without a snapshot begun.
+ * 3. shard_lmdb_snapshot_done(P0): the position (and the stream's base)
+ *    becomes P0 and the mark goes, in one logged record; the replica then
+ *    applies the primary's stream after P0 with apply_at. Replaying (P0, now]
+ *    over the fuzzy copy gives the exact state (blind ops, last wins).
+ * A crash before done's record is on disk leaves the mark: begin again. */
+int shard_lmdb_snapshot_begin(struct shard *s);
+int shard_lmdb_load(struct shard *s, const struct batch *b);
+int shard_lmdb_snapshot_done(struct shard *s, const struct stream_pos *base);
 
 #endif

@@ -103,6 +103,23 @@ CASES = [
     ("own_url_with_a_path",
      lambda t: _replace_line(t, 8, "url = http://127.0.0.1:7070/x"), [8],
      r"bad url.*nothing may follow"),
+    # replication (issue 10)
+    ("ack_neither_primary_nor_replica",
+     lambda t: _insert_line(t, 4, "ack = all"), [4], r"bad ack 'all'"),
+    ("etcd_url_without_scheme",
+     lambda t: _insert_line(t, 4, "etcd = 127.0.0.1:2379"), [4], r"etcd: bad url"),
+    ("etcd_list_with_an_empty_url",
+     lambda t: _insert_line(t, 4, "etcd = http://127.0.0.1:2379,,http://127.0.0.1:2380"), [4],
+     r"etcd.*empty url"),
+    ("replica_lag_not_below_timeout",
+     lambda t: _insert_line(t, 4, "replica_lag_ms = 5000"), [4],
+     r"replica_lag_ms = 5000 must be less than timeout_ms = 5000"),
+    ("lease_ttl_too_short",
+     lambda t: _insert_line(t, 4, "lease_ttl_ms = 500"), [4], r"bad lease_ttl_ms"),
+    ("replica_on_the_owner",
+     lambda t: _insert_line(t, 11, "replicas = 1"), [11], r"shard 1 is owned by node 'local' itself"),
+    ("replica_out_of_range",
+     lambda t: _insert_line(t, 11, "replicas = 7"), [11], r"replicas: shard 7 is out of range 0-3"),
 ]
 
 # Two nodes; this mount is node a, so node b's url is only ever called.

@@ -573,6 +573,132 @@ static void test_whole_file_errors(void)
     }
 }
 
+/* replicas, ack, etcd, lease_ttl_ms, replica_lag_ms (issue 10) */
+#define NODES_ABC                                                                                  \
+    "[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0-1\n"                             \
+    "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 2\n"                               \
+    "[node c]\nurl = http://127.0.0.1:3\ndata_dir = c\nshards = 3\n"
+static void test_replication(void)
+{
+    static struct config cfg;
+
+    /* defaults: no replicas, ack = replica, no etcd */
+    if (LOAD_OK("[cluster]\nshards = 4\nsecret = 0123456789abcdef\n" NODES_ABC, &cfg) == 0) {
+        for (int i = 0; i < 4; i++)
+            CHECK(cfg.nreplicas[i] == 0);
+        CHECK(cfg.ack == CONFIG_ACK_REPLICA);
+        CHECK(cfg.etcd[0] == '\0');
+        CHECK(cfg.lease_ttl_ms == 5000);
+        CHECK(cfg.replica_lag_ms == 2000);
+    }
+    /* every directive; nodes before [cluster]; replicas in config order */
+    if (LOAD_OK("[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0-1\n"
+                "replicas = 2,3\n"
+                "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 2\n"
+                "replicas = 0-1, 3\n"
+                "[node c]\nurl = http://127.0.0.1:3\ndata_dir = c\nshards = 3\n"
+                "replicas = 0,2\n"
+                "[node d]\nurl = http://127.0.0.1:4\ndata_dir = d\nshards = 4-7\n"
+                "replicas = 0\n"
+                "[cluster]\nshards = 8\nsecret = 0123456789abcdef\nack = primary\n"
+                "etcd = http://127.0.0.1:2391 , http://[::1]:2379/,https://etcd.example:443\n"
+                "lease_ttl_ms = 1000\nreplica_lag_ms = 4999\n",
+                &cfg) == 0) {
+        CHECK(cfg.nreplicas[0] == 3 && cfg.replicas[0][0] == 1 && cfg.replicas[0][1] == 2 &&
+              cfg.replicas[0][2] == 3);
+        CHECK(cfg.nreplicas[1] == 1 && cfg.replicas[1][0] == 1);
+        CHECK(cfg.nreplicas[2] == 2 && cfg.replicas[2][0] == 0 && cfg.replicas[2][1] == 2);
+        CHECK(cfg.nreplicas[3] == 2 && cfg.replicas[3][0] == 0 && cfg.replicas[3][1] == 1);
+        for (int i = 4; i < 8; i++)
+            CHECK(cfg.nreplicas[i] == 0);
+        CHECK(cfg.ack == CONFIG_ACK_PRIMARY);
+        CHECKF(strcmp(cfg.etcd,
+                      "http://127.0.0.1:2391,http://[::1]:2379/,https://etcd.example:443") == 0,
+               "got %s", cfg.etcd);
+        CHECK(cfg.lease_ttl_ms == 1000);
+        CHECK(cfg.replica_lag_ms == 4999 && cfg.timeout_ms == 5000);
+    }
+    /* the default lag stays below a short timeout_ms */
+    if (LOAD_OK("[cluster]\nshards = 4\nsecret = 0123456789abcdef\ntimeout_ms = 1500\n"
+                "ack = replica\n" NODES_ABC,
+                &cfg) == 0) {
+        CHECK(cfg.replica_lag_ms == 750);
+        CHECK(cfg.ack == CONFIG_ACK_REPLICA);
+    }
+}
+
+static void test_replication_errors(void)
+{
+    /* a shard listed as replica by its owner */
+    LOAD_ERR("[cluster]\nshards = 4\nsecret = 0123456789abcdef\n" NODES_ABC "replicas = 1,3\n", 16,
+             "replicas: shard 3 is owned by node 'c' itself");
+    /* the owner comes later in the file: found at the end, on the replicas line */
+    LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nreplicas = 1\nshards = 0-3\n", 5,
+             "replicas: shard 1 is owned by node 'a' itself");
+    LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nshards = all\nreplicas = all\n", 6,
+             "shard 0 is owned by node 'a' itself");
+    /* a node listing a shard twice */
+    LOAD_ERR("[cluster]\nshards = 4\nsecret = 0123456789abcdef\n" NODES_ABC "replicas = 0,1,0-1\n",
+             16, "replicas = 0,1,0-1 lists shard 0 twice");
+    /* more than 3 replicas of a shard */
+    LOAD_ERR("[cluster]\nshards = 8\nsecret = 0123456789abcdef\n"
+             "[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0-3\n"
+             "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 4\nreplicas = 0\n"
+             "[node c]\nurl = http://127.0.0.1:3\ndata_dir = c\nshards = 5\nreplicas = 0\n"
+             "[node d]\nurl = http://127.0.0.1:4\ndata_dir = d\nshards = 6\nreplicas = 0\n"
+             "[node e]\nurl = http://127.0.0.1:5\ndata_dir = e\nshards = 7\nreplicas = 0-1\n",
+             27, "replicas: shard 0 would have more than 3 replicas");
+    /* replicas naming shards out of range: known count, then count given later */
+    LOAD_ERR("[cluster]\nshards = 4\nsecret = 0123456789abcdef\n" NODES_ABC "replicas = 0,4\n", 16,
+             "replicas: shard 4 is out of range 0-3");
+    LOAD_ERR("[node a]\ndata_dir = a\nshards = 0-3\n[node b]\ndata_dir = b\nshards = 4-7\n"
+             "replicas = 0-3,9\n[cluster]\nshards = 8\n",
+             7, "replicas: shard 9 is out of range 0-7");
+    /* "none" is for replicas only */
+    LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nshards = none\n", 5,
+             "bad shard list 'none'");
+    LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nshards = all\nreplicas = 1,,2\n", 6,
+             "bad replicas list '1,,2'");
+    LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nshards = all\nreplicas = 2-1\n", 6,
+             "replicas = 2-1: range 2-1 is backwards");
+    LOAD_ERR("[cluster]\nshards = 4\n[node a]\ndata_dir = a\nshards = all\nreplicas = none\n"
+             "replicas = none\n",
+             7, "duplicate key 'replicas'");
+    /* replica_lag_ms >= timeout_ms, and out of range */
+    LOAD_ERR("[cluster]\nshards = 1\ntimeout_ms = 1000\nreplica_lag_ms = 1000\n"
+             "[node a]\ndata_dir = a\nshards = all\n",
+             4, "replica_lag_ms = 1000 must be less than timeout_ms = 1000");
+    LOAD_ERR("[cluster]\nshards = 1\nreplica_lag_ms = 5000\n[node a]\ndata_dir = a\nshards = all\n",
+             3, "must be less than timeout_ms = 5000");
+    LOAD_ERR("[cluster]\nshards = 1\nreplica_lag_ms = 99\n", 3, "bad replica_lag_ms '99'");
+    LOAD_ERR("[cluster]\nshards = 1\nreplica_lag_ms = 60001\n", 3, "bad replica_lag_ms");
+    LOAD_ERR("[cluster]\nshards = 1\nlease_ttl_ms = 999\n", 3, "bad lease_ttl_ms '999'");
+    LOAD_ERR("[cluster]\nshards = 1\nlease_ttl_ms = 60001\n", 3, "bad lease_ttl_ms");
+    LOAD_ERR("[cluster]\nshards = 1\nlease_ttl_ms = 5s\n", 3, "bad lease_ttl_ms");
+    /* ack other than primary/replica */
+    LOAD_ERR("[cluster]\nshards = 1\nack = all\n", 3, "bad ack 'all' (want primary or replica)");
+    LOAD_ERR("[cluster]\nshards = 1\nack = Primary\n", 3, "bad ack 'Primary'");
+    LOAD_ERR("[cluster]\nshards = 1\nack =\n", 3, "bad ack ''");
+    /* bad etcd url lists */
+    LOAD_ERR("[cluster]\nshards = 1\netcd = 127.0.0.1:2379\n", 3,
+             "etcd: bad url '127.0.0.1:2379' (want http://HOST:PORT");
+    LOAD_ERR("[cluster]\nshards = 1\netcd = http://127.0.0.1:2379,\n", 3, "an empty url");
+    LOAD_ERR("[cluster]\nshards = 1\netcd = http://a:1,,http://b:2\n", 3, "an empty url");
+    LOAD_ERR("[cluster]\nshards = 1\netcd =\n", 3, "an empty url");
+    LOAD_ERR("[cluster]\nshards = 1\netcd = http://a:1/v3\n", 3,
+             "nothing may follow HOST:PORT but one '/'");
+    LOAD_ERR("[cluster]\nshards = 1\netcd = http://a:0\n", 3, "etcd: bad url 'http://a:0'");
+    LOAD_ERR("[cluster]\nshards = 1\netcd = ftp://a:1\n", 3, "etcd: bad url 'ftp://a:1'");
+    {
+        char text[1024];
+        int n = snprintf(text, sizeof(text), "[cluster]\nshards = 1\netcd = http://a:1");
+        for (int i = 2; i <= 17; i++)
+            n += snprintf(text + n, sizeof(text) - (size_t)n, ",http://a:%d", i % 9 + 1);
+        snprintf(text + n, sizeof(text) - (size_t)n, "\n");
+        LOAD_ERR(text, 3, "etcd: more than 16 urls");
+    }
+}
+
 static void test_pick_node(void)
 {
     static struct config cfg;
@@ -648,6 +774,8 @@ int main(int argc, char **argv)
     test_tls();
     test_url_too_long();
     test_whole_file_errors();
+    test_replication();
+    test_replication_errors();
     test_pick_node();
     test_repo_conf(argc > 1 ? argv[1] : NULL);
     remove_tree();
