@@ -159,3 +159,30 @@ int batch_validate(const uint8_t *buf, size_t len)
         count++;
     return rc < 0 ? rc : count;
 }
+
+int batch_key_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+
+    if (c)
+        return c;
+    return alen < blen ? -1 : alen > blen;
+}
+
+int batch_key_after(const uint8_t *k, size_t klen, uint8_t out[BATCH_KEY_MAX])
+{
+    if (klen > BATCH_KEY_MAX)
+        return -1;
+    if (klen < BATCH_KEY_MAX) {
+        memcpy(out, k, klen);
+        out[klen] = 0;
+        return (int)klen + 1;
+    }
+    while (klen > 0 && k[klen - 1] == 0xff)
+        klen--;
+    if (klen == 0)
+        return 0;
+    memcpy(out, k, klen);
+    out[klen - 1]++;
+    return (int)klen;
+}

@@ -72,4 +72,14 @@ int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *i
 /* Check a whole encoding; returns the op count or -EINVAL. */
 int batch_validate(const uint8_t *buf, size_t len);
 
+/* Key order, as the shards sort: bytes (memcmp), a prefix first. */
+int batch_key_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen);
+/* The smallest key after k (keys are at most BATCH_KEY_MAX bytes), for
+ * paging a scan: k + "\0" when there is room; otherwise k with its last
+ * byte incremented, 0xff bytes at the end dropped first (no key between k
+ * and that one can exist, since every longer key with prefix k would be too
+ * long). Returns the length, 0 when k is the largest key there is, or -1 for
+ * a key that is too long. */
+int batch_key_after(const uint8_t *k, size_t klen, uint8_t out[BATCH_KEY_MAX]);
+
 #endif

@@ -408,48 +408,65 @@ static int hdr_is(const char *name, size_t nlen, const char *want)
     return nlen == strlen(want) && strncasecmp(name, want, nlen) == 0;
 }
 
-static size_t on_header(char *p, size_t size, size_t n, void *ud)
+int remote_header_line(const char *p, size_t len, long *status, const char **name,
+                       size_t *nlen, const char **value, size_t *vlen)
 {
-    struct request *q = ud;
-    size_t len = size * n;
-
     if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
-        /* A new response (after a 1xx, or the first): forget the last one. */
-        request_reset_reply(q);
         size_t i = 5;
-        while (i < len && p[i] != ' ')
-            i++;
         long st = 0;
         int digits = 0;
+
+        while (i < len && p[i] != ' ')
+            i++;
         while (++i < len && p[i] >= '0' && p[i] <= '9' && digits < 3) {
             st = st * 10 + (p[i] - '0');
             digits++;
         }
-        q->cur_status = digits == 3 ? st : 0;
-        return len;
+        *status = digits == 3 ? st : 0;
+        return 1;
     }
     const char *colon = memchr(p, ':', len);
     if (!colon)
-        return len;
-    size_t nlen = (size_t)(colon - p);
+        return 0;
     const char *v = colon + 1, *end = p + len;
     while (v < end && (*v == ' ' || *v == '\t'))
         v++;
     while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' || end[-1] == '\t'))
         end--;
-    size_t vlen = (size_t)(end - v);
+    *name = p;
+    *nlen = (size_t)(colon - p);
+    *value = v;
+    *vlen = (size_t)(end - v);
+    return 2;
+}
 
-    if (hdr_is(p, nlen, WIRE_HDR_VLEN))
+static size_t on_header(char *p, size_t size, size_t n, void *ud)
+{
+    struct request *q = ud;
+    size_t len = size * n, nlen, vlen;
+    const char *name, *v;
+    long st;
+
+    switch (remote_header_line(p, len, &st, &name, &nlen, &v, &vlen)) {
+    case 1:
+        /* A new response (after a 1xx, or the first): forget the last one. */
+        request_reset_reply(q);
+        q->cur_status = st;
+        return len;
+    case 0:
+        return len;
+    }
+    if (hdr_is(name, nlen, WIRE_HDR_VLEN))
         hdr_store(&q->vlen, v, vlen);
-    else if (hdr_is(p, nlen, WIRE_HDR_MORE))
+    else if (hdr_is(name, nlen, WIRE_HDR_MORE))
         hdr_store(&q->more, v, vlen);
-    else if (hdr_is(p, nlen, WIRE_HDR_ERRNO))
+    else if (hdr_is(name, nlen, WIRE_HDR_ERRNO))
         hdr_store(&q->errno_name, v, vlen);
-    else if (hdr_is(p, nlen, WIRE_HDR_EPOCH))
+    else if (hdr_is(name, nlen, WIRE_HDR_EPOCH))
         hdr_store(&q->epoch, v, vlen);
-    else if (hdr_is(p, nlen, REMOTE_HDR_SHARD))
+    else if (hdr_is(name, nlen, REMOTE_HDR_SHARD))
         hdr_store(&q->shard, v, vlen);
-    else if (hdr_is(p, nlen, "Location")) {
+    else if (hdr_is(name, nlen, "Location")) {
         q->location_set = 1;
         q->location_trunc = vlen >= sizeof(q->location);
         if (!q->location_trunc) {
@@ -528,33 +545,26 @@ static int curl_retryable(CURLcode cc, const struct request *q)
     }
 }
 
-/* Set h up for one HTTP exchange of q with base (an owner URL) within
- * budget_ms; *hdrs must be given to exchange_finish() after the transfer.
- * CURLE_OK or CURLE_OUT_OF_MEMORY. */
-static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base, uint64_t epoch,
-                               struct request *q, int64_t budget_ms, struct curl_slist **hdrs_out)
+/* The signed headers (wire.h) of one request: see remote_sign() in the
+ * header. digest is the body's (wire_body_digest). 0 or -ENOMEM. */
+static int sign_headers(const struct remote *r, const char *base, uint64_t epoch,
+                        const char *method, const char *path_query, const char *digest,
+                        size_t body_len, struct curl_slist **out)
 {
-    char url[CONFIG_URL_MAX + sizeof(q->path_query) + 1];
     char auth[WIRE_AUTH_LEN + 1], line[WIRE_AUTH_LEN + 64], nonce[WIRE_NONCE_LEN + 1];
     char epoch_text[24];
     struct curl_slist *hdrs = NULL, *t;
-    size_t blen = strlen(base);
-    int post = strcmp(q->method, "POST") == 0, put = strcmp(q->method, "PUT") == 0;
-    struct wire_signed ws = {.method = q->method,
+    int post = strcmp(method, "POST") == 0, put = strcmp(method, "PUT") == 0;
+    struct wire_signed ws = {.method = method,
                              .node_url = base,
-                             .path_query = q->path_query,
+                             .path_query = path_query,
                              .epoch = epoch_text,
                              .date = (int64_t)time(NULL),
                              .nonce = nonce,
-                             .digest = q->digest,
-                             .body_len = q->body_len};
+                             .digest = digest,
+                             .body_len = body_len};
 
-    while (blen > 0 && base[blen - 1] == '/')
-        blen--;
-    snprintf(url, sizeof(url), "%.*s%s", (int)blen, base, q->path_query);
     snprintf(epoch_text, sizeof(epoch_text), "%" PRIu64, epoch);
-    if (!q->digest[0])
-        wire_body_digest(q->body, q->body_len, q->digest);
     /* No nonce (getrandom failed) or no MAC: an empty auth, which the node
      * refuses (401), rather than a request anyone could replay. */
     if (wire_nonce_new(nonce) < 0 || wire_sign(r->cfg->secret, &ws, auth) < 0)
@@ -571,12 +581,42 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
     ADD_HDR("%s: %s", WIRE_HDR_EPOCH, epoch_text);
     ADD_HDR("%s: %" PRId64, WIRE_HDR_DATE, ws.date);
     ADD_HDR("%s: %s", WIRE_HDR_NONCE, nonce);
-    ADD_HDR("%s: %s", WIRE_HDR_DIGEST, q->digest);
+    ADD_HDR("%s: %s", WIRE_HDR_DIGEST, digest);
     ADD_HDR("%s: %s", WIRE_HDR_AUTH, auth);
     ADD_HDR("Expect:");
     if (post || put)
         ADD_HDR("Content-Type: application/octet-stream");
 #undef ADD_HDR
+    *out = hdrs;
+    return 0;
+
+nomem:
+    curl_slist_free_all(hdrs);
+    *out = NULL;
+    return -ENOMEM;
+}
+
+/* Set h up for one HTTP exchange of q with base (an owner URL) within
+ * budget_ms; *hdrs must be given to exchange_finish() after the transfer.
+ * CURLE_OK or CURLE_OUT_OF_MEMORY. */
+static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base, uint64_t epoch,
+                               struct request *q, int64_t budget_ms, struct curl_slist **hdrs_out)
+{
+    char url[CONFIG_URL_MAX + sizeof(q->path_query) + 1];
+    struct curl_slist *hdrs = NULL;
+    size_t blen = strlen(base);
+    int post = strcmp(q->method, "POST") == 0, put = strcmp(q->method, "PUT") == 0;
+
+    while (blen > 0 && base[blen - 1] == '/')
+        blen--;
+    snprintf(url, sizeof(url), "%.*s%s", (int)blen, base, q->path_query);
+    if (!q->digest[0])
+        wire_body_digest(q->body, q->body_len, q->digest);
+    if (sign_headers(r, base, epoch, q->method, q->path_query, q->digest, q->body_len, &hdrs)) {
+        q->nomem = 1;
+        *hdrs_out = NULL;
+        return CURLE_OUT_OF_MEMORY;
+    }
 
     curl_easy_setopt(h, CURLOPT_URL, url);
     /* A pooled handle may carry the last request's method: start from GET. */
@@ -632,12 +672,6 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
     q->status = 0;
     *hdrs_out = hdrs;
     return CURLE_OK;
-
-nomem:
-    curl_slist_free_all(hdrs);
-    q->nomem = 1;
-    *hdrs_out = NULL;
-    return CURLE_OUT_OF_MEMORY;
 }
 
 /* After the transfer cc of q on h: the status, and nothing left dangling. */
@@ -973,38 +1007,6 @@ static int remote_get(struct shard *s, const void *key, size_t klen, size_t off,
     return (int)done;
 }
 
-static int key_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
-{
-    int c = memcmp(a, b, alen < blen ? alen : blen);
-    if (c)
-        return c;
-    return alen < blen ? -1 : alen > blen;
-}
-
-/* The smallest key after k (keys are at most BATCH_KEY_MAX bytes): k + "\0"
- * when there is room; otherwise k with its last byte incremented, 0xff
- * bytes at the end dropped first (no key between k and that one can exist,
- * since every longer key with prefix k would be too long). Returns the
- * length, 0 when k is the largest key there is, or -1 for a key that is too
- * long. */
-static int key_successor(const uint8_t *k, size_t klen, uint8_t out[BATCH_KEY_MAX])
-{
-    if (klen > BATCH_KEY_MAX)
-        return -1;
-    if (klen < BATCH_KEY_MAX) {
-        memcpy(out, k, klen);
-        out[klen] = 0;
-        return (int)klen + 1;
-    }
-    while (klen > 0 && k[klen - 1] == 0xff)
-        klen--;
-    if (klen == 0)
-        return 0;
-    memcpy(out, k, klen);
-    out[klen - 1]++;
-    return (int)klen;
-}
-
 /* A scan request for [from, end) with a record limit; its body in *body
  * (the caller frees it). 0 or -errno. */
 static int scan_request(struct request *q, uint8_t **body, unsigned index, const void *from,
@@ -1044,10 +1046,10 @@ static int scan_page(const struct request *q, const uint8_t *from, size_t flen, 
         /* Keys must come in order and from `from` on: a server that went
          * back could make us page forever. And before `end`: callers size
          * what they take from a key by the range they asked for. */
-        if (n < 0 || (last ? key_cmp(key, klen, last, lastlen) <= 0
-                           : key_cmp(key, klen, from ? from : (const uint8_t *)"", flen) < 0))
+        if (n < 0 || (last ? batch_key_cmp(key, klen, last, lastlen) <= 0
+                           : batch_key_cmp(key, klen, from ? from : (const uint8_t *)"", flen) < 0))
             return -EIO;
-        if (end && key_cmp(key, klen, end, elen) >= 0)
+        if (end && batch_key_cmp(key, klen, end, elen) >= 0)
             return -EIO;
         last = key;
         lastlen = klen;
@@ -1058,10 +1060,10 @@ static int scan_page(const struct request *q, const uint8_t *from, size_t flen, 
     if (!more)
         return 0;
     /* Cut short: go on after the last key. */
-    n = last ? key_successor(last, lastlen, next) : -1;
+    n = last ? batch_key_after(last, lastlen, next) : -1;
     if (n < 0)
         return -EIO; /* "more" without a record: no progress possible */
-    if (n > 0 && !(end && key_cmp(next, (size_t)n, end, elen) >= 0))
+    if (n > 0 && !(end && batch_key_cmp(next, (size_t)n, end, elen) >= 0))
         *nlen = n;
     return 0;
 }
@@ -1679,4 +1681,24 @@ int remote_ping(struct remote *r, unsigned node, double *rtt_ms)
     if (rc == 0 && rtt_ms)
         *rtt_ms = (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
     return rc;
+}
+
+/* ---- for modules with transfers of their own ---- */
+
+void remote_curl_defaults(struct remote *r, CURL *h)
+{
+    handle_defaults(r, h);
+}
+
+int remote_sign(struct remote *r, const char *base, const char *method, const char *path_query,
+                const void *body, size_t len, struct curl_slist **out)
+{
+    char digest[WIRE_DIGEST_LEN + 1];
+    uint64_t epoch;
+
+    wire_body_digest(body, len, digest);
+    pthread_mutex_lock(&r->lock);
+    epoch = r->epoch;
+    pthread_mutex_unlock(&r->lock);
+    return sign_headers(r, base, epoch, method, path_query, digest, len, out);
 }

@@ -23,6 +23,7 @@
 #ifndef SHARDFS_SHARD_REMOTE_H
 #define SHARDFS_SHARD_REMOTE_H
 
+#include <curl/curl.h>
 #include <time.h>
 
 #include "config.h"
@@ -102,5 +103,25 @@ int remote_node_down(struct remote *r, unsigned node, time_t *since);
 /* One authenticated round trip to node `node` (GET /v1/config): 0 and the
  * time in *rtt_ms, or -errno (e.g. -ETIMEDOUT for a dead node). */
 int remote_ping(struct remote *r, unsigned node, double *rtt_ms);
+
+/* For a module that runs transfers of its own, several at once on a curl
+ * multi handle (replica_sync.c): remote_curl_defaults() gives an easy handle
+ * what every handle of this module gets (curl_defaults.h, and the cluster's
+ * CA for https); remote_sign() makes the headers of one signed request
+ * (wire.h) to the node at base (a url of shards.conf, as the request will
+ * be sent to it) for method, path_query and the body's bytes, with this
+ * process's epoch, the date now and a new nonce, so each attempt needs a
+ * call of its own. *out is the caller's (curl_slist_free_all, after the
+ * transfer). 0 or -ENOMEM. No redirects, retries or node health: the
+ * caller's. */
+void remote_curl_defaults(struct remote *r, CURL *h);
+/* One header line as curl's CURLOPT_HEADERFUNCTION hands it over: 1 for a
+ * status line ("HTTP/..."; a new response begins, *status its code or 0),
+ * 2 for "Name: value" (name and value point into p, the value without
+ * surrounding blanks or the CRLF), 0 for anything else. */
+int remote_header_line(const char *p, size_t len, long *status, const char **name,
+                       size_t *nlen, const char **value, size_t *vlen);
+int remote_sign(struct remote *r, const char *base, const char *method, const char *path_query,
+                const void *body, size_t len, struct curl_slist **out);
 
 #endif

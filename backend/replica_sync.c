@@ -1,0 +1,980 @@
+/* replica_sync.c -- the replica-sync thread (replica_sync.h).
+ *
+ * DESIGN
+ * One thread, one curl multi handle, one easy handle per replica shard (so
+ * each shard keeps its own keep-alive connection to its primary). Each
+ * shard runs the steps below on its own; the thread starts a shard's next
+ * request when the last one is done and its backoff has passed, and waits
+ * in curl_multi_poll() for whichever transfer moves first.
+ *
+ * 1. Streaming. GET /v1/shard/N/stream?epoch=E&lsn=L&check=C&wait=W&max=M
+ *    &synced=S to the primary: (E,L,C) is the position this copy holds
+ *    (every entry up to it is in its redo log: kill -9 safe) and S the last
+ *    lsn it synced. The primary answers with the entries after it (200), or
+ *    204 after W ms without any; either way the reply's X-Shardfs-Position is
+ *    the primary's own position, for the lag. The entries are applied in
+ *    order with shard_lmdb_apply_at(), which checks that each continues this
+ *    copy's history (lsn and rolling check), and the next pull goes out at
+ *    once: it is the ack the primary's writers wait for (ack = replica).
+ * 2. Syncing. A copy that applied something is synced (shard_sync) at most
+ *    every RS_SYNC_MS; then S moves, and a pull in flight that carries an
+ *    older S is dropped and sent again, since a primary's fsync waits for
+ *    it and a long-poll could hold the news for W ms.
+ * 3. Catching up. A 409 with X-Shardfs-Errno ERANGE (the primary no longer
+ *    retains the entries after our position) or ESTALE (our position is not
+ *    in its history), or an entry that does not continue our history,
+ *    starts a fuzzy snapshot: P0 is the position in the 409's (or the
+ *    reply's) X-Shardfs-Position, taken before the copy begins.
+ *    shard_lmdb_snapshot_begin() empties the copy and marks it durably as
+ *    not usable; GET stat gives the record count (for the ETA); the records
+ *    come with the scan route, page by page, each page loaded with
+ *    shard_lmdb_load() in batches of about RS_LOAD_BYTES and then dropped,
+ *    so memory holds one page, never the shard (shard_lmdb_load() skips
+ *    the primary's own 'M' records, its redo log sequence and stream
+ *    position). Then shard_lmdb_snapshot_done(P0) and streaming from P0:
+ *    replaying (P0, now] over the fuzzy copy gives the exact state (blind
+ *    puts and deletes, the last one wins).
+ * 4. A copy found marked (a snapshot interrupted by a stop or a crash:
+ *    shard_lmdb_position() says -EAGAIN) has no position to ask from. It
+ *    is emptied and given the empty position {0,0,0}: the primary then
+ *    sends its whole history if it still has it, and otherwise answers
+ *    ERANGE with its position, which is step 3.
+ * 5. Where to send: the primary's url from primary_of (the shard map);
+ *    a 307 (the node is no longer the primary) is followed to its Location
+ *    for this shard until the map changes or a request fails (at most
+ *    RS_REDIRECTS_MAX in a row). replica_sync_kick() makes the thread ask
+ *    primary_of again; a new primary drops the request in flight. A failed
+ *    request (no connection, a timeout, a 5xx) is retried after a backoff
+ *    doubling from RS_BACKOFF_FIRST_MS to RS_BACKOFF_MAX_MS, which a success
+ *    resets: a dead primary costs a connect attempt every 2 s, no spinning.
+ *
+ * Threads: the sync thread owns every struct rshard field but `kicked`
+ * (atomic) and `st` (under rs->lock, read by replica_sync_status()).
+ */
+#include "replica_sync.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "batch.h"
+#include "shard_lmdb.h"
+#include "shard_remote.h"
+#include "wire.h"
+
+#define RS_WAIT_MS 2000u             /* a pull's long-poll */
+#define RS_PULL_MAX (4u << 20)       /* max= of a pull */
+#define RS_SCAN_LIMIT 16384u         /* records asked for per snapshot page */
+#define RS_LOAD_BYTES (1u << 20)     /* records loaded per shard_lmdb_load() */
+#define RS_BACKOFF_FIRST_MS 100
+#define RS_BACKOFF_MAX_MS 2000
+#define RS_SYNC_MS 50
+#define RS_REDIRECTS_MAX 3
+#define RS_ERROR_BODY_MAX (64u << 10)
+/* A pull's reply holds at most max bytes of entries, but at least one
+ * entry, which may be a whole batch; a scan page is cut near
+ * WIRE_SCAN_REPLY_MAX but holds at least one record. */
+#define RS_STREAM_REPLY_MAX (RS_PULL_MAX + STREAM_ENTRY_HDR + WIRE_BODY_MAX)
+#define RS_SCAN_REPLY_MAX (WIRE_SCAN_REPLY_MAX + 8u + BATCH_KEY_MAX + BATCH_VALUE_MAX + 4096u)
+#define RS_BUF_KEEP (8u << 20) /* a reply buffer larger than this is freed after use */
+#define RS_POLL_MAX_MS 1000
+#define RS_LOCATION_MAX (CONFIG_URL_MAX + 256u)
+
+enum rs_req { REQ_NONE = 0, REQ_STREAM, REQ_STAT, REQ_SCAN };
+
+/* A response header we keep. */
+struct rs_hdr {
+    int set;
+    char v[96];
+};
+
+struct rshard {
+    unsigned index;
+    struct shard *local;
+    atomic_int kicked;
+
+    /* where requests go */
+    int primary;                      /* node, -1: none */
+    uint64_t epoch;                   /* the shard's, from primary_of */
+    char base[CONFIG_URL_MAX + 1];    /* the primary's url, or a redirect's */
+    unsigned redirects;
+    int64_t next_at;                  /* monotonic ms: not before */
+    int64_t backoff_ms;
+
+    /* the request in flight */
+    CURL *curl;
+    struct curl_slist *hdrs;
+    enum rs_req kind;                 /* REQ_NONE: none in flight */
+    enum rs_req next;                 /* what to send next */
+    uint64_t sent_synced;             /* synced= of the pull in flight */
+    uint8_t *body;                    /* a scan's request body */
+    long cur_status;
+    uint8_t *buf;                     /* the reply body */
+    size_t len, cap, max;
+    int overflow, nomem;
+    struct rs_hdr errno_name, position, more, sync;
+    char location[RS_LOCATION_MAX];
+    int location_set;
+
+    /* the copy */
+    int pos_ok;                       /* pos read from the shard */
+    struct stream_pos pos;
+    uint64_t synced;
+    int dirty;                        /* applied since the last sync */
+    int64_t synced_at;
+    struct stream_pos primary_pos;
+    int64_t level_at;                 /* when pos last equalled primary_pos */
+
+    /* the snapshot (step 3) */
+    int snapping;
+    struct stream_pos p0;
+    uint8_t from[BATCH_KEY_MAX];
+    size_t flen;
+    int64_t snap_start;
+
+    struct replica_status st;         /* protected by replica_sync.lock */
+};
+
+struct replica_sync {
+    const struct config *cfg;
+    int self;
+    struct remote *remote;            /* signing and TLS settings only */
+    replica_sync_primary_fn primary_of;
+    void *ctx;
+    CURLM *multi;
+    pthread_t thread;
+    int started;
+    atomic_int stop;
+    pthread_mutex_t lock;
+    unsigned n;
+    struct rshard *sh;
+    int slot[CONFIG_MAX_SHARDS];      /* shard index -> sh[], -1 */
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+const char *replica_phase_name(enum replica_phase p)
+{
+    switch (p) {
+    case REPLICA_STREAMING:
+        return "streaming";
+    case REPLICA_SNAPSHOT:
+        return "snapshot";
+    case REPLICA_WAITING:
+    default:
+        return "waiting";
+    }
+}
+
+/* ---- status ---- */
+
+/* Copy what the thread knows of h into h->st for replica_sync_status(). */
+static void publish(struct replica_sync *rs, struct rshard *h, int rc)
+{
+    int64_t now = now_ms();
+    struct replica_status *st = &h->st;
+
+    pthread_mutex_lock(&rs->lock);
+    st->primary = h->primary;
+    st->epoch = h->epoch;
+    st->pos = h->pos;
+    st->synced = h->synced;
+    st->primary_pos = h->primary_pos;
+    if (h->pos.lsn >= h->primary_pos.lsn)
+        h->level_at = now;
+    st->lag_ms = (uint64_t)(now - h->level_at);
+    if (rc != 1)
+        st->last_error = rc;
+    if (h->snapping) {
+        st->phase = REPLICA_SNAPSHOT;
+    } else if (h->primary < 0 || h->primary == rs->self || rc < 0 || !h->pos_ok) {
+        st->phase = REPLICA_WAITING;
+    } else if (rc == 0) {
+        st->phase = REPLICA_STREAMING;
+    }
+    if (h->snapping) {
+        int64_t el = now - h->snap_start;
+        st->snap_rate = el > 0 ? (double)st->snap_bytes * 1000.0 / (double)el : 0.0;
+        st->snap_eta_ms = -1;
+        if (st->snap_total_records && st->snap_records && el > 0) {
+            double frac = (double)st->snap_records / (double)st->snap_total_records;
+            st->snap_eta_ms = frac >= 1.0 ? 0 : (int64_t)((double)el * (1.0 - frac) / frac);
+        }
+    }
+    pthread_mutex_unlock(&rs->lock);
+}
+
+int replica_sync_status(struct replica_sync *rs, unsigned shard, struct replica_status *out)
+{
+    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+        return -ENOENT;
+    pthread_mutex_lock(&rs->lock);
+    *out = rs->sh[rs->slot[shard]].st;
+    pthread_mutex_unlock(&rs->lock);
+    return 0;
+}
+
+/* ---- one transfer ---- */
+
+static void hdr_store(struct rs_hdr *h, const char *v, size_t len)
+{
+    h->set = 1;
+    if (len >= sizeof(h->v))
+        len = sizeof(h->v) - 1; /* a header this long is malformed for us anyway */
+    memcpy(h->v, v, len);
+    h->v[len] = '\0';
+}
+
+static int hdr_is(const char *name, size_t nlen, const char *want)
+{
+    return nlen == strlen(want) && strncasecmp(name, want, nlen) == 0;
+}
+
+static size_t on_header(char *p, size_t size, size_t n, void *ud)
+{
+    struct rshard *h = ud;
+    size_t len = size * n, nlen, vlen;
+    const char *name, *v;
+    long st;
+
+    switch (remote_header_line(p, len, &st, &name, &nlen, &v, &vlen)) {
+    case 1:
+        /* A new response (after a 1xx, or the first): forget the last. */
+        h->cur_status = st;
+        h->len = 0;
+        memset(&h->errno_name, 0, sizeof(h->errno_name));
+        memset(&h->position, 0, sizeof(h->position));
+        memset(&h->more, 0, sizeof(h->more));
+        memset(&h->sync, 0, sizeof(h->sync));
+        h->location_set = 0;
+        return len;
+    case 0:
+        return len;
+    }
+    if (hdr_is(name, nlen, WIRE_HDR_ERRNO))
+        hdr_store(&h->errno_name, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_POSITION))
+        hdr_store(&h->position, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_MORE))
+        hdr_store(&h->more, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_SYNC))
+        hdr_store(&h->sync, v, vlen);
+    else if (hdr_is(name, nlen, "Location") && vlen < sizeof(h->location)) {
+        memcpy(h->location, v, vlen);
+        h->location[vlen] = '\0';
+        h->location_set = 1;
+    }
+    return len;
+}
+
+static size_t on_body(char *p, size_t size, size_t n, void *ud)
+{
+    struct rshard *h = ud;
+    size_t len = size * n;
+    size_t max = h->cur_status >= 200 && h->cur_status <= 299 ? h->max : RS_ERROR_BODY_MAX;
+
+    if (len > max - h->len) {
+        h->overflow = 1;
+        return 0;
+    }
+    if (h->len + len > h->cap) {
+        size_t cap = h->cap ? h->cap : 64u << 10;
+        while (cap < h->len + len)
+            cap = cap > max / 2 ? max : cap * 2;
+        uint8_t *nb = realloc(h->buf, cap);
+        if (!nb) {
+            h->nomem = 1;
+            return 0;
+        }
+        h->buf = nb;
+        h->cap = cap;
+    }
+    memcpy(h->buf + h->len, p, len);
+    h->len += len;
+    return len;
+}
+
+/* The base URL in a 307's Location for our path_query: it must end with
+ * the path we asked for (any query). 0 or -EIO. */
+static int location_base(const struct rshard *h, const char *path, char *out, size_t outlen)
+{
+    const char *at;
+    size_t blen;
+
+    if (!h->location_set || (strncmp(h->location, "http://", 7) != 0 &&
+                             strncmp(h->location, "https://", 8) != 0))
+        return -EIO;
+    at = strstr(h->location + 8, path);
+    if (!at)
+        return -EIO;
+    blen = (size_t)(at - h->location);
+    if (blen >= outlen || blen > CONFIG_URL_MAX)
+        return -EIO;
+    for (size_t i = 0; i < blen; i++)
+        if ((unsigned char)h->location[i] <= ' ' || (unsigned char)h->location[i] >= 0x7f)
+            return -EIO;
+    memcpy(out, h->location, blen);
+    out[blen] = '\0';
+    return 0;
+}
+
+/* Take the transfer in flight off the multi handle, if any: one that ended,
+ * or one dropped (then its connection goes with it). */
+static void transfer_drop(struct replica_sync *rs, struct rshard *h)
+{
+    if (h->kind == REQ_NONE)
+        return;
+    curl_multi_remove_handle(rs->multi, h->curl);
+    curl_easy_setopt(h->curl, CURLOPT_HTTPHEADER, NULL);
+    curl_slist_free_all(h->hdrs);
+    h->hdrs = NULL;
+    free(h->body);
+    h->body = NULL;
+    h->kind = REQ_NONE;
+}
+
+/* Start h's next request (h->next) at h->base. 0 or -errno. */
+static int transfer_start(struct replica_sync *rs, struct rshard *h)
+{
+    char pq[320], url[CONFIG_URL_MAX + sizeof(pq) + 1];
+    const char *method = "GET";
+    size_t blen = strlen(h->base), body_len = 0;
+    long timeout = (long)(rs->cfg->timeout_ms ? rs->cfg->timeout_ms : 5000u);
+    int n;
+
+    switch (h->next) {
+    case REQ_STREAM:
+        n = snprintf(pq, sizeof(pq),
+                     "/v1/shard/%u/stream?node=%s&epoch=%" PRIu64 "&lsn=%" PRIu64
+                     "&check=%" PRIu64 "&wait=%u&max=%u&synced=%" PRIu64,
+                     h->index, rs->cfg->nodes[rs->self].name, h->pos.epoch, h->pos.lsn, h->pos.check, RS_WAIT_MS, RS_PULL_MAX,
+                     h->synced);
+        h->max = RS_STREAM_REPLY_MAX;
+        h->sent_synced = h->synced;
+        timeout += RS_WAIT_MS;
+        break;
+    case REQ_STAT:
+        n = snprintf(pq, sizeof(pq), "/v1/shard/%u/stat", h->index);
+        h->max = RS_ERROR_BODY_MAX;
+        break;
+    case REQ_SCAN:
+        n = snprintf(pq, sizeof(pq), "/v1/shard/%u/scan?limit=%u", h->index, RS_SCAN_LIMIT);
+        method = "POST";
+        body_len = wire_scan_request_size(h->flen, 0);
+        h->body = malloc(body_len);
+        if (!h->body)
+            return -ENOMEM;
+        wire_scan_request_encode(h->body, h->from, h->flen, NULL, 0);
+        h->max = RS_SCAN_REPLY_MAX;
+        /* A page may take the primary a while to read: more time than a
+         * small request. */
+        timeout *= 4;
+        break;
+    case REQ_NONE:
+    default:
+        return -EINVAL;
+    }
+    if (n < 0 || (size_t)n >= sizeof(pq))
+        return -ENAMETOOLONG;
+    while (blen > 0 && h->base[blen - 1] == '/')
+        blen--;
+    snprintf(url, sizeof(url), "%.*s%s", (int)blen, h->base, pq);
+    if (remote_sign(rs->remote, h->base, method, pq, h->body, body_len, &h->hdrs) != 0) {
+        free(h->body);
+        h->body = NULL;
+        return -ENOMEM;
+    }
+    h->len = 0;
+    h->cur_status = 0;
+    h->overflow = h->nomem = 0;
+    curl_easy_setopt(h->curl, CURLOPT_URL, url);
+    if (body_len) {
+        curl_easy_setopt(h->curl, CURLOPT_POST, 1L);
+        curl_easy_setopt(h->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+        curl_easy_setopt(h->curl, CURLOPT_POSTFIELDS, (const char *)h->body);
+    } else {
+        curl_easy_setopt(h->curl, CURLOPT_HTTPGET, 1L);
+    }
+    curl_easy_setopt(h->curl, CURLOPT_HTTPHEADER, h->hdrs);
+    curl_easy_setopt(h->curl, CURLOPT_TIMEOUT_MS, timeout);
+    curl_easy_setopt(h->curl, CURLOPT_CONNECTTIMEOUT_MS,
+                     (long)(rs->cfg->timeout_ms ? rs->cfg->timeout_ms : 5000u));
+    if (curl_multi_add_handle(rs->multi, h->curl) != CURLM_OK) {
+        curl_easy_setopt(h->curl, CURLOPT_HTTPHEADER, NULL);
+        curl_slist_free_all(h->hdrs);
+        h->hdrs = NULL;
+        free(h->body);
+        h->body = NULL;
+        return -ENOMEM;
+    }
+    h->kind = h->next;
+    return 0;
+}
+
+/* ---- the copy ---- */
+
+/* "E L C" with any one of ' ', ',', '/', ':' or '.' between the decimal
+ * numbers. 0 or -EIO. */
+static int parse_pos(const struct rs_hdr *hd, struct stream_pos *out)
+{
+    uint64_t v[3] = {0, 0, 0};
+    const char *s = hd->v;
+
+    if (!hd->set)
+        return -EIO;
+    for (int i = 0; i < 3; i++) {
+        int digits = 0;
+
+        if (i > 0) {
+            if (!strchr(" ,/:.", *s) || !*s)
+                return -EIO;
+            s++;
+        }
+        while (*s >= '0' && *s <= '9') {
+            if (v[i] > (UINT64_MAX - (uint64_t)(*s - '0')) / 10)
+                return -EIO;
+            v[i] = v[i] * 10 + (uint64_t)(*s - '0');
+            s++;
+            digits++;
+        }
+        if (!digits)
+            return -EIO;
+    }
+    if (*s)
+        return -EIO;
+    out->epoch = v[0];
+    out->lsn = v[1];
+    out->check = v[2];
+    return 0;
+}
+
+/* A failed step: back off (step 5); the next attempt starts from the
+ * primary's configured url again. */
+static void step_failed(struct replica_sync *rs, struct rshard *h, int rc)
+{
+    int64_t now = now_ms();
+
+    h->next_at = now + h->backoff_ms;
+    h->backoff_ms = h->backoff_ms * 2 > RS_BACKOFF_MAX_MS ? RS_BACKOFF_MAX_MS : h->backoff_ms * 2;
+    h->redirects = 0;
+    if (h->primary >= 0)
+        snprintf(h->base, sizeof(h->base), "%s", rs->cfg->nodes[h->primary].url);
+    publish(rs, h, rc < 0 ? rc : -EIO);
+}
+
+static void step_ok(struct replica_sync *rs, struct rshard *h)
+{
+    h->backoff_ms = RS_BACKOFF_FIRST_MS;
+    h->next_at = now_ms();
+    publish(rs, h, 0);
+}
+
+/* Step 3's start: empty the copy and mark it; P0 is p0. */
+static int snapshot_start(struct replica_sync *rs, struct rshard *h, const struct stream_pos *p0)
+{
+    int rc = shard_lmdb_snapshot_begin(h->local);
+
+    if (rc)
+        return rc;
+    h->snapping = 1;
+    h->p0 = *p0;
+    h->flen = 0;
+    h->snap_start = now_ms();
+    h->dirty = 1;
+    pthread_mutex_lock(&rs->lock);
+    h->st.snapshots++;
+    h->st.snap_bytes = h->st.snap_records = h->st.snap_total_records = 0;
+    h->st.snap_rate = 0;
+    h->st.snap_eta_ms = -1;
+    pthread_mutex_unlock(&rs->lock);
+    h->next = REQ_STAT;
+    return 0;
+}
+
+/* Step 4: a copy with no usable position is emptied and starts from the
+ * empty one. Also the first thing done for each shard. 0 or -errno. */
+static int position_read(struct rshard *h)
+{
+    int rc = shard_lmdb_position(h->local, &h->pos);
+
+    if (rc == -EAGAIN) {
+        static const struct stream_pos empty = {0, 0, 0};
+
+        rc = shard_lmdb_snapshot_begin(h->local);
+        if (rc == 0)
+            rc = shard_lmdb_snapshot_done(h->local, &empty);
+        h->pos = empty;
+    }
+    /* What the copy holds may not be synced yet (a kill -9 left it in the
+     * redo log): sync once, so synced= can start at the position. */
+    if (rc == 0)
+        rc = shard_sync(h->local);
+    if (rc == 0)
+        h->synced = h->pos.lsn;
+    h->pos_ok = rc == 0;
+    h->next = REQ_STREAM;
+    return rc;
+}
+
+/* Apply a pull's entries in order. 0; 1 when one does not continue our
+ * history (a snapshot is needed); -errno. */
+static int stream_apply(struct replica_sync *rs, struct rshard *h)
+{
+    size_t off = 0;
+    struct stream_pos p;
+    uint64_t time_ms;
+    const uint8_t *b;
+    size_t blen;
+    int n, rc = 0;
+
+    (void)rs;
+    while ((n = stream_entry_next(h->buf, h->len, &off, &p, &time_ms, &b, &blen)) == 1) {
+        int count = batch_validate(b, blen);
+        struct batch bt;
+
+        if (count < 0)
+            return -EIO;
+        bt = (struct batch){.buf = (uint8_t *)b, .len = blen, .cap = blen, .count = (unsigned)count};
+        rc = shard_lmdb_apply_at(h->local, &p, &bt);
+        if (rc == -ESTALE)
+            return 1;
+        if (rc)
+            return rc;
+        h->pos = p;
+        h->dirty = 1;
+    }
+    return n < 0 ? -EIO : 0;
+}
+
+/* Load one scan page into the copy. 0 and *done, or -errno. */
+static int snapshot_page(struct replica_sync *rs, struct rshard *h, int *done)
+{
+    const uint8_t *key, *val, *last = NULL;
+    size_t klen, vlen, lastlen = 0, pos = 0;
+    uint64_t bytes = 0, records = 0;
+    struct batch b;
+    int n, rc = 0;
+
+    *done = 0;
+    batch_init(&b);
+    while ((n = wire_scan_reply_next(h->buf, h->len, &pos, &key, &klen, &val, &vlen)) == 1) {
+        /* In order and from where we asked: anything else could page forever. */
+        if (last ? batch_key_cmp(key, klen, last, lastlen) <= 0 : batch_key_cmp(key, klen, h->from, h->flen) < 0) {
+            rc = -EIO;
+            break;
+        }
+        last = key;
+        lastlen = klen;
+        batch_put(&b, key, klen, val, vlen);
+        bytes += klen + vlen;
+        records++;
+        if (b.error) {
+            rc = b.error;
+            break;
+        }
+        if (b.len >= RS_LOAD_BYTES) {
+            rc = shard_lmdb_load(h->local, &b);
+            batch_reset(&b);
+            if (rc)
+                break;
+        }
+    }
+    if (rc == 0 && n < 0)
+        rc = -EIO;
+    if (rc == 0 && b.count)
+        rc = shard_lmdb_load(h->local, &b);
+    batch_free(&b);
+    if (rc)
+        return rc;
+    if (h->more.set && strcmp(h->more.v, "1") == 0) {
+        int n2 = last ? batch_key_after(last, lastlen, h->from) : -1;
+
+        if (n2 < 0)
+            return -EIO; /* "more" without a record: no progress possible */
+        h->flen = (size_t)n2;
+        *done = n2 == 0;
+    } else {
+        *done = 1;
+    }
+    pthread_mutex_lock(&rs->lock);
+    h->st.snap_bytes += bytes;
+    h->st.snap_records += records;
+    pthread_mutex_unlock(&rs->lock);
+    return 0;
+}
+
+/* The record count of a stat reply, or 0. */
+static uint64_t stat_records(const struct rshard *h)
+{
+    json_t *root = json_loadb((const char *)h->buf, h->len, 0, NULL);
+    json_t *v = json_object_get(root, "records");
+    uint64_t n = json_is_integer(v) && json_integer_value(v) > 0 ? (uint64_t)json_integer_value(v)
+                                                                  : 0;
+
+    json_decref(root);
+    return n;
+}
+
+/* Step 2. */
+static void sync_copy(struct replica_sync *rs, struct rshard *h)
+{
+    uint64_t lsn = h->pos.lsn;
+    int rc = shard_sync(h->local);
+
+    h->synced_at = now_ms();
+    if (rc) {
+        publish(rs, h, rc);
+        return; /* tried again RS_SYNC_MS on */
+    }
+    h->dirty = 0;
+    if (!h->snapping)
+        h->synced = lsn;
+    if (h->kind == REQ_STREAM && h->sent_synced < h->synced) {
+        transfer_drop(rs, h);
+        h->next_at = now_ms();
+    }
+    publish(rs, h, 1);
+}
+
+/* A sync() on the primary waits for this copy (X-Shardfs-Sync): sync now,
+ * so the next pull carries it. */
+static void sync_if_wanted(struct replica_sync *rs, struct rshard *h)
+{
+    uint64_t want = 0;
+
+    if (!h->sync.set)
+        return;
+    for (const char *c = h->sync.v; *c >= '0' && *c <= '9'; c++)
+        want = want > (UINT64_MAX - 9) / 10 ? UINT64_MAX : want * 10 + (uint64_t)(*c - '0');
+    if (want > h->synced && h->dirty)
+        sync_copy(rs, h);
+}
+
+/* h's transfer ended with cc: the next step. */
+static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc)
+{
+    enum rs_req kind = h->kind;
+    long status = 0;
+    int rc, done;
+
+    transfer_drop(rs, h); /* it is over; the handle keeps the connection */
+    if (cc == CURLE_OK)
+        curl_easy_getinfo(h->curl, CURLINFO_RESPONSE_CODE, &status);
+    if (cc != CURLE_OK || h->overflow || h->nomem) {
+        rc = h->nomem                            ? -ENOMEM
+             : h->overflow                       ? -EIO
+             : cc == CURLE_OPERATION_TIMEDOUT    ? -ETIMEDOUT
+             : cc == CURLE_COULDNT_CONNECT       ? -EHOSTUNREACH
+             : cc == CURLE_COULDNT_RESOLVE_HOST ? -EHOSTUNREACH
+                                                 : -EIO;
+        step_failed(rs, h, rc);
+        goto out;
+    }
+    if (status == 307) {
+        char path[64];
+
+        snprintf(path, sizeof(path), "/v1/shard/%u/", h->index);
+        if (++h->redirects > RS_REDIRECTS_MAX ||
+            location_base(h, path, h->base, sizeof(h->base)) != 0) {
+            step_failed(rs, h, -EIO);
+            goto out;
+        }
+        h->next_at = now_ms();
+        goto out;
+    }
+    h->redirects = 0;
+    switch (kind) {
+    case REQ_STREAM: {
+        struct stream_pos pp;
+
+        if (parse_pos(&h->position, &pp) == 0)
+            h->primary_pos = pp;
+        if (status == 409 && h->errno_name.set &&
+            (strcmp(h->errno_name.v, "ERANGE") == 0 || strcmp(h->errno_name.v, "ESTALE") == 0)) {
+            rc = parse_pos(&h->position, &pp);
+            if (rc == 0)
+                rc = snapshot_start(rs, h, &pp);
+            if (rc)
+                step_failed(rs, h, rc);
+            else
+                step_ok(rs, h);
+            goto out;
+        }
+        if (status == 204) {
+            sync_if_wanted(rs, h);
+            step_ok(rs, h);
+            goto out;
+        }
+        if (status != 200) {
+            step_failed(rs, h, wire_errno_of_status(status, h->errno_name.set ? h->errno_name.v
+                                                                              : NULL));
+            goto out;
+        }
+        /* 1: an entry does not continue our history: P0 is the primary's
+         * position as of this reply, which it took before the entries. */
+        rc = stream_apply(rs, h);
+        if (rc == 1 && (rc = parse_pos(&h->position, &pp)) == 0)
+            rc = snapshot_start(rs, h, &pp);
+        if (rc == 0)
+            sync_if_wanted(rs, h);
+        if (rc)
+            step_failed(rs, h, rc);
+        else
+            step_ok(rs, h);
+        goto out;
+    }
+    case REQ_STAT:
+        if (status != 200) {
+            step_failed(rs, h, wire_errno_of_status(status, NULL));
+            goto out;
+        }
+        pthread_mutex_lock(&rs->lock);
+        h->st.snap_total_records = stat_records(h);
+        pthread_mutex_unlock(&rs->lock);
+        h->next = REQ_SCAN;
+        step_ok(rs, h);
+        goto out;
+    case REQ_SCAN:
+        if (status != 200) {
+            step_failed(rs, h, wire_errno_of_status(status, NULL));
+            goto out;
+        }
+        rc = snapshot_page(rs, h, &done);
+        if (rc == 0 && done) {
+            rc = shard_lmdb_snapshot_done(h->local, &h->p0);
+            if (rc == 0) {
+                h->snapping = 0;
+                h->pos = h->p0;
+                h->dirty = 1;
+                h->next = REQ_STREAM;
+            }
+        }
+        if (rc)
+            step_failed(rs, h, rc);
+        else
+            step_ok(rs, h);
+        goto out;
+    case REQ_NONE:
+    default:
+        break;
+    }
+out:
+    if (h->cap > RS_BUF_KEEP) {
+        free(h->buf);
+        h->buf = NULL;
+        h->cap = h->len = 0;
+    }
+}
+
+/* Step 5: ask where the primary is; follow a change. */
+static void primary_refresh(struct replica_sync *rs, struct rshard *h)
+{
+    uint64_t epoch = 0;
+    int node = rs->primary_of(rs->ctx, h->index, &epoch);
+
+    if (node < -1 || node >= (int)rs->cfg->node_count)
+        node = -1;
+    if (node == h->primary && epoch == h->epoch)
+        return;
+    transfer_drop(rs, h);
+    h->primary = node;
+    h->epoch = epoch;
+    h->base[0] = '\0';
+    if (node >= 0)
+        snprintf(h->base, sizeof(h->base), "%s", rs->cfg->nodes[node].url);
+    h->redirects = 0;
+    h->backoff_ms = RS_BACKOFF_FIRST_MS;
+    h->next_at = now_ms();
+    publish(rs, h, 1);
+}
+
+static void *sync_main(void *arg)
+{
+    struct replica_sync *rs = arg;
+    sigset_t all;
+
+    /* Signals are for the main thread (SIGTERM stops a serve). */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    pthread_setname_np(pthread_self(), "replica-sync");
+    for (unsigned i = 0; i < rs->n; i++) {
+        struct rshard *h = &rs->sh[i];
+        int rc = position_read(h);
+
+        h->level_at = now_ms();
+        primary_refresh(rs, h);
+        publish(rs, h, rc);
+    }
+    while (!atomic_load(&rs->stop)) {
+        int running, left;
+        CURLMsg *msg;
+        int64_t now, wake;
+
+        curl_multi_perform(rs->multi, &running);
+        while ((msg = curl_multi_info_read(rs->multi, &left))) {
+            struct rshard *h = NULL;
+
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&h);
+            if (h)
+                transfer_done(rs, h, msg->data.result);
+        }
+        now = now_ms();
+        wake = now + RS_POLL_MAX_MS;
+        for (unsigned i = 0; i < rs->n; i++) {
+            struct rshard *h = &rs->sh[i];
+
+            if (atomic_exchange(&h->kicked, 0))
+                primary_refresh(rs, h);
+            if (h->dirty && now - h->synced_at >= RS_SYNC_MS)
+                sync_copy(rs, h);
+            if (h->dirty && h->synced_at + RS_SYNC_MS < wake)
+                wake = h->synced_at + RS_SYNC_MS;
+            if (h->kind != REQ_NONE || h->primary < 0 || h->primary == rs->self)
+                continue;
+            if (h->next_at > now) {
+                if (h->next_at < wake)
+                    wake = h->next_at;
+                continue;
+            }
+            int rc = h->pos_ok ? 0 : position_read(h);
+            if (rc == 0)
+                rc = transfer_start(rs, h);
+            if (rc)
+                step_failed(rs, h, rc);
+        }
+        now = now_ms();
+        curl_multi_poll(rs->multi, NULL, 0, wake > now ? (int)(wake - now) : 0, NULL);
+    }
+    for (unsigned i = 0; i < rs->n; i++)
+        transfer_drop(rs, &rs->sh[i]);
+    return NULL;
+}
+
+/* ---- the public functions ---- */
+
+int replica_sync_start(const struct config *cfg, int self, struct shard *const *replicas,
+                       replica_sync_primary_fn primary_of, void *ctx, struct replica_sync **out,
+                       char *err, size_t errlen)
+{
+    struct replica_sync *rs = NULL;
+    unsigned n = 0;
+    int rc;
+
+    *out = NULL;
+    for (unsigned i = 0; i < cfg->shard_count; i++)
+        n += replicas[i] != NULL;
+    if (n == 0)
+        return 0;
+    rs = calloc(1, sizeof(*rs));
+    if (!rs || !(rs->sh = calloc(n, sizeof(*rs->sh)))) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "replica sync: out of memory");
+        goto fail;
+    }
+    rs->cfg = cfg;
+    rs->self = self;
+    rs->primary_of = primary_of;
+    rs->ctx = ctx;
+    pthread_mutex_init(&rs->lock, NULL);
+    atomic_init(&rs->stop, 0);
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
+        rs->slot[i] = -1;
+    rc = remote_new(cfg, self, &rs->remote, err, errlen);
+    if (rc)
+        goto fail;
+    rs->multi = curl_multi_init();
+    if (!rs->multi) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "replica sync: curl_multi_init failed");
+        goto fail;
+    }
+    for (unsigned i = 0; i < cfg->shard_count; i++) {
+        struct rshard *h;
+
+        if (!replicas[i])
+            continue;
+        h = &rs->sh[rs->n];
+        rs->slot[i] = (int)rs->n++;
+        h->index = i;
+        h->local = replicas[i];
+        h->primary = -2; /* "not asked yet": the first refresh sees a change */
+        h->backoff_ms = RS_BACKOFF_FIRST_MS;
+        h->st.primary = -1;
+        h->st.snap_eta_ms = -1;
+        atomic_init(&h->kicked, 0);
+        h->curl = curl_easy_init();
+        if (!h->curl) {
+            rc = -ENOMEM;
+            snprintf(err, errlen, "replica sync: curl_easy_init failed");
+            goto fail;
+        }
+        remote_curl_defaults(rs->remote, h->curl);
+        curl_easy_setopt(h->curl, CURLOPT_PRIVATE, h);
+        curl_easy_setopt(h->curl, CURLOPT_WRITEFUNCTION, on_body);
+        curl_easy_setopt(h->curl, CURLOPT_WRITEDATA, h);
+        curl_easy_setopt(h->curl, CURLOPT_HEADERFUNCTION, on_header);
+        curl_easy_setopt(h->curl, CURLOPT_HEADERDATA, h);
+    }
+    rc = -pthread_create(&rs->thread, NULL, sync_main, rs);
+    if (rc) {
+        snprintf(err, errlen, "replica sync: cannot start its thread: %s", strerror(-rc));
+        goto fail;
+    }
+    rs->started = 1;
+    *out = rs;
+    return 0;
+fail:
+    replica_sync_stop(rs);
+    return rc;
+}
+
+void replica_sync_stop(struct replica_sync *rs)
+{
+    if (!rs)
+        return;
+    if (rs->started) {
+        atomic_store(&rs->stop, 1);
+        curl_multi_wakeup(rs->multi);
+        pthread_join(rs->thread, NULL);
+    }
+    for (unsigned i = 0; rs->sh && i < rs->n; i++) {
+        struct rshard *h = &rs->sh[i];
+
+        if (h->local && rs->started)
+            shard_sync(h->local); /* what was applied, durable at a clean stop */
+        if (h->curl)
+            curl_easy_cleanup(h->curl);
+        free(h->buf);
+    }
+    if (rs->multi)
+        curl_multi_cleanup(rs->multi);
+    remote_free(rs->remote);
+    if (rs->sh)
+        pthread_mutex_destroy(&rs->lock);
+    free(rs->sh);
+    free(rs);
+}
+
+void replica_sync_kick(struct replica_sync *rs, unsigned shard)
+{
+    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+        return;
+    atomic_store(&rs->sh[rs->slot[shard]].kicked, 1);
+    curl_multi_wakeup(rs->multi);
+}

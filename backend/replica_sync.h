@@ -1,0 +1,87 @@
+/* replica_sync.h -- the replica-sync thread: keeps this node's replica
+ * shards current with their primaries.
+ *
+ * One thread per node drives every replica shard the node holds over one
+ * curl multi handle: per shard a long-poll of its primary's change stream
+ * (GET /v1/shard/N/stream, wire.h), whose entries it applies in order with
+ * shard_lmdb_apply_at(); each pull reports the position the replica holds
+ * (applied: in its redo log, so kill -9 safe) and the last one it synced,
+ * which are the primary's acks (shard_repl.h). A replica that is too far
+ * behind (the primary no longer retains the entries after its position,
+ * 409 ERANGE) or whose history diverged (409 ESTALE), or whose snapshot was
+ * interrupted (shard_lmdb_position() -EAGAIN), catches up by a fuzzy
+ * snapshot: the primary's position P0 first, then every record through the
+ * scan route, page by page (never the whole shard in memory), then the
+ * stream after P0 (replica_sync.c, DESIGN).
+ *
+ * Where the primary is comes from the caller (primary_of: the shard map);
+ * replica_sync_kick() says it may have changed. A primary that does not
+ * answer is retried with a capped backoff, never in a tight loop.
+ *
+ * Threads: start/stop from one thread; kick and status from any thread.
+ * The replica shards are the caller's: they must stay open until
+ * replica_sync_stop() returned, and nobody else may apply to them.
+ */
+#ifndef SHARDFS_REPLICA_SYNC_H
+#define SHARDFS_REPLICA_SYNC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "shard.h"
+#include "stream.h"
+
+struct replica_sync;
+
+/* The node index of shard's primary now (-1: none, e.g. between a death
+ * and a promotion), and the shard's epoch in *epoch. Called on the sync
+ * thread; must not wait long. */
+typedef int (*replica_sync_primary_fn)(void *ctx, unsigned shard, uint64_t *epoch);
+
+/* Start the thread for node self of cfg. replicas[i] (i < cfg->shard_count)
+ * is this node's replica of shard i (an LMDB shard), or NULL. cfg must
+ * outlive the sync. With no replica at all, *out is NULL and nothing runs
+ * (stop and status accept it). 0, or -errno with a reason in err. */
+int replica_sync_start(const struct config *cfg, int self, struct shard *const *replicas,
+                       replica_sync_primary_fn primary_of, void *ctx, struct replica_sync **out,
+                       char *err, size_t errlen);
+/* Stop the thread (a transfer in flight is dropped; what was applied stays)
+ * and sync every replica shard. NULL-safe. */
+void replica_sync_stop(struct replica_sync *rs);
+/* Shard's primary or epoch may have changed (shard_map_on_change): the
+ * thread asks primary_of again and, if it changed, drops the pull in flight
+ * and follows the new primary. Any thread; NULL-safe. */
+void replica_sync_kick(struct replica_sync *rs, unsigned shard);
+
+enum replica_phase {
+    REPLICA_WAITING = 0, /* for a primary (none, unreachable: backing off) */
+    REPLICA_STREAMING,   /* pulling the change stream */
+    REPLICA_SNAPSHOT,    /* copying the primary's records (catch-up) */
+};
+
+struct replica_status {
+    enum replica_phase phase;
+    int primary;                   /* node index, -1: none */
+    uint64_t epoch;                /* the shard's epoch (the map's) */
+    struct stream_pos pos;         /* applied here (kill -9 safe) */
+    uint64_t synced;               /* lsn durable here against power loss */
+    struct stream_pos primary_pos; /* the primary's, from its last reply ({0} before) */
+    uint64_t lag_ms;               /* since this copy was last level with its primary */
+    int last_error;                /* -errno of the last failed pull or apply, 0 */
+    uint64_t snapshots;            /* snapshots begun since start */
+    /* The snapshot in progress, or the last one. */
+    uint64_t snap_bytes;           /* key and value bytes copied */
+    uint64_t snap_records;         /* records copied */
+    uint64_t snap_total_records;   /* the primary's record count at the start, 0 unknown */
+    double snap_rate;              /* bytes a second */
+    int64_t snap_eta_ms;           /* -1: unknown */
+};
+
+/* The state of this node's replica of shard: 0, or -ENOENT when this node
+ * holds no replica of it (or rs is NULL). */
+int replica_sync_status(struct replica_sync *rs, unsigned shard, struct replica_status *out);
+/* "waiting", "streaming", "snapshot". */
+const char *replica_phase_name(enum replica_phase p);
+
+#endif
