@@ -98,6 +98,7 @@ struct ns {
     enum runmark_last last_run;     /* how the last daemon of the store stopped */
     unsigned nshards;
     struct shard **shards;
+    struct shard **replicas;        /* this node's replica copies, outside the namespace */
     struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
     pthread_mutex_t stripes[LOCK_STRIPES];
@@ -200,6 +201,28 @@ int ns_shard_is_local(const struct ns *ns, unsigned index)
 struct shard *ns_shard(struct ns *ns, unsigned index)
 {
     return index < ns->nshards ? ns->shards[index] : NULL;
+}
+
+struct shard *ns_replica(struct ns *ns, unsigned index)
+{
+    return index < ns->nshards ? ns->replicas[index] : NULL;
+}
+
+int ns_shard_wrap(struct ns *ns, unsigned index, struct shard *wrap)
+{
+    if (!ns_shard_is_local(ns, index) || !wrap)
+        return -EINVAL;
+    ns->shards[index] = wrap;
+    return 0;
+}
+
+/* 1 if shards.conf names node a replica holder of shard i. */
+static int holds_replica(const struct config *cfg, int node, unsigned i)
+{
+    for (unsigned k = 0; k < cfg->nreplicas[i]; k++)
+        if (cfg->replicas[i][k] == node)
+            return 1;
+    return 0;
 }
 
 unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
@@ -2585,7 +2608,8 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
         seed = (uint64_t)now_ts().tv_nsec * 2654435761u ^ (uint64_t)getpid();
     atomic_init(&ns->next_unique, seed);
     ns->shards = calloc(ns->nshards, sizeof(*ns->shards));
-    if (!ns->shards) {
+    ns->replicas = calloc(ns->nshards, sizeof(*ns->replicas));
+    if (!ns->shards || !ns->replicas) {
         rc = -ENOMEM;
         goto fail;
     }
@@ -2642,6 +2666,20 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
         if (rc)
             goto fail;
     }
+    /* A replica is a copy of another node's shard, kept by the replica-sync
+     * thread (replica_sync.h): opened here, in the directory a primary of
+     * it would use (a promotion keeps the data), but never written by the
+     * namespace, which reaches the shard at its primary. */
+    for (unsigned i = 0; i < ns->nshards; i++) {
+        char dir[PATH_MAX + 32];
+
+        if (!holds_replica(cfg, node, i))
+            continue;
+        snprintf(dir, sizeof(dir), "%s/shard-%u", ns->data_dir, i);
+        rc = shard_lmdb_open(dir, i, &opt, &ns->replicas[i], err, errlen);
+        if (rc)
+            goto fail;
+    }
     /* The root lives on shard 0; its owner creates it. */
     rc = ns_shard_is_local(ns, 0) ? root_ensure(ns) : 0;
     if (rc == 0 && !(flags & NS_OPEN_NO_RECOVER))
@@ -2664,6 +2702,9 @@ void ns_close(struct ns *ns)
     reaper_join(ns); /* without ns_reaper_stop(): its is_open may be gone */
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
         shard_close(ns->shards[i]);
+    for (unsigned i = 0; ns->replicas && i < ns->nshards; i++)
+        shard_close(ns->replicas[i]);
+    free(ns->replicas);
     if (ns->clear_mark)
         runmark_end(ns->data_dir); /* every local shard is committed and synced */
     free(ns->shards);

@@ -77,6 +77,16 @@ unsigned ns_shard_count(const struct ns *ns);
 /* 1 if this node owns shard index (it is an LMDB environment here). */
 int ns_shard_is_local(const struct ns *ns, unsigned index);
 struct shard *ns_shard(struct ns *ns, unsigned index);
+/* This node's replica of shard index (shards.conf `replicas`): an LMDB
+ * shard ns_open() opened beside the namespace for the replica-sync thread
+ * (replica_sync.h). The namespace never uses it: it reaches that shard at
+ * its primary, like any other node's. NULL if this node holds none. */
+struct shard *ns_replica(struct ns *ns, unsigned index);
+/* Put wrap (e.g. shard_repl.h's wrapper around ns_shard(ns, index)) in
+ * place of a shard this node owns; from then on the namespace uses and
+ * closes wrap, whose close must close the shard it wraps. Before any other
+ * thread uses ns. 0, or -EINVAL when index is not this node's. */
+int ns_shard_wrap(struct ns *ns, unsigned index, struct shard *wrap);
 unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
                         size_t nlen);
 unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);
