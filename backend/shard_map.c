@@ -88,6 +88,7 @@ struct shard_map {
 
     /* etcd mode only */
     struct etcd *etcd;
+    struct etcd *etcd_lease; /* the keep-alive's: calls bounded by TTL/3, not timeout_ms */
     char prefix[48];
     size_t plen;
     atomic_llong lease;         /* our lease id, 0: none */
@@ -630,7 +631,7 @@ static void *keepalive_main(void *arg)
         if (id == 0) {
             rc = lease_start(m, NULL, 0);
         } else {
-            rc = etcd_lease_keepalive(m->etcd, id, &ttl, NULL, 0);
+            rc = etcd_lease_keepalive(m->etcd_lease, id, &ttl, NULL, 0);
             if (rc == 0) {
                 lease_extend(m, t0, ttl);
             } else if (rc == -ENOENT) {
@@ -811,6 +812,11 @@ static int open_etcd(struct shard_map *m, const struct config *cfg, char *err, s
     rc = cluster_prefix(m, cfg->secret);
     if (rc == 0)
         rc = etcd_new(cfg->etcd, cfg->timeout_ms, &m->etcd, err, errlen);
+    /* A renewal that hangs must not outlast the next one's turn: the lease
+     * would run out while a retry could have reached another endpoint. */
+    if (rc == 0)
+        rc = etcd_new(cfg->etcd, m->ttl_ms / 3 < cfg->timeout_ms ? m->ttl_ms / 3 : cfg->timeout_ms,
+                      &m->etcd_lease, err, errlen);
     if (rc < 0)
         return rc;
     if (m->self >= 0 && (rc = lease_start(m, err, errlen)) < 0)
@@ -920,6 +926,7 @@ void shard_map_close(struct shard_map *m)
     if (m->etcd && lease)
         etcd_lease_revoke(m->etcd, lease, NULL, 0); /* best effort: else it runs out */
     etcd_free(m->etcd);
+    etcd_free(m->etcd_lease);
     free(m->copies);
     free(m->mod_rev);
     free(m->leader);
