@@ -4,12 +4,27 @@
  *   data.mdb   the LMDB environment (one unnamed database; MDB_NOLOCK)
  *   redo.log   the two redo logs, used in turns (see shard_lmdb.h): batches
  *   redo2.log  applied since the last commit that is surely on disk, one
- *              record each:
- *              magic:u32le len:u32le seq:u64le check:u64le payload[len]
- *              check = XXH3_64(payload, seed = seq)
+ *              record each (64-byte header, then the payload):
+ *              magic:u32le len:u32le seq:u64le check:u64le kind:u32le
+ *              0:u32le epoch:u64le lsn:u64le scheck:u64le time_ms:u64le
+ *              payload[len]
+ *              check = XXH3_64(payload, seed = XXH3_64(header[24..64),
+ *              seed = seq)). kind: a batch at position (epoch, lsn, scheck)
+ *              applied at time_ms (the payload is the batch; replay rebuilds
+ *              its 'L' entry and "Mpos" from the header, so the batch bytes
+ *              are logged once), a snapshot load (a batch, no position), or
+ *              a snapshot's end (no payload; the position is the base).
+ *              Records of the version before the stream (magic "SLOG",
+ *              24-byte header, the batch) are replayed as batches at the
+ *              next lsn of the same epoch.
  *   reserve    a small preallocated file given up when a commit runs short
- *   The key "Mseq" inside LMDB holds the last log sequence number that the
- *   committed state contains.
+ *   Keys inside LMDB that are this file's own ("local meta", never copied by
+ *   a snapshot): "Mseq" the last log sequence number that the committed
+ *   state contains; "Mpos" the position (epoch, lsn, check: u64le each);
+ *   "Mbase" the position before the oldest retained 'L' entry; "Mlsn" the
+ *   lsn reservation (u64le: no lsn at or above it was handed out); "Msnap"
+ *   present while a snapshot is in progress. 'L' lsn:u64be -> epoch:u64le
+ *   check:u64le time_ms:u64le batch: the stream's entries.
  *
  * Everything below runs under struct shard_lmdb.lock: LMDB write transactions
  * allow one user at a time, and the long-lived transaction is what readers
@@ -36,8 +51,14 @@
 #include "durable.h"
 #include "endian.h"
 
-#define LOG_MAGIC 0x474f4c53u /* "SLOG" */
+#define LOG_MAGIC 0x474f4c53u /* "SLOG": before the stream */
+#define LOG_MAGIC2 0x32474c53u /* "SLG2" */
 #define LOG_HDR 24u
+#define LOG_HDR2 64u
+#define ENTRY_VAL_HDR 24u      /* epoch, check, time_ms before an entry's batch */
+#define LSN_STEP (1ull << 20)  /* how far the lsn reservation runs ahead */
+#define DEFAULT_STREAM_BYTES (64u << 20)
+#define DEFAULT_STREAM_AGE_MS (600u * 1000u)
 #define MAP_INITIAL (1ull << 30)
 #define DEFAULT_INTERVAL_MS 200u
 #define DEFAULT_COMMIT_BYTES (32u << 20)
@@ -47,6 +68,25 @@
 #define SPACE_LOW (1ull << 30)      /* below this, give freed space back at once */
 
 static const char seq_key[] = "Mseq";
+static const char pos_key[] = "Mpos";
+static const char base_key[] = "Mbase";
+static const char lsn_key[] = "Mlsn";
+static const char snap_key[] = "Msnap";
+
+/* What a redo log record does (its kind). */
+enum log_kind {
+    LOG_APPLY = 1,          /* a batch at a position */
+    LOG_LOAD = 2,           /* a snapshot page: plain puts and deletes */
+    LOG_DONE = 3,           /* a snapshot's end: position := base */
+    LOG_LEGACY = 100,       /* an "SLOG" record: a batch at the next lsn */
+};
+
+/* A record's header fields beyond the payload. */
+struct log_rec {
+    enum log_kind kind;
+    struct stream_pos pos;
+    uint64_t time_ms;
+};
 static const char *const log_names[2] = {"redo.log", "redo2.log"};
 
 /* One of the two redo log files. */
@@ -85,6 +125,27 @@ struct shard_lmdb {
     uint64_t punched_txn;       /* free-list records up to this txn are punched */
     unsigned interval_ms;
     size_t commit_bytes;
+
+    /* The change stream; all protected by lock. pos, base, snapshotting and
+     * stream_bytes describe sl->txn (reloaded from it when it is rebuilt). */
+    struct stream_pos pos;      /* the last batch's position */
+    struct stream_pos sbase;    /* the position before the oldest entry */
+    int snapshotting;           /* "Msnap" is set */
+    uint64_t stream_bytes;      /* value bytes of the retained entries */
+    uint64_t stream_entries;    /* how many */
+    uint64_t epoch;             /* for new batches */
+    int epoch_set;
+    uint64_t next_lsn;          /* never lowered */
+    uint64_t lsn_res_committed; /* "Mlsn" of the last commit */
+    uint64_t lsn_res_durable;   /* "Mlsn" of a commit surely on disk */
+    int meta_dirty;             /* txn holds unlogged changes: commit it */
+    size_t stream_max;
+    uint64_t stream_age_ms;
+    uint64_t holds[SHARD_LMDB_HOLDS];
+
+    pthread_rwlock_t listen_lock; /* held (read) while the listener runs */
+    void (*on_apply)(void *ctx, unsigned index, const struct stream_pos *p);
+    void *on_apply_ctx;         /* both protected by listen_lock */
 };
 
 static const struct shard_ops shard_lmdb_ops;
@@ -121,6 +182,20 @@ static struct shard_lmdb *to_lmdb(struct shard *s)
 
 /* ---- applying batches to a transaction ---- */
 
+static int key_is_local(const uint8_t *k, size_t klen);
+
+/* Move a cursor at a local key (key_is_local) to the next key, past all of
+ * the stream's entries at once when it is at one: they are contiguous. */
+static int skip_local(MDB_cursor *cur, MDB_val *k, MDB_val *v)
+{
+    if (k->mv_size >= 1 && *(const uint8_t *)k->mv_data == 'L') {
+        k->mv_size = 1;
+        k->mv_data = "M";
+        return mdb_cursor_get(cur, k, v, MDB_SET_RANGE);
+    }
+    return mdb_cursor_get(cur, k, v, MDB_NEXT);
+}
+
 static int del_range(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
 {
     MDB_cursor *cur = NULL;
@@ -129,20 +204,26 @@ static int del_range(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
 
     if (rc)
         goto out;
+    uint8_t last[BATCH_KEY_MAX];
+
     rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     while (rc == 0) {
         size_t n = k.mv_size < it->vlen ? k.mv_size : it->vlen;
         int cmp = memcmp(k.mv_data, it->val, n);
         if (cmp > 0 || (cmp == 0 && k.mv_size >= it->vlen))
             break;
+        if (key_is_local(k.mv_data, k.mv_size)) {
+            /* The stream and the shard's own records are not data. */
+            rc = skip_local(cur, &k, &v);
+            continue;
+        }
+        memcpy(last, k.mv_data, k.mv_size);
+        k.mv_data = last;
         rc = mdb_cursor_del(cur, 0);
         if (rc)
             goto out;
-        /* Re-seek from the start: everything before the deleted key in the
-         * range is gone, and after deleting a shard's last key LMDB leaves
-         * the cursor unpositioned (MDB_GET_CURRENT would fail). */
-        k.mv_size = it->klen;
-        k.mv_data = (void *)it->key;
+        /* Re-seek past the deleted key: after deleting a shard's last key
+         * LMDB leaves the cursor unpositioned (MDB_GET_CURRENT would fail). */
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     }
     if (rc == MDB_NOTFOUND)
@@ -166,10 +247,19 @@ static int check_assert(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
     return 0;
 }
 
-/* Apply every item of an encoded batch to txn. With check_asserts == 0 (log
- * replay) preconditions are skipped: they held when the batch was logged. */
+/* How apply_items treats a batch. */
+enum items_mode {
+    ITEMS_BLIND = 0,        /* log replay, a replica: preconditions skipped
+                             * (they held when the batch was first applied) */
+    ITEMS_CHECKED = 1,      /* a new batch: preconditions checked */
+    ITEMS_LOAD = 2,         /* a snapshot page: puts and deletes only, the
+                             * local keys of the copied shard skipped */
+};
+
+/* Apply every item of an encoded batch to txn. A put or delete of a local
+ * key (key_is_local) would corrupt the stream or the recovery: -EINVAL. */
 static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len,
-                       int check_asserts)
+                       enum items_mode mode)
 {
     struct batch_item it;
     size_t pos = 0;
@@ -178,6 +268,13 @@ static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len
     while ((rc = batch_next(buf, len, &pos, &it)) == 1) {
         MDB_val k = {.mv_size = it.klen, .mv_data = (void *)it.key};
         MDB_val v = {.mv_size = it.vlen, .mv_data = (void *)it.val};
+        if (mode == ITEMS_LOAD && it.op != BATCH_PUT && it.op != BATCH_DEL)
+            return -EINVAL;
+        if ((it.op == BATCH_PUT || it.op == BATCH_DEL) && key_is_local(it.key, it.klen)) {
+            if (mode == ITEMS_LOAD)
+                continue;
+            return -EINVAL;
+        }
         switch (it.op) {
         case BATCH_PUT:
             rc = shard_lmdb_errno(mdb_put(txn, dbi, &k, &v, 0));
@@ -191,7 +288,7 @@ static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len
             break;
         case BATCH_ASSERT_ABSENT:
         case BATCH_ASSERT_VALUE:
-            rc = check_asserts ? check_assert(txn, dbi, &it) : 0;
+            rc = mode == ITEMS_CHECKED ? check_assert(txn, dbi, &it) : 0;
             break;
         }
         if (rc)
@@ -200,22 +297,221 @@ static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len
     return rc;
 }
 
+/* ---- the stream's records ---- */
+
+static uint64_t now_ms(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (uint64_t)t.tv_sec * 1000 + (uint64_t)t.tv_nsec / 1000000;
+}
+
+static int meta_put(MDB_txn *txn, MDB_dbi dbi, const char *name, const void *val, size_t len)
+{
+    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
+    MDB_val v = {.mv_size = len, .mv_data = (void *)val};
+
+    return shard_lmdb_errno(mdb_put(txn, dbi, &k, &v, 0));
+}
+
+/* 0 and the value, -ENOENT, or another -errno. */
+static int meta_get(MDB_txn *txn, MDB_dbi dbi, const char *name, MDB_val *v)
+{
+    MDB_val k = {.mv_size = strlen(name), .mv_data = (void *)name};
+
+    return shard_lmdb_errno(mdb_get(txn, dbi, &k, v));
+}
+
+static int pos_put(MDB_txn *txn, MDB_dbi dbi, const char *name, const struct stream_pos *p)
+{
+    uint8_t buf[24];
+
+    endian_put_le(buf, p->epoch, 8);
+    endian_put_le(buf + 8, p->lsn, 8);
+    endian_put_le(buf + 16, p->check, 8);
+    return meta_put(txn, dbi, name, buf, sizeof(buf));
+}
+
+/* A missing position is {0,0,0}; a malformed one -EIO. */
+static int pos_get(MDB_txn *txn, MDB_dbi dbi, const char *name, struct stream_pos *p)
+{
+    MDB_val v;
+    int rc = meta_get(txn, dbi, name, &v);
+
+    memset(p, 0, sizeof(*p));
+    if (rc == -ENOENT)
+        return 0;
+    if (rc)
+        return rc;
+    if (v.mv_size != 24)
+        return -EIO;
+    p->epoch = endian_get_le(v.mv_data, 8);
+    p->lsn = endian_get_le((const uint8_t *)v.mv_data + 8, 8);
+    p->check = endian_get_le((const uint8_t *)v.mv_data + 16, 8);
+    return 0;
+}
+
+static void entry_key(uint8_t key[9], uint64_t lsn)
+{
+    key[0] = 'L';
+    endian_put_be64(key + 1, lsn);
+}
+
+/* 1 for the keys a snapshot neither empties nor copies: the stream's entries
+ * and this file's own 'M' records (the position, the reservation...), which
+ * describe this copy, not the data. */
+static int key_is_local(const uint8_t *k, size_t klen)
+{
+    static const char *const local[] = {seq_key, pos_key, base_key, lsn_key, snap_key};
+
+    if (klen >= 1 && k[0] == 'L')
+        return 1;
+    for (size_t i = 0; i < sizeof(local) / sizeof(local[0]); i++)
+        if (klen == strlen(local[i]) && memcmp(k, local[i], klen) == 0)
+            return 1;
+    return 0;
+}
+
+/* Do what record r says to txn: the batch's items, then for a batch its
+ * entry and the position, in the same transaction. */
+static int rec_apply(struct shard_lmdb *sl, MDB_txn *txn, const struct log_rec *r,
+                     const uint8_t *buf, size_t len, enum items_mode mode)
+{
+    uint8_t key[9];
+    int rc;
+
+    switch (r->kind) {
+    case LOG_LOAD:
+        return apply_items(txn, sl->dbi, buf, len, ITEMS_LOAD);
+    case LOG_DONE: {
+        MDB_val k = {.mv_size = sizeof(snap_key) - 1, .mv_data = (void *)snap_key};
+        rc = mdb_del(txn, sl->dbi, &k, NULL);
+        rc = rc == MDB_NOTFOUND ? 0 : shard_lmdb_errno(rc);
+        if (rc == 0)
+            rc = pos_put(txn, sl->dbi, pos_key, &r->pos);
+        if (rc == 0)
+            rc = pos_put(txn, sl->dbi, base_key, &r->pos);
+        return rc;
+    }
+    case LOG_APPLY:
+    case LOG_LEGACY:
+        break;
+    }
+    rc = apply_items(txn, sl->dbi, buf, len, mode);
+    if (rc)
+        return rc;
+    entry_key(key, r->pos.lsn);
+    MDB_val k = {.mv_size = sizeof(key), .mv_data = key};
+    MDB_val v = {.mv_size = ENTRY_VAL_HDR + len};
+    rc = mdb_put(txn, sl->dbi, &k, &v, MDB_RESERVE);
+    if (rc)
+        return shard_lmdb_errno(rc);
+    uint8_t *p = v.mv_data;
+    endian_put_le(p, r->pos.epoch, 8);
+    endian_put_le(p + 8, r->pos.check, 8);
+    endian_put_le(p + 16, r->time_ms, 8);
+    if (len)
+        memcpy(p + ENTRY_VAL_HDR, buf, len);
+    return pos_put(txn, sl->dbi, pos_key, &r->pos);
+}
+
+/* The in-memory side of a record that is now in sl->txn. */
+static void rec_note(struct shard_lmdb *sl, const struct log_rec *r, size_t len)
+{
+    switch (r->kind) {
+    case LOG_LOAD:
+        return;
+    case LOG_DONE:
+        sl->snapshotting = 0;
+        sl->sbase = r->pos;
+        sl->stream_bytes = 0;
+        sl->stream_entries = 0;
+        break;
+    case LOG_APPLY:
+    case LOG_LEGACY:
+        sl->stream_bytes += ENTRY_VAL_HDR + len;
+        sl->stream_entries++;
+        break;
+    }
+    sl->pos = r->pos;
+    if (sl->next_lsn <= r->pos.lsn)
+        sl->next_lsn = r->pos.lsn + 1;
+}
+
+/* Read the stream's state of txn into memory: at open, and when the
+ * transaction is rebuilt from the committed state (before the log replay,
+ * whose records then move it on). next_lsn is never lowered. */
+static int stream_state_load(struct shard_lmdb *sl, MDB_txn *txn)
+{
+    MDB_cursor *cur = NULL;
+    MDB_val k = {.mv_size = 1, .mv_data = "L"}, v;
+    int rc = pos_get(txn, sl->dbi, pos_key, &sl->pos);
+
+    if (rc == 0)
+        rc = pos_get(txn, sl->dbi, base_key, &sl->sbase);
+    if (rc)
+        return rc;
+    rc = meta_get(txn, sl->dbi, snap_key, &v);
+    if (rc && rc != -ENOENT)
+        return rc;
+    sl->snapshotting = rc == 0;
+    rc = meta_get(txn, sl->dbi, lsn_key, &v);
+    if (rc == 0 && v.mv_size == 8)
+        sl->lsn_res_committed = endian_get_le(v.mv_data, 8);
+    else if (rc == 0)
+        return -EIO;
+    else if (rc != -ENOENT)
+        return rc;
+    sl->stream_bytes = 0;
+    sl->stream_entries = 0;
+    rc = mdb_cursor_open(txn, sl->dbi, &cur);
+    if (rc)
+        return shard_lmdb_errno(rc);
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && k.mv_size >= 1 && *(const uint8_t *)k.mv_data == 'L') {
+        sl->stream_bytes += v.mv_size;
+        sl->stream_entries++;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close(cur);
+    rc = rc == MDB_NOTFOUND ? 0 : shard_lmdb_errno(rc);
+    if (rc == 0 && sl->next_lsn <= sl->pos.lsn)
+        sl->next_lsn = sl->pos.lsn + 1;
+    return rc;
+}
+
 /* ---- the redo log ---- */
 
-static int log_append(struct shard_lmdb *sl, uint64_t seq, const struct batch *b)
+/* The check of a record: its payload, seeded with the rest of its header. */
+static uint64_t log_check(const uint8_t hdr[LOG_HDR2], uint64_t seq, const uint8_t *payload,
+                          size_t len)
 {
-    uint8_t hdr[LOG_HDR];
-    struct iovec iov[2] = {{hdr, LOG_HDR}, {b->buf, b->len}};
-    size_t want = LOG_HDR + b->len;
+    return XXH3_64bits_withSeed(payload, len,
+                                XXH3_64bits_withSeed(hdr + LOG_HDR, LOG_HDR2 - LOG_HDR, seq));
+}
+
+static int log_append(struct shard_lmdb *sl, uint64_t seq, const struct log_rec *r,
+                      const uint8_t *buf, size_t len)
+{
+    uint8_t hdr[LOG_HDR2];
+    struct iovec iov[2] = {{hdr, LOG_HDR2}, {(void *)buf, len}};
+    size_t want = LOG_HDR2 + len;
     ssize_t n;
 
-    endian_put_le(hdr, LOG_MAGIC, 4);
-    endian_put_le(hdr + 4, (uint32_t)b->len, 4);
+    endian_put_le(hdr, LOG_MAGIC2, 4);
+    endian_put_le(hdr + 4, (uint32_t)len, 4);
     endian_put_le(hdr + 8, seq, 8);
-    endian_put_le(hdr + 16, XXH3_64bits_withSeed(b->buf, b->len, seq), 8);
+    endian_put_le(hdr + 24, r->kind, 4);
+    endian_put_le(hdr + 28, 0, 4);
+    endian_put_le(hdr + 32, r->pos.epoch, 8);
+    endian_put_le(hdr + 40, r->pos.lsn, 8);
+    endian_put_le(hdr + 48, r->pos.check, 8);
+    endian_put_le(hdr + 56, r->time_ms, 8);
+    endian_put_le(hdr + 16, log_check(hdr, seq, buf, len), 8);
     struct redo_log *log = &sl->logs[sl->active];
 
-    n = pwritev(log->fd, iov, 2, log->len);
+    n = pwritev(log->fd, iov, len ? 2 : 1, log->len);
     if (n == (ssize_t)want) {
         log->len += n;
         log->max_seq = seq;
@@ -240,35 +536,59 @@ struct replay_pass {
 static int log_replay_one(struct shard_lmdb *sl, MDB_txn *txn, int fd, uint64_t *expect,
                           struct replay_pass *pass)
 {
-    uint8_t hdr[LOG_HDR];
+    uint8_t hdr[LOG_HDR2];
     uint8_t *payload = NULL;
     off_t off = 0;
     int rc = 0;
 
     for (;;) {
+        struct log_rec r = {.kind = LOG_LEGACY};
+        size_t hlen = LOG_HDR;
         if (pread(fd, hdr, LOG_HDR, off) != LOG_HDR)
             break;
-        uint32_t len = (uint32_t)endian_get_le(hdr + 4, 4);
+        uint32_t magic = (uint32_t)endian_get_le(hdr, 4), len = (uint32_t)endian_get_le(hdr + 4, 4);
         uint64_t seq = endian_get_le(hdr + 8, 8), check = endian_get_le(hdr + 16, 8);
-        if (endian_get_le(hdr, 4) != LOG_MAGIC || len > BATCH_MAX)
+        if ((magic != LOG_MAGIC && magic != LOG_MAGIC2) || len > BATCH_MAX)
             break;
+        if (magic == LOG_MAGIC2) {
+            hlen = LOG_HDR2;
+            if (pread(fd, hdr + LOG_HDR, LOG_HDR2 - LOG_HDR, off + LOG_HDR) != LOG_HDR2 - LOG_HDR)
+                break;
+            r.kind = (enum log_kind)endian_get_le(hdr + 24, 4);
+            r.pos.epoch = endian_get_le(hdr + 32, 8);
+            r.pos.lsn = endian_get_le(hdr + 40, 8);
+            r.pos.check = endian_get_le(hdr + 48, 8);
+            r.time_ms = endian_get_le(hdr + 56, 8);
+            if (r.kind != LOG_APPLY && r.kind != LOG_LOAD && r.kind != LOG_DONE)
+                break;
+        }
         uint8_t *p = realloc(payload, len ? len : 1);
         if (!p) {
             rc = -ENOMEM;
             goto out;
         }
         payload = p;
-        if (pread(fd, payload, len, off + LOG_HDR) != (ssize_t)len ||
-            XXH3_64bits_withSeed(payload, len, seq) != check || batch_validate(payload, len) < 0)
+        if (pread(fd, payload, len, off + (off_t)hlen) != (ssize_t)len ||
+            (magic == LOG_MAGIC2 ? log_check(hdr, seq, payload, len)
+                                 : XXH3_64bits_withSeed(payload, len, seq)) != check ||
+            batch_validate(payload, len) < 0)
             break;
-        off += LOG_HDR + len;
+        off += (off_t)(hlen + len);
         if (seq < *expect)
             continue;
         if (seq != *expect)
             break;
-        rc = apply_items(txn, sl->dbi, payload, len, 0);
+        if (r.kind == LOG_LEGACY) {
+            /* Written before positions existed: the next lsn, deterministic
+             * from the state it is replayed onto. */
+            r.pos.epoch = sl->pos.epoch;
+            r.pos.lsn = sl->pos.lsn + 1;
+            r.pos.check = stream_check_next(sl->pos.check, r.pos.epoch, r.pos.lsn, payload, len);
+        }
+        rc = rec_apply(sl, txn, &r, payload, len, ITEMS_BLIND);
         if (rc)
             goto out;
+        rec_note(sl, &r, len);
         sl->pending_bytes += len;
         pass->end = off;
         pass->last = seq;
@@ -514,7 +834,9 @@ static int txn_ensure(struct shard_lmdb *sl)
         return rc;
     if (sl->need_rebuild) {
         sl->pending_bytes = 0;
-        rc = log_replay(sl, sl->txn);
+        rc = stream_state_load(sl, sl->txn);
+        if (rc == 0)
+            rc = log_replay(sl, sl->txn);
         if (rc) {
             mdb_txn_abort(sl->txn);
             sl->txn = NULL;
@@ -546,13 +868,92 @@ static void map_maybe_grow(struct shard_lmdb *sl, int force)
     sl->mapsize = info.me_mapsize;
 }
 
+/* The lowest lsn a hold keeps the entries after. */
+static uint64_t hold_min(const struct shard_lmdb *sl)
+{
+    uint64_t m = UINT64_MAX;
+
+    for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++)
+        if (sl->holds[i] < m)
+            m = sl->holds[i];
+    return m;
+}
+
+/* Retention, at commit time: delete the oldest entries while the stream is
+ * over its size or they are over its age, but none after a hold. The base
+ * moves with them in the same transaction, so every committed state has
+ * entries (base, pos] with no hole. Not logged: a state that loses the trim
+ * (a power cut, a rebuild) only keeps more entries. */
+static int stream_trim(struct shard_lmdb *sl)
+{
+    uint64_t hold = hold_min(sl), now = now_ms();
+    struct stream_pos base = sl->sbase;
+    MDB_cursor *cur = NULL;
+    MDB_val k = {.mv_size = 1, .mv_data = "L"}, v;
+    int rc, trimmed = 0;
+
+    if (sl->snapshotting || sl->stream_bytes == 0)
+        return 0;
+    rc = mdb_cursor_open(sl->txn, sl->dbi, &cur);
+    if (rc)
+        return shard_lmdb_errno(rc);
+    for (;;) {
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        if (rc || k.mv_size != 9 || *(const uint8_t *)k.mv_data != 'L' || v.mv_size < ENTRY_VAL_HDR)
+            break;
+        uint64_t lsn = endian_get_be64((const uint8_t *)k.mv_data + 1);
+        uint64_t t = endian_get_le((const uint8_t *)v.mv_data + 16, 8);
+        if (lsn > hold ||
+            (sl->stream_bytes <= sl->stream_max && t + sl->stream_age_ms >= now))
+            break;
+        base.epoch = endian_get_le(v.mv_data, 8);
+        base.lsn = lsn;
+        base.check = endian_get_le((const uint8_t *)v.mv_data + 8, 8);
+        sl->stream_bytes -= v.mv_size < sl->stream_bytes ? v.mv_size : sl->stream_bytes;
+        sl->stream_entries -= sl->stream_entries > 0;
+        rc = mdb_cursor_del(cur, 0);
+        if (rc)
+            break;
+        trimmed = 1;
+        k.mv_size = 1;
+        k.mv_data = "L";
+    }
+    mdb_cursor_close(cur);
+    rc = rc == MDB_NOTFOUND ? 0 : shard_lmdb_errno(rc);
+    if (rc == 0 && trimmed) {
+        rc = pos_put(sl->txn, sl->dbi, base_key, &base);
+        if (rc == 0)
+            sl->sbase = base;
+    }
+    return rc;
+}
+
+/* What every commit writes besides the batches: the trim, "Mseq", and a
+ * raised lsn reservation once next_lsn is within half a step of it. Sets
+ * *res to the reservation the commit holds. */
+static int commit_prepare(struct shard_lmdb *sl, uint64_t *res)
+{
+    uint8_t buf[8];
+    int rc = stream_trim(sl);
+
+    *res = sl->lsn_res_committed;
+    if (rc)
+        return rc;
+    endian_put_le(buf, sl->seq, 8);
+    rc = meta_put(sl->txn, sl->dbi, seq_key, buf, 8);
+    if (rc == 0 && sl->next_lsn + LSN_STEP / 2 >= sl->lsn_res_committed) {
+        *res = sl->next_lsn + LSN_STEP;
+        endian_put_le(buf, *res, 8);
+        rc = meta_put(sl->txn, sl->dbi, lsn_key, buf, 8);
+    }
+    return rc;
+}
+
 /* Commit the open transaction with a full sync and start over. On failure the
  * transaction is gone, so it is rebuilt from the log on next use. */
 static int txn_commit(struct shard_lmdb *sl, int grow)
 {
-    MDB_val k = {.mv_size = sizeof(seq_key) - 1, .mv_data = (void *)seq_key};
-    uint8_t seqbuf[8];
-    MDB_val v = {.mv_size = 8, .mv_data = seqbuf};
+    uint64_t res = 0;
     int rc;
 
     if (sl->need_rebuild) {
@@ -562,7 +963,7 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
     }
     if (!sl->txn)
         return 0;
-    if (sl->seq == sl->committed_seq) {
+    if (sl->seq == sl->committed_seq && !sl->meta_dirty) {
         /* Nothing logged since the last commit: nothing to make durable. */
         if (!grow)
             return 0;
@@ -571,18 +972,21 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
         map_maybe_grow(sl, 1);
         return 0;
     }
-    endian_put_le(seqbuf, sl->seq, 8);
-    rc = mdb_put(sl->txn, sl->dbi, &k, &v, 0);
+    rc = commit_prepare(sl, &res);
     if (rc) {
         mdb_txn_abort(sl->txn);
+        rc = -rc; /* back to LMDB's sign for the failure path */
         goto failed;
     }
     rc = mdb_txn_commit(sl->txn);
     if (rc && reserve_release(sl)) {
-        /* Short of space: give up the reserve, rebuild from the log, retry. */
+        /* Short of space: give up the reserve, rebuild from the log (an
+         * unlogged change, a snapshot's start, is lost: its caller gets the
+         * error), retry. */
         sl->txn = NULL;
         sl->need_rebuild = 1;
-        if (txn_ensure(sl) == 0 && mdb_put(sl->txn, sl->dbi, &k, &v, 0) == 0)
+        sl->meta_dirty = 0;
+        if (txn_ensure(sl) == 0 && commit_prepare(sl, &res) == 0)
             rc = mdb_txn_commit(sl->txn);
         else if (sl->txn)
             mdb_txn_abort(sl->txn);
@@ -590,11 +994,15 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
     if (rc)
         goto failed;
     sl->txn = NULL;
+    sl->meta_dirty = 0;
     /* This commit synced its data pages before writing its meta page, and
      * with them the previous commit's meta page: that one is on disk now. */
     if (sl->committed_seq > sl->durable_seq)
         sl->durable_seq = sl->committed_seq;
     sl->committed_seq = sl->seq;
+    if (sl->lsn_res_committed > sl->lsn_res_durable)
+        sl->lsn_res_durable = sl->lsn_res_committed;
+    sl->lsn_res_committed = res;
     sl->pending_bytes = 0;
     map_maybe_grow(sl, grow);
     space_after_commit(sl);
@@ -602,6 +1010,7 @@ static int txn_commit(struct shard_lmdb *sl, int grow)
 failed:
     sl->txn = NULL;
     sl->need_rebuild = 1;
+    sl->meta_dirty = 0;
     /* LMDB reports a short write (the disk filled up mid-commit) as EIO. */
     if ((rc == EIO || rc == ENOSPC) && disk_free(sl) < SPACE_MARGIN * 4ull)
         return -ENOSPC;
@@ -726,6 +1135,11 @@ static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void
             if (cmp > 0 || (cmp == 0 && k.mv_size >= elen))
                 break;
         }
+        if (key_is_local(k.mv_data, k.mv_size)) {
+            /* Hidden: not data (and a snapshot copy must not carry them). */
+            rc = skip_local(cur, &k, &v);
+            continue;
+        }
         rc = fn(ctx, k.mv_data, k.mv_size, v.mv_data, v.mv_size);
         if (rc)
             goto out;
@@ -739,7 +1153,8 @@ out:
 }
 
 /* One attempt: nested transaction, log append, merge into the parent. */
-static int apply_once(struct shard_lmdb *sl, const struct batch *b)
+static int apply_once(struct shard_lmdb *sl, const struct log_rec *r, const uint8_t *buf,
+                      size_t len, enum items_mode mode)
 {
     MDB_txn *child = NULL;
     int rc = txn_ensure(sl);
@@ -749,35 +1164,119 @@ static int apply_once(struct shard_lmdb *sl, const struct batch *b)
     rc = mdb_txn_begin(sl->env, sl->txn, 0, &child);
     if (rc)
         return shard_lmdb_errno(rc);
-    rc = apply_items(child, sl->dbi, b->buf, b->len, 1);
+    rc = rec_apply(sl, child, r, buf, len, mode);
     if (rc)
         goto abort;
-    rc = log_append(sl, sl->seq + 1, b);
+    rc = log_append(sl, sl->seq + 1, r, buf, len);
     if (rc)
         goto abort;
     sl->seq++;
     rc = mdb_txn_commit(child);
     if (rc) {
-        /* The log has the batch but the transaction does not: rebuild it. */
+        /* The log has the record but the transaction does not: rebuild it
+         * (the replay notes the record's position). */
         sl->need_rebuild = 1;
         return txn_ensure(sl);
     }
+    rec_note(sl, r, len);
     return 0;
 abort:
     mdb_txn_abort(child);
     return rc;
 }
 
-static int lmdb_apply(struct shard *s, const struct batch *b)
+/* Apply one record, admitted by the caller, who holds the lock: the shared
+ * tail of every write (apply, apply_at, load, snapshot_done). */
+static int record_apply(struct shard_lmdb *sl, const struct log_rec *r, const uint8_t *buf,
+                        size_t len, enum items_mode mode)
 {
-    struct shard_lmdb *sl = to_lmdb(s);
+    int rc = apply_once(sl, r, buf, len, mode);
+
+    if (rc == -ENOSPC && !sl->need_rebuild && shard_nowait_refuse())
+        return -EWOULDBLOCK; /* the nested transaction was aborted: nothing changed */
+    if (rc == -ENOSPC && !sl->need_rebuild) {
+        /* Map or dirty list full: commit what we have, grow, try once more.
+         * A real full disk fails the commit or the retry with ENOSPC. */
+        int crc = txn_commit(sl, 1);
+        rc = crc ? crc : apply_once(sl, r, buf, len, mode);
+    }
+    if (rc == 0) {
+        if (sl->pending_bytes == 0)
+            clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
+        sl->pending_bytes += len;
+        if (sl->pending_bytes >= sl->commit_bytes)
+            txn_commit(sl, 0); /* a failure keeps the log; retried later */
+    }
+    return rc;
+}
+
+/* Commit and sync the meta page: everything applied survives power loss. */
+static int commit_sync(struct shard_lmdb *sl)
+{
+    int rc = txn_commit(sl, 0);
+
+    if (rc == 0)
+        rc = shard_lmdb_errno(mdb_env_sync(sl->env, 1)); /* the meta page too */
+    if (rc == 0) {
+        sl->durable_seq = sl->committed_seq;
+        sl->lsn_res_durable = sl->lsn_res_committed;
+        log_switch(sl, sl->space_hint < SPACE_LOW);
+    }
+    return rc;
+}
+
+/* Make sure next_lsn is below a reservation surely on disk, so no crash can
+ * bring back a state that would hand it out again. Normally a commit raised
+ * it long ago; right after open or a burst, commit and sync now. */
+static int lsn_reserve(struct shard_lmdb *sl)
+{
     int rc;
 
-    if (b->count == 0)
+    if (sl->next_lsn < sl->lsn_res_durable)
+        return 0;
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK;
+    rc = txn_ensure(sl);
+    if (rc)
+        return rc;
+    sl->meta_dirty = 1;
+    rc = commit_sync(sl);
+    if (rc == 0 && sl->next_lsn >= sl->lsn_res_durable)
+        rc = -EIO; /* cannot happen: the commit raised it */
+    return rc;
+}
+
+/* Tell the listener, without the shard lock. */
+static void notify(struct shard_lmdb *sl, const struct stream_pos *p)
+{
+    pthread_rwlock_rdlock(&sl->listen_lock);
+    if (sl->on_apply)
+        sl->on_apply(sl->on_apply_ctx, sl->base.index, p);
+    pthread_rwlock_unlock(&sl->listen_lock);
+}
+
+int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_pos *out)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct log_rec r = {.kind = LOG_APPLY};
+    int rc;
+
+    if (b->error)
+        return b->error;
+    if (b->count == 0 && !out)
         return 0;
     rc = lock_or_refuse(sl);
     if (rc)
         return rc;
+    if (b->count == 0) {
+        if (out)
+            *out = sl->pos;
+        goto out;
+    }
+    if (sl->snapshotting) {
+        rc = -EBUSY;
+        goto out;
+    }
     /* Without waiting: a batch that needs no commit (the log write goes to
      * the page cache). */
     if (sl->pending_bytes + b->len >= sl->commit_bytes && shard_nowait_refuse()) {
@@ -785,28 +1284,55 @@ static int lmdb_apply(struct shard *s, const struct batch *b)
         goto out;
     }
     rc = space_admit(sl, b->len);
+    if (rc == 0)
+        rc = lsn_reserve(sl);
     if (rc)
         goto out;
-    rc = apply_once(sl, b);
-    if (rc == -ENOSPC && !sl->need_rebuild && shard_nowait_refuse()) {
-        rc = -EWOULDBLOCK; /* the nested transaction was aborted: nothing changed */
-        goto out;
-    }
-    if (rc == -ENOSPC && !sl->need_rebuild) {
-        /* Map or dirty list full: commit what we have, grow, try once more.
-         * A real full disk fails the commit or the retry with ENOSPC. */
-        int crc = txn_commit(sl, 1);
-        rc = crc ? crc : apply_once(sl, b);
-    }
-    if (rc == 0) {
-        if (sl->pending_bytes == 0)
-            clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
-        sl->pending_bytes += b->len;
-        if (sl->pending_bytes >= sl->commit_bytes)
-            txn_commit(sl, 0); /* a failure keeps the log; retried later */
-    }
+    r.pos.epoch = sl->epoch;
+    r.pos.lsn = sl->next_lsn;
+    r.pos.check = stream_check_next(sl->pos.check, r.pos.epoch, r.pos.lsn, b->buf, b->len);
+    r.time_ms = now_ms();
+    rc = record_apply(sl, &r, b->buf, b->len, ITEMS_CHECKED);
+    if (rc == 0 && out)
+        *out = r.pos;
 out:
     pthread_mutex_unlock(&sl->lock);
+    if (rc == 0 && b->count)
+        notify(sl, &r.pos);
+    return rc;
+}
+
+static int lmdb_apply(struct shard *s, const struct batch *b)
+{
+    return shard_lmdb_apply_pos(s, b, NULL);
+}
+
+int shard_lmdb_apply_at(struct shard *s, const struct stream_pos *pos, const struct batch *b)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct log_rec r = {.kind = LOG_APPLY, .pos = *pos};
+    int rc;
+
+    if (b->error || b->count == 0)
+        return -EINVAL;
+    rc = lock_or_refuse(sl);
+    if (rc)
+        return rc;
+    if (sl->snapshotting) {
+        rc = -EAGAIN;
+        goto out;
+    }
+    if (pos->lsn <= sl->pos.lsn ||
+        pos->check != stream_check_next(sl->pos.check, pos->epoch, pos->lsn, b->buf, b->len)) {
+        rc = -ESTALE;
+        goto out;
+    }
+    r.time_ms = now_ms();
+    rc = record_apply(sl, &r, b->buf, b->len, ITEMS_BLIND);
+out:
+    pthread_mutex_unlock(&sl->lock);
+    if (rc == 0)
+        notify(sl, pos);
     return rc;
 }
 
@@ -818,13 +1344,7 @@ static int lmdb_sync(struct shard *s)
     if (shard_nowait_refuse())
         return -EWOULDBLOCK;
     pthread_mutex_lock(&sl->lock);
-    rc = txn_commit(sl, 0);
-    if (rc == 0)
-        rc = shard_lmdb_errno(mdb_env_sync(sl->env, 1)); /* the meta page too */
-    if (rc == 0) {
-        sl->durable_seq = sl->committed_seq;
-        log_switch(sl, sl->space_hint < SPACE_LOW);
-    }
+    rc = commit_sync(sl);
     pthread_mutex_unlock(&sl->lock);
     return rc;
 }
@@ -845,7 +1365,14 @@ static int lmdb_stat(struct shard *s, struct shard_stat *st)
     if (rc)
         goto out;
     mdb_env_info(sl->env, &info);
-    st->records = ms.ms_entries;
+    /* Data records only: not the stream's entries nor the local 'M' ones. */
+    uint64_t local = sl->stream_entries;
+    static const char *const meta[] = {seq_key, pos_key, base_key, lsn_key, snap_key};
+    for (size_t i = 0; i < sizeof(meta) / sizeof(meta[0]); i++) {
+        MDB_val v;
+        local += meta_get(sl->txn, sl->dbi, meta[i], &v) == 0;
+    }
+    st->records = ms.ms_entries > local ? ms.ms_entries - local : 0;
     st->bytes = (info.me_last_pgno + 1) * (uint64_t)ms.ms_psize;
     st->pending = sl->seq - sl->committed_seq;
 out:
@@ -917,6 +1444,7 @@ static void lmdb_close(struct shard *s)
             close(sl->logs[i].fd);
     pthread_cond_destroy(&sl->wake);
     pthread_mutex_destroy(&sl->lock);
+    pthread_rwlock_destroy(&sl->listen_lock);
     free(sl);
 }
 
@@ -1052,7 +1580,7 @@ static int recover_commit(struct shard_lmdb *sl)
 {
     int rc = 0, committed;
 
-    if (sl->seq != sl->committed_seq) {
+    if (sl->seq != sl->committed_seq || sl->meta_dirty) {
         rc = txn_commit(sl, 0);
         if (rc == -ENOSPC)
             rc = txn_ensure(sl);
@@ -1069,6 +1597,7 @@ static int recover_commit(struct shard_lmdb *sl)
     if (rc)
         return rc;
     sl->durable_seq = sl->committed_seq;
+    sl->lsn_res_durable = sl->lsn_res_committed;
     for (int i = 0; i < 2; i++) {
         struct redo_log *log = &sl->logs[i];
         if (committed) {
@@ -1102,8 +1631,13 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     sl->logs[0].fd = sl->logs[1].fd = -1;
     pthread_mutex_init(&sl->lock, NULL);
     pthread_cond_init(&sl->wake, NULL);
+    pthread_rwlock_init(&sl->listen_lock, NULL);
     sl->interval_ms = opt && opt->commit_interval_ms ? opt->commit_interval_ms : DEFAULT_INTERVAL_MS;
     sl->commit_bytes = opt && opt->commit_bytes ? opt->commit_bytes : DEFAULT_COMMIT_BYTES;
+    sl->stream_max = opt && opt->stream_bytes ? opt->stream_bytes : DEFAULT_STREAM_BYTES;
+    sl->stream_age_ms = opt && opt->stream_age_ms ? opt->stream_age_ms : DEFAULT_STREAM_AGE_MS;
+    for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++)
+        sl->holds[i] = UINT64_MAX;
     if (snprintf(sl->dir, sizeof(sl->dir), "%s", dir) >= (int)sizeof(sl->dir)) {
         snprintf(err, errlen, "%s: path too long", dir);
         rc = -ENAMETOOLONG;
@@ -1127,9 +1661,20 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
         goto fail;
     rc = read_committed_seq(sl);
     if (rc == 0)
+        rc = stream_state_load(sl, sl->txn);
+    if (rc == 0) {
+        /* Every lsn handed out is below the reservation: start there. */
+        sl->lsn_res_durable = sl->lsn_res_committed;
+        if (sl->next_lsn < sl->lsn_res_committed)
+            sl->next_lsn = sl->lsn_res_committed;
         rc = log_replay(sl, sl->txn);
-    if (rc == 0)
+    }
+    if (rc == 0) {
+        if (!sl->epoch_set)
+            sl->epoch = sl->pos.epoch;
+        sl->meta_dirty = 1; /* commit the raised reservation (below) */
         rc = recover_commit(sl);
+    }
     if (rc) {
         snprintf(err, errlen, "%s: recovering the redo log: %s", dir, strerror(-rc));
         goto fail;
@@ -1154,6 +1699,223 @@ fail:
     return rc;
 }
 
+/* ---- the change stream's interface ---- */
+
+int shard_lmdb_position(struct shard *s, struct stream_pos *out)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    int rc = lock_or_refuse(sl);
+
+    if (rc)
+        return rc;
+    rc = txn_ensure(sl); /* a failed commit: the position of the rebuilt txn */
+    if (rc == 0 && sl->snapshotting)
+        rc = -EAGAIN;
+    *out = sl->pos;
+    if (rc)
+        memset(out, 0, sizeof(*out));
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+void shard_lmdb_set_epoch(struct shard *s, uint64_t epoch)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+
+    pthread_mutex_lock(&sl->lock);
+    sl->epoch = epoch;
+    sl->epoch_set = 1;
+    pthread_mutex_unlock(&sl->lock);
+}
+
+void shard_lmdb_stream_hold(struct shard *s, unsigned slot, uint64_t lsn)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+
+    if (slot >= SHARD_LMDB_HOLDS)
+        return;
+    pthread_mutex_lock(&sl->lock);
+    sl->holds[slot] = lsn;
+    pthread_mutex_unlock(&sl->lock);
+}
+
+void shard_lmdb_on_apply(struct shard *s,
+                         void (*fn)(void *ctx, unsigned index, const struct stream_pos *p),
+                         void *ctx)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+
+    pthread_rwlock_wrlock(&sl->listen_lock);
+    sl->on_apply = fn;
+    sl->on_apply_ctx = fn ? ctx : NULL;
+    pthread_rwlock_unlock(&sl->listen_lock);
+}
+
+/* Where a reader at `after` continues: 0 and *from (the first lsn to hand
+ * out; 0 when nothing is newer), or -ERANGE / -ESTALE (the header). */
+static int stream_start(struct shard_lmdb *sl, const struct stream_pos *after, uint64_t *from)
+{
+    uint8_t key[9];
+    MDB_val k = {.mv_size = sizeof(key), .mv_data = key}, v;
+    int rc;
+
+    *from = 0;
+    if (after->lsn >= sl->pos.lsn)
+        return stream_pos_eq(after, &sl->pos) ? 0 : -ESTALE;
+    if (stream_pos_eq(after, &sl->sbase))
+        goto ok;
+    if (after->lsn < sl->sbase.lsn)
+        return -ERANGE;
+    if (after->lsn == sl->sbase.lsn)
+        return -ESTALE;
+    entry_key(key, after->lsn);
+    rc = mdb_get(sl->txn, sl->dbi, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return -ESTALE;
+    if (rc)
+        return shard_lmdb_errno(rc);
+    if (v.mv_size < ENTRY_VAL_HDR || endian_get_le(v.mv_data, 8) != after->epoch ||
+        endian_get_le((const uint8_t *)v.mv_data + 8, 8) != after->check)
+        return -ESTALE;
+ok:
+    *from = after->lsn + 1;
+    return 0;
+}
+
+int shard_lmdb_stream_read(struct shard *s, const struct stream_pos *after, size_t max_bytes,
+                           stream_entry_fn fn, void *ctx)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    MDB_cursor *cur = NULL;
+    uint8_t key[9];
+    MDB_val k = {.mv_size = sizeof(key), .mv_data = key}, v;
+    uint64_t from;
+    size_t bytes = 0;
+    int rc = lock_or_refuse(sl), count = 0;
+
+    if (rc)
+        return rc;
+    rc = txn_ensure(sl);
+    if (rc == 0 && sl->snapshotting)
+        rc = -EAGAIN;
+    if (rc == 0)
+        rc = stream_start(sl, after, &from);
+    if (rc || from == 0)
+        goto out;
+    rc = mdb_cursor_open(sl->txn, sl->dbi, &cur);
+    if (rc) {
+        rc = shard_lmdb_errno(rc);
+        goto out;
+    }
+    entry_key(key, from);
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && k.mv_size == 9 && *(const uint8_t *)k.mv_data == 'L') {
+        const uint8_t *p = v.mv_data;
+        struct stream_pos ep;
+        if (v.mv_size < ENTRY_VAL_HDR) {
+            rc = -EIO;
+            goto out;
+        }
+        ep.epoch = endian_get_le(p, 8);
+        ep.lsn = endian_get_be64((const uint8_t *)k.mv_data + 1);
+        ep.check = endian_get_le(p + 8, 8);
+        size_t blen = v.mv_size - ENTRY_VAL_HDR;
+        rc = fn(ctx, &ep, endian_get_le(p + 16, 8), p + ENTRY_VAL_HDR, blen);
+        if (rc < 0)
+            goto out;
+        count++;
+        bytes += STREAM_ENTRY_HDR + blen;
+        if (rc == 1 || bytes >= max_bytes)
+            break;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    rc = rc == MDB_NOTFOUND || rc == 0 || rc == 1 ? 0 : shard_lmdb_errno(rc);
+out:
+    mdb_cursor_close(cur);
+    pthread_mutex_unlock(&sl->lock);
+    return rc ? rc : count;
+}
+
+int shard_lmdb_snapshot_begin(struct shard *s)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    uint8_t buf[8];
+    int rc;
+
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK;
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    if (rc)
+        goto out;
+    /* Everything goes in one cheap step (the tree's pages are freed, not
+     * its records deleted one by one), then the local records come back:
+     * "Mseq" is written by the commit, the reservation and the mark here. */
+    rc = shard_lmdb_errno(mdb_drop(sl->txn, sl->dbi, 0));
+    if (rc == 0 && sl->lsn_res_committed) {
+        endian_put_le(buf, sl->lsn_res_committed, 8);
+        rc = meta_put(sl->txn, sl->dbi, lsn_key, buf, 8);
+    }
+    if (rc == 0)
+        rc = meta_put(sl->txn, sl->dbi, snap_key, "", 0);
+    if (rc) {
+        /* Back to the committed state plus the log. */
+        mdb_txn_abort(sl->txn);
+        sl->txn = NULL;
+        sl->need_rebuild = 1;
+        goto out;
+    }
+    memset(&sl->pos, 0, sizeof(sl->pos));
+    memset(&sl->sbase, 0, sizeof(sl->sbase));
+    sl->stream_bytes = 0;
+    sl->stream_entries = 0;
+    sl->snapshotting = 1;
+    sl->meta_dirty = 1;
+    rc = commit_sync(sl); /* the mark is durable before anything is loaded */
+out:
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+int shard_lmdb_load(struct shard *s, const struct batch *b)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct log_rec r = {.kind = LOG_LOAD};
+    int rc;
+
+    if (b->error)
+        return b->error;
+    rc = lock_or_refuse(sl);
+    if (rc)
+        return rc;
+    rc = txn_ensure(sl);
+    if (rc == 0 && !sl->snapshotting)
+        rc = -EINVAL;
+    if (rc == 0 && b->count)
+        rc = record_apply(sl, &r, b->buf, b->len, ITEMS_LOAD);
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+int shard_lmdb_snapshot_done(struct shard *s, const struct stream_pos *base)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct log_rec r = {.kind = LOG_DONE, .pos = *base};
+    int rc = lock_or_refuse(sl);
+
+    if (rc)
+        return rc;
+    rc = txn_ensure(sl);
+    if (rc == 0 && !sl->snapshotting)
+        rc = -EINVAL;
+    if (rc == 0)
+        rc = record_apply(sl, &r, NULL, 0, ITEMS_BLIND);
+    pthread_mutex_unlock(&sl->lock);
+    if (rc == 0)
+        notify(sl, base);
+    return rc;
+}
+
 static const struct shard_ops shard_lmdb_ops = {
     .get = lmdb_get,
     .get_many = lmdb_get_many,
@@ -1164,79 +1926,3 @@ static const struct shard_ops shard_lmdb_ops = {
     .close = lmdb_close,
 };
 
-/* ---- the change stream: not implemented yet (header first) ---- */
-
-int shard_lmdb_position(struct shard *s, struct stream_pos *out)
-{
-    (void)s;
-    memset(out, 0, sizeof(*out));
-    return -ENOSYS;
-}
-
-void shard_lmdb_set_epoch(struct shard *s, uint64_t epoch)
-{
-    (void)s;
-    (void)epoch;
-}
-
-int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_pos *out)
-{
-    if (out)
-        memset(out, 0, sizeof(*out));
-    return lmdb_apply(s, b);
-}
-
-int shard_lmdb_apply_at(struct shard *s, const struct stream_pos *pos, const struct batch *b)
-{
-    (void)s;
-    (void)pos;
-    (void)b;
-    return -ENOSYS;
-}
-
-int shard_lmdb_stream_read(struct shard *s, const struct stream_pos *after, size_t max_bytes,
-                           stream_entry_fn fn, void *ctx)
-{
-    (void)s;
-    (void)after;
-    (void)max_bytes;
-    (void)fn;
-    (void)ctx;
-    return -ENOSYS;
-}
-
-void shard_lmdb_stream_hold(struct shard *s, unsigned slot, uint64_t lsn)
-{
-    (void)s;
-    (void)slot;
-    (void)lsn;
-}
-
-void shard_lmdb_on_apply(struct shard *s,
-                         void (*fn)(void *ctx, unsigned index, const struct stream_pos *p),
-                         void *ctx)
-{
-    (void)s;
-    (void)fn;
-    (void)ctx;
-}
-
-int shard_lmdb_snapshot_begin(struct shard *s)
-{
-    (void)s;
-    return -ENOSYS;
-}
-
-int shard_lmdb_load(struct shard *s, const struct batch *b)
-{
-    (void)s;
-    (void)b;
-    return -ENOSYS;
-}
-
-int shard_lmdb_snapshot_done(struct shard *s, const struct stream_pos *base)
-{
-    (void)s;
-    (void)base;
-    return -ENOSYS;
-}

@@ -1306,8 +1306,10 @@ static int handle_unknown(struct fsck *f, unsigned found, const uint8_t *k, size
 /* Every key outside the known types. */
 static int scan_unknown(struct fsck *f)
 {
-    static const uint8_t known[] = {REC_CHUNK,  REC_ENTRY,  REC_INODE, REC_META,
-                                    REC_ORPHAN, REC_INTENT, REC_XATTR};
+    /* Sorted. REC_STREAM: a local shard hides its stream from scans, but a
+     * shard that shows it has nothing wrong with it. */
+    static const uint8_t known[] = {REC_CHUNK,  REC_ENTRY,  REC_INODE,  REC_STREAM,
+                                    REC_META,   REC_ORPHAN, REC_INTENT, REC_XATTR};
     int lo = 0, rc = 0;
 
     for (size_t i = 0; i <= sizeof(known) && rc == 0; i++) {

@@ -13,6 +13,7 @@
  *   'O' ino[16]                -> "unlinked while open" mark   placed by ino[0..8]
  *   'T' id[16]                 -> intent of a multi-shard op   placed by id[0..8]
  *   'M' name                   -> shard-local metadata (not placed; never moves)
+ *   'L' lsn:u64be              -> change stream entry (shard_lmdb.h; hidden from scans)
  *
  * Inode record: a fixed little-endian header (RECORD_INODE_HDR bytes) followed
  * by a tail: the inline data of a small regular file (size <= RECORD_INLINE_MAX)
@@ -61,6 +62,7 @@ enum record_type {
     REC_ORPHAN = 'O',
     REC_INTENT = 'T',
     REC_META = 'M',
+    REC_STREAM = 'L',   /* a shard's change stream entry (backend/shard_lmdb.c) */
 };
 
 /* Inode flags (persistent). */

@@ -56,7 +56,7 @@ static void check_get_many(struct shard *s)
 
     for (size_t i = 0; i < sizeof(big); i++)
         big[i] = (uint8_t)(i * 13 + 1);
-    memset(long_key, 'L', sizeof(long_key));
+    memset(long_key, 'K', sizeof(long_key)); /* not 'L': the stream's type */
     memcpy(long_key + sizeof(long_key) - 4, "ID1\xff", 4);
     CHECK_RC(gm_put(s, ptr_key, sizeof(ptr_key), ptr_val, sizeof(ptr_val)), 0);
     CHECK_RC(gm_put(s, tgt_key, sizeof(tgt_key), tgt_val, sizeof(tgt_val)), 0);

@@ -121,6 +121,8 @@ static int write_all(const char *path, const void *data, size_t len, int append)
 
 #define LOG_MAGIC 0x474f4c53u
 #define LOG_HDR 24u
+#define LOG_MAGIC2 0x32474c53u /* the stream's format: position in the header */
+#define LOG_HDR2 64u
 
 static void put_le(uint8_t *p, uint64_t v, int n)
 {
@@ -154,24 +156,32 @@ struct logrec {
     size_t off, len;
 };
 
-/* Parse a redo log: the well-formed records from the start. Returns their
- * count (up to max in recs) and the byte length they cover in *good. */
+/* Parse a redo log: the well-formed records from the start (the stream's
+ * format, LOG_MAGIC2 with a 64-byte header, or the one before it). Returns
+ * their count (up to max in recs) and the byte length they cover in *good. */
 static int log_parse(const uint8_t *p, size_t size, struct logrec *recs, int max, size_t *good)
 {
     size_t off = 0;
     int n = 0;
 
     while (size - off >= LOG_HDR) {
-        uint32_t len = (uint32_t)get_le(p + off + 4, 4);
-        uint64_t seq = get_le(p + off + 8, 8);
-        if (get_le(p + off, 4) != LOG_MAGIC || len > size - off - LOG_HDR)
+        uint32_t magic = (uint32_t)get_le(p + off, 4), len = (uint32_t)get_le(p + off + 4, 4);
+        uint64_t seq = get_le(p + off + 8, 8), check;
+        size_t hdr = magic == LOG_MAGIC2 ? LOG_HDR2 : LOG_HDR;
+        if ((magic != LOG_MAGIC && magic != LOG_MAGIC2) || size - off < hdr ||
+            len > size - off - hdr)
             break;
-        if (XXH3_64bits_withSeed(p + off + LOG_HDR, len, seq) != get_le(p + off + 16, 8))
+        if (magic == LOG_MAGIC2)
+            check = XXH3_64bits_withSeed(p + off + hdr, len,
+                                         XXH3_64bits_withSeed(p + off + LOG_HDR, LOG_HDR2 - LOG_HDR, seq));
+        else
+            check = XXH3_64bits_withSeed(p + off + hdr, len, seq);
+        if (check != get_le(p + off + 16, 8))
             break;
         if (n < max)
-            recs[n] = (struct logrec){seq, off + LOG_HDR, len};
+            recs[n] = (struct logrec){seq, off + hdr, len};
         n++;
-        off += LOG_HDR + len;
+        off += hdr + len;
     }
     if (good)
         *good = off;
@@ -1630,7 +1640,7 @@ static void valset_check(struct valset *vs, struct shard *s, unsigned n, unsigne
 static void test_large_values(void)
 {
     enum { N = 2000, VLEN = 64 * 1024 };
-    struct valset vs = valset_new('L', 5, 0, VLEN, 1);
+    struct valset vs = valset_new('V', 5, 0, VLEN, 1);
     struct shard *s = open_shard("large", 60000, 0); /* only the size threshold commits */
     const char *log = path_of("large", "redo.log");
     double t0 = now_s();
@@ -1655,7 +1665,7 @@ static void test_large_values(void)
     fill_value(v, VLEN, 1234);
     for (size_t off = 0; off < VLEN + 10; off += 4093) {
         size_t vlen = 0;
-        int rc = shard_get(s, "L01234", 6, off, got, 5000, &vlen);
+        int rc = shard_get(s, "V01234", 6, off, got, 5000, &vlen);
         size_t want = off >= VLEN ? 0 : VLEN - off < 5000 ? VLEN - off : 5000;
         CHECKF(rc == (int)want && vlen == VLEN && memcmp(got, v + off, want) == 0,
                "read at %zu: rc %d", off, rc);
