@@ -58,6 +58,30 @@
  *  before it closes the socket, and the list is under conn_lock, so the
  *  reaper never touches a descriptor that is already another connection's.
  *
+ * DESIGN (long polls; replication, wire.h)
+ *  A replica's stream request that finds no entry after its position may
+ *  wait for one (wait=MS, at most WIRE_STREAM_WAIT_MAX) without holding any
+ *  thread: the handler (op_stream) asks its caller to park it (struct
+ *  poll_ask), and dispatch suspends the connection and links the request
+ *  into polls[shard] under poll_lock. Every batch applied to a local copy
+ *  (shard_lmdb_on_apply) and every sync of a shard_repl that waits for its
+ *  replicas (shard_repl_on_sync_wanted) bumps applies[shard] and resumes
+ *  that shard's parked requests, which MHD hands to on_request again: the
+ *  request is handled anew (poll_woken), with the deadline of its first
+ *  parking. The poll timer thread resumes those whose deadline passed (they
+ *  answer 204). A wakeup between the handler's read and the parking is not
+ *  lost: the handler reads applies[shard] before it reads the stream, and
+ *  parking refuses (resumes at once) when it moved. At stop, the listeners
+ *  go first, then every parked request is resumed with its deadline
+ *  passed, and none parks any more, before the pools and MHD stop (MHD
+ *  must not stop with a connection suspended). Stream and position
+ *  requests that must wait for the shard's lock have a pool of their own
+ *  (STREAM_WORKERS): they are the replicas' acks, which the applies waiting
+ *  on the shard workers need.
+ *  With a shard map (node_server_start_repl), the map's primary serves a
+ *  shard; a node holding a replica, or nothing, redirects to it (307), and
+ *  answers 503 while the shard has no primary.
+ *
  * DESIGN (one request)
  *  1. The URI log callback runs before MHD splits and percent-decodes the
  *     URI. It allocates the request context and keeps the raw "path?query"
@@ -149,12 +173,17 @@
 
 #include "batch.h"
 #include "nonce_cache.h"
+#include "shard_lmdb.h"
+#include "shard_map.h"
+#include "shard_repl.h"
+#include "stream.h"
 #include "wire.h"
 
 #define IO_THREADS_MIN 2u          /* MHD's epoll threads: one a CPU, within these */
 #define IO_THREADS_MAX 4u
 #define API_WORKERS 16u            /* threads for the handler (the key API), which may wait */
 #define SHARD_WORKERS 4u           /* threads for shard ops that may wait (disk, lock) */
+#define STREAM_WORKERS 2u          /* threads for stream reads that found the shard's lock taken */
 #define CONN_LIMIT 4096u           /* connections at once, if descriptors allow */
 #define CONN_LIMIT_MIN 64u
 #define FD_RESERVE 512u            /* descriptors kept free for everything else (curl, FUSE) */
@@ -227,7 +256,18 @@ struct node_server {
     int64_t log_window_ms;         /* the minute of mhd_log(), under log_lock */
     unsigned log_shown, log_dropped;
     /* the worker pools (DESIGN threads) */
-    struct pool api_pool, shard_pool;
+    struct pool api_pool, shard_pool, stream_pool;
+    /* replication (node_server_repl; NULL map: none) */
+    struct shard_map *map;
+    struct shard **local;          /* cfg.shard_count entries, borrowed */
+    /* long polls of the stream route (DESIGN long polls) */
+    pthread_mutex_t poll_lock;
+    pthread_cond_t poll_wake;      /* the poll timer: a new poll, or stop */
+    struct request **polls;        /* per shard, the parked requests; under poll_lock */
+    _Atomic uint64_t *applies;     /* per shard, wakeups so far (applies, syncs) */
+    int poll_stop;                 /* under poll_lock */
+    int poll_started;
+    pthread_t poll_timer;
     /* the reaper */
     pthread_mutex_t conn_lock;
     pthread_cond_t reaper_wake;
@@ -257,6 +297,21 @@ struct request {
     const char *url, *method; /* MHD's, valid until the request completes */
     int answered;             /* the worker filled resp; the connection is resumed */
     struct node_response resp;
+    /* a stream request parked as a long poll (DESIGN long polls): */
+    struct request *poll_next, **poll_pprev; /* in srv->polls[shard]; under poll_lock */
+    int64_t poll_deadline_ms; /* monotonic; 0 before it first parked */
+    int poll_woken;           /* resumed by an apply or the timer: handle it again */
+};
+
+/* What the stream route asks of its caller when it found nothing to send
+ * and may wait: park the request until shard's next apply (or sync) or
+ * wait_ms. NULL where nothing can wait (node_server_handle). */
+struct poll_ask {
+    int64_t deadline_ms; /* in: the request's deadline, 0 the first time */
+    int want;            /* out: park it */
+    unsigned shard;
+    uint64_t seq;        /* applies[shard] before the read */
+    int64_t wait_ms;
 };
 
 /* ---- small helpers ---- */
@@ -407,14 +462,15 @@ static int percent_decode(const char *s, size_t n, int plus, char *out, size_t c
     return (int)o;
 }
 
-/* A query argument of the raw uri (the signed "path?query", DESIGN step 1)
- * as an unsigned number; the first argument of that name counts, and an
- * absent one leaves *out alone. An argument without a value ("?len"), with a
- * NUL in it ("len=1%00") or not a number is malformed: -EINVAL. */
-static int query_u64(const char *uri, const char *name, uint64_t *out)
+/* A query argument of the raw uri (the signed "path?query", DESIGN step 1),
+ * percent-decoded into out (cap bytes with its NUL); the first argument of
+ * that name counts. 1 if found, 0 if absent; an argument without a value
+ * ("?len"), with a NUL in it ("len=1%00") or longer than cap - 1 is
+ * malformed: -EINVAL. */
+static int query_str(const char *uri, const char *name, char *out, size_t cap)
 {
     const char *q = strchr(uri, '?');
-    char key[32], val[32];
+    char key[32];
 
     if (!q)
         return 0;
@@ -429,12 +485,24 @@ static int query_u64(const char *uri, const char *name, uint64_t *out)
             continue;
         if (*v != '=')
             return -EINVAL;
-        n = percent_decode(v + 1, arg - klen - 1, 1, val, sizeof(val));
-        if (n < 0 || strlen(val) != (size_t)n)
+        n = percent_decode(v + 1, arg - klen - 1, 1, out, cap);
+        if (n < 0 || strlen(out) != (size_t)n)
             return -EINVAL;
-        return parse_u64(val, out);
+        return 1;
     }
     return 0;
+}
+
+/* A query argument (query_str) as an unsigned number; an absent one leaves
+ * *out alone. 1 (found), 0 (absent) or -EINVAL. */
+static int query_u64(const char *uri, const char *name, uint64_t *out)
+{
+    char val[32];
+    int rc = query_str(uri, name, val, sizeof(val));
+
+    if (rc <= 0)
+        return rc;
+    return parse_u64(val, out) < 0 ? -EINVAL : 1;
 }
 
 static const char *header(const struct node_input *in, const char *name)
@@ -1088,16 +1156,16 @@ static void op_stat(struct shard *sh, struct node_response *r)
                            json_u64(st.bytes), "pending", json_u64(st.pending)));
 }
 
-/* 307 to the owner of shard n: its URL + the raw path?query we got. */
-static void redirect(struct node_server *s, unsigned n, const char *raw_uri,
-                     struct node_response *r)
+/* 307 to node `to` (the owner or primary of a shard): its URL + the raw
+ * path?query we got. */
+static void redirect(struct node_server *s, int to, const char *raw_uri, struct node_response *r)
 {
-    const char *url = s->cfg.nodes[s->cfg.owner[n]].url;
+    const char *url = s->cfg.nodes[to].url;
     size_t base = url_base_len(url);
     int len;
 
     if (base == 0) {
-        resp_error(r, -EIO, "shard %u: its owner has no url", n);
+        resp_error(r, -EIO, "node %s has no url", s->cfg.nodes[to].name);
         return;
     }
     resp_status(r, 307);
@@ -1109,12 +1177,233 @@ static void redirect(struct node_server *s, unsigned n, const char *raw_uri,
     node_response_header(r, WIRE_HDR_EPOCH, "%" PRIu64, s->cfg.epoch);
 }
 
+/* ---- replication: the stream and position routes (wire.h) ---- */
+
+static void position_header(struct node_response *r, const struct stream_pos *p)
+{
+    node_response_header(r, WIRE_HDR_POSITION, "%" PRIu64 "/%" PRIu64 "/%" PRIu64, p->epoch,
+                         p->lsn, p->check);
+}
+
+/* The entries of a stream reply, as stream_read hands them out. */
+struct entries {
+    uint8_t *buf;
+    size_t len, cap;
+};
+
+static int entries_add(void *ctx, const struct stream_pos *p, uint64_t time_ms,
+                       const uint8_t *batch, size_t len)
+{
+    struct entries *e = ctx;
+    size_t need = STREAM_ENTRY_HDR + len;
+
+    if (e->len + need > e->cap) {
+        size_t cap = e->cap ? e->cap : 64u << 10;
+        uint8_t *q;
+
+        while (cap < e->len + need)
+            cap *= 2;
+        q = realloc(e->buf, cap);
+        if (!q)
+            return -ENOMEM;
+        e->buf = q;
+        e->cap = cap;
+    }
+    e->len += stream_entry_encode(e->buf + e->len, p, time_ms, batch, len);
+    return 0;
+}
+
+/* The stream request's arguments (wire.h). 0 or -EINVAL with why. */
+struct stream_args {
+    int node;
+    struct stream_pos after;
+    uint64_t wait, max, synced;
+};
+
+static int stream_args(struct node_server *s, const char *uri, struct stream_args *a,
+                       const char **why)
+{
+    char name[CONFIG_NAME_MAX + 1];
+    int rc;
+
+    *a = (struct stream_args){.node = -1};
+    *why = "bad or missing node, epoch, lsn, check, wait or max";
+    rc = query_str(uri, "node", name, sizeof(name));
+    if (rc <= 0 || query_u64(uri, "synced", &a->synced) < 0)
+        return -EINVAL;
+    if (query_u64(uri, "epoch", &a->after.epoch) <= 0 || query_u64(uri, "lsn", &a->after.lsn) <= 0)
+        return -EINVAL;
+    if (query_u64(uri, "check", &a->after.check) <= 0 || query_u64(uri, "wait", &a->wait) <= 0 ||
+        query_u64(uri, "max", &a->max) <= 0)
+        return -EINVAL;
+    a->node = config_node_index(&s->cfg, name);
+    if (a->wait > WIRE_STREAM_WAIT_MAX)
+        a->wait = WIRE_STREAM_WAIT_MAX;
+    if (a->max == 0 || a->max > WIRE_STREAM_MAX)
+        a->max = WIRE_STREAM_MAX;
+    return 0;
+}
+
+/* GET /v1/shard/N/stream (wire.h): the entries after the replica's
+ * position, a long poll (pa) when there are none, or 409 when it needs a
+ * snapshot. The replica's report goes to the shard_repl wrapper. */
+static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const char *uri,
+                      struct poll_ask *pa, struct node_response *r)
+{
+    struct entries e = {0};
+    struct stream_args a;
+    struct shard_copies c;
+    struct stream_pos pos;
+    struct shard *local;
+    const char *why;
+    uint64_t seq, want;
+    int64_t wait;
+    int rc, count, member = 0;
+
+    if (stream_args(s, uri, &a, &why) < 0) {
+        resp_error(r, -EINVAL, "%s", why);
+        return;
+    }
+    if (a.node >= 0 && a.node != s->self && s->map && shard_repl_is(sh) &&
+        shard_map_get(s->map, n, &c) == 0)
+        for (unsigned i = 0; i < c.nreplicas; i++)
+            member |= c.replicas[i] == a.node;
+    if (!member) {
+        resp_error(r, -EPERM, "the caller is not a replica of shard %u", n);
+        return;
+    }
+    local = shard_repl_inner(sh);
+    seq = atomic_load(&s->applies[n]); /* before the read: no wakeup is missed */
+    count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    if (count == -ERANGE || count == -ESTALE) {
+        /* Not a position we can continue from: a snapshot, whose tail we
+         * keep from the position we name. */
+        rc = shard_lmdb_position(local, &pos);
+        if (rc == 0)
+            rc = shard_repl_needs_snapshot(sh, a.node, &pos);
+        if (rc < 0) {
+            resp_error(r, rc, "stream: %s", strerror(-rc));
+            return;
+        }
+        resp_error(r, count, "stream: %s", count == -ERANGE ? "no longer retained" : "not our history");
+        r->status = 409;
+        position_header(r, &pos);
+        return;
+    }
+    if (count < 0) {
+        free(e.buf);
+        resp_error(r, count, "stream: %s", strerror(-count));
+        return;
+    }
+    /* The position is of our history (stream_read checked it): the ack. */
+    rc = shard_repl_report(sh, a.node, &a.after, a.synced);
+    if (rc == -EWOULDBLOCK || rc == -EINVAL) {
+        free(e.buf);
+        resp_error(r, rc == -EINVAL ? -EPERM : rc, "stream: report refused");
+        return;
+    }
+    if (rc < 0)
+        log_msg("shard %u: %s caught up, but could not rejoin the in-sync set: %s", n,
+                s->cfg.nodes[a.node].name, strerror(-rc));
+    want = shard_repl_sync_wanted(sh, a.node);
+    if (count == 0 && !want && pa) {
+        wait = pa->deadline_ms ? pa->deadline_ms - mono_ms() : (int64_t)a.wait;
+        if (wait > 0) {
+            *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
+                                    .seq = seq, .wait_ms = wait};
+            resp_reset(r);
+            free(e.buf);
+            return; /* status 0: parked by the caller */
+        }
+    }
+    rc = shard_lmdb_position(local, &pos);
+    if (rc < 0) {
+        free(e.buf);
+        resp_error(r, rc, "stream: position: %s", strerror(-rc));
+        return;
+    }
+    resp_status(r, count ? 200 : 204);
+    if (count) {
+        r->body = e.buf;
+        r->len = e.len;
+        r->content_type = "application/octet-stream";
+    } else {
+        free(e.buf);
+    }
+    position_header(r, &pos);
+    if (want)
+        node_response_header(r, WIRE_HDR_SYNC, "%" PRIu64, want);
+}
+
+/* GET /v1/shard/N/position (wire.h). */
+static void op_position(struct node_server *s, unsigned n, struct node_response *r)
+{
+    struct shard *sh = s->shards[n], *local = s->local ? s->local[n] : NULL;
+    struct shard_repl_status st = {0};
+    struct stream_pos pos;
+    char check[24];
+    json_t *reps;
+    int rc;
+
+    if (!local) {
+        resp_error(r, -ENOENT, "shard %u has no change stream here", n);
+        return;
+    }
+    rc = shard_lmdb_position(local, &pos);
+    if (rc == 0 && shard_repl_is(sh))
+        rc = shard_repl_status(sh, &st);
+    if (rc < 0) {
+        resp_error(r, rc, "position: %s", strerror(-rc));
+        return;
+    }
+    reps = json_array();
+    for (unsigned i = 0; reps && i < st.nreplicas; i++) {
+        const struct shard_repl_peer *p = &st.replicas[i];
+        int node = p->node;
+
+        if (json_array_append_new(
+                reps, json_pack("{s:s,s:b,s:o,s:o,s:o,s:o,s:I,s:b}", "node",
+                                node >= 0 && (unsigned)node < s->cfg.node_count
+                                    ? s->cfg.nodes[node].name
+                                    : "?",
+                                "in_sync", p->in_sync, "lsn", json_u64(p->applied.lsn), "synced",
+                                json_u64(p->synced_lsn), "lag_batches", json_u64(p->lag_batches),
+                                "lag_ms", json_u64(p->lag_ms), "last_report_ms",
+                                (json_int_t)p->last_report_ms, "snapshot", p->needs_snapshot)) <
+            0) {
+            json_decref(reps);
+            reps = NULL;
+        }
+    }
+    snprintf(check, sizeof(check), "%" PRIu64, pos.check);
+    resp_json(r, reps ? json_pack("{s:o,s:o,s:s,s:o}", "epoch", json_u64(pos.epoch), "lsn",
+                                  json_u64(pos.lsn), "check", check, "replicas", reps)
+                      : NULL);
+    if (r->status == 200)
+        position_header(r, &pos);
+}
+
+/* The node that serves shard n, or -1 while it has none: the map's
+ * primary, or the config's owner without a map. */
+static int server_of(struct node_server *s, unsigned n)
+{
+    struct shard_copies c;
+
+    if (!s->map)
+        return s->cfg.owner[n];
+    if (shard_map_get(s->map, n, &c) < 0 || c.primary < 0 ||
+        (unsigned)c.primary >= s->cfg.node_count)
+        return -1;
+    return c.primary;
+}
+
 static void route_shard(struct node_server *s, const struct node_input *in, unsigned n,
-                        enum wire_op op, struct node_response *r)
+                        enum wire_op op, struct poll_ask *pa, struct node_response *r)
 {
     struct shard *sh;
     uint64_t epoch, seen;
-    int want_get = op == WIRE_OP_STAT;
+    int want_get = op == WIRE_OP_STAT || op == WIRE_OP_STREAM || op == WIRE_OP_POSITION;
+    int server;
 
     if (n >= s->cfg.shard_count) {
         resp_error(r, -EINVAL, "no shard %u (the store has %u)", n, s->cfg.shard_count);
@@ -1131,13 +1420,20 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
         node_response_header(r, MHD_HTTP_HEADER_ALLOW, "%s", want_get ? "GET" : "POST");
         return;
     }
-    sh = s->shards[n];
-    if (!sh && s->cfg.owner[n] == s->self) {
+    server = server_of(s, n);
+    if (server < 0) {
+        resp_error(r, -EIO, "shard %u has no primary at the moment", n);
+        r->status = 503; /* try again */
+        r->errno_name[0] = '\0';
+        return;
+    }
+    sh = server == s->self ? s->shards[n] : NULL;
+    if (!sh && server == s->self) {
         resp_error(r, -EIO, "shard %u is ours but not open", n);
         return;
     }
     if (!sh || epoch < s->cfg.epoch) {
-        redirect(s, n, in->uri, r);
+        redirect(s, server, in->uri, r);
         return;
     }
     if (epoch > s->cfg.epoch) {
@@ -1169,8 +1465,11 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
         op_getv(sh, in->body, in->body_len, r);
         return;
     case WIRE_OP_STREAM:
+        op_stream(s, sh, n, in->uri, pa, r);
+        return;
     case WIRE_OP_POSITION:
-        break; /* not served yet */
+        op_position(s, n, r);
+        return;
     }
     resp_error(r, -EINVAL, "unknown op");
 }
@@ -1335,8 +1634,10 @@ refused:
     return AUTH_REFUSED;
 }
 
-/* Step 4: the whole request is here. */
-void node_server_handle(struct node_server *s, const struct node_input *in, struct node_response *r)
+/* Step 4: the whole request is here. pa: where a stream request may be
+ * parked as a long poll (r->status is then 0), or NULL. */
+static void handle(struct node_server *s, const struct node_input *in, struct node_response *r,
+                   struct poll_ask *pa)
 {
     char path[WIRE_PATH_MAX], got[WIRE_DIGEST_LEN + 1];
     struct wire_signed ws;
@@ -1388,7 +1689,12 @@ void node_server_handle(struct node_server *s, const struct node_input *in, stru
         resp_error(r, -EINVAL, "malformed shard path");
         return;
     }
-    route_shard(s, in, n, op, r);
+    route_shard(s, in, n, op, pa, r);
+}
+
+void node_server_handle(struct node_server *s, const struct node_input *in, struct node_response *r)
+{
+    handle(s, in, r, NULL);
 }
 
 /* Step 2: what can be refused from the headers alone. */
@@ -1537,6 +1843,12 @@ static enum run_where run_where(struct node_server *s, const struct node_input *
             /* Never behind the handler's requests, which wait for other
              * nodes' shard ops: two nodes would wait for each other. */
             *pool = &s->shard_pool;
+            if (op == WIRE_OP_STREAM || op == WIRE_OP_POSITION) {
+                /* Replicas' acks: never queued behind applies that wait
+                 * for those very acks. */
+                *pool = &s->stream_pool;
+                return RUN_TRY;
+            }
             if (in->body_len > INLINE_BODY_MAX)
                 return RUN_WORKER; /* a large batch takes a while to apply */
             if (op == WIRE_OP_SYNC)
@@ -1558,38 +1870,174 @@ static enum run_where run_where(struct node_server *s, const struct node_input *
                                                                              : RUN_WORKER;
 }
 
+/* ---- long polls (DESIGN long polls) ---- */
+
+/* Resume the parked requests of list (linked by poll_next), to be handled
+ * again; not under poll_lock. A request may be done and freed as soon as
+ * its connection is resumed: read what is needed first. */
+static void polls_resume(struct request *list)
+{
+    while (list) {
+        struct request *rq = list;
+
+        list = rq->poll_next;
+        rq->poll_next = NULL;
+        rq->poll_pprev = NULL;
+        MHD_resume_connection(rq->conn);
+    }
+}
+
+/* Unlink rq from its shard's list into *out (poll_next); under poll_lock. */
+static void poll_unlink(struct request *rq, struct request **out)
+{
+    *rq->poll_pprev = rq->poll_next;
+    if (rq->poll_next)
+        rq->poll_next->poll_pprev = rq->poll_pprev;
+    rq->poll_woken = 1;
+    rq->poll_next = *out;
+    *out = rq;
+}
+
+/* A batch was applied to (or a sync waits for the replicas of) shard
+ * index: its long polls are answered again. Runs on the thread that
+ * applied, no shard lock held. */
+static void polls_wake(void *ctx, unsigned index)
+{
+    struct node_server *s = ctx;
+    struct request *woken = NULL;
+
+    if (index >= s->cfg.shard_count)
+        return;
+    atomic_fetch_add(&s->applies[index], 1);
+    pthread_mutex_lock(&s->poll_lock);
+    while (s->polls[index])
+        poll_unlink(s->polls[index], &woken);
+    pthread_mutex_unlock(&s->poll_lock);
+    polls_resume(woken);
+}
+
+static void on_apply(void *ctx, unsigned index, const struct stream_pos *p)
+{
+    (void)p;
+    polls_wake(ctx, index);
+}
+
+/* Park rq, whose connection is suspended, until its shard's next wakeup or
+ * its deadline (from the first time it parked). Should the shard have been
+ * woken since pa's read, or the server be stopping, rq is resumed at once
+ * (stopping: with its deadline passed, so it is answered 204). */
+static void poll_park(struct node_server *s, struct request *rq, const struct poll_ask *pa)
+{
+    struct request *now = NULL;
+
+    pthread_mutex_lock(&s->poll_lock);
+    if (!rq->poll_deadline_ms)
+        rq->poll_deadline_ms = mono_ms() + pa->wait_ms;
+    if (s->poll_stop)
+        rq->poll_deadline_ms = 1;
+    if (s->poll_stop || atomic_load(&s->applies[pa->shard]) != pa->seq) {
+        rq->poll_woken = 1;
+        now = rq;
+    } else {
+        rq->poll_next = s->polls[pa->shard];
+        if (rq->poll_next)
+            rq->poll_next->poll_pprev = &rq->poll_next;
+        rq->poll_pprev = &s->polls[pa->shard];
+        s->polls[pa->shard] = rq;
+        pthread_cond_signal(&s->poll_wake); /* perhaps the earliest deadline */
+    }
+    pthread_mutex_unlock(&s->poll_lock);
+    polls_resume(now);
+}
+
+/* The poll timer: resumes each parked request at its deadline. */
+static void *poll_timer_main(void *arg)
+{
+    struct node_server *s = arg;
+
+    pthread_setname_np(pthread_self(), "node-polls");
+    pthread_mutex_lock(&s->poll_lock);
+    for (;;) {
+        struct request *due = NULL;
+        int64_t now = mono_ms(), next = now + 60000;
+        struct timespec t;
+
+        for (unsigned n = 0; n < s->cfg.shard_count; n++) {
+            struct request *rq = s->polls[n];
+
+            while (rq) {
+                struct request *following = rq->poll_next;
+
+                if (s->poll_stop || rq->poll_deadline_ms <= now) {
+                    if (s->poll_stop)
+                        rq->poll_deadline_ms = 1;
+                    poll_unlink(rq, &due);
+                } else if (rq->poll_deadline_ms < next) {
+                    next = rq->poll_deadline_ms;
+                }
+                rq = following;
+            }
+        }
+        if (due) {
+            pthread_mutex_unlock(&s->poll_lock);
+            polls_resume(due);
+            pthread_mutex_lock(&s->poll_lock);
+            continue;
+        }
+        if (s->poll_stop)
+            break;
+        t.tv_sec = (time_t)(next / 1000);
+        t.tv_nsec = (long)(next % 1000) * 1000000L;
+        pthread_cond_timedwait(&s->poll_wake, &s->poll_lock, &t);
+    }
+    pthread_mutex_unlock(&s->poll_lock);
+    return NULL;
+}
+
 /* A worker: answer the request, and give the connection back to MHD, which
- * calls on_request again to send rq->resp. */
+ * calls on_request again to send rq->resp (or park it: a long poll). */
 static void request_job(struct job *job)
 {
     struct request *rq = (struct request *)((char *)job - offsetof(struct request, job));
     struct node_input in = mhd_input(rq->conn, rq, rq->url, rq->method);
+    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms};
 
-    node_server_handle(rq->srv, &in, &rq->resp);
+    handle(rq->srv, &in, &rq->resp, &pa);
+    if (pa.want) {
+        poll_park(rq->srv, rq, &pa); /* the connection is suspended already */
+        return;
+    }
     rq->answered = 1;
     MHD_resume_connection(rq->conn);
 }
 
-/* Step 4: answer here, or suspend the connection and queue the request. */
+/* Step 4: answer here, or suspend the connection and queue the request (or
+ * park it, a long poll). */
 static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *conn,
                                 struct request *rq, const char *url, const char *method)
 {
     struct node_input in = mhd_input(conn, rq, url, method);
     struct pool *pool;
     enum run_where where = run_where(s, &in, &pool);
+    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms};
     struct node_response r;
 
-    if (where != RUN_WORKER) {
-        if (where == RUN_TRY)
-            shard_nowait_begin();
-        node_server_handle(s, &in, &r);
-        if (where == RUN_INLINE || !shard_nowait_end())
-            return send_response(s, conn, &r);
-        resp_reset(&r); /* it would have waited: again, on a worker */
-    }
     rq->conn = conn;
     rq->url = url;
     rq->method = method;
+    if (where != RUN_WORKER) {
+        if (where == RUN_TRY)
+            shard_nowait_begin();
+        handle(s, &in, &r, where == RUN_INLINE ? NULL : &pa);
+        if (where == RUN_INLINE || !shard_nowait_end()) {
+            if (!pa.want)
+                return send_response(s, conn, &r);
+            MHD_suspend_connection(conn);
+            poll_park(s, rq, &pa);
+            return MHD_YES;
+        }
+        resp_reset(&r); /* it would have waited: again, on a worker */
+    }
     rq->job.run = request_job;
     MHD_suspend_connection(conn);
     if (pool_submit(pool, &rq->job) < 0) {
@@ -1620,6 +2068,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         /* Back from a worker (dispatch). */
         rq->answered = 0;
         return send_response(s, conn, &rq->resp);
+    }
+    if (rq->poll_woken) {
+        /* A long poll woken by an apply or its deadline: look again. */
+        rq->poll_woken = 0;
+        return dispatch(s, conn, rq, url, method);
     }
     if (rq->replied) {
         /* Refused early; MHD closes once the reply is out. Read nothing. */
@@ -2032,21 +2485,38 @@ static int sync_init(struct node_server *s)
     pthread_mutex_init(&s->log_lock, NULL);
     pool_init(&s->api_pool, "node-api", API_WORKERS);
     pool_init(&s->shard_pool, "node-shard", SHARD_WORKERS);
+    pool_init(&s->stream_pool, "node-stream", STREAM_WORKERS);
     pthread_mutex_init(&s->conn_lock, NULL);
     pthread_cond_init(&s->reaper_wake, &ca);
+    pthread_mutex_init(&s->poll_lock, NULL);
+    pthread_cond_init(&s->poll_wake, &ca);
     pthread_condattr_destroy(&ca);
     s->sync_ready = 1;
     return 0;
 }
 
-int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
-                    node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
-                    size_t errlen)
+/* Listen to the local copies' applies and the wrappers' syncs, for the long
+ * polls (on = 0: stop listening). */
+static void listeners_set(struct node_server *s, int on)
+{
+    for (unsigned n = 0; s->local && n < s->cfg.shard_count; n++) {
+        if (s->local[n])
+            shard_lmdb_on_apply(s->local[n], on ? on_apply : NULL, s);
+        if (shard_repl_is(s->shards[n]))
+            shard_repl_on_sync_wanted(s->shards[n], on ? polls_wake : NULL, s);
+    }
+}
+
+int node_server_new_repl(const struct config *cfg, int self, struct shard *const *shards,
+                         const struct node_server_repl *repl, node_handler_fn other,
+                         void *other_ctx, struct node_server **out, char *err, size_t errlen)
 {
     struct node_server *s = NULL;
+    size_t count;
 
     *out = NULL;
-    if (!cfg || self < 0 || (unsigned)self >= cfg->node_count || !shards) {
+    if (!cfg || self < 0 || (unsigned)self >= cfg->node_count || !shards ||
+        (repl && (!repl->map || !repl->local))) {
         set_err(err, errlen, "node_server_start: bad arguments");
         return -EINVAL;
     }
@@ -2054,6 +2524,7 @@ int node_server_new(const struct config *cfg, int self, struct shard *const *sha
         set_err(err, errlen, "%s: a secret is required to serve ([cluster] secret)", cfg->path);
         return -EINVAL;
     }
+    count = cfg->shard_count ? cfg->shard_count : 1;
     s = calloc(1, sizeof(*s));
     if (!s)
         goto nomem;
@@ -2062,12 +2533,22 @@ int node_server_new(const struct config *cfg, int self, struct shard *const *sha
     s->other = other;
     s->other_ctx = other_ctx;
     atomic_init(&s->newest_epoch, cfg->epoch);
-    s->shards = calloc(cfg->shard_count ? cfg->shard_count : 1, sizeof(*s->shards));
-    if (!s->shards || sync_init(s) < 0)
+    s->shards = calloc(count, sizeof(*s->shards));
+    s->polls = calloc(count, sizeof(*s->polls));
+    s->applies = calloc(count, sizeof(*s->applies));
+    if (!s->shards || !s->polls || !s->applies || sync_init(s) < 0)
         goto nomem;
     memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
+    if (repl) {
+        s->map = repl->map;
+        s->local = calloc(count, sizeof(*s->local));
+        if (!s->local)
+            goto nomem;
+        memcpy(s->local, repl->local, cfg->shard_count * sizeof(*s->local));
+    }
     if (nonce_cache_new(NONCE_MAX, WIRE_MAX_SKEW, NONCE_MIN_KEEP_S, &s->nonces) < 0)
         goto nomem;
+    listeners_set(s, 1);
     *out = s;
     return 0;
 
@@ -2075,6 +2556,13 @@ nomem:
     node_server_stop(s);
     set_err(err, errlen, "node_server_start: out of memory");
     return -ENOMEM;
+}
+
+int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
+                    node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
+                    size_t errlen)
+{
+    return node_server_new_repl(cfg, self, shards, NULL, other, other_ctx, out, err, errlen);
 }
 
 /* Descriptors open now: the shards' files and logs, the FUSE device... */
@@ -2136,10 +2624,18 @@ static int threads_start(struct node_server *s, char *err, size_t errlen)
 
     if (rc == 0)
         rc = pool_start(&s->shard_pool);
+    if (rc == 0)
+        rc = pool_start(&s->stream_pool);
     if (rc < 0) {
         set_err(err, errlen, "cannot start the node server's workers: %s", strerror(-rc));
         return rc;
     }
+    rc = pthread_create(&s->poll_timer, NULL, poll_timer_main, s);
+    if (rc) {
+        set_err(err, errlen, "cannot start the node server's poll timer: %s", strerror(rc));
+        return -rc;
+    }
+    s->poll_started = 1;
     rc = pthread_create(&s->reaper, NULL, reaper_main, s);
     if (rc) {
         set_err(err, errlen, "cannot start the node server's reaper: %s", strerror(rc));
@@ -2153,6 +2649,13 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
                       node_handler_fn other, void *other_ctx, struct node_server **out, char *err,
                       size_t errlen)
 {
+    return node_server_start_repl(cfg, self, shards, NULL, other, other_ctx, out, err, errlen);
+}
+
+int node_server_start_repl(const struct config *cfg, int self, struct shard *const *shards,
+                           const struct node_server_repl *repl, node_handler_fn other,
+                           void *other_ctx, struct node_server **out, char *err, size_t errlen)
+{
     struct node_server *s = NULL;
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
     struct MHD_OptionItem tls_opts[3] = {{MHD_OPTION_END, 0, NULL}};
@@ -2161,7 +2664,7 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
     int rc;
 
     *out = NULL;
-    rc = node_server_new(cfg, self, shards, other, other_ctx, &s, err, errlen);
+    rc = node_server_new_repl(cfg, self, shards, repl, other, other_ctx, &s, err, errlen);
     if (rc < 0)
         return rc;
     rc = parse_listen_url(s, cfg->nodes[self].url, err, errlen);
@@ -2217,6 +2720,21 @@ void node_server_stop(struct node_server *s)
 {
     if (!s)
         return;
+    /* No new wakeups; the parked polls are answered (204) and none parks
+     * from now on. */
+    if (s->shards)
+        listeners_set(s, 0);
+    if (s->poll_started) {
+        pthread_mutex_lock(&s->poll_lock);
+        s->poll_stop = 1;
+        pthread_cond_signal(&s->poll_wake);
+        pthread_mutex_unlock(&s->poll_lock);
+        pthread_join(s->poll_timer, NULL);
+    } else if (s->sync_ready) {
+        pthread_mutex_lock(&s->poll_lock);
+        s->poll_stop = 1;
+        pthread_mutex_unlock(&s->poll_lock);
+    }
     if (s->reaper_started) {
         pthread_mutex_lock(&s->conn_lock);
         s->reaper_stop = 1;
@@ -2230,6 +2748,7 @@ void node_server_stop(struct node_server *s)
     if (s->sync_ready) {
         pool_stop(&s->api_pool);
         pool_stop(&s->shard_pool);
+        pool_stop(&s->stream_pool);
     }
     if (s->daemon)
         MHD_stop_daemon(s->daemon);
@@ -2237,14 +2756,20 @@ void node_server_stop(struct node_server *s)
     if (s->sync_ready) {
         pthread_cond_destroy(&s->reaper_wake);
         pthread_mutex_destroy(&s->conn_lock);
+        pool_destroy(&s->stream_pool);
         pool_destroy(&s->shard_pool);
         pool_destroy(&s->api_pool);
+        pthread_cond_destroy(&s->poll_wake);
+        pthread_mutex_destroy(&s->poll_lock);
         pthread_mutex_destroy(&s->log_lock);
     }
     if (s->tls_key)
         OPENSSL_cleanse(s->tls_key, strlen(s->tls_key));
     free(s->tls_key);
     free(s->tls_cert);
+    free(s->local);
+    free(s->applies);
+    free(s->polls);
     free(s->shards);
     free(s);
 }

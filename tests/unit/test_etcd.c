@@ -32,58 +32,12 @@
 
 #include "check.h"
 #include "etcd.h"
+#include "etcd_server.h"
 #include "test_util.h"
 
-#ifndef ETCD_BIN
-#define ETCD_BIN "/usr/bin/etcd"
-#endif
 #define TIMEOUT_MS 2000u
 
 static char err[512];
-
-/* A loopback port free right now (bound to port 0, read back, closed). */
-static int free_port(void)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) < 0) {
-        perror("free_port");
-        exit(2);
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static pid_t start_etcd(const char *dir, int client, int peer)
-{
-    char data[4200], log[4200], curl[64], purl[64], cluster[96];
-    snprintf(data, sizeof(data), "%s/data", dir);
-    snprintf(log, sizeof(log), "%s/etcd.log", dir);
-    snprintf(curl, sizeof(curl), "http://127.0.0.1:%d", client);
-    snprintf(purl, sizeof(purl), "http://127.0.0.1:%d", peer);
-    snprintf(cluster, sizeof(cluster), "t=%s", purl);
-    pid_t pid = fork();
-    if (pid < 0) {
-        perror("fork");
-        exit(2);
-    }
-    if (pid == 0) {
-        /* etcd goes when the test goes, also when it crashes or is killed. */
-        prctl(PR_SET_PDEATHSIG, SIGTERM);
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execl(ETCD_BIN, ETCD_BIN, "--name", "t", "--data-dir", data, "--listen-client-urls", curl,
-              "--advertise-client-urls", curl, "--listen-peer-urls", purl,
-              "--initial-advertise-peer-urls", purl, "--initial-cluster", cluster, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
 
 /* ---- callbacks that collect what they are given */
 
@@ -554,7 +508,7 @@ int main(void)
     while (peer == client)
         peer = free_port();
     client_port = client;
-    pid_t pid = start_etcd(dir, client, peer);
+    pid_t pid = start_etcd(dir, client, peer, NULL);
     test_silent_server();
 
     /* A dead endpoint first: every call must get past it. */
@@ -568,14 +522,7 @@ int main(void)
     if (!e)
         return 1;
 
-    /* Wait for etcd (deadline 30 s: the machine may be loaded). */
-    double end = now_s() + 30;
-    int up = 0;
-    while (!up && now_s() < end) {
-        up = etcd_put(e, ETCD_S("hello"), ETCD_S("1"), 0, NULL, err, sizeof(err)) == 0;
-        if (!up)
-            usleep(100000);
-    }
+    int up = etcd_wait_up(e, err, sizeof(err));
     CHECKF(up, "etcd did not come up: %s (see %s/etcd.log)", err, dir);
     if (up) {
         test_kv(e);

@@ -66,6 +66,9 @@
 #include "node_server.h"
 #include "shard.h"
 #include "shard_lmdb.h"
+#include "shard_map.h"
+#include "shard_repl.h"
+#include "stream.h"
 #include "wire.h"
 #include "check.h"
 #include "test_util.h"
@@ -109,7 +112,7 @@ struct reply {
     uint8_t *body;
     size_t len, cap;
     char location[2048], errno_hdr[32], vlen[32], more[8], epoch[32], ctype[64], allow[32];
-    char extra[64], clen[32];
+    char extra[64], clen[32], position[96], sync[32];
 };
 
 /* How to sign and decorate one request; zero means "the normal thing". */
@@ -183,7 +186,10 @@ static size_t on_header(char *line, size_t size, size_t n, void *ctx)
     if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) { /* a new response (after a 100) */
         r->location[0] = r->errno_hdr[0] = r->vlen[0] = r->more[0] = r->epoch[0] = '\0';
         r->ctype[0] = r->allow[0] = r->extra[0] = r->clen[0] = '\0';
+        r->position[0] = r->sync[0] = '\0';
     }
+    copy_header(r->position, sizeof(r->position), line, len, WIRE_HDR_POSITION);
+    copy_header(r->sync, sizeof(r->sync), line, len, WIRE_HDR_SYNC);
     copy_header(r->clen, sizeof(r->clen), line, len, "Content-Length");
     copy_header(r->location, sizeof(r->location), line, len, "Location");
     copy_header(r->errno_hdr, sizeof(r->errno_hdr), line, len, WIRE_HDR_ERRNO);
@@ -1833,6 +1839,443 @@ static void test_stop_in_flight(void)
     streams_all_freed("after the stop");
 }
 
+/* ---- replication: the stream and position routes, routing by the map ---- */
+
+static struct config rcfg; /* a, b and c; b and c replicate a's shard 0, a replicates 2 */
+static struct shard *r_lmdb0, *r_repl0, *r_lmdb1, *r_copy2;
+static struct shard_map *r_map;
+static char url_c[64];
+
+static void repl_setup(void)
+{
+    struct shard_lmdb_options opt = {.commit_interval_ms = 60000, .stream_bytes = 4096};
+    char dir[PATH_MAX], path[PATH_MAX + 64], text[2048], err[512];
+    FILE *f;
+
+    snprintf(url_c, sizeof(url_c), "http://127.0.0.1:%d", free_port());
+    snprintf(dir, sizeof(dir), "%s/repl", tmpdir);
+    mkdir(dir, 0755);
+    snprintf(text, sizeof(text),
+             "[cluster]\nshards = 4\nepoch = " EPOCH "\nsecret = " SECRET "\nack = primary\n"
+             "replica_lag_ms = 300\n"
+             "[node a]\nurl = %s/\ndata_dir = ./a\nshards = 0-1\nreplicas = 2\n"
+             "[node b]\nurl = %s\ndata_dir = ./b\nshards = 2\nreplicas = 0\n"
+             "[node c]\nurl = %s\ndata_dir = ./c\nshards = 3\nreplicas = 0\n",
+             base_url, url_b, url_c);
+    snprintf(path, sizeof(path), "%s/shards.conf", dir);
+    f = fopen(path, "w");
+    if (!f || fputs(text, f) < 0 || fclose(f) != 0 ||
+        config_load(path, &rcfg, err, sizeof(err)) != 0 ||
+        shard_map_open(&rcfg, 0, &r_map, err, sizeof(err)) != 0) {
+        fprintf(stderr, "replication setup: %s\n", err);
+        exit(2);
+    }
+    snprintf(path, sizeof(path), "%s/shard-0", dir);
+    CHECK_RC(shard_lmdb_open(path, 0, &opt, &r_lmdb0, err, sizeof(err)), 0);
+    snprintf(path, sizeof(path), "%s/shard-1", dir);
+    CHECK_RC(shard_lmdb_open(path, 1, &opt, &r_lmdb1, err, sizeof(err)), 0);
+    snprintf(path, sizeof(path), "%s/replica-2", dir);
+    CHECK_RC(shard_lmdb_open(path, 2, &opt, &r_copy2, err, sizeof(err)), 0);
+    if (!r_lmdb0 || !r_lmdb1 || !r_copy2)
+        exit(2);
+    CHECK_RC(shard_repl_new(r_lmdb0, r_map, &rcfg, 0, &r_repl0), 0);
+    if (!r_repl0)
+        exit(2);
+}
+
+static int repl_start(void)
+{
+    struct shard *shards[4] = {r_repl0, r_lmdb1, NULL, NULL};
+    struct shard *local[4] = {r_lmdb0, r_lmdb1, r_copy2, NULL};
+    struct node_server_repl nr = {.map = r_map, .local = local};
+    char err[512] = "";
+    int rc = node_server_start_repl(&rcfg, 0, shards, &nr, NULL, NULL, &server, err, sizeof(err));
+
+    CHECKF(rc == 0 && server, "node_server_start_repl: %d: %s", rc, err);
+    return rc;
+}
+
+static struct stream_pos r_position(void)
+{
+    struct stream_pos p = {0};
+
+    CHECK_RC(shard_lmdb_position(r_lmdb0, &p), 0);
+    return p;
+}
+
+static void r_apply(const char *key, const char *val)
+{
+    struct batch b;
+
+    batch_init(&b);
+    batch_put(&b, key, strlen(key), val, strlen(val));
+    CHECK_RC(shard_apply(r_repl0, &b), 0);
+    batch_free(&b);
+}
+
+/* "/v1/shard/N/stream?..." for node after p. */
+static const char *stream_pq(char *buf, size_t len, unsigned shard, const char *node,
+                             const struct stream_pos *p, unsigned wait, unsigned max,
+                             uint64_t synced)
+{
+    snprintf(buf, len,
+             "/v1/shard/%u/stream?node=%s&epoch=%" PRIu64 "&lsn=%" PRIu64 "&check=%" PRIu64
+             "&wait=%u&max=%u&synced=%" PRIu64,
+             shard, node, p->epoch, p->lsn, p->check, wait, max, synced);
+    return buf;
+}
+
+static int position_is(const struct reply *r, const struct stream_pos *p)
+{
+    char want[96];
+
+    snprintf(want, sizeof(want), "%" PRIu64 "/%" PRIu64 "/%" PRIu64, p->epoch, p->lsn, p->check);
+    return strcmp(r->position, want) == 0;
+}
+
+/* The peer record of node in shard 0's status. */
+static struct shard_repl_peer r_peer(int node)
+{
+    struct shard_repl_status st;
+    struct shard_repl_peer none = {.node = -1};
+
+    CHECK_RC(shard_repl_status(r_repl0, &st), 0);
+    for (unsigned i = 0; i < st.nreplicas; i++)
+        if (st.replicas[i].node == node)
+            return st.replicas[i];
+    return none;
+}
+
+static void test_stream_entries(CURL *h)
+{
+    struct stream_pos zero = {0}, p, e;
+    struct reply r;
+    const uint8_t *batch;
+    uint64_t t;
+    size_t pos = 0, blen;
+    struct shard_repl_peer peer;
+    char pq[256], key[24], val[24];
+    int n = 0, node_b = config_node_index(&rcfg, "b");
+
+    for (int i = 0; i < 3; i++) {
+        snprintf(key, sizeof(key), "e%d", i);
+        snprintf(val, sizeof(val), "value %d", i);
+        r_apply(key, val);
+    }
+    p = r_position();
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &zero, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 200, "stream from the start");
+    CHECKF(position_is(&r, &p), "position '%s'", r.position);
+    CHECK(r.sync[0] == '\0');
+    while (stream_entry_next(r.body, r.len, &pos, &e, &t, &batch, &blen) == 1) {
+        struct batch_item it;
+        size_t bp = 0;
+
+        snprintf(key, sizeof(key), "e%d", n);
+        snprintf(val, sizeof(val), "value %d", n);
+        CHECK(batch_next(batch, blen, &bp, &it) == 1 && it.klen == strlen(key) &&
+              memcmp(it.key, key, it.klen) == 0 && it.vlen == strlen(val) &&
+              memcmp(it.val, val, it.vlen) == 0);
+        n++;
+    }
+    CHECKF(n == 3 && pos == r.len, "%d entries, %zu of %zu bytes", n, pos, r.len);
+    CHECK(stream_pos_eq(&e, &p)); /* the last one is the primary's position */
+    reply_free(&r);
+    /* The request was b's report. */
+    CHECK(r_peer(node_b).last_report_ms >= 0 && r_peer(node_b).applied.lsn == 0);
+    /* max=1: one entry still */
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &zero, 0, 1, 0), NULL, 0, &r, 0);
+    WANT(&r, 200, "stream, max=1");
+    pos = 0;
+    CHECK(stream_entry_next(r.body, r.len, &pos, &e, &t, &batch, &blen) == 1 && pos == r.len);
+    reply_free(&r);
+    /* Up to date, no wait: 204 at once; the report (applied, synced) is b's. */
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &p, 0, 0, p.lsn), NULL, 0, &r, 0);
+    WANT(&r, 204, "stream, nothing new");
+    CHECK(r.len == 0 && position_is(&r, &p));
+    reply_free(&r);
+    peer = r_peer(node_b);
+    CHECK(stream_pos_eq(&peer.applied, &p) && peer.synced_lsn == p.lsn);
+}
+
+struct poll_req {
+    pthread_t tid;
+    char pq[256];
+    struct reply r;
+    double start, end;
+};
+
+static void *poll_main(void *arg)
+{
+    struct poll_req *q = arg;
+    CURL *h = handle();
+
+    q->start = now_s();
+    REQ(h, "GET", q->pq, NULL, 0, &q->r, 0);
+    q->end = now_s();
+    curl_easy_cleanup(h);
+    return NULL;
+}
+
+#define POLLS 24 /* more than every worker thread of the server together */
+
+static void test_long_polls(CURL *h)
+{
+    static struct poll_req q[POLLS];
+    struct stream_pos p = r_position(), e;
+    struct reply r;
+    const uint8_t *batch;
+    uint64_t t;
+    size_t pos, blen;
+    double t0;
+    int woke = 0;
+
+    /* Parked polls hold no thread: with POLLS of them waiting, other
+     * requests are answered at once. */
+    for (int i = 0; i < POLLS; i++) {
+        stream_pq(q[i].pq, sizeof(q[i].pq), 0, i % 2 ? "b" : "c", &p, 10000, 0, 0);
+        pthread_create(&q[i].tid, NULL, poll_main, &q[i]);
+    }
+    usleep(300000);
+    t0 = now_s();
+    REQ(h, "POST", "/v1/shard/0/get", "e1", 2, &r, 0);
+    WANT(&r, 200, "a get while polls wait");
+    reply_free(&r);
+    REQ(h, "GET", "/v1/shard/0/stat", NULL, 0, &r, 0);
+    WANT(&r, 200, "a stat while polls wait");
+    reply_free(&r);
+    CHECKF(now_s() - t0 < 0.5, "took %.3f s", now_s() - t0);
+    for (int i = 0; i < POLLS; i++)
+        CHECK(q[i].end == 0);
+    /* One apply wakes them all, long before their wait ends. */
+    t0 = now_s();
+    r_apply("woken", "up");
+    for (int i = 0; i < POLLS; i++) {
+        pthread_join(q[i].tid, NULL);
+        pos = 0;
+        if (q[i].r.status == 200 && q[i].end - t0 < 2 &&
+            stream_entry_next(q[i].r.body, q[i].r.len, &pos, &e, &t, &batch, &blen) == 1 &&
+            e.lsn > p.lsn && pos == q[i].r.len)
+            woke++;
+        reply_free(&q[i].r);
+    }
+    CHECKF(woke == POLLS, "%d of %d polls woken with the entry", woke, POLLS);
+    /* A poll nothing wakes ends at its wait: 204. */
+    p = r_position();
+    stream_pq(q[0].pq, sizeof(q[0].pq), 0, "b", &p, 400, 0, 0);
+    poll_main(&q[0]);
+    WANT(&q[0].r, 204, "a poll that times out");
+    CHECKF(q[0].end - q[0].start >= 0.39 && q[0].end - q[0].start < 1.5, "took %.3f s",
+           q[0].end - q[0].start);
+    CHECK(position_is(&q[0].r, &p));
+    reply_free(&q[0].r);
+    /* wait is capped (30 s): not a 400 */
+    stream_pq(q[0].pq, sizeof(q[0].pq), 0, "b", &p, 0, 0, 0);
+    pthread_create(&q[0].tid, NULL, poll_main, &q[0]);
+    pthread_join(q[0].tid, NULL);
+    WANT(&q[0].r, 204, "wait=0");
+    reply_free(&q[0].r);
+}
+
+static void test_stream_needs_snapshot(CURL *h)
+{
+    static char big_val[1024];
+    struct stream_pos p = r_position(), bad, zero = {0};
+    struct reply r;
+    char pq[256];
+    int node_c = config_node_index(&rcfg, "c");
+
+    /* Not of this history (a wrong check): ESTALE, and the position. */
+    bad = p;
+    bad.check ^= 1;
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "c", &bad, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 409, "a diverged position");
+    CHECK(strcmp(r.errno_hdr, "ESTALE") == 0 && position_is(&r, &p));
+    CHECK(wire_errno_of_status(r.status, r.errno_hdr) == -ESTALE);
+    reply_free(&r);
+    CHECK(r_peer(node_c).needs_snapshot == 1);
+    /* Trimmed (4 KiB of stream, and b's and c's holds are at p by now):
+     * ERANGE. */
+    memset(big_val, 'x', sizeof(big_val) - 1);
+    for (int i = 0; i < 10; i++)
+        r_apply("big", big_val);
+    CHECK_RC(shard_lmdb_flush(r_lmdb0, 1), 0);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &zero, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 409, "a position no longer retained");
+    p = r_position();
+    CHECK(strcmp(r.errno_hdr, "ERANGE") == 0 && position_is(&r, &p));
+    CHECK(wire_errno_of_status(r.status, r.errno_hdr) == -ERANGE);
+    reply_free(&r);
+    /* The snapshot's base (the position named) is held: its tail is there
+     * after more writes and a commit. */
+    for (int i = 0; i < 10; i++)
+        r_apply("big", big_val);
+    CHECK_RC(shard_lmdb_flush(r_lmdb0, 1), 0);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &p, 0, 1u << 20, 0), NULL, 0, &r, 0);
+    WANT(&r, 200, "the tail after the snapshot's base");
+    reply_free(&r);
+}
+
+static void test_stream_refusals(CURL *h)
+{
+    struct stream_pos p = r_position();
+    struct reply r;
+    char pq[256];
+    static const char *const bad_args[] = {
+        "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=0&wait=0",    /* no max */
+        "/v1/shard/0/stream?epoch=0&lsn=0&check=0&wait=0&max=0",     /* no node */
+        "/v1/shard/0/stream?node=b&epoch=0&lsn=x&check=0&wait=0&max=0",
+        "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=-1&wait=0&max=0",
+        "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=0&wait=0&max=0&synced=",
+    };
+
+    stream_pq(pq, sizeof(pq), 0, "b", &p, 0, 0, 0);
+    REQ(h, "GET", pq, NULL, 0, &r, .auth_hdr = "");
+    WANT(&r, 401, "unsigned");
+    reply_free(&r);
+    REQ(h, "GET", pq, NULL, 0, &r, .secret = "another-secret-0123456789");
+    WANT(&r, 401, "wrong secret");
+    reply_free(&r);
+    /* The node name is signed: changing it breaks the signature. */
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "c", &p, 0, 0, 0), NULL, 0, &r,
+        .sign_pq = stream_pq((char[256]){0}, 256, 0, "b", &p, 0, 0, 0));
+    WANT(&r, 401, "the node changed after signing");
+    reply_free(&r);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "a", &p, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 403, "node a asks its own stream");
+    CHECK(strcmp(r.errno_hdr, "EPERM") == 0);
+    reply_free(&r);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "zzz", &p, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 403, "an unknown node");
+    reply_free(&r);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 1, "b", &p, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 403, "b is no replica of shard 1");
+    reply_free(&r);
+    REQ(h, "POST", stream_pq(pq, sizeof(pq), 0, "b", &p, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 405, "POST stream");
+    reply_free(&r);
+    for (size_t i = 0; i < sizeof(bad_args) / sizeof(bad_args[0]); i++) {
+        REQ(h, "GET", bad_args[i], NULL, 0, &r, 0);
+        CHECKF(r.status == 400, "%s: %ld", bad_args[i], r.status);
+        reply_free(&r);
+    }
+}
+
+static void test_repl_routing(CURL *h)
+{
+    struct stream_pos p = {0};
+    struct reply r;
+    char pq[256], want[512];
+    json_t *doc, *reps;
+    json_error_t jerr;
+
+    /* a holds only a replica of shard 2: its ops go to b, the primary. */
+    REQ(h, "POST", "/v1/shard/2/get", "k", 1, &r, 0);
+    WANT(&r, 307, "get on a replica");
+    snprintf(want, sizeof(want), "%s/v1/shard/2/get", url_b);
+    CHECKF(strcmp(r.location, want) == 0, "Location %s", r.location);
+    reply_free(&r);
+    stream_pq(pq, sizeof(pq), 2, "c", &p, 0, 0, 0);
+    REQ(h, "GET", pq, NULL, 0, &r, 0);
+    WANT(&r, 307, "stream of a replica");
+    snprintf(want, sizeof(want), "%s%s", url_b, pq);
+    CHECKF(strcmp(r.location, want) == 0, "Location %s", r.location);
+    reply_free(&r);
+    REQ(h, "POST", "/v1/shard/3/apply", NULL, 0, &r, 0);
+    WANT(&r, 307, "a shard a holds nothing of");
+    CHECK(strncmp(r.location, url_c, strlen(url_c)) == 0);
+    reply_free(&r);
+    /* shard 1 (a's, no replicas) is served plainly */
+    REQ(h, "GET", "/v1/shard/1/stat", NULL, 0, &r, 0);
+    WANT(&r, 200, "stat of shard 1");
+    reply_free(&r);
+    /* the position route */
+    p = r_position();
+    REQ(h, "GET", "/v1/shard/0/position", NULL, 0, &r, 0);
+    WANT(&r, 200, "position");
+    CHECK(position_is(&r, &p));
+    doc = json_loadb((const char *)r.body, r.len, 0, &jerr);
+    reps = json_object_get(doc, "replicas");
+    CHECK(doc && (uint64_t)json_integer_value(json_object_get(doc, "lsn")) == p.lsn &&
+          json_is_string(json_object_get(doc, "check")) && json_array_size(reps) == 2);
+    if (json_array_size(reps) == 2)
+        CHECK(strcmp(json_string_value(json_object_get(json_array_get(reps, 0), "node")), "b") == 0 &&
+              json_is_boolean(json_object_get(json_array_get(reps, 1), "in_sync")));
+    json_decref(doc);
+    reply_free(&r);
+    REQ(h, "GET", "/v1/shard/2/position", NULL, 0, &r, 0);
+    WANT(&r, 307, "position of a replica");
+    reply_free(&r);
+}
+
+/* Stopping with polls parked answers them (204) and does not hang. */
+static void test_repl_stop(void)
+{
+    static struct poll_req q[4];
+    struct stream_pos p = r_position();
+    double t0;
+
+    for (int i = 0; i < 4; i++) {
+        stream_pq(q[i].pq, sizeof(q[i].pq), 0, "b", &p, 20000, 0, 0);
+        pthread_create(&q[i].tid, NULL, poll_main, &q[i]);
+    }
+    usleep(300000);
+    t0 = now_s();
+    node_server_stop(server);
+    server = NULL;
+    CHECKF(now_s() - t0 < 3, "stopping took %.1f s", now_s() - t0);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(q[i].tid, NULL);
+        CHECKF(q[i].r.status == 204 || q[i].r.status == -1, "status %ld", q[i].r.status);
+        CHECKF(q[i].end - t0 < 3, "answered %.1f s after the stop", q[i].end - t0);
+        reply_free(&q[i].r);
+    }
+}
+
+/* The map, not the config, says who serves: once b is promoted for shard
+ * 0, a redirects there and its wrapper refuses writes. */
+static void test_repl_promoted(CURL *h)
+{
+    struct shard_copies c;
+    struct reply r;
+    struct batch b;
+    char want[512];
+
+    CHECK_RC(shard_map_get(r_map, 0, &c), 0);
+    CHECK_RC(shard_map_promote(r_map, 0, config_node_index(&rcfg, "b"), c.epoch), 0);
+    REQ(h, "GET", "/v1/shard/0/stat", NULL, 0, &r, 0);
+    WANT(&r, 307, "stat of a shard promoted away");
+    snprintf(want, sizeof(want), "%s/v1/shard/0/stat", url_b);
+    CHECKF(strcmp(r.location, want) == 0, "Location %s", r.location);
+    reply_free(&r);
+    batch_init(&b);
+    batch_put(&b, "after", 5, "promotion", 9);
+    CHECK_RC(shard_apply(r_repl0, &b), -EHOSTUNREACH);
+    batch_free(&b);
+}
+
+static void test_replication(CURL *h)
+{
+    repl_setup();
+    if (repl_start() != 0)
+        return;
+    test_stream_entries(h);
+    test_long_polls(h);
+    test_stream_needs_snapshot(h);
+    test_stream_refusals(h);
+    test_repl_routing(h);
+    test_repl_stop();
+    if (repl_start() == 0) {
+        test_repl_promoted(h);
+        node_server_stop(server);
+        server = NULL;
+    }
+    shard_close(r_repl0);
+    shard_close(r_lmdb1);
+    shard_close(r_copy2);
+    shard_map_close(r_map);
+}
+
 static void cleanup(void)
 {
     rm_rf(tmpdir);
@@ -1876,6 +2319,7 @@ int main(void)
         test_no_handler();
         node_server_stop(server);
     }
+    test_replication(h);
     curl_easy_cleanup(idle);
     curl_easy_cleanup(h);
     shard_close(shard0);

@@ -1,0 +1,1075 @@
+/* shard_map.c -- the live shard map, static or kept in etcd (see shard_map.h).
+ *
+ * DESIGN (etcd map; DESIGN.md "Shard map" is the short version)
+ *
+ * Keys, under P = /shardfs/CLUSTER-ID/ (CLUSTER-ID: 16 hex digits of
+ * SHA-256("shardfs cluster id\0" SECRET), so two stores sharing an etcd do
+ * not meet, and the secret is not written anywhere):
+ *   P shards        "8": the shard count the map was made for.
+ *   P shard/NNNN    {"epoch":"E","primary":"a","replicas":["b"],"in_sync":["b"]}
+ *                   (node names; epoch a decimal string: it is a uint64).
+ *   P leader/NNNN   "a", attached to node a's lease: a may act as the
+ *                   shard's primary. Gone when the lease ends.
+ *   P node/NAME     the node's url, attached to its lease: it is alive.
+ *
+ * 1. Open: grant a lease (TTL lease_ttl_ms rounded up to seconds), put the
+ *    node key. Seed: a txn creates P shards if absent, else reads it (another
+ *    count is an error); then the shard keys, 32 to a txn that creates them
+ *    only if all are absent, else one txn per key (create if absent). Read the
+ *    whole prefix at revision R; take our leader keys (step 3); watch from
+ *    R + 1.
+ * 2. Every change of a shard key is a txn comparing its mod revision with
+ *    the one this map holds, so changes by two nodes cannot interleave: the
+ *    loser re-reads (the failure branch reads the shard and leader keys) and
+ *    tries again, or finds the change no longer applies (-ESTALE, -EPERM).
+ *    isr_remove/isr_add also compare the leader key's lease with ours (only
+ *    the live primary changes its in-sync set). promote compares that the
+ *    leader key does not exist (create revision 0), then puts the shard key
+ *    (epoch + 1) and the leader key with the promoter's lease in one txn.
+ * 3. A primary without its leader key (at start, after its lease ran out
+ *    and it got a new one) takes it: if absent, by a txn on "absent and the
+ *    shard key unchanged", racing fairly with any promotion (one wins; a
+ *    promotion bumps the epoch and the loser sees it); if held by an older
+ *    lease of this same node (the previous run, killed), by a txn on "held
+ *    by that lease", which hands it over without a gap.
+ * 4. Lease rule: lease_until = time the last successful grant/keep-alive
+ *    request was sent + min(lease_ttl_ms, TTL etcd granted) - TTL/10. etcd
+ *    counts its TTL from when it received the request, later than we sent
+ *    it, so our deadline comes first. The keep-alive thread renews every
+ *    TTL/3 (TTL/10 after a failure). An -ENOENT renewal (the lease is gone)
+ *    makes lease_ok 0 at once and gets a new lease.
+ * 5. The watch applies every event newer than what the map holds (by mod
+ *    revision: our own txns' results are applied when they return, so their
+ *    events are skipped), and after a compaction (-ERANGE) reads the prefix
+ *    again. Connection errors: retry with a backoff, from the last revision
+ *    seen + 1, keeping the map as it is.
+ */
+#include "shard_map.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "etcd.h"
+
+#define KEY_MAX 128
+#define VALUE_MAX 1024     /* a shard value: 4 names of 63 bytes and the rest */
+#define SEED_CHUNK 32      /* shard keys a seeding txn creates (etcd allows 128 ops) */
+#define CHANGE_TRIES 16    /* compare-and-swap rounds before giving up (-EAGAIN) */
+
+struct shard_map {
+    unsigned shard_count;
+    unsigned node_count;
+    char names[CONFIG_MAX_NODES][CONFIG_NAME_MAX + 1];
+    char self_url[CONFIG_URL_MAX + 1];
+    int self;
+    unsigned ttl_ms;
+
+    pthread_mutex_t lock;
+    struct shard_copies *copies; /* protected by lock */
+    int64_t *mod_rev;            /* protected by lock: shard key's mod revision applied */
+    int *leader;                 /* protected by lock: leader key's node, -1 none, -2 unknown */
+    int64_t *leader_lease;       /* protected by lock: its lease (0: none) */
+    int64_t *leader_rev;         /* protected by lock: revision of its last put/delete seen */
+
+    /* Held while the listener runs, so on_change can wait for a running
+     * call; recursive, so a listener may call back into the map. */
+    pthread_mutex_t listener_lock;
+    void (*listener)(void *ctx, unsigned shard); /* protected by listener_lock */
+    void *listener_ctx;
+
+    /* etcd mode only */
+    struct etcd *etcd;
+    struct etcd *etcd_lease; /* the keep-alive's: calls bounded by TTL/3, not timeout_ms */
+    char prefix[48];
+    size_t plen;
+    atomic_llong lease;         /* our lease id, 0: none */
+    atomic_llong lease_until;   /* CLOCK_MONOTONIC ms; lease_ok while now < it */
+    atomic_int leaders_missing; /* shards we are primary of without our leader key */
+    atomic_int stop;
+    pthread_mutex_t sleep_lock;
+    pthread_cond_t sleep_cond; /* signalled by close */
+    pthread_t watch_th, keep_th;
+    int watch_started, keep_started;
+    int64_t watch_from; /* watch thread only (set before it starts) */
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Sleep up to ms, or until close. */
+static void nap(struct shard_map *m, unsigned ms)
+{
+    struct timespec until;
+
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&m->sleep_lock);
+    while (!atomic_load(&m->stop) &&
+           pthread_cond_timedwait(&m->sleep_cond, &m->sleep_lock, &until) != ETIMEDOUT)
+        ;
+    pthread_mutex_unlock(&m->sleep_lock);
+}
+
+static void notify(struct shard_map *m, unsigned shard)
+{
+    pthread_mutex_lock(&m->listener_lock);
+    if (m->listener)
+        m->listener(m->listener_ctx, shard);
+    pthread_mutex_unlock(&m->listener_lock);
+}
+
+static int node_of_name(const struct shard_map *m, const char *name)
+{
+    for (unsigned i = 0; i < m->node_count; i++)
+        if (strcmp(m->names[i], name) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* ---- the pure rules, shared by both kinds of map ---- */
+
+static int replica_slot(const struct shard_copies *c, int node)
+{
+    for (unsigned i = 0; i < c->nreplicas; i++)
+        if (c->replicas[i] == node)
+            return (int)i;
+    return -1;
+}
+
+/* c after taking node out of (add: into) the in-sync set, by node self.
+ * 0: changed; 1: nothing to change; -errno. */
+static int isr_next(const struct shard_map *m, struct shard_copies *c, int node, uint64_t epoch,
+                    int add)
+{
+    int slot;
+
+    if (node < 0 || (unsigned)node >= m->node_count)
+        return -EINVAL;
+    if (c->epoch != epoch)
+        return -ESTALE;
+    if (m->self < 0 || c->primary != m->self)
+        return -EPERM;
+    slot = replica_slot(c, node);
+    if (slot < 0)
+        return -ENOENT;
+    if (!!(c->in_sync >> slot & 1) == !!add)
+        return 1;
+    if (add)
+        c->in_sync |= UINT32_C(1) << slot;
+    else
+        c->in_sync &= ~(UINT32_C(1) << slot);
+    return 0;
+}
+
+/* c after promoting node (an in-sync replica): epoch + 1, the old primary
+ * becomes the last replica, out of the in-sync set. 0, 1 (already primary)
+ * or -errno. */
+static int promote_next(struct shard_copies *c, int node, uint64_t epoch)
+{
+    struct shard_copies n;
+    int slot;
+
+    if (c->epoch != epoch)
+        return -ESTALE;
+    if (c->primary == node)
+        return 1;
+    slot = replica_slot(c, node);
+    if (slot < 0 || !(c->in_sync >> slot & 1))
+        return -EPERM;
+    memset(&n, 0, sizeof(n));
+    n.epoch = c->epoch + 1;
+    n.primary = node;
+    for (unsigned i = 0; i < c->nreplicas; i++) {
+        if ((int)i == slot)
+            continue;
+        if (c->in_sync >> i & 1)
+            n.in_sync |= UINT32_C(1) << n.nreplicas;
+        n.replicas[n.nreplicas++] = c->replicas[i];
+    }
+    if (c->primary >= 0)
+        n.replicas[n.nreplicas++] = c->primary; /* fits: node's slot was freed */
+    *c = n;
+    return 0;
+}
+
+/* ---- values in etcd ---- */
+
+/* Encode c as the shard key's value into buf. 0, or -EINVAL when c names a
+ * node this config lacks (it cannot be written back by name). */
+static int encode_copies(const struct shard_map *m, const struct shard_copies *c, char *buf,
+                         size_t len)
+{
+    json_t *o = json_object(), *reps = json_array(), *sync = json_array();
+    char epoch[24];
+    char *s = NULL;
+    int rc = -ENOMEM;
+
+    if (!o || !reps || !sync)
+        goto out;
+    rc = -EINVAL;
+    if (c->primary < 0)
+        goto out;
+    snprintf(epoch, sizeof(epoch), "%" PRIu64, c->epoch);
+    json_object_set_new(o, "epoch", json_string(epoch));
+    json_object_set_new(o, "primary", json_string(m->names[c->primary]));
+    for (unsigned i = 0; i < c->nreplicas; i++) {
+        if (c->replicas[i] < 0)
+            goto out;
+        json_array_append_new(reps, json_string(m->names[c->replicas[i]]));
+        if (c->in_sync >> i & 1)
+            json_array_append_new(sync, json_string(m->names[c->replicas[i]]));
+    }
+    json_object_set(o, "replicas", reps);
+    json_object_set(o, "in_sync", sync);
+    s = json_dumps(o, JSON_COMPACT);
+    rc = -ENOMEM;
+    if (!s)
+        goto out;
+    rc = -EINVAL;
+    if (strlen(s) >= len)
+        goto out;
+    snprintf(buf, len, "%s", s);
+    rc = 0;
+out:
+    free(s);
+    json_decref(reps);
+    json_decref(sync);
+    json_decref(o);
+    return rc;
+}
+
+/* Decode a shard key's value. Names the config lacks become -1. -EIO when
+ * it is not a value this code writes. */
+static int decode_copies(const struct shard_map *m, const void *v, size_t vlen,
+                         struct shard_copies *c)
+{
+    json_t *o = json_loadb(v, vlen, 0, NULL), *reps, *sync, *x;
+    const char *s;
+    char *end;
+    size_t i;
+    int rc = -EIO;
+
+    memset(c, 0, sizeof(*c));
+    if (!o || !json_is_object(o))
+        goto out;
+    x = json_object_get(o, "epoch");
+    if (!json_is_string(x))
+        goto out;
+    s = json_string_value(x);
+    errno = 0;
+    c->epoch = strtoull(s, &end, 10);
+    if (errno || end == s || *end)
+        goto out;
+    x = json_object_get(o, "primary");
+    if (!json_is_string(x))
+        goto out;
+    c->primary = node_of_name(m, json_string_value(x));
+    reps = json_object_get(o, "replicas");
+    sync = json_object_get(o, "in_sync");
+    if (!json_is_array(reps) || !json_is_array(sync) ||
+        json_array_size(reps) > SHARD_MAP_COPIES_MAX - 1)
+        goto out;
+    json_array_foreach(reps, i, x)
+    {
+        if (!json_is_string(x))
+            goto out;
+        c->replicas[c->nreplicas++] = node_of_name(m, json_string_value(x));
+    }
+    json_array_foreach(sync, i, x)
+    {
+        unsigned j;
+
+        if (!json_is_string(x))
+            goto out;
+        for (j = 0; j < json_array_size(reps); j++)
+            if (strcmp(json_string_value(json_array_get(reps, j)), json_string_value(x)) == 0)
+                break;
+        if (j == json_array_size(reps))
+            goto out; /* in sync but no replica: not ours */
+        c->in_sync |= UINT32_C(1) << j;
+    }
+    rc = 0;
+out:
+    json_decref(o);
+    return rc;
+}
+
+static void key_shards(const struct shard_map *m, char *buf)
+{
+    snprintf(buf, KEY_MAX, "%sshards", m->prefix);
+}
+static void key_shard(const struct shard_map *m, unsigned shard, char *buf)
+{
+    snprintf(buf, KEY_MAX, "%sshard/%04u", m->prefix, shard);
+}
+static void key_leader(const struct shard_map *m, unsigned shard, char *buf)
+{
+    snprintf(buf, KEY_MAX, "%sleader/%04u", m->prefix, shard);
+}
+
+/* Which key of ours is k: 1 shard key, 2 leader key, 0 another (with
+ * *shard set for 1 and 2). */
+static int parse_key(const struct shard_map *m, const void *k, size_t klen, unsigned *shard)
+{
+    char buf[KEY_MAX];
+    const char *rest;
+    unsigned long n;
+    char *end;
+    int kind;
+
+    if (klen <= m->plen || klen >= sizeof(buf) || memcmp(k, m->prefix, m->plen) != 0)
+        return 0;
+    memcpy(buf, k, klen);
+    buf[klen] = '\0';
+    rest = buf + m->plen;
+    if (strncmp(rest, "shard/", 6) == 0)
+        kind = 1, rest += 6;
+    else if (strncmp(rest, "leader/", 7) == 0)
+        kind = 2, rest += 7;
+    else
+        return 0;
+    errno = 0;
+    n = strtoul(rest, &end, 10);
+    if (errno || end == rest || *end || n >= m->shard_count)
+        return 0;
+    *shard = (unsigned)n;
+    return kind;
+}
+
+/* ---- applying what etcd holds (lock held) ---- */
+
+static void count_missing_locked(struct shard_map *m)
+{
+    int64_t lease = atomic_load(&m->lease);
+    int missing = 0;
+
+    for (unsigned i = 0; i < m->shard_count; i++)
+        if (m->self >= 0 && m->copies[i].primary == m->self &&
+            (lease == 0 || m->leader_lease[i] != lease))
+            missing++;
+    atomic_store(&m->leaders_missing, missing);
+}
+
+/* Apply a put (value != NULL) or delete of one of our keys at revision rev.
+ * Returns the shard changed, or -1. */
+static int apply_kv_locked(struct shard_map *m, const void *k, size_t klen, const void *v,
+                           size_t vlen, int64_t rev, int64_t lease)
+{
+    unsigned shard;
+    int kind = parse_key(m, k, klen, &shard);
+
+    if (kind == 1 && v && rev > m->mod_rev[shard]) {
+        struct shard_copies c;
+
+        if (decode_copies(m, v, vlen, &c) < 0) {
+            fprintf(stderr, "shardfs: shard map: etcd key %.*s holds no shard entry; ignored\n",
+                    (int)klen, (const char *)k);
+            return -1;
+        }
+        m->copies[shard] = c;
+        m->mod_rev[shard] = rev;
+        count_missing_locked(m);
+        return (int)shard;
+    }
+    if (kind == 2 && rev > m->leader_rev[shard]) {
+        char name[CONFIG_NAME_MAX + 1];
+
+        m->leader_rev[shard] = rev;
+        if (v) {
+            snprintf(name, sizeof(name), "%.*s", (int)(vlen < sizeof(name) ? vlen : 0),
+                     (const char *)v);
+            m->leader[shard] = node_of_name(m, name);
+            if (m->leader[shard] < 0)
+                m->leader[shard] = -2;
+            m->leader_lease[shard] = lease;
+        } else {
+            m->leader[shard] = -1;
+            m->leader_lease[shard] = 0;
+        }
+        count_missing_locked(m);
+        return (int)shard;
+    }
+    return -1;
+}
+
+/* A whole listing of the prefix (open, and after a compaction). */
+struct listing {
+    struct shard_map *m;
+    unsigned char *seen_shard, *seen_leader;
+    unsigned char *changed;
+};
+
+static int on_listed(void *ctx, const struct etcd_kv *kv)
+{
+    struct listing *l = ctx;
+    struct shard_map *m = l->m;
+    unsigned shard;
+    int kind = parse_key(m, kv->key, kv->klen, &shard), ch;
+
+    if (kind == 1)
+        l->seen_shard[shard] = 1;
+    if (kind == 2)
+        l->seen_leader[shard] = 1;
+    pthread_mutex_lock(&m->lock);
+    ch = apply_kv_locked(m, kv->key, kv->klen, kv->value, kv->vlen, kv->mod_revision, kv->lease);
+    pthread_mutex_unlock(&m->lock);
+    if (ch >= 0)
+        l->changed[ch] = 1;
+    return 0;
+}
+
+/* Read the whole prefix; leader keys not listed were deleted by *rev.
+ * notify: call the listener for every shard that changed. */
+static int load_all(struct shard_map *m, int64_t *rev, int notify_changes, char *err,
+                    size_t errlen)
+{
+    struct listing l = {m, calloc(m->shard_count, 1), calloc(m->shard_count, 1),
+                        calloc(m->shard_count, 1)};
+    int rc = -ENOMEM;
+
+    if (!l.seen_shard || !l.seen_leader || !l.changed)
+        goto out;
+    rc = etcd_get_prefix(m->etcd, m->prefix, m->plen, on_listed, &l, rev, err, errlen);
+    if (rc < 0)
+        goto out;
+    for (unsigned i = 0; i < m->shard_count; i++) {
+        char k[KEY_MAX];
+
+        if (!l.seen_shard[i]) {
+            rc = -EIO;
+            snprintf(err, errlen, "shard map: etcd has no key for shard %u under %s", i,
+                     m->prefix);
+            goto out;
+        }
+        if (!l.seen_leader[i]) {
+            key_leader(m, i, k);
+            pthread_mutex_lock(&m->lock);
+            if (apply_kv_locked(m, k, strlen(k), NULL, 0, *rev, 0) >= 0)
+                l.changed[i] = 1;
+            pthread_mutex_unlock(&m->lock);
+        }
+    }
+    if (notify_changes)
+        for (unsigned i = 0; i < m->shard_count; i++)
+            if (l.changed[i])
+                notify(m, i);
+    rc = 0;
+out:
+    free(l.seen_shard);
+    free(l.seen_leader);
+    free(l.changed);
+    return rc;
+}
+
+/* ---- transactions on one shard ---- */
+
+struct refresh {
+    struct shard_map *m;
+    int seen_leader;
+    int changed; /* a shard changed by what the failure branch read */
+};
+
+static int on_refresh(void *ctx, unsigned op, const struct etcd_kv *kv)
+{
+    struct refresh *r = ctx;
+    int ch;
+
+    (void)op;
+    if (parse_key(r->m, kv->key, kv->klen, &(unsigned){0}) == 2)
+        r->seen_leader = 1;
+    pthread_mutex_lock(&r->m->lock);
+    ch = apply_kv_locked(r->m, kv->key, kv->klen, kv->value, kv->vlen, kv->mod_revision,
+                         kv->lease);
+    pthread_mutex_unlock(&r->m->lock);
+    if (ch >= 0)
+        r->changed = 1;
+    return 0;
+}
+
+/* Run a txn on shard: cmps, then ops; if a compare fails, read the shard
+ * and leader keys into the map. On success apply the new shard value
+ * (next, may be NULL) and leader (leader_node >= 0: put with our lease) at
+ * the txn's revision. Returns 0 (done), 1 (a compare failed; the map was
+ * refreshed) or -errno. The listener hears of every change. */
+static int shard_txn(struct shard_map *m, unsigned shard, const struct etcd_cmp *cmp,
+                     unsigned ncmp, const struct etcd_op *ops, unsigned nops, const char *next,
+                     int leader_node, int64_t lease)
+{
+    char ks[KEY_MAX], kl[KEY_MAX];
+    struct refresh r = {m, 0, 0};
+    struct etcd_op reads[2];
+    struct etcd_txn t = {.cmp = cmp, .ncmp = ncmp, .success = ops, .nsuccess = nops,
+                         .failure = reads, .nfailure = 2, .on_kv = on_refresh, .ctx = &r};
+    char err[256];
+    int rc, ch = -1;
+
+    key_shard(m, shard, ks);
+    key_leader(m, shard, kl);
+    reads[0] = etcd_op_range(ETCD_S(ks), 0);
+    reads[1] = etcd_op_range(ETCD_S(kl), 0);
+    rc = etcd_txn(m->etcd, &t, err, sizeof(err));
+    if (rc < 0)
+        return rc;
+    if (!t.succeeded) {
+        pthread_mutex_lock(&m->lock);
+        if (!r.seen_leader && apply_kv_locked(m, kl, strlen(kl), NULL, 0, t.revision, 0) >= 0)
+            r.changed = 1;
+        pthread_mutex_unlock(&m->lock);
+        if (r.changed)
+            notify(m, shard);
+        return 1;
+    }
+    pthread_mutex_lock(&m->lock);
+    if (next)
+        ch = apply_kv_locked(m, ks, strlen(ks), next, strlen(next), t.revision, 0);
+    if (leader_node >= 0 &&
+        apply_kv_locked(m, kl, strlen(kl), m->names[leader_node], strlen(m->names[leader_node]),
+                        t.revision, lease) >= 0)
+        ch = (int)shard;
+    pthread_mutex_unlock(&m->lock);
+    if (ch >= 0)
+        notify(m, shard);
+    return 0;
+}
+
+/* Take the leader key of every shard whose primary we are and whose key we
+ * do not hold with our current lease (DESIGN step 3). */
+static void take_leaders(struct shard_map *m)
+{
+    int64_t lease = atomic_load(&m->lease);
+
+    if (m->self < 0 || lease == 0 || atomic_load(&m->leaders_missing) == 0)
+        return;
+    for (unsigned i = 0; i < m->shard_count; i++) {
+        char ks[KEY_MAX], kl[KEY_MAX];
+        struct etcd_cmp cmp[2];
+        struct etcd_op op[1];
+        int64_t mod, old;
+        int holder, mine;
+
+        pthread_mutex_lock(&m->lock);
+        mine = m->copies[i].primary == m->self && m->leader_lease[i] != lease;
+        holder = m->leader[i];
+        old = m->leader_lease[i];
+        mod = m->mod_rev[i];
+        pthread_mutex_unlock(&m->lock);
+        if (!mine || (holder != -1 && holder != m->self))
+            continue;
+        key_shard(m, i, ks);
+        key_leader(m, i, kl);
+        cmp[0] = etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod);
+        /* absent, or held by our previous lease */
+        cmp[1] = holder == -1 ? etcd_cmp_create(ETCD_S(kl), ETCD_EQUAL, 0)
+                              : etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, old);
+        op[0] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[m->self]), lease);
+        if (shard_txn(m, i, cmp, 2, op, 1, NULL, m->self, lease) < 0)
+            return; /* etcd unreachable or the lease gone: next round */
+    }
+}
+
+/* ---- lease ---- */
+
+static void lease_extend(struct shard_map *m, int64_t sent_ms, int64_t ttl_s)
+{
+    int64_t ttl = (int64_t)m->ttl_ms < ttl_s * 1000 ? (int64_t)m->ttl_ms : ttl_s * 1000;
+
+    atomic_store(&m->lease_until, sent_ms + ttl - ttl / 10);
+}
+
+/* A new lease and the node key on it. */
+static int lease_start(struct shard_map *m, char *err, size_t errlen)
+{
+    char k[KEY_MAX];
+    int64_t id = 0, t0 = now_ms();
+    int rc;
+
+    rc = etcd_lease_grant(m->etcd, (m->ttl_ms + 999) / 1000, &id, err, errlen);
+    if (rc < 0)
+        return rc;
+    snprintf(k, sizeof(k), "%snode/%s", m->prefix, m->names[m->self]);
+    rc = etcd_put(m->etcd, ETCD_S(k), ETCD_S(m->self_url), id, NULL, err, errlen);
+    if (rc < 0) {
+        etcd_lease_revoke(m->etcd, id, NULL, 0);
+        return rc;
+    }
+    pthread_mutex_lock(&m->lock);
+    atomic_store(&m->lease, id);
+    count_missing_locked(m);
+    pthread_mutex_unlock(&m->lock);
+    /* counted from before the grant: the put's time is inside the TTL */
+    lease_extend(m, t0, (m->ttl_ms + 999) / 1000);
+    return 0;
+}
+
+static void *keepalive_main(void *arg)
+{
+    struct shard_map *m = arg;
+
+    pthread_setname_np(pthread_self(), "map-lease");
+    while (!atomic_load(&m->stop)) {
+        int64_t ttl = 0, t0 = now_ms(), id = atomic_load(&m->lease);
+        int rc;
+
+        if (id == 0) {
+            rc = lease_start(m, NULL, 0);
+        } else {
+            rc = etcd_lease_keepalive(m->etcd_lease, id, &ttl, NULL, 0);
+            if (rc == 0) {
+                lease_extend(m, t0, ttl);
+            } else if (rc == -ENOENT) {
+                /* gone in etcd, and our leader keys with it */
+                atomic_store(&m->lease_until, 0);
+                pthread_mutex_lock(&m->lock);
+                atomic_store(&m->lease, 0);
+                count_missing_locked(m);
+                pthread_mutex_unlock(&m->lock);
+                continue;
+            }
+        }
+        if (rc == 0)
+            take_leaders(m);
+        nap(m, rc == 0 && atomic_load(&m->leaders_missing) == 0 ? m->ttl_ms / 3 : m->ttl_ms / 10);
+    }
+    return NULL;
+}
+
+/* ---- watch ---- */
+
+static int on_event(void *ctx, const struct etcd_event *ev)
+{
+    struct shard_map *m = ctx;
+    int ch;
+
+    pthread_mutex_lock(&m->lock);
+    ch = apply_kv_locked(m, ev->kv.key, ev->kv.klen,
+                         ev->type == ETCD_EVENT_PUT ? ev->kv.value : NULL, ev->kv.vlen,
+                         ev->kv.mod_revision, ev->kv.lease);
+    pthread_mutex_unlock(&m->lock);
+    if (ev->kv.mod_revision >= m->watch_from)
+        m->watch_from = ev->kv.mod_revision + 1;
+    if (ch >= 0)
+        notify(m, (unsigned)ch);
+    return 0;
+}
+
+static void *watch_main(void *arg)
+{
+    struct shard_map *m = arg;
+    unsigned backoff = 100;
+
+    pthread_setname_np(pthread_self(), "map-watch");
+    while (!atomic_load(&m->stop)) {
+        struct etcd_watch_req req = {m->prefix, m->plen, 1, m->watch_from, &m->stop};
+        int64_t rev = 0;
+        int rc = etcd_watch(m->etcd, &req, on_event, m, NULL, 0);
+
+        if (atomic_load(&m->stop))
+            break;
+        if (rc == -ERANGE && load_all(m, &rev, 1, NULL, 0) == 0) {
+            m->watch_from = rev + 1;
+            backoff = 100;
+            continue;
+        }
+        nap(m, backoff);
+        backoff = backoff * 2 > 2000 ? 2000 : backoff * 2;
+    }
+    return NULL;
+}
+
+/* ---- open, seed ---- */
+
+static int cluster_prefix(struct shard_map *m, const char *secret)
+{
+    static const char tag[] = "shardfs cluster id";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned mdlen = 0;
+    EVP_MD_CTX *x = EVP_MD_CTX_new();
+    int ok = x && EVP_DigestInit_ex(x, EVP_sha256(), NULL) &&
+             EVP_DigestUpdate(x, tag, sizeof(tag)) && /* with its NUL: a separator */
+             EVP_DigestUpdate(x, secret, strlen(secret)) && EVP_DigestFinal_ex(x, md, &mdlen);
+
+    EVP_MD_CTX_free(x);
+    if (!ok || mdlen < 8)
+        return -EIO;
+    m->plen = (size_t)snprintf(m->prefix, sizeof(m->prefix), "/shardfs/");
+    for (int i = 0; i < 8; i++)
+        m->plen += (size_t)snprintf(m->prefix + m->plen, sizeof(m->prefix) - m->plen, "%02x", md[i]);
+    m->plen += (size_t)snprintf(m->prefix + m->plen, sizeof(m->prefix) - m->plen, "/");
+    return 0;
+}
+
+/* The config's entry of shard i; with etcd the in-sync set starts empty. */
+static void config_copies(const struct config *cfg, unsigned i, int all_in_sync,
+                          struct shard_copies *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->epoch = cfg->epoch;
+    c->primary = cfg->owner[i];
+    c->nreplicas = cfg->nreplicas[i];
+    for (unsigned j = 0; j < c->nreplicas; j++)
+        c->replicas[j] = cfg->replicas[i][j];
+    if (all_in_sync)
+        c->in_sync = (UINT32_C(1) << c->nreplicas) - 1;
+}
+
+struct count_read {
+    char value[32];
+    int seen;
+};
+
+static int on_count(void *ctx, unsigned op, const struct etcd_kv *kv)
+{
+    struct count_read *c = ctx;
+
+    (void)op;
+    snprintf(c->value, sizeof(c->value), "%.*s", (int)(kv->vlen < 31 ? kv->vlen : 31),
+             (const char *)kv->value);
+    c->seen = 1;
+    return 0;
+}
+
+/* DESIGN step 1: create what is absent. */
+static int seed(struct shard_map *m, const struct config *cfg, char *err, size_t errlen)
+{
+    char k[KEY_MAX], count[16];
+    struct count_read got = {"", 0};
+    struct etcd_cmp cmp[SEED_CHUNK];
+    struct etcd_op ops[SEED_CHUNK], read[1];
+    static char keys[SEED_CHUNK][KEY_MAX]; /* big: not on a thread's stack */
+    static char values[SEED_CHUNK][VALUE_MAX];
+    static pthread_mutex_t seed_lock = PTHREAD_MUTEX_INITIALIZER;
+    int rc;
+
+    key_shards(m, k);
+    snprintf(count, sizeof(count), "%u", m->shard_count);
+    cmp[0] = etcd_cmp_create(ETCD_S(k), ETCD_EQUAL, 0);
+    ops[0] = etcd_op_put(ETCD_S(k), ETCD_S(count), 0);
+    read[0] = etcd_op_range(ETCD_S(k), 0);
+    struct etcd_txn t = {.cmp = cmp, .ncmp = 1, .success = ops, .nsuccess = 1, .failure = read,
+                         .nfailure = 1, .on_kv = on_count, .ctx = &got};
+    rc = etcd_txn(m->etcd, &t, err, errlen);
+    if (rc < 0)
+        return rc;
+    if (!t.succeeded && strcmp(got.value, count) != 0) {
+        snprintf(err, errlen,
+                 "%s: etcd holds the shard map of a store of %s shards under %s; this file has "
+                 "%u",
+                 cfg->path, got.value, m->prefix, m->shard_count);
+        return -EINVAL;
+    }
+    pthread_mutex_lock(&seed_lock);
+    for (unsigned base = 0; base < m->shard_count && rc == 0; base += SEED_CHUNK) {
+        unsigned n = m->shard_count - base < SEED_CHUNK ? m->shard_count - base : SEED_CHUNK;
+
+        for (unsigned j = 0; j < n; j++) {
+            struct shard_copies c;
+
+            config_copies(cfg, base + j, 0, &c);
+            key_shard(m, base + j, keys[j]);
+            rc = encode_copies(m, &c, values[j], VALUE_MAX);
+            if (rc < 0)
+                break;
+            cmp[j] = etcd_cmp_create(ETCD_S(keys[j]), ETCD_EQUAL, 0);
+            ops[j] = etcd_op_put(ETCD_S(keys[j]), ETCD_S(values[j]), 0);
+        }
+        struct etcd_txn all = {.cmp = cmp, .ncmp = n, .success = ops, .nsuccess = n};
+        if (rc == 0)
+            rc = etcd_txn(m->etcd, &all, err, errlen);
+        for (unsigned j = 0; rc == 0 && !all.succeeded && j < n; j++) {
+            /* some exist (another node seeds too, or a seed was cut short) */
+            struct etcd_txn one = {.cmp = &cmp[j], .ncmp = 1, .success = &ops[j], .nsuccess = 1};
+            rc = etcd_txn(m->etcd, &one, err, errlen);
+        }
+    }
+    pthread_mutex_unlock(&seed_lock);
+    return rc;
+}
+
+static int open_etcd(struct shard_map *m, const struct config *cfg, char *err, size_t errlen)
+{
+    sigset_t all, old;
+    int64_t rev = 0;
+    int rc;
+
+    rc = cluster_prefix(m, cfg->secret);
+    if (rc == 0)
+        rc = etcd_new(cfg->etcd, cfg->timeout_ms, &m->etcd, err, errlen);
+    /* A renewal that hangs must not outlast the next one's turn: the lease
+     * would run out while a retry could have reached another endpoint. */
+    if (rc == 0)
+        rc = etcd_new(cfg->etcd, m->ttl_ms / 3 < cfg->timeout_ms ? m->ttl_ms / 3 : cfg->timeout_ms,
+                      &m->etcd_lease, err, errlen);
+    if (rc < 0)
+        return rc;
+    if (m->self >= 0 && (rc = lease_start(m, err, errlen)) < 0)
+        return rc;
+    if ((rc = seed(m, cfg, err, errlen)) < 0 || (rc = load_all(m, &rev, 0, err, errlen)) < 0)
+        return rc;
+    take_leaders(m);
+    m->watch_from = rev + 1;
+    /* The map's threads take no signals: they belong to the FUSE loop's. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&m->watch_th, NULL, watch_main, m);
+    m->watch_started = rc == 0;
+    if (rc == 0 && m->self >= 0) {
+        rc = pthread_create(&m->keep_th, NULL, keepalive_main, m);
+        m->keep_started = rc == 0;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        snprintf(err, errlen, "shard map: cannot start a thread");
+        return -EAGAIN;
+    }
+    return 0;
+}
+
+int shard_map_open(const struct config *cfg, int self, struct shard_map **out, char *err,
+                   size_t errlen)
+{
+    struct shard_map *m;
+    pthread_mutexattr_t rec;
+    int rc = -ENOMEM;
+
+    *out = NULL;
+    if (err && errlen)
+        err[0] = '\0';
+    if (self >= (int)cfg->node_count || self < -1) {
+        snprintf(err, errlen, "shard map: no node %d", self);
+        return -EINVAL;
+    }
+    m = calloc(1, sizeof(*m));
+    if (!m)
+        goto fail;
+    m->shard_count = cfg->shard_count;
+    m->node_count = cfg->node_count;
+    m->self = self;
+    m->ttl_ms = cfg->lease_ttl_ms;
+    for (unsigned i = 0; i < cfg->node_count; i++)
+        snprintf(m->names[i], sizeof(m->names[i]), "%s", cfg->nodes[i].name);
+    if (self >= 0)
+        snprintf(m->self_url, sizeof(m->self_url), "%s", cfg->nodes[self].url);
+    pthread_mutex_init(&m->lock, NULL);
+    pthread_mutexattr_init(&rec);
+    pthread_mutexattr_settype(&rec, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&m->listener_lock, &rec);
+    pthread_mutexattr_destroy(&rec);
+    pthread_mutex_init(&m->sleep_lock, NULL);
+    {
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&m->sleep_cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    m->copies = calloc(m->shard_count, sizeof(*m->copies));
+    m->mod_rev = calloc(m->shard_count, sizeof(*m->mod_rev));
+    m->leader = calloc(m->shard_count, sizeof(*m->leader));
+    m->leader_lease = calloc(m->shard_count, sizeof(*m->leader_lease));
+    m->leader_rev = calloc(m->shard_count, sizeof(*m->leader_rev));
+    if (!m->copies || !m->mod_rev || !m->leader || !m->leader_lease || !m->leader_rev)
+        goto fail;
+    for (unsigned i = 0; i < m->shard_count; i++) {
+        config_copies(cfg, i, !cfg->etcd[0], &m->copies[i]);
+        m->leader[i] = cfg->etcd[0] ? -1 : m->copies[i].primary;
+    }
+    if (cfg->etcd[0]) {
+        /* no entry is trusted before etcd's is read */
+        for (unsigned i = 0; i < m->shard_count; i++)
+            m->copies[i].primary = -1;
+        rc = open_etcd(m, cfg, err, errlen);
+        if (rc < 0)
+            goto fail;
+    }
+    *out = m;
+    return 0;
+fail:
+    if (rc == -ENOMEM && err && errlen && !err[0])
+        snprintf(err, errlen, "shard map: %s", strerror(ENOMEM));
+    shard_map_close(m);
+    return rc;
+}
+
+void shard_map_close(struct shard_map *m)
+{
+    int64_t lease;
+
+    if (!m)
+        return;
+    pthread_mutex_lock(&m->sleep_lock);
+    atomic_store(&m->stop, 1);
+    pthread_cond_broadcast(&m->sleep_cond);
+    pthread_mutex_unlock(&m->sleep_lock);
+    if (m->keep_started)
+        pthread_join(m->keep_th, NULL);
+    if (m->watch_started)
+        pthread_join(m->watch_th, NULL);
+    lease = atomic_load(&m->lease);
+    if (m->etcd && lease)
+        etcd_lease_revoke(m->etcd, lease, NULL, 0); /* best effort: else it runs out */
+    etcd_free(m->etcd);
+    etcd_free(m->etcd_lease);
+    free(m->copies);
+    free(m->mod_rev);
+    free(m->leader);
+    free(m->leader_lease);
+    free(m->leader_rev);
+    pthread_mutex_destroy(&m->lock);
+    pthread_mutex_destroy(&m->listener_lock);
+    pthread_mutex_destroy(&m->sleep_lock);
+    pthread_cond_destroy(&m->sleep_cond);
+    free(m);
+}
+
+/* ---- queries ---- */
+
+int shard_map_get(struct shard_map *m, unsigned shard, struct shard_copies *out)
+{
+    if (shard >= m->shard_count)
+        return -EINVAL;
+    pthread_mutex_lock(&m->lock);
+    *out = m->copies[shard];
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+int shard_map_leader(struct shard_map *m, unsigned shard)
+{
+    int node;
+
+    if (shard >= m->shard_count)
+        return -EINVAL;
+    pthread_mutex_lock(&m->lock);
+    node = m->etcd ? m->leader[shard] : m->copies[shard].primary;
+    pthread_mutex_unlock(&m->lock);
+    return node < 0 ? -1 : node;
+}
+
+void shard_map_on_change(struct shard_map *m, void (*fn)(void *ctx, unsigned shard), void *ctx)
+{
+    pthread_mutex_lock(&m->listener_lock);
+    m->listener = fn;
+    m->listener_ctx = ctx;
+    pthread_mutex_unlock(&m->listener_lock);
+}
+
+int shard_map_lease_ok(struct shard_map *m)
+{
+    if (!m->etcd)
+        return 1;
+    if (m->self < 0 || atomic_load(&m->leaders_missing) != 0)
+        return 0;
+    return now_ms() < atomic_load(&m->lease_until);
+}
+
+/* ---- changes ---- */
+
+/* The static map: the rule applied under the lock. */
+static int change_static(struct shard_map *m, unsigned shard, int node, uint64_t epoch,
+                         int promote, int add)
+{
+    struct shard_copies c;
+    int rc;
+
+    pthread_mutex_lock(&m->lock);
+    c = m->copies[shard];
+    rc = promote ? promote_next(&c, node, epoch) : isr_next(m, &c, node, epoch, add);
+    if (rc == 0) {
+        m->copies[shard] = c;
+        m->leader[shard] = c.primary;
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (rc == 0)
+        notify(m, shard);
+    return rc < 0 ? rc : 0;
+}
+
+/* DESIGN step 2, compare-and-swap rounds. */
+static int change_etcd(struct shard_map *m, unsigned shard, int node, uint64_t epoch, int promote,
+                       int add)
+{
+    if (promote && node != m->self)
+        return -EPERM;
+    for (int tries = 0; tries < CHANGE_TRIES; tries++) {
+        char ks[KEY_MAX], kl[KEY_MAX], value[VALUE_MAX];
+        struct shard_copies c;
+        struct etcd_cmp cmp[2];
+        struct etcd_op ops[2];
+        int64_t lease = atomic_load(&m->lease), mod, held;
+        int rc;
+
+        pthread_mutex_lock(&m->lock);
+        c = m->copies[shard];
+        mod = m->mod_rev[shard];
+        held = m->leader_lease[shard];
+        pthread_mutex_unlock(&m->lock);
+        rc = promote ? promote_next(&c, node, epoch) : isr_next(m, &c, node, epoch, add);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        if (lease == 0)
+            return -EAGAIN;
+        /* The first round asks etcd whatever this map believes: the
+         * compares are the guard. After a failed one the map is fresh. */
+        if (tries > 0 && !promote && held != lease)
+            return -EPERM; /* we are the map's primary, but not the live one */
+        if (tries > 0 && promote && held != 0)
+            return -EBUSY;
+        rc = encode_copies(m, &c, value, sizeof(value));
+        if (rc < 0)
+            return rc;
+        key_shard(m, shard, ks);
+        key_leader(m, shard, kl);
+        cmp[0] = etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod);
+        cmp[1] = promote ? etcd_cmp_create(ETCD_S(kl), ETCD_EQUAL, 0)
+                         : etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, lease);
+        ops[0] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
+        ops[1] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[node]), lease);
+        rc = shard_txn(m, shard, cmp, 2, ops, promote ? 2 : 1, value, promote ? node : -1, lease);
+        if (rc <= 0)
+            return rc;
+        /* a compare failed: the map is fresh now; judge again */
+    }
+    return -EAGAIN;
+}
+
+static int change(struct shard_map *m, unsigned shard, int node, uint64_t epoch, int promote,
+                  int add)
+{
+    if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)
+        return -EINVAL;
+    return m->etcd ? change_etcd(m, shard, node, epoch, promote, add)
+                   : change_static(m, shard, node, epoch, promote, add);
+}
+
+int shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
+{
+    return change(m, shard, node, epoch, 0, 0);
+}
+
+int shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
+{
+    return change(m, shard, node, epoch, 0, 1);
+}
+
+int shard_map_promote(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
+{
+    return change(m, shard, node, epoch, 1, 0);
+}

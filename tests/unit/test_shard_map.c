@@ -1,0 +1,536 @@
+/* test_shard_map.c -- backend/shard_map.c, static and against a real etcd.
+ *
+ * Static: the config's entries, every rule of isr_remove/isr_add/promote
+ * and its errors, on_change.
+ * etcd (skipped, exit 77, without /usr/bin/etcd): etcd started on free
+ * loopback ports with a temp data dir and fast elections (so a 1 s lease
+ * TTL is honoured), stopped by PID. Seeding happens once (a second node with
+ * other owners in its file sees the first map; another shard count is
+ * refused); changes reach a second map instance through its watch; a change
+ * at a stale epoch fails; promote is refused while the leader key is held
+ * and allowed once the old lease is revoked (clean close) or has run out
+ * (a child process holding it killed with SIGKILL), and raises the epoch;
+ * lease_ok drops to 0 before the TTL ends when etcd is SIGSTOPped, and
+ * comes back after SIGCONT; with etcd stopped the calls fail and the map
+ * keeps what it had.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "check.h"
+#include "config.h"
+#include "etcd.h"
+#include "etcd_server.h"
+#include "shard_map.h"
+#include "test_util.h"
+
+#define TTL_MS 1000
+#define TIMEOUT_MS 1000
+
+static char tmpdir[] = "/tmp/test_shard_map.XXXXXX";
+static char err[1024];
+static int etcd_port;
+
+/* Three nodes, 4 shards: a owns 0-1, b 2, c 3. Replicas: b of 0-1, c of
+ * 0 and 2, a of 3. The owners can be rotated (a test of seeding). */
+static void load_conf(struct config *cfg, const char *name, const char *secret, unsigned shards,
+                      int etcd, int rotate)
+{
+    char path[300];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s.conf", tmpdir, name);
+    f = fopen(path, "w");
+    if (!f)
+        exit(2);
+    fprintf(f,
+            "[cluster]\nshards = %u\nepoch = 7\nsecret = %s\ntimeout_ms = %d\n"
+            "lease_ttl_ms = %d\n",
+            shards, secret, TIMEOUT_MS, TTL_MS);
+    if (etcd)
+        fprintf(f, "etcd = http://127.0.0.1:%d\n", etcd_port);
+    if (!rotate)
+        fprintf(f,
+                "[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0-1\nreplicas = 3\n"
+                "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 2\nreplicas = 0-1\n"
+                "[node c]\nurl = http://127.0.0.1:3\ndata_dir = c\nshards = 3-%u\n"
+                "replicas = 0,2\n",
+                shards - 1);
+    else
+        fprintf(f, "[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 2-%u\n"
+                   "[node b]\nurl = http://127.0.0.1:2\ndata_dir = b\nshards = 0\n"
+                   "[node c]\nurl = http://127.0.0.1:3\ndata_dir = c\nshards = 1\n",
+                shards - 1);
+    fclose(f);
+    if (config_load(path, cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "config_load: %s\n", err);
+        exit(2);
+    }
+}
+
+/* on_change counter */
+struct changes {
+    atomic_int n[16];
+    atomic_int total;
+};
+
+static void on_change(void *ctx, unsigned shard)
+{
+    struct changes *c = ctx;
+    if (shard < 16)
+        atomic_fetch_add(&c->n[shard], 1);
+    atomic_fetch_add(&c->total, 1);
+}
+
+static struct shard_copies get(struct shard_map *m, unsigned shard)
+{
+    struct shard_copies c;
+    memset(&c, 0xee, sizeof(c));
+    CHECK_RC(shard_map_get(m, shard, &c), 0);
+    return c;
+}
+
+/* Wait (deadline 10 s) until shard's epoch/in_sync/leader are as wanted
+ * in m (-1/UINT32_MAX/-2: any). */
+static int wait_for(struct shard_map *m, unsigned shard, uint64_t epoch, uint32_t in_sync,
+                    int leader)
+{
+    double end = now_s() + 10;
+    while (now_s() < end) {
+        struct shard_copies c;
+        shard_map_get(m, shard, &c);
+        if ((epoch == UINT64_MAX || c.epoch == epoch) &&
+            (in_sync == UINT32_MAX || c.in_sync == in_sync) &&
+            (leader == -2 || shard_map_leader(m, shard) == leader))
+            return 1;
+        usleep(10000);
+    }
+    return 0;
+}
+
+/* ---- static ---- */
+
+static void test_static(void)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL;
+    struct changes ch = {0};
+    struct shard_copies c;
+
+    load_conf(&cfg, "static", "static-secret-0123", 4, 0, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 3, &b, err, sizeof(err)), -EINVAL);
+    CHECK(b == NULL);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        return;
+    shard_map_on_change(a, on_change, &ch);
+    c = get(a, 0);
+    CHECK(c.epoch == 7 && c.primary == 0 && c.nreplicas == 2);
+    CHECK(c.replicas[0] == 1 && c.replicas[1] == 2 && c.in_sync == 3); /* all in sync */
+    c = get(a, 3);
+    CHECK(c.primary == 2 && c.nreplicas == 1 && c.replicas[0] == 0 && c.in_sync == 1);
+    c = get(a, 1);
+    CHECK(c.primary == 0 && c.nreplicas == 1 && c.replicas[0] == 1);
+    CHECK_RC(shard_map_get(a, 4, &c), -EINVAL);
+    CHECK(shard_map_leader(a, 0) == 0 && shard_map_leader(a, 2) == 1);
+    CHECK(shard_map_lease_ok(a) == 1);
+
+    /* isr rules */
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 6), -ESTALE);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 8), -ESTALE);
+    CHECK_RC(shard_map_isr_remove(b, 0, 2, 7), -EPERM); /* b is not the primary */
+    CHECK_RC(shard_map_isr_remove(a, 2, 1, 7), -EPERM);
+    CHECK_RC(shard_map_isr_remove(a, 0, 0, 7), -ENOENT); /* the primary itself */
+    CHECK_RC(shard_map_isr_remove(a, 1, 2, 7), -ENOENT); /* c holds no copy of 1 */
+    CHECK_RC(shard_map_isr_remove(a, 0, 3, 7), -EINVAL);
+    CHECK_RC(shard_map_isr_remove(a, 9, 1, 7), -EINVAL);
+    CHECK(atomic_load(&ch.total) == 0);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0);
+    CHECK(get(a, 0).in_sync == 2 && atomic_load(&ch.n[0]) == 1);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0); /* again: nothing changes */
+    CHECK(get(a, 0).in_sync == 2 && atomic_load(&ch.n[0]) == 1);
+    CHECK(get(b, 0).in_sync == 3); /* static: b's map is its own */
+
+    /* promote: only an in-sync replica */
+    CHECK_RC(shard_map_promote(a, 0, 1, 7), -EPERM);
+    CHECK_RC(shard_map_promote(a, 0, 2, 6), -ESTALE);
+    CHECK_RC(shard_map_promote(a, 0, 2, 7), 0);
+    c = get(a, 0);
+    CHECK(c.epoch == 8 && c.primary == 2 && c.nreplicas == 2);
+    CHECK(c.replicas[0] == 1 && c.replicas[1] == 0 && c.in_sync == 0);
+    CHECK(shard_map_leader(a, 0) == 2);
+    CHECK(atomic_load(&ch.n[0]) == 2);
+    CHECK_RC(shard_map_promote(a, 0, 2, 8), 0); /* already */
+    CHECK_RC(shard_map_isr_add(a, 0, 0, 8), -EPERM); /* a is no longer primary */
+    CHECK_RC(shard_map_isr_add(a, 0, 0, 7), -ESTALE);
+    shard_map_on_change(a, NULL, NULL);
+    shard_map_close(a);
+    shard_map_close(b);
+    shard_map_close(NULL);
+}
+
+/* ---- etcd ---- */
+
+static int64_t version_of(struct etcd *e, const char *key)
+{
+    void *v = NULL;
+    size_t vl;
+    struct etcd_kv meta = {0};
+    if (etcd_get(e, key, strlen(key), &v, &vl, &meta, err, sizeof(err)) != 0)
+        return -1;
+    free(v);
+    return meta.version;
+}
+
+/* The map prefix for secret, found in etcd: the one key ending in
+ * "/shards" whose map is not yet known. */
+struct find {
+    char prefix[64];
+    int n;
+};
+static int on_find(void *ctx, const struct etcd_kv *kv)
+{
+    struct find *f = ctx;
+    if (kv->klen > 7 && memcmp((const char *)kv->key + kv->klen - 7, "/shards", 7) == 0) {
+        snprintf(f->prefix, sizeof(f->prefix), "%.*s", (int)(kv->klen - 6),
+                 (const char *)kv->key);
+        f->n++;
+    }
+    return 0;
+}
+
+static void test_seed(struct etcd *e)
+{
+    static struct config cfg, rot, eight;
+    struct shard_map *a = NULL, *b = NULL, *x = NULL;
+    struct shard_copies c;
+    struct find f = {"", 0};
+    char key[128];
+
+    load_conf(&cfg, "seed", "seed-secret-0123456", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    if (!a) {
+        fprintf(stderr, "open: %s\n", err);
+        return;
+    }
+    c = get(a, 0);
+    CHECK(c.epoch == 7 && c.primary == 0 && c.nreplicas == 2 && c.replicas[0] == 1 &&
+          c.replicas[1] == 2);
+    CHECK(c.in_sync == 0); /* seeded: nobody in sync until its primary says so */
+    CHECK(get(a, 3).primary == 2 && get(a, 2).primary == 1);
+    CHECK(shard_map_leader(a, 0) == 0 && shard_map_leader(a, 1) == 0);
+    CHECK(shard_map_leader(a, 2) == -1); /* b is not running */
+    CHECK(shard_map_lease_ok(a) == 1);
+
+    /* the keys, each created once */
+    CHECK_RC(etcd_get_prefix(e, ETCD_S("/shardfs/"), on_find, &f, NULL, err, sizeof(err)), 0);
+    CHECKF(f.n == 1 && strlen(f.prefix) == 9 + 16 + 1, "n %d prefix %s", f.n, f.prefix);
+    CHECK(strstr(f.prefix, "seed-secret") == NULL);
+    snprintf(key, sizeof(key), "%sshard/0000", f.prefix);
+    CHECK(version_of(e, key) == 1);
+    snprintf(key, sizeof(key), "%sleader/0001", f.prefix);
+    CHECK(version_of(e, key) == 1);
+    snprintf(key, sizeof(key), "%snode/a", f.prefix);
+    CHECK(version_of(e, key) == 1);
+
+    /* a second node whose file has other owners: etcd is the truth */
+    load_conf(&rot, "seed-rotated", "seed-secret-0123456", 4, 1, 1);
+    CHECK_RC(shard_map_open(&rot, 1, &b, err, sizeof(err)), 0);
+    if (b) {
+        c = get(b, 0);
+        CHECK(c.primary == 0 && c.nreplicas == 2 && c.epoch == 7);
+        CHECK(get(b, 2).primary == 1);
+        CHECK(shard_map_leader(b, 2) == 1); /* b took its own */
+        CHECK(wait_for(a, 2, UINT64_MAX, UINT32_MAX, 1));
+        snprintf(key, sizeof(key), "%sshard/0000", f.prefix);
+        CHECK(version_of(e, key) == 1);
+    }
+    /* another shard count under the same secret: refused */
+    load_conf(&eight, "seed-eight", "seed-secret-0123456", 8, 1, 0);
+    CHECK_RC(shard_map_open(&eight, 2, &x, err, sizeof(err)), -EINVAL);
+    CHECKF(strstr(err, "a store of 4 shards") && strstr(err, "this file has 8"), "err %s", err);
+    CHECK(x == NULL);
+    shard_map_close(b);
+    shard_map_close(a);
+}
+
+/* The map's prefix as DESIGN.md defines it: /shardfs/ + 16 hex digits of
+ * SHA-256("shardfs cluster id\0" SECRET) + /. */
+static void prefix_of(const char *secret, char *out, size_t len)
+{
+    static const char tag[] = "shardfs cluster id";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned mdlen = 0;
+    EVP_MD_CTX *x = EVP_MD_CTX_new();
+    size_t n;
+
+    if (!x || !EVP_DigestInit_ex(x, EVP_sha256(), NULL) || !EVP_DigestUpdate(x, tag, sizeof(tag)) ||
+        !EVP_DigestUpdate(x, secret, strlen(secret)) || !EVP_DigestFinal_ex(x, md, &mdlen))
+        exit(2);
+    EVP_MD_CTX_free(x);
+    n = (size_t)snprintf(out, len, "/shardfs/");
+    for (int i = 0; i < 8; i++)
+        n += (size_t)snprintf(out + n, len - n, "%02x", md[i]);
+    snprintf(out + n, len - n, "/");
+}
+
+static void test_changes_and_promote(struct etcd *e)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL, *a2 = NULL;
+    struct changes cb = {0};
+    struct shard_copies c;
+    double t0;
+
+    load_conf(&cfg, "promote", "promote-secret-01234", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        return;
+    shard_map_on_change(b, on_change, &cb);
+
+    /* isr changes: only the live primary, only at the shard's epoch */
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 6), -ESTALE);
+    CHECK_RC(shard_map_isr_add(b, 0, 1, 7), -EPERM);
+    CHECK_RC(shard_map_isr_add(a, 0, 0, 7), -ENOENT);
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 7), 0);
+    CHECK(get(a, 0).in_sync == 1);
+    /* the watch brings it to b, and b's listener hears of it */
+    CHECK(wait_for(b, 0, 7, 1, 0));
+    t0 = now_s() + 5;
+    while (atomic_load(&cb.n[0]) == 0 && now_s() < t0)
+        usleep(10000);
+    CHECK(atomic_load(&cb.n[0]) >= 1);
+    CHECK_RC(shard_map_isr_add(a, 0, 2, 7), 0);
+    CHECK_RC(shard_map_isr_remove(a, 0, 2, 7), 0);
+    CHECK_RC(shard_map_isr_remove(a, 0, 2, 7), 0);
+    CHECK(wait_for(b, 0, 7, 1, 0));
+
+    /* The leader key taken over behind a's back (as by a promotion a's map
+     * has not heard of yet): etcd refuses a's in-sync change, and a's
+     * lease_ok drops once its watch delivers the put. */
+    {
+        char prefix[64], key[128];
+        int64_t foreign = 0;
+        prefix_of("promote-secret-01234", prefix, sizeof(prefix));
+        snprintf(key, sizeof(key), "%sleader/0001", prefix);
+        CHECK(version_of(e, key) == 1);
+        CHECK(shard_map_lease_ok(a) == 1);
+        CHECK_RC(etcd_lease_grant(e, 30, &foreign, err, sizeof(err)), 0);
+        CHECK_RC(etcd_put(e, ETCD_S(key), ETCD_S("b"), foreign, NULL, err, sizeof(err)), 0);
+        CHECK_RC(shard_map_isr_add(a, 1, 1, 7), -EPERM);
+        CHECK(get(a, 1).in_sync == 0);
+        CHECK(wait_for(a, 1, 7, 0, 1));
+        CHECK(shard_map_lease_ok(a) == 0);
+        /* that lease ends: a takes its key back (it is still the primary) */
+        CHECK_RC(etcd_lease_revoke(e, foreign, err, sizeof(err)), 0);
+        CHECK(wait_for(a, 1, 7, 0, 0));
+        t0 = now_s() + 5;
+        while (!shard_map_lease_ok(a) && now_s() < t0)
+            usleep(10000);
+        CHECK(shard_map_lease_ok(a) == 1);
+        CHECK_RC(shard_map_isr_add(a, 1, 1, 7), 0);
+    }
+
+    /* promote: c's copy is not in sync; b's is, but a's lease holds the key */
+    CHECK_RC(shard_map_promote(b, 0, 2, 7), -EPERM); /* not self */
+    CHECK_RC(shard_map_promote(b, 0, 1, 6), -ESTALE);
+    CHECK_RC(shard_map_promote(b, 0, 1, 7), -EBUSY);
+    CHECK(get(b, 0).epoch == 7 && get(b, 0).primary == 0);
+    /* a closes cleanly: its lease is revoked, its leader keys go */
+    shard_map_close(a);
+    a = NULL;
+    CHECK(wait_for(b, 0, 7, UINT32_MAX, -1));
+    CHECK_RC(shard_map_promote(b, 0, 1, 7), 0);
+    c = get(b, 0);
+    CHECK(c.epoch == 8 && c.primary == 1 && c.nreplicas == 2);
+    CHECK(c.replicas[0] == 2 && c.replicas[1] == 0 && c.in_sync == 0);
+    CHECK(shard_map_leader(b, 0) == 1);
+    CHECK(shard_map_lease_ok(b) == 1);
+    CHECK_RC(shard_map_promote(b, 0, 1, 7), -ESTALE);
+    CHECK_RC(shard_map_isr_add(b, 0, 1, 8), -ENOENT);
+    /* a restarts: it sees the new epoch, is primary of shard 1 only */
+    CHECK_RC(shard_map_open(&cfg, 0, &a2, err, sizeof(err)), 0);
+    if (a2) {
+        c = get(a2, 0);
+        CHECK(c.epoch == 8 && c.primary == 1 && c.replicas[1] == 0);
+        CHECK(shard_map_leader(a2, 0) == 1 && shard_map_leader(a2, 1) == 0);
+        CHECK(shard_map_lease_ok(a2) == 1);
+        /* the old primary cannot change the shard any more */
+        CHECK_RC(shard_map_isr_add(a2, 0, 2, 8), -EPERM);
+        CHECK_RC(shard_map_isr_add(a2, 0, 2, 7), -ESTALE);
+    }
+    shard_map_close(b);
+    shard_map_close(a2);
+}
+
+/* A primary killed with SIGKILL: its key stays until its lease runs out. */
+static void test_promote_after_expiry(void)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL;
+    int ready[2];
+    pid_t child;
+    char byte;
+    double t_kill, took;
+    int rc;
+
+    load_conf(&cfg, "expiry", "expiry-secret-012345", 4, 1, 0);
+    if (pipe(ready) != 0)
+        exit(2);
+    child = fork();
+    if (child < 0)
+        exit(2);
+    if (child == 0) {
+        /* node c, primary of shard 3 (replica a): a in sync, then wait */
+        struct shard_map *cm = NULL;
+        if (shard_map_open(&cfg, 2, &cm, err, sizeof(err)) != 0 ||
+            shard_map_isr_add(cm, 3, 0, 7) != 0) {
+            fprintf(stderr, "child: %s\n", err);
+            _exit(1);
+        }
+        if (write(ready[1], "r", 1) != 1)
+            _exit(1);
+        for (;;)
+            pause();
+    }
+    close(ready[1]);
+    CHECK(read(ready[0], &byte, 1) == 1);
+    close(ready[0]);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    if (!a) {
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        return;
+    }
+    CHECK(wait_for(a, 3, 7, 1, 2));
+    CHECK_RC(shard_map_promote(a, 3, 0, 7), -EBUSY);
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+    t_kill = now_s();
+    CHECK_RC(shard_map_promote(a, 3, 0, 7), -EBUSY); /* the lease is still alive */
+    do {
+        usleep(20000);
+        rc = shard_map_promote(a, 3, 0, 7);
+    } while (rc == -EBUSY && now_s() < t_kill + 10);
+    took = now_s() - t_kill;
+    CHECK_RC(rc, 0);
+    /* etcd's TTL of 1 s (its expiry runs every 500 ms) */
+    CHECKF(took > 0.3 && took < 3.0, "took %.2f s", took);
+    CHECK(get(a, 3).epoch == 8 && get(a, 3).primary == 0 && shard_map_leader(a, 3) == 0);
+    CHECK(shard_map_lease_ok(a) == 1);
+    shard_map_close(a);
+}
+
+/* lease_ok before the TTL ends, and calls with etcd unreachable. */
+static void test_lease_loss(pid_t etcd_pid)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL;
+    double t_stop, t_lost = 0, end;
+    struct shard_copies before;
+
+    load_conf(&cfg, "loss", "loss-secret-0123456789", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        return;
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 1, 0));
+    /* renewals keep it alive well past the TTL */
+    end = now_s() + 2.5 * TTL_MS / 1000.0;
+    while (now_s() < end) {
+        CHECK(shard_map_lease_ok(a) == 1);
+        usleep(50000);
+    }
+    before = get(b, 0);
+    CHECK(shard_map_lease_ok(a) == 1);
+    kill(etcd_pid, SIGSTOP);
+    t_stop = now_s();
+    end = t_stop + 3;
+    while (now_s() < end) {
+        if (!shard_map_lease_ok(a)) {
+            t_lost = now_s();
+            break;
+        }
+        usleep(2000);
+    }
+    CHECK(t_lost > 0);
+    CHECKF(t_lost - t_stop < TTL_MS / 1000.0, "lease_ok still 1 %.3f s after etcd stopped",
+           t_lost - t_stop);
+    /* nothing changes and nothing promotes while etcd is away */
+    int rc = shard_map_promote(b, 0, 1, 7);
+    CHECKF(rc == -ETIMEDOUT || rc == -EHOSTUNREACH, "rc %d", rc);
+    rc = shard_map_isr_remove(a, 0, 1, 7);
+    CHECKF(rc == -ETIMEDOUT || rc == -EHOSTUNREACH || rc == -EPERM || rc == -EAGAIN, "rc %d", rc);
+    struct shard_copies now = get(b, 0);
+    CHECK(now.epoch == before.epoch && now.primary == before.primary &&
+          now.in_sync == before.in_sync);
+    kill(etcd_pid, SIGCONT);
+    /* back: a gets a lease (the old one may have run out meanwhile) and its keys */
+    end = now_s() + 15;
+    while (!shard_map_lease_ok(a) && now_s() < end)
+        usleep(20000);
+    CHECK(shard_map_lease_ok(a) == 1);
+    CHECK(shard_map_leader(a, 0) == 0 || wait_for(a, 0, 7, UINT32_MAX, 0));
+    /* unless b promoted in between (it did not try): a is still the primary */
+    CHECK(get(a, 0).primary == 0 && get(a, 0).epoch == 7);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 0, 0));
+    shard_map_close(b);
+    shard_map_close(a);
+}
+
+int main(void)
+{
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return 2;
+    }
+    test_static();
+    if (access(ETCD_BIN, X_OK) != 0) {
+        printf("test_shard_map: %s not installed, etcd parts skipped\n", ETCD_BIN);
+        rm_rf(tmpdir);
+        return failures ? check_summary("shard_map") : 77;
+    }
+    int peer = free_port();
+    etcd_port = free_port();
+    while (peer == etcd_port)
+        peer = free_port();
+    /* fast elections: etcd's smallest lease TTL is 1.5 election timeouts */
+    static const char *const fast[] = {"--heartbeat-interval", "25", "--election-timeout", "250",
+                                       NULL};
+    pid_t pid = start_etcd(tmpdir, etcd_port, peer, fast);
+    char url[64];
+    struct etcd *e = NULL;
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d", etcd_port);
+    CHECK_RC(etcd_new(url, TIMEOUT_MS, &e, err, sizeof(err)), 0);
+    int up = e && etcd_wait_up(e, err, sizeof(err));
+    CHECKF(up, "etcd did not come up: %s (see %s/etcd.log)", err, tmpdir);
+    if (up) {
+        test_seed(e);
+        test_changes_and_promote(e);
+        test_promote_after_expiry();
+        test_lease_loss(pid);
+    }
+    etcd_free(e);
+    kill(pid, SIGCONT);
+    kill(pid, SIGTERM);
+    waitpid(pid, NULL, 0);
+    if (!failures)
+        rm_rf(tmpdir);
+    else
+        fprintf(stderr, "etcd's data and log left in %s\n", tmpdir);
+    return check_summary("shard_map");
+}

@@ -1,0 +1,576 @@
+/* test_shard_repl.c -- unit tests for backend/shard_repl.c, the primary's
+ * side of a replicated shard.
+ *
+ * A real shards.conf (4 shards; node a owns 0-1, b owns 2, c owns 3; b and
+ * c hold replicas of shard 0; ack = replica, replica_lag_ms = 300), a real
+ * LMDB shard 0 of node a, the real static shard map, and the wrapper around
+ * them. Replicas are played by the test calling shard_repl_report() as the
+ * stream route would. The map's isr_remove and lease_ok are wrapped at link
+ * time (-Wl,--wrap, tests/unit/meson.build) so that a test can make them
+ * fail; otherwise they are the real ones.
+ *
+ *  - ack = replica: an apply blocks until every in-sync replica reported its
+ *    batch's lsn (not before: checked while it waits), and only those;
+ *  - a silent replica leaves the in-sync set after replica_lag_ms (by
+ *    shard_map_isr_remove, seen in the map) and the write then succeeds;
+ *    the next write waits for the others only; a report of the primary's
+ *    position puts it back, an older one does not;
+ *  - isr_remove failing: the write fails with EIO;
+ *  - no lease: apply and sync fail with EHOSTUNREACH and change nothing;
+ *    a lease lost during the wait fails the write too;
+ *  - no-waiting mode: an apply that would wait refuses with EWOULDBLOCK
+ *    having applied nothing; with ack = primary it is done;
+ *  - ack = primary: nothing waits for silent replicas;
+ *  - sync waits for the in-sync replicas' synced lsn, calls the sync
+ *    listener and tells sync_wanted;
+ *  - status: lag in batches and ms, in-sync flags, snapshot marks;
+ *  - holds: a report keeps the stream after its lsn through trimming.
+ * Exits non-zero on any failed check.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "batch.h"
+#include "config.h"
+#include "shard.h"
+#include "shard_lmdb.h"
+#include "shard_map.h"
+#include "shard_repl.h"
+#include "stream.h"
+#include "check.h"
+#include "test_util.h"
+
+#define LAG_MS 300
+
+/* ---- the map's calls, wrapped at link time ---- */
+
+int __real_shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
+int __wrap_shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
+int __real_shard_map_lease_ok(struct shard_map *m);
+int __wrap_shard_map_lease_ok(struct shard_map *m);
+
+static _Atomic int fail_isr_remove, isr_removes, lease_lost;
+
+int __wrap_shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
+{
+    atomic_fetch_add(&isr_removes, 1);
+    if (atomic_load(&fail_isr_remove))
+        return -ETIMEDOUT; /* etcd unreachable */
+    return __real_shard_map_isr_remove(m, shard, node, epoch);
+}
+
+int __wrap_shard_map_lease_ok(struct shard_map *m)
+{
+    return atomic_load(&lease_lost) ? 0 : __real_shard_map_lease_ok(m);
+}
+
+/* ---- setup ---- */
+
+static char tmpdir[] = "/tmp/shardfs-test-repl-XXXXXX";
+static struct config cfg;
+static struct shard_map *map;
+static struct shard *repl;  /* the wrapper (ack = replica) */
+static struct shard *inner; /* its LMDB shard */
+static int node_b, node_c;
+
+static void setup(void)
+{
+    static const char conf[] =
+        "[cluster]\nshards = 4\nepoch = 1\nsecret = test-secret-0123456789\n"
+        "ack = replica\nreplica_lag_ms = " "300" "\n"
+        "[node a]\nurl = http://127.0.0.1:1\ndata_dir = ./a\nshards = 0-1\n"
+        "[node b]\nurl = http://127.0.0.1:2\ndata_dir = ./b\nshards = 2\nreplicas = 0\n"
+        "[node c]\nurl = http://127.0.0.1:3\ndata_dir = ./c\nshards = 3\nreplicas = 0\n";
+    struct shard_lmdb_options opt = {.commit_interval_ms = 60000, .stream_bytes = 4096};
+    char path[PATH_MAX + 64], err[1024];
+    FILE *f;
+
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        exit(2);
+    }
+    snprintf(path, sizeof(path), "%s/shards.conf", tmpdir);
+    f = fopen(path, "w");
+    if (!f || fputs(conf, f) < 0 || fclose(f) != 0) {
+        perror(path);
+        exit(2);
+    }
+    if (config_load(path, &cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "config_load: %s\n", err);
+        exit(2);
+    }
+    node_b = config_node_index(&cfg, "b");
+    node_c = config_node_index(&cfg, "c");
+    if (cfg.replica_lag_ms != LAG_MS || cfg.ack != CONFIG_ACK_REPLICA || node_b < 0 ||
+        node_c < 0) {
+        fprintf(stderr, "the config is not what the tests expect\n");
+        exit(2);
+    }
+    if (shard_map_open(&cfg, 0, &map, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shard_map_open: %s\n", err);
+        exit(2);
+    }
+    snprintf(path, sizeof(path), "%s/shard-0", tmpdir);
+    if (shard_lmdb_open(path, 0, &opt, &inner, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shard_lmdb_open: %s\n", err);
+        exit(2);
+    }
+    CHECK_RC(shard_repl_new(inner, map, &cfg, 0, &repl), 0);
+    if (!repl)
+        exit(2);
+    CHECK(shard_repl_is(repl) && !shard_repl_is(inner) && shard_repl_inner(repl) == inner);
+}
+
+/* ---- helpers ---- */
+
+static struct stream_pos position(void)
+{
+    struct stream_pos p = {0};
+
+    CHECK_RC(shard_lmdb_position(inner, &p), 0);
+    return p;
+}
+
+/* Whether node is in shard 0's in-sync set. */
+static int in_sync(int node)
+{
+    struct shard_copies c;
+
+    CHECK_RC(shard_map_get(map, 0, &c), 0);
+    for (unsigned i = 0; i < c.nreplicas; i++)
+        if (c.replicas[i] == node)
+            return (int)((c.in_sync >> i) & 1u);
+    return -1;
+}
+
+/* The value of key in the shard ("" if absent) into buf. */
+static const char *value_of(const char *key, char *buf, size_t len)
+{
+    size_t vlen = 0;
+    int rc = shard_get(repl, key, strlen(key), 0, buf, len - 1, &vlen);
+
+    buf[rc > 0 ? rc : 0] = '\0';
+    return buf;
+}
+
+/* An apply of key=val on its own thread, timed. */
+struct async_op {
+    pthread_t t;
+    struct shard *sh;
+    const char *key, *val;
+    int sync;           /* a sync instead */
+    _Atomic int done;
+    int rc;
+    double start, end;
+};
+
+static void *async_main(void *arg)
+{
+    struct async_op *op = arg;
+    struct batch b;
+
+    if (op->sync) {
+        op->rc = shard_sync(op->sh);
+    } else {
+        batch_init(&b);
+        batch_put(&b, op->key, strlen(op->key), op->val, strlen(op->val));
+        op->rc = shard_apply(op->sh, &b);
+        batch_free(&b);
+    }
+    op->end = now_s();
+    atomic_store(&op->done, 1);
+    return NULL;
+}
+
+static void async_start(struct async_op *op, struct shard *sh, const char *key, const char *val)
+{
+    memset(op, 0, sizeof(*op));
+    op->sh = sh;
+    op->key = key;
+    op->val = val;
+    op->start = now_s();
+    if (pthread_create(&op->t, NULL, async_main, op) != 0)
+        exit(2);
+}
+
+static int async_join(struct async_op *op)
+{
+    pthread_join(op->t, NULL);
+    return op->rc;
+}
+
+static int apply_now(struct shard *sh, const char *key, const char *val)
+{
+    struct async_op op;
+
+    async_start(&op, sh, key, val);
+    return async_join(&op);
+}
+
+/* Wait until the shard's position moved past lsn (the async apply is in). */
+static struct stream_pos wait_applied(uint64_t lsn)
+{
+    struct stream_pos p = {0};
+
+    for (int i = 0; i < 2000; i++) {
+        if (shard_lmdb_position(inner, &p) == 0 && p.lsn > lsn)
+            return p;
+        usleep(1000);
+    }
+    CHECKF(0, "the apply never reached the shard");
+    return p;
+}
+
+/* Both replicas report the current position, everything synced. */
+static void both_report(void)
+{
+    struct stream_pos p = position();
+
+    CHECK_RC(shard_repl_report(repl, node_b, &p, p.lsn), 0);
+    CHECK_RC(shard_repl_report(repl, node_c, &p, p.lsn), 0);
+}
+
+/* ---- tests ---- */
+
+static void test_waits_for_every_in_sync_replica(void)
+{
+    struct stream_pos before, p;
+    struct async_op op;
+    char buf[64];
+
+    both_report();
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+    before = position();
+    async_start(&op, repl, "k1", "v1");
+    p = wait_applied(before.lsn);
+    usleep(100000);
+    CHECKF(!atomic_load(&op.done), "the apply returned before any replica reported");
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    usleep(100000);
+    CHECKF(!atomic_load(&op.done), "the apply returned with only b's report");
+    /* A report of an older position is no ack. */
+    CHECK_RC(shard_repl_report(repl, node_c, &before, 0), 0);
+    usleep(30000);
+    CHECK(!atomic_load(&op.done));
+    CHECK_RC(shard_repl_report(repl, node_c, &p, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start < (LAG_MS - 50) / 1000.0, "took %.3f s", op.end - op.start);
+    CHECK(strcmp(value_of("k1", buf, sizeof(buf)), "v1") == 0);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+    CHECK_RC(atomic_load(&isr_removes), 0);
+}
+
+/* b acks every batch as it comes, from a thread, until told to stop. */
+static _Atomic int acker_stop;
+static void *acker_main(void *arg)
+{
+    struct stream_pos p, last = {0};
+
+    (void)arg;
+    while (!atomic_load(&acker_stop)) {
+        if (shard_lmdb_position(inner, &p) == 0 && p.lsn != last.lsn) {
+            shard_repl_report(repl, node_b, &p, p.lsn);
+            last = p;
+        }
+        usleep(2000);
+    }
+    return NULL;
+}
+
+static void test_silent_replica_leaves_and_rejoins(void)
+{
+    struct stream_pos old, p;
+    struct async_op op;
+    pthread_t acker;
+    char buf[64];
+    double t;
+
+    both_report();
+    old = position();
+    atomic_store(&acker_stop, 0);
+    pthread_create(&acker, NULL, acker_main, NULL);
+    /* c is silent: the write waits replica_lag_ms, c leaves, then it is
+     * acknowledged. */
+    async_start(&op, repl, "k2", "v2");
+    CHECK_RC(async_join(&op), 0);
+    t = op.end - op.start;
+    CHECKF(t >= (LAG_MS - 20) / 1000.0 && t < (LAG_MS + 1500) / 1000.0, "took %.3f s", t);
+    CHECK(in_sync(node_c) == 0);
+    CHECK(in_sync(node_b) == 1);
+    CHECK(atomic_load(&isr_removes) == 1);
+    CHECK(strcmp(value_of("k2", buf, sizeof(buf)), "v2") == 0);
+    /* The next write waits for b only. */
+    async_start(&op, repl, "k3", "v3");
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start < (LAG_MS - 100) / 1000.0, "took %.3f s", op.end - op.start);
+    atomic_store(&acker_stop, 1);
+    pthread_join(acker, NULL);
+    /* c reports an old position: still out; the primary's: back in. */
+    CHECK_RC(shard_repl_report(repl, node_c, &old, 0), 0);
+    CHECK(in_sync(node_c) == 0);
+    p = position();
+    CHECK_RC(shard_repl_report(repl, node_c, &p, p.lsn), 0);
+    CHECK(in_sync(node_c) == 1);
+    /* Not a replica of the shard: refused. */
+    CHECK_RC(shard_repl_report(repl, 0, &p, p.lsn), -EINVAL);
+    CHECK_RC(shard_repl_report(repl, 77, &p, p.lsn), -EINVAL);
+}
+
+static void test_isr_remove_failure_fails_the_write(void)
+{
+    struct async_op op;
+
+    both_report();
+    atomic_store(&isr_removes, 0);
+    atomic_store(&fail_isr_remove, 1);
+    async_start(&op, repl, "k4", "v4");
+    CHECK_RC(async_join(&op), -EIO);
+    CHECKF(op.end - op.start >= (LAG_MS - 20) / 1000.0, "took %.3f s", op.end - op.start);
+    CHECK(atomic_load(&isr_removes) >= 1);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1); /* nothing recorded: still in */
+    atomic_store(&fail_isr_remove, 0);
+    both_report();
+}
+
+static void test_no_lease(void)
+{
+    struct stream_pos before = position(), p;
+    struct async_op op;
+    char buf[64];
+
+    atomic_store(&lease_lost, 1);
+    CHECK_RC(apply_now(repl, "k5", "v5"), -EHOSTUNREACH);
+    CHECK_RC(shard_sync(repl), -EHOSTUNREACH);
+    p = position();
+    CHECK(stream_pos_eq(&p, &before));
+    CHECK(strcmp(value_of("k5", buf, sizeof(buf)), "") == 0);
+    atomic_store(&lease_lost, 0);
+    /* Lost while waiting for the acks: not acknowledged either. */
+    async_start(&op, repl, "k6", "v6");
+    p = wait_applied(before.lsn);
+    usleep(50000);
+    atomic_store(&lease_lost, 1);
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    CHECK_RC(shard_repl_report(repl, node_c, &p, 0), 0);
+    CHECK_RC(async_join(&op), -EHOSTUNREACH);
+    atomic_store(&lease_lost, 0);
+    both_report();
+}
+
+static void test_nowait_refuses_before_applying(struct shard *primary_ack)
+{
+    struct stream_pos before, p;
+    struct batch b;
+    char buf[64];
+    int rc;
+
+    both_report();
+    before = position();
+    batch_init(&b);
+    batch_put(&b, "k7", 2, "v7", 2);
+    shard_nowait_begin();
+    rc = shard_apply(repl, &b);
+    CHECK_RC(shard_nowait_end(), 1);
+    CHECK_RC(rc, -EWOULDBLOCK);
+    p = position();
+    CHECKF(stream_pos_eq(&p, &before), "the refused apply changed the position");
+    CHECK(strcmp(value_of("k7", buf, sizeof(buf)), "") == 0);
+    shard_nowait_begin();
+    rc = shard_sync(repl);
+    CHECK_RC(shard_nowait_end(), 1);
+    CHECK_RC(rc, -EWOULDBLOCK);
+    /* With ack = primary nothing waits: done inline, unless the LMDB shard
+     * itself must wait (a commit due): then it refused too. */
+    CHECK_RC(shard_apply(primary_ack, &b), 0);
+    for (int i = 0; i < 3 && rc != 0; i++) {
+        shard_nowait_begin();
+        rc = shard_apply(primary_ack, &b);
+        CHECK(shard_nowait_end() == (rc == -EWOULDBLOCK));
+    }
+    CHECK_RC(rc, 0);
+    batch_free(&b);
+    both_report();
+}
+
+static void test_ack_primary_does_not_wait(struct shard *primary_ack)
+{
+    double t = now_s();
+
+    atomic_store(&isr_removes, 0);
+    /* Nobody reports, both are in sync. */
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+    for (int i = 0; i < 5; i++)
+        CHECK_RC(apply_now(primary_ack, "k8", "v8"), 0);
+    CHECKF(now_s() - t < LAG_MS / 1000.0, "5 applies took %.3f s", now_s() - t);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+    CHECK(atomic_load(&isr_removes) == 0);
+}
+
+static _Atomic int sync_calls;
+static void on_sync(void *ctx, unsigned index)
+{
+    (void)ctx;
+    if (index == 0)
+        atomic_fetch_add(&sync_calls, 1);
+}
+
+static void test_sync_waits_for_synced(void)
+{
+    struct stream_pos p;
+    struct async_op op;
+
+    both_report();
+    p = position();
+    async_start(&op, repl, "k9", "v9");
+    p = wait_applied(p.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    CHECK_RC(shard_repl_report(repl, node_c, &p, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+    shard_repl_on_sync_wanted(repl, on_sync, NULL);
+    CHECK(shard_repl_sync_wanted(repl, node_b) == 0);
+    memset(&op, 0, sizeof(op));
+    op.sh = repl;
+    op.sync = 1;
+    op.start = now_s();
+    pthread_create(&op.t, NULL, async_main, &op);
+    for (int i = 0; i < 200 && !atomic_load(&sync_calls); i++)
+        usleep(1000);
+    CHECK(atomic_load(&sync_calls) == 1);
+    CHECK(shard_repl_sync_wanted(repl, node_b) == p.lsn);
+    usleep(50000);
+    CHECK(!atomic_load(&op.done));
+    CHECK_RC(shard_repl_report(repl, node_b, &p, p.lsn), 0);
+    CHECK(shard_repl_sync_wanted(repl, node_b) == 0);
+    CHECK(shard_repl_sync_wanted(repl, node_c) == p.lsn);
+    usleep(50000);
+    CHECKF(!atomic_load(&op.done), "sync returned before c synced");
+    CHECK_RC(shard_repl_report(repl, node_c, &p, p.lsn), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start < (LAG_MS - 50) / 1000.0, "took %.3f s", op.end - op.start);
+    shard_repl_on_sync_wanted(repl, NULL, NULL);
+}
+
+static void test_status(void)
+{
+    struct shard_repl_status st;
+    struct stream_pos p;
+
+    /* Both go silent: the first write takes them out of the in-sync set,
+     * the next two do not wait. */
+    both_report();
+    p = position();
+    for (int i = 0; i < 3; i++)
+        CHECK_RC(apply_now(repl, "s", "x"), 0);
+    CHECK(in_sync(node_b) == 0 && in_sync(node_c) == 0);
+    CHECK_RC(shard_repl_status(repl, &st), 0);
+    CHECK(st.position.lsn > p.lsn && st.nreplicas == 2 && st.epoch > 0);
+    for (unsigned i = 0; i < st.nreplicas && i < 2; i++) {
+        const struct shard_repl_peer *r = &st.replicas[i];
+
+        CHECK(r->node == node_b || r->node == node_c);
+        CHECK(r->in_sync == 0 && r->needs_snapshot == 0);
+        CHECK(r->applied.lsn == p.lsn && r->synced_lsn == p.lsn);
+        CHECKF(r->lag_batches == 3, "lag %" PRIu64, r->lag_batches);
+        CHECKF(r->lag_ms >= LAG_MS - 20 && r->lag_ms < 5000, "lag %" PRIu64 " ms", r->lag_ms);
+        CHECK(r->last_report_ms >= LAG_MS - 20 && r->last_report_ms < 5000);
+    }
+    CHECK_RC(shard_repl_needs_snapshot(repl, node_c, &st.position), 0);
+    CHECK_RC(shard_repl_needs_snapshot(repl, 0, &st.position), -EINVAL);
+    CHECK_RC(shard_repl_status(repl, &st), 0);
+    for (unsigned i = 0; i < st.nreplicas && i < 2; i++)
+        CHECK(st.replicas[i].needs_snapshot == (st.replicas[i].node == node_c));
+    both_report();
+    CHECK_RC(shard_repl_status(repl, &st), 0);
+    for (unsigned i = 0; i < st.nreplicas && i < 2; i++)
+        CHECK(st.replicas[i].lag_batches == 0 && st.replicas[i].lag_ms == 0 &&
+              !st.replicas[i].needs_snapshot && st.replicas[i].in_sync);
+}
+
+static int count_entry(void *ctx, const struct stream_pos *p, uint64_t time_ms,
+                       const uint8_t *batch, size_t len)
+{
+    (void)p, (void)time_ms, (void)batch, (void)len;
+    ++*(int *)ctx;
+    return 0;
+}
+
+/* The shard keeps 4 KiB of stream (setup); a replica's report holds what
+ * follows its lsn beyond that. */
+static void test_holds(void)
+{
+    static char val[1024];
+    struct stream_pos held;
+    pthread_t acker;
+    int n = 0;
+
+    memset(val, 'h', sizeof(val) - 1);
+    /* Only the reports below hold anything. */
+    for (unsigned slot = 0; slot < SHARD_LMDB_HOLDS; slot++)
+        shard_lmdb_stream_hold(inner, slot, UINT64_MAX);
+    both_report();
+    held = position();
+    /* b acks as it goes; c's hold stays at `held` (it leaves the in-sync
+     * set at the first write). */
+    atomic_store(&acker_stop, 0);
+    pthread_create(&acker, NULL, acker_main, NULL);
+    for (int i = 0; i < 20; i++)
+        CHECK_RC(apply_now(repl, "hold", val), 0);
+    atomic_store(&acker_stop, 1);
+    pthread_join(acker, NULL);
+    CHECK(in_sync(node_c) == 0);
+    CHECK_RC(shard_lmdb_flush(inner, 1), 0);
+    CHECK_RC(shard_lmdb_stream_read(inner, &held, 1u << 20, count_entry, &n), 20);
+    /* Released (c is no replica any more, as far as the holds know: its slot
+     * is freed by hand here), the next commit trims the stream. */
+    shard_lmdb_stream_hold(inner, (unsigned)node_c, UINT64_MAX);
+    CHECK_RC(apply_now(repl, "hold", "x"), 0);
+    CHECK_RC(shard_lmdb_flush(inner, 1), 0);
+    n = 0;
+    CHECK_RC(shard_lmdb_stream_read(inner, &held, 1u << 20, count_entry, &n), -ERANGE);
+    both_report();
+}
+
+int main(void)
+{
+    struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
+    struct config cfg_primary;
+    struct shard *primary_ack = NULL, *lmdb2 = NULL;
+    char path[PATH_MAX + 64], err[512];
+
+    setup();
+    /* Another copy of shard 0, wrapped with ack = primary. */
+    cfg_primary = cfg;
+    cfg_primary.ack = CONFIG_ACK_PRIMARY;
+    snprintf(path, sizeof(path), "%s/shard-0-ack-primary", tmpdir);
+    CHECK_RC(shard_lmdb_open(path, 0, &opt, &lmdb2, err, sizeof(err)), 0);
+    if (lmdb2)
+        CHECK_RC(shard_repl_new(lmdb2, map, &cfg_primary, 0, &primary_ack), 0);
+    if (!primary_ack)
+        return check_summary("shard_repl");
+    CHECK_RC(shard_repl_new(NULL, map, &cfg, 0, &(struct shard *){NULL}), -EINVAL);
+
+    test_waits_for_every_in_sync_replica();
+    test_silent_replica_leaves_and_rejoins();
+    test_isr_remove_failure_fails_the_write();
+    test_no_lease();
+    test_nowait_refuses_before_applying(primary_ack);
+    test_ack_primary_does_not_wait(primary_ack);
+    test_sync_waits_for_synced();
+    test_status();
+    test_holds();
+
+    shard_close(primary_ack);
+    shard_close(repl);
+    shard_map_close(map);
+    rm_rf(tmpdir);
+    return check_summary("shard_repl");
+}
