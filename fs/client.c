@@ -417,13 +417,140 @@ static int down_since(struct client *c, const int *up, const char *name, time_t 
     return found;
 }
 
+/* node's answer to a signed GET of path_query, as JSON (NULL on any
+ * failure, which *rc then tells). */
+static json_t *get_json(struct client *c, unsigned node, const char *path_query, int *rc)
+{
+    struct growbuf b = {0};
+    json_t *doc = NULL;
+
+    *rc = remote_api_call(c->remote, node, "GET", path_query, NULL, 0, sink_buf, &b, NULL);
+    if (*rc == 0 && !(doc = b.p ? json_loadb(b.p, b.len, 0, NULL) : NULL))
+        *rc = -EIO;
+    free(b.p);
+    return doc;
+}
+
+/* The element of array whose member key is the string or integer want. */
+static json_t *json_find(json_t *array, const char *key, const char *want_s, json_int_t want_i)
+{
+    size_t i;
+    json_t *e;
+
+    json_array_foreach(array, i, e)
+    {
+        json_t *v = json_object_get(e, key);
+        if ((want_s && json_is_string(v) && !strcmp(json_string_value(v), want_s)) ||
+            (!want_s && json_is_integer(v) && json_integer_value(v) == want_i))
+            return e;
+    }
+    return NULL;
+}
+
+static long long jint(json_t *obj, const char *key)
+{
+    return (long long)json_integer_value(json_object_get(obj, key));
+}
+
+/* The STATE column of a replica copy from its node's own account
+ * (GET /v1/replicas): the phase, and for a snapshot its progress. */
+static void copy_state(json_t *mine, char *out, size_t len)
+{
+    const char *phase = json_string_value(json_object_get(mine, "phase"));
+    const char *error = json_string_value(json_object_get(mine, "error"));
+    int n;
+
+    if (!phase) {
+        snprintf(out, len, "-");
+        return;
+    }
+    n = snprintf(out, len, "%s", phase);
+    if (!strcmp(phase, "snapshot") && n >= 0 && (size_t)n < len) {
+        long long eta = jint(mine, "snap_eta_ms");
+        n += snprintf(out + n, len - (size_t)n, " %.1f MiB, %lld of %lld records, %.1f MiB/s",
+                      (double)jint(mine, "snap_bytes") / 1048576.0, jint(mine, "snap_records"),
+                      jint(mine, "snap_total_records"),
+                      json_real_value(json_object_get(mine, "snap_rate")) / 1048576.0);
+        if (eta >= 0 && n >= 0 && (size_t)n < len)
+            n += snprintf(out + n, len - (size_t)n, ", ETA %.1f s", (double)eta / 1000.0);
+    }
+    if (error && error[0] && n >= 0 && (size_t)n < len)
+        snprintf(out + n, len - (size_t)n, " (last error: %s)", error);
+}
+
+/* Every copy of every shard, for a cluster with replicas: the primary's
+ * view (GET /v1/shard/N/position: its position, and for each replica the
+ * position it acknowledged, whether it is in the in-sync set and how far
+ * behind it is) and each replica's own (GET /v1/replicas on its node: the
+ * position it holds, its phase, a snapshot's progress). */
+static void print_copies(struct client *c, const int *up)
+{
+    json_t *own[CONFIG_MAX_NODES] = {0};
+    int rc;
+
+    for (unsigned i = 0; i < c->cfg.node_count; i++)
+        own[i] = up[i] ? get_json(c, i, "/v1/replicas", &rc) : NULL;
+    printf("\n%-6s %-12s %-8s %6s %12s %8s %8s %7s  %s\n", "SHARD", "NODE", "ROLE", "EPOCH",
+           "LSN", "LAG", "LAG_MS", "IN_SYNC", "STATE");
+    for (unsigned s = 0; s < c->cfg.shard_count; s++) {
+        int owner = c->cfg.owner[s];
+        char path[64];
+        json_t *pos = NULL, *peers;
+
+        snprintf(path, sizeof(path), "/v1/shard/%u/position", s);
+        rc = -EHOSTUNREACH;
+        if (up[owner])
+            pos = get_json(c, (unsigned)owner, path, &rc);
+        if (pos)
+            printf("%-6u %-12s %-8s %6lld %12lld %8s %8s %7s  %s\n", s, c->cfg.nodes[owner].name,
+                   "primary", jint(pos, "epoch"), jint(pos, "lsn"), "-", "-", "-", "serving");
+        else
+            printf("%-6u %-12s %-8s %6s %12s %8s %8s %7s  (%s)\n", s, c->cfg.nodes[owner].name,
+                   "primary", "-", "-", "-", "-", "-", strerror(-rc));
+        peers = json_object_get(pos, "replicas");
+        for (unsigned k = 0; k < c->cfg.nreplicas[s]; k++) {
+            int node = c->cfg.replicas[s][k];
+            const char *name = c->cfg.nodes[node].name;
+            json_t *peer = json_find(peers, "node", name, 0);
+            json_t *mine = json_find(json_object_get(own[node], "replicas"), "shard", NULL, s);
+            char epoch[24] = "-", lsn[24] = "-", lag[24] = "-", lag_ms[24] = "-", state[256];
+            json_t *from = mine ? mine : peer;
+
+            if (from) {
+                snprintf(epoch, sizeof(epoch), "%lld", jint(from, "epoch"));
+                snprintf(lsn, sizeof(lsn), "%lld", jint(from, "lsn"));
+            }
+            if (peer) {
+                snprintf(lag, sizeof(lag), "%lld", jint(peer, "lag_batches"));
+                snprintf(lag_ms, sizeof(lag_ms), "%lld", jint(peer, "lag_ms"));
+            } else if (mine) {
+                snprintf(lag_ms, sizeof(lag_ms), "%lld", jint(mine, "lag_ms"));
+            }
+            if (mine)
+                copy_state(mine, state, sizeof(state));
+            else
+                snprintf(state, sizeof(state), "%s", up[node] ? "-" : "(node down)");
+            printf("%-6u %-12s %-8s %6s %12s %8s %8s %7s  %s\n", s, name, "replica", epoch, lsn,
+                   lag, lag_ms,
+                   !peer ? "?" : json_is_true(json_object_get(peer, "in_sync")) ? "yes" : "no",
+                   state);
+        }
+        json_decref(pos);
+    }
+    for (unsigned i = 0; i < c->cfg.node_count; i++)
+        json_decref(own[i]);
+}
+
 static const char usage_status[] =
     "usage: shardfs status [-c CONF]\n"
     "\n"
     "Print every node of CONF (up or down, address, round-trip time; for a\n"
     "node that is down, since when the live nodes have it marked down) and\n"
-    "every shard (owner, records, bytes, batches not yet synced). Exits 1 if a\n"
-    "node is down.\n";
+    "every shard (owner, records, bytes, batches not yet synced); with replicas,\n"
+    "every copy of every shard (node, role, epoch, LSN, lag in batches and ms\n"
+    "as its primary sees it, in the in-sync set or not, and the copy's own state:\n"
+    "streaming, waiting for its primary, or a snapshot's progress). Exits 1 if\n"
+    "a node is down.\n";
 
 int cmd_status(int argc, char **argv)
 {
@@ -487,6 +614,12 @@ int cmd_status(int argc, char **argv)
         else
             printf("%-6u %-12s %12s %14s %8s  (%s)\n", s, c.cfg.nodes[owner].name, "-", "-", "-",
                    strerror(-src));
+    }
+    for (unsigned s = 0; s < c.cfg.shard_count; s++) {
+        if (c.cfg.nreplicas[s]) {
+            print_copies(&c, up);
+            break;
+        }
     }
     client_close(&c);
     return down ? 1 : 0;

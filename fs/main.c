@@ -29,6 +29,7 @@
 #include "namespace.h"
 #include "node_server.h"
 #include "placement.h"
+#include "replication.h"
 
 #define ERR_MAX 1024
 
@@ -257,10 +258,12 @@ static void detach_stdio(void)
         close(fd);
 }
 
-/* This node's HTTP server: its shards for the peers and the key API. */
+/* This node's HTTP server: its shards for the peers and the key API; with
+ * replicas in the cluster, the replication of its shards (replication.h). */
 struct server {
     struct node_server *srv;
     struct kv_api *api;
+    struct replication *rep; /* closed after ns_close(): see replication.h */
 };
 
 static int server_wanted(int node)
@@ -268,17 +271,37 @@ static int server_wanted(int node)
     return cfg.nodes[node].url[0] && cfg.secret[0];
 }
 
+/* The handler of every path the node server does not own. */
+static int server_handle(void *ctx, const struct node_request *req, struct node_response *resp)
+{
+    struct server *sv = ctx;
+
+    if (replication_route(sv->rep, req, resp) == 0)
+        return 0;
+    return kv_api_handle(sv->api, req, resp);
+}
+
 /* Start the server if this node has a url and the cluster a secret (else
- * leave sv empty). fs (may be NULL) says which inodes the mount has open.
- * Returns 0 or -1 with a reason in err. */
+ * leave sv empty), with replication when the cluster has replicas: the
+ * map and the primaries' wrappers first (the server routes by the map),
+ * the replica-sync thread last. fs (may be NULL) says which inodes the
+ * mount has open. Returns 0 or -1 with a reason in err. */
 static int server_start(struct ns *ns, int node, struct fs *fs, struct server *sv, char *err,
                         size_t errlen)
 {
     struct shard *local[CONFIG_MAX_SHARDS];
 
     memset(sv, 0, sizeof(*sv));
-    if (!server_wanted(node))
-        return 0;
+    if (!server_wanted(node)) {
+        if (!replication_wanted(&cfg))
+            return 0;
+        snprintf(err, errlen, "node %.64s: replicas need a [cluster] secret and a url",
+                 cfg.nodes[node].name);
+        return -1;
+    }
+    if (replication_wanted(&cfg) &&
+        replication_open(&cfg, node, ns, &sv->rep, err, errlen) != 0)
+        return -1;
     for (unsigned i = 0; i < cfg.shard_count; i++)
         local[i] = ns_shard_is_local(ns, i) ? ns_shard(ns, i) : NULL;
     sv->api = kv_api_new(ns, cfg.cache_timeout, fs ? fs_is_open : NULL, fs);
@@ -286,16 +309,21 @@ static int server_start(struct ns *ns, int node, struct fs *fs, struct server *s
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    return node_server_start(&cfg, node, local, kv_api_handle, sv->api, &sv->srv, err, errlen) == 0
-               ? 0
-               : -1;
+    if (node_server_start_repl(&cfg, node, local, replication_server(sv->rep), server_handle, sv,
+                               &sv->srv, err, errlen) != 0)
+        return -1;
+    return sv->rep && replication_sync_start(sv->rep, err, errlen) != 0 ? -1 : 0;
 }
 
+/* Everything but the replication's map, which the shards' wrappers use
+ * until ns_close(): replication_close(sv->rep) after that. */
 static void server_stop(struct server *sv)
 {
-    node_server_stop(sv->srv); /* waits for requests in progress */
+    replication_sync_stop(sv->rep); /* nothing more is pulled into the replicas */
+    node_server_stop(sv->srv);      /* waits for requests in progress */
     kv_api_free(sv->api);
-    memset(sv, 0, sizeof(*sv));
+    sv->srv = NULL;
+    sv->api = NULL;
 }
 
 /* Open, mount, serve until unmounted. ready_fd < 0 in the foreground. */
@@ -379,6 +407,7 @@ out:
     ns_reaper_stop(ns); /* nothing replaces files now; it asks fs: before fs_free */
     fs_free(fs);
     ns_close(ns); /* commits and syncs every shard */
+    replication_close(sv.rep);
     if (ready_fd >= 0)
         report_ready(ready_fd, err[0] ? err : "mount failed");
     else if (err[0])
@@ -515,6 +544,7 @@ out:
     server_stop(&sv);
     ns_reaper_stop(ns);
     ns_close(ns);
+    replication_close(sv.rep);
     if (ready_fd >= 0)
         report_ready(ready_fd, err[0] ? err : "serve failed");
     else if (err[0])

@@ -1,0 +1,216 @@
+/* replication.c -- a node's replication, wired together (replication.h).
+ *
+ * Shards this node is the primary of (cfg owner, which the static map
+ * keeps) and that have replicas in the map get the shard_repl wrapper, so
+ * their writes wait for the in-sync replicas (ack = replica). The local
+ * table handed to the node server holds the LMDB shard of every copy here,
+ * primary or replica: the stream route reads a primary's LMDB shard, and a
+ * request for a shard this node holds only a replica of is redirected to
+ * the primary (the server's rule, node_server.h). The replica-sync thread
+ * asks the map where each primary is and is kicked by the map's changes.
+ */
+#include "replication.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replica_sync.h"
+#include "shard_map.h"
+#include "shard_repl.h"
+
+#define REPLICATION_ROUTE "/v1/replicas"
+
+struct replication {
+    const struct config *cfg;
+    int node;
+    struct ns *ns;
+    struct shard_map *map;
+    struct replica_sync *sync;
+    struct shard *local[CONFIG_MAX_SHARDS];
+    struct node_server_repl server;
+};
+
+int replication_wanted(const struct config *cfg)
+{
+    for (unsigned i = 0; i < cfg->shard_count; i++)
+        if (cfg->nreplicas[i])
+            return 1;
+    return 0;
+}
+
+int replication_open(const struct config *cfg, int node, struct ns *ns, struct replication **out,
+                     char *err, size_t errlen)
+{
+    struct replication *rep = calloc(1, sizeof(*rep));
+    int rc;
+
+    *out = NULL;
+    if (!rep) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    rep->cfg = cfg;
+    rep->node = node;
+    rep->ns = ns;
+    rc = shard_map_open(cfg, node, &rep->map, err, errlen);
+    if (rc)
+        goto fail;
+    for (unsigned i = 0; i < cfg->shard_count; i++) {
+        struct shard_copies c;
+        struct shard *w;
+
+        rep->local[i] = ns_replica(ns, i);
+        if (!ns_shard_is_local(ns, i))
+            continue;
+        rep->local[i] = ns_shard(ns, i);
+        rc = shard_map_get(rep->map, i, &c);
+        if (rc == 0 && c.nreplicas == 0)
+            continue;
+        if (rc == 0)
+            rc = shard_repl_new(ns_shard(ns, i), rep->map, cfg, node, &w);
+        if (rc == 0)
+            rc = ns_shard_wrap(ns, i, w);
+        if (rc) {
+            snprintf(err, errlen, "shard %u: replication: %s", i, strerror(-rc));
+            goto fail;
+        }
+    }
+    rep->server.map = rep->map;
+    rep->server.local = rep->local;
+    *out = rep;
+    return 0;
+fail:
+    /* Wrappers already in ns borrow the map: the caller closes ns first. */
+    *out = rep;
+    return rc;
+}
+
+const struct node_server_repl *replication_server(struct replication *rep)
+{
+    return rep ? &rep->server : NULL;
+}
+
+/* replica_sync's primary_of: the map's primary. */
+static int primary_of(void *ctx, unsigned shard, uint64_t *epoch)
+{
+    struct shard_copies c;
+
+    if (shard_map_get(ctx, shard, &c) != 0)
+        return -1;
+    *epoch = c.epoch;
+    return c.primary;
+}
+
+static void on_map_change(void *ctx, unsigned shard)
+{
+    replica_sync_kick(ctx, shard);
+}
+
+int replication_sync_start(struct replication *rep, char *err, size_t errlen)
+{
+    struct shard *replicas[CONFIG_MAX_SHARDS];
+    int rc;
+
+    for (unsigned i = 0; i < rep->cfg->shard_count; i++)
+        replicas[i] = ns_replica(rep->ns, i);
+    rc = replica_sync_start(rep->cfg, rep->node, replicas, primary_of, rep->map, &rep->sync, err,
+                            errlen);
+    if (rc == 0 && rep->sync)
+        shard_map_on_change(rep->map, on_map_change, rep->sync);
+    return rc;
+}
+
+void replication_sync_stop(struct replication *rep)
+{
+    if (!rep)
+        return;
+    if (rep->sync)
+        shard_map_on_change(rep->map, NULL, NULL); /* waits for a call in progress */
+    replica_sync_stop(rep->sync);
+    rep->sync = NULL;
+}
+
+void replication_close(struct replication *rep)
+{
+    if (!rep)
+        return;
+    replication_sync_stop(rep);
+    shard_map_close(rep->map);
+    free(rep);
+}
+
+/* ---- GET /v1/replicas ---- */
+
+static json_t *json_u64(uint64_t v)
+{
+    return json_integer(v > (uint64_t)INT64_MAX ? INT64_MAX : (json_int_t)v);
+}
+
+static json_t *copy_json(const struct replication *rep, unsigned shard,
+                         const struct replica_status *st)
+{
+    char check[24];
+
+    snprintf(check, sizeof(check), "%" PRIu64, st->pos.check);
+    return json_pack("{s:I,s:s,s:s,s:o,s:o,s:s,s:o,s:o,s:o,s:s,s:o,s:o,s:o,s:o,s:f,s:I}",
+                     "shard", (json_int_t)shard, "primary",
+                     st->primary >= 0 ? rep->cfg->nodes[st->primary].name : "", "phase",
+                     replica_phase_name(st->phase), "epoch", json_u64(st->pos.epoch), "lsn",
+                     json_u64(st->pos.lsn), "check", check, "synced", json_u64(st->synced),
+                     "primary_lsn", json_u64(st->primary_pos.lsn), "lag_ms",
+                     json_u64(st->lag_ms), "error",
+                     st->last_error ? strerror(-st->last_error) : "", "snapshots",
+                     json_u64(st->snapshots), "snap_bytes", json_u64(st->snap_bytes),
+                     "snap_records", json_u64(st->snap_records), "snap_total_records",
+                     json_u64(st->snap_total_records), "snap_rate", st->snap_rate, "snap_eta_ms",
+                     (json_int_t)st->snap_eta_ms);
+}
+
+int replication_route(struct replication *rep, const struct node_request *req,
+                      struct node_response *resp)
+{
+    json_t *list, *doc;
+    size_t n;
+
+    if (req->path_len != strlen(REPLICATION_ROUTE) ||
+        memcmp(req->path, REPLICATION_ROUTE, req->path_len) != 0)
+        return 1;
+    if (strcmp(req->method, "GET") != 0) {
+        node_response_error(resp, -EINVAL, "%s wants GET", REPLICATION_ROUTE);
+        resp->status = 405;
+        resp->errno_name[0] = '\0';
+        node_response_header(resp, "Allow", "GET");
+        return 0;
+    }
+    list = json_array();
+    for (unsigned i = 0; list && rep && i < rep->cfg->shard_count; i++) {
+        struct replica_status st;
+
+        if (replica_sync_status(rep->sync, i, &st) == 0 &&
+            json_array_append_new(list, copy_json(rep, i, &st)) != 0) {
+            json_decref(list);
+            list = NULL;
+        }
+    }
+    doc = list ? json_pack("{s:s,s:o}", "node", rep ? rep->cfg->nodes[rep->node].name : "",
+                           "replicas", list)
+               : NULL;
+    n = doc ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
+    if (n == 0 || !(resp->body = malloc(n)) ||
+        json_dumpb(doc, (char *)resp->body, n, JSON_COMPACT) != n) {
+        free(resp->body);
+        resp->body = NULL;
+        json_decref(doc);
+        node_response_error(resp, -ENOMEM, "out of memory");
+        return 0;
+    }
+    json_decref(doc);
+    resp->len = n;
+    resp->status = 200;
+    resp->content_type = "application/json";
+    return 0;
+}

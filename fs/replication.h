@@ -1,0 +1,68 @@
+/* replication.h -- a node's replication, wired together (issue 10).
+ *
+ * What a mount or a serve of a node with replicated shards runs beside the
+ * namespace: the shard map (shard_map.h), the primary's wrapper
+ * (shard_repl.h) around every shard this node is the primary of that has
+ * replicas, what the node server needs to serve the stream and position
+ * routes (node_server.h), the replica-sync thread for the shards this node
+ * holds replicas of (replica_sync.h), and the route GET /v1/replicas that
+ * tells `shardfs status` how each replica copy here is doing:
+ *
+ *   200 {"node":"b","replicas":[{"shard":3,"primary":"a","phase":"streaming",
+ *        "epoch":E,"lsn":L,"check":"C","synced":S,"primary_lsn":P,
+ *        "lag_ms":MS,"error":"" | "strerror text","snapshots":N,
+ *        "snap_bytes":B,"snap_records":R,"snap_total_records":T,
+ *        "snap_rate":BYTES_PER_S,"snap_eta_ms":MS | -1}, ...]}
+ *
+ * ("check" a decimal string: JSON numbers lose u64 bits). The primary's side
+ * of the same copies is wire.h's GET /v1/shard/N/position.
+ *
+ * Order (each step after the one before; stop in reverse):
+ *   replication_open()  after ns_open(): the map, the wrappers
+ *   node_server_start_repl(..., replication_server(rep), ...)
+ *   replication_sync_start()  the replica-sync thread
+ *   ...
+ *   replication_sync_stop(), node_server_stop(), ns_close(),
+ *   replication_close()  (the wrappers closed by ns_close borrow the map)
+ *
+ * Threads: open/start/stop/close from one thread; the route from any.
+ */
+#ifndef SHARDFS_REPLICATION_H
+#define SHARDFS_REPLICATION_H
+
+#include <stddef.h>
+
+#include "config.h"
+#include "namespace.h"
+#include "node_server.h"
+
+struct replication;
+
+/* 1 if cfg has replicas at all (then a node needs a url and a secret). */
+int replication_wanted(const struct config *cfg);
+
+/* Open the shard map for node `node` of cfg and wrap ns's shards that have
+ * replicas (ns_shard_wrap). cfg and ns must outlive rep (ns until
+ * replication_close, which comes after ns_close). 0, or -errno with a
+ * reason in err; *out is set in both cases (NULL only when out of memory)
+ * and must go to replication_close() after ns_close(): a failure may leave
+ * wrappers in ns that borrow the map. */
+int replication_open(const struct config *cfg, int node, struct ns *ns, struct replication **out,
+                     char *err, size_t errlen);
+/* What node_server_start_repl() takes; valid until replication_close(). */
+const struct node_server_repl *replication_server(struct replication *rep);
+/* Start the replica-sync thread (a node with no replica starts none) and
+ * let the map's changes reach it. 0 or -errno with a reason. */
+int replication_sync_start(struct replication *rep, char *err, size_t errlen);
+/* Stop the thread (its replica shards synced). NULL-safe. */
+void replication_sync_stop(struct replication *rep);
+/* Close the map. After ns_close(). NULL-safe. */
+void replication_close(struct replication *rep);
+
+/* Serve GET /v1/replicas (above) and return 0, or return 1 for any other
+ * path (the caller's handler answers it). Never waits: fine on a node
+ * server's I/O thread. */
+int replication_route(struct replication *rep, const struct node_request *req,
+                      struct node_response *resp);
+
+#endif
