@@ -226,6 +226,7 @@ def status_text(c):
 def test_every_replica_holds_its_primarys_records(rcluster):
     c = rcluster
     run(["rsync", "-a", "/usr/include/net/", c.p("a", "net") + "/"], timeout=300)
+    run(["rsync", "-a", "/usr/include/linux/netfilter/", c.p("c", "nf") + "/"], timeout=300)
     run(["rsync", "-a", "/usr/include/netinet/", c.p("b", "netinet") + "/"], timeout=300)
     big = os.urandom(3 << 20)
     write_file(c.p("c", "big.bin"), big)
@@ -236,6 +237,8 @@ def test_every_replica_holds_its_primarys_records(rcluster):
     wait_level(c)
     for s in range(SHARDS):
         assert in_sync(c, s, REPLICA_OF[s]), "shard %d: replica not in sync" % s
+    # Through a's mount, the tree c wrote.
+    run(["diff", "-r", "/usr/include/linux/netfilter", c.p("a", "nf")])
     rc, text = status_text(c)
     assert rc == 0, text
     rows = [l.split() for l in text.splitlines() if " replica " in l]
@@ -287,6 +290,7 @@ def test_killed_replica_catches_up_from_the_tail(rcluster):
         slowest[0] = 0.0
         time.sleep(3.0)
         assert not errors, errors
+        print("slowest write with b dead: %.3f s, %d files" % (slowest[0], len(written)))
         assert slowest[0] < LAG_MS / 1000.0 + 1.0, \
             "a write waited %.2f s with its replica dead (replica_lag_ms %d)" % (
                 slowest[0], LAG_MS)
