@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -54,6 +55,16 @@ static int free_port(void)
     port = ntohs(sa.sin_port);
     close(fd);
     return port;
+}
+
+/* CPU seconds this process used (all threads). */
+static double cpu_s(void)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 static void sleep_ms(unsigned ms)
@@ -258,7 +269,11 @@ int main(void)
 
     /* 3. A dead primary: waiting, then back. */
     node_server_stop(srv);
+    double cpu0 = cpu_s();
     sleep_ms(3000);
+    /* Backing off, not spinning: a thread retrying without a pause would
+     * take the whole 3 s of a CPU. */
+    CHECKF(cpu_s() - cpu0 < 0.5, "%.2f s of CPU in 3 s without a primary", cpu_s() - cpu0);
     CHECK_RC(replica_sync_status(rs, 0, &st), 0);
     CHECKF(st.phase == REPLICA_WAITING && st.last_error != 0, "phase %s error %d",
            replica_phase_name(st.phase), st.last_error);
