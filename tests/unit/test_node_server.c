@@ -2198,9 +2198,12 @@ static void test_repl_routing(CURL *h)
     reps = json_object_get(doc, "replicas");
     CHECK(doc && (uint64_t)json_integer_value(json_object_get(doc, "lsn")) == p.lsn &&
           json_is_string(json_object_get(doc, "check")) && json_array_size(reps) == 2);
-    if (json_array_size(reps) == 2)
-        CHECK(strcmp(json_string_value(json_object_get(json_array_get(reps, 0), "node")), "b") == 0 &&
+    if (json_array_size(reps) == 2) {
+        const char *name = json_string_value(json_object_get(json_array_get(reps, 0), "node"));
+
+        CHECK(name && strcmp(name, "b") == 0 &&
               json_is_boolean(json_object_get(json_array_get(reps, 1), "in_sync")));
+    }
     json_decref(doc);
     reply_free(&r);
     REQ(h, "GET", "/v1/shard/2/position", NULL, 0, &r, 0);
