@@ -39,7 +39,10 @@
 
 static char tmpdir[] = "/tmp/test_shard_map.XXXXXX";
 static char err[1024];
-static int etcd_port;
+static int etcd_port, peer_port;
+/* fast elections: etcd's smallest lease TTL is 1.5 election timeouts */
+static const char *const fast_etcd[] = {"--heartbeat-interval", "25", "--election-timeout", "250",
+                                        NULL};
 
 /* Three nodes, 4 shards: a owns 0-1, b 2, c 3. Replicas: b of 0-1, c of
  * 0 and 2, a of 3. The owners can be rotated (a test of seeding). */
@@ -492,6 +495,56 @@ static void test_lease_loss(pid_t etcd_pid)
     shard_map_close(a);
 }
 
+/* etcd stopped and started again: the map keeps what it has meanwhile,
+ * calls fail fast, and afterwards the lease, the leader keys and the watch
+ * come back by themselves. Returns the new etcd's pid. */
+static pid_t test_etcd_restart(pid_t pid)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL;
+    struct changes cb = {0};
+    double t0, end;
+    int rc;
+
+    load_conf(&cfg, "restart", "restart-secret-0123456", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        goto out;
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 1, 0));
+    kill(pid, SIGTERM);
+    waitpid(pid, NULL, 0);
+    t0 = now_s();
+    rc = shard_map_isr_remove(a, 0, 1, 7);
+    CHECKF(rc == -EHOSTUNREACH, "rc %d", rc);
+    CHECKF(now_s() - t0 < TIMEOUT_MS / 1000.0 + 0.5, "took %.2f s", now_s() - t0);
+    CHECK_RC(shard_map_promote(b, 0, 1, 7), -EHOSTUNREACH);
+    CHECK(get(a, 0).in_sync == 1 && get(b, 0).in_sync == 1 && get(b, 0).primary == 0);
+    CHECK(shard_map_leader(b, 0) == 0);
+    end = now_s() + 2;
+    while (shard_map_lease_ok(a) && now_s() < end)
+        usleep(5000);
+    CHECK(shard_map_lease_ok(a) == 0);
+    CHECKF(now_s() - t0 < TTL_MS / 1000.0, "lease_ok for %.2f s", now_s() - t0);
+
+    pid = start_etcd(tmpdir, etcd_port, peer_port, fast_etcd);
+    end = now_s() + 30;
+    while (!shard_map_lease_ok(a) && now_s() < end)
+        usleep(20000);
+    CHECK(shard_map_lease_ok(a) == 1);
+    CHECK(shard_map_leader(a, 0) == 0 && get(a, 0).epoch == 7);
+    /* b's watch is connected again: it hears of a's next change */
+    shard_map_on_change(b, on_change, &cb);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 0, 0));
+    CHECK(atomic_load(&cb.n[0]) >= 1);
+out:
+    shard_map_close(b);
+    shard_map_close(a);
+    return pid;
+}
+
 int main(void)
 {
     if (!mkdtemp(tmpdir)) {
@@ -504,14 +557,11 @@ int main(void)
         rm_rf(tmpdir);
         return failures ? check_summary("shard_map") : 77;
     }
-    int peer = free_port();
+    peer_port = free_port();
     etcd_port = free_port();
-    while (peer == etcd_port)
-        peer = free_port();
-    /* fast elections: etcd's smallest lease TTL is 1.5 election timeouts */
-    static const char *const fast[] = {"--heartbeat-interval", "25", "--election-timeout", "250",
-                                       NULL};
-    pid_t pid = start_etcd(tmpdir, etcd_port, peer, fast);
+    while (peer_port == etcd_port)
+        peer_port = free_port();
+    pid_t pid = start_etcd(tmpdir, etcd_port, peer_port, fast_etcd);
     char url[64];
     struct etcd *e = NULL;
     snprintf(url, sizeof(url), "http://127.0.0.1:%d", etcd_port);
@@ -523,6 +573,7 @@ int main(void)
         test_changes_and_promote(e);
         test_promote_after_expiry();
         test_lease_loss(pid);
+        pid = test_etcd_restart(pid);
     }
     etcd_free(e);
     kill(pid, SIGCONT);
