@@ -1285,7 +1285,8 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
             resp_error(r, rc, "stream: %s", strerror(-rc));
             return;
         }
-        resp_error(r, count, "stream: %s", count == -ERANGE ? "no longer retained" : "not our history");
+        resp_error(r, count, "stream: %s",
+                   count == -ERANGE ? "no longer retained" : "not our history");
         r->status = 409;
         position_header(r, &pos);
         return;
@@ -1335,6 +1336,20 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
         node_response_header(r, WIRE_HDR_SYNC, "%" PRIu64, want);
 }
 
+/* One replica of the position route's reply; NULL when out of memory. */
+static json_t *replica_json(struct node_server *s, const struct shard_repl_peer *p)
+{
+    const char *name = p->node >= 0 && (unsigned)p->node < s->cfg.node_count
+                           ? s->cfg.nodes[p->node].name
+                           : "?";
+
+    return json_pack("{s:s,s:b,s:o,s:o,s:o,s:o,s:I,s:b}", "node", name, "in_sync", p->in_sync,
+                     "lsn", json_u64(p->applied.lsn), "synced", json_u64(p->synced_lsn),
+                     "lag_batches", json_u64(p->lag_batches), "lag_ms", json_u64(p->lag_ms),
+                     "last_report_ms", (json_int_t)p->last_report_ms, "snapshot",
+                     p->needs_snapshot);
+}
+
 /* GET /v1/shard/N/position (wire.h). */
 static void op_position(struct node_server *s, unsigned n, struct node_response *r)
 {
@@ -1357,24 +1372,11 @@ static void op_position(struct node_server *s, unsigned n, struct node_response 
         return;
     }
     reps = json_array();
-    for (unsigned i = 0; reps && i < st.nreplicas; i++) {
-        const struct shard_repl_peer *p = &st.replicas[i];
-        int node = p->node;
-
-        if (json_array_append_new(
-                reps, json_pack("{s:s,s:b,s:o,s:o,s:o,s:o,s:I,s:b}", "node",
-                                node >= 0 && (unsigned)node < s->cfg.node_count
-                                    ? s->cfg.nodes[node].name
-                                    : "?",
-                                "in_sync", p->in_sync, "lsn", json_u64(p->applied.lsn), "synced",
-                                json_u64(p->synced_lsn), "lag_batches", json_u64(p->lag_batches),
-                                "lag_ms", json_u64(p->lag_ms), "last_report_ms",
-                                (json_int_t)p->last_report_ms, "snapshot", p->needs_snapshot)) <
-            0) {
+    for (unsigned i = 0; reps && i < st.nreplicas; i++)
+        if (json_array_append_new(reps, replica_json(s, &st.replicas[i])) < 0) {
             json_decref(reps);
             reps = NULL;
         }
-    }
     snprintf(check, sizeof(check), "%" PRIu64, pos.check);
     resp_json(r, reps ? json_pack("{s:o,s:o,s:s,s:o}", "epoch", json_u64(pos.epoch), "lsn",
                                   json_u64(pos.lsn), "check", check, "replicas", reps)

@@ -33,8 +33,8 @@
 struct peer {
     struct stream_pos applied; /* last reported */
     uint64_t synced;
-    int64_t report_ms;         /* monotonic ms of its last request; 0 never */
-    int held;                  /* its stream hold is set */
+    int64_t report_ms; /* monotonic ms of its last request; 0 never */
+    int held;          /* its stream hold is set */
     int needs_snapshot;
 };
 
@@ -51,14 +51,14 @@ struct shard_repl {
     int ack;
     unsigned lag_ms;
     pthread_mutex_t lock;
-    pthread_cond_t reported;   /* a report came (CLOCK_MONOTONIC) */
+    pthread_cond_t reported; /* a report came (CLOCK_MONOTONIC) */
     /* under lock: */
-    uint64_t epoch;            /* last set on the LMDB shard */
-    struct stream_pos pos;     /* the primary's position */
+    uint64_t epoch;        /* last set on the LMDB shard */
+    struct stream_pos pos; /* the primary's position */
     struct peer peers[CONFIG_MAX_NODES];
     struct lag_mark ring[SHARD_REPL_LAG_WINDOW];
     unsigned ring_start, ring_len; /* ring[ring_start..] oldest first */
-    uint64_t sync_wanted;      /* highest lsn a sync waited for the replicas to sync */
+    uint64_t sync_wanted;          /* highest lsn a sync waited for the replicas to sync */
     void (*sync_fn)(void *ctx, unsigned index);
     void *sync_ctx;
 };
@@ -167,7 +167,8 @@ static void note_applied(struct shard_repl *r, const struct stream_pos *p, int64
 
     if (p->lsn > r->pos.lsn)
         r->pos = *p;
-    if (r->ring_len && r->ring[(r->ring_start + r->ring_len - 1) % SHARD_REPL_LAG_WINDOW].lsn >= p->lsn) {
+    if (r->ring_len &&
+        r->ring[(r->ring_start + r->ring_len - 1) % SHARD_REPL_LAG_WINDOW].lsn >= p->lsn) {
         /* out of order, or an empty batch's current position: rare */
         for (i = 0; i < r->ring_len; i++)
             if (r->ring[(r->ring_start + i) % SHARD_REPL_LAG_WINDOW].lsn == p->lsn)
@@ -264,8 +265,7 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
         for (unsigned i = 0; i < c.nreplicas; i++) {
             const struct peer *p;
 
-            if (!((c.in_sync >> i) & 1u) || c.replicas[i] < 0 ||
-                c.replicas[i] >= CONFIG_MAX_NODES)
+            if (!((c.in_sync >> i) & 1u) || c.replicas[i] < 0 || c.replicas[i] >= CONFIG_MAX_NODES)
                 continue;
             p = &r->peers[c.replicas[i]];
             if ((synced ? p->synced : p->applied.lsn) < lsn)

@@ -96,13 +96,13 @@ void shard_repl_on_sync_wanted(struct shard *s, void (*fn)(void *ctx, unsigned i
  * oldest of them has been waiting (0 when in step). */
 #define SHARD_REPL_LAG_WINDOW 1024u
 struct shard_repl_peer {
-    int node;                   /* node index */
-    int in_sync;                /* in the map's in-sync set */
-    int needs_snapshot;         /* its last request got ERANGE/ESTALE */
-    struct stream_pos applied;  /* last reported ({0,0,0}: none since start) */
+    int node;                  /* node index */
+    int in_sync;               /* in the map's in-sync set */
+    int needs_snapshot;        /* its last request got ERANGE/ESTALE */
+    struct stream_pos applied; /* last reported ({0,0,0}: none since start) */
     uint64_t synced_lsn;
     uint64_t lag_batches, lag_ms;
-    int64_t last_report_ms;     /* ms since its last request, -1 never */
+    int64_t last_report_ms; /* ms since its last request, -1 never */
 };
 struct shard_repl_status {
     struct stream_pos position; /* the primary's */

@@ -32,8 +32,8 @@
  *        S is synced (fsync) here; send what follows". The query is part of
  *        the signed target, so NAME is authenticated like the rest of the
  *        request (by the cluster secret). Every argument but synced is
- *        required, in any order, each once; numbers in decimal (u64), check
- *        included. The request is the replica's acknowledgement: the primary
+ *        required, in any order (the first of a name counts); numbers in
+ *        decimal (u64), check included; synced absent is 0. The request is the replica's acknowledgement: the primary
  *        records (E,L,C) and S for NAME (shard_repl_report) and keeps its
  *        stream after L (a hold for NAME, released after 10 minutes without
  *        a request from NAME).

@@ -1843,6 +1843,7 @@ static void test_stop_in_flight(void)
 
 static struct config rcfg; /* a, b and c; b and c replicate a's shard 0, a replicates 2 */
 static struct shard *r_lmdb0, *r_repl0, *r_lmdb1, *r_copy2;
+static struct shard *r_acked0; /* another copy of shard 0, wrapped with ack = replica */
 static struct shard_map *r_map;
 static char url_c[64];
 
@@ -1883,16 +1884,22 @@ static void repl_setup(void)
         exit(2);
 }
 
-static int repl_start(void)
+/* Serve shard 0 from `wrapper` around `local0`. */
+static int repl_start_with(struct shard *wrapper, struct shard *local0)
 {
-    struct shard *shards[4] = {r_repl0, r_lmdb1, NULL, NULL};
-    struct shard *local[4] = {r_lmdb0, r_lmdb1, r_copy2, NULL};
+    struct shard *shards[4] = {wrapper, r_lmdb1, NULL, NULL};
+    struct shard *local[4] = {local0, r_lmdb1, r_copy2, NULL};
     struct node_server_repl nr = {.map = r_map, .local = local};
     char err[512] = "";
     int rc = node_server_start_repl(&rcfg, 0, shards, &nr, NULL, NULL, &server, err, sizeof(err));
 
     CHECKF(rc == 0 && server, "node_server_start_repl: %d: %s", rc, err);
     return rc;
+}
+
+static int repl_start(void)
+{
+    return repl_start_with(r_repl0, r_lmdb0);
 }
 
 static struct stream_pos r_position(void)
@@ -2013,6 +2020,23 @@ static void *poll_main(void *arg)
     q->start = now_s();
     REQ(h, "GET", q->pq, NULL, 0, &q->r, 0);
     q->end = now_s();
+    curl_easy_cleanup(h);
+    return NULL;
+}
+
+/* An apply over HTTP on its own thread: q->r gets the reply. */
+struct apply_req {
+    struct thread_req *q;
+    const uint8_t *body;
+    size_t len;
+};
+
+static void *apply_req_main(void *arg)
+{
+    struct apply_req a = *(struct apply_req *)arg;
+    CURL *h = handle();
+
+    REQ(h, "POST", a.q->path, a.body, a.len, &a.q->r, 0);
     curl_easy_cleanup(h);
     return NULL;
 }
@@ -2198,9 +2222,12 @@ static void test_repl_routing(CURL *h)
     reps = json_object_get(doc, "replicas");
     CHECK(doc && (uint64_t)json_integer_value(json_object_get(doc, "lsn")) == p.lsn &&
           json_is_string(json_object_get(doc, "check")) && json_array_size(reps) == 2);
-    if (json_array_size(reps) == 2)
-        CHECK(strcmp(json_string_value(json_object_get(json_array_get(reps, 0), "node")), "b") == 0 &&
+    if (json_array_size(reps) == 2) {
+        const char *name = json_string_value(json_object_get(json_array_get(reps, 0), "node"));
+
+        CHECK(name && strcmp(name, "b") == 0 &&
               json_is_boolean(json_object_get(json_array_get(reps, 1), "in_sync")));
+    }
     json_decref(doc);
     reply_free(&r);
     REQ(h, "GET", "/v1/shard/2/position", NULL, 0, &r, 0);
@@ -2230,6 +2257,68 @@ static void test_repl_stop(void)
         CHECKF(q[i].end - t0 < 3, "answered %.1f s after the stop", q[i].end - t0);
         reply_free(&q[i].r);
     }
+}
+
+/* ack = replica end to end: an apply sent to a over HTTP (redone on a
+ * worker: it must wait) is answered once b and c have asked for the stream
+ * after its batch, which they can while it waits (the stream requests have
+ * workers of their own). */
+static void test_repl_acked_over_http(void)
+{
+    struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
+    struct shard *lmdb = NULL;
+    struct thread_req ap;
+    struct apply_req ar;
+    struct stream_pos p = {0}, q = {0};
+    struct reply r;
+    struct batch b;
+    CURL *h = handle();
+    char path[PATH_MAX + 64], err[256], pq[256];
+    double t0;
+
+    snprintf(path, sizeof(path), "%s/repl/shard-0-acked", tmpdir);
+    CHECK_RC(shard_lmdb_open(path, 0, &opt, &lmdb, err, sizeof(err)), 0);
+    if (!lmdb)
+        return;
+    rcfg.ack = CONFIG_ACK_REPLICA;
+    CHECK_RC(shard_repl_new(lmdb, r_map, &rcfg, 0, &r_acked0), 0);
+    rcfg.ack = CONFIG_ACK_PRIMARY;
+    if (!r_acked0 || repl_start_with(r_acked0, lmdb) != 0)
+        goto out;
+    /* Both ask first, at the empty position: in sync and up to date. */
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &p, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 204, "b at the start");
+    reply_free(&r);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "c", &p, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 204, "c at the start");
+    reply_free(&r);
+    batch_init(&b);
+    batch_put(&b, "acked", 5, "by both", 7);
+    ap = (struct thread_req){.method = "POST", .path = "/v1/shard/0/apply"};
+    ar = (struct apply_req){&ap, b.buf, b.len};
+    t0 = now_s();
+    pthread_create(&ap.tid, NULL, apply_req_main, &ar);
+    for (int i = 0; i < 2000 && (shard_lmdb_position(lmdb, &q) != 0 || q.lsn == 0); i++)
+        usleep(1000);
+    /* b acks; the apply still waits for c */
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "b", &q, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 204, "b acks");
+    reply_free(&r);
+    usleep(50000);
+    CHECKF(ap.r.status == 0, "the apply was answered (%ld) before c acked", ap.r.status);
+    REQ(h, "GET", stream_pq(pq, sizeof(pq), 0, "c", &q, 0, 0, 0), NULL, 0, &r, 0);
+    WANT(&r, 204, "c acks");
+    reply_free(&r);
+    pthread_join(ap.tid, NULL);
+    batch_free(&b);
+    WANT(&ap.r, 204, "the acked apply");
+    CHECKF(now_s() - t0 < 0.25, "the apply took %.3f s (replica_lag_ms 300)", now_s() - t0);
+    reply_free(&ap.r);
+    node_server_stop(server);
+    server = NULL;
+out:
+    shard_close(r_acked0 ? r_acked0 : lmdb);
+    curl_easy_cleanup(h);
 }
 
 /* The map, not the config, says who serves: once b is promoted for shard
@@ -2265,6 +2354,7 @@ static void test_replication(CURL *h)
     test_stream_refusals(h);
     test_repl_routing(h);
     test_repl_stop();
+    test_repl_acked_over_http();
     if (repl_start() == 0) {
         test_repl_promoted(h);
         node_server_stop(server);

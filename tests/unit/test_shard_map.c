@@ -14,8 +14,11 @@
  * comes back after SIGCONT; with etcd stopped the calls fail and the map
  * keeps what it had.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -39,7 +42,10 @@
 
 static char tmpdir[] = "/tmp/test_shard_map.XXXXXX";
 static char err[1024];
-static int etcd_port;
+static int etcd_port, peer_port;
+/* fast elections: etcd's smallest lease TTL is 1.5 election timeouts */
+static const char *const fast_etcd[] = {"--heartbeat-interval", "25", "--election-timeout", "250",
+                                        NULL};
 
 /* Three nodes, 4 shards: a owns 0-1, b 2, c 3. Replicas: b of 0-1, c of
  * 0 and 2, a of 3. The owners can be rotated (a test of seeding). */
@@ -492,6 +498,235 @@ static void test_lease_loss(pid_t etcd_pid)
     shard_map_close(a);
 }
 
+/* ---- a TCP proxy in front of etcd, to cut the map off while etcd runs on */
+
+#define PROXY_CONNS 32
+struct proxy {
+    int listen_fd, port;
+    int fd[2 * PROXY_CONNS]; /* pairs: client, upstream; -1 free */
+    atomic_int frozen, stop;
+    _Atomic double last_c2s; /* when bytes last went from the map to etcd */
+    pthread_t th;
+};
+
+static int connect_etcd(void)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)etcd_port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+static void proxy_drop(struct proxy *p, int pair)
+{
+    close(p->fd[2 * pair]);
+    close(p->fd[2 * pair + 1]);
+    p->fd[2 * pair] = p->fd[2 * pair + 1] = -1;
+}
+
+static void *proxy_main(void *arg)
+{
+    struct proxy *p = arg;
+    char buf[65536];
+
+    while (!atomic_load(&p->stop)) {
+        struct pollfd pf[2 * PROXY_CONNS + 1];
+        int idx[2 * PROXY_CONNS + 1], n = 0;
+
+        if (atomic_load(&p->frozen)) { /* nothing moves, nothing is closed */
+            usleep(5000);
+            continue;
+        }
+        pf[n] = (struct pollfd){p->listen_fd, POLLIN, 0};
+        idx[n++] = -1;
+        for (int i = 0; i < 2 * PROXY_CONNS; i++)
+            if (p->fd[i] >= 0) {
+                pf[n] = (struct pollfd){p->fd[i], POLLIN, 0};
+                idx[n++] = i;
+            }
+        if (poll(pf, (nfds_t)n, 10) <= 0)
+            continue;
+        for (int k = 0; k < n && !atomic_load(&p->frozen); k++) {
+            if (!pf[k].revents)
+                continue;
+            if (idx[k] < 0) {
+                int c = accept(p->listen_fd, NULL, NULL), u = c >= 0 ? connect_etcd() : -1, j;
+                for (j = 0; j < PROXY_CONNS && p->fd[2 * j] >= 0; j++)
+                    ;
+                if (c < 0 || u < 0 || j == PROXY_CONNS) {
+                    if (c >= 0)
+                        close(c);
+                    if (u >= 0)
+                        close(u);
+                    continue;
+                }
+                p->fd[2 * j] = c;
+                p->fd[2 * j + 1] = u;
+                continue;
+            }
+            int i = idx[k], other = i ^ 1;
+            if (p->fd[i] < 0)
+                continue;
+            ssize_t got = read(p->fd[i], buf, sizeof(buf));
+            if (got <= 0) {
+                proxy_drop(p, i / 2);
+                continue;
+            }
+            if (i % 2 == 0)
+                atomic_store(&p->last_c2s, now_s());
+            if (write(p->fd[other], buf, (size_t)got) != got)
+                proxy_drop(p, i / 2);
+        }
+    }
+    return NULL;
+}
+
+static void proxy_start(struct proxy *p)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+
+    memset(p, 0, sizeof(*p));
+    for (int i = 0; i < 2 * PROXY_CONNS; i++)
+        p->fd[i] = -1;
+    p->listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (p->listen_fd < 0 || bind(p->listen_fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+        listen(p->listen_fd, 64) != 0 ||
+        getsockname(p->listen_fd, (struct sockaddr *)&a, &len) != 0 ||
+        pthread_create(&p->th, NULL, proxy_main, p) != 0) {
+        perror("proxy");
+        exit(2);
+    }
+    p->port = ntohs(a.sin_port);
+}
+
+static void proxy_stop(struct proxy *p)
+{
+    atomic_store(&p->frozen, 0);
+    atomic_store(&p->stop, 1);
+    pthread_join(p->th, NULL);
+    for (int j = 0; j < PROXY_CONNS; j++)
+        if (p->fd[2 * j] >= 0)
+            proxy_drop(p, j);
+    close(p->listen_fd);
+}
+
+/* The map cut off from an etcd that runs on: lease_ok must be 0 before
+ * the last renewal that reached etcd plus the TTL, and before etcd drops
+ * the leader key. */
+static void test_partition(struct etcd *e)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL;
+    struct proxy px;
+    char prefix[64], key[128];
+    double t_freeze, t_lost = 0, t_last, t_gone = 0, end;
+    int held_at_loss;
+
+    proxy_start(&px);
+    load_conf(&cfg, "partition", "partition-secret-01234", 4, 1, 0);
+    /* the map talks to etcd through the proxy */
+    snprintf(cfg.etcd, sizeof(cfg.etcd), "http://127.0.0.1:%d", px.port);
+    prefix_of("partition-secret-01234", prefix, sizeof(prefix));
+    snprintf(key, sizeof(key), "%sleader/0000", prefix);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    if (!a)
+        goto out;
+    for (int round = 0; round < 3; round++) {
+        /* renewals go through; cut at a different phase of them each round */
+        usleep(1500000 + 111000 * (unsigned)round);
+        CHECK(shard_map_lease_ok(a) == 1);
+        atomic_store(&px.frozen, 1);
+        t_freeze = now_s();
+        end = t_freeze + 3;
+        t_lost = 0;
+        while (now_s() < end) {
+            if (!shard_map_lease_ok(a)) {
+                t_lost = now_s();
+                break;
+            }
+            usleep(1000);
+        }
+        t_last = atomic_load(&px.last_c2s);
+        held_at_loss = version_of(e, key) > 0;
+        CHECK(t_lost > 0);
+        CHECKF(t_lost < t_last + TTL_MS / 1000.0,
+               "lease_ok until %.3f s after the last request reached etcd", t_lost - t_last);
+        CHECK(held_at_loss);
+        /* etcd drops the key later (its TTL, then its expiry check) */
+        end = now_s() + 5;
+        while (now_s() < end && version_of(e, key) > 0)
+            usleep(5000);
+        t_gone = now_s();
+        CHECK(version_of(e, key) < 0);
+        CHECKF(t_gone > t_lost, "key gone %.3f s before lease_ok dropped", t_lost - t_gone);
+        /* connected again: a new lease, the key taken back */
+        atomic_store(&px.frozen, 0);
+        end = now_s() + 10;
+        while (!shard_map_lease_ok(a) && now_s() < end)
+            usleep(10000);
+        CHECK(shard_map_lease_ok(a) == 1);
+        CHECK(version_of(e, key) > 0);
+    }
+out:
+    shard_map_close(a);
+    proxy_stop(&px);
+}
+
+/* etcd stopped and started again: the map keeps what it has meanwhile,
+ * calls fail fast, and afterwards the lease, the leader keys and the watch
+ * come back by themselves. Returns the new etcd's pid. */
+static pid_t test_etcd_restart(pid_t pid)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL;
+    struct changes cb = {0};
+    double t0, end;
+    int rc;
+
+    load_conf(&cfg, "restart", "restart-secret-0123456", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        goto out;
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 1, 0));
+    kill(pid, SIGTERM);
+    waitpid(pid, NULL, 0);
+    t0 = now_s();
+    rc = shard_map_isr_remove(a, 0, 1, 7);
+    CHECKF(rc == -EHOSTUNREACH, "rc %d", rc);
+    CHECKF(now_s() - t0 < TIMEOUT_MS / 1000.0 + 0.5, "took %.2f s", now_s() - t0);
+    CHECK_RC(shard_map_promote(b, 0, 1, 7), -EHOSTUNREACH);
+    CHECK(get(a, 0).in_sync == 1 && get(b, 0).in_sync == 1 && get(b, 0).primary == 0);
+    CHECK(shard_map_leader(b, 0) == 0);
+    end = now_s() + 2;
+    while (shard_map_lease_ok(a) && now_s() < end)
+        usleep(5000);
+    CHECK(shard_map_lease_ok(a) == 0);
+    CHECKF(now_s() - t0 < TTL_MS / 1000.0, "lease_ok for %.2f s", now_s() - t0);
+
+    pid = start_etcd(tmpdir, etcd_port, peer_port, fast_etcd);
+    end = now_s() + 30;
+    while (!shard_map_lease_ok(a) && now_s() < end)
+        usleep(20000);
+    CHECK(shard_map_lease_ok(a) == 1);
+    CHECK(shard_map_leader(a, 0) == 0 && get(a, 0).epoch == 7);
+    /* b's watch is connected again: it hears of a's next change */
+    shard_map_on_change(b, on_change, &cb);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 0, 0));
+    CHECK(atomic_load(&cb.n[0]) >= 1);
+out:
+    shard_map_close(b);
+    shard_map_close(a);
+    return pid;
+}
+
 int main(void)
 {
     if (!mkdtemp(tmpdir)) {
@@ -504,14 +739,11 @@ int main(void)
         rm_rf(tmpdir);
         return failures ? check_summary("shard_map") : 77;
     }
-    int peer = free_port();
+    peer_port = free_port();
     etcd_port = free_port();
-    while (peer == etcd_port)
-        peer = free_port();
-    /* fast elections: etcd's smallest lease TTL is 1.5 election timeouts */
-    static const char *const fast[] = {"--heartbeat-interval", "25", "--election-timeout", "250",
-                                       NULL};
-    pid_t pid = start_etcd(tmpdir, etcd_port, peer, fast);
+    while (peer_port == etcd_port)
+        peer_port = free_port();
+    pid_t pid = start_etcd(tmpdir, etcd_port, peer_port, fast_etcd);
     char url[64];
     struct etcd *e = NULL;
     snprintf(url, sizeof(url), "http://127.0.0.1:%d", etcd_port);
@@ -523,6 +755,8 @@ int main(void)
         test_changes_and_promote(e);
         test_promote_after_expiry();
         test_lease_loss(pid);
+        test_partition(e);
+        pid = test_etcd_restart(pid);
     }
     etcd_free(e);
     kill(pid, SIGCONT);

@@ -85,7 +85,7 @@ static void setup(void)
 {
     static const char conf[] =
         "[cluster]\nshards = 4\nepoch = 1\nsecret = test-secret-0123456789\n"
-        "ack = replica\nreplica_lag_ms = " "300" "\n"
+        "ack = replica\nreplica_lag_ms = 300\n"
         "[node a]\nurl = http://127.0.0.1:1\ndata_dir = ./a\nshards = 0-1\n"
         "[node b]\nurl = http://127.0.0.1:2\ndata_dir = ./b\nshards = 2\nreplicas = 0\n"
         "[node c]\nurl = http://127.0.0.1:3\ndata_dir = ./c\nshards = 3\nreplicas = 0\n";
@@ -109,8 +109,7 @@ static void setup(void)
     }
     node_b = config_node_index(&cfg, "b");
     node_c = config_node_index(&cfg, "c");
-    if (cfg.replica_lag_ms != LAG_MS || cfg.ack != CONFIG_ACK_REPLICA || node_b < 0 ||
-        node_c < 0) {
+    if (cfg.replica_lag_ms != LAG_MS || cfg.ack != CONFIG_ACK_REPLICA || node_b < 0 || node_c < 0) {
         fprintf(stderr, "the config is not what the tests expect\n");
         exit(2);
     }
@@ -166,7 +165,7 @@ struct async_op {
     pthread_t t;
     struct shard *sh;
     const char *key, *val;
-    int sync;           /* a sync instead */
+    int sync; /* a sync instead */
     _Atomic int done;
     int rc;
     double start, end;

@@ -106,12 +106,14 @@ static void test_parse_paths(void)
 static void test_format_paths(void)
 {
     static const enum wire_op ops[] = {WIRE_OP_GET,  WIRE_OP_SCAN, WIRE_OP_APPLY,
-                                       WIRE_OP_SYNC, WIRE_OP_STAT, WIRE_OP_GETV};
-    static const char *const names[] = {"get", "scan", "apply", "sync", "stat", "getv"};
+                                       WIRE_OP_SYNC, WIRE_OP_STAT, WIRE_OP_GETV,
+                                       WIRE_OP_STREAM, WIRE_OP_POSITION};
+    static const char *const names[] = {"get",  "scan", "apply",  "sync",
+                                        "stat", "getv", "stream", "position"};
     static const unsigned shards[] = {0, 1, 9, 10, 1023, 4294967295u};
     char buf[WIRE_PATH_MAX], want[64];
 
-    for (size_t i = 0; i < 6; i++) {
+    for (size_t i = 0; i < 8; i++) {
         CHECK(wire_op_name(ops[i]) && strcmp(wire_op_name(ops[i]), names[i]) == 0);
         for (size_t j = 0; j < sizeof(shards) / sizeof(shards[0]); j++) {
             unsigned shard;
@@ -127,9 +129,9 @@ static void test_format_paths(void)
             CHECK_RC(wire_shard_path(buf, (size_t)n, shards[j], ops[i]), -ENAMETOOLONG);
         }
     }
-    CHECK(wire_op_name((enum wire_op)6) == NULL);
+    CHECK(wire_op_name((enum wire_op)8) == NULL);
     CHECK(wire_op_name((enum wire_op) - 1) == NULL);
-    CHECK_RC(wire_shard_path(buf, sizeof(buf), 0, (enum wire_op)7), -EINVAL);
+    CHECK_RC(wire_shard_path(buf, sizeof(buf), 0, (enum wire_op)9), -EINVAL);
     CHECK_RC(wire_shard_path(buf, 0, 0, WIRE_OP_GET), -ENAMETOOLONG);
 }
 
@@ -762,6 +764,10 @@ static void test_errno_table(void)
         {409, "EISDIR", -EISDIR},
         {409, "ENOTDIR", -ENOTDIR},
         {404, "ESTALE", -ESTALE},
+        {409, "ESTALE", -ESTALE}, /* the stream route's */
+        {409, "ERANGE", -ERANGE},
+        {404, "ERANGE", -ENOENT},
+        {500, "ERANGE", -EIO},
         {502, "EHOSTUNREACH", -EHOSTUNREACH},
         {504, "ETIMEDOUT", -ETIMEDOUT},
         {500, "ETIMEDOUT", -EIO},
@@ -805,6 +811,8 @@ static void test_errno_table(void)
         {-ENOMEM, 500, NULL},
         {-ENOSYS, 500, NULL},
         {-EHOSTUNREACH, 502, "EHOSTUNREACH"},
+        {-ERANGE, 409, "ERANGE"},
+        {-ESTALE, 404, "ESTALE"}, /* 409 only from the stream route, by hand */
         {-EXDEV, 500, NULL},
         {-99999, 500, NULL},
     };
