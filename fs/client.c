@@ -516,10 +516,10 @@ static void print_copies(struct client *c, const int *up)
             char epoch[24] = "-", lsn[24] = "-", lag[24] = "-", lag_ms[24] = "-", state[256];
             json_t *from = mine ? mine : peer;
 
-            if (from) {
-                snprintf(epoch, sizeof(epoch), "%lld", jint(from, "epoch"));
+            if (mine) /* the primary's view has no epoch of the copy */
+                snprintf(epoch, sizeof(epoch), "%lld", jint(mine, "epoch"));
+            if (from)
                 snprintf(lsn, sizeof(lsn), "%lld", jint(from, "lsn"));
-            }
             if (peer) {
                 snprintf(lag, sizeof(lag), "%lld", jint(peer, "lag_batches"));
                 snprintf(lag_ms, sizeof(lag_ms), "%lld", jint(peer, "lag_ms"));
