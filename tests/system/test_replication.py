@@ -13,8 +13,11 @@ a clean stop every replica's LMDB file must hold exactly its primary's
 records (mdb_dump of both data.mdb files, the shards' own 'M' records and
 the stream's 'L' entries left out: those describe each copy, not the data).
 
-The cluster fixture of test_cluster.py is reused with this layout (its
-teardown unmounts, fails on bad daemon stderr and fsck's every node).
+The cluster of test_cluster.py is reused with this layout (its teardown
+unmounts, fails on bad daemon stderr and fsck's every node); each test runs
+with the static shard map (shards.conf) and with the map in an etcd of its
+own (where the in-sync set starts empty and a replica joins once its
+primary saw it level).
 """
 
 import json
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARDFS_BIN, is_mounted, read_file, run, wait_for, write_file
+from conftest import (SHARDFS_BIN, free_port, is_mounted, kill_group, read_file, run, wait_for,
+                      write_file)
 from test_cluster import NODES, SECRET, TIMEOUT_MS, Cluster
 from test_cluster_api import signed
 
@@ -41,17 +45,20 @@ REPLICA_OF = {s: n for n, r in (("b", range(0, 3)), ("c", range(3, 6)), ("a", ra
 SHARDS = 8
 LAG_MS = 500
 LEVEL_DEADLINE = 60.0
+ETCD_BIN = "/usr/bin/etcd"
 
 
 class ReplCluster(Cluster):
-    """test_cluster's Cluster with replicas and the ack mode in shards.conf."""
+    """test_cluster's Cluster with replicas and the ack mode in shards.conf,
+    and the shard map in etcd when etcd_url is given."""
 
-    def __init__(self, top, watchdog, ack="replica"):
+    def __init__(self, top, watchdog, ack="replica", etcd_url=None):
         super().__init__(top, watchdog)
         text = Path(self.conf).read_text()
         text = text.replace("timeout_ms = %d\n" % TIMEOUT_MS,
-                            "timeout_ms = %d\nack = %s\nreplica_lag_ms = %d\n"
-                            % (TIMEOUT_MS, ack, LAG_MS))
+                            "timeout_ms = %d\nack = %s\nreplica_lag_ms = %d\n%s"
+                            % (TIMEOUT_MS, ack, LAG_MS,
+                               "etcd = %s\n" % etcd_url if etcd_url else ""))
         for n in NODES:
             text = text.replace("shards = %s\n" % OWNERS[n],
                                 "shards = %s\nreplicas = %s\n" % (OWNERS[n], REPLICAS[n]))
@@ -60,8 +67,46 @@ class ReplCluster(Cluster):
 
 
 @pytest.fixture
-def rcluster(tmp_top, watchdog):
-    c = ReplCluster(tmp_top, watchdog)
+def etcd_url(tmp_top, watchdog):
+    """An etcd of its own on two free loopback ports, its data in the test's
+    directory, stopped by its PID."""
+    if not os.path.exists(ETCD_BIN):
+        pytest.skip("no %s (Debian's etcd-server)" % ETCD_BIN)
+    client, peer = "http://127.0.0.1:%d" % free_port(), "http://127.0.0.1:%d" % free_port()
+    log = open(os.path.join(tmp_top, "etcd.log"), "wb")
+    p = subprocess.Popen([ETCD_BIN, "--name", "t", "--data-dir", os.path.join(tmp_top, "etcd"),
+                          "--listen-client-urls", client, "--advertise-client-urls", client,
+                          "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                          "--initial-cluster", "t=" + peer, "--enable-grpc-gateway=true"],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True)
+    watchdog.daemons.add(p)
+
+    def up():
+        assert p.poll() is None, "etcd exited %s" % p.returncode
+        try:
+            urllib.request.urlopen(urllib.request.Request(
+                client + "/v3/kv/range", data=b'{"key":"AA=="}', method="POST"), timeout=1)
+            return True
+        except OSError:
+            return False
+    try:
+        wait_for(up, 20, "etcd", interval=0.1)
+        yield client
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            kill_group(p.pid)
+            p.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(params=["static", "etcd"])
+def rcluster(request, tmp_top, watchdog):
+    url = request.getfixturevalue("etcd_url") if request.param == "etcd" else None
+    c = ReplCluster(tmp_top, watchdog, etcd_url=url)
     try:
         for n in NODES:
             c.start(n)
