@@ -33,8 +33,10 @@
  *    shard_lmdb_snapshot_begin() empties the copy and marks it durably as
  *    not usable; GET stat gives the record count (for the ETA); the records
  *    come with the scan route, page by page, each page loaded with
- *    shard_lmdb_load() in batches of about RS_LOAD_BYTES and then dropped,
- *    so memory holds one page, never the shard (shard_lmdb_load() skips
+ *    shard_lmdb_load() in batches of about RS_LOAD_BYTES and then dropped;
+ *    the next page is asked for before a page is loaded, so the primary
+ *    reads and sends it meanwhile, and memory holds two pages, never the
+ *    shard (shard_lmdb_load() skips
  *    the primary's own 'M' records, its redo log sequence and stream
  *    position). Then shard_lmdb_snapshot_done(P0) and streaming from P0:
  *    replaying (P0, now] over the fuzzy copy gives the exact state (blind
@@ -125,6 +127,8 @@ struct rshard {
     long cur_status;
     uint8_t *buf;                     /* the reply body */
     size_t len, cap, max;
+    uint8_t *spare;                   /* a snapshot page being loaded */
+    size_t spare_cap;
     int overflow, nomem;
     struct rs_hdr errno_name, position, more, sync;
     char location[RS_LOCATION_MAX];
@@ -565,61 +569,109 @@ static int stream_apply(struct replica_sync *rs, struct rshard *h)
     return n < 0 ? -EIO : 0;
 }
 
-/* Load one scan page into the copy. 0 and *done, or -errno. */
-static int snapshot_page(struct replica_sync *rs, struct rshard *h, int *done)
+/* Check the scan page in h->buf (in order, from where we asked: anything
+ * else could page forever) and move h->from to where the next one starts.
+ * 0 and *done (no next page), or -EIO. */
+static int scan_page_next(struct rshard *h, int *done)
 {
     const uint8_t *key, *val, *last = NULL;
     size_t klen, vlen, lastlen = 0, pos = 0;
-    uint64_t bytes = 0, records = 0;
-    struct batch b;
-    int n, rc = 0;
+    int n;
 
-    *done = 0;
-    batch_init(&b);
+    *done = 1;
     while ((n = wire_scan_reply_next(h->buf, h->len, &pos, &key, &klen, &val, &vlen)) == 1) {
-        /* In order and from where we asked: anything else could page forever. */
-        if (last ? batch_key_cmp(key, klen, last, lastlen) <= 0 : batch_key_cmp(key, klen, h->from, h->flen) < 0) {
-            rc = -EIO;
-            break;
-        }
+        if (last ? batch_key_cmp(key, klen, last, lastlen) <= 0
+                 : batch_key_cmp(key, klen, h->from, h->flen) < 0)
+            return -EIO;
         last = key;
         lastlen = klen;
+    }
+    if (n < 0)
+        return -EIO;
+    if (h->more.set && strcmp(h->more.v, "1") == 0) {
+        int next = last ? batch_key_after(last, lastlen, h->from) : -1;
+
+        if (next < 0)
+            return -EIO; /* "more" without a record: no progress possible */
+        h->flen = (size_t)next;
+        *done = next == 0;
+    }
+    return 0;
+}
+
+/* Load a checked scan page into the copy, in batches of about
+ * RS_LOAD_BYTES. 0 or -errno. */
+static int scan_page_load(struct replica_sync *rs, struct rshard *h, const uint8_t *page,
+                          size_t len)
+{
+    const uint8_t *key, *val;
+    size_t klen, vlen, pos = 0;
+    uint64_t bytes = 0, records = 0;
+    struct batch b;
+    int rc = 0;
+
+    batch_init(&b);
+    while (rc == 0 && wire_scan_reply_next(page, len, &pos, &key, &klen, &val, &vlen) == 1) {
         batch_put(&b, key, klen, val, vlen);
         bytes += klen + vlen;
         records++;
-        if (b.error) {
-            rc = b.error;
-            break;
-        }
-        if (b.len >= RS_LOAD_BYTES) {
+        rc = b.error;
+        if (rc == 0 && b.len >= RS_LOAD_BYTES) {
             rc = shard_lmdb_load(h->local, &b);
             batch_reset(&b);
-            if (rc)
-                break;
         }
     }
-    if (rc == 0 && n < 0)
-        rc = -EIO;
     if (rc == 0 && b.count)
         rc = shard_lmdb_load(h->local, &b);
     batch_free(&b);
     if (rc)
         return rc;
-    if (h->more.set && strcmp(h->more.v, "1") == 0) {
-        int n2 = last ? batch_key_after(last, lastlen, h->from) : -1;
-
-        if (n2 < 0)
-            return -EIO; /* "more" without a record: no progress possible */
-        h->flen = (size_t)n2;
-        *done = n2 == 0;
-    } else {
-        *done = 1;
-    }
     pthread_mutex_lock(&rs->lock);
     h->st.snap_bytes += bytes;
     h->st.snap_records += records;
     pthread_mutex_unlock(&rs->lock);
     return 0;
+}
+
+/* A scan page came (step 3): ask for the next one at once, so the primary
+ * reads and sends it while this one is loaded, then load this one; after
+ * the last, the stream from P0. 0 or -errno (h->from is then where this
+ * page began, and nothing is in flight). */
+static int snapshot_page(struct replica_sync *rs, struct rshard *h)
+{
+    uint8_t began[BATCH_KEY_MAX], *page = h->buf;
+    size_t began_len = h->flen, len = h->len, cap = h->cap;
+    int done, rc;
+
+    memcpy(began, h->from, h->flen);
+    rc = scan_page_next(h, &done);
+    if (rc)
+        goto undo;
+    /* The page moves to the spare buffer; the next reply goes to the other. */
+    h->buf = h->spare;
+    h->cap = h->spare_cap;
+    h->len = 0;
+    h->spare = page;
+    h->spare_cap = cap;
+    if (!done && transfer_start(rs, h) != 0)
+        h->kind = REQ_NONE; /* started by the loop instead */
+    rc = scan_page_load(rs, h, page, len);
+    if (rc == 0 && done)
+        rc = shard_lmdb_snapshot_done(h->local, &h->p0);
+    if (rc)
+        goto undo;
+    if (done) {
+        h->snapping = 0;
+        h->pos = h->p0;
+        h->dirty = 1;
+        h->next = REQ_STREAM;
+    }
+    return 0;
+undo:
+    transfer_drop(rs, h);
+    memcpy(h->from, began, began_len);
+    h->flen = began_len;
+    return rc;
 }
 
 /* The record count of a stat reply, or 0. */
@@ -670,7 +722,7 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
 {
     enum rs_req kind = h->kind;
     long status = 0;
-    int rc, done;
+    int rc;
 
     transfer_drop(rs, h); /* it is over; the handle keeps the connection */
     if (cc == CURLE_OK)
@@ -754,16 +806,7 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
             step_failed(rs, h, wire_errno_of_status(status, NULL));
             goto out;
         }
-        rc = snapshot_page(rs, h, &done);
-        if (rc == 0 && done) {
-            rc = shard_lmdb_snapshot_done(h->local, &h->p0);
-            if (rc == 0) {
-                h->snapping = 0;
-                h->pos = h->p0;
-                h->dirty = 1;
-                h->next = REQ_STREAM;
-            }
-        }
+        rc = snapshot_page(rs, h);
         if (rc)
             step_failed(rs, h, rc);
         else
@@ -774,10 +817,15 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
         break;
     }
 out:
-    if (h->cap > RS_BUF_KEEP) {
+    if (h->cap > RS_BUF_KEEP && h->kind == REQ_NONE) {
         free(h->buf);
         h->buf = NULL;
         h->cap = h->len = 0;
+    }
+    if (h->spare_cap > RS_BUF_KEEP || !h->snapping) {
+        free(h->spare);
+        h->spare = NULL;
+        h->spare_cap = 0;
     }
 }
 
@@ -962,6 +1010,7 @@ void replica_sync_stop(struct replica_sync *rs)
         if (h->curl)
             curl_easy_cleanup(h->curl);
         free(h->buf);
+        free(h->spare);
     }
     if (rs->multi)
         curl_multi_cleanup(rs->multi);

@@ -384,7 +384,10 @@ def test_wiped_replica_catches_up_by_snapshot(rcluster):
         c.start("b")
     write_file(c.p("a", names[0]), b"written after the snapshot began\n")
     wait_level(c, deadline=300)
-    assert replica_view(c, "b")[0]["snapshots"] >= 1
+    v = replica_view(c, "b")[0]
+    print("snapshot of shard 0: %d records, %.1f MiB, %.1f MiB/s" % (
+        v["snap_records"], v["snap_bytes"] / 1048576.0, v["snap_rate"] / 1048576.0))
+    assert v["snapshots"] >= 1
     rc, text = status_text(c)
     assert rc == 0, text
     c.unmount_all()
