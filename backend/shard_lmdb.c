@@ -56,7 +56,7 @@
 #define LOG_HDR 24u
 #define LOG_HDR2 64u
 #define ENTRY_VAL_HDR 24u      /* epoch, check, time_ms before an entry's batch */
-#define LSN_STEP (1ull << 20)  /* how far the lsn reservation runs ahead */
+#define DEFAULT_LSN_STEP (1ull << 20)
 #define DEFAULT_STREAM_BYTES (64u << 20)
 #define DEFAULT_STREAM_AGE_MS (600u * 1000u)
 #define MAP_INITIAL (1ull << 30)
@@ -118,7 +118,8 @@ struct shard_lmdb {
     uint64_t durable_seq;       /* last one inside a commit whose meta page is
                                  * surely on disk */
 
-    size_t pending_bytes;
+    size_t pending_bytes;       /* what the open txn adds: batches and their
+                                 * stream entries (rec_bytes) */
     struct timespec pending_since;
     uint64_t space_hint;        /* free disk bytes last seen, minus what was
                                  * applied since */
@@ -141,6 +142,7 @@ struct shard_lmdb {
     int meta_dirty;             /* txn holds unlogged changes: commit it */
     size_t stream_max;
     uint64_t stream_age_ms;
+    uint64_t lsn_step;
     uint64_t holds[SHARD_LMDB_HOLDS];
 
     pthread_rwlock_t listen_lock; /* held (read) while the listener runs */
@@ -416,6 +418,14 @@ static int rec_apply(struct shard_lmdb *sl, MDB_txn *txn, const struct log_rec *
     return pos_put(txn, sl->dbi, pos_key, &r->pos);
 }
 
+/* What a record adds to the transaction: a batch is in it twice, as data
+ * and as its entry. Counted into pending_bytes, so a commit (and its
+ * latency inside the apply that triggers it) stays about commit_bytes. */
+static size_t rec_bytes(const struct log_rec *r, size_t len)
+{
+    return r->kind == LOG_APPLY || r->kind == LOG_LEGACY ? 2 * len : len;
+}
+
 /* The in-memory side of a record that is now in sl->txn. */
 static void rec_note(struct shard_lmdb *sl, const struct log_rec *r, size_t len)
 {
@@ -589,7 +599,7 @@ static int log_replay_one(struct shard_lmdb *sl, MDB_txn *txn, int fd, uint64_t 
         if (rc)
             goto out;
         rec_note(sl, &r, len);
-        sl->pending_bytes += len;
+        sl->pending_bytes += rec_bytes(&r, len);
         pass->end = off;
         pass->last = seq;
         (*expect)++;
@@ -784,8 +794,10 @@ static int txn_commit(struct shard_lmdb *sl, int grow);
 /* Admit a batch of len bytes, or return -ENOSPC. */
 static int space_admit(struct shard_lmdb *sl, size_t len)
 {
-    /* The log copy, the committed copy, copy-on-write overhead and a margin. */
-    uint64_t need = sl->pending_bytes + sl->pending_bytes / 4 + 2 * (uint64_t)len + SPACE_MARGIN;
+    /* The committed copies of what is pending (data and stream entries),
+     * copy-on-write overhead, the batch's log copy and its two committed
+     * copies, and a margin. */
+    uint64_t need = sl->pending_bytes + sl->pending_bytes / 4 + 3 * (uint64_t)len + SPACE_MARGIN;
 
     if (sl->space_hint >= need + SPACE_PLENTY)
         goto ok;
@@ -796,13 +808,13 @@ static int space_admit(struct shard_lmdb *sl, size_t len)
         goto ok;
     if (sl->pending_bytes && txn_commit(sl, 0) == 0) {
         space_refresh(sl);
-        need = 2 * (uint64_t)len + SPACE_MARGIN;
+        need = 3 * (uint64_t)len + SPACE_MARGIN;
         if (sl->space_hint >= need)
             goto ok;
     }
     return -ENOSPC;
 ok:
-    sl->space_hint -= 2 * (uint64_t)len < sl->space_hint ? 2 * (uint64_t)len : sl->space_hint;
+    sl->space_hint -= 3 * (uint64_t)len < sl->space_hint ? 3 * (uint64_t)len : sl->space_hint;
     return 0;
 }
 
@@ -941,8 +953,8 @@ static int commit_prepare(struct shard_lmdb *sl, uint64_t *res)
         return rc;
     endian_put_le(buf, sl->seq, 8);
     rc = meta_put(sl->txn, sl->dbi, seq_key, buf, 8);
-    if (rc == 0 && sl->next_lsn + LSN_STEP / 2 >= sl->lsn_res_committed) {
-        *res = sl->next_lsn + LSN_STEP;
+    if (rc == 0 && sl->next_lsn + sl->lsn_step / 2 >= sl->lsn_res_committed) {
+        *res = sl->next_lsn + sl->lsn_step;
         endian_put_le(buf, *res, 8);
         rc = meta_put(sl->txn, sl->dbi, lsn_key, buf, 8);
     }
@@ -1203,7 +1215,7 @@ static int record_apply(struct shard_lmdb *sl, const struct log_rec *r, const ui
     if (rc == 0) {
         if (sl->pending_bytes == 0)
             clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
-        sl->pending_bytes += len;
+        sl->pending_bytes += rec_bytes(r, len);
         if (sl->pending_bytes >= sl->commit_bytes)
             txn_commit(sl, 0); /* a failure keeps the log; retried later */
     }
@@ -1279,7 +1291,7 @@ int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_p
     }
     /* Without waiting: a batch that needs no commit (the log write goes to
      * the page cache). */
-    if (sl->pending_bytes + b->len >= sl->commit_bytes && shard_nowait_refuse()) {
+    if (sl->pending_bytes + 2 * b->len >= sl->commit_bytes && shard_nowait_refuse()) {
         rc = -EWOULDBLOCK;
         goto out;
     }
@@ -1636,6 +1648,7 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     sl->commit_bytes = opt && opt->commit_bytes ? opt->commit_bytes : DEFAULT_COMMIT_BYTES;
     sl->stream_max = opt && opt->stream_bytes ? opt->stream_bytes : DEFAULT_STREAM_BYTES;
     sl->stream_age_ms = opt && opt->stream_age_ms ? opt->stream_age_ms : DEFAULT_STREAM_AGE_MS;
+    sl->lsn_step = opt && opt->lsn_step ? opt->lsn_step : DEFAULT_LSN_STEP;
     for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++)
         sl->holds[i] = UINT64_MAX;
     if (snprintf(sl->dir, sizeof(sl->dir), "%s", dir) >= (int)sizeof(sl->dir)) {

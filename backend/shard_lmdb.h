@@ -56,6 +56,9 @@ struct shard_lmdb_options {
     size_t commit_bytes;            /* commit when this much is pending; 0 means 32 MiB */
     size_t stream_bytes;            /* stream retention by size; 0 means 64 MiB */
     unsigned stream_age_ms;         /* stream retention by age; 0 means 10 min */
+    uint64_t lsn_step;              /* how far the durable lsn reservation runs
+                                     * ahead; 0 means 2^20 (tests: small, so
+                                     * it is raised often) */
 };
 
 /* Open (creating if needed) the shard in directory dir, replaying its redo
@@ -121,7 +124,9 @@ void shard_lmdb_stream_hold(struct shard *s, unsigned slot, uint64_t lsn);
 
 /* Called (no shard lock held) after every batch applied (apply, apply_pos,
  * apply_at), with the shard's index and the batch's position: for waking
- * long polls. One listener; fn NULL removes it. fn may call into the shard. */
+ * long polls. One listener; fn NULL removes it (once this returns, no call
+ * is running or will start). fn may call into the shard, except
+ * shard_lmdb_on_apply() itself. */
 void shard_lmdb_on_apply(struct shard *s,
                          void (*fn)(void *ctx, unsigned index, const struct stream_pos *p),
                          void *ctx);
