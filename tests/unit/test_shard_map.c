@@ -184,6 +184,17 @@ static void test_static(void)
     shard_map_close(a);
     shard_map_close(b);
     shard_map_close(NULL);
+
+    /* an etcd nobody listens on: open fails within timeout_ms, saying why */
+    etcd_port = free_port();
+    load_conf(&cfg, "no-etcd", "static-secret-0123", 4, 1, 0);
+    double t0 = now_s();
+    a = (struct shard_map *)&cfg;
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), -EHOSTUNREACH);
+    CHECK(a == NULL);
+    CHECKF(now_s() - t0 < TIMEOUT_MS / 1000.0 + 0.5, "took %.2f s", now_s() - t0);
+    CHECKF(strstr(err, "127.0.0.1") != NULL, "err '%s'", err);
+    etcd_port = 0;
 }
 
 /* ---- etcd ---- */
