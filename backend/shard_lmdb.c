@@ -142,6 +142,7 @@ struct shard_lmdb {
     int meta_dirty;             /* txn holds unlogged changes: commit it */
     size_t stream_max;
     uint64_t stream_age_ms;
+    int no_stream;              /* options.no_stream */
     uint64_t lsn_step;
     uint64_t holds[SHARD_LMDB_HOLDS];
 
@@ -403,6 +404,11 @@ static int rec_apply(struct shard_lmdb *sl, MDB_txn *txn, const struct log_rec *
     rc = apply_items(txn, sl->dbi, buf, len, mode);
     if (rc)
         return rc;
+    if (sl->no_stream) {
+        /* No entry: the stream is empty after this position. */
+        rc = pos_put(txn, sl->dbi, base_key, &r->pos);
+        return rc ? rc : pos_put(txn, sl->dbi, pos_key, &r->pos);
+    }
     entry_key(key, r->pos.lsn);
     MDB_val k = {.mv_size = sizeof(key), .mv_data = key};
     MDB_val v = {.mv_size = ENTRY_VAL_HDR + len};
@@ -421,9 +427,9 @@ static int rec_apply(struct shard_lmdb *sl, MDB_txn *txn, const struct log_rec *
 /* What a record adds to the transaction: a batch is in it twice, as data
  * and as its entry. Counted into pending_bytes, so a commit (and its
  * latency inside the apply that triggers it) stays about commit_bytes. */
-static size_t rec_bytes(const struct log_rec *r, size_t len)
+static size_t rec_bytes(const struct shard_lmdb *sl, const struct log_rec *r, size_t len)
 {
-    return r->kind == LOG_APPLY || r->kind == LOG_LEGACY ? 2 * len : len;
+    return (r->kind == LOG_APPLY || r->kind == LOG_LEGACY) && !sl->no_stream ? 2 * len : len;
 }
 
 /* The in-memory side of a record that is now in sl->txn. */
@@ -440,6 +446,10 @@ static void rec_note(struct shard_lmdb *sl, const struct log_rec *r, size_t len)
         break;
     case LOG_APPLY:
     case LOG_LEGACY:
+        if (sl->no_stream) {
+            sl->sbase = r->pos;
+            break;
+        }
         sl->stream_bytes += ENTRY_VAL_HDR + len;
         sl->stream_entries++;
         break;
@@ -599,7 +609,7 @@ static int log_replay_one(struct shard_lmdb *sl, MDB_txn *txn, int fd, uint64_t 
         if (rc)
             goto out;
         rec_note(sl, &r, len);
-        sl->pending_bytes += rec_bytes(&r, len);
+        sl->pending_bytes += rec_bytes(sl, &r, len);
         pass->end = off;
         pass->last = seq;
         (*expect)++;
@@ -933,6 +943,10 @@ static int stream_trim(struct shard_lmdb *sl)
     mdb_cursor_close(cur);
     rc = rc == MDB_NOTFOUND ? 0 : shard_lmdb_errno(rc);
     if (rc == 0 && trimmed) {
+        /* Without a stream (entries left by an earlier run with one) the
+         * base is the position, never older. */
+        if (sl->no_stream)
+            base = sl->pos;
         rc = pos_put(sl->txn, sl->dbi, base_key, &base);
         if (rc == 0)
             sl->sbase = base;
@@ -1215,7 +1229,7 @@ static int record_apply(struct shard_lmdb *sl, const struct log_rec *r, const ui
     if (rc == 0) {
         if (sl->pending_bytes == 0)
             clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
-        sl->pending_bytes += rec_bytes(r, len);
+        sl->pending_bytes += rec_bytes(sl, r, len);
         if (sl->pending_bytes >= sl->commit_bytes)
             txn_commit(sl, 0); /* a failure keeps the log; retried later */
     }
@@ -1649,6 +1663,9 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     sl->stream_max = opt && opt->stream_bytes ? opt->stream_bytes : DEFAULT_STREAM_BYTES;
     sl->stream_age_ms = opt && opt->stream_age_ms ? opt->stream_age_ms : DEFAULT_STREAM_AGE_MS;
     sl->lsn_step = opt && opt->lsn_step ? opt->lsn_step : DEFAULT_LSN_STEP;
+    sl->no_stream = opt && opt->no_stream;
+    if (sl->no_stream)
+        sl->stream_max = sl->stream_age_ms = 0; /* trim what an earlier run left */
     for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++)
         sl->holds[i] = UINT64_MAX;
     if (snprintf(sl->dir, sizeof(sl->dir), "%s", dir) >= (int)sizeof(sl->dir)) {

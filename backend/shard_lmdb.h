@@ -59,6 +59,12 @@ struct shard_lmdb_options {
     uint64_t lsn_step;              /* how far the durable lsn reservation runs
                                      * ahead; 0 means 2^20 (tests: small, so
                                      * it is raised often) */
+    int no_stream;                  /* keep positions but no 'L' entries: a
+                                     * shard without replicas, which would
+                                     * pay for a second copy of every batch
+                                     * in LMDB for nobody (the stream's base
+                                     * follows the position, so a reader of
+                                     * any older position gets -ERANGE) */
 };
 
 /* Open (creating if needed) the shard in directory dir, replaying its redo

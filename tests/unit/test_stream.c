@@ -37,6 +37,7 @@
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <lmdb.h>
 #include <xxhash.h>
 
 #include "batch.h"
@@ -1029,6 +1030,93 @@ static void test_legacy_log(void)
     shard_close(s);
 }
 
+/* The 'L' records in the committed state of the closed shard `name`. */
+static long count_entries(const char *name)
+{
+    MDB_env *env = NULL;
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    MDB_dbi dbi;
+    MDB_val k = {.mv_size = 1, .mv_data = "L"}, v;
+    long n = -1;
+
+    if (mdb_env_create(&env) || mdb_env_set_mapsize(env, 1ull << 30) ||
+        mdb_env_open(env, path_of(name), MDB_RDONLY | MDB_NOLOCK, 0644) ||
+        mdb_txn_begin(env, NULL, MDB_RDONLY, &txn) || mdb_dbi_open(txn, NULL, 0, &dbi) ||
+        mdb_cursor_open(txn, dbi, &cur))
+        goto out;
+    n = 0;
+    for (int rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < 1 || *(const uint8_t *)k.mv_data != 'L')
+            break;
+        n++;
+    }
+out:
+    if (cur)
+        mdb_cursor_close(cur);
+    if (txn)
+        mdb_txn_abort(txn);
+    if (env)
+        mdb_env_close(env);
+    return n;
+}
+
+/* A shard without replicas keeps positions but no entries; one reopened
+ * with a stream starts it at its position; one reopened without drops the
+ * entries an earlier run left at its next commit. */
+static void test_no_stream(void)
+{
+    struct shard_lmdb_options off = {.commit_interval_ms = 3600 * 1000, .no_stream = 1};
+    struct shard_lmdb_options on = {.commit_interval_ms = 3600 * 1000};
+    struct stream_pos pos[61], cur;
+    struct got g = {0};
+    struct shard *s = open_opts("nostream", &off);
+
+    if (!s)
+        return;
+    pos[0] = zero_pos;
+    for (unsigned i = 1; i <= 20; i++)
+        CHECK_RC(put1(s, i, &pos[i]), 0);
+    CHECK(pos[20].lsn > pos[19].lsn && pos[19].lsn > pos[1].lsn);
+    CHECK_RC(shard_lmdb_position(s, &cur), 0);
+    CHECK(stream_pos_eq(&cur, &pos[20]));
+    CHECK_RC(read_all(s, &pos[0], 1 << 20, &g), -ERANGE);
+    CHECK_RC(read_all(s, &pos[19], 1 << 20, &g), -ERANGE);
+    CHECK_RC(read_all(s, &pos[20], 1 << 20, &g), 0);
+    CHECK(g.n == 0);
+    got_free(&g);
+    shard_close(s);
+    CHECK(count_entries("nostream") == 0);
+
+    /* With a stream now: entries after the position it had. */
+    s = open_opts("nostream", &on);
+    if (!s)
+        return;
+    for (unsigned i = 21; i <= 40; i++)
+        CHECK_RC(put1(s, i, &pos[i]), 0);
+    CHECK_RC(read_all(s, &pos[19], 1 << 20, &g), -ERANGE);
+    CHECK_RC(read_all(s, &pos[20], 1 << 20, &g), 0);
+    CHECK(g.n == 20 && stream_pos_eq(&g.p[19], &pos[40]));
+    got_free(&g);
+    shard_close(s);
+    CHECK(count_entries("nostream") == 20);
+
+    /* Without again: the leftover entries go at the next commit. */
+    s = open_opts("nostream", &off);
+    if (!s)
+        return;
+    for (unsigned i = 41; i <= 60; i++)
+        CHECK_RC(put1(s, i, &pos[i]), 0);
+    CHECK_RC(shard_lmdb_flush(s, 1), 0);
+    CHECK_RC(read_all(s, &pos[40], 1 << 20, &g), -ERANGE);
+    CHECK_RC(read_all(s, &pos[60], 1 << 20, &g), 0);
+    CHECK(g.n == 0);
+    got_free(&g);
+    shard_close(s);
+    CHECK(count_entries("nostream") == 0);
+}
+
 int main(void)
 {
     static const struct {
@@ -1045,6 +1133,7 @@ int main(void)
         {"kill -9 while catching up", test_kill9_catch_up},
         {"reopen, kill -9, lsn reservation", test_reopen},
         {"redo log of the version before", test_legacy_log},
+        {"no stream", test_no_stream},
     };
 
     if (!mkdtemp(tmpdir)) {
