@@ -895,9 +895,11 @@ static uint64_t hold_min(const struct shard_lmdb *sl)
 {
     uint64_t m = UINT64_MAX;
 
-    for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++)
-        if (sl->holds[i] < m)
-            m = sl->holds[i];
+    for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++) {
+        uint64_t h = __atomic_load_n(&sl->holds[i], __ATOMIC_ACQUIRE);
+        if (h < m)
+            m = h;
+    }
     return m;
 }
 
@@ -1764,9 +1766,11 @@ void shard_lmdb_stream_hold(struct shard *s, unsigned slot, uint64_t lsn)
 
     if (slot >= SHARD_LMDB_HOLDS)
         return;
-    pthread_mutex_lock(&sl->lock);
-    sl->holds[slot] = lsn;
-    pthread_mutex_unlock(&sl->lock);
+    /* Atomic, not under the shard lock: the stream route sets holds on a
+     * node server's I/O thread, which must not wait behind a commit. A
+     * trim racing with a new hold keeps its own view; the entries it
+     * drops were older than the previous hold anyway. */
+    __atomic_store_n(&sl->holds[slot], lsn, __ATOMIC_RELEASE);
 }
 
 void shard_lmdb_on_apply(struct shard *s,
