@@ -439,6 +439,11 @@ static void *fo_main(void *arg)
         for (unsigned i = 0; i < fo->cfg->shard_count; i++)
             if (fo->sh[i] && (todo[i] || !any))
                 reconcile(fo, fo->sh[i]);
+        /* A redirect from a node with an older view may have pointed a
+         * shard's requests at a primary the map no longer names (the map
+         * then says nothing new): the map's word again, every round. */
+        for (unsigned i = 0; !any && i < fo->cfg->shard_count; i++)
+            remote_owner_set(fo->remote, i, shard_map_leader(fo->map, i));
     }
     return NULL;
 }
