@@ -56,7 +56,7 @@
 #define LOG_HDR 24u
 #define LOG_HDR2 64u
 #define ENTRY_VAL_HDR 24u      /* epoch, check, time_ms before an entry's batch */
-#define LSN_STEP (1ull << 20)  /* how far the lsn reservation runs ahead */
+#define DEFAULT_LSN_STEP (1ull << 20)
 #define DEFAULT_STREAM_BYTES (64u << 20)
 #define DEFAULT_STREAM_AGE_MS (600u * 1000u)
 #define MAP_INITIAL (1ull << 30)
@@ -141,6 +141,7 @@ struct shard_lmdb {
     int meta_dirty;             /* txn holds unlogged changes: commit it */
     size_t stream_max;
     uint64_t stream_age_ms;
+    uint64_t lsn_step;
     uint64_t holds[SHARD_LMDB_HOLDS];
 
     pthread_rwlock_t listen_lock; /* held (read) while the listener runs */
@@ -784,8 +785,10 @@ static int txn_commit(struct shard_lmdb *sl, int grow);
 /* Admit a batch of len bytes, or return -ENOSPC. */
 static int space_admit(struct shard_lmdb *sl, size_t len)
 {
-    /* The log copy, the committed copy, copy-on-write overhead and a margin. */
-    uint64_t need = sl->pending_bytes + sl->pending_bytes / 4 + 2 * (uint64_t)len + SPACE_MARGIN;
+    /* The committed copies of what is pending (the data and its stream
+     * entry), copy-on-write overhead, the batch's log copy and committed
+     * copies, and a margin. */
+    uint64_t need = 2 * sl->pending_bytes + sl->pending_bytes / 4 + 3 * (uint64_t)len + SPACE_MARGIN;
 
     if (sl->space_hint >= need + SPACE_PLENTY)
         goto ok;
@@ -796,13 +799,13 @@ static int space_admit(struct shard_lmdb *sl, size_t len)
         goto ok;
     if (sl->pending_bytes && txn_commit(sl, 0) == 0) {
         space_refresh(sl);
-        need = 2 * (uint64_t)len + SPACE_MARGIN;
+        need = 3 * (uint64_t)len + SPACE_MARGIN;
         if (sl->space_hint >= need)
             goto ok;
     }
     return -ENOSPC;
 ok:
-    sl->space_hint -= 2 * (uint64_t)len < sl->space_hint ? 2 * (uint64_t)len : sl->space_hint;
+    sl->space_hint -= 3 * (uint64_t)len < sl->space_hint ? 3 * (uint64_t)len : sl->space_hint;
     return 0;
 }
 
@@ -941,8 +944,8 @@ static int commit_prepare(struct shard_lmdb *sl, uint64_t *res)
         return rc;
     endian_put_le(buf, sl->seq, 8);
     rc = meta_put(sl->txn, sl->dbi, seq_key, buf, 8);
-    if (rc == 0 && sl->next_lsn + LSN_STEP / 2 >= sl->lsn_res_committed) {
-        *res = sl->next_lsn + LSN_STEP;
+    if (rc == 0 && sl->next_lsn + sl->lsn_step / 2 >= sl->lsn_res_committed) {
+        *res = sl->next_lsn + sl->lsn_step;
         endian_put_le(buf, *res, 8);
         rc = meta_put(sl->txn, sl->dbi, lsn_key, buf, 8);
     }
@@ -1636,6 +1639,7 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     sl->commit_bytes = opt && opt->commit_bytes ? opt->commit_bytes : DEFAULT_COMMIT_BYTES;
     sl->stream_max = opt && opt->stream_bytes ? opt->stream_bytes : DEFAULT_STREAM_BYTES;
     sl->stream_age_ms = opt && opt->stream_age_ms ? opt->stream_age_ms : DEFAULT_STREAM_AGE_MS;
+    sl->lsn_step = opt && opt->lsn_step ? opt->lsn_step : DEFAULT_LSN_STEP;
     for (unsigned i = 0; i < SHARD_LMDB_HOLDS; i++)
         sl->holds[i] = UINT64_MAX;
     if (snprintf(sl->dir, sizeof(sl->dir), "%s", dir) >= (int)sizeof(sl->dir)) {

@@ -56,6 +56,9 @@ struct shard_lmdb_options {
     size_t commit_bytes;            /* commit when this much is pending; 0 means 32 MiB */
     size_t stream_bytes;            /* stream retention by size; 0 means 64 MiB */
     unsigned stream_age_ms;         /* stream retention by age; 0 means 10 min */
+    uint64_t lsn_step;              /* how far the durable lsn reservation runs
+                                     * ahead; 0 means 2^20 (tests: small, so
+                                     * it is raised often) */
 };
 
 /* Open (creating if needed) the shard in directory dir, replaying its redo

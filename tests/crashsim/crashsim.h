@@ -40,20 +40,22 @@ static inline void crashsim_mark(const char *what, uint64_t n)
     fn(text);
 }
 
-/* Check the state in dir: 0 and *j (what it holds), or -errno and why. */
+/* Check the state in dir: 0 and *j (what it holds), or -errno and why.
+ * lsn: the highest stream lsn the run had written to a redo log before the
+ * crash point (or the applied count; crashsim.py). */
 typedef int (*crashsim_check_fn)(const char *dir, uint64_t seed, uint64_t lo, uint64_t hi,
-                                 uint64_t *j, char *why, size_t whylen);
+                                 uint64_t lsn, uint64_t *j, char *why, size_t whylen);
 
-/* Answer "DIR LO HI" lines on stdin with "ok J" or "bad REASON". */
+/* Answer "DIR LO HI LSN" lines on stdin with "ok J" or "bad REASON". */
 static inline int crashsim_serve_checks(uint64_t seed, crashsim_check_fn check)
 {
     char line[8192], dir[4096];
-    unsigned long long lo, hi;
+    unsigned long long lo, hi, lsn;
 
     while (fgets(line, sizeof(line), stdin)) {
         int pipefd[2], status = -1;
         char answer[500] = "";
-        if (sscanf(line, "%4095s %llu %llu", dir, &lo, &hi) != 3 || pipe(pipefd) != 0) {
+        if (sscanf(line, "%4095s %llu %llu %llu", dir, &lo, &hi, &lsn) != 4 || pipe(pipefd) != 0) {
             printf("bad malformed request\n");
             fflush(stdout);
             continue;
@@ -63,7 +65,7 @@ static inline int crashsim_serve_checks(uint64_t seed, crashsim_check_fn check)
             char why[400] = "";
             uint64_t j = 0;
             close(pipefd[0]);
-            int rc = check(dir, seed, lo, hi, &j, why, sizeof(why));
+            int rc = check(dir, seed, lo, hi, lsn, &j, why, sizeof(why));
             int n = rc ? snprintf(answer, sizeof(answer), "bad %s", why)
                        : snprintf(answer, sizeof(answer), "ok %llu", (unsigned long long)j);
             _exit(write(pipefd[1], answer, (size_t)n) == n ? 0 : 2);

@@ -33,6 +33,12 @@ sync that returned before the crash point (J at least the last applied
 batch for a kill -9 state, or when the logs reached the disk), and take a
 new batch, a sync and a reopen.
 
+The lsns of the change stream must never be handed out twice: the driver
+follows the shard's redo log writes (the 64-byte "SLG2" record header holds
+the batch's lsn) and tells the checker the highest lsn written to a log
+before the crash point; every batch a reader could have seen was logged
+first, so the batch applied after recovery must get a higher one.
+
 Recovery is crashed too: some of those states are opened by the workload's
 "recover" command under the shim, and power cuts during that run must
 leave exactly the batches the state held.
@@ -53,6 +59,8 @@ import tempfile
 import time
 
 BLOCK = 4096
+LOG_MAGIC2 = b"SLG2"   # a redo log record of backend/shard_lmdb.c
+LOG_APPLY = 1          # its kind for a batch with a position
 
 
 class Op:
@@ -140,6 +148,10 @@ class Disk:
             self.durable_names[path] = ino
         self.acked = 0             # last batch a returned sync covers
         self.applied = 0           # last batch whose apply returned
+        self.logged_lsn = 0        # highest lsn in a redo log record written
+        self.opened = True         # False between the marks "B" and "O": the
+                                   # workload's open has not returned, so no
+                                   # batch can be in flight
         self.pending = []          # every pending op in trace order: (op, inode or None)
 
     def new_inode(self, content=b"", is_dir=False):
@@ -156,6 +168,10 @@ class Disk:
             what, num = op.data.decode().split()
             if what == "A":
                 self.applied = max(self.applied, int(num))
+            elif what == "B":
+                self.opened = False
+            elif what == "O":
+                self.opened = True
             elif what == "S":
                 self.acked = max(self.acked, int(num))
             return
@@ -193,6 +209,12 @@ class Disk:
         ino = self.names[op.path]
         ino.pending.append(op)
         self.pending.append((op, ino))
+        if op.kind == "W" and os.path.basename(op.path).startswith("redo") \
+                and op.data[:4] == LOG_MAGIC2 and len(op.data) >= 48:
+            kind, = struct.unpack_from("<I", op.data, 24)
+            lsn, = struct.unpack_from("<Q", op.data, 40)
+            if kind == LOG_APPLY:
+                self.logged_lsn = max(self.logged_lsn, lsn)
 
     def apply_dir(self, names, op):
         if op.kind in "CK":
@@ -265,8 +287,8 @@ class Checker:
         self.proc = subprocess.Popen([workload, "check", str(seed)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
-    def check(self, d, lo, hi):
-        self.proc.stdin.write("%s %d %d\n" % (d, lo, hi))
+    def check(self, d, lo, hi, lsn):
+        self.proc.stdin.write("%s %d %d %d\n" % (d, lo, hi, lsn))
         self.proc.stdin.flush()
         line = self.proc.stdout.readline().strip()
         if not line:
@@ -332,7 +354,7 @@ def crash_points(ops, rnd, extra):
 
 
 def explore(ops, initial, watch, rnd, checker, stats, work, nsubsets, extra,
-            exact=None, base_states=None, label=""):
+            exact=None, exact_lsn=0, base_states=None, label=""):
     """Walk the trace, check the crash states at each crash point. With
     exact=J every state must hold exactly J (a recovery run). Collects
     kill -9 states into base_states (for crashing recovery) if given."""
@@ -344,15 +366,17 @@ def explore(ops, initial, watch, rnd, checker, stats, work, nsubsets, extra,
         while pi < len(pts) and pts[pi] == i:
             pi += 1
             for kind, chosen, lo in variants(disk, rnd, nsubsets):
-                hi = disk.applied + 1
+                hi = disk.applied + (1 if disk.opened else 0)
+                lsn = max(disk.applied, disk.logged_lsn)
                 if exact is not None:
                     lo = hi = exact
+                    lsn = max(exact_lsn, disk.logged_lsn)
                 materialize(disk.state(chosen), d)
-                ok, why, j = checker.check(d, lo, hi)
+                ok, why, j = checker.check(d, lo, hi, lsn)
                 stats.add(label + kind, ok, why, "op %d/%d" % (i, len(ops)))
                 if ok and base_states is not None and kind in ("everything", "logs-only") \
                         and disk.applied > disk.acked:
-                    base_states.append((disk.state(chosen), j))
+                    base_states.append((disk.state(chosen), j, lsn))
         if i < len(ops):
             disk.step(ops[i])
 
@@ -383,7 +407,7 @@ def one_seed(a, seed, stats, work):
           (seed, len(ops), stats.states, time.time() - t), flush=True)
     # Crash the recovery of some kill -9 states.
     rnd.shuffle(bases)
-    for n, (files, j) in enumerate(bases[:a.recoveries]):
+    for n, (files, j, lsn) in enumerate(bases[:a.recoveries]):
         rdir = os.path.join(work, "rec")
         materialize(files, rdir)
         rtrace = os.path.join(work, "rtrace")
@@ -391,7 +415,7 @@ def one_seed(a, seed, stats, work):
             os.unlink(rtrace)
         run_traced([a.workload, "recover", rdir], rdir, rtrace, a.shim, a.free)
         rops = read_trace(rtrace)
-        explore(rops, files, rdir, rnd, checker, stats, work, a.subsets, 0, exact=j,
+        explore(rops, files, rdir, rnd, checker, stats, work, a.subsets, 0, exact=j, exact_lsn=lsn,
                 label="recovery-")
         shutil.rmtree(rdir)
     checker.close()

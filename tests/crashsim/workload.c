@@ -13,7 +13,8 @@
  * free leaf and overflow pages), sometimes a range delete, and always a put
  * of "Mj" = i. The state after batch j is therefore known from the seed
  * alone. run writes marks into the trace (crashsim_mark(), found in the
- * LD_PRELOADed shim): "A i" when apply(i) returned, "S i" when a sync
+ * LD_PRELOADed shim): "B 0" and "O 0" around the open (no batch is in
+ * flight before it returned), "A i" when apply(i) returned, "S i" when a sync
  * returned after batch i.
  *
  * check opens the shard (which replays the redo log), reads J = "Mj", and
@@ -22,6 +23,19 @@
  * applies one more batch, syncs, reopens and reads everything again, so a
  * damaged free list shows too. Each check runs in a forked child, so a
  * shard that crashes its reader is reported, not fatal.
+ *
+ * The change stream (issue 10) is checked too. run sets the epoch to
+ * EPOCH and opens the shard once, so batch i gets lsn i; the retention is
+ * small (STREAM_BYTES), so commits trim, and so is the lsn reservation's
+ * step (LSN_STEP), so it is raised all along the run. A state holding
+ * batches 1..J must have exactly batch J's position (EPOCH, J, the check
+ * chained over batches 1..J); its retained entries must be exactly batches
+ * B+1..J for some base B (reading after any earlier position: -ERANGE), each with its
+ * position and its bytes; and the batch applied after recovery must get an
+ * lsn above every lsn the run had written to a redo log before the crash
+ * point (crashsim.py follows the log writes; a reader can only have seen a
+ * logged batch): never a reuse; with the position that continues the
+ * chain, which a reopen gives back.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -37,6 +51,11 @@
 
 #define NKEYS 160
 #define VALUE_MAX (20u << 10)
+#define EPOCH 7u
+#define STREAM_BYTES (256u << 10)
+#define LSN_STEP 8u            /* the reservation is raised often: at commits,
+                                * and with a sync when a burst reaches it */
+#define BATCHES_MAX 4096
 
 struct rng {
     uint64_t s;
@@ -135,7 +154,8 @@ static int make_batch(uint64_t seed, uint64_t i, struct batch *b, uint8_t *val)
 static int open_shard(const char *dir, struct shard **s)
 {
     /* No timed commits: the workload decides when, so a seed is a trace. */
-    struct shard_lmdb_options opt = {.commit_interval_ms = 3600 * 1000, .commit_bytes = 96 << 10};
+    struct shard_lmdb_options opt = {.commit_interval_ms = 3600 * 1000, .commit_bytes = 96 << 10,
+                                     .stream_bytes = STREAM_BYTES, .lsn_step = LSN_STEP};
     char err[512];
     int rc = shard_lmdb_open(dir, 0, &opt, s, err, sizeof(err));
     if (rc)
@@ -151,13 +171,22 @@ static int cmd_run(const char *dir, uint64_t seed, uint64_t n)
     uint8_t *val = malloc(VALUE_MAX);
     int rc;
 
+    crashsim_mark("B", 0);
     if (!val || open_shard(dir, &s))
         return 1;
+    crashsim_mark("O", 0);
+    shard_lmdb_set_epoch(s, EPOCH);
     batch_init(&b);
     for (uint64_t i = 1; i <= n; i++) {
+        struct stream_pos p;
         rc = make_batch(seed, i, &b, val);
         if (rc == 0)
-            rc = shard_apply(s, &b);
+            rc = shard_lmdb_apply_pos(s, &b, &p);
+        if (rc == 0 && p.lsn != i) {
+            fprintf(stderr, "workload: batch %llu got lsn %llu\n", (unsigned long long)i,
+                    (unsigned long long)p.lsn);
+            return 1;
+        }
         if (rc) {
             fprintf(stderr, "workload: apply %llu: %s\n", (unsigned long long)i, strerror(-rc));
             return 1;
@@ -293,16 +322,117 @@ static int verify(struct shard *s, uint64_t seed, uint64_t *j, char *why, size_t
     return rc;
 }
 
+/* The positions of batches 0..n (0: the empty shard), from the seed. */
+static int chain_of(uint64_t seed, uint64_t n, struct stream_pos *pos, uint8_t *val)
+{
+    struct batch b;
+    int rc = 0;
+
+    batch_init(&b);
+    memset(&pos[0], 0, sizeof(pos[0]));
+    for (uint64_t i = 1; i <= n && rc == 0; i++) {
+        rc = make_batch(seed, i, &b, val);
+        pos[i].epoch = EPOCH;
+        pos[i].lsn = i;
+        pos[i].check = stream_check_next(pos[i - 1].check, EPOCH, i, b.buf, b.len);
+    }
+    batch_free(&b);
+    return rc;
+}
+
+struct entries {
+    uint64_t seed, next;    /* the lsn the next entry must have */
+    const struct stream_pos *pos;
+    struct batch b;
+    uint8_t *val;
+    char why[200];
+};
+
+static int entry_check(void *ctx, const struct stream_pos *p, uint64_t time_ms,
+                       const uint8_t *batch, size_t len)
+{
+    struct entries *e = ctx;
+
+    (void)time_ms;
+    if (p->lsn != e->next || memcmp(p, &e->pos[e->next], sizeof(*p)) != 0) {
+        snprintf(e->why, sizeof(e->why), "entry lsn %llu (epoch %llu), expected batch %llu's position",
+                 (unsigned long long)p->lsn, (unsigned long long)p->epoch,
+                 (unsigned long long)e->next);
+        return -EIO;
+    }
+    if (make_batch(e->seed, e->next, &e->b, e->val) || e->b.len != len ||
+        memcmp(e->b.buf, batch, len) != 0) {
+        snprintf(e->why, sizeof(e->why), "entry %llu: not batch %llu's bytes",
+                 (unsigned long long)p->lsn, (unsigned long long)e->next);
+        return -EIO;
+    }
+    e->next++;
+    return 0;
+}
+
+static int stop_fn(void *ctx, const struct stream_pos *p, uint64_t time_ms, const uint8_t *batch,
+                   size_t len)
+{
+    (void)ctx, (void)p, (void)time_ms, (void)batch, (void)len;
+    return 1;
+}
+
+/* The stream of a shard holding batches 1..j: position, entries, base. */
+static int verify_stream(struct shard *s, uint64_t seed, uint64_t j, const struct stream_pos *pos,
+                         uint8_t *val, char *why, size_t whylen)
+{
+    struct entries e = {.seed = seed, .pos = pos, .val = val};
+    struct stream_pos cur;
+    uint64_t base;
+    int rc = shard_lmdb_position(s, &cur);
+
+    if (rc || memcmp(&cur, &pos[j], sizeof(cur)) != 0) {
+        snprintf(why, whylen, "holds batches 1..%llu but its position is rc %d, epoch %llu, lsn %llu%s",
+                 (unsigned long long)j, rc, (unsigned long long)cur.epoch,
+                 (unsigned long long)cur.lsn,
+                 cur.lsn == j ? " (wrong check)" : "");
+        return -EIO;
+    }
+    /* The base: the first position the stream can be read after. */
+    for (base = 0; base <= j; base++) {
+        rc = shard_lmdb_stream_read(s, &pos[base], 1, stop_fn, NULL);
+        if (rc != -ERANGE)
+            break;
+    }
+    if (rc < 0) {
+        snprintf(why, whylen, "reading the stream after batch %llu: %s", (unsigned long long)base,
+                 strerror(-rc));
+        return -EIO;
+    }
+    batch_init(&e.b);
+    e.next = base + 1;
+    rc = shard_lmdb_stream_read(s, &pos[base], SIZE_MAX, entry_check, &e);
+    batch_free(&e.b);
+    if (rc < 0 || e.next != j + 1) {
+        snprintf(why, whylen, "the stream after batch %llu: %s", (unsigned long long)base,
+                 rc < 0 ? (e.why[0] ? e.why : strerror(-rc)) : "does not end at the position");
+        return -EIO;
+    }
+    return 0;
+}
+
 /* The whole check of one crash state, in a child process. */
-static int check_state(const char *dir, uint64_t seed, uint64_t min, uint64_t max, uint64_t *j,
+static int check_state(const char *dir, uint64_t seed, uint64_t min, uint64_t max,
+                       uint64_t lsn_max, uint64_t *j,
                        char *why, size_t whylen)
 {
+    static struct stream_pos pos[BATCHES_MAX + 2];
     struct shard *s;
     struct batch b;
+    struct stream_pos next;
     uint64_t j2;
     uint8_t *val = malloc(VALUE_MAX);
     int rc;
 
+    if (max > BATCHES_MAX) {
+        snprintf(why, whylen, "more than %u batches", BATCHES_MAX);
+        return -EINVAL;
+    }
     if (!val || open_shard(dir, &s)) {
         snprintf(why, whylen, "the shard does not open");
         return -EIO;
@@ -316,13 +446,28 @@ static int check_state(const char *dir, uint64_t seed, uint64_t min, uint64_t ma
         rc = -EIO;
         goto out;
     }
+    rc = chain_of(seed, *j + 1, pos, val);
+    if (rc == 0)
+        rc = verify_stream(s, seed, *j, pos, val, why, whylen);
+    if (rc)
+        goto out;
     /* Still usable: one more batch, durable, then everything again. */
     batch_init(&b);
+    shard_lmdb_set_epoch(s, EPOCH);
     rc = make_batch(seed, *j + 1, &b, val);
     if (rc == 0)
-        rc = shard_apply(s, &b);
+        rc = shard_lmdb_apply_pos(s, &b, &next);
     if (rc == 0)
         rc = shard_sync(s);
+    if (rc == 0 && (next.lsn <= lsn_max || next.epoch != EPOCH ||
+                    next.check != stream_check_next(pos[*j].check, EPOCH, next.lsn, b.buf, b.len))) {
+        snprintf(why, whylen, "the batch after recovery got lsn %llu (the run logged up to %llu)%s",
+                 (unsigned long long)next.lsn, (unsigned long long)lsn_max,
+                 next.lsn > lsn_max ? ", a wrong check or epoch" : ": reused");
+        rc = -EIO;
+        batch_free(&b);
+        goto out;
+    }
     batch_free(&b);
     if (rc) {
         snprintf(why, whylen, "applying batch %llu after recovery: %s",
@@ -340,6 +485,11 @@ static int check_state(const char *dir, uint64_t seed, uint64_t min, uint64_t ma
     if (rc == 0 && j2 != *j + 1) {
         snprintf(why, whylen, "after one more batch and a sync, holds 1..%llu",
                  (unsigned long long)j2);
+        rc = -EIO;
+    }
+    struct stream_pos cur;
+    if (rc == 0 && (shard_lmdb_position(s, &cur) != 0 || memcmp(&cur, &next, sizeof(cur)) != 0)) {
+        snprintf(why, whylen, "after one more batch, a sync and a reopen: another position");
         rc = -EIO;
     }
 out:

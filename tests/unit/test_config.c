@@ -739,6 +739,28 @@ static void test_repo_conf(const char *arg)
     CHECK(cfg.owner[0] == 0 && cfg.owner[3] == 0);
 }
 
+/* mount-scripts/cluster.conf (next to the repository's shards.conf): two
+ * copies of every shard, never both on one node, acknowledged by the
+ * replica, and the etcd cluster-up starts. */
+static void test_cluster_conf(void)
+{
+    static struct config cfg;
+    char err[PATH_MAX + 256] = "";
+    const char *path = "../../../mount-scripts/cluster.conf";
+
+    if (access(path, R_OK) != 0) {
+        printf("test_config: %s not found, skipping it\n", path);
+        return;
+    }
+    CHECKF(config_load(path, &cfg, err, sizeof(err)) == 0, "%s", err);
+    CHECK(cfg.node_count == 3 && cfg.shard_count == 8);
+    for (unsigned i = 0; i < cfg.shard_count; i++)
+        CHECKF(cfg.nreplicas[i] == 1 && cfg.replicas[i][0] != cfg.owner[i], "shard %u", i);
+    CHECK(cfg.ack == CONFIG_ACK_REPLICA);
+    CHECKF(strcmp(cfg.etcd, "http://127.0.0.1:2391") == 0, "etcd %s", cfg.etcd);
+    CHECK(cfg.replica_lag_ms < cfg.timeout_ms);
+}
+
 static void remove_tree(void)
 {
     static const char *const names[] = {"t.conf", "plainfile", "exists", "ro", "sub"};
@@ -778,6 +800,7 @@ int main(int argc, char **argv)
     test_replication_errors();
     test_pick_node();
     test_repo_conf(argc > 1 ? argv[1] : NULL);
+    test_cluster_conf();
     remove_tree();
     return check_summary("config");
 }
