@@ -38,6 +38,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "batch.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
 #include "shard_repl.h"
@@ -308,6 +309,24 @@ static int in_sync_slot(const struct shard_copies *c, int self)
     return -1;
 }
 
+/* A batch of the new epoch (the delete of an 'M' key nobody writes), so
+ * that no promoted copy is at lsn 0: an empty copy the map names primary
+ * is then surely a wiped one (copy_unfit). Replicated like any batch. */
+static void mark_promoted(struct fo_shard *f, struct shard *w)
+{
+    static const char key[] = "Mpromoted";
+    struct batch b;
+    int rc;
+
+    batch_init(&b);
+    batch_del(&b, key, sizeof(key) - 1);
+    rc = shard_apply(w, &b);
+    batch_free(&b);
+    if (rc < 0)
+        fprintf(stderr, "shardfs: shard %u: the promotion's first batch failed: %s\n",
+                f->base.index, strerror(-rc));
+}
+
 /* DESIGN: the candidate's wait, then the promotion. */
 static void promote(struct failover *fo, struct fo_shard *f, const struct shard_copies *seen,
                     int slot)
@@ -342,6 +361,7 @@ static void promote(struct failover *fo, struct fo_shard *f, const struct shard_
     if (rc == 0) {
         shard_lmdb_set_epoch(f->lmdb, c.epoch + 1);
         role_primary(fo, f, w);
+        mark_promoted(f, w);
         pthread_mutex_lock(&fo->lock);
         fo->promotions++;
         pthread_mutex_unlock(&fo->lock);
