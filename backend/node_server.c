@@ -266,6 +266,7 @@ struct node_server {
     struct request **polls;        /* per shard, the parked requests; under poll_lock */
     _Atomic uint64_t *applies;     /* per shard, wakeups so far (applies, syncs) */
     int poll_stop;                 /* under poll_lock */
+    int64_t poll_next_ms;          /* when the timer wakes next; under poll_lock */
     int poll_started;
     pthread_t poll_timer;
     /* the reaper */
@@ -1947,7 +1948,8 @@ static void poll_park(struct node_server *s, struct request *rq, const struct po
             rq->poll_next->poll_pprev = &rq->poll_next;
         rq->poll_pprev = &s->polls[pa->shard];
         s->polls[pa->shard] = rq;
-        pthread_cond_signal(&s->poll_wake); /* perhaps the earliest deadline */
+        if (rq->poll_deadline_ms < s->poll_next_ms)
+            pthread_cond_signal(&s->poll_wake); /* the earliest deadline now */
     }
     pthread_mutex_unlock(&s->poll_lock);
     polls_resume(now);
@@ -1991,7 +1993,9 @@ static void *poll_timer_main(void *arg)
             break;
         t.tv_sec = (time_t)(next / 1000);
         t.tv_nsec = (long)(next % 1000) * 1000000L;
+        s->poll_next_ms = next;
         pthread_cond_timedwait(&s->poll_wake, &s->poll_lock, &t);
+        s->poll_next_ms = 0; /* scanning: a new poll need not signal */
     }
     pthread_mutex_unlock(&s->poll_lock);
     return NULL;

@@ -118,7 +118,8 @@ struct shard_lmdb {
     uint64_t durable_seq;       /* last one inside a commit whose meta page is
                                  * surely on disk */
 
-    size_t pending_bytes;
+    size_t pending_bytes;       /* what the open txn adds: batches and their
+                                 * stream entries (rec_bytes) */
     struct timespec pending_since;
     uint64_t space_hint;        /* free disk bytes last seen, minus what was
                                  * applied since */
@@ -417,6 +418,14 @@ static int rec_apply(struct shard_lmdb *sl, MDB_txn *txn, const struct log_rec *
     return pos_put(txn, sl->dbi, pos_key, &r->pos);
 }
 
+/* What a record adds to the transaction: a batch is in it twice, as data
+ * and as its entry. Counted into pending_bytes, so a commit (and its
+ * latency inside the apply that triggers it) stays about commit_bytes. */
+static size_t rec_bytes(const struct log_rec *r, size_t len)
+{
+    return r->kind == LOG_APPLY || r->kind == LOG_LEGACY ? 2 * len : len;
+}
+
 /* The in-memory side of a record that is now in sl->txn. */
 static void rec_note(struct shard_lmdb *sl, const struct log_rec *r, size_t len)
 {
@@ -590,7 +599,7 @@ static int log_replay_one(struct shard_lmdb *sl, MDB_txn *txn, int fd, uint64_t 
         if (rc)
             goto out;
         rec_note(sl, &r, len);
-        sl->pending_bytes += len;
+        sl->pending_bytes += rec_bytes(&r, len);
         pass->end = off;
         pass->last = seq;
         (*expect)++;
@@ -785,10 +794,10 @@ static int txn_commit(struct shard_lmdb *sl, int grow);
 /* Admit a batch of len bytes, or return -ENOSPC. */
 static int space_admit(struct shard_lmdb *sl, size_t len)
 {
-    /* The committed copies of what is pending (the data and its stream
-     * entry), copy-on-write overhead, the batch's log copy and committed
+    /* The committed copies of what is pending (data and stream entries),
+     * copy-on-write overhead, the batch's log copy and its two committed
      * copies, and a margin. */
-    uint64_t need = 2 * sl->pending_bytes + sl->pending_bytes / 4 + 3 * (uint64_t)len + SPACE_MARGIN;
+    uint64_t need = sl->pending_bytes + sl->pending_bytes / 4 + 3 * (uint64_t)len + SPACE_MARGIN;
 
     if (sl->space_hint >= need + SPACE_PLENTY)
         goto ok;
@@ -1206,7 +1215,7 @@ static int record_apply(struct shard_lmdb *sl, const struct log_rec *r, const ui
     if (rc == 0) {
         if (sl->pending_bytes == 0)
             clock_gettime(CLOCK_MONOTONIC, &sl->pending_since);
-        sl->pending_bytes += len;
+        sl->pending_bytes += rec_bytes(r, len);
         if (sl->pending_bytes >= sl->commit_bytes)
             txn_commit(sl, 0); /* a failure keeps the log; retried later */
     }
@@ -1282,7 +1291,7 @@ int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_p
     }
     /* Without waiting: a batch that needs no commit (the log write goes to
      * the page cache). */
-    if (sl->pending_bytes + b->len >= sl->commit_bytes && shard_nowait_refuse()) {
+    if (sl->pending_bytes + 2 * b->len >= sl->commit_bytes && shard_nowait_refuse()) {
         rc = -EWOULDBLOCK;
         goto out;
     }

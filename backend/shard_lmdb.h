@@ -124,7 +124,9 @@ void shard_lmdb_stream_hold(struct shard *s, unsigned slot, uint64_t lsn);
 
 /* Called (no shard lock held) after every batch applied (apply, apply_pos,
  * apply_at), with the shard's index and the batch's position: for waking
- * long polls. One listener; fn NULL removes it. fn may call into the shard. */
+ * long polls. One listener; fn NULL removes it (once this returns, no call
+ * is running or will start). fn may call into the shard, except
+ * shard_lmdb_on_apply() itself. */
 void shard_lmdb_on_apply(struct shard *s,
                          void (*fn)(void *ctx, unsigned index, const struct stream_pos *p),
                          void *ctx);

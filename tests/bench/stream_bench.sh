@@ -8,7 +8,7 @@
 # modes (1 GiB of 64 KiB chunk puts; 100k small batches) ROUNDS times (default 3),
 # interleaved (base, this, base, this, ...), each on a fresh shard in a temp dir on the
 # ordinary disk (/var/tmp, never tmpfs). Prints every run, then per mode the medians and the
-# ratio this/base of the seconds (above 1: slower).
+# ratios this/base of the wall seconds and of the CPU seconds (above 1: slower).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 base_ref=${1:-main}
@@ -29,7 +29,7 @@ git -C "$here" archive "$base_ref" | tar -x -C "$work/base-src"
 build "$work/base-src" "$work/bench-base"
 build "$here" "$work/bench-this"
 
-declare -A times
+declare -A times cpus
 for mode in large small; do
     for r in $(seq 1 "$rounds"); do
         for which in base this; do
@@ -38,12 +38,17 @@ for mode in large small; do
             rm -rf "$work/shard-$which-$mode-$r"
             echo "$which round $r: $out"
             times[$which-$mode]+="$(echo "$out" | awk '{print $2}') "
+            cpus[$which-$mode]+="$(echo "$out" | awk '{print $5}') "
         done
     done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ratio() { awk -v t="$1" -v b="$2" 'BEGIN {printf "%.2f", t / b}'; }
 for mode in large small; do
     b=$(echo "${times[base-$mode]}" | median)
     t=$(echo "${times[this-$mode]}" | median)
-    echo "$mode: median $base_ref ${b}s, this ${t}s, ratio $(awk -v t="$t" -v b="$b" 'BEGIN {printf "%.2f", t / b}')"
+    bc=$(echo "${cpus[base-$mode]}" | median)
+    tc=$(echo "${cpus[this-$mode]}" | median)
+    echo "$mode: median wall $base_ref ${b}s, this ${t}s, ratio $(ratio "$t" "$b");" \
+        "CPU $base_ref ${bc}s, this ${tc}s, ratio $(ratio "$tc" "$bc")"
 done

@@ -11,13 +11,19 @@
  *   etcd_wait_up(e, err, errlen)
  *                            1 once a put through e succeeds (deadline 30 s:
  *                            the machine may be loaded), else 0
+ *   etcd_compact(port, rev)  compact the history of the etcd on 127.0.0.1:port
+ *                            up to rev (the client has no call for it:
+ *                            shardfs never compacts; etcd's own
+ *                            auto-compaction does). 0 or -EIO
  *
  * A test that needs it exits 77 (skipped) when ETCD_BIN is missing.
  */
 #ifndef SHARDFS_TESTS_UNIT_ETCD_SERVER_H
 #define SHARDFS_TESTS_UNIT_ETCD_SERVER_H
 
+#include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -25,6 +31,8 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <curl/curl.h>
 
 #include "etcd.h"
 #include "test_util.h"
@@ -95,6 +103,27 @@ static inline int etcd_wait_up(struct etcd *e, char *err, size_t errlen)
         usleep(100000);
     }
     return 0;
+}
+
+static inline int etcd_compact(int port, int64_t rev)
+{
+    char url[96], body[64];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/v3/kv/compaction", port);
+    snprintf(body, sizeof(body), "{\"revision\":\"%" PRId64 "\",\"physical\":true}", rev);
+    CURL *h = curl_easy_init();
+    FILE *devnull = fopen("/dev/null", "w");
+    long status = 0;
+    if (!h || !devnull)
+        exit(2);
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, devnull);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
+    CURLcode cc = curl_easy_perform(h);
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(h);
+    fclose(devnull);
+    return cc == CURLE_OK && status == 200 ? 0 : -EIO;
 }
 
 #endif

@@ -373,27 +373,9 @@ static void test_watch(struct etcd *e)
 
 static int client_port;
 
-/* Compact etcd's history up to rev (the client has no call for it: shardfs
- * will not compact; etcd's own auto-compaction does). */
 static int compact(int64_t rev)
 {
-    char url[96], body[64];
-    snprintf(url, sizeof(url), "http://127.0.0.1:%d/v3/kv/compaction", client_port);
-    snprintf(body, sizeof(body), "{\"revision\":\"%" PRId64 "\",\"physical\":true}", rev);
-    CURL *h = curl_easy_init();
-    FILE *devnull = fopen("/dev/null", "w");
-    long status = 0;
-    if (!h || !devnull)
-        exit(2);
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, devnull);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 5000L);
-    CURLcode cc = curl_easy_perform(h);
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_cleanup(h);
-    fclose(devnull);
-    return cc == CURLE_OK && status == 200 ? 0 : -EIO;
+    return etcd_compact(client_port, rev);
 }
 
 /* A watch from a compacted revision: -ERANGE, saying so. */

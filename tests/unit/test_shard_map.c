@@ -184,6 +184,17 @@ static void test_static(void)
     shard_map_close(a);
     shard_map_close(b);
     shard_map_close(NULL);
+
+    /* an etcd nobody listens on: open fails within timeout_ms, saying why */
+    etcd_port = free_port();
+    load_conf(&cfg, "no-etcd", "static-secret-0123", 4, 1, 0);
+    double t0 = now_s();
+    a = (struct shard_map *)&cfg;
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), -EHOSTUNREACH);
+    CHECK(a == NULL);
+    CHECKF(now_s() - t0 < TIMEOUT_MS / 1000.0 + 0.5, "took %.2f s", now_s() - t0);
+    CHECKF(strstr(err, "127.0.0.1") != NULL, "err '%s'", err);
+    etcd_port = 0;
 }
 
 /* ---- etcd ---- */
@@ -505,6 +516,7 @@ struct proxy {
     int listen_fd, port;
     int fd[2 * PROXY_CONNS]; /* pairs: client, upstream; -1 free */
     atomic_int frozen, stop;
+    atomic_int cut; /* set: the proxy thread closes every connection, then clears it */
     _Atomic double last_c2s; /* when bytes last went from the map to etcd */
     pthread_t th;
 };
@@ -537,6 +549,12 @@ static void *proxy_main(void *arg)
         struct pollfd pf[2 * PROXY_CONNS + 1];
         int idx[2 * PROXY_CONNS + 1], n = 0;
 
+        if (atomic_load(&p->cut)) {
+            for (int j = 0; j < PROXY_CONNS; j++)
+                if (p->fd[2 * j] >= 0)
+                    proxy_drop(p, j);
+            atomic_store(&p->cut, 0);
+        }
         if (atomic_load(&p->frozen)) { /* nothing moves, nothing is closed */
             usleep(5000);
             continue;
@@ -677,6 +695,56 @@ out:
     proxy_stop(&px);
 }
 
+/* A map whose watch was away while etcd compacted the changes it missed:
+ * it reads the whole map again, leader keys deleted meanwhile included. */
+static void test_watch_compacted(struct etcd *e)
+{
+    static struct config cfg, via;
+    struct shard_map *a = NULL, *b = NULL;
+    struct changes cb = {0};
+    struct proxy px;
+    int64_t rev = 0;
+    double end;
+
+    proxy_start(&px);
+    load_conf(&cfg, "compact", "compact-secret-0123456", 4, 1, 0);
+    via = cfg;
+    snprintf(via.etcd, sizeof(via.etcd), "http://127.0.0.1:%d", px.port);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&via, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        goto out;
+    shard_map_on_change(b, on_change, &cb);
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 1, 0));
+    /* b cut off: its watch breaks and cannot come back */
+    atomic_store(&px.frozen, 1);
+    atomic_store(&px.cut, 1);
+    end = now_s() + 5;
+    while (atomic_load(&px.cut) && now_s() < end)
+        usleep(1000);
+    CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0);
+    shard_map_close(a); /* its leader keys go */
+    a = NULL;
+    CHECK_RC(etcd_put(e, ETCD_S("compact-here"), ETCD_S("1"), 0, &rev, err, sizeof(err)), 0);
+    CHECK_RC(etcd_compact(etcd_port, rev), 0);
+    usleep(300000);
+    CHECK(get(b, 0).in_sync == 1 && shard_map_leader(b, 0) == 0); /* b has not heard */
+    atomic_store(&cb.total, 0);
+    atomic_store(&px.frozen, 0);
+    CHECK(wait_for(b, 0, 7, 0, -1));
+    CHECK(shard_map_leader(b, 1) == -1);
+    CHECK(shard_map_leader(b, 2) == 1); /* its own, kept or taken back */
+    end = now_s() + 5;
+    while (atomic_load(&cb.n[1]) == 0 && now_s() < end)
+        usleep(10000);
+    CHECK(atomic_load(&cb.n[1]) >= 1); /* shard 1 changed only by its leader key */
+out:
+    shard_map_close(b);
+    shard_map_close(a);
+    proxy_stop(&px);
+}
+
 /* etcd stopped and started again: the map keeps what it has meanwhile,
  * calls fail fast, and afterwards the lease, the leader keys and the watch
  * come back by themselves. Returns the new etcd's pid. */
@@ -756,6 +824,7 @@ int main(void)
         test_promote_after_expiry();
         test_lease_loss(pid);
         test_partition(e);
+        test_watch_compacted(e);
         pid = test_etcd_restart(pid);
     }
     etcd_free(e);
