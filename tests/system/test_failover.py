@@ -33,13 +33,14 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import is_mounted, read_file, run, wait_for, write_file
+from conftest import SHARDFS_BIN, is_mounted, read_file, run, wait_for, write_file
 from test_cluster import NODES, SECRET, TIMEOUT_MS
 from test_cluster_api import signed
 from test_replication import ReplCluster, entry_shard, etcd_url  # noqa: F401 (fixture)
@@ -384,6 +385,15 @@ def test_rsync_through_a_survives_kill9_of_b(fcluster):
         run(["rsync", "-a", src, c.p("a", "inc") + "/"], timeout=600)
     for n in ("a", "c"):
         run(["diff", "-r", src, c.p(n, "inc")], timeout=300)
+    # shardfs status names the map's primaries, not shards.conf's
+    m = c.shard_map()
+    r = subprocess.run([SHARDFS_BIN, "status", "-c", c.conf], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=120, text=True)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)  # b is down
+    rows = {int(l.split()[0]): l.split()[1] for l in r.stdout.splitlines()
+            if " primary " in l and l.split()[0].isdigit()}
+    assert rows == {s: e["primary"] for s, e in m.items()}, (rows, r.stdout)
+    assert "b" not in rows.values(), r.stdout
     c.start("b")
     wait_settled(c)
     run(["diff", "-r", src, c.p("b", "inc")], timeout=300)
