@@ -8,6 +8,10 @@
  * request for a shard this node holds only a replica of is redirected to
  * the primary (the server's rule, node_server.h). The replica-sync thread
  * asks the map where each primary is and is kicked by the map's changes.
+ * With etcd, failover.h does the wrapping instead: every copy here, primary
+ * or replica, gets a switch in the namespace, the replica-sync thread gets
+ * every copy (it leaves alone those this node serves) and the failover
+ * thread moves the roles with the map.
  */
 #include "replication.h"
 
