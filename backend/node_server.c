@@ -1354,7 +1354,8 @@ static json_t *replica_json(struct node_server *s, const struct shard_repl_peer 
 /* GET /v1/shard/N/position (wire.h). */
 static void op_position(struct node_server *s, unsigned n, struct node_response *r)
 {
-    struct shard *sh = s->shards[n], *local = s->local ? s->local[n] : NULL;
+    struct shard *sh = __atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE);
+    struct shard *local = s->local ? s->local[n] : NULL;
     struct shard_repl_status st = {0};
     struct stream_pos pos;
     char check[24];
@@ -1430,7 +1431,7 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
         r->errno_name[0] = '\0';
         return;
     }
-    sh = server == s->self ? s->shards[n] : NULL;
+    sh = server == s->self ? __atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE) : NULL;
     if (!sh && server == s->self) {
         resp_error(r, -EIO, "shard %u is ours but not open", n);
         return;
@@ -2555,6 +2556,8 @@ int node_server_new_repl(const struct config *cfg, int self, struct shard *const
     if (nonce_cache_new(NONCE_MAX, WIRE_MAX_SKEW, NONCE_MIN_KEEP_S, &s->nonces) < 0)
         goto nomem;
     listeners_set(s, 1);
+    if (repl && repl->started)
+        repl->started(repl->started_ctx, s);
     *out = s;
     return 0;
 
@@ -2562,6 +2565,20 @@ nomem:
     node_server_stop(s);
     set_err(err, errlen, "node_server_start: out of memory");
     return -ENOMEM;
+}
+
+void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh)
+{
+    struct shard *old;
+
+    if (!s || n >= s->cfg.shard_count)
+        return;
+    /* the listener first: a sync waiting for replicas must wake their polls */
+    if (s->local && shard_repl_is(sh))
+        shard_repl_on_sync_wanted(sh, polls_wake, s);
+    old = __atomic_exchange_n(&s->shards[n], sh, __ATOMIC_ACQ_REL);
+    if (old != sh && s->local && shard_repl_is(old))
+        shard_repl_on_sync_wanted(old, NULL, NULL);
 }
 
 int node_server_new(const struct config *cfg, int self, struct shard *const *shards,

@@ -155,7 +155,19 @@ struct node_server_repl {
      * set at start, removed at stop. For a primary with replicas, shards[n]
      * (above) is its shard_repl wrapper and local[n] its inner shard. */
     struct shard *const *local;
+    /* Called (may be NULL) at the end of node_server_new_repl(), before
+     * anything is served: a failover (fs/failover.h) keeps the server to
+     * change its shards with node_server_set_shard(). */
+    void (*started)(void *ctx, struct node_server *s);
+    void *started_ctx;
 };
+
+/* Serve sh as shard n from now on (a promotion made this node the shard's
+ * primary: its new shard_repl wrapper), or nothing (NULL: a demotion; the
+ * map names another primary, to which requests are redirected). sh is
+ * borrowed and must stay valid until the server stops: a request in
+ * flight may still use the shard it replaced. Any thread. */
+void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh);
 
 /* node_server_start() with replication: repl as above (NULL: as
  * node_server_start). A stream request is answered from local[n] when

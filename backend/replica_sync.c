@@ -151,6 +151,7 @@ struct rshard {
     int64_t snap_start;
 
     struct replica_status st;         /* protected by replica_sync.lock */
+    uint64_t kick_req, kick_done;     /* protected by replica_sync.lock: kick_wait */
 };
 
 struct replica_sync {
@@ -164,6 +165,7 @@ struct replica_sync {
     int started;
     atomic_int stop;
     pthread_mutex_t lock;
+    pthread_cond_t kicked_cond;       /* a kick_wait's refresh is done */
     unsigned n;
     struct rshard *sh;
     int slot[CONFIG_MAX_SHARDS];      /* shard index -> sh[], -1 */
@@ -840,6 +842,10 @@ static void primary_refresh(struct replica_sync *rs, struct rshard *h)
     if (node == h->primary && epoch == h->epoch)
         return;
     transfer_drop(rs, h);
+    /* This node served the copy as its primary (failover.h): what it holds
+     * now is read again, not what the thread last applied. */
+    if (h->primary == rs->self)
+        h->pos_ok = 0;
     h->primary = node;
     h->epoch = epoch;
     h->base[0] = '\0';
@@ -888,8 +894,18 @@ static void *sync_main(void *arg)
         for (unsigned i = 0; i < rs->n; i++) {
             struct rshard *h = &rs->sh[i];
 
-            if (atomic_exchange(&h->kicked, 0))
+            if (atomic_exchange(&h->kicked, 0)) {
+                uint64_t seen;
+
+                pthread_mutex_lock(&rs->lock);
+                seen = h->kick_req;
+                pthread_mutex_unlock(&rs->lock);
                 primary_refresh(rs, h);
+                pthread_mutex_lock(&rs->lock);
+                h->kick_done = seen;
+                pthread_cond_broadcast(&rs->kicked_cond);
+                pthread_mutex_unlock(&rs->lock);
+            }
             if (h->dirty && now - h->synced_at >= RS_SYNC_MS)
                 sync_copy(rs, h);
             if (h->dirty && h->synced_at + RS_SYNC_MS < wake)
@@ -941,6 +957,7 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
     rs->primary_of = primary_of;
     rs->ctx = ctx;
     pthread_mutex_init(&rs->lock, NULL);
+    pthread_cond_init(&rs->kicked_cond, NULL);
     atomic_init(&rs->stop, 0);
     for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         rs->slot[i] = -1;
@@ -1015,8 +1032,10 @@ void replica_sync_stop(struct replica_sync *rs)
     if (rs->multi)
         curl_multi_cleanup(rs->multi);
     remote_free(rs->remote);
-    if (rs->sh)
+    if (rs->sh) {
         pthread_mutex_destroy(&rs->lock);
+        pthread_cond_destroy(&rs->kicked_cond);
+    }
     free(rs->sh);
     free(rs);
 }
@@ -1027,4 +1046,23 @@ void replica_sync_kick(struct replica_sync *rs, unsigned shard)
         return;
     atomic_store(&rs->sh[rs->slot[shard]].kicked, 1);
     curl_multi_wakeup(rs->multi);
+}
+
+void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard)
+{
+    struct rshard *h;
+    uint64_t want;
+
+    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+        return;
+    h = &rs->sh[rs->slot[shard]];
+    pthread_mutex_lock(&rs->lock);
+    want = ++h->kick_req;
+    pthread_mutex_unlock(&rs->lock);
+    atomic_store(&h->kicked, 1);
+    curl_multi_wakeup(rs->multi);
+    pthread_mutex_lock(&rs->lock);
+    while (h->kick_done < want && rs->started && !atomic_load(&rs->stop))
+        pthread_cond_wait(&rs->kicked_cond, &rs->lock);
+    pthread_mutex_unlock(&rs->lock);
 }

@@ -54,6 +54,12 @@ void replica_sync_stop(struct replica_sync *rs);
  * and follows the new primary. Any thread; NULL-safe. */
 void replica_sync_kick(struct replica_sync *rs, unsigned shard);
 
+/* replica_sync_kick(), and wait until the thread asked primary_of again:
+ * when primary_of now says this node (failover.h: it is being promoted),
+ * no pull of the shard is in flight and none will be applied after this
+ * returns. Not on the sync thread (primary_of, the map's listener: no). */
+void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard);
+
 enum replica_phase {
     REPLICA_WAITING = 0, /* for a primary (none, unreachable: backing off) */
     REPLICA_STREAMING,   /* pulling the change stream */

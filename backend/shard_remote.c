@@ -70,6 +70,16 @@
  *    fork and nothing to do for a node nobody asks for. Any HTTP answer to
  *    any request marks the node up.
  *
+ * 9. Following a shard map (remote_owner_set, an etcd map: failover.h). The
+ *    owner of a shard is then the node the map names, updated as the map
+ *    changes, and "none" between a primary's death and a promotion. A
+ *    request for a shard with no owner, or whose owner is down (its connect
+ *    failed: nothing was sent, so an apply may go again), or that got a 503
+ *    (the node did nothing), waits for owner[] to change, at most
+ *    REMOTE_PROBE_MS at a time, and tries again, until its deadline: then
+ *    -EHOSTUNREACH. So a write that meets a dead primary goes to the
+ *    promoted replica as soon as the map names it, within timeout_ms.
+ *
  * Threads: the pool, owner[], the interned URLs and the epoch are protected
  * by remote.lock; nothing else is shared. The only global state is
  * curl_global_init(), done once (pthread_once) and never undone.
@@ -150,6 +160,10 @@ struct remote {
     struct conn *idle;
     unsigned idle_count;
     struct node_health health[CONFIG_MAX_NODES];
+    /* DESIGN 9: set by remote_owner_set(); under lock */
+    int follow;
+    uint64_t owner_gen[CONFIG_MAX_SHARDS]; /* bumped by every change of owner[] */
+    pthread_cond_t owner_cond;             /* owner[] changed (CLOCK_MONOTONIC) */
 };
 
 struct shard_remote {
@@ -750,14 +764,44 @@ static int follow_redirect(struct remote *r, unsigned shard, const struct reques
     int rc = 0;
     pthread_mutex_lock(&r->lock);
     const char *u = url_intern(r, q->location, blen);
-    if (u)
+    if (u && r->owner[shard] != u) {
         r->owner[shard] = u;
-    else
+        r->owner_gen[shard]++;
+        pthread_cond_broadcast(&r->owner_cond);
+    } else if (!u) {
         rc = -EIO;
+    }
     if (epoch > r->epoch)
         r->epoch = epoch;
     pthread_mutex_unlock(&r->lock);
     return rc;
+}
+
+/* DESIGN 9: wait until owner[shard] is no longer the one of generation gen,
+ * or REMOTE_PROBE_MS passed, or the deadline. 0, or -EHOSTUNREACH when the
+ * deadline is too near for another attempt. */
+static int owner_wait(struct remote *r, unsigned shard, uint64_t gen, int64_t deadline)
+{
+    int64_t now = now_ms(), until = now + REMOTE_PROBE_MS;
+    struct timespec ts;
+
+    if (now + REMOTE_MIN_ATTEMPT_MS >= deadline)
+        return -EHOSTUNREACH;
+    if (until > deadline - REMOTE_MIN_ATTEMPT_MS)
+        until = deadline - REMOTE_MIN_ATTEMPT_MS;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += (until - now) / 1000;
+    ts.tv_nsec += (long)((until - now) % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&r->lock);
+    while (r->owner_gen[shard] == gen &&
+           pthread_cond_timedwait(&r->owner_cond, &r->lock, &ts) != ETIMEDOUT)
+        ;
+    pthread_mutex_unlock(&r->lock);
+    return 0;
 }
 
 /* A status that is no success, as errno (wire.h's table). */
@@ -883,17 +927,23 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
         return -ENOMEM;
     for (;;) {
         char base[CONFIG_URL_MAX + 1];
-        uint64_t epoch;
-        int target, gate;
+        uint64_t epoch, gen = 0;
+        int target, gate, follow = 0;
 
         pthread_mutex_lock(&r->lock);
         target = shard >= 0 ? node_of_url(r, r->owner[shard]) : (int)node;
         snprintf(base, sizeof(base), "%s", shard >= 0 ? r->owner[shard] : r->cfg->nodes[node].url);
         epoch = r->epoch;
         gate = health_gate(r, target, q->probe);
+        if (shard >= 0 && r->follow) {
+            follow = 1;
+            gen = r->owner_gen[shard];
+        }
         pthread_mutex_unlock(&r->lock);
         if (!base[0] || gate < 0) {
             rc = -EHOSTUNREACH; /* no URL configured, or known to be down */
+            if (follow && owner_wait(r, (unsigned)shard, gen, deadline) == 0)
+                continue; /* DESIGN 9: wait for the map to name a live owner */
             break;
         }
 
@@ -909,6 +959,8 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
                                                                           : left)) {
             /* Not retried: the next attempt is the probe's, REMOTE_PROBE_MS on. */
             rc = remote_errno_of_curl(cc, q);
+            if (follow && owner_wait(r, (unsigned)shard, gen, deadline) == 0)
+                continue; /* nothing was sent: DESIGN 9 */
             break;
         }
         if (cc == CURLE_OK && q->status == 307 && shard >= 0) {
@@ -928,6 +980,12 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
         } else {
             rc = status_errno(q);
             retry = q->status == 503;
+            if (retry && follow) {
+                /* the node did nothing; the map may name another soon */
+                if (owner_wait(r, (unsigned)shard, gen, deadline) < 0)
+                    break;
+                continue;
+            }
         }
         if (!retry || !q->idempotent)
             break;
@@ -1415,6 +1473,14 @@ int remote_new(const struct config *cfg, int self, struct remote **out, char *er
         r->owner[i] = o >= 0 && (unsigned)o < cfg->node_count ? cfg->nodes[o].url : "";
     }
     pthread_mutex_init(&r->lock, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&r->owner_cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     *out = r;
     return 0;
 }
@@ -1435,7 +1501,25 @@ void remote_free(struct remote *r)
         free(u);
     }
     pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->owner_cond);
     free(r);
+}
+
+void remote_owner_set(struct remote *r, unsigned index, int node)
+{
+    const char *u;
+
+    if (index >= r->cfg->shard_count)
+        return;
+    u = node >= 0 && (unsigned)node < r->cfg->node_count ? r->cfg->nodes[node].url : "";
+    pthread_mutex_lock(&r->lock);
+    r->follow = 1;
+    if (r->owner[index] != u) {
+        r->owner[index] = u;
+        r->owner_gen[index]++;
+        pthread_cond_broadcast(&r->owner_cond);
+    }
+    pthread_mutex_unlock(&r->lock);
 }
 
 int shard_remote_open(struct remote *r, unsigned index, struct shard **out)

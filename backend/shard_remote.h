@@ -57,6 +57,14 @@ int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, 
  * until remote_free(). */
 const char *remote_owner_url(struct remote *r, unsigned index);
 
+/* The shard map names shard index's owner (failover.h): node, or -1 while
+ * the shard has no primary. From the first call on, r follows the map:
+ * a request for a shard without an owner, or whose owner is down, waits
+ * for the map to name another (up to timeout_ms in all; then
+ * -EHOSTUNREACH) instead of failing at once, and a 503 (the node did
+ * nothing) is tried again also for apply. Any thread. */
+void remote_owner_set(struct remote *r, unsigned index, int node);
+
 /* One signed request to node `node` outside the shard routes: the key API
  * (fs/kv_api.h), for the CLI. method is GET, HEAD, PUT or DELETE; body is
  * sent with PUT. A 2xx reply body goes to sink (dropped if sink is NULL;

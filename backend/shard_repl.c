@@ -362,14 +362,26 @@ static int repl_sync(struct shard *s)
     return still_primary(r, c.epoch);
 }
 
+/* The wrapper alone (shard_repl_free, repl_close). */
+static void repl_free(struct shard_repl *r)
+{
+    pthread_cond_destroy(&r->reported);
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+}
+
 static void repl_close(struct shard *s)
 {
     struct shard_repl *r = repl_of(s);
 
     shard_close(r->inner);
-    pthread_cond_destroy(&r->reported);
-    pthread_mutex_destroy(&r->lock);
-    free(r);
+    repl_free(r);
+}
+
+void shard_repl_free(struct shard *s)
+{
+    if (s)
+        repl_free(repl_of(s));
 }
 
 static const struct shard_ops repl_ops = {

@@ -57,6 +57,10 @@
 int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct config *cfg, int self,
                    struct shard **out);
 
+/* Free the wrapper s but leave its LMDB shard open (a failover hands a
+ * copy from one wrapper to the next: fs/failover.h). NULL-safe. */
+void shard_repl_free(struct shard *s);
+
 /* 1 if s was made by shard_repl_new(), else 0. */
 int shard_repl_is(const struct shard *s);
 

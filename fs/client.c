@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "node_server.h"
+#include "shard_map.h"
 #include "wire.h"
 
 #define CLIENT_ERR_MAX 1024
@@ -483,7 +484,7 @@ static void copy_state(json_t *mine, char *out, size_t len)
  * position it acknowledged, whether it is in the in-sync set and how far
  * behind it is) and each replica's own (GET /v1/replicas on its node: the
  * position it holds, its phase, a snapshot's progress). */
-static void print_copies(struct client *c, const int *up)
+static void print_copies(struct client *c, const int *up, const struct shard_copies *copies)
 {
     json_t *own[CONFIG_MAX_NODES] = {0};
     int rc;
@@ -493,12 +494,17 @@ static void print_copies(struct client *c, const int *up)
     printf("\n%-6s %-12s %-8s %6s %12s %8s %8s %7s  %s\n", "SHARD", "NODE", "ROLE", "EPOCH",
            "LSN", "LAG", "LAG_MS", "IN_SYNC", "STATE");
     for (unsigned s = 0; s < c->cfg.shard_count; s++) {
-        int owner = c->cfg.owner[s];
+        int owner = copies[s].primary;
         char path[64];
         json_t *pos = NULL, *peers;
 
         snprintf(path, sizeof(path), "/v1/shard/%u/position", s);
         rc = -EHOSTUNREACH;
+        if (owner < 0) {
+            printf("%-6u %-12s %-8s %6s %12s %8s %8s %7s  (no primary)\n", s, "-", "primary",
+                   "-", "-", "-", "-", "-");
+            continue;
+        }
         if (up[owner])
             pos = get_json(c, (unsigned)owner, path, &rc);
         if (pos)
@@ -508,13 +514,19 @@ static void print_copies(struct client *c, const int *up)
             printf("%-6u %-12s %-8s %6s %12s %8s %8s %7s  (%s)\n", s, c->cfg.nodes[owner].name,
                    "primary", "-", "-", "-", "-", "-", strerror(-rc));
         peers = json_object_get(pos, "replicas");
-        for (unsigned k = 0; k < c->cfg.nreplicas[s]; k++) {
-            int node = c->cfg.replicas[s][k];
-            const char *name = c->cfg.nodes[node].name;
-            json_t *peer = json_find(peers, "node", name, 0);
-            json_t *mine = json_find(json_object_get(own[node], "replicas"), "shard", NULL, s);
+        for (unsigned k = 0; k < copies[s].nreplicas; k++) {
+            int node = copies[s].replicas[k];
+            const char *name;
+            json_t *peer, *mine;
             char epoch[24] = "-", lsn[24] = "-", lag[24] = "-", lag_ms[24] = "-", state[256];
-            json_t *from = mine ? mine : peer;
+            json_t *from;
+
+            if (node < 0)
+                continue; /* a node the map names but this config lacks */
+            name = c->cfg.nodes[node].name;
+            peer = json_find(peers, "node", name, 0);
+            mine = json_find(json_object_get(own[node], "replicas"), "shard", NULL, s);
+            from = mine ? mine : peer;
 
             if (mine) /* the primary's view has no epoch of the copy */
                 snprintf(epoch, sizeof(epoch), "%lld", jint(mine, "epoch"));
@@ -573,6 +585,23 @@ int cmd_status(int argc, char **argv)
         up[i] = prc[i] == 0;
         down += !up[i];
     }
+    /* Who holds what: the shard map (etcd's, which failovers change, or the
+     * file's). */
+    struct shard_copies copies[CONFIG_MAX_SHARDS];
+    struct shard_map *map = NULL;
+    char merr[256];
+
+    if (c.cfg.etcd[0] && shard_map_open(&c.cfg, -1, &map, merr, sizeof(merr)) != 0)
+        fprintf(stderr, "shardfs: the shard map in etcd: %s; showing shards.conf's\n", merr);
+    for (unsigned s = 0; s < c.cfg.shard_count; s++) {
+        copies[s] = (struct shard_copies){.primary = c.cfg.owner[s],
+                                          .nreplicas = c.cfg.nreplicas[s]};
+        for (unsigned k = 0; k < c.cfg.nreplicas[s]; k++)
+            copies[s].replicas[k] = c.cfg.replicas[s][k];
+        if (map && shard_map_get(map, s, &copies[s]) == 0)
+            remote_owner_set(c.remote, s, copies[s].primary);
+    }
+    shard_map_close(map);
     /* In config order, once every node was pinged: a down node's line asks
      * the live ones since when they have it marked. */
     for (unsigned i = 0; i < c.cfg.node_count; i++) {
@@ -598,11 +627,15 @@ int cmd_status(int argc, char **argv)
     }
     printf("\n%-6s %-12s %12s %14s %8s\n", "SHARD", "OWNER", "RECORDS", "BYTES", "PENDING");
     for (unsigned s = 0; s < c.cfg.shard_count; s++) {
-        int owner = c.cfg.owner[s];
+        int owner = copies[s].primary;
         struct shard *sh = NULL;
         struct shard_stat st;
         int src = -EHOSTUNREACH;
 
+        if (owner < 0) {
+            printf("%-6u %-12s %12s %14s %8s  (no primary)\n", s, "-", "-", "-", "-");
+            continue;
+        }
         if (up[owner] && shard_remote_open(c.remote, s, &sh) == 0) {
             src = shard_stat(sh, &st);
             shard_close(sh);
@@ -617,7 +650,7 @@ int cmd_status(int argc, char **argv)
     }
     for (unsigned s = 0; s < c.cfg.shard_count; s++) {
         if (c.cfg.nreplicas[s]) {
-            print_copies(&c, up);
+            print_copies(&c, up, copies);
             break;
         }
     }

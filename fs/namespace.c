@@ -216,6 +216,22 @@ int ns_shard_wrap(struct ns *ns, unsigned index, struct shard *wrap)
     return 0;
 }
 
+struct shard *ns_shard_swap(struct ns *ns, unsigned index, struct shard *s)
+{
+    struct shard *old;
+
+    if (index >= ns->nshards || !s)
+        return NULL;
+    old = ns->shards[index];
+    ns->shards[index] = s;
+    return old;
+}
+
+struct remote *ns_remote(struct ns *ns)
+{
+    return ns->remote;
+}
+
 /* 1 if shards.conf names node a replica holder of shard i. */
 static int holds_replica(const struct config *cfg, int node, unsigned i)
 {

@@ -28,6 +28,8 @@
 #include "shard.h"
 #include "store_lock.h"
 
+struct remote;
+
 struct ns;
 
 /* Asked when an inode's last name goes away (unlink, rmdir, rename over it):
@@ -87,6 +89,15 @@ struct shard *ns_replica(struct ns *ns, unsigned index);
  * closes wrap, whose close must close the shard it wraps. Before any other
  * thread uses ns. 0, or -EINVAL when index is not this node's. */
 int ns_shard_wrap(struct ns *ns, unsigned index, struct shard *wrap);
+/* Put s in place of shard index, whatever it was, and return what was
+ * there (now the caller's, to close); the namespace uses and closes s from
+ * then on. For a failover (failover.h), whose shard switches between the
+ * local copy and the remote one. Before any other thread uses ns. NULL for
+ * a bad index. */
+struct shard *ns_shard_swap(struct ns *ns, unsigned index, struct shard *s);
+/* The remote shards' shared state (shard_remote.h); NULL when every shard
+ * is local. */
+struct remote *ns_remote(struct ns *ns);
 unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
                         size_t nlen);
 unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);

@@ -8,6 +8,10 @@
  * request for a shard this node holds only a replica of is redirected to
  * the primary (the server's rule, node_server.h). The replica-sync thread
  * asks the map where each primary is and is kicked by the map's changes.
+ * With etcd, failover.h does the wrapping instead: every copy here, primary
+ * or replica, gets a switch in the namespace, the replica-sync thread gets
+ * every copy (it leaves alone those this node serves) and the failover
+ * thread moves the roles with the map.
  */
 #include "replication.h"
 
@@ -18,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "failover.h"
 #include "replica_sync.h"
 #include "shard_map.h"
 #include "shard_repl.h"
@@ -30,6 +35,7 @@ struct replication {
     struct ns *ns;
     struct shard_map *map;
     struct replica_sync *sync;
+    struct failover *fo; /* with etcd: failover.h */
     struct shard *local[CONFIG_MAX_SHARDS];
     struct node_server_repl server;
 };
@@ -59,7 +65,15 @@ int replication_open(const struct config *cfg, int node, struct ns *ns, struct r
     rc = shard_map_open(cfg, node, &rep->map, err, errlen);
     if (rc)
         goto fail;
-    for (unsigned i = 0; i < cfg->shard_count; i++) {
+    if (cfg->etcd[0]) {
+        /* the roles follow the map: failover.h wraps what it serves */
+        rc = failover_open(cfg, node, ns, rep->map, rep->local, &rep->fo, err, errlen);
+        if (rc)
+            goto fail;
+        rep->server.started = failover_started;
+        rep->server.started_ctx = rep->fo;
+    }
+    for (unsigned i = 0; !rep->fo && i < cfg->shard_count; i++) {
         struct shard_copies c;
         struct shard *w;
 
@@ -116,9 +130,12 @@ int replication_sync_start(struct replication *rep, char *err, size_t errlen)
     int rc;
 
     for (unsigned i = 0; i < rep->cfg->shard_count; i++)
-        replicas[i] = ns_replica(rep->ns, i);
-    rc = replica_sync_start(rep->cfg, rep->node, replicas, primary_of, rep->map, &rep->sync, err,
-                            errlen);
+        replicas[i] = rep->fo ? rep->local[i] : ns_replica(rep->ns, i);
+    rc = replica_sync_start(rep->cfg, rep->node, replicas,
+                            rep->fo ? failover_primary_of : primary_of,
+                            rep->fo ? (void *)rep->fo : (void *)rep->map, &rep->sync, err, errlen);
+    if (rc == 0 && rep->fo)
+        return failover_start(rep->fo, rep->sync, err, errlen);
     if (rc == 0 && rep->sync)
         shard_map_on_change(rep->map, on_map_change, rep->sync);
     return rc;
@@ -128,6 +145,7 @@ void replication_sync_stop(struct replication *rep)
 {
     if (!rep)
         return;
+    failover_stop(rep->fo); /* no promotion waits for the sync thread any more */
     if (rep->sync)
         shard_map_on_change(rep->map, NULL, NULL); /* waits for a call in progress */
     replica_sync_stop(rep->sync);
@@ -139,6 +157,7 @@ void replication_close(struct replication *rep)
     if (!rep)
         return;
     replication_sync_stop(rep);
+    failover_close(rep->fo);
     shard_map_close(rep->map);
     free(rep);
 }
@@ -190,7 +209,7 @@ int replication_route(struct replication *rep, const struct node_request *req,
     for (unsigned i = 0; list && rep && i < rep->cfg->shard_count; i++) {
         struct replica_status st;
 
-        if (replica_sync_status(rep->sync, i, &st) == 0 &&
+        if (replica_sync_status(rep->sync, i, &st) == 0 && st.primary != rep->node &&
             json_array_append_new(list, copy_json(rep, i, &st)) != 0) {
             json_decref(list);
             list = NULL;

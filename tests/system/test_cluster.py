@@ -168,6 +168,7 @@ class Cluster:
         """fsck each node while the other two run `shardfs serve -f`."""
         for n in NODES:
             servers = []
+            self.before_fsck()
             try:
                 for o in NODES:
                     if o == n:
@@ -198,6 +199,9 @@ class Cluster:
                         kill_group(p.pid)
                         p.wait(timeout=10)
                         self.problems.append("serve %s ignored SIGTERM (killed)" % o)
+
+    def before_fsck(self):
+        """Called before each node's fsck, every node stopped."""
 
     def check_stderr(self):
         for label, path in self.stderr_files:

@@ -1,0 +1,693 @@
+/* failover.c -- automatic failover through the etcd shard map (failover.h).
+ *
+ * DESIGN
+ *  The switch (struct fo_shard) is what the namespace holds for a shard
+ *  this node has a copy of. Under fo->lock it has a role: REPLICA (ops go
+ *  to the remote shard), PROMOTING (the same, while the copy is being
+ *  taken over) or PRIMARY (ops go to the current shard_repl wrapper; a
+ *  count of those in flight lets a step-down wait for them). Wrappers are
+ *  never freed while the node runs: a request in the node server may still
+ *  hold one it replaced; they go at the switch's close (ns_close, after the
+ *  server stopped). A new promotion makes a new wrapper: the old one's
+ *  view of its replicas' reports and of its position is of another time.
+ *
+ *  One thread reconciles every copy with the map, when the map's listener
+ *  signals a change and every TTL/4 anyway:
+ *    want = the map names this node primary and its leader key is ours;
+ *    want and role REPLICA          -> take the role (start, or a leader
+ *                                      key the keep-alive took again);
+ *    another primary, role PRIMARY  -> step down;
+ *    no leader, in the in-sync set  -> promote (below).
+ *  Choosing the most advanced in-sync replica without an election: each
+ *  candidate waits FO_STEP_MS for every batch it was behind its primary at
+ *  the primary's last reply (at most FO_BEHIND_MAX of them), plus its slot
+ *  in the replica list times FO_SLOT_MS (a tie-break), then looks at the
+ *  map again: a replica that was level promotes first, and the others see
+ *  the leader key taken. With ack = replica every acknowledged write is on
+ *  every in-sync replica anyway, so a less advanced winner loses only
+ *  unacknowledged batches, and the more advanced loser, whose history then
+ *  diverged, catches up by a snapshot (ESTALE).
+ */
+#include "failover.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "batch.h"
+#include "shard_lmdb.h"
+#include "shard_remote.h"
+#include "shard_repl.h"
+
+#define FO_STEP_MS 50     /* a candidate's wait per batch behind */
+#define FO_BEHIND_MAX 20u /* batches counted */
+#define FO_SLOT_MS 30     /* per slot in the replica list */
+
+enum fo_role { FO_REPLICA = 0, FO_PROMOTING, FO_PRIMARY };
+
+struct fo_shard {
+    struct shard base; /* the switch */
+    struct failover *fo;
+    struct shard *lmdb;   /* this node's copy */
+    int owns_lmdb;        /* the config's primary copy: closed by the switch */
+    struct shard *remote; /* the shard at its primary */
+    int unfit;            /* never take the primary role: see failover_open */
+    /* under fo->lock: */
+    enum fo_role role;
+    struct shard *primary; /* the wrapper served while PRIMARY */
+    struct shard **old;    /* wrappers replaced, freed at close */
+    unsigned nold;
+    unsigned active; /* ops on `primary` in flight */
+};
+
+struct failover {
+    const struct config *cfg;
+    int self;
+    struct ns *ns;
+    struct shard_map *map;
+    struct remote *remote;
+    struct node_server *srv;
+    struct replica_sync *rs;
+    struct fo_shard *sh[CONFIG_MAX_SHARDS]; /* NULL: no copy here */
+
+    pthread_mutex_t lock;
+    pthread_cond_t cond; /* a change (dirty), stop, or ops drained */
+    unsigned char dirty[CONFIG_MAX_SHARDS];
+    int stop;
+    unsigned promotions, demotions;
+    pthread_t thread;
+    int started;
+};
+
+static int64_t mono_ms(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* ts = CLOCK_MONOTONIC now + ms, for a timed wait on fo->cond. */
+static void deadline_in(struct timespec *ts, int64_t ms)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000;
+    if (ts->tv_nsec >= 1000000000) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000;
+    }
+}
+
+/* ---- the switch ---- */
+
+static struct fo_shard *sw_of(struct shard *s)
+{
+    return (struct fo_shard *)s;
+}
+
+/* The shard an op goes to now; *local says whether it must be left. */
+static struct shard *sw_enter(struct fo_shard *f, int *local)
+{
+    struct shard *s;
+
+    pthread_mutex_lock(&f->fo->lock);
+    *local = f->role == FO_PRIMARY && f->primary;
+    if (*local) {
+        f->active++;
+        s = f->primary;
+    } else {
+        s = f->remote;
+    }
+    pthread_mutex_unlock(&f->fo->lock);
+    return s;
+}
+
+static void sw_leave(struct fo_shard *f, int local)
+{
+    if (!local)
+        return;
+    pthread_mutex_lock(&f->fo->lock);
+    if (--f->active == 0)
+        pthread_cond_broadcast(&f->fo->cond);
+    pthread_mutex_unlock(&f->fo->lock);
+}
+
+static int sw_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
+                  size_t buflen, size_t *vlen)
+{
+    int local, rc;
+    struct shard *t = sw_enter(sw_of(s), &local);
+
+    rc = shard_get(t, key, klen, off, buf, buflen, vlen);
+    sw_leave(sw_of(s), local);
+    return rc;
+}
+
+static int sw_scan(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
+                   shard_scan_fn fn, void *ctx)
+{
+    int local, rc;
+    struct shard *t = sw_enter(sw_of(s), &local);
+
+    rc = shard_scan(t, start, slen, end, elen, fn, ctx);
+    sw_leave(sw_of(s), local);
+    return rc;
+}
+
+static int sw_apply(struct shard *s, const struct batch *b)
+{
+    int local, rc;
+    struct shard *t = sw_enter(sw_of(s), &local);
+
+    rc = shard_apply(t, b);
+    sw_leave(sw_of(s), local);
+    return rc;
+}
+
+static int sw_sync(struct shard *s)
+{
+    int local, rc;
+    struct shard *t = sw_enter(sw_of(s), &local);
+
+    rc = shard_sync(t);
+    sw_leave(sw_of(s), local);
+    return rc;
+}
+
+static int sw_get_many(struct shard *s, struct shard_read *r, unsigned n)
+{
+    int local, rc;
+    struct shard *t = sw_enter(sw_of(s), &local);
+
+    rc = shard_get_many(t, r, n);
+    sw_leave(sw_of(s), local);
+    return rc;
+}
+
+static int sw_stat(struct shard *s, struct shard_stat *st)
+{
+    int local, rc;
+    struct shard *t = sw_enter(sw_of(s), &local);
+
+    rc = shard_stat(t, st);
+    sw_leave(sw_of(s), local);
+    return rc;
+}
+
+/* ns_close(): every thread that used it is gone. */
+static void sw_close(struct shard *s)
+{
+    struct fo_shard *f = sw_of(s);
+
+    for (unsigned i = 0; i < f->nold; i++)
+        shard_repl_free(f->old[i]);
+    free(f->old);
+    shard_repl_free(f->primary);
+    if (f->remote)
+        shard_close(f->remote);
+    if (f->owns_lmdb)
+        shard_close(f->lmdb);
+    if (f->fo)
+        f->fo->sh[s->index] = NULL;
+    free(f);
+}
+
+static const struct shard_ops switch_ops = {
+    .get = sw_get,
+    .scan = sw_scan,
+    .apply = sw_apply,
+    .sync = sw_sync,
+    .get_many = sw_get_many,
+    .stat = sw_stat,
+    .close = sw_close,
+};
+
+/* Keep w for the switch's close (lock held). -ENOMEM: w leaks, and is
+ * still never used after it was replaced. */
+static void retire_locked(struct fo_shard *f, struct shard *w)
+{
+    struct shard **o;
+
+    if (!w)
+        return;
+    o = realloc(f->old, (f->nold + 1) * sizeof(*o));
+    if (!o)
+        return;
+    f->old = o;
+    f->old[f->nold++] = w;
+}
+
+/* ---- roles ---- */
+
+/* A new wrapper around f's copy, served by the node server. */
+static int wrap_new(struct failover *fo, struct fo_shard *f, struct shard **w)
+{
+    int rc = shard_repl_new(f->lmdb, fo->map, fo->cfg, fo->self, w);
+
+    if (rc == 0 && fo->srv)
+        node_server_set_shard(fo->srv, f->base.index, *w);
+    return rc;
+}
+
+/* Serve f as its primary with the wrapper w (role PROMOTING or REPLICA
+ * before: no pull of it is in flight). */
+static void role_primary(struct failover *fo, struct fo_shard *f, struct shard *w)
+{
+    pthread_mutex_lock(&fo->lock);
+    retire_locked(f, f->primary);
+    f->primary = w;
+    f->role = FO_PRIMARY;
+    pthread_mutex_unlock(&fo->lock);
+}
+
+/* Step down: the namespace goes to the new primary (ops on the wrapper
+ * drain first: they fail, the map names another), the server redirects,
+ * the copy is pulled again. */
+static void step_down(struct failover *fo, struct fo_shard *f)
+{
+    unsigned n = f->base.index;
+
+    pthread_mutex_lock(&fo->lock);
+    f->role = FO_REPLICA;
+    while (f->active > 0)
+        pthread_cond_wait(&fo->cond, &fo->lock);
+    fo->demotions++;
+    pthread_mutex_unlock(&fo->lock);
+    if (fo->srv)
+        node_server_set_shard(fo->srv, n, NULL);
+    replica_sync_kick(fo->rs, n);
+    fprintf(stderr, "shardfs: shard %u: another node is its primary now; this copy is a replica\n",
+            n);
+}
+
+/* Sleep ms, or until stop. 1 if stopped. */
+static int fo_nap(struct failover *fo, int64_t ms)
+{
+    struct timespec ts;
+    int stop;
+
+    deadline_in(&ts, ms);
+    pthread_mutex_lock(&fo->lock);
+    while (!fo->stop && pthread_cond_timedwait(&fo->cond, &fo->lock, &ts) != ETIMEDOUT)
+        ;
+    stop = fo->stop;
+    pthread_mutex_unlock(&fo->lock);
+    return stop;
+}
+
+/* Whether node self may be promoted in c: an in-sync replica; its slot. */
+static int in_sync_slot(const struct shard_copies *c, int self)
+{
+    for (unsigned i = 0; i < c->nreplicas; i++)
+        if (c->replicas[i] == self)
+            return c->in_sync >> i & 1 ? (int)i : -1;
+    return -1;
+}
+
+/* A batch of the new epoch (the delete of an 'M' key nobody writes), so
+ * that no promoted copy is at lsn 0: an empty copy the map names primary
+ * is then surely a wiped one (copy_unfit). Replicated like any batch. */
+static void mark_promoted(struct fo_shard *f, struct shard *w)
+{
+    static const char key[] = "Mpromoted";
+    struct batch b;
+    int rc;
+
+    batch_init(&b);
+    batch_del(&b, key, sizeof(key) - 1);
+    rc = shard_apply(w, &b);
+    batch_free(&b);
+    if (rc < 0)
+        fprintf(stderr, "shardfs: shard %u: the promotion's first batch failed: %s\n",
+                f->base.index, strerror(-rc));
+}
+
+/* DESIGN: the candidate's wait, then the promotion. */
+static void promote(struct failover *fo, struct fo_shard *f, const struct shard_copies *seen,
+                    int slot)
+{
+    unsigned n = f->base.index;
+    struct replica_status st;
+    struct shard_copies c;
+    struct stream_pos pos;
+    struct shard *w = NULL;
+    uint64_t behind = 0;
+    int64_t t0 = mono_ms();
+    int rc;
+
+    if (replica_sync_status(fo->rs, n, &st) == 0 && st.primary_pos.lsn > st.pos.lsn)
+        behind = st.primary_pos.lsn - st.pos.lsn;
+    if (behind > FO_BEHIND_MAX)
+        behind = FO_BEHIND_MAX;
+    if (fo_nap(fo, (int64_t)behind * FO_STEP_MS + (int64_t)slot * FO_SLOT_MS))
+        return;
+    if (shard_map_get(fo->map, n, &c) < 0 || c.epoch != seen->epoch ||
+        shard_map_leader(fo->map, n) != -1 || in_sync_slot(&c, fo->self) < 0)
+        return; /* another was faster, or the primary is back */
+    pthread_mutex_lock(&fo->lock);
+    f->role = FO_PROMOTING;
+    pthread_mutex_unlock(&fo->lock);
+    replica_sync_kick_wait(fo->rs, n); /* no pull in flight from here on */
+    rc = shard_lmdb_position(f->lmdb, &pos);
+    if (rc == 0)
+        rc = wrap_new(fo, f, &w);
+    if (rc == 0)
+        rc = shard_map_promote(fo->map, n, fo->self, c.epoch);
+    if (rc == 0) {
+        shard_lmdb_set_epoch(f->lmdb, c.epoch + 1);
+        role_primary(fo, f, w);
+        mark_promoted(f, w);
+        pthread_mutex_lock(&fo->lock);
+        fo->promotions++;
+        pthread_mutex_unlock(&fo->lock);
+        fprintf(stderr,
+                "shardfs: shard %u: promoted to primary at epoch %llu (lsn %llu, %lld ms after "
+                "its leader key went)\n",
+                n, (unsigned long long)(c.epoch + 1), (unsigned long long)pos.lsn,
+                (long long)(mono_ms() - t0));
+        return;
+    }
+    /* not ours: pulled again */
+    if (w) {
+        if (fo->srv)
+            node_server_set_shard(fo->srv, n, NULL);
+        pthread_mutex_lock(&fo->lock);
+        retire_locked(f, w);
+        pthread_mutex_unlock(&fo->lock);
+    }
+    pthread_mutex_lock(&fo->lock);
+    f->role = FO_REPLICA;
+    pthread_mutex_unlock(&fo->lock);
+    replica_sync_kick(fo->rs, n);
+    if (rc != -EBUSY && rc != -ESTALE && rc != -EPERM)
+        fprintf(stderr, "shardfs: shard %u: promotion failed: %s\n", n, strerror(-rc));
+}
+
+/* DESIGN: one copy against the map. */
+static void reconcile(struct failover *fo, struct fo_shard *f)
+{
+    unsigned n = f->base.index;
+    struct shard_copies c;
+    enum fo_role role;
+    int leader, slot;
+
+    if (shard_map_get(fo->map, n, &c) < 0)
+        return;
+    leader = shard_map_leader(fo->map, n);
+    pthread_mutex_lock(&fo->lock);
+    role = f->role;
+    pthread_mutex_unlock(&fo->lock);
+    if (role == FO_PRIMARY && c.primary != fo->self) {
+        step_down(fo, f);
+        return;
+    }
+    if (role == FO_REPLICA && c.primary == fo->self && leader == fo->self && !f->unfit) {
+        struct shard *w = NULL;
+
+        /* the map names us and our lease holds the key: take the role */
+        pthread_mutex_lock(&fo->lock);
+        f->role = FO_PROMOTING;
+        pthread_mutex_unlock(&fo->lock);
+        replica_sync_kick_wait(fo->rs, n);
+        if (wrap_new(fo, f, &w) == 0) {
+            role_primary(fo, f, w);
+            return;
+        }
+        pthread_mutex_lock(&fo->lock);
+        f->role = FO_REPLICA;
+        pthread_mutex_unlock(&fo->lock);
+        replica_sync_kick(fo->rs, n);
+        return;
+    }
+    if (role == FO_REPLICA && leader == -1 && c.primary != fo->self &&
+        (slot = in_sync_slot(&c, fo->self)) >= 0 && shard_map_lease_ok(fo->map))
+        promote(fo, f, &c, slot);
+}
+
+static void *fo_main(void *arg)
+{
+    struct failover *fo = arg;
+    unsigned period = fo->cfg->lease_ttl_ms / 4;
+
+    pthread_setname_np(pthread_self(), "failover");
+    for (;;) {
+        unsigned char todo[CONFIG_MAX_SHARDS];
+        struct timespec ts;
+        int any = 0;
+
+        deadline_in(&ts, period);
+        pthread_mutex_lock(&fo->lock);
+        for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+            any |= fo->dirty[i];
+        while (!fo->stop && !any &&
+               pthread_cond_timedwait(&fo->cond, &fo->lock, &ts) != ETIMEDOUT)
+            for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+                any |= fo->dirty[i];
+        memcpy(todo, fo->dirty, sizeof(todo));
+        memset(fo->dirty, 0, sizeof(fo->dirty));
+        if (fo->stop) {
+            pthread_mutex_unlock(&fo->lock);
+            break;
+        }
+        pthread_mutex_unlock(&fo->lock);
+        /* a periodic round looks at every copy (todo unused then) */
+        for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+            if (fo->sh[i] && (todo[i] || !any))
+                reconcile(fo, fo->sh[i]);
+        /* A redirect from a node with an older view may have pointed a
+         * shard's requests at a primary the map no longer names (the map
+         * then says nothing new): the map's word again, every round. */
+        for (unsigned i = 0; !any && i < fo->cfg->shard_count; i++)
+            remote_owner_set(fo->remote, i, shard_map_leader(fo->map, i));
+    }
+    return NULL;
+}
+
+/* The map changed shard n (any thread, no lock of the map held). */
+static void on_map_change(void *ctx, unsigned n)
+{
+    struct failover *fo = ctx;
+    int leader = shard_map_leader(fo->map, n);
+
+    remote_owner_set(fo->remote, n, leader);
+    replica_sync_kick(fo->rs, n);
+    pthread_mutex_lock(&fo->lock);
+    fo->dirty[n] = 1;
+    pthread_cond_broadcast(&fo->cond);
+    pthread_mutex_unlock(&fo->lock);
+}
+
+/* ---- the public calls ---- */
+
+int failover_primary_of(void *ctx, unsigned n, uint64_t *epoch)
+{
+    struct failover *fo = ctx;
+    struct shard_copies c;
+    enum fo_role role = FO_REPLICA;
+
+    if (shard_map_get(fo->map, n, &c) != 0)
+        return -1;
+    *epoch = c.epoch;
+    pthread_mutex_lock(&fo->lock);
+    if (fo->sh[n])
+        role = fo->sh[n]->role;
+    pthread_mutex_unlock(&fo->lock);
+    return role != FO_REPLICA ? fo->self : c.primary;
+}
+
+/* 1 if copy may not serve as primary of c: no usable position (a
+ * snapshot was cut short), or empty although the shard was promoted at
+ * least once (so it had a primary that held its history). */
+static int copy_unfit(struct shard *lmdb, const struct shard_copies *c, const struct config *cfg)
+{
+    struct stream_pos p;
+    int rc = shard_lmdb_position(lmdb, &p);
+
+    if (rc < 0)
+        return 1;
+    return p.lsn == 0 && c->epoch > cfg->epoch;
+}
+
+static int holds_copy(const struct config *cfg, int node, unsigned i)
+{
+    if (cfg->owner[i] == node)
+        return 1;
+    for (unsigned k = 0; k < cfg->nreplicas[i]; k++)
+        if (cfg->replicas[i][k] == node)
+            return 1;
+    return 0;
+}
+
+int failover_open(const struct config *cfg, int node, struct ns *ns, struct shard_map *map,
+                  struct shard **local, struct failover **out, char *err, size_t errlen)
+{
+    struct failover *fo = calloc(1, sizeof(*fo));
+    int rc = 0;
+
+    *out = fo;
+    if (!fo) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    fo->cfg = cfg;
+    fo->self = node;
+    fo->ns = ns;
+    fo->map = map;
+    fo->remote = ns_remote(ns);
+    pthread_mutex_init(&fo->lock, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&fo->cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    if (!fo->remote) {
+        snprintf(err, errlen, "failover: every shard is local");
+        return -EINVAL;
+    }
+    for (unsigned i = 0; i < cfg->shard_count; i++) {
+        struct fo_shard *f;
+        struct shard_copies c;
+
+        local[i] = NULL;
+        remote_owner_set(fo->remote, i, shard_map_leader(map, i));
+        if (!holds_copy(cfg, node, i))
+            continue;
+        f = calloc(1, sizeof(*f));
+        if (!f) {
+            rc = -ENOMEM;
+            snprintf(err, errlen, "out of memory");
+            break;
+        }
+        f->base.ops = &switch_ops;
+        f->base.index = i;
+        f->fo = fo;
+        if (cfg->owner[i] == node) {
+            f->owns_lmdb = 1;
+            rc = shard_remote_open(fo->remote, i, &f->remote);
+        } else {
+            f->lmdb = ns_replica(ns, i);
+            rc = f->lmdb ? 0 : -EINVAL;
+        }
+        if (rc) {
+            free(f);
+            snprintf(err, errlen, "shard %u: failover: %s", i, strerror(-rc));
+            break;
+        }
+        /* from here the namespace closes f (and what f owns) */
+        if (f->owns_lmdb)
+            f->lmdb = ns_shard_swap(ns, i, &f->base);
+        else
+            f->remote = ns_shard_swap(ns, i, &f->base);
+        fo->sh[i] = f;
+        local[i] = f->lmdb;
+        rc = shard_map_get(map, i, &c);
+        if (rc == 0 && c.primary == node && copy_unfit(f->lmdb, &c, cfg)) {
+            /* An empty (wiped) copy or a half-made snapshot, of a shard
+             * that was promoted since the map was seeded: the data is on
+             * the other copies. Serving it would hand them an empty
+             * history to snapshot. The shard stays without a primary
+             * (we hold its leader key) until an operator acts. */
+            f->unfit = 1;
+            fprintf(stderr,
+                    "shardfs: shard %u: the map names this node its primary (epoch %llu), "
+                    "but this copy is empty or incomplete; NOT serving it\n",
+                    i, (unsigned long long)c.epoch);
+        } else if (rc == 0 && c.primary == node && shard_map_leader(map, i) == node) {
+            rc = shard_repl_new(f->lmdb, map, cfg, node, &f->primary);
+            if (rc == 0)
+                f->role = FO_PRIMARY;
+        } else if (rc == 0 && c.primary == node) {
+            /* named, but the key is not ours (yet): a replica until the
+             * keep-alive takes it, or another is promoted */
+            fprintf(stderr,
+                    "shardfs: shard %u: the map names this node its primary, but its "
+                    "leader key is not ours; serving it once it is\n",
+                    i);
+        }
+        if (rc) {
+            snprintf(err, errlen, "shard %u: failover: %s", i, strerror(-rc));
+            break;
+        }
+    }
+    return rc;
+}
+
+void failover_started(void *ctx, struct node_server *srv)
+{
+    struct failover *fo = ctx;
+
+    pthread_mutex_lock(&fo->lock);
+    fo->srv = srv;
+    for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+        if (fo->sh[i])
+            node_server_set_shard(srv, i, fo->sh[i]->role == FO_PRIMARY ? fo->sh[i]->primary
+                                                                          : NULL);
+    pthread_mutex_unlock(&fo->lock);
+}
+
+int failover_start(struct failover *fo, struct replica_sync *rs, char *err, size_t errlen)
+{
+    sigset_t all, old;
+    int rc;
+
+    fo->rs = rs;
+    shard_map_on_change(fo->map, on_map_change, fo);
+    /* what changed before we listened */
+    for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+        on_map_change(fo, i);
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = -pthread_create(&fo->thread, NULL, fo_main, fo);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        snprintf(err, errlen, "failover: cannot start its thread: %s", strerror(-rc));
+        shard_map_on_change(fo->map, NULL, NULL);
+        return rc;
+    }
+    fo->started = 1;
+    return 0;
+}
+
+void failover_stop(struct failover *fo)
+{
+    if (!fo)
+        return;
+    shard_map_on_change(fo->map, NULL, NULL); /* waits for a call in progress */
+    if (fo->started) {
+        pthread_mutex_lock(&fo->lock);
+        fo->stop = 1;
+        pthread_cond_broadcast(&fo->cond);
+        pthread_mutex_unlock(&fo->lock);
+        pthread_join(fo->thread, NULL);
+        fo->started = 0;
+    }
+}
+
+void failover_close(struct failover *fo)
+{
+    if (!fo)
+        return;
+    failover_stop(fo);
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
+        if (fo->sh[i])
+            fo->sh[i]->fo = NULL; /* ns_close did not run: the switch outlives us */
+    pthread_cond_destroy(&fo->cond);
+    pthread_mutex_destroy(&fo->lock);
+    free(fo);
+}
+
+void failover_counts(struct failover *fo, unsigned *promotions, unsigned *demotions)
+{
+    pthread_mutex_lock(&fo->lock);
+    *promotions = fo->promotions;
+    *demotions = fo->demotions;
+    pthread_mutex_unlock(&fo->lock);
+}

@@ -1,0 +1,83 @@
+/* failover.h -- automatic failover through the etcd shard map (issue 10).
+ *
+ * Only with an `etcd` directive (shard_map.h's etcd map); the static map
+ * stays manual. For every shard this node holds a copy of (primary or
+ * replica in shards.conf) the namespace's shard becomes a switch: the
+ * node's copy behind a shard_repl wrapper while this node is the shard's
+ * primary, the shard at its primary over HTTP (shard_remote.h) otherwise.
+ * A failover thread keeps each copy's role in step with the map:
+ *
+ *  - Promotion: the shard's leader key is gone (its primary's etcd lease
+ *    ended) and this node is an in-sync replica: it waits a little, longer
+ *    the further behind its primary it was (so the most advanced in-sync
+ *    replica goes first, DESIGN.md "Failover"), checks again, stops pulling
+ *    the copy (replica_sync_kick_wait), wraps it in a new shard_repl, hands
+ *    that to the node server and makes the etcd transaction
+ *    (shard_map_promote: in the in-sync set, leader key absent, epoch + 1).
+ *    On success the namespace uses the copy locally; else it is pulled
+ *    again.
+ *  - Step-down: the map names another primary of a shard this node serves
+ *    (its lease ran out and a replica was promoted): the namespace goes to
+ *    the new primary, the node server redirects to it, and the replica-sync
+ *    thread pulls the copy from it (a diverged tail: ESTALE, a snapshot).
+ *    Acknowledging already stopped when the lease was no longer certain
+ *    (shard_repl refuses).
+ *  - Start: a copy is served as primary only if the map names this node
+ *    AND it holds the shard's leader key with its new lease (taken when
+ *    the map opened, or later by the map's keep-alive thread; the thread
+ *    then takes the role).
+ *  - Clients: every shard's owner in this process's remote shards follows
+ *    the map's leader key (remote_owner_set): no leader, or a dead one,
+ *    and requests wait for the next, up to timeout_ms.
+ *
+ * Order: failover_open() after ns_open() and shard_map_open() (instead of
+ * wrapping the primaries), the node server started with failover_started
+ * as its node_server_repl.started, failover_start() with the replica-sync
+ * thread, failover_stop() before that thread stops, ns_close() (it closes
+ * the switches), failover_close(), shard_map_close().
+ *
+ * Threads: open/start/stop/close from one thread; primary_of from the
+ * replica-sync thread; the switches from any thread.
+ */
+#ifndef SHARDFS_FAILOVER_H
+#define SHARDFS_FAILOVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "namespace.h"
+#include "node_server.h"
+#include "replica_sync.h"
+#include "shard_map.h"
+
+struct failover;
+
+/* Put the switches in ns for every copy node holds, with their roles as
+ * the map has them now. local[i] (cfg->shard_count entries) gets this
+ * node's LMDB copy of shard i, or NULL. cfg, ns and map must outlive fo.
+ * 0, or -errno with a reason in err; *out is set in both cases (NULL
+ * only when out of memory) and goes to failover_close() after ns_close(). */
+int failover_open(const struct config *cfg, int node, struct ns *ns, struct shard_map *map,
+                  struct shard **local, struct failover **out, char *err, size_t errlen);
+
+/* node_server_repl.started: keep srv, give it the primaries' wrappers. */
+void failover_started(void *fo, struct node_server *srv);
+
+/* replica_sync's primary_of (ctx: the failover): this node while it serves
+ * the shard (or is being promoted), else the map's primary. */
+int failover_primary_of(void *fo, unsigned shard, uint64_t *epoch);
+
+/* Listen to the map, start the failover thread. rs: the replica-sync
+ * thread, started with every copy of local[] and failover_primary_of.
+ * 0 or -errno with a reason. */
+int failover_start(struct failover *fo, struct replica_sync *rs, char *err, size_t errlen);
+/* Stop listening and the thread. NULL-safe. */
+void failover_stop(struct failover *fo);
+/* After ns_close(). NULL-safe. */
+void failover_close(struct failover *fo);
+
+/* How many times this process promoted a copy / stepped down. */
+void failover_counts(struct failover *fo, unsigned *promotions, unsigned *demotions);
+
+#endif
