@@ -95,6 +95,9 @@
 #define RS_BUF_KEEP (8u << 20) /* a reply buffer larger than this is freed after use */
 #define RS_POLL_MAX_MS 1000
 #define RS_LOCATION_MAX (CONFIG_URL_MAX + 256u)
+/* A copy that has not moved for this long while its primary said it was
+ * ahead is started over (stuck_restart). */
+#define RS_STUCK_MS 10000
 
 enum rs_req { REQ_NONE = 0, REQ_STREAM, REQ_STAT, REQ_SCAN };
 
@@ -143,6 +146,9 @@ struct rshard {
     struct stream_pos primary_pos;
     int64_t level_at;                 /* when pos last equalled primary_pos */
     int64_t reply_at;                 /* when the last reply came, 0: none; under rs->lock */
+    uint64_t moved_lsn;               /* pos.lsn when moved_at was set */
+    int64_t moved_at;                 /* when pos last moved, or was level, or snapshotting */
+    int fresh;                        /* the next request opens a new connection */
 
     /* the snapshot (step 3) */
     int snapping;
@@ -210,6 +216,11 @@ static void publish(struct replica_sync *rs, struct rshard *h, int rc)
     snprintf(st->at, sizeof(st->at), "%s", h->base);
     if (h->pos.lsn >= h->primary_pos.lsn)
         h->level_at = now;
+    if (h->pos.lsn != h->moved_lsn || h->pos.lsn >= h->primary_pos.lsn || h->snapping ||
+        !h->moved_at) {
+        h->moved_lsn = h->pos.lsn;
+        h->moved_at = now;
+    }
     st->lag_ms = (uint64_t)(now - h->level_at);
     if (rc != 1)
         st->last_error = rc;
@@ -427,6 +438,8 @@ static int transfer_start(struct replica_sync *rs, struct rshard *h)
         curl_easy_setopt(h->curl, CURLOPT_HTTPGET, 1L);
     }
     curl_easy_setopt(h->curl, CURLOPT_HTTPHEADER, h->hdrs);
+    curl_easy_setopt(h->curl, CURLOPT_FRESH_CONNECT, h->fresh ? 1L : 0L);
+    h->fresh = 0;
     curl_easy_setopt(h->curl, CURLOPT_TIMEOUT_MS, timeout);
     curl_easy_setopt(h->curl, CURLOPT_CONNECTTIMEOUT_MS,
                      (long)(rs->cfg->timeout_ms ? rs->cfg->timeout_ms : 5000u));
@@ -842,6 +855,34 @@ out:
     }
 }
 
+/* A copy that stopped moving although its primary's replies say it is
+ * ahead (a state none of the steps above should reach): say so, with what
+ * the thread knows, and start over from the copy's own position on a new
+ * connection to the map's primary. Not seen in normal operation; it keeps
+ * such a copy from staying behind (and out of the in-sync set) for good. */
+static void stuck_restart(struct replica_sync *rs, struct rshard *h, int64_t now)
+{
+    fprintf(stderr,
+            "shardfs: shard %u: this replica stayed at lsn %" PRIu64 " (epoch %" PRIu64
+            ") for %lld ms while its primary was at lsn %" PRIu64 " (epoch %" PRIu64
+            "); last reply %ld, %s; starting over\n",
+            h->index, h->pos.lsn, h->pos.epoch, (long long)(now - h->moved_at),
+            h->primary_pos.lsn, h->primary_pos.epoch, h->st.last_status,
+            h->kind != REQ_NONE ? "a request in flight" : "none in flight");
+    transfer_drop(rs, h);
+    h->pos_ok = 0;
+    h->fresh = 1;
+    h->redirects = 0;
+    if (h->primary >= 0)
+        snprintf(h->base, sizeof(h->base), "%s", rs->cfg->nodes[h->primary].url);
+    h->next = REQ_STREAM;
+    h->next_at = now;
+    h->moved_at = now;
+    pthread_mutex_lock(&rs->lock);
+    h->st.restarts++;
+    pthread_mutex_unlock(&rs->lock);
+}
+
 /* Step 5: ask where the primary is; follow a change. */
 static void primary_refresh(struct replica_sync *rs, struct rshard *h)
 {
@@ -921,6 +962,10 @@ static void *sync_main(void *arg)
                 sync_copy(rs, h);
             if (h->dirty && h->synced_at + RS_SYNC_MS < wake)
                 wake = h->synced_at + RS_SYNC_MS;
+            if (!h->snapping && h->pos_ok && h->st.phase == REPLICA_STREAMING &&
+                h->primary >= 0 && h->primary != rs->self &&
+                h->pos.lsn < h->primary_pos.lsn && now - h->moved_at > RS_STUCK_MS)
+                stuck_restart(rs, h, now);
             if (h->kind != REQ_NONE || h->primary < 0 || h->primary == rs->self)
                 continue;
             if (h->next_at > now) {

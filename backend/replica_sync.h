@@ -87,6 +87,7 @@ struct replica_status {
     long last_status;              /* HTTP status of the last reply, 0: failed */
     int64_t last_reply_ago_ms;     /* since the last reply, -1: none yet */
     int in_flight;                 /* a request is out */
+    uint64_t restarts;             /* times the copy was found stuck and started over */
     char at[CONFIG_URL_MAX + 1];   /* where requests go (the primary's url, or a redirect's) */
 };
 

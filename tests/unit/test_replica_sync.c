@@ -14,18 +14,23 @@
  *     bounded number of connection attempts, no spin) and catches up when
  *     the server is back;
  *  4. an interrupted snapshot: a copy left marked (snapshot_begin without
- *     done, as a crash leaves it) is emptied and caught up at start.
+ *     done, as a crash leaves it) is emptied and caught up at start;
+ *  5. a stuck copy: a fake primary answers 204 with a position ahead; the
+ *     copy starts over after RS_STUCK_MS and is level with the real one.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -180,6 +185,74 @@ static int first_entry(void *ctx, const struct stream_pos *p, uint64_t t, const 
     return 1;
 }
 
+/* A fake primary on a's port that answers every request 204 with a
+ * position ahead of every copy: a state no step of the sync should stay
+ * in. Runs until fake_stop. */
+static atomic_int fake_stop, fake_replies;
+static int fake_fd = -1;
+static char fake_position[96];
+
+static void *fake_main(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&fake_stop)) {
+        char req[4096], resp[256];
+        size_t got = 0;
+        int c = accept(fake_fd, NULL, NULL);
+
+        if (c < 0)
+            continue;
+        while (got < sizeof(req) - 1) {
+            ssize_t n = read(c, req + got, sizeof(req) - 1 - got);
+            if (n <= 0)
+                break;
+            got += (size_t)n;
+            req[got] = '\0';
+            if (strstr(req, "\r\n\r\n"))
+                break;
+        }
+        int len = snprintf(resp, sizeof(resp),
+                           "HTTP/1.1 204 No Content\r\nX-Shardfs-Position: %s\r\n"
+                           "Connection: close\r\n\r\n",
+                           fake_position);
+        if (write(c, resp, (size_t)len) == len)
+            atomic_fetch_add(&fake_replies, 1);
+        close(c);
+    }
+    return NULL;
+}
+
+static pthread_t fake_start(int port, const struct stream_pos *ahead)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 100000};
+    int one = 1;
+    pthread_t t;
+
+    snprintf(fake_position, sizeof(fake_position), "%" PRIu64 "/%" PRIu64 "/%" PRIu64,
+             ahead->epoch, ahead->lsn, ahead->check);
+    fake_fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fake_fd < 0 || setsockopt(fake_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+        setsockopt(fake_fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0 ||
+        bind(fake_fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(fake_fd, 16) != 0) {
+        perror("fake primary");
+        exit(2);
+    }
+    atomic_store(&fake_stop, 0);
+    if (pthread_create(&t, NULL, fake_main, NULL) != 0)
+        exit(2);
+    return t;
+}
+
+static void fake_end(pthread_t t)
+{
+    atomic_store(&fake_stop, 1);
+    pthread_join(t, NULL);
+    close(fake_fd);
+    fake_fd = -1;
+}
+
 static struct node_server *serve_a(struct shard *wrap, struct shard *lmdb)
 {
     struct shard *shards[2] = {wrap, NULL}, *local[2] = {lmdb, NULL};
@@ -289,6 +362,35 @@ int main(void)
     CHECK_RC(replica_sync_start(&cfg, 1, replicas, primary_of, map_b, &rs, err, sizeof(err)), 0);
     CHECKF(level(a, rs, 20000), "b did not recover from an interrupted snapshot");
     CHECK(same_records(a, b, &n));
+
+    /* 5. A primary whose replies say it is ahead while it sends nothing
+     * (no real one should): after RS_STUCK_MS (10 s) the copy starts over
+     * on a new connection, and is level once the real primary is back. */
+    {
+        struct stream_pos pa, ahead;
+        int port = atoi(strrchr(cfg.nodes[0].url, ':') + 1);
+        pthread_t fake;
+
+        node_server_stop(srv);
+        CHECK_RC(shard_lmdb_position(a, &pa), 0);
+        ahead = pa;
+        ahead.lsn += 100;
+        fake = fake_start(port, &ahead);
+        for (int t = 0; t < 150; t++) {
+            CHECK_RC(replica_sync_status(rs, 0, &st), 0);
+            if (st.restarts > 0)
+                break;
+            sleep_ms(100);
+        }
+        CHECKF(st.restarts == 1 && atomic_load(&fake_replies) > 2,
+               "restarts %" PRIu64 " after %d fake replies", st.restarts,
+               atomic_load(&fake_replies));
+        fake_end(fake);
+        srv = serve_a(wrap, a);
+        CHECK_RC(put_n(wrap, "five", 10, 10), 0);
+        CHECKF(level(a, rs, 10000), "b did not come back after the fake primary");
+        CHECK(same_records(a, b, &n));
+    }
 
     replica_sync_stop(rs);
     node_server_stop(srv);
