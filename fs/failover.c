@@ -526,12 +526,34 @@ static void on_map_change(void *ctx, unsigned n)
  *     map points). The map's change steps this copy down (reconcile) and
  *     `to` takes the role (the map names it and its lease holds the key).
  *  A failure in 2-4 thaws without moving: the held writes go on here, and
- *  the handover is as if never asked. The freeze lasts at most
+ *  the handover is as if never asked. A txn whose outcome is unknown (an
+ *  etcd error, not a refusal) keeps the freeze until the map tells, or a
+ *  lease TTL passed (handover_unsure). The freeze lasts at most
  *  FO_FREEZE_PART of timeout_ms, so a held write still has time to be
  *  done again within its client's timeout_ms. No write is acknowledged by
  *  both: this node acknowledges nothing after step 2 (the wrapper refuses
  *  from step 5 on), and `to` serves only once the txn of step 4 is made. */
 #define FO_CATCHUP_PART 4 /* tenths of timeout_ms for step 1 */
+#define FO_UNSURE_STEP_MS 20
+
+/* The txn of step 4 failed with rc, which may not mean "not made" (a reply
+ * lost on its way back: etcd may have made it). Still frozen, look at the
+ * map for a lease TTL: the watch brings a change that was made within
+ * milliseconds while etcd answers, and if it does not answer, this node's
+ * lease_ok drops within the TTL anyway. 0 if `to` became the primary
+ * (the role moved after all), else rc. */
+static int handover_unsure(struct failover *fo, unsigned n, int to, int rc)
+{
+    int64_t until = mono_ms() + fo->cfg->lease_ttl_ms;
+    struct shard_copies c;
+
+    for (;;) {
+        if (shard_map_get(fo->map, n, &c) == 0 && c.primary == to)
+            return 0;
+        if (mono_ms() >= until || fo_nap(fo, FO_UNSURE_STEP_MS))
+            return rc;
+    }
+}
 #define FO_FREEZE_PART 2  /* tenths of timeout_ms for steps 2-3 */
 
 int failover_handover(struct failover *fo, unsigned n, int to, struct failover_handed *out,
@@ -624,6 +646,8 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
     }
     /* step 4 */
     rc = shard_map_handover(fo->map, n, to, c.epoch);
+    if (rc < 0 && rc != -ESTALE && rc != -EPERM && rc != -ENOENT)
+        rc = handover_unsure(fo, n, to, rc);
     if (rc < 0) {
         snprintf(err, errlen, "shard %u: the map change failed: %s%s", n, strerror(-rc),
                  rc == -EPERM    ? " (not in the in-sync set, or this node lost its lease)"
