@@ -1167,8 +1167,12 @@ int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t e
         cmp[0] = etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod);
         cmp[1] = etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, lease);
         cmp[2] = etcd_cmp_lease(ETCD_S(kn), ETCD_EQUAL, theirs);
-        ops[0] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
-        ops[1] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[node]), theirs);
+        /* The leader key first: the watch delivers a txn's events in the
+         * order of its ops, one by one, and node must not see itself named
+         * primary without its key even for a moment (leaders_missing would
+         * make its lease_ok 0, and its writes on every shard fail). */
+        ops[0] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[node]), theirs);
+        ops[1] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
         rc = shard_txn(m, shard, cmp, 3, ops, 2, value, node, theirs);
         if (rc <= 0)
             return rc;

@@ -393,6 +393,23 @@ static void test_changes_and_promote(struct etcd *e)
     shard_map_close(a2);
 }
 
+/* b's listener during a handover to b: how often b's lease_ok was 0 when
+ * its map changed (b must never see itself primary without its key). */
+struct lease_watch {
+    struct shard_map *m;
+    atomic_int calls, not_ok;
+};
+
+static void on_change_lease(void *ctx, unsigned shard)
+{
+    struct lease_watch *w = ctx;
+
+    (void)shard;
+    atomic_fetch_add(&w->calls, 1);
+    if (!shard_map_lease_ok(w->m))
+        atomic_fetch_add(&w->not_ok, 1);
+}
+
 /* The planned handover (shardfs promote): by the live primary only, to an
  * in-sync replica, raising the epoch; the leader key moves to the new
  * primary's lease in the same txn (no moment without a leader); the old
@@ -425,7 +442,20 @@ static void test_handover(void)
     CHECK_RC(shard_map_handover(a, 0, 0, 7), 0);      /* already a's */
     CHECK(get(a, 0).epoch == 7);
 
-    CHECK_RC(shard_map_handover(a, 0, 1, 7), 0);
+    {
+        struct lease_watch lw = {.m = b};
+        double end = now_s() + 5;
+
+        while (!shard_map_lease_ok(b) && now_s() < end)
+            usleep(10000);
+        shard_map_on_change(b, on_change_lease, &lw);
+        CHECK_RC(shard_map_handover(a, 0, 1, 7), 0);
+        CHECK(wait_for(b, 0, 8, 1, 1));
+        shard_map_on_change(b, NULL, NULL);
+        CHECK(atomic_load(&lw.calls) >= 1);
+        CHECKF(atomic_load(&lw.not_ok) == 0, "b's lease_ok was 0 at %d of %d map changes",
+               atomic_load(&lw.not_ok), atomic_load(&lw.calls));
+    }
     x = get(a, 0);
     CHECK(x.epoch == 8 && x.primary == 1 && x.nreplicas == 2);
     CHECK(x.replicas[0] == 0 && x.replicas[1] == 2 && x.in_sync == 1);
