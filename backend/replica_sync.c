@@ -142,6 +142,7 @@ struct rshard {
     int64_t synced_at;
     struct stream_pos primary_pos;
     int64_t level_at;                 /* when pos last equalled primary_pos */
+    int64_t reply_at;                 /* when the last reply came, 0: none; under rs->lock */
 
     /* the snapshot (step 3) */
     int snapping;
@@ -205,6 +206,8 @@ static void publish(struct replica_sync *rs, struct rshard *h, int rc)
     st->pos = h->pos;
     st->synced = h->synced;
     st->primary_pos = h->primary_pos;
+    st->in_flight = h->kind != REQ_NONE;
+    snprintf(st->at, sizeof(st->at), "%s", h->base);
     if (h->pos.lsn >= h->primary_pos.lsn)
         h->level_at = now;
     st->lag_ms = (uint64_t)(now - h->level_at);
@@ -233,8 +236,11 @@ int replica_sync_status(struct replica_sync *rs, unsigned shard, struct replica_
 {
     if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
         return -ENOENT;
+    const struct rshard *h = &rs->sh[rs->slot[shard]];
+
     pthread_mutex_lock(&rs->lock);
-    *out = rs->sh[rs->slot[shard]].st;
+    *out = h->st;
+    out->last_reply_ago_ms = h->reply_at ? now_ms() - h->reply_at : -1;
     pthread_mutex_unlock(&rs->lock);
     return 0;
 }
@@ -729,6 +735,11 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
     transfer_drop(rs, h); /* it is over; the handle keeps the connection */
     if (cc == CURLE_OK)
         curl_easy_getinfo(h->curl, CURLINFO_RESPONSE_CODE, &status);
+    pthread_mutex_lock(&rs->lock);
+    h->st.replies++;
+    h->st.last_status = status;
+    h->reply_at = now_ms();
+    pthread_mutex_unlock(&rs->lock);
     if (cc != CURLE_OK || h->overflow || h->nomem) {
         rc = h->nomem                            ? -ENOMEM
              : h->overflow                       ? -EIO

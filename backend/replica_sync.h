@@ -82,6 +82,12 @@ struct replica_status {
     uint64_t snap_total_records;   /* the primary's record count at the start, 0 unknown */
     double snap_rate;              /* bytes a second */
     int64_t snap_eta_ms;           /* -1: unknown */
+    /* The transport, for diagnosis. */
+    uint64_t replies;              /* requests answered (or failed) */
+    long last_status;              /* HTTP status of the last reply, 0: failed */
+    int64_t last_reply_ago_ms;     /* since the last reply, -1: none yet */
+    int in_flight;                 /* a request is out */
+    char at[CONFIG_URL_MAX + 1];   /* where requests go (the primary's url, or a redirect's) */
 };
 
 /* The state of this node's replica of shard: 0, or -ENOENT when this node

@@ -133,19 +133,33 @@ static int repl_stat(struct shard *s, struct shard_stat *st)
 
 /* ---- the map ---- */
 
-/* Whether this node may acknowledge a write now: its lease, and the map
- * naming it the primary. 0 and the shard's copies, or -EHOSTUNREACH (or
+static int in_sync_count(const struct shard_copies *c);
+
+/* Whether a write acknowledged now is fenced against a promotion we have
+ * not heard of: by our lease (no other node can take the leader key before
+ * it runs out), or, with ack = replica, by the in-sync replicas whose acks
+ * it waits for: promotion needs an in-sync replica (an etcd txn), and a
+ * promoted replica pulls from nobody, so a deposed primary waits for its
+ * ack in vain and then fails to remove it from the in-sync set (a txn
+ * that the promotion made fail). So while etcd is away (restarting, or
+ * unreachable from here) the primaries of replicated shards keep serving;
+ * a shard without an in-sync replica stops with the lease. */
+static int fenced(const struct shard_repl *r, const struct shard_copies *c)
+{
+    return shard_map_lease_ok(r->map) || (r->ack == CONFIG_ACK_REPLICA && in_sync_count(c) > 0);
+}
+
+/* Whether this node may acknowledge a write now: the map naming it the
+ * primary, and fenced(). 0 and the shard's copies, or -EHOSTUNREACH (or
  * the map's error). Keeps the LMDB shard's epoch that of the map. */
 static int may_ack(struct shard_repl *r, struct shard_copies *c)
 {
     int rc;
 
-    if (!shard_map_lease_ok(r->map))
-        return -EHOSTUNREACH;
     rc = shard_map_get(r->map, r->base.index, c);
     if (rc < 0)
         return rc;
-    if (c->primary != r->self)
+    if (c->primary != r->self || !fenced(r, c))
         return -EHOSTUNREACH;
     pthread_mutex_lock(&r->lock);
     if (c->epoch != r->epoch) {
@@ -156,14 +170,17 @@ static int may_ack(struct shard_repl *r, struct shard_copies *c)
     return 0;
 }
 
-/* After a write: whether it may be acknowledged. The lease may have run
- * out, or another node been promoted, while it applied or waited. */
-static int still_primary(struct shard_repl *r, uint64_t epoch)
+/* After a write: whether it may be acknowledged. Another node may have
+ * been promoted while it applied or waited, or the lease run out: then
+ * only the acks of `acked` in-sync replicas (wait_replicas) fence it. */
+static int still_primary(struct shard_repl *r, uint64_t epoch, int acked)
 {
     struct shard_copies c;
 
-    if (!shard_map_lease_ok(r->map) || shard_map_get(r->map, r->base.index, &c) < 0 ||
-        c.primary != r->self || c.epoch != epoch)
+    if (shard_map_get(r->map, r->base.index, &c) < 0 || c.primary != r->self ||
+        c.epoch != epoch)
+        return -EHOSTUNREACH;
+    if (!shard_map_lease_ok(r->map) && !(r->ack == CONFIG_ACK_REPLICA && acked > 0))
         return -EHOSTUNREACH;
     return 0;
 }
@@ -276,7 +293,7 @@ static void deadline_of(int64_t ms, struct timespec *t)
  * laggards out of the in-sync set (epoch: the shard's epoch this write was
  * made under). 0, -EIO when a removal failed, or the map's error. */
 static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_t epoch,
-                         int64_t start)
+                         int64_t start, int *acked)
 {
     int64_t deadline = start + r->lag_ms;
     struct shard_copies c;
@@ -288,6 +305,7 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
     for (;;) {
         int laggards[SHARD_MAP_COPIES_MAX - 1], nlag = 0;
 
+        *acked = 0;
         rc = shard_map_get(r->map, r->base.index, &c);
         if (rc < 0)
             break;
@@ -299,6 +317,8 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
             p = &r->peers[c.replicas[i]];
             if ((synced ? p->synced : p->applied.lsn) < lsn)
                 laggards[nlag++] = c.replicas[i];
+            else
+                (*acked)++;
         }
         if (nlag == 0)
             break;
@@ -362,7 +382,7 @@ static int repl_apply_in(struct shard_repl *r, const struct batch *b)
     struct stream_pos pos;
     int64_t now;
     uint64_t stale;
-    int wait, rc = may_ack(r, &c);
+    int acked = 0, wait, rc = may_ack(r, &c);
 
     if (rc < 0)
         return rc;
@@ -381,11 +401,11 @@ static int repl_apply_in(struct shard_repl *r, const struct batch *b)
     pthread_mutex_unlock(&r->lock);
     release_holds(r, stale);
     if (wait) {
-        rc = wait_replicas(r, pos.lsn, 0, c.epoch, now);
+        rc = wait_replicas(r, pos.lsn, 0, c.epoch, now, &acked);
         if (rc < 0)
             return rc;
     }
-    return still_primary(r, c.epoch);
+    return still_primary(r, c.epoch, acked);
 }
 
 static int repl_apply(struct shard *s, const struct batch *b)
@@ -406,7 +426,7 @@ static int repl_sync_in(struct shard_repl *r)
     void (*fn)(void *, unsigned);
     void *ctx;
     uint64_t lsn;
-    int rc;
+    int acked = 0, rc;
 
     rc = may_ack(r, &c);
     if (rc < 0)
@@ -426,11 +446,11 @@ static int repl_sync_in(struct shard_repl *r)
         pthread_mutex_unlock(&r->lock);
         if (fn)
             fn(ctx, r->base.index); /* wake the replicas' long polls */
-        rc = wait_replicas(r, lsn, 1, c.epoch, mono_ms());
+        rc = wait_replicas(r, lsn, 1, c.epoch, mono_ms(), &acked);
         if (rc < 0)
             return rc;
     }
-    return still_primary(r, c.epoch);
+    return still_primary(r, c.epoch, acked);
 }
 
 static int repl_sync(struct shard *s)

@@ -177,7 +177,8 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
     char check[24];
 
     snprintf(check, sizeof(check), "%" PRIu64, st->pos.check);
-    return json_pack("{s:I,s:s,s:s,s:o,s:o,s:s,s:o,s:o,s:o,s:s,s:o,s:o,s:o,s:o,s:f,s:I}",
+    return json_pack("{s:I,s:s,s:s,s:o,s:o,s:s,s:o,s:o,s:o,s:s,s:o,s:o,s:o,s:o,s:f,s:I,"
+                     "s:o,s:I,s:I,s:b,s:s}",
                      "shard", (json_int_t)shard, "primary",
                      st->primary >= 0 ? rep->cfg->nodes[st->primary].name : "", "phase",
                      replica_phase_name(st->phase), "epoch", json_u64(st->pos.epoch), "lsn",
@@ -188,7 +189,9 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
                      json_u64(st->snapshots), "snap_bytes", json_u64(st->snap_bytes),
                      "snap_records", json_u64(st->snap_records), "snap_total_records",
                      json_u64(st->snap_total_records), "snap_rate", st->snap_rate, "snap_eta_ms",
-                     (json_int_t)st->snap_eta_ms);
+                     (json_int_t)st->snap_eta_ms, "replies", json_u64(st->replies),
+                     "last_status", (json_int_t)st->last_status, "last_reply_ago_ms",
+                     (json_int_t)st->last_reply_ago_ms, "in_flight", st->in_flight, "at", st->at);
 }
 
 /* doc (taken) as resp's 200 JSON body. */

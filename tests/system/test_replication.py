@@ -23,6 +23,7 @@ primary saw it level), and with ack = primary.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -71,41 +72,69 @@ class ReplCluster(Cluster):
             etcd_reset(self.etcd_url)
 
 
-@pytest.fixture
-def etcd_url(tmp_top, watchdog):
+class EtcdServer:
     """An etcd of its own on two free loopback ports, its data in the test's
-    directory, stopped by its PID."""
-    if not os.path.exists(ETCD_BIN):
-        pytest.skip("no %s (Debian's etcd-server)" % ETCD_BIN)
-    client, peer = "http://127.0.0.1:%d" % free_port(), "http://127.0.0.1:%d" % free_port()
-    log = open(os.path.join(tmp_top, "etcd.log"), "wb")
-    p = subprocess.Popen([ETCD_BIN, "--name", "t", "--data-dir", os.path.join(tmp_top, "etcd"),
-                          "--listen-client-urls", client, "--advertise-client-urls", client,
-                          "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                          "--initial-cluster", "t=" + peer, "--enable-grpc-gateway=true"],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True)
-    watchdog.daemons.add(p)
+    directory, stopped by its PID; stop() and start() again (same ports,
+    same data) restart it, as an operator would."""
 
-    def up():
-        assert p.poll() is None, "etcd exited %s" % p.returncode
+    def __init__(self, top, watchdog):
+        self.top, self.watchdog = top, watchdog
+        self.url = "http://127.0.0.1:%d" % free_port()
+        self.peer = "http://127.0.0.1:%d" % free_port()
+        self.p = None
+        self.log = open(os.path.join(top, "etcd.log"), "ab")
+
+    def start(self):
+        assert self.p is None
+        self.p = subprocess.Popen(
+            [ETCD_BIN, "--name", "t", "--data-dir", os.path.join(self.top, "etcd"),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", self.peer, "--initial-advertise-peer-urls", self.peer,
+             "--initial-cluster", "t=" + self.peer, "--enable-grpc-gateway=true"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True)
+        self.watchdog.daemons.add(self.p)
+        wait_for(self.up, 20, "etcd", interval=0.1)
+
+    def up(self):
+        assert self.p.poll() is None, "etcd exited %s" % self.p.returncode
         try:
             urllib.request.urlopen(urllib.request.Request(
-                client + "/v3/kv/range", data=b'{"key":"AA=="}', method="POST"), timeout=1)
+                self.url + "/v3/kv/range", data=b'{"key":"AA=="}', method="POST"), timeout=1)
             return True
         except OSError:
             return False
-    try:
-        wait_for(up, 20, "etcd", interval=0.1)
-        yield client
-    finally:
-        p.terminate()
+
+    def stop(self, sig=signal.SIGTERM):
+        """Stop it (SIGKILL: as a crash would)."""
+        if self.p is None:
+            return
+        self.p.send_signal(sig)
         try:
-            p.wait(timeout=20)
+            self.p.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            kill_group(p.pid)
-            p.wait(timeout=10)
-        log.close()
+            kill_group(self.p.pid)
+            self.p.wait(timeout=10)
+        self.watchdog.daemons.discard(self.p)
+        self.p = None
+
+
+@pytest.fixture
+def etcd_server(tmp_top, watchdog):
+    if not os.path.exists(ETCD_BIN):
+        pytest.skip("no %s (Debian's etcd-server)" % ETCD_BIN)
+    e = EtcdServer(tmp_top, watchdog)
+    try:
+        e.start()
+        yield e
+    finally:
+        e.stop()
+        e.log.close()
+
+
+@pytest.fixture
+def etcd_url(etcd_server):
+    """The url of the test's etcd (etcd_server)."""
+    return etcd_server.url
 
 
 def etcd_reset(url):

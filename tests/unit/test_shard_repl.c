@@ -343,27 +343,62 @@ static void test_isr_remove_failure_fails_the_write(void)
     both_report();
 }
 
-static void test_no_lease(void)
+/* Without the lease (etcd away, or unreachable from here): with ack =
+ * replica a write is fenced by the acks of its in-sync replicas, so it is
+ * acknowledged once they all have it, and refused (EIO) when one is silent
+ * and cannot be removed from the in-sync set; with ack = primary, or no
+ * in-sync replica left, the lease is the only fence: nothing is applied,
+ * EHOSTUNREACH. */
+static void test_no_lease(struct shard *primary_ack)
 {
-    struct stream_pos before = position(), p;
+    struct stream_pos before, p;
     struct async_op op;
     char buf[64];
 
+    both_report();
     atomic_store(&lease_lost, 1);
-    CHECK_RC(apply_now(repl, "k5", "v5"), -EHOSTUNREACH);
-    CHECK_RC(shard_sync(repl), -EHOSTUNREACH);
-    p = position();
-    CHECK(stream_pos_eq(&p, &before));
-    CHECK(strcmp(value_of("k5", buf, sizeof(buf)), "") == 0);
-    atomic_store(&lease_lost, 0);
-    /* Lost while waiting for the acks: not acknowledged either. */
-    async_start(&op, repl, "k6", "v6");
+    /* ack = primary: refused before anything is applied */
+    CHECK_RC(apply_now(primary_ack, "nl5", "w5"), -EHOSTUNREACH);
+    CHECK_RC(shard_sync(primary_ack), -EHOSTUNREACH);
+    CHECK(shard_get(primary_ack, "nl5", 3, 0, buf, sizeof(buf), &(size_t){0}) <= 0);
+    /* ack = replica, both replicas acknowledge: acknowledged */
+    before = position();
+    async_start(&op, repl, "nl5", "w5");
     p = wait_applied(before.lsn);
     usleep(50000);
-    atomic_store(&lease_lost, 1);
+    CHECK(!atomic_load(&op.done)); /* waits for the replicas, lease or not */
     CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
     CHECK_RC(shard_repl_report(repl, node_c, &p, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK(strcmp(value_of("nl5", buf, sizeof(buf)), "w5") == 0);
+    /* one silent and the in-sync set out of reach (a deposed primary: its
+     * promoted replica pulls from it no more): not acknowledged */
+    atomic_store(&fail_isr_remove, 1);
+    before = position();
+    async_start(&op, repl, "nl6", "w6");
+    p = wait_applied(before.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    CHECK_RC(async_join(&op), -EIO);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+    atomic_store(&fail_isr_remove, 0);
+    /* c silent and removed: b alone still fences the write */
+    before = position();
+    async_start(&op, repl, "nl7", "w7");
+    p = wait_applied(before.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 0);
+    /* and both removed: no fence left, the write is not acknowledged */
+    before = position();
+    async_start(&op, repl, "nl8", "w8");
     CHECK_RC(async_join(&op), -EHOSTUNREACH);
+    CHECK(in_sync(node_b) == 0 && in_sync(node_c) == 0);
+    /* nothing to fence with: refused before applying */
+    before = position();
+    CHECK_RC(apply_now(repl, "nl9", "w9"), -EHOSTUNREACH);
+    p = position();
+    CHECK(stream_pos_eq(&p, &before));
+    CHECK(strcmp(value_of("nl9", buf, sizeof(buf)), "") == 0);
     atomic_store(&lease_lost, 0);
     both_report();
 }
@@ -640,7 +675,7 @@ int main(void)
     test_waits_for_every_in_sync_replica();
     test_silent_replica_leaves_and_rejoins();
     test_isr_remove_failure_fails_the_write();
-    test_no_lease();
+    test_no_lease(primary_ack);
     test_nowait_refuses_before_applying(primary_ack);
     test_ack_primary_does_not_wait(primary_ack);
     test_sync_waits_for_synced();
