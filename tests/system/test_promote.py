@@ -30,7 +30,7 @@ import pytest
 
 from conftest import SHARDFS_BIN, read_file, wait_for, write_file
 from test_failover import StrictWriter, check_logged, fcluster, wait_settled  # noqa: F401
-from test_replication import entry_shard, etcd_url  # noqa: F401 (fixtures)
+from test_replication import entry_shard, etcd_server, etcd_url  # noqa: F401 (fixtures)
 from test_cluster import NODES
 from test_cluster_api import signed
 
