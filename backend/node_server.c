@@ -1433,7 +1433,11 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
     }
     sh = server == s->self ? __atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE) : NULL;
     if (!sh && server == s->self) {
-        resp_error(r, -EIO, "shard %u is ours but not open", n);
+        /* The map names us, and the failover thread is about to take the
+         * role (a promotion or handover just made): try again. */
+        resp_error(r, -EIO, "shard %u is ours but not open yet", n);
+        r->status = 503;
+        r->errno_name[0] = '\0';
         return;
     }
     if (!sh || epoch < s->cfg.epoch) {

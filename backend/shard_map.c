@@ -210,6 +210,31 @@ static int promote_next(struct shard_copies *c, int node, uint64_t epoch)
     return 0;
 }
 
+/* c after handing the primary role to node (an in-sync replica) by its
+ * primary self: epoch + 1, and self takes node's slot, in the in-sync set
+ * (it was level when it stopped acknowledging: failover.h). 0, 1 (already
+ * primary) or -errno. */
+static int handover_next(struct shard_copies *c, int self, int node, uint64_t epoch)
+{
+    int slot;
+
+    if (c->epoch != epoch)
+        return -ESTALE;
+    if (c->primary == node)
+        return 1;
+    if (self < 0 || c->primary != self)
+        return -EPERM;
+    slot = replica_slot(c, node);
+    if (slot < 0)
+        return -ENOENT;
+    if (!(c->in_sync >> slot & 1))
+        return -EPERM;
+    c->epoch++;
+    c->primary = node;
+    c->replicas[slot] = self; /* its in-sync bit stays set */
+    return 0;
+}
+
 /* ---- values in etcd ---- */
 
 /* Encode c as the shard key's value into buf. 0, or -EINVAL when c names a
@@ -1002,6 +1027,18 @@ static int change_static(struct shard_map *m, unsigned shard, int node, uint64_t
     return rc < 0 ? rc : 0;
 }
 
+/* What this map holds of shard: its entry, the shard key's mod revision
+ * and the leader key's lease (0: none). */
+static void seen(struct shard_map *m, unsigned shard, struct shard_copies *c, int64_t *mod,
+                 int64_t *held)
+{
+    pthread_mutex_lock(&m->lock);
+    *c = m->copies[shard];
+    *mod = m->mod_rev[shard];
+    *held = m->leader_lease[shard];
+    pthread_mutex_unlock(&m->lock);
+}
+
 /* DESIGN step 2, compare-and-swap rounds. */
 static int change_etcd(struct shard_map *m, unsigned shard, int node, uint64_t epoch, int promote,
                        int add)
@@ -1016,11 +1053,7 @@ static int change_etcd(struct shard_map *m, unsigned shard, int node, uint64_t e
         int64_t lease = atomic_load(&m->lease), mod, held;
         int rc;
 
-        pthread_mutex_lock(&m->lock);
-        c = m->copies[shard];
-        mod = m->mod_rev[shard];
-        held = m->leader_lease[shard];
-        pthread_mutex_unlock(&m->lock);
+        seen(m, shard, &c, &mod, &held);
         rc = promote ? promote_next(&c, node, epoch) : isr_next(m, &c, node, epoch, add);
         if (rc != 0)
             return rc < 0 ? rc : 0;
@@ -1072,4 +1105,77 @@ int shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t ep
 int shard_map_promote(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
 {
     return change(m, shard, node, epoch, 1, 0);
+}
+
+/* The lease node's key (node/NAME) is attached to: the lease the new
+ * primary's leader key goes on. 0 and *lease, -ENOENT (the node is not
+ * alive in etcd) or etcd's error. */
+static int node_lease(struct shard_map *m, int node, int64_t *lease)
+{
+    char k[KEY_MAX];
+    struct etcd_kv meta;
+    void *v = NULL;
+    size_t vlen;
+    int rc;
+
+    snprintf(k, sizeof(k), "%snode/%s", m->prefix, m->names[node]);
+    rc = etcd_get(m->etcd, ETCD_S(k), &v, &vlen, &meta, NULL, 0);
+    free(v);
+    if (rc < 0)
+        return rc;
+    if (meta.lease == 0)
+        return -ENOENT;
+    *lease = meta.lease;
+    return 0;
+}
+
+int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
+{
+    if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)
+        return -EINVAL;
+    if (!m->etcd)
+        return -EOPNOTSUPP;
+    for (int tries = 0; tries < CHANGE_TRIES; tries++) {
+        char ks[KEY_MAX], kl[KEY_MAX], kn[KEY_MAX], value[VALUE_MAX];
+        struct shard_copies c;
+        struct etcd_cmp cmp[3];
+        struct etcd_op ops[2];
+        int64_t lease = atomic_load(&m->lease), mod, held, theirs = 0;
+        int rc;
+
+        seen(m, shard, &c, &mod, &held);
+        rc = handover_next(&c, m->self, node, epoch);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        if (lease == 0)
+            return -EAGAIN;
+        if (tries > 0 && held != lease)
+            return -EPERM; /* the map's primary, but not the live one */
+        rc = node_lease(m, node, &theirs);
+        if (rc < 0)
+            return rc == -ENOENT ? -EHOSTUNREACH : rc;
+        rc = encode_copies(m, &c, value, sizeof(value));
+        if (rc < 0)
+            return rc;
+        key_shard(m, shard, ks);
+        key_leader(m, shard, kl);
+        snprintf(kn, sizeof(kn), "%snode/%s", m->prefix, m->names[node]);
+        /* The shard key as we saw it, the leader key ours, and the new
+         * primary's lease the one it is alive on: then the role and the
+         * key move together, and no moment is without a leader (another
+         * in-sync replica would promote itself in it). */
+        cmp[0] = etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod);
+        cmp[1] = etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, lease);
+        cmp[2] = etcd_cmp_lease(ETCD_S(kn), ETCD_EQUAL, theirs);
+        /* The leader key first: the watch delivers a txn's events in the
+         * order of its ops, one by one, and node must not see itself named
+         * primary without its key even for a moment (leaders_missing would
+         * make its lease_ok 0, and its writes on every shard fail). */
+        ops[0] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[node]), theirs);
+        ops[1] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
+        rc = shard_txn(m, shard, cmp, 3, ops, 2, value, node, theirs);
+        if (rc <= 0)
+            return rc;
+    }
+    return -EAGAIN;
 }

@@ -109,6 +109,20 @@ int shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t ep
  * epoch must be the shard's epoch (-ESTALE). */
 int shard_map_promote(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
 
+/* A planned handover (`shardfs promote`, fs/failover.h): self, the live
+ * primary (it holds the leader key with its lease), makes node, one of
+ * the shard's in-sync replicas, its primary at epoch + 1, in one txn that
+ * also moves the leader key to node's lease (read from node's node/NAME
+ * key): the role never passes through "no leader". self takes node's slot
+ * among the replicas and stays in the in-sync set: the caller stopped
+ * acknowledging and saw node level before this. etcd only:
+ * -EOPNOTSUPP for the static map. 0 also when node already is the
+ * primary; -ESTALE the epoch moved; -EPERM self is not the live primary,
+ * or node is not in the in-sync set; -ENOENT node holds no replica;
+ * -EHOSTUNREACH node has no live lease (not running); -EAGAIN this node
+ * has no lease. */
+int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
+
 /* 1: this node may acknowledge writes as a primary now; 0: it must not.
  * Static map: always 1. etcd: 1 only while this node's lease is certainly
  * alive in etcd -- the last grant or renewal that succeeded, counted from

@@ -32,8 +32,9 @@
  *    epoch, possibly to itself, so without adopting it a client with an old
  *    config could never be served), re-sign and send again. At most
  *    REMOTE_MAX_REDIRECTS per request, within the same deadline; more is
- *    -EIO. Redirects are followed for every operation: a 307 means the node
- *    did nothing.
+ *    -EIO (following a map, 9, a pause and another round first).
+ *    Redirects are followed for every operation: a 307 means the node did
+ *    nothing.
  * 5. get, scan and stat are idempotent: a transport failure or a 503 is
  *    retried after 20, 40, 80 ... ms (at most REMOTE_BACKOFF_MAX_MS), as long
  *    as the deadline allows; then the last error is returned. apply and sync
@@ -78,7 +79,9 @@
  *    (the node did nothing), waits for owner[] to change, at most
  *    REMOTE_PROBE_MS at a time, and tries again, until its deadline: then
  *    -EHOSTUNREACH. So a write that meets a dead primary goes to the
- *    promoted replica as soon as the map names it, within timeout_ms.
+ *    promoted replica as soon as the map names it, within timeout_ms. More
+ *    than REMOTE_MAX_REDIRECTS redirects (nodes whose maps disagree while a
+ *    change reaches them) back off and start again, within the deadline.
  *
  * Threads: the pool, owner[], the interned URLs and the epoch are protected
  * by remote.lock; nothing else is shared. The only global state is
@@ -966,7 +969,15 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
         if (cc == CURLE_OK && q->status == 307 && shard >= 0) {
             if (++redirects > REMOTE_MAX_REDIRECTS) {
                 rc = -EIO;
-                break;
+                /* DESIGN 9: nodes whose maps disagree for a moment (a change
+                 * on its way through their watches, as at a handover) send
+                 * the request round; a 307 did nothing: wait, then again. */
+                if (!follow || now_ms() + backoff + REMOTE_MIN_ATTEMPT_MS > deadline)
+                    break;
+                sleep_ms(backoff);
+                backoff = backoff * 2 > REMOTE_BACKOFF_MAX_MS ? REMOTE_BACKOFF_MAX_MS : backoff * 2;
+                redirects = 0;
+                continue;
             }
             rc = follow_redirect(r, (unsigned)shard, q);
             if (rc)

@@ -19,6 +19,16 @@
  *  reports and released lazily, at applies and reports, for a node silent
  *  for SHARD_REPL_HOLD_MS; the LMDB shard's own lock is never taken under
  *  ours.
+ *
+ * DESIGN: handover (shardfs promote, fs/failover.c drives it)
+ *  Every apply and sync passes write_enter(): `writing` counts those past
+ *  it. shard_repl_freeze() sets `frozen` (new writes wait on `thawed`)
+ *  and waits for `writing` to reach 0, so the position it returns is final:
+ *  nothing is applied after it while frozen. shard_repl_thaw(moved = 0)
+ *  lets the held writes go on as if nothing happened; thaw(moved = 1), after
+ *  the map gave the role away, makes them and every later op return
+ *  -EREMCHG before touching the copy: the switch (failover.c) and the node
+ *  server (503) send them on to the new primary.
  */
 #include "shard_repl.h"
 
@@ -59,6 +69,10 @@ struct shard_repl {
     struct lag_mark ring[SHARD_REPL_LAG_WINDOW];
     unsigned ring_start, ring_len; /* ring[ring_start..] oldest first */
     uint64_t sync_wanted;          /* highest lsn a sync waited for the replicas to sync */
+    int frozen;                    /* a handover holds new writes (shard_repl_freeze) */
+    int moved;                     /* the handover was made: every op is refused (atomic) */
+    unsigned writing;              /* applies and syncs past the freeze check */
+    pthread_cond_t thawed;         /* frozen or writing dropped (CLOCK_MONOTONIC) */
     void (*sync_fn)(void *ctx, unsigned index);
     void *sync_ctx;
 };
@@ -80,25 +94,40 @@ static int64_t mono_ms(void)
 
 /* ---- reads: the LMDB shard's ---- */
 
+/* The role moved by a handover: a read here could miss what the new
+ * primary acknowledged since (cheap: a flag set once, never cleared). */
+static int moved(struct shard_repl *r)
+{
+    return __atomic_load_n(&r->moved, __ATOMIC_ACQUIRE);
+}
+
 static int repl_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
                     size_t buflen, size_t *vlen)
 {
+    if (moved(repl_of(s)))
+        return -EREMCHG;
     return shard_get(repl_of(s)->inner, key, klen, off, buf, buflen, vlen);
 }
 
 static int repl_scan(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
                      shard_scan_fn fn, void *ctx)
 {
+    if (moved(repl_of(s)))
+        return -EREMCHG;
     return shard_scan(repl_of(s)->inner, start, slen, end, elen, fn, ctx);
 }
 
 static int repl_get_many(struct shard *s, struct shard_read *r, unsigned n)
 {
+    if (moved(repl_of(s)))
+        return -EREMCHG;
     return shard_get_many(repl_of(s)->inner, r, n);
 }
 
 static int repl_stat(struct shard *s, struct shard_stat *st)
 {
+    if (moved(repl_of(s)))
+        return -EREMCHG;
     return shard_stat(repl_of(s)->inner, st);
 }
 
@@ -313,9 +342,42 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
 
 /* ---- writes ---- */
 
-static int repl_apply(struct shard *s, const struct batch *b)
+/* A write's way in while a handover may be going on (DESIGN: handover):
+ * held while frozen, refused with -EREMCHG once the role moved (nothing
+ * applied: the caller sends it to the new primary), counted in `writing`
+ * otherwise. In no-waiting mode a held write refuses (-EWOULDBLOCK) and is
+ * redone on a worker: an I/O thread must not wait for a handover. */
+static int write_enter(struct shard_repl *r)
 {
-    struct shard_repl *r = repl_of(s);
+    int rc = 0;
+
+    pthread_mutex_lock(&r->lock);
+    if (r->frozen && !moved(r) && shard_nowait_refuse()) {
+        rc = -EWOULDBLOCK;
+        goto out;
+    }
+    while (r->frozen && !moved(r))
+        pthread_cond_wait(&r->thawed, &r->lock);
+    if (moved(r)) {
+        rc = -EREMCHG;
+        goto out;
+    }
+    r->writing++;
+out:
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+static void write_leave(struct shard_repl *r)
+{
+    pthread_mutex_lock(&r->lock);
+    if (--r->writing == 0)
+        pthread_cond_broadcast(&r->thawed);
+    pthread_mutex_unlock(&r->lock);
+}
+
+static int repl_apply_in(struct shard_repl *r, const struct batch *b)
+{
     struct shard_copies c;
     struct stream_pos pos;
     int64_t now;
@@ -346,17 +408,26 @@ static int repl_apply(struct shard *s, const struct batch *b)
     return still_primary(r, c.epoch, acked);
 }
 
-static int repl_sync(struct shard *s)
+static int repl_apply(struct shard *s, const struct batch *b)
 {
     struct shard_repl *r = repl_of(s);
+    int rc = write_enter(r);
+
+    if (rc < 0)
+        return rc;
+    rc = repl_apply_in(r, b);
+    write_leave(r);
+    return rc;
+}
+
+static int repl_sync_in(struct shard_repl *r)
+{
     struct shard_copies c;
     void (*fn)(void *, unsigned);
     void *ctx;
     uint64_t lsn;
     int acked = 0, rc;
 
-    if (shard_nowait_refuse())
-        return -EWOULDBLOCK; /* an fsync, and perhaps the replicas' */
     rc = may_ack(r, &c);
     if (rc < 0)
         return rc;
@@ -382,9 +453,25 @@ static int repl_sync(struct shard *s)
     return still_primary(r, c.epoch, acked);
 }
 
+static int repl_sync(struct shard *s)
+{
+    struct shard_repl *r = repl_of(s);
+    int rc;
+
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* an fsync, and perhaps the replicas' */
+    rc = write_enter(r);
+    if (rc < 0)
+        return rc;
+    rc = repl_sync_in(r);
+    write_leave(r);
+    return rc;
+}
+
 /* The wrapper alone (shard_repl_free, repl_close). */
 static void repl_free(struct shard_repl *r)
 {
+    pthread_cond_destroy(&r->thawed);
     pthread_cond_destroy(&r->reported);
     pthread_mutex_destroy(&r->lock);
     free(r);
@@ -444,6 +531,7 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     }
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&r->reported, &ca);
+    pthread_cond_init(&r->thawed, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&r->lock, NULL);
     r->base.ops = &repl_ops;
@@ -593,4 +681,70 @@ int shard_repl_status(struct shard *s, struct shard_repl_status *out)
     }
     pthread_mutex_unlock(&r->lock);
     return 0;
+}
+
+/* ---- handover (shardfs promote) ---- */
+
+int shard_repl_wait_level(struct shard *s, int node, uint64_t lsn, unsigned timeout_ms)
+{
+    struct shard_repl *r = repl_of(s);
+    int64_t deadline = mono_ms() + timeout_ms;
+    struct timespec t;
+    int rc = 0;
+
+    if (node < 0 || node >= CONFIG_MAX_NODES)
+        return -EINVAL;
+    deadline_of(deadline, &t);
+    pthread_mutex_lock(&r->lock);
+    while (r->peers[node].applied.lsn < lsn) {
+        if (mono_ms() >= deadline) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        pthread_cond_timedwait(&r->reported, &r->lock, &t);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+int shard_repl_freeze(struct shard *s, unsigned timeout_ms, struct stream_pos *pos)
+{
+    struct shard_repl *r = repl_of(s);
+    int64_t deadline = mono_ms() + timeout_ms;
+    struct timespec t;
+    int rc = 0;
+
+    deadline_of(deadline, &t);
+    pthread_mutex_lock(&r->lock);
+    if (r->frozen || moved(r)) {
+        pthread_mutex_unlock(&r->lock);
+        return -EBUSY;
+    }
+    r->frozen = 1;
+    while (r->writing > 0) {
+        if (mono_ms() >= deadline) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        pthread_cond_timedwait(&r->thawed, &r->lock, &t);
+    }
+    if (rc < 0) {
+        r->frozen = 0;
+        pthread_cond_broadcast(&r->thawed);
+    }
+    *pos = r->pos;
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+void shard_repl_thaw(struct shard *s, int moved)
+{
+    struct shard_repl *r = repl_of(s);
+
+    pthread_mutex_lock(&r->lock);
+    r->frozen = 0;
+    if (moved)
+        __atomic_store_n(&r->moved, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&r->thawed);
+    pthread_mutex_unlock(&r->lock);
 }

@@ -32,7 +32,8 @@
  * reports).
  *
  * Errors: those of the LMDB shard, plus -EHOSTUNREACH (no lease, not the
- * primary) and -EIO (a laggard could not be taken out of the in-sync set).
+ * primary), -EIO (a laggard could not be taken out of the in-sync set) and
+ * -EREMCHG (a handover gave the role away; nothing was done: below).
  *
  * Threads: every call from any thread; waits are on a condition variable
  * signalled by reports. The map is borrowed and must outlive the shard.
@@ -92,6 +93,28 @@ uint64_t shard_repl_sync_wanted(struct shard *s, int node);
  * stream route can wake their long polls (X-Shardfs-Sync, wire.h). One
  * listener; NULL removes it. fn runs on the syncing thread, no lock held. */
 void shard_repl_on_sync_wanted(struct shard *s, void (*fn)(void *ctx, unsigned index), void *ctx);
+
+/* A planned handover (`shardfs promote`, fs/failover.h), in three calls:
+ *
+ * shard_repl_wait_level: wait until replica `node` has reported lsn (the
+ * batches up to it are in its redo log). 0, -ETIMEDOUT after timeout_ms,
+ * -EINVAL for a bad node.
+ *
+ * shard_repl_freeze: stop taking writes: applies and syncs that arrive are
+ * held (no-waiting mode: -EWOULDBLOCK, so they wait on a worker), and
+ * those already in progress are waited for, up to timeout_ms. Then *pos is
+ * the primary's position, and nothing is applied after it until a thaw.
+ * 0; -ETIMEDOUT (writes still in progress: not frozen any more); -EBUSY
+ * (already frozen, or moved).
+ *
+ * shard_repl_thaw: end the freeze. moved = 0: the held writes go on.
+ * moved = 1 (the map names another primary now): they, and every op on s
+ * from now on, reads included, fail with -EREMCHG before touching the copy
+ * -- "nothing was done, the shard has another primary". s stays usable
+ * for the stream and position routes (shard_repl_report...). */
+int shard_repl_wait_level(struct shard *s, int node, uint64_t lsn, unsigned timeout_ms);
+int shard_repl_freeze(struct shard *s, unsigned timeout_ms, struct stream_pos *pos);
+void shard_repl_thaw(struct shard *s, int moved);
 
 /* For `shardfs status`: the primary's position and each replica of the
  * shard in the map. lag_batches counts the batches the primary applied

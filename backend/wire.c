@@ -600,6 +600,9 @@ static const struct {
     /* The stream route's "needs a snapshot" (wire.h); ESTALE is sent with
      * 404 elsewhere, so this second row only decodes a 409. */
     {ERANGE, "ERANGE", 409},         {ESTALE, "ESTALE", 409},
+    /* A handover gave the shard away before the op did anything (the
+     * primary's wrapper, shard_repl.h): "try again", where the map points. */
+    {EREMCHG, "EREMCHG", 503},
 };
 #define ERRNO_COUNT (sizeof(errno_table) / sizeof(errno_table[0]))
 

@@ -105,9 +105,11 @@
  * ENOENT (or ESTALE), 409 per X-Shardfs-Errno (EEXIST, EAGAIN, ENOTEMPTY,
  * ENOTDIR, EISDIR, EMLINK; ERANGE and ESTALE from the stream route), 413
  * EFBIG, 414 ENAMETOOLONG, 502 EHOSTUNREACH and 504 ETIMEDOUT (a node could
- * not reach another), 507 ENOSPC, other 4xx and 5xx (503 included: EAGAIN is
- * reserved for a failed ASSERT_VALUE) EIO; transport failures map
- * separately in shard_remote.c.
+ * not reach another), 503 EREMCHG (a handover gave the shard away before the
+ * op did anything: try again where the map points), 507 ENOSPC, other 4xx
+ * and 5xx (503 without that header included: EAGAIN is reserved for a
+ * failed ASSERT_VALUE) EIO; transport failures map separately in
+ * shard_remote.c.
  *
  * Pure functions, but for wire_nonce_new() (getrandom), the wire_digest
  * objects (on the heap) and the HMAC context each thread that signs keeps

@@ -1,4 +1,4 @@
-/* client.c -- get, put, rm, ls and status (client.h). */
+/* client.c -- get, put, rm, ls, status and promote (client.h). */
 #include "client.h"
 
 #include <errno.h>
@@ -656,4 +656,171 @@ int cmd_status(int argc, char **argv)
     }
     client_close(&c);
     return down ? 1 : 0;
+}
+
+/* ---- promote ---- */
+
+static const char usage_promote[] =
+    "usage: shardfs promote [-c CONF] SHARD NODE\n"
+    "\n"
+    "Hand the primary role of shard SHARD over to NODE, without loss, for\n"
+    "maintenance: NODE must hold a replica of SHARD that is in its in-sync\n"
+    "set (shardfs status). The current primary holds new writes on SHARD,\n"
+    "waits until NODE's copy has everything it applied (a bounded wait, else\n"
+    "it gives up and goes on serving), then moves the role and its leader key\n"
+    "to NODE in one etcd transaction (the epoch goes up by one); the writes it\n"
+    "held go to NODE, and the old primary stays an in-sync replica. Needs the\n"
+    "shard map in etcd (an etcd directive). Exits 0 when NODE is the primary,\n"
+    "1 when the handover was refused or failed (nothing changed), 2 on bad\n"
+    "usage or configuration.\n";
+
+static int parse_shard(const char *s, unsigned count, unsigned *out)
+{
+    char *end;
+    unsigned long v;
+
+    if (!s[0] || s[0] == '-' || s[0] == '+')
+        return -EINVAL;
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || *end || v >= count)
+        return -EINVAL;
+    *out = (unsigned)v;
+    return 0;
+}
+
+/* Whether node is among c's replicas: its slot, or -1. */
+static int replica_slot_of(const struct shard_copies *c, int node)
+{
+    for (unsigned i = 0; i < c->nreplicas; i++)
+        if (c->replicas[i] == node)
+            return (int)i;
+    return -1;
+}
+
+/* What the map says about shard n and node `to`, checked before asking the
+ * primary (which checks again, authoritatively). 0, or 1 after printing
+ * why not. */
+static int promote_check(const struct client *c, unsigned n, int to,
+                         const struct shard_copies *sc, int leader)
+{
+    const char *name = c->cfg.nodes[to].name;
+    int slot = replica_slot_of(sc, to);
+
+    if (sc->primary == to) {
+        fprintf(stderr, "shardfs: promote: %s already is the primary of shard %u (epoch %llu)\n",
+                name, n, (unsigned long long)sc->epoch);
+        return 1;
+    }
+    if (slot < 0) {
+        fprintf(stderr, "shardfs: promote: %s holds no copy of shard %u (its primary is %s)\n",
+                name, n, sc->primary >= 0 ? c->cfg.nodes[sc->primary].name : "unknown");
+        return 1;
+    }
+    if (!(sc->in_sync >> slot & 1)) {
+        fprintf(stderr,
+                "shardfs: promote: %s's copy of shard %u is not in sync with its primary %s; "
+                "wait until it is (shardfs status) and try again\n",
+                name, n, sc->primary >= 0 ? c->cfg.nodes[sc->primary].name : "unknown");
+        return 1;
+    }
+    if (sc->primary < 0 || leader != sc->primary) {
+        fprintf(stderr,
+                "shardfs: promote: shard %u has no live primary at the moment (a failover "
+                "is due); nothing to hand over\n",
+                n);
+        return 1;
+    }
+    return 0;
+}
+
+int cmd_promote(int argc, char **argv)
+{
+    static struct client c;
+    struct growbuf b = {0};
+    struct shard_copies sc;
+    struct shard_map *map = NULL;
+    json_t *doc = NULL, *req = NULL;
+    char merr[256], *body = NULL;
+    unsigned n;
+    int to = -1, leader, rc;
+    struct opts o;
+
+    rc = parse_opts(argc, argv, usage_promote, 2, 2, &o);
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    rc = open_for(&c, &o, NULL, 0);
+    if (rc)
+        return rc;
+    rc = 2;
+    if (parse_shard(o.args[0], c.cfg.shard_count, &n) < 0) {
+        fprintf(stderr, "shardfs: promote: no shard '%s' (the store has shards 0-%u)\n",
+                o.args[0], c.cfg.shard_count - 1);
+        goto out;
+    }
+    for (unsigned i = 0; i < c.cfg.node_count; i++)
+        if (!strcmp(c.cfg.nodes[i].name, o.args[1]))
+            to = (int)i;
+    if (to < 0) {
+        fprintf(stderr, "shardfs: promote: unknown node '%s' (%s names no such node)\n",
+                o.args[1], o.conf);
+        goto out;
+    }
+    if (!c.cfg.etcd[0]) {
+        fprintf(stderr,
+                "shardfs: promote: %s has no etcd directive: the shard map is the file "
+                "itself. Without etcd a handover is manual: stop the nodes, make %s the "
+                "owner of shard %u in the file (the old one a replica), start them again\n",
+                o.conf, o.args[1], n);
+        goto out;
+    }
+    rc = 1;
+    if (shard_map_open(&c.cfg, -1, &map, merr, sizeof(merr)) != 0) {
+        fprintf(stderr, "shardfs: promote: the shard map in etcd: %s\n", merr);
+        goto out;
+    }
+    shard_map_get(map, n, &sc);
+    leader = shard_map_leader(map, n);
+    shard_map_close(map);
+    if (promote_check(&c, n, to, &sc, leader))
+        goto out;
+    req = json_pack("{s:I,s:s}", "shard", (json_int_t)n, "node", o.args[1]);
+    body = req ? json_dumps(req, JSON_COMPACT) : NULL;
+    if (!body) {
+        fprintf(stderr, "shardfs: promote: out of memory\n");
+        goto out;
+    }
+    /* The primary's node does it: only the process that acknowledges the
+     * shard's writes can stop acknowledging them and see the replica level. */
+    rc = remote_api_call(c.remote, (unsigned)sc.primary, "POST", "/v1/promote", body,
+                         strlen(body), sink_buf, &b, NULL);
+    if (rc == 0 && !(doc = b.p ? json_loadb(b.p, b.len, 0, NULL) : NULL))
+        rc = -EIO;
+    if (rc < 0) {
+        fprintf(stderr,
+                "shardfs: promote: shard %u: asking its primary %s failed: %s (see shardfs "
+                "status for where the shard is now)\n",
+                n, c.cfg.nodes[sc.primary].name, strerror(-rc));
+        rc = 1;
+        goto out;
+    }
+    if (!json_is_true(json_object_get(doc, "done"))) {
+        fprintf(stderr, "shardfs: promote: %s\n",
+                json_string_value(json_object_get(doc, "error"))
+                    ? json_string_value(json_object_get(doc, "error"))
+                    : "refused");
+        rc = 1;
+        goto out;
+    }
+    printf("shard %u: primary %s -> %s, epoch %lld -> %lld (lsn %lld; writes held %lld ms)\n", n,
+           c.cfg.nodes[sc.primary].name, o.args[1], jint(doc, "old_epoch"), jint(doc, "epoch"),
+           jint(doc, "lsn"), jint(doc, "frozen_ms"));
+    rc = 0;
+out:
+    json_decref(doc);
+    json_decref(req);
+    free(body);
+    free(b.p);
+    client_close(&c);
+    return rc;
 }

@@ -56,6 +56,7 @@ struct fo_shard {
     int owns_lmdb;        /* the config's primary copy: closed by the switch */
     struct shard *remote; /* the shard at its primary */
     int unfit;            /* never take the primary role: see failover_open */
+    int handing;          /* under fo->lock: a handover (failover_handover) runs */
     /* under fo->lock: */
     enum fo_role role;
     struct shard *primary; /* the wrapper served while PRIMARY */
@@ -137,65 +138,89 @@ static void sw_leave(struct fo_shard *f, int local)
     pthread_mutex_unlock(&f->fo->lock);
 }
 
+/* An op on the wrapper t came back -EREMCHG: a handover gave the role away
+ * and nothing was done. Wait (up to timeout_ms) for the step-down that
+ * follows, which the map's change set going; 1: do the op again (it goes
+ * to the new primary), 0: give up with the error. */
+static int sw_moved(struct fo_shard *f, struct shard *t)
+{
+    struct failover *fo = f->fo;
+    struct timespec ts;
+    int again;
+
+    deadline_in(&ts, fo->cfg->timeout_ms ? fo->cfg->timeout_ms : 5000);
+    pthread_mutex_lock(&fo->lock);
+    while (f->role == FO_PRIMARY && f->primary == t &&
+           pthread_cond_timedwait(&fo->cond, &fo->lock, &ts) != ETIMEDOUT)
+        ;
+    again = !(f->role == FO_PRIMARY && f->primary == t);
+    pthread_mutex_unlock(&fo->lock);
+    return again;
+}
+
+/* Run op on the shard the switch points at; again after a handover. */
+#define SW_RUN(s, call)                                                                        \
+    do {                                                                                       \
+        struct fo_shard *f_ = sw_of(s);                                                        \
+        struct shard *t;                                                                       \
+        int local;                                                                             \
+                                                                                               \
+        for (;;) {                                                                             \
+            t = sw_enter(f_, &local);                                                          \
+            rc = (call);                                                                       \
+            sw_leave(f_, local);                                                               \
+            if (!local || rc != -EREMCHG || !sw_moved(f_, t))                                  \
+                break;                                                                         \
+        }                                                                                      \
+    } while (0)
+
 static int sw_get(struct shard *s, const void *key, size_t klen, size_t off, void *buf,
                   size_t buflen, size_t *vlen)
 {
-    int local, rc;
-    struct shard *t = sw_enter(sw_of(s), &local);
+    int rc;
 
-    rc = shard_get(t, key, klen, off, buf, buflen, vlen);
-    sw_leave(sw_of(s), local);
+    SW_RUN(s, shard_get(t, key, klen, off, buf, buflen, vlen));
     return rc;
 }
 
 static int sw_scan(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
                    shard_scan_fn fn, void *ctx)
 {
-    int local, rc;
-    struct shard *t = sw_enter(sw_of(s), &local);
+    int rc;
 
-    rc = shard_scan(t, start, slen, end, elen, fn, ctx);
-    sw_leave(sw_of(s), local);
+    SW_RUN(s, shard_scan(t, start, slen, end, elen, fn, ctx));
     return rc;
 }
 
 static int sw_apply(struct shard *s, const struct batch *b)
 {
-    int local, rc;
-    struct shard *t = sw_enter(sw_of(s), &local);
+    int rc;
 
-    rc = shard_apply(t, b);
-    sw_leave(sw_of(s), local);
+    SW_RUN(s, shard_apply(t, b));
     return rc;
 }
 
 static int sw_sync(struct shard *s)
 {
-    int local, rc;
-    struct shard *t = sw_enter(sw_of(s), &local);
+    int rc;
 
-    rc = shard_sync(t);
-    sw_leave(sw_of(s), local);
+    SW_RUN(s, shard_sync(t));
     return rc;
 }
 
 static int sw_get_many(struct shard *s, struct shard_read *r, unsigned n)
 {
-    int local, rc;
-    struct shard *t = sw_enter(sw_of(s), &local);
+    int rc;
 
-    rc = shard_get_many(t, r, n);
-    sw_leave(sw_of(s), local);
+    SW_RUN(s, shard_get_many(t, r, n));
     return rc;
 }
 
 static int sw_stat(struct shard *s, struct shard_stat *st)
 {
-    int local, rc;
-    struct shard *t = sw_enter(sw_of(s), &local);
+    int rc;
 
-    rc = shard_stat(t, st);
-    sw_leave(sw_of(s), local);
+    SW_RUN(s, shard_stat(t, st));
     return rc;
 }
 
@@ -274,6 +299,7 @@ static void step_down(struct failover *fo, struct fo_shard *f)
 
     pthread_mutex_lock(&fo->lock);
     f->role = FO_REPLICA;
+    pthread_cond_broadcast(&fo->cond); /* ops refused by a handover go on (sw_moved) */
     while (f->active > 0)
         pthread_cond_wait(&fo->cond, &fo->lock);
     fo->demotions++;
@@ -480,6 +506,174 @@ static void on_map_change(void *ctx, unsigned n)
     fo->dirty[n] = 1;
     pthread_cond_broadcast(&fo->cond);
     pthread_mutex_unlock(&fo->lock);
+}
+
+/* ---- planned handover (shardfs promote) ---- */
+
+/* DESIGN: handover. The primary hands shard n to `to`, an in-sync replica:
+ *  1. catch-up: wait (writes flowing) until `to` has reported the position
+ *     the primary had when the call began: most of a lag is made up
+ *     while nobody waits;
+ *  2. freeze the wrapper (shard_repl_freeze): new writes are held, those
+ *     in progress finish; P = the position now, final;
+ *  3. wait until `to` has reported P: its copy holds every batch this
+ *     primary applied, acknowledged or not;
+ *  4. shard_map_handover: primary = to, epoch + 1, the leader key on to's
+ *     lease, this node an in-sync replica, in one etcd txn;
+ *  5. thaw(moved): the held writes and every later op on the wrapper get
+ *     -EREMCHG, nothing done: the switch does them again at the new
+ *     primary, the node server answers 503 (the client retries where the
+ *     map points). The map's change steps this copy down (reconcile) and
+ *     `to` takes the role (the map names it and its lease holds the key).
+ *  A failure in 2-4 thaws without moving: the held writes go on here, and
+ *  the handover is as if never asked. A txn whose outcome is unknown (an
+ *  etcd error, not a refusal) keeps the freeze until the map tells, or a
+ *  lease TTL passed (handover_unsure). The freeze lasts at most
+ *  FO_FREEZE_PART of timeout_ms, so a held write still has time to be
+ *  done again within its client's timeout_ms. No write is acknowledged by
+ *  both: this node acknowledges nothing after step 2 (the wrapper refuses
+ *  from step 5 on), and `to` serves only once the txn of step 4 is made. */
+#define FO_CATCHUP_PART 4 /* tenths of timeout_ms for step 1 */
+#define FO_UNSURE_STEP_MS 20
+
+/* The txn of step 4 failed with rc, which may not mean "not made" (a reply
+ * lost on its way back: etcd may have made it). Still frozen, look at the
+ * map for a lease TTL: the watch brings a change that was made within
+ * milliseconds while etcd answers, and if it does not answer, this node's
+ * lease_ok drops within the TTL anyway. 0 if `to` became the primary
+ * (the role moved after all), else rc. */
+static int handover_unsure(struct failover *fo, unsigned n, int to, int rc)
+{
+    int64_t until = mono_ms() + fo->cfg->lease_ttl_ms;
+    struct shard_copies c;
+
+    for (;;) {
+        if (shard_map_get(fo->map, n, &c) == 0 && c.primary == to)
+            return 0;
+        if (mono_ms() >= until || fo_nap(fo, FO_UNSURE_STEP_MS))
+            return rc;
+    }
+}
+#define FO_FREEZE_PART 2  /* tenths of timeout_ms for steps 2-3 */
+
+int failover_handover(struct failover *fo, unsigned n, int to, struct failover_handed *out,
+                      char *err, size_t errlen)
+{
+    unsigned tmo = fo->cfg->timeout_ms ? fo->cfg->timeout_ms : 5000;
+    struct fo_shard *f = n < fo->cfg->shard_count ? fo->sh[n] : NULL;
+    struct shard_repl_status st;
+    struct shard_copies c;
+    struct stream_pos p;
+    struct shard *w = NULL;
+    const char *name;
+    int64_t t0 = mono_ms(), t_frozen = 0;
+    int rc, frozen = 0, moved = 0, slot = -1;
+
+    memset(out, 0, sizeof(*out));
+    if (n >= fo->cfg->shard_count || to < 0 || (unsigned)to >= fo->cfg->node_count) {
+        snprintf(err, errlen, "no such shard or node");
+        return -EINVAL;
+    }
+    name = fo->cfg->nodes[to].name;
+    rc = shard_map_get(fo->map, n, &c);
+    if (rc < 0) {
+        snprintf(err, errlen, "shard %u: %s", n, strerror(-rc));
+        return rc;
+    }
+    out->old_epoch = c.epoch;
+    pthread_mutex_lock(&fo->lock);
+    if (f && f->role == FO_PRIMARY && !f->handing && c.primary == fo->self) {
+        f->handing = 1;
+        f->active++; /* the wrapper stays this shard's until we are done */
+        w = f->primary;
+    }
+    rc = f && f->handing && !w ? -EBUSY : 0;
+    pthread_mutex_unlock(&fo->lock);
+    if (!w) {
+        if (rc == -EBUSY)
+            snprintf(err, errlen, "shard %u: another handover of it is under way", n);
+        else
+            snprintf(err, errlen, "shard %u: %s is not its primary", n,
+                     fo->cfg->nodes[fo->self].name);
+        return rc ? rc : -EPERM;
+    }
+    if (to == fo->self) {
+        rc = -EALREADY;
+        snprintf(err, errlen, "shard %u: %s already is its primary", n, name);
+        goto out;
+    }
+    for (unsigned i = 0; i < c.nreplicas; i++)
+        if (c.replicas[i] == to)
+            slot = (int)i;
+    if (slot < 0 || !(c.in_sync >> slot & 1)) {
+        rc = slot < 0 ? -ENOENT : -EPERM;
+        snprintf(err, errlen, "shard %u: %s %s", n, name,
+                 slot < 0 ? "holds no replica of it" : "is not in its in-sync set");
+        goto out;
+    }
+    /* step 1 */
+    rc = shard_repl_status(w, &st);
+    if (rc == 0 && st.position.lsn == 0) {
+        /* never written: a batch first, so that the new primary is not at
+         * lsn 0 under an epoch past the config's (copy_unfit) */
+        mark_promoted(f, w);
+        rc = shard_repl_status(w, &st);
+    }
+    if (rc == 0)
+        rc = shard_repl_wait_level(w, to, st.position.lsn, tmo * FO_CATCHUP_PART / 10);
+    if (rc == 0) {
+        /* step 2 */
+        t_frozen = mono_ms();
+        rc = shard_repl_freeze(w, tmo * FO_FREEZE_PART / 10, &p);
+        frozen = rc == 0;
+    }
+    if (rc == 0) {
+        /* step 3, in what is left of the freeze's time */
+        int64_t left = tmo * FO_FREEZE_PART / 10 - (mono_ms() - t_frozen);
+
+        rc = shard_repl_wait_level(w, to, p.lsn, left > 0 ? (unsigned)left : 0);
+    }
+    if (rc == -ETIMEDOUT) {
+        snprintf(err, errlen,
+                 "shard %u: %s did not catch up with its primary in time; handover "
+                 "abandoned, %s stays the primary",
+                 n, name, fo->cfg->nodes[fo->self].name);
+        goto out;
+    }
+    if (rc < 0) {
+        snprintf(err, errlen, "shard %u: %s", n, strerror(-rc));
+        goto out;
+    }
+    /* step 4 */
+    rc = shard_map_handover(fo->map, n, to, c.epoch);
+    if (rc < 0 && rc != -ESTALE && rc != -EPERM && rc != -ENOENT)
+        rc = handover_unsure(fo, n, to, rc);
+    if (rc < 0) {
+        snprintf(err, errlen, "shard %u: the map change failed: %s%s", n, strerror(-rc),
+                 rc == -EPERM    ? " (not in the in-sync set, or this node lost its lease)"
+                 : rc == -ESTALE ? " (the shard's epoch moved meanwhile)"
+                                 : "");
+        goto out;
+    }
+    moved = 1;
+    out->new_epoch = c.epoch + 1;
+    out->lsn = p.lsn;
+    out->frozen_ms = mono_ms() - t_frozen;
+    out->took_ms = mono_ms() - t0;
+    fprintf(stderr,
+            "shardfs: shard %u: handed over to %s at epoch %llu (lsn %llu, writes held %lld "
+            "ms)\n",
+            n, name, (unsigned long long)out->new_epoch, (unsigned long long)p.lsn,
+            (long long)out->frozen_ms);
+out:
+    if (frozen || moved)
+        shard_repl_thaw(w, moved);
+    pthread_mutex_lock(&fo->lock);
+    f->handing = 0;
+    if (--f->active == 0)
+        pthread_cond_broadcast(&fo->cond);
+    pthread_mutex_unlock(&fo->lock);
+    return rc;
 }
 
 /* ---- the public calls ---- */

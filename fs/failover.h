@@ -26,6 +26,10 @@
  *    AND it holds the shard's leader key with its new lease (taken when
  *    the map opened, or later by the map's keep-alive thread; the thread
  *    then takes the role).
+ *  - Handover (failover_handover, `shardfs promote`): the primary holds
+ *    new writes, waits until the chosen in-sync replica has all it
+ *    applied, and moves role and leader key to it in one txn; the held
+ *    writes go to the new primary.
  *  - Clients: every shard's owner in this process's remote shards follows
  *    the map's leader key (remote_owner_set): no leader, or a dead one,
  *    and requests wait for the next, up to timeout_ms.
@@ -76,6 +80,27 @@ int failover_start(struct failover *fo, struct replica_sync *rs, char *err, size
 void failover_stop(struct failover *fo);
 /* After ns_close(). NULL-safe. */
 void failover_close(struct failover *fo);
+
+/* A planned handover of shard n to node `to` (`shardfs promote`; DESIGN:
+ * handover in failover.c): this node must be the shard's serving primary
+ * and `to` one of its in-sync replicas. The primary holds new writes,
+ * waits until `to` has everything it applied, then moves the role and the
+ * leader key to `to` in one etcd txn (shard_map_handover) and hands the
+ * held writes on to it. Blocks for at most 6/10 of timeout_ms plus the txn.
+ * 0 and *out; else -errno with a reason in err, and nothing changed (this
+ * node still serves): -EPERM not the primary here, or `to` not in sync;
+ * -EBUSY a handover of n runs; -EALREADY `to` is this node; -ENOENT `to`
+ * holds no replica; -ETIMEDOUT `to` did not catch up in time;
+ * -EHOSTUNREACH `to` is not alive in etcd; etcd's errors. Any thread that
+ * may wait (a node server worker). */
+struct failover_handed {
+    uint64_t old_epoch, new_epoch;
+    uint64_t lsn;      /* the position handed over */
+    int64_t frozen_ms; /* how long writes were held */
+    int64_t took_ms;
+};
+int failover_handover(struct failover *fo, unsigned n, int to, struct failover_handed *out,
+                      char *err, size_t errlen);
 
 /* How many times this process promoted a copy / stepped down. */
 void failover_counts(struct failover *fo, unsigned *promotions, unsigned *demotions);

@@ -49,6 +49,7 @@ static const char usage_main[] =
     "  rm    [-c CONF] [--node NODE] PATH                   remove a file or empty directory\n"
     "  ls    [-c CONF] [--node NODE] [PATH]                 list a directory\n"
     "  status [-c CONF]                                     nodes and shards of a cluster\n"
+    "  promote [-c CONF] SHARD NODE                         hand a shard's primary role to NODE\n"
     "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
     "\n"
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
@@ -715,8 +716,9 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } clients[] = {{"get", cmd_get}, {"put", cmd_put},       {"rm", cmd_rm},
-                   {"ls", cmd_ls},   {"status", cmd_status}, {"bench", cmd_bench}};
+    } clients[] = {{"get", cmd_get},         {"put", cmd_put},     {"rm", cmd_rm},
+                   {"ls", cmd_ls},           {"status", cmd_status}, {"bench", cmd_bench},
+                   {"promote", cmd_promote}};
     for (size_t i = 0; i < sizeof(clients) / sizeof(clients[0]); i++)
         if (!strcmp(argv[1], clients[i].name))
             return clients[i].fn(argc - 1, argv + 1);

@@ -26,8 +26,10 @@
 #include "replica_sync.h"
 #include "shard_map.h"
 #include "shard_repl.h"
+#include "wire.h"
 
 #define REPLICATION_ROUTE "/v1/replicas"
+#define REPLICATION_PROMOTE "/v1/promote"
 
 struct replication {
     const struct config *cfg;
@@ -193,22 +195,101 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
                      "restarts", json_u64(st->restarts));
 }
 
+/* doc (taken) as resp's 200 JSON body. */
+static void reply_json(struct node_response *resp, json_t *doc)
+{
+    size_t n = doc ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
+
+    if (n == 0 || !(resp->body = malloc(n)) ||
+        json_dumpb(doc, (char *)resp->body, n, JSON_COMPACT) != n) {
+        free(resp->body);
+        resp->body = NULL;
+        json_decref(doc);
+        node_response_error(resp, -ENOMEM, "out of memory");
+        return;
+    }
+    json_decref(doc);
+    resp->len = n;
+    resp->status = 200;
+    resp->content_type = "application/json";
+}
+
+static int route_is(const struct node_request *req, const char *path, const char *method,
+                    struct node_response *resp, int *handled)
+{
+    *handled = req->path_len == strlen(path) && memcmp(req->path, path, req->path_len) == 0;
+    if (!*handled || strcmp(req->method, method) == 0)
+        return *handled;
+    node_response_error(resp, -EINVAL, "%s wants %s", path, method);
+    resp->status = 405;
+    resp->errno_name[0] = '\0';
+    node_response_header(resp, "Allow", "%s", method);
+    return 0;
+}
+
+/* POST /v1/promote (replication.h): the handover, on a worker thread. */
+static void route_promote(struct replication *rep, const struct node_request *req,
+                          struct node_response *resp)
+{
+    json_t *in = req->body ? json_loadb((const char *)req->body, req->body_len, 0, NULL) : NULL;
+    json_t *shard = json_object_get(in, "shard"), *node = json_object_get(in, "node");
+    struct failover_handed h;
+    char err[512] = "";
+    int to = -1, rc;
+
+    if (!json_is_integer(shard) || !json_is_string(node) || json_integer_value(shard) < 0 ||
+        json_integer_value(shard) >= (json_int_t)rep->cfg->shard_count) {
+        json_decref(in);
+        node_response_error(resp, -EINVAL, "want {\"shard\": 0..%u, \"node\": NAME}",
+                            rep->cfg->shard_count - 1);
+        return;
+    }
+    for (unsigned i = 0; i < rep->cfg->node_count; i++)
+        if (strcmp(rep->cfg->nodes[i].name, json_string_value(node)) == 0)
+            to = (int)i;
+    if (to < 0) {
+        rc = -EINVAL;
+        snprintf(err, sizeof(err), "no node named %s", json_string_value(node));
+    } else if (!rep->fo) {
+        rc = -EOPNOTSUPP;
+        snprintf(err, sizeof(err), "promote needs the shard map in etcd (an etcd directive)");
+    } else {
+        rc = failover_handover(rep->fo, (unsigned)json_integer_value(shard), to, &h, err,
+                               sizeof(err));
+    }
+    if (rc == 0)
+        reply_json(resp, json_pack("{s:b,s:I,s:s,s:s,s:I,s:I,s:I,s:I,s:I}", "done", 1, "shard",
+                                   json_integer_value(shard), "from",
+                                   rep->cfg->nodes[rep->node].name, "to",
+                                   rep->cfg->nodes[to].name, "old_epoch",
+                                   (json_int_t)h.old_epoch, "epoch", (json_int_t)h.new_epoch,
+                                   "lsn", (json_int_t)h.lsn, "frozen_ms",
+                                   (json_int_t)h.frozen_ms, "took_ms", (json_int_t)h.took_ms));
+    else
+        reply_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno",
+                                   wire_errno_name(rc) ? wire_errno_name(rc) : strerror(-rc),
+                                   "error", err));
+    json_decref(in);
+}
+
 int replication_route(struct replication *rep, const struct node_request *req,
                       struct node_response *resp)
 {
-    json_t *list, *doc;
-    size_t n;
+    json_t *list;
+    int handled;
 
-    if (req->path_len != strlen(REPLICATION_ROUTE) ||
-        memcmp(req->path, REPLICATION_ROUTE, req->path_len) != 0)
-        return 1;
-    if (strcmp(req->method, "GET") != 0) {
-        node_response_error(resp, -EINVAL, "%s wants GET", REPLICATION_ROUTE);
-        resp->status = 405;
-        resp->errno_name[0] = '\0';
-        node_response_header(resp, "Allow", "GET");
+    if (route_is(req, REPLICATION_PROMOTE, "POST", resp, &handled)) {
+        if (rep)
+            route_promote(rep, req, resp);
+        else
+            reply_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno", "EOPNOTSUPP",
+                                       "error", "this node has no replicated shard"));
         return 0;
     }
+    if (handled)
+        return 0;
+    if (!route_is(req, REPLICATION_ROUTE, "GET", resp, &handled))
+        return handled ? 0 : 1;
     list = json_array();
     for (unsigned i = 0; list && rep && i < rep->cfg->shard_count; i++) {
         struct replica_status st;
@@ -219,21 +300,9 @@ int replication_route(struct replication *rep, const struct node_request *req,
             list = NULL;
         }
     }
-    doc = list ? json_pack("{s:s,s:o}", "node", rep ? rep->cfg->nodes[rep->node].name : "",
-                           "replicas", list)
-               : NULL;
-    n = doc ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
-    if (n == 0 || !(resp->body = malloc(n)) ||
-        json_dumpb(doc, (char *)resp->body, n, JSON_COMPACT) != n) {
-        free(resp->body);
-        resp->body = NULL;
-        json_decref(doc);
-        node_response_error(resp, -ENOMEM, "out of memory");
-        return 0;
-    }
-    json_decref(doc);
-    resp->len = n;
-    resp->status = 200;
-    resp->content_type = "application/json";
+    reply_json(resp, list ? json_pack("{s:s,s:o}", "node",
+                                      rep ? rep->cfg->nodes[rep->node].name : "", "replicas",
+                                      list)
+                          : NULL);
     return 0;
 }

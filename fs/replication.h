@@ -17,6 +17,19 @@
  * ("check" a decimal string: JSON numbers lose u64 bits). The primary's side
  * of the same copies is wire.h's GET /v1/shard/N/position.
  *
+ * And POST /v1/promote, body {"shard":N,"node":"b"}, made to the shard's
+ * primary by `shardfs promote`: the planned handover of the shard's primary
+ * role to node b (failover_handover, failover.h). It blocks up to about
+ * 6/10 of timeout_ms. The outcome is a 200 either way, since the request
+ * itself was fine and the client wants the reason (error bodies do not
+ * reach it):
+ *
+ *   200 {"done":true,"shard":N,"from":"a","to":"b","old_epoch":E,
+ *        "epoch":E+1,"lsn":L,"frozen_ms":MS,"took_ms":MS}
+ *   200 {"done":false,"errno":"ETIMEDOUT","error":"why, in words"}
+ *
+ * (400 for a body that is not that object; without etcd, done:false.)
+ *
  * Order (each step after the one before; stop in reverse):
  *   replication_open()  after ns_open(): the map, the wrappers
  *   node_server_start_repl(..., replication_server(rep), ...)
@@ -59,9 +72,10 @@ void replication_sync_stop(struct replication *rep);
 /* Close the map. After ns_close(). NULL-safe. */
 void replication_close(struct replication *rep);
 
-/* Serve GET /v1/replicas (above) and return 0, or return 1 for any other
- * path (the caller's handler answers it). Never waits: fine on a node
- * server's I/O thread. */
+/* Serve GET /v1/replicas and POST /v1/promote (above) and return 0, or
+ * return 1 for any other path (the caller's handler answers it). The GET
+ * never waits (fine on a node server's I/O thread); the POST waits, and
+ * the node server runs every POST on a worker. */
 int replication_route(struct replication *rep, const struct node_request *req,
                       struct node_response *resp);
 

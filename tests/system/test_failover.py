@@ -172,9 +172,11 @@ class StrictWriter:
         self.c, self.prefix, self.via = c, prefix, via
         self.logged = {}
         self.parts = {}  # name: [(offset, length, time.monotonic() its write() began)]
-        self.failed = []
+        self.failed = []  # (name, node, errno, the call, time.monotonic())
         self.error = None
         self.stop = threading.Event()
+        self.hold = threading.Event()  # set: start no new file (idle says when none is open)
+        self.idle = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
@@ -187,16 +189,22 @@ class StrictWriter:
     def write_files(self):
         i = 0
         while not self.stop.is_set():
+            if self.hold.is_set():
+                self.idle.set()
+                time.sleep(0.01)
+                continue
+            self.idle.clear()
             node = self.via
             name = "%s-%d" % (self.prefix, i)
             i += 1
             data = os.urandom(100 + (i * 7919) % 20000)
             parts = (data[:50], data[50:99], data[99:])
-            fd = -1
+            fd, step = -1, "open"
             try:
                 fd = os.open(self.c.p(node, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 began, off = [], 0
-                for part in parts:
+                for k, part in enumerate(parts):
+                    step = "write %d" % k
                     began.append((off, len(part), time.monotonic()))
                     off += len(part)
                     n = os.write(fd, part)
@@ -205,10 +213,10 @@ class StrictWriter:
                         # wrote (the kernel splits it at page boundaries, the
                         # primary died between two): not acknowledged
                         raise OSError(errno.EIO, "short write %d of %d" % (n, len(part)))
-                f, fd = fd, -1
+                f, fd, step = fd, -1, "close"
                 os.close(f)
             except OSError as e:
-                self.failed.append((name, node, e.errno))
+                self.failed.append((name, node, e.errno, step, round(time.monotonic(), 3)))
                 if fd >= 0:
                     try:
                         os.close(fd)

@@ -10,6 +10,7 @@
  * at a stale epoch fails; promote is refused while the leader key is held
  * and allowed once the old lease is revoked (clean close) or has run out
  * (a child process holding it killed with SIGKILL), and raises the epoch;
+ * a handover by the live primary moves role and leader key in one txn;
  * lease_ok drops to 0 before the TTL ends when etcd is SIGSTOPped, and
  * comes back after SIGCONT; with etcd stopped the calls fail and the map
  * keeps what it had.
@@ -390,6 +391,104 @@ static void test_changes_and_promote(struct etcd *e)
     }
     shard_map_close(b);
     shard_map_close(a2);
+}
+
+/* b's listener during a handover to b: how often b's lease_ok was 0 when
+ * its map changed (b must never see itself primary without its key). */
+struct lease_watch {
+    struct shard_map *m;
+    atomic_int calls, not_ok;
+};
+
+static void on_change_lease(void *ctx, unsigned shard)
+{
+    struct lease_watch *w = ctx;
+
+    (void)shard;
+    atomic_fetch_add(&w->calls, 1);
+    if (!shard_map_lease_ok(w->m))
+        atomic_fetch_add(&w->not_ok, 1);
+}
+
+/* The planned handover (shardfs promote): by the live primary only, to an
+ * in-sync replica, raising the epoch; the leader key moves to the new
+ * primary's lease in the same txn (no moment without a leader); the old
+ * primary stays an in-sync replica in the new one's slot. */
+static void test_handover(void)
+{
+    static struct config cfg, scfg;
+    struct shard_map *a = NULL, *b = NULL, *c = NULL, *st = NULL;
+    struct shard_copies x;
+
+    load_conf(&scfg, "handover-static", "handover-secret-0123", 4, 0, 0);
+    CHECK_RC(shard_map_open(&scfg, 0, &st, err, sizeof(err)), 0);
+    if (st)
+        CHECK_RC(shard_map_handover(st, 0, 1, 7), -EOPNOTSUPP);
+    shard_map_close(st);
+
+    load_conf(&cfg, "handover", "handover-secret-0123", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 2, &c, err, sizeof(err)), 0);
+    if (!a || !b || !c)
+        goto out;
+    /* shard 0: primary a, replicas b (in sync) and c (not) */
+    CHECK_RC(shard_map_isr_add(a, 0, 1, 7), 0);
+    CHECK(wait_for(b, 0, 7, 1, 0) && wait_for(c, 0, 7, 1, 0));
+    CHECK_RC(shard_map_handover(b, 0, 2, 7), -EPERM); /* b is no primary */
+    CHECK_RC(shard_map_handover(a, 0, 2, 7), -EPERM); /* c is not in sync */
+    CHECK_RC(shard_map_handover(a, 0, 1, 6), -ESTALE);
+    CHECK_RC(shard_map_handover(a, 2, 0, 7), -EPERM); /* b's shard, not a's */
+    CHECK_RC(shard_map_handover(a, 0, 0, 7), 0);      /* already a's */
+    CHECK(get(a, 0).epoch == 7);
+
+    {
+        struct lease_watch lw = {.m = b};
+        double end = now_s() + 5;
+
+        while (!shard_map_lease_ok(b) && now_s() < end)
+            usleep(10000);
+        shard_map_on_change(b, on_change_lease, &lw);
+        CHECK_RC(shard_map_handover(a, 0, 1, 7), 0);
+        CHECK(wait_for(b, 0, 8, 1, 1));
+        shard_map_on_change(b, NULL, NULL);
+        CHECK(atomic_load(&lw.calls) >= 1);
+        CHECKF(atomic_load(&lw.not_ok) == 0, "b's lease_ok was 0 at %d of %d map changes",
+               atomic_load(&lw.not_ok), atomic_load(&lw.calls));
+    }
+    x = get(a, 0);
+    CHECK(x.epoch == 8 && x.primary == 1 && x.nreplicas == 2);
+    CHECK(x.replicas[0] == 0 && x.replicas[1] == 2 && x.in_sync == 1);
+    CHECK(shard_map_leader(a, 0) == 1);
+    CHECK(shard_map_lease_ok(a) == 1); /* still the primary of shard 1 */
+    /* b and c see role and key move together: c never sees no leader */
+    CHECK(wait_for(b, 0, 8, 1, 1) && wait_for(c, 0, 8, 1, 1));
+    CHECK(get(b, 0).primary == 1);
+    {
+        double end = now_s() + 5;
+        while (!shard_map_lease_ok(b) && now_s() < end)
+            usleep(10000);
+        CHECK(shard_map_lease_ok(b) == 1); /* b holds the key with its own lease */
+    }
+    /* a cannot act on it any more; b can, and hands it back */
+    CHECK_RC(shard_map_isr_remove(a, 0, 2, 8), -EPERM);
+    CHECK_RC(shard_map_handover(a, 0, 1, 8), 0); /* already b's */
+    CHECK_RC(shard_map_handover(b, 0, 0, 8), 0);
+    x = get(b, 0);
+    CHECK(x.epoch == 9 && x.primary == 0 && x.replicas[0] == 1 && x.in_sync == 1);
+    CHECK(wait_for(a, 0, 9, 1, 0));
+
+    /* to a node with no live lease: refused, nothing changes */
+    CHECK_RC(shard_map_isr_add(a, 0, 2, 9), 0);
+    shard_map_close(c);
+    c = NULL;
+    CHECK_RC(shard_map_handover(a, 0, 2, 9), -EHOSTUNREACH);
+    x = get(a, 0);
+    CHECK(x.epoch == 9 && x.primary == 0 && shard_map_leader(a, 0) == 0);
+out:
+    shard_map_close(a);
+    shard_map_close(b);
+    shard_map_close(c);
 }
 
 /* A primary killed with SIGKILL: its key stays until its lease runs out. */
@@ -821,6 +920,7 @@ int main(void)
     if (up) {
         test_seed(e);
         test_changes_and_promote(e);
+        test_handover();
         test_promote_after_expiry();
         test_lease_loss(pid);
         test_partition(e);

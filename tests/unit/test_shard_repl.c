@@ -24,7 +24,11 @@
  *  - sync waits for the in-sync replicas' synced lsn, calls the sync
  *    listener and tells sync_wanted;
  *  - status: lag in batches and ms, in-sync flags, snapshot marks;
- *  - holds: a report keeps the stream after its lsn through trimming.
+ *  - holds: a report keeps the stream after its lsn through trimming;
+ *  - handover: a freeze waits for the writes in progress (bounded), holds
+ *    new ones (refuses them in no-waiting mode), thaw(0) lets them go on;
+ *    wait_level follows the reports; after thaw(moved) every op, the held
+ *    one included, fails with EREMCHG and applies nothing.
  * Exits non-zero on any failed check.
  */
 #include <errno.h>
@@ -573,6 +577,82 @@ static void test_holds(void)
     both_report();
 }
 
+/* The handover's freeze: it waits for the writes in progress (bounded),
+ * holds new ones, and thaw(0) lets them go on; wait_level follows reports. */
+static void test_freeze_drains_and_holds(void)
+{
+    struct stream_pos before, p, frozen_at;
+    struct async_op op, held;
+    struct batch b;
+    char buf[64];
+    int rc;
+
+    both_report();
+    before = position();
+    /* an apply waiting for its acks is a write in progress */
+    async_start(&op, repl, "f1", "v1");
+    p = wait_applied(before.lsn);
+    CHECK_RC(shard_repl_freeze(repl, 100, &frozen_at), -ETIMEDOUT);
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    CHECK_RC(shard_repl_report(repl, node_c, &p, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK_RC(shard_repl_freeze(repl, 1000, &frozen_at), 0);
+    CHECK(stream_pos_eq(&frozen_at, &p));
+    CHECK_RC(shard_repl_freeze(repl, 1000, &frozen_at), -EBUSY);
+    /* held, not applied; in no-waiting mode refused for a worker */
+    async_start(&held, repl, "f2", "v2");
+    usleep(100000);
+    CHECKF(!atomic_load(&held.done), "an apply went through a freeze");
+    before = position();
+    CHECK(stream_pos_eq(&before, &p));
+    batch_init(&b);
+    batch_put(&b, "f3", 2, "v3", 2);
+    shard_nowait_begin();
+    rc = shard_apply(repl, &b);
+    CHECK_RC(shard_nowait_end(), 1);
+    CHECK_RC(rc, -EWOULDBLOCK);
+    batch_free(&b);
+    /* reads go on */
+    CHECK(strcmp(value_of("f1", buf, sizeof(buf)), "v1") == 0);
+    /* wait_level: b has p; c is told later */
+    CHECK_RC(shard_repl_wait_level(repl, node_b, p.lsn, 10), 0);
+    CHECK_RC(shard_repl_wait_level(repl, node_c, p.lsn + 1, 50), -ETIMEDOUT);
+    shard_repl_thaw(repl, 0);
+    p = wait_applied(p.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &p, 0), 0);
+    CHECK_RC(shard_repl_report(repl, node_c, &p, 0), 0);
+    CHECK_RC(shard_repl_wait_level(repl, node_c, p.lsn, 1000), 0);
+    CHECK_RC(async_join(&held), 0);
+    CHECK(strcmp(value_of("f2", buf, sizeof(buf)), "v2") == 0);
+    both_report();
+}
+
+/* thaw(moved): the held write and every later op get -EREMCHG, nothing
+ * applied. Last: the wrapper serves nothing after it. */
+static void test_moved_refuses_everything(struct shard *primary_ack)
+{
+    struct stream_pos before, after;
+    struct shard_stat st;
+    struct async_op held;
+    char buf[16];
+    size_t vlen;
+
+    CHECK_RC(shard_lmdb_position(shard_repl_inner(primary_ack), &before), 0);
+    CHECK_RC(shard_repl_freeze(primary_ack, 1000, &after), 0);
+    async_start(&held, primary_ack, "m1", "v1");
+    usleep(50000);
+    CHECK(!atomic_load(&held.done));
+    shard_repl_thaw(primary_ack, 1);
+    CHECK_RC(async_join(&held), -EREMCHG);
+    CHECK_RC(apply_now(primary_ack, "m2", "v2"), -EREMCHG);
+    CHECK_RC(shard_sync(primary_ack), -EREMCHG);
+    CHECK_RC(shard_get(primary_ack, "k1", 2, 0, buf, sizeof(buf), &vlen), -EREMCHG);
+    CHECK_RC(shard_stat(primary_ack, &st), -EREMCHG);
+    CHECK_RC(shard_repl_freeze(primary_ack, 10, &after), -EBUSY);
+    CHECK_RC(shard_lmdb_position(shard_repl_inner(primary_ack), &after), 0);
+    CHECKF(stream_pos_eq(&before, &after), "a refused op changed the position");
+}
+
 int main(void)
 {
     struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
@@ -601,6 +681,8 @@ int main(void)
     test_sync_waits_for_synced();
     test_status();
     test_holds();
+    test_freeze_drains_and_holds();
+    test_moved_refuses_everything(primary_ack);
 
     shard_close(primary_ack);
     shard_close(repl);
