@@ -101,13 +101,7 @@ def test_promote_back_and_forth_under_load(fcluster):
                 assert old in e["replicas"] and old in e["in_sync"], e
             time.sleep(0.5)
             # level is an exact position: checked with the writers paused
-            for w in (wa, wc):
-                w.hold.set()
-            for w in (wa, wc):
-                assert w.idle.wait(30), "a writer hangs"
-            wait_settled(c, deadline=20)
-            for w in (wa, wc):
-                w.hold.clear()
+            wait_settled(c, deadline=20, writers=(wa, wc))
             now = dict(wa.logged)
             now.update(wc.logged)
             check_logged(c, {n: d for n, d in now.items() if n not in checked}, NODES)
