@@ -617,7 +617,7 @@ void node_response_header(struct node_response *r, const char *name, const char 
 }
 
 /* A JSON document as the body of a 200 reply; takes the reference to doc. */
-static void resp_json(struct node_response *r, json_t *doc)
+void node_response_json(struct node_response *r, json_t *doc)
 {
     size_t n = doc ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
 
@@ -1153,7 +1153,7 @@ static void op_stat(struct shard *sh, struct node_response *r)
         resp_error(r, rc, "stat: %s", strerror(-rc));
         return;
     }
-    resp_json(r, json_pack("{s:o,s:o,s:o}", "records", json_u64(st.records), "bytes",
+    node_response_json(r, json_pack("{s:o,s:o,s:o}", "records", json_u64(st.records), "bytes",
                            json_u64(st.bytes), "pending", json_u64(st.pending)));
 }
 
@@ -1380,7 +1380,7 @@ static void op_position(struct node_server *s, unsigned n, struct node_response 
             reps = NULL;
         }
     snprintf(check, sizeof(check), "%" PRIu64, pos.check);
-    resp_json(r, reps ? json_pack("{s:o,s:o,s:s,s:o}", "epoch", json_u64(pos.epoch), "lsn",
+    node_response_json(r, reps ? json_pack("{s:o,s:o,s:s,s:o}", "epoch", json_u64(pos.epoch), "lsn",
                                   json_u64(pos.lsn), "check", check, "replicas", reps)
                       : NULL);
     if (r->status == 200)
@@ -1502,7 +1502,7 @@ static void route_config(struct node_server *s, const char *method, struct node_
     doc = shards ? json_pack("{s:o,s:s,s:o}", "epoch", json_u64(s->cfg.epoch), "node",
                              s->cfg.nodes[s->self].name, "shards", shards)
                  : NULL;
-    resp_json(r, doc);
+    node_response_json(r, doc);
 }
 
 /* The path part of raw (up to '?') percent-decoded into a new string of

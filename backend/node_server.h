@@ -119,6 +119,11 @@ void node_response_header(struct node_response *resp, const char *name, const ch
 void node_response_error(struct node_response *resp, int rc, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Make resp a 200 reply with doc as compact JSON; takes doc (may be NULL:
+ * out of memory, which becomes the reply). */
+struct json_t;
+void node_response_json(struct node_response *resp, struct json_t *doc);
+
 /* Handle a request for a path the server does not own. Fill resp; return 0.
  * MUST NOT keep req or its body after returning. A GET or HEAD is first
  * called on an I/O thread in the shards' no-waiting mode (shard.h): it MUST

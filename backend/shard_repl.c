@@ -143,10 +143,11 @@ static int in_sync_count(const struct shard_copies *c);
  * ack in vain and then fails to remove it from the in-sync set (a txn
  * that the promotion made fail). So while etcd is away (restarting, or
  * unreachable from here) the primaries of replicated shards keep serving;
- * a shard without an in-sync replica stops with the lease. */
-static int fenced(const struct shard_repl *r, const struct shard_copies *c)
+ * a shard without an in-sync replica stops with the lease. `replicas`:
+ * the in-sync replicas it waits for (before), or that acked (after). */
+static int fenced(const struct shard_repl *r, int replicas)
 {
-    return shard_map_lease_ok(r->map) || (r->ack == CONFIG_ACK_REPLICA && in_sync_count(c) > 0);
+    return shard_map_lease_ok(r->map) || (r->ack == CONFIG_ACK_REPLICA && replicas > 0);
 }
 
 /* Whether this node may acknowledge a write now: the map naming it the
@@ -159,7 +160,7 @@ static int may_ack(struct shard_repl *r, struct shard_copies *c)
     rc = shard_map_get(r->map, r->base.index, c);
     if (rc < 0)
         return rc;
-    if (c->primary != r->self || !fenced(r, c))
+    if (c->primary != r->self || !fenced(r, in_sync_count(c)))
         return -EHOSTUNREACH;
     pthread_mutex_lock(&r->lock);
     if (c->epoch != r->epoch) {
@@ -180,7 +181,7 @@ static int still_primary(struct shard_repl *r, uint64_t epoch, int acked)
     if (shard_map_get(r->map, r->base.index, &c) < 0 || c.primary != r->self ||
         c.epoch != epoch)
         return -EHOSTUNREACH;
-    if (!shard_map_lease_ok(r->map) && !(r->ack == CONFIG_ACK_REPLICA && acked > 0))
+    if (!fenced(r, acked))
         return -EHOSTUNREACH;
     return 0;
 }

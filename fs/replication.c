@@ -195,25 +195,6 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
                      "restarts", json_u64(st->restarts));
 }
 
-/* doc (taken) as resp's 200 JSON body. */
-static void reply_json(struct node_response *resp, json_t *doc)
-{
-    size_t n = doc ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
-
-    if (n == 0 || !(resp->body = malloc(n)) ||
-        json_dumpb(doc, (char *)resp->body, n, JSON_COMPACT) != n) {
-        free(resp->body);
-        resp->body = NULL;
-        json_decref(doc);
-        node_response_error(resp, -ENOMEM, "out of memory");
-        return;
-    }
-    json_decref(doc);
-    resp->len = n;
-    resp->status = 200;
-    resp->content_type = "application/json";
-}
-
 static int route_is(const struct node_request *req, const char *path, const char *method,
                     struct node_response *resp, int *handled)
 {
@@ -258,7 +239,7 @@ static void route_promote(struct replication *rep, const struct node_request *re
                                sizeof(err));
     }
     if (rc == 0)
-        reply_json(resp, json_pack("{s:b,s:I,s:s,s:s,s:I,s:I,s:I,s:I,s:I}", "done", 1, "shard",
+        node_response_json(resp, json_pack("{s:b,s:I,s:s,s:s,s:I,s:I,s:I,s:I,s:I}", "done", 1, "shard",
                                    json_integer_value(shard), "from",
                                    rep->cfg->nodes[rep->node].name, "to",
                                    rep->cfg->nodes[to].name, "old_epoch",
@@ -266,7 +247,7 @@ static void route_promote(struct replication *rep, const struct node_request *re
                                    "lsn", (json_int_t)h.lsn, "frozen_ms",
                                    (json_int_t)h.frozen_ms, "took_ms", (json_int_t)h.took_ms));
     else
-        reply_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno",
+        node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno",
                                    wire_errno_name(rc) ? wire_errno_name(rc) : strerror(-rc),
                                    "error", err));
     json_decref(in);
@@ -282,7 +263,7 @@ int replication_route(struct replication *rep, const struct node_request *req,
         if (rep)
             route_promote(rep, req, resp);
         else
-            reply_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno", "EOPNOTSUPP",
+            node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno", "EOPNOTSUPP",
                                        "error", "this node has no replicated shard"));
         return 0;
     }
@@ -300,7 +281,7 @@ int replication_route(struct replication *rep, const struct node_request *req,
             list = NULL;
         }
     }
-    reply_json(resp, list ? json_pack("{s:s,s:o}", "node",
+    node_response_json(resp, list ? json_pack("{s:s,s:o}", "node",
                                       rep ? rep->cfg->nodes[rep->node].name : "", "replicas",
                                       list)
                           : NULL);

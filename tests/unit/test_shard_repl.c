@@ -389,7 +389,6 @@ static void test_no_lease(struct shard *primary_ack)
     CHECK_RC(async_join(&op), 0);
     CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 0);
     /* and both removed: no fence left, the write is not acknowledged */
-    before = position();
     async_start(&op, repl, "nl8", "w8");
     CHECK_RC(async_join(&op), -EHOSTUNREACH);
     CHECK(in_sync(node_b) == 0 && in_sync(node_c) == 0);
