@@ -15,6 +15,10 @@
  *  rather than asked of the LMDB shard on every report: every write of a
  *  primary goes through its wrapper, and a report must not wait for the
  *  shard's lock (it is made on a node server I/O thread).
+ *  `waiting` counts the applies and syncs that wait for acks (an apply
+ *  from before it is applied, so the LMDB shard's apply listener already
+ *  sees it): the stream route answers a long poll at once when someone
+ *  waits, and otherwise gathers entries for a few ms (node_server.c).
  *  Stream holds (shard_lmdb_stream_hold, slot = node index) are set by
  *  reports and released lazily, at applies and reports, for a node silent
  *  for SHARD_REPL_HOLD_MS; the LMDB shard's own lock is never taken under
@@ -52,6 +56,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -88,6 +93,7 @@ struct shard_repl {
     unsigned lag_ms;
     pthread_mutex_t lock;
     pthread_cond_t reported; /* a report came (CLOCK_MONOTONIC) */
+    atomic_int waiting;      /* applies and syncs waiting for acks, or about to */
     /* under lock: */
     uint64_t epoch;        /* last set on the LMDB shard */
     struct stream_pos pos; /* the primary's position */
@@ -494,6 +500,10 @@ static int repl_apply_in(struct shard_repl *r, const struct batch *b)
     if (!wait && r->ack == CONFIG_ACK_REPLICA)
         r->unwaited++; /* no joiner is added until it noted (DESIGN: joining) */
     pthread_mutex_unlock(&r->lock);
+    /* Counted before the apply, whose listener tells the long polls
+     * whether anyone waits for this batch (shard_repl_acks_wanted). */
+    if (wait)
+        atomic_fetch_add(&r->waiting, 1);
     rc = shard_lmdb_apply_pos(r->inner, b, &pos);
     now = mono_ms();
     pthread_mutex_lock(&r->lock);
@@ -507,14 +517,11 @@ static int repl_apply_in(struct shard_repl *r, const struct batch *b)
     stale = stale_holds(r, now);
     pthread_mutex_unlock(&r->lock);
     release_holds(r, stale);
-    if (rc < 0)
-        return rc;
-    if (wait) {
+    if (rc == 0 && wait)
         rc = wait_replicas(r, pos.lsn, 0, c.epoch, now, &acked);
-        if (rc < 0)
-            return rc;
-    }
-    return still_primary(r, c.epoch, acked);
+    if (wait)
+        atomic_fetch_sub(&r->waiting, 1);
+    return rc < 0 ? rc : still_primary(r, c.epoch, acked);
 }
 
 static int repl_apply(struct shard *s, const struct batch *b)
@@ -556,9 +563,11 @@ static int repl_sync_in(struct shard_repl *r)
         fn = r->sync_fn;
         ctx = r->sync_ctx;
         pthread_mutex_unlock(&r->lock);
+        atomic_fetch_add(&r->waiting, 1);
         if (fn)
             fn(ctx, r->base.index); /* wake the replicas' long polls */
         rc = wait_replicas(r, lsn, 1, c.epoch, mono_ms(), &acked);
+        atomic_fetch_sub(&r->waiting, 1);
         if (rc < 0)
             return rc;
     }
@@ -648,6 +657,7 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&r->lock, NULL);
     pthread_mutex_init(&r->isr_lock, NULL);
+    atomic_init(&r->waiting, 0);
     r->base.ops = &repl_ops;
     r->base.index = lmdb->index;
     r->inner = lmdb;
@@ -659,6 +669,11 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     shard_lmdb_set_epoch(lmdb, c.epoch);
     *out = &r->base;
     return 0;
+}
+
+int shard_repl_acks_wanted(struct shard *s)
+{
+    return atomic_load(&repl_of(s)->waiting) > 0;
 }
 
 int shard_repl_is(const struct shard *s)
