@@ -1973,7 +1973,7 @@ static int sum_piece(struct shard_lmdb *sl, XXH3_state_t *st, const struct strea
 
     pthread_mutex_lock(&sl->lock);
     rc = txn_ensure(sl);
-    if (rc == 0 && (sl->snapshotting || !stream_pos_eq(&sl->pos, at)))
+    if (rc == 0 && at && (sl->snapshotting || !stream_pos_eq(&sl->pos, at)))
         rc = -EAGAIN;
     if (rc)
         goto out;
@@ -2019,9 +2019,10 @@ out:
     return rc;
 }
 
-int shard_lmdb_checksum(struct shard *s, struct shard_lmdb_sum *out)
+/* The pass itself; `moving`: hash whatever the shard holds as it goes
+ * (to bring its pages into the cache), not one position. */
+static int sum_pass(struct shard_lmdb *sl, int moving, struct shard_lmdb_sum *out)
 {
-    struct shard_lmdb *sl = to_lmdb(s);
     XXH3_state_t *st = XXH3_createState();
     uint8_t last[BATCH_KEY_MAX];
     size_t lastlen = 0;
@@ -2039,13 +2040,31 @@ int shard_lmdb_checksum(struct shard *s, struct shard_lmdb_sum *out)
     out->pos = sl->pos;
     pthread_mutex_unlock(&sl->lock);
     while (rc == 0 && !done)
-        rc = sum_piece(sl, st, &out->pos, last, &lastlen, &done, out);
+        rc = sum_piece(sl, st, moving ? NULL : &out->pos, last, &lastlen, &done, out);
     if (rc == 0) {
         XXH128_canonicalFromHash(&c, XXH3_128bits_digest(st));
         memcpy(out->digest, c.digest, sizeof(out->digest));
     }
     XXH3_freeState(st);
     return rc;
+}
+
+int shard_lmdb_checksum(struct shard *s, struct shard_lmdb_sum *out)
+{
+    return sum_pass(to_lmdb(s), 0, out);
+}
+
+int shard_lmdb_warm(struct shard *s)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct shard_lmdb_sum ignored;
+    int fd = -1;
+
+    /* The file first, read ahead in large requests (MDB_NORDAHEAD leaves
+     * the walk below one page a read), then the walk. */
+    if (mdb_env_get_fd(sl->env, &fd) == 0 && fd >= 0)
+        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
+    return sum_pass(sl, 1, &ignored);
 }
 
 static const struct shard_ops shard_lmdb_ops = {

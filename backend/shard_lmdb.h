@@ -189,4 +189,10 @@ struct shard_lmdb_sum {
 };
 int shard_lmdb_checksum(struct shard *s, struct shard_lmdb_sum *out);
 
+/* The same pass over whatever the shard holds while batches go on, for
+ * its reads alone: brings a copy's pages into the page cache before a
+ * pass that holds writes (a cold pass reads the disk a page at a time,
+ * ~100x slower here). 0 or LMDB's errors. */
+int shard_lmdb_warm(struct shard *s);
+
 #endif

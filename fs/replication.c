@@ -307,6 +307,12 @@ static int checksum_as_primary(struct replication *rep, unsigned n, unsigned ttl
                  rep->cfg->nodes[rep->node].name);
         return -EPERM;
     }
+    /* The pages first, writes flowing: the held pass then reads memory. */
+    rc = shard_lmdb_warm(shard_repl_inner(w));
+    if (rc < 0) {
+        snprintf(err, errlen, "shard %u: reading the primary's copy: %s", n, strerror(-rc));
+        goto out;
+    }
     /* As a handover's freeze: held writes keep time to be done again. */
     t0 = mono_ms();
     rc = shard_repl_freeze(w, tmo * 2 / 10, &p);
