@@ -386,7 +386,13 @@ static void route_checksum(struct replication *rep, const struct node_request *r
     unsigned n;
     int rc, as_replica;
 
-    if (!json_is_integer(shard) || json_integer_value(shard) < 0 || !rep ||
+    if (!rep) {
+        json_decref(in);
+        node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno", "EOPNOTSUPP",
+                                           "error", "this node has no replicated shard"));
+        return;
+    }
+    if (!json_is_integer(shard) || json_integer_value(shard) < 0 ||
         json_integer_value(shard) >= (json_int_t)rep->cfg->shard_count ||
         (json_object_get(in, "wait_ms") && json_u64_of(in, "wait_ms", &wait_ms) < 0)) {
         json_decref(in);
