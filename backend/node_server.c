@@ -1196,6 +1196,7 @@ static void position_header(struct node_response *r, const struct stream_pos *p)
 struct entries {
     uint8_t *buf;
     size_t len, cap;
+    uint64_t upto; /* stop after this lsn (a checkpoint); 0: no limit */
 };
 
 static int entries_add(void *ctx, const struct stream_pos *p, uint64_t time_ms,
@@ -1217,14 +1218,14 @@ static int entries_add(void *ctx, const struct stream_pos *p, uint64_t time_ms,
         e->cap = cap;
     }
     e->len += stream_entry_encode(e->buf + e->len, p, time_ms, batch, len);
-    return 0;
+    return e->upto && p->lsn >= e->upto ? 1 : 0;
 }
 
 /* The stream request's arguments (wire.h). 0 or -EINVAL with why. */
 struct stream_args {
     int node;
     struct stream_pos after;
-    uint64_t wait, max, synced;
+    uint64_t wait, max, synced, hashed;
 };
 
 static int stream_args(struct node_server *s, const char *uri, struct stream_args *a,
@@ -1236,7 +1237,8 @@ static int stream_args(struct node_server *s, const char *uri, struct stream_arg
     *a = (struct stream_args){.node = -1};
     *why = "bad or missing node, epoch, lsn, check, wait or max";
     rc = query_str(uri, "node", name, sizeof(name));
-    if (rc <= 0 || query_u64(uri, "synced", &a->synced) < 0)
+    if (rc <= 0 || query_u64(uri, "synced", &a->synced) < 0 ||
+        query_u64(uri, "hashed", &a->hashed) < 0)
         return -EINVAL;
     if (query_u64(uri, "epoch", &a->after.epoch) <= 0 || query_u64(uri, "lsn", &a->after.lsn) <= 0)
         return -EINVAL;
@@ -1260,12 +1262,13 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     struct entries e = {0};
     struct stream_args a;
     struct shard_copies c;
-    struct stream_pos pos;
+    struct stream_pos pos, cp;
+    uint64_t cp_id = 0;
     struct shard *local;
     const char *why;
     uint64_t seq, useq, want;
     int64_t wait, now;
-    int rc, count, member = 0;
+    int rc, count, member = 0, capped;
 
     if (stream_args(s, uri, &a, &why) < 0) {
         resp_error(r, -EINVAL, "%s", why);
@@ -1282,7 +1285,23 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     local = shard_repl_inner(sh);
     seq = atomic_load(&s->applies[n]); /* before the read: no wakeup is missed */
     useq = atomic_load(&s->urgent[n]);
-    count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    /* A content check's checkpoint (shard_repl.h): nothing past it. */
+    capped = shard_repl_checkpoint(sh, a.node, &cp, &cp_id) && a.after.lsn <= cp.lsn;
+    e.upto = capped ? cp.lsn : 0;
+    count = capped && stream_pos_eq(&a.after, &cp)
+                ? 0 /* there: a position of our history, nothing to send */
+                : shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    if (count > 0 && !capped && shard_repl_checkpoint(sh, a.node, &cp, &cp_id) &&
+        a.after.lsn <= cp.lsn) {
+        /* Set while we read (after our look, before entries past it
+         * existed): read again, up to it. */
+        free(e.buf);
+        e = (struct entries){.upto = cp.lsn};
+        capped = 1;
+        count = stream_pos_eq(&a.after, &cp)
+                    ? 0
+                    : shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    }
     if (count == -ERANGE || count == -ESTALE) {
         /* Not a position we can continue from: a snapshot, whose tail we
          * keep from the position we name. */
@@ -1314,10 +1333,23 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     if (rc < 0)
         log_msg("shard %u: %s caught up, but could not rejoin the in-sync set: %s", n,
                 s->cfg.nodes[a.node].name, strerror(-rc));
+    shard_repl_checkpoint_done(sh, a.node, a.hashed);
+    if (capped && !shard_repl_checkpoint(sh, a.node, &cp, &cp_id)) {
+        capped = 0; /* the replica hashed at it already: it ended */
+        if (stream_pos_eq(&a.after, &cp) && count == 0) {
+            e.upto = 0;
+            count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+            if (count < 0) {
+                free(e.buf);
+                resp_error(r, count, "stream: %s", strerror(-count));
+                return;
+            }
+        }
+    }
     want = shard_repl_sync_wanted(sh, a.node);
     now = mono_ms();
     wait = pa && pa->deadline_ms ? pa->deadline_ms - now : (int64_t)a.wait;
-    if (count == 0 && !want && pa && wait > 0) {
+    if (count == 0 && !want && !capped && pa && wait > 0) {
         *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
                                 .seq = seq, .wait_ms = wait};
         resp_reset(r);
@@ -1326,7 +1358,7 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     }
     /* Entries, but nobody waits for their ack: gather more for a while
      * (DESIGN long polls, gathering). */
-    if (count > 0 && !want && pa && a.wait > 0 && e.len < a.max / 2 &&
+    if (count > 0 && !want && !capped && pa && a.wait > 0 && e.len < a.max / 2 &&
         !shard_repl_acks_wanted(sh)) {
         int64_t until = pa->linger_ms ? pa->linger_ms : now + STREAM_LINGER_MS;
 
@@ -1356,6 +1388,11 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     position_header(r, &pos);
     if (want)
         node_response_header(r, WIRE_HDR_SYNC, "%" PRIu64, want);
+    if (capped) {
+        node_response_header(r, WIRE_HDR_CHECKPOINT, "%" PRIu64 "/%" PRIu64 "/%" PRIu64,
+                             cp.epoch, cp.lsn, cp.check);
+        node_response_header(r, WIRE_HDR_CHECKPOINT_ID, "%" PRIu64, cp_id);
+    }
 }
 
 /* One replica of the position route's reply; NULL when out of memory. */

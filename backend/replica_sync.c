@@ -54,6 +54,16 @@
  *    request (no connection, a timeout, a 5xx) is retried after a backoff
  *    doubling from RS_BACKOFF_FIRST_MS to RS_BACKOFF_MAX_MS, which a success
  *    resets: a dead primary costs a connect attempt every 2 s, no spinning.
+ * 6. A content check (fsck --replicas). A reply naming a checkpoint
+ *    (X-Shardfs-Checkpoint: the primary's position when it hashed its own
+ *    copy; it sends nothing past it meanwhile) that the copy has reached
+ *    pauses the shard: a helper thread hashes the copy
+ *    (shard_lmdb_checksum) while the sync thread sends no pull of it and so
+ *    applies nothing to it; then the result waits for
+ *    replica_sync_checksum() and the pulls go on, saying hashed=ID (the
+ *    checkpoint's X-Shardfs-Checkpoint-Id), which ends it on the primary.
+ *    The pause costs the
+ *    primary's writers (ack = replica) one hash pass of the shard.
  *
  * Threads: the sync thread owns every struct rshard field but `kicked`
  * (atomic) and `st` (under rs->lock, read by replica_sync_status()).
@@ -133,7 +143,7 @@ struct rshard {
     uint8_t *spare;                   /* a snapshot page being loaded */
     size_t spare_cap;
     int overflow, nomem;
-    struct rs_hdr errno_name, position, more, sync;
+    struct rs_hdr errno_name, position, more, sync, checkpoint, checkpoint_id;
     char location[RS_LOCATION_MAX];
     int location_set;
 
@@ -157,6 +167,18 @@ struct rshard {
     size_t flen;
     int64_t snap_start;
 
+    /* a content check (step 6) */
+    struct replica_sync *rs;
+    atomic_int hashing;               /* the helper thread runs */
+    int hasher_live;                  /* ... and is not joined yet */
+    pthread_t hasher;
+    struct stream_pos hash_at;        /* where it hashes */
+    uint64_t hash_id;                 /* for which checkpoint */
+    uint64_t hashed;                  /* the checkpoint of the last hash: hashed= of the pulls */
+    int sum_set, sum_rc;              /* the last result; protected by replica_sync.lock */
+    struct stream_pos sum_at;
+    struct shard_lmdb_sum sum;
+
     struct replica_status st;         /* protected by replica_sync.lock */
     uint64_t kick_req, kick_done;     /* protected by replica_sync.lock: kick_wait */
 };
@@ -173,6 +195,7 @@ struct replica_sync {
     atomic_int stop;
     pthread_mutex_t lock;
     pthread_cond_t kicked_cond;       /* a kick_wait's refresh is done */
+    pthread_cond_t sum_cond;          /* a content check's hash is done (CLOCK_MONOTONIC) */
     unsigned n;
     struct rshard *sh;
     int slot[CONFIG_MAX_SHARDS];      /* shard index -> sh[], -1 */
@@ -288,6 +311,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         memset(&h->position, 0, sizeof(h->position));
         memset(&h->more, 0, sizeof(h->more));
         memset(&h->sync, 0, sizeof(h->sync));
+        memset(&h->checkpoint, 0, sizeof(h->checkpoint));
+        memset(&h->checkpoint_id, 0, sizeof(h->checkpoint_id));
         h->location_set = 0;
         return len;
     case 0:
@@ -301,6 +326,10 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         hdr_store(&h->more, v, vlen);
     else if (hdr_is(name, nlen, WIRE_HDR_SYNC))
         hdr_store(&h->sync, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_CHECKPOINT))
+        hdr_store(&h->checkpoint, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_CHECKPOINT_ID))
+        hdr_store(&h->checkpoint_id, v, vlen);
     else if (hdr_is(name, nlen, "Location") && vlen < sizeof(h->location)) {
         memcpy(h->location, v, vlen);
         h->location[vlen] = '\0';
@@ -388,9 +417,9 @@ static int transfer_start(struct replica_sync *rs, struct rshard *h)
     case REQ_STREAM:
         n = snprintf(pq, sizeof(pq),
                      "/v1/shard/%u/stream?node=%s&epoch=%" PRIu64 "&lsn=%" PRIu64
-                     "&check=%" PRIu64 "&wait=%u&max=%u&synced=%" PRIu64,
+                     "&check=%" PRIu64 "&wait=%u&max=%u&synced=%" PRIu64 "&hashed=%" PRIu64,
                      h->index, rs->cfg->nodes[rs->self].name, h->pos.epoch, h->pos.lsn, h->pos.check, RS_WAIT_MS, RS_PULL_MAX,
-                     h->synced);
+                     h->synced, h->hashed);
         h->max = RS_STREAM_REPLY_MAX;
         h->sent_synced = h->synced;
         timeout += RS_WAIT_MS;
@@ -738,6 +767,60 @@ static void sync_if_wanted(struct replica_sync *rs, struct rshard *h)
         sync_copy(rs, h);
 }
 
+/* Step 6's helper thread: hash the paused copy, publish the result. */
+static void *hasher_main(void *arg)
+{
+    struct rshard *h = arg;
+    struct replica_sync *rs = h->rs;
+    struct shard_lmdb_sum sum;
+    sigset_t all;
+    int rc;
+
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    pthread_setname_np(pthread_self(), "replica-sum");
+    rc = shard_lmdb_checksum(h->local, &sum);
+    pthread_mutex_lock(&rs->lock);
+    h->sum = sum;
+    h->sum_rc = rc;
+    h->sum_at = h->hash_at;
+    h->sum_set = 1;
+    pthread_cond_broadcast(&rs->sum_cond);
+    pthread_mutex_unlock(&rs->lock);
+    atomic_store(&h->hashing, 0);
+    curl_multi_wakeup(rs->multi);
+    return NULL;
+}
+
+/* Step 6: the reply names a checkpoint and the copy is at it: pause the
+ * shard and hash it. */
+static void checkpoint_reached(struct replica_sync *rs, struct rshard *h)
+{
+    struct stream_pos cp;
+    uint64_t id = 0;
+
+    if (parse_pos(&h->checkpoint, &cp) != 0 || !stream_pos_eq(&cp, &h->pos) || h->hasher_live)
+        return;
+    for (const char *c = h->checkpoint_id.set ? h->checkpoint_id.v : ""; *c >= '0' && *c <= '9';
+         c++)
+        id = id > (UINT64_MAX - 9) / 10 ? UINT64_MAX : id * 10 + (uint64_t)(*c - '0');
+    h->hash_at = cp;
+    h->hash_id = id;
+    atomic_store(&h->hashing, 1);
+    if (pthread_create(&h->hasher, NULL, hasher_main, h) != 0) {
+        atomic_store(&h->hashing, 0);
+        pthread_mutex_lock(&rs->lock);
+        h->sum_rc = -EAGAIN;
+        h->sum_at = cp;
+        h->sum_set = 1;
+        pthread_cond_broadcast(&rs->sum_cond);
+        pthread_mutex_unlock(&rs->lock);
+        h->hashed = id; /* failed: go on rather than stay stopped */
+        return;
+    }
+    h->hasher_live = 1;
+}
+
 /* h's transfer ended with cc: the next step. */
 static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc)
 {
@@ -795,6 +878,7 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
         }
         if (status == 204) {
             sync_if_wanted(rs, h);
+            checkpoint_reached(rs, h);
             step_ok(rs, h);
             goto out;
         }
@@ -808,8 +892,10 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
         rc = stream_apply(rs, h);
         if (rc == 1 && (rc = parse_pos(&h->position, &pp)) == 0)
             rc = snapshot_start(rs, h, &pp);
-        if (rc == 0)
+        if (rc == 0) {
             sync_if_wanted(rs, h);
+            checkpoint_reached(rs, h);
+        }
         if (rc)
             step_failed(rs, h, rc);
         else
@@ -962,6 +1048,14 @@ static void *sync_main(void *arg)
                 sync_copy(rs, h);
             if (h->dirty && h->synced_at + RS_SYNC_MS < wake)
                 wake = h->synced_at + RS_SYNC_MS;
+            if (h->hasher_live && !atomic_load(&h->hashing)) {
+                pthread_join(h->hasher, NULL);
+                h->hasher_live = 0;
+                h->hashed = h->hash_id; /* the next pull ends the checkpoint */
+                h->moved_at = now; /* the pause is no sign of being stuck */
+            }
+            if (h->hasher_live)
+                continue; /* step 6: paused while its copy is hashed */
             if (!h->snapping && h->pos_ok && h->st.phase == REPLICA_STREAMING &&
                 h->primary >= 0 && h->primary != rs->self &&
                 h->pos.lsn < h->primary_pos.lsn && now - h->moved_at > RS_STUCK_MS)
@@ -982,8 +1076,12 @@ static void *sync_main(void *arg)
         now = now_ms();
         curl_multi_poll(rs->multi, NULL, 0, wake > now ? (int)(wake - now) : 0, NULL);
     }
-    for (unsigned i = 0; i < rs->n; i++)
+    for (unsigned i = 0; i < rs->n; i++) {
         transfer_drop(rs, &rs->sh[i]);
+        if (rs->sh[i].hasher_live)
+            pthread_join(rs->sh[i].hasher, NULL);
+        rs->sh[i].hasher_live = 0;
+    }
     return NULL;
 }
 
@@ -1014,6 +1112,14 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
     rs->ctx = ctx;
     pthread_mutex_init(&rs->lock, NULL);
     pthread_cond_init(&rs->kicked_cond, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&rs->sum_cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     atomic_init(&rs->stop, 0);
     for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         rs->slot[i] = -1;
@@ -1035,6 +1141,8 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
         rs->slot[i] = (int)rs->n++;
         h->index = i;
         h->local = replicas[i];
+        h->rs = rs;
+        atomic_init(&h->hashing, 0);
         h->primary = -2; /* "not asked yet": the first refresh sees a change */
         h->backoff_ms = RS_BACKOFF_FIRST_MS;
         h->st.primary = -1;
@@ -1091,6 +1199,7 @@ void replica_sync_stop(struct replica_sync *rs)
     if (rs->sh) {
         pthread_mutex_destroy(&rs->lock);
         pthread_cond_destroy(&rs->kicked_cond);
+        pthread_cond_destroy(&rs->sum_cond);
     }
     free(rs->sh);
     free(rs);
@@ -1121,4 +1230,45 @@ void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard)
     while (h->kick_done < want && rs->started && !atomic_load(&rs->stop))
         pthread_cond_wait(&rs->kicked_cond, &rs->lock);
     pthread_mutex_unlock(&rs->lock);
+}
+
+int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct stream_pos *at,
+                          unsigned wait_ms, struct shard_lmdb_sum *out, struct stream_pos *now)
+{
+    int64_t deadline = now_ms() + wait_ms;
+    struct timespec ts;
+    struct rshard *h;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    memset(now, 0, sizeof(*now));
+    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+        return -ENOENT;
+    h = &rs->sh[rs->slot[shard]];
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += wait_ms / 1000;
+    ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&rs->lock);
+    /* The last hash at `at`: one an earlier check made at the same
+     * position is as good (it hashed this copy's data at `at`). */
+    for (;;) {
+        if (h->sum_set && stream_pos_eq(&h->sum_at, at)) {
+            rc = h->sum_rc;
+            if (rc == 0)
+                *out = h->sum;
+            break;
+        }
+        if (now_ms() >= deadline || !rs->started || atomic_load(&rs->stop)) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        pthread_cond_timedwait(&rs->sum_cond, &rs->lock, &ts);
+    }
+    *now = h->st.pos;
+    pthread_mutex_unlock(&rs->lock);
+    return rc;
 }

@@ -30,6 +30,7 @@
 
 #include "config.h"
 #include "shard.h"
+#include "shard_lmdb.h"
 #include "stream.h"
 
 struct replica_sync;
@@ -59,6 +60,19 @@ void replica_sync_kick(struct replica_sync *rs, unsigned shard);
  * no pull of the shard is in flight and none will be applied after this
  * returns. Not on the sync thread (primary_of, the map's listener: no). */
 void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard);
+
+/* A content check (`shardfs fsck --replicas`): the checksum of this
+ * node's replica of shard at exactly position `at`, which its primary
+ * took its own checksum at (shard_repl_checkpoint_set). The primary stops
+ * the copy's stream at `at` and says so (X-Shardfs-Checkpoint); once the
+ * copy is there, the sync thread stops applying to it and a helper thread
+ * hashes it (shard_lmdb_checksum), then the pulls go on. This waits up to
+ * wait_ms for that hash. 0 and *out; -ETIMEDOUT (the copy did not reach
+ * `at` in time: behind), the hash's error, -ENOENT (no replica of shard
+ * here). *now gets the copy's position when the call returns. Any thread
+ * but the sync thread. */
+int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct stream_pos *at,
+                          unsigned wait_ms, struct shard_lmdb_sum *out, struct stream_pos *now);
 
 enum replica_phase {
     REPLICA_WAITING = 0, /* for a primary (none, unreachable: backing off) */

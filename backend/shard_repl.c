@@ -71,6 +71,10 @@ struct peer {
     int needs_snapshot;
     int joining;       /* JOIN_*: on its way back into the in-sync set */
     uint64_t join_lsn; /* it may join once it applied this (DESIGN: joining) */
+    /* a content check's checkpoint (shard_repl_checkpoint_set) */
+    struct stream_pos cp;
+    uint64_t cp_id;
+    int64_t cp_until;  /* monotonic ms; 0: none */
 };
 
 enum { JOIN_NONE = 0, JOIN_WAIT, JOIN_ADDING };
@@ -101,6 +105,7 @@ struct shard_repl {
     struct lag_mark ring[SHARD_REPL_LAG_WINDOW];
     unsigned ring_start, ring_len; /* ring[ring_start..] oldest first */
     uint64_t sync_wanted;          /* highest lsn a sync waited for the replicas to sync */
+    uint64_t cp_last;              /* the last checkpoint id handed out */
     int frozen;                    /* a handover holds new writes (shard_repl_freeze) */
     int moved;                     /* the handover was made: every op is refused (atomic) */
     unsigned writing;              /* applies and syncs past the freeze check */
@@ -818,6 +823,80 @@ int shard_repl_status(struct shard *s, struct shard_repl_status *out)
     }
     pthread_mutex_unlock(&r->lock);
     return 0;
+}
+
+/* ---- content check (fsck --replicas) ---- */
+
+int shard_repl_checkpoint_set(struct shard *s, const struct stream_pos *at, unsigned ttl_ms)
+{
+    struct shard_repl *r = repl_of(s);
+    void (*fn)(void *ctx, unsigned index);
+    void *ctx;
+    struct shard_copies c;
+    int64_t until = mono_ms() + ttl_ms;
+    struct timespec now;
+    uint64_t id;
+    int rc = shard_map_get(r->map, r->base.index, &c);
+
+    if (rc < 0)
+        return rc;
+    /* Ids from the wall clock: never one a replica saw from an earlier
+     * run of this primary (a counter would start again at a restart). */
+    clock_gettime(CLOCK_REALTIME, &now);
+    id = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    pthread_mutex_lock(&r->lock);
+    if (id <= r->cp_last)
+        id = r->cp_last + 1;
+    r->cp_last = id;
+    for (unsigned i = 0; i < c.nreplicas; i++) {
+        struct peer *p;
+
+        if (c.replicas[i] < 0 || c.replicas[i] >= CONFIG_MAX_NODES)
+            continue;
+        p = &r->peers[c.replicas[i]];
+        p->cp = *at;
+        p->cp_id = id;
+        p->cp_until = until;
+    }
+    fn = r->sync_fn;
+    ctx = r->sync_ctx;
+    pthread_mutex_unlock(&r->lock);
+    if (fn)
+        fn(ctx, r->base.index); /* a replica parked at P hears of it now */
+    return 0;
+}
+
+int shard_repl_checkpoint(struct shard *s, int node, struct stream_pos *at, uint64_t *id)
+{
+    struct shard_repl *r = repl_of(s);
+    struct peer *p;
+    int on;
+
+    if (node < 0 || node >= CONFIG_MAX_NODES)
+        return 0;
+    p = &r->peers[node];
+    pthread_mutex_lock(&r->lock);
+    if (p->cp_until && mono_ms() >= p->cp_until)
+        p->cp_until = 0;
+    on = p->cp_until != 0;
+    if (on) {
+        *at = p->cp;
+        *id = p->cp_id;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return on;
+}
+
+void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id)
+{
+    struct shard_repl *r = repl_of(s);
+
+    if (node < 0 || node >= CONFIG_MAX_NODES || !hashed_id)
+        return;
+    pthread_mutex_lock(&r->lock);
+    if (r->peers[node].cp_until && hashed_id == r->peers[node].cp_id)
+        r->peers[node].cp_until = 0;
+    pthread_mutex_unlock(&r->lock);
 }
 
 /* ---- handover (shardfs promote) ---- */

@@ -120,6 +120,31 @@ int shard_repl_wait_level(struct shard *s, int node, uint64_t lsn, unsigned time
 int shard_repl_freeze(struct shard *s, unsigned timeout_ms, struct stream_pos *pos);
 void shard_repl_thaw(struct shard *s, int moved);
 
+/* A content check (`shardfs fsck --replicas`, fs/replication.c): the
+ * primary hashes its copy at P while frozen, and each replica must hash
+ * its own at exactly P. So, still frozen, it sets a checkpoint at P for
+ * every replica of the shard in the map, standing for ttl_ms: while it
+ * stands for a replica, the stream route sends that replica nothing past
+ * P and names P in X-Shardfs-Checkpoint (wire.h), and a replica at P
+ * hashes its copy before it pulls again (replica_sync_checksum). Each
+ * checkpoint has an id (X-Shardfs-Checkpoint-Id), and the replica's pulls
+ * say which one it hashed for last (hashed=ID, wire.h), which ends that
+ * checkpoint for it. An explicit word, for the checkpoint itself: a
+ * stream request may be handled twice (a refused no-waiting try is
+ * redone), its reply may not arrive, and a restarted replica's old long
+ * poll may still be parked here under the same node name.
+ * Waiting replicas' long polls are woken (the sync_wanted listener), so
+ * one already at P hears of it at once.
+ *
+ * shard_repl_checkpoint_set: as above. 0, or the map's error.
+ * shard_repl_checkpoint: 1, *at and *id if a checkpoint stands for node,
+ * else 0.
+ * shard_repl_checkpoint_done: node says it hashed for checkpoint hashed_id
+ * (0: none); ends that checkpoint for it. */
+int shard_repl_checkpoint_set(struct shard *s, const struct stream_pos *at, unsigned ttl_ms);
+int shard_repl_checkpoint(struct shard *s, int node, struct stream_pos *at, uint64_t *id);
+void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id);
+
 /* For `shardfs status`: the primary's position and each replica of the
  * shard in the map. lag_batches counts the batches the primary applied
  * after the replica's position (at least SHARD_REPL_LAG_WINDOW when it is

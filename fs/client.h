@@ -24,6 +24,8 @@ int cmd_rm(int argc, char **argv);
 int cmd_ls(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_promote(int argc, char **argv);
+/* `shardfs fsck --replicas` (fsck_replicas.c): argv as for fsck. */
+int cmd_fsck_replicas(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 
 /* A client's view of the cluster: the config and a remote for node -1. */

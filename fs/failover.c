@@ -676,6 +676,34 @@ out:
     return rc;
 }
 
+struct shard *failover_primary_get(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = n < fo->cfg->shard_count ? fo->sh[n] : NULL;
+    struct shard *w = NULL;
+
+    if (!f)
+        return NULL;
+    pthread_mutex_lock(&fo->lock);
+    if (f->role == FO_PRIMARY && f->primary && !f->handing) {
+        f->handing = 1;
+        f->active++;
+        w = f->primary;
+    }
+    pthread_mutex_unlock(&fo->lock);
+    return w;
+}
+
+void failover_primary_put(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = fo->sh[n];
+
+    pthread_mutex_lock(&fo->lock);
+    f->handing = 0;
+    if (--f->active == 0)
+        pthread_cond_broadcast(&fo->cond);
+    pthread_mutex_unlock(&fo->lock);
+}
+
 /* ---- the public calls ---- */
 
 int failover_primary_of(void *ctx, unsigned n, uint64_t *epoch)

@@ -102,6 +102,14 @@ struct failover_handed {
 int failover_handover(struct failover *fo, unsigned n, int to, struct failover_handed *out,
                       char *err, size_t errlen);
 
+/* The primary's wrapper (shard_repl.h) of shard n while this node serves
+ * it, kept this shard's (its use counted like an op in flight, and no
+ * handover of n starts) until failover_primary_put(fo, n); NULL when this
+ * node does not serve n or a handover of n runs. For the content check
+ * (replication.c), which freezes it for one hash pass. */
+struct shard *failover_primary_get(struct failover *fo, unsigned n);
+void failover_primary_put(struct failover *fo, unsigned n);
+
 /* How many times this process promoted a copy / stepped down. */
 void failover_counts(struct failover *fo, unsigned *promotions, unsigned *demotions);
 

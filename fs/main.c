@@ -42,6 +42,7 @@ static const char usage_main[] =
     "  mount [-c CONF] [-n NODE] [-f] [-o OPTS] MOUNTPOINT   mount the store\n"
     "  serve [-c CONF] [-n NODE] [-f]                       run a node without a mount\n"
     "  fsck  [-c CONF] [-n NODE] [--repair]                 check (and repair) the store\n"
+    "  fsck  --replicas [-c CONF] [--wait MS]               compare every replica with its primary\n"
     "  where [-c CONF] [-n NODE] PATH                       show which shards hold PATH\n"
     "  (these four take -w SECONDS: how long to wait for another process of the store)\n"
     "  get   [-c CONF] [--node NODE] PATH                   print a file (via the key API)\n"
@@ -78,6 +79,7 @@ static const char usage_serve[] =
 
 static const char usage_fsck[] =
     "usage: shardfs fsck [-c CONF] [-n NODE] [-w SECONDS] [--repair]\n"
+    "       shardfs fsck --replicas [-c CONF] [--wait MS]\n"
     "\n"
     "Check every shard of an unmounted store: dangling entries, orphan inodes and\n"
     "chunks, link counts, misplaced records and half-done multi-shard operations.\n"
@@ -85,7 +87,9 @@ static const char usage_fsck[] =
     "when some could not be fixed), 2 on errors. In a cluster, run it for each\n"
     "node (-n) while the other nodes are running: it reaches their shards over HTTP.\n"
     "If another shardfs process has the store open, fsck waits up to -w SECONDS\n"
-    "(default 10) for it to finish; a store that is still mounted fails at once.\n";
+    "(default 10) for it to finish; a store that is still mounted fails at once.\n"
+    "--replicas compares, on the running cluster, every replica of every shard\n"
+    "with its primary at one position (shardfs fsck --replicas --help).\n";
 
 static const char usage_where[] =
     "usage: shardfs where [-c CONF] [-n NODE] [-w SECONDS] PATH\n"
@@ -601,6 +605,9 @@ static int cmd_fsck(int argc, char **argv)
     struct ns *ns = NULL;
     int found;
 
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--replicas")) /* the running copies, not one store */
+            return cmd_fsck_replicas(argc, argv);
     int r = parse_cli(argc, argv, "+c:n:w:h", usage_fsck, &c);
     if (r)
         return r > 0 ? 0 : 2;
