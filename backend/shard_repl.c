@@ -330,9 +330,15 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
         /* Out of time: the laggards leave the in-sync set, by a recorded
          * change, before we acknowledge without them. */
         pthread_mutex_unlock(&r->lock);
-        for (int i = 0; i < nlag && rc == 0; i++)
-            if (shard_map_isr_remove(r->map, r->base.index, laggards[i], epoch) < 0)
+        for (int i = 0; i < nlag && rc == 0; i++) {
+            int e = shard_map_isr_remove(r->map, r->base.index, laggards[i], epoch);
+
+            /* -ENOENT: `replica drop` took it out of the replicas (and the
+             * in-sync set) by a recorded change we had not seen yet: not
+             * waited for any more, no failure */
+            if (e < 0 && e != -ENOENT)
                 rc = -EIO;
+        }
         pthread_mutex_lock(&r->lock);
         if (rc < 0)
             break;
@@ -570,6 +576,25 @@ static struct peer *replica_peer(struct shard_repl *r, int node, struct shard_co
         return NULL;
     }
     return &r->peers[node];
+}
+
+void shard_repl_map_changed(struct shard *s)
+{
+    struct shard_repl *r = repl_of(s);
+    struct shard_copies c;
+    uint64_t gone = 0;
+
+    if (shard_map_get(r->map, r->base.index, &c) < 0)
+        return;
+    pthread_mutex_lock(&r->lock);
+    for (unsigned n = 0; n < CONFIG_MAX_NODES; n++)
+        if (r->peers[n].held && replica_slot(&c, (int)n) < 0) {
+            r->peers[n].held = 0;
+            gone |= 1ull << n;
+        }
+    pthread_cond_broadcast(&r->reported); /* waits judge the in-sync set again */
+    pthread_mutex_unlock(&r->lock);
+    release_holds(r, gone);
 }
 
 int shard_repl_report(struct shard *s, int node, const struct stream_pos *applied,
