@@ -862,10 +862,18 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
         }
         fo->sh[i] = f;
         if (!holds && f->lmdb) {
-            /* the map moved this copy away (replica drop) while this node
-             * was down: not kept; its files stay until a drop removes them */
+            /* the map took this copy away (replica drop, also while this
+             * node was down): not kept. ns_open made it if shards.conf
+             * names it: an empty one goes again; one holding data stays on
+             * disk (the map is the truth, but data is not deleted on its
+             * word at a start: that is the drop's own act) */
+            struct stream_pos p;
+            int empty = shard_lmdb_position(f->lmdb, &p) == 0 && p.lsn == 0;
+
             shard_close(f->lmdb);
             f->lmdb = NULL;
+            if (empty)
+                ns_copy_remove(ns, i);
         } else if (holds && !f->lmdb) {
             /* a copy the map gave this node (replica add) */
             rc = ns_copy_open(ns, i, &f->lmdb, err, errlen);
