@@ -445,6 +445,19 @@ static int map_holds(const struct shard_copies *c, int node)
     return 0;
 }
 
+/* 1 if copy may not serve as primary of c: no usable position (a
+ * snapshot was cut short), or empty although the shard was promoted at
+ * least once (so it had a primary that held its history). */
+static int copy_unfit(struct shard *lmdb, const struct shard_copies *c, const struct config *cfg)
+{
+    struct stream_pos p;
+    int rc = shard_lmdb_position(lmdb, &p);
+
+    if (rc < 0)
+        return 1;
+    return p.lsn == 0 && c->epoch > cfg->epoch;
+}
+
 /* DESIGN: placement. The map gave this node a copy of f's shard. */
 static void copy_add(struct failover *fo, struct fo_shard *f, const struct shard_copies *c)
 {
@@ -460,6 +473,9 @@ static void copy_add(struct failover *fo, struct fo_shard *f, const struct shard
     }
     pthread_mutex_lock(&fo->lock);
     f->lmdb = lmdb;
+    /* named primary with no copy here (no txn of ours does that: only an
+     * in-sync replica becomes one): never serve what was just created */
+    f->unfit = c->primary == fo->self && copy_unfit(lmdb, c, fo->cfg);
     pthread_mutex_unlock(&fo->lock);
     node_server_set_local(fo->srv, n, lmdb);
     rc = replica_sync_add(fo->rs, n, lmdb);
@@ -778,19 +794,6 @@ int failover_primary_of(void *ctx, unsigned n, uint64_t *epoch)
         role = fo->sh[n]->role;
     pthread_mutex_unlock(&fo->lock);
     return role != FO_REPLICA ? fo->self : c.primary;
-}
-
-/* 1 if copy may not serve as primary of c: no usable position (a
- * snapshot was cut short), or empty although the shard was promoted at
- * least once (so it had a primary that held its history). */
-static int copy_unfit(struct shard *lmdb, const struct shard_copies *c, const struct config *cfg)
-{
-    struct stream_pos p;
-    int rc = shard_lmdb_position(lmdb, &p);
-
-    if (rc < 0)
-        return 1;
-    return p.lsn == 0 && c->epoch > cfg->epoch;
 }
 
 int failover_open(const struct config *cfg, int node, struct ns *ns, struct shard_map *map,
