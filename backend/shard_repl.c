@@ -587,11 +587,15 @@ void shard_repl_map_changed(struct shard *s)
     if (shard_map_get(r->map, r->base.index, &c) < 0)
         return;
     pthread_mutex_lock(&r->lock);
-    for (unsigned n = 0; n < CONFIG_MAX_NODES; n++)
-        if (r->peers[n].held && replica_slot(&c, (int)n) < 0) {
-            r->peers[n].held = 0;
+    for (unsigned n = 0; n < CONFIG_MAX_NODES; n++) {
+        if (replica_slot(&c, (int)n) >= 0)
+            continue;
+        if (r->peers[n].held)
             gone |= 1ull << n;
-        }
+        /* no replica any more: a later add starts from nothing, and its old
+         * reports must not count as its position (wait_level) */
+        memset(&r->peers[n], 0, sizeof(r->peers[n]));
+    }
     pthread_cond_broadcast(&r->reported); /* waits judge the in-sync set again */
     pthread_mutex_unlock(&r->lock);
     release_holds(r, gone);
