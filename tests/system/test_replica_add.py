@@ -19,6 +19,9 @@ the three-node cluster of test_failover.py (etcd, ack = replica, lease TTL
    changes the map: unknown shard or node, the primary or a replica added
    again, the primary dropped, a node that holds no copy dropped, the only
    in-sync replica dropped, no etcd directive, etcd unreachable.
+ - a copy added to a shard that holds more than its stream keeps (90 MiB
+   written, 64 MiB kept) catches up by a snapshot (its status says so), and
+   promoted (shardfs promote) it serves every byte through every mount.
  - restarts after add/drop follow the map in etcd, not shards.conf: a node
    given a copy (not in its file) opens it again and stays level; a node
    whose copy was dropped (still in its file) does not open it.
@@ -235,4 +238,42 @@ def test_restart_follows_the_map(fcluster):
     for n in names[1:]:
         assert read_file(c.p("c", n)) == b"x" * (names.index(n) + 1)
     c.start("b")
+    wait_settled(c)
+
+
+@pytest.mark.timeout_s(600)
+def test_add_catches_up_by_snapshot_then_promote(fcluster):
+    """A copy added to a shard whose primary no longer holds the start of
+    its stream (more than the 64 MiB it keeps was written) catches up by a
+    snapshot; promoted, it serves every byte."""
+    c = fcluster
+    wait_settled(c)
+    names, i = [], 0
+    blob = os.urandom(1 << 20)
+    while len(names) < 9:
+        name = "big-%d" % i
+        i += 1
+        write_file(c.p("a", name), b"")
+        if entry_shard(c, "a", name) != 0:
+            os.unlink(c.p("a", name))
+            continue
+        with open(c.p("a", name), "wb") as f:
+            for k in range(10):
+                f.write(blob[k:] + blob[:k])
+        names.append(name)
+        assert i < 400
+    add_ok(c, 0, "c")
+    v = copies_on(c, "c")[0]
+    assert v["snapshots"] >= 1 and v["snap_records"] > 0 and v["snap_bytes"] >= 80 << 20, v
+    print("snapshot catch-up of shard 0 on c: %.1f MiB, %d records, %.1f MiB/s" % (
+        v["snap_bytes"] / 1048576.0, v["snap_records"], v["snap_rate"] / 1048576.0))
+    r = subprocess.run([SHARDFS_BIN, "promote", "-c", c.conf, "0", "c"], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60, text=True)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert c.shard_map()[0]["primary"] == "c"
+    for node in NODES:
+        for n in names:
+            with open(c.p(node, n), "rb") as f:
+                got = f.read()
+            assert got == b"".join(blob[k:] + blob[:k] for k in range(10)), (node, n)
     wait_settled(c)
