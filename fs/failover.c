@@ -832,12 +832,13 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
         struct fo_shard *f;
         struct shard_copies c;
         struct shard *rep = ns_replica_take(ns, i);
-        int holds;
+        int holds, known;
 
         local[i] = NULL;
         remote_owner_set(fo->remote, i, shard_map_leader(map, i));
         rc = shard_map_get(map, i, &c);
         holds = rc == 0 && map_holds(&c, node);
+        known = rc == 0 && c.primary >= 0; /* else it names a node this file lacks */
         f = rc == 0 ? calloc(1, sizeof(*f)) : NULL;
         if (!f) {
             shard_close(rep);
@@ -864,7 +865,7 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
             rep = NULL;
         }
         fo->sh[i] = f;
-        if (!holds && f->lmdb) {
+        if (known && !holds && f->lmdb) {
             /* the map took this copy away (replica drop, also while this
              * node was down): not kept. ns_open made it if shards.conf
              * names it: an empty one goes again; one holding data stays on
@@ -877,7 +878,7 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
             f->lmdb = NULL;
             if (empty)
                 ns_copy_remove(ns, i);
-        } else if (holds && !f->lmdb) {
+        } else if (known && holds && !f->lmdb) {
             /* a copy the map gave this node (replica add) */
             rc = ns_copy_open(ns, i, &f->lmdb, err, errlen);
             if (rc)
