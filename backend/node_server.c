@@ -183,6 +183,7 @@
 #define IO_THREADS_MAX 4u
 #define API_WORKERS 16u            /* threads for the handler (the key API), which may wait */
 #define SHARD_WORKERS 4u           /* threads for shard ops that may wait (disk, lock) */
+#define STREAM_LINGER_MS 10       /* entries nobody waits for are held this long (long polls) */
 #define STREAM_WORKERS 2u          /* threads for stream reads that found the shard's lock taken */
 #define CONN_LIMIT 4096u           /* connections at once, if descriptors allow */
 #define CONN_LIMIT_MIN 64u
@@ -267,6 +268,7 @@ struct node_server {
     pthread_cond_t poll_wake;      /* the poll timer: a new poll, or stop */
     struct request **polls;        /* per shard, the parked requests; under poll_lock */
     _Atomic uint64_t *applies;     /* per shard, wakeups so far (applies, syncs) */
+    _Atomic uint64_t *urgent;      /* per shard, the wakeups for which an ack waits */
     int poll_stop;                 /* under poll_lock */
     int64_t poll_next_ms;          /* when the timer wakes next; under poll_lock */
     int poll_started;
@@ -303,17 +305,21 @@ struct request {
     /* a stream request parked as a long poll (DESIGN long polls): */
     struct request *poll_next, **poll_pprev; /* in srv->polls[shard]; under poll_lock */
     int64_t poll_deadline_ms; /* monotonic; 0 before it first parked */
+    int64_t poll_linger_ms;   /* monotonic: it holds entries until then; 0 not yet */
     int poll_woken;           /* resumed by an apply or the timer: handle it again */
 };
 
 /* What the stream route asks of its caller when it found nothing to send
  * and may wait: park the request until shard's next apply (or sync) or
- * wait_ms. NULL where nothing can wait (node_server_handle). */
+ * wait_ms; or, when it found entries nobody waits for, until an urgent
+ * wakeup or linger_ms (gathering more). NULL where nothing can wait
+ * (node_server_handle). */
 struct poll_ask {
     int64_t deadline_ms; /* in: the request's deadline, 0 the first time */
+    int64_t linger_ms;   /* in/out: when a lingering request answers, 0 none */
     int want;            /* out: park it */
     unsigned shard;
-    uint64_t seq;        /* applies[shard] before the read */
+    uint64_t seq;        /* applies[shard] before the read, or urgent[shard] to linger */
     int64_t wait_ms;
 };
 
@@ -1259,8 +1265,8 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     struct stream_pos pos;
     struct shard *local;
     const char *why;
-    uint64_t seq, want;
-    int64_t wait;
+    uint64_t seq, useq, want;
+    int64_t wait, now;
     int rc, count, member = 0;
 
     if (stream_args(s, uri, &a, &why) < 0) {
@@ -1277,6 +1283,7 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     }
     local = shard_repl_inner(sh);
     seq = atomic_load(&s->applies[n]); /* before the read: no wakeup is missed */
+    useq = atomic_load(&s->urgent[n]);
     count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
     if (count == -ERANGE || count == -ESTALE) {
         /* Not a position we can continue from: a snapshot, whose tail we
@@ -1310,14 +1317,28 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
         log_msg("shard %u: %s caught up, but could not rejoin the in-sync set: %s", n,
                 s->cfg.nodes[a.node].name, strerror(-rc));
     want = shard_repl_sync_wanted(sh, a.node);
-    if (count == 0 && !want && pa) {
-        wait = pa->deadline_ms ? pa->deadline_ms - mono_ms() : (int64_t)a.wait;
-        if (wait > 0) {
-            *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
-                                    .seq = seq, .wait_ms = wait};
+    now = mono_ms();
+    wait = pa && pa->deadline_ms ? pa->deadline_ms - now : (int64_t)a.wait;
+    if (count == 0 && !want && pa && wait > 0) {
+        *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
+                                .seq = seq, .wait_ms = wait};
+        resp_reset(r);
+        free(e.buf);
+        return; /* status 0: parked by the caller */
+    }
+    /* Entries, but nobody waits for their ack: gather more for a while
+     * (DESIGN long polls, gathering). */
+    if (count > 0 && !want && pa && a.wait > 0 && e.len < a.max / 2 &&
+        !shard_repl_acks_wanted(sh)) {
+        int64_t until = pa->linger_ms ? pa->linger_ms : now + STREAM_LINGER_MS;
+
+        if (until > now) {
+            *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .linger_ms = until,
+                                    .want = 1, .shard = n, .seq = useq,
+                                    .wait_ms = wait > 0 ? wait : 1};
             resp_reset(r);
             free(e.buf);
-            return; /* status 0: parked by the caller */
+            return;
         }
     }
     rc = shard_lmdb_position(local, &pos);
@@ -1915,27 +1936,55 @@ static void poll_unlink(struct request *rq, struct request **out)
 }
 
 /* A batch was applied to (or a sync waits for the replicas of) shard
- * index: its long polls are answered again. Runs on the thread that
- * applied, no shard lock held. */
-static void polls_wake(void *ctx, unsigned index)
+ * index: its long polls are answered again; the lingering ones only when
+ * urgent (an ack is waited for). Runs on the thread that applied, no
+ * shard lock held. */
+static void polls_wake_as(struct node_server *s, unsigned index, int urgent)
 {
-    struct node_server *s = ctx;
-    struct request *woken = NULL;
+    struct request *woken = NULL, *rq, *following;
 
     if (index >= s->cfg.shard_count)
         return;
+    if (urgent)
+        atomic_fetch_add(&s->urgent[index], 1);
     atomic_fetch_add(&s->applies[index], 1);
     pthread_mutex_lock(&s->poll_lock);
-    while (s->polls[index])
-        poll_unlink(s->polls[index], &woken);
+    for (rq = s->polls[index]; rq; rq = following) {
+        following = rq->poll_next;
+        if (urgent || !rq->poll_linger_ms)
+            poll_unlink(rq, &woken);
+    }
     pthread_mutex_unlock(&s->poll_lock);
     polls_resume(woken);
 }
 
+/* A wrapper's waits (a sync, an ack barrier) are urgent. */
+static void polls_wake(void *ctx, unsigned index)
+{
+    polls_wake_as(ctx, index, 1);
+}
+
+/* An apply is urgent when a writer of the shard waits for its acks. A
+ * shard we do not serve as a replicated primary has no lingering polls.
+ * Wrappers replaced by a failover stay allocated until the namespace
+ * closes (failover.c), after the server stopped: the load is safe. */
 static void on_apply(void *ctx, unsigned index, const struct stream_pos *p)
 {
+    struct node_server *s = ctx;
+    struct shard *sh;
+
     (void)p;
-    polls_wake(ctx, index);
+    if (index >= s->cfg.shard_count)
+        return;
+    sh = __atomic_load_n(&s->shards[index], __ATOMIC_ACQUIRE);
+    polls_wake_as(s, index, !shard_repl_is(sh) || shard_repl_acks_wanted(sh));
+}
+
+/* When the timer resumes rq: its deadline, or the end of its lingering. */
+static int64_t poll_due_ms(const struct request *rq)
+{
+    return rq->poll_linger_ms && rq->poll_linger_ms < rq->poll_deadline_ms ? rq->poll_linger_ms
+                                                                             : rq->poll_deadline_ms;
 }
 
 /* Park rq, whose connection is suspended, until its shard's next wakeup or
@@ -1949,9 +1998,11 @@ static void poll_park(struct node_server *s, struct request *rq, const struct po
     pthread_mutex_lock(&s->poll_lock);
     if (!rq->poll_deadline_ms)
         rq->poll_deadline_ms = mono_ms() + pa->wait_ms;
+    rq->poll_linger_ms = pa->linger_ms;
     if (s->poll_stop)
         rq->poll_deadline_ms = 1;
-    if (s->poll_stop || atomic_load(&s->applies[pa->shard]) != pa->seq) {
+    if (s->poll_stop ||
+        atomic_load(pa->linger_ms ? &s->urgent[pa->shard] : &s->applies[pa->shard]) != pa->seq) {
         rq->poll_woken = 1;
         now = rq;
     } else {
@@ -1960,7 +2011,7 @@ static void poll_park(struct node_server *s, struct request *rq, const struct po
             rq->poll_next->poll_pprev = &rq->poll_next;
         rq->poll_pprev = &s->polls[pa->shard];
         s->polls[pa->shard] = rq;
-        if (rq->poll_deadline_ms < s->poll_next_ms)
+        if (poll_due_ms(rq) < s->poll_next_ms)
             pthread_cond_signal(&s->poll_wake); /* the earliest deadline now */
     }
     pthread_mutex_unlock(&s->poll_lock);
@@ -1985,12 +2036,12 @@ static void *poll_timer_main(void *arg)
             while (rq) {
                 struct request *following = rq->poll_next;
 
-                if (s->poll_stop || rq->poll_deadline_ms <= now) {
+                if (s->poll_stop || poll_due_ms(rq) <= now) {
                     if (s->poll_stop)
                         rq->poll_deadline_ms = 1;
                     poll_unlink(rq, &due);
-                } else if (rq->poll_deadline_ms < next) {
-                    next = rq->poll_deadline_ms;
+                } else if (poll_due_ms(rq) < next) {
+                    next = poll_due_ms(rq);
                 }
                 rq = following;
             }
@@ -2019,7 +2070,7 @@ static void request_job(struct job *job)
 {
     struct request *rq = (struct request *)((char *)job - offsetof(struct request, job));
     struct node_input in = mhd_input(rq->conn, rq, rq->url, rq->method);
-    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms};
+    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms, .linger_ms = rq->poll_linger_ms};
 
     handle(rq->srv, &in, &rq->resp, &pa);
     if (pa.want) {
@@ -2038,7 +2089,7 @@ static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *co
     struct node_input in = mhd_input(conn, rq, url, method);
     struct pool *pool;
     enum run_where where = run_where(s, &in, &pool);
-    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms};
+    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms, .linger_ms = rq->poll_linger_ms};
     struct node_response r;
 
     rq->conn = conn;
@@ -2556,7 +2607,8 @@ int node_server_new_repl(const struct config *cfg, int self, struct shard *const
     s->shards = calloc(count, sizeof(*s->shards));
     s->polls = calloc(count, sizeof(*s->polls));
     s->applies = calloc(count, sizeof(*s->applies));
-    if (!s->shards || !s->polls || !s->applies || sync_init(s) < 0)
+    s->urgent = calloc(count, sizeof(*s->urgent));
+    if (!s->shards || !s->polls || !s->applies || !s->urgent || sync_init(s) < 0)
         goto nomem;
     memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
     if (repl) {
@@ -2822,6 +2874,7 @@ void node_server_stop(struct node_server *s)
     free(s->tls_cert);
     free(s->local);
     free(s->applies);
+    free(s->urgent);
     free(s->polls);
     free(s->shards);
     free(s);

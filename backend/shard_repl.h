@@ -64,6 +64,10 @@ void shard_repl_free(struct shard *s);
 
 /* 1 if s was made by shard_repl_new(), else 0. */
 int shard_repl_is(const struct shard *s);
+/* 1 while an apply or sync of s waits (or is about to wait) for its
+ * replicas' acks: the stream route then answers the replicas' long polls at
+ * once instead of gathering entries (node_server.c). Any thread, no lock. */
+int shard_repl_acks_wanted(struct shard *s);
 
 /* The LMDB shard inside s (a shard_repl). */
 struct shard *shard_repl_inner(struct shard *s);
