@@ -260,7 +260,9 @@ struct node_server {
     struct pool api_pool, shard_pool, stream_pool;
     /* replication (node_server_repl; NULL map: none) */
     struct shard_map *map;
-    struct shard **local;          /* cfg.shard_count entries, borrowed */
+    struct shard **local;          /* cfg.shard_count entries, borrowed; changed and
+                                    * read by op_position under local_lock */
+    pthread_mutex_t local_lock;
     /* long polls of the stream route (DESIGN long polls) */
     pthread_mutex_t poll_lock;
     pthread_cond_t poll_wake;      /* the poll timer: a new poll, or stop */
@@ -1413,18 +1415,24 @@ static json_t *replica_json(struct node_server *s, const struct shard_repl_peer 
 static void op_position(struct node_server *s, unsigned n, struct node_response *r)
 {
     struct shard *sh = __atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE);
-    struct shard *local = s->local ? s->local[n] : NULL;
     struct shard_repl_status st = {0};
     struct stream_pos pos;
     char check[24];
     json_t *reps;
-    int rc;
+    int rc = -ENOENT;
 
-    if (!local) {
+    /* under the lock: a copy dropped (node_server_set_local) is not closed
+     * under us */
+    if (s->local) {
+        pthread_mutex_lock(&s->local_lock);
+        if (s->local[n])
+            rc = shard_lmdb_position(s->local[n], &pos);
+        pthread_mutex_unlock(&s->local_lock);
+    }
+    if (rc == -ENOENT) {
         resp_error(r, -ENOENT, "shard %u has no change stream here", n);
         return;
     }
-    rc = shard_lmdb_position(local, &pos);
     if (rc == 0 && shard_repl_is(sh))
         rc = shard_repl_status(sh, &st);
     if (rc < 0) {
@@ -2588,6 +2596,7 @@ static int sync_init(struct node_server *s)
     pthread_mutex_init(&s->conn_lock, NULL);
     pthread_cond_init(&s->reaper_wake, &ca);
     pthread_mutex_init(&s->poll_lock, NULL);
+    pthread_mutex_init(&s->local_lock, NULL);
     pthread_cond_init(&s->poll_wake, &ca);
     pthread_condattr_destroy(&ca);
     s->sync_ready = 1;
@@ -2672,6 +2681,22 @@ void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh)
     old = __atomic_exchange_n(&s->shards[n], sh, __ATOMIC_ACQ_REL);
     if (old != sh && s->local && shard_repl_is(old))
         shard_repl_on_sync_wanted(old, NULL, NULL);
+}
+
+void node_server_set_local(struct node_server *s, unsigned n, struct shard *lmdb)
+{
+    struct shard *old;
+
+    if (!s || !s->local || n >= s->cfg.shard_count)
+        return;
+    if (lmdb)
+        shard_lmdb_on_apply(lmdb, on_apply, s);
+    pthread_mutex_lock(&s->local_lock);
+    old = s->local[n];
+    s->local[n] = lmdb;
+    pthread_mutex_unlock(&s->local_lock);
+    if (old && old != lmdb)
+        shard_lmdb_on_apply(old, NULL, NULL);
 }
 
 int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
@@ -2877,6 +2902,7 @@ void node_server_stop(struct node_server *s)
         pool_destroy(&s->api_pool);
         pthread_cond_destroy(&s->poll_wake);
         pthread_mutex_destroy(&s->poll_lock);
+        pthread_mutex_destroy(&s->local_lock);
         pthread_mutex_destroy(&s->log_lock);
     }
     if (s->tls_key)

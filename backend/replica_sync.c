@@ -65,8 +65,17 @@
  *    The pause costs the
  *    primary's writers (ack = replica) one hash pass of the shard.
  *
+ * 7. The set of copies changes at runtime (replica_sync_add/remove, a
+ *    `shardfs replica add/drop` reaching this node through the map): the
+ *    callers only post a request under rs->lock and wait; the thread makes
+ *    the change between two rounds, so no transfer of a copy is in flight
+ *    while it is added or removed, and a removed copy is never touched
+ *    again (its pull is dropped, what it applied is synced).
+ *
  * Threads: the sync thread owns every struct rshard field but `kicked`
- * (atomic) and `st` (under rs->lock, read by replica_sync_status()).
+ * (atomic) and `st` (under rs->lock, read by replica_sync_status()), and is
+ * the only writer of rs->sh[] (under rs->lock, which the other threads take
+ * to read it).
  */
 #include "replica_sync.h"
 
@@ -181,6 +190,7 @@ struct rshard {
 
     struct replica_status st;         /* protected by replica_sync.lock */
     uint64_t kick_req, kick_done;     /* protected by replica_sync.lock: kick_wait */
+    uint64_t id;                      /* unique in rs: kick_wait tells a new copy from h */
 };
 
 struct replica_sync {
@@ -194,11 +204,14 @@ struct replica_sync {
     int started;
     atomic_int stop;
     pthread_mutex_t lock;
-    pthread_cond_t kicked_cond;       /* a kick_wait's refresh is done */
+    pthread_cond_t kicked_cond;       /* a kick_wait's refresh, or an add/remove, is done */
     pthread_cond_t sum_cond;          /* a content check's hash is done (CLOCK_MONOTONIC) */
-    unsigned n;
-    struct rshard *sh;
-    int slot[CONFIG_MAX_SHARDS];      /* shard index -> sh[], -1 */
+    struct rshard *sh[CONFIG_MAX_SHARDS]; /* the copies; written by the thread under lock */
+    /* under lock: the changes asked for (step 7) */
+    struct shard *add_req[CONFIG_MAX_SHARDS];
+    unsigned char remove_req[CONFIG_MAX_SHARDS];
+    uint64_t change_req, change_done;
+    uint64_t next_id;
 };
 
 static int64_t now_ms(void)
@@ -268,15 +281,18 @@ static void publish(struct replica_sync *rs, struct rshard *h, int rc)
 
 int replica_sync_status(struct replica_sync *rs, unsigned shard, struct replica_status *out)
 {
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
-        return -ENOENT;
-    const struct rshard *h = &rs->sh[rs->slot[shard]];
+    const struct rshard *h;
 
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
+        return -ENOENT;
     pthread_mutex_lock(&rs->lock);
-    *out = h->st;
-    out->last_reply_ago_ms = h->reply_at ? now_ms() - h->reply_at : -1;
+    h = rs->sh[shard];
+    if (h) {
+        *out = h->st;
+        out->last_reply_ago_ms = h->reply_at ? now_ms() - h->reply_at : -1;
+    }
     pthread_mutex_unlock(&rs->lock);
-    return 0;
+    return h ? 0 : -ENOENT;
 }
 
 /* ---- one transfer ---- */
@@ -995,6 +1011,121 @@ static void primary_refresh(struct replica_sync *rs, struct rshard *h)
     publish(rs, h, 1);
 }
 
+/* A copy's state for shard i, with its own easy handle. NULL: no memory. */
+/* Wait for h's content-check helper thread, if any (step 6): h's copy is
+ * not to be touched or closed while it hashes. On the sync thread. */
+static void hasher_join(struct rshard *h)
+{
+    if (h->hasher_live)
+        pthread_join(h->hasher, NULL);
+    h->hasher_live = 0;
+}
+
+static struct rshard *rshard_new(struct replica_sync *rs, unsigned i, struct shard *local)
+{
+    struct rshard *h = calloc(1, sizeof(*h));
+
+    if (!h)
+        return NULL;
+    h->index = i;
+    h->local = local;
+    h->rs = rs;
+    atomic_init(&h->hashing, 0);
+    h->primary = -2; /* "not asked yet": the first refresh sees a change */
+    h->backoff_ms = RS_BACKOFF_FIRST_MS;
+    h->st.primary = -1;
+    h->st.snap_eta_ms = -1;
+    atomic_init(&h->kicked, 0);
+    h->curl = curl_easy_init();
+    if (!h->curl) {
+        free(h);
+        return NULL;
+    }
+    remote_curl_defaults(rs->remote, h->curl);
+    curl_easy_setopt(h->curl, CURLOPT_PRIVATE, h);
+    curl_easy_setopt(h->curl, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h->curl, CURLOPT_WRITEDATA, h);
+    curl_easy_setopt(h->curl, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h->curl, CURLOPT_HEADERDATA, h);
+    pthread_mutex_lock(&rs->lock);
+    h->id = ++rs->next_id;
+    pthread_mutex_unlock(&rs->lock);
+    return h;
+}
+
+/* Free h (no transfer in flight; out of rs->sh[]). NULL-safe. */
+static void rshard_free(struct rshard *h)
+{
+    if (!h)
+        return;
+    if (h->curl)
+        curl_easy_cleanup(h->curl);
+    free(h->buf);
+    free(h->spare);
+    free(h);
+}
+
+/* A copy's first round on the thread: where it is, where its primary is. */
+static void rshard_begin(struct replica_sync *rs, struct rshard *h)
+{
+    int rc = position_read(h);
+
+    h->level_at = now_ms();
+    primary_refresh(rs, h);
+    publish(rs, h, rc);
+}
+
+/* Step 6: the adds and removes asked for since the last round. */
+static void changes_make(struct replica_sync *rs)
+{
+    struct shard *add[CONFIG_MAX_SHARDS];
+    unsigned char rm[CONFIG_MAX_SHARDS];
+    uint64_t req;
+
+    pthread_mutex_lock(&rs->lock);
+    req = rs->change_req;
+    if (req == rs->change_done) {
+        pthread_mutex_unlock(&rs->lock);
+        return;
+    }
+    memcpy(add, rs->add_req, sizeof(add));
+    memcpy(rm, rs->remove_req, sizeof(rm));
+    memset(rs->add_req, 0, sizeof(rs->add_req));
+    memset(rs->remove_req, 0, sizeof(rs->remove_req));
+    pthread_mutex_unlock(&rs->lock);
+    for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
+        struct rshard *h = rs->sh[i];
+
+        if (rm[i] && h) {
+            transfer_drop(rs, h); /* its connection goes with it */
+            hasher_join(h);
+            if (h->dirty)
+                shard_sync(h->local); /* what it applied, durable: the caller may keep it */
+            pthread_mutex_lock(&rs->lock);
+            rs->sh[i] = NULL;
+            pthread_mutex_unlock(&rs->lock);
+            rshard_free(h);
+            h = NULL;
+        }
+        if (add[i] && !h) {
+            h = rshard_new(rs, i, add[i]);
+            if (!h) {
+                fprintf(stderr, "shardfs: shard %u: replica sync: out of memory; this copy "
+                        "is not kept current\n", i);
+                continue;
+            }
+            pthread_mutex_lock(&rs->lock);
+            rs->sh[i] = h;
+            pthread_mutex_unlock(&rs->lock);
+            rshard_begin(rs, h);
+        }
+    }
+    pthread_mutex_lock(&rs->lock);
+    rs->change_done = req;
+    pthread_cond_broadcast(&rs->kicked_cond);
+    pthread_mutex_unlock(&rs->lock);
+}
+
 static void *sync_main(void *arg)
 {
     struct replica_sync *rs = arg;
@@ -1004,14 +1135,9 @@ static void *sync_main(void *arg)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     pthread_setname_np(pthread_self(), "replica-sync");
-    for (unsigned i = 0; i < rs->n; i++) {
-        struct rshard *h = &rs->sh[i];
-        int rc = position_read(h);
-
-        h->level_at = now_ms();
-        primary_refresh(rs, h);
-        publish(rs, h, rc);
-    }
+    for (unsigned i = 0; i < rs->cfg->shard_count; i++)
+        if (rs->sh[i])
+            rshard_begin(rs, rs->sh[i]);
     while (!atomic_load(&rs->stop)) {
         int running, left;
         CURLMsg *msg;
@@ -1027,11 +1153,14 @@ static void *sync_main(void *arg)
             if (h)
                 transfer_done(rs, h, msg->data.result);
         }
+        changes_make(rs);
         now = now_ms();
         wake = now + RS_POLL_MAX_MS;
-        for (unsigned i = 0; i < rs->n; i++) {
-            struct rshard *h = &rs->sh[i];
+        for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
+            struct rshard *h = rs->sh[i];
 
+            if (!h)
+                continue;
             if (atomic_exchange(&h->kicked, 0)) {
                 uint64_t seen;
 
@@ -1076,12 +1205,14 @@ static void *sync_main(void *arg)
         now = now_ms();
         curl_multi_poll(rs->multi, NULL, 0, wake > now ? (int)(wake - now) : 0, NULL);
     }
-    for (unsigned i = 0; i < rs->n; i++) {
-        transfer_drop(rs, &rs->sh[i]);
-        if (rs->sh[i].hasher_live)
-            pthread_join(rs->sh[i].hasher, NULL);
-        rs->sh[i].hasher_live = 0;
-    }
+    for (unsigned i = 0; i < rs->cfg->shard_count; i++)
+        if (rs->sh[i]) {
+            transfer_drop(rs, rs->sh[i]);
+            hasher_join(rs->sh[i]);
+        }
+    pthread_mutex_lock(&rs->lock);
+    pthread_cond_broadcast(&rs->kicked_cond); /* waiters see stop */
+    pthread_mutex_unlock(&rs->lock);
     return NULL;
 }
 
@@ -1098,13 +1229,12 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
     *out = NULL;
     for (unsigned i = 0; i < cfg->shard_count; i++)
         n += replicas[i] != NULL;
-    if (n == 0)
-        return 0;
+    if (n == 0 && !cfg->etcd[0])
+        return 0; /* the static map never gives this node a copy */
     rs = calloc(1, sizeof(*rs));
-    if (!rs || !(rs->sh = calloc(n, sizeof(*rs->sh)))) {
-        rc = -ENOMEM;
+    if (!rs) {
         snprintf(err, errlen, "replica sync: out of memory");
-        goto fail;
+        return -ENOMEM;
     }
     rs->cfg = cfg;
     rs->self = self;
@@ -1121,8 +1251,6 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
         pthread_condattr_destroy(&ca);
     }
     atomic_init(&rs->stop, 0);
-    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
-        rs->slot[i] = -1;
     rc = remote_new(cfg, self, &rs->remote, err, errlen);
     if (rc)
         goto fail;
@@ -1133,33 +1261,14 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
         goto fail;
     }
     for (unsigned i = 0; i < cfg->shard_count; i++) {
-        struct rshard *h;
-
         if (!replicas[i])
             continue;
-        h = &rs->sh[rs->n];
-        rs->slot[i] = (int)rs->n++;
-        h->index = i;
-        h->local = replicas[i];
-        h->rs = rs;
-        atomic_init(&h->hashing, 0);
-        h->primary = -2; /* "not asked yet": the first refresh sees a change */
-        h->backoff_ms = RS_BACKOFF_FIRST_MS;
-        h->st.primary = -1;
-        h->st.snap_eta_ms = -1;
-        atomic_init(&h->kicked, 0);
-        h->curl = curl_easy_init();
-        if (!h->curl) {
+        rs->sh[i] = rshard_new(rs, i, replicas[i]);
+        if (!rs->sh[i]) {
             rc = -ENOMEM;
-            snprintf(err, errlen, "replica sync: curl_easy_init failed");
+            snprintf(err, errlen, "replica sync: out of memory");
             goto fail;
         }
-        remote_curl_defaults(rs->remote, h->curl);
-        curl_easy_setopt(h->curl, CURLOPT_PRIVATE, h);
-        curl_easy_setopt(h->curl, CURLOPT_WRITEFUNCTION, on_body);
-        curl_easy_setopt(h->curl, CURLOPT_WRITEDATA, h);
-        curl_easy_setopt(h->curl, CURLOPT_HEADERFUNCTION, on_header);
-        curl_easy_setopt(h->curl, CURLOPT_HEADERDATA, h);
     }
     rc = -pthread_create(&rs->thread, NULL, sync_main, rs);
     if (rc) {
@@ -1183,51 +1292,93 @@ void replica_sync_stop(struct replica_sync *rs)
         curl_multi_wakeup(rs->multi);
         pthread_join(rs->thread, NULL);
     }
-    for (unsigned i = 0; rs->sh && i < rs->n; i++) {
-        struct rshard *h = &rs->sh[i];
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
+        struct rshard *h = rs->sh[i];
 
-        if (h->local && rs->started)
+        if (h && h->local && rs->started)
             shard_sync(h->local); /* what was applied, durable at a clean stop */
-        if (h->curl)
-            curl_easy_cleanup(h->curl);
-        free(h->buf);
-        free(h->spare);
+        rshard_free(h);
     }
     if (rs->multi)
         curl_multi_cleanup(rs->multi);
     remote_free(rs->remote);
-    if (rs->sh) {
-        pthread_mutex_destroy(&rs->lock);
-        pthread_cond_destroy(&rs->kicked_cond);
-        pthread_cond_destroy(&rs->sum_cond);
-    }
-    free(rs->sh);
+    pthread_mutex_destroy(&rs->lock);
+    pthread_cond_destroy(&rs->kicked_cond);
+    pthread_cond_destroy(&rs->sum_cond);
     free(rs);
+}
+
+/* Post an add (local != NULL) or a remove of shard's copy and wait until
+ * the thread made it (step 7). */
+static int change_wait(struct replica_sync *rs, unsigned shard, struct shard *local)
+{
+    uint64_t want;
+    int rc = 0;
+
+    if (!rs || !rs->started || shard >= rs->cfg->shard_count)
+        return -EINVAL;
+    pthread_mutex_lock(&rs->lock);
+    if (local && (rs->sh[shard] || rs->add_req[shard])) {
+        rc = -EEXIST;
+    } else if (!local && !rs->sh[shard] && !rs->add_req[shard]) {
+        rc = -ENOENT;
+    } else {
+        if (local)
+            rs->add_req[shard] = local;
+        else if (rs->add_req[shard])
+            rs->add_req[shard] = NULL; /* never started: nothing to undo */
+        else
+            rs->remove_req[shard] = 1;
+        want = ++rs->change_req;
+        curl_multi_wakeup(rs->multi);
+        while (rs->change_done < want && !atomic_load(&rs->stop))
+            pthread_cond_wait(&rs->kicked_cond, &rs->lock);
+    }
+    pthread_mutex_unlock(&rs->lock);
+    return rc;
+}
+
+int replica_sync_add(struct replica_sync *rs, unsigned shard, struct shard *local)
+{
+    return local ? change_wait(rs, shard, local) : -EINVAL;
+}
+
+int replica_sync_remove(struct replica_sync *rs, unsigned shard)
+{
+    return change_wait(rs, shard, NULL);
 }
 
 void replica_sync_kick(struct replica_sync *rs, unsigned shard)
 {
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
         return;
-    atomic_store(&rs->sh[rs->slot[shard]].kicked, 1);
+    pthread_mutex_lock(&rs->lock);
+    if (rs->sh[shard])
+        atomic_store(&rs->sh[shard]->kicked, 1);
+    pthread_mutex_unlock(&rs->lock);
     curl_multi_wakeup(rs->multi);
 }
 
 void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard)
 {
     struct rshard *h;
-    uint64_t want;
+    uint64_t want, id;
 
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
         return;
-    h = &rs->sh[rs->slot[shard]];
     pthread_mutex_lock(&rs->lock);
+    h = rs->sh[shard];
+    if (!h) {
+        pthread_mutex_unlock(&rs->lock);
+        return;
+    }
+    id = h->id;
     want = ++h->kick_req;
-    pthread_mutex_unlock(&rs->lock);
     atomic_store(&h->kicked, 1);
     curl_multi_wakeup(rs->multi);
-    pthread_mutex_lock(&rs->lock);
-    while (h->kick_done < want && rs->started && !atomic_load(&rs->stop))
+    /* h is freed only after the thread took it out of sh[] under the lock */
+    while ((h = rs->sh[shard]) && h->id == id && h->kick_done < want && rs->started &&
+           !atomic_load(&rs->stop))
         pthread_cond_wait(&rs->kicked_cond, &rs->lock);
     pthread_mutex_unlock(&rs->lock);
 }
@@ -1238,13 +1389,13 @@ int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct 
     int64_t deadline = now_ms() + wait_ms;
     struct timespec ts;
     struct rshard *h;
+    uint64_t id;
     int rc;
 
     memset(out, 0, sizeof(*out));
     memset(now, 0, sizeof(*now));
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
         return -ENOENT;
-    h = &rs->sh[rs->slot[shard]];
     clock_gettime(CLOCK_MONOTONIC, &ts);
     ts.tv_sec += wait_ms / 1000;
     ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
@@ -1253,9 +1404,17 @@ int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct 
         ts.tv_nsec -= 1000000000;
     }
     pthread_mutex_lock(&rs->lock);
+    h = rs->sh[shard];
+    id = h ? h->id : 0;
     /* The last hash at `at`: one an earlier check made at the same
-     * position is as good (it hashed this copy's data at `at`). */
+     * position is as good (it hashed this copy's data at `at`). The copy
+     * may be dropped while we wait (step 7): h is looked up again. */
     for (;;) {
+        h = rs->sh[shard];
+        if (!h || h->id != id) {
+            rc = -ENOENT;
+            break;
+        }
         if (h->sum_set && stream_pos_eq(&h->sum_at, at)) {
             rc = h->sum_rc;
             if (rc == 0)
@@ -1268,7 +1427,8 @@ int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct 
         }
         pthread_cond_timedwait(&rs->sum_cond, &rs->lock, &ts);
     }
-    *now = h->st.pos;
+    if (h && h->id == id)
+        *now = h->st.pos;
     pthread_mutex_unlock(&rs->lock);
     return rc;
 }

@@ -353,14 +353,17 @@ static void join_raise(struct shard_repl *r, uint64_t lsn)
  * -EIO when the removal failed. */
 static int drop_laggard(struct shard_repl *r, int node, uint64_t epoch)
 {
-    int rc = 0;
+    int rc;
 
     pthread_mutex_lock(&r->isr_lock);
     pthread_mutex_lock(&r->lock);
     join_end(r, &r->peers[node]);
     pthread_mutex_unlock(&r->lock);
-    if (shard_map_isr_remove(r->map, r->base.index, node, epoch) < 0)
-        rc = -EIO;
+    rc = shard_map_isr_remove(r->map, r->base.index, node, epoch);
+    /* -ENOENT: `replica drop` took it out of the replicas (and the in-sync
+     * set) by a recorded change we had not seen yet: not waited for any
+     * more, no failure */
+    rc = rc < 0 && rc != -ENOENT ? -EIO : 0;
     pthread_mutex_unlock(&r->isr_lock);
     return rc;
 }
@@ -703,6 +706,31 @@ static struct peer *replica_peer(struct shard_repl *r, int node, struct shard_co
         return NULL;
     }
     return &r->peers[node];
+}
+
+void shard_repl_map_changed(struct shard *s)
+{
+    struct shard_repl *r = repl_of(s);
+    struct shard_copies c;
+    uint64_t gone = 0;
+
+    if (shard_map_get(r->map, r->base.index, &c) < 0)
+        return;
+    pthread_mutex_lock(&r->lock);
+    for (unsigned n = 0; n < CONFIG_MAX_NODES; n++) {
+        if (replica_slot(&c, (int)n) >= 0)
+            continue;
+        if (r->peers[n].held)
+            gone |= 1ull << n;
+        /* no replica any more: not waited for as a joiner, a later add
+         * starts from nothing, and its old reports must not count as its
+         * position (wait_level) */
+        join_end(r, &r->peers[n]);
+        memset(&r->peers[n], 0, sizeof(r->peers[n]));
+    }
+    pthread_cond_broadcast(&r->reported); /* waits judge the in-sync set again */
+    pthread_mutex_unlock(&r->lock);
+    release_holds(r, gone);
 }
 
 int shard_repl_report(struct shard *s, int node, const struct stream_pos *applied,

@@ -83,6 +83,12 @@ struct shard *shard_repl_inner(struct shard *s);
 int shard_repl_report(struct shard *s, int node, const struct stream_pos *applied,
                       uint64_t synced_lsn);
 
+/* The map changed the shard's entry (fs/failover.c calls it from the map's
+ * listener): writes waiting for replicas judge the in-sync set again at
+ * once (a `replica drop` took one out), and the stream holds of nodes that
+ * are no replica any more are released. Any thread; does not wait. */
+void shard_repl_map_changed(struct shard *s);
+
 /* Replica `node` needs a snapshot (its position was not retained or not
  * of this history): hold the stream after base->lsn for it (base is the
  * primary's position the reply names), and remember it for status. 0 or

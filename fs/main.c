@@ -51,6 +51,7 @@ static const char usage_main[] =
     "  ls    [-c CONF] [--node NODE] [PATH]                 list a directory\n"
     "  status [-c CONF]                                     nodes and shards of a cluster\n"
     "  promote [-c CONF] SHARD NODE                         hand a shard's primary role to NODE\n"
+    "  replica add|drop [-c CONF] [-w SECONDS] SHARD NODE   give NODE a copy of SHARD, or take it\n"
     "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
     "\n"
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
@@ -725,7 +726,7 @@ int main(int argc, char **argv)
         int (*fn)(int, char **);
     } clients[] = {{"get", cmd_get},         {"put", cmd_put},     {"rm", cmd_rm},
                    {"ls", cmd_ls},           {"status", cmd_status}, {"bench", cmd_bench},
-                   {"promote", cmd_promote}};
+                   {"promote", cmd_promote}, {"replica", cmd_replica}};
     for (size_t i = 0; i < sizeof(clients) / sizeof(clients[0]); i++)
         if (!strcmp(argv[1], clients[i].name))
             return clients[i].fn(argc - 1, argv + 1);

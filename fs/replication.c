@@ -8,8 +8,9 @@
  * request for a shard this node holds only a replica of is redirected to
  * the primary (the server's rule, node_server.h). The replica-sync thread
  * asks the map where each primary is and is kicked by the map's changes.
- * With etcd, failover.h does the wrapping instead: every copy here, primary
- * or replica, gets a switch in the namespace, the replica-sync thread gets
+ * With etcd, failover.h does the wrapping instead: every shard gets a switch
+ * in the namespace, the copies here are those the map gives this node (and
+ * change with it: `shardfs replica add/drop`), the replica-sync thread gets
  * every copy (it leaves alone those this node serves) and the failover
  * thread moves the roles with the map.
  */
