@@ -554,7 +554,8 @@ static void test_placement(void)
     CHECK(x.nreplicas == 2 && x.replicas[1] == 2 && x.in_sync == 1 && x.epoch == 7);
     {
         double end = now_s() + 10;
-        while (get(a, 1).nreplicas != 2 && now_s() < end)
+        /* both nodes' watches: each map hears of the change on its own */
+        while ((get(a, 1).nreplicas != 2 || get(b, 1).nreplicas != 2) && now_s() < end)
             usleep(10000);
     }
     CHECK(get(a, 1).nreplicas == 2 && get(b, 1).nreplicas == 2);
