@@ -17,12 +17,15 @@
 #include "replication.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "failover.h"
 #include "replica_sync.h"
@@ -371,6 +374,62 @@ static int json_u64_of(json_t *obj, const char *key, uint64_t *out)
     return errno || *end ? -EINVAL : 0;
 }
 
+/* Read this node's copy of shard n (its data file) into the page cache:
+ * a cold replica's hash pass would read the disk while the primary's
+ * ack = replica writers wait for it (the primary warms its own copy the
+ * same way before it holds them, shard_lmdb_warm). By path, not through
+ * the copy's handle, which a `replica drop` may close meanwhile: reading
+ * a file that was renamed or deleted is harmless. 0 and *bytes read, or
+ * -errno. */
+static int warm_copy_file(const struct replication *rep, unsigned n, uint64_t *bytes)
+{
+    enum { CHUNK = 1 << 20 };
+    char path[PATH_MAX];
+    char *buf = NULL;
+    int fd = -1, rc = 0;
+    ssize_t got;
+
+    *bytes = 0;
+    if (snprintf(path, sizeof(path), "%s/shard-%u/data.mdb", rep->cfg->nodes[rep->node].data_dir,
+                 n) >= (int)sizeof(path))
+        return -ENAMETOOLONG;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    buf = malloc(CHUNK);
+    if (!buf) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    (void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    while ((got = pread(fd, buf, CHUNK, (off_t)*bytes)) > 0)
+        *bytes += (uint64_t)got;
+    if (got < 0)
+        rc = -errno;
+out:
+    free(buf);
+    close(fd);
+    return rc;
+}
+
+/* POST /v1/checksum {"shard":N,"warm":true} (replication.h). */
+static void route_warm(struct replication *rep, unsigned n, struct node_response *resp)
+{
+    int64_t t0 = mono_ms();
+    uint64_t bytes;
+    int rc = warm_copy_file(rep, n, &bytes);
+
+    if (rc == 0)
+        node_response_json(resp, json_pack("{s:b,s:o,s:I}", "done", 1, "bytes", json_u64(bytes),
+                                           "took_ms", (json_int_t)(mono_ms() - t0)));
+    else
+        node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno",
+                                           wire_errno_name(rc) ? wire_errno_name(rc)
+                                                               : strerror(-rc),
+                                           "error", rc == -ENOENT ? "no copy of the shard here"
+                                                                  : strerror(-rc)));
+}
+
 /* POST /v1/checksum, on a worker: {"shard":N[,"wait_ms":W]} asks the
  * primary; with "epoch", "lsn" and "check" it asks this node's replica
  * for its hash at that position, waiting up to wait_ms. */
@@ -402,6 +461,11 @@ static void route_checksum(struct replication *rep, const struct node_request *r
         return;
     }
     n = (unsigned)json_integer_value(shard);
+    if (json_is_true(json_object_get(in, "warm"))) {
+        json_decref(in);
+        route_warm(rep, n, resp);
+        return;
+    }
     if (wait_ms > CHECKSUM_WAIT_MAX_MS)
         wait_ms = CHECKSUM_WAIT_MAX_MS;
     as_replica = json_object_get(in, "lsn") != NULL;

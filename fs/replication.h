@@ -46,6 +46,12 @@
  *   {"done":false,"errno":"ETIMEDOUT","error":"behind: ...","epoch":E,
  *    "lsn":L,"check":"C" (where the replica's copy is)}
  *
+ * Body {"shard":N,"warm":true} to a node holding a copy, before the
+ * primary is asked: it reads the copy's file into the page cache, so that
+ * its hash at P, which holds the primary's ack = replica writers, reads
+ * memory, not the disk. 200 {"done":true,"bytes":B,"took_ms":MS}, or
+ * done:false with the errno (ENOENT: no copy of N here).
+ *
  * Order (each step after the one before; stop in reverse):
  *   replication_open()  after ns_open(): the map, the wrappers
  *   node_server_start_repl(..., replication_server(rep), ...)

@@ -12,6 +12,7 @@ node stopped: same position, other data), unreachable for a dead node, and
 ok again once a replica that was down while much was written has caught up.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from conftest import SHARDFS_BIN, read_file, run, wait_for, write_file
 from test_cluster import NODES
 from test_replication import (SHARDS, assert_copies_identical,  # noqa: F401
-                              etcd_server, etcd_url, names_on, rcluster, replica_view,
+                              etcd_server, etcd_url, names_on, rcluster, replica_view, signed,
                               wait_level)
 
 
@@ -205,3 +206,40 @@ def test_replica_down_while_written_catches_up_and_checks_ok(rcluster):
         assert_all_ok(c)
     c.unmount_all()
     assert_copies_identical(c, min_records=96)
+
+
+@pytest.mark.parametrize("rcluster", ["static"], indirect=True)
+def test_warm_reads_a_copy_and_a_replica_short_of_the_position_is_behind(rcluster):
+    """The route under `fsck --replicas` (fs/replication.h): "warm" reads a
+    node's copy of a shard into memory and says how much it read, or
+    ENOENT on a node with no copy; a replica asked for its hash at a
+    position it does not reach within wait_ms answers ETIMEDOUT, "behind",
+    with where its copy is (the CLI prints "behind")."""
+    c = rcluster
+    for name in names_on(c, {0}, 4, "w"):  # 4 MiB on shard 0: a primary, b replica
+        write_file(c.p("a", name), os.urandom(1 << 20))
+    wait_level(c)
+    path = os.path.join(c.data["b"], "shard-0", "data.mdb")
+    # b's copy takes what it applied into its file within a second or so
+    wait_for(lambda: os.path.getsize(path) >= 4 << 20, 20, "b's copy in its data file")
+
+    def ask(node, body):
+        st, _, raw = signed(c, node, "POST", "/v1/checksum", json.dumps(body).encode())
+        assert st == 200, (node, st, raw[:300])
+        return json.loads(raw)
+
+    got = ask("b", {"shard": 0, "warm": True})
+    assert got["done"] is True and got["bytes"] == os.path.getsize(path) >= 4 << 20, got
+    got = ask("c", {"shard": 0, "warm": True})    # c holds no copy of shard 0
+    assert got["done"] is False and got["errno"] == "ENOENT", got
+
+    pos = replica_view(c, "b")[0]
+    far = {"shard": 0, "epoch": 1, "lsn": pos["lsn"] + 1000000, "check": "1", "wait_ms": 300}
+    t0 = time.monotonic()
+    got = ask("b", far)
+    took = time.monotonic() - t0
+    assert got["done"] is False and got["errno"] == "ETIMEDOUT", got
+    assert got["error"].startswith("behind: at lsn %d" % pos["lsn"]), got
+    assert got["lsn"] == pos["lsn"] and 0.3 <= took < 5, (got, took)
+    # And the check itself, with the copies level, still says ok.
+    assert_all_ok(c)
