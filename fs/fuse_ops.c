@@ -85,9 +85,20 @@ struct node {
     uint64_t named_ms; /* CLOCK_MONOTONIC of the last lookup answered with this
                         * node; protected by fs.lock */
     int walked;        /* no open since that lookup; protected by fs.lock */
+    int reg;           /* REG_*: this node's open registration; protected by fs.lock */
     atomic_int paged;  /* a read or buffered write went through the kernel's cache */
     struct node *next; /* hash chain */
 };
+
+/* A node's open registration on the inode's shard (namespace.h, "open
+ * registry"; only with other nodes): made by the first open, dropped by the
+ * last release. An open that finds it being dropped waits for that, so its
+ * own registration is never undone by the drop (two batches in flight). A
+ * drop that failed (the shard's node was down) leaves it REG_STUCK: a
+ * release at least REG_RETRY_MS later tries again, through REG_DROPPING,
+ * and an open registers anew (the record may still be there). */
+enum { REG_NONE = 0, REG_HELD, REG_DROPPING, REG_STUCK };
+#define REG_RETRY_MS 5000u
 
 /* A direct write's range to drop from the kernel's cache, and its answer. */
 struct inval {
@@ -116,6 +127,9 @@ struct fs {
     int inval_running;                      /* set by fs_start(), cleared by fs_stop() */
     pthread_t inval_thread;
     pthread_mutex_t lock;
+    pthread_cond_t reg_cond; /* a node's reg left REG_DROPPING; with lock */
+    size_t reg_stuck;        /* nodes in REG_STUCK; protected by lock */
+    uint64_t reg_tried_ms;   /* the last retry of those; protected by lock */
     struct opened *opened; /* every open handle; protected by lock */
     struct node root;
     struct node *buckets[NODE_BUCKETS];
@@ -223,7 +237,7 @@ static struct node *node_ref(struct fs *fs, const struct ino_id *id, int named)
 /* Caller holds fs->lock. Frees n when nothing refers to it any more. */
 static void node_maybe_free(struct fs *fs, struct node *n)
 {
-    if (n == &fs->root || n->nlookup || n->opens || n->reaping)
+    if (n == &fs->root || n->nlookup || n->opens || n->reaping || n->reg != REG_NONE)
         return;
     struct node **pp = &fs->buckets[bucket_of(&n->id)];
     while (*pp && *pp != n)
@@ -245,12 +259,53 @@ static int node_reap_due(struct node *n)
     return 1;
 }
 
-/* Delete an orphan node_reap_due() chose; takes fs->lock. */
-static void node_reap(struct fs *fs, struct node *n, const struct ino_id *id)
+/* The registration drop that moved n to REG_DROPPING is done, with rc. */
+static void reg_dropped(struct fs *fs, struct node *n, int rc)
+{
+    pthread_mutex_lock(&fs->lock);
+    n->reg = rc ? REG_STUCK : REG_NONE;
+    fs->reg_stuck += rc != 0;
+    pthread_cond_broadcast(&fs->reg_cond);
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+}
+
+/* Try the failed registration drops again, at most every REG_RETRY_MS;
+ * one that fails again waits for the next time (or for this node's stop,
+ * or its next start: namespace.h). */
+static void reg_retry(struct fs *fs)
+{
+    struct node *todo[64];
+    size_t n = 0;
+
+    pthread_mutex_lock(&fs->lock);
+    if (fs->reg_stuck && monotonic_ms() - fs->reg_tried_ms >= REG_RETRY_MS) {
+        fs->reg_tried_ms = monotonic_ms();
+        for (unsigned b = 0; b < NODE_BUCKETS && n < 64; b++)
+            for (struct node *nd = fs->buckets[b]; nd && n < 64; nd = nd->next)
+                if (nd->reg == REG_STUCK) {
+                    nd->reg = REG_DROPPING;
+                    fs->reg_stuck--;
+                    todo[n++] = nd;
+                }
+    }
+    pthread_mutex_unlock(&fs->lock);
+    for (size_t i = 0; i < n; i++)
+        reg_dropped(fs, todo[i], ns_unregister(fs->ns, &todo[i]->id));
+}
+
+/* Delete an orphan node_reap_due() chose; takes fs->lock. ns_reap() drops
+ * this node's registration too: dropping says the caller moved n's to
+ * REG_DROPPING for it. */
+static void node_reap(struct fs *fs, struct node *n, const struct ino_id *id, int dropping)
 {
     ns_reap(fs->ns, id);
     pthread_mutex_lock(&fs->lock);
     n->reaping = 0;
+    if (dropping) {
+        n->reg = REG_NONE;
+        pthread_cond_broadcast(&fs->reg_cond);
+    }
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
 }
@@ -266,7 +321,7 @@ static void node_unref(struct fs *fs, struct node *n, uint64_t count)
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
     if (reap)
-        node_reap(fs, n, &id);
+        node_reap(fs, n, &id, 0);
 }
 
 int fs_is_open(void *ctx, const struct ino_id *id)
@@ -477,15 +532,49 @@ static void open_count(struct fs *fs, struct node *n, int delta)
 static void open_end(struct fs *fs, struct node *n)
 {
     struct ino_id id = n->id;
-    int reap;
+    int reap, drop;
 
     pthread_mutex_lock(&fs->lock);
     n->opens--;
     reap = node_reap_due(n);
+    /* The last close here: this node has it open no more. A RELEASE is
+     * sent after close() returned, so nobody waits for this round trip. */
+    drop = n->opens == 0 && n->reg == REG_HELD;
+    if (drop)
+        n->reg = REG_DROPPING;
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
     if (reap)
-        node_reap(fs, n, &id);
+        node_reap(fs, n, &id, drop);
+    else if (drop)
+        reg_dropped(fs, n, ns_unregister(fs->ns, &id));
+    reg_retry(fs);
+}
+
+/* 1 if an open of n (counted already) must register it: other nodes exist
+ * and this node holds no registration of it. Waits out a drop in flight. */
+static int reg_needed(struct fs *fs, struct node *n)
+{
+    int need;
+
+    if (!fs->other_nodes || n == &fs->root)
+        return 0;
+    pthread_mutex_lock(&fs->lock);
+    while (n->reg == REG_DROPPING)
+        pthread_cond_wait(&fs->reg_cond, &fs->lock);
+    need = n->reg != REG_HELD;
+    pthread_mutex_unlock(&fs->lock);
+    return need;
+}
+
+/* An open's registration is on the shard, or may be (an error after the
+ * batch went out): the last release drops it. */
+static void reg_held(struct fs *fs, struct node *n)
+{
+    pthread_mutex_lock(&fs->lock);
+    fs->reg_stuck -= n->reg == REG_STUCK;
+    n->reg = REG_HELD;
+    pthread_mutex_unlock(&fs->lock);
 }
 
 /* Count an open of n, unless its last release is deleting it right now (an
@@ -761,11 +850,22 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
      * through a name the kernel cached before that must not find it, nor
      * truncate it (node_reached_by_old_name). */
     int strict = node_reached_by_old_name(fs, n, 1);
-    if (fi->flags & O_TRUNC) {
-        struct ns_setattr sa = {.mask = NS_SET_SIZE | NS_SET_KILL_SUIDGID, .size = 0};
+    /* With other nodes the open is registered on the inode's shard first,
+     * in the batch that reads (asserts) or truncates the inode: registered
+     * before the inode is seen to exist, so an unlink elsewhere either
+     * finds the registration or deleted the inode before (ESTALE). */
+    int reg = reg_needed(fs, n);
+    if ((fi->flags & O_TRUNC) || reg) {
+        struct ns_setattr sa = {.mask = 0};
+        if (fi->flags & O_TRUNC)
+            sa.mask |= NS_SET_SIZE | NS_SET_KILL_SUIDGID;
         if (strict)
             sa.mask |= NS_SET_LINKED;
+        if (reg)
+            sa.mask |= NS_SET_REGISTER;
         rc = ns_setattr(fs->ns, &n->id, &sa, &node);
+        if (reg && rc != -ENOENT)
+            reg_held(fs, n);
     } else {
         rc = ns_getattr_ordered(fs->ns, &n->id, &node);
         if (rc == 0 && strict && unnamed_file(&node))
@@ -803,7 +903,12 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     struct handle *h = handle_new(fs, fi->flags);
     int rc = h ? 0 : -ENOMEM;
 
-    if (rc == 0)
+    /* With other nodes the new file's open registration goes in the
+     * create's batch (namespace.h): it costs nothing. */
+    if (rc == 0 && fs->other_nodes)
+        rc = ns_create_open(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                            S_IFREG | (mode & 07777), ctx->uid, ctx->gid, &ino);
+    else if (rc == 0)
         rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
                        S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
     if (rc) {
@@ -818,6 +923,8 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         return;
     }
     open_count(fs, n, +1);
+    if (fs->other_nodes)
+        reg_held(fs, n);
     entry_fill(fs, &e, n, &ino);
     fill_open(fs, fi, h);
     if (fuse_reply_create(req, &e, fi) != 0) {
@@ -1232,6 +1339,7 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
         fs->keep_cache = 1;
     }
     pthread_mutex_init(&fs->lock, NULL);
+    pthread_cond_init(&fs->reg_cond, NULL);
     pthread_mutex_init(&fs->inval_lock, NULL);
     pthread_cond_init(&fs->inval_cond, NULL);
     fs->inval_tail = &fs->inval_head;
@@ -1267,31 +1375,42 @@ int fs_start(struct fs *fs, struct fuse_session *se)
 static void reap_orphans(struct fs *fs)
 {
     struct ino_id *ids = NULL;
-    size_t n = 0, cap = 0;
+    size_t n = 0, cap = 0, norphans = 0;
 
     /* Collected under the lock (the key API may still ask fs_is_open),
      * deleted outside it (ns_reap takes the inode's lock, which is held
-     * around fs_is_open). */
+     * around fs_is_open). Orphans first (ns_reap drops this node's
+     * registration of each too), then the open registrations of files
+     * whose release never came. */
     pthread_mutex_lock(&fs->lock);
-    for (unsigned b = 0; b < NODE_BUCKETS; b++) {
-        for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
-            if (!nd->orphan)
-                continue;
-            if (n == cap) {
-                size_t ncap = cap ? cap * 2 : 64;
-                struct ino_id *grown = realloc(ids, ncap * sizeof(*ids));
-                if (!grown)
-                    goto collected; /* the next mount's recovery has the rest */
-                ids = grown, cap = ncap;
+    for (int pass = 0; pass < 2; pass++) {
+        for (unsigned b = 0; b < NODE_BUCKETS; b++) {
+            for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
+                if (pass == 0 ? !nd->orphan : nd->reg != REG_HELD && nd->reg != REG_STUCK)
+                    continue;
+                if (n == cap) {
+                    size_t ncap = cap ? cap * 2 : 64;
+                    struct ino_id *grown = realloc(ids, ncap * sizeof(*ids));
+                    if (!grown)
+                        goto collected; /* the next mount's recovery has the rest */
+                    ids = grown, cap = ncap;
+                }
+                nd->orphan = 0;
+                nd->reg = REG_NONE; /* dropped below */
+                ids[n++] = nd->id;
+                if (pass == 0)
+                    norphans = n;
             }
-            nd->orphan = 0;
-            ids[n++] = nd->id;
         }
     }
 collected:
     pthread_mutex_unlock(&fs->lock);
-    for (size_t i = 0; i < n; i++)
-        ns_reap(fs->ns, &ids[i]);
+    for (size_t i = 0; i < n; i++) {
+        if (i < norphans)
+            ns_reap(fs->ns, &ids[i]);
+        else
+            ns_unregister(fs->ns, &ids[i]);
+    }
     free(ids);
 }
 
@@ -1334,6 +1453,7 @@ void fs_free(struct fs *fs)
         }
     }
     pthread_mutex_destroy(&fs->lock);
+    pthread_cond_destroy(&fs->reg_cond);
     pthread_mutex_destroy(&fs->inval_lock);
     pthread_cond_destroy(&fs->inval_cond);
     free(fs);
