@@ -91,14 +91,20 @@ struct node {
 };
 
 /* A node's open registration on the inode's shard (namespace.h, "open
- * registry"; only with other nodes): made by the first open, dropped by the
- * last release. An open that finds it being dropped waits for that, so its
- * own registration is never undone by the drop (two batches in flight). A
- * drop that failed (the shard's node was down) leaves it REG_STUCK: a
- * release at least REG_RETRY_MS later tries again, through REG_DROPPING,
- * and an open registers anew (the record may still be there). */
-enum { REG_NONE = 0, REG_HELD, REG_DROPPING, REG_STUCK };
+ * registry"; only with other nodes): made by the first open (in the batch
+ * the open makes anyway), dropped after the last release: the release
+ * queues it (REG_QUEUED) and the registry thread drops what is queued
+ * every REG_FLUSH_MS, in one batch a shard, so an rsync's thousands of
+ * closes cost a few batches, and an open of a queued file takes the
+ * registration back without a round trip. An open that finds it being
+ * dropped (REG_DROPPING) waits for that, so its own registration is never
+ * undone by the drop. A drop that failed (the shard's node was down)
+ * leaves it REG_STUCK, tried again every REG_RETRY_MS; an open registers
+ * anew (the record may still be there). */
+enum { REG_NONE = 0, REG_HELD, REG_QUEUED, REG_DROPPING, REG_STUCK };
+#define REG_FLUSH_MS 100u
 #define REG_RETRY_MS 5000u
+#define REG_QUEUE_WAKE 4096u /* a queue this long is dropped at once */
 
 /* A direct write's range to drop from the kernel's cache, and its answer. */
 struct inval {
@@ -129,7 +135,13 @@ struct fs {
     pthread_mutex_t lock;
     pthread_cond_t reg_cond; /* a node's reg left REG_DROPPING; with lock */
     size_t reg_stuck;        /* nodes in REG_STUCK; protected by lock */
-    uint64_t reg_tried_ms;   /* the last retry of those; protected by lock */
+    uint64_t reg_tried_ms;   /* the last retry of those; registry thread only */
+    struct node **reg_queue; /* released, to drop (some since taken back); */
+    size_t reg_nqueue, reg_qcap; /* protected by lock */
+    int reg_stop;            /* protected by lock */
+    int reg_running;         /* set by fs_start(), cleared by fs_stop() */
+    pthread_cond_t reg_wake; /* the registry thread's; with lock */
+    pthread_t reg_thread;
     struct opened *opened; /* every open handle; protected by lock */
     struct node root;
     struct node *buckets[NODE_BUCKETS];
@@ -259,6 +271,24 @@ static int node_reap_due(struct node *n)
     return 1;
 }
 
+/* Caller holds fs->lock: queue n's registration (REG_HELD) for the
+ * registry thread. 0, or -ENOMEM (the caller drops it itself). */
+static int reg_queue(struct fs *fs, struct node *n)
+{
+    if (fs->reg_nqueue == fs->reg_qcap) {
+        size_t cap = fs->reg_qcap ? fs->reg_qcap * 2 : 256;
+        struct node **grown = realloc(fs->reg_queue, cap * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        fs->reg_queue = grown, fs->reg_qcap = cap;
+    }
+    fs->reg_queue[fs->reg_nqueue++] = n;
+    n->reg = REG_QUEUED;
+    if (fs->reg_nqueue >= REG_QUEUE_WAKE)
+        pthread_cond_signal(&fs->reg_wake);
+    return 0;
+}
+
 /* The registration drop that moved n to REG_DROPPING is done, with rc. */
 static void reg_dropped(struct fs *fs, struct node *n, int rc)
 {
@@ -270,28 +300,78 @@ static void reg_dropped(struct fs *fs, struct node *n, int rc)
     pthread_mutex_unlock(&fs->lock);
 }
 
-/* Try the failed registration drops again, at most every REG_RETRY_MS;
- * one that fails again waits for the next time (or for this node's stop,
- * or its next start: namespace.h). */
-static void reg_retry(struct fs *fs)
+/* The registry thread: every REG_FLUSH_MS (or at stop), drop the queued
+ * registrations, and every REG_RETRY_MS the stuck ones, in one batch a
+ * shard (ns_unregister_many). */
+static void *reg_main(void *arg)
 {
-    struct node *todo[64];
-    size_t n = 0;
+    struct fs *fs = arg;
+    struct ino_id *ids = NULL;
+    int *rcs = NULL;
+    size_t cap = 0;
+    int stop = 0;
 
-    pthread_mutex_lock(&fs->lock);
-    if (fs->reg_stuck && monotonic_ms() - fs->reg_tried_ms >= REG_RETRY_MS) {
-        fs->reg_tried_ms = monotonic_ms();
-        for (unsigned b = 0; b < NODE_BUCKETS && n < 64; b++)
-            for (struct node *nd = fs->buckets[b]; nd && n < 64; nd = nd->next)
-                if (nd->reg == REG_STUCK) {
+    while (!stop) {
+        struct timespec t;
+        struct node **todo;
+        size_t n = 0, nq;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_nsec += REG_FLUSH_MS * 1000000L;
+        if (t.tv_nsec >= 1000000000L)
+            t.tv_sec++, t.tv_nsec -= 1000000000L;
+        pthread_mutex_lock(&fs->lock);
+        if (!fs->reg_stop)
+            pthread_cond_timedwait(&fs->reg_wake, &fs->lock, &t);
+        stop = fs->reg_stop;
+        /* The whole queue at once: no pointer stays behind in it. */
+        todo = fs->reg_queue, nq = fs->reg_nqueue;
+        fs->reg_queue = NULL, fs->reg_nqueue = fs->reg_qcap = 0;
+        for (size_t i = 0; i < nq; i++) {
+            struct node *nd = todo[i];
+            if (nd->reg != REG_QUEUED)
+                continue; /* taken back by an open, or queued twice */
+            nd->reg = REG_DROPPING;
+            todo[n++] = nd;
+        }
+        if (fs->reg_stuck && (stop || monotonic_ms() - fs->reg_tried_ms >= REG_RETRY_MS)) {
+            fs->reg_tried_ms = monotonic_ms();
+            for (unsigned b = 0; b < NODE_BUCKETS; b++)
+                for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
+                    if (nd->reg != REG_STUCK)
+                        continue;
+                    if (n == nq) {
+                        size_t ncap = nq ? nq * 2 : 64;
+                        struct node **grown = realloc(todo, ncap * sizeof(*grown));
+                        if (!grown)
+                            goto taken; /* the next round has the rest */
+                        todo = grown, nq = ncap;
+                    }
                     nd->reg = REG_DROPPING;
                     fs->reg_stuck--;
                     todo[n++] = nd;
                 }
+        }
+    taken:
+        pthread_mutex_unlock(&fs->lock);
+        if (n > cap) {
+            free(ids);
+            free(rcs);
+            ids = malloc(n * sizeof(*ids));
+            rcs = malloc(n * sizeof(*rcs));
+            cap = ids && rcs ? n : 0;
+        }
+        for (size_t i = 0; i < n && cap; i++)
+            ids[i] = todo[i]->id;
+        if (n && (!cap || ns_unregister_many(fs->ns, ids, n, rcs) == -ENOMEM))
+            for (size_t i = 0; i < n && cap; i++)
+                rcs[i] = -ENOMEM;
+        for (size_t i = 0; i < n; i++)
+            reg_dropped(fs, todo[i], cap ? rcs[i] : -ENOMEM);
+        free(todo);
     }
-    pthread_mutex_unlock(&fs->lock);
-    for (size_t i = 0; i < n; i++)
-        reg_dropped(fs, todo[i], ns_unregister(fs->ns, &todo[i]->id));
+    free(ids);
+    free(rcs);
+    return NULL;
 }
 
 /* Delete an orphan node_reap_due() chose; takes fs->lock. ns_reap() drops
@@ -537,10 +617,12 @@ static void open_end(struct fs *fs, struct node *n)
     pthread_mutex_lock(&fs->lock);
     n->opens--;
     reap = node_reap_due(n);
-    /* The last close here: this node has it open no more. A RELEASE is
-     * sent after close() returned, so nobody waits for this round trip. */
+    /* The last close here: this node has it open no more. Queued for the
+     * registry thread; an orphan's reap drops it at once (ns_reap). */
     drop = n->opens == 0 && n->reg == REG_HELD;
-    if (drop)
+    if (drop && !reap && fs->reg_running && reg_queue(fs, n) == 0)
+        drop = 0;
+    else if (drop)
         n->reg = REG_DROPPING;
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
@@ -548,11 +630,11 @@ static void open_end(struct fs *fs, struct node *n)
         node_reap(fs, n, &id, drop);
     else if (drop)
         reg_dropped(fs, n, ns_unregister(fs->ns, &id));
-    reg_retry(fs);
 }
 
 /* 1 if an open of n (counted already) must register it: other nodes exist
- * and this node holds no registration of it. Waits out a drop in flight. */
+ * and this node holds no registration of it. Takes back one queued for
+ * dropping; waits out a drop in flight. */
 static int reg_needed(struct fs *fs, struct node *n)
 {
     int need;
@@ -562,6 +644,8 @@ static int reg_needed(struct fs *fs, struct node *n)
     pthread_mutex_lock(&fs->lock);
     while (n->reg == REG_DROPPING)
         pthread_cond_wait(&fs->reg_cond, &fs->lock);
+    if (n->reg == REG_QUEUED)
+        n->reg = REG_HELD;
     need = n->reg != REG_HELD;
     pthread_mutex_unlock(&fs->lock);
     return need;
@@ -1340,6 +1424,7 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
     }
     pthread_mutex_init(&fs->lock, NULL);
     pthread_cond_init(&fs->reg_cond, NULL);
+    pthread_cond_init(&fs->reg_wake, NULL);
     pthread_mutex_init(&fs->inval_lock, NULL);
     pthread_cond_init(&fs->inval_cond, NULL);
     fs->inval_tail = &fs->inval_head;
@@ -1348,23 +1433,56 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
     return fs;
 }
 
-int fs_start(struct fs *fs, struct fuse_session *se)
+/* Start fn(fs) as a thread named name, signals blocked in it: they go to
+ * the main thread (fuse_set_signal_handlers), as with libfuse's own
+ * workers. 0 (and *running set) or -errno. */
+static int thread_start(pthread_t *th, void *(*fn)(void *), struct fs *fs, const char *name,
+                        int *running)
 {
     sigset_t all, old;
     int rc;
 
-    fs->se = se;
-    /* Signals go to the main thread (fuse_set_signal_handlers), as with
-     * libfuse's own workers. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    rc = pthread_create(&fs->inval_thread, NULL, inval_main, fs);
+    rc = pthread_create(th, NULL, fn, fs);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc)
         return -rc;
-    pthread_setname_np(fs->inval_thread, "shardfs-inval");
-    fs->inval_running = 1;
+    pthread_setname_np(*th, name);
+    *running = 1;
     return 0;
+}
+
+int fs_start(struct fs *fs, struct fuse_session *se)
+{
+    int rc;
+
+    fs->se = se;
+    rc = thread_start(&fs->inval_thread, inval_main, fs, "shardfs-inval", &fs->inval_running);
+    if (rc == 0 && fs->other_nodes)
+        rc = thread_start(&fs->reg_thread, reg_main, fs, "shardfs-openreg", &fs->reg_running);
+    return rc;
+}
+
+/* Tell a thread of fs to stop (*stop, under lock, cond signalled) and
+ * join it, if *running. */
+static void thread_stop(pthread_mutex_t *lock, pthread_cond_t *cond, int *stop, pthread_t th,
+                        int *running)
+{
+    if (!*running)
+        return;
+    pthread_mutex_lock(lock);
+    *stop = 1;
+    pthread_cond_signal(cond);
+    pthread_mutex_unlock(lock);
+    pthread_join(th, NULL);
+    *running = 0;
+}
+
+/* Stop the registry thread, which drops what is queued first. */
+static void reg_thread_stop(struct fs *fs)
+{
+    thread_stop(&fs->lock, &fs->reg_wake, &fs->reg_stop, fs->reg_thread, &fs->reg_running);
 }
 
 /* The kernel ends the connection at unmount, and the RELEASE and
@@ -1386,7 +1504,7 @@ static void reap_orphans(struct fs *fs)
     for (int pass = 0; pass < 2; pass++) {
         for (unsigned b = 0; b < NODE_BUCKETS; b++) {
             for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
-                if (pass == 0 ? !nd->orphan : nd->reg != REG_HELD && nd->reg != REG_STUCK)
+                if (pass == 0 ? !nd->orphan : nd->reg == REG_NONE)
                     continue;
                 if (n == cap) {
                     size_t ncap = cap ? cap * 2 : 64;
@@ -1416,14 +1534,8 @@ collected:
 
 static void inval_thread_stop(struct fs *fs)
 {
-    if (!fs->inval_running)
-        return;
-    pthread_mutex_lock(&fs->inval_lock);
-    fs->inval_stop = 1;
-    pthread_cond_signal(&fs->inval_cond);
-    pthread_mutex_unlock(&fs->inval_lock);
-    pthread_join(fs->inval_thread, NULL);
-    fs->inval_running = 0;
+    thread_stop(&fs->inval_lock, &fs->inval_cond, &fs->inval_stop, fs->inval_thread,
+                &fs->inval_running);
 }
 
 void fs_stop(struct fs *fs)
@@ -1431,6 +1543,7 @@ void fs_stop(struct fs *fs)
     if (!fs)
         return;
     inval_thread_stop(fs);
+    reg_thread_stop(fs);
     reap_orphans(fs);
 }
 
@@ -1439,6 +1552,8 @@ void fs_free(struct fs *fs)
     if (!fs)
         return;
     inval_thread_stop(fs); /* if fs_stop() was not called: nothing is queued */
+    reg_thread_stop(fs);
+    free(fs->reg_queue);
     while (fs->opened) {
         struct opened *o = fs->opened; /* its release never came */
         fs->opened = o->next;
@@ -1454,6 +1569,7 @@ void fs_free(struct fs *fs)
     }
     pthread_mutex_destroy(&fs->lock);
     pthread_cond_destroy(&fs->reg_cond);
+    pthread_cond_destroy(&fs->reg_wake);
     pthread_mutex_destroy(&fs->inval_lock);
     pthread_cond_destroy(&fs->inval_cond);
     free(fs);

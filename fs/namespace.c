@@ -993,6 +993,9 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
             return INODE_PUT;
         }
         if (openreg_on(ns) && !S_ISDIR(ino->mode)) {
+            /* Not open here (is_open): a registration of this node is one
+             * its registry has yet to drop (fuse_ops.c), and goes now. */
+            batch_unregister(ns, b, &ino->id);
             /* Open on another node: kept with an orphan mark for its
              * shard's owner to delete once no live node has it open. */
             if (d->registered) {
@@ -2215,6 +2218,32 @@ int ns_unregister(struct ns *ns, const struct ino_id *id)
     batch_init(&b);
     batch_unregister(ns, &b, id);
     return apply_batch(inode_shard(ns, id), &b);
+}
+
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
+{
+    struct batch *per = NULL;
+    int failed = 0;
+
+    if (!openreg_on(ns) || n == 0) {
+        memset(rcs, 0, n * sizeof(*rcs));
+        return 0;
+    }
+    per = calloc(ns->nshards, sizeof(*per));
+    if (!per)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        batch_unregister(ns, &per[placement_shard_of(record_id_hash(&ids[i]), ns->nshards)],
+                         &ids[i]);
+    for (unsigned s = 0; s < ns->nshards; s++) {
+        int rc = per[s].count ? apply_batch(ns->shards[s], &per[s]) : 0;
+        for (size_t i = 0; i < n; i++)
+            if (placement_shard_of(record_id_hash(&ids[i]), ns->nshards) == s)
+                rcs[i] = rc;
+        failed += rc != 0;
+    }
+    free(per);
+    return failed ? -EIO : 0;
 }
 
 void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx)

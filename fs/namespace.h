@@ -235,6 +235,9 @@ void ns_reaper_stop(struct ns *ns);
  * ns_reaper_start. Nothing of this on a single-node store. */
 typedef int (*ns_node_alive_fn)(void *ctx, const char *node);
 int ns_unregister(struct ns *ns, const struct ino_id *id);
+/* ns_unregister of n files in one batch per shard; rcs[i] is the result for
+ * ids[i]. -EIO if any failed, -ENOMEM (nothing done), or 0. */
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs);
 void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx);
 
 int ns_statfs(struct ns *ns, struct statvfs *st);
