@@ -78,6 +78,7 @@
 #include "shard_remote.h"
 
 #define LOCK_STRIPES 256
+#define GUESS_WAYS 8 /* inode guesses a lock stripe (guess_slot) */
 #define XATTR_VALUE_MAX 65536
 _Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one shard_read");
 #define FILE_SIZE_MAX (1ull << 50) /* 1 PiB: chunk indexes stay far from overflow */
@@ -105,7 +106,7 @@ struct ns {
     struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
     pthread_mutex_t stripes[LOCK_STRIPES];
-    struct inode_guess *guesses;    /* LOCK_STRIPES of them; see inode_cas() */
+    struct inode_guess *guesses;    /* LOCK_STRIPES * GUESS_WAYS; see inode_cas() */
     pthread_mutex_t missing_lock;
     struct missing_name *missing;   /* MISSING_SLOTS of them; see ns_lookup_recent() */
     /* The reaper of kept files (DESIGN above); set up by ns_reaper_start(). */
@@ -486,10 +487,23 @@ static int inode_is_remote(const struct ns *ns, const struct ino_id *id)
     return !ns_shard_is_local(ns, placement_shard_of(record_id_hash(id), ns->nshards));
 }
 
+/* id's guess slot, one of GUESS_WAYS of its lock stripe: guarded by it.
+ * An open's registration asserts the guess instead of reading the inode
+ * (ns_setattr, NS_SET_REGISTER), so a reader walking a directory (tar,
+ * rsync's read side) needs the guesses readdirplus left to last until
+ * its opens: with one a stripe, a third of them were gone in a directory
+ * of 100 files. */
+static struct inode_guess *guess_slot(struct ns *ns, const struct ino_id *id)
+{
+    unsigned way = (unsigned)(id->b[3] ^ id->b[6] ^ id->b[14]) % GUESS_WAYS;
+
+    return &ns->guesses[stripe_index(id) * GUESS_WAYS + way];
+}
+
 /* With the stripe lock held. */
 static void guess_set(struct ns *ns, const struct inode *ino)
 {
-    struct inode_guess *g = &ns->guesses[stripe_index(&ino->id)];
+    struct inode_guess *g = guess_slot(ns, &ino->id);
 
     if (!inode_is_remote(ns, &ino->id))
         return;
@@ -502,7 +516,7 @@ static void guess_set(struct ns *ns, const struct inode *ino)
  * age_ms is not NULL), or -ENOENT. */
 static int guess_get(struct ns *ns, const struct ino_id *id, struct inode *out, uint64_t *age_ms)
 {
-    struct inode_guess *g = &ns->guesses[stripe_index(id)];
+    struct inode_guess *g = guess_slot(ns, id);
 
     if (!g->valid || memcmp(&g->ino.id, id, sizeof(*id)) != 0)
         return -ENOENT;
@@ -2906,7 +2920,7 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_init(&ns->stripes[i], NULL);
     pthread_mutex_init(&ns->missing_lock, NULL);
-    ns->guesses = calloc(LOCK_STRIPES, sizeof(*ns->guesses));
+    ns->guesses = calloc(LOCK_STRIPES * GUESS_WAYS, sizeof(*ns->guesses));
     ns->missing = calloc(MISSING_SLOTS, sizeof(*ns->missing));
     if (!ns->guesses || !ns->missing) {
         rc = -ENOMEM;
