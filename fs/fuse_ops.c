@@ -104,6 +104,7 @@ struct node {
 enum { REG_NONE = 0, REG_HELD, REG_QUEUED, REG_DROPPING, REG_STUCK };
 #define REG_FLUSH_MS 100u
 #define REG_RETRY_MS 5000u
+#define REG_STOP_MS 2000u  /* what a stop spends on drops at most */
 #define REG_QUEUE_WAKE 4096u /* a queue this long is dropped at once */
 
 /* A direct write's range to drop from the kernel's cache, and its answer. */
@@ -362,7 +363,10 @@ static void *reg_main(void *arg)
         }
         for (size_t i = 0; i < n && cap; i++)
             ids[i] = todo[i]->id;
-        if (n && (!cap || ns_unregister_many(fs->ns, ids, n, rcs) == -ENOMEM))
+        /* Stopping: what does not go within REG_STOP_MS goes at the next
+         * start (namespace.h). */
+        uint64_t deadline = stop ? monotonic_ms() + REG_STOP_MS : 0;
+        if (n && (!cap || ns_unregister_many(fs->ns, ids, n, rcs, deadline) == -ENOMEM))
             for (size_t i = 0; i < n && cap; i++)
                 rcs[i] = -ENOMEM;
         for (size_t i = 0; i < n; i++)
@@ -1523,12 +1527,13 @@ static void reap_orphans(struct fs *fs)
     }
 collected:
     pthread_mutex_unlock(&fs->lock);
-    for (size_t i = 0; i < n; i++) {
-        if (i < norphans)
-            ns_reap(fs->ns, &ids[i]);
-        else
-            ns_unregister(fs->ns, &ids[i]);
-    }
+    for (size_t i = 0; i < norphans; i++)
+        ns_reap(fs->ns, &ids[i]);
+    int *rcs = n > norphans ? malloc((n - norphans) * sizeof(*rcs)) : NULL;
+    if (rcs)
+        ns_unregister_many(fs->ns, ids + norphans, n - norphans, rcs,
+                           monotonic_ms() + REG_STOP_MS);
+    free(rcs);
     free(ids);
 }
 

@@ -2234,7 +2234,8 @@ int ns_unregister(struct ns *ns, const struct ino_id *id)
     return apply_batch(inode_shard(ns, id), &b);
 }
 
-int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs,
+                       uint64_t deadline_ms)
 {
     struct batch *per = NULL;
     int failed = 0;
@@ -2250,7 +2251,16 @@ int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *r
         batch_unregister(ns, &per[placement_shard_of(record_id_hash(&ids[i]), ns->nshards)],
                          &ids[i]);
     for (unsigned s = 0; s < ns->nshards; s++) {
-        int rc = per[s].count ? apply_batch(ns->shards[s], &per[s]) : 0;
+        time_t since;
+        int rc = 0;
+        if (per[s].count && deadline_ms &&
+            (monotonic_ms() >= deadline_ms ||
+             (ns->remote && remote_node_down(ns->remote, ns->cfg->owner[s], &since) == 1))) {
+            batch_free(&per[s]); /* left for this node's next start */
+            rc = -ETIMEDOUT;
+        } else if (per[s].count) {
+            rc = apply_batch(ns->shards[s], &per[s]);
+        }
         for (size_t i = 0; i < n; i++)
             if (placement_shard_of(record_id_hash(&ids[i]), ns->nshards) == s)
                 rcs[i] = rc;
@@ -2555,8 +2565,9 @@ static int recover_orphan(struct ns *ns, unsigned shard, const uint8_t *key, siz
 
     (void)val;
     id_hex(id, hex);
-    int linked = inode_get(ns, id, &ino) == 0 && ino.nlink > 0;
-    if (!linked && !r->dry_run && openreg_on(ns) && !ns->offline && !S_ISDIR(ino.mode)) {
+    int got = inode_get(ns, id, &ino) == 0;
+    int linked = got && ino.nlink > 0;
+    if (got && !linked && !r->dry_run && openreg_on(ns) && !ns->offline && !S_ISDIR(ino.mode)) {
         /* Another node may still have it open (its registration): then it
          * stays, for the reaper to delete once none has. */
         lock_inode(ns, id);
