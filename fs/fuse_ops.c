@@ -100,11 +100,11 @@ struct node {
  * dropped (REG_DROPPING) waits for that, so its own registration is never
  * undone by the drop. A drop that failed (the shard's node was down)
  * leaves it REG_STUCK, tried again every REG_RETRY_MS; an open registers
- * anew (the record may still be there). */
+ * anew (the record may still be there). A stop drops nothing (reg_main):
+ * the node's next start does. */
 enum { REG_NONE = 0, REG_HELD, REG_QUEUED, REG_DROPPING, REG_STUCK };
 #define REG_FLUSH_MS 100u
 #define REG_RETRY_MS 5000u
-#define REG_STOP_MS 2000u  /* what a stop spends on drops at most */
 #define REG_QUEUE_WAKE 4096u /* a queue this long is dropped at once */
 
 /* A direct write's range to drop from the kernel's cache, and its answer. */
@@ -301,7 +301,7 @@ static void reg_dropped(struct fs *fs, struct node *n, int rc)
     pthread_mutex_unlock(&fs->lock);
 }
 
-/* The registry thread: every REG_FLUSH_MS (or at stop), drop the queued
+/* The registry thread: every REG_FLUSH_MS, drop the queued
  * registrations, and every REG_RETRY_MS the stuck ones, in one batch a
  * shard (ns_unregister_many). */
 static void *reg_main(void *arg)
@@ -324,6 +324,13 @@ static void *reg_main(void *arg)
         if (!fs->reg_stop)
             pthread_cond_timedwait(&fs->reg_wake, &fs->lock, &t);
         stop = fs->reg_stop;
+        if (stop) {
+            /* A stop writes nothing to the shards: a drop now could miss
+             * a replica that stops at the same time. What is left goes
+             * at this node's next start (namespace.h). */
+            pthread_mutex_unlock(&fs->lock);
+            break;
+        }
         /* The whole queue at once: no pointer stays behind in it. */
         todo = fs->reg_queue, nq = fs->reg_nqueue;
         fs->reg_queue = NULL, fs->reg_nqueue = fs->reg_qcap = 0;
@@ -334,7 +341,7 @@ static void *reg_main(void *arg)
             nd->reg = REG_DROPPING;
             todo[n++] = nd;
         }
-        if (fs->reg_stuck && (stop || monotonic_ms() - fs->reg_tried_ms >= REG_RETRY_MS)) {
+        if (fs->reg_stuck && monotonic_ms() - fs->reg_tried_ms >= REG_RETRY_MS) {
             fs->reg_tried_ms = monotonic_ms();
             for (unsigned b = 0; b < NODE_BUCKETS; b++)
                 for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
@@ -363,10 +370,7 @@ static void *reg_main(void *arg)
         }
         for (size_t i = 0; i < n && cap; i++)
             ids[i] = todo[i]->id;
-        /* Stopping: what does not go within REG_STOP_MS goes at the next
-         * start (namespace.h). */
-        uint64_t deadline = stop ? monotonic_ms() + REG_STOP_MS : 0;
-        if (n && (!cap || ns_unregister_many(fs->ns, ids, n, rcs, deadline) == -ENOMEM))
+        if (n && (!cap || ns_unregister_many(fs->ns, ids, n, rcs) == -ENOMEM))
             for (size_t i = 0; i < n && cap; i++)
                 rcs[i] = -ENOMEM;
         for (size_t i = 0; i < n; i++)
@@ -1497,43 +1501,32 @@ static void reg_thread_stop(struct fs *fs)
 static void reap_orphans(struct fs *fs)
 {
     struct ino_id *ids = NULL;
-    size_t n = 0, cap = 0, norphans = 0;
+    size_t n = 0, cap = 0;
 
     /* Collected under the lock (the key API may still ask fs_is_open),
      * deleted outside it (ns_reap takes the inode's lock, which is held
-     * around fs_is_open). Orphans first (ns_reap drops this node's
-     * registration of each too), then the open registrations of files
-     * whose release never came. */
+     * around fs_is_open); ns_reap drops this node's registration of each
+     * too. Other registrations stay (reg_main). */
     pthread_mutex_lock(&fs->lock);
-    for (int pass = 0; pass < 2; pass++) {
-        for (unsigned b = 0; b < NODE_BUCKETS; b++) {
-            for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
-                if (pass == 0 ? !nd->orphan : nd->reg == REG_NONE)
-                    continue;
-                if (n == cap) {
-                    size_t ncap = cap ? cap * 2 : 64;
-                    struct ino_id *grown = realloc(ids, ncap * sizeof(*ids));
-                    if (!grown)
-                        goto collected; /* the next mount's recovery has the rest */
-                    ids = grown, cap = ncap;
-                }
-                nd->orphan = 0;
-                nd->reg = REG_NONE; /* dropped below */
-                ids[n++] = nd->id;
-                if (pass == 0)
-                    norphans = n;
+    for (unsigned b = 0; b < NODE_BUCKETS; b++) {
+        for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
+            if (!nd->orphan)
+                continue;
+            if (n == cap) {
+                size_t ncap = cap ? cap * 2 : 64;
+                struct ino_id *grown = realloc(ids, ncap * sizeof(*ids));
+                if (!grown)
+                    goto collected; /* the next mount's recovery has the rest */
+                ids = grown, cap = ncap;
             }
+            nd->orphan = 0;
+            ids[n++] = nd->id;
         }
     }
 collected:
     pthread_mutex_unlock(&fs->lock);
-    for (size_t i = 0; i < norphans; i++)
+    for (size_t i = 0; i < n; i++)
         ns_reap(fs->ns, &ids[i]);
-    int *rcs = n > norphans ? malloc((n - norphans) * sizeof(*rcs)) : NULL;
-    if (rcs)
-        ns_unregister_many(fs->ns, ids + norphans, n - norphans, rcs,
-                           monotonic_ms() + REG_STOP_MS);
-    free(rcs);
     free(ids);
 }
 

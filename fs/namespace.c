@@ -2234,8 +2234,7 @@ int ns_unregister(struct ns *ns, const struct ino_id *id)
     return apply_batch(inode_shard(ns, id), &b);
 }
 
-int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs,
-                       uint64_t deadline_ms)
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
 {
     struct batch *per = NULL;
     int failed = 0;
@@ -2251,16 +2250,7 @@ int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *r
         batch_unregister(ns, &per[placement_shard_of(record_id_hash(&ids[i]), ns->nshards)],
                          &ids[i]);
     for (unsigned s = 0; s < ns->nshards; s++) {
-        time_t since;
-        int rc = 0;
-        if (per[s].count && deadline_ms &&
-            (monotonic_ms() >= deadline_ms ||
-             (ns->remote && remote_node_down(ns->remote, ns->cfg->owner[s], &since) == 1))) {
-            batch_free(&per[s]); /* left for this node's next start */
-            rc = -ETIMEDOUT;
-        } else if (per[s].count) {
-            rc = apply_batch(ns->shards[s], &per[s]);
-        }
+        int rc = per[s].count ? apply_batch(ns->shards[s], &per[s]) : 0;
         for (size_t i = 0; i < n; i++)
             if (placement_shard_of(record_id_hash(&ids[i]), ns->nshards) == s)
                 rcs[i] = rc;

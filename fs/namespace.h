@@ -236,12 +236,8 @@ void ns_reaper_stop(struct ns *ns);
 typedef int (*ns_node_alive_fn)(void *ctx, const char *node);
 int ns_unregister(struct ns *ns, const struct ino_id *id);
 /* ns_unregister of n files in one batch per shard; rcs[i] is the result for
- * ids[i]. With deadline_ms (CLOCK_MONOTONIC; 0: none), shards not begun by
- * then, and those of nodes marked down, are left (-ETIMEDOUT): a stopping
- * mount must not wait timeout_ms a shard. -EIO if any failed, -ENOMEM
- * (nothing done), or 0. */
-int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs,
-                       uint64_t deadline_ms);
+ * ids[i]. -EIO if any failed, -ENOMEM (nothing done), or 0. */
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs);
 void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx);
 
 int ns_statfs(struct ns *ns, struct statvfs *st);
