@@ -183,6 +183,7 @@
 #define IO_THREADS_MAX 4u
 #define API_WORKERS 16u            /* threads for the handler (the key API), which may wait */
 #define SHARD_WORKERS 4u           /* threads for shard ops that may wait (disk, lock) */
+#define STREAM_LINGER_MS 10       /* entries nobody waits for are held this long (long polls) */
 #define STREAM_WORKERS 2u          /* threads for stream reads that found the shard's lock taken */
 #define CONN_LIMIT 4096u           /* connections at once, if descriptors allow */
 #define CONN_LIMIT_MIN 64u
@@ -259,12 +260,15 @@ struct node_server {
     struct pool api_pool, shard_pool, stream_pool;
     /* replication (node_server_repl; NULL map: none) */
     struct shard_map *map;
-    struct shard **local;          /* cfg.shard_count entries, borrowed */
+    struct shard **local;          /* cfg.shard_count entries, borrowed; changed and
+                                    * read by op_position under local_lock */
+    pthread_mutex_t local_lock;
     /* long polls of the stream route (DESIGN long polls) */
     pthread_mutex_t poll_lock;
     pthread_cond_t poll_wake;      /* the poll timer: a new poll, or stop */
     struct request **polls;        /* per shard, the parked requests; under poll_lock */
     _Atomic uint64_t *applies;     /* per shard, wakeups so far (applies, syncs) */
+    _Atomic uint64_t *urgent;      /* per shard, the wakeups for which an ack waits */
     int poll_stop;                 /* under poll_lock */
     int64_t poll_next_ms;          /* when the timer wakes next; under poll_lock */
     int poll_started;
@@ -301,17 +305,21 @@ struct request {
     /* a stream request parked as a long poll (DESIGN long polls): */
     struct request *poll_next, **poll_pprev; /* in srv->polls[shard]; under poll_lock */
     int64_t poll_deadline_ms; /* monotonic; 0 before it first parked */
+    int64_t poll_linger_ms;   /* monotonic: it holds entries until then; 0 not yet */
     int poll_woken;           /* resumed by an apply or the timer: handle it again */
 };
 
 /* What the stream route asks of its caller when it found nothing to send
  * and may wait: park the request until shard's next apply (or sync) or
- * wait_ms. NULL where nothing can wait (node_server_handle). */
+ * wait_ms; or, when it found entries nobody waits for, until an urgent
+ * wakeup or linger_ms (gathering more). NULL where nothing can wait
+ * (node_server_handle). */
 struct poll_ask {
     int64_t deadline_ms; /* in: the request's deadline, 0 the first time */
+    int64_t linger_ms;   /* in/out: when a lingering request answers, 0 none */
     int want;            /* out: park it */
     unsigned shard;
-    uint64_t seq;        /* applies[shard] before the read */
+    uint64_t seq;        /* applies[shard] before the read, or urgent[shard] to linger */
     int64_t wait_ms;
 };
 
@@ -1190,6 +1198,7 @@ static void position_header(struct node_response *r, const struct stream_pos *p)
 struct entries {
     uint8_t *buf;
     size_t len, cap;
+    uint64_t upto; /* stop after this lsn (a checkpoint); 0: no limit */
 };
 
 static int entries_add(void *ctx, const struct stream_pos *p, uint64_t time_ms,
@@ -1211,14 +1220,14 @@ static int entries_add(void *ctx, const struct stream_pos *p, uint64_t time_ms,
         e->cap = cap;
     }
     e->len += stream_entry_encode(e->buf + e->len, p, time_ms, batch, len);
-    return 0;
+    return e->upto && p->lsn >= e->upto ? 1 : 0;
 }
 
 /* The stream request's arguments (wire.h). 0 or -EINVAL with why. */
 struct stream_args {
     int node;
     struct stream_pos after;
-    uint64_t wait, max, synced;
+    uint64_t wait, max, synced, hashed;
 };
 
 static int stream_args(struct node_server *s, const char *uri, struct stream_args *a,
@@ -1230,7 +1239,8 @@ static int stream_args(struct node_server *s, const char *uri, struct stream_arg
     *a = (struct stream_args){.node = -1};
     *why = "bad or missing node, epoch, lsn, check, wait or max";
     rc = query_str(uri, "node", name, sizeof(name));
-    if (rc <= 0 || query_u64(uri, "synced", &a->synced) < 0)
+    if (rc <= 0 || query_u64(uri, "synced", &a->synced) < 0 ||
+        query_u64(uri, "hashed", &a->hashed) < 0)
         return -EINVAL;
     if (query_u64(uri, "epoch", &a->after.epoch) <= 0 || query_u64(uri, "lsn", &a->after.lsn) <= 0)
         return -EINVAL;
@@ -1254,12 +1264,13 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     struct entries e = {0};
     struct stream_args a;
     struct shard_copies c;
-    struct stream_pos pos;
+    struct stream_pos pos, cp;
+    uint64_t cp_id = 0;
     struct shard *local;
     const char *why;
-    uint64_t seq, want;
-    int64_t wait;
-    int rc, count, member = 0;
+    uint64_t seq, useq, want;
+    int64_t wait, now;
+    int rc, count, member = 0, capped;
 
     if (stream_args(s, uri, &a, &why) < 0) {
         resp_error(r, -EINVAL, "%s", why);
@@ -1275,7 +1286,24 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     }
     local = shard_repl_inner(sh);
     seq = atomic_load(&s->applies[n]); /* before the read: no wakeup is missed */
-    count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    useq = atomic_load(&s->urgent[n]);
+    /* A content check's checkpoint (shard_repl.h): nothing past it. */
+    capped = shard_repl_checkpoint(sh, a.node, &cp, &cp_id) && a.after.lsn <= cp.lsn;
+    e.upto = capped ? cp.lsn : 0;
+    count = capped && stream_pos_eq(&a.after, &cp)
+                ? 0 /* there: a position of our history, nothing to send */
+                : shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    if (count > 0 && !capped && shard_repl_checkpoint(sh, a.node, &cp, &cp_id) &&
+        a.after.lsn <= cp.lsn) {
+        /* Set while we read (after our look, before entries past it
+         * existed): read again, up to it. */
+        free(e.buf);
+        e = (struct entries){.upto = cp.lsn};
+        capped = 1;
+        count = stream_pos_eq(&a.after, &cp)
+                    ? 0
+                    : shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+    }
     if (count == -ERANGE || count == -ESTALE) {
         /* Not a position we can continue from: a snapshot, whose tail we
          * keep from the position we name. */
@@ -1307,15 +1335,42 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     if (rc < 0)
         log_msg("shard %u: %s caught up, but could not rejoin the in-sync set: %s", n,
                 s->cfg.nodes[a.node].name, strerror(-rc));
+    shard_repl_checkpoint_done(sh, a.node, a.hashed);
+    if (capped && !shard_repl_checkpoint(sh, a.node, &cp, &cp_id)) {
+        capped = 0; /* the replica hashed at it already: it ended */
+        if (stream_pos_eq(&a.after, &cp) && count == 0) {
+            e.upto = 0;
+            count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+            if (count < 0) {
+                free(e.buf);
+                resp_error(r, count, "stream: %s", strerror(-count));
+                return;
+            }
+        }
+    }
     want = shard_repl_sync_wanted(sh, a.node);
-    if (count == 0 && !want && pa) {
-        wait = pa->deadline_ms ? pa->deadline_ms - mono_ms() : (int64_t)a.wait;
-        if (wait > 0) {
-            *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
-                                    .seq = seq, .wait_ms = wait};
+    now = mono_ms();
+    wait = pa && pa->deadline_ms ? pa->deadline_ms - now : (int64_t)a.wait;
+    if (count == 0 && !want && !capped && pa && wait > 0) {
+        *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
+                                .seq = seq, .wait_ms = wait};
+        resp_reset(r);
+        free(e.buf);
+        return; /* status 0: parked by the caller */
+    }
+    /* Entries, but nobody waits for their ack: gather more for a while
+     * (DESIGN long polls, gathering). */
+    if (count > 0 && !want && !capped && pa && a.wait > 0 && e.len < a.max / 2 &&
+        !shard_repl_acks_wanted(sh)) {
+        int64_t until = pa->linger_ms ? pa->linger_ms : now + STREAM_LINGER_MS;
+
+        if (until > now) {
+            *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .linger_ms = until,
+                                    .want = 1, .shard = n, .seq = useq,
+                                    .wait_ms = wait > 0 ? wait : 1};
             resp_reset(r);
             free(e.buf);
-            return; /* status 0: parked by the caller */
+            return;
         }
     }
     rc = shard_lmdb_position(local, &pos);
@@ -1335,6 +1390,11 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     position_header(r, &pos);
     if (want)
         node_response_header(r, WIRE_HDR_SYNC, "%" PRIu64, want);
+    if (capped) {
+        node_response_header(r, WIRE_HDR_CHECKPOINT, "%" PRIu64 "/%" PRIu64 "/%" PRIu64,
+                             cp.epoch, cp.lsn, cp.check);
+        node_response_header(r, WIRE_HDR_CHECKPOINT_ID, "%" PRIu64, cp_id);
+    }
 }
 
 /* One replica of the position route's reply; NULL when out of memory. */
@@ -1355,18 +1415,24 @@ static json_t *replica_json(struct node_server *s, const struct shard_repl_peer 
 static void op_position(struct node_server *s, unsigned n, struct node_response *r)
 {
     struct shard *sh = __atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE);
-    struct shard *local = s->local ? s->local[n] : NULL;
     struct shard_repl_status st = {0};
     struct stream_pos pos;
     char check[24];
     json_t *reps;
-    int rc;
+    int rc = -ENOENT;
 
-    if (!local) {
+    /* under the lock: a copy dropped (node_server_set_local) is not closed
+     * under us */
+    if (s->local) {
+        pthread_mutex_lock(&s->local_lock);
+        if (s->local[n])
+            rc = shard_lmdb_position(s->local[n], &pos);
+        pthread_mutex_unlock(&s->local_lock);
+    }
+    if (rc == -ENOENT) {
         resp_error(r, -ENOENT, "shard %u has no change stream here", n);
         return;
     }
-    rc = shard_lmdb_position(local, &pos);
     if (rc == 0 && shard_repl_is(sh))
         rc = shard_repl_status(sh, &st);
     if (rc < 0) {
@@ -1907,27 +1973,55 @@ static void poll_unlink(struct request *rq, struct request **out)
 }
 
 /* A batch was applied to (or a sync waits for the replicas of) shard
- * index: its long polls are answered again. Runs on the thread that
- * applied, no shard lock held. */
-static void polls_wake(void *ctx, unsigned index)
+ * index: its long polls are answered again; the lingering ones only when
+ * urgent (an ack is waited for). Runs on the thread that applied, no
+ * shard lock held. */
+static void polls_wake_as(struct node_server *s, unsigned index, int urgent)
 {
-    struct node_server *s = ctx;
-    struct request *woken = NULL;
+    struct request *woken = NULL, *rq, *following;
 
     if (index >= s->cfg.shard_count)
         return;
+    if (urgent)
+        atomic_fetch_add(&s->urgent[index], 1);
     atomic_fetch_add(&s->applies[index], 1);
     pthread_mutex_lock(&s->poll_lock);
-    while (s->polls[index])
-        poll_unlink(s->polls[index], &woken);
+    for (rq = s->polls[index]; rq; rq = following) {
+        following = rq->poll_next;
+        if (urgent || !rq->poll_linger_ms)
+            poll_unlink(rq, &woken);
+    }
     pthread_mutex_unlock(&s->poll_lock);
     polls_resume(woken);
 }
 
+/* A wrapper's waits (a sync, an ack barrier) are urgent. */
+static void polls_wake(void *ctx, unsigned index)
+{
+    polls_wake_as(ctx, index, 1);
+}
+
+/* An apply is urgent when a writer of the shard waits for its acks. A
+ * shard we do not serve as a replicated primary has no lingering polls.
+ * Wrappers replaced by a failover stay allocated until the namespace
+ * closes (failover.c), after the server stopped: the load is safe. */
 static void on_apply(void *ctx, unsigned index, const struct stream_pos *p)
 {
+    struct node_server *s = ctx;
+    struct shard *sh;
+
     (void)p;
-    polls_wake(ctx, index);
+    if (index >= s->cfg.shard_count)
+        return;
+    sh = __atomic_load_n(&s->shards[index], __ATOMIC_ACQUIRE);
+    polls_wake_as(s, index, !shard_repl_is(sh) || shard_repl_acks_wanted(sh));
+}
+
+/* When the timer resumes rq: its deadline, or the end of its lingering. */
+static int64_t poll_due_ms(const struct request *rq)
+{
+    return rq->poll_linger_ms && rq->poll_linger_ms < rq->poll_deadline_ms ? rq->poll_linger_ms
+                                                                             : rq->poll_deadline_ms;
 }
 
 /* Park rq, whose connection is suspended, until its shard's next wakeup or
@@ -1941,9 +2035,11 @@ static void poll_park(struct node_server *s, struct request *rq, const struct po
     pthread_mutex_lock(&s->poll_lock);
     if (!rq->poll_deadline_ms)
         rq->poll_deadline_ms = mono_ms() + pa->wait_ms;
+    rq->poll_linger_ms = pa->linger_ms;
     if (s->poll_stop)
         rq->poll_deadline_ms = 1;
-    if (s->poll_stop || atomic_load(&s->applies[pa->shard]) != pa->seq) {
+    if (s->poll_stop ||
+        atomic_load(pa->linger_ms ? &s->urgent[pa->shard] : &s->applies[pa->shard]) != pa->seq) {
         rq->poll_woken = 1;
         now = rq;
     } else {
@@ -1952,7 +2048,7 @@ static void poll_park(struct node_server *s, struct request *rq, const struct po
             rq->poll_next->poll_pprev = &rq->poll_next;
         rq->poll_pprev = &s->polls[pa->shard];
         s->polls[pa->shard] = rq;
-        if (rq->poll_deadline_ms < s->poll_next_ms)
+        if (poll_due_ms(rq) < s->poll_next_ms)
             pthread_cond_signal(&s->poll_wake); /* the earliest deadline now */
     }
     pthread_mutex_unlock(&s->poll_lock);
@@ -1977,12 +2073,12 @@ static void *poll_timer_main(void *arg)
             while (rq) {
                 struct request *following = rq->poll_next;
 
-                if (s->poll_stop || rq->poll_deadline_ms <= now) {
+                if (s->poll_stop || poll_due_ms(rq) <= now) {
                     if (s->poll_stop)
                         rq->poll_deadline_ms = 1;
                     poll_unlink(rq, &due);
-                } else if (rq->poll_deadline_ms < next) {
-                    next = rq->poll_deadline_ms;
+                } else if (poll_due_ms(rq) < next) {
+                    next = poll_due_ms(rq);
                 }
                 rq = following;
             }
@@ -2011,7 +2107,7 @@ static void request_job(struct job *job)
 {
     struct request *rq = (struct request *)((char *)job - offsetof(struct request, job));
     struct node_input in = mhd_input(rq->conn, rq, rq->url, rq->method);
-    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms};
+    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms, .linger_ms = rq->poll_linger_ms};
 
     handle(rq->srv, &in, &rq->resp, &pa);
     if (pa.want) {
@@ -2030,7 +2126,7 @@ static enum MHD_Result dispatch(struct node_server *s, struct MHD_Connection *co
     struct node_input in = mhd_input(conn, rq, url, method);
     struct pool *pool;
     enum run_where where = run_where(s, &in, &pool);
-    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms};
+    struct poll_ask pa = {.deadline_ms = rq->poll_deadline_ms, .linger_ms = rq->poll_linger_ms};
     struct node_response r;
 
     rq->conn = conn;
@@ -2500,6 +2596,7 @@ static int sync_init(struct node_server *s)
     pthread_mutex_init(&s->conn_lock, NULL);
     pthread_cond_init(&s->reaper_wake, &ca);
     pthread_mutex_init(&s->poll_lock, NULL);
+    pthread_mutex_init(&s->local_lock, NULL);
     pthread_cond_init(&s->poll_wake, &ca);
     pthread_condattr_destroy(&ca);
     s->sync_ready = 1;
@@ -2547,7 +2644,8 @@ int node_server_new_repl(const struct config *cfg, int self, struct shard *const
     s->shards = calloc(count, sizeof(*s->shards));
     s->polls = calloc(count, sizeof(*s->polls));
     s->applies = calloc(count, sizeof(*s->applies));
-    if (!s->shards || !s->polls || !s->applies || sync_init(s) < 0)
+    s->urgent = calloc(count, sizeof(*s->urgent));
+    if (!s->shards || !s->polls || !s->applies || !s->urgent || sync_init(s) < 0)
         goto nomem;
     memcpy(s->shards, shards, cfg->shard_count * sizeof(*s->shards));
     if (repl) {
@@ -2583,6 +2681,22 @@ void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh)
     old = __atomic_exchange_n(&s->shards[n], sh, __ATOMIC_ACQ_REL);
     if (old != sh && s->local && shard_repl_is(old))
         shard_repl_on_sync_wanted(old, NULL, NULL);
+}
+
+void node_server_set_local(struct node_server *s, unsigned n, struct shard *lmdb)
+{
+    struct shard *old;
+
+    if (!s || !s->local || n >= s->cfg.shard_count)
+        return;
+    if (lmdb)
+        shard_lmdb_on_apply(lmdb, on_apply, s);
+    pthread_mutex_lock(&s->local_lock);
+    old = s->local[n];
+    s->local[n] = lmdb;
+    pthread_mutex_unlock(&s->local_lock);
+    if (old && old != lmdb)
+        shard_lmdb_on_apply(old, NULL, NULL);
 }
 
 int node_server_new(const struct config *cfg, int self, struct shard *const *shards,
@@ -2788,6 +2902,7 @@ void node_server_stop(struct node_server *s)
         pool_destroy(&s->api_pool);
         pthread_cond_destroy(&s->poll_wake);
         pthread_mutex_destroy(&s->poll_lock);
+        pthread_mutex_destroy(&s->local_lock);
         pthread_mutex_destroy(&s->log_lock);
     }
     if (s->tls_key)
@@ -2796,6 +2911,7 @@ void node_server_stop(struct node_server *s)
     free(s->tls_cert);
     free(s->local);
     free(s->applies);
+    free(s->urgent);
     free(s->polls);
     free(s->shards);
     free(s);

@@ -174,6 +174,12 @@ struct node_server_repl {
  * flight may still use the shard it replaced. Any thread. */
 void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh);
 
+/* This node's LMDB copy of shard n is lmdb from now on (`shardfs replica
+ * add` gave it one at runtime), or none (NULL: `replica drop`; the caller
+ * closes the old copy once this returned: no position request uses it
+ * any more). Moves the on_apply listener. Any thread. */
+void node_server_set_local(struct node_server *s, unsigned n, struct shard *lmdb);
+
 /* node_server_start() with replication: repl as above (NULL: as
  * node_server_start). A stream request is answered from local[n] when
  * shards[n] is a shard_repl (shard_repl.h), whose replicas report through

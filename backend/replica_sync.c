@@ -54,9 +54,28 @@
  *    request (no connection, a timeout, a 5xx) is retried after a backoff
  *    doubling from RS_BACKOFF_FIRST_MS to RS_BACKOFF_MAX_MS, which a success
  *    resets: a dead primary costs a connect attempt every 2 s, no spinning.
+ * 6. A content check (fsck --replicas). A reply naming a checkpoint
+ *    (X-Shardfs-Checkpoint: the primary's position when it hashed its own
+ *    copy; it sends nothing past it meanwhile) that the copy has reached
+ *    pauses the shard: a helper thread hashes the copy
+ *    (shard_lmdb_checksum) while the sync thread sends no pull of it and so
+ *    applies nothing to it; then the result waits for
+ *    replica_sync_checksum() and the pulls go on, saying hashed=ID (the
+ *    checkpoint's X-Shardfs-Checkpoint-Id), which ends it on the primary.
+ *    The pause costs the
+ *    primary's writers (ack = replica) one hash pass of the shard.
+ *
+ * 7. The set of copies changes at runtime (replica_sync_add/remove, a
+ *    `shardfs replica add/drop` reaching this node through the map): the
+ *    callers only post a request under rs->lock and wait; the thread makes
+ *    the change between two rounds, so no transfer of a copy is in flight
+ *    while it is added or removed, and a removed copy is never touched
+ *    again (its pull is dropped, what it applied is synced).
  *
  * Threads: the sync thread owns every struct rshard field but `kicked`
- * (atomic) and `st` (under rs->lock, read by replica_sync_status()).
+ * (atomic) and `st` (under rs->lock, read by replica_sync_status()), and is
+ * the only writer of rs->sh[] (under rs->lock, which the other threads take
+ * to read it).
  */
 #include "replica_sync.h"
 
@@ -133,7 +152,7 @@ struct rshard {
     uint8_t *spare;                   /* a snapshot page being loaded */
     size_t spare_cap;
     int overflow, nomem;
-    struct rs_hdr errno_name, position, more, sync;
+    struct rs_hdr errno_name, position, more, sync, checkpoint, checkpoint_id;
     char location[RS_LOCATION_MAX];
     int location_set;
 
@@ -157,8 +176,21 @@ struct rshard {
     size_t flen;
     int64_t snap_start;
 
+    /* a content check (step 6) */
+    struct replica_sync *rs;
+    atomic_int hashing;               /* the helper thread runs */
+    int hasher_live;                  /* ... and is not joined yet */
+    pthread_t hasher;
+    struct stream_pos hash_at;        /* where it hashes */
+    uint64_t hash_id;                 /* for which checkpoint */
+    uint64_t hashed;                  /* the checkpoint of the last hash: hashed= of the pulls */
+    int sum_set, sum_rc;              /* the last result; protected by replica_sync.lock */
+    struct stream_pos sum_at;
+    struct shard_lmdb_sum sum;
+
     struct replica_status st;         /* protected by replica_sync.lock */
     uint64_t kick_req, kick_done;     /* protected by replica_sync.lock: kick_wait */
+    uint64_t id;                      /* unique in rs: kick_wait tells a new copy from h */
 };
 
 struct replica_sync {
@@ -172,10 +204,14 @@ struct replica_sync {
     int started;
     atomic_int stop;
     pthread_mutex_t lock;
-    pthread_cond_t kicked_cond;       /* a kick_wait's refresh is done */
-    unsigned n;
-    struct rshard *sh;
-    int slot[CONFIG_MAX_SHARDS];      /* shard index -> sh[], -1 */
+    pthread_cond_t kicked_cond;       /* a kick_wait's refresh, or an add/remove, is done */
+    pthread_cond_t sum_cond;          /* a content check's hash is done (CLOCK_MONOTONIC) */
+    struct rshard *sh[CONFIG_MAX_SHARDS]; /* the copies; written by the thread under lock */
+    /* under lock: the changes asked for (step 7) */
+    struct shard *add_req[CONFIG_MAX_SHARDS];
+    unsigned char remove_req[CONFIG_MAX_SHARDS];
+    uint64_t change_req, change_done;
+    uint64_t next_id;
 };
 
 static int64_t now_ms(void)
@@ -245,15 +281,18 @@ static void publish(struct replica_sync *rs, struct rshard *h, int rc)
 
 int replica_sync_status(struct replica_sync *rs, unsigned shard, struct replica_status *out)
 {
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
-        return -ENOENT;
-    const struct rshard *h = &rs->sh[rs->slot[shard]];
+    const struct rshard *h;
 
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
+        return -ENOENT;
     pthread_mutex_lock(&rs->lock);
-    *out = h->st;
-    out->last_reply_ago_ms = h->reply_at ? now_ms() - h->reply_at : -1;
+    h = rs->sh[shard];
+    if (h) {
+        *out = h->st;
+        out->last_reply_ago_ms = h->reply_at ? now_ms() - h->reply_at : -1;
+    }
     pthread_mutex_unlock(&rs->lock);
-    return 0;
+    return h ? 0 : -ENOENT;
 }
 
 /* ---- one transfer ---- */
@@ -288,6 +327,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         memset(&h->position, 0, sizeof(h->position));
         memset(&h->more, 0, sizeof(h->more));
         memset(&h->sync, 0, sizeof(h->sync));
+        memset(&h->checkpoint, 0, sizeof(h->checkpoint));
+        memset(&h->checkpoint_id, 0, sizeof(h->checkpoint_id));
         h->location_set = 0;
         return len;
     case 0:
@@ -301,6 +342,10 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         hdr_store(&h->more, v, vlen);
     else if (hdr_is(name, nlen, WIRE_HDR_SYNC))
         hdr_store(&h->sync, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_CHECKPOINT))
+        hdr_store(&h->checkpoint, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_CHECKPOINT_ID))
+        hdr_store(&h->checkpoint_id, v, vlen);
     else if (hdr_is(name, nlen, "Location") && vlen < sizeof(h->location)) {
         memcpy(h->location, v, vlen);
         h->location[vlen] = '\0';
@@ -388,9 +433,9 @@ static int transfer_start(struct replica_sync *rs, struct rshard *h)
     case REQ_STREAM:
         n = snprintf(pq, sizeof(pq),
                      "/v1/shard/%u/stream?node=%s&epoch=%" PRIu64 "&lsn=%" PRIu64
-                     "&check=%" PRIu64 "&wait=%u&max=%u&synced=%" PRIu64,
+                     "&check=%" PRIu64 "&wait=%u&max=%u&synced=%" PRIu64 "&hashed=%" PRIu64,
                      h->index, rs->cfg->nodes[rs->self].name, h->pos.epoch, h->pos.lsn, h->pos.check, RS_WAIT_MS, RS_PULL_MAX,
-                     h->synced);
+                     h->synced, h->hashed);
         h->max = RS_STREAM_REPLY_MAX;
         h->sent_synced = h->synced;
         timeout += RS_WAIT_MS;
@@ -738,6 +783,60 @@ static void sync_if_wanted(struct replica_sync *rs, struct rshard *h)
         sync_copy(rs, h);
 }
 
+/* Step 6's helper thread: hash the paused copy, publish the result. */
+static void *hasher_main(void *arg)
+{
+    struct rshard *h = arg;
+    struct replica_sync *rs = h->rs;
+    struct shard_lmdb_sum sum;
+    sigset_t all;
+    int rc;
+
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    pthread_setname_np(pthread_self(), "replica-sum");
+    rc = shard_lmdb_checksum(h->local, &sum);
+    pthread_mutex_lock(&rs->lock);
+    h->sum = sum;
+    h->sum_rc = rc;
+    h->sum_at = h->hash_at;
+    h->sum_set = 1;
+    pthread_cond_broadcast(&rs->sum_cond);
+    pthread_mutex_unlock(&rs->lock);
+    atomic_store(&h->hashing, 0);
+    curl_multi_wakeup(rs->multi);
+    return NULL;
+}
+
+/* Step 6: the reply names a checkpoint and the copy is at it: pause the
+ * shard and hash it. */
+static void checkpoint_reached(struct replica_sync *rs, struct rshard *h)
+{
+    struct stream_pos cp;
+    uint64_t id = 0;
+
+    if (parse_pos(&h->checkpoint, &cp) != 0 || !stream_pos_eq(&cp, &h->pos) || h->hasher_live)
+        return;
+    for (const char *c = h->checkpoint_id.set ? h->checkpoint_id.v : ""; *c >= '0' && *c <= '9';
+         c++)
+        id = id > (UINT64_MAX - 9) / 10 ? UINT64_MAX : id * 10 + (uint64_t)(*c - '0');
+    h->hash_at = cp;
+    h->hash_id = id;
+    atomic_store(&h->hashing, 1);
+    if (pthread_create(&h->hasher, NULL, hasher_main, h) != 0) {
+        atomic_store(&h->hashing, 0);
+        pthread_mutex_lock(&rs->lock);
+        h->sum_rc = -EAGAIN;
+        h->sum_at = cp;
+        h->sum_set = 1;
+        pthread_cond_broadcast(&rs->sum_cond);
+        pthread_mutex_unlock(&rs->lock);
+        h->hashed = id; /* failed: go on rather than stay stopped */
+        return;
+    }
+    h->hasher_live = 1;
+}
+
 /* h's transfer ended with cc: the next step. */
 static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc)
 {
@@ -795,6 +894,7 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
         }
         if (status == 204) {
             sync_if_wanted(rs, h);
+            checkpoint_reached(rs, h);
             step_ok(rs, h);
             goto out;
         }
@@ -808,8 +908,10 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
         rc = stream_apply(rs, h);
         if (rc == 1 && (rc = parse_pos(&h->position, &pp)) == 0)
             rc = snapshot_start(rs, h, &pp);
-        if (rc == 0)
+        if (rc == 0) {
             sync_if_wanted(rs, h);
+            checkpoint_reached(rs, h);
+        }
         if (rc)
             step_failed(rs, h, rc);
         else
@@ -909,6 +1011,121 @@ static void primary_refresh(struct replica_sync *rs, struct rshard *h)
     publish(rs, h, 1);
 }
 
+/* A copy's state for shard i, with its own easy handle. NULL: no memory. */
+/* Wait for h's content-check helper thread, if any (step 6): h's copy is
+ * not to be touched or closed while it hashes. On the sync thread. */
+static void hasher_join(struct rshard *h)
+{
+    if (h->hasher_live)
+        pthread_join(h->hasher, NULL);
+    h->hasher_live = 0;
+}
+
+static struct rshard *rshard_new(struct replica_sync *rs, unsigned i, struct shard *local)
+{
+    struct rshard *h = calloc(1, sizeof(*h));
+
+    if (!h)
+        return NULL;
+    h->index = i;
+    h->local = local;
+    h->rs = rs;
+    atomic_init(&h->hashing, 0);
+    h->primary = -2; /* "not asked yet": the first refresh sees a change */
+    h->backoff_ms = RS_BACKOFF_FIRST_MS;
+    h->st.primary = -1;
+    h->st.snap_eta_ms = -1;
+    atomic_init(&h->kicked, 0);
+    h->curl = curl_easy_init();
+    if (!h->curl) {
+        free(h);
+        return NULL;
+    }
+    remote_curl_defaults(rs->remote, h->curl);
+    curl_easy_setopt(h->curl, CURLOPT_PRIVATE, h);
+    curl_easy_setopt(h->curl, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h->curl, CURLOPT_WRITEDATA, h);
+    curl_easy_setopt(h->curl, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h->curl, CURLOPT_HEADERDATA, h);
+    pthread_mutex_lock(&rs->lock);
+    h->id = ++rs->next_id;
+    pthread_mutex_unlock(&rs->lock);
+    return h;
+}
+
+/* Free h (no transfer in flight; out of rs->sh[]). NULL-safe. */
+static void rshard_free(struct rshard *h)
+{
+    if (!h)
+        return;
+    if (h->curl)
+        curl_easy_cleanup(h->curl);
+    free(h->buf);
+    free(h->spare);
+    free(h);
+}
+
+/* A copy's first round on the thread: where it is, where its primary is. */
+static void rshard_begin(struct replica_sync *rs, struct rshard *h)
+{
+    int rc = position_read(h);
+
+    h->level_at = now_ms();
+    primary_refresh(rs, h);
+    publish(rs, h, rc);
+}
+
+/* Step 6: the adds and removes asked for since the last round. */
+static void changes_make(struct replica_sync *rs)
+{
+    struct shard *add[CONFIG_MAX_SHARDS];
+    unsigned char rm[CONFIG_MAX_SHARDS];
+    uint64_t req;
+
+    pthread_mutex_lock(&rs->lock);
+    req = rs->change_req;
+    if (req == rs->change_done) {
+        pthread_mutex_unlock(&rs->lock);
+        return;
+    }
+    memcpy(add, rs->add_req, sizeof(add));
+    memcpy(rm, rs->remove_req, sizeof(rm));
+    memset(rs->add_req, 0, sizeof(rs->add_req));
+    memset(rs->remove_req, 0, sizeof(rs->remove_req));
+    pthread_mutex_unlock(&rs->lock);
+    for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
+        struct rshard *h = rs->sh[i];
+
+        if (rm[i] && h) {
+            transfer_drop(rs, h); /* its connection goes with it */
+            hasher_join(h);
+            if (h->dirty)
+                shard_sync(h->local); /* what it applied, durable: the caller may keep it */
+            pthread_mutex_lock(&rs->lock);
+            rs->sh[i] = NULL;
+            pthread_mutex_unlock(&rs->lock);
+            rshard_free(h);
+            h = NULL;
+        }
+        if (add[i] && !h) {
+            h = rshard_new(rs, i, add[i]);
+            if (!h) {
+                fprintf(stderr, "shardfs: shard %u: replica sync: out of memory; this copy "
+                        "is not kept current\n", i);
+                continue;
+            }
+            pthread_mutex_lock(&rs->lock);
+            rs->sh[i] = h;
+            pthread_mutex_unlock(&rs->lock);
+            rshard_begin(rs, h);
+        }
+    }
+    pthread_mutex_lock(&rs->lock);
+    rs->change_done = req;
+    pthread_cond_broadcast(&rs->kicked_cond);
+    pthread_mutex_unlock(&rs->lock);
+}
+
 static void *sync_main(void *arg)
 {
     struct replica_sync *rs = arg;
@@ -918,14 +1135,9 @@ static void *sync_main(void *arg)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     pthread_setname_np(pthread_self(), "replica-sync");
-    for (unsigned i = 0; i < rs->n; i++) {
-        struct rshard *h = &rs->sh[i];
-        int rc = position_read(h);
-
-        h->level_at = now_ms();
-        primary_refresh(rs, h);
-        publish(rs, h, rc);
-    }
+    for (unsigned i = 0; i < rs->cfg->shard_count; i++)
+        if (rs->sh[i])
+            rshard_begin(rs, rs->sh[i]);
     while (!atomic_load(&rs->stop)) {
         int running, left;
         CURLMsg *msg;
@@ -941,11 +1153,14 @@ static void *sync_main(void *arg)
             if (h)
                 transfer_done(rs, h, msg->data.result);
         }
+        changes_make(rs);
         now = now_ms();
         wake = now + RS_POLL_MAX_MS;
-        for (unsigned i = 0; i < rs->n; i++) {
-            struct rshard *h = &rs->sh[i];
+        for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
+            struct rshard *h = rs->sh[i];
 
+            if (!h)
+                continue;
             if (atomic_exchange(&h->kicked, 0)) {
                 uint64_t seen;
 
@@ -962,6 +1177,14 @@ static void *sync_main(void *arg)
                 sync_copy(rs, h);
             if (h->dirty && h->synced_at + RS_SYNC_MS < wake)
                 wake = h->synced_at + RS_SYNC_MS;
+            if (h->hasher_live && !atomic_load(&h->hashing)) {
+                pthread_join(h->hasher, NULL);
+                h->hasher_live = 0;
+                h->hashed = h->hash_id; /* the next pull ends the checkpoint */
+                h->moved_at = now; /* the pause is no sign of being stuck */
+            }
+            if (h->hasher_live)
+                continue; /* step 6: paused while its copy is hashed */
             if (!h->snapping && h->pos_ok && h->st.phase == REPLICA_STREAMING &&
                 h->primary >= 0 && h->primary != rs->self &&
                 h->pos.lsn < h->primary_pos.lsn && now - h->moved_at > RS_STUCK_MS)
@@ -982,8 +1205,14 @@ static void *sync_main(void *arg)
         now = now_ms();
         curl_multi_poll(rs->multi, NULL, 0, wake > now ? (int)(wake - now) : 0, NULL);
     }
-    for (unsigned i = 0; i < rs->n; i++)
-        transfer_drop(rs, &rs->sh[i]);
+    for (unsigned i = 0; i < rs->cfg->shard_count; i++)
+        if (rs->sh[i]) {
+            transfer_drop(rs, rs->sh[i]);
+            hasher_join(rs->sh[i]);
+        }
+    pthread_mutex_lock(&rs->lock);
+    pthread_cond_broadcast(&rs->kicked_cond); /* waiters see stop */
+    pthread_mutex_unlock(&rs->lock);
     return NULL;
 }
 
@@ -1000,13 +1229,12 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
     *out = NULL;
     for (unsigned i = 0; i < cfg->shard_count; i++)
         n += replicas[i] != NULL;
-    if (n == 0)
-        return 0;
+    if (n == 0 && !cfg->etcd[0])
+        return 0; /* the static map never gives this node a copy */
     rs = calloc(1, sizeof(*rs));
-    if (!rs || !(rs->sh = calloc(n, sizeof(*rs->sh)))) {
-        rc = -ENOMEM;
+    if (!rs) {
         snprintf(err, errlen, "replica sync: out of memory");
-        goto fail;
+        return -ENOMEM;
     }
     rs->cfg = cfg;
     rs->self = self;
@@ -1014,9 +1242,15 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
     rs->ctx = ctx;
     pthread_mutex_init(&rs->lock, NULL);
     pthread_cond_init(&rs->kicked_cond, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&rs->sum_cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     atomic_init(&rs->stop, 0);
-    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
-        rs->slot[i] = -1;
     rc = remote_new(cfg, self, &rs->remote, err, errlen);
     if (rc)
         goto fail;
@@ -1027,31 +1261,14 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
         goto fail;
     }
     for (unsigned i = 0; i < cfg->shard_count; i++) {
-        struct rshard *h;
-
         if (!replicas[i])
             continue;
-        h = &rs->sh[rs->n];
-        rs->slot[i] = (int)rs->n++;
-        h->index = i;
-        h->local = replicas[i];
-        h->primary = -2; /* "not asked yet": the first refresh sees a change */
-        h->backoff_ms = RS_BACKOFF_FIRST_MS;
-        h->st.primary = -1;
-        h->st.snap_eta_ms = -1;
-        atomic_init(&h->kicked, 0);
-        h->curl = curl_easy_init();
-        if (!h->curl) {
+        rs->sh[i] = rshard_new(rs, i, replicas[i]);
+        if (!rs->sh[i]) {
             rc = -ENOMEM;
-            snprintf(err, errlen, "replica sync: curl_easy_init failed");
+            snprintf(err, errlen, "replica sync: out of memory");
             goto fail;
         }
-        remote_curl_defaults(rs->remote, h->curl);
-        curl_easy_setopt(h->curl, CURLOPT_PRIVATE, h);
-        curl_easy_setopt(h->curl, CURLOPT_WRITEFUNCTION, on_body);
-        curl_easy_setopt(h->curl, CURLOPT_WRITEDATA, h);
-        curl_easy_setopt(h->curl, CURLOPT_HEADERFUNCTION, on_header);
-        curl_easy_setopt(h->curl, CURLOPT_HEADERDATA, h);
     }
     rc = -pthread_create(&rs->thread, NULL, sync_main, rs);
     if (rc) {
@@ -1075,50 +1292,143 @@ void replica_sync_stop(struct replica_sync *rs)
         curl_multi_wakeup(rs->multi);
         pthread_join(rs->thread, NULL);
     }
-    for (unsigned i = 0; rs->sh && i < rs->n; i++) {
-        struct rshard *h = &rs->sh[i];
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
+        struct rshard *h = rs->sh[i];
 
-        if (h->local && rs->started)
+        if (h && h->local && rs->started)
             shard_sync(h->local); /* what was applied, durable at a clean stop */
-        if (h->curl)
-            curl_easy_cleanup(h->curl);
-        free(h->buf);
-        free(h->spare);
+        rshard_free(h);
     }
     if (rs->multi)
         curl_multi_cleanup(rs->multi);
     remote_free(rs->remote);
-    if (rs->sh) {
-        pthread_mutex_destroy(&rs->lock);
-        pthread_cond_destroy(&rs->kicked_cond);
-    }
-    free(rs->sh);
+    pthread_mutex_destroy(&rs->lock);
+    pthread_cond_destroy(&rs->kicked_cond);
+    pthread_cond_destroy(&rs->sum_cond);
     free(rs);
+}
+
+/* Post an add (local != NULL) or a remove of shard's copy and wait until
+ * the thread made it (step 7). */
+static int change_wait(struct replica_sync *rs, unsigned shard, struct shard *local)
+{
+    uint64_t want;
+    int rc = 0;
+
+    if (!rs || !rs->started || shard >= rs->cfg->shard_count)
+        return -EINVAL;
+    pthread_mutex_lock(&rs->lock);
+    if (local && (rs->sh[shard] || rs->add_req[shard])) {
+        rc = -EEXIST;
+    } else if (!local && !rs->sh[shard] && !rs->add_req[shard]) {
+        rc = -ENOENT;
+    } else {
+        if (local)
+            rs->add_req[shard] = local;
+        else if (rs->add_req[shard])
+            rs->add_req[shard] = NULL; /* never started: nothing to undo */
+        else
+            rs->remove_req[shard] = 1;
+        want = ++rs->change_req;
+        curl_multi_wakeup(rs->multi);
+        while (rs->change_done < want && !atomic_load(&rs->stop))
+            pthread_cond_wait(&rs->kicked_cond, &rs->lock);
+    }
+    pthread_mutex_unlock(&rs->lock);
+    return rc;
+}
+
+int replica_sync_add(struct replica_sync *rs, unsigned shard, struct shard *local)
+{
+    return local ? change_wait(rs, shard, local) : -EINVAL;
+}
+
+int replica_sync_remove(struct replica_sync *rs, unsigned shard)
+{
+    return change_wait(rs, shard, NULL);
 }
 
 void replica_sync_kick(struct replica_sync *rs, unsigned shard)
 {
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
         return;
-    atomic_store(&rs->sh[rs->slot[shard]].kicked, 1);
+    pthread_mutex_lock(&rs->lock);
+    if (rs->sh[shard])
+        atomic_store(&rs->sh[shard]->kicked, 1);
+    pthread_mutex_unlock(&rs->lock);
     curl_multi_wakeup(rs->multi);
 }
 
 void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard)
 {
     struct rshard *h;
-    uint64_t want;
+    uint64_t want, id;
 
-    if (!rs || shard >= CONFIG_MAX_SHARDS || rs->slot[shard] < 0)
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
         return;
-    h = &rs->sh[rs->slot[shard]];
     pthread_mutex_lock(&rs->lock);
+    h = rs->sh[shard];
+    if (!h) {
+        pthread_mutex_unlock(&rs->lock);
+        return;
+    }
+    id = h->id;
     want = ++h->kick_req;
-    pthread_mutex_unlock(&rs->lock);
     atomic_store(&h->kicked, 1);
     curl_multi_wakeup(rs->multi);
-    pthread_mutex_lock(&rs->lock);
-    while (h->kick_done < want && rs->started && !atomic_load(&rs->stop))
+    /* h is freed only after the thread took it out of sh[] under the lock */
+    while ((h = rs->sh[shard]) && h->id == id && h->kick_done < want && rs->started &&
+           !atomic_load(&rs->stop))
         pthread_cond_wait(&rs->kicked_cond, &rs->lock);
     pthread_mutex_unlock(&rs->lock);
+}
+
+int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct stream_pos *at,
+                          unsigned wait_ms, struct shard_lmdb_sum *out, struct stream_pos *now)
+{
+    int64_t deadline = now_ms() + wait_ms;
+    struct timespec ts;
+    struct rshard *h;
+    uint64_t id;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    memset(now, 0, sizeof(*now));
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
+        return -ENOENT;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += wait_ms / 1000;
+    ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&rs->lock);
+    h = rs->sh[shard];
+    id = h ? h->id : 0;
+    /* The last hash at `at`: one an earlier check made at the same
+     * position is as good (it hashed this copy's data at `at`). The copy
+     * may be dropped while we wait (step 7): h is looked up again. */
+    for (;;) {
+        h = rs->sh[shard];
+        if (!h || h->id != id) {
+            rc = -ENOENT;
+            break;
+        }
+        if (h->sum_set && stream_pos_eq(&h->sum_at, at)) {
+            rc = h->sum_rc;
+            if (rc == 0)
+                *out = h->sum;
+            break;
+        }
+        if (now_ms() >= deadline || !rs->started || atomic_load(&rs->stop)) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        pthread_cond_timedwait(&rs->sum_cond, &rs->lock, &ts);
+    }
+    if (h && h->id == id)
+        *now = h->st.pos;
+    pthread_mutex_unlock(&rs->lock);
+    return rc;
 }

@@ -18,9 +18,11 @@
  * replica_sync_kick() says it may have changed. A primary that does not
  * answer is retried with a capped backoff, never in a tight loop.
  *
- * Threads: start/stop from one thread; kick and status from any thread.
- * The replica shards are the caller's: they must stay open until
- * replica_sync_stop() returned, and nobody else may apply to them.
+ * Threads: start/stop from one thread; kick, add, remove and status from
+ * any thread (add/remove/kick_wait not from the sync thread). The replica
+ * shards are the caller's: they must stay open until replica_sync_stop()
+ * (or their replica_sync_remove()) returned, and nobody else may apply to
+ * them.
  */
 #ifndef SHARDFS_REPLICA_SYNC_H
 #define SHARDFS_REPLICA_SYNC_H
@@ -30,6 +32,7 @@
 
 #include "config.h"
 #include "shard.h"
+#include "shard_lmdb.h"
 #include "stream.h"
 
 struct replica_sync;
@@ -41,7 +44,8 @@ typedef int (*replica_sync_primary_fn)(void *ctx, unsigned shard, uint64_t *epoc
 
 /* Start the thread for node self of cfg. replicas[i] (i < cfg->shard_count)
  * is this node's replica of shard i (an LMDB shard), or NULL. cfg must
- * outlive the sync. With no replica at all, *out is NULL and nothing runs
+ * outlive the sync. With no replica at all and no etcd in cfg (the static
+ * map never changes where copies live), *out is NULL and nothing runs
  * (stop and status accept it). 0, or -errno with a reason in err. */
 int replica_sync_start(const struct config *cfg, int self, struct shard *const *replicas,
                        replica_sync_primary_fn primary_of, void *ctx, struct replica_sync **out,
@@ -49,6 +53,20 @@ int replica_sync_start(const struct config *cfg, int self, struct shard *const *
 /* Stop the thread (a transfer in flight is dropped; what was applied stays)
  * and sync every replica shard. NULL-safe. */
 void replica_sync_stop(struct replica_sync *rs);
+/* Where copies live changed (`shardfs replica add/drop`, fs/failover.h):
+ * add: keep local (an LMDB shard, the caller's; open until removed or
+ * stopped) as this node's copy of shard from now on: the thread reads its
+ * position and pulls it from its primary (snapshot catch-up if the primary
+ * does not retain what it lacks). remove: stop keeping it: a pull in
+ * flight is dropped, what was applied is synced, and once this returns
+ * the thread never touches the shard again (the caller may close it and
+ * remove its files). Both wait until the thread made the change (one
+ * round, at most about a second): not on the sync thread, and not from
+ * primary_of. 0; -EEXIST (add: already kept), -ENOENT (remove: not kept),
+ * -EINVAL (no thread: rs NULL, or a bad shard). */
+int replica_sync_add(struct replica_sync *rs, unsigned shard, struct shard *local);
+int replica_sync_remove(struct replica_sync *rs, unsigned shard);
+
 /* Shard's primary or epoch may have changed (shard_map_on_change): the
  * thread asks primary_of again and, if it changed, drops the pull in flight
  * and follows the new primary. Any thread; NULL-safe. */
@@ -59,6 +77,19 @@ void replica_sync_kick(struct replica_sync *rs, unsigned shard);
  * no pull of the shard is in flight and none will be applied after this
  * returns. Not on the sync thread (primary_of, the map's listener: no). */
 void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard);
+
+/* A content check (`shardfs fsck --replicas`): the checksum of this
+ * node's replica of shard at exactly position `at`, which its primary
+ * took its own checksum at (shard_repl_checkpoint_set). The primary stops
+ * the copy's stream at `at` and says so (X-Shardfs-Checkpoint); once the
+ * copy is there, the sync thread stops applying to it and a helper thread
+ * hashes it (shard_lmdb_checksum), then the pulls go on. This waits up to
+ * wait_ms for that hash. 0 and *out; -ETIMEDOUT (the copy did not reach
+ * `at` in time: behind), the hash's error, -ENOENT (no replica of shard
+ * here). *now gets the copy's position when the call returns. Any thread
+ * but the sync thread. */
+int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct stream_pos *at,
+                          unsigned wait_ms, struct shard_lmdb_sum *out, struct stream_pos *now);
 
 enum replica_phase {
     REPLICA_WAITING = 0, /* for a primary (none, unreachable: backing off) */

@@ -1972,6 +1972,123 @@ int shard_lmdb_snapshot_done(struct shard *s, const struct stream_pos *base)
     return rc;
 }
 
+/* ---- the content checksum (shard_lmdb.h) ---- */
+
+static void sum_u32(XXH3_state_t *st, size_t v)
+{
+    uint8_t b[4];
+
+    endian_put_le(b, (uint64_t)v, 4);
+    XXH3_128bits_update(st, b, sizeof(b));
+}
+
+/* One piece of the pass under the lock: from the key after last (none:
+ * the first key) until about SHARD_LMDB_SUM_PIECE bytes were hashed.
+ * 0 and *done at the end; -EAGAIN when the position is not `at`. */
+static int sum_piece(struct shard_lmdb *sl, XXH3_state_t *st, const struct stream_pos *at,
+                     uint8_t *last, size_t *lastlen, int *done, struct shard_lmdb_sum *out)
+{
+    MDB_cursor *cur = NULL;
+    MDB_val k = {.mv_size = *lastlen, .mv_data = last}, v;
+    size_t piece = 0;
+    int rc;
+
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    if (rc == 0 && at && (sl->snapshotting || !stream_pos_eq(&sl->pos, at)))
+        rc = -EAGAIN;
+    if (rc)
+        goto out;
+    rc = mdb_cursor_open(sl->txn, sl->dbi, &cur);
+    if (rc) {
+        rc = shard_lmdb_errno(rc);
+        goto out;
+    }
+    if (*lastlen == 0) {
+        rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    } else {
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        if (rc == 0 && k.mv_size == *lastlen && memcmp(k.mv_data, last, *lastlen) == 0)
+            rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    while (rc == 0) {
+        if (key_is_local(k.mv_data, k.mv_size)) {
+            rc = skip_local(cur, &k, &v);
+            continue;
+        }
+        if (piece >= SHARD_LMDB_SUM_PIECE)
+            goto out; /* the next piece starts after *last */
+        sum_u32(st, k.mv_size);
+        XXH3_128bits_update(st, k.mv_data, k.mv_size);
+        sum_u32(st, v.mv_size);
+        XXH3_128bits_update(st, v.mv_data, v.mv_size);
+        out->records++;
+        out->bytes += k.mv_size + v.mv_size;
+        piece += k.mv_size + v.mv_size;
+        memcpy(last, k.mv_data, k.mv_size); /* LMDB keys: at most BATCH_KEY_MAX */
+        *lastlen = k.mv_size;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+    }
+    if (rc == MDB_NOTFOUND) {
+        *done = 1;
+        rc = 0;
+    } else {
+        rc = shard_lmdb_errno(rc);
+    }
+out:
+    mdb_cursor_close(cur);
+    pthread_mutex_unlock(&sl->lock);
+    return rc;
+}
+
+/* The pass itself; `moving`: hash whatever the shard holds as it goes
+ * (to bring its pages into the cache), not one position. */
+static int sum_pass(struct shard_lmdb *sl, int moving, struct shard_lmdb_sum *out)
+{
+    XXH3_state_t *st = XXH3_createState();
+    uint8_t last[BATCH_KEY_MAX];
+    size_t lastlen = 0;
+    XXH128_canonical_t c;
+    int rc, done = 0;
+
+    memset(out, 0, sizeof(*out));
+    if (!st)
+        return -ENOMEM;
+    XXH3_128bits_reset(st);
+    pthread_mutex_lock(&sl->lock);
+    rc = txn_ensure(sl);
+    if (rc == 0 && sl->snapshotting)
+        rc = -EAGAIN;
+    out->pos = sl->pos;
+    pthread_mutex_unlock(&sl->lock);
+    while (rc == 0 && !done)
+        rc = sum_piece(sl, st, moving ? NULL : &out->pos, last, &lastlen, &done, out);
+    if (rc == 0) {
+        XXH128_canonicalFromHash(&c, XXH3_128bits_digest(st));
+        memcpy(out->digest, c.digest, sizeof(out->digest));
+    }
+    XXH3_freeState(st);
+    return rc;
+}
+
+int shard_lmdb_checksum(struct shard *s, struct shard_lmdb_sum *out)
+{
+    return sum_pass(to_lmdb(s), 0, out);
+}
+
+int shard_lmdb_warm(struct shard *s)
+{
+    struct shard_lmdb *sl = to_lmdb(s);
+    struct shard_lmdb_sum ignored;
+    int fd = -1;
+
+    /* The file first, read ahead in large requests (MDB_NORDAHEAD leaves
+     * the walk below one page a read), then the walk. */
+    if (mdb_env_get_fd(sl->env, &fd) == 0 && fd >= 0)
+        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
+    return sum_pass(sl, 1, &ignored);
+}
+
 static const struct shard_ops shard_lmdb_ops = {
     .get = lmdb_get,
     .get_many = lmdb_get_many,

@@ -159,4 +159,40 @@ int shard_lmdb_snapshot_begin(struct shard *s);
 int shard_lmdb_load(struct shard *s, const struct batch *b);
 int shard_lmdb_snapshot_done(struct shard *s, const struct stream_pos *base);
 
+/* ---- a copy's content checksum (`shardfs fsck --replicas`) ----
+ *
+ * shard_lmdb_checksum: XXH3-128 over every record of the shard that a scan
+ * shows, in key order, each as u32le klen, key, u32le vlen, value; and the
+ * position it was taken at. Left out are exactly the records that describe
+ * one copy rather than the data, which two faithful copies hold differently
+ * (key_is_local in shard_lmdb.c, the ones a snapshot neither empties nor
+ * copies): "Mseq" (this copy's redo log sequence), "Mpos" (the position:
+ * reported beside the digest, not in it), "Mbase" and the 'L' entries (how
+ * much stream this copy retains: trimmed by size, age and the holds of its
+ * own replicas, so a replica and its primary keep different tails of one
+ * history; the position's rolling check already vouches for the history),
+ * "Mlsn" (this copy's lsn reservation) and "Msnap". Two copies at the same
+ * position with the same digest hold the same data, byte for byte.
+ *
+ * The pass takes the shard's lock in pieces (about SHARD_LMDB_SUM_PIECE
+ * bytes each), so reads go on between them; the position must be the same
+ * at every piece, else -EAGAIN: the caller must keep batches out for the
+ * pass (the primary freezes its writes, a replica pauses applying).
+ * 0 and *out; -EAGAIN also during a snapshot; LMDB's errors. Any thread;
+ * not in no-waiting mode (it waits for the lock). */
+#define SHARD_LMDB_SUM_LEN 16
+#define SHARD_LMDB_SUM_PIECE (4u << 20)
+struct shard_lmdb_sum {
+    struct stream_pos pos;                /* the position hashed at */
+    uint8_t digest[SHARD_LMDB_SUM_LEN];   /* XXH3-128, canonical (big-endian) */
+    uint64_t records, bytes;              /* hashed: records, key + value bytes */
+};
+int shard_lmdb_checksum(struct shard *s, struct shard_lmdb_sum *out);
+
+/* The same pass over whatever the shard holds while batches go on, for
+ * its reads alone: brings a copy's pages into the page cache before a
+ * pass that holds writes (a cold pass reads the disk a page at a time,
+ * ~100x slower here). 0 or LMDB's errors. */
+int shard_lmdb_warm(struct shard *s);
+
 #endif

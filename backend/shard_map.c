@@ -235,6 +235,40 @@ static int handover_next(struct shard_copies *c, int self, int node, uint64_t ep
     return 0;
 }
 
+int shard_copies_add_replica(struct shard_copies *c, int node)
+{
+    if (node < 0)
+        return -EINVAL;
+    if (c->primary == node || replica_slot(c, node) >= 0)
+        return -EEXIST;
+    if (c->nreplicas >= SHARD_MAP_COPIES_MAX - 1)
+        return -ENOSPC;
+    c->replicas[c->nreplicas++] = node; /* its in-sync bit is clear */
+    return 0;
+}
+
+int shard_copies_drop_replica(struct shard_copies *c, int node)
+{
+    uint32_t bit;
+    int slot;
+
+    if (node >= 0 && c->primary == node)
+        return -EPERM;
+    slot = node < 0 ? -1 : replica_slot(c, node);
+    if (slot < 0)
+        return -ENOENT;
+    bit = UINT32_C(1) << slot;
+    if ((c->in_sync & bit) && c->in_sync == bit)
+        return -EBUSY;
+    /* the slots above move down one, their bits with them */
+    for (unsigned i = (unsigned)slot; i + 1 < c->nreplicas; i++)
+        c->replicas[i] = c->replicas[i + 1];
+    c->nreplicas--;
+    c->replicas[c->nreplicas] = 0;
+    c->in_sync = (c->in_sync & (bit - 1)) | ((c->in_sync >> 1) & ~(bit - 1));
+    return 0;
+}
+
 /* ---- values in etcd ---- */
 
 /* Encode c as the shard key's value into buf. 0, or -EINVAL when c names a
@@ -1105,6 +1139,50 @@ int shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t ep
 int shard_map_promote(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
 {
     return change(m, shard, node, epoch, 1, 0);
+}
+
+/* replica add/drop: compare-and-swap rounds on the shard key alone (no
+ * lease: the CLI makes them, and neither the role nor a leader key moves). */
+static int placement_change(struct shard_map *m, unsigned shard, int node, int add)
+{
+    if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)
+        return -EINVAL;
+    if (!m->etcd)
+        return -EOPNOTSUPP;
+    for (int tries = 0; tries < CHANGE_TRIES; tries++) {
+        char ks[KEY_MAX], value[VALUE_MAX];
+        struct shard_copies c;
+        struct etcd_cmp cmp[1];
+        struct etcd_op ops[1];
+        int64_t mod, held;
+        int rc;
+
+        seen(m, shard, &c, &mod, &held);
+        rc = add ? shard_copies_add_replica(&c, node) : shard_copies_drop_replica(&c, node);
+        if (rc < 0)
+            return rc;
+        rc = encode_copies(m, &c, value, sizeof(value));
+        if (rc < 0)
+            return rc;
+        key_shard(m, shard, ks);
+        cmp[0] = etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod);
+        ops[0] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
+        rc = shard_txn(m, shard, cmp, 1, ops, 1, value, -1, 0);
+        if (rc <= 0)
+            return rc;
+        /* a compare failed: the map is fresh now; judge again */
+    }
+    return -EAGAIN;
+}
+
+int shard_map_replica_add(struct shard_map *m, unsigned shard, int node)
+{
+    return placement_change(m, shard, node, 1);
+}
+
+int shard_map_replica_drop(struct shard_map *m, unsigned shard, int node)
+{
+    return placement_change(m, shard, node, 0);
 }
 
 /* The lease node's key (node/NAME) is attached to: the lease the new

@@ -123,6 +123,33 @@ int shard_map_promote(struct shard_map *m, unsigned shard, int node, uint64_t ep
  * has no lease. */
 int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
 
+/* Where copies live (`shardfs replica add/drop`, issue 10): the rules,
+ * pure, on an entry c (shard_map.c applies them in its txns; unit-tested).
+ *  add:  node joins c's replicas at the end, NOT in the in-sync set (its
+ *        copy starts empty; its primary adds it by isr_add once it saw it
+ *        level). 0; -EEXIST node is the primary or already a replica;
+ *        -ENOSPC c already has SHARD_MAP_COPIES_MAX - 1 replicas; -EINVAL
+ *        node < 0.
+ *  drop: node leaves c's replicas and the in-sync set at once (the other
+ *        replicas keep their order and bits). 0; -EPERM node is the
+ *        primary (promote another node first); -ENOENT node holds no
+ *        replica; -EBUSY node is the only in-sync replica: without it no
+ *        copy could take over from the primary (add another and let it get
+ *        in sync first). A last replica that is not in sync may go. */
+int shard_copies_add_replica(struct shard_copies *c, int node);
+int shard_copies_drop_replica(struct shard_copies *c, int node);
+
+/* The same as etcd transactions on the shard key (compare-and-swap on its
+ * mod revision, so they cannot interleave with an isr change, a promotion
+ * or a handover; a loser re-reads and judges again). Any process may make
+ * them, also a map opened with self -1 (the CLI): the primary and the
+ * nodes concerned follow through their watches (fs/failover.h). The epoch
+ * does not change. Errors: the rules' above, -EOPNOTSUPP for the static
+ * map (the file is the map), etcd's errors; 0 once the change is in etcd
+ * and in this map. */
+int shard_map_replica_add(struct shard_map *m, unsigned shard, int node);
+int shard_map_replica_drop(struct shard_map *m, unsigned shard, int node);
+
 /* 1: this node may acknowledge writes as a primary now; 0: it must not.
  * Static map: always 1. etcd: 1 only while this node's lease is certainly
  * alive in etcd -- the last grant or renewal that succeeded, counted from

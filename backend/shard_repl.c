@@ -15,10 +15,32 @@
  *  rather than asked of the LMDB shard on every report: every write of a
  *  primary goes through its wrapper, and a report must not wait for the
  *  shard's lock (it is made on a node server I/O thread).
+ *  `waiting` counts the applies and syncs that wait for acks (an apply
+ *  from before it is applied, so the LMDB shard's apply listener already
+ *  sees it): the stream route answers a long poll at once when someone
+ *  waits, and otherwise gathers entries for a few ms (node_server.c).
  *  Stream holds (shard_lmdb_stream_hold, slot = node index) are set by
  *  reports and released lazily, at applies and reports, for a node silent
  *  for SHARD_REPL_HOLD_MS; the LMDB shard's own lock is never taken under
  *  ours.
+ *
+ * DESIGN: joining (a replica back into the in-sync set)
+ *  Only in-sync replicas may be promoted, so one must not enter the set
+ *  lacking a write acknowledged without it. Adding it is an etcd txn that
+ *  takes a while, and writes go on meanwhile: with the set empty they
+ *  wait for nobody. So a replica that reports a position near ours
+ *  becomes a joiner: every write that notes its position after that waits
+ *  for the joiners too (as for the set's members), or, if it had decided
+ *  before not to wait (a write is refused before it applies, never after),
+ *  raises the joiner's join_lsn to its own lsn. The joiner is added once
+ *  it reported join_lsn, with no write between that decision and its
+ *  noting (`unwaited` 0): from then on every write waits for it
+ *  (JOIN_ADDING), and everything acknowledged without it, it has. A joiner
+ *  that lags is dropped as a member would be; under isr_lock, which the
+ *  add holds across its txn, so a drop never races an add in flight. A
+ *  report's join_lsn never moves once set (ack = replica: writes that wait
+ *  do not raise it), so a replica catching up with a continuous writer is
+ *  not starved by needing the exact position at one look.
  *
  * DESIGN: handover (shardfs promote, fs/failover.c drives it)
  *  Every apply and sync passes write_enter(): `writing` counts those past
@@ -34,6 +56,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -46,7 +69,19 @@ struct peer {
     int64_t report_ms; /* monotonic ms of its last request; 0 never */
     int held;          /* its stream hold is set */
     int needs_snapshot;
+    int joining;       /* JOIN_*: on its way back into the in-sync set */
+    uint64_t join_lsn; /* it may join once it applied this (DESIGN: joining) */
+    /* a content check's checkpoint (shard_repl_checkpoint_set) */
+    struct stream_pos cp;
+    uint64_t cp_id;
+    int64_t cp_until;  /* monotonic ms; 0: none */
 };
+
+enum { JOIN_NONE = 0, JOIN_WAIT, JOIN_ADDING };
+
+/* A replica this close to our position (in lsns) becomes a joiner: the
+ * writes that then wait for it wait for a few batches at most. */
+#define SHARD_REPL_JOIN_GAP 256u
 
 struct lag_mark {
     uint64_t lsn;
@@ -62,6 +97,7 @@ struct shard_repl {
     unsigned lag_ms;
     pthread_mutex_t lock;
     pthread_cond_t reported; /* a report came (CLOCK_MONOTONIC) */
+    atomic_int waiting;      /* applies and syncs waiting for acks, or about to */
     /* under lock: */
     uint64_t epoch;        /* last set on the LMDB shard */
     struct stream_pos pos; /* the primary's position */
@@ -69,9 +105,13 @@ struct shard_repl {
     struct lag_mark ring[SHARD_REPL_LAG_WINDOW];
     unsigned ring_start, ring_len; /* ring[ring_start..] oldest first */
     uint64_t sync_wanted;          /* highest lsn a sync waited for the replicas to sync */
+    uint64_t cp_last;              /* the last checkpoint id handed out */
     int frozen;                    /* a handover holds new writes (shard_repl_freeze) */
     int moved;                     /* the handover was made: every op is refused (atomic) */
     unsigned writing;              /* applies and syncs past the freeze check */
+    unsigned joiners;              /* peers joining (peer.joining != JOIN_NONE) */
+    unsigned unwaited;             /* applies between deciding not to wait and noting */
+    pthread_mutex_t isr_lock;      /* held across our in-sync set changes (joining) */
     pthread_cond_t thawed;         /* frozen or writing dropped (CLOCK_MONOTONIC) */
     void (*sync_fn)(void *ctx, unsigned index);
     void *sync_ctx;
@@ -289,7 +329,74 @@ static void deadline_of(int64_t ms, struct timespec *t)
     t->tv_nsec = (long)(ms % 1000) * 1000000L;
 }
 
-/* Wait until every replica in the in-sync set has reported lsn (applied, or
+/* ---- joining (DESIGN: joining) ---- */
+
+/* Under lock: p stops joining. */
+static void join_end(struct shard_repl *r, struct peer *p)
+{
+    if (p->joining != JOIN_NONE) {
+        p->joining = JOIN_NONE;
+        r->joiners--;
+    }
+}
+
+/* Under lock: a write that did not wait for the joiners applied lsn. */
+static void join_raise(struct shard_repl *r, uint64_t lsn)
+{
+    for (int n = 0; r->joiners && n < CONFIG_MAX_NODES; n++)
+        if (r->peers[n].joining == JOIN_WAIT && r->peers[n].join_lsn < lsn)
+            r->peers[n].join_lsn = lsn;
+}
+
+/* A laggard leaves the in-sync set, or stops joining; under isr_lock, so
+ * an add in flight for it is over first (its txn made or failed). 0 or
+ * -EIO when the removal failed. */
+static int drop_laggard(struct shard_repl *r, int node, uint64_t epoch)
+{
+    int rc;
+
+    pthread_mutex_lock(&r->isr_lock);
+    pthread_mutex_lock(&r->lock);
+    join_end(r, &r->peers[node]);
+    pthread_mutex_unlock(&r->lock);
+    rc = shard_map_isr_remove(r->map, r->base.index, node, epoch);
+    /* -ENOENT: `replica drop` took it out of the replicas (and the in-sync
+     * set) by a recorded change we had not seen yet: not waited for any
+     * more, no failure */
+    rc = rc < 0 && rc != -ENOENT ? -EIO : 0;
+    pthread_mutex_unlock(&r->isr_lock);
+    return rc;
+}
+
+/* The joiner node reported its join_lsn: into the in-sync set, unless it
+ * stopped joining meanwhile or a write that did not wait for it is
+ * between its decision and its noting. From JOIN_ADDING on every write
+ * waits for it. 0 or the map's error (it stays a joiner: the next report
+ * tries again). */
+static int join_add(struct shard_repl *r, int node, uint64_t epoch)
+{
+    struct peer *p = &r->peers[node];
+    int go, rc = 0;
+
+    pthread_mutex_lock(&r->isr_lock);
+    pthread_mutex_lock(&r->lock);
+    go = p->joining == JOIN_WAIT && p->applied.lsn >= p->join_lsn && r->unwaited == 0;
+    if (go)
+        p->joining = JOIN_ADDING;
+    pthread_mutex_unlock(&r->lock);
+    if (go)
+        rc = shard_map_isr_add(r->map, r->base.index, node, epoch);
+    if (go && rc < 0) {
+        pthread_mutex_lock(&r->lock);
+        if (p->joining == JOIN_ADDING)
+            p->joining = JOIN_WAIT;
+        pthread_mutex_unlock(&r->lock);
+    }
+    pthread_mutex_unlock(&r->isr_lock);
+    return rc;
+}
+
+/* Wait until every replica in the in-sync set, and every joiner, has reported lsn (applied, or
  * synced with `synced`), at most replica_lag_ms from start; then take the
  * laggards out of the in-sync set (epoch: the shard's epoch this write was
  * made under). 0, -EIO when a removal failed, or the map's error. */
@@ -304,22 +411,25 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
     deadline_of(deadline, &t);
     pthread_mutex_lock(&r->lock);
     for (;;) {
-        int laggards[SHARD_MAP_COPIES_MAX - 1], nlag = 0;
+        int laggards[CONFIG_MAX_NODES], nlag = 0;
+        uint64_t members = 0;
 
         *acked = 0;
         rc = shard_map_get(r->map, r->base.index, &c);
         if (rc < 0)
             break;
-        for (unsigned i = 0; i < c.nreplicas; i++) {
-            const struct peer *p;
+        for (unsigned i = 0; i < c.nreplicas; i++)
+            if (((c.in_sync >> i) & 1u) && c.replicas[i] >= 0 && c.replicas[i] < CONFIG_MAX_NODES)
+                members |= 1ull << c.replicas[i];
+        for (int n = 0; n < CONFIG_MAX_NODES; n++) {
+            const struct peer *p = &r->peers[n];
 
-            if (!((c.in_sync >> i) & 1u) || c.replicas[i] < 0 || c.replicas[i] >= CONFIG_MAX_NODES)
+            if (!((members >> n) & 1u) && !p->joining)
                 continue;
-            p = &r->peers[c.replicas[i]];
             if ((synced ? p->synced : p->applied.lsn) < lsn)
-                laggards[nlag++] = c.replicas[i];
-            else
-                (*acked)++;
+                laggards[nlag++] = n;
+            else if ((members >> n) & 1u)
+                (*acked)++; /* a joiner's ack fences nothing: it is not in the set */
         }
         if (nlag == 0)
             break;
@@ -327,12 +437,12 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
             pthread_cond_timedwait(&r->reported, &r->lock, &t);
             continue;
         }
-        /* Out of time: the laggards leave the in-sync set, by a recorded
-         * change, before we acknowledge without them. */
+        /* Out of time: the laggards leave the in-sync set (or stop
+         * joining), by a recorded change, before we acknowledge without
+         * them. */
         pthread_mutex_unlock(&r->lock);
         for (int i = 0; i < nlag && rc == 0; i++)
-            if (shard_map_isr_remove(r->map, r->base.index, laggards[i], epoch) < 0)
-                rc = -EIO;
+            rc = drop_laggard(r, laggards[i], epoch);
         pthread_mutex_lock(&r->lock);
         if (rc < 0)
             break;
@@ -387,26 +497,39 @@ static int repl_apply_in(struct shard_repl *r, const struct batch *b)
 
     if (rc < 0)
         return rc;
-    wait = r->ack == CONFIG_ACK_REPLICA && in_sync_count(&c) > 0;
+    pthread_mutex_lock(&r->lock);
+    wait = r->ack == CONFIG_ACK_REPLICA && (in_sync_count(&c) > 0 || r->joiners > 0);
     /* Refuse before anything is applied: the redo on a worker must not
      * apply the batch twice. */
-    if (wait && shard_nowait_refuse())
+    if (wait && shard_nowait_refuse()) {
+        pthread_mutex_unlock(&r->lock);
         return -EWOULDBLOCK;
+    }
+    if (!wait && r->ack == CONFIG_ACK_REPLICA)
+        r->unwaited++; /* no joiner is added until it noted (DESIGN: joining) */
+    pthread_mutex_unlock(&r->lock);
+    /* Counted before the apply, whose listener tells the long polls
+     * whether anyone waits for this batch (shard_repl_acks_wanted). */
+    if (wait)
+        atomic_fetch_add(&r->waiting, 1);
     rc = shard_lmdb_apply_pos(r->inner, b, &pos);
-    if (rc < 0)
-        return rc;
     now = mono_ms();
     pthread_mutex_lock(&r->lock);
-    note_applied(r, &pos, now);
+    if (!wait && r->ack == CONFIG_ACK_REPLICA)
+        r->unwaited--;
+    if (rc == 0) {
+        note_applied(r, &pos, now);
+        if (!wait && r->ack == CONFIG_ACK_REPLICA)
+            join_raise(r, pos.lsn);
+    }
     stale = stale_holds(r, now);
     pthread_mutex_unlock(&r->lock);
     release_holds(r, stale);
-    if (wait) {
+    if (rc == 0 && wait)
         rc = wait_replicas(r, pos.lsn, 0, c.epoch, now, &acked);
-        if (rc < 0)
-            return rc;
-    }
-    return still_primary(r, c.epoch, acked);
+    if (wait)
+        atomic_fetch_sub(&r->waiting, 1);
+    return rc < 0 ? rc : still_primary(r, c.epoch, acked);
 }
 
 static int repl_apply(struct shard *s, const struct batch *b)
@@ -427,7 +550,7 @@ static int repl_sync_in(struct shard_repl *r)
     void (*fn)(void *, unsigned);
     void *ctx;
     uint64_t lsn;
-    int acked = 0, rc;
+    int acked = 0, wait, rc;
 
     rc = may_ack(r, &c);
     if (rc < 0)
@@ -438,16 +561,21 @@ static int repl_sync_in(struct shard_repl *r)
     rc = shard_sync(r->inner);
     if (rc < 0)
         return rc;
-    if (r->ack == CONFIG_ACK_REPLICA && in_sync_count(&c) > 0 && lsn > 0) {
+    pthread_mutex_lock(&r->lock);
+    wait = r->ack == CONFIG_ACK_REPLICA && (in_sync_count(&c) > 0 || r->joiners > 0) && lsn > 0;
+    pthread_mutex_unlock(&r->lock);
+    if (wait) {
         pthread_mutex_lock(&r->lock);
         if (lsn > r->sync_wanted)
             r->sync_wanted = lsn;
         fn = r->sync_fn;
         ctx = r->sync_ctx;
         pthread_mutex_unlock(&r->lock);
+        atomic_fetch_add(&r->waiting, 1);
         if (fn)
             fn(ctx, r->base.index); /* wake the replicas' long polls */
         rc = wait_replicas(r, lsn, 1, c.epoch, mono_ms(), &acked);
+        atomic_fetch_sub(&r->waiting, 1);
         if (rc < 0)
             return rc;
     }
@@ -475,6 +603,7 @@ static void repl_free(struct shard_repl *r)
     pthread_cond_destroy(&r->thawed);
     pthread_cond_destroy(&r->reported);
     pthread_mutex_destroy(&r->lock);
+    pthread_mutex_destroy(&r->isr_lock);
     free(r);
 }
 
@@ -535,6 +664,8 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     pthread_cond_init(&r->thawed, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&r->lock, NULL);
+    pthread_mutex_init(&r->isr_lock, NULL);
+    atomic_init(&r->waiting, 0);
     r->base.ops = &repl_ops;
     r->base.index = lmdb->index;
     r->inner = lmdb;
@@ -546,6 +677,11 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     shard_lmdb_set_epoch(lmdb, c.epoch);
     *out = &r->base;
     return 0;
+}
+
+int shard_repl_acks_wanted(struct shard *s)
+{
+    return atomic_load(&repl_of(s)->waiting) > 0;
 }
 
 int shard_repl_is(const struct shard *s)
@@ -572,6 +708,31 @@ static struct peer *replica_peer(struct shard_repl *r, int node, struct shard_co
     return &r->peers[node];
 }
 
+void shard_repl_map_changed(struct shard *s)
+{
+    struct shard_repl *r = repl_of(s);
+    struct shard_copies c;
+    uint64_t gone = 0;
+
+    if (shard_map_get(r->map, r->base.index, &c) < 0)
+        return;
+    pthread_mutex_lock(&r->lock);
+    for (unsigned n = 0; n < CONFIG_MAX_NODES; n++) {
+        if (replica_slot(&c, (int)n) >= 0)
+            continue;
+        if (r->peers[n].held)
+            gone |= 1ull << n;
+        /* no replica any more: not waited for as a joiner, a later add
+         * starts from nothing, and its old reports must not count as its
+         * position (wait_level) */
+        join_end(r, &r->peers[n]);
+        memset(&r->peers[n], 0, sizeof(r->peers[n]));
+    }
+    pthread_cond_broadcast(&r->reported); /* waits judge the in-sync set again */
+    pthread_mutex_unlock(&r->lock);
+    release_holds(r, gone);
+}
+
 int shard_repl_report(struct shard *s, int node, const struct stream_pos *applied,
                       uint64_t synced_lsn)
 {
@@ -580,7 +741,7 @@ int shard_repl_report(struct shard *s, int node, const struct stream_pos *applie
     struct peer *p;
     int64_t now = mono_ms();
     uint64_t stale;
-    int rc, rejoin;
+    int rc, rejoin, in;
 
     p = replica_peer(r, node, &c, &rc);
     if (!p)
@@ -591,7 +752,15 @@ int shard_repl_report(struct shard *s, int node, const struct stream_pos *applie
     p->report_ms = now;
     p->needs_snapshot = 0;
     p->held = 1;
-    rejoin = !((c.in_sync >> replica_slot(&c, node)) & 1u) && applied->lsn == r->pos.lsn;
+    in = (c.in_sync >> replica_slot(&c, node)) & 1u;
+    if (in)
+        join_end(r, p); /* the map has it now */
+    else if (p->joining == JOIN_NONE && applied->lsn + SHARD_REPL_JOIN_GAP >= r->pos.lsn) {
+        p->joining = JOIN_WAIT;
+        p->join_lsn = r->pos.lsn; /* everything so far may be acknowledged without it */
+        r->joiners++;
+    }
+    rejoin = !in && p->joining == JOIN_WAIT && applied->lsn >= p->join_lsn;
     pthread_cond_broadcast(&r->reported);
     stale = stale_holds(r, now);
     pthread_mutex_unlock(&r->lock);
@@ -603,7 +772,7 @@ int shard_repl_report(struct shard *s, int node, const struct stream_pos *applie
      * transaction with etcd: not on a thread that must not wait). */
     if (shard_nowait_refuse())
         return -EWOULDBLOCK;
-    return shard_map_isr_add(r->map, r->base.index, node, c.epoch);
+    return join_add(r, node, c.epoch);
 }
 
 int shard_repl_needs_snapshot(struct shard *s, int node, const struct stream_pos *base)
@@ -682,6 +851,80 @@ int shard_repl_status(struct shard *s, struct shard_repl_status *out)
     }
     pthread_mutex_unlock(&r->lock);
     return 0;
+}
+
+/* ---- content check (fsck --replicas) ---- */
+
+int shard_repl_checkpoint_set(struct shard *s, const struct stream_pos *at, unsigned ttl_ms)
+{
+    struct shard_repl *r = repl_of(s);
+    void (*fn)(void *ctx, unsigned index);
+    void *ctx;
+    struct shard_copies c;
+    int64_t until = mono_ms() + ttl_ms;
+    struct timespec now;
+    uint64_t id;
+    int rc = shard_map_get(r->map, r->base.index, &c);
+
+    if (rc < 0)
+        return rc;
+    /* Ids from the wall clock: never one a replica saw from an earlier
+     * run of this primary (a counter would start again at a restart). */
+    clock_gettime(CLOCK_REALTIME, &now);
+    id = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    pthread_mutex_lock(&r->lock);
+    if (id <= r->cp_last)
+        id = r->cp_last + 1;
+    r->cp_last = id;
+    for (unsigned i = 0; i < c.nreplicas; i++) {
+        struct peer *p;
+
+        if (c.replicas[i] < 0 || c.replicas[i] >= CONFIG_MAX_NODES)
+            continue;
+        p = &r->peers[c.replicas[i]];
+        p->cp = *at;
+        p->cp_id = id;
+        p->cp_until = until;
+    }
+    fn = r->sync_fn;
+    ctx = r->sync_ctx;
+    pthread_mutex_unlock(&r->lock);
+    if (fn)
+        fn(ctx, r->base.index); /* a replica parked at P hears of it now */
+    return 0;
+}
+
+int shard_repl_checkpoint(struct shard *s, int node, struct stream_pos *at, uint64_t *id)
+{
+    struct shard_repl *r = repl_of(s);
+    struct peer *p;
+    int on;
+
+    if (node < 0 || node >= CONFIG_MAX_NODES)
+        return 0;
+    p = &r->peers[node];
+    pthread_mutex_lock(&r->lock);
+    if (p->cp_until && mono_ms() >= p->cp_until)
+        p->cp_until = 0;
+    on = p->cp_until != 0;
+    if (on) {
+        *at = p->cp;
+        *id = p->cp_id;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return on;
+}
+
+void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id)
+{
+    struct shard_repl *r = repl_of(s);
+
+    if (node < 0 || node >= CONFIG_MAX_NODES || !hashed_id)
+        return;
+    pthread_mutex_lock(&r->lock);
+    if (r->peers[node].cp_until && hashed_id == r->peers[node].cp_id)
+        r->peers[node].cp_until = 0;
+    pthread_mutex_unlock(&r->lock);
 }
 
 /* ---- handover (shardfs promote) ---- */

@@ -64,6 +64,10 @@ void shard_repl_free(struct shard *s);
 
 /* 1 if s was made by shard_repl_new(), else 0. */
 int shard_repl_is(const struct shard *s);
+/* 1 while an apply or sync of s waits (or is about to wait) for its
+ * replicas' acks: the stream route then answers the replicas' long polls at
+ * once instead of gathering entries (node_server.c). Any thread, no lock. */
+int shard_repl_acks_wanted(struct shard *s);
 
 /* The LMDB shard inside s (a shard_repl). */
 struct shard *shard_repl_inner(struct shard *s);
@@ -78,6 +82,12 @@ struct shard *shard_repl_inner(struct shard *s);
  * that call was due (do the request again where it may wait). */
 int shard_repl_report(struct shard *s, int node, const struct stream_pos *applied,
                       uint64_t synced_lsn);
+
+/* The map changed the shard's entry (fs/failover.c calls it from the map's
+ * listener): writes waiting for replicas judge the in-sync set again at
+ * once (a `replica drop` took one out), and the stream holds of nodes that
+ * are no replica any more are released. Any thread; does not wait. */
+void shard_repl_map_changed(struct shard *s);
 
 /* Replica `node` needs a snapshot (its position was not retained or not
  * of this history): hold the stream after base->lsn for it (base is the
@@ -115,6 +125,31 @@ void shard_repl_on_sync_wanted(struct shard *s, void (*fn)(void *ctx, unsigned i
 int shard_repl_wait_level(struct shard *s, int node, uint64_t lsn, unsigned timeout_ms);
 int shard_repl_freeze(struct shard *s, unsigned timeout_ms, struct stream_pos *pos);
 void shard_repl_thaw(struct shard *s, int moved);
+
+/* A content check (`shardfs fsck --replicas`, fs/replication.c): the
+ * primary hashes its copy at P while frozen, and each replica must hash
+ * its own at exactly P. So, still frozen, it sets a checkpoint at P for
+ * every replica of the shard in the map, standing for ttl_ms: while it
+ * stands for a replica, the stream route sends that replica nothing past
+ * P and names P in X-Shardfs-Checkpoint (wire.h), and a replica at P
+ * hashes its copy before it pulls again (replica_sync_checksum). Each
+ * checkpoint has an id (X-Shardfs-Checkpoint-Id), and the replica's pulls
+ * say which one it hashed for last (hashed=ID, wire.h), which ends that
+ * checkpoint for it. An explicit word, for the checkpoint itself: a
+ * stream request may be handled twice (a refused no-waiting try is
+ * redone), its reply may not arrive, and a restarted replica's old long
+ * poll may still be parked here under the same node name.
+ * Waiting replicas' long polls are woken (the sync_wanted listener), so
+ * one already at P hears of it at once.
+ *
+ * shard_repl_checkpoint_set: as above. 0, or the map's error.
+ * shard_repl_checkpoint: 1, *at and *id if a checkpoint stands for node,
+ * else 0.
+ * shard_repl_checkpoint_done: node says it hashed for checkpoint hashed_id
+ * (0: none); ends that checkpoint for it. */
+int shard_repl_checkpoint_set(struct shard *s, const struct stream_pos *at, unsigned ttl_ms);
+int shard_repl_checkpoint(struct shard *s, int node, struct stream_pos *at, uint64_t *id);
+void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id);
 
 /* For `shardfs status`: the primary's position and each replica of the
  * shard in the map. lag_batches counts the batches the primary applied

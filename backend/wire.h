@@ -61,6 +61,13 @@
  *        primary waits for this replica to have synced up to LSN (so sync
  *        your copy, then ask again with synced >= LSN; such a sync also
  *        wakes the long poll).
+ *        200 or 204 carries X-Shardfs-Checkpoint: E/L/C while a content
+ *        check (`shardfs fsck --replicas`) stands for this replica at that
+ *        position: the reply holds no entry past it (none, if the replica is
+ *        there), and a replica at it hashes its copy before it asks again
+ *        (shard_repl.h, replica_sync.h). X-Shardfs-Checkpoint-Id names the
+ *        checkpoint (a number); the replica's pulls then carry hashed=ID,
+ *        the one it last hashed for, which ends it.
  *   GET  /v1/shard/N/position          (the primary of N)
  *        200 JSON {"epoch":E,"lsn":L,"check":"C","replicas":[{"node":"NAME",
  *            "in_sync":true|false,"lsn":L,"synced":S,"lag_batches":B,
@@ -134,6 +141,8 @@
 #define WIRE_HDR_ERRNO "X-Shardfs-Errno"
 #define WIRE_HDR_POSITION "X-Shardfs-Position" /* "E/L/C" */
 #define WIRE_HDR_SYNC "X-Shardfs-Sync"
+#define WIRE_HDR_CHECKPOINT "X-Shardfs-Checkpoint" /* "E/L/C" */
+#define WIRE_HDR_CHECKPOINT_ID "X-Shardfs-Checkpoint-Id"
 
 #define WIRE_BODY_MAX (BATCH_MAX + 4096u)   /* largest request body accepted */
 #define WIRE_GET_MAX (16u << 20)            /* largest get reply */

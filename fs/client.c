@@ -1,4 +1,4 @@
-/* client.c -- get, put, rm, ls, status and promote (client.h). */
+/* client.c -- get, put, rm, ls, status, promote and replica (client.h). */
 #include "client.h"
 
 #include <errno.h>
@@ -100,6 +100,7 @@ struct opts {
     const char *conf, *node;
     const char *args[2];
     int nargs;
+    const char *wait; /* -w SECONDS (replica), NULL */
 };
 
 static const struct option client_long_opts[] = {
@@ -109,22 +110,28 @@ static const struct option client_long_opts[] = {
     {NULL, 0, NULL, 0},
 };
 
-/* Parse "-c CONF --node NODE ARGS"; min..max positional arguments. Returns
- * 0, 1 after --help, or -1 after printing the usage to stderr. */
-static int parse_opts(int argc, char **argv, const char *usage, int min, int max, struct opts *o)
+/* Parse "-c CONF --node NODE ARGS" (and -w SECONDS if with_wait); min..max
+ * positional arguments. Returns 0, 1 after --help, or -1 after printing the
+ * usage to stderr. */
+static int parse_opts_w(int argc, char **argv, const char *usage, int min, int max,
+                        int with_wait, struct opts *o)
 {
     int opt;
 
     memset(o, 0, sizeof(*o));
     o->conf = "shards.conf";
     optind = 1;
-    while ((opt = getopt_long(argc, argv, "+c:n:h", client_long_opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, with_wait ? "+c:n:w:h" : "+c:n:h", client_long_opts,
+                              NULL)) != -1) {
         switch (opt) {
         case 'c':
             o->conf = optarg;
             break;
         case 'n':
             o->node = optarg;
+            break;
+        case 'w':
+            o->wait = optarg;
             break;
         case 'h':
             fputs(usage, stdout);
@@ -142,6 +149,11 @@ static int parse_opts(int argc, char **argv, const char *usage, int min, int max
     for (int i = 0; i < o->nargs; i++)
         o->args[i] = argv[optind + i];
     return 0;
+}
+
+static int parse_opts(int argc, char **argv, const char *usage, int min, int max, struct opts *o)
+{
+    return parse_opts_w(argc, argv, usage, min, max, 0, o);
 }
 
 /* Set up c for o; fills path with the API path of o->args[0] if want_path.
@@ -649,7 +661,7 @@ int cmd_status(int argc, char **argv)
                    strerror(-src));
     }
     for (unsigned s = 0; s < c.cfg.shard_count; s++) {
-        if (c.cfg.nreplicas[s]) {
+        if (c.cfg.nreplicas[s] || copies[s].nreplicas) {
             print_copies(&c, up, copies);
             break;
         }
@@ -821,6 +833,289 @@ out:
     json_decref(req);
     free(body);
     free(b.p);
+    client_close(&c);
+    return rc;
+}
+
+/* ---- replica add / drop ---- */
+
+static const char usage_replica[] =
+    "usage: shardfs replica add  [-c CONF] [-w SECONDS] SHARD NODE\n"
+    "       shardfs replica drop [-c CONF] [-w SECONDS] SHARD NODE\n"
+    "\n"
+    "Change where the copies of shard SHARD live, online (the shard map in etcd;\n"
+    "needs an etcd directive).\n"
+    "  add   NODE gets a replica of SHARD: one etcd transaction adds it to the\n"
+    "        shard's replicas, out of the in-sync set; NODE sees it, creates its\n"
+    "        copy and catches up from the primary (a snapshot, then the stream);\n"
+    "        once level, the primary puts it in the in-sync set (then writes with\n"
+    "        ack = replica wait for it, and it may be promoted). Waits up to -w\n"
+    "        SECONDS (default 120; 0: do not wait) until NODE is in sync.\n"
+    "  drop  NODE's replica leaves the shard's replicas and its in-sync set in one\n"
+    "        transaction (its primary stops waiting for it), then NODE stops\n"
+    "        pulling it, closes it and deletes its files. The primary cannot be\n"
+    "        dropped (promote another node first), nor the only in-sync replica\n"
+    "        (no copy could take over: add another one first); a last replica\n"
+    "        out of sync can. Waits up to -w SECONDS (default 30) for NODE to let\n"
+    "        go of its copy.\n"
+    "Exits 0 when done, 1 when refused or failed (or NODE not in sync in time:\n"
+    "the copy stays and goes on catching up), 2 on bad usage or configuration.\n";
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+
+    nanosleep(&ts, NULL);
+}
+
+static double mono_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* NODE's own account of its copy of shard n (GET /v1/replicas), or NULL. */
+static json_t *replica_entry(struct client *c, int node, unsigned n)
+{
+    int rc;
+    json_t *doc = get_json(c, (unsigned)node, "/v1/replicas", &rc);
+    json_t *e = json_find(json_object_get(doc, "replicas"), "shard", NULL, n);
+
+    json_incref(e);
+    json_decref(doc);
+    return e;
+}
+
+/* The names of c's replicas ("b, c*"; * in sync) into out. */
+static void replicas_text(const struct client *cl, const struct shard_copies *c, char *out,
+                          size_t len)
+{
+    size_t n = 0;
+
+    out[0] = '\0';
+    for (unsigned i = 0; i < c->nreplicas && n < len; i++) {
+        int w = snprintf(out + n, len - n, "%s%s%s", i ? ", " : "",
+                         c->replicas[i] >= 0 ? cl->cfg.nodes[c->replicas[i]].name : "?",
+                         c->in_sync >> i & 1 ? "*" : "");
+        n += w > 0 ? (size_t)w : 0;
+    }
+    if (!c->nreplicas)
+        snprintf(out, len, "none");
+}
+
+/* Why the rules refuse (rc of shard_copies_add/drop_replica), in words. */
+static void replica_refused(const struct client *cl, int add, unsigned n, int node,
+                            const struct shard_copies *c, int rc)
+{
+    const char *name = cl->cfg.nodes[node].name;
+    const char *what = add ? "add" : "drop";
+
+    if (rc == -EEXIST && c->primary == node)
+        fprintf(stderr, "shardfs: replica %s: %s is the primary of shard %u; it holds a copy "
+                "already\n", what, name, n);
+    else if (rc == -EEXIST)
+        fprintf(stderr, "shardfs: replica %s: %s already holds a replica of shard %u\n", what,
+                name, n);
+    else if (rc == -ENOSPC)
+        fprintf(stderr, "shardfs: replica %s: shard %u already has %d replicas, the most the "
+                "map holds; drop one first\n", what, n, SHARD_MAP_COPIES_MAX - 1);
+    else if (rc == -EPERM)
+        fprintf(stderr, "shardfs: replica %s: %s is the primary of shard %u; promote another "
+                "node first (shardfs promote %u NODE), then drop it\n", what, name, n, n);
+    else if (rc == -ENOENT)
+        fprintf(stderr, "shardfs: replica %s: %s holds no replica of shard %u\n", what, name, n);
+    else if (rc == -EBUSY)
+        fprintf(stderr, "shardfs: replica %s: %s holds the only in-sync replica of shard %u: "
+                "without it no copy could take over from its primary. Add another "
+                "(shardfs replica add %u NODE) and let it get in sync first\n", what, name, n,
+                n);
+    else
+        fprintf(stderr, "shardfs: replica %s: shard %u: the map change failed: %s\n", what, n,
+                strerror(-rc));
+}
+
+/* After an add: wait until node is in the shard's in-sync set (the map's
+ * watch brings it), printing where its copy is now and then. 0 or 1. */
+static int replica_add_wait(struct client *cl, struct shard_map *map, unsigned n, int node,
+                            double wait_s)
+{
+    double t0 = mono_s(), last = t0;
+    struct shard_copies c;
+
+    for (;;) {
+        int slot;
+
+        shard_map_get(map, n, &c);
+        slot = replica_slot_of(&c, node);
+        if (slot < 0) {
+            fprintf(stderr, "shardfs: replica add: %s is no replica of shard %u any more "
+                    "(dropped meanwhile?)\n", cl->cfg.nodes[node].name, n);
+            return 1;
+        }
+        if (c.in_sync >> slot & 1) {
+            printf("shard %u: %s is in sync (%.1f s)\n", n, cl->cfg.nodes[node].name,
+                   mono_s() - t0);
+            return 0;
+        }
+        if (mono_s() - t0 >= wait_s)
+            break;
+        if (mono_s() - last >= 5) {
+            json_t *e = replica_entry(cl, node, n);
+            char state[256] = "no answer";
+
+            if (e)
+                copy_state(e, state, sizeof(state));
+            printf("shard %u: %s catching up: %s, lsn %lld of %lld\n", n,
+                   cl->cfg.nodes[node].name, state, e ? jint(e, "lsn") : -1LL,
+                   e ? jint(e, "primary_lsn") : -1LL);
+            fflush(stdout);
+            json_decref(e);
+            last = mono_s();
+        }
+        sleep_ms(50);
+    }
+    {
+        json_t *e = replica_entry(cl, node, n);
+        char state[256] = "its node does not say";
+
+        if (e)
+            copy_state(e, state, sizeof(state));
+        fprintf(stderr, "shardfs: replica add: shard %u: %s is not in sync after %.0f s (%s, "
+                "lsn %lld, its primary's %lld); the copy stays and goes on catching up "
+                "(shardfs status)\n", n, cl->cfg.nodes[node].name, wait_s, state,
+                e ? jint(e, "lsn") : -1LL, e ? jint(e, "primary_lsn") : -1LL);
+        json_decref(e);
+    }
+    return 1;
+}
+
+/* After a drop: wait until node no longer lists its copy (it let go and
+ * removed the files). 0, or 1 if it did not say so in time. */
+static int replica_drop_wait(struct client *cl, unsigned n, int node, double wait_s)
+{
+    double t0 = mono_s();
+    double rtt;
+
+    while (mono_s() - t0 < wait_s) {
+        json_t *e;
+
+        if (remote_ping(cl->remote, (unsigned)node, &rtt) != 0)
+            break;
+        e = replica_entry(cl, node, n);
+        if (!e) {
+            printf("shard %u: %s let go of its copy and removed its files (%.1f s)\n", n,
+                   cl->cfg.nodes[node].name, mono_s() - t0);
+            return 0;
+        }
+        json_decref(e);
+        sleep_ms(50);
+    }
+    printf("shard %u: %s did not confirm within %.0f s (not running?); it removes its copy "
+           "when it sees the map\n", n, cl->cfg.nodes[node].name, wait_s);
+    return 0;
+}
+
+int cmd_replica(int argc, char **argv)
+{
+    static struct client c;
+    struct shard_map *map = NULL;
+    struct shard_copies sc, want;
+    char merr[256], list[256];
+    double wait_s, rtt;
+    unsigned n;
+    int add, node = -1, rc;
+    struct opts o;
+
+    if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        fputs(usage_replica, stdout);
+        return 0;
+    }
+    if (argc < 2 || (strcmp(argv[1], "add") != 0 && strcmp(argv[1], "drop") != 0)) {
+        fputs(usage_replica, stderr);
+        return 2;
+    }
+    add = !strcmp(argv[1], "add");
+    rc = parse_opts_w(argc - 1, argv + 1, usage_replica, 2, 2, 1, &o);
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    wait_s = add ? 120 : 30;
+    if (o.wait) {
+        char *end;
+
+        errno = 0;
+        wait_s = strtod(o.wait, &end);
+        if (errno || end == o.wait || *end || wait_s < 0 || wait_s > 86400) {
+            fprintf(stderr, "shardfs: replica: -w wants seconds (0-86400), not '%s'\n", o.wait);
+            return 2;
+        }
+    }
+    rc = open_for(&c, &o, NULL, 0);
+    if (rc)
+        return rc;
+    rc = 2;
+    if (parse_shard(o.args[0], c.cfg.shard_count, &n) < 0) {
+        fprintf(stderr, "shardfs: replica %s: no shard '%s' (the store has shards 0-%u)\n",
+                argv[1], o.args[0], c.cfg.shard_count - 1);
+        goto out;
+    }
+    for (unsigned i = 0; i < c.cfg.node_count; i++)
+        if (!strcmp(c.cfg.nodes[i].name, o.args[1]))
+            node = (int)i;
+    if (node < 0) {
+        fprintf(stderr, "shardfs: replica %s: unknown node '%s' (%s names no such node)\n",
+                argv[1], o.args[1], o.conf);
+        goto out;
+    }
+    if (!c.cfg.etcd[0]) {
+        fprintf(stderr,
+                "shardfs: replica %s: %s has no etcd directive: the shard map is the file "
+                "itself. Edit the 'replicas =' line of [node %s] in it (the same file on every "
+                "node) and restart the nodes\n",
+                argv[1], o.conf, o.args[1]);
+        goto out;
+    }
+    rc = 1;
+    if (shard_map_open(&c.cfg, -1, &map, merr, sizeof(merr)) != 0) {
+        fprintf(stderr, "shardfs: replica %s: the shard map in etcd: %s\n", argv[1], merr);
+        goto out;
+    }
+    shard_map_get(map, n, &sc);
+    want = sc;
+    rc = add ? shard_copies_add_replica(&want, node) : shard_copies_drop_replica(&want, node);
+    if (rc < 0) {
+        replica_refused(&c, add, n, node, &sc, rc);
+        rc = 1;
+        goto out;
+    }
+    if (add && remote_ping(c.remote, (unsigned)node, &rtt) != 0) {
+        fprintf(stderr, "shardfs: replica add: %s does not answer at %s; start it first\n",
+                o.args[1], c.cfg.nodes[node].url);
+        rc = 1;
+        goto out;
+    }
+    rc = add ? shard_map_replica_add(map, n, node) : shard_map_replica_drop(map, n, node);
+    if (rc < 0) {
+        shard_map_get(map, n, &sc); /* what the refusal was judged on */
+        replica_refused(&c, add, n, node, &sc, rc);
+        rc = 1;
+        goto out;
+    }
+    shard_map_get(map, n, &sc);
+    replicas_text(&c, &sc, list, sizeof(list));
+    printf("shard %u: %s %s (primary %s, epoch %llu; replicas now %s; * in sync)\n", n,
+           o.args[1], add ? "added as a replica" : "dropped",
+           sc.primary >= 0 ? c.cfg.nodes[sc.primary].name : "-", (unsigned long long)sc.epoch,
+           list);
+    fflush(stdout);
+    if (wait_s <= 0)
+        rc = 0;
+    else
+        rc = add ? replica_add_wait(&c, map, n, node, wait_s) : replica_drop_wait(&c, n, node,
+                                                                                 wait_s);
+out:
+    shard_map_close(map);
     client_close(&c);
     return rc;
 }

@@ -2,7 +2,9 @@
  *
  * get, put, rm and ls wrap the key API (kv_api.h) of one node; status asks
  * every node and every shard how it is; promote asks a shard's primary
- * (POST /v1/promote, replication.h) to hand its role over; bench (bench.c) loads the key API
+ * (POST /v1/promote, replication.h) to hand its role over; replica add/drop
+ * changes where a shard's copies live (etcd transactions on the shard map;
+ * the nodes follow it, fs/failover.h); bench (bench.c) loads the key API
  * of all nodes. They read the same shards.conf as the nodes (for the URLs
  * and the secret) and sign every request like a node does (wire.h); none of
  * them opens a data directory, so they run beside mounted nodes.
@@ -24,6 +26,9 @@ int cmd_rm(int argc, char **argv);
 int cmd_ls(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_promote(int argc, char **argv);
+/* `shardfs fsck --replicas` (fsck_replicas.c): argv as for fsck. */
+int cmd_fsck_replicas(int argc, char **argv);
+int cmd_replica(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 
 /* A client's view of the cluster: the config and a remote for node -1. */

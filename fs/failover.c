@@ -18,6 +18,26 @@
  *                                      key the keep-alive took again);
  *    another primary, role PRIMARY  -> step down;
  *    no leader, in the in-sync set  -> promote (below).
+ *  Placement (`shardfs replica add/drop`): every shard has a switch, also
+ *  one this node holds no copy of (ops go to its remote shard), so a copy
+ *  can come and go at runtime without touching the namespace's table.
+ *  reconcile() first makes the copies here what the map says (the map, not
+ *  shards.conf, from the first start on):
+ *    the map names this node (primary or replica), no copy open
+ *                              -> open/create DATA_DIR/shard-N, hand it to
+ *                                 the node server (its long polls) and the
+ *                                 replica-sync thread (it catches up: a
+ *                                 snapshot from the empty position);
+ *    it does not, a copy open, role REPLICA
+ *                              -> the sync thread lets go of it (no pull in
+ *                                 flight after replica_sync_remove), the
+ *                                 server too, then it is closed and its
+ *                                 directory removed.
+ *  The drop's txn took the copy out of the in-sync set in the same change,
+ *  so its primary stopped waiting for it (shard_repl_map_changed, or the
+ *  -ENOENT of an isr_remove that had not seen it) whichever of the two
+ *  nodes' watches comes first. A copy is never dropped while served: the
+ *  rules refuse to drop the primary, and a step-down comes first.
  *  Choosing the most advanced in-sync replica without an election: each
  *  candidate waits FO_STEP_MS for every batch it was behind its primary at
  *  the primary's last reply (at most FO_BEHIND_MAX of them), plus its slot
@@ -52,8 +72,8 @@ enum fo_role { FO_REPLICA = 0, FO_PROMOTING, FO_PRIMARY };
 struct fo_shard {
     struct shard base; /* the switch */
     struct failover *fo;
-    struct shard *lmdb;   /* this node's copy */
-    int owns_lmdb;        /* the config's primary copy: closed by the switch */
+    struct shard *lmdb;   /* this node's copy, the switch's (NULL: none); the
+                           * failover thread changes it (placement) */
     struct shard *remote; /* the shard at its primary */
     int unfit;            /* never take the primary role: see failover_open */
     int handing;          /* under fo->lock: a handover (failover_handover) runs */
@@ -235,7 +255,7 @@ static void sw_close(struct shard *s)
     shard_repl_free(f->primary);
     if (f->remote)
         shard_close(f->remote);
-    if (f->owns_lmdb)
+    if (f->lmdb)
         shard_close(f->lmdb);
     if (f->fo)
         f->fo->sh[s->index] = NULL;
@@ -414,6 +434,80 @@ static void promote(struct failover *fo, struct fo_shard *f, const struct shard_
         fprintf(stderr, "shardfs: shard %u: promotion failed: %s\n", n, strerror(-rc));
 }
 
+/* 1 if c names node (primary or replica). */
+static int map_holds(const struct shard_copies *c, int node)
+{
+    if (c->primary == node)
+        return 1;
+    for (unsigned i = 0; i < c->nreplicas; i++)
+        if (c->replicas[i] == node)
+            return 1;
+    return 0;
+}
+
+/* 1 if copy may not serve as primary of c: no usable position (a
+ * snapshot was cut short), or empty although the shard was promoted at
+ * least once (so it had a primary that held its history). */
+static int copy_unfit(struct shard *lmdb, const struct shard_copies *c, const struct config *cfg)
+{
+    struct stream_pos p;
+    int rc = shard_lmdb_position(lmdb, &p);
+
+    if (rc < 0)
+        return 1;
+    return p.lsn == 0 && c->epoch > cfg->epoch;
+}
+
+/* DESIGN: placement. The map gave this node a copy of f's shard. */
+static void copy_add(struct failover *fo, struct fo_shard *f, const struct shard_copies *c)
+{
+    unsigned n = f->base.index;
+    struct shard *lmdb = NULL;
+    char err[512];
+    int rc = ns_copy_open(fo->ns, n, &lmdb, err, sizeof(err));
+
+    if (rc) {
+        fprintf(stderr, "shardfs: shard %u: the map gives this node a copy, but it cannot be "
+                "opened: %s\n", n, err);
+        return;
+    }
+    pthread_mutex_lock(&fo->lock);
+    f->lmdb = lmdb;
+    /* named primary with no copy here (no txn of ours does that: only an
+     * in-sync replica becomes one): never serve what was just created */
+    f->unfit = c->primary == fo->self && copy_unfit(lmdb, c, fo->cfg);
+    pthread_mutex_unlock(&fo->lock);
+    node_server_set_local(fo->srv, n, lmdb);
+    rc = replica_sync_add(fo->rs, n, lmdb);
+    fprintf(stderr, "shardfs: shard %u: this node holds a copy now (epoch %llu, primary %s)%s%s\n",
+            n, (unsigned long long)c->epoch, c->primary >= 0 ? fo->cfg->nodes[c->primary].name : "-",
+            rc ? "; replica sync: " : "; catching up", rc ? strerror(-rc) : "");
+}
+
+/* DESIGN: placement. The map took f's copy away (role REPLICA). */
+static void copy_drop(struct failover *fo, struct fo_shard *f)
+{
+    unsigned n = f->base.index;
+    struct shard *lmdb;
+    int rc;
+
+    replica_sync_remove(fo->rs, n); /* from here no pull of it is in flight or applied */
+    node_server_set_local(fo->srv, n, NULL);
+    pthread_mutex_lock(&fo->lock);
+    lmdb = f->lmdb;
+    f->lmdb = NULL;
+    f->unfit = 0;
+    pthread_mutex_unlock(&fo->lock);
+    shard_close(lmdb);
+    rc = ns_copy_remove(fo->ns, n);
+    if (rc)
+        fprintf(stderr, "shardfs: shard %u: this node's copy was dropped, but removing its "
+                "files failed: %s\n", n, strerror(-rc));
+    else
+        fprintf(stderr, "shardfs: shard %u: this node's copy was dropped and its files "
+                "removed\n", n);
+}
+
 /* DESIGN: one copy against the map. */
 static void reconcile(struct failover *fo, struct fo_shard *f)
 {
@@ -430,8 +524,14 @@ static void reconcile(struct failover *fo, struct fo_shard *f)
     pthread_mutex_unlock(&fo->lock);
     if (role == FO_PRIMARY && c.primary != fo->self) {
         step_down(fo, f);
-        return;
+        role = FO_REPLICA;
     }
+    if (c.primary >= 0 && map_holds(&c, fo->self) && !f->lmdb)
+        copy_add(fo, f, &c);
+    else if (c.primary >= 0 && !map_holds(&c, fo->self) && f->lmdb && role == FO_REPLICA)
+        copy_drop(fo, f);
+    if (!f->lmdb)
+        return;
     if (role == FO_REPLICA && c.primary == fo->self && leader == fo->self && !f->unfit) {
         struct shard *w = NULL;
 
@@ -503,6 +603,8 @@ static void on_map_change(void *ctx, unsigned n)
     remote_owner_set(fo->remote, n, leader);
     replica_sync_kick(fo->rs, n);
     pthread_mutex_lock(&fo->lock);
+    if (fo->sh[n] && fo->sh[n]->role == FO_PRIMARY && fo->sh[n]->primary)
+        shard_repl_map_changed(fo->sh[n]->primary);
     fo->dirty[n] = 1;
     pthread_cond_broadcast(&fo->cond);
     pthread_mutex_unlock(&fo->lock);
@@ -676,6 +778,34 @@ out:
     return rc;
 }
 
+struct shard *failover_primary_get(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = n < fo->cfg->shard_count ? fo->sh[n] : NULL;
+    struct shard *w = NULL;
+
+    if (!f)
+        return NULL;
+    pthread_mutex_lock(&fo->lock);
+    if (f->role == FO_PRIMARY && f->primary && !f->handing) {
+        f->handing = 1;
+        f->active++;
+        w = f->primary;
+    }
+    pthread_mutex_unlock(&fo->lock);
+    return w;
+}
+
+void failover_primary_put(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = fo->sh[n];
+
+    pthread_mutex_lock(&fo->lock);
+    f->handing = 0;
+    if (--f->active == 0)
+        pthread_cond_broadcast(&fo->cond);
+    pthread_mutex_unlock(&fo->lock);
+}
+
 /* ---- the public calls ---- */
 
 int failover_primary_of(void *ctx, unsigned n, uint64_t *epoch)
@@ -692,29 +822,6 @@ int failover_primary_of(void *ctx, unsigned n, uint64_t *epoch)
         role = fo->sh[n]->role;
     pthread_mutex_unlock(&fo->lock);
     return role != FO_REPLICA ? fo->self : c.primary;
-}
-
-/* 1 if copy may not serve as primary of c: no usable position (a
- * snapshot was cut short), or empty although the shard was promoted at
- * least once (so it had a primary that held its history). */
-static int copy_unfit(struct shard *lmdb, const struct shard_copies *c, const struct config *cfg)
-{
-    struct stream_pos p;
-    int rc = shard_lmdb_position(lmdb, &p);
-
-    if (rc < 0)
-        return 1;
-    return p.lsn == 0 && c->epoch > cfg->epoch;
-}
-
-static int holds_copy(const struct config *cfg, int node, unsigned i)
-{
-    if (cfg->owner[i] == node)
-        return 1;
-    for (unsigned k = 0; k < cfg->nreplicas[i]; k++)
-        if (cfg->replicas[i][k] == node)
-            return 1;
-    return 0;
 }
 
 int failover_open(const struct config *cfg, int node, struct ns *ns, struct shard_map *map,
@@ -746,44 +853,69 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
         snprintf(err, errlen, "failover: every shard is local");
         return -EINVAL;
     }
+    /* Every shard gets a switch (DESIGN: placement); the copies here are
+     * those the map names, whatever shards.conf said (ns_open opened the
+     * file's). */
     for (unsigned i = 0; i < cfg->shard_count; i++) {
         struct fo_shard *f;
         struct shard_copies c;
+        struct shard *rep = ns_replica_take(ns, i);
+        int holds, known;
 
         local[i] = NULL;
         remote_owner_set(fo->remote, i, shard_map_leader(map, i));
-        if (!holds_copy(cfg, node, i))
-            continue;
-        f = calloc(1, sizeof(*f));
+        rc = shard_map_get(map, i, &c);
+        holds = rc == 0 && map_holds(&c, node);
+        known = rc == 0 && c.primary >= 0; /* else it names a node this file lacks */
+        f = rc == 0 ? calloc(1, sizeof(*f)) : NULL;
         if (!f) {
-            rc = -ENOMEM;
-            snprintf(err, errlen, "out of memory");
+            shard_close(rep);
+            rc = rc ? rc : -ENOMEM;
+            snprintf(err, errlen, "shard %u: failover: %s", i, strerror(-rc));
             break;
         }
         f->base.ops = &switch_ops;
         f->base.index = i;
         f->fo = fo;
         if (cfg->owner[i] == node) {
-            f->owns_lmdb = 1;
             rc = shard_remote_open(fo->remote, i, &f->remote);
-        } else {
-            f->lmdb = ns_replica(ns, i);
-            rc = f->lmdb ? 0 : -EINVAL;
-        }
-        if (rc) {
-            free(f);
-            snprintf(err, errlen, "shard %u: failover: %s", i, strerror(-rc));
-            break;
-        }
-        /* from here the namespace closes f (and what f owns) */
-        if (f->owns_lmdb)
+            if (rc) {
+                free(f);
+                shard_close(rep);
+                snprintf(err, errlen, "shard %u: failover: %s", i, strerror(-rc));
+                break;
+            }
+            /* from here the namespace closes f (and what f owns) */
             f->lmdb = ns_shard_swap(ns, i, &f->base);
-        else
+        } else {
             f->remote = ns_shard_swap(ns, i, &f->base);
+            f->lmdb = rep;
+            rep = NULL;
+        }
         fo->sh[i] = f;
+        if (known && !holds && f->lmdb) {
+            /* the map took this copy away (replica drop, also while this
+             * node was down): not kept. ns_open made it if shards.conf
+             * names it: an empty one goes again; one holding data stays on
+             * disk (the map is the truth, but data is not deleted on its
+             * word at a start: that is the drop's own act) */
+            struct stream_pos p;
+            int empty = shard_lmdb_position(f->lmdb, &p) == 0 && p.lsn == 0;
+
+            shard_close(f->lmdb);
+            f->lmdb = NULL;
+            if (empty)
+                ns_copy_remove(ns, i);
+        } else if (known && holds && !f->lmdb) {
+            /* a copy the map gave this node (replica add) */
+            rc = ns_copy_open(ns, i, &f->lmdb, err, errlen);
+            if (rc)
+                break;
+        }
         local[i] = f->lmdb;
-        rc = shard_map_get(map, i, &c);
-        if (rc == 0 && c.primary == node && copy_unfit(f->lmdb, &c, cfg)) {
+        if (!f->lmdb)
+            continue;
+        if (c.primary == node && copy_unfit(f->lmdb, &c, cfg)) {
             /* An empty (wiped) copy or a half-made snapshot, of a shard
              * that was promoted since the map was seeded: the data is on
              * the other copies. Serving it would hand them an empty
@@ -794,11 +926,11 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
                     "shardfs: shard %u: the map names this node its primary (epoch %llu), "
                     "but this copy is empty or incomplete; NOT serving it\n",
                     i, (unsigned long long)c.epoch);
-        } else if (rc == 0 && c.primary == node && shard_map_leader(map, i) == node) {
+        } else if (c.primary == node && shard_map_leader(map, i) == node) {
             rc = shard_repl_new(f->lmdb, map, cfg, node, &f->primary);
             if (rc == 0)
                 f->role = FO_PRIMARY;
-        } else if (rc == 0 && c.primary == node) {
+        } else if (c.primary == node) {
             /* named, but the key is not ours (yet): a replica until the
              * keep-alive takes it, or another is promoted */
             fprintf(stderr,

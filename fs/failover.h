@@ -1,11 +1,13 @@
 /* failover.h -- automatic failover through the etcd shard map (issue 10).
  *
  * Only with an `etcd` directive (shard_map.h's etcd map); the static map
- * stays manual. For every shard this node holds a copy of (primary or
- * replica in shards.conf) the namespace's shard becomes a switch: the
- * node's copy behind a shard_repl wrapper while this node is the shard's
- * primary, the shard at its primary over HTTP (shard_remote.h) otherwise.
- * A failover thread keeps each copy's role in step with the map:
+ * stays manual. Every shard of the namespace becomes a switch: the node's
+ * copy behind a shard_repl wrapper while this node is the shard's primary,
+ * the shard at its primary over HTTP (shard_remote.h) otherwise. Which
+ * copies this node holds is the map's word (not shards.conf's, once the map
+ * is seeded): a failover thread opens and drops copies as the map changes
+ * (`shardfs replica add/drop`: DESIGN: placement in failover.c) and keeps
+ * each copy's role in step with the map:
  *
  *  - Promotion: the shard's leader key is gone (its primary's etcd lease
  *    ended) and this node is an in-sync replica: it waits a little, longer
@@ -57,9 +59,12 @@
 
 struct failover;
 
-/* Put the switches in ns for every copy node holds, with their roles as
- * the map has them now. local[i] (cfg->shard_count entries) gets this
- * node's LMDB copy of shard i, or NULL. cfg, ns and map must outlive fo.
+/* Put a switch in ns for every shard, with the copies the map gives node
+ * (ns_open opened shards.conf's: those the map does not give are closed, one
+ * it made empty removed; those it gives but the file does not are opened)
+ * and their roles as the map has them now. local[i] (cfg->shard_count
+ * entries) gets this node's LMDB copy of shard i, or NULL; the switches own
+ * the copies. cfg, ns and map must outlive fo.
  * 0, or -errno with a reason in err; *out is set in both cases (NULL
  * only when out of memory) and goes to failover_close() after ns_close(). */
 int failover_open(const struct config *cfg, int node, struct ns *ns, struct shard_map *map,
@@ -73,7 +78,8 @@ void failover_started(void *fo, struct node_server *srv);
 int failover_primary_of(void *fo, unsigned shard, uint64_t *epoch);
 
 /* Listen to the map, start the failover thread. rs: the replica-sync
- * thread, started with every copy of local[] and failover_primary_of.
+ * thread, started with every copy of local[] and failover_primary_of (it
+ * must run also with no copy: copies may be added, replica_sync_add).
  * 0 or -errno with a reason. */
 int failover_start(struct failover *fo, struct replica_sync *rs, char *err, size_t errlen);
 /* Stop listening and the thread. NULL-safe. */
@@ -101,6 +107,14 @@ struct failover_handed {
 };
 int failover_handover(struct failover *fo, unsigned n, int to, struct failover_handed *out,
                       char *err, size_t errlen);
+
+/* The primary's wrapper (shard_repl.h) of shard n while this node serves
+ * it, kept this shard's (its use counted like an op in flight, and no
+ * handover of n starts) until failover_primary_put(fo, n); NULL when this
+ * node does not serve n or a handover of n runs. For the content check
+ * (replication.c), which freezes it for one hash pass. */
+struct shard *failover_primary_get(struct failover *fo, unsigned n);
+void failover_primary_put(struct failover *fo, unsigned n);
 
 /* How many times this process promoted a copy / stepped down. */
 void failover_counts(struct failover *fo, unsigned *promotions, unsigned *demotions);

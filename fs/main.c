@@ -43,6 +43,7 @@ static const char usage_main[] =
     "  mount [-c CONF] [-n NODE] [-f] [-o OPTS] MOUNTPOINT   mount the store\n"
     "  serve [-c CONF] [-n NODE] [-f]                       run a node without a mount\n"
     "  fsck  [-c CONF] [-n NODE] [--repair]                 check (and repair) the store\n"
+    "  fsck  --replicas [-c CONF] [--wait MS]               compare every replica with its primary\n"
     "  where [-c CONF] [-n NODE] PATH                       show which shards hold PATH\n"
     "  (these four take -w SECONDS: how long to wait for another process of the store)\n"
     "  get   [-c CONF] [--node NODE] PATH                   print a file (via the key API)\n"
@@ -51,6 +52,7 @@ static const char usage_main[] =
     "  ls    [-c CONF] [--node NODE] [PATH]                 list a directory\n"
     "  status [-c CONF]                                     nodes and shards of a cluster\n"
     "  promote [-c CONF] SHARD NODE                         hand a shard's primary role to NODE\n"
+    "  replica add|drop [-c CONF] [-w SECONDS] SHARD NODE   give NODE a copy of SHARD, or take it\n"
     "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
     "\n"
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
@@ -79,6 +81,7 @@ static const char usage_serve[] =
 
 static const char usage_fsck[] =
     "usage: shardfs fsck [-c CONF] [-n NODE] [-w SECONDS] [--repair]\n"
+    "       shardfs fsck --replicas [-c CONF] [--wait MS]\n"
     "\n"
     "Check every shard of an unmounted store: dangling entries, orphan inodes and\n"
     "chunks, link counts, misplaced records and half-done multi-shard operations.\n"
@@ -86,7 +89,9 @@ static const char usage_fsck[] =
     "when some could not be fixed), 2 on errors. In a cluster, run it for each\n"
     "node (-n) while the other nodes are running: it reaches their shards over HTTP.\n"
     "If another shardfs process has the store open, fsck waits up to -w SECONDS\n"
-    "(default 10) for it to finish; a store that is still mounted fails at once.\n";
+    "(default 10) for it to finish; a store that is still mounted fails at once.\n"
+    "--replicas compares, on the running cluster, every replica of every shard\n"
+    "with its primary at one position (shardfs fsck --replicas --help).\n";
 
 static const char usage_where[] =
     "usage: shardfs where [-c CONF] [-n NODE] [-w SECONDS] PATH\n"
@@ -613,6 +618,9 @@ static int cmd_fsck(int argc, char **argv)
     struct ns *ns = NULL;
     int found;
 
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--replicas")) /* the running copies, not one store */
+            return cmd_fsck_replicas(argc, argv);
     int r = parse_cli(argc, argv, "+c:n:w:h", usage_fsck, &c);
     if (r)
         return r > 0 ? 0 : 2;
@@ -730,7 +738,7 @@ int main(int argc, char **argv)
         int (*fn)(int, char **);
     } clients[] = {{"get", cmd_get},         {"put", cmd_put},     {"rm", cmd_rm},
                    {"ls", cmd_ls},           {"status", cmd_status}, {"bench", cmd_bench},
-                   {"promote", cmd_promote}};
+                   {"promote", cmd_promote}, {"replica", cmd_replica}};
     for (size_t i = 0; i < sizeof(clients) / sizeof(clients[0]); i++)
         if (!strcmp(argv[1], clients[i].name))
             return clients[i].fn(argc - 1, argv + 1);

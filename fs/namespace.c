@@ -245,6 +245,90 @@ struct remote *ns_remote(struct ns *ns)
     return ns->remote;
 }
 
+struct shard *ns_replica_take(struct ns *ns, unsigned index)
+{
+    struct shard *s;
+
+    if (index >= ns->nshards)
+        return NULL;
+    s = ns->replicas[index];
+    ns->replicas[index] = NULL;
+    return s;
+}
+
+/* DATA_DIR/shard-N (suffix ""), or DATA_DIR/shard-N.dropped. */
+static int copy_dir(const struct ns *ns, unsigned index, const char *suffix, char *out,
+                    size_t len)
+{
+    int n = snprintf(out, len, "%s/shard-%u%s", ns->data_dir, index, suffix);
+
+    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+int ns_copy_open(struct ns *ns, unsigned index, struct shard **out, char *err, size_t errlen)
+{
+    /* as ns_open opens a replica: a change stream, the config's interval */
+    struct shard_lmdb_options opt = {.commit_interval_ms = ns->cfg->commit_interval_ms};
+    char dir[PATH_MAX + 32];
+    int rc;
+
+    *out = NULL;
+    if (index >= ns->nshards)
+        return -EINVAL;
+    rc = copy_dir(ns, index, "", dir, sizeof(dir));
+    if (rc == 0)
+        rc = shard_lmdb_open(dir, index, &opt, out, err, errlen);
+    else
+        snprintf(err, errlen, "shard %u: data_dir path too long", index);
+    return rc;
+}
+
+/* Remove the files of directory dir, then dir. 0 or -errno. */
+static int dir_remove(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int rc = 0;
+
+    if (!d)
+        return errno == ENOENT ? 0 : -errno;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        if (unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT)
+            rc = -errno;
+    }
+    closedir(d);
+    if (rc == 0 && rmdir(dir) != 0 && errno != ENOENT)
+        rc = -errno;
+    return rc;
+}
+
+int ns_copy_remove(struct ns *ns, unsigned index)
+{
+    char dir[PATH_MAX + 32], gone[PATH_MAX + 40];
+    int rc;
+
+    if (index >= ns->nshards)
+        return -EINVAL;
+    rc = copy_dir(ns, index, "", dir, sizeof(dir));
+    if (rc == 0)
+        rc = copy_dir(ns, index, ".dropped", gone, sizeof(gone));
+    if (rc)
+        return rc;
+    /* One rename, made durable, before anything is deleted: a crash never
+     * leaves a half-deleted shard-N (redo logs without their data.mdb)
+     * that a later open would take for a copy. */
+    rc = dir_remove(gone); /* a leftover of an earlier drop */
+    if (rc == 0 && rename(dir, gone) != 0)
+        rc = errno == ENOENT ? 1 : -errno;
+    if (rc == 0)
+        rc = durable_sync_parent(dir);
+    if (rc == 0)
+        rc = dir_remove(gone);
+    return rc < 0 ? rc : 0;
+}
+
 /* 1 if shards.conf names node a replica holder of shard i. */
 static int holds_replica(const struct config *cfg, int node, unsigned i)
 {

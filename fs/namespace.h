@@ -98,6 +98,20 @@ struct shard *ns_shard_swap(struct ns *ns, unsigned index, struct shard *s);
 /* The remote shards' shared state (shard_remote.h); NULL when every shard
  * is local. */
 struct remote *ns_remote(struct ns *ns);
+
+/* Copies of shards that move at runtime (`shardfs replica add/drop`,
+ * fs/failover.h), in the directory ns_open() would use, DATA_DIR/shard-N.
+ * ns_replica_take: hand ns_replica(ns, index) to the caller (to close);
+ * ns no longer has it. NULL if none.
+ * ns_copy_open: open (creating) the LMDB copy of shard index with the
+ * options ns_open() gives a replica; the caller closes it. 0, or -errno
+ * with a reason in err.
+ * ns_copy_remove: delete that directory (its copy closed): renamed to
+ * shard-N.dropped durably first, then emptied and removed. 0 also when it
+ * does not exist; -errno. */
+struct shard *ns_replica_take(struct ns *ns, unsigned index);
+int ns_copy_open(struct ns *ns, unsigned index, struct shard **out, char *err, size_t errlen);
+int ns_copy_remove(struct ns *ns, unsigned index);
 unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
                         size_t nlen);
 unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id);

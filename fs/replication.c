@@ -8,8 +8,9 @@
  * request for a shard this node holds only a replica of is redirected to
  * the primary (the server's rule, node_server.h). The replica-sync thread
  * asks the map where each primary is and is kicked by the map's changes.
- * With etcd, failover.h does the wrapping instead: every copy here, primary
- * or replica, gets a switch in the namespace, the replica-sync thread gets
+ * With etcd, failover.h does the wrapping instead: every shard gets a switch
+ * in the namespace, the copies here are those the map gives this node (and
+ * change with it: `shardfs replica add/drop`), the replica-sync thread gets
  * every copy (it leaves alone those this node serves) and the failover
  * thread moves the roles with the map.
  */
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "failover.h"
 #include "replica_sync.h"
@@ -30,6 +32,9 @@
 
 #define REPLICATION_ROUTE "/v1/replicas"
 #define REPLICATION_PROMOTE "/v1/promote"
+#define REPLICATION_CHECKSUM "/v1/checksum"
+#define CHECKSUM_WAIT_DEFAULT_MS 10000u
+#define CHECKSUM_WAIT_MAX_MS 60000u
 
 struct replication {
     const struct config *cfg;
@@ -253,6 +258,189 @@ static void route_promote(struct replication *rep, const struct node_request *re
     json_decref(in);
 }
 
+/* ---- POST /v1/checksum (replication.h): the content check ---- */
+
+static int64_t mono_ms(void)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* The wrapper of shard n if this node serves it as primary (kept until
+ * primary_put with etcd), else NULL. */
+static struct shard *primary_get(struct replication *rep, unsigned n)
+{
+    struct shard_copies c;
+    struct shard *w;
+
+    if (rep->fo)
+        return failover_primary_get(rep->fo, n);
+    w = ns_shard(rep->ns, n);
+    if (shard_map_get(rep->map, n, &c) != 0 || c.primary != rep->node || !shard_repl_is(w))
+        return NULL;
+    return w;
+}
+
+static void primary_put(struct replication *rep, unsigned n)
+{
+    if (rep->fo)
+        failover_primary_put(rep->fo, n);
+}
+
+/* As primary: freeze the writes, hash the copy at its position P, set the
+ * replicas' checkpoint at P for ttl_ms, thaw. *frozen_ms: how long writes
+ * were held. 0 or -errno with a reason. */
+static int checksum_as_primary(struct replication *rep, unsigned n, unsigned ttl_ms,
+                               struct shard_lmdb_sum *sum, int64_t *frozen_ms, char *err,
+                               size_t errlen)
+{
+    unsigned tmo = rep->cfg->timeout_ms ? rep->cfg->timeout_ms : 5000;
+    struct shard *w = primary_get(rep, n);
+    struct stream_pos p;
+    int64_t t0;
+    int rc;
+
+    *frozen_ms = 0;
+    if (!w) {
+        snprintf(err, errlen, "shard %u: %s is not its serving primary (or a handover runs)", n,
+                 rep->cfg->nodes[rep->node].name);
+        return -EPERM;
+    }
+    /* The pages first, writes flowing: the held pass then reads memory. */
+    rc = shard_lmdb_warm(shard_repl_inner(w));
+    if (rc < 0) {
+        snprintf(err, errlen, "shard %u: reading the primary's copy: %s", n, strerror(-rc));
+        goto out;
+    }
+    /* As a handover's freeze: held writes keep time to be done again. */
+    t0 = mono_ms();
+    rc = shard_repl_freeze(w, tmo * 2 / 10, &p);
+    if (rc < 0) {
+        snprintf(err, errlen, "shard %u: writes in progress did not finish in time: %s", n,
+                 strerror(-rc));
+        goto out;
+    }
+    rc = shard_lmdb_checksum(shard_repl_inner(w), sum);
+    if (rc == 0 && !stream_pos_eq(&sum->pos, &p))
+        rc = -EAGAIN; /* not expected: every write goes through the frozen wrapper */
+    if (rc == 0)
+        rc = shard_repl_checkpoint_set(w, &p, ttl_ms);
+    shard_repl_thaw(w, 0);
+    *frozen_ms = mono_ms() - t0;
+    if (rc < 0)
+        snprintf(err, errlen, "shard %u: hashing the primary's copy: %s", n, strerror(-rc));
+out:
+    primary_put(rep, n);
+    return rc;
+}
+
+static json_t *sum_json(const struct replication *rep, unsigned n, const char *role,
+                        const struct shard_lmdb_sum *sum, int64_t frozen_ms, int64_t took_ms)
+{
+    char check[24], digest[2 * SHARD_LMDB_SUM_LEN + 1];
+
+    snprintf(check, sizeof(check), "%" PRIu64, sum->pos.check);
+    for (unsigned i = 0; i < SHARD_LMDB_SUM_LEN; i++)
+        snprintf(digest + 2 * i, 3, "%02x", sum->digest[i]);
+    return json_pack("{s:b,s:I,s:s,s:s,s:o,s:o,s:s,s:s,s:o,s:o,s:I,s:I}", "done", 1, "shard",
+                     (json_int_t)n, "node", rep->cfg->nodes[rep->node].name, "role", role,
+                     "epoch", json_u64(sum->pos.epoch), "lsn", json_u64(sum->pos.lsn), "check",
+                     check, "digest", digest, "records", json_u64(sum->records), "bytes",
+                     json_u64(sum->bytes), "frozen_ms", (json_int_t)frozen_ms, "took_ms",
+                     (json_int_t)took_ms);
+}
+
+/* A u64 member given as a JSON integer or a decimal string. 0 or -EINVAL. */
+static int json_u64_of(json_t *obj, const char *key, uint64_t *out)
+{
+    json_t *v = json_object_get(obj, key);
+    const char *s;
+    char *end;
+
+    if (json_is_integer(v) && json_integer_value(v) >= 0) {
+        *out = (uint64_t)json_integer_value(v);
+        return 0;
+    }
+    s = json_string_value(v);
+    if (!s || !*s || *s == '-' || *s == '+')
+        return -EINVAL;
+    errno = 0;
+    *out = strtoull(s, &end, 10);
+    return errno || *end ? -EINVAL : 0;
+}
+
+/* POST /v1/checksum, on a worker: {"shard":N[,"wait_ms":W]} asks the
+ * primary; with "epoch", "lsn" and "check" it asks this node's replica
+ * for its hash at that position, waiting up to wait_ms. */
+static void route_checksum(struct replication *rep, const struct node_request *req,
+                           struct node_response *resp)
+{
+    json_t *in = req->body ? json_loadb((const char *)req->body, req->body_len, 0, NULL) : NULL;
+    json_t *shard = json_object_get(in, "shard");
+    struct shard_lmdb_sum sum;
+    struct stream_pos at, now = {0, 0, 0};
+    uint64_t wait_ms = CHECKSUM_WAIT_DEFAULT_MS;
+    int64_t t0 = mono_ms(), frozen_ms = 0;
+    char err[256] = "", check[24];
+    unsigned n;
+    int rc, as_replica;
+
+    if (!rep) {
+        json_decref(in);
+        node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno", "EOPNOTSUPP",
+                                           "error", "this node has no replicated shard"));
+        return;
+    }
+    if (!json_is_integer(shard) || json_integer_value(shard) < 0 ||
+        json_integer_value(shard) >= (json_int_t)rep->cfg->shard_count ||
+        (json_object_get(in, "wait_ms") && json_u64_of(in, "wait_ms", &wait_ms) < 0)) {
+        json_decref(in);
+        node_response_error(resp, -EINVAL, "want {\"shard\": N[, \"wait_ms\": MS]"
+                                           "[, \"epoch\": E, \"lsn\": L, \"check\": C]}");
+        return;
+    }
+    n = (unsigned)json_integer_value(shard);
+    if (wait_ms > CHECKSUM_WAIT_MAX_MS)
+        wait_ms = CHECKSUM_WAIT_MAX_MS;
+    as_replica = json_object_get(in, "lsn") != NULL;
+    if (as_replica && (json_u64_of(in, "epoch", &at.epoch) < 0 ||
+                       json_u64_of(in, "lsn", &at.lsn) < 0 ||
+                       json_u64_of(in, "check", &at.check) < 0)) {
+        json_decref(in);
+        node_response_error(resp, -EINVAL, "bad epoch, lsn or check");
+        return;
+    }
+    json_decref(in);
+    if (!as_replica) {
+        rc = checksum_as_primary(rep, n, (unsigned)wait_ms + 1000u, &sum, &frozen_ms, err,
+                                 sizeof(err));
+    } else {
+        rc = replica_sync_checksum(rep->sync, n, &at, (unsigned)wait_ms, &sum, &now);
+        if (rc == -ENOENT)
+            snprintf(err, sizeof(err), "%s holds no replica of shard %u",
+                     rep->cfg->nodes[rep->node].name, n);
+        else if (rc == -ETIMEDOUT)
+            snprintf(err, sizeof(err), "behind: at lsn %" PRIu64 " (epoch %" PRIu64
+                     "), not at lsn %" PRIu64 " within %" PRIu64 " ms",
+                     now.lsn, now.epoch, at.lsn, wait_ms);
+        else if (rc < 0)
+            snprintf(err, sizeof(err), "hashing the replica's copy: %s", strerror(-rc));
+    }
+    if (rc == 0) {
+        node_response_json(resp, sum_json(rep, n, as_replica ? "replica" : "primary", &sum,
+                                          frozen_ms, mono_ms() - t0));
+        return;
+    }
+    snprintf(check, sizeof(check), "%" PRIu64, now.check);
+    node_response_json(resp, json_pack("{s:b,s:s,s:s,s:o,s:o,s:s}", "done", 0, "errno",
+                                       wire_errno_name(rc) ? wire_errno_name(rc) : strerror(-rc),
+                                       "error", err, "epoch", json_u64(as_replica ? now.epoch : 0),
+                                       "lsn", json_u64(as_replica ? now.lsn : 0), "check",
+                                       as_replica ? check : "0"));
+}
+
 int replication_route(struct replication *rep, const struct node_request *req,
                       struct node_response *resp)
 {
@@ -265,6 +453,12 @@ int replication_route(struct replication *rep, const struct node_request *req,
         else
             node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno", "EOPNOTSUPP",
                                        "error", "this node has no replicated shard"));
+        return 0;
+    }
+    if (handled)
+        return 0;
+    if (route_is(req, REPLICATION_CHECKSUM, "POST", resp, &handled)) {
+        route_checksum(rep, req, resp);
         return 0;
     }
     if (handled)

@@ -30,6 +30,22 @@
  *
  * (400 for a body that is not that object; without etcd, done:false.)
  *
+ * And POST /v1/checksum, the content check of `shardfs fsck --replicas`
+ * (DESIGN.md "Checking replicas"). Body {"shard":N,"wait_ms":W} to the
+ * shard's primary: it holds the shard's writes (shard_repl_freeze) for one
+ * hash pass of its copy (shard_lmdb_checksum) at its position P, sets the
+ * replicas' checkpoint at P for W + 1 s (shard_repl_checkpoint_set) and
+ * lets the writes go. Body {"shard":N,"epoch":E,"lsn":L,"check":"C",
+ * "wait_ms":W} to a node holding a replica: its hash at exactly (E,L,C),
+ * waiting up to W ms (default 10 s, at most 60 s) for the copy to get there
+ * and be hashed (replica_sync_checksum). Both answer 200:
+ *
+ *   {"done":true,"shard":N,"node":"b","role":"primary"|"replica","epoch":E,
+ *    "lsn":L,"check":"C","digest":"32 hex digits","records":R,"bytes":B,
+ *    "frozen_ms":MS (the primary's hold),"took_ms":MS}
+ *   {"done":false,"errno":"ETIMEDOUT","error":"behind: ...","epoch":E,
+ *    "lsn":L,"check":"C" (where the replica's copy is)}
+ *
  * Order (each step after the one before; stop in reverse):
  *   replication_open()  after ns_open(): the map, the wrappers
  *   node_server_start_repl(..., replication_server(rep), ...)

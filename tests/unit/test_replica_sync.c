@@ -16,7 +16,9 @@
  *  4. an interrupted snapshot: a copy left marked (snapshot_begin without
  *     done, as a crash leaves it) is emptied and caught up at start;
  *  5. a stuck copy: a fake primary answers 204 with a position ahead; the
- *     copy starts over after RS_STUCK_MS and is level with the real one.
+ *     copy starts over after RS_STUCK_MS and is level with the real one;
+ *  6. the copy removed at runtime (nothing applied to it after) and added
+ *     again (it catches up from where it was).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -390,6 +392,31 @@ int main(void)
         CHECK_RC(put_n(wrap, "five", 10, 10), 0);
         CHECKF(level(a, rs, 10000), "b did not come back after the fake primary");
         CHECK(same_records(a, b, &n));
+    }
+
+    /* 6. The copy taken away and given back at runtime (replica drop and
+     * add, fs/failover.c): once remove returned nothing is applied to it
+     * any more; an add pulls it again from where it is. */
+    {
+        struct stream_pos pb, pb2;
+
+        CHECK_RC(replica_sync_remove(rs, 0), 0);
+        CHECK_RC(replica_sync_remove(rs, 0), -ENOENT);
+        CHECK_RC(replica_sync_status(rs, 0, &st), -ENOENT);
+        CHECK_RC(shard_lmdb_position(b, &pb), 0);
+        CHECK_RC(put_n(a, "six", 30, 10), 0); /* on the inner shard: nobody waits */
+        sleep_ms(1500);
+        CHECK_RC(shard_lmdb_position(b, &pb2), 0);
+        CHECKF(pb2.lsn == pb.lsn, "b moved from lsn %" PRIu64 " to %" PRIu64 " after its remove",
+               pb.lsn, pb2.lsn);
+        CHECK_RC(replica_sync_add(rs, 0, b), 0);
+        CHECK_RC(replica_sync_add(rs, 0, b), -EEXIST);
+        CHECK_RC(replica_sync_add(rs, 5, b), -EINVAL);
+        CHECK_RC(replica_sync_add(NULL, 0, b), -EINVAL);
+        CHECKF(level(a, rs, 10000), "b did not catch up after it was added again");
+        CHECK(same_records(a, b, &n));
+        CHECK_RC(replica_sync_status(rs, 0, &st), 0);
+        CHECK(st.primary == 0);
     }
 
     replica_sync_stop(rs);

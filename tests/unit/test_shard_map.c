@@ -491,6 +491,93 @@ out:
     shard_map_close(c);
 }
 
+/* The rules of replica add/drop, pure. */
+static void test_placement_rules(void)
+{
+    struct shard_copies c = {.epoch = 3, .primary = 0, .nreplicas = 1, .replicas = {1},
+                             .in_sync = 1};
+
+    CHECK_RC(shard_copies_add_replica(&c, 0), -EEXIST); /* the primary */
+    CHECK_RC(shard_copies_add_replica(&c, 1), -EEXIST); /* already a replica */
+    CHECK_RC(shard_copies_add_replica(&c, -1), -EINVAL);
+    CHECK_RC(shard_copies_add_replica(&c, 2), 0);
+    CHECK(c.nreplicas == 2 && c.replicas[1] == 2 && c.in_sync == 1 && c.epoch == 3);
+    CHECK_RC(shard_copies_add_replica(&c, 3), 0);
+    CHECK_RC(shard_copies_add_replica(&c, 4), -ENOSPC); /* a primary and 3 replicas */
+    CHECK(c.nreplicas == 3);
+    /* replicas 1 (in sync), 2, 3; in sync: 1 and 3 */
+    c.in_sync = 1u | 4u;
+    CHECK_RC(shard_copies_drop_replica(&c, 0), -EPERM);
+    CHECK_RC(shard_copies_drop_replica(&c, 5), -ENOENT);
+    CHECK_RC(shard_copies_drop_replica(&c, 2), 0); /* 3 moves down, its bit too */
+    CHECK(c.nreplicas == 2 && c.replicas[0] == 1 && c.replicas[1] == 3 && c.in_sync == 3u);
+    CHECK_RC(shard_copies_drop_replica(&c, 1), 0);
+    CHECK(c.nreplicas == 1 && c.replicas[0] == 3 && c.in_sync == 1u && c.primary == 0);
+    /* the only in-sync replica stays; one out of sync may go */
+    CHECK_RC(shard_copies_drop_replica(&c, 3), -EBUSY);
+    CHECK_RC(shard_copies_add_replica(&c, 1), 0);
+    CHECK_RC(shard_copies_drop_replica(&c, 1), 0);
+    c.in_sync = 0;
+    CHECK_RC(shard_copies_drop_replica(&c, 3), 0);
+    CHECK(c.nreplicas == 0 && c.in_sync == 0);
+}
+
+/* replica add/drop in etcd: made by a process that is no node (self -1,
+ * the CLI), seen by the nodes' maps through their watches; refused by the
+ * static map; a primary's isr_add of the new copy works on the new entry. */
+static void test_placement(void)
+{
+    static struct config cfg, scfg;
+    struct shard_map *a = NULL, *b = NULL, *cli = NULL, *st = NULL;
+    struct shard_copies x;
+
+    load_conf(&scfg, "placement-static", "placement-secret-0123", 4, 0, 0);
+    CHECK_RC(shard_map_open(&scfg, -1, &st, err, sizeof(err)), 0);
+    if (st) {
+        CHECK_RC(shard_map_replica_add(st, 2, 0), -EOPNOTSUPP);
+        CHECK_RC(shard_map_replica_drop(st, 0, 1), -EOPNOTSUPP);
+    }
+    shard_map_close(st);
+
+    load_conf(&cfg, "placement", "placement-secret-0123", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, -1, &cli, err, sizeof(err)), 0);
+    if (!a || !b || !cli)
+        goto out;
+    /* shard 1: primary a, replica b; add c */
+    CHECK_RC(shard_map_isr_add(a, 1, 1, 7), 0);
+    CHECK(wait_for(cli, 1, 7, 1, 0));
+    CHECK_RC(shard_map_replica_add(cli, 1, 0), -EEXIST);
+    CHECK_RC(shard_map_replica_add(cli, 1, 2), 0);
+    x = get(cli, 1);
+    CHECK(x.nreplicas == 2 && x.replicas[1] == 2 && x.in_sync == 1 && x.epoch == 7);
+    {
+        double end = now_s() + 10;
+        /* both nodes' watches: each map hears of the change on its own */
+        while ((get(a, 1).nreplicas != 2 || get(b, 1).nreplicas != 2) && now_s() < end)
+            usleep(10000);
+    }
+    CHECK(get(a, 1).nreplicas == 2 && get(b, 1).nreplicas == 2);
+    /* the primary puts the new copy in sync (it saw it level) */
+    CHECK_RC(shard_map_isr_add(a, 1, 2, 7), 0);
+    CHECK(wait_for(cli, 1, 7, 3, 0));
+    /* a stale view in cli is put right by the compare: b is dropped from
+     * a's fresh entry, not from an old one */
+    CHECK_RC(shard_map_replica_drop(cli, 1, 0), -EPERM);
+    CHECK_RC(shard_map_replica_drop(cli, 1, 1), 0);
+    x = get(cli, 1);
+    CHECK(x.nreplicas == 1 && x.replicas[0] == 2 && x.in_sync == 1 && x.primary == 0);
+    CHECK(wait_for(a, 1, 7, 1, 0));
+    CHECK(get(a, 1).replicas[0] == 2);
+    CHECK_RC(shard_map_replica_drop(cli, 1, 2), -EBUSY); /* the only in-sync copy */
+    CHECK_RC(shard_map_isr_add(a, 1, 1, 7), -ENOENT);   /* b holds none any more */
+out:
+    shard_map_close(a);
+    shard_map_close(b);
+    shard_map_close(cli);
+}
+
 /* A primary killed with SIGKILL: its key stays until its lease runs out. */
 static void test_promote_after_expiry(void)
 {
@@ -901,6 +988,7 @@ int main(void)
         return 2;
     }
     test_static();
+    test_placement_rules();
     if (access(ETCD_BIN, X_OK) != 0) {
         printf("test_shard_map: %s not installed, etcd parts skipped\n", ETCD_BIN);
         rm_rf(tmpdir);
@@ -921,6 +1009,7 @@ int main(void)
         test_seed(e);
         test_changes_and_promote(e);
         test_handover();
+        test_placement();
         test_promote_after_expiry();
         test_lease_loss(pid);
         test_partition(e);

@@ -16,6 +16,12 @@
  *    the next write waits for the others only; a report of the primary's
  *    position puts it back, an older one does not;
  *  - isr_remove failing: the write fails with EIO;
+ *  - joining: with the in-sync set empty, a write that comes while a
+ *    replica's way back in (isr_add) is in flight waits for that replica's
+ *    ack (else the replica would enter the set lacking an acknowledged
+ *    write); a joiner a little behind is added once it reported the
+ *    position it joined at, also while writes go on; one that lags is
+ *    dropped after replica_lag_ms, and the write succeeds;
  *  - no lease: apply and sync fail with EHOSTUNREACH and change nothing;
  *    a lease lost during the wait fails the write too;
  *  - no-waiting mode: an apply that would wait refuses with EWOULDBLOCK
@@ -59,6 +65,8 @@
 int __real_shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
 int __wrap_shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
 int __real_shard_map_lease_ok(struct shard_map *m);
+int __real_shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
+int __wrap_shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t epoch);
 int __wrap_shard_map_lease_ok(struct shard_map *m);
 
 static _Atomic int fail_isr_remove, isr_removes, lease_lost;
@@ -69,6 +77,20 @@ int __wrap_shard_map_isr_remove(struct shard_map *m, unsigned shard, int node, u
     if (atomic_load(&fail_isr_remove))
         return -ETIMEDOUT; /* etcd unreachable */
     return __real_shard_map_isr_remove(m, shard, node, epoch);
+}
+
+/* isr_add blocks while hold_isr_add is set (an etcd txn taking its time);
+ * isr_add_waiting says one is blocked. */
+static _Atomic int hold_isr_add, isr_add_waiting;
+
+int __wrap_shard_map_isr_add(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
+{
+    while (atomic_load(&hold_isr_add)) {
+        atomic_store(&isr_add_waiting, 1);
+        usleep(1000);
+    }
+    atomic_store(&isr_add_waiting, 0);
+    return __real_shard_map_isr_add(m, shard, node, epoch);
 }
 
 int __wrap_shard_map_lease_ok(struct shard_map *m)
@@ -269,6 +291,110 @@ static void test_waits_for_every_in_sync_replica(void)
     CHECK(strcmp(value_of("k1", buf, sizeof(buf)), "v1") == 0);
     CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
     CHECK_RC(atomic_load(&isr_removes), 0);
+}
+
+/* c's report on its own thread (it may block in a held isr_add). */
+struct async_report {
+    pthread_t t;
+    struct stream_pos p;
+    int rc;
+};
+
+static void *report_main(void *arg)
+{
+    struct async_report *ar = arg;
+
+    ar->rc = shard_repl_report(repl, node_c, &ar->p, ar->p.lsn);
+    return NULL;
+}
+
+static void test_joining(void)
+{
+    struct stream_pos p, q;
+    struct async_report ar;
+    struct async_op op;
+    uint64_t epoch;
+    struct shard_copies c;
+    char buf[64];
+
+    both_report();
+    CHECK_RC(shard_map_get(map, 0, &c), 0);
+    epoch = c.epoch;
+    /* Nobody in sync: a write waits for nobody. */
+    CHECK_RC(shard_map_isr_remove(map, 0, node_b, epoch), 0);
+    CHECK_RC(shard_map_isr_remove(map, 0, node_c, epoch), 0);
+    CHECK(in_sync(node_b) == 0 && in_sync(node_c) == 0);
+    async_start(&op, repl, "j1", "v1");
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start < 0.5, "took %.3f s", op.end - op.start);
+
+    /* c reports the primary's position: its way back in is a txn, held
+     * here; a write meanwhile must wait for c. */
+    atomic_store(&hold_isr_add, 1);
+    ar.p = position();
+    pthread_create(&ar.t, NULL, report_main, &ar);
+    for (int i = 0; i < 2000 && !atomic_load(&isr_add_waiting); i++)
+        usleep(1000);
+    CHECK(atomic_load(&isr_add_waiting));
+    p = position();
+    async_start(&op, repl, "j2", "v2");
+    q = wait_applied(p.lsn);
+    usleep(100000);
+    CHECKF(!atomic_load(&op.done), "a write was acknowledged without the replica joining");
+    atomic_store(&hold_isr_add, 0);
+    pthread_join(ar.t, NULL);
+    CHECK_RC(ar.rc, 0);
+    CHECK(in_sync(node_c) == 1);
+    usleep(50000);
+    CHECKF(!atomic_load(&op.done), "the write returned before c's ack");
+    CHECK_RC(shard_repl_report(repl, node_c, &q, q.lsn), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK(strcmp(value_of("j2", buf, sizeof(buf)), "v2") == 0);
+
+    /* b, a little behind, joins at the position of its first near report,
+     * while c acks every write and writes go on. */
+    CHECK(in_sync(node_b) == 0);
+    p = position();
+    CHECK_RC(apply_now(repl, "j3", "v3"), 0); /* waits for c, silent: c leaves */
+    CHECK(in_sync(node_c) == 0); /* dropped after replica_lag_ms */
+    CHECK(strcmp(value_of("j3", buf, sizeof(buf)), "v3") == 0);
+    q = position();
+    CHECK_RC(shard_repl_report(repl, node_b, &p, p.lsn), 0); /* one behind: joining */
+    CHECK(in_sync(node_b) == 0);
+    async_start(&op, repl, "j4", "v4");
+    wait_applied(q.lsn);
+    usleep(50000);
+    CHECKF(!atomic_load(&op.done), "a write did not wait for the joiner");
+    p = position();
+    CHECK_RC(shard_repl_report(repl, node_b, &p, p.lsn), 0); /* past its join point */
+    CHECK_RC(async_join(&op), 0);
+    CHECK(in_sync(node_b) == 1);
+
+    /* A joiner that goes silent is dropped; the write is acknowledged. */
+    p = position();
+    async_start(&op, repl, "j5", "v5");
+    q = wait_applied(p.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &q, q.lsn), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK_RC(shard_repl_report(repl, node_c, &p, p.lsn), 0); /* behind: joining */
+    CHECK(in_sync(node_c) == 0);
+    async_start(&op, repl, "j6", "v6");
+    q = wait_applied(q.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &q, q.lsn), 0);
+    usleep(100000);
+    CHECKF(!atomic_load(&op.done), "a write did not wait for the joiner");
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start >= (LAG_MS - 20) / 1000.0, "took %.3f s", op.end - op.start);
+    CHECK(in_sync(node_c) == 0 && in_sync(node_b) == 1);
+    /* Dropped: the next write does not wait for it. */
+    p = position();
+    async_start(&op, repl, "j7", "v7");
+    q = wait_applied(p.lsn);
+    CHECK_RC(shard_repl_report(repl, node_b, &q, q.lsn), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start < (LAG_MS - 100) / 1000.0, "took %.3f s", op.end - op.start);
+    both_report(); /* c level: joins and is added at once */
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
 }
 
 /* b acks every batch as it comes, from a thread, until told to stop. */
@@ -674,6 +800,7 @@ int main(void)
     test_waits_for_every_in_sync_replica();
     test_silent_replica_leaves_and_rejoins();
     test_isr_remove_failure_fails_the_write();
+    test_joining();
     test_no_lease(primary_ack);
     test_nowait_refuses_before_applying(primary_ack);
     test_ack_primary_does_not_wait(primary_ack);
