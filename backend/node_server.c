@@ -1404,7 +1404,8 @@ static json_t *replica_json(struct node_server *s, const struct shard_repl_peer 
                            ? s->cfg.nodes[p->node].name
                            : "?";
 
-    return json_pack("{s:s,s:b,s:o,s:o,s:o,s:o,s:I,s:b}", "node", name, "in_sync", p->in_sync,
+    return json_pack("{s:s,s:b,s:b,s:o,s:o,s:o,s:o,s:o,s:I,s:b}", "node", name, "in_sync",
+                     p->in_sync, "joining", p->joining, "join_lsn", json_u64(p->join_lsn),
                      "lsn", json_u64(p->applied.lsn), "synced", json_u64(p->synced_lsn),
                      "lag_batches", json_u64(p->lag_batches), "lag_ms", json_u64(p->lag_ms),
                      "last_report_ms", (json_int_t)p->last_report_ms, "snapshot",

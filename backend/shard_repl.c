@@ -843,6 +843,9 @@ int shard_repl_status(struct shard *s, struct shard_repl_status *out)
             continue;
         p = &r->peers[node];
         o->needs_snapshot = p->needs_snapshot;
+        /* in the map already: a member (its next report ends the join) */
+        o->joining = p->joining != JOIN_NONE && !o->in_sync;
+        o->join_lsn = o->joining ? p->join_lsn : 0;
         o->applied = p->applied;
         o->synced_lsn = p->synced;
         if (p->report_ms)

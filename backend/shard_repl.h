@@ -160,6 +160,8 @@ void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id);
 struct shard_repl_peer {
     int node;                  /* node index */
     int in_sync;               /* in the map's in-sync set */
+    int joining;               /* on its way in: writes wait for it (DESIGN: joining) */
+    uint64_t join_lsn;         /* it joins once it applied this (when joining) */
     int needs_snapshot;        /* its last request got ERANGE/ESTALE */
     struct stream_pos applied; /* last reported ({0,0,0}: none since start) */
     uint64_t synced_lsn;

@@ -70,7 +70,8 @@
  *        the one it last hashed for, which ends it.
  *   GET  /v1/shard/N/position          (the primary of N)
  *        200 JSON {"epoch":E,"lsn":L,"check":"C","replicas":[{"node":"NAME",
- *            "in_sync":true|false,"lsn":L,"synced":S,"lag_batches":B,
+ *            "in_sync":true|false,"joining":true|false,"join_lsn":J,
+ *            "lsn":L,"synced":S,"lag_batches":B,
  *            "lag_ms":MS,"last_report_ms":MS|-1,"snapshot":true|false},...]}
  *            ("check" a decimal string: JSON numbers lose u64 bits), also
  *            X-Shardfs-Position; replicas only where the shard has them.

@@ -491,6 +491,15 @@ static void copy_state(json_t *mine, char *out, size_t len)
         snprintf(out + n, len - (size_t)n, " (last error: %s)", error);
 }
 
+/* A joiner's state: where it enters the in-sync set. */
+static void append_joining(char *state, size_t len, long long join_lsn)
+{
+    size_t n = strlen(state);
+
+    if (n < len)
+        snprintf(state + n, len - n, "; joins at lsn %lld", join_lsn);
+}
+
 /* Every copy of every shard, for a cluster with replicas: the primary's
  * view (GET /v1/shard/N/position: its position, and for each replica the
  * position it acknowledged, whether it is in the in-sync set and how far
@@ -532,6 +541,7 @@ static void print_copies(struct client *c, const int *up, const struct shard_cop
             json_t *peer, *mine;
             char epoch[24] = "-", lsn[24] = "-", lag[24] = "-", lag_ms[24] = "-", state[256];
             json_t *from;
+            int joining;
 
             if (node < 0)
                 continue; /* a node the map names but this config lacks */
@@ -554,9 +564,15 @@ static void print_copies(struct client *c, const int *up, const struct shard_cop
                 copy_state(mine, state, sizeof(state));
             else
                 snprintf(state, sizeof(state), "%s", up[node] ? "-" : "(node down)");
+            joining = peer && json_is_true(json_object_get(peer, "joining"));
+            if (joining) /* writes wait for it already (DESIGN: joining) */
+                append_joining(state, sizeof(state), jint(peer, "join_lsn"));
             printf("%-6u %-12s %-8s %6s %12s %8s %8s %7s  %s\n", s, name, "replica", epoch, lsn,
                    lag, lag_ms,
-                   !peer ? "?" : json_is_true(json_object_get(peer, "in_sync")) ? "yes" : "no",
+                   !peer                                              ? "?"
+                   : json_is_true(json_object_get(peer, "in_sync")) ? "yes"
+                   : joining                                          ? "joining"
+                                                                      : "no",
                    state);
         }
         json_decref(pos);
@@ -572,7 +588,8 @@ static const char usage_status[] =
     "node that is down, since when the live nodes have it marked down) and\n"
     "every shard (owner, records, bytes, batches not yet synced); with replicas,\n"
     "every copy of every shard (node, role, epoch, LSN, lag in batches and ms\n"
-    "as its primary sees it, in the in-sync set or not, and the copy's own state:\n"
+    "as its primary sees it, in the in-sync set, joining it (writes wait for it\n"
+    "already; it enters at the lsn shown) or not, and the copy's own state:\n"
     "streaming, waiting for its primary, or a snapshot's progress). Exits 1 if\n"
     "a node is down.\n";
 

@@ -176,6 +176,21 @@ static int in_sync(int node)
     return -1;
 }
 
+/* What `shardfs status` hears of node: 1 joining (its join point into
+ * *join_lsn), 0 not, -1 not a replica. */
+static int joining(int node, uint64_t *join_lsn)
+{
+    struct shard_repl_status st;
+
+    CHECK_RC(shard_repl_status(repl, &st), 0);
+    for (unsigned i = 0; i < st.nreplicas; i++)
+        if (st.replicas[i].node == node) {
+            *join_lsn = st.replicas[i].join_lsn;
+            return st.replicas[i].joining;
+        }
+    return -1;
+}
+
 /* The value of key in the shard ("" if absent) into buf. */
 static const char *value_of(const char *key, char *buf, size_t len)
 {
@@ -316,6 +331,7 @@ static void test_joining(void)
     uint64_t epoch;
     struct shard_copies c;
     char buf[64];
+    uint64_t jl = 0;
 
     both_report();
     CHECK_RC(shard_map_get(map, 0, &c), 0);
@@ -361,6 +377,8 @@ static void test_joining(void)
     q = position();
     CHECK_RC(shard_repl_report(repl, node_b, &p, p.lsn), 0); /* one behind: joining */
     CHECK(in_sync(node_b) == 0);
+    CHECK(joining(node_b, &jl) == 1 && jl == q.lsn); /* status shows it */
+    CHECK(joining(node_c, &jl) == 0);
     async_start(&op, repl, "j4", "v4");
     wait_applied(q.lsn);
     usleep(50000);
@@ -369,6 +387,7 @@ static void test_joining(void)
     CHECK_RC(shard_repl_report(repl, node_b, &p, p.lsn), 0); /* past its join point */
     CHECK_RC(async_join(&op), 0);
     CHECK(in_sync(node_b) == 1);
+    CHECK(joining(node_b, &jl) == 0);
 
     /* A joiner that goes silent is dropped; the write is acknowledged. */
     p = position();
