@@ -14,7 +14,8 @@
 
 static int op_has_value(unsigned op)
 {
-    return op == BATCH_PUT || op == BATCH_ASSERT_VALUE || op == BATCH_DEL_RANGE;
+    return op == BATCH_PUT || op == BATCH_ASSERT_VALUE || op == BATCH_DEL_RANGE ||
+           op == BATCH_ASSERT_EMPTY;
 }
 
 void batch_init(struct batch *b)
@@ -121,7 +122,7 @@ int batch_next(const uint8_t *buf, size_t len, size_t *pos, struct batch_item *i
     if (len - p < 5)
         return -EINVAL;
     it->op = (enum batch_op)buf[p];
-    if (it->op < BATCH_PUT || it->op > BATCH_ASSERT_VALUE)
+    if (it->op < BATCH_PUT || it->op > BATCH_OP_MAX)
         return -EINVAL;
     n = (uint32_t)endian_get_le(buf + p + 1, 4);
     p += 5;

@@ -6,7 +6,7 @@
  * an HTTP batch request, so it is self-delimiting and checked on decode:
  *
  *   op:u8  klen:u32le  key  [vlen:u32le value]      (value for PUT, ASSERT_VALUE)
- *   DEL_RANGE carries its end key as the value: [key, end)
+ *   DEL_RANGE and ASSERT_EMPTY carry their end key as the value: [key, end)
  *
  * Memory: a batch owns its buffer (batch_free); the iterator hands out pointers
  * into that buffer, valid until the batch changes or is freed. Not thread-safe.
@@ -27,7 +27,9 @@ enum batch_op {
     BATCH_DEL_RANGE = 3,    /* every key in [key, end) */
     BATCH_ASSERT_ABSENT = 4, /* fails the batch with -EEXIST if key exists */
     BATCH_ASSERT_VALUE = 5,  /* fails with -EAGAIN unless key holds exactly value */
+    BATCH_ASSERT_EMPTY = 6,  /* fails with -ENOTEMPTY if a key in [key, end) exists */
 };
+#define BATCH_OP_MAX BATCH_ASSERT_EMPTY
 
 struct batch {
     uint8_t *buf;

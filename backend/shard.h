@@ -9,6 +9,7 @@
  * Errors: every slot returns 0 (or a count) on success and a negative errno:
  *   -ENOENT  key not found          -EEXIST  BATCH_ASSERT_ABSENT failed
  *   -EAGAIN  BATCH_ASSERT_VALUE failed (the caller re-reads and retries)
+ *   -ENOTEMPTY  BATCH_ASSERT_EMPTY failed
  *   -ENOSPC  out of space           -EIO     anything the store cannot explain
  *
  * Consistency: a successful apply() is visible to every later call on any

@@ -250,6 +250,25 @@ static int check_assert(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
     return 0;
 }
 
+/* BATCH_ASSERT_EMPTY: no key in [key, end). The ranges asserted (a file's
+ * open registrations) hold no local keys. */
+static int check_empty(MDB_txn *txn, MDB_dbi dbi, const struct batch_item *it)
+{
+    MDB_cursor *cur = NULL;
+    MDB_val k = {.mv_size = it->klen, .mv_data = (void *)it->key}, v;
+    int rc = mdb_cursor_open(txn, dbi, &cur);
+
+    if (rc)
+        return shard_lmdb_errno(rc);
+    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    mdb_cursor_close(cur);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc)
+        return shard_lmdb_errno(rc);
+    return batch_key_cmp(k.mv_data, k.mv_size, it->val, it->vlen) < 0 ? -ENOTEMPTY : 0;
+}
+
 /* How apply_items treats a batch. */
 enum items_mode {
     ITEMS_BLIND = 0,        /* log replay, a replica: preconditions skipped
@@ -292,6 +311,9 @@ static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len
         case BATCH_ASSERT_ABSENT:
         case BATCH_ASSERT_VALUE:
             rc = mode == ITEMS_CHECKED ? check_assert(txn, dbi, &it) : 0;
+            break;
+        case BATCH_ASSERT_EMPTY:
+            rc = mode == ITEMS_CHECKED ? check_empty(txn, dbi, &it) : 0;
             break;
         }
         if (rc)

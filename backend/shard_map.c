@@ -1207,6 +1207,19 @@ static int node_lease(struct shard_map *m, int node, int64_t *lease)
     return 0;
 }
 
+int shard_map_node_alive(struct shard_map *m, int node)
+{
+    int64_t lease;
+    int rc;
+
+    if (node < 0 || (unsigned)node >= m->node_count)
+        return -EINVAL;
+    if (!m->etcd)
+        return -EOPNOTSUPP;
+    rc = node_lease(m, node, &lease);
+    return rc == 0 ? 1 : rc == -ENOENT ? 0 : rc;
+}
+
 int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
 {
     if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)

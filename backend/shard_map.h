@@ -160,4 +160,10 @@ int shard_map_replica_drop(struct shard_map *m, unsigned shard, int node);
  * and before a replica can be promoted in its place. Cheap (no lock). */
 int shard_map_lease_ok(struct shard_map *m);
 
+/* Whether node is alive in etcd: 1 while its node/NAME key exists (its
+ * lease runs), 0 once it is gone (the lease ended: killed, or cut off from
+ * etcd for a TTL), or -errno (-EOPNOTSUPP without etcd; etcd's error).
+ * One etcd read; for the open registry's reaper (fs/namespace.h). */
+int shard_map_node_alive(struct shard_map *m, int node);
+
 #endif

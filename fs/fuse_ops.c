@@ -85,9 +85,27 @@ struct node {
     uint64_t named_ms; /* CLOCK_MONOTONIC of the last lookup answered with this
                         * node; protected by fs.lock */
     int walked;        /* no open since that lookup; protected by fs.lock */
+    int reg;           /* REG_*: this node's open registration; protected by fs.lock */
     atomic_int paged;  /* a read or buffered write went through the kernel's cache */
     struct node *next; /* hash chain */
 };
+
+/* A node's open registration on the inode's shard (namespace.h, "open
+ * registry"; only with other nodes): made by the first open (in the batch
+ * the open makes anyway), dropped after the last release: the release
+ * queues it (REG_QUEUED) and the registry thread drops what is queued
+ * every REG_FLUSH_MS, in one batch a shard, so an rsync's thousands of
+ * closes cost a few batches, and an open of a queued file takes the
+ * registration back without a round trip. An open that finds it being
+ * dropped (REG_DROPPING) waits for that, so its own registration is never
+ * undone by the drop. A drop that failed (the shard's node was down)
+ * leaves it REG_STUCK, tried again every REG_RETRY_MS; an open registers
+ * anew (the record may still be there). A stop drops nothing (reg_main):
+ * the node's next start does. */
+enum { REG_NONE = 0, REG_HELD, REG_QUEUED, REG_DROPPING, REG_STUCK };
+#define REG_FLUSH_MS 100u
+#define REG_RETRY_MS 5000u
+#define REG_QUEUE_WAKE 4096u /* a queue this long is dropped at once */
 
 /* A direct write's range to drop from the kernel's cache, and its answer. */
 struct inval {
@@ -116,6 +134,15 @@ struct fs {
     int inval_running;                      /* set by fs_start(), cleared by fs_stop() */
     pthread_t inval_thread;
     pthread_mutex_t lock;
+    pthread_cond_t reg_cond; /* a node's reg left REG_DROPPING; with lock */
+    size_t reg_stuck;        /* nodes in REG_STUCK; protected by lock */
+    uint64_t reg_tried_ms;   /* the last retry of those; registry thread only */
+    struct node **reg_queue; /* released, to drop (some since taken back); */
+    size_t reg_nqueue, reg_qcap; /* protected by lock */
+    int reg_stop;            /* protected by lock */
+    int reg_running;         /* set by fs_start(), cleared by fs_stop() */
+    pthread_cond_t reg_wake; /* the registry thread's; with lock */
+    pthread_t reg_thread;
     struct opened *opened; /* every open handle; protected by lock */
     struct node root;
     struct node *buckets[NODE_BUCKETS];
@@ -223,7 +250,7 @@ static struct node *node_ref(struct fs *fs, const struct ino_id *id, int named)
 /* Caller holds fs->lock. Frees n when nothing refers to it any more. */
 static void node_maybe_free(struct fs *fs, struct node *n)
 {
-    if (n == &fs->root || n->nlookup || n->opens || n->reaping)
+    if (n == &fs->root || n->nlookup || n->opens || n->reaping || n->reg != REG_NONE)
         return;
     struct node **pp = &fs->buckets[bucket_of(&n->id)];
     while (*pp && *pp != n)
@@ -245,12 +272,128 @@ static int node_reap_due(struct node *n)
     return 1;
 }
 
-/* Delete an orphan node_reap_due() chose; takes fs->lock. */
-static void node_reap(struct fs *fs, struct node *n, const struct ino_id *id)
+/* Caller holds fs->lock: queue n's registration (REG_HELD) for the
+ * registry thread. 0, or -ENOMEM (the caller drops it itself). */
+static int reg_queue(struct fs *fs, struct node *n)
+{
+    if (fs->reg_nqueue == fs->reg_qcap) {
+        size_t cap = fs->reg_qcap ? fs->reg_qcap * 2 : 256;
+        struct node **grown = realloc(fs->reg_queue, cap * sizeof(*grown));
+        if (!grown)
+            return -ENOMEM;
+        fs->reg_queue = grown, fs->reg_qcap = cap;
+    }
+    fs->reg_queue[fs->reg_nqueue++] = n;
+    n->reg = REG_QUEUED;
+    if (fs->reg_nqueue >= REG_QUEUE_WAKE)
+        pthread_cond_signal(&fs->reg_wake);
+    return 0;
+}
+
+/* The registration drop that moved n to REG_DROPPING is done, with rc. */
+static void reg_dropped(struct fs *fs, struct node *n, int rc)
+{
+    pthread_mutex_lock(&fs->lock);
+    n->reg = rc ? REG_STUCK : REG_NONE;
+    fs->reg_stuck += rc != 0;
+    pthread_cond_broadcast(&fs->reg_cond);
+    node_maybe_free(fs, n);
+    pthread_mutex_unlock(&fs->lock);
+}
+
+/* The registry thread: every REG_FLUSH_MS, drop the queued
+ * registrations, and every REG_RETRY_MS the stuck ones, in one batch a
+ * shard (ns_unregister_many). */
+static void *reg_main(void *arg)
+{
+    struct fs *fs = arg;
+    struct ino_id *ids = NULL;
+    int *rcs = NULL;
+    size_t cap = 0;
+    int stop = 0;
+
+    while (!stop) {
+        struct timespec t;
+        struct node **todo;
+        size_t n = 0, nq;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_nsec += REG_FLUSH_MS * 1000000L;
+        if (t.tv_nsec >= 1000000000L)
+            t.tv_sec++, t.tv_nsec -= 1000000000L;
+        pthread_mutex_lock(&fs->lock);
+        if (!fs->reg_stop)
+            pthread_cond_timedwait(&fs->reg_wake, &fs->lock, &t);
+        stop = fs->reg_stop;
+        if (stop) {
+            /* A stop writes nothing to the shards: a drop now could miss
+             * a replica that stops at the same time. What is left goes
+             * at this node's next start (namespace.h). */
+            pthread_mutex_unlock(&fs->lock);
+            break;
+        }
+        /* The whole queue at once: no pointer stays behind in it. */
+        todo = fs->reg_queue, nq = fs->reg_nqueue;
+        fs->reg_queue = NULL, fs->reg_nqueue = fs->reg_qcap = 0;
+        for (size_t i = 0; i < nq; i++) {
+            struct node *nd = todo[i];
+            if (nd->reg != REG_QUEUED)
+                continue; /* taken back by an open, or queued twice */
+            nd->reg = REG_DROPPING;
+            todo[n++] = nd;
+        }
+        if (fs->reg_stuck && monotonic_ms() - fs->reg_tried_ms >= REG_RETRY_MS) {
+            fs->reg_tried_ms = monotonic_ms();
+            for (unsigned b = 0; b < NODE_BUCKETS; b++)
+                for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
+                    if (nd->reg != REG_STUCK)
+                        continue;
+                    if (n == nq) {
+                        size_t ncap = nq ? nq * 2 : 64;
+                        struct node **grown = realloc(todo, ncap * sizeof(*grown));
+                        if (!grown)
+                            goto taken; /* the next round has the rest */
+                        todo = grown, nq = ncap;
+                    }
+                    nd->reg = REG_DROPPING;
+                    fs->reg_stuck--;
+                    todo[n++] = nd;
+                }
+        }
+    taken:
+        pthread_mutex_unlock(&fs->lock);
+        if (n > cap) {
+            free(ids);
+            free(rcs);
+            ids = malloc(n * sizeof(*ids));
+            rcs = malloc(n * sizeof(*rcs));
+            cap = ids && rcs ? n : 0;
+        }
+        for (size_t i = 0; i < n && cap; i++)
+            ids[i] = todo[i]->id;
+        if (n && (!cap || ns_unregister_many(fs->ns, ids, n, rcs) == -ENOMEM))
+            for (size_t i = 0; i < n && cap; i++)
+                rcs[i] = -ENOMEM;
+        for (size_t i = 0; i < n; i++)
+            reg_dropped(fs, todo[i], cap ? rcs[i] : -ENOMEM);
+        free(todo);
+    }
+    free(ids);
+    free(rcs);
+    return NULL;
+}
+
+/* Delete an orphan node_reap_due() chose; takes fs->lock. ns_reap() drops
+ * this node's registration too: dropping says the caller moved n's to
+ * REG_DROPPING for it. */
+static void node_reap(struct fs *fs, struct node *n, const struct ino_id *id, int dropping)
 {
     ns_reap(fs->ns, id);
     pthread_mutex_lock(&fs->lock);
     n->reaping = 0;
+    if (dropping) {
+        n->reg = REG_NONE;
+        pthread_cond_broadcast(&fs->reg_cond);
+    }
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
 }
@@ -266,7 +409,7 @@ static void node_unref(struct fs *fs, struct node *n, uint64_t count)
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
     if (reap)
-        node_reap(fs, n, &id);
+        node_reap(fs, n, &id, 0);
 }
 
 int fs_is_open(void *ctx, const struct ino_id *id)
@@ -477,15 +620,53 @@ static void open_count(struct fs *fs, struct node *n, int delta)
 static void open_end(struct fs *fs, struct node *n)
 {
     struct ino_id id = n->id;
-    int reap;
+    int reap, drop;
 
     pthread_mutex_lock(&fs->lock);
     n->opens--;
     reap = node_reap_due(n);
+    /* The last close here: this node has it open no more. Queued for the
+     * registry thread; an orphan's reap drops it at once (ns_reap). */
+    drop = n->opens == 0 && n->reg == REG_HELD;
+    if (drop && !reap && fs->reg_running && reg_queue(fs, n) == 0)
+        drop = 0;
+    else if (drop)
+        n->reg = REG_DROPPING;
     node_maybe_free(fs, n);
     pthread_mutex_unlock(&fs->lock);
     if (reap)
-        node_reap(fs, n, &id);
+        node_reap(fs, n, &id, drop);
+    else if (drop)
+        reg_dropped(fs, n, ns_unregister(fs->ns, &id));
+}
+
+/* 1 if an open of n (counted already) must register it: other nodes exist
+ * and this node holds no registration of it. Takes back one queued for
+ * dropping; waits out a drop in flight. */
+static int reg_needed(struct fs *fs, struct node *n)
+{
+    int need;
+
+    if (!fs->other_nodes || n == &fs->root)
+        return 0;
+    pthread_mutex_lock(&fs->lock);
+    while (n->reg == REG_DROPPING)
+        pthread_cond_wait(&fs->reg_cond, &fs->lock);
+    if (n->reg == REG_QUEUED)
+        n->reg = REG_HELD;
+    need = n->reg != REG_HELD;
+    pthread_mutex_unlock(&fs->lock);
+    return need;
+}
+
+/* An open's registration is on the shard, or may be (an error after the
+ * batch went out): the last release drops it. */
+static void reg_held(struct fs *fs, struct node *n)
+{
+    pthread_mutex_lock(&fs->lock);
+    fs->reg_stuck -= n->reg == REG_STUCK;
+    n->reg = REG_HELD;
+    pthread_mutex_unlock(&fs->lock);
 }
 
 /* Count an open of n, unless its last release is deleting it right now (an
@@ -761,11 +942,22 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
      * through a name the kernel cached before that must not find it, nor
      * truncate it (node_reached_by_old_name). */
     int strict = node_reached_by_old_name(fs, n, 1);
-    if (fi->flags & O_TRUNC) {
-        struct ns_setattr sa = {.mask = NS_SET_SIZE | NS_SET_KILL_SUIDGID, .size = 0};
+    /* With other nodes the open is registered on the inode's shard first,
+     * in the batch that reads (asserts) or truncates the inode: registered
+     * before the inode is seen to exist, so an unlink elsewhere either
+     * finds the registration or deleted the inode before (ESTALE). */
+    int reg = reg_needed(fs, n);
+    if ((fi->flags & O_TRUNC) || reg) {
+        struct ns_setattr sa = {.mask = 0};
+        if (fi->flags & O_TRUNC)
+            sa.mask |= NS_SET_SIZE | NS_SET_KILL_SUIDGID;
         if (strict)
             sa.mask |= NS_SET_LINKED;
+        if (reg)
+            sa.mask |= NS_SET_REGISTER;
         rc = ns_setattr(fs->ns, &n->id, &sa, &node);
+        if (reg && rc != -ENOENT)
+            reg_held(fs, n);
     } else {
         rc = ns_getattr_ordered(fs->ns, &n->id, &node);
         if (rc == 0 && strict && unnamed_file(&node))
@@ -803,7 +995,12 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     struct handle *h = handle_new(fs, fi->flags);
     int rc = h ? 0 : -ENOMEM;
 
-    if (rc == 0)
+    /* With other nodes the new file's open registration goes in the
+     * create's batch (namespace.h): it costs nothing. */
+    if (rc == 0 && fs->other_nodes)
+        rc = ns_create_open(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
+                            S_IFREG | (mode & 07777), ctx->uid, ctx->gid, &ino);
+    else if (rc == 0)
         rc = ns_mknode(fs->ns, &node_of(fs, parent)->id, name, strlen(name),
                        S_IFREG | (mode & 07777), 0, ctx->uid, ctx->gid, NULL, &ino);
     if (rc) {
@@ -818,6 +1015,8 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         return;
     }
     open_count(fs, n, +1);
+    if (fs->other_nodes)
+        reg_held(fs, n);
     entry_fill(fs, &e, n, &ino);
     fill_open(fs, fi, h);
     if (fuse_reply_create(req, &e, fi) != 0) {
@@ -1232,6 +1431,8 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
         fs->keep_cache = 1;
     }
     pthread_mutex_init(&fs->lock, NULL);
+    pthread_cond_init(&fs->reg_cond, NULL);
+    pthread_cond_init(&fs->reg_wake, NULL);
     pthread_mutex_init(&fs->inval_lock, NULL);
     pthread_cond_init(&fs->inval_cond, NULL);
     fs->inval_tail = &fs->inval_head;
@@ -1240,23 +1441,56 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
     return fs;
 }
 
-int fs_start(struct fs *fs, struct fuse_session *se)
+/* Start fn(fs) as a thread named name, signals blocked in it: they go to
+ * the main thread (fuse_set_signal_handlers), as with libfuse's own
+ * workers. 0 (and *running set) or -errno. */
+static int thread_start(pthread_t *th, void *(*fn)(void *), struct fs *fs, const char *name,
+                        int *running)
 {
     sigset_t all, old;
     int rc;
 
-    fs->se = se;
-    /* Signals go to the main thread (fuse_set_signal_handlers), as with
-     * libfuse's own workers. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    rc = pthread_create(&fs->inval_thread, NULL, inval_main, fs);
+    rc = pthread_create(th, NULL, fn, fs);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc)
         return -rc;
-    pthread_setname_np(fs->inval_thread, "shardfs-inval");
-    fs->inval_running = 1;
+    pthread_setname_np(*th, name);
+    *running = 1;
     return 0;
+}
+
+int fs_start(struct fs *fs, struct fuse_session *se)
+{
+    int rc;
+
+    fs->se = se;
+    rc = thread_start(&fs->inval_thread, inval_main, fs, "shardfs-inval", &fs->inval_running);
+    if (rc == 0 && fs->other_nodes)
+        rc = thread_start(&fs->reg_thread, reg_main, fs, "shardfs-openreg", &fs->reg_running);
+    return rc;
+}
+
+/* Tell a thread of fs to stop (*stop, under lock, cond signalled) and
+ * join it, if *running. */
+static void thread_stop(pthread_mutex_t *lock, pthread_cond_t *cond, int *stop, pthread_t th,
+                        int *running)
+{
+    if (!*running)
+        return;
+    pthread_mutex_lock(lock);
+    *stop = 1;
+    pthread_cond_signal(cond);
+    pthread_mutex_unlock(lock);
+    pthread_join(th, NULL);
+    *running = 0;
+}
+
+/* Stop the registry thread, which drops what is queued first. */
+static void reg_thread_stop(struct fs *fs)
+{
+    thread_stop(&fs->lock, &fs->reg_wake, &fs->reg_stop, fs->reg_thread, &fs->reg_running);
 }
 
 /* The kernel ends the connection at unmount, and the RELEASE and
@@ -1271,7 +1505,8 @@ static void reap_orphans(struct fs *fs)
 
     /* Collected under the lock (the key API may still ask fs_is_open),
      * deleted outside it (ns_reap takes the inode's lock, which is held
-     * around fs_is_open). */
+     * around fs_is_open); ns_reap drops this node's registration of each
+     * too. Other registrations stay (reg_main). */
     pthread_mutex_lock(&fs->lock);
     for (unsigned b = 0; b < NODE_BUCKETS; b++) {
         for (struct node *nd = fs->buckets[b]; nd; nd = nd->next) {
@@ -1297,14 +1532,8 @@ collected:
 
 static void inval_thread_stop(struct fs *fs)
 {
-    if (!fs->inval_running)
-        return;
-    pthread_mutex_lock(&fs->inval_lock);
-    fs->inval_stop = 1;
-    pthread_cond_signal(&fs->inval_cond);
-    pthread_mutex_unlock(&fs->inval_lock);
-    pthread_join(fs->inval_thread, NULL);
-    fs->inval_running = 0;
+    thread_stop(&fs->inval_lock, &fs->inval_cond, &fs->inval_stop, fs->inval_thread,
+                &fs->inval_running);
 }
 
 void fs_stop(struct fs *fs)
@@ -1312,6 +1541,7 @@ void fs_stop(struct fs *fs)
     if (!fs)
         return;
     inval_thread_stop(fs);
+    reg_thread_stop(fs);
     reap_orphans(fs);
 }
 
@@ -1320,6 +1550,8 @@ void fs_free(struct fs *fs)
     if (!fs)
         return;
     inval_thread_stop(fs); /* if fs_stop() was not called: nothing is queued */
+    reg_thread_stop(fs);
+    free(fs->reg_queue);
     while (fs->opened) {
         struct opened *o = fs->opened; /* its release never came */
         fs->opened = o->next;
@@ -1334,6 +1566,8 @@ void fs_free(struct fs *fs)
         }
     }
     pthread_mutex_destroy(&fs->lock);
+    pthread_cond_destroy(&fs->reg_cond);
+    pthread_cond_destroy(&fs->reg_wake);
     pthread_mutex_destroy(&fs->inval_lock);
     pthread_cond_destroy(&fs->inval_cond);
     free(fs);

@@ -30,6 +30,7 @@
 #include "node_server.h"
 #include "placement.h"
 #include "replication.h"
+#include "shard_map.h"
 
 #define ERR_MAX 1024
 
@@ -292,6 +293,15 @@ static int server_handle(void *ctx, const struct node_request *req, struct node_
  * map and the primaries' wrappers first (the server routes by the map),
  * the replica-sync thread last. fs (may be NULL) says which inodes the
  * mount has open. Returns 0 or -1 with a reason in err. */
+/* ns_node_alive_fn over the shard map: with etcd, a node whose lease ended
+ * has nothing open any more (the open registry, namespace.h). */
+static int node_alive(void *ctx, const char *name)
+{
+    int i = config_node_index(&cfg, name);
+
+    return i < 0 ? 0 : shard_map_node_alive(ctx, i);
+}
+
 static int server_start(struct ns *ns, int node, struct fs *fs, struct server *sv, char *err,
                         size_t errlen)
 {
@@ -318,6 +328,8 @@ static int server_start(struct ns *ns, int node, struct fs *fs, struct server *s
     if (node_server_start_repl(&cfg, node, local, replication_server(sv->rep), server_handle, sv,
                                &sv->srv, err, errlen) != 0)
         return -1;
+    if (replication_server(sv->rep) && replication_server(sv->rep)->map)
+        ns_set_node_alive(ns, node_alive, replication_server(sv->rep)->map);
     return sv->rep && replication_sync_start(sv->rep, err, errlen) != 0 ? -1 : 0;
 }
 

@@ -78,6 +78,7 @@
 #include "shard_remote.h"
 
 #define LOCK_STRIPES 256
+#define GUESS_WAYS 8 /* inode guesses a lock stripe (guess_slot) */
 #define XATTR_VALUE_MAX 65536
 _Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one shard_read");
 #define FILE_SIZE_MAX (1ull << 50) /* 1 PiB: chunk indexes stay far from overflow */
@@ -85,6 +86,9 @@ _Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one
 #define REPLACED_KEEP_MS 10000
 /* How often the reaper looks for kept files that are due. */
 #define REAPER_SCAN_MS 1000
+/* Every how many looks it tries again to drop the registrations a killed
+ * run of this node left on other nodes' shards. */
+#define REG_STALE_EVERY 5
 /* The value of a kept orphan mark; an empty one marks a file open somewhere. */
 static const uint8_t ORPHAN_KEPT[1] = {'K'};
 #define STORE_FORMAT 1
@@ -102,7 +106,7 @@ struct ns {
     struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
     pthread_mutex_t stripes[LOCK_STRIPES];
-    struct inode_guess *guesses;    /* LOCK_STRIPES of them; see inode_cas() */
+    struct inode_guess *guesses;    /* LOCK_STRIPES * GUESS_WAYS; see inode_cas() */
     pthread_mutex_t missing_lock;
     struct missing_name *missing;   /* MISSING_SLOTS of them; see ns_lookup_recent() */
     /* The reaper of kept files (DESIGN above); set up by ns_reaper_start(). */
@@ -113,6 +117,15 @@ struct ns {
     pthread_cond_t reaper_cond;     /* CLOCK_MONOTONIC */
     ns_is_open_fn reaper_is_open;
     void *reaper_ctx;
+    /* The open registry (DESIGN above); only with other nodes. */
+    char reg_node[CONFIG_NAME_MAX + 1]; /* this node's name: the key's tail */
+    size_t reg_nlen;
+    uint64_t run_tag;               /* this process's registrations hold it */
+    int offline;                    /* fsck: no node runs, every one is stale */
+    ns_node_alive_fn node_alive;    /* set before the reaper starts */
+    void *node_alive_ctx;
+    uint8_t *reg_stale;             /* per shard: the last run's registrations
+                                     * still to drop; reaper thread only */
 };
 
 /* A name found missing on a remote shard, and when. */
@@ -435,6 +448,44 @@ static void batch_reap(struct batch *b, const struct ino_id *id)
     batch_del(b, key, record_orphan_key(key, id));
     batch_del_owned(b, REC_CHUNK, id);
     batch_del_owned(b, REC_XATTR, id);
+    batch_del_owned(b, REC_OPEN, id);
+}
+
+/* ---- the open registry (DESIGN, "open registry") ---- */
+
+/* 1 if opens are registered on the inode's shard: other nodes exist. */
+static int openreg_on(const struct ns *ns)
+{
+    return ns->remote != NULL && ns->reg_nlen > 0;
+}
+
+/* Put this process's registration of id (its run tag under its node's
+ * name) into b. Nothing when there is no registry. */
+static void batch_register(struct ns *ns, struct batch *b, const struct ino_id *id)
+{
+    uint8_t key[RECORD_KEY_MAX], val[RECORD_OPEN_VAL_LEN];
+
+    if (!openreg_on(ns))
+        return;
+    endian_put_le(val, ns->run_tag, RECORD_OPEN_VAL_LEN);
+    batch_put(b, key, record_open_key(key, id, ns->reg_node, ns->reg_nlen), val, sizeof(val));
+}
+
+static void batch_unregister(struct ns *ns, struct batch *b, const struct ino_id *id)
+{
+    uint8_t key[RECORD_KEY_MAX];
+
+    if (openreg_on(ns))
+        batch_del(b, key, record_open_key(key, id, ns->reg_node, ns->reg_nlen));
+}
+
+/* Fail b with -ENOTEMPTY if any node has id registered. */
+static void batch_assert_unopened(struct batch *b, const struct ino_id *id)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, REC_OPEN, id);
+
+    batch_add(b, BATCH_ASSERT_EMPTY, start, sl, end, record_prefix_end(end, start, sl));
 }
 
 static int apply_batch(struct shard *s, struct batch *b)
@@ -476,6 +527,7 @@ static int apply_batch(struct shard *s, struct batch *b)
 
 #define INODE_PUT 0  /* change function: store the changed record */
 #define INODE_DONE 1 /* change function: the batch already deletes the record */
+#define INODE_KEEP 2 /* change function: the record stays as read (asserted) */
 #define INODE_CAS_QUICK_TRIES 4
 #define INODE_CAS_GIVE_UP_MS 10000
 
@@ -519,10 +571,23 @@ static int inode_is_remote(const struct ns *ns, const struct ino_id *id)
     return !ns_shard_is_local(ns, placement_shard_of(record_id_hash(id), ns->nshards));
 }
 
+/* id's guess slot, one of GUESS_WAYS of its lock stripe: guarded by it.
+ * An open's registration asserts the guess instead of reading the inode
+ * (ns_setattr, NS_SET_REGISTER), so a reader walking a directory (tar,
+ * rsync's read side) needs the guesses readdirplus left to last until
+ * its opens: with one a stripe, a third of them were gone in a directory
+ * of 100 files. */
+static struct inode_guess *guess_slot(struct ns *ns, const struct ino_id *id)
+{
+    unsigned way = (unsigned)(id->b[3] ^ id->b[6] ^ id->b[14]) % GUESS_WAYS;
+
+    return &ns->guesses[stripe_index(id) * GUESS_WAYS + way];
+}
+
 /* With the stripe lock held. */
 static void guess_set(struct ns *ns, const struct inode *ino)
 {
-    struct inode_guess *g = &ns->guesses[stripe_index(&ino->id)];
+    struct inode_guess *g = guess_slot(ns, &ino->id);
 
     if (!inode_is_remote(ns, &ino->id))
         return;
@@ -535,7 +600,7 @@ static void guess_set(struct ns *ns, const struct inode *ino)
  * age_ms is not NULL), or -ENOENT. */
 static int guess_get(struct ns *ns, const struct ino_id *id, struct inode *out, uint64_t *age_ms)
 {
-    struct inode_guess *g = &ns->guesses[stripe_index(id)];
+    struct inode_guess *g = guess_slot(ns, id);
 
     if (!g->valid || memcmp(&g->ino.id, id, sizeof(*id)) != 0)
         return -ENOENT;
@@ -627,12 +692,13 @@ static int inode_cas(struct ns *ns, const struct ino_id *id, const struct batch 
             batch_append(&b, with);
         rc = change(ns, &b, &ino, arg);
         put = rc == INODE_PUT;
+        int kept = rc == INODE_KEEP; /* the record as read: as fresh as a put */
         if (put)
             batch_put_inode(&b, &ino);
         if (rc >= 0)
             rc = shard_apply(s, &b);
         batch_free(&b);
-        if (rc == 0 && put)
+        if (rc == 0 && (put || kept))
             guess_set(ns, &ino);
         if (rc != -EAGAIN)
             break;
@@ -921,9 +987,10 @@ static int parent_after_create(struct ns *ns, const struct ino_id *dir, int is_d
     return inode_cas(ns, dir, NULL, parent_created_mutate, &is_dir, NULL);
 }
 
-int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
-              uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
-              struct inode *out)
+/* ns_mknode; reg: the new file is open here (ns_create_open). */
+static int mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                  uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
+                  int reg, struct inode *out)
 {
     struct inode parent, *ino = out;
     struct batch b;
@@ -964,6 +1031,8 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     batch_entry(&b, BATCH_ASSERT_ABSENT, dir, name, nlen, NULL, 0);
     batch_entry(&b, BATCH_PUT, dir, name, nlen, &ino->id, dtype_of(mode));
     batch_put_inode(&b, ino);
+    if (reg)
+        batch_register(ns, &b, &ino->id); /* the inode's shard: free */
     rc = apply_batch(shard_at(ns, h), &b);
     missing_forget(ns, dir, name, nlen);
     if (rc)
@@ -979,12 +1048,26 @@ int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t 
     return rc;
 }
 
+int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
+              struct inode *out)
+{
+    return mknode(ns, dir, name, nlen, mode, rdev, uid, gid, target, 0, out);
+}
+
+int ns_create_open(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                   uint32_t mode, uint32_t uid, uint32_t gid, struct inode *out)
+{
+    return mknode(ns, dir, name, nlen, mode, 0, uid, gid, NULL, 1, out);
+}
+
 /* ---- unlink ---- */
 
 struct drop {
     ns_is_open_fn is_open;
     void *ctx;
     int keep; /* a file left without a name is kept for other nodes' readers */
+    int registered; /* another node has it open (its registration was found) */
 };
 
 /* Change function dropping one name of an inode (arg: struct drop): nlink - 1,
@@ -996,7 +1079,6 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
     const struct drop *d = arg;
     uint8_t key[RECORD_KEY_MAX];
 
-    (void)ns;
     inode_bump_ctime(ino);
     if (S_ISDIR(ino->mode) || ino->nlink <= 1) {
         ino->nlink = 0;
@@ -1008,6 +1090,18 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
             batch_put(b, key, record_orphan_key(key, &ino->id), ORPHAN_KEPT, sizeof(ORPHAN_KEPT));
             return INODE_PUT;
         }
+        if (openreg_on(ns) && !S_ISDIR(ino->mode)) {
+            /* Not open here (is_open): a registration of this node is one
+             * its registry has yet to drop (fuse_ops.c), and goes now. */
+            batch_unregister(ns, b, &ino->id);
+            /* Open on another node: kept with an orphan mark for its
+             * shard's owner to delete once no live node has it open. */
+            if (d->registered) {
+                batch_put(b, key, record_orphan_key(key, &ino->id), "", 0);
+                return INODE_PUT;
+            }
+            batch_assert_unopened(b, &ino->id);
+        }
         batch_reap(b, &ino->id);
         return INODE_DONE;
     }
@@ -1015,12 +1109,28 @@ static int drop_link(struct ns *ns, struct batch *b, struct inode *ino, const vo
     return INODE_PUT;
 }
 
+/* inode_cas() of drop_link (with: as there). A last link whose delete
+ * found the inode open on another node (-ENOTEMPTY: its registration) is
+ * dropped again, keeping the inode as an orphan. */
+static int drop_link_cas(struct ns *ns, const struct ino_id *id, const struct batch *with,
+                         const struct drop *d)
+{
+    int rc = inode_cas(ns, id, with, drop_link, d, NULL);
+
+    if (rc == -ENOTEMPTY) {
+        struct drop opened = *d;
+        opened.registered = 1;
+        rc = inode_cas(ns, id, with, drop_link, &opened, NULL);
+    }
+    return rc;
+}
+
 /* Apply the entry changes in e, which live on id's shard, and drop one link
  * of id, in one batch; if id is gone (a dangling entry), e alone. */
 static int drop_link_with(struct ns *ns, const struct ino_id *id, const struct batch *e,
                           const struct drop *d)
 {
-    int rc = inode_cas(ns, id, e, drop_link, d, NULL);
+    int rc = drop_link_cas(ns, id, e, d);
     return rc == -ENOENT ? shard_apply(inode_shard(ns, id), e) : rc;
 }
 
@@ -1030,7 +1140,7 @@ static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *nam
                         const struct ino_id *id, uint8_t dtype, ns_is_open_fn is_open, void *ctx)
 {
     struct shard *se = entry_shard(ns, dir, name, nlen);
-    struct drop d = {is_open, ctx, 0};
+    struct drop d = {is_open, ctx, 0, 0};
     struct batch e;
     int rc;
 
@@ -1042,7 +1152,7 @@ static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *nam
     } else {
         rc = shard_apply(se, &e);
         if (rc == 0) {
-            rc = inode_cas(ns, id, NULL, drop_link, &d, NULL);
+            rc = drop_link_cas(ns, id, NULL, &d);
             if (rc == -ENOENT)
                 rc = 0; /* a dangling entry, now removed */
         }
@@ -1512,7 +1622,7 @@ static int rename_try(struct ns *ns, struct intent *in, unsigned flags, const st
     /* Only the rename whose batch replaced the target entry gets here for
      * that target, so the replaced inode loses its link exactly once. */
     if (in->dtype != DT_UNKNOWN && !replaced_done)
-        inode_cas(ns, &in->did, NULL, drop_link, d, NULL);
+        drop_link_cas(ns, &in->did, NULL, d);
     if (in->dtype == DT_DIR)
         inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
     if (in->stype == DT_DIR)
@@ -1532,7 +1642,7 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
     struct intent in;
     /* With other nodes the replaced file stays a while for their readers
      * (DESIGN, "replaced files across nodes"). */
-    struct drop d = {is_open, ctx, ns->remote != NULL};
+    struct drop d = {is_open, ctx, ns->remote != NULL, 0};
     uint64_t give_up = monotonic_ms() + INODE_CAS_GIVE_UP_MS;
     int rc = check_name(oname, olen);
 
@@ -1897,6 +2007,11 @@ static int setattr_change(struct ns *ns, struct batch *b, struct inode *ino, con
 
     if ((sa->mask & NS_SET_LINKED) && ino->nlink == 0 && !S_ISDIR(ino->mode))
         return -ENOENT;
+    if (sa->mask & NS_SET_REGISTER) {
+        batch_register(ns, b, &ino->id);
+        if (!(sa->mask & ~(NS_SET_REGISTER | NS_SET_LINKED)))
+            return INODE_KEEP; /* an open's read: the record asserted, not changed */
+    }
     inode_bump_ctime(ino);
     now = ino->ctime;
     if (sa->mask & NS_SET_MODE)
@@ -2156,27 +2271,106 @@ int ns_reap(struct ns *ns, const struct ino_id *id)
     uint8_t key[RECORD_KEY_MAX], val[RECORD_INODE_MAX];
     struct inode ino;
     struct batch b;
-    int rc;
+    int rc, unregistered = 0;
 
     lock_inode(ns, id);
     rc = inode_get(ns, id, &ino);
     if (rc == 0 && ino.nlink == 0) {
-        if (orphan_keep_left(ns, &ino)) {
-            /* The owner of its shard deletes it when the time is over;
-             * asserted, so a mark never outlives its inode. */
-            batch_init(&b);
+        int keep = orphan_keep_left(ns, &ino);
+        batch_init(&b);
+        if (keep || openreg_on(ns))
             batch_add(&b, BATCH_ASSERT_VALUE, key, record_inode_key(key, id), val,
                       record_inode_encode(val, &ino));
+        batch_unregister(ns, &b, id);
+        if (keep) {
+            /* The owner of its shard deletes it when the time is over;
+             * asserted, so a mark never outlives its inode. */
             batch_put(&b, key, record_orphan_key(key, id), ORPHAN_KEPT, sizeof(ORPHAN_KEPT));
-            rc = apply_batch(inode_shard(ns, id), &b);
-            if (rc == -EAGAIN)
-                rc = 0; /* changed or deleted meanwhile: whoever did decides */
         } else {
-            rc = orphan_delete(ns, id);
+            /* Not while another node has it open: its owner's reaper
+             * deletes it once none has (ns_reaper_start). */
+            if (openreg_on(ns))
+                batch_assert_unopened(&b, id);
+            batch_reap(&b, id);
         }
+        rc = apply_batch(inode_shard(ns, id), &b);
+        unregistered = rc == 0;
+        if (rc == -EAGAIN || rc == -ENOTEMPTY)
+            rc = 0; /* changed meanwhile, or open elsewhere: others decide */
+    }
+    if (!unregistered && openreg_on(ns)) {
+        int r = ns_unregister(ns, id);
+        if (rc == 0 || rc == -ENOENT)
+            rc = r;
     }
     unlock_inode(ns, id);
     return rc == -ENOENT ? 0 : rc;
+}
+
+int ns_unregister(struct ns *ns, const struct ino_id *id)
+{
+    struct batch b;
+
+    if (!openreg_on(ns))
+        return 0;
+    batch_init(&b);
+    batch_unregister(ns, &b, id);
+    return apply_batch(inode_shard(ns, id), &b);
+}
+
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
+{
+    struct batch *per = NULL;
+    int failed = 0;
+
+    if (!openreg_on(ns) || n == 0) {
+        memset(rcs, 0, n * sizeof(*rcs));
+        return 0;
+    }
+    per = calloc(ns->nshards, sizeof(*per));
+    if (!per)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        batch_unregister(ns, &per[placement_shard_of(record_id_hash(&ids[i]), ns->nshards)],
+                         &ids[i]);
+    for (unsigned s = 0; s < ns->nshards; s++) {
+        int rc = per[s].count ? apply_batch(ns->shards[s], &per[s]) : 0;
+        for (size_t i = 0; i < n; i++)
+            if (placement_shard_of(record_id_hash(&ids[i]), ns->nshards) == s)
+                rcs[i] = rc;
+        failed += rc != 0;
+    }
+    free(per);
+    return failed ? -EIO : 0;
+}
+
+void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx)
+{
+    ns->node_alive = fn;
+    ns->node_alive_ctx = ctx;
+}
+
+/* 1 if the registration (key, val) on inode id is of a process that still
+ * runs: this one; or, on another node, presumed so unless the liveness
+ * hook says its node is dead (its etcd lease ended). A restarted node
+ * drops its previous run's (openreg_drop_stale). In fsck (offline) no
+ * process runs. */
+static int registration_live(struct ns *ns, const uint8_t *key, size_t klen, const uint8_t *val,
+                             size_t vlen)
+{
+    const char *node = (const char *)key + RECORD_ID_KEY_LEN;
+    size_t nlen = klen - RECORD_ID_KEY_LEN;
+
+    if (ns->offline || klen <= RECORD_ID_KEY_LEN || vlen != RECORD_OPEN_VAL_LEN)
+        return 0;
+    if (nlen == ns->reg_nlen && memcmp(node, ns->reg_node, nlen) == 0)
+        return endian_get_le(val, RECORD_OPEN_VAL_LEN) == ns->run_tag;
+    if (!ns->node_alive || nlen > CONFIG_NAME_MAX)
+        return 1;
+    char name[CONFIG_NAME_MAX + 1];
+    memcpy(name, node, nlen);
+    name[nlen] = 0;
+    return ns->node_alive(ns->node_alive_ctx, name) != 0; /* an error: alive */
 }
 
 int ns_statfs(struct ns *ns, struct statvfs *st)
@@ -2246,6 +2440,48 @@ static void key_list_free(struct key_list *l)
     free(l->vals);
     free(l->vlens);
     memset(l, 0, sizeof(*l));
+}
+
+/* With the inode's lock held: delete orphan id (nlink 0) and everything it
+ * owns, unless a live process has it open (registration_live): then 0 and
+ * it stays. Registrations of processes gone are dropped first. */
+static int orphan_delete_unopened(struct ns *ns, const struct ino_id *id)
+{
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, REC_OPEN, id);
+    size_t el = record_prefix_end(end, start, sl);
+    struct shard *s = inode_shard(ns, id);
+    struct key_list kl_ = {0}, *l = &kl_;
+    struct batch b;
+    int rc, live = 0;
+
+    if (!openreg_on(ns))
+        return orphan_delete(ns, id);
+    rc = shard_scan(s, start, sl, end, el, collect_key, l);
+    batch_init(&b);
+    for (size_t i = 0; rc >= 0 && i < l->n; i++) {
+        const uint8_t *k = l->keys[i] + 1;
+        size_t kl = l->keys[i][0];
+        if (registration_live(ns, k, kl, l->vals[i], l->vlens[i])) {
+            live++;
+            continue;
+        }
+        batch_add(&b, BATCH_ASSERT_VALUE, k, kl, l->vals[i], l->vlens[i]);
+        batch_del(&b, k, kl);
+    }
+    key_list_free(l);
+    if (rc < 0) {
+        batch_free(&b);
+        return rc;
+    }
+    rc = b.count ? apply_batch(s, &b) : (batch_free(&b), 0);
+    if (rc || live)
+        return rc == -EAGAIN ? 0 : rc; /* changed meanwhile: the next look decides */
+    batch_init(&b);
+    batch_assert_unopened(&b, id);
+    batch_reap(&b, id);
+    rc = apply_batch(s, &b);
+    return rc == -ENOTEMPTY ? 0 : rc; /* opened meanwhile */
 }
 
 static int scan_type(struct ns *ns, unsigned shard, enum record_type t, struct key_list *l)
@@ -2403,7 +2639,16 @@ static int recover_orphan(struct ns *ns, unsigned shard, const uint8_t *key, siz
 
     (void)val;
     id_hex(id, hex);
-    int linked = inode_get(ns, id, &ino) == 0 && ino.nlink > 0;
+    int got = inode_get(ns, id, &ino) == 0;
+    int linked = got && ino.nlink > 0;
+    if (got && !linked && !r->dry_run && openreg_on(ns) && !ns->offline && !S_ISDIR(ino.mode)) {
+        /* Another node may still have it open (its registration): then it
+         * stays, for the reaper to delete once none has. */
+        lock_inode(ns, id);
+        rc = inode_get(ns, id, &ino) == 0 && ino.nlink == 0 ? orphan_delete_unopened(ns, id) : 0;
+        unlock_inode(ns, id);
+        return rc;
+    }
     reportf(r->report, r->ctx, "inode %s %s: %s", hex,
             linked ? "has a stale orphan mark"
             : vlen ? "was replaced (kept for readers)" : "was unlinked while open",
@@ -2450,7 +2695,7 @@ int ns_recover(struct ns *ns, int dry_run, ns_report_fn report, void *ctx)
  * lock, so it is seen here or finds the inode gone), which then deletes it
  * at its last close (ns_reap). A mark on a linked or missing inode is
  * dropped. 0 or -errno (the next scan tries again). */
-static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
+static int kept_settle(struct ns *ns, const struct ino_id *id, int all, int kept)
 {
     uint8_t key[RECORD_KEY_MAX];
     struct inode ino;
@@ -2459,14 +2704,15 @@ static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
 
     lock_inode(ns, id);
     rc = inode_get(ns, id, &ino);
-    if (rc == -ENOENT || (rc == 0 && ino.nlink > 0)) {
+    if (kept && (rc == -ENOENT || (rc == 0 && ino.nlink > 0))) {
         batch_init(&b); /* a stray mark: never made so, but never left either */
         batch_del(&b, key, record_orphan_key(key, id));
         rc = apply_batch(inode_shard(ns, id), &b);
-    } else if (rc == 0 && (all || !orphan_keep_left(ns, &ino))) {
+    } else if (rc == 0 && ino.nlink == 0 && (kept || !S_ISDIR(ino.mode)) &&
+               (!kept || all || !orphan_keep_left(ns, &ino))) {
         int open = !all && ns->reaper_is_open && ns->reaper_is_open(ns->reaper_ctx, id);
         if (!open)
-            rc = orphan_delete(ns, id);
+            rc = orphan_delete_unopened(ns, id); /* not while a live node has it open */
     }
     unlock_inode(ns, id);
     return rc;
@@ -2476,9 +2722,15 @@ static int kept_settle(struct ns *ns, const struct ino_id *id, int all)
 static int kept_settle_one(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
                            const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg)
 {
+    int kept = vlen == sizeof(ORPHAN_KEPT) && memcmp(val, ORPHAN_KEPT, vlen) == 0;
+
     (void)shard, (void)key, (void)klen;
-    if (vlen == sizeof(ORPHAN_KEPT) && memcmp(val, ORPHAN_KEPT, vlen) == 0)
-        kept_settle(ns, id, *(const int *)arg); /* an error: the next scan tries again */
+    /* An unlinked file open on another node (an empty mark, made by an
+     * unlink that found its registration) goes too once no live node has
+     * it open; its last close on the node that marked it deletes it
+     * otherwise (ns_reap). */
+    if (kept || (vlen == 0 && openreg_on(ns)))
+        kept_settle(ns, id, *(const int *)arg, kept); /* an error: the next scan tries again */
     return 0;
 }
 
@@ -2488,9 +2740,59 @@ static void kept_settle_all(struct ns *ns, int all)
     orphans_each(ns, kept_settle_one, &all);
 }
 
+/* Drop this node's registrations made by an earlier run of it (killed
+ * with files open) from shard i; their files go with the reaper of the
+ * shard's owner then. 0 or -errno (try again later). */
+static int openreg_drop_stale(struct ns *ns, unsigned i)
+{
+    uint8_t lo = REC_OPEN, hi = REC_OPEN + 1;
+    struct key_list l = {0};
+    struct batch b;
+    int rc = shard_scan(ns->shards[i], &lo, 1, &hi, 1, collect_key, &l);
+
+    batch_init(&b);
+    for (size_t j = 0; rc >= 0 && j < l.n; j++) {
+        const uint8_t *k = l.keys[j] + 1;
+        size_t kl = l.keys[j][0];
+        if (kl != RECORD_ID_KEY_LEN + ns->reg_nlen ||
+            memcmp(k + RECORD_ID_KEY_LEN, ns->reg_node, ns->reg_nlen) != 0 ||
+            registration_live(ns, k, kl, l.vals[j], l.vlens[j]))
+            continue;
+        batch_add(&b, BATCH_ASSERT_VALUE, k, kl, l.vals[j], l.vlens[j]);
+        batch_del(&b, k, kl);
+    }
+    key_list_free(&l);
+    if (rc < 0) {
+        batch_free(&b);
+        return rc;
+    }
+    return b.count ? apply_batch(ns->shards[i], &b) : (batch_free(&b), 0);
+}
+
+/* openreg_drop_stale on the other nodes' shards still to do, but not on a
+ * node marked down (a try waits up to timeout_ms); between shards, a stop
+ * ends it. */
+static void openreg_drop_stale_remote(struct ns *ns)
+{
+    for (unsigned i = 0; ns->reg_stale && i < ns->nshards; i++) {
+        time_t since;
+        int stop;
+        pthread_mutex_lock(&ns->reaper_lock);
+        stop = ns->reaper_stop;
+        pthread_mutex_unlock(&ns->reaper_lock);
+        if (stop)
+            return;
+        if (!ns->reg_stale[i] || remote_node_down(ns->remote, ns->cfg->owner[i], &since) == 1)
+            continue;
+        if (openreg_drop_stale(ns, i) == 0)
+            ns->reg_stale[i] = 0;
+    }
+}
+
 static void *reaper_main(void *arg)
 {
     struct ns *ns = arg;
+    unsigned looks = 0;
 
     pthread_mutex_lock(&ns->reaper_lock);
     while (!ns->reaper_stop) {
@@ -2504,6 +2806,8 @@ static void *reaper_main(void *arg)
         if (ns->reaper_stop)
             break;
         pthread_mutex_unlock(&ns->reaper_lock);
+        if (++looks % REG_STALE_EVERY == 1)
+            openreg_drop_stale_remote(ns);
         kept_settle_all(ns, 0);
         pthread_mutex_lock(&ns->reaper_lock);
     }
@@ -2694,11 +2998,14 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     ns->node = node;
     ns->lock_fd = -1;
     ns->nshards = cfg->shard_count;
+    ns->offline = (flags & NS_OPEN_NO_RECOVER) != 0;
     snprintf(ns->data_dir, sizeof(ns->data_dir), "%s", cfg->nodes[node].data_dir);
+    ns->reg_nlen = strnlen(cfg->nodes[node].name, CONFIG_NAME_MAX);
+    memcpy(ns->reg_node, cfg->nodes[node].name, ns->reg_nlen);
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_init(&ns->stripes[i], NULL);
     pthread_mutex_init(&ns->missing_lock, NULL);
-    ns->guesses = calloc(LOCK_STRIPES, sizeof(*ns->guesses));
+    ns->guesses = calloc(LOCK_STRIPES * GUESS_WAYS, sizeof(*ns->guesses));
     ns->missing = calloc(MISSING_SLOTS, sizeof(*ns->missing));
     if (!ns->guesses || !ns->missing) {
         rc = -ENOMEM;
@@ -2707,6 +3014,8 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed))
         seed = (uint64_t)now_ts().tv_nsec * 2654435761u ^ (uint64_t)getpid();
     atomic_init(&ns->next_unique, seed);
+    if (getrandom(&ns->run_tag, sizeof(ns->run_tag), 0) != sizeof(ns->run_tag))
+        ns->run_tag = seed ^ ((uint64_t)getpid() << 32);
     ns->shards = calloc(ns->nshards, sizeof(*ns->shards));
     ns->replicas = calloc(ns->nshards, sizeof(*ns->replicas));
     if (!ns->shards || !ns->replicas) {
@@ -2788,6 +3097,14 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     rc = ns_shard_is_local(ns, 0) ? root_ensure(ns) : 0;
     if (rc == 0 && !(flags & NS_OPEN_NO_RECOVER))
         rc = ns_recover(ns, 0, NULL, NULL);
+    if (rc >= 0 && !ns->offline && openreg_on(ns)) {
+        /* What this node had open when it was killed is open no more: its
+         * own shards now, the others' from the reaper thread (they may be
+         * down at this moment). */
+        ns->reg_stale = calloc(ns->nshards, 1);
+        for (unsigned i = 0; ns->reg_stale && i < ns->nshards; i++)
+            ns->reg_stale[i] = !ns_shard_is_local(ns, i) || openreg_drop_stale(ns, i) != 0;
+    }
     if (rc < 0) {
         snprintf(err, errlen, "%s: recovery: %s", ns->data_dir, strerror(-rc));
         goto fail;
@@ -2820,5 +3137,6 @@ void ns_close(struct ns *ns)
     pthread_mutex_destroy(&ns->missing_lock);
     free(ns->guesses);
     free(ns->missing);
+    free(ns->reg_stale);
     free(ns);
 }

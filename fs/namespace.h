@@ -144,6 +144,10 @@ int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size
 int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
               struct inode *out);
+/* ns_mknode of a regular file that the caller opens: with other nodes, its
+ * open registration (below) goes in the create's own batch. */
+int ns_create_open(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                   uint32_t mode, uint32_t uid, uint32_t gid, struct inode *out);
 int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               ns_is_open_fn is_open, void *ctx);
 /* An open directory (is_open) stays, empty, until ns_reap(), as a file does. */
@@ -172,6 +176,10 @@ int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, c
 /* Change nothing and answer -ENOENT if the file has no name left (nlink 0:
  * unlinked or replaced, kept only for those who have it open). */
 #define NS_SET_LINKED 0x400u
+/* With other nodes: register this node's open of the file (the open
+ * registry, below) in the same batch. Alone (with NS_SET_LINKED or not)
+ * the record is not changed, only read and asserted: an open's read. */
+#define NS_SET_REGISTER 0x800u
 struct ns_setattr {
     unsigned mask;
     uint32_t mode, uid, gid;
@@ -226,6 +234,25 @@ int ns_reaper_start(struct ns *ns, ns_is_open_fn is_open, void *ctx);
  * once nothing can replace files any more (the mount and the key API are
  * gone). NULL-safe. ns_close() only stops the thread. */
 void ns_reaper_stop(struct ns *ns);
+
+/* The open registry (DESIGN.md, "Files open on other nodes"). With other
+ * nodes, each node that has a file open holds a registration of it on the
+ * file's shard ('R' records: ns_create_open, NS_SET_REGISTER), and the
+ * unlink or rename that takes the file's last name keeps it, with an orphan
+ * mark, while any is there. ns_unregister drops this node's registration
+ * (its last close of the file; ns_reap does it for an orphan). The node
+ * owning the shard deletes an orphan once no live process has it open: a
+ * registration is live while its process runs. alive(ctx, node) says
+ * whether another node is (1), or is known dead (0: its etcd lease ended),
+ * or cannot tell (-errno: alive); without it every other node is presumed
+ * alive, and a node's registrations go when it restarts. Set before
+ * ns_reaper_start. Nothing of this on a single-node store. */
+typedef int (*ns_node_alive_fn)(void *ctx, const char *node);
+int ns_unregister(struct ns *ns, const struct ino_id *id);
+/* ns_unregister of n files in one batch per shard; rcs[i] is the result for
+ * ids[i]. -EIO if any failed, -ENOMEM (nothing done), or 0. */
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs);
+void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx);
 
 int ns_statfs(struct ns *ns, struct statvfs *st);
 /* Make what is applied durable: the inode's shard, or every shard (id NULL). */

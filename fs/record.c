@@ -131,6 +131,12 @@ size_t record_intent_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id
     return id_key(out, REC_INTENT, id);
 }
 
+size_t record_open_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *id, const char *node,
+                       size_t nlen)
+{
+    return nlen ? named_key(out, REC_OPEN, id, node, nlen) : 0;
+}
+
 size_t record_prefix_end(uint8_t *out, const uint8_t *prefix, size_t plen)
 {
     memcpy(out, prefix, plen);
@@ -160,6 +166,7 @@ int record_placement(const uint8_t *key, size_t klen, uint64_t *hash)
     case REC_XATTR:
     case REC_ORPHAN:
     case REC_INTENT:
+    case REC_OPEN:
         *hash = endian_get_be64(key + 1);
         return 0;
     default:

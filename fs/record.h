@@ -11,6 +11,7 @@
  *   'C' ino[16] index:u64be    -> file data chunk              placed by ino[0..8]
  *   'X' ino[16] name           -> xattr value                  placed by ino[0..8]
  *   'O' ino[16]                -> "unlinked while open" mark   placed by ino[0..8]
+ *   'R' ino[16] node           -> open registration: tag:u64le placed by ino[0..8]
  *   'T' id[16]                 -> intent of a multi-shard op   placed by id[0..8]
  *   'M' name                   -> shard-local metadata (not placed; never moves)
  *   'L' lsn:u64be              -> change stream entry (shard_lmdb.h; hidden from scans)
@@ -61,6 +62,7 @@ enum record_type {
     REC_XATTR = 'X',
     REC_ORPHAN = 'O',
     REC_INTENT = 'T',
+    REC_OPEN = 'R',     /* a node has the inode open (namespace.c, "open registry") */
     REC_META = 'M',
     REC_STREAM = 'L',   /* a shard's change stream entry (backend/shard_lmdb.c) */
 };
@@ -114,6 +116,12 @@ size_t record_xattr_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *id, co
                         size_t nlen);
 size_t record_orphan_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id);
 size_t record_intent_key(uint8_t out[RECORD_ID_KEY_LEN], const struct ino_id *id);
+/* The open registration of id by node name (1..RECORD_NAME_MAX bytes; 0 and
+ * nothing written otherwise). Its value is RECORD_OPEN_VAL_LEN bytes: the
+ * registering process's run tag, u64le. */
+#define RECORD_OPEN_VAL_LEN 8
+size_t record_open_key(uint8_t out[RECORD_KEY_MAX], const struct ino_id *id, const char *node,
+                       size_t nlen);
 /* The prefix 'type' + id: every chunk (or xattr) of id starts with it. */
 size_t record_id_prefix(uint8_t out[RECORD_ID_KEY_LEN], enum record_type type,
                         const struct ino_id *id);

@@ -29,7 +29,8 @@ static void put_u32le(uint8_t *p, uint32_t v)
 
 static int op_has_value(enum batch_op op)
 {
-    return op == BATCH_PUT || op == BATCH_DEL_RANGE || op == BATCH_ASSERT_VALUE;
+    return op == BATCH_PUT || op == BATCH_DEL_RANGE || op == BATCH_ASSERT_VALUE ||
+           op == BATCH_ASSERT_EMPTY;
 }
 
 /* ---- a table of operations, built and walked back ---- */
@@ -54,6 +55,7 @@ static const struct op_case ops[] = {
     {BATCH_ASSERT_ABSENT, "absent-ignored", 0, "ignored", 0},
     {BATCH_ASSERT_VALUE, "k", 0, "expected", 0},
     {BATCH_ASSERT_VALUE, "k-empty", 0, "", 0},
+    {BATCH_ASSERT_EMPTY, "R\x01", 2, "R\x02", 2},
     {BATCH_PUT, "\xff", 1, "x", 0},
 };
 #define NOPS (sizeof(ops) / sizeof(ops[0]))
@@ -206,8 +208,9 @@ static void test_limits(void)
     } keys[] = {
         {0, -EINVAL}, {1, 0}, {255, 0}, {BATCH_KEY_MAX, 0}, {BATCH_KEY_MAX + 1, -ENAMETOOLONG},
     };
-    static const enum batch_op all_ops[] = {BATCH_PUT, BATCH_DEL, BATCH_DEL_RANGE,
-                                            BATCH_ASSERT_ABSENT, BATCH_ASSERT_VALUE};
+    static const enum batch_op all_ops[] = {BATCH_PUT,          BATCH_DEL,
+                                            BATCH_DEL_RANGE,    BATCH_ASSERT_ABSENT,
+                                            BATCH_ASSERT_VALUE, BATCH_ASSERT_EMPTY};
     for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
         for (size_t o = 0; o < sizeof(all_ops) / sizeof(all_ops[0]); o++) {
             batch_init(&b);
@@ -302,7 +305,7 @@ static int decode_all(const uint8_t *src, size_t len)
             break;
         n++;
         CHECK(pos > prev && pos <= len);
-        CHECK(it.op >= BATCH_PUT && it.op <= BATCH_ASSERT_VALUE);
+        CHECK(it.op >= BATCH_PUT && it.op <= BATCH_OP_MAX);
         CHECK(it.klen >= 1 && it.klen <= BATCH_KEY_MAX);
         CHECK(it.key >= buf + prev && it.key + it.klen <= buf + len);
         if (it.val)
@@ -370,7 +373,7 @@ static void test_mutations(void)
     }
 
     /* Bad op bytes at the first item. */
-    static const uint8_t bad_ops[] = {0, 6, 7, 0x7f, 0x80, 0xff};
+    static const uint8_t bad_ops[] = {0, BATCH_OP_MAX + 1, 8, 0x7f, 0x80, 0xff};
     for (size_t i = 0; i < sizeof(bad_ops); i++) {
         memcpy(buf, b.buf, b.len);
         buf[0] = bad_ops[i];

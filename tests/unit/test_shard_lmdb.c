@@ -994,6 +994,9 @@ static void test_atomicity(void)
         {"assert_value on a key range-deleted earlier", -EAGAIN},
         {"del_range of almost everything, then a failed assert", -EAGAIN},
         {"many puts, then a failed assert", -EEXIST},
+        {"assert_empty on a range holding a key", -ENOTEMPTY},
+        {"assert_empty on a range holding only its start key", -ENOTEMPTY},
+        {"assert_empty on a range a put earlier in the batch filled", -ENOTEMPTY},
     };
     for (size_t i = 0; i < sizeof(fails) / sizeof(fails[0]); i++) {
         batch_reset(&b);
@@ -1051,6 +1054,17 @@ static void test_atomicity(void)
             }
             batch_add(&b, BATCH_ASSERT_ABSENT, "many499", 7, NULL, 0);
             break;
+        case 12:
+            batch_put(&b, "new", 3, "n", 1);
+            batch_add(&b, BATCH_ASSERT_EMPTY, "r", 1, "s", 1);
+            break;
+        case 13:
+            batch_add(&b, BATCH_ASSERT_EMPTY, "r05", 3, "r05\0", 4);
+            break;
+        case 14:
+            batch_put(&b, "u1", 2, "v", 1);
+            batch_add(&b, BATCH_ASSERT_EMPTY, "u", 1, "v", 1);
+            break;
         }
         CHECK(b.error == 0);
         int rc = shard_apply(s, &b);
@@ -1091,6 +1105,9 @@ static void test_atomicity(void)
 
     /* Asserts that hold let the batch through. */
     batch_reset(&b);
+    batch_add(&b, BATCH_ASSERT_EMPTY, "r05\0", 4, "r06", 3); /* between two keys */
+    batch_add(&b, BATCH_ASSERT_EMPTY, "z", 1, "zz", 2);       /* past the last key */
+    batch_add(&b, BATCH_ASSERT_EMPTY, "r07", 3, "r07", 3);    /* an empty range */
     batch_add(&b, BATCH_ASSERT_VALUE, "x", 1, "1", 1);
     batch_add(&b, BATCH_ASSERT_ABSENT, "q", 1, NULL, 0);
     batch_put(&b, "x", 1, "11", 2);
@@ -1100,6 +1117,7 @@ static void test_atomicity(void)
     batch_add(&b, BATCH_ASSERT_VALUE, "w", 1, "a", 1); /* sees the put before it */
     batch_del(&b, "y", 1);
     batch_add(&b, BATCH_ASSERT_ABSENT, "y", 1, NULL, 0); /* sees the delete */
+    batch_add(&b, BATCH_ASSERT_EMPTY, "y", 1, "y\0", 2);  /* so does an empty range */
     CHECK_RC(shard_apply(s, &b), 0);
     EXPECT_STR(s, "x", "11");
     EXPECT_STR(s, "q", "");
