@@ -38,6 +38,7 @@
 #include <jansson.h>
 #include <openssl/evp.h>
 
+#include "clock.h"
 #include "curl_defaults.h"
 
 #define ETCD_POOL_MAX 8 /* idle curl handles kept */
@@ -62,13 +63,6 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
 /* ---- errors */
@@ -378,7 +372,7 @@ static int etcd_send(struct etcd *e, CURL *h, const char *path, const char *body
     struct curl_slist *hdrs = curl_slist_append(NULL, "Content-Type: application/json");
     if (!hdrs)
         return -ENOMEM;
-    int64_t deadline = now_ms() + e->timeout_ms;
+    int64_t deadline = clock_mono_ms() + e->timeout_ms;
     pthread_mutex_lock(&e->lock);
     unsigned first = e->current;
     pthread_mutex_unlock(&e->lock);
@@ -386,7 +380,7 @@ static int etcd_send(struct etcd *e, CURL *h, const char *path, const char *body
     char url[1024];
     for (unsigned i = 0; i < e->nendpoints; i++) {
         unsigned ep = (first + i) % e->nendpoints;
-        int64_t left = deadline - now_ms();
+        int64_t left = deadline - clock_mono_ms();
         if (left < 1) {
             rc = -ETIMEDOUT;
             set_err(err, errlen, "etcd: no answer within %u ms", e->timeout_ms);
@@ -1136,7 +1130,7 @@ static int watch_progress(void *ctx, curl_off_t dt, curl_off_t dn, curl_off_t ut
      * and says nothing is as dead as one that refused it. */
     long status = 0;
     curl_easy_getinfo(w->h, CURLINFO_RESPONSE_CODE, &status);
-    if (status == 0 && now_ms() > w->answer_by) {
+    if (status == 0 && clock_mono_ms() > w->answer_by) {
         w->rc = -ETIMEDOUT;
         set_err(w->err, w->errlen, "etcd watch: no answer within %u ms", w->timeout_ms);
         return 1;
@@ -1175,7 +1169,7 @@ int etcd_watch(struct etcd *e, const struct etcd_watch_req *req, etcd_event_fn f
      * watch lasts. */
     w.h = h;
     w.timeout_ms = e->timeout_ms;
-    w.answer_by = now_ms() + e->timeout_ms;
+    w.answer_by = clock_mono_ms() + e->timeout_ms;
     rc = etcd_send(e, h, "/v3/watch", body, watch_write, &w, 1, watch_before, &w, &a, err,
                    errlen);
     if (w.rc != 0) {

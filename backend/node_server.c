@@ -172,6 +172,7 @@
 #include <openssl/x509.h>
 
 #include "batch.h"
+#include "clock.h"
 #include "nonce_cache.h"
 #include "shard_lmdb.h"
 #include "shard_map.h"
@@ -349,14 +350,6 @@ static void log_msg(const char *fmt, ...)
     va_end(ap);
 }
 
-static int64_t mono_ms(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
 /* Start a new minute of MHD messages if the last one is over, saying how
  * many of it were not shown; under log_lock. */
 static void mhd_log_window(struct node_server *s, int64_t now)
@@ -380,7 +373,7 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     if (!fmt)
         return;
     pthread_mutex_lock(&s->log_lock);
-    mhd_log_window(s, mono_ms());
+    mhd_log_window(s, clock_mono_ms());
     show = s->log_shown < LOG_BURST;
     if (show)
         s->log_shown++;
@@ -1349,7 +1342,7 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
         }
     }
     want = shard_repl_sync_wanted(sh, a.node);
-    now = mono_ms();
+    now = clock_mono_ms();
     wait = pa && pa->deadline_ms ? pa->deadline_ms - now : (int64_t)a.wait;
     if (count == 0 && !want && !capped && pa && wait > 0) {
         *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
@@ -2035,7 +2028,7 @@ static void poll_park(struct node_server *s, struct request *rq, const struct po
 
     pthread_mutex_lock(&s->poll_lock);
     if (!rq->poll_deadline_ms)
-        rq->poll_deadline_ms = mono_ms() + pa->wait_ms;
+        rq->poll_deadline_ms = clock_mono_ms() + pa->wait_ms;
     rq->poll_linger_ms = pa->linger_ms;
     if (s->poll_stop)
         rq->poll_deadline_ms = 1;
@@ -2065,7 +2058,7 @@ static void *poll_timer_main(void *arg)
     pthread_mutex_lock(&s->poll_lock);
     for (;;) {
         struct request *due = NULL;
-        int64_t now = mono_ms(), next = now + 60000;
+        int64_t now = clock_mono_ms(), next = now + 60000;
         struct timespec t;
 
         for (unsigned n = 0; n < s->cfg.shard_count; n++) {
@@ -2287,7 +2280,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         if (!ci || !(t = calloc(1, sizeof(*t))))
             return;
         t->fd = ci->connect_fd;
-        t->clock_ms = mono_ms(); /* the first request's clock runs from the accept */
+        t->clock_ms = clock_mono_ms(); /* the first request's clock runs from the accept */
         pthread_mutex_lock(&s->conn_lock);
         t->next = s->conns;
         if (s->conns)
@@ -2374,14 +2367,11 @@ static void *reaper_main(void *arg)
         struct timespec t;
         int64_t now;
 
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        t.tv_nsec += REAPER_PERIOD_MS * 1000000L;
-        t.tv_sec += t.tv_nsec / 1000000000L;
-        t.tv_nsec %= 1000000000L;
+        clock_deadline_in(&t, REAPER_PERIOD_MS);
         pthread_cond_timedwait(&s->reaper_wake, &s->conn_lock, &t);
         if (s->reaper_stop)
             break;
-        now = mono_ms();
+        now = clock_mono_ms();
         unsaid += reap(s, now);
         pthread_mutex_lock(&s->log_lock);
         mhd_log_window(s, now);

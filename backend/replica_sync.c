@@ -93,6 +93,7 @@
 #include <time.h>
 
 #include "batch.h"
+#include "clock.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
 #include "wire.h"
@@ -214,13 +215,6 @@ struct replica_sync {
     uint64_t next_id;
 };
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 const char *replica_phase_name(enum replica_phase p)
 {
     switch (p) {
@@ -239,7 +233,7 @@ const char *replica_phase_name(enum replica_phase p)
 /* Copy what the thread knows of h into h->st for replica_sync_status(). */
 static void publish(struct replica_sync *rs, struct rshard *h, int rc)
 {
-    int64_t now = now_ms();
+    int64_t now = clock_mono_ms();
     struct replica_status *st = &h->st;
 
     pthread_mutex_lock(&rs->lock);
@@ -289,7 +283,7 @@ int replica_sync_status(struct replica_sync *rs, unsigned shard, struct replica_
     h = rs->sh[shard];
     if (h) {
         *out = h->st;
-        out->last_reply_ago_ms = h->reply_at ? now_ms() - h->reply_at : -1;
+        out->last_reply_ago_ms = h->reply_at ? clock_mono_ms() - h->reply_at : -1;
     }
     pthread_mutex_unlock(&rs->lock);
     return h ? 0 : -ENOENT;
@@ -541,7 +535,7 @@ static int parse_pos(const struct rs_hdr *hd, struct stream_pos *out)
  * primary's configured url again. */
 static void step_failed(struct replica_sync *rs, struct rshard *h, int rc)
 {
-    int64_t now = now_ms();
+    int64_t now = clock_mono_ms();
 
     h->next_at = now + h->backoff_ms;
     h->backoff_ms = h->backoff_ms * 2 > RS_BACKOFF_MAX_MS ? RS_BACKOFF_MAX_MS : h->backoff_ms * 2;
@@ -554,7 +548,7 @@ static void step_failed(struct replica_sync *rs, struct rshard *h, int rc)
 static void step_ok(struct replica_sync *rs, struct rshard *h)
 {
     h->backoff_ms = RS_BACKOFF_FIRST_MS;
-    h->next_at = now_ms();
+    h->next_at = clock_mono_ms();
     publish(rs, h, 0);
 }
 
@@ -568,7 +562,7 @@ static int snapshot_start(struct replica_sync *rs, struct rshard *h, const struc
     h->snapping = 1;
     h->p0 = *p0;
     h->flen = 0;
-    h->snap_start = now_ms();
+    h->snap_start = clock_mono_ms();
     h->dirty = 1;
     pthread_mutex_lock(&rs->lock);
     h->st.snapshots++;
@@ -758,7 +752,7 @@ static void sync_copy(struct replica_sync *rs, struct rshard *h)
     uint64_t lsn = h->pos.lsn;
     int rc = shard_sync(h->local);
 
-    h->synced_at = now_ms();
+    h->synced_at = clock_mono_ms();
     if (rc) {
         publish(rs, h, rc);
         return; /* tried again RS_SYNC_MS on */
@@ -850,7 +844,7 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
     pthread_mutex_lock(&rs->lock);
     h->st.replies++;
     h->st.last_status = status;
-    h->reply_at = now_ms();
+    h->reply_at = clock_mono_ms();
     pthread_mutex_unlock(&rs->lock);
     if (cc != CURLE_OK || h->overflow || h->nomem) {
         rc = h->nomem                            ? -ENOMEM
@@ -871,7 +865,7 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
             step_failed(rs, h, -EIO);
             goto out;
         }
-        h->next_at = now_ms();
+        h->next_at = clock_mono_ms();
         goto out;
     }
     h->redirects = 0;
@@ -1007,7 +1001,7 @@ static void primary_refresh(struct replica_sync *rs, struct rshard *h)
         snprintf(h->base, sizeof(h->base), "%s", rs->cfg->nodes[node].url);
     h->redirects = 0;
     h->backoff_ms = RS_BACKOFF_FIRST_MS;
-    h->next_at = now_ms();
+    h->next_at = clock_mono_ms();
     publish(rs, h, 1);
 }
 
@@ -1070,7 +1064,7 @@ static void rshard_begin(struct replica_sync *rs, struct rshard *h)
 {
     int rc = position_read(h);
 
-    h->level_at = now_ms();
+    h->level_at = clock_mono_ms();
     primary_refresh(rs, h);
     publish(rs, h, rc);
 }
@@ -1154,7 +1148,7 @@ static void *sync_main(void *arg)
                 transfer_done(rs, h, msg->data.result);
         }
         changes_make(rs);
-        now = now_ms();
+        now = clock_mono_ms();
         wake = now + RS_POLL_MAX_MS;
         for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
             struct rshard *h = rs->sh[i];
@@ -1202,7 +1196,7 @@ static void *sync_main(void *arg)
             if (rc)
                 step_failed(rs, h, rc);
         }
-        now = now_ms();
+        now = clock_mono_ms();
         curl_multi_poll(rs->multi, NULL, 0, wake > now ? (int)(wake - now) : 0, NULL);
     }
     for (unsigned i = 0; i < rs->cfg->shard_count; i++)
@@ -1386,7 +1380,7 @@ void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard)
 int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct stream_pos *at,
                           unsigned wait_ms, struct shard_lmdb_sum *out, struct stream_pos *now)
 {
-    int64_t deadline = now_ms() + wait_ms;
+    int64_t deadline = clock_mono_ms() + wait_ms;
     struct timespec ts;
     struct rshard *h;
     uint64_t id;
@@ -1396,13 +1390,7 @@ int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct 
     memset(now, 0, sizeof(*now));
     if (!rs || shard >= CONFIG_MAX_SHARDS)
         return -ENOENT;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += wait_ms / 1000;
-    ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    clock_deadline_in(&ts, wait_ms);
     pthread_mutex_lock(&rs->lock);
     h = rs->sh[shard];
     id = h ? h->id : 0;
@@ -1421,7 +1409,7 @@ int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct 
                 *out = h->sum;
             break;
         }
-        if (now_ms() >= deadline || !rs->started || atomic_load(&rs->stop)) {
+        if (clock_mono_ms() >= deadline || !rs->started || atomic_load(&rs->stop)) {
             rc = -ETIMEDOUT;
             break;
         }

@@ -58,6 +58,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "etcd.h"
 
 #define KEY_MAX 128
@@ -102,25 +103,12 @@ struct shard_map {
     int64_t watch_from; /* watch thread only (set before it starts) */
 };
 
-static int64_t now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
 /* Sleep up to ms, or until close. */
 static void nap(struct shard_map *m, unsigned ms)
 {
     struct timespec until;
 
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += ms / 1000;
-    until.tv_nsec += (long)(ms % 1000) * 1000000;
-    if (until.tv_nsec >= 1000000000) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000;
-    }
+    clock_deadline_in(&until, ms);
     pthread_mutex_lock(&m->sleep_lock);
     while (!atomic_load(&m->stop) &&
            pthread_cond_timedwait(&m->sleep_cond, &m->sleep_lock, &until) != ETIMEDOUT)
@@ -657,7 +645,7 @@ static void lease_extend(struct shard_map *m, int64_t sent_ms, int64_t ttl_s)
 static int lease_start(struct shard_map *m, char *err, size_t errlen)
 {
     char k[KEY_MAX];
-    int64_t id = 0, t0 = now_ms();
+    int64_t id = 0, t0 = clock_mono_ms();
     int rc;
 
     rc = etcd_lease_grant(m->etcd, (m->ttl_ms + 999) / 1000, &id, err, errlen);
@@ -684,7 +672,7 @@ static void *keepalive_main(void *arg)
 
     pthread_setname_np(pthread_self(), "map-lease");
     while (!atomic_load(&m->stop)) {
-        int64_t ttl = 0, t0 = now_ms(), id = atomic_load(&m->lease);
+        int64_t ttl = 0, t0 = clock_mono_ms(), id = atomic_load(&m->lease);
         int rc;
 
         if (id == 0) {
@@ -1036,7 +1024,7 @@ int shard_map_lease_ok(struct shard_map *m)
         return 1;
     if (m->self < 0 || atomic_load(&m->leaders_missing) != 0)
         return 0;
-    return now_ms() < atomic_load(&m->lease_until);
+    return clock_mono_ms() < atomic_load(&m->lease_until);
 }
 
 /* ---- changes ---- */

@@ -101,6 +101,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "clock.h"
 #include "curl_defaults.h"
 #include "wire.h"
 
@@ -180,13 +181,6 @@ static CURLcode curl_init_rc;
 static void curl_init_once(void)
 {
     curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void sleep_ms(int64_t ms)
@@ -785,20 +779,14 @@ static int follow_redirect(struct remote *r, unsigned shard, const struct reques
  * deadline is too near for another attempt. */
 static int owner_wait(struct remote *r, unsigned shard, uint64_t gen, int64_t deadline)
 {
-    int64_t now = now_ms(), until = now + REMOTE_PROBE_MS;
+    int64_t now = clock_mono_ms(), until = now + REMOTE_PROBE_MS;
     struct timespec ts;
 
     if (now + REMOTE_MIN_ATTEMPT_MS >= deadline)
         return -EHOSTUNREACH;
     if (until > deadline - REMOTE_MIN_ATTEMPT_MS)
         until = deadline - REMOTE_MIN_ATTEMPT_MS;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += (until - now) / 1000;
-    ts.tv_nsec += (long)((until - now) % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
+    clock_deadline_in(&ts, until - now);
     pthread_mutex_lock(&r->lock);
     while (r->owner_gen[shard] == gen &&
            pthread_cond_timedwait(&r->owner_cond, &r->lock, &ts) != ETIMEDOUT)
@@ -842,7 +830,7 @@ static int health_gate(struct remote *r, int node, int probe)
     if (node < 0 || r->health[node].down_ms == 0)
         return 0;
     h = &r->health[node];
-    now = now_ms();
+    now = clock_mono_ms();
     if (!probe && !h->refused && now < h->probe_at)
         return -EHOSTUNREACH;
     h->probe_at = now + REMOTE_PROBE_MS;
@@ -855,7 +843,7 @@ static int health_gate(struct remote *r, int node, int probe)
  * the caller sees only EIO. */
 static void tls_note(struct remote *r, int node, CURLcode cc)
 {
-    int64_t now = now_ms();
+    int64_t now = clock_mono_ms();
     int say;
 
     if (cc != CURLE_PEER_FAILED_VERIFICATION && cc != CURLE_SSL_CONNECT_ERROR &&
@@ -897,7 +885,7 @@ static int health_note(struct remote *r, int node, CURLcode cc, const struct req
     if (!down) {
         h->down_ms = 0;
     } else {
-        int64_t now = now_ms();
+        int64_t now = clock_mono_ms();
         if (h->down_ms == 0) {
             h->down_ms = now;
             h->down_since = time(NULL);
@@ -918,7 +906,7 @@ static int health_note(struct remote *r, int node, CURLcode cc, const struct req
  * -errno. On return the caller owns q->reply (request_free). */
 static int remote_call(struct remote *r, int shard, unsigned node, struct request *q)
 {
-    int64_t deadline = now_ms() + r->timeout_ms;
+    int64_t deadline = clock_mono_ms() + r->timeout_ms;
     int64_t backoff = REMOTE_BACKOFF_FIRST_MS;
     int redirects = 0, rc;
     struct conn *c;
@@ -950,7 +938,7 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
             break;
         }
 
-        int64_t left = deadline - now_ms();
+        int64_t left = deadline - clock_mono_ms();
         if (left < 1) {
             rc = -ETIMEDOUT;
             break;
@@ -972,7 +960,7 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
                 /* DESIGN 9: nodes whose maps disagree for a moment (a change
                  * on its way through their watches, as at a handover) send
                  * the request round; a 307 did nothing: wait, then again. */
-                if (!follow || now_ms() + backoff + REMOTE_MIN_ATTEMPT_MS > deadline)
+                if (!follow || clock_mono_ms() + backoff + REMOTE_MIN_ATTEMPT_MS > deadline)
                     break;
                 sleep_ms(backoff);
                 backoff = backoff * 2 > REMOTE_BACKOFF_MAX_MS ? REMOTE_BACKOFF_MAX_MS : backoff * 2;
@@ -1000,7 +988,7 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
         }
         if (!retry || !q->idempotent)
             break;
-        if (now_ms() + backoff + REMOTE_MIN_ATTEMPT_MS > deadline)
+        if (clock_mono_ms() + backoff + REMOTE_MIN_ATTEMPT_MS > deadline)
             break;
         sleep_ms(backoff);
         backoff = backoff * 2 > REMOTE_BACKOFF_MAX_MS ? REMOTE_BACKOFF_MAX_MS : backoff * 2;

@@ -61,6 +61,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "shard_lmdb.h"
 
 struct peer {
@@ -122,14 +123,6 @@ static const struct shard_ops repl_ops;
 static struct shard_repl *repl_of(struct shard *s)
 {
     return (struct shard_repl *)s;
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
 /* ---- reads: the LMDB shard's ---- */
@@ -323,11 +316,6 @@ static void release_holds(struct shard_repl *r, uint64_t mask)
 
 /* ---- waiting for the replicas ---- */
 
-static void deadline_of(int64_t ms, struct timespec *t)
-{
-    t->tv_sec = (time_t)(ms / 1000);
-    t->tv_nsec = (long)(ms % 1000) * 1000000L;
-}
 
 /* ---- joining (DESIGN: joining) ---- */
 
@@ -408,7 +396,7 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
     struct timespec t;
     int rc = 0;
 
-    deadline_of(deadline, &t);
+    clock_deadline_at(&t, deadline);
     pthread_mutex_lock(&r->lock);
     for (;;) {
         int laggards[CONFIG_MAX_NODES], nlag = 0;
@@ -433,7 +421,7 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
         }
         if (nlag == 0)
             break;
-        if (mono_ms() < deadline) {
+        if (clock_mono_ms() < deadline) {
             pthread_cond_timedwait(&r->reported, &r->lock, &t);
             continue;
         }
@@ -513,7 +501,7 @@ static int repl_apply_in(struct shard_repl *r, const struct batch *b)
     if (wait)
         atomic_fetch_add(&r->waiting, 1);
     rc = shard_lmdb_apply_pos(r->inner, b, &pos);
-    now = mono_ms();
+    now = clock_mono_ms();
     pthread_mutex_lock(&r->lock);
     if (!wait && r->ack == CONFIG_ACK_REPLICA)
         r->unwaited--;
@@ -574,7 +562,7 @@ static int repl_sync_in(struct shard_repl *r)
         atomic_fetch_add(&r->waiting, 1);
         if (fn)
             fn(ctx, r->base.index); /* wake the replicas' long polls */
-        rc = wait_replicas(r, lsn, 1, c.epoch, mono_ms(), &acked);
+        rc = wait_replicas(r, lsn, 1, c.epoch, clock_mono_ms(), &acked);
         atomic_fetch_sub(&r->waiting, 1);
         if (rc < 0)
             return rc;
@@ -739,7 +727,7 @@ int shard_repl_report(struct shard *s, int node, const struct stream_pos *applie
     struct shard_repl *r = repl_of(s);
     struct shard_copies c;
     struct peer *p;
-    int64_t now = mono_ms();
+    int64_t now = clock_mono_ms();
     uint64_t stale;
     int rc, rejoin, in;
 
@@ -787,7 +775,7 @@ int shard_repl_needs_snapshot(struct shard *s, int node, const struct stream_pos
         return rc;
     pthread_mutex_lock(&r->lock);
     p->needs_snapshot = 1;
-    p->report_ms = mono_ms();
+    p->report_ms = clock_mono_ms();
     p->held = 1;
     pthread_mutex_unlock(&r->lock);
     shard_lmdb_stream_hold(r->inner, (unsigned)node, base->lsn);
@@ -822,7 +810,7 @@ int shard_repl_status(struct shard *s, struct shard_repl_status *out)
 {
     struct shard_repl *r = repl_of(s);
     struct shard_copies c;
-    int64_t now = mono_ms();
+    int64_t now = clock_mono_ms();
     int rc = shard_map_get(r->map, r->base.index, &c);
 
     memset(out, 0, sizeof(*out));
@@ -864,7 +852,7 @@ int shard_repl_checkpoint_set(struct shard *s, const struct stream_pos *at, unsi
     void (*fn)(void *ctx, unsigned index);
     void *ctx;
     struct shard_copies c;
-    int64_t until = mono_ms() + ttl_ms;
+    int64_t until = clock_mono_ms() + ttl_ms;
     struct timespec now;
     uint64_t id;
     int rc = shard_map_get(r->map, r->base.index, &c);
@@ -907,7 +895,7 @@ int shard_repl_checkpoint(struct shard *s, int node, struct stream_pos *at, uint
         return 0;
     p = &r->peers[node];
     pthread_mutex_lock(&r->lock);
-    if (p->cp_until && mono_ms() >= p->cp_until)
+    if (p->cp_until && clock_mono_ms() >= p->cp_until)
         p->cp_until = 0;
     on = p->cp_until != 0;
     if (on) {
@@ -935,16 +923,16 @@ void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id)
 int shard_repl_wait_level(struct shard *s, int node, uint64_t lsn, unsigned timeout_ms)
 {
     struct shard_repl *r = repl_of(s);
-    int64_t deadline = mono_ms() + timeout_ms;
+    int64_t deadline = clock_mono_ms() + timeout_ms;
     struct timespec t;
     int rc = 0;
 
     if (node < 0 || node >= CONFIG_MAX_NODES)
         return -EINVAL;
-    deadline_of(deadline, &t);
+    clock_deadline_at(&t, deadline);
     pthread_mutex_lock(&r->lock);
     while (r->peers[node].applied.lsn < lsn) {
-        if (mono_ms() >= deadline) {
+        if (clock_mono_ms() >= deadline) {
             rc = -ETIMEDOUT;
             break;
         }
@@ -957,11 +945,11 @@ int shard_repl_wait_level(struct shard *s, int node, uint64_t lsn, unsigned time
 int shard_repl_freeze(struct shard *s, unsigned timeout_ms, struct stream_pos *pos)
 {
     struct shard_repl *r = repl_of(s);
-    int64_t deadline = mono_ms() + timeout_ms;
+    int64_t deadline = clock_mono_ms() + timeout_ms;
     struct timespec t;
     int rc = 0;
 
-    deadline_of(deadline, &t);
+    clock_deadline_at(&t, deadline);
     pthread_mutex_lock(&r->lock);
     if (r->frozen || moved(r)) {
         pthread_mutex_unlock(&r->lock);
@@ -969,7 +957,7 @@ int shard_repl_freeze(struct shard *s, unsigned timeout_ms, struct stream_pos *p
     }
     r->frozen = 1;
     while (r->writing > 0) {
-        if (mono_ms() >= deadline) {
+        if (clock_mono_ms() >= deadline) {
             rc = -ETIMEDOUT;
             break;
         }

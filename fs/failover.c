@@ -59,6 +59,7 @@
 #include <time.h>
 
 #include "batch.h"
+#include "clock.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
 #include "shard_repl.h"
@@ -104,26 +105,6 @@ struct failover {
     int started;
 };
 
-static int64_t mono_ms(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
-/* ts = CLOCK_MONOTONIC now + ms, for a timed wait on fo->cond. */
-static void deadline_in(struct timespec *ts, int64_t ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (long)(ms % 1000) * 1000000;
-    if (ts->tv_nsec >= 1000000000) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000;
-    }
-}
-
 /* ---- the switch ---- */
 
 static struct fo_shard *sw_of(struct shard *s)
@@ -168,7 +149,7 @@ static int sw_moved(struct fo_shard *f, struct shard *t)
     struct timespec ts;
     int again;
 
-    deadline_in(&ts, fo->cfg->timeout_ms ? fo->cfg->timeout_ms : 5000);
+    clock_deadline_in(&ts, fo->cfg->timeout_ms ? fo->cfg->timeout_ms : 5000);
     pthread_mutex_lock(&fo->lock);
     while (f->role == FO_PRIMARY && f->primary == t &&
            pthread_cond_timedwait(&fo->cond, &fo->lock, &ts) != ETIMEDOUT)
@@ -337,7 +318,7 @@ static int fo_nap(struct failover *fo, int64_t ms)
     struct timespec ts;
     int stop;
 
-    deadline_in(&ts, ms);
+    clock_deadline_in(&ts, ms);
     pthread_mutex_lock(&fo->lock);
     while (!fo->stop && pthread_cond_timedwait(&fo->cond, &fo->lock, &ts) != ETIMEDOUT)
         ;
@@ -383,7 +364,7 @@ static void promote(struct failover *fo, struct fo_shard *f, const struct shard_
     struct stream_pos pos;
     struct shard *w = NULL;
     uint64_t behind = 0;
-    int64_t t0 = mono_ms();
+    int64_t t0 = clock_mono_ms();
     int rc;
 
     if (replica_sync_status(fo->rs, n, &st) == 0 && st.primary_pos.lsn > st.pos.lsn)
@@ -415,7 +396,7 @@ static void promote(struct failover *fo, struct fo_shard *f, const struct shard_
                 "shardfs: shard %u: promoted to primary at epoch %llu (lsn %llu, %lld ms after "
                 "its leader key went)\n",
                 n, (unsigned long long)(c.epoch + 1), (unsigned long long)pos.lsn,
-                (long long)(mono_ms() - t0));
+                (long long)(clock_mono_ms() - t0));
         return;
     }
     /* not ours: pulled again */
@@ -566,7 +547,7 @@ static void *fo_main(void *arg)
         struct timespec ts;
         int any = 0;
 
-        deadline_in(&ts, period);
+        clock_deadline_in(&ts, period);
         pthread_mutex_lock(&fo->lock);
         for (unsigned i = 0; i < fo->cfg->shard_count; i++)
             any |= fo->dirty[i];
@@ -646,13 +627,13 @@ static void on_map_change(void *ctx, unsigned n)
  * (the role moved after all), else rc. */
 static int handover_unsure(struct failover *fo, unsigned n, int to, int rc)
 {
-    int64_t until = mono_ms() + fo->cfg->lease_ttl_ms;
+    int64_t until = clock_mono_ms() + fo->cfg->lease_ttl_ms;
     struct shard_copies c;
 
     for (;;) {
         if (shard_map_get(fo->map, n, &c) == 0 && c.primary == to)
             return 0;
-        if (mono_ms() >= until || fo_nap(fo, FO_UNSURE_STEP_MS))
+        if (clock_mono_ms() >= until || fo_nap(fo, FO_UNSURE_STEP_MS))
             return rc;
     }
 }
@@ -668,7 +649,7 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
     struct stream_pos p;
     struct shard *w = NULL;
     const char *name;
-    int64_t t0 = mono_ms(), t_frozen = 0;
+    int64_t t0 = clock_mono_ms(), t_frozen = 0;
     int rc, frozen = 0, moved = 0, slot = -1;
 
     memset(out, 0, sizeof(*out));
@@ -725,13 +706,13 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
         rc = shard_repl_wait_level(w, to, st.position.lsn, tmo * FO_CATCHUP_PART / 10);
     if (rc == 0) {
         /* step 2 */
-        t_frozen = mono_ms();
+        t_frozen = clock_mono_ms();
         rc = shard_repl_freeze(w, tmo * FO_FREEZE_PART / 10, &p);
         frozen = rc == 0;
     }
     if (rc == 0) {
         /* step 3, in what is left of the freeze's time */
-        int64_t left = tmo * FO_FREEZE_PART / 10 - (mono_ms() - t_frozen);
+        int64_t left = tmo * FO_FREEZE_PART / 10 - (clock_mono_ms() - t_frozen);
 
         rc = shard_repl_wait_level(w, to, p.lsn, left > 0 ? (unsigned)left : 0);
     }
@@ -760,8 +741,8 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
     moved = 1;
     out->new_epoch = c.epoch + 1;
     out->lsn = p.lsn;
-    out->frozen_ms = mono_ms() - t_frozen;
-    out->took_ms = mono_ms() - t0;
+    out->frozen_ms = clock_mono_ms() - t_frozen;
+    out->took_ms = clock_mono_ms() - t0;
     fprintf(stderr,
             "shardfs: shard %u: handed over to %s at epoch %llu (lsn %llu, writes held %lld "
             "ms)\n",

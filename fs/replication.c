@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "failover.h"
 #include "replica_sync.h"
 #include "shard_map.h"
@@ -263,14 +264,6 @@ static void route_promote(struct replication *rep, const struct node_request *re
 
 /* ---- POST /v1/checksum (replication.h): the content check ---- */
 
-static int64_t mono_ms(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
 /* The wrapper of shard n if this node serves it as primary (kept until
  * primary_put with etcd), else NULL. */
 static struct shard *primary_get(struct replication *rep, unsigned n)
@@ -318,7 +311,7 @@ static int checksum_as_primary(struct replication *rep, unsigned n, unsigned ttl
         goto out;
     }
     /* As a handover's freeze: held writes keep time to be done again. */
-    t0 = mono_ms();
+    t0 = clock_mono_ms();
     rc = shard_repl_freeze(w, tmo * 2 / 10, &p);
     if (rc < 0) {
         snprintf(err, errlen, "shard %u: writes in progress did not finish in time: %s", n,
@@ -331,7 +324,7 @@ static int checksum_as_primary(struct replication *rep, unsigned n, unsigned ttl
     if (rc == 0)
         rc = shard_repl_checkpoint_set(w, &p, ttl_ms);
     shard_repl_thaw(w, 0);
-    *frozen_ms = mono_ms() - t0;
+    *frozen_ms = clock_mono_ms() - t0;
     if (rc < 0)
         snprintf(err, errlen, "shard %u: hashing the primary's copy: %s", n, strerror(-rc));
 out:
@@ -415,13 +408,13 @@ out:
 /* POST /v1/checksum {"shard":N,"warm":true} (replication.h). */
 static void route_warm(struct replication *rep, unsigned n, struct node_response *resp)
 {
-    int64_t t0 = mono_ms();
+    int64_t t0 = clock_mono_ms();
     uint64_t bytes;
     int rc = warm_copy_file(rep, n, &bytes);
 
     if (rc == 0)
         node_response_json(resp, json_pack("{s:b,s:o,s:I}", "done", 1, "bytes", json_u64(bytes),
-                                           "took_ms", (json_int_t)(mono_ms() - t0)));
+                                           "took_ms", (json_int_t)(clock_mono_ms() - t0)));
     else
         node_response_json(resp, json_pack("{s:b,s:s,s:s}", "done", 0, "errno",
                                            wire_errno_name(rc) ? wire_errno_name(rc)
@@ -441,7 +434,7 @@ static void route_checksum(struct replication *rep, const struct node_request *r
     struct shard_lmdb_sum sum;
     struct stream_pos at, now = {0, 0, 0};
     uint64_t wait_ms = CHECKSUM_WAIT_DEFAULT_MS;
-    int64_t t0 = mono_ms(), frozen_ms = 0;
+    int64_t t0 = clock_mono_ms(), frozen_ms = 0;
     char err[256] = "", check[24];
     unsigned n;
     int rc, as_replica;
@@ -494,7 +487,7 @@ static void route_checksum(struct replication *rep, const struct node_request *r
     }
     if (rc == 0) {
         node_response_json(resp, sum_json(rep, n, as_replica ? "replica" : "primary", &sum,
-                                          frozen_ms, mono_ms() - t0));
+                                          frozen_ms, clock_mono_ms() - t0));
         return;
     }
     snprintf(check, sizeof(check), "%" PRIu64, now.check);
