@@ -302,6 +302,17 @@ static int node_alive(void *ctx, const char *name)
     return i < 0 ? 0 : shard_map_node_alive(ctx, i);
 }
 
+/* ns_leads_fn over the shard map: the reaper looks after the shards this
+ * node is the primary of now (leads_node; the map's node index). */
+static int leads_node = -1;
+
+static int node_leads(void *ctx, unsigned shard)
+{
+    struct shard_copies c;
+
+    return shard_map_get(ctx, shard, &c) == 0 && c.primary == leads_node;
+}
+
 static int server_start(struct ns *ns, int node, struct fs *fs, struct server *sv, char *err,
                         size_t errlen)
 {
@@ -328,8 +339,11 @@ static int server_start(struct ns *ns, int node, struct fs *fs, struct server *s
     if (node_server_start_repl(&cfg, node, local, replication_server(sv->rep), server_handle, sv,
                                &sv->srv, err, errlen) != 0)
         return -1;
-    if (replication_server(sv->rep) && replication_server(sv->rep)->map)
+    if (replication_server(sv->rep) && replication_server(sv->rep)->map) {
         ns_set_node_alive(ns, node_alive, replication_server(sv->rep)->map);
+        leads_node = node;
+        ns_set_leads(ns, node_leads, replication_server(sv->rep)->map);
+    }
     return sv->rep && replication_sync_start(sv->rep, err, errlen) != 0 ? -1 : 0;
 }
 

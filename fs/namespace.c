@@ -124,6 +124,8 @@ struct ns {
     int offline;                    /* fsck: no node runs, every one is stale */
     ns_node_alive_fn node_alive;    /* set before the reaper starts */
     void *node_alive_ctx;
+    ns_leads_fn leads;              /* the reaper's shards; set before it starts */
+    void *leads_ctx;
     uint8_t *reg_stale;             /* per shard: the last run's registrations
                                      * still to drop; reaper thread only */
 };
@@ -2350,6 +2352,12 @@ void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx)
     ns->node_alive_ctx = ctx;
 }
 
+void ns_set_leads(struct ns *ns, ns_leads_fn fn, void *ctx)
+{
+    ns->leads = fn;
+    ns->leads_ctx = ctx;
+}
+
 /* 1 if the registration (key, val) on inode id is of a process that still
  * runs: this one; or, on another node, presumed so unless the liveness
  * hook says its node is dead (its etcd lease ended). A restarted node
@@ -2597,11 +2605,18 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
 typedef int (*orphan_fn)(struct ns *ns, unsigned shard, const uint8_t *key, size_t klen,
                          const struct ino_id *id, const uint8_t *val, size_t vlen, void *arg);
 
+/* Whether this node looks after the orphans and kept files of shard i
+ * (ns_set_leads): one node a shard, its primary. */
+static int looks_after(const struct ns *ns, unsigned i)
+{
+    return ns->leads ? ns->leads(ns->leads_ctx, i) == 1 : ns_shard_is_local(ns, i);
+}
+
 static int orphans_each(struct ns *ns, orphan_fn fn, void *arg)
 {
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
-        if (!ns_shard_is_local(ns, i))
+        if (!looks_after(ns, i))
             continue;
         int rc = scan_type(ns, i, REC_ORPHAN, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {

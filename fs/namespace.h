@@ -229,6 +229,14 @@ int ns_reap(struct ns *ns, const struct ino_id *id);
  * close deletes it (and is_open must see to that, as fs_is_open does).
  * Nothing to do on a single-node store. 0 or -errno. */
 int ns_reaper_start(struct ns *ns, ns_is_open_fn is_open, void *ctx);
+/* Which shards "this node's shards" are for the reaper (kept files and
+ * orphans, here and in ns_reaper_stop): by default those the config gives
+ * the node; with a shard map that moves primaries, leads(ctx, shard) says
+ * whether this node is the shard's primary now (1), so a shard promoted to
+ * another node is looked after there, and not by its config owner, now its
+ * replica or dead. Set before ns_reaper_start. */
+typedef int (*ns_leads_fn)(void *ctx, unsigned shard);
+void ns_set_leads(struct ns *ns, ns_leads_fn fn, void *ctx);
 /* Stop the reaper and delete every kept file of this node's shards (a
  * clean stop leaves none); after it, is_open is not called again. Call
  * once nothing can replace files any more (the mount and the key API are

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import SHARDFS_BIN, run, wait_for, write_file
 from test_cluster import cluster, NODES  # noqa: F401
-from test_failover import fcluster  # noqa: F401
+from test_failover import fcluster, wait_settled  # noqa: F401
 from test_replication import entry_shard, etcd_server, etcd_url  # noqa: F401
 
 KEEP_S = 10           # a replaced file is kept this long for other nodes (namespace.c)
@@ -201,3 +201,31 @@ def test_kill9_of_a_holding_unlinked_files_frees_them_when_its_lease_ends(fclust
     wait_for(lambda: all(shard_records(c).get(s) == want[s] for s in names.values()), 30,
              "the files a held open freed once its lease ended")
     c.start("a")
+
+
+@pytest.mark.timeout_s(240)
+def test_file_on_a_failed_over_shard_is_freed_by_its_new_primary(fcluster):
+    """With etcd: a file on one of b's shards, open on a, unlinked on c;
+    then b is killed and c, the shard's replica, promoted. Once a closes
+    the file, c frees it, b still dead: the reaper looks after the shards
+    its node leads now, not those the config gives it (DESIGN.md, "Files
+    open on other nodes")."""
+    c = fcluster
+    names = files_on_every_owner(c, "p", owners=("b",))
+    (name, shard), = names.items()
+    base = shard_records(c)
+    fds = {name: os.open(c.p("a", name), os.O_RDONLY)}
+    os.unlink(c.p("c", name))
+    time.sleep(2.5)
+    assert read_all(fds[name]) == content(name)
+    assert_kept(c, base, names, "an unlinked open file")
+    c.kill9("b")
+    wait_for(lambda: c.shard_map()[shard]["primary"] == "c", 30,
+             "c promoted for shard %d" % shard, interval=0.2)
+    assert read_all(fds[name]) == content(name), "not its bytes through the new primary"
+    close_all(fds)
+    want = freed(base, names)
+    wait_for(lambda: shard_records(c).get(shard) == want[shard], RECLAIM_S,
+             "the file freed by the shard's new primary, its old one dead", interval=0.2)
+    c.start("b")
+    wait_settled(c)
