@@ -229,7 +229,9 @@ def test_warm_reads_a_copy_and_a_replica_short_of_the_position_is_behind(rcluste
         return json.loads(raw)
 
     got = ask("b", {"shard": 0, "warm": True})
-    assert got["done"] is True and got["bytes"] == os.path.getsize(path) >= 4 << 20, got
+    # the whole file as it was (it only grows: a's registration drops, 0.1 s
+    # after each close, are writes to shard 0 too)
+    assert got["done"] is True and 4 << 20 <= got["bytes"] <= os.path.getsize(path), got
     got = ask("c", {"shard": 0, "warm": True})    # c holds no copy of shard 0
     assert got["done"] is False and got["errno"] == "ENOENT", got
 
@@ -239,7 +241,8 @@ def test_warm_reads_a_copy_and_a_replica_short_of_the_position_is_behind(rcluste
     got = ask("b", far)
     took = time.monotonic() - t0
     assert got["done"] is False and got["errno"] == "ETIMEDOUT", got
-    assert got["error"].startswith("behind: at lsn %d" % pos["lsn"]), got
-    assert got["lsn"] == pos["lsn"] and 0.3 <= took < 5, (got, took)
+    # where b's copy is: not before what it had, never at the position asked
+    assert got["error"].startswith("behind: at lsn %d (epoch " % got["lsn"]), got
+    assert pos["lsn"] <= got["lsn"] < far["lsn"] and 0.3 <= took < 5, (got, took)
     # And the check itself, with the copies level, still says ok.
     assert_all_ok(c)
