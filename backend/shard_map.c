@@ -998,6 +998,18 @@ int shard_map_get(struct shard_map *m, unsigned shard, struct shard_copies *out)
     return 0;
 }
 
+int shard_map_is_primary(struct shard_map *m, unsigned shard)
+{
+    int is;
+
+    if (shard >= m->shard_count || m->self < 0)
+        return 0;
+    pthread_mutex_lock(&m->lock);
+    is = m->copies[shard].primary == m->self;
+    pthread_mutex_unlock(&m->lock);
+    return is;
+}
+
 int shard_map_leader(struct shard_map *m, unsigned shard)
 {
     int node;

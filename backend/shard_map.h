@@ -79,6 +79,10 @@ void shard_map_close(struct shard_map *m);
 /* A copy of the shard's entry. 0 or -EINVAL. */
 int shard_map_get(struct shard_map *m, unsigned shard, struct shard_copies *out);
 
+/* 1 if the map names this map's node (self) the shard's primary, else 0
+ * (also for a map opened with self -1, and a bad shard). */
+int shard_map_is_primary(struct shard_map *m, unsigned shard);
+
 /* The node whose lease holds the shard's leader key: with etcd, the node
  * that may act as the shard's primary now, -1 while nobody does (between a
  * primary's death and a promotion); the static map returns its primary.

@@ -303,14 +303,10 @@ static int node_alive(void *ctx, const char *name)
 }
 
 /* ns_leads_fn over the shard map: the reaper looks after the shards this
- * node is the primary of now (leads_node; the map's node index). */
-static int leads_node = -1;
-
+ * node is the primary of now. */
 static int node_leads(void *ctx, unsigned shard)
 {
-    struct shard_copies c;
-
-    return shard_map_get(ctx, shard, &c) == 0 && c.primary == leads_node;
+    return shard_map_is_primary(ctx, shard);
 }
 
 static int server_start(struct ns *ns, int node, struct fs *fs, struct server *sv, char *err,
@@ -341,7 +337,6 @@ static int server_start(struct ns *ns, int node, struct fs *fs, struct server *s
         return -1;
     if (replication_server(sv->rep) && replication_server(sv->rep)->map) {
         ns_set_node_alive(ns, node_alive, replication_server(sv->rep)->map);
-        leads_node = node;
         ns_set_leads(ns, node_leads, replication_server(sv->rep)->map);
     }
     return sv->rep && replication_sync_start(sv->rep, err, errlen) != 0 ? -1 : 0;
