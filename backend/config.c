@@ -42,12 +42,13 @@ enum cluster_key {
     CK_ETCD,
     CK_LEASE_TTL,
     CK_REPLICA_LAG,
+    CK_REPLICA_PUSH,
     CK_COUNT
 };
 static const char *const cluster_keys[CK_COUNT] = {
     "shards",     "epoch", "commit_interval_ms", "cache_timeout",  "secret",
     "timeout_ms", "tls_ca", "ack",               "etcd",           "lease_ttl_ms",
-    "replica_lag_ms"};
+    "replica_lag_ms", "replica_push"};
 
 enum node_key { NK_URL, NK_DATA_DIR, NK_SHARDS, NK_TLS_CERT, NK_TLS_KEY, NK_REPLICAS, NK_COUNT };
 static const char *const node_keys[NK_COUNT] = {"url",     "data_dir", "shards",
@@ -648,6 +649,14 @@ static int cluster_key(struct load_ctx *ctx, const char *name, const char *value
         }
         cfg->replica_lag_ms = (unsigned)n;
         break;
+    case CK_REPLICA_PUSH:
+        if (strcmp(value, "yes") == 0 || strcmp(value, "no") == 0) {
+            cfg->replica_push = value[0] == 'y';
+        } else {
+            fail_at(ctx, line, "bad replica_push '%s' (want yes or no)", value);
+            return 0;
+        }
+        break;
     case CK_COUNT:
         break;
     }
@@ -1040,6 +1049,7 @@ int config_load(const char *path, struct config *cfg, char *err, size_t errlen)
     ctx->cfg.cache_timeout = 3600;
     ctx->cfg.timeout_ms = 5000;
     ctx->cfg.ack = CONFIG_ACK_REPLICA;
+    ctx->cfg.replica_push = 1;
     ctx->cfg.lease_ttl_ms = 5000;
     for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         ctx->cfg.owner[i] = -1;

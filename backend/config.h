@@ -14,7 +14,9 @@
  *               CONFIG_ETCD_MAX_ENDPOINTS; optional: without it the shard
  *               map is this file), lease_ttl_ms (1000-60000, default 5000),
  *               replica_lag_ms (100-60000, below timeout_ms; default 2000,
- *               or timeout_ms / 2 when that is less)
+ *               or timeout_ms / 2 when that is less), replica_push = yes |
+ *               no (default yes: with ack = replica, writers push their
+ *               batches to the replicas; no: the replicas' pulls alone)
  *   [node NAME] url = http://HOST:PORT or https://HOST:PORT (HOST a name,
  *               an IPv4 address or [IPv6]; PORT 1-65535; nothing after but
  *               one "/"; no two nodes at the same HOST:PORT), data_dir = DIR
@@ -87,6 +89,7 @@ struct config {
     char etcd[1024];                /* endpoints joined by ",", no spaces; "" when not set */
     unsigned lease_ttl_ms;          /* a node's etcd lease, default 5000 */
     unsigned replica_lag_ms;        /* ack wait before a replica leaves the in-sync set */
+    int replica_push;               /* writers push to the replicas (default 1) */
 };
 
 /* A node url split: host (an IPv6 address without its brackets), port and

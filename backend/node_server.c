@@ -78,9 +78,16 @@
  *  requests that must wait for the shard's lock have a pool of their own
  *  (STREAM_WORKERS): they are the replicas' acks, which the applies waiting
  *  on the shard workers need.
+ *  A replica fed by its primary's pushes (shard_repl_push_fed) parks its
+ *  pull as a lingering one until its deadline: applies do not wake it
+ *  (they are not urgent while pushes carry the acks), a failed push, a
+ *  sync or a checkpoint does.
  *  With a shard map (node_server_start_repl), the map's primary serves a
  *  shard; a node holding a replica, or nothing, redirects to it (307), and
- *  answers 503 while the shard has no primary.
+ *  answers 503 while the shard has no primary. The push route (wire.h) is
+ *  the exception: it is for this node's replica, wherever the primary is;
+ *  it is tried inline and otherwise runs on the stream pool (it waits for
+ *  nothing remote, and never behind applies that wait for acks).
  *
  * DESIGN (one request)
  *  1. The URI log callback runs before MHD splits and percent-decodes the
@@ -263,6 +270,10 @@ struct node_server {
     struct shard_map *map;
     struct shard **local;          /* cfg.shard_count entries, borrowed; changed and
                                     * read by op_position under local_lock */
+    int (*push)(void *ctx, unsigned shard, int from, uint64_t epoch,
+                const struct stream_pos *after, const uint8_t *body, size_t len,
+                struct stream_pos *pos, uint64_t *synced);
+    void *push_ctx;
     pthread_mutex_t local_lock;
     /* long polls of the stream route (DESIGN long polls) */
     pthread_mutex_t poll_lock;
@@ -1183,37 +1194,8 @@ static void redirect(struct node_server *s, int to, const char *raw_uri, struct 
 
 static void position_header(struct node_response *r, const struct stream_pos *p)
 {
-    node_response_header(r, WIRE_HDR_POSITION, "%" PRIu64 "/%" PRIu64 "/%" PRIu64, p->epoch,
+    node_response_header(r, WIRE_HDR_POSITION, STREAM_POS_FMT, p->epoch,
                          p->lsn, p->check);
-}
-
-/* The entries of a stream reply, as stream_read hands them out. */
-struct entries {
-    uint8_t *buf;
-    size_t len, cap;
-    uint64_t upto; /* stop after this lsn (a checkpoint); 0: no limit */
-};
-
-static int entries_add(void *ctx, const struct stream_pos *p, uint64_t time_ms,
-                       const uint8_t *batch, size_t len)
-{
-    struct entries *e = ctx;
-    size_t need = STREAM_ENTRY_HDR + len;
-
-    if (e->len + need > e->cap) {
-        size_t cap = e->cap ? e->cap : 64u << 10;
-        uint8_t *q;
-
-        while (cap < e->len + need)
-            cap *= 2;
-        q = realloc(e->buf, cap);
-        if (!q)
-            return -ENOMEM;
-        e->buf = q;
-        e->cap = cap;
-    }
-    e->len += stream_entry_encode(e->buf + e->len, p, time_ms, batch, len);
-    return e->upto && p->lsn >= e->upto ? 1 : 0;
 }
 
 /* The stream request's arguments (wire.h). 0 or -EINVAL with why. */
@@ -1254,16 +1236,16 @@ static int stream_args(struct node_server *s, const char *uri, struct stream_arg
 static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const char *uri,
                       struct poll_ask *pa, struct node_response *r)
 {
-    struct entries e = {0};
+    struct stream_buf e = {0};
     struct stream_args a;
     struct shard_copies c;
-    struct stream_pos pos, cp;
+    struct stream_pos pos, cp, from, acked;
     uint64_t cp_id = 0;
     struct shard *local;
     const char *why;
     uint64_t seq, useq, want;
     int64_t wait, now;
-    int rc, count, member = 0, capped;
+    int rc, count, member = 0, capped, fed;
 
     if (stream_args(s, uri, &a, &why) < 0) {
         resp_error(r, -EINVAL, "%s", why);
@@ -1280,22 +1262,28 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     local = shard_repl_inner(sh);
     seq = atomic_load(&s->applies[n]); /* before the read: no wakeup is missed */
     useq = atomic_load(&s->urgent[n]);
+    /* Pushes feed it (shard_repl.h): what it acked by them is newer than
+     * this pull's position, which is where the entries start. */
+    from = a.after;
+    fed = shard_repl_push_fed(sh, a.node, &acked);
+    if (fed && acked.lsn > from.lsn)
+        from = acked;
     /* A content check's checkpoint (shard_repl.h): nothing past it. */
-    capped = shard_repl_checkpoint(sh, a.node, &cp, &cp_id) && a.after.lsn <= cp.lsn;
+    capped = shard_repl_checkpoint(sh, a.node, &cp, &cp_id) && from.lsn <= cp.lsn;
     e.upto = capped ? cp.lsn : 0;
-    count = capped && stream_pos_eq(&a.after, &cp)
+    count = capped && stream_pos_eq(&from, &cp)
                 ? 0 /* there: a position of our history, nothing to send */
-                : shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+                : shard_lmdb_stream_read(local, &from, (size_t)a.max, stream_buf_add, &e);
     if (count > 0 && !capped && shard_repl_checkpoint(sh, a.node, &cp, &cp_id) &&
-        a.after.lsn <= cp.lsn) {
+        from.lsn <= cp.lsn) {
         /* Set while we read (after our look, before entries past it
          * existed): read again, up to it. */
         free(e.buf);
-        e = (struct entries){.upto = cp.lsn};
+        e = (struct stream_buf){.upto = cp.lsn};
         capped = 1;
-        count = stream_pos_eq(&a.after, &cp)
+        count = stream_pos_eq(&from, &cp)
                     ? 0
-                    : shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+                    : shard_lmdb_stream_read(local, &from, (size_t)a.max, stream_buf_add, &e);
     }
     if (count == -ERANGE || count == -ESTALE) {
         /* Not a position we can continue from: a snapshot, whose tail we
@@ -1331,9 +1319,9 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     shard_repl_checkpoint_done(sh, a.node, a.hashed);
     if (capped && !shard_repl_checkpoint(sh, a.node, &cp, &cp_id)) {
         capped = 0; /* the replica hashed at it already: it ended */
-        if (stream_pos_eq(&a.after, &cp) && count == 0) {
+        if (stream_pos_eq(&from, &cp) && count == 0) {
             e.upto = 0;
-            count = shard_lmdb_stream_read(local, &a.after, (size_t)a.max, entries_add, &e);
+            count = shard_lmdb_stream_read(local, &from, (size_t)a.max, stream_buf_add, &e);
             if (count < 0) {
                 free(e.buf);
                 resp_error(r, count, "stream: %s", strerror(-count));
@@ -1344,6 +1332,19 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     want = shard_repl_sync_wanted(sh, a.node);
     now = clock_mono_ms();
     wait = pa && pa->deadline_ms ? pa->deadline_ms - now : (int64_t)a.wait;
+    if (fed && !want && !capped && pa && wait > 0) {
+        /* Fed by pushes: its pull only catches up what they missed, at
+         * its deadline, or at once when a push fails or a sync or a
+         * checkpoint wants it (urgent wakeups; applies are not, while
+         * pushes carry the acks: shard_repl_acks_wanted). */
+        int64_t until = pa->deadline_ms ? pa->deadline_ms : now + wait;
+
+        *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .linger_ms = until, .want = 1,
+                                .shard = n, .seq = useq, .wait_ms = wait};
+        resp_reset(r);
+        free(e.buf);
+        return;
+    }
     if (count == 0 && !want && !capped && pa && wait > 0) {
         *pa = (struct poll_ask){.deadline_ms = pa->deadline_ms, .want = 1, .shard = n,
                                 .seq = seq, .wait_ms = wait};
@@ -1384,9 +1385,56 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     if (want)
         node_response_header(r, WIRE_HDR_SYNC, "%" PRIu64, want);
     if (capped) {
-        node_response_header(r, WIRE_HDR_CHECKPOINT, "%" PRIu64 "/%" PRIu64 "/%" PRIu64,
+        node_response_header(r, WIRE_HDR_CHECKPOINT, STREAM_POS_FMT,
                              cp.epoch, cp.lsn, cp.check);
         node_response_header(r, WIRE_HDR_CHECKPOINT_ID, "%" PRIu64, cp_id);
+    }
+}
+
+/* POST /v1/shard/N/push (wire.h): the primary's entries for our replica.
+ * Served here whatever the map says of N: the replica side decides. */
+static void op_push(struct node_server *s, const struct node_input *in, unsigned n,
+                    struct node_response *r)
+{
+    char name[CONFIG_NAME_MAX + 1], after_s[STREAM_POS_TEXT_MAX];
+    struct stream_pos after, pos = {0};
+    uint64_t epoch, synced = 0;
+    int from, rc;
+
+    if (query_str(in->uri, "node", name, sizeof(name)) <= 0 ||
+        query_u64(in->uri, "epoch", &epoch) <= 0 ||
+        query_str(in->uri, "after", after_s, sizeof(after_s)) <= 0 ||
+        stream_pos_parse(after_s, &after) < 0) {
+        resp_error(r, -EINVAL, "push: bad or missing node, epoch or after");
+        return;
+    }
+    from = config_node_index(&s->cfg, name);
+    if (from < 0 || from == s->self) {
+        resp_error(r, -EPERM, "push: %s is not a peer", name);
+        return;
+    }
+    rc = s->push ? s->push(s->push_ctx, n, from, epoch, &after, in->body, in->body_len, &pos,
+                           &synced)
+                 : -EAGAIN;
+    if (rc == -EWOULDBLOCK) {
+        resp_error(r, rc, "push: busy"); /* thrown away: done again on a worker */
+        return;
+    }
+    if (rc < 0) {
+        resp_error(r, rc, "push: %s",
+                   rc == -EAGAIN ? "this copy takes no pushes now" : strerror(-rc));
+        if (rc == -EAGAIN || rc == -ESTALE) {
+            r->status = 409;
+            snprintf(r->errno_name, sizeof(r->errno_name), "%s",
+                     rc == -EAGAIN ? "EAGAIN" : "ESTALE");
+        }
+        return;
+    }
+    {
+        char v[STREAM_POS_TEXT_MAX]; /* a string: JSON numbers lose u64 bits */
+
+        snprintf(v, sizeof(v), STREAM_POS_FMT, pos.epoch, pos.lsn, pos.check);
+        node_response_json(r, json_pack("{s:s,s:o}", "position", v, "synced", json_u64(synced)));
     }
 }
 
@@ -1477,6 +1525,10 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
         resp_error(r, -EINVAL, "missing or bad " WIRE_HDR_EPOCH);
         return;
     }
+    if (op == WIRE_OP_PUSH && strcmp(in->method, "POST") == 0) {
+        op_push(s, in, n, r); /* to this node's replica, wherever the primary is */
+        return;
+    }
     if (strcmp(in->method, want_get ? "GET" : "POST") != 0) {
         resp_error(r, -EINVAL, "%s wants %s", wire_op_name(op), want_get ? "GET" : "POST");
         r->status = 405;
@@ -1538,6 +1590,8 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
     case WIRE_OP_POSITION:
         op_position(s, n, r);
         return;
+    case WIRE_OP_PUSH:
+        break; /* above */
     }
     resp_error(r, -EINVAL, "unknown op");
 }
@@ -1911,7 +1965,7 @@ static enum run_where run_where(struct node_server *s, const struct node_input *
             /* Never behind the handler's requests, which wait for other
              * nodes' shard ops: two nodes would wait for each other. */
             *pool = &s->shard_pool;
-            if (op == WIRE_OP_STREAM || op == WIRE_OP_POSITION) {
+            if (op == WIRE_OP_STREAM || op == WIRE_OP_POSITION || op == WIRE_OP_PUSH) {
                 /* Replicas' acks: never queued behind applies that wait
                  * for those very acks. */
                 *pool = &s->stream_pool;
@@ -2645,6 +2699,8 @@ int node_server_new_repl(const struct config *cfg, int self, struct shard *const
         if (!s->local)
             goto nomem;
         memcpy(s->local, repl->local, cfg->shard_count * sizeof(*s->local));
+        s->push = repl->push;
+        s->push_ctx = repl->push_ctx;
     }
     if (nonce_cache_new(NONCE_MAX, WIRE_MAX_SKEW, NONCE_MIN_KEEP_S, &s->nonces) < 0)
         goto nomem;

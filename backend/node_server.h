@@ -148,6 +148,7 @@ int node_server_start(const struct config *cfg, int self, struct shard *const *s
 /* Replication (issue 10): the stream and position routes of wire.h and
  * routing by the live shard map. */
 struct shard_map;
+struct stream_pos;
 struct node_server_repl {
     /* The live map (shard_map.h), borrowed; it must outlive the server.
      * With it, a shard op is served only when the map names this node the
@@ -160,6 +161,14 @@ struct node_server_repl {
      * set at start, removed at stop. For a primary with replicas, shards[n]
      * (above) is its shard_repl wrapper and local[n] its inner shard. */
     struct shard *const *local;
+    /* Pushes to this node's replicas (POST /v1/shard/N/push, wire.h): the
+     * handler (replica_sync_push's contract, replica_sync.h; from is the
+     * sender's node index, authenticated). NULL: every push gets 409
+     * EAGAIN, and the primaries wait for the pulls. */
+    int (*push)(void *ctx, unsigned shard, int from, uint64_t epoch,
+                const struct stream_pos *after, const uint8_t *body, size_t len,
+                struct stream_pos *pos, uint64_t *synced);
+    void *push_ctx;
     /* Called (may be NULL) at the end of node_server_new_repl(), before
      * anything is served: a failover (fs/failover.h) keeps the server to
      * change its shards with node_server_set_shard(). */

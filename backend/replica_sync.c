@@ -72,8 +72,25 @@
  *    while it is added or removed, and a removed copy is never touched
  *    again (its pull is dropped, what it applied is synced).
  *
+ * 8. Pushes. With ack = replica, a primary's writer that waits for this
+ *    copy's ack sends the entries itself (POST /v1/shard/N/push, wire.h;
+ *    shard_repl.c): the node server hands them to replica_sync_push(),
+ *    on its own thread, which applies them to the copy and answers with
+ *    the copy's position, the ack, in one round trip instead of a pull's
+ *    reply and the next pull. Pushes and the thread's pulls apply to one
+ *    copy under the copy's gate (h->gate), in order, each skipping the
+ *    entries the copy has already. The gate is open only while the copy
+ *    is streaming from a known primary (gate_refresh): the thread closes
+ *    it before it changes the copy in any other way (a snapshot, a hash,
+ *    a new primary, starting over, a remove), so a push never lands in a
+ *    snapshot, a checkpoint's pause or a promoted copy; replica_sync_
+ *    kick_wait's promise covers pushes too. While open, gate_pos is the
+ *    copy's position, which the thread takes over (h->pos) before each
+ *    pull.
+ *
  * Threads: the sync thread owns every struct rshard field but `kicked`
- * (atomic) and `st` (under rs->lock, read by replica_sync_status()), and is
+ * (atomic), `st` (under rs->lock, read by replica_sync_status()) and the
+ * gate_* fields (under h->gate, step 8), and is
  * the only writer of rs->sh[] (under rs->lock, which the other threads take
  * to read it).
  */
@@ -189,6 +206,16 @@ struct rshard {
     struct stream_pos sum_at;
     struct shard_lmdb_sum sum;
 
+    /* pushes (step 8): the gate, and what it guards */
+    pthread_mutex_t gate;             /* applies to the copy; after rs->lock when both */
+    int gate_open;                    /* the copy takes pushes */
+    int gate_primary;                 /* ... from this node */
+    uint64_t gate_epoch;              /* ... at this shard epoch */
+    struct stream_pos gate_pos;       /* the copy's position while open */
+    uint64_t gate_synced;             /* h->synced, for the pushes' answers */
+    int gate_dirty;                   /* a push applied since the thread looked */
+    uint64_t pushes;                  /* pushes that applied something */
+
     struct replica_status st;         /* protected by replica_sync.lock */
     uint64_t kick_req, kick_done;     /* protected by replica_sync.lock: kick_wait */
     uint64_t id;                      /* unique in rs: kick_wait tells a new copy from h */
@@ -228,6 +255,8 @@ const char *replica_phase_name(enum replica_phase p)
     }
 }
 
+static void gate_close(struct rshard *h);
+
 /* ---- status ---- */
 
 /* Copy what the thread knows of h into h->st for replica_sync_status(). */
@@ -235,8 +264,13 @@ static void publish(struct replica_sync *rs, struct rshard *h, int rc)
 {
     int64_t now = clock_mono_ms();
     struct replica_status *st = &h->st;
+    uint64_t pushes;
 
+    pthread_mutex_lock(&h->gate);
+    pushes = h->pushes;
+    pthread_mutex_unlock(&h->gate);
     pthread_mutex_lock(&rs->lock);
+    st->pushes = pushes;
     st->primary = h->primary;
     st->epoch = h->epoch;
     st->pos = h->pos;
@@ -555,7 +589,10 @@ static void step_ok(struct replica_sync *rs, struct rshard *h)
 /* Step 3's start: empty the copy and mark it; P0 is p0. */
 static int snapshot_start(struct replica_sync *rs, struct rshard *h, const struct stream_pos *p0)
 {
-    int rc = shard_lmdb_snapshot_begin(h->local);
+    int rc;
+
+    gate_close(h);
+    rc = shard_lmdb_snapshot_begin(h->local);
 
     if (rc)
         return rc;
@@ -599,9 +636,57 @@ static int position_read(struct rshard *h)
     return rc;
 }
 
-/* Apply a pull's entries in order. 0; 1 when one does not continue our
- * history (a snapshot is needed); -errno. */
-static int stream_apply(struct replica_sync *rs, struct rshard *h)
+/* ---- the gate (step 8) ---- */
+
+/* Under h->gate: take over what pushes applied. */
+static void gate_merge(struct rshard *h)
+{
+    if (!h->gate_open)
+        return;
+    if (h->gate_pos.lsn > h->pos.lsn)
+        h->pos = h->gate_pos;
+    if (h->gate_dirty)
+        h->dirty = 1;
+    h->gate_dirty = 0;
+}
+
+/* Before the thread changes the copy other than by a pull's entries: no
+ * push applies from here on, until gate_refresh() opens the gate again. */
+static void gate_close(struct rshard *h)
+{
+    pthread_mutex_lock(&h->gate);
+    gate_merge(h);
+    h->gate_open = 0;
+    pthread_mutex_unlock(&h->gate);
+}
+
+/* Take over what pushes applied, and open the gate when the copy is
+ * streaming from a known primary (or close it when not). */
+static void gate_refresh(struct replica_sync *rs, struct rshard *h)
+{
+    int want = h->pos_ok && !h->snapping && !h->hasher_live && h->primary >= 0 &&
+               h->primary != rs->self;
+
+    pthread_mutex_lock(&h->gate);
+    gate_merge(h);
+    if (!want) {
+        h->gate_open = 0;
+    } else if (!h->gate_open || h->gate_primary != h->primary || h->gate_epoch != h->epoch) {
+        h->gate_open = 1;
+        h->gate_primary = h->primary;
+        h->gate_epoch = h->epoch;
+        h->gate_pos = h->pos;
+    }
+    h->gate_synced = h->synced;
+    pthread_mutex_unlock(&h->gate);
+}
+
+/* Apply the entries of buf after *at (the copy's position, moved along),
+ * in order, skipping those at or below it (a push or a pull brought them
+ * already); under h->gate. 0; 1 when one does not continue our history;
+ * -errno (-EWOULDBLOCK in no-waiting mode: what was applied stays). */
+static int entries_apply(struct rshard *h, struct stream_pos *at, const uint8_t *buf, size_t len,
+                         int *applied)
 {
     size_t off = 0;
     struct stream_pos p;
@@ -610,23 +695,42 @@ static int stream_apply(struct replica_sync *rs, struct rshard *h)
     size_t blen;
     int n, rc = 0;
 
-    (void)rs;
-    while ((n = stream_entry_next(h->buf, h->len, &off, &p, &time_ms, &b, &blen)) == 1) {
+    while ((n = stream_entry_next(buf, len, &off, &p, &time_ms, &b, &blen)) == 1) {
         int count = batch_validate(b, blen);
         struct batch bt;
 
         if (count < 0)
             return -EIO;
+        if (p.lsn <= at->lsn)
+            continue;
         bt = (struct batch){.buf = (uint8_t *)b, .len = blen, .cap = blen, .count = (unsigned)count};
         rc = shard_lmdb_apply_at(h->local, &p, &bt);
         if (rc == -ESTALE)
             return 1;
         if (rc)
             return rc;
-        h->pos = p;
-        h->dirty = 1;
+        *at = p;
+        (*applied)++;
     }
     return n < 0 ? -EIO : 0;
+}
+
+/* Apply a pull's entries in order. 0; 1 when one does not continue our
+ * history (a snapshot is needed); -errno. */
+static int stream_apply(struct replica_sync *rs, struct rshard *h)
+{
+    int rc, applied = 0;
+
+    (void)rs;
+    pthread_mutex_lock(&h->gate);
+    gate_merge(h);
+    rc = entries_apply(h, &h->pos, h->buf, h->len, &applied);
+    if (h->gate_open)
+        h->gate_pos = h->pos;
+    pthread_mutex_unlock(&h->gate);
+    if (applied)
+        h->dirty = 1;
+    return rc;
 }
 
 /* Check the scan page in h->buf (in order, from where we asked: anything
@@ -749,8 +853,14 @@ static uint64_t stat_records(const struct rshard *h)
 /* Step 2. */
 static void sync_copy(struct replica_sync *rs, struct rshard *h)
 {
-    uint64_t lsn = h->pos.lsn;
-    int rc = shard_sync(h->local);
+    uint64_t lsn;
+    int rc;
+
+    pthread_mutex_lock(&h->gate);
+    gate_merge(h); /* what pushes applied so far is synced too */
+    pthread_mutex_unlock(&h->gate);
+    lsn = h->pos.lsn;
+    rc = shard_sync(h->local);
 
     h->synced_at = clock_mono_ms();
     if (rc) {
@@ -760,6 +870,11 @@ static void sync_copy(struct replica_sync *rs, struct rshard *h)
     h->dirty = 0;
     if (!h->snapping)
         h->synced = lsn;
+    pthread_mutex_lock(&h->gate);
+    h->gate_synced = h->synced;
+    if (h->gate_dirty)
+        h->dirty = 1; /* a push applied meanwhile: synced next time */
+    pthread_mutex_unlock(&h->gate);
     publish(rs, h, 1);
 }
 
@@ -816,6 +931,7 @@ static void checkpoint_reached(struct replica_sync *rs, struct rshard *h)
         id = id > (UINT64_MAX - 9) / 10 ? UINT64_MAX : id * 10 + (uint64_t)(*c - '0');
     h->hash_at = cp;
     h->hash_id = id;
+    gate_close(h); /* the copy stays at cp while hashed */
     atomic_store(&h->hashing, 1);
     if (pthread_create(&h->hasher, NULL, hasher_main, h) != 0) {
         atomic_store(&h->hashing, 0);
@@ -966,6 +1082,7 @@ static void stuck_restart(struct replica_sync *rs, struct rshard *h, int64_t now
             h->primary_pos.lsn, h->primary_pos.epoch, h->st.last_status,
             h->kind != REQ_NONE ? "a request in flight" : "none in flight");
     transfer_drop(rs, h);
+    gate_close(h);
     h->pos_ok = 0;
     h->fresh = 1;
     h->redirects = 0;
@@ -989,6 +1106,7 @@ static void primary_refresh(struct replica_sync *rs, struct rshard *h)
         node = -1;
     if (node == h->primary && epoch == h->epoch)
         return;
+    gate_close(h); /* a promotion (kick_wait) or another primary: no more pushes */
     transfer_drop(rs, h);
     /* This node served the copy as its primary (failover.h): what it holds
      * now is read again, not what the thread last applied. */
@@ -1024,6 +1142,7 @@ static struct rshard *rshard_new(struct replica_sync *rs, unsigned i, struct sha
     h->index = i;
     h->local = local;
     h->rs = rs;
+    pthread_mutex_init(&h->gate, NULL);
     atomic_init(&h->hashing, 0);
     h->primary = -2; /* "not asked yet": the first refresh sees a change */
     h->backoff_ms = RS_BACKOFF_FIRST_MS;
@@ -1032,6 +1151,7 @@ static struct rshard *rshard_new(struct replica_sync *rs, unsigned i, struct sha
     atomic_init(&h->kicked, 0);
     h->curl = curl_easy_init();
     if (!h->curl) {
+        pthread_mutex_destroy(&h->gate);
         free(h);
         return NULL;
     }
@@ -1056,6 +1176,7 @@ static void rshard_free(struct rshard *h)
         curl_easy_cleanup(h->curl);
     free(h->buf);
     free(h->spare);
+    pthread_mutex_destroy(&h->gate);
     free(h);
 }
 
@@ -1098,6 +1219,7 @@ static void changes_make(struct replica_sync *rs)
             pthread_mutex_lock(&rs->lock);
             rs->sh[i] = NULL;
             pthread_mutex_unlock(&rs->lock);
+            gate_close(h); /* a push in progress is over; none can start */
             rshard_free(h);
             h = NULL;
         }
@@ -1183,6 +1305,7 @@ static void *sync_main(void *arg)
                 h->primary >= 0 && h->primary != rs->self &&
                 h->pos.lsn < h->primary_pos.lsn && now - h->moved_at > RS_STUCK_MS)
                 stuck_restart(rs, h, now);
+            gate_refresh(rs, h);
             if (h->kind != REQ_NONE || h->primary < 0 || h->primary == rs->self)
                 continue;
             if (h->next_at > now) {
@@ -1191,6 +1314,8 @@ static void *sync_main(void *arg)
                 continue;
             }
             int rc = h->pos_ok ? 0 : position_read(h);
+            if (rc == 0)
+                gate_refresh(rs, h); /* opens it once the position is known */
             if (rc == 0)
                 rc = transfer_start(rs, h);
             if (rc)
@@ -1289,6 +1414,8 @@ void replica_sync_stop(struct replica_sync *rs)
     for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
         struct rshard *h = rs->sh[i];
 
+        if (h)
+            gate_close(h);
         if (h && h->local && rs->started)
             shard_sync(h->local); /* what was applied, durable at a clean stop */
         rshard_free(h);
@@ -1418,5 +1545,66 @@ int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct 
     if (h && h->id == id)
         *now = h->st.pos;
     pthread_mutex_unlock(&rs->lock);
+    return rc;
+}
+
+/* ---- pushes (step 8) ---- */
+
+/* h->gate is held and open: apply the pushed entries. */
+static int push_apply(struct rshard *h, const struct stream_pos *after, const uint8_t *body,
+                      size_t len)
+{
+    int rc, applied = 0;
+
+    if (after->lsn > h->gate_pos.lsn)
+        return 0; /* a gap: the primary pushes again from our position */
+    if (after->lsn == h->gate_pos.lsn && !stream_pos_eq(after, &h->gate_pos))
+        return -ESTALE;
+    rc = entries_apply(h, &h->gate_pos, body, len, &applied);
+    if (applied) {
+        h->gate_dirty = 1;
+        h->pushes++;
+    }
+    if (rc == 1)
+        return -ESTALE;
+    return rc;
+}
+
+int replica_sync_push(struct replica_sync *rs, unsigned shard, int from, uint64_t epoch,
+                      const struct stream_pos *after, const uint8_t *body, size_t len,
+                      struct stream_pos *pos, uint64_t *synced)
+{
+    struct rshard *h;
+    int rc;
+
+    if (!rs || shard >= CONFIG_MAX_SHARDS)
+        return -EAGAIN;
+    pthread_mutex_lock(&rs->lock);
+    h = rs->sh[shard];
+    if (!h) {
+        pthread_mutex_unlock(&rs->lock);
+        return -EAGAIN;
+    }
+    /* under rs->lock: the thread frees h only after taking it out of sh[]
+     * and then taking its gate (changes_make) */
+    if (shard_nowait_active()) {
+        if (pthread_mutex_trylock(&h->gate) != 0) {
+            pthread_mutex_unlock(&rs->lock);
+            shard_nowait_refuse();
+            return -EWOULDBLOCK;
+        }
+    } else {
+        pthread_mutex_lock(&h->gate);
+    }
+    pthread_mutex_unlock(&rs->lock);
+    if (!h->gate_open || h->gate_primary != from || h->gate_epoch != epoch)
+        rc = -EAGAIN;
+    else
+        rc = push_apply(h, after, body, len);
+    *pos = h->gate_pos;
+    *synced = h->gate_synced;
+    pthread_mutex_unlock(&h->gate);
+    /* Not woken for it: the thread takes the dirty copy over at its next
+     * round (at most RS_POLL_MAX_MS), and syncs it RS_SYNC_MS on. */
     return rc;
 }

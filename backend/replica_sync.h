@@ -14,6 +14,11 @@
  * scan route, page by page (never the whole shard in memory), then the
  * stream after P0 (replica_sync.c, DESIGN).
  *
+ * With ack = replica the primary's writers also push new entries to the
+ * copy (replica_sync_push, called by the node server), which answers with
+ * the copy's position: the ack in one round trip; pushes and pulls apply
+ * to a copy one at a time, each skipping what the other brought.
+ *
  * Where the primary is comes from the caller (primary_of: the shard map);
  * replica_sync_kick() says it may have changed. A primary that does not
  * answer is retried with a capped backoff, never in a tight loop.
@@ -91,6 +96,22 @@ void replica_sync_kick_wait(struct replica_sync *rs, unsigned shard);
 int replica_sync_checksum(struct replica_sync *rs, unsigned shard, const struct stream_pos *at,
                           unsigned wait_ms, struct shard_lmdb_sum *out, struct stream_pos *now);
 
+/* A push from the primary (wire.h, POST /v1/shard/N/push): node `from`,
+ * primary of shard at shard epoch `epoch`, sends the entries of its stream
+ * after `after` (body, the stream.h encoding). Applies those after the
+ * copy's position, in order, into its redo log (kill -9 safe). 0 (also for
+ * a gap: after is past the copy's position; nothing applied) with the
+ * copy's position in *pos and its last synced lsn in *synced (set on
+ * every return); -EAGAIN (the copy takes no pushes now: none here, a
+ * snapshot or a content check in progress, from/epoch not its primary and
+ * epoch); -ESTALE (an entry does not continue its history); an apply's
+ * error; -EWOULDBLOCK in no-waiting mode (shard.h) when it would wait for
+ * the copy: what was applied stays, do it again where it may wait. Any
+ * thread but the sync thread; rs NULL gives -EAGAIN. */
+int replica_sync_push(struct replica_sync *rs, unsigned shard, int from, uint64_t epoch,
+                      const struct stream_pos *after, const uint8_t *body, size_t len,
+                      struct stream_pos *pos, uint64_t *synced);
+
 enum replica_phase {
     REPLICA_WAITING = 0, /* for a primary (none, unreachable: backing off) */
     REPLICA_STREAMING,   /* pulling the change stream */
@@ -119,6 +140,7 @@ struct replica_status {
     int64_t last_reply_ago_ms;     /* since the last reply, -1: none yet */
     int in_flight;                 /* a request is out */
     uint64_t restarts;             /* times the copy was found stuck and started over */
+    uint64_t pushes;               /* pushes from the primary that applied something */
     char at[CONFIG_URL_MAX + 1];   /* where requests go (the primary's url, or a redirect's) */
 };
 

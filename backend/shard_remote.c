@@ -103,6 +103,7 @@
 
 #include "clock.h"
 #include "curl_defaults.h"
+#include "stream.h"
 #include "wire.h"
 
 #define REMOTE_DEFAULT_TIMEOUT_MS 5000u
@@ -274,6 +275,7 @@ struct request {
     remote_sink_fn sink; /* set: a 2xx body goes here, piece by piece */
     void *sink_ctx;
     int stream; /* bound the time without progress, not the whole exchange */
+    unsigned limit_ms; /* > 0: the whole call gets at most this, not timeout_ms */
     int probe;  /* see the node as it is now: never failed fast (remote_ping) */
     long connect_max_ms; /* > 0: the connect phase gets at most this */
 
@@ -906,7 +908,8 @@ static int health_note(struct remote *r, int node, CURLcode cc, const struct req
  * -errno. On return the caller owns q->reply (request_free). */
 static int remote_call(struct remote *r, int shard, unsigned node, struct request *q)
 {
-    int64_t deadline = clock_mono_ms() + r->timeout_ms;
+    int64_t deadline = clock_mono_ms() +
+                       (q->limit_ms && q->limit_ms < r->timeout_ms ? q->limit_ms : r->timeout_ms);
     int64_t backoff = REMOTE_BACKOFF_FIRST_MS;
     int redirects = 0, rc;
     struct conn *c;
@@ -1576,6 +1579,49 @@ int remote_api_call(struct remote *r, unsigned node, const char *method, const c
     request_free(&q);
     if (status)
         *status = q.status;
+    return rc;
+}
+
+int remote_push(void *ctx, unsigned shard, int node, uint64_t epoch, const struct stream_pos *after,
+                const void *body, size_t len, unsigned limit_ms, struct stream_pos *pos,
+                uint64_t *synced)
+{
+    struct remote *r = ctx;
+    struct request q = {.method = "POST",
+                        .body = body,
+                        .body_len = len,
+                        .keep_body = 1,
+                        .limit_ms = limit_ms,
+                        .reply_max = REMOTE_SMALL_REPLY_MAX};
+    json_t *doc = NULL, *v;
+    const char *text;
+    int n, rc;
+
+    if (node < 0 || (unsigned)node >= r->cfg->node_count || r->self < 0)
+        return -EINVAL;
+    if (len > WIRE_BODY_MAX)
+        return -EFBIG;
+    n = wire_shard_path(q.path_query, sizeof(q.path_query), shard, WIRE_OP_PUSH);
+    if (n < 0)
+        return n;
+    if ((size_t)snprintf(q.path_query + n, sizeof(q.path_query) - (size_t)n,
+                         "?node=%s&epoch=%" PRIu64 "&after=" STREAM_POS_FMT,
+                         r->cfg->nodes[r->self].name, epoch, after->epoch, after->lsn,
+                         after->check) >= sizeof(q.path_query) - (size_t)n)
+        return -ENAMETOOLONG;
+    rc = remote_call(r, -1, (unsigned)node, &q);
+    if (rc == 0) {
+        doc = json_loadb((const char *)q.reply, q.reply_len, 0, NULL);
+        v = json_object_get(doc, "synced");
+        text = json_string_value(json_object_get(doc, "position"));
+        if (!text || stream_pos_parse(text, pos) < 0 || !json_is_integer(v) ||
+            json_integer_value(v) < 0)
+            rc = -EIO;
+        else
+            *synced = (uint64_t)json_integer_value(v);
+    }
+    json_decref(doc);
+    request_free(&q);
     return rc;
 }
 

@@ -65,6 +65,18 @@ const char *remote_owner_url(struct remote *r, unsigned index);
  * nothing) is tried again also for apply. Any thread. */
 void remote_owner_set(struct remote *r, unsigned index, int node);
 
+/* Push entries of shard's stream to node's replica (wire.h, POST
+ * /v1/shard/N/push), as its primary at shard epoch `epoch`: body holds the
+ * entries after `after` (stream.h encoding). ctx is a struct remote of
+ * this node (self >= 0). One attempt, no redirect, within limit_ms (0:
+ * timeout_ms). 0 and the replica's position and synced lsn, or -errno:
+ * -EAGAIN (the copy takes no pushes now), -ESTALE (not its history), a
+ * transport failure. Matches shard_repl_push_fn (shard_repl.h). */
+struct stream_pos;
+int remote_push(void *ctx, unsigned shard, int node, uint64_t epoch, const struct stream_pos *after,
+                const void *body, size_t len, unsigned limit_ms, struct stream_pos *pos,
+                uint64_t *synced);
+
 /* One signed request to node `node` outside the shard routes: the key API
  * (fs/kv_api.h), for the CLI. method is GET, HEAD, PUT or DELETE; body is
  * sent with PUT. A 2xx reply body goes to sink (dropped if sink is NULL;

@@ -42,6 +42,38 @@
  *  do not raise it), so a replica catching up with a continuous writer is
  *  not starved by needing the exact position at one look.
  *
+ * DESIGN: pushes (cfg replica_push, on by default)
+ *  A write that waits for a replica's ack and finds no push to it in
+ *  flight pushes itself: it reads the stream after the replica's last
+ *  acked position (up to SHARD_REPL_PUSH_MAX) and POSTs it to the
+ *  replica's node (push.fn: remote_push), whose answer, the copy's new
+ *  position, is reported like a pull's (shard_repl_report). Writes that
+ *  find a push in flight wait for the report, as before, so concurrent
+ *  writers share pushes (group commit); one whose batch came after the
+ *  push read the stream pushes next. An ack then costs one round trip and
+ *  two thread hand-offs (the replica node's I/O thread and back), where a
+ *  pull costs its reply, the next request and four hand-offs (writer ->
+ *  long poll -> sync thread -> the next request -> writer); see README for
+ *  the figures. Pushes run only where waiting is allowed (FUSE threads, the
+ *  shard workers): an apply that must wait is refused in no-waiting mode
+ *  before anything happens, so an I/O thread never pushes, and the push
+ *  route on the replica waits for nothing remote (its own pool, like the
+ *  stream route's), so two nodes pushing to each other always drain.
+ *  A push that fails (the copy takes none now: a snapshot, a content
+ *  check, a new primary; the node is down; a timeout) leaves the peer to
+ *  its pulls for SHARD_REPL_PUSH_RETRY_MS: `pull_acks_until` makes the
+ *  applies wake the long polls again (shard_repl_acks_wanted) and the
+ *  replica's parked pull is woken at once. A peer under a content
+ *  check's checkpoint is never pushed to (its pulls stop it at P). The
+ *  pulls go on meanwhile: a replica that acked a push lately is
+ *  push-fed (shard_repl_push_fed), its long poll waits to its deadline
+ *  without being woken by applies and then reads from the position its
+ *  pushes reached; a report from a pull sent before the last pushes
+ *  (lower than what they acked) does not move the peer back.
+ *  Fencing is unchanged: the replica takes a push only from the primary
+ *  and epoch its own map names, and its copy only while streaming
+ *  (replica_sync.c, step 8); an ack still means "in its redo log".
+ *
  * DESIGN: handover (shardfs promote, fs/failover.c drives it)
  *  Every apply and sync passes write_enter(): `writing` counts those past
  *  it. shard_repl_freeze() sets `frozen` (new writes wait on `thawed`)
@@ -76,9 +108,21 @@ struct peer {
     struct stream_pos cp;
     uint64_t cp_id;
     int64_t cp_until;  /* monotonic ms; 0: none */
+    /* pushes (DESIGN: pushes) */
+    int pushing;          /* a writer is pushing to it */
+    int64_t push_ok_ms;   /* monotonic ms of the last push it acked; 0: none lately */
+    int64_t push_retry_ms; /* no push before this (the last one failed) */
 };
 
 enum { JOIN_NONE = 0, JOIN_WAIT, JOIN_ADDING };
+
+/* Pushes (DESIGN: pushes): at most this much of the stream a push (but
+ * one entry, whatever its size); a peer whose push failed gets none for
+ * this long (its pulls carry its acks); a push ack this recent makes the
+ * peer push-fed. */
+#define SHARD_REPL_PUSH_MAX (4u << 20)
+#define SHARD_REPL_PUSH_RETRY_MS 1000
+#define SHARD_REPL_PUSH_FRESH_MS 1000
 
 /* A replica this close to our position (in lsns) becomes a joiner: the
  * writes that then wait for it wait for a few batches at most. */
@@ -116,6 +160,8 @@ struct shard_repl {
     pthread_cond_t thawed;         /* frozen or writing dropped (CLOCK_MONOTONIC) */
     void (*sync_fn)(void *ctx, unsigned index);
     void *sync_ctx;
+    struct shard_repl_push push;   /* fn NULL: acks come by the pulls only */
+    _Atomic int64_t pull_acks_until; /* a push failed: the pulls carry acks until then */
 };
 
 static const struct shard_ops repl_ops;
@@ -384,6 +430,82 @@ static int join_add(struct shard_repl *r, int node, uint64_t epoch)
     return rc;
 }
 
+/* ---- pushes (DESIGN: pushes) ---- */
+
+/* Under lock: whether a writer should push to node now. */
+static int push_due(struct shard_repl *r, int node, int64_t now)
+{
+    const struct peer *p = &r->peers[node];
+
+    return r->push.fn && !p->pushing && p->report_ms && now >= p->push_retry_ms &&
+           !(p->cp_until && now < p->cp_until); /* a checkpoint: the pulls stop it at P */
+}
+
+/* Push to node the stream after its last ack (under lock, which it drops
+ * for the read and the round trip). The reply is its report. */
+static void push_one(struct shard_repl *r, int node, uint64_t epoch, int64_t deadline)
+{
+    struct peer *p = &r->peers[node];
+    struct stream_pos from = p->applied, pos;
+    struct stream_buf e = {.limit = SHARD_REPL_PUSH_MAX};
+    void (*wake)(void *, unsigned) = NULL;
+    void *wake_ctx = NULL;
+    int64_t now = clock_mono_ms();
+    uint64_t synced = 0;
+    int count, rc;
+
+    p->pushing = 1;
+    pthread_mutex_unlock(&r->lock);
+    count = shard_lmdb_stream_read(r->inner, &from, SHARD_REPL_PUSH_MAX, stream_buf_add, &e);
+    rc = count > 0 ? -EIO : count < 0 ? count : -EAGAIN;
+    if (count > 0)
+        rc = r->push.fn(r->push.ctx, r->base.index, node, epoch, &from, e.buf, e.len,
+                        deadline > now ? (unsigned)(deadline - now) : 1u, &pos, &synced);
+    free(e.buf);
+    if (rc == 0 && pos.lsn < from.lsn)
+        rc = -EAGAIN; /* behind what it acked: the pulls sort it out */
+    if (rc == 0) {
+        pthread_mutex_lock(&r->lock);
+        p->push_ok_ms = clock_mono_ms(); /* before the report: it is fresh */
+        pthread_mutex_unlock(&r->lock);
+        rc = shard_repl_report(&r->base, node, &pos, synced);
+    }
+    pthread_mutex_lock(&r->lock);
+    p->pushing = 0;
+    if (rc < 0) {
+        now = clock_mono_ms();
+        p->push_ok_ms = 0;
+        p->push_retry_ms = now + SHARD_REPL_PUSH_RETRY_MS;
+        atomic_store(&r->pull_acks_until, now + SHARD_REPL_PUSH_RETRY_MS);
+        wake = r->sync_fn;
+        wake_ctx = r->sync_ctx;
+    }
+    pthread_cond_broadcast(&r->reported);
+    if (wake) {
+        /* its long poll waits quietly while pushes feed it: wake it */
+        pthread_mutex_unlock(&r->lock);
+        wake(wake_ctx, r->base.index);
+        pthread_mutex_lock(&r->lock);
+    }
+}
+
+/* Under lock: push to one of the laggards if one is due. 1 if a push was
+ * made (the caller looks at the acks again), 0 to wait. */
+static int push_laggard(struct shard_repl *r, const int *laggards, int nlag, uint64_t epoch,
+                        int64_t deadline)
+{
+    int64_t now = clock_mono_ms();
+
+    if (!r->push.fn || now >= deadline)
+        return 0;
+    for (int i = 0; i < nlag; i++)
+        if (push_due(r, laggards[i], now)) {
+            push_one(r, laggards[i], epoch, deadline);
+            return 1;
+        }
+    return 0;
+}
+
 /* Wait until every replica in the in-sync set, and every joiner, has reported lsn (applied, or
  * synced with `synced`), at most replica_lag_ms from start; then take the
  * laggards out of the in-sync set (epoch: the shard's epoch this write was
@@ -421,6 +543,8 @@ static int wait_replicas(struct shard_repl *r, uint64_t lsn, int synced, uint64_
         }
         if (nlag == 0)
             break;
+        if (!synced && push_laggard(r, laggards, nlag, epoch, deadline))
+            continue;
         if (clock_mono_ms() < deadline) {
             pthread_cond_timedwait(&r->reported, &r->lock, &t);
             continue;
@@ -622,7 +746,7 @@ static const struct shard_ops repl_ops = {
 /* ---- the public calls ---- */
 
 int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct config *cfg, int self,
-                   struct shard **out)
+                   const struct shard_repl_push *push, struct shard **out)
 {
     struct shard_repl *r;
     struct shard_copies c;
@@ -662,6 +786,9 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     r->ack = cfg->ack;
     r->lag_ms = cfg->replica_lag_ms;
     r->epoch = c.epoch;
+    if (push && cfg->replica_push)
+        r->push = *push;
+    atomic_init(&r->pull_acks_until, 0);
     shard_lmdb_set_epoch(lmdb, c.epoch);
     *out = &r->base;
     return 0;
@@ -669,7 +796,28 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
 
 int shard_repl_acks_wanted(struct shard *s)
 {
-    return atomic_load(&repl_of(s)->waiting) > 0;
+    struct shard_repl *r = repl_of(s);
+
+    /* pushes carry the acks, unless one failed lately */
+    return atomic_load(&r->waiting) > 0 &&
+           (!r->push.fn || clock_mono_ms() < atomic_load(&r->pull_acks_until));
+}
+
+int shard_repl_push_fed(struct shard *s, int node, struct stream_pos *acked)
+{
+    struct shard_repl *r = repl_of(s);
+    int fed;
+
+    if (node < 0 || node >= CONFIG_MAX_NODES)
+        return 0;
+    pthread_mutex_lock(&r->lock);
+    /* under a checkpoint its pulls carry it: not fed */
+    fed = r->peers[node].push_ok_ms && !r->peers[node].cp_until &&
+          clock_mono_ms() - r->peers[node].push_ok_ms < SHARD_REPL_PUSH_FRESH_MS;
+    if (fed)
+        *acked = r->peers[node].applied;
+    pthread_mutex_unlock(&r->lock);
+    return fed;
 }
 
 int shard_repl_is(const struct shard *s)
@@ -728,15 +876,23 @@ int shard_repl_report(struct shard *s, int node, const struct stream_pos *applie
     struct shard_copies c;
     struct peer *p;
     int64_t now = clock_mono_ms();
-    uint64_t stale;
+    uint64_t stale, hold = applied->lsn; /* a stale pull's too: it reads from there */
     int rc, rejoin, in;
 
     p = replica_peer(r, node, &c, &rc);
     if (!p)
         return rc;
     pthread_mutex_lock(&r->lock);
-    p->applied = *applied;
-    p->synced = synced_lsn;
+    if (applied->lsn < p->applied.lsn && p->push_ok_ms &&
+        now - p->push_ok_ms < SHARD_REPL_PUSH_FRESH_MS) {
+        /* a pull sent before the last pushes: its position is stale */
+        if (synced_lsn > p->synced)
+            p->synced = synced_lsn;
+    } else {
+        p->applied = *applied;
+        p->synced = synced_lsn;
+    }
+    applied = &p->applied;
     p->report_ms = now;
     p->needs_snapshot = 0;
     p->held = 1;
@@ -752,7 +908,7 @@ int shard_repl_report(struct shard *s, int node, const struct stream_pos *applie
     pthread_cond_broadcast(&r->reported);
     stale = stale_holds(r, now);
     pthread_mutex_unlock(&r->lock);
-    shard_lmdb_stream_hold(r->inner, (unsigned)node, applied->lsn);
+    shard_lmdb_stream_hold(r->inner, (unsigned)node, hold);
     release_holds(r, stale);
     if (!rejoin)
         return 0;
@@ -913,8 +1069,11 @@ void shard_repl_checkpoint_done(struct shard *s, int node, uint64_t hashed_id)
     if (node < 0 || node >= CONFIG_MAX_NODES || !hashed_id)
         return;
     pthread_mutex_lock(&r->lock);
-    if (r->peers[node].cp_until && hashed_id == r->peers[node].cp_id)
+    if (r->peers[node].cp_until && hashed_id == r->peers[node].cp_id) {
         r->peers[node].cp_until = 0;
+        /* writes waiting for it may push to it again (push_due) */
+        pthread_cond_broadcast(&r->reported);
+    }
     pthread_mutex_unlock(&r->lock);
 }
 

@@ -9,7 +9,10 @@
  *    primary), before anything is applied. Else shard_lmdb_apply_pos(); then
  *    with ack = replica (config.h) it waits until every replica in the
  *    shard's in-sync set (shard_map_get) has reported a position at or past
- *    the batch's (shard_repl_report: it holds the batch in its redo log).
+ *    the batch's (shard_repl_report: it holds the batch in its redo log);
+ *    a waiting write pushes the new entries to a replica itself when no
+ *    push to it is in flight (push, below; shard_repl.c DESIGN: pushes),
+ *    and the replica's answer is its report.
  *    A replica that has not within replica_lag_ms is taken out of the
  *    in-sync set with shard_map_isr_remove() BEFORE the write is
  *    acknowledged without it; if that fails the apply fails with -EIO (the
@@ -50,13 +53,28 @@
 
 #define SHARD_REPL_HOLD_MS (10 * 60 * 1000) /* a silent node's stream hold lasts this */
 
+/* How a primary pushes entries to a replica's node (remote_push of
+ * shard_remote.h): the entries of shard's stream after `after` (body, the
+ * stream.h encoding) to node, as the primary at shard epoch `epoch`,
+ * within limit_ms. 0 with the replica's position and synced lsn, or
+ * -errno. Called from writers' threads (never in no-waiting mode). */
+typedef int (*shard_repl_push_fn)(void *ctx, unsigned shard, int node, uint64_t epoch,
+                                  const struct stream_pos *after, const void *body, size_t len,
+                                  unsigned limit_ms, struct stream_pos *pos, uint64_t *synced);
+struct shard_repl_push {
+    shard_repl_push_fn fn;
+    void *ctx;
+};
+
 /* Wrap lmdb (a shard_lmdb shard) of which node self is the primary in map.
- * cfg gives ack and replica_lag_ms (copied). Sets the LMDB shard's epoch to
- * the map's epoch of the shard. On success the wrapper owns lmdb (closing
- * it closes both). 0 and *out, or -errno (-ENOMEM; -EINVAL for bad
- * arguments; the map's or the shard's error). */
+ * cfg gives ack, replica_lag_ms and replica_push (copied). push (may be
+ * NULL, copied): how writers push to the replicas (cfg->replica_push); without it
+ * the acks come by the replicas' pulls only. Sets the LMDB shard's epoch
+ * to the map's epoch of the shard. On success the wrapper owns lmdb
+ * (closing it closes both). 0 and *out, or -errno (-ENOMEM; -EINVAL for
+ * bad arguments; the map's or the shard's error). */
 int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct config *cfg, int self,
-                   struct shard **out);
+                   const struct shard_repl_push *push, struct shard **out);
 
 /* Free the wrapper s but leave its LMDB shard open (a failover hands a
  * copy from one wrapper to the next: fs/failover.h). NULL-safe. */
@@ -65,9 +83,15 @@ void shard_repl_free(struct shard *s);
 /* 1 if s was made by shard_repl_new(), else 0. */
 int shard_repl_is(const struct shard *s);
 /* 1 while an apply or sync of s waits (or is about to wait) for its
- * replicas' acks: the stream route then answers the replicas' long polls at
+ * replicas' acks and those come by the pulls (no pushes, or one failed
+ * lately): the stream route then answers the replicas' long polls at
  * once instead of gathering entries (node_server.c). Any thread, no lock. */
 int shard_repl_acks_wanted(struct shard *s);
+
+/* 1 if replica `node` acked a push within the last second (so its long
+ * poll need not be woken by applies: the pushes feed it), with its
+ * position as last acked in *acked; else 0. Any thread. */
+int shard_repl_push_fed(struct shard *s, int node, struct stream_pos *acked);
 
 /* The LMDB shard inside s (a shard_repl). */
 struct shard *shard_repl_inner(struct shard *s);

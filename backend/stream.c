@@ -8,6 +8,7 @@
 #include "stream.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
 
@@ -62,4 +63,51 @@ int stream_entry_next(const uint8_t *buf, size_t len, size_t *pos, struct stream
     *blen = (size_t)n;
     *pos = at + STREAM_ENTRY_HDR + (size_t)n;
     return 1;
+}
+
+int stream_buf_add(void *ctx, const struct stream_pos *p, uint64_t time_ms, const uint8_t *batch,
+                   size_t len)
+{
+    struct stream_buf *e = ctx;
+    size_t need = STREAM_ENTRY_HDR + len;
+
+    if (e->limit && e->len > 0 && e->len + need > e->limit)
+        return 1;
+    if (e->len + need > e->cap) {
+        size_t cap = e->cap ? e->cap : 64u << 10;
+        uint8_t *q;
+
+        while (cap < e->len + need)
+            cap *= 2;
+        q = realloc(e->buf, cap);
+        if (!q)
+            return -ENOMEM;
+        e->buf = q;
+        e->cap = cap;
+    }
+    e->len += stream_entry_encode(e->buf + e->len, p, time_ms, batch, len);
+    return e->upto && p->lsn >= e->upto ? 1 : 0;
+}
+
+int stream_pos_parse(const char *v, struct stream_pos *p)
+{
+    uint64_t f[3];
+
+    for (int i = 0; i < 3; i++) {
+        uint64_t n = 0;
+
+        if (*v < '0' || *v > '9')
+            return -EINVAL;
+        for (; *v >= '0' && *v <= '9'; v++) {
+            if (n > (UINT64_MAX - (uint64_t)(*v - '0')) / 10)
+                return -EINVAL;
+            n = n * 10 + (uint64_t)(*v - '0');
+        }
+        if (*v != (i < 2 ? '/' : '\0'))
+            return -EINVAL;
+        v += i < 2;
+        f[i] = n;
+    }
+    *p = (struct stream_pos){f[0], f[1], f[2]};
+    return 0;
 }

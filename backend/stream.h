@@ -22,6 +22,7 @@
 #ifndef SHARDFS_STREAM_H
 #define SHARDFS_STREAM_H
 
+#include <inttypes.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -40,6 +41,13 @@ static inline int stream_pos_eq(const struct stream_pos *a, const struct stream_
     return a->epoch == b->epoch && a->lsn == b->lsn && a->check == b->check;
 }
 
+/* A position as text: "E/L/C" in decimal (STREAM_POS_FMT, wire.h's
+ * X-Shardfs-Position). stream_pos_parse: 0 and *p, or -EINVAL (not three
+ * decimal u64 separated by '/', or anything after them). */
+#define STREAM_POS_FMT "%" PRIu64 "/%" PRIu64 "/%" PRIu64
+#define STREAM_POS_TEXT_MAX 64 /* with the NUL */
+int stream_pos_parse(const char *text, struct stream_pos *p);
+
 #define STREAM_ENTRY_HDR 36u
 
 /* Encode one entry into out, which must hold STREAM_ENTRY_HDR + len bytes.
@@ -54,5 +62,22 @@ size_t stream_entry_encode(uint8_t *out, const struct stream_pos *p, uint64_t ti
  * len; *pos is left at the malformed entry. */
 int stream_entry_next(const uint8_t *buf, size_t len, size_t *pos, struct stream_pos *p,
                       uint64_t *time_ms, const uint8_t **batch, size_t *blen);
+
+/* A growing buffer of encoded entries, filled by stream_buf_add (a
+ * shard_lmdb_stream_read callback): the body of a stream reply or a push.
+ * upto: stop after the entry at this lsn (0: no limit). limit: never grow
+ * len past it, but for the first entry (0: no limit). buf is malloc()ed;
+ * the owner frees it. */
+struct stream_buf {
+    uint8_t *buf;
+    size_t len, cap;
+    uint64_t upto;
+    size_t limit;
+};
+
+/* Append one entry to ctx (a struct stream_buf). 0 to go on, 1 to stop
+ * (the entry at upto was added, or this one is left out: limit), -ENOMEM. */
+int stream_buf_add(void *ctx, const struct stream_pos *p, uint64_t time_ms, const uint8_t *batch,
+                   size_t len);
 
 #endif

@@ -40,7 +40,7 @@
 static const char *const op_names[] = {
     [WIRE_OP_GET] = "get",   [WIRE_OP_SCAN] = "scan", [WIRE_OP_APPLY] = "apply",
     [WIRE_OP_SYNC] = "sync", [WIRE_OP_STAT] = "stat", [WIRE_OP_GETV] = "getv",
-    [WIRE_OP_STREAM] = "stream", [WIRE_OP_POSITION] = "position",
+    [WIRE_OP_STREAM] = "stream", [WIRE_OP_POSITION] = "position", [WIRE_OP_PUSH] = "push",
 };
 #define OP_COUNT (sizeof(op_names) / sizeof(op_names[0]))
 

@@ -75,6 +75,23 @@
  *            "lag_ms":MS,"last_report_ms":MS|-1,"snapshot":true|false},...]}
  *            ("check" a decimal string: JSON numbers lose u64 bits), also
  *            X-Shardfs-Position; replicas only where the shard has them.
+ *   POST /v1/shard/N/push?node=NAME&epoch=E&after=PE/PL/PC   (to a replica)
+ *        Sent by node NAME, the primary of shard N at shard epoch E, to a
+ *        node holding a replica of N: the body is entries of N's stream
+ *        (the stream route's 200 encoding) read after position (PE,PL,PC).
+ *        The replica applies those after its own position, in order, each
+ *        continuing its history (the same rule as for pulled entries; the
+ *        ones it holds already are skipped), into its redo log, and answers
+ *        200 JSON {"position":"E/L/C","synced":S}: its copy's position
+ *        after them, and the last lsn it synced. An after past the copy's
+ *        position (a gap) applies nothing and answers the same way, so the
+ *        primary pushes again from there. The answer is an ack like a
+ *        pull's (shard_repl_report). 409 + EAGAIN: the copy takes no
+ *        pushes now (no replica of N here, a snapshot or content check in
+ *        progress, or NAME and E are not its primary and epoch in this
+ *        node's map); ESTALE: an entry does not continue its history. The
+ *        primary then waits for the pulls, which stay the way to catch up.
+ *        Served by the node addressed (never redirected).
  *   A shard op (get, getv, scan, apply, sync, stat, stream, position) sent
  *   to a node that holds only a replica of N gets 307 to N's primary, like
  *   one sent to a node holding no copy.
@@ -169,6 +186,7 @@ enum wire_op {
     WIRE_OP_GETV,
     WIRE_OP_STREAM,
     WIRE_OP_POSITION,
+    WIRE_OP_PUSH,
 };
 
 /* "/v1/shard/N/op" -> shard and op. Returns 0, or -EINVAL (malformed) or

@@ -273,7 +273,8 @@ static void retire_locked(struct fo_shard *f, struct shard *w)
 /* A new wrapper around f's copy, served by the node server. */
 static int wrap_new(struct failover *fo, struct fo_shard *f, struct shard **w)
 {
-    int rc = shard_repl_new(f->lmdb, fo->map, fo->cfg, fo->self, w);
+    struct shard_repl_push push = {remote_push, fo->remote};
+    int rc = shard_repl_new(f->lmdb, fo->map, fo->cfg, fo->self, &push, w);
 
     if (rc == 0 && fo->srv)
         node_server_set_shard(fo->srv, f->base.index, *w);
@@ -908,7 +909,8 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
                     "but this copy is empty or incomplete; NOT serving it\n",
                     i, (unsigned long long)c.epoch);
         } else if (c.primary == node && shard_map_leader(map, i) == node) {
-            rc = shard_repl_new(f->lmdb, map, cfg, node, &f->primary);
+            rc = shard_repl_new(f->lmdb, map, cfg, node,
+                                &(struct shard_repl_push){remote_push, fo->remote}, &f->primary);
             if (rc == 0)
                 f->role = FO_PRIMARY;
         } else if (c.primary == node) {

@@ -21,6 +21,7 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,7 @@
 #include "failover.h"
 #include "replica_sync.h"
 #include "shard_map.h"
+#include "shard_remote.h"
 #include "shard_repl.h"
 #include "wire.h"
 
@@ -49,7 +51,32 @@ struct replication {
     struct failover *fo; /* with etcd: failover.h */
     struct shard *local[CONFIG_MAX_SHARDS];
     struct node_server_repl server;
+    struct remote *own_remote; /* for pushes when ns has none (every shard local) */
+    struct shard_repl_push push;
+    /* the pushes this node's replicas get (node_server.h) use `sync`:
+     * replication_sync_stop takes it away under the write lock */
+    pthread_rwlock_t sync_lock;
 };
+
+/* node_server_repl.push: a primary's entries for our replica. */
+static int push_in(void *ctx, unsigned shard, int from, uint64_t epoch,
+                   const struct stream_pos *after, const uint8_t *body, size_t len,
+                   struct stream_pos *pos, uint64_t *synced)
+{
+    struct replication *rep = ctx;
+    int rc;
+
+    *pos = (struct stream_pos){0, 0, 0};
+    *synced = 0;
+    if (shard_nowait_active() ? pthread_rwlock_tryrdlock(&rep->sync_lock) != 0
+                              : pthread_rwlock_rdlock(&rep->sync_lock) != 0) {
+        shard_nowait_refuse();
+        return -EWOULDBLOCK;
+    }
+    rc = replica_sync_push(rep->sync, shard, from, epoch, after, body, len, pos, synced);
+    pthread_rwlock_unlock(&rep->sync_lock);
+    return rc;
+}
 
 int replication_wanted(const struct config *cfg)
 {
@@ -73,6 +100,15 @@ int replication_open(const struct config *cfg, int node, struct ns *ns, struct r
     rep->cfg = cfg;
     rep->node = node;
     rep->ns = ns;
+    pthread_rwlock_init(&rep->sync_lock, NULL);
+    rep->push.fn = remote_push;
+    rep->push.ctx = ns_remote(ns);
+    if (!rep->push.ctx) {
+        rc = remote_new(cfg, node, &rep->own_remote, err, errlen);
+        if (rc)
+            goto fail;
+        rep->push.ctx = rep->own_remote;
+    }
     rc = shard_map_open(cfg, node, &rep->map, err, errlen);
     if (rc)
         goto fail;
@@ -96,7 +132,7 @@ int replication_open(const struct config *cfg, int node, struct ns *ns, struct r
         if (rc == 0 && c.nreplicas == 0)
             continue;
         if (rc == 0)
-            rc = shard_repl_new(ns_shard(ns, i), rep->map, cfg, node, &w);
+            rc = shard_repl_new(ns_shard(ns, i), rep->map, cfg, node, &rep->push, &w);
         if (rc == 0)
             rc = ns_shard_wrap(ns, i, w);
         if (rc) {
@@ -106,6 +142,8 @@ int replication_open(const struct config *cfg, int node, struct ns *ns, struct r
     }
     rep->server.map = rep->map;
     rep->server.local = rep->local;
+    rep->server.push = push_in;
+    rep->server.push_ctx = rep;
     *out = rep;
     return 0;
 fail:
@@ -154,13 +192,18 @@ int replication_sync_start(struct replication *rep, char *err, size_t errlen)
 
 void replication_sync_stop(struct replication *rep)
 {
+    struct replica_sync *sync;
+
     if (!rep)
         return;
     failover_stop(rep->fo); /* no promotion waits for the sync thread any more */
     if (rep->sync)
         shard_map_on_change(rep->map, NULL, NULL); /* waits for a call in progress */
-    replica_sync_stop(rep->sync);
+    pthread_rwlock_wrlock(&rep->sync_lock); /* no push in progress, none to come */
+    sync = rep->sync;
     rep->sync = NULL;
+    pthread_rwlock_unlock(&rep->sync_lock);
+    replica_sync_stop(sync);
 }
 
 void replication_close(struct replication *rep)
@@ -170,6 +213,8 @@ void replication_close(struct replication *rep)
     replication_sync_stop(rep);
     failover_close(rep->fo);
     shard_map_close(rep->map);
+    remote_free(rep->own_remote);
+    pthread_rwlock_destroy(&rep->sync_lock);
     free(rep);
 }
 
@@ -187,7 +232,7 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
 
     snprintf(check, sizeof(check), "%" PRIu64, st->pos.check);
     return json_pack("{s:I,s:s,s:s,s:o,s:o,s:s,s:o,s:o,s:o,s:s,s:o,s:o,s:o,s:o,s:f,s:I,"
-                     "s:o,s:I,s:I,s:b,s:s,s:o}",
+                     "s:o,s:I,s:I,s:b,s:s,s:o,s:o}",
                      "shard", (json_int_t)shard, "primary",
                      st->primary >= 0 ? rep->cfg->nodes[st->primary].name : "", "phase",
                      replica_phase_name(st->phase), "epoch", json_u64(st->pos.epoch), "lsn",
@@ -201,7 +246,7 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
                      (json_int_t)st->snap_eta_ms, "replies", json_u64(st->replies),
                      "last_status", (json_int_t)st->last_status, "last_reply_ago_ms",
                      (json_int_t)st->last_reply_ago_ms, "in_flight", st->in_flight, "at", st->at,
-                     "restarts", json_u64(st->restarts));
+                     "restarts", json_u64(st->restarts), "pushes", json_u64(st->pushes));
 }
 
 static int route_is(const struct node_request *req, const char *path, const char *method,

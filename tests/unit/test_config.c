@@ -590,6 +590,7 @@ static void test_replication(void)
         CHECK(cfg.etcd[0] == '\0');
         CHECK(cfg.lease_ttl_ms == 5000);
         CHECK(cfg.replica_lag_ms == 2000);
+        CHECK(cfg.replica_push == 1);
     }
     /* every directive; nodes before [cluster]; replicas in config order */
     if (LOAD_OK("[node a]\nurl = http://127.0.0.1:1\ndata_dir = a\nshards = 0-1\n"
@@ -602,8 +603,9 @@ static void test_replication(void)
                 "replicas = 0\n"
                 "[cluster]\nshards = 8\nsecret = 0123456789abcdef\nack = primary\n"
                 "etcd = http://127.0.0.1:2391 , http://[::1]:2379/,https://etcd.example:443\n"
-                "lease_ttl_ms = 1000\nreplica_lag_ms = 4999\n",
+                "lease_ttl_ms = 1000\nreplica_lag_ms = 4999\nreplica_push = no\n",
                 &cfg) == 0) {
+        CHECK(cfg.replica_push == 0);
         CHECK(cfg.nreplicas[0] == 3 && cfg.replicas[0][0] == 1 && cfg.replicas[0][1] == 2 &&
               cfg.replicas[0][2] == 3);
         CHECK(cfg.nreplicas[1] == 1 && cfg.replicas[1][0] == 1);
@@ -678,6 +680,8 @@ static void test_replication_errors(void)
     /* ack other than primary/replica */
     LOAD_ERR("[cluster]\nshards = 1\nack = all\n", 3, "bad ack 'all' (want primary or replica)");
     LOAD_ERR("[cluster]\nshards = 1\nack = Primary\n", 3, "bad ack 'Primary'");
+    LOAD_ERR("[cluster]\nshards = 1\nreplica_push = 1\n", 3,
+             "bad replica_push '1' (want yes or no)");
     LOAD_ERR("[cluster]\nshards = 1\nack =\n", 3, "bad ack ''");
     /* bad etcd url lists */
     LOAD_ERR("[cluster]\nshards = 1\netcd = 127.0.0.1:2379\n", 3,

@@ -1879,7 +1879,7 @@ static void repl_setup(void)
     CHECK_RC(shard_lmdb_open(path, 2, &opt, &r_copy2, err, sizeof(err)), 0);
     if (!r_lmdb0 || !r_lmdb1 || !r_copy2)
         exit(2);
-    CHECK_RC(shard_repl_new(r_lmdb0, r_map, &rcfg, 0, &r_repl0), 0);
+    CHECK_RC(shard_repl_new(r_lmdb0, r_map, &rcfg, 0, NULL, &r_repl0), 0);
     if (!r_repl0)
         exit(2);
 }
@@ -2316,7 +2316,7 @@ static void test_repl_acked_over_http(void)
     if (!lmdb)
         return;
     rcfg.ack = CONFIG_ACK_REPLICA;
-    CHECK_RC(shard_repl_new(lmdb, r_map, &rcfg, 0, &r_acked0), 0);
+    CHECK_RC(shard_repl_new(lmdb, r_map, &rcfg, 0, NULL, &r_acked0), 0);
     rcfg.ack = CONFIG_ACK_PRIMARY;
     if (!r_acked0 || repl_start_with(r_acked0, lmdb) != 0)
         goto out;

@@ -18,7 +18,14 @@
  *  5. a stuck copy: a fake primary answers 204 with a position ahead; the
  *     copy starts over after RS_STUCK_MS and is level with the real one;
  *  6. the copy removed at runtime (nothing applied to it after) and added
- *     again (it catches up from where it was).
+ *     again (it catches up from where it was);
+ *  7. pushes taken directly (replica_sync_push, with a's server stopped so
+ *     no pull competes): refused from another node or epoch, a gap applies
+ *     nothing, the entries bring the copy to a's position and records, the
+ *     same ones again change nothing, another history is ESTALE;
+ *  8. pushes end to end: a wrapper that pushes (remote_push) to b's own
+ *     server, whose push route hands them to the sync thread's copy: the
+ *     writes are acknowledged, the copy is level, and pushes applied.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -41,6 +48,7 @@
 #include "replica_sync.h"
 #include "shard_lmdb.h"
 #include "shard_map.h"
+#include "shard_remote.h"
 #include "shard_repl.h"
 #include "test_util.h"
 
@@ -270,6 +278,107 @@ static struct node_server *serve_a(struct shard *wrap, struct shard *lmdb)
     return srv;
 }
 
+/* The entries of a's stream after `after`, in one buffer (freed by the
+ * caller). */
+static struct stream_buf entries_after(struct shard *a, const struct stream_pos *after)
+{
+    struct stream_buf e = {0};
+
+    CHECK(shard_lmdb_stream_read(a, after, 1u << 20, stream_buf_add, &e) > 0);
+    return e;
+}
+
+static struct replica_sync *b_sync; /* for b's push route */
+
+static int push_to_b(void *ctx, unsigned shard, int from, uint64_t epoch,
+                     const struct stream_pos *after, const uint8_t *body, size_t len,
+                     struct stream_pos *pos, uint64_t *synced)
+{
+    (void)ctx;
+    return replica_sync_push(b_sync, shard, from, epoch, after, body, len, pos, synced);
+}
+
+/* 7: pushes taken by the copy directly. */
+static void test_push_direct(struct shard *a, struct shard *b, struct replica_sync *rs)
+{
+    struct stream_pos pa, pb, pos, other;
+    struct replica_status st;
+    struct stream_buf e;
+    uint64_t synced, epoch = 0;
+    unsigned n = 0;
+
+    CHECK(primary_of(map_b, 0, &epoch) == 0);
+    CHECK_RC(shard_lmdb_position(b, &pb), 0);
+    CHECK_RC(put_n(a, "seven", 20, 10), 0); /* on the inner shard, nobody pulls */
+    CHECK_RC(shard_lmdb_position(a, &pa), 0);
+    e = entries_after(a, &pb);
+    CHECK_RC(replica_sync_push(rs, 0, 1, epoch, &pb, e.buf, e.len, &pos, &synced), -EAGAIN);
+    CHECK_RC(replica_sync_push(rs, 0, 0, epoch + 1, &pb, e.buf, e.len, &pos, &synced), -EAGAIN);
+    CHECK_RC(replica_sync_push(rs, 1, 0, epoch, &pb, e.buf, e.len, &pos, &synced), -EAGAIN);
+    CHECK_RC(replica_sync_push(NULL, 0, 0, epoch, &pb, e.buf, e.len, &pos, &synced), -EAGAIN);
+    /* a gap: entries after a position the copy has not reached */
+    other = pa;
+    CHECK_RC(replica_sync_push(rs, 0, 0, epoch, &other, e.buf, e.len, &pos, &synced), 0);
+    CHECKF(stream_pos_eq(&pos, &pb), "a gap moved the copy to lsn %" PRIu64 " from %" PRIu64,
+           pos.lsn, pb.lsn);
+    /* another history at the copy's lsn */
+    other = pb;
+    other.check ^= 1;
+    CHECK_RC(replica_sync_push(rs, 0, 0, epoch, &other, e.buf, e.len, &pos, &synced), -ESTALE);
+    CHECK_RC(replica_sync_push(rs, 0, 0, epoch, &pb, e.buf, e.len, &pos, &synced), 0);
+    CHECKF(stream_pos_eq(&pos, &pa), "pushed to lsn %" PRIu64 ", a is at %" PRIu64, pos.lsn,
+           pa.lsn);
+    CHECK(same_records(a, b, &n) && n > 0);
+    /* the same entries again (a pull or a push that brought them already) */
+    CHECK_RC(replica_sync_push(rs, 0, 0, epoch, &pb, e.buf, e.len, &pos, &synced), 0);
+    CHECK(stream_pos_eq(&pos, &pa) && same_records(a, b, &n));
+    free(e.buf);
+    for (int t = 0; t < 50; t++) { /* published at the thread's next step */
+        CHECK_RC(replica_sync_status(rs, 0, &st), 0);
+        if (st.pushes > 0)
+            break;
+        sleep_ms(100);
+    }
+    CHECKF(st.pushes == 1, "pushes %" PRIu64, st.pushes);
+}
+
+/* 8: a wrapper that pushes to b's server. */
+static void test_push_end_to_end(struct shard *a, struct shard *b, struct replica_sync *rs)
+{
+    struct shard *none[2] = {NULL, NULL}, *local[2] = {b, NULL}, *wrap;
+    struct node_server_repl repl = {.map = map_b, .local = local, .push = push_to_b};
+    struct node_server *srv_a, *srv_b = NULL;
+    struct remote *remote = NULL;
+    struct replica_status st0, st;
+    char err[1024];
+    unsigned n = 0;
+
+    b_sync = rs;
+    CHECK_RC(node_server_start_repl(&cfg, 1, none, &repl, NULL, NULL, &srv_b, err, sizeof(err)),
+             0);
+    CHECK_RC(remote_new(&cfg, 0, &remote, err, sizeof(err)), 0);
+    CHECK_RC(shard_repl_new(a, map_a, &cfg, 0, &(struct shard_repl_push){remote_push, remote},
+                            &wrap),
+             0);
+    srv_a = serve_a(wrap, a);
+    CHECKF(level(a, rs, 10000), "b is not level before the pushes");
+    CHECK_RC(replica_sync_status(rs, 0, &st0), 0);
+    CHECK_RC(put_n(wrap, "eight", 100, 100), 0);
+    CHECKF(level(a, rs, 10000), "b is not level after the pushes");
+    CHECK(same_records(a, b, &n) && n > 0);
+    for (int t = 0; t < 50; t++) {
+        CHECK_RC(replica_sync_status(rs, 0, &st), 0);
+        if (st.pushes > st0.pushes)
+            break;
+        sleep_ms(100);
+    }
+    CHECKF(st.pushes > st0.pushes, "no push applied (%" PRIu64 ")", st.pushes);
+    node_server_stop(srv_a);
+    node_server_stop(srv_b);
+    shard_repl_free(wrap);
+    remote_free(remote);
+}
+
 int main(void)
 {
     char path[PATH_MAX], text[2048], err[1024];
@@ -303,7 +412,7 @@ int main(void)
         return 2;
     }
     a = open_lmdb("a");
-    CHECK_RC(shard_repl_new(a, map_a, &cfg, 0, &wrap), 0);
+    CHECK_RC(shard_repl_new(a, map_a, &cfg, 0, NULL, &wrap), 0);
     srv = serve_a(wrap, a);
 
     /* 1. Streaming, acknowledged. */
@@ -418,6 +527,12 @@ int main(void)
         CHECK_RC(replica_sync_status(rs, 0, &st), 0);
         CHECK(st.primary == 0);
     }
+
+    /* 7 and 8: pushes */
+    node_server_stop(srv);
+    test_push_direct(a, b, rs);
+    test_push_end_to_end(a, b, rs);
+    srv = serve_a(wrap, a);
 
     replica_sync_stop(rs);
     node_server_stop(srv);

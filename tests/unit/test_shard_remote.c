@@ -663,6 +663,7 @@ static enum fake_action fake_handle(struct fake *f, const struct http_req *rq,
     }
     case WIRE_OP_STREAM:
     case WIRE_OP_POSITION:
+    case WIRE_OP_PUSH:
         rp->status = 404; /* replication: not this fake's business */
         break;
     }

@@ -148,7 +148,7 @@ static void setup(void)
         fprintf(stderr, "shard_lmdb_open: %s\n", err);
         exit(2);
     }
-    CHECK_RC(shard_repl_new(inner, map, &cfg, 0, &repl), 0);
+    CHECK_RC(shard_repl_new(inner, map, &cfg, 0, NULL, &repl), 0);
     if (!repl)
         exit(2);
     CHECK(shard_repl_is(repl) && !shard_repl_is(inner) && shard_repl_inner(repl) == inner);
@@ -811,10 +811,10 @@ int main(void)
     snprintf(path, sizeof(path), "%s/shard-0-ack-primary", tmpdir);
     CHECK_RC(shard_lmdb_open(path, 0, &opt, &lmdb2, err, sizeof(err)), 0);
     if (lmdb2)
-        CHECK_RC(shard_repl_new(lmdb2, map, &cfg_primary, 0, &primary_ack), 0);
+        CHECK_RC(shard_repl_new(lmdb2, map, &cfg_primary, 0, NULL, &primary_ack), 0);
     if (!primary_ack)
         return check_summary("shard_repl");
-    CHECK_RC(shard_repl_new(NULL, map, &cfg, 0, &(struct shard *){NULL}), -EINVAL);
+    CHECK_RC(shard_repl_new(NULL, map, &cfg, 0, NULL, &(struct shard *){NULL}), -EINVAL);
 
     test_waits_for_every_in_sync_replica();
     test_silent_replica_leaves_and_rejoins();

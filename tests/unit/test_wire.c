@@ -107,13 +107,13 @@ static void test_format_paths(void)
 {
     static const enum wire_op ops[] = {WIRE_OP_GET,  WIRE_OP_SCAN, WIRE_OP_APPLY,
                                        WIRE_OP_SYNC, WIRE_OP_STAT, WIRE_OP_GETV,
-                                       WIRE_OP_STREAM, WIRE_OP_POSITION};
-    static const char *const names[] = {"get",  "scan", "apply",  "sync",
-                                        "stat", "getv", "stream", "position"};
+                                       WIRE_OP_STREAM, WIRE_OP_POSITION, WIRE_OP_PUSH};
+    static const char *const names[] = {"get",  "scan",   "apply",    "sync", "stat",
+                                        "getv", "stream", "position", "push"};
     static const unsigned shards[] = {0, 1, 9, 10, 1023, 4294967295u};
     char buf[WIRE_PATH_MAX], want[64];
 
-    for (size_t i = 0; i < 8; i++) {
+    for (size_t i = 0; i < 9; i++) {
         CHECK(wire_op_name(ops[i]) && strcmp(wire_op_name(ops[i]), names[i]) == 0);
         for (size_t j = 0; j < sizeof(shards) / sizeof(shards[0]); j++) {
             unsigned shard;
@@ -129,9 +129,9 @@ static void test_format_paths(void)
             CHECK_RC(wire_shard_path(buf, (size_t)n, shards[j], ops[i]), -ENAMETOOLONG);
         }
     }
-    CHECK(wire_op_name((enum wire_op)8) == NULL);
+    CHECK(wire_op_name((enum wire_op)9) == NULL);
     CHECK(wire_op_name((enum wire_op) - 1) == NULL);
-    CHECK_RC(wire_shard_path(buf, sizeof(buf), 0, (enum wire_op)9), -EINVAL);
+    CHECK_RC(wire_shard_path(buf, sizeof(buf), 0, (enum wire_op)10), -EINVAL);
     CHECK_RC(wire_shard_path(buf, 0, 0, WIRE_OP_GET), -ENAMETOOLONG);
 }
 
