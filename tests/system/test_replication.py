@@ -350,6 +350,16 @@ def test_every_replica_holds_its_primarys_records(rcluster):
     for row in rows:
         assert row[1] == REPLICA_OF[int(row[0])] and row[7] == "yes" and row[8] == "streaming", \
             text
+    # With ack = replica the waiting writers pushed their batches to the
+    # replicas (replica_push, on by default); with ack = primary nobody waits,
+    # and the pulls alone carry the stream.
+    views = {n: replica_view(c, n) for n in NODES}
+    for s in range(SHARDS):
+        pushes = views[REPLICA_OF[s]][s]["pushes"]
+        if c.ack == "replica":
+            assert pushes > 0, (s, views[REPLICA_OF[s]][s])
+        else:
+            assert pushes == 0, (s, views[REPLICA_OF[s]][s])
     # Through the mounts, after all that: the files are there, on every node.
     assert read_file(c.p("a", "big.bin")) == big
     assert read_file(c.p("a", "hello.copy")) == b"hello from b\n"
