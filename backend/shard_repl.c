@@ -931,6 +931,7 @@ int shard_repl_needs_snapshot(struct shard *s, int node, const struct stream_pos
         return rc;
     pthread_mutex_lock(&r->lock);
     p->needs_snapshot = 1;
+    p->push_ok_ms = 0; /* its next report starts it again, whatever it says */
     p->report_ms = clock_mono_ms();
     p->held = 1;
     pthread_mutex_unlock(&r->lock);

@@ -255,18 +255,23 @@ static int apply_now(struct shard *sh, const char *key, const char *val)
     return async_join(&op);
 }
 
-/* Wait until the shard's position moved past lsn (the async apply is in). */
-static struct stream_pos wait_applied(uint64_t lsn)
+/* Wait until lmdb's position moved past lsn (the async apply is in). */
+static struct stream_pos wait_applied_in(struct shard *lmdb, uint64_t lsn)
 {
     struct stream_pos p = {0};
 
     for (int i = 0; i < 2000; i++) {
-        if (shard_lmdb_position(inner, &p) == 0 && p.lsn > lsn)
+        if (shard_lmdb_position(lmdb, &p) == 0 && p.lsn > lsn)
             return p;
         usleep(1000);
     }
     CHECKF(0, "the apply never reached the shard");
     return p;
+}
+
+static struct stream_pos wait_applied(uint64_t lsn)
+{
+    return wait_applied_in(inner, lsn);
 }
 
 /* Both replicas report the current position, everything synced. */
@@ -797,6 +802,139 @@ static void test_moved_refuses_everything(struct shard *primary_ack)
     CHECKF(stream_pos_eq(&before, &after), "a refused op changed the position");
 }
 
+/* ---- pushes ---- */
+
+/* A replica's node as the pusher sees it: per node, how it answers and
+ * what it was sent. */
+static _Atomic int push_fail[CONFIG_MAX_NODES], push_calls[CONFIG_MAX_NODES];
+static struct stream_pos push_after[CONFIG_MAX_NODES];
+
+static int fake_push(void *ctx, unsigned shard, int node, uint64_t epoch,
+                     const struct stream_pos *after, const void *body, size_t len,
+                     unsigned limit_ms, struct stream_pos *pos, uint64_t *synced)
+{
+    struct stream_pos p = *after, q;
+    size_t off = 0;
+    uint64_t t;
+    const uint8_t *b;
+    size_t bl;
+
+    (void)ctx, (void)epoch;
+    CHECK(shard == 0 && limit_ms > 0 && limit_ms <= LAG_MS && len > 0);
+    atomic_fetch_add(&push_calls[node], 1);
+    push_after[node] = *after;
+    if (atomic_load(&push_fail[node]))
+        return -EAGAIN;
+    while (stream_entry_next(body, len, &off, &q, &t, &b, &bl) == 1)
+        p = q; /* "applied": the copy is at the last entry */
+    *pos = p;
+    *synced = 0;
+    return 0;
+}
+
+static struct stream_pos peer_applied(struct shard *w, int node)
+{
+    struct shard_repl_status st;
+
+    CHECK_RC(shard_repl_status(w, &st), 0);
+    for (unsigned i = 0; i < st.nreplicas; i++)
+        if (st.replicas[i].node == node)
+            return st.replicas[i].applied;
+    return (struct stream_pos){0, 0, 0};
+}
+
+static void test_pushes(void)
+{
+    struct shard_lmdb_options opt = {.commit_interval_ms = 60000, .stream_bytes = 1u << 20};
+    struct shard_repl_push push = {fake_push, NULL};
+    struct shard *lmdb = NULL, *w = NULL;
+    struct stream_pos p0, p1, p2, acked;
+    struct async_op op;
+    char path[PATH_MAX + 64], err[512], buf[64];
+    int b0, c0;
+
+    snprintf(path, sizeof(path), "%s/shard-0-push", tmpdir);
+    CHECK_RC(shard_lmdb_open(path, 0, &opt, &lmdb, err, sizeof(err)), 0);
+    if (!lmdb)
+        return;
+    cfg.replica_push = 1;
+    CHECK_RC(shard_repl_new(lmdb, map, &cfg, 0, &push, &w), 0);
+    if (!w)
+        return;
+    /* Both replicas reported once (a push starts from a reported position). */
+    CHECK_RC(shard_lmdb_position(lmdb, &p0), 0);
+    CHECK_RC(shard_repl_report(w, node_b, &p0, p0.lsn), 0);
+    CHECK_RC(shard_repl_report(w, node_c, &p0, p0.lsn), 0);
+    CHECK(in_sync(node_b) == 1 && in_sync(node_c) == 1);
+
+    /* 1. The write pushes to both and their answers are the acks: no
+     * report from anyone else, and it returns at once. */
+    async_start(&op, w, "p1", "v1");
+    CHECK_RC(async_join(&op), 0);
+    CHECKF(op.end - op.start < (LAG_MS / 2) / 1000.0, "a pushed write took %.3f s",
+           op.end - op.start);
+    CHECK(atomic_load(&push_calls[node_b]) == 1 && atomic_load(&push_calls[node_c]) == 1);
+    CHECK(stream_pos_eq(&push_after[node_b], &p0) && stream_pos_eq(&push_after[node_c], &p0));
+    CHECK_RC(shard_lmdb_position(lmdb, &p1), 0);
+    acked = peer_applied(w, node_b);
+    CHECK(stream_pos_eq(&acked, &p1));
+    CHECK(shard_repl_push_fed(w, node_b, &acked) == 1 && stream_pos_eq(&acked, &p1));
+    CHECK(shard_get(w, "p1", 2, 0, buf, sizeof(buf), NULL) == 2);
+    /* A pull sent before that push reports the older position: no step
+     * back, so the next push starts from p1. */
+    CHECK_RC(shard_repl_report(w, node_b, &p0, p0.lsn), 0);
+    acked = peer_applied(w, node_b);
+    CHECK(stream_pos_eq(&acked, &p1));
+    CHECK_RC(apply_now(w, "p2", "v2"), 0);
+    CHECK(stream_pos_eq(&push_after[node_b], &p1));
+
+    /* 2. c's node takes no pushes: the write waits for c's report (its
+     * pull), which acks it; no push to c for a while after the failure,
+     * and c is not push-fed. */
+    CHECK_RC(shard_lmdb_position(lmdb, &p1), 0);
+    atomic_store(&push_fail[node_c], 1);
+    c0 = atomic_load(&push_calls[node_c]);
+    async_start(&op, w, "p3", "v3");
+    p2 = wait_applied_in(lmdb, p1.lsn);
+    usleep(100000);
+    CHECKF(!atomic_load(&op.done), "the write returned although c's push failed");
+    CHECK(atomic_load(&push_calls[node_c]) == c0 + 1);
+    CHECK(shard_repl_push_fed(w, node_c, &acked) == 0);
+    CHECK(shard_repl_acks_wanted(w) == 1); /* its pulls are answered at once again */
+    CHECK_RC(shard_repl_report(w, node_c, &p2, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    CHECK(in_sync(node_c) == 1);
+    atomic_store(&push_fail[node_c], 0);
+
+    /* 3. A content check's checkpoint stands: nobody is pushed to; the
+     * pulls ack. */
+    usleep(1100 * 1000); /* c's pause after its failure is over */
+    b0 = atomic_load(&push_calls[node_b]);
+    c0 = atomic_load(&push_calls[node_c]);
+    CHECK_RC(shard_repl_checkpoint_set(w, &p2, 5000), 0);
+    async_start(&op, w, "p4", "v4");
+    p1 = wait_applied_in(lmdb, p2.lsn);
+    usleep(100000);
+    CHECK(!atomic_load(&op.done));
+    CHECK(atomic_load(&push_calls[node_b]) == b0 && atomic_load(&push_calls[node_c]) == c0);
+    CHECK_RC(shard_repl_report(w, node_b, &p1, 0), 0);
+    CHECK_RC(shard_repl_report(w, node_c, &p1, 0), 0);
+    CHECK_RC(async_join(&op), 0);
+    /* the checkpoint done: pushes again */
+    {
+        struct stream_pos cp;
+        uint64_t id = 0;
+
+        CHECK(shard_repl_checkpoint(w, node_b, &cp, &id) == 1);
+        shard_repl_checkpoint_done(w, node_b, id);
+        CHECK(shard_repl_checkpoint(w, node_c, &cp, &id) == 1);
+        shard_repl_checkpoint_done(w, node_c, id);
+    }
+    CHECK_RC(apply_now(w, "p5", "v5"), 0);
+    CHECK(atomic_load(&push_calls[node_b]) == b0 + 1 && atomic_load(&push_calls[node_c]) == c0 + 1);
+    shard_close(w);
+}
+
 int main(void)
 {
     struct shard_lmdb_options opt = {.commit_interval_ms = 60000};
@@ -828,6 +966,7 @@ int main(void)
     test_holds();
     test_freeze_drains_and_holds();
     test_moved_refuses_everything(primary_ack);
+    test_pushes();
 
     shard_close(primary_ack);
     shard_close(repl);
