@@ -1214,12 +1214,12 @@ static void changes_make(struct replica_sync *rs)
         if (rm[i] && h) {
             transfer_drop(rs, h); /* its connection goes with it */
             hasher_join(h);
-            if (h->dirty)
-                shard_sync(h->local); /* what it applied, durable: the caller may keep it */
             pthread_mutex_lock(&rs->lock);
             rs->sh[i] = NULL;
             pthread_mutex_unlock(&rs->lock);
             gate_close(h); /* a push in progress is over; none can start */
+            if (h->dirty)
+                shard_sync(h->local); /* what it applied, durable: the caller may keep it */
             rshard_free(h);
             h = NULL;
         }

@@ -457,7 +457,7 @@ static void push_one(struct shard_repl *r, int node, uint64_t epoch, int64_t dea
     p->pushing = 1;
     pthread_mutex_unlock(&r->lock);
     count = shard_lmdb_stream_read(r->inner, &from, SHARD_REPL_PUSH_MAX, stream_buf_add, &e);
-    rc = count > 0 ? -EIO : count < 0 ? count : -EAGAIN;
+    rc = count < 0 ? count : -EAGAIN; /* not retained, or nothing new: the pulls see to it */
     if (count > 0)
         rc = r->push.fn(r->push.ctx, r->base.index, node, epoch, &from, e.buf, e.len,
                         deadline > now ? (unsigned)(deadline - now) : 1u, &pos, &synced);
