@@ -1202,14 +1202,13 @@ static void position_header(struct node_response *r, const struct stream_pos *p)
 struct stream_args {
     int node;
     struct stream_pos after;
-    struct stream_pos from; /* read from here (from= or after) */
     uint64_t wait, max, synced, hashed;
 };
 
 static int stream_args(struct node_server *s, const char *uri, struct stream_args *a,
                        const char **why)
 {
-    char name[CONFIG_NAME_MAX + 1], from[STREAM_POS_TEXT_MAX];
+    char name[CONFIG_NAME_MAX + 1];
     int rc;
 
     *a = (struct stream_args){.node = -1};
@@ -1223,13 +1222,6 @@ static int stream_args(struct node_server *s, const char *uri, struct stream_arg
     if (query_u64(uri, "check", &a->after.check) <= 0 || query_u64(uri, "wait", &a->wait) <= 0 ||
         query_u64(uri, "max", &a->max) <= 0)
         return -EINVAL;
-    a->from = a->after;
-    rc = query_str(uri, "from", from, sizeof(from));
-    if (rc < 0 || (rc > 0 && (stream_pos_parse(from, &a->from) < 0 ||
-                              a->from.lsn < a->after.lsn))) {
-        *why = "bad from (a position at or after lsn)";
-        return -EINVAL;
-    }
     a->node = config_node_index(&s->cfg, name);
     if (a->wait > WIRE_STREAM_WAIT_MAX)
         a->wait = WIRE_STREAM_WAIT_MAX;
@@ -1272,7 +1264,7 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     useq = atomic_load(&s->urgent[n]);
     /* Pushes feed it (shard_repl.h): what it acked by them is newer than
      * this pull's position, which is where the entries start. */
-    from = a.from; /* after, or where the replica reads ahead from */
+    from = a.after;
     fed = shard_repl_push_fed(sh, a.node, &acked);
     if (fed && acked.lsn > from.lsn)
         from = acked;

@@ -16,13 +16,6 @@
  *    order with shard_lmdb_apply_at(), which checks that each continues this
  *    copy's history (lsn and rolling check), and the next pull goes out at
  *    once: it is the ack the primary's writers wait for (ack = replica).
- *    Reading ahead: a full reply (at least half of max: the primary has
- *    more, a copy catching up) that names no sync or checkpoint moves to the
- *    spare buffer and the next pull goes out before it is applied, with
- *    from= its last entry and wait=0 (read_ahead): the primary reads and
- *    sends while this thread applies. The pull still reports only what the
- *    copy holds; should the apply not reach its last entry, the pull in
- *    flight is dropped.
  * 2. Syncing. A reply whose X-Shardfs-Sync names an lsn past S (a sync()
  *    on the primary waits for this copy; it also wakes our long poll) makes
  *    the copy sync (shard_sync) before the next pull, which then carries the
@@ -180,11 +173,6 @@ struct rshard {
     struct rs_hdr errno_name, position, more, sync, checkpoint, checkpoint_id;
     char location[RS_LOCATION_MAX];
     int location_set;
-
-    /* reading ahead (step 1): the pull in flight asks for the entries
-     * after ahead_from, which a reply being applied ends at */
-    int ahead;
-    struct stream_pos ahead_from;
 
     /* the copy */
     int pos_ok;                       /* pos read from the shard */
@@ -458,7 +446,6 @@ static void transfer_drop(struct replica_sync *rs, struct rshard *h)
     free(h->body);
     h->body = NULL;
     h->kind = REQ_NONE;
-    h->ahead = 0;
 }
 
 /* Start h's next request (h->next) at h->base. 0 or -errno. */
@@ -472,15 +459,11 @@ static int transfer_start(struct replica_sync *rs, struct rshard *h)
 
     switch (h->next) {
     case REQ_STREAM:
-        /* reading ahead: no long poll, the next pull carries the ack */
         n = snprintf(pq, sizeof(pq),
                      "/v1/shard/%u/stream?node=%s&epoch=%" PRIu64 "&lsn=%" PRIu64
                      "&check=%" PRIu64 "&wait=%u&max=%u&synced=%" PRIu64 "&hashed=%" PRIu64,
-                     h->index, rs->cfg->nodes[rs->self].name, h->pos.epoch, h->pos.lsn,
-                     h->pos.check, h->ahead ? 0u : RS_WAIT_MS, RS_PULL_MAX, h->synced, h->hashed);
-        if (n > 0 && (size_t)n < sizeof(pq) && h->ahead)
-            n += snprintf(pq + n, sizeof(pq) - (size_t)n, "&from=" STREAM_POS_FMT,
-                          h->ahead_from.epoch, h->ahead_from.lsn, h->ahead_from.check);
+                     h->index, rs->cfg->nodes[rs->self].name, h->pos.epoch, h->pos.lsn, h->pos.check, RS_WAIT_MS, RS_PULL_MAX,
+                     h->synced, h->hashed);
         h->max = RS_STREAM_REPLY_MAX;
         h->sent_synced = h->synced;
         timeout += RS_WAIT_MS;
@@ -732,15 +715,16 @@ static int entries_apply(struct rshard *h, struct stream_pos *at, const uint8_t 
     return n < 0 ? -EIO : 0;
 }
 
-/* Apply a pull's entries (buf) in order. 0; 1 when one does not continue
- * our history (a snapshot is needed); -errno. */
-static int stream_apply(struct rshard *h, const uint8_t *buf, size_t len)
+/* Apply a pull's entries in order. 0; 1 when one does not continue our
+ * history (a snapshot is needed); -errno. */
+static int stream_apply(struct replica_sync *rs, struct rshard *h)
 {
     int rc, applied = 0;
 
+    (void)rs;
     pthread_mutex_lock(&h->gate);
     gate_merge(h);
-    rc = entries_apply(h, &h->pos, buf, len, &applied);
+    rc = entries_apply(h, &h->pos, h->buf, h->len, &applied);
     if (h->gate_open)
         h->gate_pos = h->pos;
     pthread_mutex_unlock(&h->gate);
@@ -963,57 +947,6 @@ static void checkpoint_reached(struct replica_sync *rs, struct rshard *h)
     h->hasher_live = 1;
 }
 
-/* The position of the last entry in buf into *last; 0, or -EIO for none. */
-static int last_entry(const uint8_t *buf, size_t len, struct stream_pos *last)
-{
-    size_t off = 0;
-    struct stream_pos p;
-    uint64_t t;
-    const uint8_t *b;
-    size_t bl;
-    int n, found = 0;
-
-    while ((n = stream_entry_next(buf, len, &off, &p, &t, &b, &bl)) == 1) {
-        *last = p;
-        found = 1;
-    }
-    return n == 0 && found ? 0 : -EIO;
-}
-
-/* Step 1, reading ahead: a full reply (the primary has more) that names
- * no sync or checkpoint moves to h->spare and the next pull goes out at
- * once, for the entries after its last one, so the primary reads and
- * sends them while this thread applies. *work is the reply to apply
- * (h->buf when not reading ahead). */
-static void read_ahead(struct replica_sync *rs, struct rshard *h, uint8_t **work, size_t *wlen)
-{
-    struct stream_pos last;
-    uint8_t *b = h->buf;
-    size_t cap = h->cap;
-
-    *work = h->buf;
-    *wlen = h->len;
-    if (h->len < RS_PULL_MAX / 2 || h->sync.set || h->checkpoint.set ||
-        last_entry(h->buf, h->len, &last) != 0)
-        return;
-    h->buf = h->spare;
-    h->cap = h->spare_cap;
-    h->len = 0;
-    h->spare = b;
-    h->spare_cap = cap;
-    *work = h->spare;
-    h->ahead = 1;
-    h->ahead_from = last;
-    h->next = REQ_STREAM;
-    if (transfer_start(rs, h) != 0) {
-        h->ahead = 0; /* the loop sends an ordinary pull instead */
-        return;
-    }
-    pthread_mutex_lock(&rs->lock);
-    h->st.reads_ahead++;
-    pthread_mutex_unlock(&rs->lock);
-}
-
 /* h's transfer ended with cc: the next step. */
 static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc)
 {
@@ -1082,22 +1015,9 @@ static void transfer_done(struct replica_sync *rs, struct rshard *h, CURLcode cc
         }
         /* 1: an entry does not continue our history: P0 is the primary's
          * position as of this reply, which it took before the entries. */
-        {
-            struct stream_pos p0;
-            uint8_t *work;
-            size_t wlen;
-            int p0_rc = parse_pos(&h->position, &p0);
-
-            read_ahead(rs, h, &work, &wlen);
-            rc = stream_apply(h, work, wlen);
-            /* it asked after a position we did not reach (or not ours) */
-            if (h->ahead && (rc != 0 || h->pos.lsn < h->ahead_from.lsn ||
-                             (h->pos.lsn == h->ahead_from.lsn &&
-                              !stream_pos_eq(&h->pos, &h->ahead_from))))
-                transfer_drop(rs, h);
-            if (rc == 1 && (rc = p0_rc) == 0)
-                rc = snapshot_start(rs, h, &p0);
-        }
+        rc = stream_apply(rs, h);
+        if (rc == 1 && (rc = parse_pos(&h->position, &pp)) == 0)
+            rc = snapshot_start(rs, h, &pp);
         if (rc == 0) {
             sync_if_wanted(rs, h);
             checkpoint_reached(rs, h);
@@ -1140,7 +1060,7 @@ out:
         h->buf = NULL;
         h->cap = h->len = 0;
     }
-    if (h->spare_cap > RS_BUF_KEEP || (!h->snapping && !h->ahead)) {
+    if (h->spare_cap > RS_BUF_KEEP || !h->snapping) {
         free(h->spare);
         h->spare = NULL;
         h->spare_cap = 0;

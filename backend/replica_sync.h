@@ -141,7 +141,6 @@ struct replica_status {
     int in_flight;                 /* a request is out */
     uint64_t restarts;             /* times the copy was found stuck and started over */
     uint64_t pushes;               /* pushes from the primary that applied something */
-    uint64_t reads_ahead;          /* pulls sent before the last reply was applied */
     char at[CONFIG_URL_MAX + 1];   /* where requests go (the primary's url, or a redirect's) */
 };
 

@@ -27,7 +27,6 @@
  *
  * Replication (issue 10; the primary's side is shard_repl.h):
  *   GET  /v1/shard/N/stream?node=NAME&epoch=E&lsn=L&check=C&wait=MS&max=BYTES[&synced=S]
- *        [&from=FE/FL/FC]
  *        Sent by node NAME, a replica of shard N, to N's primary: "my copy is
  *        at position (E,L,C) (stream.h), in my redo log; everything up to lsn
  *        S is synced (fsync) here; send what follows". The query is part of
@@ -38,10 +37,6 @@
  *        records (E,L,C) and S for NAME (shard_repl_report) and keeps its
  *        stream after L (a hold for NAME, released after 10 minutes without
  *        a request from NAME).
- *        With from (a position of the primary's history at or after L: a
- *        replica reading ahead, the entries up to it being applied as it
- *        asks), the entries come from after it instead; (E,L,C) is still
- *        the report. A from before L is 400.
  *        200 body: the entries after (E,L,C), concatenated in the stream.h
  *            encoding (stream_entry_next walks them), at least one, about
  *            max bytes at most (max capped at WIRE_STREAM_MAX; 0 means

@@ -232,7 +232,7 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
 
     snprintf(check, sizeof(check), "%" PRIu64, st->pos.check);
     return json_pack("{s:I,s:s,s:s,s:o,s:o,s:s,s:o,s:o,s:o,s:s,s:o,s:o,s:o,s:o,s:f,s:I,"
-                     "s:o,s:I,s:I,s:b,s:s,s:o,s:o,s:o}",
+                     "s:o,s:I,s:I,s:b,s:s,s:o,s:o}",
                      "shard", (json_int_t)shard, "primary",
                      st->primary >= 0 ? rep->cfg->nodes[st->primary].name : "", "phase",
                      replica_phase_name(st->phase), "epoch", json_u64(st->pos.epoch), "lsn",
@@ -246,8 +246,7 @@ static json_t *copy_json(const struct replication *rep, unsigned shard,
                      (json_int_t)st->snap_eta_ms, "replies", json_u64(st->replies),
                      "last_status", (json_int_t)st->last_status, "last_reply_ago_ms",
                      (json_int_t)st->last_reply_ago_ms, "in_flight", st->in_flight, "at", st->at,
-                     "restarts", json_u64(st->restarts), "pushes", json_u64(st->pushes),
-                     "reads_ahead", json_u64(st->reads_ahead));
+                     "restarts", json_u64(st->restarts), "pushes", json_u64(st->pushes));
 }
 
 static int route_is(const struct node_request *req, const char *path, const char *method,

@@ -2186,9 +2186,6 @@ static void test_stream_refusals(CURL *h)
         "/v1/shard/0/stream?node=b&epoch=0&lsn=x&check=0&wait=0&max=0",
         "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=-1&wait=0&max=0",
         "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=0&wait=0&max=0&synced=",
-        "/v1/shard/0/stream?node=b&epoch=0&lsn=5&check=0&wait=0&max=0&from=0/4/0", /* behind */
-        "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=0&wait=0&max=0&from=1/2",
-        "/v1/shard/0/stream?node=b&epoch=0&lsn=0&check=0&wait=0&max=0&from=",
     };
 
     stream_pq(pq, sizeof(pq), 0, "b", &p, 0, 0, 0);

@@ -25,9 +25,7 @@
  *     same ones again change nothing, another history is ESTALE;
  *  8. pushes end to end: a wrapper that pushes (remote_push) to b's own
  *     server, whose push route hands them to the sync thread's copy: the
- *     writes are acknowledged, the copy is level, and pushes applied;
- *  9. reading ahead: a copy 16 MiB behind catches up from the tail with
- *     full replies, each next pull sent before the last reply is applied.
+ *     writes are acknowledged, the copy is level, and pushes applied.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -528,24 +526,6 @@ int main(void)
         CHECK(same_records(a, b, &n));
         CHECK_RC(replica_sync_status(rs, 0, &st), 0);
         CHECK(st.primary == 0);
-    }
-
-    /* 9. Reading ahead: b away while a takes 16 MiB (its hold keeps the
-     * stream for b), then back: replies of RS_PULL_MAX, each next pull
-     * sent before the last reply is applied (from=, wire.h). */
-    {
-        struct stream_pos pb;
-
-        CHECK_RC(replica_sync_remove(rs, 0), 0);
-        CHECK_RC(shard_lmdb_position(b, &pb), 0);
-        CHECK_RC(put_n(a, "nine", 256, 64u << 10), 0); /* nobody waits: the inner shard */
-        CHECK_RC(replica_sync_add(rs, 0, b), 0);
-        CHECKF(level(a, rs, 30000), "b did not catch up 16 MiB");
-        CHECK(same_records(a, b, &n));
-        CHECK_RC(replica_sync_status(rs, 0, &st), 0);
-        CHECKF(st.snapshots == 0 && st.reads_ahead > 0,
-               "snapshots %" PRIu64 " (0: from the tail), pulls read ahead %" PRIu64,
-               st.snapshots, st.reads_ahead);
     }
 
     /* 7 and 8: pushes */
