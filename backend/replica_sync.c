@@ -530,39 +530,10 @@ static int transfer_start(struct replica_sync *rs, struct rshard *h)
 
 /* ---- the copy ---- */
 
-/* "E L C" with any one of ' ', ',', '/', ':' or '.' between the decimal
- * numbers. 0 or -EIO. */
+/* A position header ("E/L/C", stream.h's STREAM_POS_FMT). 0 or -EIO. */
 static int parse_pos(const struct rs_hdr *hd, struct stream_pos *out)
 {
-    uint64_t v[3] = {0, 0, 0};
-    const char *s = hd->v;
-
-    if (!hd->set)
-        return -EIO;
-    for (int i = 0; i < 3; i++) {
-        int digits = 0;
-
-        if (i > 0) {
-            if (!strchr(" ,/:.", *s) || !*s)
-                return -EIO;
-            s++;
-        }
-        while (*s >= '0' && *s <= '9') {
-            if (v[i] > (UINT64_MAX - (uint64_t)(*s - '0')) / 10)
-                return -EIO;
-            v[i] = v[i] * 10 + (uint64_t)(*s - '0');
-            s++;
-            digits++;
-        }
-        if (!digits)
-            return -EIO;
-    }
-    if (*s)
-        return -EIO;
-    out->epoch = v[0];
-    out->lsn = v[1];
-    out->check = v[2];
-    return 0;
+    return hd->set && stream_pos_parse(hd->v, out) == 0 ? 0 : -EIO;
 }
 
 /* A failed step: back off (step 5); the next attempt starts from the
