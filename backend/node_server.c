@@ -1774,7 +1774,7 @@ static void handle(struct node_server *s, const struct node_input *in, struct no
         return;
     if (rc == AUTH_SIGNED) {
         if (!in->body_digest)
-            wire_body_digest(in->body, in->body_len, got);
+            wire_body_mac(s->cfg.secret, ws.nonce, in->body, in->body_len, got);
         if (in->body_len != ws.body_len ||
             strcmp(in->body_digest ? in->body_digest : got, ws.digest) != 0) {
             resp_error(r, -EACCES, "not authenticated: the body is not the one signed (%s, %s)",
@@ -2241,10 +2241,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         in = mhd_input(conn, rq, url, method);
         if (node_server_precheck(s, &in, &r))
             return refuse(conn, rq, &in, &r);
-        /* Authentic: a signed body is hashed as it comes (checked in step 4;
-         * no body, no hashing: an empty body's digest is a constant). */
-        if (header(&in, WIRE_HDR_DIGEST) && has_body(&in) && !(rq->digest = wire_digest_new()))
-            rq->error = -ENOMEM;
+        /* Authentic: a signed body is tagged as it comes, checked in step 4,
+         * which tags a body in one go when there is no tag here (no body, a
+         * bearer request, or no memory for the tagger). */
+        if (header(&in, WIRE_HDR_DIGEST) && has_body(&in))
+            rq->digest = wire_digest_new(s->cfg.secret, header(&in, WIRE_HDR_NONCE));
         return MHD_YES;
     }
     if (*upload_data_size) {

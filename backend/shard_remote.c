@@ -265,7 +265,6 @@ struct request {
     char path_query[REMOTE_PATH_QUERY_MAX];
     const uint8_t *body;
     size_t body_len;
-    char digest[WIRE_DIGEST_LEN + 1]; /* of body, "" until the first attempt */
     int idempotent; /* retried, and its body may be resent */
     int fixed;      /* a 200 body goes to out[0..out_cap) */
     uint8_t *out;
@@ -559,13 +558,14 @@ static int curl_retryable(CURLcode cc, const struct request *q)
 }
 
 /* The signed headers (wire.h) of one request: see remote_sign() in the
- * header. digest is the body's (wire_body_digest). 0 or -ENOMEM. */
+ * header. The body's tag is keyed by the nonce, so it is computed for every
+ * attempt. 0 or -ENOMEM. */
 static int sign_headers(const struct remote *r, const char *base, uint64_t epoch,
-                        const char *method, const char *path_query, const char *digest,
+                        const char *method, const char *path_query, const void *body,
                         size_t body_len, struct curl_slist **out)
 {
     char auth[WIRE_AUTH_LEN + 1], line[WIRE_AUTH_LEN + 64], nonce[WIRE_NONCE_LEN + 1];
-    char epoch_text[24];
+    char epoch_text[24], digest[WIRE_DIGEST_LEN + 1] = "";
     struct curl_slist *hdrs = NULL, *t;
     int post = strcmp(method, "POST") == 0, put = strcmp(method, "PUT") == 0;
     struct wire_signed ws = {.method = method,
@@ -580,7 +580,9 @@ static int sign_headers(const struct remote *r, const char *base, uint64_t epoch
     snprintf(epoch_text, sizeof(epoch_text), "%" PRIu64, epoch);
     /* No nonce (getrandom failed) or no MAC: an empty auth, which the node
      * refuses (401), rather than a request anyone could replay. */
-    if (wire_nonce_new(nonce) < 0 || wire_sign(r->cfg->secret, &ws, auth) < 0)
+    if (wire_nonce_new(nonce) < 0 ||
+        wire_body_mac(r->cfg->secret, nonce, body, body_len, digest) < 0 ||
+        wire_sign(r->cfg->secret, &ws, auth) < 0)
         auth[0] = '\0';
 
 #define ADD_HDR(...)                                                                               \
@@ -623,9 +625,7 @@ static CURLcode exchange_setup(const struct remote *r, CURL *h, const char *base
     while (blen > 0 && base[blen - 1] == '/')
         blen--;
     snprintf(url, sizeof(url), "%.*s%s", (int)blen, base, q->path_query);
-    if (!q->digest[0])
-        wire_body_digest(q->body, q->body_len, q->digest);
-    if (sign_headers(r, base, epoch, q->method, q->path_query, q->digest, q->body_len, &hdrs)) {
+    if (sign_headers(r, base, epoch, q->method, q->path_query, q->body, q->body_len, &hdrs)) {
         q->nomem = 1;
         *hdrs_out = NULL;
         return CURLE_OUT_OF_MEMORY;
@@ -1822,12 +1822,10 @@ void remote_curl_defaults(struct remote *r, CURL *h)
 int remote_sign(struct remote *r, const char *base, const char *method, const char *path_query,
                 const void *body, size_t len, struct curl_slist **out)
 {
-    char digest[WIRE_DIGEST_LEN + 1];
     uint64_t epoch;
 
-    wire_body_digest(body, len, digest);
     pthread_mutex_lock(&r->lock);
     epoch = r->epoch;
     pthread_mutex_unlock(&r->lock);
-    return sign_headers(r, base, epoch, method, path_query, digest, len, out);
+    return sign_headers(r, base, epoch, method, path_query, body, len, out);
 }

@@ -96,7 +96,7 @@
  *   to a node that holds only a replica of N gets 307 to N's primary, like
  *   one sent to a node holding no copy.
  *
- * Every signed request carries (the HMAC signs the body's declared digest and
+ * Every signed request carries (the HMAC signs the body's declared tag and
  * length, not the body, so a node authenticates it from the headers alone,
  * before it reads a byte of the body):
  *   X-Shardfs-Epoch:  the sender's config epoch (signed as sent, "" when
@@ -104,11 +104,14 @@
  *   X-Shardfs-Date:   unix seconds (more than WIRE_MAX_SKEW away: 401)
  *   X-Shardfs-Nonce:  WIRE_NONCE_LEN lowercase hex digits, random (16 bytes
  *                     from getrandom), new for every attempt
- *   X-Shardfs-Digest: lowercase hex SHA-256 of the body (of "" without one)
+ *   X-Shardfs-Digest: the body's tag (of "" without one): lowercase hex
+ *                     Poly1305 of the body under the one-time key
+ *                     HMAC-SHA256(secret, "shardfs-v3-body\n" NONCE), 16 bytes
+ *                     (the nonce is new for every attempt, so is the key)
  *   Content-Length:   the body's length (none: 0)
  *   X-Shardfs-Auth:   lowercase hex HMAC-SHA256(secret, the text below)
  * The signed text is, lines joined by "\n", no "\n" at the end:
- *   "shardfs-v2", METHOD, NODE_URL, PATH?QUERY, EPOCH, DATE, NONCE,
+ *   "shardfs-v3", METHOD, NODE_URL, PATH?QUERY, EPOCH, DATE, NONCE,
  *   BODY_LENGTH, DIGEST
  * with NODE_URL the url (shards.conf) of the node the request is sent to,
  * without a trailing "/", PATH?QUERY the request target exactly as sent,
@@ -173,7 +176,7 @@
 #define WIRE_AUTH_LEN 64                    /* hex characters */
 #define WIRE_NONCE_BYTES 16
 #define WIRE_NONCE_LEN (2 * WIRE_NONCE_BYTES) /* hex characters */
-#define WIRE_DIGEST_LEN 64                  /* hex characters of a SHA-256 */
+#define WIRE_DIGEST_LEN 32                  /* hex characters of a Poly1305 tag */
 #define WIRE_GETV_READ_HDR 12u              /* klen, link, buflen: u32le each */
 #define WIRE_GETV_REQUEST_MAX (SHARD_READS_MAX * (WIRE_GETV_READ_HDR + BATCH_KEY_MAX))
 
@@ -227,12 +230,17 @@ int wire_nonce_new(char out[WIRE_NONCE_LEN + 1]);
  * out[n / 2] if out is not NULL). */
 int wire_hex_decode(const char *s, size_t n, uint8_t *out);
 
-/* SHA-256 of a body as X-Shardfs-Digest wants it: in one go, or piece by
- * piece as it streams in (wire_digest_new, _update, _final; _free is
- * NULL-safe and may be called instead of _final, which frees). */
-void wire_body_digest(const void *body, size_t len, char out[WIRE_DIGEST_LEN + 1]);
+/* A body's tag as X-Shardfs-Digest wants it, for the request signed with
+ * nonce under secret (the top of this file): in one go, or piece by piece as
+ * it streams in (wire_digest_new, _update, _final; _free is NULL-safe and
+ * may be called instead of _final, which frees). wire_body_mac: 0, or -EIO
+ * with out "" (OpenSSL failed, or nonce is not WIRE_NONCE_LEN lowercase hex
+ * digits). */
+int wire_body_mac(const char *secret, const char *nonce, const void *body, size_t len,
+                  char out[WIRE_DIGEST_LEN + 1]);
 struct wire_digest;
-struct wire_digest *wire_digest_new(void); /* NULL: out of memory */
+/* NULL: out of memory, OpenSSL failed, or a malformed nonce. */
+struct wire_digest *wire_digest_new(const char *secret, const char *nonce);
 int wire_digest_update(struct wire_digest *d, const void *p, size_t n); /* 0 or -EIO */
 int wire_digest_final(struct wire_digest *d, char out[WIRE_DIGEST_LEN + 1]); /* 0 or -EIO */
 void wire_digest_free(struct wire_digest *d);

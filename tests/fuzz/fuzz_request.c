@@ -703,10 +703,10 @@ static void run_request(uint8_t flags, const uint8_t *head, size_t hlen, const u
                 memcpy(other, body, blen);
                 other[0] ^= 1;
             }
-            wire_body_digest(other, blen ? blen : 1, fr.digest);
+            wire_body_mac(SECRET, fr.nonce, other, blen ? blen : 1, fr.digest);
             free(other);
         } else {
-            wire_body_digest(body, blen, fr.digest);
+            wire_body_mac(SECRET, fr.nonce, body, blen, fr.digest);
         }
         snprintf(fr.date, sizeof(fr.date), "%" PRId64, ws.date);
         snprintf(fr.length, sizeof(fr.length), "%zu", blen);

@@ -116,7 +116,7 @@ SEEDS = {
         request(EPOCH, "POST /v1/shard/0/apply", B),
         request(EPOCH, "POST /v1/shard/0/get\nX-Shardfs-Date: 1700000000\n"
                 "X-Shardfs-Nonce: 000102030405060708090a0b0c0d0e0f\n"
-                "X-Shardfs-Digest: " + "0" * 64 + "\nContent-Length: 2\n"
+                "X-Shardfs-Digest: " + "0" * 32 + "\nContent-Length: 2\n"
                 "X-Shardfs-Auth: 0000000000000000000000000000000000000000000000000000000000000000",
                 b"k1"),
         request(EPOCH | 0x90 | SIGN, "POST /v1/shard/0/get", b"k1")),

@@ -48,7 +48,7 @@ def forged_headers(path, length):
              "X-Shardfs-Epoch: 1",
              "X-Shardfs-Date: %d" % int(time.time()),
              "X-Shardfs-Nonce: " + os.urandom(16).hex(),
-             "X-Shardfs-Digest: " + os.urandom(32).hex(),
+             "X-Shardfs-Digest: " + os.urandom(16).hex(),
              "X-Shardfs-Auth: " + os.urandom(32).hex()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 

@@ -537,7 +537,7 @@ static enum fake_action fake_handle(struct fake *f, const struct http_req *rq,
                              .nonce = rq->nonce,
                              .digest = rq->digest,
                              .body_len = rq->body_len};
-    wire_body_digest(rq->body, rq->body_len, digest);
+    wire_body_mac(secret, rq->nonce, rq->body, rq->body_len, digest);
     if (!rq->has_date || !rq->has_auth || wire_verify(secret, &ws, (int64_t)time(NULL), rq->auth) ||
         strcmp(digest, rq->digest) != 0) {
         pthread_mutex_lock(&f->lock);

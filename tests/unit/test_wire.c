@@ -139,9 +139,15 @@ static void test_format_paths(void)
 
 #define SECRET "0123456789abcdef-secret"
 #define N1 "000102030405060708090a0b0c0d0e0f"
-#define HELLO_SHA256 "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-#define EMPTY_SHA256 "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-#define ALL256_SHA256 "40aff2e9d2d8922e47afd4648e6967497158785fbd1da870e7110266bf944880"
+/* Body tags, pinned with the Python of test_sign_vectors: "hello" under N1,
+ * "" under 32 f's, bytes 0..255 under N2, "" under 32 a's with the secret "",
+ * and test_digests' 3000 bytes under N1. */
+#define N2 "0123456789abcdef0123456789abcdef"
+#define HELLO_TAG "e41ac2953b84fd7d7f2e4c86b1bb09a1"
+#define EMPTY_TAG_F "232bfbe007d9419e0e839c3584fd2ce9"
+#define ALL256_TAG "c612902858819dd1556a008c0fd10f72"
+#define EMPTY_TAG_A_NO_SECRET "0fef329cdecc8e98d1327d3ac4d13367"
+#define DATA3000_TAG "5079a0082e26d53a40b76b43da7e894f"
 
 /* The request of most checks below: a get of 5 bytes' key "hello". */
 static struct wire_signed hello(void)
@@ -152,7 +158,7 @@ static struct wire_signed hello(void)
                                 .epoch = "3",
                                 .date = 1700000000,
                                 .nonce = N1,
-                                .digest = HELLO_SHA256,
+                                .digest = HELLO_TAG,
                                 .body_len = 5};
 }
 
@@ -174,46 +180,57 @@ static void test_sign_vectors(void)
 
     for (int i = 0; i < 256; i++)
         all[i] = (uint8_t)i;
-    /* Pinned with /usr/bin/python3:
-     *   def sign(secret, method, url, pq, epoch, date, nonce, body):
+    /* Pinned with /usr/bin/python3 (Poly1305 as RFC 8439 section 2.5 gives it,
+     * checked against its section 2.5.2 vector):
+     *   def poly1305(key, msg):
+     *       r = int.from_bytes(key[:16], "little") & 0x0ffffffc0ffffffc0ffffffc0fffffff
+     *       s, p, acc = int.from_bytes(key[16:], "little"), (1 << 130) - 5, 0
+     *       for i in range(0, len(msg), 16):
+     *           acc = (acc + int.from_bytes(msg[i:i + 16] + b"\x01", "little")) * r % p
+     *       return ((acc + s) % (1 << 128)).to_bytes(16, "little")
+     *   def tag(secret, nonce, body):
+     *       key = hmac.new(secret.encode(), b"shardfs-v3-body\n" + nonce.encode(),
+     *                      hashlib.sha256).digest()
+     *       return poly1305(key, body).hex()
+     *   def sign(secret, method, url, pq, epoch, date, nonce, body_len, digest):
      *       url = url[:-1] if url.endswith("/") else url
-     *       msg = "\n".join(["shardfs-v2", method, url, pq, epoch, str(date), nonce,
-     *                        str(len(body)), hashlib.sha256(body).hexdigest()])
+     *       msg = "\n".join(["shardfs-v3", method, url, pq, epoch, str(date), nonce,
+     *                        str(body_len), digest])
      *       return hmac.new(secret.encode(), msg.encode("latin-1"),
      *                       hashlib.sha256).hexdigest()
      * with the arguments of each call below. */
-    SIGN_IS(SECRET, &ws, "875865ae0c60e6a4ca48f2a77bf8c9e8915d1228e91068c27d5467e329322e17");
+    SIGN_IS(SECRET, &ws, "b2f9816eb0bce99ce2003b230f4ff8dd9b0efdf80451387ec21c94a262c615fd");
     ws.node_url = "http://127.0.0.1:7071/"; /* the config's "/" is not signed */
-    SIGN_IS(SECRET, &ws, "875865ae0c60e6a4ca48f2a77bf8c9e8915d1228e91068c27d5467e329322e17");
+    SIGN_IS(SECRET, &ws, "b2f9816eb0bce99ce2003b230f4ff8dd9b0efdf80451387ec21c94a262c615fd");
     ws = (struct wire_signed){.method = "GET",
                               .node_url = "http://[::1]:80",
                               .path_query = "/v1/config",
                               .epoch = "",
                               .date = 1700000000,
                               .nonce = "ffffffffffffffffffffffffffffffff",
-                              .digest = EMPTY_SHA256,
+                              .digest = EMPTY_TAG_F,
                               .body_len = 0};
-    SIGN_IS(SECRET, &ws, "a28030510aa28778cd3c125e432cbc9bb6930d59f8bdd8ee5dea25061776090b");
-    wire_body_digest(all, sizeof(all), digest);
-    CHECKF(strcmp(digest, ALL256_SHA256) == 0, "got %s", digest);
+    SIGN_IS(SECRET, &ws, "5d0fc978b76a3590f4e7537f9e9f6a1e8bd03b23640bb9e2107b2730cea1dd14");
+    CHECK_RC(wire_body_mac(SECRET, N2, all, sizeof(all), digest), 0);
+    CHECKF(strcmp(digest, ALL256_TAG) == 0, "got %s", digest);
     ws = (struct wire_signed){.method = "POST",
                               .node_url = "https://node-b.example:7443",
                               .path_query = "/v1/shard/0/apply",
                               .epoch = "18446744073709551615",
                               .date = -5,
-                              .nonce = "0123456789abcdef0123456789abcdef",
+                              .nonce = N2,
                               .digest = digest,
                               .body_len = sizeof(all)};
-    SIGN_IS(SECRET, &ws, "310fa8b0832221246854d0a4b45ec4b5bde2f99c062810e92c874762697bef9f");
+    SIGN_IS(SECRET, &ws, "e23a452505721c76d8eeab7d2e3b5b6ed2cf8b1d000475edf8c15d88f2b5e3e0");
     ws = (struct wire_signed){.method = "DELETE",
                               .node_url = "http://h:1",
                               .path_query = "/v1/kv/a%20b?x=1",
                               .epoch = "1",
                               .date = 0,
                               .nonce = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-                              .digest = EMPTY_SHA256,
+                              .digest = EMPTY_TAG_A_NO_SECRET,
                               .body_len = 0};
-    SIGN_IS("", &ws, "6ef0cd71546ac9f79d855fc3e692c518214a37cceb32a00889872ad65e1594f1");
+    SIGN_IS("", &ws, "b37edd52c3f35e8f35b4fdba34dc57459ca2da43acf2e4d888d24ba645cebe54");
     /* Key API paths longer than wire.c's text buffer (1 KiB). */
     {
         static char pq[4100];
@@ -226,13 +243,13 @@ static void test_sign_vectors(void)
                                   .path_query = pq,
                                   .epoch = "7",
                                   .date = 1700000000,
-                                  .nonce = "0123456789abcdef0123456789abcdef",
-                                  .digest = HELLO_SHA256,
+                                  .nonce = N2,
+                                  .digest = HELLO_TAG,
                                   .body_len = 5};
-        SIGN_IS(SECRET, &ws, "aaca9c2914288f74d36aa79a8953c3caf9d1f8e10bc17b75d93b26098c708f18");
+        SIGN_IS(SECRET, &ws, "0584a4a5f74d793abde488119e265d7af8968bdd2b5f5a1d03b2e6af534f0183");
         memset(pq + 7, 'x', 1006);
         pq[7 + 1006] = '\0';
-        SIGN_IS(SECRET, &ws, "f49fb54516e8eb6886df1f271b2aa6f3d2641bfca5f35c0aa4966fe277ae5e82");
+        SIGN_IS(SECRET, &ws, "650a4f58ef64f0d9600e49b8c54d68cb11f9481f856afd3950d156e039f07bb2");
     }
     ws = hello();
     CHECK_RC(wire_sign(SECRET, &ws, out), 0);
@@ -267,8 +284,8 @@ static void test_sign_long_paths(void)
         pq[0] = '/';
         pq[len] = '\0';
         ws.path_query = pq;
-        n = snprintf(text, sizeof(text), "shardfs-v2\nPOST\nhttp://127.0.0.1:7071\n%s\n3\n"
-                     "1700000000\n" N1 "\n5\n" HELLO_SHA256, pq);
+        n = snprintf(text, sizeof(text), "shardfs-v3\nPOST\nhttp://127.0.0.1:7071\n%s\n3\n"
+                     "1700000000\n" N1 "\n5\n" HELLO_TAG, pq);
         if (!EVP_Q_mac(NULL, "HMAC", NULL, "SHA256", NULL, SECRET, strlen(SECRET),
                        (const unsigned char *)text, (size_t)n, mac, sizeof(mac), &mlen) ||
             mlen != 32) {
@@ -318,7 +335,7 @@ static void test_verify(void)
     CHANGED(date, now - 1);
     CHANGED(nonce, "000102030405060708090a0b0c0d0e0e");
     CHANGED(nonce, "100102030405060708090a0b0c0d0e0f");
-    CHANGED(digest, EMPTY_SHA256);
+    CHANGED(digest, EMPTY_TAG_F);
     CHANGED(body_len, 4);
     CHANGED(body_len, 6);
     CHANGED(body_len, 5 + (1ull << 32));
@@ -328,8 +345,9 @@ static void test_verify(void)
     CHANGED(nonce, "000102030405060708090a0b0c0d0e0f0");
     CHANGED(nonce, "000102030405060708090a0b0c0d0e0g");
     CHANGED(nonce, "");
-    CHANGED(digest, "2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824");
-    CHANGED(digest, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b982");
+    CHANGED(digest, "E41AC2953B84FD7D7F2E4C86B1BB09A1");
+    CHANGED(digest, "e41ac2953b84fd7d7f2e4c86b1bb09a");
+    CHANGED(digest, "e41ac2953b84fd7d7f2e4c86b1bb09a1e");
     CHANGED(digest, "");
 #undef CHANGED
     /* ... even when the signature is over the bad spelling itself. */
@@ -429,17 +447,32 @@ static void test_nonces(void)
 static void test_digests(void)
 {
     static uint8_t data[3000];
-    char one[WIRE_DIGEST_LEN + 1], streamed[WIRE_DIGEST_LEN + 1];
+    char one[WIRE_DIGEST_LEN + 1], streamed[WIRE_DIGEST_LEN + 1], other[WIRE_DIGEST_LEN + 1];
 
-    wire_body_digest("hello", 5, one);
-    CHECKF(strcmp(one, HELLO_SHA256) == 0, "got %s", one);
-    wire_body_digest(NULL, 0, one);
-    CHECKF(strcmp(one, EMPTY_SHA256) == 0, "got %s", one);
+    CHECK_RC(wire_body_mac(SECRET, N1, "hello", 5, one), 0);
+    CHECKF(strcmp(one, HELLO_TAG) == 0, "got %s", one);
+    CHECK_RC(wire_body_mac(SECRET, "ffffffffffffffffffffffffffffffff", NULL, 0, one), 0);
+    CHECKF(strcmp(one, EMPTY_TAG_F) == 0, "got %s", one);
+    CHECK_RC(wire_body_mac("", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", NULL, 0, one), 0);
+    CHECKF(strcmp(one, EMPTY_TAG_A_NO_SECRET) == 0, "got %s", one);
+    /* The key is the secret's and the nonce's: either changed, another tag. */
+    CHECK_RC(wire_body_mac(SECRET, N2, "hello", 5, other), 0);
+    CHECK(strlen(other) == WIRE_DIGEST_LEN && strcmp(other, HELLO_TAG) != 0);
+    CHECK_RC(wire_body_mac(SECRET "x", N1, "hello", 5, other), 0);
+    CHECK(strlen(other) == WIRE_DIGEST_LEN && strcmp(other, HELLO_TAG) != 0);
+    /* No key from a nonce that is not one: "" out. */
+    CHECK_RC(wire_body_mac(SECRET, "000102030405060708090A0B0C0D0E0F", "hello", 5, one), -EIO);
+    CHECK(one[0] == '\0');
+    CHECK_RC(wire_body_mac(SECRET, "0001", "hello", 5, one), -EIO);
+    CHECK_RC(wire_body_mac(SECRET, NULL, "hello", 5, one), -EIO);
+    CHECK_RC(wire_body_mac(NULL, N1, "hello", 5, one), -EIO);
+    CHECK(wire_digest_new(SECRET, "x") == NULL);
     for (size_t i = 0; i < sizeof(data); i++)
         data[i] = (uint8_t)(i * 7 + (i >> 5));
-    wire_body_digest(data, sizeof(data), one);
+    CHECK_RC(wire_body_mac(SECRET, N1, data, sizeof(data), one), 0);
+    CHECKF(strcmp(one, DATA3000_TAG) == 0, "got %s", one);
     for (size_t piece = 1; piece <= sizeof(data); piece += piece < 70 ? 1 : 997) {
-        struct wire_digest *d = wire_digest_new();
+        struct wire_digest *d = wire_digest_new(SECRET, N1);
         int ok = d != NULL;
 
         for (size_t off = 0; ok && off < sizeof(data); off += piece)
@@ -448,7 +481,7 @@ static void test_digests(void)
         ok = ok && wire_digest_update(d, NULL, 0) == 0 && wire_digest_final(d, streamed) == 0;
         CHECKF(ok && strcmp(one, streamed) == 0, "pieces of %zu: %s", piece, streamed);
     }
-    wire_digest_free(wire_digest_new()); /* abandoned: freed */
+    wire_digest_free(wire_digest_new(SECRET, N1)); /* abandoned: freed */
     wire_digest_free(NULL);
 }
 
