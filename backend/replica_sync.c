@@ -215,6 +215,7 @@ struct rshard {
     uint64_t gate_synced;             /* h->synced, for the pushes' answers */
     int gate_dirty;                   /* a push applied since the thread looked */
     uint64_t pushes;                  /* pushes that applied something */
+    uint64_t error_pushes;            /* the thread's: pushes at its last failed step */
 
     struct replica_status st;         /* protected by replica_sync.lock */
     uint64_t kick_req, kick_done;     /* protected by replica_sync.lock: kick_wait */
@@ -288,11 +289,17 @@ static void publish(struct replica_sync *rs, struct rshard *h, int rc)
     st->lag_ms = (uint64_t)(now - h->level_at);
     if (rc != 1)
         st->last_error = rc;
+    if (rc < 0)
+        h->error_pushes = pushes;
+    /* A push applied since the last failed step streams as well as a pull
+     * would: a push-fed replica's pull parks until its deadline, and until
+     * it came back such a copy stayed "waiting" after a failed first pull
+     * (its primary not yet listening). */
     if (h->snapping) {
         st->phase = REPLICA_SNAPSHOT;
     } else if (h->primary < 0 || h->primary == rs->self || rc < 0 || !h->pos_ok) {
         st->phase = REPLICA_WAITING;
-    } else if (rc == 0) {
+    } else if (rc == 0 || pushes > h->error_pushes) {
         st->phase = REPLICA_STREAMING;
     }
     if (h->snapping) {
