@@ -1047,11 +1047,10 @@ struct scan_ctx {
     int more;
 };
 
-static int scan_add(void *c, const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen)
+/* Room in sc's reply for one more record of rec bytes: 0, 1 (the reply is
+ * full: stop, "more"), or -ENOMEM. */
+static int scan_room(struct scan_ctx *sc, size_t rec)
 {
-    struct scan_ctx *sc = c;
-    size_t rec = wire_scan_record_size(klen, vlen);
-
     /* Only a record that exists but does not fit sets "more". */
     if (sc->count == sc->limit || (sc->count && sc->len + rec > WIRE_SCAN_REPLY_MAX)) {
         sc->more = 1;
@@ -1072,7 +1071,33 @@ static int scan_add(void *c, const uint8_t *key, size_t klen, const uint8_t *val
         sc->buf = p;
         sc->cap = cap;
     }
+    return 0;
+}
+
+static int scan_add(void *c, const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen)
+{
+    struct scan_ctx *sc = c;
+    size_t rec = wire_scan_record_size(klen, vlen);
+    int rc = scan_room(sc, rec);
+
+    if (rc)
+        return rc;
     wire_scan_record_encode(sc->buf + sc->len, key, klen, val, vlen);
+    sc->len += rec;
+    sc->count++;
+    return 0;
+}
+
+static int scan_join_add(void *c, const uint8_t *key, size_t klen, const uint8_t *val,
+                         size_t vlen, const uint8_t *jval, size_t jlen)
+{
+    struct scan_ctx *sc = c;
+    size_t rec = wire_scan_join_record_size(klen, vlen, jlen);
+    int rc = scan_room(sc, rec);
+
+    if (rc)
+        return rc;
+    wire_scan_join_record_encode(sc->buf + sc->len, key, klen, val, vlen, jval, jlen);
     sc->len += rec;
     sc->count++;
     return 0;
@@ -1083,8 +1108,11 @@ static void op_scan(struct shard *sh, const char *uri, const uint8_t *body, size
 {
     struct scan_ctx sc = {.limit = WIRE_SCAN_LIMIT_MAX};
     const uint8_t *start, *end;
+    uint8_t prefix[SHARD_JOIN_PREFIX_MAX];
+    char hex[2 * SHARD_JOIN_PREFIX_MAX + 1], link[24];
+    struct shard_join j;
     size_t slen, elen;
-    int rc;
+    int rc, join = query_str(uri, "join", hex, sizeof(hex));
 
     if (query_u64(uri, "limit", &sc.limit) < 0 || sc.limit == 0) {
         resp_error(r, -EINVAL, "bad limit");
@@ -1092,11 +1120,17 @@ static void op_scan(struct shard *sh, const char *uri, const uint8_t *body, size
     }
     if (sc.limit > WIRE_SCAN_LIMIT_MAX)
         sc.limit = WIRE_SCAN_LIMIT_MAX;
+    if (join < 0 || (join > 0 && (query_str(uri, "link", link, sizeof(link)) <= 0 ||
+                                  wire_join_parse(hex, link, prefix, &j) < 0))) {
+        resp_error(r, -EINVAL, "bad join");
+        return;
+    }
     if (wire_scan_request_decode(body, len, &start, &slen, &end, &elen) < 0) {
         resp_error(r, -EINVAL, "malformed scan request");
         return;
     }
-    rc = shard_scan(sh, start, slen, end, elen, scan_add, &sc);
+    rc = join ? shard_scan_join(sh, start, slen, end, elen, &j, scan_join_add, &sc)
+              : shard_scan(sh, start, slen, end, elen, scan_add, &sc);
     if (rc < 0) {
         free(sc.buf);
         resp_error(r, rc, "scan: %s", strerror(-rc));
@@ -1108,6 +1142,8 @@ static void op_scan(struct shard *sh, const char *uri, const uint8_t *body, size
     r->content_type = "application/octet-stream";
     if (sc.more)
         node_response_header(r, WIRE_HDR_MORE, "1");
+    if (join)
+        node_response_header(r, WIRE_HDR_JOIN, "1");
 }
 
 static void op_apply(struct shard *sh, const uint8_t *body, size_t len, struct node_response *r)

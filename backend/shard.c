@@ -2,6 +2,7 @@
  * shard_get_many() list, doing the list one get at a time for a shard that
  * has no get_many of its own (test wrappers), and the per-thread no-waiting
  * mode (shard.h). */
+#include <stdlib.h>
 #include <string.h>
 
 #include "shard.h"
@@ -93,4 +94,109 @@ int shard_get_many(struct shard *s, struct shard_read *r, unsigned n)
         r[i].len = (size_t)rc;
     }
     return 0;
+}
+
+int shard_join_check(const struct shard_join *j)
+{
+    if (!j || !j->prefix || j->plen == 0 || j->plen > SHARD_JOIN_PREFIX_MAX || j->link == 0 ||
+        j->link > BATCH_KEY_MAX - j->plen)
+        return -EINVAL;
+    return 0;
+}
+
+int shard_join_key(const struct shard_join *j, const uint8_t *val, size_t vlen,
+                   uint8_t out[BATCH_KEY_MAX], size_t *klen)
+{
+    if (vlen < j->link)
+        return -ENOENT;
+    memcpy(out, j->prefix, j->plen);
+    memcpy(out + j->plen, val, j->link);
+    *klen = j->plen + j->link;
+    return 0;
+}
+
+/* ---- the join done by hand: gather the records, then get each ---- */
+
+struct gathered {
+    uint8_t *buf; /* records: size_t klen, size_t vlen, key, value */
+    size_t len, cap;
+};
+
+static int gather_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct gathered *g = ctx;
+    size_t need = 2 * sizeof(size_t) + kl + vl;
+
+    if (g->len + need > g->cap) {
+        size_t cap = g->cap ? g->cap : 4096;
+        uint8_t *p;
+
+        while (cap < g->len + need)
+            cap *= 2;
+        if (!(p = realloc(g->buf, cap)))
+            return -ENOMEM;
+        g->buf = p;
+        g->cap = cap;
+    }
+    memcpy(g->buf + g->len, &kl, sizeof(kl));
+    memcpy(g->buf + g->len + sizeof(kl), &vl, sizeof(vl));
+    memcpy(g->buf + g->len + 2 * sizeof(size_t), k, kl);
+    memcpy(g->buf + g->len + 2 * sizeof(size_t) + kl, v, vl);
+    g->len += need;
+    return 0;
+}
+
+/* Hand one gathered record to fn with its joined value read by a get into
+ * buf (SHARD_READ_VALUE_MAX bytes; a longer value is read again whole). */
+static int deliver_gathered(struct shard *s, const struct shard_join *j, const uint8_t *k,
+                            size_t kl, const uint8_t *v, size_t vl, uint8_t *buf,
+                            shard_join_fn fn, void *ctx)
+{
+    uint8_t jkey[BATCH_KEY_MAX], *big = NULL;
+    const uint8_t *jval = buf;
+    size_t jkl, jvl = 0;
+    int rc = shard_join_key(j, v, vl, jkey, &jkl);
+
+    if (rc == 0)
+        rc = shard_get(s, jkey, jkl, 0, buf, SHARD_READ_VALUE_MAX, &jvl);
+    if (rc >= 0 && jvl > SHARD_READ_VALUE_MAX) {
+        if (!(big = malloc(jvl)))
+            return -ENOMEM;
+        rc = shard_get(s, jkey, jkl, 0, big, jvl, &jvl);
+        jval = big;
+    }
+    if (rc == -ENOENT)
+        jval = NULL, rc = 0;
+    if (rc >= 0)
+        rc = fn(ctx, k, kl, v, vl, jval, jval ? (size_t)rc : 0);
+    free(big);
+    return rc;
+}
+
+int shard_scan_join(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
+                    const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    struct gathered g = {0};
+    uint8_t *buf = NULL;
+    int rc = shard_join_check(j);
+
+    if (rc)
+        return rc;
+    if (s->ops->scan_join)
+        return s->ops->scan_join(s, start, slen, end, elen, j, fn, ctx);
+    rc = shard_scan(s, start, slen, end, elen, gather_one, &g);
+    if (rc == 0 && g.len && !(buf = malloc(SHARD_READ_VALUE_MAX)))
+        rc = -ENOMEM;
+    for (size_t p = 0; rc == 0 && p < g.len;) {
+        size_t kl, vl;
+
+        memcpy(&kl, g.buf + p, sizeof(kl));
+        memcpy(&vl, g.buf + p + sizeof(kl), sizeof(vl));
+        p += 2 * sizeof(size_t);
+        rc = deliver_gathered(s, j, g.buf + p, kl, g.buf + p + kl, vl, buf, fn, ctx);
+        p += kl + vl;
+    }
+    free(buf);
+    free(g.buf);
+    return rc;
 }

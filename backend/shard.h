@@ -66,6 +66,22 @@ struct shard_read {
     size_t vlen;            /* the whole value's length */
 };
 
+/* The join of shard_scan_join(): each record's value names a second key,
+ * prefix || the value's first `link` bytes (a directory entry names its
+ * inode), read as of the same moment on the same shard. */
+#define SHARD_JOIN_PREFIX_MAX 16u
+struct shard_join {
+    const uint8_t *prefix;  /* 1..SHARD_JOIN_PREFIX_MAX bytes */
+    size_t plen;
+    size_t link;            /* 1..BATCH_KEY_MAX - plen */
+};
+
+/* Scan-with-join callback: as shard_scan_fn, plus the joined key's value
+ * (borrowed likewise), or jval NULL and jlen 0 when that key is not on this
+ * shard or the value is shorter than the link. */
+typedef int (*shard_join_fn)(void *ctx, const uint8_t *key, size_t klen, const uint8_t *val,
+                             size_t vlen, const uint8_t *jval, size_t jlen);
+
 struct shard_stat {
     uint64_t records;       /* keys in the shard */
     uint64_t bytes;         /* bytes used by the store */
@@ -92,6 +108,16 @@ struct shard_ops {
      * list, the transport's errors). Without it, shard_get_many() does the
      * reads one get at a time. */
     int (*get_many)(struct shard *s, struct shard_read *r, unsigned n);
+    /* MAY: scan as scan() does, handing fn each record with the value of
+     * the key its value names (struct shard_join), both as of one moment:
+     * one round trip for a remote shard. Without it, shard_scan_join()
+     * scans, then gets each joined key. */
+    int (*scan_join)(struct shard *s, const void *start, size_t slen, const void *end,
+                     size_t elen, const struct shard_join *j, shard_join_fn fn, void *ctx);
+    /* MAY (wrappers): the remote shard an op on s goes to now, when it goes
+     * there without any bookkeeping by s, else NULL. Lets a fan-out
+     * (shard_scan_many) ask many remote shards at once through wrappers. */
+    struct shard *(*remote_now)(struct shard *s);
     /* MAY: fill counters; -ENOSYS if unknown. */
     int (*stat)(struct shard *s, struct shard_stat *st);
     /* MUST: flush, sync and free; s is gone afterwards. NULL-safe in wrapper. */
@@ -144,6 +170,17 @@ int shard_read_key(const struct shard_read *r, unsigned i, uint8_t out[BATCH_KEY
 int shard_reads_check(const struct shard_read *r, unsigned n);
 /* s->ops->get_many, or the reads one get at a time when s has none. */
 int shard_get_many(struct shard *s, struct shard_read *r, unsigned n);
+
+/* Check a join: 0 or -EINVAL. */
+int shard_join_check(const struct shard_join *j);
+/* The joined key of a record's value: 0 and its length in *klen, or -ENOENT
+ * when the value is shorter than the link. */
+int shard_join_key(const struct shard_join *j, const uint8_t *val, size_t vlen,
+                   uint8_t out[BATCH_KEY_MAX], size_t *klen);
+/* s->ops->scan_join, or (a shard without one) a scan whose records are
+ * gathered, then each joined key read with a get: not one moment. */
+int shard_scan_join(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
+                    const struct shard_join *j, shard_join_fn fn, void *ctx);
 
 static inline int shard_stat(struct shard *s, struct shard_stat *st)
 {

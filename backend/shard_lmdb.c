@@ -1158,12 +1158,34 @@ static int lmdb_get_many(struct shard *s, struct shard_read *r, unsigned n)
     return rc;
 }
 
-static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void *end,
-                     size_t elen, shard_scan_fn fn, void *ctx)
+/* The joined value of a record (shard.h, struct shard_join) in the scan's
+ * transaction: 0 and *jv (empty mv_data when absent), or -errno. */
+static int join_get(struct shard_lmdb *sl, const struct shard_join *j, const MDB_val *v,
+                    MDB_val *jv)
+{
+    uint8_t key[BATCH_KEY_MAX];
+    MDB_val k = {.mv_data = key};
+    int rc;
+
+    *jv = (MDB_val){0};
+    if (shard_join_key(j, v->mv_data, v->mv_size, key, &k.mv_size) != 0)
+        return 0;
+    rc = mdb_get(sl->txn, sl->dbi, &k, jv);
+    if (rc == MDB_NOTFOUND) {
+        *jv = (MDB_val){0};
+        return 0;
+    }
+    return rc ? shard_lmdb_errno(rc) : 0;
+}
+
+/* A scan, with its join when j is not NULL (then jfn is called, else fn). */
+static int scan_range(struct shard *s, const void *start, size_t slen, const void *end,
+                      size_t elen, const struct shard_join *j, shard_scan_fn fn,
+                      shard_join_fn jfn, void *ctx)
 {
     struct shard_lmdb *sl = to_lmdb(s);
     MDB_cursor *cur = NULL;
-    MDB_val k = {.mv_size = slen, .mv_data = (void *)start}, v;
+    MDB_val k = {.mv_size = slen, .mv_data = (void *)start}, v, jv;
     int rc;
 
     rc = lock_or_refuse(sl); /* in no-waiting mode the caller bounds the scan */
@@ -1190,7 +1212,14 @@ static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void
             rc = skip_local(cur, &k, &v);
             continue;
         }
-        rc = fn(ctx, k.mv_data, k.mv_size, v.mv_data, v.mv_size);
+        if (j) {
+            rc = join_get(sl, j, &v, &jv);
+            if (rc == 0)
+                rc = jfn(ctx, k.mv_data, k.mv_size, v.mv_data, v.mv_size, jv.mv_data,
+                         jv.mv_size);
+        } else {
+            rc = fn(ctx, k.mv_data, k.mv_size, v.mv_data, v.mv_size);
+        }
         if (rc)
             goto out;
         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
@@ -1200,6 +1229,18 @@ out:
     mdb_cursor_close(cur);
     pthread_mutex_unlock(&sl->lock);
     return rc;
+}
+
+static int lmdb_scan(struct shard *s, const void *start, size_t slen, const void *end,
+                     size_t elen, shard_scan_fn fn, void *ctx)
+{
+    return scan_range(s, start, slen, end, elen, NULL, fn, NULL, ctx);
+}
+
+static int lmdb_scan_join(struct shard *s, const void *start, size_t slen, const void *end,
+                          size_t elen, const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    return scan_range(s, start, slen, end, elen, j, NULL, fn, ctx);
 }
 
 /* One attempt: nested transaction, log append, merge into the parent. */
@@ -2093,6 +2134,7 @@ static const struct shard_ops shard_lmdb_ops = {
     .get = lmdb_get,
     .get_many = lmdb_get_many,
     .scan = lmdb_scan,
+    .scan_join = lmdb_scan_join,
     .apply = lmdb_apply,
     .sync = lmdb_sync,
     .stat = lmdb_stat,

@@ -122,6 +122,8 @@
 #define REMOTE_SCAN_REPLY_MAX (WIRE_SCAN_REPLY_MAX + 8u + BATCH_KEY_MAX + BATCH_VALUE_MAX + 4096u)
 #define REMOTE_SCAN_FIRST_LIMIT 256u /* records asked for in a scan's first page */
 #define REMOTE_POOL_IDLE_MAX 64u     /* idle handles kept; more are cleaned up */
+#define REMOTE_MULTI_IDLE_MAX 16u    /* idle multi handles kept (multi_take) */
+#define REMOTE_MULTI_CONNS 32L       /* connections a multi handle keeps open */
 #define REMOTE_URLS_MAX 1024u        /* distinct redirect targets remembered */
 #define REMOTE_LOCATION_MAX (CONFIG_URL_MAX + WIRE_PATH_MAX + 64u)
 /* Shard paths are short; a key API path is up to 4096 bytes, each of which
@@ -164,6 +166,8 @@ struct remote {
     uint64_t epoch; /* max(cfg->epoch, epochs of redirects) */
     struct conn *idle;
     unsigned idle_count;
+    CURLM *multi_idle[REMOTE_MULTI_IDLE_MAX]; /* fan-outs' multi handles (multi_take) */
+    unsigned multi_count;
     struct node_health health[CONFIG_MAX_NODES];
     /* DESIGN 9: set by remote_owner_set(); under lock */
     int follow;
@@ -251,6 +255,38 @@ static void pool_put(struct remote *r, struct conn *c)
     }
 }
 
+/* A multi handle for a fan-out. An easy handle added to a multi handle
+ * uses the multi's connections, not its own, and curl_multi_cleanup()
+ * closes them: a multi made for each fan-out (a directory listing) opened
+ * a TCP connection to every node it asked, every time. The multi handles
+ * are kept, so are their connections. NULL when out of memory. */
+static CURLM *multi_take(struct remote *r)
+{
+    CURLM *m = NULL;
+
+    pthread_mutex_lock(&r->lock);
+    if (r->multi_count)
+        m = r->multi_idle[--r->multi_count];
+    pthread_mutex_unlock(&r->lock);
+    if (!m && (m = curl_multi_init()))
+        curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, REMOTE_MULTI_CONNS);
+    return m;
+}
+
+static void multi_put(struct remote *r, CURLM *m)
+{
+    if (!m)
+        return;
+    pthread_mutex_lock(&r->lock);
+    if (r->multi_count < REMOTE_MULTI_IDLE_MAX) {
+        r->multi_idle[r->multi_count++] = m;
+        m = NULL;
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (m)
+        curl_multi_cleanup(m);
+}
+
 /* ---- one request ---- */
 
 /* A response header we keep: the value, and whether it was too long. */
@@ -283,7 +319,7 @@ struct request {
     size_t out_len; /* bytes written to out */
     uint8_t *reply; /* malloc()ed 2xx body; caller frees */
     size_t reply_len, reply_cap;
-    struct hdr vlen, more, errno_name, epoch, shard;
+    struct hdr vlen, more, join, errno_name, epoch, shard;
     char location[REMOTE_LOCATION_MAX];
     int location_set, location_trunc;
 
@@ -298,6 +334,7 @@ static void request_reset_reply(struct request *q)
 {
     memset(&q->vlen, 0, sizeof(q->vlen));
     memset(&q->more, 0, sizeof(q->more));
+    memset(&q->join, 0, sizeof(q->join));
     memset(&q->errno_name, 0, sizeof(q->errno_name));
     memset(&q->epoch, 0, sizeof(q->epoch));
     memset(&q->shard, 0, sizeof(q->shard));
@@ -472,6 +509,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         hdr_store(&q->vlen, v, vlen);
     else if (hdr_is(name, nlen, WIRE_HDR_MORE))
         hdr_store(&q->more, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_JOIN))
+        hdr_store(&q->join, v, vlen);
     else if (hdr_is(name, nlen, WIRE_HDR_ERRNO))
         hdr_store(&q->errno_name, v, vlen);
     else if (hdr_is(name, nlen, WIRE_HDR_EPOCH))
@@ -1067,13 +1106,25 @@ static int remote_get(struct shard *s, const void *key, size_t klen, size_t off,
     return (int)done;
 }
 
-/* A scan request for [from, end) with a record limit; its body in *body
- * (the caller frees it). 0 or -errno. */
+/* What a scan hands its records to: fn, or with a join jfn (shard.h). */
+struct scan_sink {
+    const struct shard_join *j; /* NULL: a plain scan */
+    shard_scan_fn fn;
+    shard_join_fn jfn;
+    void *ctx;
+    struct shard *s; /* for the joined keys of a reply without them */
+    uint8_t *jbuf;   /* their values (SHARD_READ_VALUE_MAX bytes), lazily */
+};
+
+/* A scan request for [from, end) with a record limit (and the join of k, if
+ * any); its body in *body (the caller frees it). 0 or -errno. */
 static int scan_request(struct request *q, uint8_t **body, unsigned index, const void *from,
-                        size_t flen, const void *end, size_t elen, unsigned limit)
+                        size_t flen, const void *end, size_t elen, unsigned limit,
+                        const struct scan_sink *k)
 {
     size_t blen = wire_scan_request_size(flen, elen);
-    char query[32];
+    char query[32 + 2 * SHARD_JOIN_PREFIX_MAX + 32];
+    int n;
 
     *q = (struct request){
         .method = "POST", .idempotent = 1, .keep_body = 1, .reply_max = REMOTE_SCAN_REPLY_MAX};
@@ -1083,26 +1134,83 @@ static int scan_request(struct request *q, uint8_t **body, unsigned index, const
     wire_scan_request_encode(*body, from, flen, end, elen);
     q->body = *body;
     q->body_len = blen;
-    snprintf(query, sizeof(query), "limit=%u", limit);
+    n = snprintf(query, sizeof(query), "limit=%u%s", limit, k->j ? "&" : "");
+    if (k->j && wire_join_query(query + n, sizeof(query) - (size_t)n, k->j) != 0)
+        return -EINVAL;
     return shard_path(q, index, WIRE_OP_SCAN, query);
 }
 
-/* Hand the records of one scan reply (for a scan from `from`) to fn. On 0,
+/* The joined value of a record that came without it (a node that predates
+ * joins): read by a get, after the reply, never while a request is in flight
+ * (the reply is whole). 0, or -errno. */
+static int join_by_get(struct scan_sink *k, const uint8_t *val, size_t vlen,
+                       const uint8_t **jval, size_t *jlen)
+{
+    uint8_t key[BATCH_KEY_MAX];
+    size_t klen, full = 0;
+    int rc;
+
+    *jval = NULL;
+    *jlen = 0;
+    if (shard_join_key(k->j, val, vlen, key, &klen) != 0)
+        return 0;
+    if (!k->jbuf && !(k->jbuf = malloc(SHARD_READ_VALUE_MAX)))
+        return -ENOMEM;
+    rc = shard_get(k->s, key, klen, 0, k->jbuf, SHARD_READ_VALUE_MAX, &full);
+    if (rc == -ENOENT)
+        return 0;
+    if (rc < 0)
+        return rc;
+    if (full > SHARD_READ_VALUE_MAX)
+        return -EIO; /* joins name small records (inodes) */
+    *jval = k->jbuf;
+    *jlen = (size_t)rc;
+    return 0;
+}
+
+/* The next record of a reply to k: wire_scan_reply_next's result. */
+static int sink_next(struct scan_sink *k, const struct request *q, size_t *pos,
+                     const uint8_t **key, size_t *klen, const uint8_t **val, size_t *vlen,
+                     const uint8_t **jval, size_t *jlen)
+{
+    *jval = NULL;
+    *jlen = 0;
+    if (k->j && q->join.set && strcmp(q->join.v, "1") == 0)
+        return wire_scan_join_reply_next(q->reply, q->reply_len, pos, key, klen, val, vlen, jval,
+                                         jlen);
+    return wire_scan_reply_next(q->reply, q->reply_len, pos, key, klen, val, vlen);
+}
+
+static int sink_deliver(struct scan_sink *k, const struct request *q, const uint8_t *key,
+                        size_t klen, const uint8_t *val, size_t vlen, const uint8_t *jval,
+                        size_t jlen)
+{
+    int rc;
+
+    if (!k->j)
+        return k->fn(k->ctx, key, klen, val, vlen);
+    if (!(q->join.set && strcmp(q->join.v, "1") == 0)) {
+        rc = join_by_get(k, val, vlen, &jval, &jlen);
+        if (rc)
+            return rc;
+    }
+    return k->jfn(k->ctx, key, klen, val, vlen, jval, jlen);
+}
+
+/* Hand the records of one scan reply (for a scan from `from`) to k. On 0,
  * *nlen says where the next page starts: next[0..*nlen), or 0 when the scan
  * is complete. Otherwise fn's return (1: stopped) or -errno. */
 static int scan_page(const struct request *q, const uint8_t *from, size_t flen, const void *end,
-                     size_t elen, shard_scan_fn fn, void *ctx, uint8_t next[BATCH_KEY_MAX],
-                     int *nlen)
+                     size_t elen, struct scan_sink *k, uint8_t next[BATCH_KEY_MAX], int *nlen)
 {
-    const uint8_t *key, *val, *last = NULL;
-    size_t klen, vlen, lastlen = 0, pos = 0;
+    const uint8_t *key, *val, *jval, *last = NULL;
+    size_t klen, vlen, jlen, lastlen = 0, pos = 0;
     int more = q->more.set && strcmp(q->more.v, "1") == 0, n, rc = 0;
 
     *nlen = 0;
     if (q->status != 200)
         return -EIO;
-    while ((n = wire_scan_reply_next(q->reply, q->reply_len, &pos, &key, &klen, &val, &vlen)) !=
-           0) {
+    while ((n = sink_next(k, q, &pos, &key, &klen, &val, &vlen, &jval, &jlen)) != 0) {
         /* Keys must come in order and from `from` on: a server that went
          * back could make us page forever. And before `end`: callers size
          * what they take from a key by the range they asked for. */
@@ -1113,7 +1221,7 @@ static int scan_page(const struct request *q, const uint8_t *from, size_t flen, 
             return -EIO;
         last = key;
         lastlen = klen;
-        rc = fn(ctx, key, klen, val, vlen);
+        rc = sink_deliver(k, q, key, klen, val, vlen, jval, jlen);
         if (rc)
             return rc;
     }
@@ -1133,7 +1241,7 @@ static int scan_page(const struct request *q, const uint8_t *from, size_t flen, 
  * of a page is fully received (and its handle back in the pool) before fn
  * sees its first record. */
 static int scan_pages(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
-                      unsigned limit, shard_scan_fn fn, void *ctx)
+                      unsigned limit, struct scan_sink *k)
 {
     struct shard_remote *sr = to_remote(s);
     uint8_t next[BATCH_KEY_MAX], from[BATCH_KEY_MAX];
@@ -1144,16 +1252,17 @@ static int scan_pages(struct shard *s, const void *start, size_t slen, const voi
         return -EINVAL;
     if (slen)
         memcpy(from, start, slen);
+    k->s = s;
     for (;;) {
         struct request q;
         uint8_t *body = NULL;
 
-        rc = scan_request(&q, &body, s->index, start ? from : NULL, flen, end, elen, limit);
+        rc = scan_request(&q, &body, s->index, start ? from : NULL, flen, end, elen, limit, k);
         if (rc == 0)
             rc = remote_call(sr->r, (int)s->index, 0, &q);
         free(body);
         if (rc == 0)
-            rc = scan_page(&q, start ? from : NULL, flen, end, elen, fn, ctx, next, &nlen);
+            rc = scan_page(&q, start ? from : NULL, flen, end, elen, k, next, &nlen);
         request_free(&q);
         if (rc || nlen == 0)
             return rc;
@@ -1166,11 +1275,29 @@ static int scan_pages(struct shard *s, const void *start, size_t slen, const voi
 
 /* The first page asks for REMOTE_SCAN_FIRST_LIMIT records: many scans stop
  * early ("is this directory empty?"). */
+static int sink_scan(struct shard *s, const void *start, size_t slen, const void *end,
+                     size_t elen, struct scan_sink *k)
+{
+    return scan_pages(s, start, slen, end ? end : NULL, end ? elen : 0, REMOTE_SCAN_FIRST_LIMIT,
+                      k);
+}
+
 static int remote_scan(struct shard *s, const void *start, size_t slen, const void *end,
                        size_t elen, shard_scan_fn fn, void *ctx)
 {
-    return scan_pages(s, start, slen, end ? end : NULL, end ? elen : 0, REMOTE_SCAN_FIRST_LIMIT, fn,
-                      ctx);
+    struct scan_sink k = {.fn = fn, .ctx = ctx};
+
+    return sink_scan(s, start, slen, end, elen, &k);
+}
+
+static int remote_scan_join(struct shard *s, const void *start, size_t slen, const void *end,
+                            size_t elen, const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    struct scan_sink k = {.j = j, .jfn = fn, .ctx = ctx};
+    int rc = sink_scan(s, start, slen, end, elen, &k);
+
+    free(k.jbuf);
+    return rc;
 }
 
 /* ---- fan-out: the first page of many scans at once ---- */
@@ -1178,6 +1305,7 @@ static int remote_scan(struct shard *s, const void *start, size_t slen, const vo
 /* One shard of a shard_scan_many(). */
 struct fan {
     struct shard *s;
+    struct shard *orig; /* the shard as given (a failover switch: s is its remote) */
     struct remote *r; /* NULL: a local shard */
     struct request q;
     uint8_t *body;
@@ -1189,20 +1317,15 @@ struct fan {
     int down; /* not sent: the node is known to be down */
 };
 
-/* Start f's first page on multi handle m. 0, or -errno (then the shard
- * is scanned the ordinary way later). */
-static int fan_start(CURLM *m, struct fan *f, const void *start, size_t slen, const void *end,
-                     size_t elen)
+/* Send f's request (f->q, made) on multi handle m. 0, or -errno (then
+ * the op is done the ordinary way later). */
+static int fan_send(CURLM *m, struct fan *f)
 {
     struct remote *r = f->r;
     char base[CONFIG_URL_MAX + 1];
     uint64_t epoch;
-    int rc =
-        scan_request(&f->q, &f->body, f->s->index, start, slen, end, elen, REMOTE_SCAN_FIRST_LIMIT);
     int gate;
 
-    if (rc)
-        return rc;
     pthread_mutex_lock(&r->lock);
     snprintf(base, sizeof(base), "%s", r->owner[f->s->index]);
     epoch = r->epoch;
@@ -1228,6 +1351,16 @@ static int fan_start(CURLM *m, struct fan *f, const void *start, size_t slen, co
     return 0;
 }
 
+/* Start f's first page on multi handle m: fan_send's result. */
+static int fan_start(CURLM *m, struct fan *f, const void *start, size_t slen, const void *end,
+                     size_t elen, const struct scan_sink *k)
+{
+    int rc = scan_request(&f->q, &f->body, f->s->index, start, slen, end, elen,
+                          REMOTE_SCAN_FIRST_LIMIT, k);
+
+    return rc ? rc : fan_send(m, f);
+}
+
 /* Drive m until every transfer is done; each bounds itself (timeout_ms). */
 static void fan_run(CURLM *m)
 {
@@ -1250,56 +1383,21 @@ static void fan_run(CURLM *m)
     }
 }
 
-/* Hand f's records to fn: from its parallel first page if that worked, else
- * by an ordinary scan (which follows redirects and retries). */
-static int fan_deliver(struct fan *f, const void *start, size_t slen, const void *end, size_t elen,
-                       shard_scan_fn fn, void *ctx)
+/* A local shard's records for k. */
+static int local_deliver(struct shard *s, const void *start, size_t slen, const void *end,
+                         size_t elen, const struct scan_sink *k)
 {
-    uint8_t next[BATCH_KEY_MAX];
-    int nlen, rc;
-
-    if (!f->r)
-        return shard_scan(f->s, start, slen, end, elen, fn, ctx);
-    if (f->down)
-        return -EHOSTUNREACH;
-    /* A node that did not answer within the bound is not asked again: the
-     * caller would wait twice the bound. */
-    if (f->cc == CURLE_OPERATION_TIMEDOUT || f->cc == CURLE_COULDNT_CONNECT)
-        return remote_errno_of_curl(f->cc, &f->q);
-    if (f->cc != CURLE_OK || f->q.status != 200)
-        return remote_scan(f->s, start, slen, end, elen, fn, ctx);
-    rc = scan_page(&f->q, start, slen, end, elen, fn, ctx, next, &nlen);
-    if (rc || nlen == 0)
-        return rc;
-    return scan_pages(f->s, next, (size_t)nlen, end, elen, REMOTE_SCAN_FIRST_LIMIT * 4, fn, ctx);
+    if (k->j)
+        return shard_scan_join(s, start, slen, end, elen, k->j, k->jfn, k->ctx);
+    return shard_scan(s, start, slen, end, elen, k->fn, k->ctx);
 }
 
-int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
-                    const void *end, size_t elen, shard_scan_fn fn, void *ctx)
+/* Run m's transfers to their end, note each node's health and put every
+ * handle back in its pool. */
+static void fan_collect(CURLM *m, struct fan *fans, unsigned n)
 {
-    struct fan *fans;
-    CURLM *m;
-    int rc = 0;
-
-    if (shard_nowait_refuse())
-        return -EWOULDBLOCK; /* scans and round trips wait (shard.h) */
-    fans = calloc(n ? n : 1, sizeof(*fans));
-    m = curl_multi_init();
-    if (!end)
-        elen = 0;
-    for (unsigned i = 0; fans && i < n; i++) {
-        fans[i].s = shards[i];
-        fans[i].cc = CURLE_FAILED_INIT; /* "not done in parallel" until it is */
-        fans[i].node = -1;
-        if (shards[i]->ops == &shard_remote_ops) {
-            fans[i].r = to_remote(shards[i])->r;
-            if (m)
-                fan_start(m, &fans[i], start, slen, end, elen);
-        }
-    }
-    if (m && fans)
-        fan_run(m);
-    for (unsigned i = 0; fans && i < n; i++) {
+    fan_run(m);
+    for (unsigned i = 0; i < n; i++) {
         struct fan *f = &fans[i];
         if (f->running) {
             int64_t budget = f->r->timeout_ms;
@@ -1309,24 +1407,213 @@ int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, 
             if (f->q.connect_max_ms > 0 && f->q.connect_max_ms < budget)
                 budget = f->q.connect_max_ms;
             health_note(f->r, f->node, f->cc, &f->q, budget);
+            f->running = 0;
         }
         if (f->c)
             pool_put(f->r, f->c);
+        f->c = NULL;
         free(f->body);
         f->body = NULL;
     }
+}
+
+/* 1 if f's node is down or did not answer (timeout, refused): without the
+ * map to follow (remote_owner_set) it is not asked again, since the caller
+ * would wait twice the bound. */
+static int fan_node_failed(const struct fan *f)
+{
+    return f->down || f->cc == CURLE_OPERATION_TIMEDOUT || f->cc == CURLE_COULDNT_CONNECT;
+}
+
+static int remote_follows(struct remote *r)
+{
+    int follow;
+
+    pthread_mutex_lock(&r->lock);
+    follow = r->follow;
+    pthread_mutex_unlock(&r->lock);
+    return follow;
+}
+
+/* Hand f's records to k: from its parallel first page if that worked, else
+ * by an ordinary scan (which follows redirects and retries). */
+static int fan_deliver(struct fan *f, const void *start, size_t slen, const void *end, size_t elen,
+                       struct scan_sink *k)
+{
+    uint8_t next[BATCH_KEY_MAX];
+    int nlen, rc;
+
+    if (!f->r)
+        return local_deliver(f->s, start, slen, end, elen, k);
+    if (fan_node_failed(f)) {
+        /* Following the map, the ordinary way waits for a new owner. */
+        if (remote_follows(f->r))
+            return local_deliver(f->orig, start, slen, end, elen, k);
+        return f->down ? -EHOSTUNREACH : remote_errno_of_curl(f->cc, &f->q);
+    }
+    if (f->cc != CURLE_OK || f->q.status != 200)
+        return sink_scan(f->s, start, slen, end, elen, k);
+    k->s = f->s;
+    rc = scan_page(&f->q, start, slen, end, elen, k, next, &nlen);
+    if (rc || nlen == 0)
+        return rc;
+    return scan_pages(f->s, next, (size_t)nlen, end, elen, REMOTE_SCAN_FIRST_LIMIT * 4, k);
+}
+
+/* The remote shard behind s when an op on s goes there now (a failover
+ * switch in the replica role, shard.h's remote_now), else s itself. */
+static struct shard *fan_target(struct shard *s)
+{
+    struct shard *t = s->ops->remote_now ? s->ops->remote_now(s) : NULL;
+
+    return t ? t : s;
+}
+
+/* The remote of the first of shards that is remote now, or NULL. */
+static struct remote *fan_remote(struct shard *const *shards, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        struct shard *t = fan_target(shards[i]);
+
+        if (t->ops == &shard_remote_ops)
+            return to_remote(t)->r;
+    }
+    return NULL;
+}
+
+static int scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
+                     const void *end, size_t elen, struct scan_sink *k)
+{
+    struct fan *fans;
+    CURLM *m;
+    int rc = 0;
+
+    struct remote *mr = NULL; /* the multi handle's pool */
+
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* scans and round trips wait (shard.h) */
+    fans = calloc(n ? n : 1, sizeof(*fans));
+    mr = fan_remote(shards, n);
+    m = mr ? multi_take(mr) : NULL;
+    if (!end)
+        elen = 0;
+    for (unsigned i = 0; fans && i < n; i++) {
+        struct shard *t = fan_target(shards[i]);
+
+        fans[i].s = fans[i].orig = shards[i];
+        fans[i].cc = CURLE_FAILED_INIT; /* "not done in parallel" until it is */
+        fans[i].node = -1;
+        if (t->ops == &shard_remote_ops) {
+            fans[i].s = t;
+            fans[i].r = to_remote(t)->r;
+            if (m)
+                fan_start(m, &fans[i], start, slen, end, elen, k);
+        }
+    }
+    if (m && fans)
+        fan_collect(m, fans, n);
     /* Every handle is back in its pool before fn runs: fn may do I/O. */
     for (unsigned i = 0; fans && i < n && rc == 0; i++)
-        rc = fan_deliver(&fans[i], start, slen, end, elen, fn, ctx);
+        rc = fan_deliver(&fans[i], start, slen, end, elen, k);
     for (unsigned i = 0; fans && i < n; i++)
         request_free(&fans[i].q);
     if (!fans)
         for (unsigned i = 0; i < n && rc == 0; i++)
-            rc = shard_scan(shards[i], start, slen, end, elen, fn, ctx);
-    if (m)
-        curl_multi_cleanup(m);
+            rc = local_deliver(shards[i], start, slen, end, elen, k);
+    multi_put(mr, m);
     free(fans);
+    free(k->jbuf);
+    k->jbuf = NULL;
     return rc < 0 ? rc : 0;
+}
+
+int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
+                    const void *end, size_t elen, shard_scan_fn fn, void *ctx)
+{
+    struct scan_sink k = {.fn = fn, .ctx = ctx};
+
+    return scan_many(shards, n, start, slen, end, elen, &k);
+}
+
+int shard_scan_many_join(struct shard *const *shards, unsigned n, const void *start, size_t slen,
+                         const void *end, size_t elen, const struct shard_join *j,
+                         shard_join_fn fn, void *ctx)
+{
+    struct scan_sink k = {.j = j, .jfn = fn, .ctx = ctx};
+
+    if (shard_join_check(j) != 0)
+        return -EINVAL;
+    return scan_many(shards, n, start, slen, end, elen, &k);
+}
+
+/* A getv request for r[0..n) (checked by the caller), its body in *body
+ * (the caller frees it). 0 or -errno. */
+static int getv_request(struct request *q, uint8_t **body, unsigned index,
+                        const struct shard_read *r, unsigned n)
+{
+    size_t cap = 0;
+
+    *q = (struct request){.method = "POST", .idempotent = 1, .keep_body = 1};
+    for (unsigned i = 0; i < n; i++)
+        cap += 12 + r[i].buflen;
+    q->reply_max = cap;
+    q->body_len = wire_getv_request_size(r, n);
+    if (!(*body = malloc(q->body_len)))
+        return -ENOMEM;
+    wire_getv_request_encode(*body, r, n);
+    q->body = *body;
+    return shard_path(q, index, WIRE_OP_GETV, NULL);
+}
+
+int shard_get_many_fan(struct shard_reads *g, unsigned n)
+{
+    struct fan *fans;
+    CURLM *m;
+
+    struct shard *first[1] = {NULL};
+    struct remote *mr = NULL;
+
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK; /* round trips wait (shard.h) */
+    fans = calloc(n ? n : 1, sizeof(*fans));
+    for (unsigned i = 0; i < n && !mr; i++) {
+        first[0] = g[i].s;
+        mr = fan_remote(first, 1);
+    }
+    m = mr ? multi_take(mr) : NULL;
+    for (unsigned i = 0; fans && m && i < n; i++) {
+        struct shard *t = fan_target(g[i].s);
+        struct fan *f = &fans[i];
+
+        f->cc = CURLE_FAILED_INIT;
+        f->node = -1;
+        g[i].rc = shard_reads_check(g[i].r, g[i].n);
+        if (g[i].rc || t->ops != &shard_remote_ops)
+            continue;
+        f->s = t;
+        f->r = to_remote(t)->r;
+        if (getv_request(&f->q, &f->body, t->index, g[i].r, g[i].n) == 0)
+            fan_send(m, f);
+    }
+    if (m && fans)
+        fan_collect(m, fans, n);
+    for (unsigned i = 0; i < n; i++) {
+        struct fan *f = fans ? &fans[i] : NULL;
+
+        if (f && f->r && f->cc == CURLE_OK && f->q.status == 200)
+            g[i].rc = wire_getv_reply_decode(f->q.reply, f->q.reply_len, g[i].r, g[i].n) == 0
+                          ? 0
+                          : -EIO;
+        else if (f && f->r && fan_node_failed(f) && !remote_follows(f->r))
+            g[i].rc = f->down ? -EHOSTUNREACH : remote_errno_of_curl(f->cc, &f->q);
+        else if (!(f && f->r && g[i].rc))
+            g[i].rc = shard_get_many(g[i].s, g[i].r, g[i].n); /* local, or the ordinary way */
+        if (f)
+            request_free(&f->q);
+    }
+    multi_put(mr, m);
+    free(fans);
+    return 0;
 }
 
 /* The reads in one getv request; the reply is at most every value asked for
@@ -1437,6 +1724,7 @@ static const struct shard_ops shard_remote_ops = {
     .get = remote_get,
     .get_many = remote_get_many,
     .scan = remote_scan,
+    .scan_join = remote_scan_join,
     .apply = remote_apply,
     .sync = remote_sync,
     .stat = remote_stat,
@@ -1497,6 +1785,8 @@ void remote_free(struct remote *r)
         curl_easy_cleanup(c->curl);
         free(c);
     }
+    while (r->multi_count)
+        curl_multi_cleanup(r->multi_idle[--r->multi_count]);
     while (r->urls) {
         struct remote_url *u = r->urls;
         r->urls = u->next;

@@ -47,11 +47,30 @@ int shard_remote_open(struct remote *r, unsigned index, struct shard **out);
  * is one round trip, not one per shard; a shard whose parallel request
  * failed in any way (a redirect, a timeout, a 503) is scanned again the
  * ordinary way, which follows redirects and retries. Other shards (LMDB)
- * are scanned directly. fn runs on the calling thread, shard after shard in
+ * are scanned directly; a failover switch (shard.h, remote_now) that routes
+ * to a remote shard now counts as that remote shard. fn runs on the calling thread, shard after shard in
  * the order given, never while a request of this call is in flight. Returns
  * 0 (also when fn stopped it with 1) or the first -errno. */
 int shard_scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
                     const void *end, size_t elen, shard_scan_fn fn, void *ctx);
+/* The same with a join (shard.h, shard_scan_join): each remote shard's first
+ * page, records and joined values, in one round trip, all at once. */
+int shard_scan_many_join(struct shard *const *shards, unsigned n, const void *start, size_t slen,
+                         const void *end, size_t elen, const struct shard_join *j,
+                         shard_join_fn fn, void *ctx);
+
+/* One shard's reads of shard_get_many_fan(): rc is shard_get_many()'s. */
+struct shard_reads {
+    struct shard *s;
+    struct shard_read *r;
+    unsigned n;
+    int rc; /* out */
+};
+/* shard_get_many() on several shards, the remote ones all at once (one
+ * round trip in all, as shard_scan_many); one whose parallel request failed
+ * in any way but a dead node is done again the ordinary way. Each g[i].rc
+ * is set; returns 0, or -EWOULDBLOCK in no-waiting mode. */
+int shard_get_many_fan(struct shard_reads *g, unsigned n);
 
 /* The URL currently believed to own shard index (after redirects); valid
  * until remote_free(). */

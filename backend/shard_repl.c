@@ -196,6 +196,14 @@ static int repl_scan(struct shard *s, const void *start, size_t slen, const void
     return shard_scan(repl_of(s)->inner, start, slen, end, elen, fn, ctx);
 }
 
+static int repl_scan_join(struct shard *s, const void *start, size_t slen, const void *end,
+                          size_t elen, const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    if (moved(repl_of(s)))
+        return -EREMCHG;
+    return shard_scan_join(repl_of(s)->inner, start, slen, end, elen, j, fn, ctx);
+}
+
 static int repl_get_many(struct shard *s, struct shard_read *r, unsigned n)
 {
     if (moved(repl_of(s)))
@@ -736,6 +744,7 @@ void shard_repl_free(struct shard *s)
 static const struct shard_ops repl_ops = {
     .get = repl_get,
     .scan = repl_scan,
+    .scan_join = repl_scan_join,
     .apply = repl_apply,
     .sync = repl_sync,
     .get_many = repl_get_many,

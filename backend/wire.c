@@ -622,6 +622,102 @@ void wire_scan_record_encode(uint8_t *out, const void *key, size_t klen, const v
     put_lv(put_lv(out, key, klen), val, vlen);
 }
 
+/* ---- joined scans ---- */
+
+int wire_scan_join_reply_next(const uint8_t *buf, size_t len, size_t *pos, const uint8_t **key,
+                              size_t *klen, const uint8_t **val, size_t *vlen,
+                              const uint8_t **jval, size_t *jlen)
+{
+    size_t p = *pos;
+    uint32_t jl;
+    int rc = wire_scan_reply_next(buf, len, &p, key, klen, val, vlen);
+
+    if (rc <= 0)
+        return rc;
+    if (len - p < 4)
+        return -EINVAL;
+    jl = (uint32_t)endian_get_le(buf + p, 4);
+    p += 4;
+    if (jl == WIRE_JOIN_ABSENT) {
+        *jval = NULL;
+        *jlen = 0;
+    } else {
+        if (jl > BATCH_VALUE_MAX || jl > len - p)
+            return -EINVAL;
+        *jval = buf + p;
+        *jlen = jl;
+        p += jl;
+    }
+    *pos = p;
+    return 1;
+}
+
+size_t wire_scan_join_record_size(size_t klen, size_t vlen, size_t jlen)
+{
+    return wire_scan_record_size(klen, vlen) + 4 + jlen;
+}
+
+void wire_scan_join_record_encode(uint8_t *out, const void *key, size_t klen, const void *val,
+                                  size_t vlen, const void *jval, size_t jlen)
+{
+    out = put_lv(put_lv(out, key, klen), val, vlen);
+    if (jval)
+        put_lv(out, jval, jlen);
+    else
+        endian_put_le(out, WIRE_JOIN_ABSENT, 4);
+}
+
+int wire_join_query(char *out, size_t cap, const struct shard_join *j)
+{
+    static const char hexd[] = "0123456789abcdef";
+    char hex[2 * SHARD_JOIN_PREFIX_MAX + 1];
+    int n;
+
+    if (shard_join_check(j) != 0)
+        return -EINVAL;
+    for (size_t i = 0; i < j->plen; i++) {
+        hex[2 * i] = hexd[j->prefix[i] >> 4];
+        hex[2 * i + 1] = hexd[j->prefix[i] & 15];
+    }
+    hex[2 * j->plen] = 0;
+    n = snprintf(out, cap, "join=%s&link=%zu", hex, j->link);
+    return n < 0 || (size_t)n >= cap ? -EINVAL : 0;
+}
+
+static int hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+int wire_join_parse(const char *hex, const char *link, uint8_t prefix[SHARD_JOIN_PREFIX_MAX],
+                    struct shard_join *j)
+{
+    size_t n = strlen(hex);
+    char *endp;
+    unsigned long long l;
+
+    if (n == 0 || n % 2 || n > 2 * SHARD_JOIN_PREFIX_MAX)
+        return -EINVAL;
+    for (size_t i = 0; i < n / 2; i++) {
+        int hi = hex_digit(hex[2 * i]), lo = hex_digit(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0)
+            return -EINVAL;
+        prefix[i] = (uint8_t)(hi << 4 | lo);
+    }
+    if (link[0] < '0' || link[0] > '9')
+        return -EINVAL;
+    errno = 0;
+    l = strtoull(link, &endp, 10);
+    if (errno || *endp || l > BATCH_KEY_MAX)
+        return -EINVAL;
+    *j = (struct shard_join){.prefix = prefix, .plen = n / 2, .link = (size_t)l};
+    return shard_join_check(j);
+}
+
 /* ---- status <-> errno: the one table ---- */
 
 static const struct {

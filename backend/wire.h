@@ -14,6 +14,16 @@
  *            it may reach one value's size): the client continues from the
  *            next possible key: the last key + "\0", or for a 511-byte key its
  *            last byte incremented with carry
+ *   POST /v1/shard/N/scan?limit=K&join=HEX&link=L   (a scan with a join)
+ *        the same, and each record's value names a second key of the shard:
+ *        the bytes HEX (1..SHARD_JOIN_PREFIX_MAX, lowercase hex) followed
+ *        by the value's first L bytes (shard.h, struct shard_join: a
+ *        directory entry names its inode). A node that did the join says
+ *        X-Shardfs-Join: 1, and each record of its reply is followed by
+ *        u32le jlen and the joined key's value, read as of the same moment
+ *        (jlen 0xffffffff: no such key, or a value shorter than L); without
+ *        that header (a node that predates joins) the reply is a plain one
+ *        and the client reads the joined keys itself
  *   POST /v1/shard/N/getv              body: 1..SHARD_READS_MAX reads, each
  *            u32le klen, key, u32le link, u32le buflen (shard.h's shard_read)
  *        200 body: per read u32le errno (0, ENOENT, EINVAL), u32le vlen,
@@ -159,6 +169,7 @@
 #define WIRE_HDR_DIGEST "X-Shardfs-Digest"
 #define WIRE_HDR_VLEN "X-Shardfs-Vlen"
 #define WIRE_HDR_MORE "X-Shardfs-More"
+#define WIRE_HDR_JOIN "X-Shardfs-Join"
 #define WIRE_HDR_ERRNO "X-Shardfs-Errno"
 #define WIRE_HDR_POSITION "X-Shardfs-Position" /* "E/L/C" */
 #define WIRE_HDR_SYNC "X-Shardfs-Sync"
@@ -260,6 +271,24 @@ int wire_scan_reply_next(const uint8_t *buf, size_t len, size_t *pos, const uint
 size_t wire_scan_record_size(size_t klen, size_t vlen);
 void wire_scan_record_encode(uint8_t *out, const void *key, size_t klen, const void *val,
                              size_t vlen);
+
+/* A joined scan's reply records (wire protocol above): the same walk, plus
+ * the joined value (*jval NULL and *jlen 0 when absent). */
+#define WIRE_JOIN_ABSENT 0xffffffffu
+int wire_scan_join_reply_next(const uint8_t *buf, size_t len, size_t *pos, const uint8_t **key,
+                              size_t *klen, const uint8_t **val, size_t *vlen,
+                              const uint8_t **jval, size_t *jlen);
+size_t wire_scan_join_record_size(size_t klen, size_t vlen, size_t jlen);
+/* jval NULL: absent. */
+void wire_scan_join_record_encode(uint8_t *out, const void *key, size_t klen, const void *val,
+                                  size_t vlen, const void *jval, size_t jlen);
+/* The query arguments of a join ("join=HEX&link=L") into out: 0, or -EINVAL
+ * when j is bad or out too small. */
+int wire_join_query(char *out, size_t cap, const struct shard_join *j);
+/* A join from its query arguments (hex, and link as a decimal string): 0
+ * with j->prefix pointing into prefix, or -EINVAL. */
+int wire_join_parse(const char *hex, const char *link, uint8_t prefix[SHARD_JOIN_PREFIX_MAX],
+                    struct shard_join *j);
 
 /* getv request body. Each read takes WIRE_GETV_READ_HDR bytes plus its key,
  * so a list that shard_reads_check() accepts encodes into at most

@@ -193,6 +193,27 @@ static int sw_scan(struct shard *s, const void *start, size_t slen, const void *
     return rc;
 }
 
+static int sw_scan_join(struct shard *s, const void *start, size_t slen, const void *end,
+                        size_t elen, const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    int rc;
+
+    SW_RUN(s, shard_scan_join(t, start, slen, end, elen, j, fn, ctx));
+    return rc;
+}
+
+/* The remote shard while ops go there (no count to keep), else NULL. */
+static struct shard *sw_remote_now(struct shard *s)
+{
+    struct fo_shard *f = sw_of(s);
+    struct shard *t;
+    int local;
+
+    t = sw_enter(f, &local);
+    sw_leave(f, local);
+    return local ? NULL : t;
+}
+
 static int sw_apply(struct shard *s, const struct batch *b)
 {
     int rc;
@@ -246,6 +267,8 @@ static void sw_close(struct shard *s)
 static const struct shard_ops switch_ops = {
     .get = sw_get,
     .scan = sw_scan,
+    .scan_join = sw_scan_join,
+    .remote_now = sw_remote_now,
     .apply = sw_apply,
     .sync = sw_sync,
     .get_many = sw_get_many,

@@ -56,6 +56,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/fs.h>
 #include <pthread.h>
 #include <signal.h>
@@ -168,14 +169,22 @@ struct dir_entry {
     struct ino_id id;
     uint8_t dtype;
     uint8_t nlen;
+    uint8_t has_attr;           /* attr came with the listing (readdirplus) */
     char name[RECORD_NAME_MAX + 1];
+    struct stat attr;
 };
+
+/* How long attributes read with a listing may stand in for a fresh read in
+ * the readdirplus replies that follow it (the rest of a long listing reads
+ * each inode again, as a lookup would). */
+#define DIR_ATTR_FRESH_MS 1000u
 
 struct dir_handle {
     struct opened o;
     struct dir_entry *ents;
     size_t n, cap;
     int loaded;
+    uint64_t loaded_ms;         /* monotonic_ms() of the load */
     uint64_t parent_ino; /* st_ino of ".." (0 would hide it from readdir(3)) */
 };
 
@@ -1198,42 +1207,140 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     }
 }
 
-static int dir_collect(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
-                       uint8_t dtype)
+/* The next entry slot of d, or NULL (out of memory). */
+static struct dir_entry *dir_slot(struct dir_handle *d)
 {
-    struct dir_handle *d = ctx;
-
-    if (nlen > RECORD_NAME_MAX)
-        return 0;
     if (d->n == d->cap) {
         size_t cap = d->cap ? d->cap * 2 : 64;
         struct dir_entry *e = realloc(d->ents, cap * sizeof(*e));
         if (!e)
-            return -ENOMEM;
+            return NULL;
         d->ents = e;
         d->cap = cap;
     }
-    struct dir_entry *e = &d->ents[d->n++];
+    return &d->ents[d->n++];
+}
+
+static int dir_collect_plus(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
+                            uint8_t dtype, const struct inode *ino)
+{
+    struct dir_handle *d = ctx;
+    struct dir_entry *e;
+
+    if (nlen > RECORD_NAME_MAX)
+        return 0;
+    if (!(e = dir_slot(d)))
+        return -ENOMEM;
     e->id = *id;
     e->dtype = dtype;
     e->nlen = (uint8_t)nlen;
     memcpy(e->name, name, nlen);
     e->name[nlen] = 0;
+    e->has_attr = ino != NULL;
+    if (ino)
+        attr_fill(&e->attr, ino);
     return 0;
 }
 
-static int dir_load(struct fs *fs, struct dir_handle *d, const struct ino_id *dir)
+static int dir_collect(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
+                       uint8_t dtype)
+{
+    return dir_collect_plus(ctx, name, nlen, id, dtype, NULL);
+}
+
+struct dir_attrs {
+    struct dir_handle *d;
+    size_t *at; /* the entry of each id asked for */
+};
+
+static void dir_attr_one(void *ctx, unsigned i, const struct inode *ino)
+{
+    struct dir_attrs *a = ctx;
+    struct dir_entry *e = &a->d->ents[a->at[i]];
+
+    attr_fill(&e->attr, ino);
+    e->has_attr = 1;
+}
+
+/* The attributes of the entries whose inode did not come with the listing
+ * (files renamed since they were made: every file rsync copies), read in
+ * one round trip per shard for every 128 (ns_getattr_many). What fails here
+ * is read again entry by entry (dir_entry_param). */
+static void dir_attrs_fetch(struct fs *fs, struct dir_handle *d)
+{
+    struct ino_id *ids = NULL;
+    struct dir_attrs a = {.d = d};
+    size_t m = 0;
+
+    for (size_t i = 0; i < d->n; i++)
+        m += !d->ents[i].has_attr;
+    if (m == 0 || m > UINT_MAX || !(ids = malloc(m * sizeof(*ids))) ||
+        !(a.at = malloc(m * sizeof(*a.at))))
+        goto out;
+    m = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        if (d->ents[i].has_attr)
+            continue;
+        ids[m] = d->ents[i].id;
+        a.at[m++] = i;
+    }
+    (void)ns_getattr_many(fs->ns, ids, (unsigned)m, dir_attr_one, &a);
+out:
+    free(ids);
+    free(a.at);
+}
+
+/* Snapshot dir's entries into d; with plus, each entry's attributes too
+ * where they come along with the listing (ns_readdir_plus). */
+static int dir_load(struct fs *fs, struct dir_handle *d, const struct ino_id *dir, int plus)
 {
     struct inode self;
     int rc = ns_getattr(fs->ns, dir, &self);
 
     d->n = 0;
+    d->loaded_ms = monotonic_ms();
     if (rc == 0) {
         d->parent_ino = record_id_ino(record_id_is_root(dir) ? dir : &self.parent);
-        rc = ns_readdir(fs->ns, dir, dir_collect, d);
+        rc = plus ? ns_readdir_plus(fs->ns, dir, dir_collect_plus, d)
+                  : ns_readdir(fs->ns, dir, dir_collect, d);
     }
+    if (rc == 0 && plus)
+        dir_attrs_fetch(fs, d);
     d->loaded = rc == 0;
     return rc;
+}
+
+/* The readdirplus entry of de: its attributes from the listing while they
+ * are fresh, else read now. 0, 1 (gone since the snapshot: skip it) or
+ * -errno (a node that cannot be reached: the listing stops there with the
+ * error rather than leave the entry out). */
+static int dir_entry_param(struct fs *fs, struct dir_handle *d, const struct dir_entry *de,
+                           struct fuse_entry_param *e)
+{
+    struct inode child;
+    struct node *n;
+    int rc;
+
+    if (de->has_attr && monotonic_ms() - d->loaded_ms <= DIR_ATTR_FRESH_MS) {
+        if (!(n = node_ref(fs, &de->id, 0)))
+            return -ENOMEM;
+        memset(e, 0, sizeof(*e));
+        e->ino = nodeid_of(fs, n);
+        e->generation = 1;
+        e->attr = de->attr;
+        e->attr_timeout = attr_timeout_of(fs, de->attr.st_mode);
+        e->entry_timeout = fs->entry_timeout;
+        return 0;
+    }
+    rc = ns_getattr(fs->ns, &de->id, &child);
+    if (rc == -ENOENT || rc == -ESTALE)
+        return 1;
+    if (rc)
+        return rc;
+    if (!(n = node_ref(fs, &child.id, 0)))
+        return -ENOMEM;
+    entry_fill(fs, e, n, &child);
+    return 0;
 }
 
 /* Add "." and ".." (offsets 1 and 2), then the snapshot (offset 3 on). */
@@ -1252,7 +1359,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         return;
     }
     if (off == 0 || !d->loaded) {
-        rc = dir_load(fs, d, &dn->id);
+        rc = dir_load(fs, d, &dn->id, plus);
         if (rc)
             goto out;
     }
@@ -1286,17 +1393,14 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         need = fuse_add_direntry_plus(req, NULL, 0, name, NULL, 0);
         if (need > left)
             break;
-        struct dir_entry *de = &d->ents[i - 2];
-        struct inode child;
         struct fuse_entry_param e;
-        if (ns_getattr(fs->ns, &de->id, &child) != 0)
+        rc = dir_entry_param(fs, d, &d->ents[i - 2], &e);
+        if (rc == 1) {
+            rc = 0;
             continue; /* gone since the snapshot */
-        struct node *n = node_ref(fs, &child.id, 0);
-        if (!n) {
-            rc = -ENOMEM;
-            break;
         }
-        entry_fill(fs, &e, n, &child);
+        if (rc)
+            break;
         fuse_add_direntry_plus(req, p, left, name, &e, (off_t)i + 1);
         p += need, left -= need;
     }

@@ -622,6 +622,17 @@ static void guess_note(struct ns *ns, const struct inode *ino)
     unlock_inode(ns, &ino->id);
 }
 
+/* guess_note for a caller that may hold a shard's lock (a scan's callback):
+ * the order elsewhere is stripe, then shard, so the stripe is only tried; a
+ * guess is an optimisation and may be left out. */
+static void guess_offer(struct ns *ns, const struct inode *ino)
+{
+    if (!inode_is_remote(ns, &ino->id) || pthread_mutex_trylock(stripe_of(ns, &ino->id)) != 0)
+        return;
+    guess_set(ns, ino);
+    unlock_inode(ns, &ino->id);
+}
+
 /* 0 if every assertion in b holds on s now, else the error applying b would
  * give (-EAGAIN, -EEXIST) or a read error. For small values (entries). */
 static int batch_assertions_hold(struct shard *s, const struct batch *b)
@@ -1828,11 +1839,97 @@ static ssize_t read_chunks_scan(struct ns *ns, const struct ino_id *id, uint64_t
     return rc < 0 ? rc : (ssize_t)n;
 }
 
+/* Chunks a one-trip read (read_one_trip) takes besides the inode. */
+#define TRIP_CHUNKS (SHARD_READS_MAX - 1)
+
+/* A chunk of a one-trip read (read_one_trip), starting at byte cs of the
+ * file, read into r->buf (rc and len as read; direct: r->buf is buf's own
+ * place for it): its part of [off, off + n) into buf, zeros for a hole or
+ * past the end of its value. */
+static void trip_chunk_copy(const struct shard_read *r, int direct, uint64_t cs, uint64_t off,
+                            size_t n, uint8_t *buf)
+{
+    uint64_t from = cs > off ? cs : off;
+    uint64_t to = cs + RECORD_CHUNK < off + n ? cs + RECORD_CHUNK : off + n;
+    uint64_t have = r->rc == 0 ? cs + r->len : cs; /* bytes the value holds end here */
+
+    if (from >= to)
+        return;
+    if (!direct && from < (have < to ? have : to))
+        memcpy(buf + (from - off), (const uint8_t *)r->buf + (from - cs),
+               (size_t)((have < to ? have : to) - from));
+    if (have < to) {
+        uint64_t z = have > from ? have : from;
+        memset(buf + (z - off), 0, (size_t)(to - z));
+    }
+}
+
+/* ns_read of a file on another node in one round trip: its inode and the
+ * chunks of [off, off + size) in one getv, as of one moment. A chunk that
+ * lies wholly in the range is read straight into buf, the others (at most
+ * the first and the last) into a slot. The range spans at most TRIP_CHUNKS
+ * chunks (one_trip_fits). */
+static ssize_t read_one_trip(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size,
+                             uint8_t *buf)
+{
+    uint64_t first = off / RECORD_CHUNK, last = (off + size - 1) / RECORD_CHUNK;
+    unsigned nc = (unsigned)(last - first + 1);
+    struct shard_read r[SHARD_READS_MAX];
+    uint8_t ikey[RECORD_ID_KEY_LEN], ckey[TRIP_CHUNKS][RECORD_CHUNK_KEY_LEN];
+    uint8_t *slots = NULL, ival[RECORD_INODE_MAX];
+    unsigned direct = 0; /* bit i: chunk i read straight into buf */
+    struct inode ino;
+    size_t n;
+    int rc;
+
+    if (!(slots = malloc(2 * (size_t)RECORD_CHUNK)))
+        return -ENOMEM;
+    r[0] = (struct shard_read){.key = ikey, .klen = record_inode_key(ikey, id), .buf = ival,
+                               .buflen = sizeof(ival)};
+    for (unsigned i = 0; i < nc; i++) {
+        uint64_t cs = (first + i) * RECORD_CHUNK;
+        int whole = cs >= off && cs + RECORD_CHUNK <= off + size;
+
+        direct |= (unsigned)whole << i;
+        r[1 + i] = (struct shard_read){
+            .key = ckey[i], .klen = record_chunk_key(ckey[i], id, first + i),
+            .buf = whole ? buf + (cs - off) : slots + (i == 0 ? 0 : RECORD_CHUNK),
+            .buflen = RECORD_CHUNK};
+    }
+    rc = shard_get_many(inode_shard(ns, id), r, 1 + nc);
+    if (rc == 0 && r[0].rc)
+        rc = r[0].rc;
+    if (rc == 0 && r[0].vlen > sizeof(ival))
+        rc = -EIO;
+    if (rc == 0)
+        rc = record_inode_decode(ival, r[0].len, id, &ino);
+    if (rc)
+        goto out;
+    if (S_ISDIR(ino.mode) || off >= ino.size || ino.size <= RECORD_INLINE_MAX) {
+        rc = (int)ns_read_at(ns, &ino, off, size, buf); /* no chunk is read */
+        goto out;
+    }
+    n = (size_t)min_sz(size, ino.size - off);
+    for (unsigned i = 0; i < nc; i++)
+        trip_chunk_copy(&r[1 + i], (int)(direct >> i & 1), (first + i) * RECORD_CHUNK, off, n,
+                        buf);
+    rc = (int)n;
+out:
+    free(slots);
+    return rc;
+}
+
 ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
 {
     struct inode ino;
-    int rc = inode_get(ns, id, &ino);
+    int rc;
 
+    /* A file on another node: its inode and data in one round trip (two
+     * before: the inode, then the chunks), when one getv can carry them. */
+    if (size > 0 && inode_is_remote(ns, id) &&
+        (off + size - 1) / RECORD_CHUNK - off / RECORD_CHUNK < TRIP_CHUNKS)
+        return read_one_trip(ns, id, off, size, buf);
+    rc = inode_get(ns, id, &ino);
     return rc ? rc : ns_read_at(ns, &ino, off, size, buf);
 }
 
@@ -2083,6 +2180,136 @@ int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *c
 
     /* Entries are spread over every shard: ask them all at once. */
     return shard_scan_many(ns->shards, ns->nshards, start, sl, end, el, readdir_one, &rc);
+}
+
+struct readdir_plus_ctx {
+    struct ns *ns;
+    ns_direntplus_fn fn;
+    void *ctx;
+    struct inode ino; /* the joined inode, decoded */
+};
+
+/* A record of the joined scan: an entry, and the value of 'I' + its id on
+ * the entry's shard. That value is the inode only where the inode is placed
+ * on that shard (record.h); anywhere else it would be a stray copy. */
+static int readdir_plus_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
+                            const uint8_t *jv, size_t jl)
+{
+    struct readdir_plus_ctx *rc = ctx;
+    const struct inode *ino = NULL;
+    struct ino_id id;
+    uint8_t dtype;
+    uint64_t hash;
+
+    if (kl <= 1 + RECORD_ID_LEN || kl > RECORD_KEY_MAX || record_entry_decode(v, vl, &id, &dtype))
+        return 0; /* malformed: fsck's business (and no name is over RECORD_NAME_MAX) */
+    if (jv && record_placement(k, kl, &hash) == 0 &&
+        shard_at(rc->ns, hash) == inode_shard(rc->ns, &id) && jl <= RECORD_INODE_MAX &&
+        record_inode_decode(jv, jl, &id, &rc->ino) == 0) {
+        ino = &rc->ino;
+        guess_offer(rc->ns, ino);
+    }
+    return rc->fn(rc->ctx, (const char *)k + 1 + RECORD_ID_LEN, kl - 1 - RECORD_ID_LEN, &id,
+                  dtype, ino);
+}
+
+int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn, void *ctx)
+{
+    static const uint8_t inode_type = REC_INODE;
+    const struct shard_join join = {.prefix = &inode_type, .plen = 1, .link = RECORD_ID_LEN};
+    uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
+    size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
+    struct readdir_plus_ctx *rc = malloc(sizeof(*rc));
+    int err;
+
+    if (!rc)
+        return -ENOMEM;
+    *rc = (struct readdir_plus_ctx){.ns = ns, .fn = fn, .ctx = ctx};
+    err = shard_scan_many_join(ns->shards, ns->nshards, start, sl, end, el, &join,
+                               readdir_plus_one, rc);
+    free(rc);
+    return err;
+}
+
+/* ns_getattr_many reads at most this many inodes in one go (one round trip
+ * per shard, all at once): its buffers take about 4 KiB a read. */
+#define GETATTR_WINDOW 128u
+
+/* One read of a window: an inode's key and where its value lands. */
+struct getattr_slot {
+    uint8_t key[RECORD_ID_KEY_LEN];
+    uint8_t val[RECORD_INODE_MAX];
+};
+
+/* ids[at..at+n), n <= GETATTR_WINDOW: group the reads by shard, at most
+ * SHARD_READS_MAX a group, then read every group at once. */
+static int getattr_window(struct ns *ns, const struct ino_id *all, unsigned at, unsigned n,
+                          struct getattr_slot *slot, struct shard_read *r, struct shard_reads *g,
+                          unsigned *order, ns_inode_fn fn, void *ctx)
+{
+    const struct ino_id *ids = all + at;
+    unsigned ng = 0, k = 0;
+    int rc;
+
+    /* Sort the window's indices by shard (n is small: insertion). */
+    for (unsigned i = 0; i < n; i++) {
+        unsigned j = i;
+        uint64_t si = placement_shard_of(record_id_hash(&ids[i]), ns->nshards);
+
+        while (j > 0 && placement_shard_of(record_id_hash(&ids[order[j - 1]]), ns->nshards) > si) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = i;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        unsigned x = order[i];
+        struct shard *sh = inode_shard(ns, &ids[x]);
+
+        if (ng == 0 || g[ng - 1].s != sh || g[ng - 1].n == SHARD_READS_MAX)
+            g[ng++] = (struct shard_reads){.s = sh, .r = &r[k]};
+        r[k] = (struct shard_read){.key = slot[k].key,
+                                   .klen = record_inode_key(slot[k].key, &ids[x]),
+                                   .buf = slot[k].val,
+                                   .buflen = sizeof(slot[k].val)};
+        g[ng - 1].n++;
+        k++;
+    }
+    rc = shard_get_many_fan(g, ng);
+    for (unsigned gi = 0, i = 0; rc == 0 && gi < ng; gi++) {
+        for (unsigned j = 0; j < g[gi].n; j++, i++) {
+            struct shard_read *q = &g[gi].r[j];
+            struct inode ino;
+
+            if (g[gi].rc || q->rc || q->vlen > sizeof(slot[0].val) ||
+                record_inode_decode(q->buf, q->len, &ids[order[i]], &ino) != 0)
+                continue; /* gone, or unreadable now: the caller reads it again */
+            guess_note(ns, &ino);
+            fn(ctx, at + order[i], &ino);
+        }
+    }
+    return rc;
+}
+
+int ns_getattr_many(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inode_fn fn,
+                    void *ctx)
+{
+    struct getattr_slot *slot = malloc(GETATTR_WINDOW * sizeof(*slot));
+    struct shard_read *r = malloc(GETATTR_WINDOW * sizeof(*r));
+    struct shard_reads *g = malloc(GETATTR_WINDOW * sizeof(*g));
+    unsigned *order = malloc(GETATTR_WINDOW * sizeof(*order));
+    int rc = slot && r && g && order ? 0 : -ENOMEM;
+
+    for (unsigned at = 0; rc == 0 && at < n; at += GETATTR_WINDOW) {
+        unsigned w = n - at < GETATTR_WINDOW ? n - at : GETATTR_WINDOW;
+
+        rc = getattr_window(ns, ids, at, w, slot, r, g, order, fn, ctx);
+    }
+    free(slot);
+    free(r);
+    free(g);
+    free(order);
+    return rc;
 }
 
 /* ---- xattrs ---- */

@@ -202,6 +202,25 @@ ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const voi
 
 int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx);
 
+/* A directory entry with its inode when that came along: ino is NULL for an
+ * inode that lives on another shard than its entry (renamed since it was
+ * made) or was gone; the caller reads those itself. ino is borrowed. */
+typedef int (*ns_direntplus_fn)(void *ctx, const char *name, size_t nlen,
+                                const struct ino_id *id, uint8_t dtype,
+                                const struct inode *ino);
+/* ns_readdir with each entry's inode read on the entry's shard in the same
+ * scan: a listing with attributes (readdirplus) in one round trip per shard,
+ * every shard asked at once. */
+int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn, void *ctx);
+
+/* The inodes of ids[0..n): one round trip per shard for every 128 of them,
+ * every shard asked at once. fn gets (ctx, index in ids, inode) for each
+ * one read; one that is gone or could not be read is left out (read it
+ * alone for its error). 0, or -errno (-ENOMEM). */
+typedef void (*ns_inode_fn)(void *ctx, unsigned i, const struct inode *ino);
+int ns_getattr_many(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inode_fn fn,
+                    void *ctx);
+
 /* xattrs; flags are XATTR_CREATE / XATTR_REPLACE. get/list with size 0 return
  * the size needed; -ERANGE if size is too small. */
 int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,

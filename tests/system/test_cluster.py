@@ -13,6 +13,7 @@ sanitizer/assertion lines in any daemon stderr, and then runs
 import calendar
 import errno
 import hashlib
+import mmap
 import os
 import random
 import re
@@ -326,6 +327,130 @@ def test_open_sees_new_size_despite_cached_attributes(cluster):
     with open(f["c"], "rb") as fh:
         assert os.fstat(fh.fileno()).st_size == 5
     assert time.monotonic() - t0 < 1.0, "too slow to test the attribute cache"
+
+
+def _listing_attrs(d):
+    """{name: (type, mode, size, nlink, mtime_ns, ino)} of directory d, as a
+    listing gives them: os.scandir, then each entry's lstat, which the kernel
+    answers from what readdirplus brought (no lookup of its own)."""
+    out = {}
+    with os.scandir(d) as it:
+        for e in it:
+            st = e.stat(follow_symlinks=False)
+            out[e.name] = (e.is_dir(follow_symlinks=False), st.st_mode, st.st_size,
+                           st.st_nlink, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+@pytest.mark.timeout_s(90)
+def test_listing_attributes_across_nodes(cluster):
+    """A directory of files whose inodes live on their entry's shard (made in
+    place) and elsewhere (renamed, as rsync does), subdirectories, symlinks
+    and a hard link, made through b: a listing through a (readdirplus: the
+    entries' attributes come with the listing, one round trip per shard)
+    gives what stat gives through b, entry for entry. Then b changes modes,
+    sizes and names; once a's attribute cache has run out (cache_timeout 1 s)
+    a listing through a gives the new attributes, and ls -l through a and b
+    agree."""
+    d = {n: cluster.p(n, "lsdir") for n in NODES}
+    os.mkdir(d["b"])
+    for i in range(60):
+        name = "f%02d" % i
+        write_file(os.path.join(d["b"], name if i % 2 else ".tmp." + name), b"x" * (i * 37))
+        if i % 2 == 0:
+            os.rename(os.path.join(d["b"], ".tmp." + name), os.path.join(d["b"], name))
+        os.chmod(os.path.join(d["b"], name), 0o600 + (i % 8))
+    for i in range(6):
+        os.mkdir(os.path.join(d["b"], "sub%d" % i))
+        os.symlink("f%02d" % i, os.path.join(d["b"], "ln%d" % i))
+    os.link(os.path.join(d["b"], "f03"), os.path.join(d["b"], "hard"))
+
+    def through(node):
+        return _listing_attrs(d[node])
+
+    def by_stat(node):
+        out = {}
+        for name in os.listdir(d[node]):
+            st = os.lstat(os.path.join(d[node], name))
+            out[name] = (stat_is_dir(st), st.st_mode, st.st_size, st.st_nlink,
+                         st.st_mtime_ns, st.st_ino)
+        return out
+
+    want = by_stat("b")
+    assert len(want) == 60 + 12 + 1
+    assert want["f03"][3] == 2 and want["f10"][2] == 370 and want["f10"][1] & 0o777 == 0o602
+    assert through("a") == want
+    assert through("c") == want
+
+    time.sleep(1.2)  # a's and c's attribute caches run out
+    for i in range(0, 60, 3):
+        name = os.path.join(d["b"], "f%02d" % i)
+        os.chmod(name, 0o640)
+        write_file(name, b"y" * (1000 + i), mode="ab")
+    os.rename(os.path.join(d["b"], "f01"), os.path.join(d["b"], "g01"))
+    os.unlink(os.path.join(d["b"], "hard"))
+    want = by_stat("b")
+    time.sleep(1.2)
+    assert through("a") == want
+    assert want["f03"][3] == 1 and want["f03"][1] & 0o777 == 0o640
+    assert "g01" in want and "f01" not in want
+    ls = {n: run(["ls", "-ln", "--time-style=+%s.%N", d[n]]).stdout for n in ("a", "b")}
+    assert ls["a"] == ls["b"]
+
+
+@pytest.mark.timeout_s(120)
+def test_reads_through_other_nodes_at_every_boundary(cluster):
+    """Files made through b (their shards on every node) read back through a
+    and c with pread at offsets and lengths around the 64 KiB chunks: a read
+    of a file on another node takes its inode and chunks in one round trip
+    (up to 15 chunks; a longer read the usual way). Holes (a sparse write, a
+    truncate down then up), a short last chunk, reads across EOF and past it,
+    an inline file, and reads of 1 and 4 MiB all give the bytes written."""
+    chunk = 64 * 1024
+    rnd = random.Random(7)
+    want = {}
+    for i, size in enumerate([1000, 2048, 2049, chunk - 1, chunk, chunk + 1,
+                              3 * chunk + 17, 20 * chunk + 5]):
+        data = bytes(rnd.getrandbits(8) for _ in range(size))
+        want["r%d" % i] = data
+        write_file(cluster.p("b", "r%d" % i), data)
+    sparse = bytearray(5 * chunk)
+    with open(cluster.p("b", "sparse"), "wb") as f:
+        for off in (chunk + 100, 3 * chunk - 10, 5 * chunk - 3):
+            f.seek(off)
+            f.write(b"hole-edge")
+            sparse[off:off + 9] = b"hole-edge"
+    sparse = bytes(sparse[:5 * chunk + 6])
+    want["sparse"] = sparse
+    big = want["r7"]
+    with open(cluster.p("b", "shrunk"), "wb") as f:
+        f.write(big)
+        f.truncate(chunk + 10)
+        f.truncate(4 * chunk)
+    want["shrunk"] = big[:chunk + 10] + bytes(4 * chunk - chunk - 10)
+    offsets = sorted({0, 1, 2047, 2048, chunk - 1, chunk, chunk + 1, 2 * chunk - 5,
+                      3 * chunk, 5 * chunk + 2, 21 * chunk})
+    lengths = [1, 100, 4096, chunk, chunk + 2, 2 * chunk, 128 * 1024 + 3, 1 << 20, 4 << 20]
+    buf = mmap.mmap(-1, max(lengths))  # page-aligned, as O_DIRECT wants
+    # O_DIRECT: the daemon gets each read as asked (offset and length);
+    # buffered: as the kernel's page cache and read-ahead cut them.
+    for node, flags in (("a", os.O_DIRECT), ("c", os.O_DIRECT), ("c", 0)):
+        for name, data in want.items():
+            fd = os.open(cluster.p(node, name), os.O_RDONLY | flags)
+            try:
+                assert os.fstat(fd).st_size == len(data), (node, name)
+                for off in offsets:
+                    for ln in lengths:
+                        n = os.preadv(fd, [memoryview(buf)[:ln]], off)
+                        assert buf[:n] == data[off:off + ln], (node, name, flags, off, ln)
+            finally:
+                os.close(fd)
+        assert read_file(cluster.p(node, "r7")) == big
+    buf.close()
+
+
+def stat_is_dir(st):
+    return (st.st_mode & 0o170000) == 0o040000
 
 
 @pytest.mark.timeout_s(60)

@@ -951,6 +951,42 @@ static void test_scans(CURL *h)
     }
 }
 
+/* A join (wire.h) that does not parse is 400 and scans nothing; a good
+ * one is answered as a joined reply (test_shard_remote checks its records). */
+static void test_scan_bad_join(CURL *h)
+{
+    static const char *const bad[] = {
+        "join=&link=2",   "join=0c",          "join=0C&link=2", "join=0&link=2",
+        "join=zz&link=2", "join=0c&link=0",   "join=0c&link=-1", "join=0c&link=512",
+        "join=0c&link=2x", "join=0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c&link=2", "link=2&join=",
+    };
+    size_t n = wire_scan_request_size(0, 0);
+    uint8_t *req = xmalloc(n);
+    char pq[128];
+    struct reply r;
+
+    wire_scan_request_encode(req, "", 0, NULL, 0);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(pq, sizeof(pq), "/v1/shard/0/scan?limit=5&%s", bad[i]);
+        long status = REQ(h, "POST", pq, req, n, &r, 0);
+        CHECKF(status == 400, "scan?%s: %ld", bad[i], status);
+        reply_free(&r);
+    }
+    snprintf(pq, sizeof(pq), "/v1/shard/0/scan?limit=5&join=0c&link=2");
+    CHECK(REQ(h, "POST", pq, req, n, &r, 0) == 200);
+    {
+        const uint8_t *k, *v, *jv;
+        size_t kl, vl, jl, pos = 0;
+        int rc, got = 0;
+        while ((rc = wire_scan_join_reply_next(r.body, r.len, &pos, &k, &kl, &v, &vl, &jv,
+                                               &jl)) == 1)
+            got++;
+        CHECKF(rc == 0 && got == 5, "joined reply: rc %d, %d records", rc, got);
+    }
+    reply_free(&r);
+    free(req);
+}
+
 /* The reply is cut near WIRE_SCAN_REPLY_MAX, but never to nothing. */
 static void test_scan_cut(CURL *h)
 {
@@ -2421,6 +2457,7 @@ int main(void)
     h = handle();
     test_round_trips(h);
     test_scans(h);
+    test_scan_bad_join(h);
     test_scan_cut(h);
     test_auth(h);
     test_bad_requests(h);

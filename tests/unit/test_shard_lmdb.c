@@ -49,6 +49,7 @@
 #include "shard_lmdb.h"
 #include "check.h"
 #include "get_many_check.h"
+#include "scan_join_check.h"
 #include "test_util.h"
 
 static uint64_t mix64(uint64_t z)
@@ -558,6 +559,30 @@ static void test_get_many(void)
     plain.get_many = NULL;
     s->ops = &plain;
     check_get_many(s);
+    s->ops = own;
+    shard_close(s);
+}
+
+/* The shard's own scan with a join, then the one shard.c does by hand for
+ * a shard without it (a scan, then a get of each joined key). */
+static void test_scan_join(void)
+{
+    struct shard *s = open_shard("scan_join", 60000, 0);
+    const struct shard_ops *own;
+    struct shard_ops plain;
+
+    if (!s)
+        return;
+    CHECK(s->ops->scan_join != NULL);
+    CHECK_RC(sj_fill(s, 1), 0);
+    CHECK_RC(sj_fill(s, 2), 0);
+    check_scan_join(s, 1, "lmdb");
+    check_scan_join(s, 2, "lmdb");
+    own = s->ops;
+    plain = *own;
+    plain.scan_join = NULL;
+    s->ops = &plain;
+    check_scan_join(s, 1, "scan and gets");
     s->ops = own;
     shard_close(s);
 }
@@ -2013,6 +2038,7 @@ int main(void)
         {"open errors", test_open_errors},
         {"get", test_get},
         {"get_many", test_get_many},
+        {"scan with a join", test_scan_join},
         {"scan", test_scan},
         {"del_range across pages", test_del_range_pages},
         {"atomicity", test_atomicity},

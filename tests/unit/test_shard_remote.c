@@ -67,6 +67,7 @@
 #include "wire.h"
 #include "check.h"
 #include "get_many_check.h"
+#include "scan_join_check.h"
 #include "test_util.h"
 
 #define SECRET "0123456789abcdef"
@@ -1575,22 +1576,31 @@ static void c_threads(struct target *t)
     client_close(&c);
 }
 
-/* shard_scan_many over two remote shards and a local one; with swapped
- * owners every parallel first page is redirected and redone. */
-static void c_scan_many(struct target *t)
+/* A fresh local (LMDB) shard in tmpdir/WHAT-TARGET, for fan-outs that mix
+ * local and remote shards; exits the test on failure. */
+static struct shard *local_shard_open(const struct target *t, const char *what)
 {
     char dir[PATH_MAX], err[256];
     struct shard *local = NULL;
-    struct collect *col = calloc(1, sizeof(*col));
-    struct client c, sw;
-    uint8_t k[8];
 
-    snprintf(dir, sizeof(dir), "%s/many-%s", tmpdir, t->name);
+    snprintf(dir, sizeof(dir), "%s/%s-%s", tmpdir, what, t->name);
     mkdir(dir, 0700);
     if (shard_lmdb_open(dir, 0, &(struct shard_lmdb_options){0}, &local, err, sizeof(err)) != 0) {
         fprintf(stderr, "shard_lmdb_open: %s\n", err);
         exit(2);
     }
+    return local;
+}
+
+/* shard_scan_many over two remote shards and a local one; with swapped
+ * owners every parallel first page is redirected and redone. */
+static void c_scan_many(struct target *t)
+{
+    struct shard *local = local_shard_open(t, "many");
+    struct collect *col = calloc(1, sizeof(*col));
+    struct client c, sw;
+    uint8_t k[8];
+
     client_open(&c, t->cfg);
     client_open(&sw, t->swapped);
     struct shard *three[3] = {c.s[0], local, c.s[1]};
@@ -1630,6 +1640,72 @@ static void c_scan_many(struct target *t)
     free(col);
 }
 
+/* Scans with a join: of one remote shard; of two remote shards and a local
+ * one at once (shard_scan_many_join), also with every owner wrong (each
+ * first page redirected and redone the ordinary way); then the joined keys
+ * read back by shard_get_many_fan in one go, the same three ways. The fake
+ * node predates joins (it ignores the query): against it the client reads
+ * the joined keys itself. */
+static void c_scan_join(struct target *t)
+{
+    struct shard *local = local_shard_open(t, "join");
+    struct client c, sw;
+
+    client_open(&c, t->cfg);
+    client_open(&sw, t->swapped);
+    struct shard *three[3] = {c.s[0], local, c.s[1]};
+    for (unsigned i = 0; i < 3; i++)
+        CHECK_RC(sj_fill(three[i], (uint8_t)(10 + i)), 0);
+    check_scan_join(c.s[0], 10, "remote");
+    check_scan_join(sw.s[1], 12, "remote, redirected");
+
+    struct shard *swapped[3] = {sw.s[0], local, sw.s[1]};
+    struct shard *const *sets[2] = {three, swapped};
+    for (unsigned set = 0; set < 2; set++) {
+        struct sj_collect col = {0};
+        int rc = shard_scan_many_join(sets[set], 3, "\x0b", 1, "\x0c", 1, &sj_join, sj_fn, &col);
+        CHECKF(rc == 0 && col.count == 3 * SJ_N && col.joined == 3 * SJ_N / 2 && col.wrong == 0,
+               "scan many with a join (%s): rc %d, %u records, %u joined, %u wrong",
+               set ? "redirected" : "direct", rc, col.count, col.joined, col.wrong);
+        memset(&col, 0, sizeof(col));
+        col.stop_at = SJ_N + 5, col.ret = 1;
+        rc = shard_scan_many_join(sets[set], 3, "\x0b", 1, "\x0c", 1, &sj_join, sj_fn, &col);
+        CHECKF(rc == 0 && col.count == SJ_N + 5, "stopped: rc %d, %u", rc, col.count);
+
+        /* The joined keys: 2 present and 1 absent a shard; and a bad list. */
+        uint8_t keys[3][3][3], bufs[3][3][512];
+        struct shard_read r[3][3];
+        struct shard_reads g[4];
+        for (unsigned i = 0; i < 3; i++) {
+            for (unsigned j = 0; j < 3; j++) {
+                keys[i][j][0] = 0x0c, keys[i][j][1] = (uint8_t)(10 + i);
+                keys[i][j][2] = (uint8_t)(j == 2 ? 3 : 2 * j + 4);
+                r[i][j] = (struct shard_read){.key = keys[i][j], .klen = 3, .buf = bufs[i][j],
+                                              .buflen = sizeof(bufs[i][j])};
+            }
+            g[i] = (struct shard_reads){.s = sets[set][i], .r = r[i], .n = 3, .rc = 99};
+        }
+        g[3] = (struct shard_reads){.s = sets[set][0], .r = r[0], .n = 0, .rc = 99};
+        CHECK_RC(shard_get_many_fan(g, 4), 0);
+        for (unsigned i = 0; i < 3; i++) {
+            uint8_t want[512];
+            CHECKF(g[i].rc == 0, "get many fan (%s), shard %u: rc %d", set ? "redirected" : "direct",
+                   i, g[i].rc);
+            for (unsigned j = 0; j < 2; j++) {
+                size_t n = sj_joined((uint8_t)(10 + i), 2 * j + 4, want);
+                CHECKF(r[i][j].rc == 0 && r[i][j].len == n && memcmp(bufs[i][j], want, n) == 0,
+                       "get many fan: read %u/%u: rc %d len %zu", i, j, r[i][j].rc, r[i][j].len);
+            }
+            CHECK_RC(r[i][2].rc, -ENOENT);
+        }
+        CHECK_RC(g[3].rc, -EINVAL);
+    }
+    CHECK_RC(shard_get_many_fan(NULL, 0), 0);
+    client_close(&sw);
+    client_close(&c);
+    shard_close(local);
+}
+
 static void run_conformance(struct target *t)
 {
     static const struct {
@@ -1640,7 +1716,7 @@ static void run_conformance(struct target *t)
         {"big values", c_big_values},      {"scan", c_scan},
         {"stat, sync, ping", c_stat_sync}, {"redirects and epochs", c_redirect},
         {"8 threads", c_threads},          {"scan many", c_scan_many},
-        {"get many", c_get_many},
+        {"get many", c_get_many},          {"scan with a join", c_scan_join},
     };
     for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
         int before = failures;

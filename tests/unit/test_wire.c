@@ -771,6 +771,68 @@ static void test_scan_reply(void)
 
 /* ---- status <-> errno ---- */
 
+/* Joined scan records: encode, walk back (present, absent, empty joined
+ * values), every truncation is whole records then -EINVAL, a joined length
+ * past the buffer is -EINVAL; the join's query arguments round-trip and bad
+ * ones are refused. */
+static void test_scan_join_reply(void)
+{
+    static const uint8_t jv[3] = {1, 2, 3};
+    uint8_t buf[256], prefix[SHARD_JOIN_PREFIX_MAX];
+    const uint8_t *k, *v, *j;
+    size_t kl, vl, jl, pos = 0, n = 0, sizes[3];
+    struct shard_join got;
+    char q[128];
+    int rc, count = 0;
+
+    sizes[0] = wire_scan_join_record_size(2, 3, 3);
+    wire_scan_join_record_encode(buf, "k1", 2, "abc", 3, jv, 3);
+    n += sizes[0];
+    sizes[1] = wire_scan_join_record_size(2, 0, 0);
+    wire_scan_join_record_encode(buf + n, "k2", 2, "", 0, NULL, 0);
+    n += sizes[1];
+    sizes[2] = wire_scan_join_record_size(2, 1, 0);
+    wire_scan_join_record_encode(buf + n, "k3", 2, "x", 1, "", 0);
+    n += sizes[2];
+    while ((rc = wire_scan_join_reply_next(buf, n, &pos, &k, &kl, &v, &vl, &j, &jl)) == 1) {
+        if (count == 0)
+            CHECK(kl == 2 && memcmp(k, "k1", 2) == 0 && vl == 3 && j && jl == 3 &&
+                  memcmp(j, jv, 3) == 0);
+        if (count == 1)
+            CHECK(memcmp(k, "k2", 2) == 0 && vl == 0 && j == NULL && jl == 0);
+        if (count == 2)
+            CHECK(memcmp(k, "k3", 2) == 0 && vl == 1 && j != NULL && jl == 0);
+        count++;
+    }
+    CHECK(rc == 0 && count == 3 && pos == n);
+    for (size_t cut = 0; cut < n; cut++) {
+        int whole = 0;
+        pos = 0;
+        while ((rc = wire_scan_join_reply_next(buf, cut, &pos, &k, &kl, &v, &vl, &j, &jl)) == 1)
+            whole++;
+        int boundary = cut == 0 || cut == sizes[0] || cut == sizes[0] + sizes[1];
+        CHECKF(boundary ? rc == 0 : rc == -EINVAL, "cut at %zu: rc %d after %d", cut, rc, whole);
+    }
+    buf[sizes[0] - 3 - 4] = 200; /* the first joined length, now past the end */
+    pos = 0;
+    CHECK_RC(wire_scan_join_reply_next(buf, n, &pos, &k, &kl, &v, &vl, &j, &jl), -EINVAL);
+
+    const struct shard_join join = {.prefix = (const uint8_t *)"\x0c\xab", .plen = 2, .link = 16};
+    CHECK_RC(wire_join_query(q, sizeof(q), &join), 0);
+    CHECK(strcmp(q, "join=0cab&link=16") == 0);
+    CHECK_RC(wire_join_parse("0cab", "16", prefix, &got), 0);
+    CHECK(got.plen == 2 && got.link == 16 && memcmp(got.prefix, "\x0c\xab", 2) == 0);
+    CHECK_RC(wire_join_query(q, 10, &join), -EINVAL);
+    CHECK_RC(wire_join_parse("0cab", "510", prefix, &got), -EINVAL); /* key past 511 */
+    CHECK_RC(wire_join_parse("0cab", "509", prefix, &got), 0);
+    CHECK_RC(wire_join_parse("0cAB", "16", prefix, &got), -EINVAL);
+    CHECK_RC(wire_join_parse("0ca", "16", prefix, &got), -EINVAL);
+    CHECK_RC(wire_join_parse("", "16", prefix, &got), -EINVAL);
+    CHECK_RC(wire_join_parse("0c", "", prefix, &got), -EINVAL);
+    CHECK_RC(wire_join_parse("0c", "1e3", prefix, &got), -EINVAL);
+    CHECK_RC(wire_join_parse("0c", "99999999999999999999999", prefix, &got), -EINVAL);
+}
+
 static void test_errno_table(void)
 {
     static const struct {
@@ -887,6 +949,7 @@ int main(void)
     test_digests();
     test_scan_request();
     test_scan_reply();
+    test_scan_join_reply();
     test_getv();
     test_errno_table();
     return check_summary("wire");
