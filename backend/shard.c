@@ -146,29 +146,45 @@ static int gather_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, 
     return 0;
 }
 
-/* Hand one gathered record to fn with its joined value read by a get into
- * buf (SHARD_READ_VALUE_MAX bytes; a longer value is read again whole). */
+int shard_join_get(struct shard *s, const struct shard_join *j, const uint8_t *val, size_t vlen,
+                   uint8_t *buf, uint8_t **big, const uint8_t **jval, size_t *jlen)
+{
+    uint8_t key[BATCH_KEY_MAX];
+    size_t klen, full = 0;
+    int rc;
+
+    *big = NULL;
+    *jval = NULL;
+    *jlen = 0;
+    if (shard_join_key(j, val, vlen, key, &klen) != 0)
+        return 0;
+    rc = shard_get(s, key, klen, 0, buf, SHARD_READ_VALUE_MAX, &full);
+    if (rc >= 0 && full > SHARD_READ_VALUE_MAX) {
+        if (!(*big = malloc(full)))
+            return -ENOMEM;
+        rc = shard_get(s, key, klen, 0, *big, full, &full);
+    }
+    if (rc == -ENOENT)
+        return 0;
+    if (rc < 0)
+        return rc;
+    *jval = *big ? *big : buf;
+    *jlen = (size_t)rc;
+    return 0;
+}
+
+/* Hand one gathered record to fn with its joined value read by a get. */
 static int deliver_gathered(struct shard *s, const struct shard_join *j, const uint8_t *k,
                             size_t kl, const uint8_t *v, size_t vl, uint8_t *buf,
                             shard_join_fn fn, void *ctx)
 {
-    uint8_t jkey[BATCH_KEY_MAX], *big = NULL;
-    const uint8_t *jval = buf;
-    size_t jkl, jvl = 0;
-    int rc = shard_join_key(j, v, vl, jkey, &jkl);
+    const uint8_t *jval;
+    uint8_t *big;
+    size_t jlen;
+    int rc = shard_join_get(s, j, v, vl, buf, &big, &jval, &jlen);
 
     if (rc == 0)
-        rc = shard_get(s, jkey, jkl, 0, buf, SHARD_READ_VALUE_MAX, &jvl);
-    if (rc >= 0 && jvl > SHARD_READ_VALUE_MAX) {
-        if (!(big = malloc(jvl)))
-            return -ENOMEM;
-        rc = shard_get(s, jkey, jkl, 0, big, jvl, &jvl);
-        jval = big;
-    }
-    if (rc == -ENOENT)
-        jval = NULL, rc = 0;
-    if (rc >= 0)
-        rc = fn(ctx, k, kl, v, vl, jval, jval ? (size_t)rc : 0);
+        rc = fn(ctx, k, kl, v, vl, jval, jlen);
     free(big);
     return rc;
 }

@@ -177,6 +177,13 @@ int shard_join_check(const struct shard_join *j);
  * when the value is shorter than the link. */
 int shard_join_key(const struct shard_join *j, const uint8_t *val, size_t vlen,
                    uint8_t out[BATCH_KEY_MAX], size_t *klen);
+/* The joined value of a record whose value is val, read from s by a get:
+ * into buf (SHARD_READ_VALUE_MAX bytes), or, when longer, into a buffer of
+ * its own in *big (the caller frees it, NULL otherwise). 0 with *jval and
+ * *jlen (NULL and 0: no such key, or val shorter than the link), or
+ * -errno. For joins done by hand. */
+int shard_join_get(struct shard *s, const struct shard_join *j, const uint8_t *val, size_t vlen,
+                   uint8_t *buf, uint8_t **big, const uint8_t **jval, size_t *jlen);
 /* s->ops->scan_join, or (a shard without one) a scan whose records are
  * gathered, then each joined key read with a get: not one moment. */
 int shard_scan_join(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,

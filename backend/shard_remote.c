@@ -1140,34 +1140,6 @@ static int scan_request(struct request *q, uint8_t **body, unsigned index, const
     return shard_path(q, index, WIRE_OP_SCAN, query);
 }
 
-/* The joined value of a record that came without it (a node that predates
- * joins): read by a get, after the reply, never while a request is in flight
- * (the reply is whole). 0, or -errno. */
-static int join_by_get(struct scan_sink *k, const uint8_t *val, size_t vlen,
-                       const uint8_t **jval, size_t *jlen)
-{
-    uint8_t key[BATCH_KEY_MAX];
-    size_t klen, full = 0;
-    int rc;
-
-    *jval = NULL;
-    *jlen = 0;
-    if (shard_join_key(k->j, val, vlen, key, &klen) != 0)
-        return 0;
-    if (!k->jbuf && !(k->jbuf = malloc(SHARD_READ_VALUE_MAX)))
-        return -ENOMEM;
-    rc = shard_get(k->s, key, klen, 0, k->jbuf, SHARD_READ_VALUE_MAX, &full);
-    if (rc == -ENOENT)
-        return 0;
-    if (rc < 0)
-        return rc;
-    if (full > SHARD_READ_VALUE_MAX)
-        return -EIO; /* joins name small records (inodes) */
-    *jval = k->jbuf;
-    *jlen = (size_t)rc;
-    return 0;
-}
-
 /* The next record of a reply to k: wire_scan_reply_next's result. */
 static int sink_next(struct scan_sink *k, const struct request *q, size_t *pos,
                      const uint8_t **key, size_t *klen, const uint8_t **val, size_t *vlen,
@@ -1185,16 +1157,23 @@ static int sink_deliver(struct scan_sink *k, const struct request *q, const uint
                         size_t klen, const uint8_t *val, size_t vlen, const uint8_t *jval,
                         size_t jlen)
 {
+    uint8_t *big = NULL;
     int rc;
 
     if (!k->j)
         return k->fn(k->ctx, key, klen, val, vlen);
+    /* A node that predates joins sent the records alone: read the joined
+     * keys here, after the reply (no request of the scan is in flight). */
     if (!(q->join.set && strcmp(q->join.v, "1") == 0)) {
-        rc = join_by_get(k, val, vlen, &jval, &jlen);
+        if (!k->jbuf && !(k->jbuf = malloc(SHARD_READ_VALUE_MAX)))
+            return -ENOMEM;
+        rc = shard_join_get(k->s, k->j, val, vlen, k->jbuf, &big, &jval, &jlen);
         if (rc)
             return rc;
     }
-    return k->jfn(k->ctx, key, klen, val, vlen, jval, jlen);
+    rc = k->jfn(k->ctx, key, klen, val, vlen, jval, jlen);
+    free(big);
+    return rc;
 }
 
 /* Hand the records of one scan reply (for a scan from `from`) to k. On 0,
@@ -1469,16 +1448,22 @@ static struct shard *fan_target(struct shard *s)
     return t ? t : s;
 }
 
+/* The remote that an op on s goes to now (fan_target), or NULL. */
+static struct remote *remote_now_of(struct shard *s)
+{
+    struct shard *t = fan_target(s);
+
+    return t->ops == &shard_remote_ops ? to_remote(t)->r : NULL;
+}
+
 /* The remote of the first of shards that is remote now, or NULL. */
 static struct remote *fan_remote(struct shard *const *shards, unsigned n)
 {
-    for (unsigned i = 0; i < n; i++) {
-        struct shard *t = fan_target(shards[i]);
+    struct remote *r = NULL;
 
-        if (t->ops == &shard_remote_ops)
-            return to_remote(t)->r;
-    }
-    return NULL;
+    for (unsigned i = 0; i < n && !r; i++)
+        r = remote_now_of(shards[i]);
+    return r;
 }
 
 static int scan_many(struct shard *const *shards, unsigned n, const void *start, size_t slen,
@@ -1570,16 +1555,13 @@ int shard_get_many_fan(struct shard_reads *g, unsigned n)
     struct fan *fans;
     CURLM *m;
 
-    struct shard *first[1] = {NULL};
     struct remote *mr = NULL;
 
     if (shard_nowait_refuse())
         return -EWOULDBLOCK; /* round trips wait (shard.h) */
     fans = calloc(n ? n : 1, sizeof(*fans));
-    for (unsigned i = 0; i < n && !mr; i++) {
-        first[0] = g[i].s;
-        mr = fan_remote(first, 1);
-    }
+    for (unsigned i = 0; i < n && !mr; i++)
+        mr = remote_now_of(g[i].s);
     m = mr ? multi_take(mr) : NULL;
     for (unsigned i = 0; fans && m && i < n; i++) {
         struct shard *t = fan_target(g[i].s);

@@ -1882,18 +1882,25 @@ static ssize_t read_one_trip(struct ns *ns, const struct ino_id *id, uint64_t of
     size_t n;
     int rc;
 
-    if (!(slots = malloc(2 * (size_t)RECORD_CHUNK)))
-        return -ENOMEM;
+    for (unsigned i = 0; i < nc; i++) {
+        uint64_t cs = (first + i) * RECORD_CHUNK;
+
+        direct |= (unsigned)(cs >= off && cs + RECORD_CHUNK <= off + size) << i;
+    }
+    /* Slots only for the partial first and last chunks: an aligned read
+     * (the kernel's read-ahead) needs none. */
+    if ((direct & 1) == 0 || (direct >> (nc - 1) & 1) == 0) {
+        if (!(slots = malloc(2 * (size_t)RECORD_CHUNK)))
+            return -ENOMEM;
+    }
     r[0] = (struct shard_read){.key = ikey, .klen = record_inode_key(ikey, id), .buf = ival,
                                .buflen = sizeof(ival)};
     for (unsigned i = 0; i < nc; i++) {
         uint64_t cs = (first + i) * RECORD_CHUNK;
-        int whole = cs >= off && cs + RECORD_CHUNK <= off + size;
 
-        direct |= (unsigned)whole << i;
         r[1 + i] = (struct shard_read){
             .key = ckey[i], .klen = record_chunk_key(ckey[i], id, first + i),
-            .buf = whole ? buf + (cs - off) : slots + (i == 0 ? 0 : RECORD_CHUNK),
+            .buf = direct >> i & 1 ? buf + (cs - off) : slots + (i == 0 ? 0 : RECORD_CHUNK),
             .buflen = RECORD_CHUNK};
     }
     rc = shard_get_many(inode_shard(ns, id), r, 1 + nc);
