@@ -215,9 +215,10 @@ class Cluster:
         return os.path.join(self.mnt[node], *parts)
 
 
-@pytest.fixture
-def cluster(tmp_top, watchdog):
-    c = Cluster(tmp_top, watchdog)
+def serve_cluster(c, watchdog):
+    """The body of a cluster fixture (yield from it): start every node of c,
+    hand c to the test, then unmount everything, fsck every node (unless the
+    test already failed) and fail on the problems and stderr c collected."""
     try:
         for n in NODES:
             c.start(n)
@@ -234,6 +235,11 @@ def cluster(tmp_top, watchdog):
         c.check_stderr()
         if c.problems:
             pytest.fail("\n\n".join(c.problems))
+
+
+@pytest.fixture
+def cluster(tmp_top, watchdog):
+    yield from serve_cluster(Cluster(tmp_top, watchdog), watchdog)
 
 
 # --------------------------------------------------------------------------

@@ -41,10 +41,9 @@ import urllib.request
 
 import pytest
 
-from conftest import SHARDFS_BIN, is_mounted, read_file, run, wait_for, write_file
-from test_cluster import NODES, SECRET, TIMEOUT_MS
-from test_cluster_api import signed
-from test_replication import ReplCluster, entry_shard, etcd_server, etcd_url  # noqa: F401
+from conftest import SHARDFS_BIN, read_file, run, wait_for, write_file
+from test_cluster import NODES, SECRET, TIMEOUT_MS, serve_cluster
+from test_replication import ReplCluster, entry_shard, etcd_server, etcd_url, get_json  # noqa: F401
 
 SHARDS = 8
 TTL_MS = 2000
@@ -98,28 +97,7 @@ class FailoverCluster(ReplCluster):
 @pytest.fixture
 def fcluster(request, tmp_top, watchdog, etcd_url):  # noqa: F811
     c = FailoverCluster(tmp_top, watchdog, etcd_url, ack=getattr(request, "param", "replica"))
-    try:
-        for n in NODES:
-            c.start(n)
-        yield c
-    finally:
-        try:
-            c.unmount_all()
-        finally:
-            for n in NODES:
-                if is_mounted(c.mnt[n]):
-                    run(["fusermount3", "-uz", c.mnt[n]], check=False, timeout=30)
-        if not c.problems and not watchdog.fired:
-            c.fsck_all()
-        c.check_stderr()
-        if c.problems:
-            pytest.fail("\n\n".join(c.problems))
-
-
-def get_json(c, node, path):
-    st, _, body = signed(c, node, "GET", path)
-    assert st == 200, (node, path, st, body[:300])
-    return json.loads(body)
+    yield from serve_cluster(c, watchdog)
 
 
 def unsettled(c):
@@ -450,7 +428,6 @@ def test_sigstopped_primary_acknowledges_nothing_after_its_lease(fcluster):
                      interval=0.1)
             time.sleep(1.0)
         finally:
-            t_cont = time.monotonic()
             os.kill(c.proc["a"].pid, signal.SIGCONT)
         wait_for(lambda: "another node is its primary now" in open(
             [p for l, p in c.stderr_files if l.startswith("mount.a.")][-1]).read(),

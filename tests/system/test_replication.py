@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SHARDFS_BIN, free_port, is_mounted, kill_group, read_file, run, wait_for,
+from conftest import (SHARDFS_BIN, free_port, kill_group, read_file, run, wait_for,
                       write_file)
-from test_cluster import NODES, SECRET, TIMEOUT_MS, Cluster
+from test_cluster import NODES, SECRET, TIMEOUT_MS, Cluster, serve_cluster
 from test_cluster_api import signed
 
 OWNERS = {"a": "0-2", "b": "3-5", "c": "6-7"}
@@ -166,22 +166,7 @@ def rcluster(request, tmp_top, watchdog):
     c = ReplCluster(tmp_top, watchdog, etcd_url=url,
                     ack="primary" if request.param == "ack-primary" else "replica")
     c.ack = "primary" if request.param == "ack-primary" else "replica"
-    try:
-        for n in NODES:
-            c.start(n)
-        yield c
-    finally:
-        try:
-            c.unmount_all()
-        finally:
-            for n in NODES:
-                if is_mounted(c.mnt[n]):
-                    run(["fusermount3", "-uz", c.mnt[n]], check=False, timeout=30)
-        if not c.problems and not watchdog.fired:
-            c.fsck_all()
-        c.check_stderr()
-        if c.problems:
-            pytest.fail("\n\n".join(c.problems))
+    yield from serve_cluster(c, watchdog)
 
 
 # ---------------------------------------------------------------------------
