@@ -121,6 +121,37 @@ def test_holes_read_as_zeros(fs):
     assert run(["cmp", "-n", str(off), p, "/dev/zero"]).returncode == 0
 
 
+def test_blocks_count_what_is_stored_after_truncate_and_rewrite(fs):
+    """st_blocks is the bytes the chunks hold (64 KiB each): a write of
+    whole chunks past the end of the file adds them whole (no chunk lies
+    there: a truncate drops them), an overwrite of a whole chunk adds
+    nothing."""
+    chunk = 64 << 10
+    p = fs.path("rewritten")
+    first = os.urandom(1 << 20)
+    late = os.urandom(4 * chunk)
+    again = os.urandom(chunk)
+    write_file(p, first)
+    assert os.stat(p).st_blocks * 512 == 1 << 20
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 100 << 10)              # chunk 1 keeps 36 KiB, 2-15 go
+        assert os.pwrite(fd, late, 4 * chunk) == len(late)   # chunks 4-7, past the end
+        stored = chunk + (100 << 10) - chunk + 4 * chunk
+        os.fsync(fd)                             # the kernel's cached pages written
+        assert os.fstat(fd).st_blocks * 512 == stored
+        assert os.pwrite(fd, again, 4 * chunk) == chunk      # chunk 4 again, whole
+        os.fsync(fd)
+        assert os.fstat(fd).st_blocks * 512 == stored
+    finally:
+        os.close(fd)
+    model = first[:100 << 10] + bytes(4 * chunk - (100 << 10)) + again + late[chunk:]
+    assert read_file(p) == model
+    fs.remount()
+    assert read_file(p) == model
+    assert os.stat(p).st_blocks * 512 == stored
+
+
 @pytest.mark.timeout_s(180)
 def test_sparse_64g_file(fs):
     p = fs.path("sparse")
