@@ -88,6 +88,7 @@ struct node {
     int walked;        /* no open since that lookup; protected by fs.lock */
     int reg;           /* REG_*: this node's open registration; protected by fs.lock */
     atomic_int paged;  /* a read or buffered write went through the kernel's cache */
+    atomic_uint_fast64_t wgen; /* bumped by every change of its data through this mount */
     struct node *next; /* hash chain */
 };
 
@@ -163,6 +164,11 @@ struct opened {
 struct handle {
     struct opened o;
     int direct_io; /* opened with fi->direct_io (an O_APPEND open, see the top) */
+    /* The inode the open read, when its data is inline: reads soon after
+     * the open are answered from it (open_snapshot_read). */
+    struct inode *snap;
+    uint64_t snap_ms;   /* monotonic ms of the open */
+    uint64_t snap_wgen; /* the node's wgen then */
 };
 
 struct dir_entry {
@@ -584,6 +590,8 @@ static void opened_destroy(struct opened *o)
 {
     if (o->is_dir)
         free(((struct dir_handle *)o)->ents);
+    else
+        free(((struct handle *)o)->snap);
     free(o);
 }
 
@@ -614,6 +622,41 @@ static struct handle *handle_new(struct fs *fs, int flags)
         h->direct_io = (flags & O_APPEND) && fs->direct_append &&
                        ((flags & O_ACCMODE) == O_WRONLY || fs->direct_io_mmap);
     return h;
+}
+
+/* A read within OPEN_SNAP_FRESH_MS of the open of a file whose data is
+ * inline in its inode (small files: reading one after another, as cat,
+ * tar and cp do) is answered from the inode the open read: no second round
+ * trip to the inode's shard. Close-to-open allows it: the data is as of
+ * the open, and a change another node makes after it need not show in
+ * this descriptor; a change through this mount does (wgen). */
+#define OPEN_SNAP_FRESH_MS 1000u
+
+/* wgen: n's, loaded before ino was read. A change through this mount
+ * bumps it after its apply, so either ino has the change, or the bump
+ * comes after the load and the snapshot no longer answers. */
+static void open_snapshot(struct handle *h, uint64_t wgen, const struct inode *ino)
+{
+    if (!S_ISREG(ino->mode) || ino->size > RECORD_INLINE_MAX)
+        return;
+    h->snap = malloc(sizeof(*h->snap));
+    if (!h->snap)
+        return; /* reads go to the store */
+    *h->snap = *ino;
+    h->snap_ms = monotonic_ms();
+    h->snap_wgen = wgen;
+}
+
+/* The bytes of [off, off+size) from h's snapshot into buf: the count, or
+ * -1 when the snapshot may not answer (none, too old, a change through
+ * this mount since). */
+static ssize_t open_snapshot_read(struct fs *fs, struct handle *h, struct node *n, off_t off,
+                                  size_t size, void *buf)
+{
+    if (!h || !h->snap || atomic_load(&n->wgen) != h->snap_wgen ||
+        monotonic_ms() - h->snap_ms >= OPEN_SNAP_FRESH_MS)
+        return -1;
+    return ns_read_at(fs->ns, h->snap, (uint64_t)off, size, buf);
 }
 
 static void open_count(struct fs *fs, struct node *n, int delta)
@@ -833,6 +876,8 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     if (to_set & (FUSE_SET_ATTR_KILL_SUID | FUSE_SET_ATTR_KILL_SGID | FUSE_SET_ATTR_KILL_PRIV))
         sa.mask |= NS_SET_KILL_SUIDGID;
     rc = ns_setattr(fs->ns, &node_of(fs, ino)->id, &sa, &node);
+    if (sa.mask & NS_SET_SIZE)
+        atomic_fetch_add(&node_of(fs, ino)->wgen, 1); /* after the apply: open_snapshot */
     if (rc) {
         reply_rc(req, rc);
         return;
@@ -951,6 +996,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
      * through a name the kernel cached before that must not find it, nor
      * truncate it (node_reached_by_old_name). */
     int strict = node_reached_by_old_name(fs, n, 1);
+    uint64_t wgen = atomic_load(&n->wgen);
     /* With other nodes the open is registered on the inode's shard first,
      * in the batch that reads (asserts) or truncates the inode: registered
      * before the inode is seen to exist, so an unlink elsewhere either
@@ -965,6 +1011,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         if (reg)
             sa.mask |= NS_SET_REGISTER;
         rc = ns_setattr(fs->ns, &n->id, &sa, &node);
+        if ((fi->flags & O_TRUNC) && atomic_fetch_add(&n->wgen, 1) != wgen++)
+            wgen = UINT64_MAX; /* another change came too: no snapshot */
         if (reg && rc != -ENOENT)
             reg_held(fs, n);
     } else {
@@ -975,6 +1023,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     h = rc ? NULL : handle_new(fs, fi->flags);
     if (!rc && !h)
         rc = -ENOMEM;
+    if (h && wgen != UINT64_MAX)
+        open_snapshot(h, wgen, &node);
     if (rc) {
         open_end(fs, n);
         reply_rc(req, stale_if_gone(rc));
@@ -1043,7 +1093,6 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     char *buf;
     ssize_t n;
 
-    (void)fi;
     /* Any read may fill the page cache, even one of an O_DIRECT descriptor
      * (a page fault of its mmap). Set before the store is read (op_write). */
     atomic_store(&nd->paged, 1);
@@ -1054,7 +1103,9 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    n = ns_read(fs->ns, &nd->id, (uint64_t)off, size, buf);
+    n = open_snapshot_read(fs, (struct handle *)(uintptr_t)fi->fh, nd, off, size, buf);
+    if (n < 0)
+        n = ns_read(fs->ns, &nd->id, (uint64_t)off, size, buf);
     if (n < 0)
         reply_rc(req, stale_if_gone((int)n));
     else
@@ -1126,6 +1177,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (!direct)
         atomic_store(&nd->paged, 1); /* the kernel keeps what it wrote */
     n = ns_write(fs->ns, &nd->id, (uint64_t)off, buf, size, append, 0, direct ? &new_size : NULL);
+    atomic_fetch_add(&nd->wgen, 1); /* after the apply: open_snapshot */
     if (n < 0) {
         reply_rc(req, (int)n);
         return;

@@ -455,6 +455,46 @@ def test_reads_through_other_nodes_at_every_boundary(cluster):
     buf.close()
 
 
+@pytest.mark.timeout_s(60)
+def test_small_file_reads_after_open_see_this_mounts_changes(cluster):
+    """A read soon after the open of a small file (its data inline in the
+    inode) is answered from the inode the open read, with no round trip: a
+    write or truncate through the same mount since shows at once, another
+    node's change once the open is more than 1 s old (close-to-open: before
+    that it may or may not). O_DIRECT, so every read reaches the daemon."""
+    buf = mmap.mmap(-1, 4096)
+
+    def dread(fd):
+        n = os.preadv(fd, [buf], 0)
+        return bytes(buf[:n])
+
+    try:
+        for node in ("a", "b"):
+            name = "small-" + node
+            p = cluster.p(node, name)
+            write_file(p, b"first")
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+            try:
+                assert dread(fd) == b"first"
+                with open(p, "r+b") as w:      # another descriptor, same mount
+                    w.write(b"SECOND")
+                assert dread(fd) == b"SECOND"
+                os.truncate(p, 3)
+                assert dread(fd) == b"SEC"
+            finally:
+                os.close(fd)
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+            try:
+                assert dread(fd) == b"SEC"
+                write_file(cluster.p("c", name), b"from c")
+                time.sleep(1.2)
+                assert dread(fd) == b"from c"
+            finally:
+                os.close(fd)
+    finally:
+        buf.close()
+
+
 def stat_is_dir(st):
     return (st.st_mode & 0o170000) == 0o040000
 
