@@ -1023,7 +1023,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     h = rc ? NULL : handle_new(fs, fi->flags);
     if (!rc && !h)
         rc = -ENOMEM;
-    if (h && wgen != UINT64_MAX)
+    if (h && wgen != UINT64_MAX && (fi->flags & O_ACCMODE) != O_WRONLY)
         open_snapshot(h, wgen, &node);
     if (rc) {
         open_end(fs, n);
