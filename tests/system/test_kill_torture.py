@@ -214,9 +214,14 @@ def _diff(m, files, dirs, skip):
 
 def _check_streams(m, files, inflight):
     """Every append stream is records 0, 1, ... with valid checksums; the
-    stream the operation in flight appended to may end in part of a record."""
+    stream the operation in flight appended to may end in part of a record,
+    and one it removed (an unlink that took effect before the kill: its
+    outcome is judged by _inflight_outcome) is gone."""
     out = []
+    gone_ok = _touched(inflight) if inflight else set()
     for rel, nseq in sorted(m.streams.items()):
+        if rel not in files and rel in gone_ok:
+            continue
         recs, stop, why = parse_records(files.get(rel, b""))
         seqs = [s for s, _ in recs]
         if seqs[:nseq] != list(range(nseq)):
