@@ -1024,6 +1024,8 @@ static int validate(struct load_ctx *ctx)
     cfg->shard_bits = 0;
     while ((1u << cfg->shard_bits) < cfg->shard_count)
         cfg->shard_bits++;
+    cfg->file_shards = cfg->shard_count;
+    memset(cfg->depth, (int)cfg->shard_bits, sizeof(cfg->depth));
     return 0;
 }
 

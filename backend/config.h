@@ -73,6 +73,13 @@ struct config {
     unsigned shard_count;           /* power of two */
     int shards_line;                /* line of "shards =", for later errors */
     unsigned shard_bits;            /* log2(shard_count) */
+    unsigned file_shards;           /* "shards =" as written: the count the store was made with */
+    /* The layout (placement.h): the depth of the shard that owns each of the
+     * shard_count slots. config_load() makes it uniform (every depth
+     * shard_bits); a single-node store split or merged since has its own in
+     * DATA_DIR/STORE, and store_layout_apply() (fs/store_layout.h) puts it
+     * here, with shard_count its number of slots. */
+    uint8_t depth[CONFIG_MAX_SHARDS];
     uint64_t epoch;
     unsigned commit_interval_ms;    /* batch commit period of a shard, default 200 */
     double cache_timeout;           /* kernel entry/attr timeout in seconds, default 3600 */

@@ -1,6 +1,7 @@
 /* durable.c -- fsync of directories (see durable.h). */
 #include "durable.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -39,4 +40,38 @@ int durable_sync_parent(const char *path)
     memcpy(dir, path, n);
     dir[n] = 0;
     return durable_sync_dir(dir);
+}
+
+/* Remove the files of directory dir, then dir. 0 or -errno. */
+static int dir_remove(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int rc = 0;
+
+    if (!d)
+        return errno == ENOENT ? 0 : -errno;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        if (unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT)
+            rc = -errno;
+    }
+    closedir(d);
+    if (rc == 0 && rmdir(dir) != 0 && errno != ENOENT)
+        rc = -errno;
+    return rc;
+}
+
+int durable_remove_dir(const char *dir, const char *gone)
+{
+    int rc = dir_remove(gone); /* a leftover of an earlier removal */
+
+    if (rc == 0 && rename(dir, gone) != 0)
+        return errno == ENOENT ? 0 : -errno;
+    if (rc == 0)
+        rc = durable_sync_parent(dir);
+    if (rc == 0)
+        rc = dir_remove(gone);
+    return rc;
 }

@@ -16,4 +16,11 @@ int durable_sync_dir(const char *dir);
 /* fsync the directory that holds path (path's parent; "." for a bare name). */
 int durable_sync_parent(const char *path);
 
+/* Remove directory dir and the files in it (no subdirectories), for good:
+ * dir is first renamed to `gone` and that rename made durable, so a crash
+ * never leaves a half-deleted dir (a shard's redo logs without its
+ * data.mdb, which a later open would take for a shard); a `gone` left by
+ * an earlier crash is removed first. 0 also when dir is not there. */
+int durable_remove_dir(const char *dir, const char *gone);
+
 #endif

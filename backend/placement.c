@@ -46,3 +46,61 @@ int placement_valid_count(unsigned long n)
 {
     return n >= 1 && n <= PLACEMENT_MAX_SHARDS && (n & (n - 1)) == 0;
 }
+
+int placement_layout_check(const uint8_t *depth, unsigned slots)
+{
+    if (!placement_valid_count(slots))
+        return -EINVAL;
+    for (unsigned i = 0; i < slots; i++) {
+        unsigned d = depth[i];
+        if (d > 16 || (1u << d) > slots)
+            return -EINVAL;
+        if (depth[i & ((1u << d) - 1)] != d) /* its shard has its depth */
+            return -EINVAL;
+    }
+    for (unsigned i = 0; i < slots; i++) /* and every slot of a shard has it */
+        for (unsigned j = i; placement_is_shard(depth, i) && j < slots; j += 1u << depth[i])
+            if (depth[j] != depth[i])
+                return -EINVAL;
+    return 0;
+}
+
+int placement_split(uint8_t *depth, unsigned *slots, unsigned max, unsigned s)
+{
+    unsigned d, n = *slots;
+
+    if (s >= n || !placement_is_shard(depth, s) || (1u << depth[s]) > n)
+        return -EINVAL;
+    d = depth[s];
+    if ((2u << d) > max)
+        return -ENOSPC;
+    if ((1u << d) == n) { /* the deepest shard: the slots double */
+        memcpy(depth + n, depth, n);
+        n *= 2;
+        *slots = n;
+    }
+    for (unsigned i = s; i < n; i += 1u << d)
+        depth[i] = (uint8_t)(d + 1);
+    return 0;
+}
+
+int placement_merge(uint8_t *depth, unsigned *slots, unsigned s, unsigned *into)
+{
+    unsigned d, low, n = *slots, deepest = 0;
+
+    if (s >= n || !placement_is_shard(depth, s) || depth[s] == 0 || (1u << depth[s]) > n)
+        return -EINVAL;
+    d = depth[s];
+    low = s & ((1u << (d - 1)) - 1);
+    if (depth[low] != d || depth[low + (1u << (d - 1))] != d)
+        return -EBUSY;
+    for (unsigned i = low; i < n; i += 1u << (d - 1))
+        depth[i] = (uint8_t)(d - 1);
+    for (unsigned i = 0; i < n; i++)
+        deepest = depth[i] > deepest ? depth[i] : deepest;
+    while (n > 1 && (1u << deepest) < n)
+        n /= 2; /* the upper half repeats the lower one */
+    *slots = n;
+    *into = low;
+    return 0;
+}

@@ -15,6 +15,7 @@
 #ifndef SHARDFS_PLACEMENT_H
 #define SHARDFS_PLACEMENT_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -38,5 +39,51 @@ static inline unsigned placement_shard_of(uint64_t hash, unsigned shard_count)
 
 /* 1 if n is a power of two between 1 and PLACEMENT_MAX_SHARDS. */
 int placement_valid_count(unsigned long n);
+
+/* ---- layouts: one depth per shard (extendible hashing) ----
+ *
+ * A store whose shards were split one at a time has shards of different
+ * depths. A layout is an array of `slots` (a power of two, 2^G, G the
+ * largest depth) bytes: depth[i] is the local depth d of the shard that
+ * owns slot i, and that shard's number is i & (2^d - 1). A record with hash
+ * h lives on placement_home(h): its slot is h & (slots - 1). Shard s at
+ * depth d owns every hash with h & (2^d - 1) == s, so all the slots
+ * congruent to s modulo 2^d carry depth d, and slot i is a shard's own
+ * (not another slot of a shallower shard) exactly when i < 2^depth[i].
+ * A store of N shards that never split is the uniform layout: N slots of
+ * depth log2 N.
+ *
+ * Splitting shard s of depth d makes s and s + 2^d at depth d + 1: only the
+ * records of s whose hash has bit d set move. Merging is the reverse. */
+
+/* The shard of hash h under a layout. */
+static inline unsigned placement_home(uint64_t h, const uint8_t *depth, unsigned slots)
+{
+    unsigned slot = (unsigned)(h & (uint64_t)(slots - 1));
+
+    return slot & ((1u << depth[slot]) - 1);
+}
+
+/* 1 if slot i is the own slot of a shard (the shard numbered i). */
+static inline int placement_is_shard(const uint8_t *depth, unsigned i)
+{
+    return i < (1u << depth[i]);
+}
+
+/* 0 if depth[0..slots) is a layout (above), else -EINVAL. */
+int placement_layout_check(const uint8_t *depth, unsigned slots);
+
+/* Split shard s: s and s + 2^d at depth d + 1. depth has room for max
+ * slots (a power of two); *slots doubles when d was the largest depth.
+ * 0, -EINVAL (s is not a shard), -ENOSPC (the new shard's number would
+ * reach max). */
+int placement_split(uint8_t *depth, unsigned *slots, unsigned max, unsigned s);
+
+/* Merge shard s (depth d >= 1) with its buddy s ^ 2^(d-1), which must have
+ * depth d too, into the lower of the two, at depth d - 1; *slots halves
+ * while no shard needs them. 0 and the surviving shard in *into, or
+ * -EINVAL (s is not a shard, or has depth 0), -EBUSY (the buddy was split
+ * further: merge it first). */
+int placement_merge(uint8_t *depth, unsigned *slots, unsigned s, unsigned *into);
 
 #endif

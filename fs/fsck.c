@@ -498,7 +498,7 @@ static int place(const struct fsck *f, const uint8_t *k, size_t kl, unsigned *sh
 
     if (record_placement(k, kl, &h))
         return -1;
-    *shard = placement_shard_of(h, f->nshards);
+    *shard = ns_home(f->ns, h);
     return 0;
 }
 
@@ -785,12 +785,16 @@ static int build_overlay(struct fsck *f)
 
     vec_init(&recs, sizeof(struct aside));
     for (unsigned i = 0; i < f->nshards && rc == 0; i++) {
+        if (!ns_is_shard(f->ns, i))
+            continue;
         rc = scan_type(f, i, REC_INTENT, &recs);
         if (rc == 0)
             rc = overlay_intents(f, &recs);
         aside_clear(&recs);
     }
     for (unsigned i = 0; i < f->nshards && rc == 0; i++) {
+        if (!ns_is_shard(f->ns, i))
+            continue;
         rc = scan_type(f, i, REC_ORPHAN, &recs);
         if (rc == 0)
             rc = overlay_marks(f, &recs);
@@ -856,6 +860,8 @@ static int scan_range(struct fsck *f, uint8_t lo, int hi, rec_fn fn, int defer)
 
     for (unsigned i = 0; i < f->nshards; i++) {
         struct pass p = {f, i, fn, defer};
+        if (!ns_is_shard(f->ns, i))
+            continue;
         int rc = shard_scan(ns_shard(f->ns, i), &s, 1, hi > 0xff ? NULL : &e, hi > 0xff ? 0 : 1,
                             scan_cb, &p);
         if (rc < 0)

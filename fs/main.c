@@ -31,6 +31,8 @@
 #include "placement.h"
 #include "replication.h"
 #include "shard_map.h"
+#include "store_layout.h"
+#include "reshard.h"
 
 #define ERR_MAX 1024
 
@@ -54,6 +56,7 @@ static const char usage_main[] =
     "  promote [-c CONF] SHARD NODE                         hand a shard's primary role to NODE\n"
     "  replica add|drop [-c CONF] [-w SECONDS] SHARD NODE   give NODE a copy of SHARD, or take it\n"
     "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
+    "  reshard split|merge|resume [-c CONF] [SHARD|--all]   split or merge shards (unmounted)\n"
     "\n"
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
 
@@ -100,6 +103,22 @@ static const char usage_where[] =
     "(a path inside the store, e.g. /dir/file). This node's store must not be\n"
     "mounted; in a cluster the other nodes must be running (mounted or serving).\n"
     "-w SECONDS: as for fsck.\n";
+
+static const char usage_reshard[] =
+    "usage: shardfs reshard split [-c CONF] [-n NODE] [-w SECONDS] SHARD|--all\n"
+    "       shardfs reshard merge [-c CONF] [-n NODE] [-w SECONDS] SHARD\n"
+    "       shardfs reshard resume [-c CONF] [-n NODE] [-w SECONDS]\n"
+    "\n"
+    "split: shard S of depth D becomes S and S + 2^D, both of depth D + 1; only the\n"
+    "records of S whose placement hash has bit D set move. --all splits every shard.\n"
+    "merge: S and its buddy S ^ 2^(D-1) (same depth D) become the lower of the two,\n"
+    "at depth D - 1. resume: finish a split or merge that was killed (every reshard\n"
+    "command does that first; a mount refuses a store with one in flight).\n"
+    "For now the store must be a single-node store (no replicas, no etcd) that is\n"
+    "not mounted: the command takes the store's lock (-w SECONDS: as for fsck).\n"
+    "Progress goes to stderr; the layout after the change to stdout, one line per\n"
+    "shard: \"shard S depth D\". Exits 0 on success, 1 on a refused change (no such\n"
+    "shard, a buddy split further), 2 on errors.\n";
 
 enum { OPT_REPAIR = 256, OPT_HELP };
 
@@ -199,8 +218,30 @@ static int load_config(const struct cli *c)
         fprintf(stderr, "shardfs: %s\n", err);
         return -1;
     }
-    if (ns_check_layout(&cfg, node, err, sizeof(err)) != 0) {
+    if (store_layout_apply(&cfg, node, err, sizeof(err)) != 0) {
         fprintf(stderr, "shardfs: %s\n", err);
+        return -1;
+    }
+    return node;
+}
+
+/* load_config, and refuse a store with a split or merge in flight. */
+static int load_store_config(const struct cli *c)
+{
+    char err[ERR_MAX];
+    int node = load_config(c), r;
+
+    if (node < 0)
+        return -1;
+    r = reshard_pending(&cfg, node, err, sizeof(err));
+    if (r != 0) {
+        if (r > 0)
+            fprintf(stderr,
+                    "shardfs: %s: a split or merge of its shards was interrupted; finish it "
+                    "with `shardfs reshard resume -c %s` first\n",
+                    cfg.nodes[node].data_dir, c->conf);
+        else
+            fprintf(stderr, "shardfs: %s\n", err);
         return -1;
     }
     return node;
@@ -510,7 +551,7 @@ static int cmd_mount(int argc, char **argv)
         fputs(usage_mount, stderr);
         return 2;
     }
-    node = load_config(&c);
+    node = load_store_config(&c);
     if (node < 0)
         return 1;
     if (stat(c.arg, &st) != 0) {
@@ -591,7 +632,7 @@ static int cmd_serve(int argc, char **argv)
         fputs(usage_serve, stderr);
         return 2;
     }
-    node = load_config(&c);
+    node = load_store_config(&c);
     if (node < 0)
         return 1;
     return run_daemon(serve_node, node, &c);
@@ -608,7 +649,7 @@ static int open_offline(const struct cli *c, const char *what, struct ns **ns)
 {
     char err[ERR_MAX];
     struct store_lock_opts lock = lock_opts(c, what, NULL);
-    int node = load_config(c);
+    int node = load_store_config(c);
 
     if (node < 0)
         return 2;
@@ -716,6 +757,132 @@ out:
     return rc ? 1 : 0;
 }
 
+/* ---- reshard ---- */
+
+static void reshard_progress(void *ctx, const struct reshard_stats *st)
+{
+    static const char *last_phase;
+    int tty = *(int *)ctx;
+    double mb = (double)st->bytes / 1e6, rate = st->seconds > 0 ? mb / st->seconds : 0;
+
+    if (!tty && st->phase == last_phase)
+        return; /* a log gets a line a phase */
+    last_phase = st->phase;
+    if (!strcmp(st->phase, "copy") && st->estimate && rate > 0) {
+        double left = ((double)st->estimate / 1e6 - mb) / rate;
+        fprintf(stderr, "%scopy: %llu records, %.1f MB, %.1f MB/s, about %.0f s left%s",
+                tty ? "\r" : "", (unsigned long long)st->records, mb, rate, left > 0 ? left : 0,
+                tty ? "   " : "\n");
+    } else {
+        fprintf(stderr, "%s%s: %llu records copied (%.1f MB), %llu purged, %.1f s%s",
+                tty ? "\r" : "", st->phase, (unsigned long long)st->records, mb,
+                (unsigned long long)st->purged, st->seconds, tty ? "   " : "\n");
+    }
+    if (tty && !strcmp(st->phase, "done"))
+        fputc('\n', stderr);
+}
+
+static void print_layout(void)
+{
+    for (unsigned i = 0; i < cfg.shard_count; i++)
+        if (placement_is_shard(cfg.depth, i))
+            printf("shard %u depth %u\n", i, cfg.depth[i]);
+}
+
+static void print_done(const char *what, const struct reshard_opts *o)
+{
+    const struct reshard_stats *st = &o->done;
+
+    printf("%s: shards %u and %u at depth %u: %llu records (%llu bytes) copied, %llu "
+           "purged, in %.2f s\n",
+           what, o->shard_a, o->shard_b, o->depth, (unsigned long long)st->records,
+           (unsigned long long)st->bytes, (unsigned long long)st->purged, st->seconds);
+}
+
+/* Parse a shard number; -1 if it is not one. */
+static long parse_shard(const char *s)
+{
+    char *end;
+    long v;
+
+    errno = 0;
+    v = strtol(s, &end, 10);
+    return errno || end == s || *end || v < 0 || v >= CONFIG_MAX_SHARDS ? -1 : v;
+}
+
+static int cmd_reshard(int argc, char **argv)
+{
+    char err[ERR_MAX];
+    struct cli c;
+    int tty = isatty(STDERR_FILENO), all = 0, node, r;
+    struct reshard_opts o = {.progress = reshard_progress, .ctx = &tty};
+    const char *sub = argc > 1 ? argv[1] : "";
+    long shard = -1;
+
+    if (!strcmp(sub, "-h") || !strcmp(sub, "--help")) {
+        fputs(usage_reshard, stdout);
+        return 0;
+    }
+    if (strcmp(sub, "split") && strcmp(sub, "merge") && strcmp(sub, "resume")) {
+        fputs(usage_reshard, stderr);
+        return 2;
+    }
+    for (int i = 2; i < argc; i++)
+        if (!strcmp(argv[i], "--all") && !strcmp(sub, "split")) {
+            all = 1;
+            memmove(argv + i, argv + i + 1, (size_t)(argc - i - 1) * sizeof(*argv));
+            argc--;
+            break;
+        }
+    r = parse_cli(argc - 1, argv + 1, "+c:n:w:h", usage_reshard, &c);
+    if (r)
+        return r > 0 ? 0 : 2;
+    if (!strcmp(sub, "resume") ? c.arg != NULL : (all ? c.arg != NULL : c.arg == NULL)) {
+        fputs(usage_reshard, stderr);
+        return 2;
+    }
+    if (c.arg && (shard = parse_shard(c.arg)) < 0) {
+        fprintf(stderr, "shardfs: reshard: '%s' is not a shard number\n", c.arg);
+        return 2;
+    }
+    node = load_config(&c);
+    if (node < 0)
+        return 2;
+    o.wait_ms = c.wait_ms;
+    /* Every command finishes a change a kill interrupted first. */
+    r = reshard_resume(&cfg, node, &o, err, sizeof(err));
+    if (r < 0)
+        goto fail;
+    if (r == 1)
+        print_done("resumed", &o);
+    if (!strcmp(sub, "split") && all) {
+        uint8_t depth[CONFIG_MAX_SHARDS];
+        unsigned slots = cfg.shard_count;
+        memcpy(depth, cfg.depth, slots);
+        for (unsigned i = 0; i < slots && r >= 0; i++)
+            if (placement_is_shard(depth, i)) {
+                r = reshard_split(&cfg, node, i, &o, err, sizeof(err));
+                if (r == 0)
+                    print_done("split", &o);
+            }
+    } else if (!strcmp(sub, "split")) {
+        r = reshard_split(&cfg, node, (unsigned)shard, &o, err, sizeof(err));
+        if (r == 0)
+            print_done("split", &o);
+    } else if (!strcmp(sub, "merge")) {
+        r = reshard_merge(&cfg, node, (unsigned)shard, &o, err, sizeof(err));
+        if (r == 0)
+            print_done("merge", &o);
+    }
+    if (r < 0)
+        goto fail;
+    print_layout();
+    return 0;
+fail:
+    fprintf(stderr, "shardfs: reshard: %s\n", err[0] ? err : strerror(-r));
+    return r == -EINVAL || r == -EBUSY || r == -ENOSPC || r == -EOPNOTSUPP ? 1 : 2;
+}
+
 int main(int argc, char **argv)
 {
     /* Write batches are up to a few MiB; keep glibc from mmap()ing (and
@@ -747,7 +914,8 @@ int main(int argc, char **argv)
         int (*fn)(int, char **);
     } clients[] = {{"get", cmd_get},         {"put", cmd_put},     {"rm", cmd_rm},
                    {"ls", cmd_ls},           {"status", cmd_status}, {"bench", cmd_bench},
-                   {"promote", cmd_promote}, {"replica", cmd_replica}};
+                   {"promote", cmd_promote}, {"replica", cmd_replica},
+                   {"reshard", cmd_reshard}};
     for (size_t i = 0; i < sizeof(clients) / sizeof(clients[0]); i++)
         if (!strcmp(argv[1], clients[i].name))
             return clients[i].fn(argc - 1, argv + 1);

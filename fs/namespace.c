@@ -76,6 +76,7 @@
 #include "runmark.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
+#include "store_layout.h"
 
 #define LOCK_STRIPES 256
 #define GUESS_WAYS 8 /* inode guesses a lock stripe (guess_slot) */
@@ -91,7 +92,6 @@ _Static_assert(XATTR_VALUE_MAX <= SHARD_READ_VALUE_MAX, "an xattr is read in one
 #define REG_STALE_EVERY 5
 /* The value of a kept orphan mark; an empty one marks a file open somewhere. */
 static const uint8_t ORPHAN_KEPT[1] = {'K'};
-#define STORE_FORMAT 1
 
 struct ns {
     const struct config *cfg;
@@ -100,8 +100,10 @@ struct ns {
     int lock_fd;
     int clear_mark;                 /* remove DATA_DIR/RUNNING at close */
     enum runmark_last last_run;     /* how the last daemon of the store stopped */
-    unsigned nshards;
-    struct shard **shards;
+    unsigned nshards;               /* slots of the layout (placement.h); == shards unless split */
+    struct shard **shards;          /* by slot: the slots of one shard hold the same pointer */
+    struct shard **uniq;            /* each shard once, by number (== shards when uniform) */
+    unsigned nuniq;
     struct shard **replicas;        /* this node's replica copies, outside the namespace */
     struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
@@ -162,6 +164,12 @@ static struct shard *shard_at(struct ns *ns, uint64_t hash)
     return ns->shards[placement_shard_of(hash, ns->nshards)];
 }
 
+/* The number of the shard a hash lives on. */
+static unsigned home_of(const struct ns *ns, uint64_t hash)
+{
+    return placement_home(hash, ns->cfg->depth, ns->nshards);
+}
+
 static struct shard *inode_shard(struct ns *ns, const struct ino_id *id)
 {
     return shard_at(ns, record_id_hash(id));
@@ -208,6 +216,21 @@ unsigned ns_shard_count(const struct ns *ns)
     return ns->nshards;
 }
 
+int ns_is_shard(const struct ns *ns, unsigned index)
+{
+    return index < ns->nshards && placement_is_shard(ns->cfg->depth, index);
+}
+
+unsigned ns_home(const struct ns *ns, uint64_t hash)
+{
+    return home_of(ns, hash);
+}
+
+unsigned ns_shard_depth(const struct ns *ns, unsigned index)
+{
+    return index < ns->nshards ? ns->cfg->depth[index] : 0;
+}
+
 int ns_shard_is_local(const struct ns *ns, unsigned index)
 {
     return index < ns->nshards && ns->cfg->owner[index] == ns->node;
@@ -223,11 +246,24 @@ struct shard *ns_replica(struct ns *ns, unsigned index)
     return index < ns->nshards ? ns->replicas[index] : NULL;
 }
 
+/* Make s shard index's in every slot of it, and in uniq. */
+static void shard_set(struct ns *ns, unsigned index, struct shard *s)
+{
+    unsigned d = ns->cfg->depth[index];
+
+    for (unsigned j = index; j < ns->nshards; j += 1u << d)
+        ns->shards[j] = s;
+    if (ns->uniq != ns->shards)
+        for (unsigned k = 0; k < ns->nuniq; k++)
+            if (ns->uniq[k]->index == index)
+                ns->uniq[k] = s;
+}
+
 int ns_shard_wrap(struct ns *ns, unsigned index, struct shard *wrap)
 {
-    if (!ns_shard_is_local(ns, index) || !wrap)
+    if (!ns_shard_is_local(ns, index) || !ns_is_shard(ns, index) || !wrap)
         return -EINVAL;
-    ns->shards[index] = wrap;
+    shard_set(ns, index, wrap);
     return 0;
 }
 
@@ -235,10 +271,10 @@ struct shard *ns_shard_swap(struct ns *ns, unsigned index, struct shard *s)
 {
     struct shard *old;
 
-    if (index >= ns->nshards || !s)
+    if (!ns_is_shard(ns, index) || !s)
         return NULL;
     old = ns->shards[index];
-    ns->shards[index] = s;
+    shard_set(ns, index, s);
     return old;
 }
 
@@ -285,27 +321,6 @@ int ns_copy_open(struct ns *ns, unsigned index, struct shard **out, char *err, s
     return rc;
 }
 
-/* Remove the files of directory dir, then dir. 0 or -errno. */
-static int dir_remove(const char *dir)
-{
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    int rc = 0;
-
-    if (!d)
-        return errno == ENOENT ? 0 : -errno;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-            continue;
-        if (unlinkat(dirfd(d), e->d_name, 0) != 0 && errno != ENOENT)
-            rc = -errno;
-    }
-    closedir(d);
-    if (rc == 0 && rmdir(dir) != 0 && errno != ENOENT)
-        rc = -errno;
-    return rc;
-}
-
 int ns_copy_remove(struct ns *ns, unsigned index)
 {
     char dir[PATH_MAX + 32], gone[PATH_MAX + 40];
@@ -316,19 +331,7 @@ int ns_copy_remove(struct ns *ns, unsigned index)
     rc = copy_dir(ns, index, "", dir, sizeof(dir));
     if (rc == 0)
         rc = copy_dir(ns, index, ".dropped", gone, sizeof(gone));
-    if (rc)
-        return rc;
-    /* One rename, made durable, before anything is deleted: a crash never
-     * leaves a half-deleted shard-N (redo logs without their data.mdb)
-     * that a later open would take for a copy. */
-    rc = dir_remove(gone); /* a leftover of an earlier drop */
-    if (rc == 0 && rename(dir, gone) != 0)
-        rc = errno == ENOENT ? 1 : -errno;
-    if (rc == 0)
-        rc = durable_sync_parent(dir);
-    if (rc == 0)
-        rc = dir_remove(gone);
-    return rc < 0 ? rc : 0;
+    return rc ? rc : durable_remove_dir(dir, gone);
 }
 
 /* 1 if shards.conf names node a replica holder of shard i. */
@@ -343,12 +346,12 @@ static int holds_replica(const struct config *cfg, int node, unsigned i)
 unsigned ns_entry_shard(const struct ns *ns, const struct ino_id *dir, const char *name,
                         size_t nlen)
 {
-    return placement_shard_of(entry_hash(dir, name, nlen), ns->nshards);
+    return home_of(ns, entry_hash(dir, name, nlen));
 }
 
 unsigned ns_inode_shard(const struct ns *ns, const struct ino_id *id)
 {
-    return placement_shard_of(record_id_hash(id), ns->nshards);
+    return home_of(ns, record_id_hash(id));
 }
 
 static unsigned stripe_index(const struct ino_id *id)
@@ -570,7 +573,7 @@ static uint64_t monotonic_ms(void)
  * always read: reading LMDB costs less than a failed apply. */
 static int inode_is_remote(const struct ns *ns, const struct ino_id *id)
 {
-    return !ns_shard_is_local(ns, placement_shard_of(record_id_hash(id), ns->nshards));
+    return !ns_shard_is_local(ns, home_of(ns, record_id_hash(id)));
 }
 
 /* id's guess slot, one of GUESS_WAYS of its lock stripe: guarded by it.
@@ -1208,7 +1211,7 @@ static int dir_is_empty(struct ns *ns, const struct ino_id *dir)
     uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
     size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
 
-    int found = 0, rc = shard_scan_many(ns->shards, ns->nshards, start, sl, end, el, found_entry,
+    int found = 0, rc = shard_scan_many(ns->uniq, ns->nuniq, start, sl, end, el, found_entry,
                                         &found);
 
     return rc < 0 ? rc : !found;
@@ -2190,7 +2193,7 @@ int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *c
     struct readdir_ctx rc = {fn, ctx};
 
     /* Entries are spread over every shard: ask them all at once. */
-    return shard_scan_many(ns->shards, ns->nshards, start, sl, end, el, readdir_one, &rc);
+    return shard_scan_many(ns->uniq, ns->nuniq, start, sl, end, el, readdir_one, &rc);
 }
 
 struct readdir_plus_ctx {
@@ -2236,7 +2239,7 @@ int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn
     if (!rc)
         return -ENOMEM;
     *rc = (struct readdir_plus_ctx){.ns = ns, .fn = fn, .ctx = ctx};
-    err = shard_scan_many_join(ns->shards, ns->nshards, start, sl, end, el, &join,
+    err = shard_scan_many_join(ns->uniq, ns->nuniq, start, sl, end, el, &join,
                                readdir_plus_one, rc);
     free(rc);
     return err;
@@ -2265,9 +2268,9 @@ static int getattr_window(struct ns *ns, const struct ino_id *all, unsigned at, 
     /* Sort the window's indices by shard (n is small: insertion). */
     for (unsigned i = 0; i < n; i++) {
         unsigned j = i;
-        uint64_t si = placement_shard_of(record_id_hash(&ids[i]), ns->nshards);
+        uint64_t si = home_of(ns, record_id_hash(&ids[i]));
 
-        while (j > 0 && placement_shard_of(record_id_hash(&ids[order[j - 1]]), ns->nshards) > si) {
+        while (j > 0 && home_of(ns, record_id_hash(&ids[order[j - 1]])) > si) {
             order[j] = order[j - 1];
             j--;
         }
@@ -2571,12 +2574,12 @@ int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *r
     if (!per)
         return -ENOMEM;
     for (size_t i = 0; i < n; i++)
-        batch_unregister(ns, &per[placement_shard_of(record_id_hash(&ids[i]), ns->nshards)],
+        batch_unregister(ns, &per[home_of(ns, record_id_hash(&ids[i]))],
                          &ids[i]);
     for (unsigned s = 0; s < ns->nshards; s++) {
         int rc = per[s].count ? apply_batch(ns->shards[s], &per[s]) : 0;
         for (size_t i = 0; i < n; i++)
-            if (placement_shard_of(record_id_hash(&ids[i]), ns->nshards) == s)
+            if (home_of(ns, record_id_hash(&ids[i])) == s)
                 rcs[i] = rc;
         failed += rc != 0;
     }
@@ -2633,8 +2636,8 @@ int ns_sync(struct ns *ns, const struct ino_id *id)
 
     if (id)
         return shard_sync(inode_shard(ns, id));
-    for (unsigned i = 0; i < ns->nshards; i++) {
-        int r = shard_sync(ns->shards[i]);
+    for (unsigned i = 0; i < ns->nuniq; i++) {
+        int r = shard_sync(ns->uniq[i]);
         if (r && !rc)
             rc = r;
     }
@@ -2807,7 +2810,7 @@ static int recover_intents(struct ns *ns, int dry_run, ns_report_fn report, void
 
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
-        if (!ns_shard_is_local(ns, i))
+        if (!ns_shard_is_local(ns, i) || !ns_is_shard(ns, i))
             continue; /* each node recovers its own shards */
         int rc = scan_type(ns, i, REC_INTENT, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
@@ -2854,7 +2857,7 @@ static int orphans_each(struct ns *ns, orphan_fn fn, void *arg)
 {
     for (unsigned i = 0; i < ns->nshards; i++) {
         struct key_list l = {0};
-        if (!looks_after(ns, i))
+        if (!ns_is_shard(ns, i) || !looks_after(ns, i))
             continue;
         int rc = scan_type(ns, i, REC_ORPHAN, &l);
         for (size_t j = 0; rc >= 0 && j < l.n; j++) {
@@ -3035,7 +3038,7 @@ static void openreg_drop_stale_remote(struct ns *ns)
         pthread_mutex_unlock(&ns->reaper_lock);
         if (stop)
             return;
-        if (!ns->reg_stale[i] || remote_node_down(ns->remote, ns->cfg->owner[i], &since) == 1)
+        if (!ns->reg_stale[i] || !ns_is_shard(ns, i) || remote_node_down(ns->remote, ns->cfg->owner[i], &since) == 1)
             continue;
         if (openreg_drop_stale(ns, i) == 0)
             ns->reg_stale[i] = 0;
@@ -3124,76 +3127,6 @@ void ns_reaper_stop(struct ns *ns)
 
 /* ---- open and close ---- */
 
-static int store_file_path(const struct config *cfg, int node, char *out, size_t len)
-{
-    return snprintf(out, len, "%s/STORE", cfg->nodes[node].data_dir) >= (int)len ? -1 : 0;
-}
-
-int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen)
-{
-    char path[PATH_MAX + 16], line[128];
-    unsigned long fmt = 0, count = 0;
-    FILE *f;
-
-    if (store_file_path(cfg, node, path, sizeof(path)))
-        goto too_long;
-    f = fopen(path, "re");
-    if (!f) {
-        if (errno == ENOENT)
-            return 0; /* a new store */
-        snprintf(err, errlen, "%s:%d: %s: %s", cfg->path, cfg->nodes[node].line, path,
-                 strerror(errno));
-        return -1;
-    }
-    while (fgets(line, sizeof(line), f)) {
-        if (sscanf(line, "shardfs-store %lu", &fmt) == 1)
-            continue;
-        sscanf(line, "shards %lu", &count);
-    }
-    fclose(f);
-    if (fmt != STORE_FORMAT || count == 0) {
-        snprintf(err, errlen, "%s: %s is not a shardfs store of format %d", cfg->path, path,
-                 STORE_FORMAT);
-        return -1;
-    }
-    if (count != cfg->shard_count) {
-        snprintf(err, errlen,
-                 "%s:%d: shards = %u, but the data in %s was written with %lu shards "
-                 "(resharding is not supported yet)",
-                 cfg->path, cfg->shards_line, cfg->shard_count, cfg->nodes[node].data_dir, count);
-        return -1;
-    }
-    return 0;
-too_long:
-    snprintf(err, errlen, "%s: data_dir path too long", cfg->path);
-    return -1;
-}
-
-static int write_store_file(const struct config *cfg, int node)
-{
-    char path[PATH_MAX + 16], tmp[PATH_MAX + 32], text[64];
-    int fd, rc = 0, n;
-
-    if (store_file_path(cfg, node, path, sizeof(path)))
-        return -ENAMETOOLONG;
-    if (access(path, F_OK) == 0)
-        return 0;
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    n = snprintf(text, sizeof(text), "shardfs-store %d\nshards %u\n", STORE_FORMAT,
-                 cfg->shard_count);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    if (write(fd, text, (size_t)n) != n || fsync(fd) != 0)
-        rc = -errno ? -errno : -EIO;
-    close(fd);
-    if (rc == 0 && rename(tmp, path) != 0)
-        rc = -errno;
-    if (rc == 0)
-        rc = durable_sync_parent(path); /* the new name, not only the bytes */
-    return rc;
-}
-
 /* Each shard records its index and the store's shard count. */
 static int shard_meta_check(struct ns *ns, unsigned i, char *err, size_t errlen)
 {
@@ -3202,9 +3135,11 @@ static int shard_meta_check(struct ns *ns, unsigned i, char *err, size_t errlen)
     size_t vlen = 0;
     int rc;
 
+    /* The count of a uniform layout at the shard's depth: a store made
+     * before layouts wrote the same. */
     for (int k = 0; k < 4; k++) {
         want[k] = (uint8_t)(i >> (8 * k));
-        want[4 + k] = (uint8_t)(ns->nshards >> (8 * k));
+        want[4 + k] = (uint8_t)((1u << ns->cfg->depth[i]) >> (8 * k));
     }
     rc = shard_get(ns->shards[i], key, sizeof(key) - 1, 0, val, sizeof(val), &vlen);
     if (rc == -ENOENT) {
@@ -3219,6 +3154,31 @@ static int shard_meta_check(struct ns *ns, unsigned i, char *err, size_t errlen)
     if (rc < 0 && !err[0])
         snprintf(err, errlen, "shard %u: %s", i, strerror(-rc));
     return rc < 0 ? rc : 0;
+}
+
+/* Fill the slots of shallower shards and the list of distinct shards, once
+ * every shard is open. */
+static int shards_index(struct ns *ns)
+{
+    unsigned n = 0;
+
+    for (unsigned i = 0; i < ns->nshards; i++)
+        if (!ns_is_shard(ns, i))
+            ns->shards[i] = ns->shards[i & ((1u << ns->cfg->depth[i]) - 1)];
+        else
+            n++;
+    if (n == ns->nshards) {
+        ns->uniq = ns->shards;
+        ns->nuniq = n;
+        return 0;
+    }
+    ns->uniq = calloc(n, sizeof(*ns->uniq));
+    if (!ns->uniq)
+        return -ENOMEM;
+    for (unsigned i = 0; i < ns->nshards; i++)
+        if (ns_is_shard(ns, i))
+            ns->uniq[ns->nuniq++] = ns->shards[i];
+    return 0;
 }
 
 static int root_ensure(struct ns *ns)
@@ -3289,11 +3249,11 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     rc = store_lock_acquire(ns->data_dir, lock ? lock : &no_wait, &ns->lock_fd, err, errlen);
     if (rc)
         goto fail;
-    if (ns_check_layout(cfg, node, err, errlen)) {
+    if (store_layout_check(cfg, node, err, errlen)) {
         rc = -EINVAL;
         goto fail;
     }
-    rc = write_store_file(cfg, node);
+    rc = store_layout_create(cfg, node);
     if (rc) {
         snprintf(err, errlen, "%s/STORE: %s", ns->data_dir, strerror(-rc));
         goto fail;
@@ -3308,6 +3268,8 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     ns->clear_mark = !(flags & NS_OPEN_NO_RECOVER) && ns->last_run == RUNMARK_CLEAN;
     for (unsigned i = 0; i < ns->nshards; i++) {
         char dir[PATH_MAX + 32];
+        if (!ns_is_shard(ns, i))
+            continue; /* a slot of a shallower shard: set below */
         if (!ns_shard_is_local(ns, i)) {
             if (!ns->remote) {
                 rc = remote_new(cfg, node, &ns->remote, err, errlen);
@@ -3339,13 +3301,16 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     for (unsigned i = 0; i < ns->nshards; i++) {
         char dir[PATH_MAX + 32];
 
-        if (!holds_replica(cfg, node, i))
+        if (!ns_is_shard(ns, i) || !holds_replica(cfg, node, i))
             continue;
         snprintf(dir, sizeof(dir), "%s/shard-%u", ns->data_dir, i);
         rc = shard_lmdb_open(dir, i, &opt, &ns->replicas[i], err, errlen);
         if (rc)
             goto fail;
     }
+    rc = shards_index(ns);
+    if (rc)
+        goto fail;
     /* The root lives on shard 0; its owner creates it. */
     rc = ns_shard_is_local(ns, 0) ? root_ensure(ns) : 0;
     if (rc == 0 && !(flags & NS_OPEN_NO_RECOVER))
@@ -3356,7 +3321,8 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
          * down at this moment). */
         ns->reg_stale = calloc(ns->nshards, 1);
         for (unsigned i = 0; ns->reg_stale && i < ns->nshards; i++)
-            ns->reg_stale[i] = !ns_shard_is_local(ns, i) || openreg_drop_stale(ns, i) != 0;
+            ns->reg_stale[i] = ns_is_shard(ns, i) &&
+                               (!ns_shard_is_local(ns, i) || openreg_drop_stale(ns, i) != 0);
     }
     if (rc < 0) {
         snprintf(err, errlen, "%s: recovery: %s", ns->data_dir, strerror(-rc));
@@ -3375,9 +3341,12 @@ void ns_close(struct ns *ns)
         return;
     reaper_join(ns); /* without ns_reaper_stop(): its is_open may be gone */
     for (unsigned i = 0; ns->shards && i < ns->nshards; i++)
-        shard_close(ns->shards[i]);
+        if (ns_is_shard(ns, i))
+            shard_close(ns->shards[i]);
     for (unsigned i = 0; ns->replicas && i < ns->nshards; i++)
         shard_close(ns->replicas[i]);
+    if (ns->uniq != ns->shards)
+        free(ns->uniq);
     free(ns->replicas);
     if (ns->clear_mark)
         runmark_end(ns->data_dir); /* every local shard is committed and synced */

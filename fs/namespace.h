@@ -54,10 +54,6 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
             struct ns **out, char *err, size_t errlen);
 void ns_close(struct ns *ns);
 
-/* Check, before anything is opened or written, that the data directory of node
- * matches cfg (shard count). Returns 0 or -1 with "FILE:LINE: reason". */
-int ns_check_layout(const struct config *cfg, int node, char *err, size_t errlen);
-
 /* How the last process that served this data directory stopped: 0 it
  * closed the store, 1 it died (kill -9), 2 the machine stopped under it (a
  * power cut); see runmark.h. After 1 or 2 a multi-shard operation may be
@@ -75,7 +71,17 @@ int ns_all_local(const struct ns *ns);
 void ns_nodes_down(struct ns *ns, void (*fn)(void *ctx, const char *node, time_t since),
                    void *ctx);
 
+/* The slots of the store's layout (placement.h): the number of shards,
+ * unless some shard was split (reshard.h). Loops over the shards visit the
+ * slots i with ns_is_shard(); every slot i has a shard, ns_shard(ns, i),
+ * the same for all slots of one shard. */
 unsigned ns_shard_count(const struct ns *ns);
+/* 1 if slot index is a shard's own: the shard numbered index. */
+int ns_is_shard(const struct ns *ns, unsigned index);
+/* The shard a record with placement hash h lives on. */
+unsigned ns_home(const struct ns *ns, uint64_t hash);
+/* The depth of the shard of slot index (placement.h). */
+unsigned ns_shard_depth(const struct ns *ns, unsigned index);
 /* 1 if this node owns shard index (it is an LMDB environment here). */
 int ns_shard_is_local(const struct ns *ns, unsigned index);
 struct shard *ns_shard(struct ns *ns, unsigned index);

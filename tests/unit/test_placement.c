@@ -8,6 +8,7 @@
  * whose bit log2(N) is set, from s to s + N), and placement_valid_count.
  * Exits non-zero on any failed check.
  */
+#include <errno.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -293,8 +294,106 @@ static void test_valid_count(void)
         CHECKF(placement_valid_count(n) == 1, "n=%lu", n);
 }
 
+/* ---- layouts ---- */
+
+/* The reference home of h: the one shard (s, d) of the list with
+ * h & (2^d - 1) == s; -1 if none or several claim it. */
+static int ref_home(const unsigned *id, const unsigned *dep, unsigned n, uint64_t h)
+{
+    int home = -1;
+
+    for (unsigned k = 0; k < n; k++)
+        if ((h & ((1ull << dep[k]) - 1)) == id[k]) {
+            if (home >= 0)
+                return -1;
+            home = (int)id[k];
+        }
+    return home;
+}
+
+/* Random splits and merges from 4 uniform shards: after every step the
+ * layout is valid, its shards are exactly the reference list, every hash's
+ * home is the reference's, and a split moved exactly the hashes of s with
+ * bit d set. */
+static void test_layout(void)
+{
+    uint8_t depth[1024];
+    unsigned slots = 4, id[1024], dep[1024], n = 4, max = 1024;
+
+    for (unsigned i = 0; i < 4; i++) {
+        depth[i] = 2;
+        id[i] = i;
+        dep[i] = 2;
+    }
+    CHECK_RC(placement_layout_check(depth, slots), 0);
+    for (int step = 0; step < 400; step++) {
+        unsigned k = (unsigned)(rng() % n), s = id[k], d = dep[k], into = 0;
+        int split = n < 40 && (rng() % 3) != 0;
+
+        if (split) {
+            int rc = placement_split(depth, &slots, max, s);
+            if ((2u << d) > max) {
+                CHECK_RC(rc, -ENOSPC);
+                continue;
+            }
+            CHECK_RC(rc, 0);
+            dep[k] = d + 1;
+            id[n] = s + (1u << d);
+            dep[n++] = d + 1;
+        } else {
+            unsigned buddy = s ^ (1u << (d - 1)), b = n;
+            if (d == 0)
+                continue;
+            for (unsigned j = 0; j < n; j++)
+                if (id[j] == buddy && dep[j] == d)
+                    b = j;
+            int rc = placement_merge(depth, &slots, s, &into);
+            if (b == n) {
+                CHECK_RC(rc, -EBUSY);
+                continue;
+            }
+            CHECK_RC(rc, 0);
+            CHECK(into == (s < buddy ? s : buddy));
+            unsigned keep = s < buddy ? k : b, gone = s < buddy ? b : k;
+            dep[keep] = d - 1;
+            id[gone] = id[n - 1];
+            dep[gone] = dep[n - 1];
+            n--;
+        }
+        CHECK_RC(placement_layout_check(depth, slots), 0);
+        unsigned deepest = 0, count = 0;
+        for (unsigned j = 0; j < n; j++)
+            deepest = dep[j] > deepest ? dep[j] : deepest;
+        CHECKF(slots == 1u << deepest, "slots %u, deepest %u", slots, deepest);
+        for (unsigned i = 0; i < slots; i++)
+            count += (unsigned)placement_is_shard(depth, i);
+        CHECKF(count == n, "%u shards in the layout, %u in the reference", count, n);
+        for (int t = 0; t < 200; t++) {
+            uint64_t h = rng();
+            int want = ref_home(id, dep, n, h);
+            unsigned got = placement_home(h, depth, slots);
+            if ((int)got != want) {
+                CHECKF(0, "step %d h=%016llx: home %u, want %d", step, (unsigned long long)h,
+                       got, want);
+                break;
+            }
+            if (split && want == (int)s + (1 << d))
+                CHECK(((h >> d) & 1) && (h & ((1ull << d) - 1)) == s);
+        }
+    }
+    /* Bad input. */
+    unsigned one = 1, none = 0;
+    uint8_t flat[2] = {1, 1};
+    CHECK_RC(placement_split(flat, &one, 2, 1), -EINVAL);  /* slot out of range */
+    CHECK_RC(placement_merge(flat, &one, 0, &none), -EINVAL); /* depth 1 needs 2 slots */
+    flat[0] = 0;
+    CHECK_RC(placement_layout_check(flat, 2), -EINVAL);      /* slot 1 disagrees */
+    CHECK_RC(placement_layout_check(flat, 3), -EINVAL);      /* not a power of two */
+}
+
 int main(void)
 {
+    test_layout();
     test_rsync_base();
     test_entry_hash();
     test_shard_of();

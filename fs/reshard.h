@@ -1,0 +1,88 @@
+/* reshard.h -- split and merge the shards of a store (issue 11).
+ *
+ * A split of shard s at depth d makes s and s + 2^d at depth d + 1: the
+ * records of s whose placement hash has bit d set move to the new shard,
+ * every other record stays, nothing else is read or written (placement.h,
+ * "layouts"). A merge folds s + 2^(d-1) back into s (the lower of two
+ * buddies at the same depth), at depth d - 1.
+ *
+ * This step works on a single-node store that no process has open (the
+ * store's lock is taken: a mounted store gets -EAGAIN and the lock holder's
+ * name). Each change runs in phases, and the state file DATA_DIR/RESHARD
+ * ("split S D" or "merge S D") is written durably before the first and
+ * removed after the last, so a change killed at any point is finished by
+ * reshard_resume() (which every open of the store for a reshard runs
+ * first) and a daemon refuses to mount a store with one in flight:
+ *
+ *  1. copy     split: the records of s with bit d set into a fresh
+ *              shard-(s + 2^d) (a leftover of a killed copy is removed
+ *              first); merge: every record of the upper buddy into the
+ *              lower one (puts of the same values: a repeat is harmless).
+ *              The target is synced at the end.
+ *  2. cut-over DATA_DIR/STORE gets the new layout (store_layout.h), in one
+ *              rename: the point where the change happened. Then the
+ *              shards' own `Mshard` records get their new depth.
+ *  3. purge    split: the moved records are deleted from s; merge: the
+ *              upper buddy's directory is removed. Then RESHARD goes.
+ *
+ * Resume: with the layout in STORE still the old one, the change starts
+ * again at 1; with the new one, it goes on at 2's second half.
+ *
+ * Records that are not placed (`M` records of the fs layer) stay where they
+ * are; the shard's local records (its stream, positions) are its own.
+ *
+ * Errors: 0 or -errno, with a message in err. Not thread-safe (a command).
+ */
+#ifndef SHARDFS_RESHARD_H
+#define SHARDFS_RESHARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+
+struct reshard_stats {
+    const char *phase;      /* "copy", "cut-over", "purge", "done" */
+    uint64_t records;       /* records copied so far (the phase's count in purge) */
+    uint64_t bytes;         /* key and value bytes copied */
+    uint64_t estimate;      /* bytes the copy is expected to take (0: unknown) */
+    uint64_t purged;        /* records deleted from the source */
+    double seconds;         /* since the change began */
+};
+
+/* Called about twice a second during a phase and once at its end. */
+typedef void (*reshard_progress_fn)(void *ctx, const struct reshard_stats *st);
+
+struct reshard_opts {
+    unsigned wait_ms;       /* how long to wait for the store's lock */
+    reshard_progress_fn progress;
+    void *ctx;
+    /* Filled at the end: what the change did, and the shards it made or
+     * kept (split: s and s + 2^d; merge: the survivor twice). */
+    struct reshard_stats done;
+    unsigned shard_a, shard_b, depth;
+};
+
+/* Split shard s of the store of node; cfg must hold the store's layout
+ * (store_layout_apply()). -EINVAL: s is not a shard; -ENOSPC: the new
+ * shard's number would reach CONFIG_MAX_SHARDS; -EOPNOTSUPP: not a
+ * single-node store; -EAGAIN: another process has the store open. */
+int reshard_split(struct config *cfg, int node, unsigned s, struct reshard_opts *o, char *err,
+                  size_t errlen);
+
+/* Merge shard s with its buddy (see above). -EBUSY also when the buddy was
+ * split further (merge its halves first); -EINVAL: s is not a shard or has
+ * depth 0. */
+int reshard_merge(struct config *cfg, int node, unsigned s, struct reshard_opts *o, char *err,
+                  size_t errlen);
+
+/* Finish a change a kill interrupted. 1 when there was one (o->done says
+ * what), 0 when there was none, or -errno. */
+int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *err,
+                   size_t errlen);
+
+/* 1 if DATA_DIR/RESHARD of node exists (a change is in flight), 0 if not,
+ * -1 with the reason in err. */
+int reshard_pending(const struct config *cfg, int node, char *err, size_t errlen);
+
+#endif
