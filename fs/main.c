@@ -33,6 +33,7 @@
 #include "shard_map.h"
 #include "store_layout.h"
 #include "reshard.h"
+#include "control.h"
 
 #define ERR_MAX 1024
 
@@ -402,6 +403,7 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     struct ns *ns = NULL;
     struct fs *fs = NULL;
     struct server sv = {0};
+    struct control *ctl = NULL;
     char err[ERR_MAX] = "";
     int rc = 1, mounted = 0, handlers = 0;
     struct store_lock_opts lock = lock_opts(c, "mount", mount_abs[0] ? mount_abs : NULL);
@@ -436,6 +438,10 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
         goto out;
     }
     mounted = 1;
+    /* `shardfs reshard` of a mounted store asks this daemon (control.h). */
+    if (store_layout_single_node(&cfg, node) && control_start(ns, &cfg, node, &ctl) != 0)
+        fprintf(stderr, "shardfs: %s/CONTROL: cannot listen: online resharding is off\n",
+                cfg.nodes[node].data_dir);
     report_ready(ready_fd, "");
     ready_fd = -1;
     if (!c->foreground) {
@@ -465,6 +471,7 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
 out:
     if (mounted)
         fuse_session_unmount(se);
+    control_stop(ctl); /* cancels a copy in flight: operations have stopped */
     if (handlers)
         fuse_remove_signal_handlers(se);
     fs_stop(fs); /* answers what it holds: before the session goes */
@@ -761,13 +768,13 @@ out:
 
 static void reshard_progress(void *ctx, const struct reshard_stats *st)
 {
-    static const char *last_phase;
+    static char last_phase[16];
     int tty = *(int *)ctx;
     double mb = (double)st->bytes / 1e6, rate = st->seconds > 0 ? mb / st->seconds : 0;
 
-    if (!tty && st->phase == last_phase)
+    if (!tty && !strcmp(st->phase, last_phase))
         return; /* a log gets a line a phase */
-    last_phase = st->phase;
+    snprintf(last_phase, sizeof(last_phase), "%s", st->phase);
     if (!strcmp(st->phase, "copy") && st->estimate && rate > 0) {
         double left = ((double)st->estimate / 1e6 - mb) / rate;
         fprintf(stderr, "%scopy: %llu records, %.1f MB, %.1f MB/s, about %.0f s left%s",
@@ -808,6 +815,42 @@ static long parse_shard(const char *s)
     errno = 0;
     v = strtol(s, &end, 10);
     return errno || end == s || *end || v < 0 || v >= CONFIG_MAX_SHARDS ? -1 : v;
+}
+
+/* The change of cmd_reshard through the daemon of the mounted store; prints
+ * the same as offline (and the pause). 0 or -errno, the message in err. */
+static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
+                           struct reshard_opts *o, char *err, size_t errlen)
+{
+    unsigned list[CONFIG_MAX_SHARDS], n = 0;
+    char line[64];
+    int r = 0;
+
+    if (all) {
+        for (unsigned i = 0; i < cfg.shard_count; i++)
+            if (placement_is_shard(cfg.depth, i))
+                list[n++] = i;
+    } else {
+        list[n++] = shard;
+    }
+    for (unsigned k = 0; k < n && r == 0; k++) {
+        snprintf(line, sizeof(line), "%s %u", sub, list[k]);
+        r = control_request(&cfg, node, line, o, err, errlen);
+        if (r == 0) {
+            print_done(sub, o);
+            printf("%s: %llu writes passed on during the copy; operations waited %.1f ms at "
+                   "the cut-over\n",
+                   sub, (unsigned long long)o->mirrored, o->pause_ms);
+        }
+        if (r == 0) { /* the layout, as the daemon made it */
+            char e2[ERR_MAX];
+            if (store_layout_apply(&cfg, node, e2, sizeof(e2)) != 0)
+                fprintf(stderr, "shardfs: %s\n", e2);
+        }
+    }
+    if (r == 0)
+        print_layout();
+    return r;
 }
 
 static int cmd_reshard(int argc, char **argv)
@@ -851,10 +894,27 @@ static int cmd_reshard(int argc, char **argv)
     o.wait_ms = c.wait_ms;
     /* Every command finishes a change a kill interrupted first. */
     r = reshard_resume(&cfg, node, &o, err, sizeof(err));
+    if (r == -EAGAIN && strcmp(sub, "resume")) {
+        /* The store is in use: a mount does the change itself. */
+        r = reshard_mounted(node, sub, all, (unsigned)shard, &o, err, sizeof(err));
+        if (r == -ENOENT || r == -ECONNREFUSED) /* no control socket: the lock's message */
+            r = reshard_resume(&cfg, node, &o, err, sizeof(err));
+        if (r == 0)
+            return 0;
+    }
     if (r < 0)
         goto fail;
-    if (r == 1)
+    if (r == 1) {
+        /* The same command again after a kill finishes the change and
+         * stops: it must not make it twice. */
         print_done("resumed", &o);
+        if (strcmp(sub, "resume"))
+            fprintf(stderr, "shardfs: reshard: finished the change that was interrupted; "
+                            "%s was not started (run it again if it is still wanted)\n",
+                    sub);
+        print_layout();
+        return 0;
+    }
     if (!strcmp(sub, "split") && all) {
         uint8_t depth[CONFIG_MAX_SHARDS];
         unsigned slots = cfg.shard_count;

@@ -101,9 +101,12 @@ struct ns {
     int clear_mark;                 /* remove DATA_DIR/RUNNING at close */
     enum runmark_last last_run;     /* how the last daemon of the store stopped */
     unsigned nshards;               /* slots of the layout (placement.h); == shards unless split */
-    struct shard **shards;          /* by slot: the slots of one shard hold the same pointer */
+    uint8_t depth[CONFIG_MAX_SHARDS]; /* the layout: each slot's shard's depth */
+    struct shard **shards;          /* by slot (room for CONFIG_MAX_SHARDS): the slots of one
+                                     * shard hold the same pointer */
     struct shard **uniq;            /* each shard once, by number (== shards when uniform) */
     unsigned nuniq;
+    pthread_rwlock_t layout_lock;   /* read: an operation (ns_hold); write: a layout change */
     struct shard **replicas;        /* this node's replica copies, outside the namespace */
     struct remote *remote;          /* NULL when every shard is local */
     _Atomic uint64_t next_unique;
@@ -164,10 +167,63 @@ static struct shard *shard_at(struct ns *ns, uint64_t hash)
     return ns->shards[placement_shard_of(hash, ns->nshards)];
 }
 
+/* ---- the layout lock ----
+ * Every operation (the ns_* calls below "the operations") runs with the
+ * layout held for reading, so a layout change (a reshard's cut-over) made
+ * with it held for writing finds no operation between its routing and its
+ * writes. Writers are preferred (a steady stream of operations must not
+ * starve a cut-over), so a thread must not take the read side twice: a
+ * thread-local count lets an operation call another. */
+static _Thread_local const struct ns *held_ns;
+static _Thread_local unsigned held_depth;
+
+static void layout_lock_init(struct ns *ns)
+{
+    pthread_rwlockattr_t a;
+
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&ns->layout_lock, &a);
+    pthread_rwlockattr_destroy(&a);
+}
+
+void ns_hold(struct ns *ns)
+{
+    if (held_ns == ns) {
+        held_depth++;
+        return;
+    }
+    pthread_rwlock_rdlock(&ns->layout_lock);
+    if (!held_ns) {
+        held_ns = ns;
+        held_depth = 1;
+    }
+}
+
+void ns_unhold(struct ns *ns)
+{
+    if (held_ns == ns) {
+        if (--held_depth)
+            return;
+        held_ns = NULL;
+    }
+    pthread_rwlock_unlock(&ns->layout_lock);
+}
+
+void ns_quiesce(struct ns *ns)
+{
+    pthread_rwlock_wrlock(&ns->layout_lock);
+}
+
+void ns_unquiesce(struct ns *ns)
+{
+    pthread_rwlock_unlock(&ns->layout_lock);
+}
+
 /* The number of the shard a hash lives on. */
 static unsigned home_of(const struct ns *ns, uint64_t hash)
 {
-    return placement_home(hash, ns->cfg->depth, ns->nshards);
+    return placement_home(hash, ns->depth, ns->nshards);
 }
 
 static struct shard *inode_shard(struct ns *ns, const struct ino_id *id)
@@ -218,7 +274,7 @@ unsigned ns_shard_count(const struct ns *ns)
 
 int ns_is_shard(const struct ns *ns, unsigned index)
 {
-    return index < ns->nshards && placement_is_shard(ns->cfg->depth, index);
+    return index < ns->nshards && placement_is_shard(ns->depth, index);
 }
 
 unsigned ns_home(const struct ns *ns, uint64_t hash)
@@ -228,7 +284,7 @@ unsigned ns_home(const struct ns *ns, uint64_t hash)
 
 unsigned ns_shard_depth(const struct ns *ns, unsigned index)
 {
-    return index < ns->nshards ? ns->cfg->depth[index] : 0;
+    return index < ns->nshards ? ns->depth[index] : 0;
 }
 
 int ns_shard_is_local(const struct ns *ns, unsigned index)
@@ -246,17 +302,59 @@ struct shard *ns_replica(struct ns *ns, unsigned index)
     return index < ns->nshards ? ns->replicas[index] : NULL;
 }
 
+/* The list of distinct shards, from the slots. */
+static void uniq_rebuild(struct ns *ns)
+{
+    unsigned n = 0;
+
+    for (unsigned i = 0; ns->uniq && i < ns->nshards; i++)
+        if (ns_is_shard(ns, i))
+            ns->uniq[n++] = ns->shards[i];
+    ns->nuniq = n;
+}
+
 /* Make s shard index's in every slot of it, and in uniq. */
 static void shard_set(struct ns *ns, unsigned index, struct shard *s)
 {
-    unsigned d = ns->cfg->depth[index];
+    unsigned d = ns->depth[index];
 
     for (unsigned j = index; j < ns->nshards; j += 1u << d)
         ns->shards[j] = s;
-    if (ns->uniq != ns->shards)
-        for (unsigned k = 0; k < ns->nuniq; k++)
-            if (ns->uniq[k]->index == index)
-                ns->uniq[k] = s;
+    uniq_rebuild(ns);
+}
+
+int ns_layout_split(struct ns *ns, unsigned s, struct shard *to)
+{
+    unsigned n = ns->nshards, d, t;
+    int rc;
+
+    if (!ns_is_shard(ns, s))
+        return -EINVAL;
+    d = ns->depth[s];
+    t = s + (1u << d);
+    rc = placement_split(ns->depth, &n, CONFIG_MAX_SHARDS, s);
+    if (rc)
+        return rc;
+    for (unsigned j = ns->nshards; j < n; j++) /* the slots doubled: the upper half repeats */
+        ns->shards[j] = ns->shards[j - ns->nshards];
+    ns->nshards = n;
+    shard_set(ns, t, to);
+    return 0;
+}
+
+struct shard *ns_layout_merge(struct ns *ns, unsigned low)
+{
+    unsigned n = ns->nshards, into, d = ns->depth[low];
+    struct shard *up;
+
+    if (!ns_is_shard(ns, low) || d == 0 || low >= (1u << (d - 1)))
+        return NULL;
+    up = ns->shards[low + (1u << (d - 1))];
+    if (placement_merge(ns->depth, &n, low, &into) || into != low)
+        return NULL;
+    ns->nshards = n;
+    shard_set(ns, low, ns->shards[low]);
+    return up;
 }
 
 int ns_shard_wrap(struct ns *ns, unsigned index, struct shard *wrap)
@@ -780,7 +878,7 @@ static int guess_recent(struct ns *ns, const struct ino_id *id, unsigned max_age
     return 0;
 }
 
-int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
+static int getattr_recent_held(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
                       struct inode *out, unsigned *age_ms)
 {
     if (guess_recent(ns, id, max_age_ms, out, age_ms) == 0)
@@ -789,7 +887,7 @@ int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_m
     return ns_getattr(ns, id, out);
 }
 
-int ns_getattr_ordered(struct ns *ns, const struct ino_id *id, struct inode *out)
+static int getattr_ordered_held(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
     int rc;
 
@@ -801,7 +899,7 @@ int ns_getattr_ordered(struct ns *ns, const struct ino_id *id, struct inode *out
     return rc;
 }
 
-int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
+static int getattr_held(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
     int rc = inode_get(ns, id, out);
 
@@ -810,7 +908,7 @@ int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
     return rc;
 }
 
-int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int lookup_id_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                  struct ino_id *id, uint8_t *dtype)
 {
     if (nlen > RECORD_NAME_MAX)
@@ -851,7 +949,7 @@ static int entry_and_inode_get(struct ns *ns, const struct ino_id *dir, const ch
     return rc ? rc : 1;
 }
 
-int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int lookup_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out)
 {
     struct ino_id id, again;
@@ -919,7 +1017,7 @@ static void missing_forget(struct ns *ns, const struct ino_id *dir, const char *
     pthread_mutex_unlock(&ns->missing_lock);
 }
 
-int ns_lookup_recent(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int lookup_recent_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                      unsigned max_age_ms, struct inode *out)
 {
     struct missing_name *m;
@@ -1064,14 +1162,14 @@ static int mknode(struct ns *ns, const struct ino_id *dir, const char *name, siz
     return rc;
 }
 
-int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int mknode_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
               struct inode *out)
 {
     return mknode(ns, dir, name, nlen, mode, rdev, uid, gid, target, 0, out);
 }
 
-int ns_create_open(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int create_open_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                    uint32_t mode, uint32_t uid, uint32_t gid, struct inode *out)
 {
     return mknode(ns, dir, name, nlen, mode, 0, uid, gid, NULL, 1, out);
@@ -1177,7 +1275,7 @@ static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *nam
     return rc == -EAGAIN ? -ENOENT : rc;
 }
 
-int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int unlink_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               ns_is_open_fn is_open, void *ctx)
 {
     struct ino_id id;
@@ -1247,7 +1345,7 @@ static int claim_empty_dir(struct ns *ns, const struct ino_id *dir)
     return rc == 0 ? -ENOTEMPTY : rc;
 }
 
-int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+static int rmdir_held(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
              ns_is_open_fn is_open, void *ctx)
 {
     struct ino_id id;
@@ -1302,7 +1400,7 @@ static int link_change(struct ns *ns, struct batch *b, struct inode *ino, const 
     return INODE_PUT;
 }
 
-int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
+static int link_held(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
             size_t nlen, struct inode *out)
 {
     struct shard *se = entry_shard(ns, ndir, name, nlen);
@@ -1651,7 +1749,7 @@ static int rename_try(struct ns *ns, struct intent *in, unsigned flags, const st
     return 0;
 }
 
-int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
+static int rename_held(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
               const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
               ns_is_open_fn is_open, void *ctx)
 {
@@ -1929,7 +2027,7 @@ out:
     return rc;
 }
 
-ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
+static ssize_t read_held(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
 {
     struct inode ino;
     int rc;
@@ -1943,7 +2041,7 @@ ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t siz
     return rc ? rc : ns_read_at(ns, &ino, off, size, buf);
 }
 
-ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t size, void *buf)
+static ssize_t read_at_held(struct ns *ns, const struct inode *ino, uint64_t off, size_t size, void *buf)
 {
     const struct ino_id *id = &ino->id;
     uint8_t key[RECORD_KEY_MAX];
@@ -2094,7 +2192,7 @@ static int write_change(struct ns *ns, struct batch *b, struct inode *ino, const
     return INODE_PUT;
 }
 
-ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+static ssize_t write_held(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
                  size_t size, int append, int kill_suidgid, uint64_t *new_size)
 {
     struct write_args w = {off, data, size, append, kill_suidgid};
@@ -2161,7 +2259,7 @@ static int setattr_change(struct ns *ns, struct batch *b, struct inode *ino, con
     return INODE_PUT;
 }
 
-int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
+static int setattr_held(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
                struct inode *out)
 {
     return inode_cas(ns, id, NULL, setattr_change, sa, out);
@@ -2186,7 +2284,7 @@ static int readdir_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v,
                   dtype);
 }
 
-int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx)
+static int readdir_held(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx)
 {
     uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
     size_t sl = record_id_prefix(start, REC_ENTRY, dir), el = record_prefix_end(end, start, sl);
@@ -2227,7 +2325,7 @@ static int readdir_plus_one(void *ctx, const uint8_t *k, size_t kl, const uint8_
                   dtype, ino);
 }
 
-int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn, void *ctx)
+static int readdir_plus_held(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn, void *ctx)
 {
     static const uint8_t inode_type = REC_INODE;
     const struct shard_join join = {.prefix = &inode_type, .plen = 1, .link = RECORD_ID_LEN};
@@ -2305,7 +2403,7 @@ static int getattr_window(struct ns *ns, const struct ino_id *all, unsigned at, 
     return rc;
 }
 
-int ns_getattr_many(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inode_fn fn,
+static int getattr_many_held(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inode_fn fn,
                     void *ctx)
 {
     struct getattr_slot *slot = malloc(GETATTR_WINDOW * sizeof(*slot));
@@ -2374,7 +2472,7 @@ static int xattr_change(struct ns *ns, struct batch *b, struct inode *ino, const
     return INODE_PUT;
 }
 
-int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
+static int setxattr_held(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
                 size_t size, int flags)
 {
     uint8_t key[RECORD_KEY_MAX];
@@ -2390,7 +2488,7 @@ int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const 
     return inode_cas(ns, id, NULL, xattr_change, &x, NULL);
 }
 
-ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+static ssize_t getxattr_held(struct ns *ns, const struct ino_id *id, const char *name, void *value,
                     size_t size)
 {
     uint8_t xkey[RECORD_KEY_MAX], ikey[RECORD_KEY_MAX];
@@ -2422,7 +2520,7 @@ ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, vo
     return (ssize_t)r[0].vlen;
 }
 
-ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+static ssize_t getxattr_recent_held(struct ns *ns, const struct ino_id *id, const char *name, void *value,
                            size_t size, unsigned max_age_ms)
 {
     struct inode ino;
@@ -2455,7 +2553,7 @@ static int xattr_list_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t 
     return 0;
 }
 
-ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size)
+static ssize_t listxattr_held(struct ns *ns, const struct ino_id *id, char *list, size_t size)
 {
     uint8_t start[RECORD_KEY_MAX], end[RECORD_KEY_MAX];
     size_t sl = record_id_prefix(start, REC_XATTR, id), el = record_prefix_end(end, start, sl);
@@ -2473,7 +2571,7 @@ ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t 
     return (ssize_t)xl.used;
 }
 
-int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
+static int removexattr_held(struct ns *ns, const struct ino_id *id, const char *name)
 {
     uint8_t key[RECORD_KEY_MAX];
     size_t nlen;
@@ -2509,7 +2607,7 @@ static int orphan_keep_left(const struct ns *ns, const struct inode *ino)
     return ns->remote && !S_ISDIR(ino->mode) && now_ms - lost_ms < REPLACED_KEEP_MS;
 }
 
-int ns_reap(struct ns *ns, const struct ino_id *id)
+static int reap_held(struct ns *ns, const struct ino_id *id)
 {
     uint8_t key[RECORD_KEY_MAX], val[RECORD_INODE_MAX];
     struct inode ino;
@@ -2550,7 +2648,7 @@ int ns_reap(struct ns *ns, const struct ino_id *id)
     return rc == -ENOENT ? 0 : rc;
 }
 
-int ns_unregister(struct ns *ns, const struct ino_id *id)
+static int unregister_held(struct ns *ns, const struct ino_id *id)
 {
     struct batch b;
 
@@ -2561,7 +2659,7 @@ int ns_unregister(struct ns *ns, const struct ino_id *id)
     return apply_batch(inode_shard(ns, id), &b);
 }
 
-int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
+static int unregister_many_held(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
 {
     struct batch *per = NULL;
     int failed = 0;
@@ -2622,7 +2720,7 @@ static int registration_live(struct ns *ns, const uint8_t *key, size_t klen, con
     return ns->node_alive(ns->node_alive_ctx, name) != 0; /* an error: alive */
 }
 
-int ns_statfs(struct ns *ns, struct statvfs *st)
+static int statfs_held(struct ns *ns, struct statvfs *st)
 {
     if (statvfs(ns->data_dir, st) != 0)
         return -errno;
@@ -2630,7 +2728,7 @@ int ns_statfs(struct ns *ns, struct statvfs *st)
     return 0;
 }
 
-int ns_sync(struct ns *ns, const struct ino_id *id)
+static int sync_held(struct ns *ns, const struct ino_id *id)
 {
     int rc = 0;
 
@@ -3062,9 +3160,11 @@ static void *reaper_main(void *arg)
         if (ns->reaper_stop)
             break;
         pthread_mutex_unlock(&ns->reaper_lock);
+        ns_hold(ns);
         if (++looks % REG_STALE_EVERY == 1)
             openreg_drop_stale_remote(ns);
         kept_settle_all(ns, 0);
+        ns_unhold(ns);
         pthread_mutex_lock(&ns->reaper_lock);
     }
     pthread_mutex_unlock(&ns->reaper_lock);
@@ -3122,7 +3222,9 @@ void ns_reaper_stop(struct ns *ns)
     if (!ns || !ns->reaper_running)
         return;
     reaper_join(ns);
+    ns_hold(ns);
     kept_settle_all(ns, 1);
+    ns_unhold(ns);
 }
 
 /* ---- open and close ---- */
@@ -3139,7 +3241,7 @@ static int shard_meta_check(struct ns *ns, unsigned i, char *err, size_t errlen)
      * before layouts wrote the same. */
     for (int k = 0; k < 4; k++) {
         want[k] = (uint8_t)(i >> (8 * k));
-        want[4 + k] = (uint8_t)((1u << ns->cfg->depth[i]) >> (8 * k));
+        want[4 + k] = (uint8_t)((1u << ns->depth[i]) >> (8 * k));
     }
     rc = shard_get(ns->shards[i], key, sizeof(key) - 1, 0, val, sizeof(val), &vlen);
     if (rc == -ENOENT) {
@@ -3160,24 +3262,13 @@ static int shard_meta_check(struct ns *ns, unsigned i, char *err, size_t errlen)
  * every shard is open. */
 static int shards_index(struct ns *ns)
 {
-    unsigned n = 0;
-
     for (unsigned i = 0; i < ns->nshards; i++)
         if (!ns_is_shard(ns, i))
-            ns->shards[i] = ns->shards[i & ((1u << ns->cfg->depth[i]) - 1)];
-        else
-            n++;
-    if (n == ns->nshards) {
-        ns->uniq = ns->shards;
-        ns->nuniq = n;
-        return 0;
-    }
-    ns->uniq = calloc(n, sizeof(*ns->uniq));
+            ns->shards[i] = ns->shards[i & ((1u << ns->depth[i]) - 1)];
+    ns->uniq = calloc(CONFIG_MAX_SHARDS, sizeof(*ns->uniq));
     if (!ns->uniq)
         return -ENOMEM;
-    for (unsigned i = 0; i < ns->nshards; i++)
-        if (ns_is_shard(ns, i))
-            ns->uniq[ns->nuniq++] = ns->shards[i];
+    uniq_rebuild(ns);
     return 0;
 }
 
@@ -3218,6 +3309,7 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_init(&ns->stripes[i], NULL);
     pthread_mutex_init(&ns->missing_lock, NULL);
+    layout_lock_init(ns);
     ns->guesses = calloc(LOCK_STRIPES * GUESS_WAYS, sizeof(*ns->guesses));
     ns->missing = calloc(MISSING_SLOTS, sizeof(*ns->missing));
     if (!ns->guesses || !ns->missing) {
@@ -3229,8 +3321,9 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     atomic_init(&ns->next_unique, seed);
     if (getrandom(&ns->run_tag, sizeof(ns->run_tag), 0) != sizeof(ns->run_tag))
         ns->run_tag = seed ^ ((uint64_t)getpid() << 32);
-    ns->shards = calloc(ns->nshards, sizeof(*ns->shards));
-    ns->replicas = calloc(ns->nshards, sizeof(*ns->replicas));
+    memcpy(ns->depth, cfg->depth, sizeof(ns->depth));
+    ns->shards = calloc(CONFIG_MAX_SHARDS, sizeof(*ns->shards)); /* a split adds slots */
+    ns->replicas = calloc(CONFIG_MAX_SHARDS, sizeof(*ns->replicas));
     if (!ns->shards || !ns->replicas) {
         rc = -ENOMEM;
         goto fail;
@@ -3319,7 +3412,7 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
         /* What this node had open when it was killed is open no more: its
          * own shards now, the others' from the reaper thread (they may be
          * down at this moment). */
-        ns->reg_stale = calloc(ns->nshards, 1);
+        ns->reg_stale = calloc(CONFIG_MAX_SHARDS, 1);
         for (unsigned i = 0; ns->reg_stale && i < ns->nshards; i++)
             ns->reg_stale[i] = ns_is_shard(ns, i) &&
                                (!ns_shard_is_local(ns, i) || openreg_drop_stale(ns, i) != 0);
@@ -3345,8 +3438,7 @@ void ns_close(struct ns *ns)
             shard_close(ns->shards[i]);
     for (unsigned i = 0; ns->replicas && i < ns->nshards; i++)
         shard_close(ns->replicas[i]);
-    if (ns->uniq != ns->shards)
-        free(ns->uniq);
+    free(ns->uniq);
     free(ns->replicas);
     if (ns->clear_mark)
         runmark_end(ns->data_dir); /* every local shard is committed and synced */
@@ -3357,8 +3449,317 @@ void ns_close(struct ns *ns)
     for (int i = 0; i < LOCK_STRIPES; i++)
         pthread_mutex_destroy(&ns->stripes[i]);
     pthread_mutex_destroy(&ns->missing_lock);
+    pthread_rwlock_destroy(&ns->layout_lock);
     free(ns->guesses);
     free(ns->missing);
     free(ns->reg_stale);
     free(ns);
+}
+
+/* ---- the operations, each with the layout held (ns_hold) ---- */
+
+int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
+                      struct inode *out, unsigned *age_ms)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = getattr_recent_held(ns, id, max_age_ms, out, age_ms);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_getattr_ordered(struct ns *ns, const struct ino_id *id, struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = getattr_ordered_held(ns, id, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = getattr_held(ns, id, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                 struct ino_id *id, uint8_t *dtype)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = lookup_id_held(ns, dir, name, nlen, id, dtype);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = lookup_held(ns, dir, name, nlen, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_lookup_recent(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                     unsigned max_age_ms, struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = lookup_recent_held(ns, dir, name, nlen, max_age_ms, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen, uint32_t mode,
+              uint32_t rdev, uint32_t uid, uint32_t gid, const char *target, struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = mknode_held(ns, dir, name, nlen, mode, rdev, uid, gid, target, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_create_open(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                   uint32_t mode, uint32_t uid, uint32_t gid, struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = create_open_held(ns, dir, name, nlen, mode, uid, gid, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+              ns_is_open_fn is_open, void *ctx)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = unlink_held(ns, dir, name, nlen, is_open, ctx);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+             ns_is_open_fn is_open, void *ctx)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = rmdir_held(ns, dir, name, nlen, is_open, ctx);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
+            size_t nlen, struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = link_held(ns, id, ndir, name, nlen, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_t olen,
+              const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
+              ns_is_open_fn is_open, void *ctx)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = rename_held(ns, odir, oname, olen, ndir, nname, nlen, flags, is_open, ctx);
+    ns_unhold(ns);
+    return rc;
+}
+
+ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
+{
+    ssize_t rc;
+
+    ns_hold(ns);
+    rc = read_held(ns, id, off, size, buf);
+    ns_unhold(ns);
+    return rc;
+}
+
+ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t size, void *buf)
+{
+    ssize_t rc;
+
+    ns_hold(ns);
+    rc = read_at_held(ns, ino, off, size, buf);
+    ns_unhold(ns);
+    return rc;
+}
+
+ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+{
+    ssize_t rc;
+
+    ns_hold(ns);
+    rc = write_held(ns, id, off, data, size, append, kill_suidgid, new_size);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
+               struct inode *out)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = setattr_held(ns, id, sa, out);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = readdir_held(ns, dir, fn, ctx);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn, void *ctx)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = readdir_plus_held(ns, dir, fn, ctx);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_getattr_many(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inode_fn fn, void *ctx)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = getattr_many_held(ns, ids, n, fn, ctx);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
+                size_t size, int flags)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = setxattr_held(ns, id, name, value, size, flags);
+    ns_unhold(ns);
+    return rc;
+}
+
+ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+                    size_t size)
+{
+    ssize_t rc;
+
+    ns_hold(ns);
+    rc = getxattr_held(ns, id, name, value, size);
+    ns_unhold(ns);
+    return rc;
+}
+
+ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *name, void *value,
+                           size_t size, unsigned max_age_ms)
+{
+    ssize_t rc;
+
+    ns_hold(ns);
+    rc = getxattr_recent_held(ns, id, name, value, size, max_age_ms);
+    ns_unhold(ns);
+    return rc;
+}
+
+ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size)
+{
+    ssize_t rc;
+
+    ns_hold(ns);
+    rc = listxattr_held(ns, id, list, size);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = removexattr_held(ns, id, name);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_reap(struct ns *ns, const struct ino_id *id)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = reap_held(ns, id);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_unregister(struct ns *ns, const struct ino_id *id)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = unregister_held(ns, id);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = unregister_many_held(ns, ids, n, rcs);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_statfs(struct ns *ns, struct statvfs *st)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = statfs_held(ns, st);
+    ns_unhold(ns);
+    return rc;
+}
+
+int ns_sync(struct ns *ns, const struct ino_id *id)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = sync_held(ns, id);
+    ns_unhold(ns);
+    return rc;
 }

@@ -78,6 +78,24 @@ void ns_nodes_down(struct ns *ns, void (*fn)(void *ctx, const char *node, time_t
 unsigned ns_shard_count(const struct ns *ns);
 /* 1 if slot index is a shard's own: the shard numbered index. */
 int ns_is_shard(const struct ns *ns, unsigned index);
+/* The layout lock. Every operation below runs with it held for reading
+ * (ns_hold; a thread may nest holds of one ns); ns_quiesce() takes it for
+ * writing: it returns once no operation is in flight and keeps new ones
+ * waiting until ns_unquiesce(). A caller of ns_quiesce() must hold nothing. */
+void ns_hold(struct ns *ns);
+void ns_unhold(struct ns *ns);
+void ns_quiesce(struct ns *ns);
+void ns_unquiesce(struct ns *ns);
+
+/* Layout changes (reshard.h), made between ns_quiesce() and ns_unquiesce():
+ * split: shard s (depth d) becomes s and s + 2^d, the latter served by
+ * `to` (open, its records already there). 0, -EINVAL (not a shard),
+ * -ENOSPC (past CONFIG_MAX_SHARDS).
+ * merge: the buddies low and low + 2^(d-1) become low; returns the upper
+ * one's shard for the caller to close, or NULL (not such a pair). */
+int ns_layout_split(struct ns *ns, unsigned s, struct shard *to);
+struct shard *ns_layout_merge(struct ns *ns, unsigned low);
+
 /* The shard a record with placement hash h lives on. */
 unsigned ns_home(const struct ns *ns, uint64_t hash);
 /* The depth of the shard of slot index (placement.h). */

@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +23,7 @@
 
 #include "batch.h"
 #include "durable.h"
+#include "namespace.h"
 #include "placement.h"
 #include "record.h"
 #include "shard.h"
@@ -47,6 +49,7 @@ struct job {
     unsigned s, d;          /* split: the shard and its depth before; merge: the lower buddy */
     struct timespec t0, last;
     struct reshard_stats st;
+    const volatile int *cancel; /* online: set when the mount is going away */
 };
 
 /* ---- small helpers ---- */
@@ -207,15 +210,16 @@ struct copy {
     struct batch b;
     int all;                /* merge: every placed record; split: bit d set */
     unsigned bit;
-    int rc;
+    uint8_t last[BATCH_KEY_MAX]; /* the last key seen: the next chunk starts after it */
+    size_t lastlen;
+    size_t chunk;
 };
 
-static int copy_flush(struct copy *c)
+/* A test's slow copy: SHARDFS_TEST_SLOW_COPY=1 makes chunks of 64 KiB with
+ * 20 ms between them, so a test's writes meet the mirror. */
+static size_t chunk_bytes(void)
 {
-    int rc = c->b.count ? shard_apply(c->to, &c->b) : 0;
-
-    batch_reset(&c->b);
-    return rc;
+    return getenv("SHARDFS_TEST_SLOW_COPY") ? 64u << 10 : COPY_BATCH;
 }
 
 static int copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
@@ -224,6 +228,8 @@ static int copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, si
     uint64_t h;
     int rc;
 
+    memcpy(c->last, k, kl);
+    c->lastlen = kl;
     if (record_placement(k, kl, &h))
         return 0; /* not placed: the shard's own */
     if (!c->all && !((h >> c->bit) & 1))
@@ -233,21 +239,20 @@ static int copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, si
         return rc;
     c->j->st.records++;
     c->j->st.bytes += kl + vl;
-    if (c->b.len >= COPY_BATCH) {
-        rc = copy_flush(c);
-        if (rc)
-            return rc;
-        kill_point("copy");
-        report(c->j, 0);
-    }
-    return 0;
+    return c->b.len >= c->chunk ? 1 : 0;
 }
 
 /* Copy from shard `from` into `to`: every placed record (all) or those with
- * hash bit `bit` set; then sync `to`. */
-static int copy_records(struct job *j, struct shard *from, struct shard *to, int all, unsigned bit)
+ * hash bit `bit` set; then sync `to`. A chunk at a time (COPY_BATCH bytes),
+ * each read and written with mu held when it is not NULL: the mirror's
+ * lock (below), so no write to `from` falls between a chunk's read and
+ * its write. */
+static int copy_records(struct job *j, struct shard *from, struct shard *to, int all, unsigned bit,
+                        pthread_mutex_t *mu)
 {
-    struct copy c = {.j = j, .to = to, .all = all, .bit = bit};
+    struct copy c = {.j = j, .to = to, .all = all, .bit = bit, .chunk = chunk_bytes()};
+    uint8_t start[BATCH_KEY_MAX];
+    size_t slen = 0;
     struct shard_stat ss;
     int rc;
 
@@ -255,12 +260,30 @@ static int copy_records(struct job *j, struct shard *from, struct shard *to, int
     j->st.phase = "copy";
     j->st.estimate = shard_stat(from, &ss) == 0 ? (all ? ss.bytes : ss.bytes / 2) : 0;
     report(j, 1);
-    rc = shard_scan(from, NULL, 0, NULL, 0, copy_one, &c);
-    if (rc == 0)
-        rc = copy_flush(&c);
+    do {
+        if (mu)
+            pthread_mutex_lock(mu);
+        batch_reset(&c.b);
+        rc = shard_scan(from, slen ? start : NULL, slen, NULL, 0, copy_one, &c);
+        if (rc >= 0 && c.b.count) {
+            int r = shard_apply(to, &c.b);
+            rc = r ? r : rc;
+        }
+        if (mu)
+            pthread_mutex_unlock(mu);
+        if (rc == 1) {
+            int n = batch_key_after(c.last, c.lastlen, start);
+            rc = n < 0 ? n : 1;
+            slen = n < 0 ? 0 : (size_t)n;
+        }
+        if (rc >= 0 && j->cancel && *j->cancel)
+            rc = -ECANCELED;
+        if (rc == 1 && c.chunk < COPY_BATCH)
+            usleep(20000);
+        kill_point("copy");
+        report(j, 0);
+    } while (rc == 1);
     batch_free(&c.b);
-    if (rc == 0)
-        kill_point("copy"); /* also a copy smaller than a batch */
     if (rc == 0)
         rc = shard_sync(to);
     report(j, 1);
@@ -381,7 +404,7 @@ static int split_run(struct job *j, int after)
         if (rc == 0)
             rc = open_shard(j, t, &dst);
         if (rc == 0)
-            rc = copy_records(j, src, dst, 0, j->d);
+            rc = copy_records(j, src, dst, 0, j->d, NULL);
         if (rc == 0)
             rc = meta_write(dst, t, j->d + 1);
         if (rc == 0)
@@ -423,7 +446,7 @@ static int merge_run(struct job *j, int after)
         if (rc == 0)
             rc = open_shard(j, up, &high);
         if (rc == 0)
-            rc = copy_records(j, high, low, 1, 0);
+            rc = copy_records(j, high, low, 1, 0, NULL);
         shard_close(high);
         if (rc == 0)
             rc = cut_over(j, &next);
@@ -625,4 +648,384 @@ int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *e
         cfg_update(&j);
     job_close(&j);
     return rc < 0 ? rc : resumed;
+}
+
+/* ---- online: the mirror ----
+ *
+ * While a mounted store's shard is copied, the shard is replaced in the
+ * namespace by a mirror: reads go to the source as before; a write is
+ * applied to the source, then the part of it the target takes (split: the
+ * keys with the new bit; merge: all) is applied to the target, both with
+ * the mirror's lock held. The copy takes the same lock for each chunk it
+ * reads and writes, so the target ends holding exactly what the source
+ * holds of its half. Preconditions are checked by the source only (the
+ * target's copy may be partial); a range delete is passed on as it is for
+ * a split (the target holds only moved keys) and as deletes of the keys of
+ * the range that belong to the upper buddy for a merge. */
+
+struct mirror {
+    struct shard base;
+    struct shard *src, *dst;
+    pthread_mutex_t mu;
+    int all;                /* merge */
+    unsigned bit;           /* split: the new bit; merge: the upper buddy's bit */
+    int failed;             /* a write to the target failed: the change must stop */
+    uint64_t passed;        /* writes passed on to the target */
+};
+
+static struct mirror *mirror_of(struct shard *s)
+{
+    return (struct mirror *)s;
+}
+
+static int mir_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
+                   size_t *vl)
+{
+    return shard_get(mirror_of(s)->src, k, kl, off, buf, bl, vl);
+}
+
+static int mir_scan(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                    shard_scan_fn fn, void *ctx)
+{
+    return shard_scan(mirror_of(s)->src, a, al, b, bl, fn, ctx);
+}
+
+static int mir_get_many(struct shard *s, struct shard_read *r, unsigned n)
+{
+    return shard_get_many(mirror_of(s)->src, r, n);
+}
+
+static int mir_scan_join(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                         const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    return shard_scan_join(mirror_of(s)->src, a, al, b, bl, j, fn, ctx);
+}
+
+static int mir_sync(struct shard *s)
+{
+    return shard_sync(mirror_of(s)->src);
+}
+
+static int mir_stat(struct shard *s, struct shard_stat *st)
+{
+    return shard_stat(mirror_of(s)->src, st);
+}
+
+static void mir_close(struct shard *s)
+{
+    (void)s; /* the change owns both shards */
+}
+
+/* 1 if key k is the target's. */
+static int mir_takes(const struct mirror *m, const uint8_t *k, size_t kl)
+{
+    uint64_t h;
+
+    if (record_placement(k, kl, &h))
+        return 0;
+    return m->all || ((h >> m->bit) & 1);
+}
+
+struct range_dels {
+    const struct mirror *m;
+    struct batch *out;
+};
+
+static int range_del_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct range_dels *r = ctx;
+    uint64_t h;
+
+    (void)v, (void)vl;
+    if (record_placement(k, kl, &h) == 0 && ((h >> r->m->bit) & 1))
+        batch_del(r->out, k, kl);
+    return 0;
+}
+
+/* The target's part of batch b. */
+static int mir_part(struct mirror *m, const struct batch *b, struct batch *out)
+{
+    struct batch_item it;
+    size_t pos = 0;
+    int rc;
+
+    while ((rc = batch_next(b->buf, b->len, &pos, &it)) > 0) {
+        switch (it.op) {
+        case BATCH_PUT:
+        case BATCH_DEL:
+            if (mir_takes(m, it.key, it.klen))
+                batch_add(out, it.op, it.key, it.klen, it.val, it.vlen);
+            break;
+        case BATCH_DEL_RANGE:
+            if (!m->all) {
+                batch_add(out, it.op, it.key, it.klen, it.val, it.vlen);
+            } else {
+                struct range_dels r = {m, out};
+                rc = shard_scan(m->dst, it.key, it.klen, it.val, it.vlen, range_del_one, &r);
+                if (rc < 0)
+                    return rc;
+            }
+            break;
+        default:
+            break; /* preconditions: the source's */
+        }
+    }
+    return rc < 0 ? rc : out->error;
+}
+
+static int mir_apply(struct shard *s, const struct batch *b)
+{
+    struct mirror *m = mirror_of(s);
+    struct batch part;
+    int rc, r;
+
+    batch_init(&part);
+    pthread_mutex_lock(&m->mu);
+    rc = shard_apply(m->src, b);
+    if (rc == 0 && !m->failed) {
+        r = mir_part(m, b, &part);
+        if (r == 0 && part.count) {
+            r = shard_apply(m->dst, &part);
+            m->passed++;
+        }
+        if (r)
+            m->failed = r; /* the source has it: the write stands; the change stops */
+    }
+    pthread_mutex_unlock(&m->mu);
+    batch_free(&part);
+    return rc;
+}
+
+static const struct shard_ops mirror_ops = {
+    .get = mir_get,
+    .scan = mir_scan,
+    .apply = mir_apply,
+    .sync = mir_sync,
+    .get_many = mir_get_many,
+    .scan_join = mir_scan_join,
+    .stat = mir_stat,
+    .close = mir_close,
+};
+
+static void mirror_init(struct mirror *m, struct shard *src, struct shard *dst, int all,
+                        unsigned bit)
+{
+    memset(m, 0, sizeof(*m));
+    m->base.ops = &mirror_ops;
+    m->base.index = src->index;
+    m->src = src;
+    m->dst = dst;
+    m->all = all;
+    m->bit = bit;
+    pthread_mutex_init(&m->mu, NULL);
+}
+
+/* ---- online: the change ---- */
+
+/* Put the mirror in the namespace in place of shard index (or take it out:
+ * put back m->src), with no operation in flight. */
+static void mirror_swap(struct ns *ns, unsigned index, struct shard *s)
+{
+    ns_quiesce(ns);
+    ns_shard_swap(ns, index, s);
+    ns_unquiesce(ns);
+}
+
+static double ms_since(const struct timespec *t0)
+{
+    return since(t0) * 1000.0;
+}
+
+/* The copy of a mounted store's shard `index` (src) into dst through the
+ * mirror m; on a failure the mirror is out of the namespace again. */
+static int mirrored_copy(struct job *j, struct ns *ns, unsigned index, struct mirror *m,
+                         struct shard *src, struct shard *dst, int all, unsigned bit)
+{
+    int rc;
+
+    mirror_init(m, src, dst, all, bit);
+    mirror_swap(ns, index, &m->base);
+    rc = copy_records(j, src, dst, all, all ? 0 : bit, &m->mu);
+    if (rc == 0 && m->failed)
+        rc = m->failed;
+    if (rc) {
+        mirror_swap(ns, index, src);
+        pthread_mutex_destroy(&m->mu);
+    }
+    return rc;
+}
+
+/* The start of a cut-over: operations paused (the caller ends it with
+ * ns_unquiesce and cutover_end), the target synced, STORE rewritten. */
+static int cutover_begin(struct job *j, struct ns *ns, struct mirror *m, struct shard *dst,
+                         const struct store_layout *next, struct timespec *p0)
+{
+    int rc;
+
+    j->st.phase = "cut-over";
+    report(j, 1);
+    clock_gettime(CLOCK_MONOTONIC, p0);
+    ns_quiesce(ns);
+    rc = m->failed ? m->failed : shard_sync(dst);
+    return rc ? rc : cut_over(j, next);
+}
+
+static void cutover_end(struct job *j, struct mirror *m, const struct timespec *p0)
+{
+    j->o->pause_ms = ms_since(p0);
+    j->o->mirrored = m->passed;
+    pthread_mutex_destroy(&m->mu);
+}
+
+/* Split shard s of the mounted store: copy through the mirror, then the
+ * cut-over with operations paused, then the purge while they go on. */
+static int online_split(struct job *j, struct ns *ns)
+{
+    unsigned t = j->s + (1u << j->d);
+    struct shard *src = ns_shard(ns, j->s), *dst = NULL;
+    struct store_layout next = j->l;
+    struct mirror m;
+    struct timespec p0;
+    int rc;
+
+    rc = placement_split(next.depth, &next.slots, CONFIG_MAX_SHARDS, j->s);
+    if (rc == 0)
+        rc = state_write(j);
+    if (rc == 0)
+        rc = shard_remove(j, t);
+    if (rc == 0)
+        rc = open_shard(j, t, &dst);
+    if (rc == 0)
+        rc = meta_write(dst, t, j->d + 1);
+    if (rc)
+        goto fail;
+    rc = mirrored_copy(j, ns, j->s, &m, src, dst, 0, j->d);
+    if (rc)
+        goto fail;
+    /* The cut-over: no operation in flight; the target gets what the
+     * last writes gave it on disk, STORE the new layout. */
+    rc = cutover_begin(j, ns, &m, dst, &next, &p0);
+    if (rc == 0) {
+        ns_shard_swap(ns, j->s, src);
+        rc = ns_layout_split(ns, j->s, dst); /* cannot fail: checked above */
+        if (rc == 0)
+            dst = NULL; /* the namespace's now */
+        if (rc == 0)
+            rc = meta_write(src, j->s, j->d + 1);
+    } else {
+        ns_shard_swap(ns, j->s, src);
+    }
+    ns_unquiesce(ns);
+    cutover_end(j, &m, &p0);
+    if (rc) {
+        shard_close(dst); /* the state stays: resume knows which side it is on */
+        return rc;
+    }
+    j->o->shard_a = j->s;
+    j->o->shard_b = t;
+    j->o->depth = j->d + 1;
+    return purge_records(j, src, j->d);
+fail:
+    shard_close(dst);
+    if (state_remove(j) == 0) /* before the cut-over: nothing happened */
+        shard_remove(j, t);
+    return rc;
+}
+
+/* Merge the upper buddy into j->s of the mounted store. */
+static int online_merge(struct job *j, struct ns *ns)
+{
+    unsigned up = j->s + (1u << (j->d - 1)), into;
+    struct shard *low = ns_shard(ns, j->s), *high = ns_shard(ns, up), *gone = NULL;
+    struct store_layout next = j->l;
+    struct mirror m;
+    struct timespec p0;
+    int rc;
+
+    rc = placement_merge(next.depth, &next.slots, j->s, &into);
+    if (rc == 0)
+        rc = state_write(j);
+    if (rc)
+        return rc;
+    rc = mirrored_copy(j, ns, up, &m, high, low, 1, j->d - 1);
+    if (rc)
+        return rc; /* the copies in low are not placed there: the state says redo */
+    rc = cutover_begin(j, ns, &m, low, &next, &p0);
+    ns_shard_swap(ns, up, high);
+    if (rc == 0) {
+        gone = ns_layout_merge(ns, j->s);
+        rc = gone ? meta_write(low, j->s, j->d - 1) : -EIO;
+    }
+    ns_unquiesce(ns);
+    cutover_end(j, &m, &p0);
+    if (rc)
+        return rc;
+    j->st.phase = "purge";
+    report(j, 1);
+    kill_point("purge");
+    shard_close(gone);
+    rc = shard_remove(j, up);
+    j->o->shard_a = j->o->shard_b = j->s;
+    j->o->depth = j->d - 1;
+    return rc;
+}
+
+int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge, unsigned s,
+                   const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen)
+{
+    struct job j;
+    int rc;
+
+    memset(&j, 0, sizeof(j));
+    j.cfg = (struct config *)cfg; /* read only here: paths, the layout's base */
+    j.node = node;
+    j.o = o;
+    j.err = err;
+    j.errlen = errlen;
+    j.lock_fd = -1;
+    j.cancel = cancel;
+    err[0] = 0;
+    o->pause_ms = 0;
+    o->mirrored = 0;
+    clock_gettime(CLOCK_MONOTONIC, &j.t0);
+    rc = store_layout_read(cfg, node, &j.l, err, errlen);
+    if (rc)
+        return rc < 0 ? -EINVAL : -EIO;
+    if (s >= j.l.slots || !placement_is_shard(j.l.depth, s) || !ns_is_shard(ns, s)) {
+        snprintf(err, errlen, "shard %u: no such shard (the store has %u slots)", s, j.l.slots);
+        return -EINVAL;
+    }
+    j.op = merge ? OP_MERGE : OP_SPLIT;
+    j.d = j.l.depth[s];
+    if (!merge) {
+        j.s = s;
+        if ((2u << j.d) > CONFIG_MAX_SHARDS) {
+            snprintf(err, errlen, "shard %u: a split would make shard %u, past the limit of %u",
+                     s, s + (1u << j.d), CONFIG_MAX_SHARDS);
+            return -ENOSPC;
+        }
+        rc = online_split(&j, ns);
+    } else {
+        if (j.d == 0) {
+            snprintf(err, errlen, "shard %u: no such shard, or it has no buddy to merge with", s);
+            return -EINVAL;
+        }
+        j.s = s & ((1u << (j.d - 1)) - 1);
+        if (j.l.depth[j.s] != j.d || j.l.depth[j.s + (1u << (j.d - 1))] != j.d) {
+            snprintf(err, errlen, "shard %u: its buddy %u was split further; merge that first", s,
+                     s ^ (1u << (j.d - 1)));
+            return -EBUSY;
+        }
+        rc = online_merge(&j, ns);
+    }
+    if (rc == 0)
+        rc = state_remove(&j);
+    if (rc == 0) {
+        j.st.phase = "done";
+        report(&j, 1);
+        o->done = j.st;
+    } else if (!err[0]) {
+        snprintf(err, errlen, "%s of shard %u: %s", merge ? "merge" : "split", s, strerror(-rc));
+    }
+    return rc;
 }

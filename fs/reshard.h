@@ -6,13 +6,14 @@
  * "layouts"). A merge folds s + 2^(d-1) back into s (the lower of two
  * buddies at the same depth), at depth d - 1.
  *
- * This step works on a single-node store that no process has open (the
- * store's lock is taken: a mounted store gets -EAGAIN and the lock holder's
- * name). Each change runs in phases, and the state file DATA_DIR/RESHARD
- * ("split S D" or "merge S D") is written durably before the first and
- * removed after the last, so a change killed at any point is finished by
- * reshard_resume() (which every open of the store for a reshard runs
- * first) and a daemon refuses to mount a store with one in flight:
+ * This step works on a single-node store. Unmounted, the command takes the
+ * store's lock (reshard_split/merge/resume); mounted, it asks the daemon
+ * (control.h), which runs reshard_online(). Each change runs in phases,
+ * and the state file DATA_DIR/RESHARD ("split S D" or "merge S D") is
+ * written durably before the first and removed after the last, so a change
+ * killed at any point is finished by reshard_resume() (which every
+ * unmounted reshard runs first) and a daemon refuses to mount a store with
+ * one in flight:
  *
  *  1. copy     split: the records of s with bit d set into a fresh
  *              shard-(s + 2^d) (a leftover of a killed copy is removed
@@ -61,6 +62,8 @@ struct reshard_opts {
      * kept (split: s and s + 2^d; merge: the survivor twice). */
     struct reshard_stats done;
     unsigned shard_a, shard_b, depth;
+    double pause_ms;        /* online: how long operations waited at the cut-over */
+    uint64_t mirrored;      /* online: writes during the copy passed on to the target */
 };
 
 /* Split shard s of the store of node; cfg must hold the store's layout
@@ -80,6 +83,20 @@ int reshard_merge(struct config *cfg, int node, unsigned s, struct reshard_opts 
  * what), 0 when there was none, or -errno. */
 int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *err,
                    size_t errlen);
+
+/* Online: split (merge 0) or merge shard s of a store this process has
+ * open and mounted (ns, a single-node store), while operations go on.
+ * Until the copy is done, the shard is replaced in the namespace by a
+ * mirror that passes every write to the target too (reshard.c); the
+ * cut-over runs with the namespace quiesced (ns_quiesce: no operation in
+ * flight, new ones wait), then the purge runs beside the operations. A
+ * failure before the cut-over (a write to the target failed; *cancel set,
+ * the mount going away) undoes the change: a split removes the target, a
+ * merge leaves its state for `shardfs reshard resume`. The caller runs
+ * one change at a time and holds nothing of ns. Errors as above. */
+struct ns;
+int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge, unsigned s,
+                   const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen);
 
 /* 1 if DATA_DIR/RESHARD of node exists (a change is in flight), 0 if not,
  * -1 with the reason in err. */

@@ -232,8 +232,14 @@ int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen)
                  cfg->path, cfg->shards_line, cfg->file_shards, cfg->nodes[node].data_dir, l.base);
         return -1;
     }
-    if (store_layout_is_base(&l))
+    if (store_layout_is_base(&l)) {
+        /* again after a merge back to it: cfg may hold an older layout */
+        cfg->shard_count = l.slots;
+        memcpy(cfg->depth, l.depth, l.slots);
+        for (cfg->shard_bits = 0; (1u << cfg->shard_bits) < l.slots; cfg->shard_bits++)
+            ;
         return 0;
+    }
     if (!store_layout_single_node(cfg, node)) {
         snprintf(err, errlen,
                  "%s: the store in %s was split or merged, which only a single-node store "
@@ -242,9 +248,8 @@ int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen)
         return -1;
     }
     cfg->shard_count = l.slots;
-    cfg->shard_bits = 0;
-    while ((1u << cfg->shard_bits) < l.slots)
-        cfg->shard_bits++;
+    for (cfg->shard_bits = 0; (1u << cfg->shard_bits) < l.slots; cfg->shard_bits++)
+        ;
     memcpy(cfg->depth, l.depth, l.slots);
     for (unsigned i = 0; i < l.slots; i++) {
         cfg->owner[i] = node;

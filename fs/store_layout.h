@@ -61,7 +61,8 @@ int store_layout_single_node(const struct config *cfg, int node);
 /* Before a store is opened: read its STORE, check it against cfg (the same
  * count as shards.conf, a layout only a single-node store may have), and
  * make cfg's layout the store's: shard_count becomes its number of slots
- * and every slot is node's. 0 or -1 with the reason in err. */
+ * and every slot is node's. May be called again after the layout changed.
+ * 0 or -1 with the reason in err. */
 int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen);
 
 /* 0 if the STORE of node holds cfg's layout (or there is none yet), else -1

@@ -6,15 +6,23 @@ tree reads back byte for byte through a mount after every change, that fsck
 (which checks every record against the layout) is clean, that `where`
 moves a path only from s to s + 2^d, that the copy and the purge agree,
 and that a kill at each phase is finished by `reshard resume` (and that a
-mount refuses the store until then).
+mount refuses the store until then). A mounted store is split and merged
+by its daemon (through DATA_DIR/CONTROL) while a strict writer appends
+(every write's count and every close checked before the record counts as
+acknowledged) and rsync copies a tree in; then every acknowledged record
+is there and the tree is the same. kill -9 of the daemon at each phase of
+an online split, then `reshard resume`: the same end state.
 """
 
 import os
 import re
 import signal
+import subprocess
+import threading
+import time
 
-from conftest import (assert_same_tree, fsck_says_clean, make_tree, run, tree_snapshot,
-                      write_file)
+from conftest import (assert_same_tree, fuse_unmount, is_mounted, make_tree, run,
+                      tree_snapshot, write_file)
 
 DONE = re.compile(r"^(split|merge|resumed): shards (\d+) and (\d+) at depth (\d+): "
                   r"(\d+) records \(\d+ bytes\) copied, (\d+) purged", re.M)
@@ -167,8 +175,10 @@ def test_kill_at_every_phase_then_resume(shardfs_factory):
             assert m.returncode != 0 and "reshard resume" in m.stderr, m.stderr
             f = fs.fsck()
             assert f.returncode != 0 and "reshard resume" in f.stderr, f.stderr
-            r = reshard(fs, "resume")
+            # resume, or the same command again: it finishes the change, once.
+            r = reshard(fs, "resume") if phase != "purge" else reshard(fs, op, shard)
             assert DONE.search(r.stdout).group(1) == "resumed", r.stdout
+            assert len(DONE.findall(r.stdout)) == 1, r.stdout
             assert not os.path.exists(os.path.join(fs.data, "RESHARD"))
             assert layout(fs) == want, (op, phase, layout(fs))
             check_tree(fs, src)
@@ -184,9 +194,19 @@ def test_kill_at_every_phase_then_resume(shardfs_factory):
 def test_refusals(shardfs_factory):
     fs = shardfs_factory(sub="")
     write_file(fs.path("f"), b"x")
-    # Mounted: the store's lock says who has it.
-    r = reshard(fs, "split", "0", check=False)
+    # Mounted: resume is the offline command; the lock says who has the store.
+    r = reshard(fs, "resume", check=False)
     assert r.returncode == 2 and "mount" in r.stderr, (r.returncode, r.stderr)
+    # The daemon refuses what the offline command refuses, with the same reason.
+    r = reshard(fs, "split", "4", check=False)
+    assert r.returncode == 1 and "no such shard" in r.stderr, (r.returncode, r.stderr)
+    r = reshard(fs, "merge", "0", check=False)
+    assert r.returncode == 0 and "operations waited" in r.stdout, r.stderr
+    r = reshard(fs, "merge", "0", check=False)  # depth 1 now; buddy 1 at depth 2
+    assert r.returncode == 1 and "split further" in r.stderr, (r.returncode, r.stderr)
+    reshard(fs, "split", "0")
+    assert layout(fs) == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert open(fs.path("f"), "rb").read() == b"x"
     fs.unmount()
     for args, code, msg in [(("split", "4"), 1, "no such shard"),
                             (("split", "x"), 2, "not a shard number"),
@@ -212,3 +232,146 @@ def test_refusals(shardfs_factory):
     assert r.returncode == 1 and "single-node" in r.stderr, r.stderr
     fs.start()
     assert open(fs.path("f"), "rb").read() == b"x"
+
+
+# ---- a mounted store -------------------------------------------------------
+
+class StrictWriter:
+    """Appends numbered records to FILES files under DIR until stopped; a
+    record is acknowledged once its write returned its full length and the
+    close succeeded."""
+
+    FILES = 40
+
+    def __init__(self, d):
+        self.dir = d
+        self.acked = {i: [] for i in range(self.FILES)}
+        self.error = None
+        self.stop = threading.Event()
+        self.count = 0
+        os.makedirs(d, exist_ok=True)
+        self.t = threading.Thread(target=self._run)
+        self.t.start()
+
+    def _run(self):
+        try:
+            n = 0
+            while not self.stop.is_set():
+                i = n % self.FILES
+                rec = b"%09d\n" % n
+                fd = os.open(os.path.join(self.dir, "f%02d" % i),
+                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                try:
+                    w = os.write(fd, rec)
+                finally:
+                    os.close(fd)
+                assert w == len(rec), "short write %d" % w
+                self.acked[i].append(rec)
+                n += 1
+                self.count = n
+        except BaseException as e:  # reported by finish()
+            self.error = e
+
+    def finish(self):
+        self.stop.set()
+        self.t.join(timeout=60)
+        assert not self.t.is_alive(), "the writer hangs"
+        assert self.error is None, "writer failed: %r" % (self.error,)
+
+    def verify(self):
+        for i, recs in self.acked.items():
+            p = os.path.join(self.dir, "f%02d" % i)
+            got = open(p, "rb").read() if recs or os.path.exists(p) else b""
+            assert got == b"".join(recs), "f%02d: %d bytes, %d acknowledged" % (
+                i, len(got), len(b"".join(recs)))
+
+
+def ballast(fs, mib=24):
+    os.makedirs(fs.path("ballast"), exist_ok=True)
+    for i in range(mib // 4):
+        write_file(fs.path("ballast", "b%d" % i), os.urandom(4 << 20))
+
+
+PASSED = re.compile(r"(\d+) writes passed on during the copy; operations waited ([\d.]+) ms")
+
+
+def test_online_split_and_merge_under_a_strict_writer_and_rsync(shardfs_factory, monkeypatch):
+    # The daemon copies 64 KiB chunks 20 ms apart, so the writes meet the copy.
+    monkeypatch.setenv("SHARDFS_TEST_SLOW_COPY", "1")
+    fs = shardfs_factory(sub="")
+    monkeypatch.delenv("SHARDFS_TEST_SLOW_COPY")
+    src = os.path.join(fs.top, "src")
+    make_tree(src, seed=11)
+    ballast(fs)
+    snap = tree_snapshot(src, mtimes=False, dir_mtimes=False, owners=False)
+    passed = 0
+    for step, args, want in [(0, ("split", "--all"), {i: 3 for i in range(8)}),
+                             (1, ("merge", "4"), None), (2, ("merge", "5"), None),
+                             (3, ("merge", "6"), None),
+                             (4, ("merge", "7"), {i: 2 for i in range(4)})]:
+        w = StrictWriter(fs.path("w%d" % step))
+        rs = subprocess.Popen(["rsync", "-aH", src + "/", fs.path("r%d" % step) + "/"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.05)
+        r = reshard(fs, *args)
+        waits = PASSED.findall(r.stdout)
+        assert waits, r.stdout
+        passed += sum(int(n) for n, _ in waits)
+        assert all(float(ms) < 1000 for _, ms in waits), r.stdout
+        out, err = rs.communicate(timeout=300)
+        w.finish()
+        assert rs.returncode == 0, err
+        assert w.count > 0
+        w.verify()
+        assert_same_tree(snap, tree_snapshot(fs.path("r%d" % step), mtimes=False,
+                                             dir_mtimes=False, owners=False))
+        if want:
+            assert layout(fs) == want
+    assert passed > 0, "no write met a copy: the mirror was not tested"
+    fs.remount()
+    assert len(os.listdir(fs.path("ballast"))) == 6
+    fs.unmount()
+    fs.assert_fsck_clean()
+
+
+def daemon_died(fs):
+    """The daemon killed itself (SHARDFS_TEST_KILL_AT): reap it, drop the mount."""
+    fs.proc.wait(timeout=30)
+    fs.proc = None
+    fs.killed = True
+    if is_mounted(fs.mnt):
+        run(["fusermount3", "-uz", fs.mnt], check=False, timeout=30)
+
+
+def test_online_split_kill9_at_every_phase_then_resume(shardfs_factory, monkeypatch):
+    fs = shardfs_factory(sub="", start=False)
+    fs.start()
+    src = fill(fs, seed=13)
+    fs.unmount()
+    for phase in ("copy", "cut-over", "purge"):
+        monkeypatch.setenv("SHARDFS_TEST_KILL_AT", phase)
+        fs.start()
+        monkeypatch.delenv("SHARDFS_TEST_KILL_AT")
+        w = StrictWriter(fs.path("w-" + phase))
+        time.sleep(0.05)
+        r = reshard(fs, "split", "3", check=False)
+        assert r.returncode == 2 and "closed the connection" in r.stderr, (r.returncode, r.stderr)
+        w.stop.set()
+        w.t.join(timeout=60)
+        daemon_died(fs)
+        m = run([fs_bin(), "mount", "-c", fs.conf, "-f", fs.mnt], check=False, timeout=60)
+        assert m.returncode != 0 and "reshard resume" in m.stderr, m.stderr
+        r = reshard(fs, "resume")
+        assert DONE.search(r.stdout).group(1) == "resumed", r.stdout
+        assert layout(fs) == {0: 2, 1: 2, 2: 2, 3: 3, 7: 3}, (phase, layout(fs))
+        check_tree(fs, src)
+        # Every record the writer had acknowledged before the kill is there
+        # (its last one may have been cut by the kill: not acknowledged).
+        fs.start()
+        for i, recs in w.acked.items():
+            p = fs.path("w-" + phase, "f%02d" % i)
+            got = open(p, "rb").read() if os.path.exists(p) else b""
+            assert got.startswith(b"".join(recs)), (phase, i)
+        fs.unmount()
+        reshard(fs, "merge", "7")
+        assert layout(fs) == {i: 2 for i in range(4)}
