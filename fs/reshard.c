@@ -33,6 +33,12 @@
 
 #define COPY_BATCH (4u << 20)
 #define PURGE_KEYS 8192u
+/* Online, the mount's writes to the shard wait for the copy's chunk (the
+ * mirror's lock) and for the purge's batch (the shard's lock): smaller
+ * ones, and a pause as long as each took after it, bound what a write
+ * waits (tests/bench/reshard measures a workload's p99 latency). */
+#define ONLINE_COPY_BATCH (256u << 10)
+#define ONLINE_PURGE_KEYS 256u
 #define PROGRESS_NS 500000000ll
 
 enum op { OP_SPLIT, OP_MERGE };
@@ -217,9 +223,20 @@ struct copy {
 
 /* A test's slow copy: SHARDFS_TEST_SLOW_COPY=1 makes chunks of 64 KiB with
  * 20 ms between them, so a test's writes meet the mirror. */
-static size_t chunk_bytes(void)
+static size_t chunk_bytes(const struct job *j)
 {
-    return getenv("SHARDFS_TEST_SLOW_COPY") ? 64u << 10 : COPY_BATCH;
+    if (getenv("SHARDFS_TEST_SLOW_COPY"))
+        return 64u << 10;
+    return j->cancel ? ONLINE_COPY_BATCH : COPY_BATCH;
+}
+
+/* Online: sleep as long as the step that began at t0 took. */
+static void yield_after(const struct job *j, const struct timespec *t0)
+{
+    if (j->cancel) {
+        double us = since(t0) * 1e6;
+        usleep((useconds_t)(us < 100000 ? us : 100000));
+    }
 }
 
 static int copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
@@ -250,7 +267,8 @@ static int copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, si
 static int copy_records(struct job *j, struct shard *from, struct shard *to, int all, unsigned bit,
                         pthread_mutex_t *mu)
 {
-    struct copy c = {.j = j, .to = to, .all = all, .bit = bit, .chunk = chunk_bytes()};
+    struct copy c = {.j = j, .to = to, .all = all, .bit = bit, .chunk = chunk_bytes(j)};
+    struct timespec c0;
     uint8_t start[BATCH_KEY_MAX];
     size_t slen = 0;
     struct shard_stat ss;
@@ -261,6 +279,7 @@ static int copy_records(struct job *j, struct shard *from, struct shard *to, int
     j->st.estimate = shard_stat(from, &ss) == 0 ? (all ? ss.bytes : ss.bytes / 2) : 0;
     report(j, 1);
     do {
+        clock_gettime(CLOCK_MONOTONIC, &c0);
         if (mu)
             pthread_mutex_lock(mu);
         batch_reset(&c.b);
@@ -278,8 +297,10 @@ static int copy_records(struct job *j, struct shard *from, struct shard *to, int
         }
         if (rc >= 0 && j->cancel && *j->cancel)
             rc = -ECANCELED;
-        if (rc == 1 && c.chunk < COPY_BATCH)
+        if (rc == 1 && getenv("SHARDFS_TEST_SLOW_COPY"))
             usleep(20000);
+        else if (rc == 1)
+            yield_after(j, &c0);
         kill_point("copy");
         report(j, 0);
     } while (rc == 1);
@@ -314,7 +335,7 @@ static int meta_write(struct shard *sh, unsigned index, unsigned depth)
 
 struct purge {
     struct batch b;
-    unsigned bit;
+    unsigned bit, max;
     uint8_t last[BATCH_KEY_MAX];
     size_t lastlen;
 };
@@ -330,14 +351,15 @@ static int purge_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, s
     if (record_placement(k, kl, &h) || !((h >> p->bit) & 1))
         return 0;
     batch_del(&p->b, k, kl);
-    return p->b.count >= PURGE_KEYS ? 1 : 0;
+    return p->b.count >= p->max ? 1 : 0;
 }
 
 /* Delete from sh every placed record whose hash has `bit` set; sync. */
 static int purge_records(struct job *j, struct shard *sh, unsigned bit)
 {
-    struct purge p = {.bit = bit};
+    struct purge p = {.bit = bit, .max = j->cancel ? ONLINE_PURGE_KEYS : PURGE_KEYS};
     uint8_t start[BATCH_KEY_MAX];
+    struct timespec p0;
     size_t slen = 0;
     int rc;
 
@@ -345,6 +367,7 @@ static int purge_records(struct job *j, struct shard *sh, unsigned bit)
     j->st.phase = "purge";
     report(j, 1);
     do {
+        clock_gettime(CLOCK_MONOTONIC, &p0);
         batch_reset(&p.b);
         rc = shard_scan(sh, slen ? start : NULL, slen, NULL, 0, purge_one, &p);
         if (rc >= 0 && p.b.count) {
@@ -354,6 +377,7 @@ static int purge_records(struct job *j, struct shard *sh, unsigned bit)
             j->st.purged += p.b.count;
             kill_point("purge");
             report(j, 0);
+            yield_after(j, &p0);
         }
         if (rc == 1) {
             int n = batch_key_after(p.last, p.lastlen, start);
