@@ -940,7 +940,7 @@ static int cmd_reshard(int argc, char **argv)
     return 0;
 fail:
     fprintf(stderr, "shardfs: reshard: %s\n", err[0] ? err : strerror(-r));
-    return r == -EINVAL || r == -EBUSY || r == -ENOSPC || r == -EOPNOTSUPP ? 1 : 2;
+    return r == -EINVAL || r == -EBUSY || r == -ERANGE || r == -EOPNOTSUPP ? 1 : 2;
 }
 
 int main(int argc, char **argv)

@@ -56,6 +56,7 @@ struct job {
     struct timespec t0, last;
     struct reshard_stats st;
     const volatile int *cancel; /* online: set when the mount is going away */
+    int undone;             /* the change failed before its cut-over and was taken back */
 };
 
 /* ---- small helpers ---- */
@@ -435,8 +436,11 @@ static int split_run(struct job *j, int after)
             rc = shard_sync(dst);
         shard_close(dst);
         dst = NULL;
-        if (rc == 0)
-            rc = cut_over(j, &next);
+        if (rc) { /* before the cut-over: take it back (a full disk, say) */
+            j->undone = shard_remove(j, t) == 0;
+            goto out;
+        }
+        rc = cut_over(j, &next);
         if (rc)
             goto out;
     } else {
@@ -452,6 +456,17 @@ out:
     j->o->shard_a = j->s;
     j->o->shard_b = t;
     j->o->depth = j->d + 1;
+    return rc;
+}
+
+/* Take back a merge's copy: delete from low what belongs to the upper
+ * buddy (hash bit d - 1 set; low's own records have it clear). */
+static int merge_undo(struct job *j, struct shard *low)
+{
+    const char *phase = j->st.phase;
+    int rc = purge_records(j, low, j->d - 1);
+
+    j->st.phase = phase;
     return rc;
 }
 
@@ -472,8 +487,11 @@ static int merge_run(struct job *j, int after)
         if (rc == 0)
             rc = copy_records(j, high, low, 1, 0, NULL);
         shard_close(high);
-        if (rc == 0)
-            rc = cut_over(j, &next);
+        if (rc) {
+            j->undone = low && merge_undo(j, low) == 0;
+            goto out;
+        }
+        rc = cut_over(j, &next);
         if (rc)
             goto out;
     } else {
@@ -502,8 +520,10 @@ static int job_run(struct job *j, int after)
 {
     int rc = j->op == OP_SPLIT ? split_run(j, after) : merge_run(j, after);
 
-    if (rc == 0)
-        rc = state_remove(j);
+    if (rc == 0 || j->undone) {
+        int r = state_remove(j); /* done, or nothing happened */
+        rc = rc ? rc : r;
+    }
     if (rc == 0) {
         j->st.phase = "done";
         report(j, 1);
@@ -622,7 +642,7 @@ int reshard_split(struct config *cfg, int node, unsigned s, struct reshard_opts 
     if ((2u << j.d) > CONFIG_MAX_SHARDS) {
         snprintf(err, errlen, "shard %u: a split would make shard %u, past the limit of %u", s,
                  s + (1u << j.d), CONFIG_MAX_SHARDS);
-        rc = -ENOSPC;
+        rc = -ERANGE;
         goto out;
     }
     rc = job_start(&j);
@@ -972,8 +992,11 @@ static int online_merge(struct job *j, struct ns *ns)
     if (rc)
         return rc;
     rc = mirrored_copy(j, ns, up, &m, high, low, 1, j->d - 1);
-    if (rc)
-        return rc; /* the copies in low are not placed there: the state says redo */
+    if (rc) {
+        if (merge_undo(j, low) == 0) /* low's own records are not touched */
+            state_remove(j);
+        return rc;
+    }
     rc = cutover_begin(j, ns, &m, low, &next, &p0);
     ns_shard_swap(ns, up, high);
     if (rc == 0) {
@@ -1026,7 +1049,7 @@ int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge,
         if ((2u << j.d) > CONFIG_MAX_SHARDS) {
             snprintf(err, errlen, "shard %u: a split would make shard %u, past the limit of %u",
                      s, s + (1u << j.d), CONFIG_MAX_SHARDS);
-            return -ENOSPC;
+            return -ERANGE;
         }
         rc = online_split(&j, ns);
     } else {

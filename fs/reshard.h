@@ -27,7 +27,10 @@
  *              upper buddy's directory is removed. Then RESHARD goes.
  *
  * Resume: with the layout in STORE still the old one, the change starts
- * again at 1; with the new one, it goes on at 2's second half.
+ * again at 1; with the new one, it goes on at 2's second half. A change
+ * that fails before its cut-over (a full disk, a cancel) is taken back at
+ * once instead: a split's target is removed, a merge's copies are deleted
+ * from the lower buddy, and RESHARD goes.
  *
  * Records that are not placed (`M` records of the fs layer) stay where they
  * are; the shard's local records (its stream, positions) are its own.
@@ -67,7 +70,7 @@ struct reshard_opts {
 };
 
 /* Split shard s of the store of node; cfg must hold the store's layout
- * (store_layout_apply()). -EINVAL: s is not a shard; -ENOSPC: the new
+ * (store_layout_apply()). -EINVAL: s is not a shard; -ERANGE: the new
  * shard's number would reach CONFIG_MAX_SHARDS; -EOPNOTSUPP: not a
  * single-node store; -EAGAIN: another process has the store open. */
 int reshard_split(struct config *cfg, int node, unsigned s, struct reshard_opts *o, char *err,

@@ -375,3 +375,80 @@ def test_online_split_kill9_at_every_phase_then_resume(shardfs_factory, monkeypa
         fs.unmount()
         reshard(fs, "merge", "7")
         assert layout(fs) == {i: 2 for i in range(4)}
+
+
+def test_unmount_during_an_online_copy_takes_the_change_back(shardfs_factory, monkeypatch):
+    monkeypatch.setenv("SHARDFS_TEST_SLOW_COPY", "1")  # 64 KiB every 20 ms: seconds
+    fs = shardfs_factory(sub="", shards=1)
+    src = fill(fs, seed=17)
+    ballast(fs, mib=16)
+    fs.unmount()
+    for args, want, before in [(("split", "0"), {0: 0}, None),
+                               (("merge", "1"), {0: 1, 1: 1}, ("split", "0"))]:
+        if before:
+            reshard(fs, *before)  # unmounted
+        fs.start()
+        cli = subprocess.Popen([fs_bin(), "reshard", args[0], "-c", fs.conf, args[1]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Wait for the copy to be under way, then unmount: the daemon cancels it.
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(fs.data, "RESHARD")):
+            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+            time.sleep(0.01)
+        time.sleep(0.3)
+        fs.unmount()
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 2 and "canceled" in err, (cli.returncode, out, err)
+        assert not os.path.exists(os.path.join(fs.data, "RESHARD"))
+        assert layout(fs) == want, (args, layout(fs))
+        assert os.path.exists(os.path.join(fs.data, "shard-1")) == (args[0] == "merge")
+        check_tree(fs, src)  # also fsck: no copy left where it does not belong
+
+
+def test_full_disk_split_is_taken_back(shardfs_factory, tmp_top):
+    if os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root to mount a tmpfs")
+    tfs = os.path.join(tmp_top, "tfs")
+    os.mkdir(tfs)
+    run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", tfs])
+    try:
+        os.mkdir(os.path.join(tfs, "data"))
+        fs = shardfs_factory(sub="", data_dir="./tfs/data", shards=1)  # all on shard 0
+        fs.allow_stderr(r"(?i)no space|ENOSPC|MAP_FULL|full")
+        os.mkdir(fs.path("t"))
+        files = {}
+        for i in range(12):
+            files["f%d" % i] = os.urandom(1 << 20)
+            write_file(fs.path("t", "f%d" % i), files["f%d" % i])
+        fs.unmount()
+        # Fill the disk but for a little: the split's copy cannot fit.
+        filler = os.path.join(tfs, "filler")
+        st = os.statvfs(tfs)
+        free = st.f_bavail * st.f_frsize
+        with open(filler, "wb") as f:
+            f.truncate(0)
+            left = free - (2 << 20)
+            while left > 0:
+                n = min(left, 1 << 20)
+                f.write(b"\0" * n)
+                left -= n
+        before = open(os.path.join(fs.data, "STORE")).read()
+        r = reshard(fs, "split", "0", check=False)
+        assert r.returncode == 2 and "space" in r.stderr.lower(), (r.returncode, r.stderr)
+        assert not os.path.exists(os.path.join(fs.data, "RESHARD"))
+        assert open(os.path.join(fs.data, "STORE")).read() == before
+        assert not os.path.exists(os.path.join(fs.data, "shard-1"))
+        os.unlink(filler)
+        fs.assert_fsck_clean()
+        fs.start()
+        for name, data in files.items():
+            assert open(fs.path("t", name), "rb").read() == data, name
+        fs.unmount()
+        reshard(fs, "split", "0")
+        fs.assert_fsck_clean()
+        fs.fsck_at_end = False  # the tmpfs goes away next
+    finally:
+        if is_mounted(fs.mnt):
+            fuse_unmount(fs.mnt)
+        run(["umount", tfs], check=False)
