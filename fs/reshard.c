@@ -1,11 +1,13 @@
 /* reshard.c -- split and merge shards of a single-node store (reshard.h).
  *
- * The copy reads the source with one scan (LMDB's order) and writes the
- * target in batches of about COPY_BATCH bytes; the purge collects the keys
- * to delete in batches of PURGE_KEYS (a scan cannot write the shard it
- * scans) and goes on after the last one. Both go through the shard
- * interface, so the target's redo log makes every batch survive a kill, and
- * the shard's own `Mshard` record is written like any other.
+ * The copy reads the source in LMDB's order, a chunk of about COPY_BATCH
+ * bytes at a time (each scan stops there; the next starts after its last
+ * key), and writes each chunk to the target as one batch; the purge
+ * collects the keys to delete in batches of PURGE_KEYS (a scan cannot write
+ * the shard it scans) the same way. Both go through the shard interface,
+ * so the target's redo log makes every batch survive a kill, and the
+ * shard's own `Mshard` record is written like any other. Online (a mounted
+ * store), the mirror below keeps the target current while the copy runs.
  */
 #include "reshard.h"
 
