@@ -1102,6 +1102,25 @@ static int parent_after_create(struct ns *ns, const struct ino_id *dir, int is_d
 }
 
 /* ns_mknode; reg: the new file is open here (ns_create_open). */
+/* A create's batch came back -EIO. An apply to another node is sent once,
+ * and a lost reply looks like a lost request (shard_remote.h): the node may
+ * have applied it, a replica taken it over, and then the primary died
+ * before it answered. The entry tells which: it names the new inode's id
+ * only if this very batch was applied (the id was made for it). 0 if it
+ * was, else -EIO as before (nothing of it is there). Without this, a
+ * failover during `mkstemp` left a file that the caller was told was never
+ * made (rsync then leaves its temporary name behind). */
+static int create_outcome(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
+                          const struct ino_id *id)
+{
+    struct ino_id got;
+    uint8_t dtype;
+
+    if (entry_get(ns, dir, name, nlen, &got, &dtype) == 0 && !memcmp(&got, id, sizeof(got)))
+        return 0;
+    return -EIO;
+}
+
 static int mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                   uint32_t mode, uint32_t rdev, uint32_t uid, uint32_t gid, const char *target,
                   int reg, struct inode *out)
@@ -1148,6 +1167,8 @@ static int mknode(struct ns *ns, const struct ino_id *dir, const char *name, siz
     if (reg)
         batch_register(ns, &b, &ino->id); /* the inode's shard: free */
     rc = apply_batch(shard_at(ns, h), &b);
+    if (rc == -EIO)
+        rc = create_outcome(ns, dir, name, nlen, &ino->id);
     missing_forget(ns, dir, name, nlen);
     if (rc)
         return rc;

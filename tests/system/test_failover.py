@@ -471,7 +471,7 @@ def test_rsync_through_a_survives_kill9_of_b(fcluster):
     c.kill9("b")
     t.join(600)
     first = result["first"]
-    print("rsync during the kill: exit %d" % first.returncode)
+    print("rsync during the kill: exit %d\n%s" % (first.returncode, first.stderr[-3000:]))
     if first.returncode != 0:
         run(["rsync", "-a", src, c.p("a", "inc") + "/"], timeout=600)
     for n in ("a", "c"):

@@ -10,7 +10,9 @@
  *    -EISDIR, rename's -EINVAL/-EISDIR/-ENOTDIR/-EEXIST/-ENOENT, the xattr
  *    errors (-ENODATA, -EEXIST, -EOPNOTSUPP, -ERANGE), link's -EPERM and
  *    write's -EISDIR; after every failed call the tree is unchanged;
- *  - cross-shard rename, rename-over and exchange of two 255-byte names.
+ *  - cross-shard rename, rename-over and exchange of two 255-byte names;
+ *  - a create whose reply was lost (applied, then -EIO) succeeds, and one
+ *    whose request was lost fails with -EIO and leaves nothing.
  * Exits non-zero on any failed check.
  */
 #include <dirent.h>
@@ -400,10 +402,100 @@ static void test_namespace(void)
     ns_close(ns);
 }
 
+/* ---- a create whose reply was lost ----
+ * A shard wrapper whose next apply is lost: LOST_REPLY applies the batch and
+ * answers -EIO (the primary died after a replica took it); LOST_REQUEST
+ * answers -EIO and applies nothing. Everything else passes through. */
+enum { PASS, LOST_REPLY, LOST_REQUEST };
+
+struct lossy {
+    struct shard base;
+    struct shard *inner;
+    int mode;
+};
+
+static struct shard *inner_of(struct shard *s)
+{
+    return ((struct lossy *)s)->inner;
+}
+
+static int lossy_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
+                     size_t *vl)
+{
+    return shard_get(inner_of(s), k, kl, off, buf, bl, vl);
+}
+
+static int lossy_scan(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                      shard_scan_fn fn, void *ctx)
+{
+    return shard_scan(inner_of(s), a, al, b, bl, fn, ctx);
+}
+
+static int lossy_apply(struct shard *s, const struct batch *b)
+{
+    struct lossy *l = (struct lossy *)s;
+    int mode = l->mode, rc = 0;
+
+    l->mode = PASS;
+    if (mode != LOST_REQUEST)
+        rc = shard_apply(l->inner, b);
+    return mode == PASS ? rc : -EIO;
+}
+
+static int lossy_sync(struct shard *s)
+{
+    return shard_sync(inner_of(s));
+}
+
+static void lossy_close(struct shard *s)
+{
+    (void)s;
+}
+
+static const struct shard_ops lossy_ops = {
+    .get = lossy_get, .scan = lossy_scan, .apply = lossy_apply, .sync = lossy_sync,
+    .close = lossy_close};
+
+/* mkstemp during a failover: the create's batch applied, its reply lost.
+ * The caller must be told it worked (the file is there, under the id it
+ * got), and a lost request must leave nothing. */
+static void test_create_lost_reply(void)
+{
+    struct lossy l = {.base = {.ops = &lossy_ops}};
+    const char *names[] = {"made-reply-lost", "made-request-lost"};
+    struct inode f, got;
+    struct ns *ns;
+
+    cleanup(); /* test_namespace's store; a fresh one */
+    memcpy(tmpdir + sizeof(tmpdir) - 7, "XXXXXX", 6);
+    ns = open_store();
+    for (int k = 0; k < 2; k++) {
+        unsigned sh = ns_entry_shard(ns, root, names[k], strlen(names[k]));
+        int rc;
+
+        l.inner = ns_shard(ns, sh);
+        l.base.index = sh;
+        l.mode = k == 0 ? LOST_REPLY : LOST_REQUEST;
+        CHECK(ns_shard_swap(ns, sh, &l.base) == l.inner);
+        rc = ns_create_open(ns, root, names[k], strlen(names[k]), S_IFREG | 0644, 0, 0, &f);
+        ns_shard_swap(ns, sh, l.inner);
+        if (k == 0) {
+            CHECK_RC(rc, 0);
+            CHECK_RC(lookup(ns, root, names[k], &got), 0);
+            CHECK(!memcmp(&got.id, &f.id, sizeof(f.id)));
+        } else {
+            CHECK_RC(rc, -EIO);
+            CHECK_RC(lookup(ns, root, names[k], NULL), -ENOENT);
+        }
+    }
+    ns_close(ns);
+}
+
 int main(void)
 {
     test_lmdb_errno();
     test_namespace();
+    test_create_lost_reply();
     cleanup();
     return check_summary("errno");
 }
