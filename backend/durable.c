@@ -75,3 +75,22 @@ int durable_remove_dir(const char *dir, const char *gone)
         rc = dir_remove(gone);
     return rc;
 }
+
+int durable_replace_file(const char *path, const void *data, size_t len)
+{
+    char tmp[PATH_MAX + 8];
+    int fd, rc = 0;
+
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
+        return -ENAMETOOLONG;
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    errno = 0;
+    if (write(fd, data, len) != (ssize_t)len || fsync(fd) != 0)
+        rc = errno ? -errno : -EIO;
+    close(fd);
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = -errno;
+    return rc ? rc : durable_sync_parent(path); /* the new name, not only the bytes */
+}

@@ -10,11 +10,18 @@
 #ifndef SHARDFS_DURABLE_H
 #define SHARDFS_DURABLE_H
 
+#include <stddef.h>
+
 /* fsync the directory dir. */
 int durable_sync_dir(const char *dir);
 
 /* fsync the directory that holds path (path's parent; "." for a bare name). */
 int durable_sync_parent(const char *path);
+
+/* Replace the file at path with len bytes of data, durably and at once:
+ * written to PATH.tmp, fsynced, renamed over path, and the directory
+ * synced, so a crash leaves the old content or the new, never a mix. */
+int durable_replace_file(const char *path, const void *data, size_t len);
 
 /* Remove directory dir and the files in it (no subdirectories), for good:
  * dir is first renamed to `gone` and that rename made durable, so a crash

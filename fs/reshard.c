@@ -139,24 +139,14 @@ static int state_path(const struct config *cfg, int node, char *out, size_t len)
 
 static int state_write(struct job *j)
 {
-    char path[PATH_MAX + 16], tmp[PATH_MAX + 32], text[64];
-    int fd, n, rc = state_path(j->cfg, j->node, path, sizeof(path));
+    char path[PATH_MAX + 16], text[64];
+    int n, rc = state_path(j->cfg, j->node, path, sizeof(path));
 
     if (rc)
         return rc;
     n = snprintf(text, sizeof(text), "%s %u %u\n", j->op == OP_SPLIT ? "split" : "merge", j->s,
                  j->d);
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    errno = 0;
-    if (write(fd, text, (size_t)n) != n || fsync(fd) != 0)
-        rc = errno ? -errno : -EIO;
-    close(fd);
-    if (rc == 0 && rename(tmp, path) != 0)
-        rc = -errno;
-    return rc ? rc : durable_sync_parent(path);
+    return durable_replace_file(path, text, (size_t)n);
 }
 
 /* 1 and the change in j, 0 without a state file, -errno. */

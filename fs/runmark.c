@@ -56,25 +56,13 @@ static int mark_read(const char *path, char boot[BOOT_ID_MAX])
     return 0;
 }
 
-static int mark_write(const char *data_dir, const char *path, const char *boot)
+static int mark_write(const char *path, const char *boot)
 {
-    char tmp[PATH_MAX], text[200];
-    int fd, n, rc = 0;
+    char text[200];
+    int n = snprintf(text, sizeof(text), "shardfs-running\nboot %s\npid %ld\n", boot,
+                     (long)getpid());
 
-    if (mark_path(data_dir, "RUNNING.tmp", tmp, sizeof(tmp)))
-        return -ENAMETOOLONG;
-    n = snprintf(text, sizeof(text), "shardfs-running\nboot %s\npid %ld\n", boot, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return -errno;
-    if (write(fd, text, (size_t)n) != n || fsync(fd) != 0)
-        rc = errno ? -errno : -EIO;
-    close(fd);
-    if (rc == 0 && rename(tmp, path) != 0)
-        rc = -errno;
-    if (rc == 0)
-        rc = durable_sync_dir(data_dir);
-    return rc;
+    return durable_replace_file(path, text, (size_t)n);
 }
 
 int runmark_begin(const char *data_dir, int mark, enum runmark_last *last)
@@ -91,7 +79,7 @@ int runmark_begin(const char *data_dir, int mark, enum runmark_last *last)
     boot_id(now);
     if (was[0])
         *last = strcmp(was, now) != 0 ? RUNMARK_MACHINE_STOPPED : RUNMARK_DAEMON_DIED;
-    return mark ? mark_write(data_dir, path, now) : 0;
+    return mark ? mark_write(path, now) : 0;
 }
 
 void runmark_end(const char *data_dir)

@@ -164,8 +164,8 @@ static int layout_text(const struct store_layout *l, char *out, size_t len)
 int store_layout_write(const struct config *cfg, int node, const struct store_layout *l)
 {
     const size_t cap = CONFIG_MAX_SHARDS * 16 + 64;
-    char path[PATH_MAX + 16], tmp[PATH_MAX + 32], *text;
-    int fd, rc = 0, n;
+    char path[PATH_MAX + 16], *text;
+    int rc, n;
 
     if (store_path(cfg, node, path, sizeof(path)))
         return -ENAMETOOLONG;
@@ -173,25 +173,8 @@ int store_layout_write(const struct config *cfg, int node, const struct store_la
     if (!text)
         return -ENOMEM;
     n = layout_text(l, text, cap);
-    if (n < 0) {
-        free(text);
-        return -EINVAL;
-    }
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        free(text);
-        return -errno;
-    }
-    errno = 0;
-    if (write(fd, text, (size_t)n) != n || fsync(fd) != 0)
-        rc = errno ? -errno : -EIO;
-    close(fd);
+    rc = n < 0 ? -EINVAL : durable_replace_file(path, text, (size_t)n);
     free(text);
-    if (rc == 0 && rename(tmp, path) != 0)
-        rc = -errno;
-    if (rc == 0)
-        rc = durable_sync_parent(path); /* the new name, not only the bytes */
     return rc;
 }
 
