@@ -615,30 +615,50 @@ static int job_start(struct job *j)
     return rc;
 }
 
+/* Check that the change op of shard s can be made on the layout in j->l,
+ * and set j->op, j->s (the shard split, or the lower buddy merged into) and
+ * j->d (the depth the change starts from). -EINVAL: s is not a shard, or a
+ * merge of a shard at depth 0; -ERANGE: a split past CONFIG_MAX_SHARDS;
+ * -EBUSY: a merge whose buddy was split further. */
+static int job_check(struct job *j, int op, unsigned s)
+{
+    if (s >= j->l.slots || !placement_is_shard(j->l.depth, s) ||
+        (op == OP_MERGE && j->l.depth[s] == 0)) {
+        snprintf(j->err, j->errlen, "shard %u: no such shard%s (the store has %u slots)", s,
+                 op == OP_MERGE ? ", or it has no buddy to merge with" : "", j->l.slots);
+        return -EINVAL;
+    }
+    j->op = op;
+    j->d = j->l.depth[s];
+    if (op == OP_SPLIT) {
+        j->s = s;
+        if ((2u << j->d) > CONFIG_MAX_SHARDS) {
+            snprintf(j->err, j->errlen,
+                     "shard %u: a split would make shard %u, past the limit of %u", s,
+                     s + (1u << j->d), CONFIG_MAX_SHARDS);
+            return -ERANGE;
+        }
+        return 0;
+    }
+    j->s = s & ((1u << (j->d - 1)) - 1);
+    if (j->l.depth[j->s] != j->d || j->l.depth[j->s + (1u << (j->d - 1))] != j->d) {
+        snprintf(j->err, j->errlen, "shard %u: its buddy %u was split further; merge that first",
+                 s, s ^ (1u << (j->d - 1)));
+        return -EBUSY;
+    }
+    return 0;
+}
+
 int reshard_split(struct config *cfg, int node, unsigned s, struct reshard_opts *o, char *err,
                   size_t errlen)
 {
     struct job j;
     int resumed, rc = job_open(&j, cfg, node, o, err, errlen, &resumed);
 
-    if (rc)
-        goto out;
-    if (s >= j.l.slots || !placement_is_shard(j.l.depth, s)) {
-        snprintf(err, errlen, "shard %u: no such shard (the store has %u slots)", s, j.l.slots);
-        rc = -EINVAL;
-        goto out;
-    }
-    j.op = OP_SPLIT;
-    j.s = s;
-    j.d = j.l.depth[s];
-    if ((2u << j.d) > CONFIG_MAX_SHARDS) {
-        snprintf(err, errlen, "shard %u: a split would make shard %u, past the limit of %u", s,
-                 s + (1u << j.d), CONFIG_MAX_SHARDS);
-        rc = -ERANGE;
-        goto out;
-    }
-    rc = job_start(&j);
-out:
+    if (rc == 0)
+        rc = job_check(&j, OP_SPLIT, s);
+    if (rc == 0)
+        rc = job_start(&j);
     job_close(&j);
     return rc;
 }
@@ -648,28 +668,11 @@ int reshard_merge(struct config *cfg, int node, unsigned s, struct reshard_opts 
 {
     struct job j;
     int resumed, rc = job_open(&j, cfg, node, o, err, errlen, &resumed);
-    unsigned d;
 
-    if (rc)
-        goto out;
-    if (s >= j.l.slots || !placement_is_shard(j.l.depth, s) || j.l.depth[s] == 0) {
-        snprintf(err, errlen, "shard %u: no such shard, or it has no buddy to merge with", s);
-        rc = -EINVAL;
-        goto out;
-    }
-    d = j.l.depth[s];
-    j.op = OP_MERGE;
-    j.s = s & ((1u << (d - 1)) - 1);
-    j.d = d;
-    if (j.l.depth[j.s] != d || j.l.depth[j.s + (1u << (d - 1))] != d) {
-        snprintf(err, errlen,
-                 "shard %u: its buddy %u was split further; merge that first",
-                 s, s ^ (1u << (d - 1)));
-        rc = -EBUSY;
-        goto out;
-    }
-    rc = job_start(&j);
-out:
+    if (rc == 0)
+        rc = job_check(&j, OP_MERGE, s);
+    if (rc == 0)
+        rc = job_start(&j);
     job_close(&j);
     return rc;
 }
@@ -1030,33 +1033,14 @@ int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge,
     rc = store_layout_read(cfg, node, &j.l, err, errlen);
     if (rc)
         return rc < 0 ? -EINVAL : -EIO;
-    if (s >= j.l.slots || !placement_is_shard(j.l.depth, s) || !ns_is_shard(ns, s)) {
-        snprintf(err, errlen, "shard %u: no such shard (the store has %u slots)", s, j.l.slots);
-        return -EINVAL;
+    rc = job_check(&j, merge ? OP_MERGE : OP_SPLIT, s);
+    if (rc == 0 && !ns_is_shard(ns, s)) {
+        snprintf(err, errlen, "shard %u: not a shard of the mounted store", s);
+        rc = -EINVAL;
     }
-    j.op = merge ? OP_MERGE : OP_SPLIT;
-    j.d = j.l.depth[s];
-    if (!merge) {
-        j.s = s;
-        if ((2u << j.d) > CONFIG_MAX_SHARDS) {
-            snprintf(err, errlen, "shard %u: a split would make shard %u, past the limit of %u",
-                     s, s + (1u << j.d), CONFIG_MAX_SHARDS);
-            return -ERANGE;
-        }
-        rc = online_split(&j, ns);
-    } else {
-        if (j.d == 0) {
-            snprintf(err, errlen, "shard %u: no such shard, or it has no buddy to merge with", s);
-            return -EINVAL;
-        }
-        j.s = s & ((1u << (j.d - 1)) - 1);
-        if (j.l.depth[j.s] != j.d || j.l.depth[j.s + (1u << (j.d - 1))] != j.d) {
-            snprintf(err, errlen, "shard %u: its buddy %u was split further; merge that first", s,
-                     s ^ (1u << (j.d - 1)));
-            return -EBUSY;
-        }
-        rc = online_merge(&j, ns);
-    }
+    if (rc)
+        return rc;
+    rc = merge ? online_merge(&j, ns) : online_split(&j, ns);
     if (rc == 0)
         rc = state_remove(&j);
     if (rc == 0) {
