@@ -181,6 +181,7 @@
 #include "batch.h"
 #include "clock.h"
 #include "nonce_cache.h"
+#include "placement.h"
 #include "shard_lmdb.h"
 #include "shard_map.h"
 #include "shard_repl.h"
@@ -1545,6 +1546,84 @@ static int server_of(struct node_server *s, unsigned n)
     return c.primary;
 }
 
+/* ---- layouts (wire.h, "Layouts") ---- */
+
+/* 1 if key is a record that this node's layout homes on a shard other than
+ * n. Keys that are not placed (a shard's own records) are n's. The layout is
+ * the config's: a split cluster does not serve yet (issue 11). */
+static int key_elsewhere(const struct node_server *s, unsigned n, const uint8_t *k, size_t kl)
+{
+    uint64_t h;
+
+    if (placement_key_hash(k, kl, &h) < 0)
+        return 0;
+    return placement_home(h, s->cfg.depth, s->cfg.shard_count) != n;
+}
+
+/* The first key of a request for op that is not n's, or NULL: a get's key,
+ * a getv's reads, an apply's point operations (a range's bounds need not
+ * be records: the depth check covers ranges and scans). A malformed body
+ * names none; the op refuses it. */
+static const char *foreign_key(const struct node_server *s, unsigned n, enum wire_op op,
+                               const uint8_t *body, size_t len)
+{
+    struct shard_read rd[SHARD_READS_MAX];
+    struct batch_item it;
+    size_t pos = 0;
+    unsigned count = 0;
+
+    switch (op) {
+    case WIRE_OP_GET:
+        return key_elsewhere(s, n, body, len) ? "get" : NULL;
+    case WIRE_OP_GETV:
+        if (wire_getv_request_decode(body, len, rd, &count) != 0)
+            return NULL;
+        for (unsigned i = 0; i < count; i++)
+            if (key_elsewhere(s, n, rd[i].key, rd[i].klen))
+                return "getv";
+        return NULL;
+    case WIRE_OP_APPLY:
+        while (batch_next(body, len, &pos, &it) == 1)
+            if (it.op != BATCH_DEL_RANGE && it.op != BATCH_ASSERT_EMPTY &&
+                key_elsewhere(s, n, it.key, it.klen))
+                return "apply";
+        return NULL;
+    default:
+        return NULL;
+    }
+}
+
+/* 1 with 421 EBADSLT in r when a data op must not be served here: the
+ * sender's depth of shard n is not ours, or it names a key that is not
+ * n's; 0 to serve it. */
+static int layout_refuses(struct node_server *s, const struct node_input *in, unsigned n,
+                          enum wire_op op, struct node_response *r)
+{
+    unsigned mine = s->cfg.depth[n];
+    uint64_t theirs = UINT64_MAX;
+    const char *what;
+
+    if (op != WIRE_OP_GET && op != WIRE_OP_GETV && op != WIRE_OP_SCAN && op != WIRE_OP_APPLY)
+        return 0;
+    if (query_u64(in->uri, "depth", &theirs) < 0) {
+        resp_error(r, -EINVAL, "bad depth");
+        return 1;
+    }
+    if (theirs != UINT64_MAX && theirs != mine) {
+        resp_error(r, -EBADSLT, "shard %u has depth %u here, not %" PRIu64 ": the layout changed",
+                   n, mine, theirs);
+        node_response_header(r, WIRE_HDR_DEPTH, "%u", mine);
+        return 1;
+    }
+    what = foreign_key(s, n, op, in->body, in->body_len);
+    if (what) {
+        resp_error(r, -EBADSLT, "%s of a key that is not shard %u's", what, n);
+        node_response_header(r, WIRE_HDR_DEPTH, "%u", mine);
+        return 1;
+    }
+    return 0;
+}
+
 static void route_shard(struct node_server *s, const struct node_input *in, unsigned n,
                         enum wire_op op, struct poll_ask *pa, struct node_response *r)
 {
@@ -1601,6 +1680,8 @@ static void route_shard(struct node_server *s, const struct node_input *in, unsi
                     "; serving shard %u anyway",
                     epoch, s->cfg.epoch, n);
     }
+    if (layout_refuses(s, in, n, op, r))
+        return;
     switch (op) {
     case WIRE_OP_GET:
         op_get(sh, in->uri, in->body, in->body_len, r);

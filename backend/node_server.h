@@ -2,7 +2,8 @@
  *
  * Serves this node's shards to the other nodes (the /v1/shard routes of
  * wire.h, including 307 redirects for shards it does not own and for older
- * epochs) and /v1/config; every other path goes to the handler the caller
+ * epochs, and 421 EBADSLT for a request of another layout or a key that is
+ * not the shard's: wire.h, "Layouts") and /v1/config; every other path goes to the handler the caller
  * registers (the public /v1/kv API lives in fs/, which backend/ must not
  * know). Every request must be signed for this node (wire.h: X-Shardfs-Auth
  * over the method, this node's URL, the target, epoch, date, a nonce and the

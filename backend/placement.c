@@ -10,6 +10,20 @@
 #include <string.h>
 #include <xxhash.h>
 
+static placement_key_fn key_hash_fn;
+
+void placement_set_key_hash(placement_key_fn fn)
+{
+    __atomic_store_n(&key_hash_fn, fn, __ATOMIC_RELEASE);
+}
+
+int placement_key_hash(const uint8_t *key, size_t klen, uint64_t *hash)
+{
+    placement_key_fn fn = __atomic_load_n(&key_hash_fn, __ATOMIC_ACQUIRE);
+
+    return fn ? fn(key, klen, hash) : -ENOSYS;
+}
+
 static int is_alnum_ascii(char c)
 {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');

@@ -10,7 +10,8 @@
  * stays inside one shard. Inode, chunk and xattr records carry the placement
  * hash of the entry that created the inode in the first 8 bytes of the inode id.
  *
- * Pure functions: no state, thread-safe, no allocation.
+ * Pure functions (but for the one registered key function): thread-safe, no
+ * allocation.
  */
 #ifndef SHARDFS_PLACEMENT_H
 #define SHARDFS_PLACEMENT_H
@@ -39,6 +40,18 @@ static inline unsigned placement_shard_of(uint64_t hash, unsigned shard_count)
 
 /* 1 if n is a power of two between 1 and PLACEMENT_MAX_SHARDS. */
 int placement_valid_count(unsigned long n);
+
+/* The placement hash of a record from its key alone. Only the layer that
+ * encodes keys knows their types (fs/record.h: record_placement()), so it
+ * registers its function once at start, before any thread uses it; the
+ * node server then checks that every key a request names belongs to the
+ * shard it was sent to (wire.h, "Layouts").
+ * placement_key_hash(): 0 and *hash; -EINVAL for a key that is not placed
+ * (a shard's own records, a key too short to be a record); -ENOSYS when no
+ * function is registered (nothing is checked). */
+typedef int (*placement_key_fn)(const uint8_t *key, size_t klen, uint64_t *hash);
+void placement_set_key_hash(placement_key_fn fn);
+int placement_key_hash(const uint8_t *key, size_t klen, uint64_t *hash);
 
 /* ---- layouts: one depth per shard (extendible hashing) ----
  *

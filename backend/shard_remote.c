@@ -172,6 +172,9 @@ struct remote {
     /* DESIGN 9: set by remote_owner_set(); under lock */
     int follow;
     uint64_t owner_gen[CONFIG_MAX_SHARDS]; /* bumped by every change of owner[] */
+    /* Our layout: the local depth of each shard (wire.h, "Layouts"); set
+     * from cfg, changed by remote_depth_set(); atomic bytes, no lock. */
+    uint8_t depth[CONFIG_MAX_SHARDS];
     pthread_cond_t owner_cond;             /* owner[] changed (CLOCK_MONOTONIC) */
 };
 
@@ -395,8 +398,13 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
     size_t len = size * n;
 
     if (q->cur_status < 200 || q->cur_status > 299 || !q->keep_body) {
-        /* Error bodies and bodies nobody reads: count and drop. */
-        if (len > q->reply_max - q->dropped) {
+        /* Error bodies and bodies nobody reads: count and drop, up to the
+         * reply's cap but at least a small reply's (a getv of a few bytes
+         * still hears why it was refused). */
+        size_t drop_max = q->reply_max > REMOTE_SMALL_REPLY_MAX ? q->reply_max
+                                                                : REMOTE_SMALL_REPLY_MAX;
+
+        if (q->dropped > drop_max || len > drop_max - q->dropped) {
             q->overflow = 1;
             return 0;
         }
@@ -1048,13 +1056,27 @@ static struct shard_remote *to_remote(struct shard *s)
     return (struct shard_remote *)s;
 }
 
-static int shard_path(struct request *q, unsigned index, enum wire_op op, const char *query)
+/* The path and query of op on the remote shard s; the data ops carry our
+ * depth of the shard (wire.h, "Layouts"). */
+static int shard_path(struct request *q, struct shard *s, enum wire_op op, const char *query)
 {
-    int n = wire_shard_path(q->path_query, sizeof(q->path_query), index, op);
+    int layout = op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN ||
+                 op == WIRE_OP_APPLY;
+    unsigned depth = __atomic_load_n(&to_remote(s)->r->depth[s->index], __ATOMIC_ACQUIRE);
+    size_t size = sizeof(q->path_query);
+    int n = wire_shard_path(q->path_query, size, s->index, op), k;
+
     if (n < 0)
         return n;
-    if (query && (size_t)snprintf(q->path_query + n, sizeof(q->path_query) - (size_t)n, "?%s",
-                                  query) >= sizeof(q->path_query) - (size_t)n)
+    if (query || layout) {
+        k = snprintf(q->path_query + n, size - (size_t)n, "?%s%s", query ? query : "",
+                     query && layout ? "&" : "");
+        if (k < 0 || (size_t)k >= size - (size_t)n)
+            return -ENAMETOOLONG;
+        n += k;
+    }
+    if (layout && (size_t)snprintf(q->path_query + n, size - (size_t)n, "depth=%u", depth) >=
+                      size - (size_t)n)
         return -ENAMETOOLONG;
     return 0;
 }
@@ -1086,7 +1108,7 @@ static int remote_get(struct shard *s, const void *key, size_t klen, size_t off,
         q.out = want ? (uint8_t *)buf + done : NULL;
         q.out_cap = want;
         snprintf(query, sizeof(query), "off=%" PRIu64 "&len=%zu", at, want);
-        rc = shard_path(&q, s->index, WIRE_OP_GET, query);
+        rc = shard_path(&q, s, WIRE_OP_GET, query);
         if (rc == 0)
             rc = remote_call(sr->r, (int)s->index, 0, &q);
         if (rc == 0 && (q.status != 200 || hdr_u64(&q.vlen, &full) != 0))
@@ -1118,7 +1140,7 @@ struct scan_sink {
 
 /* A scan request for [from, end) with a record limit (and the join of k, if
  * any); its body in *body (the caller frees it). 0 or -errno. */
-static int scan_request(struct request *q, uint8_t **body, unsigned index, const void *from,
+static int scan_request(struct request *q, uint8_t **body, struct shard *s, const void *from,
                         size_t flen, const void *end, size_t elen, unsigned limit,
                         const struct scan_sink *k)
 {
@@ -1137,7 +1159,7 @@ static int scan_request(struct request *q, uint8_t **body, unsigned index, const
     n = snprintf(query, sizeof(query), "limit=%u%s", limit, k->j ? "&" : "");
     if (k->j && wire_join_query(query + n, sizeof(query) - (size_t)n, k->j) != 0)
         return -EINVAL;
-    return shard_path(q, index, WIRE_OP_SCAN, query);
+    return shard_path(q, s, WIRE_OP_SCAN, query);
 }
 
 /* The next record of a reply to k: wire_scan_reply_next's result. */
@@ -1236,7 +1258,7 @@ static int scan_pages(struct shard *s, const void *start, size_t slen, const voi
         struct request q;
         uint8_t *body = NULL;
 
-        rc = scan_request(&q, &body, s->index, start ? from : NULL, flen, end, elen, limit, k);
+        rc = scan_request(&q, &body, s, start ? from : NULL, flen, end, elen, limit, k);
         if (rc == 0)
             rc = remote_call(sr->r, (int)s->index, 0, &q);
         free(body);
@@ -1334,7 +1356,7 @@ static int fan_send(CURLM *m, struct fan *f)
 static int fan_start(CURLM *m, struct fan *f, const void *start, size_t slen, const void *end,
                      size_t elen, const struct scan_sink *k)
 {
-    int rc = scan_request(&f->q, &f->body, f->s->index, start, slen, end, elen,
+    int rc = scan_request(&f->q, &f->body, f->s, start, slen, end, elen,
                           REMOTE_SCAN_FIRST_LIMIT, k);
 
     return rc ? rc : fan_send(m, f);
@@ -1533,7 +1555,7 @@ int shard_scan_many_join(struct shard *const *shards, unsigned n, const void *st
 
 /* A getv request for r[0..n) (checked by the caller), its body in *body
  * (the caller frees it). 0 or -errno. */
-static int getv_request(struct request *q, uint8_t **body, unsigned index,
+static int getv_request(struct request *q, uint8_t **body, struct shard *s,
                         const struct shard_read *r, unsigned n)
 {
     size_t cap = 0;
@@ -1547,7 +1569,7 @@ static int getv_request(struct request *q, uint8_t **body, unsigned index,
         return -ENOMEM;
     wire_getv_request_encode(*body, r, n);
     q->body = *body;
-    return shard_path(q, index, WIRE_OP_GETV, NULL);
+    return shard_path(q, s, WIRE_OP_GETV, NULL);
 }
 
 int shard_get_many_fan(struct shard_reads *g, unsigned n)
@@ -1574,7 +1596,7 @@ int shard_get_many_fan(struct shard_reads *g, unsigned n)
             continue;
         f->s = t;
         f->r = to_remote(t)->r;
-        if (getv_request(&f->q, &f->body, t->index, g[i].r, g[i].n) == 0)
+        if (getv_request(&f->q, &f->body, t, g[i].r, g[i].n) == 0)
             fan_send(m, f);
     }
     if (m && fans)
@@ -1618,7 +1640,7 @@ static int remote_get_many(struct shard *s, struct shard_read *r, unsigned n)
     q.body = body;
     q.body_len = wire_getv_request_size(r, n);
     wire_getv_request_encode(body, r, n);
-    rc = shard_path(&q, s->index, WIRE_OP_GETV, NULL);
+    rc = shard_path(&q, s, WIRE_OP_GETV, NULL);
     if (rc == 0)
         rc = remote_call(sr->r, (int)s->index, 0, &q);
     if (rc == 0 && (q.status != 200 || wire_getv_reply_decode(q.reply, q.reply_len, r, n) != 0))
@@ -1643,7 +1665,7 @@ static int remote_apply(struct shard *s, const struct batch *b)
         return 0; /* like shard_lmdb: nothing to do, nothing to ask */
     if (b->len > WIRE_BODY_MAX)
         return -EFBIG;
-    rc = shard_path(&q, s->index, WIRE_OP_APPLY, NULL);
+    rc = shard_path(&q, s, WIRE_OP_APPLY, NULL);
     if (rc == 0)
         rc = remote_call(sr->r, (int)s->index, 0, &q);
     request_free(&q);
@@ -1654,7 +1676,7 @@ static int remote_sync(struct shard *s)
 {
     struct shard_remote *sr = to_remote(s);
     struct request q = {.method = "POST", .keep_body = 1, .reply_max = REMOTE_SMALL_REPLY_MAX};
-    int rc = shard_path(&q, s->index, WIRE_OP_SYNC, NULL);
+    int rc = shard_path(&q, s, WIRE_OP_SYNC, NULL);
 
     if (rc == 0)
         rc = remote_call(sr->r, (int)s->index, 0, &q);
@@ -1677,7 +1699,7 @@ static int remote_stat(struct shard *s, struct shard_stat *st)
     struct request q = {
         .method = "GET", .idempotent = 1, .keep_body = 1, .reply_max = REMOTE_SMALL_REPLY_MAX};
     struct shard_stat got;
-    int rc = shard_path(&q, s->index, WIRE_OP_STAT, NULL);
+    int rc = shard_path(&q, s, WIRE_OP_STAT, NULL);
 
     if (rc == 0)
         rc = remote_call(sr->r, (int)s->index, 0, &q);
@@ -1740,6 +1762,7 @@ int remote_new(const struct config *cfg, int self, struct remote **out, char *er
     r->self = self;
     r->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : REMOTE_DEFAULT_TIMEOUT_MS;
     r->epoch = cfg->epoch;
+    memcpy(r->depth, cfg->depth, cfg->shard_count);
     for (unsigned i = 0; i < cfg->shard_count; i++) {
         int o = cfg->owner[i];
         r->owner[i] = o >= 0 && (unsigned)o < cfg->node_count ? cfg->nodes[o].url : "";
@@ -1777,6 +1800,12 @@ void remote_free(struct remote *r)
     pthread_mutex_destroy(&r->lock);
     pthread_cond_destroy(&r->owner_cond);
     free(r);
+}
+
+void remote_depth_set(struct remote *r, unsigned index, unsigned depth)
+{
+    if (index < CONFIG_MAX_SHARDS && depth < 32)
+        __atomic_store_n(&r->depth[index], (uint8_t)depth, __ATOMIC_RELEASE);
 }
 
 void remote_owner_set(struct remote *r, unsigned index, int node)

@@ -72,6 +72,12 @@ struct shard_reads {
  * is set; returns 0, or -EWOULDBLOCK in no-waiting mode. */
 int shard_get_many_fan(struct shard_reads *g, unsigned n);
 
+/* Our local depth of shard index from now on (a split or merge changed the
+ * layout): the data ops send it, and a node whose layout disagrees refuses
+ * them with -EBADSLT, nothing done (wire.h, "Layouts"; the caller learns the
+ * layout anew and routes again). Starts as cfg's. Any thread. */
+void remote_depth_set(struct remote *r, unsigned index, unsigned depth);
+
 /* The URL currently believed to own shard index (after redirects); valid
  * until remote_free(). */
 const char *remote_owner_url(struct remote *r, unsigned index);

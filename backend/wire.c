@@ -740,6 +740,9 @@ static const struct {
     /* A handover gave the shard away before the op did anything (the
      * primary's wrapper, shard_repl.h): "try again", where the map points. */
     {EREMCHG, "EREMCHG", 503},
+    /* A key or a layout the shard's node does not agree with (wire.h,
+     * "Layouts"): nothing was done; route again with the current layout. */
+    {EBADSLT, "EBADSLT", 421},
 };
 #define ERRNO_COUNT (sizeof(errno_table) / sizeof(errno_table[0]))
 

@@ -138,12 +138,23 @@
  * node redirecting an old epoch to itself would loop), and re-signs for the
  * new URL. X-Shardfs-Epoch is required on /v1/shard routes (else 400).
  *
+ * Layouts: get, getv, scan and apply carry depth=D in their query, the
+ * sender's local depth of shard N (placement.h, layouts; absent: no check).
+ * The node serving N refuses, with 421 + X-Shardfs-Errno: EBADSLT and its
+ * own depth in X-Shardfs-Depth, before doing anything: a request whose D is
+ * not its depth of N (the sender's layout is older or newer: a split or
+ * merge moved keys between N and its buddy), and a get, getv or apply
+ * naming a key whose placement hash (placement_key_hash) is not homed at N
+ * in its layout. So a client with an old layout can never write a record
+ * into a shard that no longer owns it, nor read half a directory from one;
+ * it learns the layout anew (the shard map) and routes again.
+ *
  * Status <-> errno (wire_errno_of_status / wire_status_of_errno) is the only
  * place the two are translated: 400 EINVAL, 401 EACCES, 403 EPERM, 404
  * ENOENT (or ESTALE), 409 per X-Shardfs-Errno (EEXIST, EAGAIN, ENOTEMPTY,
  * ENOTDIR, EISDIR, EMLINK; ERANGE and ESTALE from the stream route), 413
- * EFBIG, 414 ENAMETOOLONG, 502 EHOSTUNREACH and 504 ETIMEDOUT (a node could
- * not reach another), 503 EREMCHG (a handover gave the shard away before the
+ * EFBIG, 414 ENAMETOOLONG, 421 EBADSLT (Layouts, above), 502 EHOSTUNREACH
+ * and 504 ETIMEDOUT (a node could not reach another), 503 EREMCHG (a handover gave the shard away before the
  * op did anything: try again where the map points), 507 ENOSPC, other 4xx
  * and 5xx (503 without that header included: EAGAIN is reserved for a
  * failed ASSERT_VALUE) EIO; transport failures map separately in
@@ -175,6 +186,7 @@
 #define WIRE_HDR_SYNC "X-Shardfs-Sync"
 #define WIRE_HDR_CHECKPOINT "X-Shardfs-Checkpoint" /* "E/L/C" */
 #define WIRE_HDR_CHECKPOINT_ID "X-Shardfs-Checkpoint-Id"
+#define WIRE_HDR_DEPTH "X-Shardfs-Depth" /* a 421's: the node's depth of the shard */
 
 #define WIRE_BODY_MAX (BATCH_MAX + 4096u)   /* largest request body accepted */
 #define WIRE_GET_MAX (16u << 20)            /* largest get reply */

@@ -11,8 +11,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "control.h"
 #include "node_server.h"
+#include "placement.h"
+#include "reshard.h"
 #include "shard_map.h"
+#include "store_layout.h"
 #include "wire.h"
 
 #define CLIENT_ERR_MAX 1024
@@ -591,7 +595,70 @@ static const char usage_status[] =
     "as its primary sees it, in the in-sync set, joining it (writes wait for it\n"
     "already; it enters at the lsn shown) or not, and the copy's own state:\n"
     "streaming, waiting for its primary, or a snapshot's progress). Exits 1 if\n"
-    "a node is down.\n";
+    "a node is down.\n"
+    "A single-node store (one node owning every shard, no replicas, no etcd) is\n"
+    "not asked over HTTP: its layout (every shard and its depth) is printed, and\n"
+    "a split or merge in flight with its phase and progress (from the daemon\n"
+    "of a mounted store), or one that was interrupted. Exits 1 for an\n"
+    "interrupted change (`shardfs reshard resume` finishes it).\n";
+
+/* The change of a single-node store's layout in flight, if any: its
+ * progress from the daemon of the mounted store, or that it was
+ * interrupted. The exit code: 1 for an interrupted change. */
+static int status_change(const struct config *cfg)
+{
+    struct control_change ch;
+    char what[64], err[1024];
+    int pending, rc;
+
+    pending = reshard_pending(cfg, 0, what, sizeof(what), err, sizeof(err));
+    if (pending < 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return 2;
+    }
+    rc = control_status(cfg, 0, &ch, err, sizeof(err));
+    if (rc == 0 && ch.running) {
+        const struct reshard_stats *st = &ch.st;
+
+        printf("\nin flight: %s of shard %u: %s, %llu records, %.1f MiB",
+               ch.merge ? "merge" : "split", ch.shard, st->phase,
+               (unsigned long long)st->records, st->bytes / 1048576.0);
+        if (st->estimate)
+            printf(" of about %.1f MiB", st->estimate / 1048576.0);
+        if (st->purged)
+            printf(", %llu purged", (unsigned long long)st->purged);
+        printf(", %.1f s\n", st->seconds);
+        return 0;
+    }
+    if (pending) {
+        printf("\ninterrupted: %s (the daemon that made it is gone); `shardfs reshard resume` "
+               "finishes it\n",
+               what[0] ? what : "a change of the layout");
+        return 1;
+    }
+    printf("\nno change of the layout in flight%s\n", rc == 0 ? " (mounted)" : "");
+    return 0;
+}
+
+/* `shardfs status` of a single-node store that serves no HTTP (no secret):
+ * its layout and the change of it in flight. */
+static int status_single(const struct config *cfg)
+{
+    struct store_layout l;
+    char err[1024];
+
+    if (store_layout_read(cfg, 0, &l, err, sizeof(err)) < 0) {
+        fprintf(stderr, "shardfs: %s\n", err);
+        return 2;
+    }
+    printf("store: %s, one node, made with %u shards, %u slots\n\n", cfg->nodes[0].data_dir,
+           l.base, l.slots);
+    printf("%-6s %s\n", "SHARD", "DEPTH");
+    for (unsigned i = 0; i < l.slots; i++)
+        if (placement_is_shard(l.depth, i))
+            printf("%-6u %u\n", i, l.depth[i]);
+    return status_change(cfg);
+}
 
 int cmd_status(int argc, char **argv)
 {
@@ -602,6 +669,17 @@ int cmd_status(int argc, char **argv)
 
     if (rc)
         return rc > 0 ? 0 : 2;
+    {
+        static struct config cfg;
+        char err[CLIENT_ERR_MAX];
+
+        if (config_load(o.conf, &cfg, err, sizeof(err)) != 0) {
+            fprintf(stderr, "shardfs: %s\n", err);
+            return 2;
+        }
+        if (store_layout_single_node(&cfg, 0) && !cfg.secret[0])
+            return status_single(&cfg);
+    }
     rc = open_for(&c, &o, NULL, 0);
     if (rc)
         return rc;
@@ -683,6 +761,8 @@ int cmd_status(int argc, char **argv)
             break;
         }
     }
+    if (store_layout_single_node(&c.cfg, 0) && status_change(&c.cfg) == 1)
+        down = 1; /* an interrupted change of the layout */
     client_close(&c);
     return down ? 1 : 0;
 }

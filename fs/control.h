@@ -12,8 +12,12 @@
  *   <- "progress PHASE RECORDS BYTES ESTIMATE PURGED SECONDS\n" ...
  *   <- "done A B DEPTH RECORDS BYTES PURGED SECONDS PAUSE_MS\n"
  *    | "error ERRNO MESSAGE\n"
- * Commands run one at a time, on the control thread. A client that goes
- * away does not stop a change.
+ *   -> "status\n"
+ *   <- "idle\n"
+ *    | "change split|merge S PHASE RECORDS BYTES ESTIMATE PURGED SECONDS\n"
+ * A change runs on a thread of its own, one at a time (another split or
+ * merge meanwhile: EBUSY); the control thread answers status meanwhile.
+ * A client that goes away does not stop a change.
  *
  * Errors: 0 or -errno.
  */
@@ -41,5 +45,18 @@ void control_stop(struct control *c);
  * command's -errno with its message in err. */
 int control_request(const struct config *cfg, int node, const char *line, struct reshard_opts *o,
                     char *err, size_t errlen);
+
+/* The change a mounted store's daemon is making (`shardfs status`). 0 with
+ * *out (running 0: none), -ENOENT or -ECONNREFUSED when no daemon listens,
+ * else -errno with a message in err. */
+struct control_change {
+    int running;
+    int merge;              /* else a split */
+    unsigned shard;         /* as asked */
+    struct reshard_stats st; /* its last progress; st.phase points to phase */
+    char phase[16];
+};
+int control_status(const struct config *cfg, int node, struct control_change *out, char *err,
+                   size_t errlen);
 
 #endif

@@ -29,6 +29,7 @@
 #include "namespace.h"
 #include "node_server.h"
 #include "placement.h"
+#include "record.h"
 #include "replication.h"
 #include "shard_map.h"
 #include "store_layout.h"
@@ -53,7 +54,7 @@ static const char usage_main[] =
     "  put   [-c CONF] [--node NODE] PATH [FILE]            store a file (stdin by default)\n"
     "  rm    [-c CONF] [--node NODE] PATH                   remove a file or empty directory\n"
     "  ls    [-c CONF] [--node NODE] [PATH]                 list a directory\n"
-    "  status [-c CONF]                                     nodes and shards of a cluster\n"
+    "  status [-c CONF]                                     nodes and shards; a store's layout\n"
     "  promote [-c CONF] SHARD NODE                         hand a shard's primary role to NODE\n"
     "  replica add|drop [-c CONF] [-w SECONDS] SHARD NODE   give NODE a copy of SHARD, or take it\n"
     "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
@@ -234,7 +235,7 @@ static int load_store_config(const struct cli *c)
 
     if (node < 0)
         return -1;
-    r = reshard_pending(&cfg, node, err, sizeof(err));
+    r = reshard_pending(&cfg, node, NULL, 0, err, sizeof(err));
     if (r != 0) {
         if (r > 0)
             fprintf(stderr,
@@ -953,6 +954,9 @@ int main(int argc, char **argv)
     mallopt(M_ARENA_MAX, 2);
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 32 << 20);
+    /* The node server checks every key a request names against its layout
+     * (wire.h, "Layouts"): only this layer knows how keys are placed. */
+    placement_set_key_hash(record_placement);
     if (argc < 2) {
         fputs(usage_main, stderr);
         return 2;

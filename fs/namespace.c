@@ -129,6 +129,8 @@ struct ns {
     int offline;                    /* fsck: no node runs, every one is stale */
     ns_node_alive_fn node_alive;    /* set before the reaper starts */
     void *node_alive_ctx;
+    ns_relayout_fn relayout;        /* learn the layout anew (ns_again); set before use */
+    void *relayout_ctx;
     ns_leads_fn leads;              /* the reaper's shards; set before it starts */
     void *leads_ctx;
     uint8_t *reg_stale;             /* per shard: the last run's registrations
@@ -3477,124 +3479,190 @@ void ns_close(struct ns *ns)
     free(ns);
 }
 
-/* ---- the operations, each with the layout held (ns_hold) ---- */
+/* ---- the operations, each with the layout held (ns_hold) ----
+ *
+ * A shard whose node has another layout refuses an op with -EBADSLT before
+ * doing anything (wire.h, "Layouts": a split or merge moved keys and this
+ * process has not heard yet). The outermost operation of a thread then
+ * learns the layout anew (ns_set_relayout) and runs again; a nested one
+ * passes the error up, and nobody outside sees -EBADSLT. */
+
+#define NS_RELAYOUT_TRIES 3
+
+/* After an operation returned *rc: 1 to run it again (the layout was
+ * learnt anew and the op may run twice: restartable, which an op that has
+ * called back its caller's function is not). Otherwise 0, and an -EBADSLT
+ * left in *rc becomes -EIO, the layout learnt all the same for next time. */
+static int ns_again(struct ns *ns, int *rc, unsigned tries, int restartable)
+{
+    int learnt;
+
+    if (*rc != -EBADSLT || held_ns == ns)
+        return 0;
+    learnt = ns->relayout && ns->relayout(ns->relayout_ctx) == 0;
+    if (learnt && restartable && tries < NS_RELAYOUT_TRIES)
+        return 1;
+    fprintf(stderr, "shardfs: a shard refused an operation for another layout%s\n",
+            learnt ? "; learnt the new one" : ", and no newer one is known");
+    *rc = -EIO;
+    return 0;
+}
+
+void ns_set_relayout(struct ns *ns, ns_relayout_fn fn, void *ctx)
+{
+    ns->relayout = fn;
+    ns->relayout_ctx = ctx;
+}
 
 int ns_getattr_recent(struct ns *ns, const struct ino_id *id, unsigned max_age_ms,
                       struct inode *out, unsigned *age_ms)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = getattr_recent_held(ns, id, max_age_ms, out, age_ms);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = getattr_recent_held(ns, id, max_age_ms, out, age_ms);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_getattr_ordered(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = getattr_ordered_held(ns, id, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = getattr_ordered_held(ns, id, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_getattr(struct ns *ns, const struct ino_id *id, struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = getattr_held(ns, id, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = getattr_held(ns, id, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_lookup_id(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                  struct ino_id *id, uint8_t *dtype)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = lookup_id_held(ns, dir, name, nlen, id, dtype);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = lookup_id_held(ns, dir, name, nlen, id, dtype);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_lookup(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = lookup_held(ns, dir, name, nlen, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = lookup_held(ns, dir, name, nlen, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_lookup_recent(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                      unsigned max_age_ms, struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = lookup_recent_held(ns, dir, name, nlen, max_age_ms, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = lookup_recent_held(ns, dir, name, nlen, max_age_ms, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_mknode(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen, uint32_t mode,
               uint32_t rdev, uint32_t uid, uint32_t gid, const char *target, struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = mknode_held(ns, dir, name, nlen, mode, rdev, uid, gid, target, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = mknode_held(ns, dir, name, nlen, mode, rdev, uid, gid, target, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_create_open(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
                    uint32_t mode, uint32_t uid, uint32_t gid, struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = create_open_held(ns, dir, name, nlen, mode, uid, gid, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = create_open_held(ns, dir, name, nlen, mode, uid, gid, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_unlink(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
               ns_is_open_fn is_open, void *ctx)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = unlink_held(ns, dir, name, nlen, is_open, ctx);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = unlink_held(ns, dir, name, nlen, is_open, ctx);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_rmdir(struct ns *ns, const struct ino_id *dir, const char *name, size_t nlen,
              ns_is_open_fn is_open, void *ctx)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = rmdir_held(ns, dir, name, nlen, is_open, ctx);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = rmdir_held(ns, dir, name, nlen, is_open, ctx);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_link(struct ns *ns, const struct ino_id *id, const struct ino_id *ndir, const char *name,
             size_t nlen, struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = link_held(ns, id, ndir, name, nlen, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = link_held(ns, id, ndir, name, nlen, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
@@ -3602,185 +3670,251 @@ int ns_rename(struct ns *ns, const struct ino_id *odir, const char *oname, size_
               const struct ino_id *ndir, const char *nname, size_t nlen, unsigned flags,
               ns_is_open_fn is_open, void *ctx)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = rename_held(ns, odir, oname, olen, ndir, nname, nlen, flags, is_open, ctx);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = rename_held(ns, odir, oname, olen, ndir, nname, nlen, flags, is_open, ctx);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 ssize_t ns_read(struct ns *ns, const struct ino_id *id, uint64_t off, size_t size, void *buf)
 {
+    unsigned tries = 0;
     ssize_t rc;
+    int e;
 
-    ns_hold(ns);
-    rc = read_held(ns, id, off, size, buf);
-    ns_unhold(ns);
-    return rc;
+    do {
+        ns_hold(ns);
+        rc = read_held(ns, id, off, size, buf);
+        ns_unhold(ns);
+        e = rc < 0 ? (int)rc : 0;
+    } while (ns_again(ns, &e, tries++, 1));
+    return e < 0 ? e : rc;
 }
 
 ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t size, void *buf)
 {
+    unsigned tries = 0;
     ssize_t rc;
+    int e;
 
-    ns_hold(ns);
-    rc = read_at_held(ns, ino, off, size, buf);
-    ns_unhold(ns);
-    return rc;
+    do {
+        ns_hold(ns);
+        rc = read_at_held(ns, ino, off, size, buf);
+        ns_unhold(ns);
+        e = rc < 0 ? (int)rc : 0;
+    } while (ns_again(ns, &e, tries++, 1));
+    return e < 0 ? e : rc;
 }
 
 ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
                  size_t size, int append, int kill_suidgid, uint64_t *new_size)
 {
+    unsigned tries = 0;
     ssize_t rc;
+    int e;
 
-    ns_hold(ns);
-    rc = write_held(ns, id, off, data, size, append, kill_suidgid, new_size);
-    ns_unhold(ns);
-    return rc;
+    do {
+        ns_hold(ns);
+        rc = write_held(ns, id, off, data, size, append, kill_suidgid, new_size);
+        ns_unhold(ns);
+        e = rc < 0 ? (int)rc : 0;
+    } while (ns_again(ns, &e, tries++, 1));
+    return e < 0 ? e : rc;
 }
 
 int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,
                struct inode *out)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = setattr_held(ns, id, sa, out);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = setattr_held(ns, id, sa, out);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = readdir_held(ns, dir, fn, ctx);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = readdir_held(ns, dir, fn, ctx);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 0));
     return rc;
 }
 
 int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn, void *ctx)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = readdir_plus_held(ns, dir, fn, ctx);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = readdir_plus_held(ns, dir, fn, ctx);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 0));
     return rc;
 }
 
 int ns_getattr_many(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inode_fn fn, void *ctx)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = getattr_many_held(ns, ids, n, fn, ctx);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = getattr_many_held(ns, ids, n, fn, ctx);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 0));
     return rc;
 }
 
 int ns_setxattr(struct ns *ns, const struct ino_id *id, const char *name, const void *value,
                 size_t size, int flags)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = setxattr_held(ns, id, name, value, size, flags);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = setxattr_held(ns, id, name, value, size, flags);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 ssize_t ns_getxattr(struct ns *ns, const struct ino_id *id, const char *name, void *value,
                     size_t size)
 {
+    unsigned tries = 0;
     ssize_t rc;
+    int e;
 
-    ns_hold(ns);
-    rc = getxattr_held(ns, id, name, value, size);
-    ns_unhold(ns);
-    return rc;
+    do {
+        ns_hold(ns);
+        rc = getxattr_held(ns, id, name, value, size);
+        ns_unhold(ns);
+        e = rc < 0 ? (int)rc : 0;
+    } while (ns_again(ns, &e, tries++, 1));
+    return e < 0 ? e : rc;
 }
 
 ssize_t ns_getxattr_recent(struct ns *ns, const struct ino_id *id, const char *name, void *value,
                            size_t size, unsigned max_age_ms)
 {
+    unsigned tries = 0;
     ssize_t rc;
+    int e;
 
-    ns_hold(ns);
-    rc = getxattr_recent_held(ns, id, name, value, size, max_age_ms);
-    ns_unhold(ns);
-    return rc;
+    do {
+        ns_hold(ns);
+        rc = getxattr_recent_held(ns, id, name, value, size, max_age_ms);
+        ns_unhold(ns);
+        e = rc < 0 ? (int)rc : 0;
+    } while (ns_again(ns, &e, tries++, 1));
+    return e < 0 ? e : rc;
 }
 
 ssize_t ns_listxattr(struct ns *ns, const struct ino_id *id, char *list, size_t size)
 {
+    unsigned tries = 0;
     ssize_t rc;
+    int e;
 
-    ns_hold(ns);
-    rc = listxattr_held(ns, id, list, size);
-    ns_unhold(ns);
-    return rc;
+    do {
+        ns_hold(ns);
+        rc = listxattr_held(ns, id, list, size);
+        ns_unhold(ns);
+        e = rc < 0 ? (int)rc : 0;
+    } while (ns_again(ns, &e, tries++, 1));
+    return e < 0 ? e : rc;
 }
 
 int ns_removexattr(struct ns *ns, const struct ino_id *id, const char *name)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = removexattr_held(ns, id, name);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = removexattr_held(ns, id, name);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_reap(struct ns *ns, const struct ino_id *id)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = reap_held(ns, id);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = reap_held(ns, id);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_unregister(struct ns *ns, const struct ino_id *id)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = unregister_held(ns, id);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = unregister_held(ns, id);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_unregister_many(struct ns *ns, const struct ino_id *ids, size_t n, int *rcs)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = unregister_many_held(ns, ids, n, rcs);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = unregister_many_held(ns, ids, n, rcs);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_statfs(struct ns *ns, struct statvfs *st)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = statfs_held(ns, st);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = statfs_held(ns, st);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
 int ns_sync(struct ns *ns, const struct ino_id *id)
 {
+    unsigned tries = 0;
     int rc;
 
-    ns_hold(ns);
-    rc = sync_held(ns, id);
-    ns_unhold(ns);
+    do {
+        ns_hold(ns);
+        rc = sync_held(ns, id);
+        ns_unhold(ns);
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }

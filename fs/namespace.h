@@ -96,6 +96,17 @@ void ns_unquiesce(struct ns *ns);
 int ns_layout_split(struct ns *ns, unsigned s, struct shard *to);
 struct shard *ns_layout_merge(struct ns *ns, unsigned low);
 
+/* A shard of another node refused an operation for another layout (wire.h,
+ * "Layouts"; the op did nothing there): fn(ctx) brings this namespace's
+ * layout up to date (the shard map: ns_quiesce, ns_layout_split/merge) and
+ * returns 0 if it changed it, else -errno. It runs on the thread of an
+ * operation, holding nothing. The operation then runs again (up to 3
+ * times; a listing that already handed out entries is not run again but
+ * fails with EIO); without fn, or when it changed nothing, the operation
+ * fails with EIO. Set before the namespace is used. */
+typedef int (*ns_relayout_fn)(void *ctx);
+void ns_set_relayout(struct ns *ns, ns_relayout_fn fn, void *ctx);
+
 /* The shard a record with placement hash h lives on. */
 unsigned ns_home(const struct ns *ns, uint64_t hash);
 /* The depth of the shard of slot index (placement.h). */

@@ -185,16 +185,27 @@ static int state_remove(struct job *j)
     return rc ? rc : durable_sync_parent(path);
 }
 
-int reshard_pending(const struct config *cfg, int node, char *err, size_t errlen)
+int reshard_pending(const struct config *cfg, int node, char *what, size_t whatlen, char *err,
+                    size_t errlen)
 {
     char path[PATH_MAX + 16];
+    FILE *f;
 
     if (state_path(cfg, node, path, sizeof(path))) {
         snprintf(err, errlen, "%s: data_dir path too long", cfg->path);
         return -1;
     }
-    if (access(path, F_OK) == 0)
+    if (what && whatlen)
+        what[0] = 0;
+    if (access(path, F_OK) == 0) {
+        if (what && whatlen && (f = fopen(path, "r"))) {
+            if (!fgets(what, (int)whatlen, f))
+                what[0] = 0;
+            what[strcspn(what, "\n")] = 0;
+            fclose(f);
+        }
         return 1;
+    }
     if (errno == ENOENT)
         return 0;
     snprintf(err, errlen, "%s: %s", path, strerror(errno));

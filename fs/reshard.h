@@ -102,7 +102,9 @@ int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge,
                    const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen);
 
 /* 1 if DATA_DIR/RESHARD of node exists (a change is in flight), 0 if not,
- * -1 with the reason in err. */
-int reshard_pending(const struct config *cfg, int node, char *err, size_t errlen);
+ * -1 with the reason in err. With what (may be NULL), the change it names:
+ * "split S D" or "merge S D" ("" if unreadable). */
+int reshard_pending(const struct config *cfg, int node, char *what, size_t whatlen, char *err,
+                    size_t errlen);
 
 #endif

@@ -359,6 +359,9 @@ def test_online_split_kill9_at_every_phase_then_resume(shardfs_factory, monkeypa
         w.stop.set()
         w.t.join(timeout=60)
         daemon_died(fs)
+        st = run([fs_bin(), "status", "-c", fs.conf], check=False, timeout=60)
+        assert st.returncode == 1 and "interrupted: split 3 2" in st.stdout, (st.returncode,
+                                                                              st.stdout, st.stderr)
         m = run([fs_bin(), "mount", "-c", fs.conf, "-f", fs.mnt], check=False, timeout=60)
         assert m.returncode != 0 and "reshard resume" in m.stderr, m.stderr
         r = reshard(fs, "resume")
@@ -375,6 +378,37 @@ def test_online_split_kill9_at_every_phase_then_resume(shardfs_factory, monkeypa
         fs.unmount()
         reshard(fs, "merge", "7")
         assert layout(fs) == {i: 2 for i in range(4)}
+
+
+def test_status_shows_the_change_in_flight_and_a_second_waits_its_turn(shardfs_factory,
+                                                                        monkeypatch):
+    monkeypatch.setenv("SHARDFS_TEST_SLOW_COPY", "1")  # 64 KiB every 20 ms: seconds
+    fs = shardfs_factory(sub="", shards=2)
+    src = fill(fs, seed=19)
+    ballast(fs, mib=8)
+    st = run([fs_bin(), "status", "-c", fs.conf], timeout=60).stdout
+    assert re.search(r"^0 +1$", st, re.M) and "no change of the layout in flight (mounted)" in st, st
+    cli = subprocess.Popen([fs_bin(), "reshard", "split", "-c", fs.conf, "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(fs.data, "RESHARD")):
+        assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+        time.sleep(0.01)
+    st = run([fs_bin(), "status", "-c", fs.conf], timeout=60).stdout
+    m = re.search(r"^in flight: split of shard 1: (\S+), (\d+) records", st, re.M)
+    assert m and m.group(1) in ("starting", "copy"), st
+    # Another change while this one runs is refused, and changes nothing.
+    r = reshard(fs, "split", "0", check=False)
+    assert r.returncode != 0 and "another change" in r.stderr, (r.returncode, r.stderr)
+    out, err = cli.communicate(timeout=120)
+    assert cli.returncode == 0, (out, err)
+    assert DONE.search(out).group(2, 3) == ("1", "3"), out
+    st = run([fs_bin(), "status", "-c", fs.conf], timeout=60).stdout
+    assert "no change of the layout in flight (mounted)" in st, st
+    assert re.findall(r"^(\d+) +(\d+)$", st, re.M) == [("0", "1"), ("1", "2"), ("3", "2")], st
+    fs.unmount()
+    assert layout(fs) == {0: 1, 1: 2, 3: 2}
+    check_tree(fs, src)
 
 
 def test_unmount_during_an_online_copy_takes_the_change_back(shardfs_factory, monkeypatch):

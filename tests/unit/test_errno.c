@@ -412,6 +412,7 @@ struct lossy {
     struct shard base;
     struct shard *inner;
     int mode;
+    int refuse; /* every op: -EBADSLT (the node has another layout) */
 };
 
 static struct shard *inner_of(struct shard *s)
@@ -422,12 +423,16 @@ static struct shard *inner_of(struct shard *s)
 static int lossy_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
                      size_t *vl)
 {
+    if (((struct lossy *)s)->refuse)
+        return -EBADSLT;
     return shard_get(inner_of(s), k, kl, off, buf, bl, vl);
 }
 
 static int lossy_scan(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
                       shard_scan_fn fn, void *ctx)
 {
+    if (((struct lossy *)s)->refuse)
+        return -EBADSLT;
     return shard_scan(inner_of(s), a, al, b, bl, fn, ctx);
 }
 
@@ -436,6 +441,8 @@ static int lossy_apply(struct shard *s, const struct batch *b)
     struct lossy *l = (struct lossy *)s;
     int mode = l->mode, rc = 0;
 
+    if (l->refuse)
+        return -EBADSLT;
     l->mode = PASS;
     if (mode != LOST_REQUEST)
         rc = shard_apply(l->inner, b);
@@ -491,11 +498,75 @@ static void test_create_lost_reply(void)
     ns_close(ns);
 }
 
+/* ---- a shard that refuses for another layout (wire.h, "Layouts") ---- */
+
+static unsigned relayouts;
+
+/* "Learn the layout": the shard stops refusing; -ENOENT when there was
+ * nothing new to learn. */
+static int relayout_fix(void *ctx)
+{
+    struct lossy *l = ctx;
+
+    relayouts++;
+    if (!l->refuse)
+        return -ENOENT;
+    l->refuse = 0;
+    return 0;
+}
+
+static int relayout_none(void *ctx)
+{
+    (void)ctx;
+    relayouts++;
+    return -ENOENT;
+}
+
+/* An op refused with -EBADSLT runs again once the layout was learnt; the
+ * caller never sees -EBADSLT, and a refusal nobody can resolve is -EIO with
+ * nothing made. */
+static void test_layout_refused(void)
+{
+    struct lossy l = {.base = {.ops = &lossy_ops}};
+    const char *name = "made-after-relayout";
+    unsigned sh;
+    struct inode f, got;
+    struct ns *ns;
+
+    cleanup();
+    memcpy(tmpdir + sizeof(tmpdir) - 7, "XXXXXX", 6);
+    ns = open_store();
+    sh = ns_entry_shard(ns, root, name, strlen(name));
+    l.inner = ns_shard(ns, sh);
+    l.base.index = sh;
+    CHECK(ns_shard_swap(ns, sh, &l.base) == l.inner);
+    /* nobody to learn it from */
+    l.refuse = 1;
+    CHECK_RC(ns_create_open(ns, root, name, strlen(name), S_IFREG | 0644, 0, 0, &f), -EIO);
+    CHECK_RC(lookup(ns, root, name, NULL), -EIO);
+    ns_set_relayout(ns, relayout_none, NULL);
+    relayouts = 0;
+    CHECK_RC(lookup(ns, root, name, NULL), -EIO);
+    CHECK(relayouts == 1);
+    /* learnt: the op runs again and works */
+    ns_set_relayout(ns, relayout_fix, &l);
+    relayouts = 0;
+    CHECK_RC(ns_create_open(ns, root, name, strlen(name), S_IFREG | 0644, 0, 0, &f), 0);
+    CHECKF(relayouts == 1, "%u relayouts", relayouts);
+    l.refuse = 1;
+    CHECK_RC(lookup(ns, root, name, &got), 0);
+    CHECK(!memcmp(&got.id, &f.id, sizeof(f.id)));
+    CHECK_RC(entries(ns, root), 1); /* the failed create left nothing */
+    ns_shard_swap(ns, sh, l.inner);
+    ns_close(ns);
+}
+
 int main(void)
 {
     test_lmdb_errno();
     test_namespace();
     test_create_lost_reply();
+    test_layout_refused();
     cleanup();
     return check_summary("errno");
 }

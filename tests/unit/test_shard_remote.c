@@ -61,6 +61,7 @@
 #include "config.h"
 #include "endian.h"
 #include "node_server.h"
+#include "placement.h"
 #include "shard.h"
 #include "shard_lmdb.h"
 #include "shard_remote.h"
@@ -2121,6 +2122,7 @@ static void run_fake(void)
 /* ---- the real node server over shard_lmdb ---- */
 
 static struct config cfg_real, cfg_real_swapped, cfg_real_old, cfg_real_badsecret;
+static void c_layout(struct shard *const *lmdb);
 
 static void run_real(void)
 {
@@ -2167,10 +2169,91 @@ static void run_real(void)
     CHECK_RC(shard_get(lmdb[0], "redir0", 6, 0, buf, sizeof(buf), &vlen), 4);
     CHECK_RC(shard_get(lmdb[1], "redir1", 6, 0, buf, sizeof(buf), &vlen), 3);
     CHECK(memcmp(buf, "uno", 3) == 0);
+    c_layout(lmdb);
     node_server_stop(srv[0]);
     node_server_stop(srv[1]);
     shard_close(lmdb[0]);
     shard_close(lmdb[1]);
+}
+
+/* ---- layouts (wire.h): keys "K" + 8 bytes are placed by those bytes ---- */
+
+static int test_key_hash(const uint8_t *k, size_t kl, uint64_t *h)
+{
+    if (kl != 9 || k[0] != 'K')
+        return -EINVAL;
+    *h = endian_get_be64(k + 1);
+    return 0;
+}
+
+static size_t placed_key(uint8_t k[9], uint64_t h)
+{
+    k[0] = 'K';
+    endian_put_be64(k + 1, h);
+    return 9;
+}
+
+static int count_fn(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    uint64_t h;
+
+    (void)v, (void)vl;
+    *(unsigned *)ctx += test_key_hash(k, kl, &h) == 0;
+    return 0;
+}
+
+/* The servers of cfg_real (2 shards, depth 1) refuse a key homed on the
+ * other shard and a request of another depth, with -EBADSLT and nothing
+ * done; ranges and keys that are not placed pass. */
+static void c_layout(struct shard *const *lmdb)
+{
+    struct client c;
+    struct shard_read rd;
+    struct batch b;
+    uint8_t k0[9], k1[9], k2[9], buf[8];
+    size_t vlen;
+    unsigned seen = 0;
+
+    placement_set_key_hash(test_key_hash);
+    client_open(&c, &cfg_real);
+    placed_key(k0, 0x10);  /* shard 0 */
+    placed_key(k1, 0x11);  /* shard 1 */
+    placed_key(k2, 0x12);  /* shard 0 */
+    CHECK_RC(put1(c.s[0], k0, 9, "zero", 4), 0);
+    CHECK_RC(put1(c.s[1], k1, 9, "one", 3), 0);
+    /* a key of the other shard: refused, nothing written */
+    CHECK_RC(put1(c.s[1], k2, 9, "two", 3), -EBADSLT);
+    CHECK_RC(shard_get(lmdb[1], k2, 9, 0, buf, sizeof(buf), &vlen), -ENOENT);
+    batch_init(&b);
+    batch_put(&b, k1, 9, "uno", 3);
+    batch_put(&b, k0, 9, "mixed", 5); /* one foreign key refuses the batch */
+    CHECK_RC(shard_apply(c.s[1], &b), -EBADSLT);
+    batch_free(&b);
+    CHECK_RC(shard_get(lmdb[1], k1, 9, 0, buf, sizeof(buf), &vlen), 3);
+    CHECK(memcmp(buf, "one", 3) == 0);
+    CHECK_RC(shard_get(c.s[0], k1, 9, 0, buf, sizeof(buf), &vlen), -EBADSLT);
+    rd = (struct shard_read){.key = k1, .klen = 9, .buf = buf, .buflen = sizeof(buf)};
+    CHECK_RC(shard_get_many(c.s[0], &rd, 1), -EBADSLT);
+    CHECK_RC(shard_get(c.s[0], k0, 9, 0, buf, sizeof(buf), &vlen), 4);
+    /* not placed, and ranges: the shard's own business */
+    CHECK_RC(put1(c.s[1], "Mmeta", 5, "m", 1), 0);
+    batch_init(&b);
+    batch_add(&b, BATCH_DEL_RANGE, "K", 1, "L", 1);
+    CHECK_RC(shard_apply(c.s[1], &b), 0);
+    batch_free(&b);
+    CHECK_RC(shard_get(lmdb[1], k1, 9, 0, buf, sizeof(buf), &vlen), -ENOENT);
+    /* another depth of shard 0 (a split or merge we have not seen) */
+    remote_depth_set(c.r, 0, 2);
+    CHECK_RC(put1(c.s[0], k2, 9, "two", 3), -EBADSLT);
+    CHECK_RC(shard_scan(c.s[0], NULL, 0, NULL, 0, count_fn, &seen), -EBADSLT);
+    CHECK_RC(shard_get(c.s[0], k0, 9, 0, buf, sizeof(buf), &vlen), -EBADSLT);
+    CHECK_RC(shard_get(lmdb[0], k2, 9, 0, buf, sizeof(buf), &vlen), -ENOENT);
+    remote_depth_set(c.r, 0, 1);
+    CHECK_RC(put1(c.s[0], k2, 9, "two", 3), 0);
+    CHECK_RC(shard_scan(c.s[0], "K", 1, "L", 1, count_fn, &seen), 0);
+    CHECKF(seen == 2, "%u placed records on shard 0 (want k0 and k2)", seen);
+    client_close(&c);
+    placement_set_key_hash(NULL);
 }
 
 static void cleanup(void)
