@@ -249,7 +249,13 @@ struct node_server {
     struct MHD_Daemon *daemon;
     struct config cfg; /* a private copy */
     int self;
-    struct shard **shards; /* cfg.shard_count entries, borrowed */
+    struct shard **shards; /* CONFIG_MAX_SHARDS entries, borrowed */
+    /* The layout requests are checked against (wire.h, "Layouts"):
+     * cfg.depth[0..slots), changed only with layout_lock held for writing
+     * (node_server_quiesce); a data op holds it for reading from its
+     * checks to its reply. */
+    pthread_rwlock_t layout_lock;
+    unsigned slots;
     node_handler_fn other;
     void *other_ctx;
     struct sockaddr_storage addr;  /* where we listen */
@@ -1538,8 +1544,8 @@ static int server_of(struct node_server *s, unsigned n)
 {
     struct shard_copies c;
 
-    if (!s->map)
-        return s->cfg.owner[n];
+    if (!s->map) /* a shard split off another lives beside it: its owner */
+        return s->cfg.owner[n & (s->cfg.file_shards - 1)];
     if (shard_map_get(s->map, n, &c) < 0 || c.primary < 0 ||
         (unsigned)c.primary >= s->cfg.node_count)
         return -1;
@@ -1548,16 +1554,21 @@ static int server_of(struct node_server *s, unsigned n)
 
 /* ---- layouts (wire.h, "Layouts") ---- */
 
+/* The ops that name keys of a shard and carry the sender's depth of it. */
+static int is_data_op(enum wire_op op)
+{
+    return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN || op == WIRE_OP_APPLY;
+}
+
 /* 1 if key is a record that this node's layout homes on a shard other than
- * n. Keys that are not placed (a shard's own records) are n's. The layout is
- * the config's: a split cluster does not serve yet (issue 11). */
+ * n. Keys that are not placed (a shard's own records) are n's. */
 static int key_elsewhere(const struct node_server *s, unsigned n, const uint8_t *k, size_t kl)
 {
     uint64_t h;
 
     if (placement_key_hash(k, kl, &h) < 0)
         return 0;
-    return placement_home(h, s->cfg.depth, s->cfg.shard_count) != n;
+    return placement_home(h, s->cfg.depth, s->slots) != n;
 }
 
 /* The first key of a request for op that is not n's, or NULL: a get's key,
@@ -1603,7 +1614,7 @@ static int layout_refuses(struct node_server *s, const struct node_input *in, un
     uint64_t theirs = UINT64_MAX;
     const char *what;
 
-    if (op != WIRE_OP_GET && op != WIRE_OP_GETV && op != WIRE_OP_SCAN && op != WIRE_OP_APPLY)
+    if (!is_data_op(op))
         return 0;
     if (query_u64(in->uri, "depth", &theirs) < 0) {
         resp_error(r, -EINVAL, "bad depth");
@@ -1624,18 +1635,64 @@ static int layout_refuses(struct node_server *s, const struct node_input *in, un
     return 0;
 }
 
+/* 1 with r filled when n is no shard of the layout: a data op that says
+ * its depth (its sender has a layout with shard n) gets 421 EBADSLT with
+ * the depth of the shard that holds n's keys here (a merge took n), so the
+ * sender merges too; anything else 400. */
+static int not_a_shard(struct node_server *s, const struct node_input *in, unsigned n,
+                       enum wire_op op, struct node_response *r)
+{
+    char d[8];
+
+    if (!is_data_op(op) ? n < s->cfg.shard_count
+                        : n < s->slots && placement_is_shard(s->cfg.depth, n))
+        return 0;
+    if (is_data_op(op) && n < CONFIG_MAX_SHARDS && query_str(in->uri, "depth", d, sizeof(d)) > 0) {
+        unsigned d = s->cfg.depth[n & (s->slots - 1)];
+
+        resp_error(r, -EBADSLT, "no shard %u here: its keys are on a shard of depth %u", n, d);
+        node_response_header(r, WIRE_HDR_DEPTH, "%u", d);
+        return 1;
+    }
+    resp_error(r, -EINVAL, "no shard %u (the store has %u)", n, s->cfg.shard_count);
+    return 1;
+}
+
+static void route_shard_held(struct node_server *s, const struct node_input *in, unsigned n,
+                             enum wire_op op, struct poll_ask *pa, struct node_response *r);
+
 static void route_shard(struct node_server *s, const struct node_input *in, unsigned n,
                         enum wire_op op, struct poll_ask *pa, struct node_response *r)
+{
+    if (!is_data_op(op)) {
+        route_shard_held(s, in, n, op, pa, r);
+        return;
+    }
+    /* An I/O thread must not wait: a cut-over in progress sends the
+     * request to a worker (shard.h, no-waiting mode). */
+    if (shard_nowait_active()) {
+        if (pthread_rwlock_tryrdlock(&s->layout_lock) != 0) {
+            shard_nowait_refuse();
+            resp_error(r, -EWOULDBLOCK, "the layout is changing");
+            return;
+        }
+    } else {
+        pthread_rwlock_rdlock(&s->layout_lock);
+    }
+    route_shard_held(s, in, n, op, pa, r);
+    pthread_rwlock_unlock(&s->layout_lock);
+}
+
+static void route_shard_held(struct node_server *s, const struct node_input *in, unsigned n,
+                             enum wire_op op, struct poll_ask *pa, struct node_response *r)
 {
     struct shard *sh;
     uint64_t epoch, seen;
     int want_get = op == WIRE_OP_STAT || op == WIRE_OP_STREAM || op == WIRE_OP_POSITION;
     int server;
 
-    if (n >= s->cfg.shard_count) {
-        resp_error(r, -EINVAL, "no shard %u (the store has %u)", n, s->cfg.shard_count);
+    if (not_a_shard(s, in, n, op, r))
         return;
-    }
     if (parse_u64(header(in, WIRE_HDR_EPOCH), &epoch) < 0) {
         resp_error(r, -EINVAL, "missing or bad " WIRE_HDR_EPOCH);
         return;
@@ -2777,6 +2834,15 @@ static int sync_init(struct node_server *s)
     pthread_mutex_init(&s->local_lock, NULL);
     pthread_cond_init(&s->poll_wake, &ca);
     pthread_condattr_destroy(&ca);
+    {
+        pthread_rwlockattr_t a;
+
+        /* writer-preferring: a stream of requests cannot starve a cut-over */
+        pthread_rwlockattr_init(&a);
+        pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(&s->layout_lock, &a);
+        pthread_rwlockattr_destroy(&a);
+    }
     s->sync_ready = 1;
     return 0;
 }
@@ -2819,7 +2885,8 @@ int node_server_new_repl(const struct config *cfg, int self, struct shard *const
     s->other = other;
     s->other_ctx = other_ctx;
     atomic_init(&s->newest_epoch, cfg->epoch);
-    s->shards = calloc(count, sizeof(*s->shards));
+    s->slots = cfg->shard_count;
+    s->shards = calloc(CONFIG_MAX_SHARDS, sizeof(*s->shards));
     s->polls = calloc(count, sizeof(*s->polls));
     s->applies = calloc(count, sizeof(*s->applies));
     s->urgent = calloc(count, sizeof(*s->urgent));
@@ -2853,7 +2920,7 @@ void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh)
 {
     struct shard *old;
 
-    if (!s || n >= s->cfg.shard_count)
+    if (!s || n >= CONFIG_MAX_SHARDS)
         return;
     /* the listener first: a sync waiting for replicas must wake their polls */
     if (s->local && shard_repl_is(sh))
@@ -2861,6 +2928,26 @@ void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh)
     old = __atomic_exchange_n(&s->shards[n], sh, __ATOMIC_ACQ_REL);
     if (old != sh && s->local && shard_repl_is(old))
         shard_repl_on_sync_wanted(old, NULL, NULL);
+}
+
+void node_server_quiesce(struct node_server *s)
+{
+    pthread_rwlock_wrlock(&s->layout_lock);
+}
+
+void node_server_unquiesce(struct node_server *s)
+{
+    pthread_rwlock_unlock(&s->layout_lock);
+}
+
+int node_server_set_layout(struct node_server *s, const uint8_t *depth, unsigned slots)
+{
+    if (slots == 0 || slots > CONFIG_MAX_SHARDS || slots < s->cfg.file_shards ||
+        placement_layout_check(depth, slots) != 0)
+        return -EINVAL;
+    memcpy(s->cfg.depth, depth, slots);
+    s->slots = slots;
+    return 0;
 }
 
 void node_server_set_local(struct node_server *s, unsigned n, struct shard *lmdb)
@@ -3084,6 +3171,7 @@ void node_server_stop(struct node_server *s)
         pthread_mutex_destroy(&s->poll_lock);
         pthread_mutex_destroy(&s->local_lock);
         pthread_mutex_destroy(&s->log_lock);
+        pthread_rwlock_destroy(&s->layout_lock);
     }
     if (s->tls_key)
         OPENSSL_cleanse(s->tls_key, strlen(s->tls_key));

@@ -184,6 +184,19 @@ struct node_server_repl {
  * flight may still use the shard it replaced. Any thread. */
 void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh);
 
+/* A change of the layout (a split or merge of this node's shards, wire.h
+ * "Layouts"): node_server_quiesce() waits for the data ops in flight (get,
+ * getv, scan, apply) and holds new ones until node_server_unquiesce(); in
+ * between, node_server_set_layout() (the depth of each of slots, a layout
+ * of placement.h with at least the config's shards ("shards =" as
+ * written): -EINVAL otherwise) and
+ * node_server_set_shard() make the change one step for every request. A
+ * shard split off another is served where the other is (without a shard
+ * map: the owner of its base shard). Any thread but a request's. */
+void node_server_quiesce(struct node_server *s);
+void node_server_unquiesce(struct node_server *s);
+int node_server_set_layout(struct node_server *s, const uint8_t *depth, unsigned slots);
+
 /* This node's LMDB copy of shard n is lmdb from now on (`shardfs replica
  * add` gave it one at runtime), or none (NULL: `replica drop`; the caller
  * closes the old copy once this returned: no position request uses it

@@ -108,6 +108,7 @@
 
 #define REMOTE_DEFAULT_TIMEOUT_MS 5000u
 #define REMOTE_MAX_REDIRECTS 3
+#define REMOTE_TOLD_NONE 0xff
 #define REMOTE_BACKOFF_FIRST_MS 20
 #define REMOTE_BACKOFF_MAX_MS 500
 #define REMOTE_MIN_ATTEMPT_MS 10 /* no new attempt with less time left */
@@ -175,6 +176,7 @@ struct remote {
     /* Our layout: the local depth of each shard (wire.h, "Layouts"); set
      * from cfg, changed by remote_depth_set(); atomic bytes, no lock. */
     uint8_t depth[CONFIG_MAX_SHARDS];
+    uint8_t told[CONFIG_MAX_SHARDS]; /* a 421's depth of the shard; REMOTE_TOLD_NONE */
     pthread_cond_t owner_cond;             /* owner[] changed (CLOCK_MONOTONIC) */
 };
 
@@ -322,7 +324,7 @@ struct request {
     size_t out_len; /* bytes written to out */
     uint8_t *reply; /* malloc()ed 2xx body; caller frees */
     size_t reply_len, reply_cap;
-    struct hdr vlen, more, join, errno_name, epoch, shard;
+    struct hdr vlen, more, join, errno_name, epoch, shard, depth;
     char location[REMOTE_LOCATION_MAX];
     int location_set, location_trunc;
 
@@ -525,6 +527,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         hdr_store(&q->epoch, v, vlen);
     else if (hdr_is(name, nlen, REMOTE_HDR_SHARD))
         hdr_store(&q->shard, v, vlen);
+    else if (hdr_is(name, nlen, WIRE_HDR_DEPTH))
+        hdr_store(&q->depth, v, vlen);
     else if (hdr_is(name, nlen, "Location")) {
         q->location_set = 1;
         q->location_trunc = vlen >= sizeof(q->location);
@@ -949,6 +953,15 @@ static int health_note(struct remote *r, int node, CURLcode cc, const struct req
     return down;
 }
 
+/* A 421 for shard: remember the depth its node has (remote_told_depth). */
+static void note_told(struct remote *r, unsigned shard, const struct request *q)
+{
+    uint64_t d;
+
+    if (hdr_u64(&q->depth, &d) == 0 && d < 32)
+        __atomic_store_n(&r->told[shard], (uint8_t)d, __ATOMIC_RELEASE);
+}
+
 /* Send q to the owner of shard (or, with shard < 0, to node `node`),
  * following redirects and retrying idempotent requests, all within
  * timeout_ms. 0 when a 2xx status came back (q->status tells which), else
@@ -1028,6 +1041,8 @@ static int remote_call(struct remote *r, int shard, unsigned node, struct reques
             retry = curl_retryable(cc, q);
         } else {
             rc = status_errno(q);
+            if (rc == -EBADSLT && shard >= 0)
+                note_told(r, (unsigned)shard, q);
             retry = q->status == 503;
             if (retry && follow) {
                 /* the node did nothing; the map may name another soon */
@@ -1763,6 +1778,7 @@ int remote_new(const struct config *cfg, int self, struct remote **out, char *er
     r->timeout_ms = cfg->timeout_ms ? cfg->timeout_ms : REMOTE_DEFAULT_TIMEOUT_MS;
     r->epoch = cfg->epoch;
     memcpy(r->depth, cfg->depth, cfg->shard_count);
+    memset(r->told, REMOTE_TOLD_NONE, sizeof(r->told));
     for (unsigned i = 0; i < cfg->shard_count; i++) {
         int o = cfg->owner[i];
         r->owner[i] = o >= 0 && (unsigned)o < cfg->node_count ? cfg->nodes[o].url : "";
@@ -1804,8 +1820,20 @@ void remote_free(struct remote *r)
 
 void remote_depth_set(struct remote *r, unsigned index, unsigned depth)
 {
-    if (index < CONFIG_MAX_SHARDS && depth < 32)
+    if (index < CONFIG_MAX_SHARDS && depth < 32) {
         __atomic_store_n(&r->depth[index], (uint8_t)depth, __ATOMIC_RELEASE);
+        __atomic_store_n(&r->told[index], REMOTE_TOLD_NONE, __ATOMIC_RELEASE);
+    }
+}
+
+int remote_told_depth(struct remote *r, unsigned index)
+{
+    uint8_t d;
+
+    if (index >= CONFIG_MAX_SHARDS)
+        return -1;
+    d = __atomic_load_n(&r->told[index], __ATOMIC_ACQUIRE);
+    return d == REMOTE_TOLD_NONE ? -1 : d;
 }
 
 void remote_owner_set(struct remote *r, unsigned index, int node)
@@ -1830,8 +1858,12 @@ int shard_remote_open(struct remote *r, unsigned index, struct shard **out)
     struct shard_remote *sr;
 
     *out = NULL;
-    if (index >= r->cfg->shard_count)
+    if (index >= CONFIG_MAX_SHARDS)
         return -EINVAL;
+    pthread_mutex_lock(&r->lock);
+    if (!r->owner[index]) /* split off a base shard: beside it until told */
+        r->owner[index] = r->owner[index & (r->cfg->shard_count - 1)];
+    pthread_mutex_unlock(&r->lock);
     sr = calloc(1, sizeof(*sr));
     if (!sr)
         return -ENOMEM;

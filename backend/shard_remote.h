@@ -38,7 +38,9 @@ int remote_new(const struct config *cfg, int self, struct remote **out, char *er
 /* Every shard opened from r must be closed first. NULL-safe. */
 void remote_free(struct remote *r);
 
-/* A shard interface for shard `index`, reached at its current owner. */
+/* A shard interface for shard `index` (< CONFIG_MAX_SHARDS), reached at its
+ * current owner; a shard past the config's, split off one of them, starts
+ * at its base shard's owner (a split makes the new shard beside the old). */
 int shard_remote_open(struct remote *r, unsigned index, struct shard **out);
 
 /* Scan [start, end) (shard.h's scan) on several shards, for fan-outs such as
@@ -77,6 +79,9 @@ int shard_get_many_fan(struct shard_reads *g, unsigned n);
  * them with -EBADSLT, nothing done (wire.h, "Layouts"; the caller learns the
  * layout anew and routes again). Starts as cfg's. Any thread. */
 void remote_depth_set(struct remote *r, unsigned index, unsigned depth);
+/* The depth of shard index that its node gave with the last -EBADSLT (its
+ * layout's), or -1: none since remote_depth_set(index). */
+int remote_told_depth(struct remote *r, unsigned index);
 
 /* The URL currently believed to own shard index (after redirects); valid
  * until remote_free(). */

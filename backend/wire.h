@@ -145,7 +145,9 @@
  * not its depth of N (the sender's layout is older or newer: a split or
  * merge moved keys between N and its buddy), and a get, getv or apply
  * naming a key whose placement hash (placement_key_hash) is not homed at N
- * in its layout. So a client with an old layout can never write a record
+ * in its layout. A request with depth=D for an N that is no shard of the
+ * node's layout (a merge took it) gets 421 with the depth of the shard that
+ * holds N's keys now. So a client with an old layout can never write a record
  * into a shard that no longer owns it, nor read half a directory from one;
  * it learns the layout anew (the shard map) and routes again.
  *

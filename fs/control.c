@@ -23,6 +23,7 @@
 
 struct control {
     struct ns *ns;
+    struct node_server *srv;
     const struct config *cfg;
     int node;
     int fd;                 /* listening */
@@ -135,8 +136,12 @@ static void *job_main(void *arg)
     char err[1024] = "";
     int rc;
 
-    rc = reshard_online(ctl->ns, ctl->cfg, ctl->node, ctl->merge, ctl->shard, &ctl->cancel, &o,
-                        err, sizeof(err));
+    rc = reshard_online(ctl->ns, ctl->srv, ctl->cfg, ctl->node, ctl->merge, ctl->shard,
+                        &ctl->cancel, &o, err, sizeof(err));
+    /* Over before its client hears so: it may ask for the next at once. */
+    pthread_mutex_lock(&ctl->lock);
+    ctl->busy = 0;
+    pthread_mutex_unlock(&ctl->lock);
     if (rc)
         say(&j->c, "error %d %s\n", -rc, err[0] ? err : strerror(-rc));
     else
@@ -145,9 +150,6 @@ static void *job_main(void *arg)
             (unsigned long long)o.done.purged, o.done.seconds, o.pause_ms,
             (unsigned long long)o.mirrored);
     close(j->c.fd);
-    pthread_mutex_lock(&ctl->lock);
-    ctl->busy = 0;
-    pthread_mutex_unlock(&ctl->lock);
     free(j);
     return NULL;
 }
@@ -272,7 +274,8 @@ static void *control_main(void *arg)
     return NULL;
 }
 
-int control_start(struct ns *ns, const struct config *cfg, int node, struct control **out)
+int control_start(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
+                  struct control **out)
 {
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     struct control *ctl;
@@ -287,6 +290,7 @@ int control_start(struct ns *ns, const struct config *cfg, int node, struct cont
     if (!ctl)
         return -ENOMEM;
     ctl->ns = ns;
+    ctl->srv = srv;
     ctl->cfg = cfg;
     ctl->node = node;
     ctl->stop[0] = ctl->stop[1] = -1;

@@ -1,8 +1,9 @@
 /* control.h -- a mount's control socket, DATA_DIR/CONTROL.
  *
- * A mounted single-node store listens on a Unix socket in its data
- * directory (mode 0600; a peer must also be root or the daemon's own user,
- * checked with SO_PEERCRED) for commands that must run inside the daemon
+ * A mounted store without replicas or etcd (a single node, or a node of
+ * such a cluster) listens on a Unix socket in its data directory (mode
+ * 0600; a peer must also be root or the daemon's own user, checked with
+ * SO_PEERCRED) for commands that must run inside the daemon
  * because it holds the store: today `shardfs reshard split|merge` of a
  * mounted store (reshard_online()).
  *
@@ -30,10 +31,13 @@
 struct ns;
 struct control;
 
-/* Listen on DATA_DIR/CONTROL of node and serve it on a thread. A data_dir
+/* Listen on DATA_DIR/CONTROL of node and serve it on a thread (srv: the
+ * node's server, or NULL without one). A data_dir
  * whose socket path does not fit a sockaddr_un (about 100 bytes) gets no
  * socket (0, *out NULL): such a store is resharded unmounted. */
-int control_start(struct ns *ns, const struct config *cfg, int node, struct control **out);
+struct node_server;
+int control_start(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
+                  struct control **out);
 
 /* Stop: a change in its copy is cancelled (and undone), one past its
  * cut-over finishes; then the thread ends and the socket goes. NULL-safe. */

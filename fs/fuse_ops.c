@@ -1279,6 +1279,10 @@ static int dir_collect_plus(void *ctx, const char *name, size_t nlen, const stru
     struct dir_handle *d = ctx;
     struct dir_entry *e;
 
+    if (!name) { /* the listing starts again */
+        d->n = 0;
+        return 0;
+    }
     if (nlen > RECORD_NAME_MAX)
         return 0;
     if (!(e = dir_slot(d)))

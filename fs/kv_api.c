@@ -349,10 +349,13 @@ static int list_one(void *ctx, const char *name, size_t nlen, const struct ino_i
                     uint8_t dtype)
 {
     struct listing *l = ctx;
-    json_t *e, *jname = json_stringn(name, nlen);
+    json_t *e, *jname;
     const char *key = "name";
 
     (void)id;
+    if (!name) /* the listing starts again */
+        return json_array_clear(l->entries) < 0;
+    jname = json_stringn(name, nlen);
     if (!jname) {
         /* Not UTF-8, which JSON strings must be: send the bytes in hex. */
         char hex[2 * RECORD_NAME_MAX + 1];

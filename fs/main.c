@@ -58,7 +58,7 @@ static const char usage_main[] =
     "  promote [-c CONF] SHARD NODE                         hand a shard's primary role to NODE\n"
     "  replica add|drop [-c CONF] [-w SECONDS] SHARD NODE   give NODE a copy of SHARD, or take it\n"
     "  bench [-c CONF] [-k KEYS] [-s SIZE] [-C CLIENTS]     load the key API of all nodes\n"
-    "  reshard split|merge|resume [-c CONF] [SHARD|--all]   split or merge shards (unmounted)\n"
+    "  reshard split|merge|resume [-c CONF] [SHARD|--all]   split or merge shards\n"
     "\n"
     "CONF defaults to ./shards.conf. 'shardfs COMMAND --help' describes a command.\n";
 
@@ -116,8 +116,11 @@ static const char usage_reshard[] =
     "merge: S and its buddy S ^ 2^(D-1) (same depth D) become the lower of the two,\n"
     "at depth D - 1. resume: finish a split or merge that was killed (every reshard\n"
     "command does that first; a mount refuses a store with one in flight).\n"
-    "For now the store must be a single-node store (no replicas, no etcd) that is\n"
-    "not mounted: the command takes the store's lock (-w SECONDS: as for fsck).\n"
+    "The store must have no replicas and no etcd, for now. Unmounted, the command\n"
+    "takes the store's lock (-w SECONDS: as for fsck); mounted, the daemon makes the\n"
+    "change while the store is in use (DATA_DIR/CONTROL). In a cluster, run it on\n"
+    "the node that owns the shard (-n NODE; --all: that node's shards): the new\n"
+    "shard stays on that node, and the other nodes learn the layout from it.\n"
     "Progress goes to stderr; the layout after the change to stdout, one line per\n"
     "shard: \"shard S depth D\". Exits 0 on success, 1 on a refused change (no such\n"
     "shard, a buddy split further), 2 on errors.\n";
@@ -440,7 +443,7 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     }
     mounted = 1;
     /* `shardfs reshard` of a mounted store asks this daemon (control.h). */
-    if (store_layout_single_node(&cfg, node) && control_start(ns, &cfg, node, &ctl) != 0)
+    if (store_layout_static(&cfg) && control_start(ns, sv.srv, &cfg, node, &ctl) != 0)
         fprintf(stderr, "shardfs: %s/CONTROL: cannot listen: online resharding is off\n",
                 cfg.nodes[node].data_dir);
     report_ready(ready_fd, "");
@@ -818,6 +821,13 @@ static long parse_shard(const char *s)
     return errno || end == s || *end || v < 0 || v >= CONFIG_MAX_SHARDS ? -1 : v;
 }
 
+/* 1 if shard i (of the layout) is node's: in a cluster each node changes
+ * its own shards, and a split keeps the new one beside the old. */
+static int own_shard(int node, unsigned i)
+{
+    return cfg.owner[i & (cfg.file_shards - 1)] == node;
+}
+
 /* The change of cmd_reshard through the daemon of the mounted store; prints
  * the same as offline (and the pause). 0 or -errno, the message in err. */
 static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
@@ -829,7 +839,7 @@ static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
 
     if (all) {
         for (unsigned i = 0; i < cfg.shard_count; i++)
-            if (placement_is_shard(cfg.depth, i))
+            if (placement_is_shard(cfg.depth, i) && own_shard(node, i))
                 list[n++] = i;
     } else {
         list[n++] = shard;
@@ -921,7 +931,7 @@ static int cmd_reshard(int argc, char **argv)
         unsigned slots = cfg.shard_count;
         memcpy(depth, cfg.depth, slots);
         for (unsigned i = 0; i < slots && r >= 0; i++)
-            if (placement_is_shard(depth, i)) {
+            if (placement_is_shard(depth, i) && own_shard(node, i)) {
                 r = reshard_split(&cfg, node, i, &o, err, sizeof(err));
                 if (r == 0)
                     print_done("split", &o);

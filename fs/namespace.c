@@ -289,9 +289,18 @@ unsigned ns_shard_depth(const struct ns *ns, unsigned index)
     return index < ns->nshards ? ns->depth[index] : 0;
 }
 
+/* The node that owns slot index: a shard split off a shard of the config's
+ * lives beside it (reshard.h), so the owner of its base shard. */
+static int slot_owner(const struct ns *ns, unsigned index)
+{
+    unsigned base = ns->cfg->file_shards ? ns->cfg->file_shards : ns->cfg->shard_count;
+
+    return ns->cfg->owner[index & (base - 1)];
+}
+
 int ns_shard_is_local(const struct ns *ns, unsigned index)
 {
-    return index < ns->nshards && ns->cfg->owner[index] == ns->node;
+    return index < ns->nshards && slot_owner(ns, index) == ns->node;
 }
 
 struct shard *ns_shard(struct ns *ns, unsigned index)
@@ -3159,7 +3168,7 @@ static void openreg_drop_stale_remote(struct ns *ns)
         pthread_mutex_unlock(&ns->reaper_lock);
         if (stop)
             return;
-        if (!ns->reg_stale[i] || !ns_is_shard(ns, i) || remote_node_down(ns->remote, ns->cfg->owner[i], &since) == 1)
+        if (!ns->reg_stale[i] || !ns_is_shard(ns, i) || remote_node_down(ns->remote, slot_owner(ns, i), &since) == 1)
             continue;
         if (openreg_drop_stale(ns, i) == 0)
             ns->reg_stale[i] = 0;
@@ -3309,6 +3318,9 @@ static int root_ensure(struct ns *ns)
     return apply_batch(inode_shard(ns, &record_root_id), &b);
 }
 
+static int learn_layout(void *ctx);
+static void probe_layout(struct ns *ns);
+
 int ns_open(const struct config *cfg, int node, unsigned flags, const struct store_lock_opts *lock,
             struct ns **out, char *err, size_t errlen)
 {
@@ -3427,6 +3439,13 @@ int ns_open(const struct config *cfg, int node, unsigned flags, const struct sto
     rc = shards_index(ns);
     if (rc)
         goto fail;
+    /* A cluster without a shard map learns the layout of the other nodes'
+     * shards from them (above), before recovery reaches them. */
+    if (ns->remote && store_layout_static(cfg)) {
+        ns->relayout = learn_layout;
+        ns->relayout_ctx = ns;
+        probe_layout(ns);
+    }
     /* The root lives on shard 0; its owner creates it. */
     rc = ns_shard_is_local(ns, 0) ? root_ensure(ns) : 0;
     if (rc == 0 && !(flags & NS_OPEN_NO_RECOVER))
@@ -3484,28 +3503,125 @@ void ns_close(struct ns *ns)
  * A shard whose node has another layout refuses an op with -EBADSLT before
  * doing anything (wire.h, "Layouts": a split or merge moved keys and this
  * process has not heard yet). The outermost operation of a thread then
- * learns the layout anew (ns_set_relayout) and runs again; a nested one
- * passes the error up, and nobody outside sees -EBADSLT. */
+ * learns the layout anew (ns_set_relayout) and runs again (a listing tells
+ * its callback to start again first: namespace.h); a nested one passes the
+ * error up, and nobody outside sees -EBADSLT. */
 
-#define NS_RELAYOUT_TRIES 3
+#define NS_RELAYOUT_TRIES 4
 
 /* After an operation returned *rc: 1 to run it again (the layout was
- * learnt anew and the op may run twice: restartable, which an op that has
- * called back its caller's function is not). Otherwise 0, and an -EBADSLT
- * left in *rc becomes -EIO, the layout learnt all the same for next time. */
+ * learnt anew, and the op may run twice: restartable). Otherwise 0, and an
+ * -EBADSLT left in *rc becomes -EIO, the layout learnt all the same. */
 static int ns_again(struct ns *ns, int *rc, unsigned tries, int restartable)
 {
-    int learnt;
-
     if (*rc != -EBADSLT || held_ns == ns)
         return 0;
-    learnt = ns->relayout && ns->relayout(ns->relayout_ctx) == 0;
-    if (learnt && restartable && tries < NS_RELAYOUT_TRIES)
+    /* Nothing new to learn is no proof: another thread may have learnt it
+     * between this op's refusal and now. So again, a few times. */
+    if (ns->relayout && restartable && tries < NS_RELAYOUT_TRIES) {
+        ns->relayout(ns->relayout_ctx);
         return 1;
-    fprintf(stderr, "shardfs: a shard refused an operation for another layout%s\n",
-            learnt ? "; learnt the new one" : ", and no newer one is known");
+    }
+    fprintf(stderr, "shardfs: a shard refused an operation %u times for another layout%s\n",
+            tries + 1, ns->relayout ? "" : ", and nothing here can learn it");
     *rc = -EIO;
     return 0;
+}
+
+/* ---- learning the layout of other nodes' shards (static clusters) ----
+ *
+ * In a cluster without a shard map, each node is the authority on the
+ * layout of its own shards (its DATA_DIR/STORE); a split puts the new shard
+ * beside the old one. Other processes learn a change from the refusals of
+ * its node (wire.h, "Layouts": the remote layer keeps the depth a 421
+ * gave, remote_told_depth) and at open, by probing each remote shard with
+ * a read that names no record. */
+
+/* Split (told deeper) or merge (told shallower) remote shard i of the
+ * layout once toward what its node told. 1 if the layout changed, 0 if
+ * not, -errno. Operations quiesced. */
+static int learn_shard(struct ns *ns, unsigned i)
+{
+    int told = remote_told_depth(ns->remote, i);
+    unsigned d = ns->depth[i], t, low, up;
+    struct shard *sh, *gone;
+    int rc;
+
+    if (told < 0 || (unsigned)told == d)
+        return 0;
+    if ((unsigned)told > d) {
+        t = i + (1u << d);
+        if ((2u << d) > CONFIG_MAX_SHARDS)
+            return -ERANGE;
+        rc = shard_remote_open(ns->remote, t, &sh);
+        if (rc)
+            return rc;
+        rc = ns_layout_split(ns, i, sh);
+        if (rc) {
+            shard_close(sh);
+            return rc;
+        }
+        remote_depth_set(ns->remote, t, d + 1);
+        remote_depth_set(ns->remote, i, d + 1);
+        return 1;
+    }
+    low = i & ~(1u << (d - 1));
+    up = low + (1u << (d - 1));
+    if (!ns_is_shard(ns, low) || !ns_is_shard(ns, up) || ns->depth[low] != d ||
+        ns->depth[up] != d || ns_shard_is_local(ns, low) || ns_shard_is_local(ns, up))
+        return 0; /* the buddy is split further: its own refusals come first */
+    gone = ns_layout_merge(ns, low);
+    if (!gone)
+        return 0;
+    shard_close(gone);
+    remote_depth_set(ns->remote, low, d - 1);
+    remote_depth_set(ns->remote, up, d - 1); /* forget what up was told */
+    return 1;
+}
+
+/* Apply what the remote shards' nodes told, until nothing changes. 0 when
+ * the layout changed, -ENOENT when there was nothing to learn. */
+static int learn_layout(void *ctx)
+{
+    struct ns *ns = ctx;
+    int changed = 0, rc = 0;
+
+    ns_quiesce(ns);
+    for (int again = 1; again && rc >= 0;) {
+        again = 0;
+        for (unsigned i = 0; i < ns->nshards && rc >= 0; i++) {
+            if (!ns_is_shard(ns, i) || ns_shard_is_local(ns, i))
+                continue;
+            rc = learn_shard(ns, i);
+            if (rc > 0)
+                again = changed = 1;
+        }
+    }
+    ns_unquiesce(ns);
+    if (changed)
+        fprintf(stderr, "shardfs: learnt a new shard layout from another node (%u slots)\n",
+                ns->nshards);
+    return changed ? 0 : rc < 0 ? rc : -ENOENT;
+}
+
+/* At open: ask every remote shard, by a read that names no record (a
+ * node refuses it only for another depth), then learn. Nodes that are
+ * down tell nothing; their shards are learnt when they answer. */
+static void probe_layout(struct ns *ns)
+{
+    uint8_t buf[1];
+    size_t vlen;
+
+    for (int round = 0; round < 8; round++) {
+        int told = 0;
+
+        for (unsigned i = 0; i < ns->nshards; i++)
+            if (ns_is_shard(ns, i) && !ns_shard_is_local(ns, i) &&
+                shard_get(ns->shards[i], "M", 1, 0, buf, 0, &vlen) == -EBADSLT)
+                told = 1;
+        if (!told || learn_layout(ns) != 0)
+            return;
+    }
 }
 
 void ns_set_relayout(struct ns *ns, ns_relayout_fn fn, void *ctx)
@@ -3747,10 +3863,12 @@ int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *c
     int rc;
 
     do {
+        if (tries && fn(ctx, NULL, 0, NULL, 0) != 0) /* the listing starts again */
+            break;
         ns_hold(ns);
         rc = readdir_held(ns, dir, fn, ctx);
         ns_unhold(ns);
-    } while (ns_again(ns, &rc, tries++, 0));
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
@@ -3760,10 +3878,12 @@ int ns_readdir_plus(struct ns *ns, const struct ino_id *dir, ns_direntplus_fn fn
     int rc;
 
     do {
+        if (tries && fn(ctx, NULL, 0, NULL, 0, NULL) != 0) /* the listing starts again */
+            break;
         ns_hold(ns);
         rc = readdir_plus_held(ns, dir, fn, ctx);
         ns_unhold(ns);
-    } while (ns_again(ns, &rc, tries++, 0));
+    } while (ns_again(ns, &rc, tries++, 1));
     return rc;
 }
 
@@ -3776,7 +3896,7 @@ int ns_getattr_many(struct ns *ns, const struct ino_id *ids, unsigned n, ns_inod
         ns_hold(ns);
         rc = getattr_many_held(ns, ids, n, fn, ctx);
         ns_unhold(ns);
-    } while (ns_again(ns, &rc, tries++, 0));
+    } while (ns_again(ns, &rc, tries++, 1)); /* fn(ctx, i, ...) again is the same */
     return rc;
 }
 

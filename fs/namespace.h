@@ -38,7 +38,10 @@ struct ns;
 typedef int (*ns_is_open_fn)(void *ctx, const struct ino_id *id);
 
 /* Called for each directory entry; the name is borrowed for the call. The
- * callback MUST NOT call back into the namespace. */
+ * callback MUST NOT call back into the namespace. A call with name NULL
+ * (and nlen 0, id NULL) says the listing starts again: forget the entries
+ * given so far (a shard's layout changed under it, ns_set_relayout);
+ * returning non-zero then makes the listing fail with EIO. */
 typedef int (*ns_dirent_fn)(void *ctx, const char *name, size_t nlen, const struct ino_id *id,
                             uint8_t dtype);
 
@@ -100,10 +103,13 @@ struct shard *ns_layout_merge(struct ns *ns, unsigned low);
  * "Layouts"; the op did nothing there): fn(ctx) brings this namespace's
  * layout up to date (the shard map: ns_quiesce, ns_layout_split/merge) and
  * returns 0 if it changed it, else -errno. It runs on the thread of an
- * operation, holding nothing. The operation then runs again (up to 3
- * times; a listing that already handed out entries is not run again but
- * fails with EIO); without fn, or when it changed nothing, the operation
- * fails with EIO. Set before the namespace is used. */
+ * operation, holding nothing. The operation then runs again (up to 4
+ * times, also when fn changed nothing: another thread may have learnt it
+ * meanwhile; a listing tells its callback to start again: ns_dirent_fn);
+ * without fn, or after the last try, the operation fails with EIO.
+ * Set before the namespace is used. A cluster without a shard map has a
+ * fn from ns_open: it learns from the remote layer what the refusing
+ * nodes told (remote_told_depth), and ns_open asks every remote shard. */
 typedef int (*ns_relayout_fn)(void *ctx);
 void ns_set_relayout(struct ns *ns, ns_relayout_fn fn, void *ctx);
 

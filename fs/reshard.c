@@ -26,6 +26,7 @@
 #include "batch.h"
 #include "durable.h"
 #include "namespace.h"
+#include "node_server.h"
 #include "placement.h"
 #include "record.h"
 #include "shard.h"
@@ -58,6 +59,7 @@ struct job {
     struct timespec t0, last;
     struct reshard_stats st;
     const volatile int *cancel; /* online: set when the mount is going away */
+    struct node_server *srv; /* online in a cluster: the node's server, which serves its shards */
     int undone;             /* the change failed before its cut-over and was taken back */
 };
 
@@ -558,10 +560,10 @@ static int job_open(struct job *j, struct config *cfg, int node, struct reshard_
     err[0] = 0;
     *resumed = 0;
     clock_gettime(CLOCK_MONOTONIC, &j->t0);
-    if (!store_layout_single_node(cfg, node)) {
+    if (!store_layout_static(cfg)) {
         snprintf(err, errlen,
-                 "%s: resharding works on a single-node store (one node, every shard its own, "
-                 "no replicas, no etcd) for now",
+                 "%s: resharding works on a store without replicas or etcd (each node "
+                 "changes its own shards) for now",
                  cfg->path);
         return -EOPNOTSUPP;
     }
@@ -637,6 +639,13 @@ static int job_check(struct job *j, int op, unsigned s)
         (op == OP_MERGE && j->l.depth[s] == 0)) {
         snprintf(j->err, j->errlen, "shard %u: no such shard%s (the store has %u slots)", s,
                  op == OP_MERGE ? ", or it has no buddy to merge with" : "", j->l.slots);
+        return -EINVAL;
+    }
+    if (j->cfg->owner[s & (j->l.base - 1)] != j->node) {
+        int o = j->cfg->owner[s & (j->l.base - 1)];
+
+        snprintf(j->err, j->errlen, "shard %u is node %s's: its node changes it (-n %s)", s,
+                 j->cfg->nodes[o].name, j->cfg->nodes[o].name);
         return -EINVAL;
     }
     j->op = op;
@@ -829,6 +838,11 @@ static int mir_apply(struct shard *s, const struct batch *b)
     struct batch part;
     int rc, r;
 
+    /* Two applies and the mirror's lock may wait: never on a thread that
+     * must not (a node server's I/O thread, shard.h), which would also run
+     * the request again after the source took it. */
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK;
     batch_init(&part);
     pthread_mutex_lock(&m->mu);
     rc = shard_apply(m->src, b);
@@ -874,11 +888,33 @@ static void mirror_init(struct mirror *m, struct shard *src, struct shard *dst, 
 
 /* Put the mirror in the namespace in place of shard index (or take it out:
  * put back m->src), with no operation in flight. */
-static void mirror_swap(struct ns *ns, unsigned index, struct shard *s)
+static void pause_all(struct job *j, struct ns *ns)
 {
     ns_quiesce(ns);
-    ns_shard_swap(ns, index, s);
+    if (j->srv)
+        node_server_quiesce(j->srv);
+}
+
+static void resume_all(struct job *j, struct ns *ns)
+{
+    if (j->srv)
+        node_server_unquiesce(j->srv);
     ns_unquiesce(ns);
+}
+
+/* Shard index is s for the namespace and the node's server; paused. */
+static void serve_as(struct job *j, struct ns *ns, unsigned index, struct shard *s)
+{
+    ns_shard_swap(ns, index, s);
+    if (j->srv)
+        node_server_set_shard(j->srv, index, s);
+}
+
+static void mirror_swap(struct job *j, struct ns *ns, unsigned index, struct shard *s)
+{
+    pause_all(j, ns);
+    serve_as(j, ns, index, s);
+    resume_all(j, ns);
 }
 
 static double ms_since(const struct timespec *t0)
@@ -894,12 +930,12 @@ static int mirrored_copy(struct job *j, struct ns *ns, unsigned index, struct mi
     int rc;
 
     mirror_init(m, src, dst, all, bit);
-    mirror_swap(ns, index, &m->base);
+    mirror_swap(j, ns, index, &m->base);
     rc = copy_records(j, src, dst, all, all ? 0 : bit, &m->mu);
     if (rc == 0 && m->failed)
         rc = m->failed;
     if (rc) {
-        mirror_swap(ns, index, src);
+        mirror_swap(j, ns, index, src);
         pthread_mutex_destroy(&m->mu);
     }
     return rc;
@@ -915,7 +951,7 @@ static int cutover_begin(struct job *j, struct ns *ns, struct mirror *m, struct 
     j->st.phase = "cut-over";
     report(j, 1);
     clock_gettime(CLOCK_MONOTONIC, p0);
-    ns_quiesce(ns);
+    pause_all(j, ns);
     rc = m->failed ? m->failed : shard_sync(dst);
     return rc ? rc : cut_over(j, next);
 }
@@ -955,17 +991,19 @@ static int online_split(struct job *j, struct ns *ns)
     /* The cut-over: no operation in flight; the target gets what the
      * last writes gave it on disk, STORE the new layout. */
     rc = cutover_begin(j, ns, &m, dst, &next, &p0);
+    serve_as(j, ns, j->s, src);
     if (rc == 0) {
-        ns_shard_swap(ns, j->s, src);
         rc = ns_layout_split(ns, j->s, dst); /* cannot fail: checked above */
+        if (rc == 0 && j->srv) {
+            node_server_set_shard(j->srv, t, dst);
+            rc = node_server_set_layout(j->srv, next.depth, next.slots);
+        }
         if (rc == 0)
             dst = NULL; /* the namespace's now */
         if (rc == 0)
             rc = meta_write(src, j->s, j->d + 1);
-    } else {
-        ns_shard_swap(ns, j->s, src);
     }
-    ns_unquiesce(ns);
+    resume_all(j, ns);
     cutover_end(j, &m, &p0);
     if (rc) {
         shard_close(dst); /* the state stays: resume knows which side it is on */
@@ -1004,12 +1042,16 @@ static int online_merge(struct job *j, struct ns *ns)
         return rc;
     }
     rc = cutover_begin(j, ns, &m, low, &next, &p0);
-    ns_shard_swap(ns, up, high);
+    serve_as(j, ns, up, high);
     if (rc == 0) {
         gone = ns_layout_merge(ns, j->s);
         rc = gone ? meta_write(low, j->s, j->d - 1) : -EIO;
+        if (rc == 0 && j->srv) {
+            node_server_set_shard(j->srv, up, NULL);
+            rc = node_server_set_layout(j->srv, next.depth, next.slots);
+        }
     }
-    ns_unquiesce(ns);
+    resume_all(j, ns);
     cutover_end(j, &m, &p0);
     if (rc)
         return rc;
@@ -1023,13 +1065,15 @@ static int online_merge(struct job *j, struct ns *ns)
     return rc;
 }
 
-int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge, unsigned s,
-                   const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen)
+int reshard_online(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
+                   int merge, unsigned s, const volatile int *cancel, struct reshard_opts *o,
+                   char *err, size_t errlen)
 {
     struct job j;
     int rc;
 
     memset(&j, 0, sizeof(j));
+    j.srv = srv;
     j.cfg = (struct config *)cfg; /* read only here: paths, the layout's base */
     j.node = node;
     j.o = o;

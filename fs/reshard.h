@@ -6,7 +6,10 @@
  * "layouts"). A merge folds s + 2^(d-1) back into s (the lower of two
  * buddies at the same depth), at depth d - 1.
  *
- * This step works on a single-node store. Unmounted, the command takes the
+ * It works on a store without replicas or etcd (store_layout_static): a
+ * single node, or a node of such a cluster changing one of its own
+ * shards, whose new shard stays on it (the other nodes learn the layout
+ * from its refusals, wire.h "Layouts"). Unmounted, the command takes the
  * store's lock (reshard_split/merge/resume); mounted, it asks the daemon
  * (control.h), which runs reshard_online(). Each change runs in phases,
  * and the state file DATA_DIR/RESHARD ("split S D" or "merge S D") is
@@ -88,7 +91,9 @@ int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *e
                    size_t errlen);
 
 /* Online: split (merge 0) or merge shard s of a store this process has
- * open and mounted (ns, a single-node store), while operations go on.
+ * open and mounted (ns; in a cluster, srv is the node's server, which
+ * serves its shards to the others: changed in step with ns), while
+ * operations go on.
  * Until the copy is done, the shard is replaced in the namespace by a
  * mirror that passes every write to the target too (reshard.c); the
  * cut-over runs with the namespace quiesced (ns_quiesce: no operation in
@@ -98,8 +103,10 @@ int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *e
  * merge leaves its state for `shardfs reshard resume`. The caller runs
  * one change at a time and holds nothing of ns. Errors as above. */
 struct ns;
-int reshard_online(struct ns *ns, const struct config *cfg, int node, int merge, unsigned s,
-                   const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen);
+struct node_server;
+int reshard_online(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
+                   int merge, unsigned s, const volatile int *cancel, struct reshard_opts *o,
+                   char *err, size_t errlen);
 
 /* 1 if DATA_DIR/RESHARD of node exists (a change is in flight), 0 if not,
  * -1 with the reason in err. With what (may be NULL), the change it names:

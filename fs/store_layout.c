@@ -201,6 +201,16 @@ int store_layout_single_node(const struct config *cfg, int node)
     return 1;
 }
 
+int store_layout_static(const struct config *cfg)
+{
+    if (cfg->etcd[0])
+        return 0;
+    for (unsigned i = 0; i < cfg->file_shards; i++)
+        if (cfg->nreplicas[i])
+            return 0;
+    return 1;
+}
+
 int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen)
 {
     struct store_layout l;
@@ -223,10 +233,10 @@ int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen)
             ;
         return 0;
     }
-    if (!store_layout_single_node(cfg, node)) {
+    if (!store_layout_static(cfg)) {
         snprintf(err, errlen,
-                 "%s: the store in %s was split or merged, which only a single-node store "
-                 "without replicas or etcd may be, for now",
+                 "%s: the store in %s was split or merged, which only a store without "
+                 "replicas or etcd may be, for now",
                  cfg->path, cfg->nodes[node].data_dir);
         return -1;
     }
@@ -234,8 +244,9 @@ int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen)
     for (cfg->shard_bits = 0; (1u << cfg->shard_bits) < l.slots; cfg->shard_bits++)
         ;
     memcpy(cfg->depth, l.depth, l.slots);
-    for (unsigned i = 0; i < l.slots; i++) {
-        cfg->owner[i] = node;
+    /* A shard split off another lives beside it: the owner of its base. */
+    for (unsigned i = cfg->file_shards; i < l.slots; i++) {
+        cfg->owner[i] = cfg->owner[i & (cfg->file_shards - 1)];
         cfg->nreplicas[i] = 0;
     }
     return 0;

@@ -58,6 +58,13 @@ int store_layout_create(const struct config *cfg, int node);
  * replicas and no etcd: the stores whose layout may change, for now. */
 int store_layout_single_node(const struct config *cfg, int node);
 
+/* 1 if cfg's store has no shard map (etcd) and no replicas: the stores
+ * whose layout may change, for now. On a cluster of them each node changes
+ * the layout of its own shards (a split puts the new shard beside the old,
+ * on the same node) and is the authority on it; the others learn it from
+ * its refusals (namespace.c). */
+int store_layout_static(const struct config *cfg);
+
 /* Before a store is opened: read its STORE, check it against cfg (the same
  * count as shards.conf, a layout only a single-node store may have), and
  * make cfg's layout the store's: shard_count becomes its number of slots

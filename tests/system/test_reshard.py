@@ -222,14 +222,17 @@ def test_refusals(shardfs_factory):
     assert r.returncode == 1 and "split further" in r.stderr, r.stderr
     reshard(fs, "split", "0")
     assert layout(fs) == {0: 2, 1: 2, 2: 2, 3: 2}
-    # A cluster is refused with a reason, before anything is touched.
+    # A cluster with replicas is refused with a reason, before anything is
+    # touched (one without: test_reshard_cluster.py).
     conf = os.path.join(fs.top, "cluster.conf")
     with open(conf, "w") as f:
         f.write("[cluster]\nshards = 4\nsecret = 0123456789abcdef0123\n"
                 "[node a]\nurl = http://127.0.0.1:1\ndata_dir = ./ca\nshards = 0-1\n"
-                "[node b]\nurl = http://127.0.0.1:2\ndata_dir = ./cb\nshards = 2-3\n")
+                "replicas = 2-3\n"
+                "[node b]\nurl = http://127.0.0.1:2\ndata_dir = ./cb\nshards = 2-3\n"
+                "replicas = 0-1\n")
     r = run([fs_bin(), "reshard", "split", "-c", conf, "-n", "a", "0"], check=False)
-    assert r.returncode == 1 and "single-node" in r.stderr, r.stderr
+    assert r.returncode == 1 and "without replicas or etcd" in r.stderr, r.stderr
     fs.start()
     assert open(fs.path("f"), "rb").read() == b"x"
 
@@ -385,7 +388,7 @@ def test_status_shows_the_change_in_flight_and_a_second_waits_its_turn(shardfs_f
     monkeypatch.setenv("SHARDFS_TEST_SLOW_COPY", "1")  # 64 KiB every 20 ms: seconds
     fs = shardfs_factory(sub="", shards=2)
     src = fill(fs, seed=19)
-    ballast(fs, mib=8)
+    ballast(fs, mib=32)  # a copy of ~16 MiB at 64 KiB / 20 ms: 5 s, and more under ASan
     st = run([fs_bin(), "status", "-c", fs.conf], timeout=60).stdout
     assert re.search(r"^0 +1$", st, re.M) and "no change of the layout in flight (mounted)" in st, st
     cli = subprocess.Popen([fs_bin(), "reshard", "split", "-c", fs.conf, "1"],

@@ -2122,7 +2122,7 @@ static void run_fake(void)
 /* ---- the real node server over shard_lmdb ---- */
 
 static struct config cfg_real, cfg_real_swapped, cfg_real_old, cfg_real_badsecret;
-static void c_layout(struct shard *const *lmdb);
+static void c_layout(struct shard *const *lmdb, struct node_server *const *srv);
 
 static void run_real(void)
 {
@@ -2169,7 +2169,7 @@ static void run_real(void)
     CHECK_RC(shard_get(lmdb[0], "redir0", 6, 0, buf, sizeof(buf), &vlen), 4);
     CHECK_RC(shard_get(lmdb[1], "redir1", 6, 0, buf, sizeof(buf), &vlen), 3);
     CHECK(memcmp(buf, "uno", 3) == 0);
-    c_layout(lmdb);
+    c_layout(lmdb, srv);
     node_server_stop(srv[0]);
     node_server_stop(srv[1]);
     shard_close(lmdb[0]);
@@ -2202,10 +2202,67 @@ static int count_fn(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, si
     return 0;
 }
 
+/* Node a splits its shard 0 into 0 and 2 (depth 2), served beside it: the
+ * client's old layout is refused and told the new depth; once it has the
+ * new one (and shard 2, at a's url without being told) it is served. Then
+ * a merges them back, and the client's split layout is refused alike. */
+static void c_layout_change(struct client *c, struct shard *const *lmdb,
+                            struct node_server *const *srv)
+{
+    const uint8_t split[4] = {2, 1, 2, 1}, base[2] = {1, 1};
+    struct shard *lmdb2 = NULL, *s2 = NULL;
+    char dir[PATH_MAX], err[256];
+    uint8_t k2[9], k4[9], buf[8];
+    size_t vlen;
+
+    snprintf(dir, sizeof(dir), "%s/shard2", tmpdir);
+    mkdir(dir, 0700);
+    if (shard_lmdb_open(dir, 2, &(struct shard_lmdb_options){0}, &lmdb2, err, sizeof(err)) != 0) {
+        fprintf(stderr, "shard_lmdb_open: %s\n", err);
+        exit(2);
+    }
+    placed_key(k2, 0x22); /* bits 10: shard 0 at depth 1, shard 2 at depth 2 */
+    placed_key(k4, 0x24); /* bits 00: shard 0 either way */
+    node_server_quiesce(srv[0]);
+    CHECK_RC(node_server_set_layout(srv[0], split, 3), -EINVAL);
+    CHECK_RC(node_server_set_layout(srv[0], split, 4), 0);
+    node_server_set_shard(srv[0], 2, lmdb2);
+    node_server_unquiesce(srv[0]);
+
+    CHECK(remote_told_depth(c->r, 0) == -1);
+    CHECK_RC(put1(c->s[0], k2, 9, "old", 3), -EBADSLT);
+    CHECKF(remote_told_depth(c->r, 0) == 2, "told %d", remote_told_depth(c->r, 0));
+    CHECK_RC(shard_get(lmdb[0], k2, 9, 0, buf, sizeof(buf), &vlen), -ENOENT);
+    remote_depth_set(c->r, 0, 2);
+    remote_depth_set(c->r, 2, 2);
+    CHECK(remote_told_depth(c->r, 0) == -1);
+    CHECK_RC(shard_remote_open(c->r, 2, &s2), 0);
+    CHECK_RC(put1(s2, k2, 9, "new", 3), 0);
+    CHECK_RC(put1(c->s[0], k4, 9, "four", 4), 0);
+    CHECK_RC(put1(c->s[0], k2, 9, "no", 2), -EBADSLT); /* now shard 2's key */
+    CHECK_RC(shard_get(lmdb2, k2, 9, 0, buf, sizeof(buf), &vlen), 3);
+    CHECK(memcmp(buf, "new", 3) == 0);
+    CHECK_RC(shard_get(lmdb[0], k4, 9, 0, buf, sizeof(buf), &vlen), 4);
+    CHECK_RC(shard_get(lmdb[0], k2, 9, 0, buf, sizeof(buf), &vlen), -ENOENT);
+
+    node_server_quiesce(srv[0]);
+    CHECK_RC(node_server_set_layout(srv[0], base, 2), 0);
+    node_server_set_shard(srv[0], 2, NULL);
+    node_server_unquiesce(srv[0]);
+    CHECK_RC(shard_get(s2, k2, 9, 0, buf, sizeof(buf), &vlen), -EBADSLT);
+    CHECKF(remote_told_depth(c->r, 2) == 1, "told %d", remote_told_depth(c->r, 2));
+    CHECK_RC(put1(c->s[0], k4, 9, "four", 4), -EBADSLT);
+    CHECKF(remote_told_depth(c->r, 0) == 1, "told %d", remote_told_depth(c->r, 0));
+    remote_depth_set(c->r, 0, 1);
+    CHECK_RC(put1(c->s[0], k4, 9, "vier", 4), 0);
+    shard_close(s2);
+    shard_close(lmdb2);
+}
+
 /* The servers of cfg_real (2 shards, depth 1) refuse a key homed on the
  * other shard and a request of another depth, with -EBADSLT and nothing
  * done; ranges and keys that are not placed pass. */
-static void c_layout(struct shard *const *lmdb)
+static void c_layout(struct shard *const *lmdb, struct node_server *const *srv)
 {
     struct client c;
     struct shard_read rd;
@@ -2252,6 +2309,7 @@ static void c_layout(struct shard *const *lmdb)
     CHECK_RC(put1(c.s[0], k2, 9, "two", 3), 0);
     CHECK_RC(shard_scan(c.s[0], "K", 1, "L", 1, count_fn, &seen), 0);
     CHECKF(seen == 2, "%u placed records on shard 0 (want k0 and k2)", seen);
+    c_layout_change(&c, lmdb, srv);
     client_close(&c);
     placement_set_key_hash(NULL);
 }
