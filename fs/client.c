@@ -600,27 +600,29 @@ static const char usage_status[] =
     "not asked over HTTP: its layout (every shard and its depth) is printed, and\n"
     "a split or merge in flight with its phase and progress (from the daemon\n"
     "of a mounted store), or one that was interrupted. Exits 1 for an\n"
-    "interrupted change (`shardfs reshard resume` finishes it).\n";
+    "interrupted change (`shardfs reshard resume` finishes it). In a cluster\n"
+    "without replicas or etcd, the same for each node whose data_dir is on this\n"
+    "machine.\n";
 
-/* The change of a single-node store's layout in flight, if any: its
- * progress from the daemon of the mounted store, or that it was
- * interrupted. The exit code: 1 for an interrupted change. */
-static int status_change(const struct config *cfg)
+/* The change of node's layout in flight, if any: its progress from the
+ * daemon of the mounted store, or that it was interrupted. prefix names
+ * the node in a cluster. The exit code: 1 for an interrupted change. */
+static int status_change(const struct config *cfg, int node, const char *prefix)
 {
     struct control_change ch;
     char what[64], err[1024];
     int pending, rc;
 
-    pending = reshard_pending(cfg, 0, what, sizeof(what), err, sizeof(err));
+    pending = reshard_pending(cfg, node, what, sizeof(what), err, sizeof(err));
     if (pending < 0) {
         fprintf(stderr, "shardfs: %s\n", err);
         return 2;
     }
-    rc = control_status(cfg, 0, &ch, err, sizeof(err));
+    rc = control_status(cfg, node, &ch, err, sizeof(err));
     if (rc == 0 && ch.running) {
         const struct reshard_stats *st = &ch.st;
 
-        printf("\nin flight: %s of shard %u: %s, %llu records, %.1f MiB",
+        printf("\n%sin flight: %s of shard %u: %s, %llu records, %.1f MiB", prefix,
                ch.merge ? "merge" : "split", ch.shard, st->phase,
                (unsigned long long)st->records, st->bytes / 1048576.0);
         if (st->estimate)
@@ -631,12 +633,13 @@ static int status_change(const struct config *cfg)
         return 0;
     }
     if (pending) {
-        printf("\ninterrupted: %s (the daemon that made it is gone); `shardfs reshard resume` "
-               "finishes it\n",
-               what[0] ? what : "a change of the layout");
+        printf("\n%sinterrupted: %s (the daemon that made it is gone); `shardfs reshard "
+               "resume` finishes it\n",
+               prefix, what[0] ? what : "a change of the layout");
         return 1;
     }
-    printf("\nno change of the layout in flight%s\n", rc == 0 ? " (mounted)" : "");
+    if (!prefix[0])
+        printf("\nno change of the layout in flight%s\n", rc == 0 ? " (mounted)" : "");
     return 0;
 }
 
@@ -657,7 +660,7 @@ static int status_single(const struct config *cfg)
     for (unsigned i = 0; i < l.slots; i++)
         if (placement_is_shard(l.depth, i))
             printf("%-6u %u\n", i, l.depth[i]);
-    return status_change(cfg);
+    return status_change(cfg, 0, "");
 }
 
 int cmd_status(int argc, char **argv)
@@ -761,8 +764,17 @@ int cmd_status(int argc, char **argv)
             break;
         }
     }
-    if (store_layout_single_node(&c.cfg, 0) && status_change(&c.cfg) == 1)
-        down = 1; /* an interrupted change of the layout */
+    /* Changes of the layout of the nodes whose data is on this machine. */
+    for (unsigned i = 0; store_layout_static(&c.cfg) && i < c.cfg.node_count; i++) {
+        char prefix[CONFIG_NAME_MAX + 16] = "";
+
+        if (access(c.cfg.nodes[i].data_dir, F_OK) != 0)
+            continue;
+        if (c.cfg.node_count > 1)
+            snprintf(prefix, sizeof(prefix), "node %s: ", c.cfg.nodes[i].name);
+        if (status_change(&c.cfg, (int)i, prefix) == 1)
+            down = 1; /* an interrupted change of the layout */
+    }
     client_close(&c);
     return down ? 1 : 0;
 }

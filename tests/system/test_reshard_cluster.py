@@ -102,6 +102,9 @@ def test_a_node_refuses_to_change_another_nodes_shard(cluster):
         for i in range(60):
             with open(c.p(n, "f-%s-%d" % (n, i)), "wb") as f:
                 f.write(b"%s %d\n" % (n.encode(), i))
+    for n in ("a", "c"):  # they wrote with the old layout, were refused, and learnt
+        with open(os.path.join(c.top, "mount.%s.1.stderr" % n)) as f:
+            assert "learnt a new shard layout" in f.read(), n
     for n in ("a", "b", "c"):
         names = sorted(os.listdir(c.mnt[n]))
         assert len([x for x in names if x.startswith("f-")]) == 120, (n, names)
@@ -130,6 +133,8 @@ def test_kill9_of_the_node_at_each_phase_then_resume(cluster, monkeypatch):
         r = reshard(c, "a", "split", "0", check=False)
         assert r.returncode == 2 and "closed the connection" in r.stderr, (r.returncode, r.stderr)
         reap(c, "a")
+        st = run([SHARDFS_BIN, "status", "-c", c.conf], check=False, timeout=60)
+        assert st.returncode == 1 and "node a: interrupted: split 0 3" in st.stdout, st.stdout
         m = run([SHARDFS_BIN, "mount", "-f", "-c", c.conf, "-n", "a", c.mnt["a"]], check=False,
                 timeout=60)
         assert m.returncode != 0 and "reshard resume" in m.stderr, m.stderr
