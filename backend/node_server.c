@@ -2942,7 +2942,7 @@ void node_server_unquiesce(struct node_server *s)
 
 int node_server_set_layout(struct node_server *s, const uint8_t *depth, unsigned slots)
 {
-    if (slots == 0 || slots > CONFIG_MAX_SHARDS || slots < s->cfg.file_shards ||
+    if (slots == 0 || slots > CONFIG_MAX_SHARDS ||
         placement_layout_check(depth, slots) != 0)
         return -EINVAL;
     memcpy(s->cfg.depth, depth, slots);

@@ -188,8 +188,7 @@ void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh);
  * "Layouts"): node_server_quiesce() waits for the data ops in flight (get,
  * getv, scan, apply) and holds new ones until node_server_unquiesce(); in
  * between, node_server_set_layout() (the depth of each of slots, a layout
- * of placement.h with at least the config's shards ("shards =" as
- * written): -EINVAL otherwise) and
+ * of placement.h: -EINVAL otherwise) and
  * node_server_set_shard() make the change one step for every request. A
  * shard split off another is served where the other is (without a shard
  * map: the owner of its base shard). Any thread but a request's. */

@@ -631,7 +631,8 @@ static int job_start(struct job *j)
 /* Check that the change op of shard s can be made on the layout in j->l,
  * and set j->op, j->s (the shard split, or the lower buddy merged into) and
  * j->d (the depth the change starts from). -EINVAL: s is not a shard, or a
- * merge of a shard at depth 0; -ERANGE: a split past CONFIG_MAX_SHARDS;
+ * merge of a shard at depth 0, of a shard of another node, or in a cluster
+ * below the config's count; -ERANGE: a split past CONFIG_MAX_SHARDS;
  * -EBUSY: a merge whose buddy was split further. */
 static int job_check(struct job *j, int op, unsigned s)
 {
@@ -661,6 +662,15 @@ static int job_check(struct job *j, int op, unsigned s)
         return 0;
     }
     j->s = s & ((1u << (j->d - 1)) - 1);
+    if (j->cfg->node_count > 1 && (1u << (j->d - 1)) < j->l.base) {
+        /* Buddies below the config's count are shards of the config, each
+         * its node's (maybe another's): only what a split made is merged. */
+        snprintf(j->err, j->errlen,
+                 "shard %u: in a cluster a merge goes no lower than the %u shards of "
+                 "shards.conf, which belong to their nodes",
+                 s, j->l.base);
+        return -EINVAL;
+    }
     if (j->l.depth[j->s] != j->d || j->l.depth[j->s + (1u << (j->d - 1))] != j->d) {
         snprintf(j->err, j->errlen, "shard %u: its buddy %u was split further; merge that first",
                  s, s ^ (1u << (j->d - 1)));

@@ -95,6 +95,8 @@ def test_a_node_refuses_to_change_another_nodes_shard(cluster):
     c = cluster
     r = reshard(c, "a", "split", "3", check=False)  # shard 3 is b's
     assert r.returncode == 1 and "node b's" in r.stderr, (r.returncode, r.stderr)
+    r = reshard(c, "a", "merge", "0", check=False)  # its buddy 4 is b's
+    assert r.returncode == 1 and "no lower than the 8 shards" in r.stderr, r.stderr
     r = reshard(c, "b", "split", "3")
     assert DONE.search(r.stdout).group(2, 3) == ("3", "11"), r.stdout
     # The other mounts write into the moved half at once.

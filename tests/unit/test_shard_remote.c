@@ -2224,7 +2224,7 @@ static void c_layout_change(struct client *c, struct shard *const *lmdb,
     placed_key(k2, 0x22); /* bits 10: shard 0 at depth 1, shard 2 at depth 2 */
     placed_key(k4, 0x24); /* bits 00: shard 0 either way */
     node_server_quiesce(srv[0]);
-    CHECK_RC(node_server_set_layout(srv[0], split, 3), -EINVAL);
+    CHECK_RC(node_server_set_layout(srv[0], split, 3), -EINVAL); /* not a power of two */
     CHECK_RC(node_server_set_layout(srv[0], split, 4), 0);
     node_server_set_shard(srv[0], 2, lmdb2);
     node_server_unquiesce(srv[0]);
