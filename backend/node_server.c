@@ -1554,12 +1554,6 @@ static int server_of(struct node_server *s, unsigned n)
 
 /* ---- layouts (wire.h, "Layouts") ---- */
 
-/* The ops that name keys of a shard and carry the sender's depth of it. */
-static int is_data_op(enum wire_op op)
-{
-    return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN || op == WIRE_OP_APPLY;
-}
-
 /* 1 if key is a record that this node's layout homes on a shard other than
  * n. Keys that are not placed (a shard's own records) are n's. */
 static int key_elsewhere(const struct node_server *s, unsigned n, const uint8_t *k, size_t kl)
@@ -1614,7 +1608,7 @@ static int layout_refuses(struct node_server *s, const struct node_input *in, un
     uint64_t theirs = UINT64_MAX;
     const char *what;
 
-    if (!is_data_op(op))
+    if (!wire_op_has_layout(op))
         return 0;
     if (query_u64(in->uri, "depth", &theirs) < 0) {
         resp_error(r, -EINVAL, "bad depth");
@@ -1644,10 +1638,10 @@ static int not_a_shard(struct node_server *s, const struct node_input *in, unsig
 {
     char d[8];
 
-    if (!is_data_op(op) ? n < s->cfg.shard_count
+    if (!wire_op_has_layout(op) ? n < s->cfg.shard_count
                         : n < s->slots && placement_is_shard(s->cfg.depth, n))
         return 0;
-    if (is_data_op(op) && n < CONFIG_MAX_SHARDS && query_str(in->uri, "depth", d, sizeof(d)) > 0) {
+    if (wire_op_has_layout(op) && n < CONFIG_MAX_SHARDS && query_str(in->uri, "depth", d, sizeof(d)) > 0) {
         unsigned d = s->cfg.depth[n & (s->slots - 1)];
 
         resp_error(r, -EBADSLT, "no shard %u here: its keys are on a shard of depth %u", n, d);
@@ -1664,7 +1658,7 @@ static void route_shard_held(struct node_server *s, const struct node_input *in,
 static void route_shard(struct node_server *s, const struct node_input *in, unsigned n,
                         enum wire_op op, struct poll_ask *pa, struct node_response *r)
 {
-    if (!is_data_op(op)) {
+    if (!wire_op_has_layout(op)) {
         route_shard_held(s, in, n, op, pa, r);
         return;
     }

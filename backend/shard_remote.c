@@ -1075,8 +1075,7 @@ static struct shard_remote *to_remote(struct shard *s)
  * depth of the shard (wire.h, "Layouts"). */
 static int shard_path(struct request *q, struct shard *s, enum wire_op op, const char *query)
 {
-    int layout = op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN ||
-                 op == WIRE_OP_APPLY;
+    int layout = wire_op_has_layout(op);
     unsigned depth = __atomic_load_n(&to_remote(s)->r->depth[s->index], __ATOMIC_ACQUIRE);
     size_t size = sizeof(q->path_query);
     int n = wire_shard_path(q->path_query, size, s->index, op), k;

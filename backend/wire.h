@@ -217,6 +217,13 @@ enum wire_op {
     WIRE_OP_PUSH,
 };
 
+/* 1 for the ops that name keys of the shard and carry the sender's depth
+ * of it (Layouts, above): get, getv, scan, apply. */
+static inline int wire_op_has_layout(enum wire_op op)
+{
+    return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN || op == WIRE_OP_APPLY;
+}
+
 /* "/v1/shard/N/op" -> shard and op. Returns 0, or -EINVAL (malformed) or
  * -ENOENT (not a shard path). No query string in path. */
 int wire_parse_shard_path(const char *path, unsigned *shard, enum wire_op *op);
