@@ -115,6 +115,16 @@ int config_url_parse(const char *url, struct config_url *out, char *why, size_t 
  * "FILE:LINE: reason" (or "FILE: reason") into err; returns 0 on success. */
 int config_load(const char *path, struct config *cfg, char *err, size_t errlen);
 
+/* The node that owns shard (or slot) i of cfg's store: a shard split off
+ * another stays beside it (fs/reshard.h), on the owner of its base shard,
+ * i modulo the "shards =" count. */
+static inline int config_shard_owner(const struct config *cfg, unsigned i)
+{
+    unsigned base = cfg->file_shards ? cfg->file_shards : cfg->shard_count;
+
+    return cfg->owner[i & (base - 1)];
+}
+
 /* Check that node's data_dir can be used: a directory this process may
  * read, write and search, or missing with a writable parent. config_load()
  * does not look at directories (a client needs none). Returns 0, or -1 with

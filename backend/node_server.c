@@ -1545,7 +1545,7 @@ static int server_of(struct node_server *s, unsigned n)
     struct shard_copies c;
 
     if (!s->map) /* a shard split off another lives beside it: its owner */
-        return s->cfg.owner[n & (s->cfg.file_shards - 1)];
+        return config_shard_owner(&s->cfg, n);
     if (shard_map_get(s->map, n, &c) < 0 || c.primary < 0 ||
         (unsigned)c.primary >= s->cfg.node_count)
         return -1;

@@ -825,7 +825,7 @@ static long parse_shard(const char *s)
  * its own shards, and a split keeps the new one beside the old. */
 static int own_shard(int node, unsigned i)
 {
-    return cfg.owner[i & (cfg.file_shards - 1)] == node;
+    return config_shard_owner(&cfg, i) == node;
 }
 
 /* The change of cmd_reshard through the daemon of the mounted store; prints

@@ -289,18 +289,9 @@ unsigned ns_shard_depth(const struct ns *ns, unsigned index)
     return index < ns->nshards ? ns->depth[index] : 0;
 }
 
-/* The node that owns slot index: a shard split off a shard of the config's
- * lives beside it (reshard.h), so the owner of its base shard. */
-static int slot_owner(const struct ns *ns, unsigned index)
-{
-    unsigned base = ns->cfg->file_shards ? ns->cfg->file_shards : ns->cfg->shard_count;
-
-    return ns->cfg->owner[index & (base - 1)];
-}
-
 int ns_shard_is_local(const struct ns *ns, unsigned index)
 {
-    return index < ns->nshards && slot_owner(ns, index) == ns->node;
+    return index < ns->nshards && config_shard_owner(ns->cfg, index) == ns->node;
 }
 
 struct shard *ns_shard(struct ns *ns, unsigned index)
@@ -3168,7 +3159,7 @@ static void openreg_drop_stale_remote(struct ns *ns)
         pthread_mutex_unlock(&ns->reaper_lock);
         if (stop)
             return;
-        if (!ns->reg_stale[i] || !ns_is_shard(ns, i) || remote_node_down(ns->remote, slot_owner(ns, i), &since) == 1)
+        if (!ns->reg_stale[i] || !ns_is_shard(ns, i) || remote_node_down(ns->remote, config_shard_owner(ns->cfg, i), &since) == 1)
             continue;
         if (openreg_drop_stale(ns, i) == 0)
             ns->reg_stale[i] = 0;

@@ -642,8 +642,8 @@ static int job_check(struct job *j, int op, unsigned s)
                  op == OP_MERGE ? ", or it has no buddy to merge with" : "", j->l.slots);
         return -EINVAL;
     }
-    if (j->cfg->owner[s & (j->l.base - 1)] != j->node) {
-        int o = j->cfg->owner[s & (j->l.base - 1)];
+    if (config_shard_owner(j->cfg, s) != j->node) {
+        int o = config_shard_owner(j->cfg, s);
 
         snprintf(j->err, j->errlen, "shard %u is node %s's: its node changes it (-n %s)", s,
                  j->cfg->nodes[o].name, j->cfg->nodes[o].name);

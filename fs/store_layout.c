@@ -246,7 +246,7 @@ int store_layout_apply(struct config *cfg, int node, char *err, size_t errlen)
     memcpy(cfg->depth, l.depth, l.slots);
     /* A shard split off another lives beside it: the owner of its base. */
     for (unsigned i = cfg->file_shards; i < l.slots; i++) {
-        cfg->owner[i] = cfg->owner[i & (cfg->file_shards - 1)];
+        cfg->owner[i] = config_shard_owner(cfg, i);
         cfg->nreplicas[i] = 0;
     }
     return 0;
