@@ -389,9 +389,12 @@ static int server_start(struct ns *ns, int node, struct fs *fs, struct server *s
 }
 
 /* Everything but the replication's map, which the shards' wrappers use
- * until ns_close(): replication_close(sv->rep) after that. */
+ * until ns_close(): replication_close(sv->rep) after that. The last writes
+ * (ns_reaper_stop's among them) first: the replicas pull them from sv. */
+#define SERVER_DRAIN_MS 2000
 static void server_stop(struct server *sv)
 {
+    replication_drain(sv->rep, SERVER_DRAIN_MS);
     replication_sync_stop(sv->rep); /* nothing more is pulled into the replicas */
     node_server_stop(sv->srv);      /* waits for requests in progress */
     kv_api_free(sv->api);
@@ -482,8 +485,8 @@ out:
     if (se)
         fuse_session_destroy(se);
     fuse_opt_free_args(&args);
-    server_stop(&sv);
     ns_reaper_stop(ns); /* nothing replaces files now; it asks fs: before fs_free */
+    server_stop(&sv);
     fs_free(fs);
     ns_close(ns); /* commits and syncs every shard */
     replication_close(sv.rep);
@@ -620,8 +623,8 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     if (sigwait(&stop, &sig) != 0)
         sig = 0;
 out:
-    server_stop(&sv);
     ns_reaper_stop(ns);
+    server_stop(&sv);
     ns_close(ns);
     replication_close(sv.rep);
     if (ready_fd >= 0)

@@ -330,6 +330,35 @@ static void primary_put(struct replication *rep, unsigned n)
         failover_primary_put(rep->fo, n);
 }
 
+/* A replica that asked within this long is alive: worth waiting for. */
+#define DRAIN_ALIVE_MS 3000
+
+void replication_drain(struct replication *rep, unsigned timeout_ms)
+{
+    int64_t until = clock_mono_ms() + timeout_ms;
+
+    for (unsigned n = 0; rep && n < rep->cfg->shard_count; n++) {
+        struct shard_repl_status st;
+        struct shard *w = primary_get(rep, n);
+
+        if (!w)
+            continue;
+        if (shard_repl_status(w, &st) == 0)
+            for (unsigned i = 0; i < st.nreplicas; i++) {
+                const struct shard_repl_peer *r = &st.replicas[i];
+                int64_t left = until - clock_mono_ms();
+
+                if (left <= 0)
+                    break;
+                if (r->last_report_ms < 0 || r->last_report_ms > DRAIN_ALIVE_MS ||
+                    r->applied.lsn >= st.position.lsn)
+                    continue;
+                shard_repl_wait_level(w, r->node, st.position.lsn, (unsigned)left);
+            }
+        primary_put(rep, n);
+    }
+}
+
 /* As primary: freeze the writes, hash the copy at its position P, set the
  * replicas' checkpoint at P for ttl_ms, thaw. *frozen_ms: how long writes
  * were held. 0 or -errno with a reason. */

@@ -57,7 +57,7 @@
  *   node_server_start_repl(..., replication_server(rep), ...)
  *   replication_sync_start()  the replica-sync thread
  *   ...
- *   replication_sync_stop(), node_server_stop(), ns_close(),
+ *   replication_drain(), replication_sync_stop(), node_server_stop(), ns_close(),
  *   replication_close()  (the wrappers closed by ns_close borrow the map)
  *
  * Threads: open/start/stop/close from one thread; the route from any.
@@ -89,6 +89,13 @@ const struct node_server_repl *replication_server(struct replication *rep);
 /* Start the replica-sync thread (a node with no replica starts none) and
  * let the map's changes reach it. 0 or -errno with a reason. */
 int replication_sync_start(struct replication *rep, char *err, size_t errlen);
+/* Before an orderly stop, the node server still serving: wait, up to
+ * timeout_ms in all, until every live replica (one that asked within the
+ * last 3 s) of each shard this node leads holds what the primary applied.
+ * So a stop with ack = primary does not leave a replica behind by the last
+ * writes, nor by those of the stop itself (ns_reaper_stop deletes files).
+ * NULL-safe; a replica that does not get there is left to catch up later. */
+void replication_drain(struct replication *rep, unsigned timeout_ms);
 /* Stop the thread (its replica shards synced). NULL-safe. */
 void replication_sync_stop(struct replication *rep);
 /* Close the map. After ns_close(). NULL-safe. */
