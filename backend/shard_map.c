@@ -6,8 +6,11 @@
  * SHA-256("shardfs cluster id\0" SECRET), so two stores sharing an etcd do
  * not meet, and the secret is not written anywhere):
  *   P shards        "8": the shard count the map was made for.
- *   P shard/NNNN    {"epoch":"E","primary":"a","replicas":["b"],"in_sync":["b"]}
- *                   (node names; epoch a decimal string: it is a uint64).
+ *   P shard/NNNN    {"epoch":"E","primary":"a","replicas":["b"],"in_sync":["b"],
+ *                   "depth":D} (node names; epoch a decimal string: it is a
+ *                   uint64; "building":true on a split's target before its
+ *                   cut-over; no depth: log2 of P shards). NNNN below P
+ *                   shards always exists; above it, splits make them.
  *   P leader/NNNN   "a", attached to node a's lease: a may act as the
  *                   shard's primary. Gone when the lease ends.
  *   P node/NAME     the node's url, attached to its lease: it is alive.
@@ -43,6 +46,8 @@
  *    events are skipped), and after a compaction (-ERANGE) reads the prefix
  *    again. Connection errors: retry with a backoff, from the last revision
  *    seen + 1, keeping the map as it is.
+ * 6. Resharding (shard_map.h): txns on two shards' keys (shards_txn) in the
+ *    same compare-and-swap rounds; DESIGN.md "Shard map" has them.
  */
 #include "shard_map.h"
 
@@ -65,9 +70,13 @@
 #define VALUE_MAX 1024     /* a shard value: 4 names of 63 bytes and the rest */
 #define SEED_CHUNK 32      /* shard keys a seeding txn creates (etcd allows 128 ops) */
 #define CHANGE_TRIES 16    /* compare-and-swap rounds before giving up (-EAGAIN) */
+#define SLOTS CONFIG_MAX_SHARDS /* shard indexes a split can make */
+#define DEPTH_MAX 10            /* 2^DEPTH_MAX slots */
+_Static_assert(1u << DEPTH_MAX == SLOTS, "DEPTH_MAX is log2(CONFIG_MAX_SHARDS)");
 
 struct shard_map {
-    unsigned shard_count;
+    unsigned shard_count; /* the count the map was made with (P shards) */
+    unsigned base_depth;  /* log2(shard_count): the depth of an entry that names none */
     unsigned node_count;
     char names[CONFIG_MAX_NODES][CONFIG_NAME_MAX + 1];
     char self_url[CONFIG_URL_MAX + 1];
@@ -75,7 +84,8 @@ struct shard_map {
     unsigned ttl_ms;
 
     pthread_mutex_t lock;
-    struct shard_copies *copies; /* protected by lock */
+    struct shard_copies *copies; /* protected by lock; SLOTS of each array */
+    unsigned char *present;      /* protected by lock: 1 if shard key i exists */
     int64_t *mod_rev;            /* protected by lock: shard key's mod revision applied */
     int *leader;                 /* protected by lock: leader key's node, -1 none, -2 unknown */
     int64_t *leader_lease;       /* protected by lock: its lease (0: none) */
@@ -184,6 +194,8 @@ static int promote_next(struct shard_copies *c, int node, uint64_t epoch)
         return -EPERM;
     memset(&n, 0, sizeof(n));
     n.epoch = c->epoch + 1;
+    n.depth = c->depth;
+    n.building = c->building;
     n.primary = node;
     for (unsigned i = 0; i < c->nreplicas; i++) {
         if ((int)i == slot)
@@ -286,6 +298,9 @@ static int encode_copies(const struct shard_map *m, const struct shard_copies *c
     }
     json_object_set(o, "replicas", reps);
     json_object_set(o, "in_sync", sync);
+    json_object_set_new(o, "depth", json_integer(c->depth));
+    if (c->building)
+        json_object_set_new(o, "building", json_true());
     s = json_dumps(o, JSON_COMPACT);
     rc = -ENOMEM;
     if (!s)
@@ -353,6 +368,18 @@ static int decode_copies(const struct shard_map *m, const void *v, size_t vlen,
             goto out; /* in sync but no replica: not ours */
         c->in_sync |= UINT32_C(1) << j;
     }
+    /* A map made before layouts names no depth: its shards have the base one. */
+    x = json_object_get(o, "depth");
+    c->depth = m->base_depth;
+    if (x && (!json_is_integer(x) || json_integer_value(x) < 0 ||
+              json_integer_value(x) > DEPTH_MAX))
+        goto out;
+    if (x)
+        c->depth = (unsigned)json_integer_value(x);
+    x = json_object_get(o, "building");
+    if (x && !json_is_boolean(x))
+        goto out;
+    c->building = x && json_is_true(x);
     rc = 0;
 out:
     json_decref(o);
@@ -395,7 +422,7 @@ static int parse_key(const struct shard_map *m, const void *k, size_t klen, unsi
         return 0;
     errno = 0;
     n = strtoul(rest, &end, 10);
-    if (errno || end == rest || *end || n >= m->shard_count)
+    if (errno || end == rest || *end || n >= SLOTS)
         return 0;
     *shard = (unsigned)n;
     return kind;
@@ -408,8 +435,8 @@ static void count_missing_locked(struct shard_map *m)
     int64_t lease = atomic_load(&m->lease);
     int missing = 0;
 
-    for (unsigned i = 0; i < m->shard_count; i++)
-        if (m->self >= 0 && m->copies[i].primary == m->self &&
+    for (unsigned i = 0; i < SLOTS; i++)
+        if (m->self >= 0 && m->present[i] && m->copies[i].primary == m->self &&
             (lease == 0 || m->leader_lease[i] != lease))
             missing++;
     atomic_store(&m->leaders_missing, missing);
@@ -432,6 +459,16 @@ static int apply_kv_locked(struct shard_map *m, const void *k, size_t klen, cons
             return -1;
         }
         m->copies[shard] = c;
+        m->present[shard] = 1;
+        m->mod_rev[shard] = rev;
+        count_missing_locked(m);
+        return (int)shard;
+    }
+    if (kind == 1 && !v && rev > m->mod_rev[shard]) {
+        /* a merge or an abandoned split took it */
+        memset(&m->copies[shard], 0, sizeof(m->copies[shard]));
+        m->copies[shard].primary = -1;
+        m->present[shard] = 0;
         m->mod_rev[shard] = rev;
         count_missing_locked(m);
         return (int)shard;
@@ -483,13 +520,13 @@ static int on_listed(void *ctx, const struct etcd_kv *kv)
     return 0;
 }
 
-/* Read the whole prefix; leader keys not listed were deleted by *rev.
- * notify: call the listener for every shard that changed. */
+/* Read the whole prefix; keys not listed were deleted by *rev (a shard
+ * key: a merge's; only those of the shard count the map was made with
+ * must exist). notify: call the listener for every shard that changed. */
 static int load_all(struct shard_map *m, int64_t *rev, int notify_changes, char *err,
                     size_t errlen)
 {
-    struct listing l = {m, calloc(m->shard_count, 1), calloc(m->shard_count, 1),
-                        calloc(m->shard_count, 1)};
+    struct listing l = {m, calloc(SLOTS, 1), calloc(SLOTS, 1), calloc(SLOTS, 1)};
     int rc = -ENOMEM;
 
     if (!l.seen_shard || !l.seen_leader || !l.changed)
@@ -497,25 +534,30 @@ static int load_all(struct shard_map *m, int64_t *rev, int notify_changes, char 
     rc = etcd_get_prefix(m->etcd, m->prefix, m->plen, on_listed, &l, rev, err, errlen);
     if (rc < 0)
         goto out;
-    for (unsigned i = 0; i < m->shard_count; i++) {
+    for (unsigned i = 0; i < SLOTS; i++) {
         char k[KEY_MAX];
 
-        if (!l.seen_shard[i]) {
+        if (!l.seen_shard[i] && i < m->shard_count) {
             rc = -EIO;
             snprintf(err, errlen, "shard map: etcd has no key for shard %u under %s", i,
                      m->prefix);
             goto out;
         }
-        if (!l.seen_leader[i]) {
-            key_leader(m, i, k);
-            pthread_mutex_lock(&m->lock);
+        pthread_mutex_lock(&m->lock);
+        if (!l.seen_shard[i] && m->present[i]) {
+            key_shard(m, i, k);
             if (apply_kv_locked(m, k, strlen(k), NULL, 0, *rev, 0) >= 0)
                 l.changed[i] = 1;
-            pthread_mutex_unlock(&m->lock);
         }
+        if (!l.seen_leader[i] && m->leader[i] != -1) {
+            key_leader(m, i, k);
+            if (apply_kv_locked(m, k, strlen(k), NULL, 0, *rev, 0) >= 0)
+                l.changed[i] = 1;
+        }
+        pthread_mutex_unlock(&m->lock);
     }
     if (notify_changes)
-        for (unsigned i = 0; i < m->shard_count; i++)
+        for (unsigned i = 0; i < SLOTS; i++)
             if (l.changed[i])
                 notify(m, i);
     rc = 0;
@@ -526,12 +568,12 @@ out:
     return rc;
 }
 
-/* ---- transactions on one shard ---- */
+/* ---- transactions ---- */
 
 struct refresh {
     struct shard_map *m;
-    int seen_leader;
-    int changed; /* a shard changed by what the failure branch read */
+    unsigned char seen[4]; /* failure branch: which of the keys read exist */
+    int changed[2];        /* a shard changed by what the failure branch read */
 };
 
 static int on_refresh(void *ctx, unsigned op, const struct etcd_kv *kv)
@@ -539,62 +581,72 @@ static int on_refresh(void *ctx, unsigned op, const struct etcd_kv *kv)
     struct refresh *r = ctx;
     int ch;
 
-    (void)op;
-    if (parse_key(r->m, kv->key, kv->klen, &(unsigned){0}) == 2)
-        r->seen_leader = 1;
+    if (op < 4)
+        r->seen[op] = 1;
     pthread_mutex_lock(&r->m->lock);
     ch = apply_kv_locked(r->m, kv->key, kv->klen, kv->value, kv->vlen, kv->mod_revision,
                          kv->lease);
     pthread_mutex_unlock(&r->m->lock);
     if (ch >= 0)
-        r->changed = 1;
+        r->changed[op / 2] = 1;
     return 0;
 }
 
-/* Run a txn on shard: cmps, then ops; if a compare fails, read the shard
- * and leader keys into the map. On success apply the new shard value
- * (next, may be NULL) and leader (leader_node >= 0: put with our lease) at
- * the txn's revision. Returns 0 (done), 1 (a compare failed; the map was
- * refreshed) or -errno. The listener hears of every change. */
-static int shard_txn(struct shard_map *m, unsigned shard, const struct etcd_cmp *cmp,
-                     unsigned ncmp, const struct etcd_op *ops, unsigned nops, const char *next,
-                     int leader_node, int64_t lease)
+/* Run a txn about one or two shards (shards[0..n-1]): cmps, then ops, which
+ * put or delete their shard and leader keys. If a compare fails, read those
+ * keys into the map (a key not there was deleted). On success apply what the
+ * ops wrote at the txn's revision. Returns 0 (done), 1 (a compare failed;
+ * the map was refreshed) or -errno. The listener hears of every change. */
+static int shards_txn(struct shard_map *m, const unsigned *shards, unsigned n,
+                      const struct etcd_cmp *cmp, unsigned ncmp, const struct etcd_op *ops,
+                      unsigned nops)
 {
-    char ks[KEY_MAX], kl[KEY_MAX];
-    struct refresh r = {m, 0, 0};
-    struct etcd_op reads[2];
+    char keys[4][KEY_MAX];
+    struct refresh r = {m, {0}, {0}};
+    struct etcd_op reads[4];
     struct etcd_txn t = {.cmp = cmp, .ncmp = ncmp, .success = ops, .nsuccess = nops,
-                         .failure = reads, .nfailure = 2, .on_kv = on_refresh, .ctx = &r};
+                         .failure = reads, .nfailure = 2 * n, .on_kv = on_refresh, .ctx = &r};
     char err[256];
-    int rc, ch = -1;
+    int rc, changed[2] = {0, 0};
 
-    key_shard(m, shard, ks);
-    key_leader(m, shard, kl);
-    reads[0] = etcd_op_range(ETCD_S(ks), 0);
-    reads[1] = etcd_op_range(ETCD_S(kl), 0);
+    for (unsigned i = 0; i < n; i++) {
+        key_shard(m, shards[i], keys[2 * i]);
+        key_leader(m, shards[i], keys[2 * i + 1]);
+        reads[2 * i] = etcd_op_range(ETCD_S(keys[2 * i]), 0);
+        reads[2 * i + 1] = etcd_op_range(ETCD_S(keys[2 * i + 1]), 0);
+    }
     rc = etcd_txn(m->etcd, &t, err, sizeof(err));
     if (rc < 0)
         return rc;
-    if (!t.succeeded) {
-        pthread_mutex_lock(&m->lock);
-        if (!r.seen_leader && apply_kv_locked(m, kl, strlen(kl), NULL, 0, t.revision, 0) >= 0)
-            r.changed = 1;
-        pthread_mutex_unlock(&m->lock);
-        if (r.changed)
-            notify(m, shard);
-        return 1;
-    }
     pthread_mutex_lock(&m->lock);
-    if (next)
-        ch = apply_kv_locked(m, ks, strlen(ks), next, strlen(next), t.revision, 0);
-    if (leader_node >= 0 &&
-        apply_kv_locked(m, kl, strlen(kl), m->names[leader_node], strlen(m->names[leader_node]),
-                        t.revision, lease) >= 0)
-        ch = (int)shard;
+    if (!t.succeeded) {
+        for (unsigned k = 0; k < 2 * n; k++)
+            if (!r.seen[k] &&
+                apply_kv_locked(m, keys[k], strlen(keys[k]), NULL, 0, t.revision, 0) >= 0)
+                r.changed[k / 2] = 1;
+        changed[0] = r.changed[0], changed[1] = r.changed[1];
+    } else {
+        for (unsigned k = 0; k < nops; k++) {
+            const struct etcd_op *o = &ops[k];
+            int ch = apply_kv_locked(m, o->key, o->klen,
+                                     o->type == ETCD_OP_PUT ? o->value : NULL, o->vlen,
+                                     t.revision, o->lease);
+            for (unsigned i = 0; i < n; i++)
+                if (ch >= 0 && (unsigned)ch == shards[i])
+                    changed[i] = 1;
+        }
+    }
     pthread_mutex_unlock(&m->lock);
-    if (ch >= 0)
-        notify(m, shard);
-    return 0;
+    for (unsigned i = 0; i < n; i++)
+        if (changed[i])
+            notify(m, shards[i]);
+    return t.succeeded ? 0 : 1;
+}
+
+static int shard_txn(struct shard_map *m, unsigned shard, const struct etcd_cmp *cmp,
+                     unsigned ncmp, const struct etcd_op *ops, unsigned nops)
+{
+    return shards_txn(m, &shard, 1, cmp, ncmp, ops, nops);
 }
 
 /* Take the leader key of every shard whose primary we are and whose key we
@@ -605,7 +657,7 @@ static void take_leaders(struct shard_map *m)
 
     if (m->self < 0 || lease == 0 || atomic_load(&m->leaders_missing) == 0)
         return;
-    for (unsigned i = 0; i < m->shard_count; i++) {
+    for (unsigned i = 0; i < SLOTS; i++) {
         char ks[KEY_MAX], kl[KEY_MAX];
         struct etcd_cmp cmp[2];
         struct etcd_op op[1];
@@ -613,7 +665,7 @@ static void take_leaders(struct shard_map *m)
         int holder, mine;
 
         pthread_mutex_lock(&m->lock);
-        mine = m->copies[i].primary == m->self && m->leader_lease[i] != lease;
+        mine = m->present[i] && m->copies[i].primary == m->self && m->leader_lease[i] != lease;
         holder = m->leader[i];
         old = m->leader_lease[i];
         mod = m->mod_rev[i];
@@ -627,7 +679,7 @@ static void take_leaders(struct shard_map *m)
         cmp[1] = holder == -1 ? etcd_cmp_create(ETCD_S(kl), ETCD_EQUAL, 0)
                               : etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, old);
         op[0] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[m->self]), lease);
-        if (shard_txn(m, i, cmp, 2, op, 1, NULL, m->self, lease) < 0)
+        if (shard_txn(m, i, cmp, 2, op, 1) < 0)
             return; /* etcd unreachable or the lease gone: next round */
     }
 }
@@ -769,6 +821,7 @@ static void config_copies(const struct config *cfg, unsigned i, int all_in_sync,
 {
     memset(c, 0, sizeof(*c));
     c->epoch = cfg->epoch;
+    c->depth = cfg->depth[i];
     c->primary = cfg->owner[i];
     c->nreplicas = cfg->nreplicas[i];
     for (unsigned j = 0; j < c->nreplicas; j++)
@@ -830,6 +883,7 @@ static int seed(struct shard_map *m, const struct config *cfg, char *err, size_t
             struct shard_copies c;
 
             config_copies(cfg, base + j, 0, &c);
+            c.depth = m->base_depth;
             key_shard(m, base + j, keys[j]);
             rc = encode_copies(m, &c, values[j], VALUE_MAX);
             if (rc < 0)
@@ -906,7 +960,9 @@ int shard_map_open(const struct config *cfg, int self, struct shard_map **out, c
     m = calloc(1, sizeof(*m));
     if (!m)
         goto fail;
-    m->shard_count = cfg->shard_count;
+    m->shard_count = cfg->file_shards ? cfg->file_shards : cfg->shard_count;
+    while (1u << m->base_depth < m->shard_count)
+        m->base_depth++;
     m->node_count = cfg->node_count;
     m->self = self;
     m->ttl_ms = cfg->lease_ttl_ms;
@@ -927,21 +983,27 @@ int shard_map_open(const struct config *cfg, int self, struct shard_map **out, c
         pthread_cond_init(&m->sleep_cond, &ca);
         pthread_condattr_destroy(&ca);
     }
-    m->copies = calloc(m->shard_count, sizeof(*m->copies));
-    m->mod_rev = calloc(m->shard_count, sizeof(*m->mod_rev));
-    m->leader = calloc(m->shard_count, sizeof(*m->leader));
-    m->leader_lease = calloc(m->shard_count, sizeof(*m->leader_lease));
-    m->leader_rev = calloc(m->shard_count, sizeof(*m->leader_rev));
-    if (!m->copies || !m->mod_rev || !m->leader || !m->leader_lease || !m->leader_rev)
+    m->copies = calloc(SLOTS, sizeof(*m->copies));
+    m->present = calloc(SLOTS, 1);
+    m->mod_rev = calloc(SLOTS, sizeof(*m->mod_rev));
+    m->leader = calloc(SLOTS, sizeof(*m->leader));
+    m->leader_lease = calloc(SLOTS, sizeof(*m->leader_lease));
+    m->leader_rev = calloc(SLOTS, sizeof(*m->leader_rev));
+    if (!m->copies || !m->present || !m->mod_rev || !m->leader || !m->leader_lease ||
+        !m->leader_rev)
         goto fail;
-    for (unsigned i = 0; i < m->shard_count; i++) {
-        config_copies(cfg, i, !cfg->etcd[0], &m->copies[i]);
-        m->leader[i] = cfg->etcd[0] ? -1 : m->copies[i].primary;
+    for (unsigned i = 0; i < SLOTS; i++) {
+        /* the static map: every shard of cfg's layout (a slot whose shard
+         * is itself); with etcd no entry is trusted before etcd's is read */
+        m->present[i] = !cfg->etcd[0] && i < cfg->shard_count &&
+                        (i & ((1u << cfg->depth[i]) - 1)) == i;
+        if (m->present[i])
+            config_copies(cfg, i, 1, &m->copies[i]);
+        else
+            m->copies[i].primary = -1;
+        m->leader[i] = m->copies[i].primary;
     }
     if (cfg->etcd[0]) {
-        /* no entry is trusted before etcd's is read */
-        for (unsigned i = 0; i < m->shard_count; i++)
-            m->copies[i].primary = -1;
         rc = open_etcd(m, cfg, err, errlen);
         if (rc < 0)
             goto fail;
@@ -975,6 +1037,7 @@ void shard_map_close(struct shard_map *m)
     etcd_free(m->etcd);
     etcd_free(m->etcd_lease);
     free(m->copies);
+    free(m->present);
     free(m->mod_rev);
     free(m->leader);
     free(m->leader_lease);
@@ -990,22 +1053,56 @@ void shard_map_close(struct shard_map *m)
 
 int shard_map_get(struct shard_map *m, unsigned shard, struct shard_copies *out)
 {
-    if (shard >= m->shard_count)
+    int rc;
+
+    if (shard >= SLOTS)
         return -EINVAL;
     pthread_mutex_lock(&m->lock);
     *out = m->copies[shard];
+    rc = m->present[shard] ? 0 : -ENOENT;
     pthread_mutex_unlock(&m->lock);
-    return 0;
+    return rc;
+}
+
+int shard_map_layout(struct shard_map *m, uint8_t depth[CONFIG_MAX_SHARDS], unsigned *slots)
+{
+    unsigned g = 0, n;
+    int rc = 0;
+
+    pthread_mutex_lock(&m->lock);
+    for (unsigned i = 0; i < SLOTS; i++)
+        if (m->present[i] && !m->copies[i].building && m->copies[i].depth > g)
+            g = m->copies[i].depth;
+    n = 1u << g;
+    /* each slot's shard: the one of its low bits whose depth covers it;
+     * exactly one must */
+    for (unsigned i = 0; i < n && rc == 0; i++) {
+        unsigned claims = 0;
+
+        for (unsigned d = 0; d <= g; d++) {
+            unsigned at = i & ((1u << d) - 1);
+
+            if (m->present[at] && !m->copies[at].building && m->copies[at].depth == d) {
+                claims++;
+                depth[i] = (uint8_t)d;
+            }
+        }
+        if (claims != 1)
+            rc = -EIO;
+    }
+    pthread_mutex_unlock(&m->lock);
+    *slots = n;
+    return rc;
 }
 
 int shard_map_is_primary(struct shard_map *m, unsigned shard)
 {
     int is;
 
-    if (shard >= m->shard_count || m->self < 0)
+    if (shard >= SLOTS || m->self < 0)
         return 0;
     pthread_mutex_lock(&m->lock);
-    is = m->copies[shard].primary == m->self;
+    is = m->present[shard] && m->copies[shard].primary == m->self;
     pthread_mutex_unlock(&m->lock);
     return is;
 }
@@ -1014,10 +1111,10 @@ int shard_map_leader(struct shard_map *m, unsigned shard)
 {
     int node;
 
-    if (shard >= m->shard_count)
+    if (shard >= SLOTS)
         return -EINVAL;
     pthread_mutex_lock(&m->lock);
-    node = m->etcd ? m->leader[shard] : m->copies[shard].primary;
+    node = !m->present[shard] ? -1 : m->etcd ? m->leader[shard] : m->copies[shard].primary;
     pthread_mutex_unlock(&m->lock);
     return node < 0 ? -1 : node;
 }
@@ -1050,7 +1147,9 @@ static int change_static(struct shard_map *m, unsigned shard, int node, uint64_t
 
     pthread_mutex_lock(&m->lock);
     c = m->copies[shard];
-    rc = promote ? promote_next(&c, node, epoch) : isr_next(m, &c, node, epoch, add);
+    rc = !m->present[shard] ? -ENOENT
+         : promote          ? promote_next(&c, node, epoch)
+                            : isr_next(m, &c, node, epoch, add);
     if (rc == 0) {
         m->copies[shard] = c;
         m->leader[shard] = c.primary;
@@ -1062,15 +1161,20 @@ static int change_static(struct shard_map *m, unsigned shard, int node, uint64_t
 }
 
 /* What this map holds of shard: its entry, the shard key's mod revision
- * and the leader key's lease (0: none). */
-static void seen(struct shard_map *m, unsigned shard, struct shard_copies *c, int64_t *mod,
-                 int64_t *held)
+ * and the leader key's lease (0: none). 0, or -ENOENT: no such shard now
+ * (*c, *mod and *held are still set: mod is the deletion's revision). */
+static int seen(struct shard_map *m, unsigned shard, struct shard_copies *c, int64_t *mod,
+                int64_t *held)
 {
+    int rc;
+
     pthread_mutex_lock(&m->lock);
     *c = m->copies[shard];
     *mod = m->mod_rev[shard];
     *held = m->leader_lease[shard];
+    rc = m->present[shard] ? 0 : -ENOENT;
     pthread_mutex_unlock(&m->lock);
+    return rc;
 }
 
 /* DESIGN step 2, compare-and-swap rounds. */
@@ -1087,8 +1191,9 @@ static int change_etcd(struct shard_map *m, unsigned shard, int node, uint64_t e
         int64_t lease = atomic_load(&m->lease), mod, held;
         int rc;
 
-        seen(m, shard, &c, &mod, &held);
-        rc = promote ? promote_next(&c, node, epoch) : isr_next(m, &c, node, epoch, add);
+        rc = seen(m, shard, &c, &mod, &held);
+        if (rc == 0)
+            rc = promote ? promote_next(&c, node, epoch) : isr_next(m, &c, node, epoch, add);
         if (rc != 0)
             return rc < 0 ? rc : 0;
         if (lease == 0)
@@ -1109,7 +1214,7 @@ static int change_etcd(struct shard_map *m, unsigned shard, int node, uint64_t e
                          : etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, lease);
         ops[0] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
         ops[1] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[node]), lease);
-        rc = shard_txn(m, shard, cmp, 2, ops, promote ? 2 : 1, value, promote ? node : -1, lease);
+        rc = shard_txn(m, shard, cmp, 2, ops, promote ? 2 : 1);
         if (rc <= 0)
             return rc;
         /* a compare failed: the map is fresh now; judge again */
@@ -1120,7 +1225,7 @@ static int change_etcd(struct shard_map *m, unsigned shard, int node, uint64_t e
 static int change(struct shard_map *m, unsigned shard, int node, uint64_t epoch, int promote,
                   int add)
 {
-    if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)
+    if (shard >= SLOTS || node < 0 || (unsigned)node >= m->node_count)
         return -EINVAL;
     return m->etcd ? change_etcd(m, shard, node, epoch, promote, add)
                    : change_static(m, shard, node, epoch, promote, add);
@@ -1145,7 +1250,7 @@ int shard_map_promote(struct shard_map *m, unsigned shard, int node, uint64_t ep
  * lease: the CLI makes them, and neither the role nor a leader key moves). */
 static int placement_change(struct shard_map *m, unsigned shard, int node, int add)
 {
-    if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)
+    if (shard >= SLOTS || node < 0 || (unsigned)node >= m->node_count)
         return -EINVAL;
     if (!m->etcd)
         return -EOPNOTSUPP;
@@ -1157,8 +1262,9 @@ static int placement_change(struct shard_map *m, unsigned shard, int node, int a
         int64_t mod, held;
         int rc;
 
-        seen(m, shard, &c, &mod, &held);
-        rc = add ? shard_copies_add_replica(&c, node) : shard_copies_drop_replica(&c, node);
+        rc = seen(m, shard, &c, &mod, &held);
+        if (rc == 0)
+            rc = add ? shard_copies_add_replica(&c, node) : shard_copies_drop_replica(&c, node);
         if (rc < 0)
             return rc;
         rc = encode_copies(m, &c, value, sizeof(value));
@@ -1167,7 +1273,7 @@ static int placement_change(struct shard_map *m, unsigned shard, int node, int a
         key_shard(m, shard, ks);
         cmp[0] = etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod);
         ops[0] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
-        rc = shard_txn(m, shard, cmp, 1, ops, 1, value, -1, 0);
+        rc = shard_txn(m, shard, cmp, 1, ops, 1);
         if (rc <= 0)
             return rc;
         /* a compare failed: the map is fresh now; judge again */
@@ -1222,7 +1328,7 @@ int shard_map_node_alive(struct shard_map *m, int node)
 
 int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t epoch)
 {
-    if (shard >= m->shard_count || node < 0 || (unsigned)node >= m->node_count)
+    if (shard >= SLOTS || node < 0 || (unsigned)node >= m->node_count)
         return -EINVAL;
     if (!m->etcd)
         return -EOPNOTSUPP;
@@ -1234,8 +1340,9 @@ int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t e
         int64_t lease = atomic_load(&m->lease), mod, held, theirs = 0;
         int rc;
 
-        seen(m, shard, &c, &mod, &held);
-        rc = handover_next(&c, m->self, node, epoch);
+        rc = seen(m, shard, &c, &mod, &held);
+        if (rc == 0)
+            rc = handover_next(&c, m->self, node, epoch);
         if (rc != 0)
             return rc < 0 ? rc : 0;
         if (lease == 0)
@@ -1264,9 +1371,230 @@ int shard_map_handover(struct shard_map *m, unsigned shard, int node, uint64_t e
          * make its lease_ok 0, and its writes on every shard fail). */
         ops[0] = etcd_op_put(ETCD_S(kl), ETCD_S(m->names[node]), theirs);
         ops[1] = etcd_op_put(ETCD_S(ks), ETCD_S(value), 0);
-        rc = shard_txn(m, shard, cmp, 3, ops, 2, value, node, theirs);
+        rc = shard_txn(m, shard, cmp, 3, ops, 2);
         if (rc <= 0)
             return rc;
     }
     return -EAGAIN;
+}
+
+/* ---- resharding (shard_map.h) ---- */
+
+enum reshard_op { RS_BEGIN, RS_COMMIT, RS_ABANDON, RS_MERGE };
+
+/* The other shard of a change of s at depth d: split's target t = s + 2^d,
+ * merge's upper buddy u = s + 2^(d-1). 0, or -EINVAL / -ENOSPC. */
+static int reshard_other(enum reshard_op op, unsigned s, unsigned d, unsigned *other)
+{
+    if (s >= SLOTS || d > DEPTH_MAX)
+        return -EINVAL;
+    if (op == RS_MERGE) {
+        if (d == 0 || s >= 1u << (d - 1))
+            return -EINVAL; /* no lower buddy at depth d */
+        *other = s + (1u << (d - 1));
+        return 0;
+    }
+    if (s >= 1u << d)
+        return -EINVAL; /* no shard of depth d has that index */
+    if (d == DEPTH_MAX)
+        return -ENOSPC;
+    *other = s + (1u << d);
+    return 0;
+}
+
+/* The rule of op on s (at depth d) and the other shard t, by self: the new
+ * entries in *s and *t (*t_here: whether t exists after). 0: changed; 1:
+ * nothing to change (done already); -errno. */
+static int reshard_next(const struct shard_map *m, enum reshard_op op, unsigned d,
+                        struct shard_copies *s, int s_here, struct shard_copies *t, int *t_here)
+{
+    int mine = m->self >= 0 && s->primary == m->self;
+
+    if (!s_here)
+        return -ENOENT;
+    switch (op) {
+    case RS_BEGIN:
+        if (s->depth != d)
+            return -ESTALE;
+        if (s->building)
+            return -EBUSY;
+        if (!mine)
+            return -EPERM;
+        if (*t_here)
+            return t->building && t->depth == d + 1 && t->primary == m->self ? 1 : -EEXIST;
+        memset(t, 0, sizeof(*t));
+        t->epoch = s->epoch;
+        t->depth = d + 1;
+        t->building = 1;
+        t->primary = m->self;
+        t->nreplicas = s->nreplicas;
+        memcpy(t->replicas, s->replicas, sizeof(t->replicas));
+        *t_here = 1;
+        return 0;
+    case RS_COMMIT:
+        if (!*t_here)
+            return -ENOENT;
+        if (s->depth == d + 1 && !t->building && t->depth == d + 1)
+            return 1;
+        if (s->depth != d)
+            return -ESTALE;
+        if (!t->building || t->depth != d + 1)
+            return -ENOENT; /* not the target of this split */
+        if (!mine || t->primary != m->self)
+            return -EPERM;
+        s->depth = d + 1;
+        t->building = 0;
+        return 0;
+    case RS_ABANDON:
+        if (!*t_here)
+            return 1;
+        if (!t->building || t->depth != d + 1)
+            return -EBUSY;
+        *t_here = 0;
+        return 0;
+    case RS_MERGE:
+        if (s->depth == d - 1 && !*t_here)
+            return 1;
+        if (s->depth != d)
+            return -ESTALE;
+        if (d - 1 < m->base_depth || !*t_here || t->building || t->depth != d)
+            return -EINVAL;
+        if (!mine || t->primary != m->self)
+            return -EPERM;
+        s->depth = d - 1;
+        *t_here = 0;
+        return 0;
+    }
+    return -EINVAL;
+}
+
+static int reshard_static(struct shard_map *m, enum reshard_op op, unsigned s, unsigned t,
+                          unsigned d)
+{
+    struct shard_copies cs, ct;
+    int t_here, rc;
+
+    pthread_mutex_lock(&m->lock);
+    cs = m->copies[s];
+    ct = m->copies[t];
+    t_here = m->present[t];
+    rc = reshard_next(m, op, d, &cs, m->present[s], &ct, &t_here);
+    if (rc == 0) {
+        m->copies[s] = cs;
+        m->copies[t] = ct;
+        m->present[t] = (unsigned char)t_here;
+        if (!t_here)
+            m->copies[t].primary = -1;
+        m->leader[t] = m->copies[t].primary;
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (rc == 0) {
+        notify(m, s);
+        notify(m, t);
+    }
+    return rc < 0 ? rc : 0;
+}
+
+/* Compare-and-swap rounds, as change_etcd's, on both shards' keys. */
+static int reshard_etcd(struct shard_map *m, enum reshard_op op, unsigned s, unsigned t,
+                        unsigned d)
+{
+    for (int tries = 0; tries < CHANGE_TRIES; tries++) {
+        char ks[KEY_MAX], kl[KEY_MAX], kt[KEY_MAX], klt[KEY_MAX];
+        char vs[VALUE_MAX], vt[VALUE_MAX];
+        struct shard_copies cs, ct;
+        struct etcd_cmp cmp[4];
+        struct etcd_op ops[3];
+        int64_t lease = atomic_load(&m->lease), mod_s, mod_t, held_s, held_t;
+        unsigned ncmp = 0, nops = 0;
+        int s_here, t_here, rc;
+
+        s_here = seen(m, s, &cs, &mod_s, &held_s) == 0;
+        t_here = seen(m, t, &ct, &mod_t, &held_t) == 0;
+        key_shard(m, s, ks);
+        key_leader(m, s, kl);
+        key_shard(m, t, kt);
+        key_leader(m, t, klt);
+        cmp[0] = s_here ? etcd_cmp_mod(ETCD_S(ks), ETCD_EQUAL, mod_s)
+                        : etcd_cmp_create(ETCD_S(ks), ETCD_EQUAL, 0);
+        cmp[1] = t_here ? etcd_cmp_mod(ETCD_S(kt), ETCD_EQUAL, mod_t)
+                        : etcd_cmp_create(ETCD_S(kt), ETCD_EQUAL, 0);
+        rc = reshard_next(m, op, d, &cs, s_here, &ct, &t_here);
+        if (rc != 0) {
+            /* Judged on what this map holds, which may be behind (a CLI's
+             * map, just opened: "no t" may mean "not seen yet"). The
+             * answer stands once etcd says both keys are as seen. */
+            int fresh = shards_txn(m, (const unsigned[]){s, t}, 2, cmp, 2, NULL, 0);
+            if (fresh < 0)
+                return fresh;
+            if (fresh == 0)
+                return rc < 0 ? rc : 0;
+            continue;
+        }
+        if (op != RS_ABANDON && lease == 0)
+            return -EAGAIN;
+        /* After a failed round the map is fresh: the primary, but not the
+         * live one (another lease holds the key). */
+        if (tries > 0 && op != RS_ABANDON &&
+            (held_s != lease || ((op == RS_COMMIT || op == RS_MERGE) && held_t != lease)))
+            return -EPERM;
+        if ((rc = encode_copies(m, &cs, vs, sizeof(vs))) < 0 ||
+            (t_here && (rc = encode_copies(m, &ct, vt, sizeof(vt))) < 0))
+            return rc;
+        ncmp = 2; /* both shard keys as seen */
+        if (op != RS_ABANDON)
+            cmp[ncmp++] = etcd_cmp_lease(ETCD_S(kl), ETCD_EQUAL, lease);
+        if (op == RS_BEGIN) {
+            /* the leader key first, as handover's: never named without it */
+            ops[nops++] = etcd_op_put(ETCD_S(klt), ETCD_S(m->names[m->self]), lease);
+            ops[nops++] = etcd_op_put(ETCD_S(kt), ETCD_S(vt), 0);
+        } else {
+            if (op != RS_ABANDON)
+                cmp[ncmp++] = etcd_cmp_lease(ETCD_S(klt), ETCD_EQUAL, lease);
+            if (op != RS_ABANDON)
+                ops[nops++] = etcd_op_put(ETCD_S(ks), ETCD_S(vs), 0);
+            if (t_here) {
+                ops[nops++] = etcd_op_put(ETCD_S(kt), ETCD_S(vt), 0);
+            } else {
+                ops[nops++] = etcd_op_delete(ETCD_S(kt), 0);
+                ops[nops++] = etcd_op_delete(ETCD_S(klt), 0);
+            }
+        }
+        rc = shards_txn(m, (const unsigned[]){s, t}, 2, cmp, ncmp, ops, nops);
+        if (rc <= 0)
+            return rc;
+        /* a compare failed: the map is fresh now; judge again */
+    }
+    return -EAGAIN;
+}
+
+static int reshard_change(struct shard_map *m, enum reshard_op op, unsigned shard, unsigned depth)
+{
+    unsigned other;
+    int rc = reshard_other(op, shard, depth, &other);
+
+    if (rc < 0)
+        return rc;
+    return m->etcd ? reshard_etcd(m, op, shard, other, depth)
+                   : reshard_static(m, op, shard, other, depth);
+}
+
+int shard_map_split_begin(struct shard_map *m, unsigned shard, unsigned depth)
+{
+    return reshard_change(m, RS_BEGIN, shard, depth);
+}
+
+int shard_map_split_commit(struct shard_map *m, unsigned shard, unsigned depth)
+{
+    return reshard_change(m, RS_COMMIT, shard, depth);
+}
+
+int shard_map_split_abandon(struct shard_map *m, unsigned shard, unsigned depth)
+{
+    return reshard_change(m, RS_ABANDON, shard, depth);
+}
+
+int shard_map_merge(struct shard_map *m, unsigned shard, unsigned depth)
+{
+    return reshard_change(m, RS_MERGE, shard, depth);
 }

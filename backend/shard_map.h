@@ -26,7 +26,8 @@
  * Errors (0 or -errno): -EINVAL a shard or node out of range; -ESTALE the
  * epoch given is not the shard's epoch (the caller's view is old: get the
  * shard again); -EPERM the change is not this node's to make (see each
- * call); -ENOENT the node holds no replica of the shard; -EBUSY promote while
+ * call); -ENOENT the node holds no replica of the shard, or no shard has
+ * that index now (resharding, below, makes and takes shards); -EBUSY promote while
  * the shard's leader key is held (its primary's lease is alive); -EAGAIN
  * this node has no etcd lease at the moment. When etcd cannot be reached the
  * calls fail with etcd.h's errors (-EHOSTUNREACH, -ETIMEDOUT, -EAGAIN,
@@ -51,6 +52,8 @@
 
 struct shard_copies {
     uint64_t epoch;    /* the shard's epoch: raised by every promotion */
+    unsigned depth;    /* the shard's local depth (backend/placement.h) */
+    int building;      /* 1: being split off shard - 2^(depth-1), not placed yet (below) */
     int primary;       /* node index; -1 only if the map names a node the config lacks */
     unsigned nreplicas;
     int replicas[SHARD_MAP_COPIES_MAX - 1]; /* node indexes (-1: a node the config lacks) */
@@ -76,8 +79,16 @@ int shard_map_open(const struct config *cfg, int self, struct shard_map **out, c
  * NULL-safe. */
 void shard_map_close(struct shard_map *m);
 
-/* A copy of the shard's entry. 0 or -EINVAL. */
+/* A copy of the shard's entry. 0; -ENOENT no shard has that index now (a
+ * split did not make it yet, or a merge took it); -EINVAL shard >=
+ * CONFIG_MAX_SHARDS. */
 int shard_map_get(struct shard_map *m, unsigned shard, struct shard_copies *out);
+
+/* The layout the map holds (placed shards only, building ones are not):
+ * depth[i] for every slot i < 2^G (G the largest depth), as struct
+ * config's depth[] (placement.h), and *slots = 2^G. 0, or -EIO when the
+ * entries do not make a layout (a shard missing below another's depth). */
+int shard_map_layout(struct shard_map *m, uint8_t depth[CONFIG_MAX_SHARDS], unsigned *slots);
 
 /* 1 if the map names this map's node (self) the shard's primary, else 0
  * (also for a map opened with self -1, and a bad shard). */
@@ -153,6 +164,38 @@ int shard_copies_drop_replica(struct shard_copies *c, int node);
  * and in this map. */
 int shard_map_replica_add(struct shard_map *m, unsigned shard, int node);
 int shard_map_replica_drop(struct shard_map *m, unsigned shard, int node);
+
+/* Resharding (fs/reshard.h; DESIGN.md "Shard map"). A split of shard s at
+ * depth d makes t = s + 2^d, in two steps, each one etcd txn made by s's
+ * live primary (self: it holds s's leader key with its lease):
+ *  split_begin:  creates t's entry {epoch: s's, primary: self, replicas:
+ *                s's, in_sync: none, depth: d + 1, building} and its leader
+ *                key on self's lease. A building shard is not placed (s
+ *                still owns its keys): its primary fills it, its replicas
+ *                copy it as they copy any shard, and it is served only to
+ *                them. 0 also when t is that already (a resumed split);
+ *                -EEXIST t exists as something else; -EBUSY s is building.
+ *  split_commit: the cut-over: s's depth d + 1 and t no longer building,
+ *                comparing both entries and both leader keys (self's). 0
+ *                also when done already; -ENOENT no t.
+ *  split_abandon: t's entry and leader key go (t building); any process
+ *                may (no lease). 0 also when there is no t; -EBUSY t is
+ *                committed.
+ * merge folds s's buddy u = s + 2^(d-1) (both at depth d, neither
+ * building, both led by self) back: s's depth d - 1, u's entry and leader
+ * key deleted, in one txn; the caller copied u's records into s before. 0
+ * also when done already; -EINVAL s is no lower buddy at d, d - 1 is below
+ * the depth of the count the map was made with, or u is building or has
+ * another depth.
+ * All: depth is s's depth before the change (-ESTALE when s has another,
+ * not the one the change gives it); -ENOENT no shard s; -EPERM self is not
+ * the (live) primary; -ENOSPC t would be CONFIG_MAX_SHARDS or more; the
+ * errors of etcd. With the static map the same rules change this
+ * process's memory only. The listener hears of s and t. */
+int shard_map_split_begin(struct shard_map *m, unsigned shard, unsigned depth);
+int shard_map_split_commit(struct shard_map *m, unsigned shard, unsigned depth);
+int shard_map_split_abandon(struct shard_map *m, unsigned shard, unsigned depth);
+int shard_map_merge(struct shard_map *m, unsigned shard, unsigned depth);
 
 /* 1: this node may acknowledge writes as a primary now; 0: it must not.
  * Static map: always 1. etcd: 1 only while this node's lease is certainly

@@ -149,7 +149,8 @@ static void test_static(void)
     CHECK(c.primary == 2 && c.nreplicas == 1 && c.replicas[0] == 0 && c.in_sync == 1);
     c = get(a, 1);
     CHECK(c.primary == 0 && c.nreplicas == 1 && c.replicas[0] == 1);
-    CHECK_RC(shard_map_get(a, 4, &c), -EINVAL);
+    CHECK_RC(shard_map_get(a, 4, &c), -ENOENT); /* no shard: a split may make it */
+    CHECK_RC(shard_map_get(a, CONFIG_MAX_SHARDS, &c), -EINVAL);
     CHECK(shard_map_leader(a, 0) == 0 && shard_map_leader(a, 2) == 1);
     CHECK(shard_map_lease_ok(a) == 1);
 
@@ -161,7 +162,8 @@ static void test_static(void)
     CHECK_RC(shard_map_isr_remove(a, 0, 0, 7), -ENOENT); /* the primary itself */
     CHECK_RC(shard_map_isr_remove(a, 1, 2, 7), -ENOENT); /* c holds no copy of 1 */
     CHECK_RC(shard_map_isr_remove(a, 0, 3, 7), -EINVAL);
-    CHECK_RC(shard_map_isr_remove(a, 9, 1, 7), -EINVAL);
+    CHECK_RC(shard_map_isr_remove(a, 9, 1, 7), -ENOENT);
+    CHECK_RC(shard_map_isr_remove(a, CONFIG_MAX_SHARDS, 1, 7), -EINVAL);
     CHECK(atomic_load(&ch.total) == 0);
     CHECK_RC(shard_map_isr_remove(a, 0, 1, 7), 0);
     CHECK(get(a, 0).in_sync == 2 && atomic_load(&ch.n[0]) == 1);
@@ -578,6 +580,186 @@ out:
     shard_map_close(cli);
 }
 
+/* ---- resharding ---- */
+
+/* The map's layout as "D D D D ..." (one depth per slot). */
+static const char *layout_of(struct shard_map *m)
+{
+    static char out[64];
+    uint8_t depth[CONFIG_MAX_SHARDS];
+    unsigned slots = 0;
+    size_t n = 0;
+
+    if (shard_map_layout(m, depth, &slots) != 0)
+        return "bad";
+    for (unsigned i = 0; i < slots && n + 4 < sizeof(out); i++)
+        n += (size_t)snprintf(out + n, sizeof(out) - n, "%s%u", i ? " " : "", depth[i]);
+    return out;
+}
+
+/* The rules, on the static map: split 0 (depth 2) makes 4, building until
+ * the commit, with 0's copies; merge folds it back; abandon drops it. */
+static void test_reshard_static(void)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL;
+    struct changes ch = {0};
+    struct shard_copies c;
+
+    load_conf(&cfg, "reshard-static", "reshard-secret-0123", 4, 0, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    if (!a || !b)
+        goto out;
+    shard_map_on_change(a, on_change, &ch);
+    CHECK(get(a, 0).depth == 2 && get(a, 3).depth == 2 && !get(a, 0).building);
+    CHECKF(strcmp(layout_of(a), "2 2 2 2") == 0, "layout %s", layout_of(a));
+
+    CHECK_RC(shard_map_split_begin(a, 2, 2), -EPERM);  /* b's shard */
+    CHECK_RC(shard_map_split_begin(b, 0, 2), -EPERM);
+    CHECK_RC(shard_map_split_begin(a, 0, 3), -ESTALE); /* 0 has depth 2 */
+    CHECK_RC(shard_map_split_begin(a, 5, 2), -EINVAL); /* no shard of depth 2 is 5 */
+    CHECK_RC(shard_map_split_begin(a, 0, 10), -ENOSPC);
+    CHECK_RC(shard_map_split_commit(a, 0, 2), -ENOENT); /* not begun */
+    CHECK(atomic_load(&ch.total) == 0);
+    CHECK_RC(shard_map_split_begin(a, 0, 2), 0);
+    c = get(a, 4);
+    CHECK(c.building == 1 && c.depth == 3 && c.primary == 0 && c.epoch == 7);
+    CHECK(c.nreplicas == 2 && c.replicas[0] == 1 && c.replicas[1] == 2 && c.in_sync == 0);
+    CHECK(shard_map_leader(a, 4) == 0);
+    CHECK(atomic_load(&ch.n[0]) == 1 && atomic_load(&ch.n[4]) == 1);
+    CHECKF(strcmp(layout_of(a), "2 2 2 2") == 0, "layout %s", layout_of(a)); /* not placed */
+    CHECK_RC(shard_map_split_begin(a, 0, 2), 0);        /* a resumed split */
+    CHECK_RC(shard_map_split_begin(a, 4, 3), -EBUSY);   /* building shards do not split */
+    CHECK_RC(shard_map_merge(a, 0, 3), -ESTALE);
+    CHECK_RC(shard_map_split_commit(a, 0, 2), 0);
+    CHECK(get(a, 0).depth == 3 && get(a, 4).depth == 3 && !get(a, 4).building);
+    CHECKF(strcmp(layout_of(a), "3 2 2 2 3 2 2 2") == 0, "layout %s", layout_of(a));
+    CHECK_RC(shard_map_split_commit(a, 0, 2), 0);       /* done already */
+    CHECK_RC(shard_map_split_abandon(a, 0, 2), -EBUSY); /* committed */
+    CHECK_RC(shard_map_merge(a, 0, 2), -ESTALE);
+    CHECK_RC(shard_map_merge(a, 4, 3), -EINVAL);        /* the upper buddy */
+    CHECK_RC(shard_map_merge(b, 0, 3), 0); /* b's map never split: nothing to do */
+    CHECK_RC(shard_map_merge(a, 0, 3), 0);
+    CHECK_RC(shard_map_get(a, 4, &c), -ENOENT);
+    CHECK(get(a, 0).depth == 2 && shard_map_leader(a, 4) == -1);
+    CHECKF(strcmp(layout_of(a), "2 2 2 2") == 0, "layout %s", layout_of(a));
+    CHECK_RC(shard_map_merge(a, 0, 3), 0);              /* done already */
+    CHECK_RC(shard_map_merge(a, 0, 2), -EINVAL);        /* below the made-with count */
+    /* begun, then given up */
+    CHECK_RC(shard_map_split_begin(a, 1, 2), 0);
+    CHECK(get(a, 5).building == 1 && get(a, 5).replicas[0] == 1 && get(a, 5).nreplicas == 1);
+    CHECK_RC(shard_map_split_abandon(a, 1, 2), 0);
+    CHECK_RC(shard_map_get(a, 5, &c), -ENOENT);
+    CHECK_RC(shard_map_split_abandon(a, 1, 2), 0);
+    CHECK(get(b, 0).depth == 2 && shard_map_get(b, 4, &c) == -ENOENT); /* b's is its own */
+    shard_map_on_change(a, NULL, NULL);
+out:
+    shard_map_close(a);
+    shard_map_close(b);
+}
+
+/* Wait (10 s) until f(m) holds. */
+static int wait_until(struct shard_map *m, int (*f)(struct shard_map *m))
+{
+    double end = now_s() + 10;
+    while (now_s() < end) {
+        if (f(m))
+            return 1;
+        usleep(10000);
+    }
+    return 0;
+}
+static int sees_4_building(struct shard_map *m)
+{
+    struct shard_copies c;
+    return shard_map_get(m, 4, &c) == 0 && c.building && shard_map_leader(m, 4) == 0;
+}
+static int sees_split(struct shard_map *m)
+{
+    return strcmp(layout_of(m), "3 2 2 2 3 2 2 2") == 0;
+}
+static int sees_merged(struct shard_map *m)
+{
+    struct shard_copies c;
+    return shard_map_get(m, 4, &c) == -ENOENT && shard_map_leader(m, 4) == -1 &&
+           strcmp(layout_of(m), "2 2 2 2") == 0;
+}
+static int sees_depthless(struct shard_map *m)
+{
+    struct shard_copies c;
+    return shard_map_get(m, 3, &c) == 0 && c.in_sync == 1 && c.depth == 2;
+}
+
+/* In etcd: the entries and leader keys a split and a merge write, seen by
+ * every map's watch and by a map opened afterwards. */
+static void test_reshard_etcd(struct etcd *e)
+{
+    static struct config cfg;
+    struct shard_map *a = NULL, *b = NULL, *cli = NULL, *late = NULL;
+    struct shard_copies c;
+    char prefix[64], key[128];
+    const char *old = "{\"epoch\":\"7\",\"primary\":\"c\",\"replicas\":[\"a\"],\"in_sync\":[\"a\"]}";
+
+    load_conf(&cfg, "reshard", "reshard-secret-01234", 4, 1, 0);
+    CHECK_RC(shard_map_open(&cfg, 0, &a, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, 1, &b, err, sizeof(err)), 0);
+    CHECK_RC(shard_map_open(&cfg, -1, &cli, err, sizeof(err)), 0);
+    if (!a || !b || !cli)
+        goto out;
+    CHECK(wait_for(a, 0, 7, UINT32_MAX, 0));
+    CHECKF(strcmp(layout_of(cli), "2 2 2 2") == 0, "layout %s", layout_of(cli));
+    /* an entry written before layouts: the depth of the made-with count */
+    prefix_of("reshard-secret-01234", prefix, sizeof(prefix));
+    snprintf(key, sizeof(key), "%sshard/0003", prefix);
+    CHECK_RC(etcd_put(e, key, strlen(key), old, strlen(old), 0, NULL, err, sizeof(err)), 0);
+    CHECK(wait_until(cli, sees_depthless));
+
+    CHECK_RC(shard_map_split_begin(b, 0, 2), -EPERM);
+    CHECK_RC(shard_map_split_begin(cli, 0, 2), -EPERM);
+    CHECK_RC(shard_map_split_begin(a, 0, 2), 0);
+    CHECK(shard_map_lease_ok(a) == 1); /* it holds 4's leader key too */
+    CHECK(wait_until(cli, sees_4_building) && wait_until(b, sees_4_building));
+    c = get(cli, 4);
+    CHECK(c.depth == 3 && c.primary == 0 && c.nreplicas == 2 && c.replicas[0] == 1 &&
+          c.in_sync == 0 && c.epoch == 7);
+    CHECKF(strcmp(layout_of(cli), "2 2 2 2") == 0, "layout %s", layout_of(cli));
+    CHECK_RC(shard_map_split_begin(a, 0, 2), 0); /* resumed */
+    CHECK_RC(shard_map_split_commit(b, 0, 2), -EPERM);
+    CHECK_RC(shard_map_split_commit(a, 0, 2), 0);
+    CHECK(wait_until(cli, sees_split) && wait_until(b, sees_split));
+    /* a map opened now reads it whole */
+    CHECK_RC(shard_map_open(&cfg, 2, &late, err, sizeof(err)), 0);
+    if (late) {
+        CHECKF(sees_split(late), "layout %s", layout_of(late));
+        CHECK(shard_map_leader(late, 4) == 0 && !get(late, 4).building);
+    }
+    CHECK_RC(shard_map_merge(b, 0, 3), -EPERM);
+    CHECK_RC(shard_map_merge(a, 0, 3), 0);
+    CHECK(wait_until(cli, sees_merged) && wait_until(b, sees_merged));
+    if (late)
+        CHECK(wait_until(late, sees_merged));
+    CHECK(shard_map_lease_ok(a) == 1);
+    CHECK_RC(shard_map_merge(a, 0, 3), 0); /* done already */
+    /* begun by a, given up by the CLI (no lease needed) */
+    CHECK_RC(shard_map_split_begin(a, 1, 2), 0);
+    CHECK_RC(shard_map_split_abandon(cli, 1, 2), 0);
+    CHECK_RC(shard_map_get(cli, 5, &c), -ENOENT);
+    CHECK(shard_map_leader(cli, 5) == -1);
+    {
+        double end = now_s() + 10;
+        while (shard_map_get(a, 5, &c) != -ENOENT && now_s() < end)
+            usleep(10000);
+    }
+    CHECK_RC(shard_map_get(a, 5, &c), -ENOENT);
+    CHECK(shard_map_lease_ok(a) == 1);
+out:
+    shard_map_close(late);
+    shard_map_close(a);
+    shard_map_close(b);
+    shard_map_close(cli);
+}
+
 /* A primary killed with SIGKILL: its key stays until its lease runs out. */
 static void test_promote_after_expiry(void)
 {
@@ -989,6 +1171,7 @@ int main(void)
     }
     test_static();
     test_placement_rules();
+    test_reshard_static();
     if (access(ETCD_BIN, X_OK) != 0) {
         printf("test_shard_map: %s not installed, etcd parts skipped\n", ETCD_BIN);
         rm_rf(tmpdir);
@@ -1010,6 +1193,7 @@ int main(void)
         test_changes_and_promote(e);
         test_handover();
         test_placement();
+        test_reshard_etcd(e);
         test_promote_after_expiry();
         test_lease_loss(pid);
         test_partition(e);
