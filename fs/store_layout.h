@@ -19,9 +19,11 @@
  * made with, and an older shardfs (format 1 only) refuses such a store
  * instead of placing records by the wrong count.
  *
- * Only a single-node store (one node owns every shard, no replicas, no etcd)
- * may have a layout other than its uniform one, for now: the shard map of a
- * cluster (shard_map.h) has one depth.
+ * Only a store without replicas and etcd (store_layout_static: a single
+ * node, or a cluster whose nodes each keep the layout of their own shards)
+ * may have a layout other than its uniform one, for now. The shard map of
+ * a replicated cluster (shard_map.h) has a depth per shard and the txns of
+ * a split and a merge, but the nodes do not reshard through it yet.
  *
  * Errors: 0 or -1 with "FILE[:LINE]: reason" in err, or -errno.
  */
