@@ -64,6 +64,13 @@ MOUNT_DEADLINE = 10.0          # seconds for a mount to appear
 EXIT_DEADLINE = 20.0           # seconds for the -f daemon to exit after unmount
 DEFAULT_TEST_TIMEOUT = 300.0   # per-test watchdog, override with @pytest.mark.timeout_s(N)
 COMMIT_INTERVAL_MS = 20
+# SHARDFS_TEST_LAYOUT=split: every 4-shard store the tests make is split
+# before its first real mount (shard 1 at depth 3, shard 5 at depth 4:
+# shards 0, 1, 2, 3, 5, 13 of depths 2, 3, 2, 2, 4, 4), so the suite runs on
+# a layout that is not uniform (tests/run runs part of it that way).
+# Tests that count shards mark themselves uniform_layout and are skipped.
+SPLIT_LAYOUT = os.environ.get("SHARDFS_TEST_LAYOUT") == "split"
+SPLIT_STEPS = (("split", "1"), ("split", "5"))
 
 BAD_STDERR = ("ERROR", "AddressSanitizer", "LeakSanitizer", "runtime error", "Assertion")
 
@@ -78,6 +85,15 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "timeout_s(seconds): per-test watchdog limit (default %d)" % DEFAULT_TEST_TIMEOUT)
+    config.addinivalue_line(
+        "markers",
+        "uniform_layout: the test counts shards or places records itself (skipped with "
+        "SHARDFS_TEST_LAYOUT=split)")
+
+
+def pytest_runtest_setup(item):
+    if SPLIT_LAYOUT and item.get_closest_marker("uniform_layout"):
+        pytest.skip("assumes the uniform layout (SHARDFS_TEST_LAYOUT=split)")
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -284,12 +300,21 @@ class ShardFS:
         if mkdata:
             os.makedirs(self.data, exist_ok=True)
         write_conf(self.conf, shards=shards, data_dir=data_dir)
+        self._split_first = SPLIT_LAYOUT and shards == 4 and mkdata
         if start:
             self.start()
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, extra_args=()):
+        if self._split_first:
+            self._split_first = False
+            self.start()  # makes the store
+            self.unmount()
+            for what, shard in SPLIT_STEPS:
+                r = subprocess.run([SHARDFS_BIN, "reshard", what, "-c", self.conf, "-w", "5",
+                                    shard], capture_output=True, text=True, timeout=60)
+                assert r.returncode == 0, "reshard %s %s: %s" % (what, shard, r.stderr)
         assert self.proc is None, "daemon already running"
         assert not is_mounted(self.mnt), "%s is still mounted" % self.mnt
         self.starts += 1

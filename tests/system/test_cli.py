@@ -63,6 +63,7 @@ def _where(fs, path):
     return [(k, int(n)) for k, n in WHERE_LINE.findall(r.stdout)], r.stdout
 
 
+@pytest.mark.uniform_layout  # counts 4 shards
 def test_where_prints_shards_in_range(fs):
     os.makedirs(fs.path("a"))
     write_file(fs.path("a/b"), os.urandom(300000))
