@@ -1605,16 +1605,18 @@ static int layout_refuses(struct node_server *s, const struct node_input *in, un
                           enum wire_op op, struct node_response *r)
 {
     unsigned mine = s->cfg.depth[n];
-    uint64_t theirs = UINT64_MAX;
+    uint64_t theirs = 0;
     const char *what;
+    int said;
 
     if (!wire_op_has_layout(op))
         return 0;
-    if (query_u64(in->uri, "depth", &theirs) < 0) {
+    said = query_u64(in->uri, "depth", &theirs); /* a sender from before layouts says none */
+    if (said < 0) {
         resp_error(r, -EINVAL, "bad depth");
         return 1;
     }
-    if (theirs != UINT64_MAX && theirs != mine) {
+    if (said && theirs != mine) {
         resp_error(r, -EBADSLT, "shard %u has depth %u here, not %" PRIu64 ": the layout changed",
                    n, mine, theirs);
         node_response_header(r, WIRE_HDR_DEPTH, "%u", mine);
@@ -1639,7 +1641,7 @@ static int not_a_shard(struct node_server *s, const struct node_input *in, unsig
     char d[8];
 
     if (!wire_op_has_layout(op) ? n < s->cfg.shard_count
-                        : n < s->slots && placement_is_shard(s->cfg.depth, n))
+                       : n < s->slots && placement_is_shard(s->cfg.depth, n))
         return 0;
     if (wire_op_has_layout(op) && n < CONFIG_MAX_SHARDS && query_str(in->uri, "depth", d, sizeof(d)) > 0) {
         unsigned d = s->cfg.depth[n & (s->slots - 1)];

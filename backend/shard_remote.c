@@ -343,6 +343,7 @@ static void request_reset_reply(struct request *q)
     memset(&q->errno_name, 0, sizeof(q->errno_name));
     memset(&q->epoch, 0, sizeof(q->epoch));
     memset(&q->shard, 0, sizeof(q->shard));
+    memset(&q->depth, 0, sizeof(q->depth));
     q->location[0] = '\0';
     q->location_set = q->location_trunc = 0;
     q->cur_status = 0;

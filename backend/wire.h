@@ -138,7 +138,7 @@
  * node redirecting an old epoch to itself would loop), and re-signs for the
  * new URL. X-Shardfs-Epoch is required on /v1/shard routes (else 400).
  *
- * Layouts: get, getv, scan and apply carry depth=D in their query, the
+ * Layouts: get, getv, scan, apply, sync and stat carry depth=D in their query, the
  * sender's local depth of shard N (placement.h, layouts; absent: no check).
  * The node serving N refuses, with 421 + X-Shardfs-Errno: EBADSLT and its
  * own depth in X-Shardfs-Depth, before doing anything: a request whose D is
@@ -217,11 +217,14 @@ enum wire_op {
     WIRE_OP_PUSH,
 };
 
-/* 1 for the ops that name keys of the shard and carry the sender's depth
- * of it (Layouts, above): get, getv, scan, apply. */
+/* 1 for the ops on a shard of the layout, which carry the sender's depth
+ * of it (Layouts, above): get, getv, scan and apply, which name its keys,
+ * and sync and stat. (The replication routes do not: their stores do not
+ * reshard yet.) */
 static inline int wire_op_has_layout(enum wire_op op)
 {
-    return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN || op == WIRE_OP_APPLY;
+    return op == WIRE_OP_GET || op == WIRE_OP_GETV || op == WIRE_OP_SCAN || op == WIRE_OP_APPLY ||
+           op == WIRE_OP_SYNC || op == WIRE_OP_STAT;
 }
 
 /* "/v1/shard/N/op" -> shard and op. Returns 0, or -EINVAL (malformed) or

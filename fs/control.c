@@ -228,6 +228,9 @@ static int serve_one(struct control *ctl, int fd)
     int rc;
 
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    /* A client that stops reading (suspended, say) must not stall the
+     * change that reports to it: a send that times out drops it (say). */
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     if (!peer_allowed(fd)) {
         say(&c, "error %d only root or the daemon's user may ask\n", EPERM);
         return 0;

@@ -11,7 +11,7 @@
  * server closes:
  *   -> "split S\n" | "merge S\n"
  *   <- "progress PHASE RECORDS BYTES ESTIMATE PURGED SECONDS\n" ...
- *   <- "done A B DEPTH RECORDS BYTES PURGED SECONDS PAUSE_MS\n"
+ *   <- "done A B DEPTH RECORDS BYTES PURGED SECONDS PAUSE_MS MIRRORED\n"
  *    | "error ERRNO MESSAGE\n"
  *   -> "status\n"
  *   <- "idle\n"

@@ -600,6 +600,28 @@ static int apply_batch(struct shard *s, struct batch *b)
     return rc;
 }
 
+static int step_again(struct ns *ns, int rc, unsigned *tries);
+
+/* Run a step that comes after an operation's commit point (the op has
+ * made its change; this finishes it: a link count, a parent pointer, an
+ * intent's end) until no shard refuses it for another layout. Running the
+ * whole op again would find its change made and fail, or do it twice. */
+#define AFTER_COMMIT(ns, rc, call)                                                             \
+    do {                                                                                       \
+        unsigned tries_ = 0;                                                                   \
+        do                                                                                     \
+            (rc) = (call);                                                                     \
+        while (step_again((ns), (rc), &tries_));                                               \
+    } while (0)
+/* The same for a step whose failure the op does not report (times, a
+ * parent's link count: fsck's to mend, as before layouts). */
+#define AFTER_COMMIT_ANY(ns, call)                                                             \
+    do {                                                                                       \
+        int r_;                                                                                \
+        AFTER_COMMIT(ns, r_, call);                                                            \
+        (void)r_;                                                                              \
+    } while (0)
+
 /* ---- inode compare-and-swap ----
  *
  * DESIGN (one inode changed by several nodes)
@@ -1289,7 +1311,7 @@ static int remove_entry(struct ns *ns, const struct ino_id *dir, const char *nam
     } else {
         rc = shard_apply(se, &e);
         if (rc == 0) {
-            rc = drop_link_cas(ns, id, NULL, &d);
+            AFTER_COMMIT(ns, rc, drop_link_cas(ns, id, NULL, &d));
             if (rc == -ENOENT)
                 rc = 0; /* a dangling entry, now removed */
         }
@@ -1314,7 +1336,7 @@ static int unlink_held(struct ns *ns, const struct ino_id *dir, const char *name
         return -EISDIR;
     rc = remove_entry(ns, dir, name, nlen, &id, dtype, is_open, ctx);
     if (rc == 0)
-        inode_touch(ns, dir, 0, 1);
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, dir, 0, 1));
     return rc;
 }
 
@@ -1387,10 +1409,10 @@ static int rmdir_held(struct ns *ns, const struct ino_id *dir, const char *name,
         return rc;
     rc = remove_entry(ns, dir, name, nlen, &id, dtype, is_open, ctx);
     if (rc) {
-        set_dying(ns, &id, 0);
+        AFTER_COMMIT_ANY(ns, set_dying(ns, &id, 0));
         return rc;
     }
-    inode_touch(ns, dir, -1, 1);
+    AFTER_COMMIT_ANY(ns, inode_touch(ns, dir, -1, 1));
     return 0;
 }
 
@@ -1446,11 +1468,11 @@ static int link_held(struct ns *ns, const struct ino_id *id, const struct ino_id
         batch_entry(&b, BATCH_PUT, ndir, name, nlen, id, dtype_of(out->mode));
         rc = apply_batch(se, &b);
         if (rc)
-            inode_touch(ns, id, -1, 0);
+            AFTER_COMMIT_ANY(ns, inode_touch(ns, id, -1, 0)); /* undo: the op may run again */
     }
     missing_forget(ns, ndir, name, nlen);
     if (rc == 0)
-        inode_touch(ns, ndir, 0, 1);
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, ndir, 0, 1));
     return rc;
 }
 
@@ -1526,6 +1548,24 @@ static int intent_decode(const uint8_t *v, size_t vl, struct intent *in)
     return (in->kind == 1 || in->kind == 2) ? 0 : -EIO;
 }
 
+/* rename_across's last step on the source's shard: the intent record goes,
+ * and (done) the source entry with it (kind 2: it becomes the replaced
+ * target's). The shard is looked up each time: AFTER_COMMIT may have
+ * learnt a layout that moved both records. */
+static int intent_end(struct ns *ns, const struct intent *in, const uint8_t *key, size_t klen,
+                      int done)
+{
+    struct batch b;
+
+    batch_init(&b);
+    if (done && in->kind == 2)
+        batch_entry(&b, BATCH_PUT, &in->sdir, in->sname, in->slen, &in->did, in->dtype);
+    else if (done)
+        batch_entry(&b, BATCH_DEL, &in->sdir, in->sname, in->slen, NULL, 0);
+    batch_del(&b, key, klen);
+    return apply_batch(entry_shard(ns, &in->sdir, in->sname, in->slen), &b);
+}
+
 /* Steps 1-3 of a cross-shard rename or exchange (DESIGN). */
 static int rename_across(struct ns *ns, struct intent *in)
 {
@@ -1555,20 +1595,12 @@ static int rename_across(struct ns *ns, struct intent *in)
     batch_entry(&b, BATCH_PUT, &in->ddir, in->dname, in->dlen, &in->sid, in->stype);
     rc = apply_batch(s2, &b);
     if (rc) {
-        /* roll back step 1 */
-        batch_init(&b);
-        batch_del(&b, key, klen);
-        apply_batch(s1, &b);
+        /* roll back step 1 (the intent's shard anew: a split may have moved it) */
+        AFTER_COMMIT_ANY(ns, intent_end(ns, in, key, klen, 0));
         return rc; /* -EAGAIN: the target changed; ns_rename reads it again */
     }
-
-    batch_init(&b);
-    if (in->kind == 2)
-        batch_entry(&b, BATCH_PUT, &in->sdir, in->sname, in->slen, &in->did, in->dtype);
-    else
-        batch_entry(&b, BATCH_DEL, &in->sdir, in->sname, in->slen, NULL, 0);
-    batch_del(&b, key, klen);
-    return apply_batch(s1, &b);
+    AFTER_COMMIT(ns, rc, intent_end(ns, in, key, klen, 1));
+    return rc;
 }
 
 static int reparent_mutate(struct ns *ns, struct batch *b, struct inode *ino, const void *arg)
@@ -1583,10 +1615,10 @@ static int reparent_mutate(struct ns *ns, struct batch *b, struct inode *ino, co
 static void fix_moved_dir(struct ns *ns, const struct ino_id *id, const struct ino_id *odir,
                           const struct ino_id *ndir)
 {
-    inode_cas(ns, id, NULL, reparent_mutate, ndir, NULL);
+    AFTER_COMMIT_ANY(ns, inode_cas(ns, id, NULL, reparent_mutate, ndir, NULL));
     if (memcmp(odir, ndir, sizeof(*odir)) != 0) {
-        inode_touch(ns, odir, -1, 1);
-        inode_touch(ns, ndir, +1, 1);
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, odir, -1, 1));
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, ndir, +1, 1));
     }
 }
 
@@ -1621,10 +1653,10 @@ static int rename_exchange(struct ns *ns, struct intent *in)
         if (in->dtype == DT_DIR)
             fix_moved_dir(ns, &in->did, &in->ddir, &in->sdir);
     }
-    inode_touch(ns, &in->sid, 0, 0);
-    inode_touch(ns, &in->did, 0, 0);
-    inode_touch(ns, &in->sdir, 0, 1);
-    inode_touch(ns, &in->ddir, 0, 1);
+    AFTER_COMMIT_ANY(ns, inode_touch(ns, &in->sid, 0, 0));
+    AFTER_COMMIT_ANY(ns, inode_touch(ns, &in->did, 0, 0));
+    AFTER_COMMIT_ANY(ns, inode_touch(ns, &in->sdir, 0, 1));
+    AFTER_COMMIT_ANY(ns, inode_touch(ns, &in->ddir, 0, 1));
     return 0;
 }
 
@@ -1759,16 +1791,16 @@ static int rename_try(struct ns *ns, struct intent *in, unsigned flags, const st
     /* Only the rename whose batch replaced the target entry gets here for
      * that target, so the replaced inode loses its link exactly once. */
     if (in->dtype != DT_UNKNOWN && !replaced_done)
-        drop_link_cas(ns, &in->did, NULL, d);
+        AFTER_COMMIT_ANY(ns, drop_link_cas(ns, &in->did, NULL, d));
     if (in->dtype == DT_DIR)
-        inode_touch(ns, ndir, -1, 0); /* the replaced directory's ".." */
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, ndir, -1, 0)); /* the replaced directory's ".." */
     if (in->stype == DT_DIR)
         fix_moved_dir(ns, &in->sid, odir, ndir);
     else if (!moved_done)
-        inode_touch(ns, &in->sid, 0, 0);
-    inode_touch(ns, odir, 0, 1);
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, &in->sid, 0, 0));
+    AFTER_COMMIT_ANY(ns, inode_touch(ns, odir, 0, 1));
     if (memcmp(odir, ndir, sizeof(*odir)) != 0)
-        inode_touch(ns, ndir, 0, 1);
+        AFTER_COMMIT_ANY(ns, inode_touch(ns, ndir, 0, 1));
     return 0;
 }
 
@@ -2697,15 +2729,19 @@ static int unregister_many_held(struct ns *ns, const struct ino_id *ids, size_t 
     for (size_t i = 0; i < n; i++)
         batch_unregister(ns, &per[home_of(ns, record_id_hash(&ids[i]))],
                          &ids[i]);
+    int relayout = 0;
+
     for (unsigned s = 0; s < ns->nshards; s++) {
         int rc = per[s].count ? apply_batch(ns->shards[s], &per[s]) : 0;
         for (size_t i = 0; i < n; i++)
             if (home_of(ns, record_id_hash(&ids[i])) == s)
                 rcs[i] = rc;
         failed += rc != 0;
+        relayout |= rc == -EBADSLT;
     }
     free(per);
-    return failed ? -EIO : 0;
+    /* a layout to learn first: the drops are safe to make again */
+    return relayout ? -EBADSLT : failed ? -EIO : 0;
 }
 
 void ns_set_node_alive(struct ns *ns, ns_node_alive_fn fn, void *ctx)
@@ -3517,6 +3553,23 @@ static int ns_again(struct ns *ns, int *rc, unsigned tries, int restartable)
             tries + 1, ns->relayout ? "" : ", and nothing here can learn it");
     *rc = -EIO;
     return 0;
+}
+
+/* A step after the commit point (AFTER_COMMIT) that a shard refused for
+ * another layout: in the outermost operation, let go of the layout, learn
+ * it, take it again, and say 1 (do the step again: it routes anew). The
+ * step holds no inode lock between its calls (inode_cas takes and drops
+ * its own), so letting go cannot block a cut-over's pause. Nested, or
+ * after NS_RELAYOUT_TRIES, 0: the error goes up as it is. */
+static int step_again(struct ns *ns, int rc, unsigned *tries)
+{
+    if (rc != -EBADSLT || held_ns != ns || held_depth != 1 || !ns->relayout ||
+        (*tries)++ >= NS_RELAYOUT_TRIES)
+        return 0;
+    ns_unhold(ns);
+    ns->relayout(ns->relayout_ctx);
+    ns_hold(ns);
+    return 1;
 }
 
 /* ---- learning the layout of other nodes' shards (static clusters) ----

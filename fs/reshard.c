@@ -56,6 +56,7 @@ struct job {
     struct store_layout l;
     enum op op;
     unsigned s, d;          /* split: the shard and its depth before; merge: the lower buddy */
+    int resuming;           /* the change was in flight (RESHARD) when the job began */
     struct timespec t0, last;
     struct reshard_stats st;
     const volatile int *cancel; /* online: set when the mount is going away */
@@ -87,14 +88,28 @@ static void report(struct job *j, int force)
         j->o->progress(j->o->ctx, &j->st);
 }
 
+/* The phase a test's hold last stopped in (kill_point), reset per change. */
+static char held_in[16];
+
 /* A test's kill point: SHARDFS_TEST_KILL_AT=PHASE kills this process
- * (SIGKILL, as kill -9 would) once the phase has done part of its work. */
+ * (SIGKILL, as kill -9 would) once the phase has done part of its work.
+ * SHARDFS_TEST_HOLD_AT=PHASE:MS[,PHASE:MS...] stops the change there for
+ * MS ms instead, once a phase and change, so a test can look at the store
+ * in the middle of it. */
 static void kill_point(const char *phase)
 {
-    const char *at = getenv("SHARDFS_TEST_KILL_AT");
+    const char *at = getenv("SHARDFS_TEST_KILL_AT"), *hold = getenv("SHARDFS_TEST_HOLD_AT");
+    size_t n = strlen(phase);
 
     if (at && !strcmp(at, phase))
         raise(SIGKILL);
+    for (const char *h = hold; h && *h && strcmp(held_in, phase) != 0; h = strchr(h, ',')) {
+        h += *h == ',';
+        if (!strncmp(h, phase, n) && h[n] == ':') {
+            snprintf(held_in, sizeof(held_in), "%s", phase);
+            usleep((useconds_t)atoi(h + n + 1) * 1000);
+        }
+    }
 }
 
 static int shard_dir(const struct job *j, unsigned index, const char *suffix, char *out,
@@ -225,6 +240,7 @@ struct copy {
     uint8_t last[BATCH_KEY_MAX]; /* the last key seen: the next chunk starts after it */
     size_t lastlen;
     size_t chunk;
+    size_t seen;            /* bytes read in this chunk, kept or not */
 };
 
 /* A test's slow copy: SHARDFS_TEST_SLOW_COPY=1 makes chunks of 64 KiB with
@@ -253,16 +269,17 @@ static int copy_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, si
 
     memcpy(c->last, k, kl);
     c->lastlen = kl;
-    if (record_placement(k, kl, &h))
-        return 0; /* not placed: the shard's own */
-    if (!c->all && !((h >> c->bit) & 1))
-        return 0;
+    /* A chunk ends after `chunk` bytes read, too: a long run of records
+     * that stay (a large file's) must not hold the mirror's lock long. */
+    c->seen += kl + vl;
+    if (record_placement(k, kl, &h) || (!c->all && !((h >> c->bit) & 1)))
+        return c->seen >= 2 * c->chunk ? 1 : 0; /* stays */
     rc = batch_put(&c->b, k, kl, v, vl);
     if (rc)
         return rc;
     c->j->st.records++;
     c->j->st.bytes += kl + vl;
-    return c->b.len >= c->chunk ? 1 : 0;
+    return c->b.len >= c->chunk || c->seen >= 2 * c->chunk ? 1 : 0;
 }
 
 /* Copy from shard `from` into `to`: every placed record (all) or those with
@@ -289,6 +306,7 @@ static int copy_records(struct job *j, struct shard *from, struct shard *to, int
         if (mu)
             pthread_mutex_lock(mu);
         batch_reset(&c.b);
+        c.seen = 0;
         rc = shard_scan(from, slen ? start : NULL, slen, NULL, 0, copy_one, &c);
         if (rc >= 0 && c.b.count) {
             int r = shard_apply(to, &c.b);
@@ -342,6 +360,7 @@ static int meta_write(struct shard *sh, unsigned index, unsigned depth)
 struct purge {
     struct batch b;
     unsigned bit, max;
+    size_t seen, seen_max; /* bytes read in this batch, and the bound */
     uint8_t last[BATCH_KEY_MAX];
     size_t lastlen;
 };
@@ -351,19 +370,22 @@ static int purge_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, s
     struct purge *p = ctx;
     uint64_t h;
 
-    (void)v, (void)vl;
+    (void)v;
     memcpy(p->last, k, kl);
     p->lastlen = kl;
+    p->seen += kl + vl; /* the scan read it: a batch's time is bounded by both */
     if (record_placement(k, kl, &h) || !((h >> p->bit) & 1))
-        return 0;
+        return p->seen >= p->seen_max ? 1 : 0;
     batch_del(&p->b, k, kl);
-    return p->b.count >= p->max ? 1 : 0;
+    return p->b.count >= p->max || p->seen >= p->seen_max ? 1 : 0;
 }
 
 /* Delete from sh every placed record whose hash has `bit` set; sync. */
 static int purge_records(struct job *j, struct shard *sh, unsigned bit)
 {
-    struct purge p = {.bit = bit, .max = j->cancel ? ONLINE_PURGE_KEYS : PURGE_KEYS};
+    struct purge p = {.bit = bit,
+                      .max = j->cancel ? ONLINE_PURGE_KEYS : PURGE_KEYS,
+                      .seen_max = 2 * chunk_bytes(j)};
     uint8_t start[BATCH_KEY_MAX];
     struct timespec p0;
     size_t slen = 0;
@@ -375,6 +397,7 @@ static int purge_records(struct job *j, struct shard *sh, unsigned bit)
     do {
         clock_gettime(CLOCK_MONOTONIC, &p0);
         batch_reset(&p.b);
+        p.seen = 0;
         rc = shard_scan(sh, slen ? start : NULL, slen, NULL, 0, purge_one, &p);
         if (rc >= 0 && p.b.count) {
             int r = shard_apply(sh, &p.b);
@@ -406,8 +429,17 @@ static int cut_over(struct job *j, const struct store_layout *next)
 {
     int rc;
 
+    struct store_layout now;
+    char err[256];
+
     j->st.phase = "cut-over";
     rc = store_layout_write(j->cfg, j->node, next);
+    /* A failure after the rename (the directory's fsync) leaves the new
+     * STORE in place: the change happened, and what follows must act on
+     * that layout, as a resume would. */
+    if (rc && store_layout_read(j->cfg, j->node, &now, err, sizeof(err)) == 0 &&
+        now.slots == next->slots && memcmp(now.depth, next->depth, now.slots) == 0)
+        rc = 0;
     if (rc)
         snprintf(j->err, j->errlen, "%s/STORE: %s", j->cfg->nodes[j->node].data_dir,
                  strerror(-rc));
@@ -489,6 +521,12 @@ static int merge_run(struct job *j, int after)
         rc = open_shard(j, j->s, &low);
         if (rc == 0)
             rc = open_shard(j, up, &high);
+        /* A copy of an earlier try may hold records the upper buddy has
+         * deleted since (a try that failed online, the mount going on, or
+         * a kill between a mirrored write's two halves): the copy only
+         * adds, so they go first. */
+        if (rc == 0 && j->resuming)
+            rc = merge_undo(j, low);
         if (rc == 0)
             rc = copy_records(j, high, low, 1, 0, NULL);
         shard_close(high);
@@ -581,13 +619,21 @@ static int job_open(struct job *j, struct config *cfg, int node, struct reshard_
     if (rc <= 0)
         return rc;
     /* A change a kill interrupted: finish it first. */
-    int after = j->op == OP_SPLIT ? j->l.depth[j->s % j->l.slots] == j->d + 1
-                                  : j->l.depth[j->s % j->l.slots] == j->d - 1;
     if (j->s >= CONFIG_MAX_SHARDS || j->d > 10 || (j->op == OP_MERGE && j->d == 0)) {
         snprintf(err, errlen, "%s/RESHARD: shard or depth out of range",
                  cfg->nodes[node].data_dir);
         return -EINVAL;
     }
+    unsigned now = j->l.depth[j->s % j->l.slots];
+    int after = j->op == OP_SPLIT ? now == j->d + 1 : now == j->d - 1;
+    if (!after && now != j->d) {
+        snprintf(err, errlen, "%s/RESHARD names a %s of shard %u at depth %u, but STORE gives "
+                 "it depth %u: not a change this store can be in",
+                 cfg->nodes[node].data_dir, j->op == OP_SPLIT ? "split" : "merge", j->s, j->d,
+                 now);
+        return -EINVAL;
+    }
+    j->resuming = 1;
     rc = job_run(j, after);
     if (rc == 0) {
         *resumed = 1;
@@ -617,6 +663,7 @@ static int job_start(struct job *j)
     int rc;
 
     memset(&j->st, 0, sizeof(j->st));
+    held_in[0] = 0;
     clock_gettime(CLOCK_MONOTONIC, &j->t0);
     rc = state_write(j);
     if (rc == 0)
@@ -894,6 +941,124 @@ static void mirror_init(struct mirror *m, struct shard *src, struct shard *dst, 
     pthread_mutex_init(&m->mu, NULL);
 }
 
+/* ---- hiding a half of a shard from scans ---- */
+
+/* A shard that holds records it is not the home of, in the open window of
+ * a change: the source of a split between its cut-over and the end of its
+ * purge (the moved half is on the new shard already), and the lower buddy
+ * of a merge during its copy (the upper half is still the buddy's). Point
+ * operations never meet those records (the layout sends them elsewhere),
+ * but a listing scans every shard, and would list them twice or list names
+ * deleted since (an rmdir would find its directory not empty). This
+ * wrapper skips, in scans, the placed records whose hash has `bit` set;
+ * everything else goes to the shard as it is. */
+struct hide {
+    struct shard base;
+    struct shard *inner;
+    unsigned bit;
+};
+
+struct hide_scan {
+    unsigned bit;
+    shard_scan_fn fn;
+    shard_join_fn jfn;
+    void *ctx;
+};
+
+static struct hide *hide_of(struct shard *s)
+{
+    return (struct hide *)s;
+}
+
+static int hidden(unsigned bit, const uint8_t *k, size_t kl)
+{
+    uint64_t h;
+
+    return record_placement(k, kl, &h) == 0 && ((h >> bit) & 1);
+}
+
+static int hide_scan_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct hide_scan *x = ctx;
+
+    return hidden(x->bit, k, kl) ? 0 : x->fn(x->ctx, k, kl, v, vl);
+}
+
+static int hide_join_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
+                         const uint8_t *jv, size_t jl)
+{
+    struct hide_scan *x = ctx;
+
+    return hidden(x->bit, k, kl) ? 0 : x->jfn(x->ctx, k, kl, v, vl, jv, jl);
+}
+
+static int hide_scan(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                     shard_scan_fn fn, void *ctx)
+{
+    struct hide_scan x = {.bit = hide_of(s)->bit, .fn = fn, .ctx = ctx};
+
+    return shard_scan(hide_of(s)->inner, a, al, b, bl, hide_scan_one, &x);
+}
+
+static int hide_scan_join(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                          const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    struct hide_scan x = {.bit = hide_of(s)->bit, .jfn = fn, .ctx = ctx};
+
+    return shard_scan_join(hide_of(s)->inner, a, al, b, bl, j, hide_join_one, &x);
+}
+
+static int hide_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
+                    size_t *vl)
+{
+    return shard_get(hide_of(s)->inner, k, kl, off, buf, bl, vl);
+}
+
+static int hide_apply(struct shard *s, const struct batch *b)
+{
+    return shard_apply(hide_of(s)->inner, b);
+}
+
+static int hide_sync(struct shard *s)
+{
+    return shard_sync(hide_of(s)->inner);
+}
+
+static int hide_get_many(struct shard *s, struct shard_read *r, unsigned n)
+{
+    return shard_get_many(hide_of(s)->inner, r, n);
+}
+
+static int hide_stat(struct shard *s, struct shard_stat *st)
+{
+    return shard_stat(hide_of(s)->inner, st);
+}
+
+static void hide_close(struct shard *s)
+{
+    (void)s; /* the change owns the shard */
+}
+
+static const struct shard_ops hide_ops = {
+    .get = hide_get,
+    .scan = hide_scan,
+    .apply = hide_apply,
+    .sync = hide_sync,
+    .get_many = hide_get_many,
+    .scan_join = hide_scan_join,
+    .stat = hide_stat,
+    .close = hide_close,
+};
+
+static struct shard *hide_init(struct hide *h, struct shard *inner, unsigned bit)
+{
+    h->base.ops = &hide_ops;
+    h->base.index = inner->index;
+    h->inner = inner;
+    h->bit = bit;
+    return &h->base;
+}
+
 /* ---- online: the change ---- */
 
 /* Put the mirror in the namespace in place of shard index (or take it out:
@@ -981,6 +1146,7 @@ static int online_split(struct job *j, struct ns *ns)
     struct shard *src = ns_shard(ns, j->s), *dst = NULL;
     struct store_layout next = j->l;
     struct mirror m;
+    struct hide h;
     struct timespec p0;
     int rc;
 
@@ -1001,28 +1167,34 @@ static int online_split(struct job *j, struct ns *ns)
     /* The cut-over: no operation in flight; the target gets what the
      * last writes gave it on disk, STORE the new layout. */
     rc = cutover_begin(j, ns, &m, dst, &next, &p0);
-    serve_as(j, ns, j->s, src);
+    /* until the purge is done, scans of the source skip the moved half */
+    serve_as(j, ns, j->s, rc == 0 ? hide_init(&h, src, j->d) : src);
     if (rc == 0) {
         rc = ns_layout_split(ns, j->s, dst); /* cannot fail: checked above */
-        if (rc == 0 && j->srv) {
-            node_server_set_shard(j->srv, t, dst);
-            rc = node_server_set_layout(j->srv, next.depth, next.slots);
-        }
-        if (rc == 0)
-            dst = NULL; /* the namespace's now */
-        if (rc == 0)
+        if (rc == 0) {
+            /* the namespace's now; the server follows it whatever comes */
+            if (j->srv) {
+                node_server_set_shard(j->srv, t, dst);
+                node_server_set_layout(j->srv, next.depth, next.slots);
+            }
+            dst = NULL;
             rc = meta_write(src, j->s, j->d + 1);
+        }
     }
     resume_all(j, ns);
     cutover_end(j, &m, &p0);
-    if (rc) {
-        shard_close(dst); /* the state stays: resume knows which side it is on */
-        return rc;
+    if (rc == 0) {
+        j->o->shard_a = j->s;
+        j->o->shard_b = t;
+        j->o->depth = j->d + 1;
+        rc = purge_records(j, src, j->d);
     }
-    j->o->shard_a = j->s;
-    j->o->shard_b = t;
-    j->o->depth = j->d + 1;
-    return purge_records(j, src, j->d);
+    /* h lives on this stack: out of the namespace and the server before it
+     * goes, purged or not (the records stay hidden by the layout alone:
+     * point operations never route to them) */
+    mirror_swap(j, ns, j->s, src);
+    shard_close(dst); /* NULL once the namespace has it; else the state stays */
+    return rc;
 fail:
     shard_close(dst);
     if (state_remove(j) == 0) /* before the cut-over: nothing happened */
@@ -1037,6 +1209,7 @@ static int online_merge(struct job *j, struct ns *ns)
     struct shard *low = ns_shard(ns, j->s), *high = ns_shard(ns, up), *gone = NULL;
     struct store_layout next = j->l;
     struct mirror m;
+    struct hide h;
     struct timespec p0;
     int rc;
 
@@ -1045,30 +1218,39 @@ static int online_merge(struct job *j, struct ns *ns)
         rc = state_write(j);
     if (rc)
         return rc;
+    /* until the cut-over, scans of low skip the copies of up's records */
+    mirror_swap(j, ns, j->s, hide_init(&h, low, j->d - 1));
     rc = mirrored_copy(j, ns, up, &m, high, low, 1, j->d - 1);
     if (rc) {
         if (merge_undo(j, low) == 0) /* low's own records are not touched */
             state_remove(j);
+        mirror_swap(j, ns, j->s, low);
         return rc;
     }
     rc = cutover_begin(j, ns, &m, low, &next, &p0);
     serve_as(j, ns, up, high);
+    serve_as(j, ns, j->s, low);
     if (rc == 0) {
         gone = ns_layout_merge(ns, j->s);
-        rc = gone ? meta_write(low, j->s, j->d - 1) : -EIO;
-        if (rc == 0 && j->srv) {
+        if (gone && j->srv) {
+            /* the server follows the namespace whatever comes */
             node_server_set_shard(j->srv, up, NULL);
-            rc = node_server_set_layout(j->srv, next.depth, next.slots);
+            node_server_set_layout(j->srv, next.depth, next.slots);
         }
+        rc = gone ? meta_write(low, j->s, j->d - 1) : -EIO;
     }
     resume_all(j, ns);
     cutover_end(j, &m, &p0);
+    /* nobody reaches high any more: every op that could held the layout
+     * (namespace and server), and the cut-over waited for them */
+    shard_close(gone);
+    if (rc == 0)
+        rc = shard_sync(low); /* its Mshard before RESHARD goes */
     if (rc)
-        return rc;
+        return rc; /* RESHARD stays: resume writes Mshard, removes the buddy */
     j->st.phase = "purge";
     report(j, 1);
     kill_point("purge");
-    shard_close(gone);
     rc = shard_remove(j, up);
     j->o->shard_a = j->o->shard_b = j->s;
     j->o->depth = j->d - 1;
@@ -1092,12 +1274,29 @@ int reshard_online(struct ns *ns, struct node_server *srv, const struct config *
     j.lock_fd = -1;
     j.cancel = cancel;
     err[0] = 0;
+    held_in[0] = 0;
     o->pause_ms = 0;
     o->mirrored = 0;
     clock_gettime(CLOCK_MONOTONIC, &j.t0);
     rc = store_layout_read(cfg, node, &j.l, err, errlen);
     if (rc)
         return rc < 0 ? -EINVAL : -EIO;
+    {
+        char what[64];
+        int p = reshard_pending(cfg, node, what, sizeof(what), err, errlen);
+
+        if (p < 0)
+            return -EIO;
+        if (p > 0) {
+            /* a change of this mount that failed after its cut-over (a
+             * full disk): its state must not be overwritten */
+            snprintf(err, errlen,
+                     "a change that failed is pending (%s): unmount the store and run "
+                     "`shardfs reshard resume`",
+                     what);
+            return -EBUSY;
+        }
+    }
     rc = job_check(&j, merge ? OP_MERGE : OP_SPLIT, s);
     if (rc == 0 && !ns_is_shard(ns, s)) {
         snprintf(err, errlen, "shard %u: not a shard of the mounted store", s);

@@ -73,9 +73,10 @@ struct reshard_opts {
 };
 
 /* Split shard s of the store of node; cfg must hold the store's layout
- * (store_layout_apply()). -EINVAL: s is not a shard; -ERANGE: the new
- * shard's number would reach CONFIG_MAX_SHARDS; -EOPNOTSUPP: not a
- * single-node store; -EAGAIN: another process has the store open. */
+ * (store_layout_apply()). -EINVAL: s is not a shard, or another node's;
+ * -ERANGE: the new shard's number would reach CONFIG_MAX_SHARDS;
+ * -EOPNOTSUPP: a store with replicas or etcd; -EAGAIN: another process
+ * has the store open. */
 int reshard_split(struct config *cfg, int node, unsigned s, struct reshard_opts *o, char *err,
                   size_t errlen);
 
@@ -100,8 +101,14 @@ int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *e
  * flight, new ones wait), then the purge runs beside the operations. A
  * failure before the cut-over (a write to the target failed; *cancel set,
  * the mount going away) undoes the change: a split removes the target, a
- * merge leaves its state for `shardfs reshard resume`. The caller runs
- * one change at a time and holds nothing of ns. Errors as above. */
+ * merge deletes its copies from the lower buddy (if that fails too, the
+ * state stays for `shardfs reshard resume`, which deletes them first).
+ * From the cut-over to the end of the purge, and during a merge's copy,
+ * scans of the shard that holds records of the other half skip them
+ * (reshard.c, hidden halves). A failure after the cut-over keeps the
+ * state; while it is there, another change is refused with -EBUSY. The
+ * caller runs one change at a time and holds nothing of ns. Errors as
+ * above. */
 struct ns;
 struct node_server;
 int reshard_online(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,

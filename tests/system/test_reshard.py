@@ -21,8 +21,13 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import (assert_same_tree, fuse_unmount, is_mounted, make_tree, run,
                       tree_snapshot, write_file)
+
+# They make their own layouts.
+pytestmark = pytest.mark.uniform_layout
 
 DONE = re.compile(r"^(split|merge|resumed): shards (\d+) and (\d+) at depth (\d+): "
                   r"(\d+) records \(\d+ bytes\) copied, (\d+) purged", re.M)
@@ -192,6 +197,39 @@ def test_kill_at_every_phase_then_resume(shardfs_factory):
                 reshard(fs, "split", "2")
         if op == "split":
             reshard(fs, "split", "2")
+
+
+def test_resumed_merge_drops_what_an_earlier_try_copied(shardfs_factory):
+    """A merge's copy only adds records to the lower buddy. If the upper one
+    lost records after an earlier try copied them (a try that failed while
+    mounted, the mount going on; here: a try killed, its state put aside
+    while files are deleted), the resumed merge must not bring them back."""
+    fs = shardfs_factory(sub="", shards=1)
+    fs.unmount()
+    reshard(fs, "split", "0")
+    fs.start()
+    os.mkdir(fs.path("d"))
+    names = ["e%03d" % i for i in range(300)]
+    for n in names:
+        write_file(fs.path("d/" + n), b"")
+    fs.unmount()
+    env = dict(os.environ, SHARDFS_TEST_KILL_AT="copy")
+    r = reshard(fs, "merge", "1", env=env, check=False)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout, r.stderr)
+    state = os.path.join(fs.data, "RESHARD")
+    os.rename(state, state + ".aside")
+    fs.start()
+    for n in names[:200]:
+        os.unlink(fs.path("d/" + n))
+    fs.unmount()
+    os.rename(state + ".aside", state)
+    r = reshard(fs, "resume")
+    assert DONE.search(r.stdout).group(1) == "resumed", r.stdout
+    assert layout(fs) == {0: 0}
+    fs.start()
+    assert sorted(os.listdir(fs.path("d"))) == names[200:]
+    fs.unmount()
+    fs.assert_fsck_clean()
 
 
 def test_refusals(shardfs_factory):
@@ -415,6 +453,59 @@ def test_status_shows_the_change_in_flight_and_a_second_waits_its_turn(shardfs_f
     fs.unmount()
     assert layout(fs) == {0: 1, 1: 2, 3: 2}
     check_tree(fs, src)
+
+
+def test_listings_in_the_window_of_a_change_show_each_name_once(shardfs_factory, monkeypatch):
+    """From a split's cut-over to the end of its purge the source shard
+    still holds the moved half, and during a merge's copy the lower buddy
+    holds copies of the upper one's records: a listing must show every
+    name once (not the stale copy beside the live one), and an rmdir of a
+    directory emptied through the new layout must not find it full. The
+    daemon holds 3 s in each phase (SHARDFS_TEST_HOLD_AT) while we look."""
+    monkeypatch.setenv("SHARDFS_TEST_HOLD_AT", "copy:3000,purge:3000")
+    fs = shardfs_factory(sub="", shards=1)
+    d = fs.path("d")
+    os.mkdir(d)
+    names = {"f%04d" % i for i in range(600)}
+    for n in names:
+        write_file(os.path.join(d, n), n.encode())
+    for k in range(2):
+        os.makedirs(fs.path("sub%d" % k))
+        for i in range(40):
+            write_file(fs.path("sub%d/g%02d" % (k, i)), b"x" * i)
+
+    def look(phase, cli, sub):
+        deadline = time.monotonic() + 60
+        while True:
+            st = run([fs_bin(), "status", "-c", fs.conf], timeout=60).stdout
+            m = re.search(r"^in flight: \w+ of shard \d+: (\S+),", st, re.M)
+            if m and m.group(1) == phase:
+                break
+            assert time.monotonic() < deadline and cli.poll() is None, (st, cli.communicate())
+            time.sleep(0.05)
+        got = os.listdir(d)
+        assert len(got) == len(set(got)), "listed twice: %s" % sorted(
+            n for n in set(got) if got.count(n) > 1)[:5]
+        assert set(got) == names
+        with os.scandir(d) as it:  # readdirplus, with the attributes
+            plus = [e.name for e in it]
+        assert sorted(plus) == sorted(names)
+        for i in range(40):
+            os.unlink(fs.path("%s/g%02d" % (sub, i)))
+        os.rmdir(fs.path(sub))  # not ENOTEMPTY from a stale copy
+
+    for args, phase, sub in [(("split", "0"), "purge", "sub0"), (("merge", "1"), "copy", "sub1")]:
+        cli = subprocess.Popen([fs_bin(), "reshard", args[0], "-c", fs.conf, args[1]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        look(phase, cli, sub)
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 0, (out, err)
+        got = os.listdir(d)
+        assert len(got) == len(set(got)) and set(got) == names
+    assert sorted(os.listdir(fs.path(""))) == ["d"]
+    fs.unmount()
+    assert layout(fs) == {0: 0}
+    fs.assert_fsck_clean()
 
 
 def test_unmount_during_an_online_copy_takes_the_change_back(shardfs_factory, monkeypatch):

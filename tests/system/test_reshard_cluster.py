@@ -14,6 +14,9 @@ import time
 import pytest
 
 from conftest import SHARDFS_BIN, assert_same_tree, make_tree, run, tree_snapshot
+
+# They make their own layouts.
+pytestmark = pytest.mark.uniform_layout
 from test_cluster import Cluster, serve_cluster
 from test_reshard import DONE, PASSED, StrictWriter
 
@@ -43,6 +46,20 @@ def layout(c, node):
 
 def same_tree(snap, path):
     assert_same_tree(snap, tree_snapshot(path, mtimes=False, dir_mtimes=False, owners=False))
+
+
+def fsync_tree(top):
+    """fsync every file and directory under top (each one's inode shard)."""
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files + [""]:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def test_a_node_splits_and_merges_its_shard_while_every_mount_writes(cluster):
@@ -78,6 +95,11 @@ def test_a_node_splits_and_merges_its_shard_while_every_mount_writes(cluster):
         for n in ("a", "b", "c"):
             same_tree(snap, c.p(n, "t"))
             same_tree(snap, c.p(n, "r%d" % step))
+        # fsync and statfs reach the new shard too (its node's server knew
+        # only the shards it started with: EINVAL)
+        for n in ("b", "c"):
+            fsync_tree(c.p(n, "r%d" % step))
+            os.statvfs(c.p(n, ""))
         for w in writers:
             w.verify()
     assert layout(c, "a") == {i: 3 for i in range(8)}
