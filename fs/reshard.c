@@ -1061,8 +1061,8 @@ static struct shard *hide_init(struct hide *h, struct shard *inner, unsigned bit
 
 /* ---- online: the change ---- */
 
-/* Put the mirror in the namespace in place of shard index (or take it out:
- * put back m->src), with no operation in flight. */
+/* No operation in flight in the namespace or the node's server, new ones
+ * waiting, until resume_all. */
 static void pause_all(struct job *j, struct ns *ns)
 {
     ns_quiesce(ns);
@@ -1085,7 +1085,9 @@ static void serve_as(struct job *j, struct ns *ns, unsigned index, struct shard 
         node_server_set_shard(j->srv, index, s);
 }
 
-static void mirror_swap(struct job *j, struct ns *ns, unsigned index, struct shard *s)
+/* Shard index is s from now on (a mirror, a hide, or the shard itself
+ * again), swapped in with no operation in flight. */
+static void serve_paused(struct job *j, struct ns *ns, unsigned index, struct shard *s)
 {
     pause_all(j, ns);
     serve_as(j, ns, index, s);
@@ -1105,12 +1107,12 @@ static int mirrored_copy(struct job *j, struct ns *ns, unsigned index, struct mi
     int rc;
 
     mirror_init(m, src, dst, all, bit);
-    mirror_swap(j, ns, index, &m->base);
+    serve_paused(j, ns, index, &m->base);
     rc = copy_records(j, src, dst, all, all ? 0 : bit, &m->mu);
     if (rc == 0 && m->failed)
         rc = m->failed;
     if (rc) {
-        mirror_swap(j, ns, index, src);
+        serve_paused(j, ns, index, src);
         pthread_mutex_destroy(&m->mu);
     }
     return rc;
@@ -1192,7 +1194,7 @@ static int online_split(struct job *j, struct ns *ns)
     /* h lives on this stack: out of the namespace and the server before it
      * goes, purged or not (the records stay hidden by the layout alone:
      * point operations never route to them) */
-    mirror_swap(j, ns, j->s, src);
+    serve_paused(j, ns, j->s, src);
     shard_close(dst); /* NULL once the namespace has it; else the state stays */
     return rc;
 fail:
@@ -1219,12 +1221,12 @@ static int online_merge(struct job *j, struct ns *ns)
     if (rc)
         return rc;
     /* until the cut-over, scans of low skip the copies of up's records */
-    mirror_swap(j, ns, j->s, hide_init(&h, low, j->d - 1));
+    serve_paused(j, ns, j->s, hide_init(&h, low, j->d - 1));
     rc = mirrored_copy(j, ns, up, &m, high, low, 1, j->d - 1);
     if (rc) {
         if (merge_undo(j, low) == 0) /* low's own records are not touched */
             state_remove(j);
-        mirror_swap(j, ns, j->s, low);
+        serve_paused(j, ns, j->s, low);
         return rc;
     }
     rc = cutover_begin(j, ns, &m, low, &next, &p0);
