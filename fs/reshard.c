@@ -779,9 +779,71 @@ int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *e
  * a split (the target holds only moved keys) and as deletes of the keys of
  * the range that belong to the upper buddy for a merge. */
 
-struct mirror {
+/* What the mirror and the hide wrapper (below) share: a shard that sends
+ * every op to the one it wraps, but for those each of them overrides. */
+struct pass {
     struct shard base;
-    struct shard *src, *dst;
+    struct shard *inner;
+};
+
+static struct shard *inner_of(struct shard *s)
+{
+    return ((struct pass *)s)->inner;
+}
+
+static int pass_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
+                    size_t *vl)
+{
+    return shard_get(inner_of(s), k, kl, off, buf, bl, vl);
+}
+
+static int pass_scan(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                     shard_scan_fn fn, void *ctx)
+{
+    return shard_scan(inner_of(s), a, al, b, bl, fn, ctx);
+}
+
+static int pass_scan_join(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
+                          const struct shard_join *j, shard_join_fn fn, void *ctx)
+{
+    return shard_scan_join(inner_of(s), a, al, b, bl, j, fn, ctx);
+}
+
+static int pass_apply(struct shard *s, const struct batch *b)
+{
+    return shard_apply(inner_of(s), b);
+}
+
+static int pass_get_many(struct shard *s, struct shard_read *r, unsigned n)
+{
+    return shard_get_many(inner_of(s), r, n);
+}
+
+static int pass_sync(struct shard *s)
+{
+    return shard_sync(inner_of(s));
+}
+
+static int pass_stat(struct shard *s, struct shard_stat *st)
+{
+    return shard_stat(inner_of(s), st);
+}
+
+static void pass_close(struct shard *s)
+{
+    (void)s; /* the change owns the shards */
+}
+
+static void pass_init(struct pass *p, const struct shard_ops *ops, struct shard *inner)
+{
+    p->base.ops = ops;
+    p->base.index = inner->index;
+    p->inner = inner;
+}
+
+struct mirror {
+    struct pass p;          /* reads go to the source, p.inner */
+    struct shard *dst;
     pthread_mutex_t mu;
     int all;                /* merge */
     unsigned bit;           /* split: the new bit; merge: the upper buddy's bit */
@@ -794,43 +856,6 @@ static struct mirror *mirror_of(struct shard *s)
     return (struct mirror *)s;
 }
 
-static int mir_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
-                   size_t *vl)
-{
-    return shard_get(mirror_of(s)->src, k, kl, off, buf, bl, vl);
-}
-
-static int mir_scan(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
-                    shard_scan_fn fn, void *ctx)
-{
-    return shard_scan(mirror_of(s)->src, a, al, b, bl, fn, ctx);
-}
-
-static int mir_get_many(struct shard *s, struct shard_read *r, unsigned n)
-{
-    return shard_get_many(mirror_of(s)->src, r, n);
-}
-
-static int mir_scan_join(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
-                         const struct shard_join *j, shard_join_fn fn, void *ctx)
-{
-    return shard_scan_join(mirror_of(s)->src, a, al, b, bl, j, fn, ctx);
-}
-
-static int mir_sync(struct shard *s)
-{
-    return shard_sync(mirror_of(s)->src);
-}
-
-static int mir_stat(struct shard *s, struct shard_stat *st)
-{
-    return shard_stat(mirror_of(s)->src, st);
-}
-
-static void mir_close(struct shard *s)
-{
-    (void)s; /* the change owns both shards */
-}
 
 /* 1 if key k is the target's. */
 static int mir_takes(const struct mirror *m, const uint8_t *k, size_t kl)
@@ -902,7 +927,7 @@ static int mir_apply(struct shard *s, const struct batch *b)
         return -EWOULDBLOCK;
     batch_init(&part);
     pthread_mutex_lock(&m->mu);
-    rc = shard_apply(m->src, b);
+    rc = shard_apply(m->p.inner, b);
     if (rc == 0 && !m->failed) {
         r = mir_part(m, b, &part);
         if (r == 0 && part.count) {
@@ -918,23 +943,21 @@ static int mir_apply(struct shard *s, const struct batch *b)
 }
 
 static const struct shard_ops mirror_ops = {
-    .get = mir_get,
-    .scan = mir_scan,
+    .get = pass_get,
+    .scan = pass_scan,
     .apply = mir_apply,
-    .sync = mir_sync,
-    .get_many = mir_get_many,
-    .scan_join = mir_scan_join,
-    .stat = mir_stat,
-    .close = mir_close,
+    .sync = pass_sync,
+    .get_many = pass_get_many,
+    .scan_join = pass_scan_join,
+    .stat = pass_stat,
+    .close = pass_close,
 };
 
 static void mirror_init(struct mirror *m, struct shard *src, struct shard *dst, int all,
                         unsigned bit)
 {
     memset(m, 0, sizeof(*m));
-    m->base.ops = &mirror_ops;
-    m->base.index = src->index;
-    m->src = src;
+    pass_init(&m->p, &mirror_ops, src);
     m->dst = dst;
     m->all = all;
     m->bit = bit;
@@ -953,8 +976,7 @@ static void mirror_init(struct mirror *m, struct shard *src, struct shard *dst, 
  * wrapper skips, in scans, the placed records whose hash has `bit` set;
  * everything else goes to the shard as it is. */
 struct hide {
-    struct shard base;
-    struct shard *inner;
+    struct pass p;
     unsigned bit;
 };
 
@@ -997,7 +1019,7 @@ static int hide_scan(struct shard *s, const void *a, size_t al, const void *b, s
 {
     struct hide_scan x = {.bit = hide_of(s)->bit, .fn = fn, .ctx = ctx};
 
-    return shard_scan(hide_of(s)->inner, a, al, b, bl, hide_scan_one, &x);
+    return shard_scan(inner_of(s), a, al, b, bl, hide_scan_one, &x);
 }
 
 static int hide_scan_join(struct shard *s, const void *a, size_t al, const void *b, size_t bl,
@@ -1005,58 +1027,26 @@ static int hide_scan_join(struct shard *s, const void *a, size_t al, const void 
 {
     struct hide_scan x = {.bit = hide_of(s)->bit, .jfn = fn, .ctx = ctx};
 
-    return shard_scan_join(hide_of(s)->inner, a, al, b, bl, j, hide_join_one, &x);
+    return shard_scan_join(inner_of(s), a, al, b, bl, j, hide_join_one, &x);
 }
 
-static int hide_get(struct shard *s, const void *k, size_t kl, size_t off, void *buf, size_t bl,
-                    size_t *vl)
-{
-    return shard_get(hide_of(s)->inner, k, kl, off, buf, bl, vl);
-}
-
-static int hide_apply(struct shard *s, const struct batch *b)
-{
-    return shard_apply(hide_of(s)->inner, b);
-}
-
-static int hide_sync(struct shard *s)
-{
-    return shard_sync(hide_of(s)->inner);
-}
-
-static int hide_get_many(struct shard *s, struct shard_read *r, unsigned n)
-{
-    return shard_get_many(hide_of(s)->inner, r, n);
-}
-
-static int hide_stat(struct shard *s, struct shard_stat *st)
-{
-    return shard_stat(hide_of(s)->inner, st);
-}
-
-static void hide_close(struct shard *s)
-{
-    (void)s; /* the change owns the shard */
-}
 
 static const struct shard_ops hide_ops = {
-    .get = hide_get,
+    .get = pass_get,
     .scan = hide_scan,
-    .apply = hide_apply,
-    .sync = hide_sync,
-    .get_many = hide_get_many,
+    .apply = pass_apply,
+    .sync = pass_sync,
+    .get_many = pass_get_many,
     .scan_join = hide_scan_join,
-    .stat = hide_stat,
-    .close = hide_close,
+    .stat = pass_stat,
+    .close = pass_close,
 };
 
 static struct shard *hide_init(struct hide *h, struct shard *inner, unsigned bit)
 {
-    h->base.ops = &hide_ops;
-    h->base.index = inner->index;
-    h->inner = inner;
+    pass_init(&h->p, &hide_ops, inner);
     h->bit = bit;
-    return &h->base;
+    return &h->p.base;
 }
 
 /* ---- online: the change ---- */
@@ -1107,7 +1097,7 @@ static int mirrored_copy(struct job *j, struct ns *ns, unsigned index, struct mi
     int rc;
 
     mirror_init(m, src, dst, all, bit);
-    serve_paused(j, ns, index, &m->base);
+    serve_paused(j, ns, index, &m->p.base);
     rc = copy_records(j, src, dst, all, all ? 0 : bit, &m->mu);
     if (rc == 0 && m->failed)
         rc = m->failed;
