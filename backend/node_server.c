@@ -275,7 +275,8 @@ struct node_server {
     struct pool api_pool, shard_pool, stream_pool;
     /* replication (node_server_repl; NULL map: none) */
     struct shard_map *map;
-    struct shard **local;          /* cfg.shard_count entries, borrowed; changed and
+    struct shard **local;          /* CONFIG_MAX_SHARDS entries (a split adds shards),
+                                    * borrowed; changed and
                                     * read by op_position under local_lock */
     int (*push)(void *ctx, unsigned shard, int from, uint64_t epoch,
                 const struct stream_pos *after, const uint8_t *body, size_t len,
@@ -1290,6 +1291,7 @@ static void op_stream(struct node_server *s, struct shard *sh, unsigned n, const
     int64_t wait, now;
     int rc, count, member = 0, capped, fed;
 
+    sh = shard_unwrap(sh); /* a resharding's mirror: the replicas read its source */
     if (stream_args(s, uri, &a, &why) < 0) {
         resp_error(r, -EINVAL, "%s", why);
         return;
@@ -1499,7 +1501,7 @@ static json_t *replica_json(struct node_server *s, const struct shard_repl_peer 
 /* GET /v1/shard/N/position (wire.h). */
 static void op_position(struct node_server *s, unsigned n, struct node_response *r)
 {
-    struct shard *sh = __atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE);
+    struct shard *sh = shard_unwrap(__atomic_load_n(&s->shards[n], __ATOMIC_ACQUIRE));
     struct shard_repl_status st = {0};
     struct stream_pos pos;
     char check[24];
@@ -1638,12 +1640,20 @@ static int layout_refuses(struct node_server *s, const struct node_input *in, un
 static int not_a_shard(struct node_server *s, const struct node_input *in, unsigned n,
                        enum wire_op op, struct node_response *r)
 {
+    struct shard_copies c;
     char d[8];
+    int said = query_str(in->uri, "depth", d, sizeof(d)) > 0;
 
-    if (!wire_op_has_layout(op) ? n < s->cfg.shard_count
+    if (!wire_op_has_layout(op) ? n < (s->map ? CONFIG_MAX_SHARDS : s->cfg.shard_count)
                        : n < s->slots && placement_is_shard(s->cfg.depth, n))
         return 0;
-    if (wire_op_has_layout(op) && n < CONFIG_MAX_SHARDS && query_str(in->uri, "depth", d, sizeof(d)) > 0) {
+    /* A shard the map holds but the layout does not place yet (a split's
+     * target, building): its replicas copy it by scans that name no depth
+     * (replica_sync.c, the snapshot). */
+    if (wire_op_has_layout(op) && !said && s->map && n < CONFIG_MAX_SHARDS &&
+        shard_map_get(s->map, n, &c) == 0)
+        return 0;
+    if (wire_op_has_layout(op) && n < CONFIG_MAX_SHARDS && said) {
         unsigned d = s->cfg.depth[n & (s->slots - 1)];
 
         resp_error(r, -EBADSLT, "no shard %u here: its keys are on a shard of depth %u", n, d);
@@ -2212,7 +2222,7 @@ static void polls_wake_as(struct node_server *s, unsigned index, int urgent)
 {
     struct request *woken = NULL, *rq, *following;
 
-    if (index >= s->cfg.shard_count)
+    if (index >= CONFIG_MAX_SHARDS)
         return;
     if (urgent)
         atomic_fetch_add(&s->urgent[index], 1);
@@ -2243,9 +2253,9 @@ static void on_apply(void *ctx, unsigned index, const struct stream_pos *p)
     struct shard *sh;
 
     (void)p;
-    if (index >= s->cfg.shard_count)
+    if (index >= CONFIG_MAX_SHARDS)
         return;
-    sh = __atomic_load_n(&s->shards[index], __ATOMIC_ACQUIRE);
+    sh = shard_unwrap(__atomic_load_n(&s->shards[index], __ATOMIC_ACQUIRE));
     polls_wake_as(s, index, !shard_repl_is(sh) || shard_repl_acks_wanted(sh));
 }
 
@@ -2299,7 +2309,7 @@ static void *poll_timer_main(void *arg)
         int64_t now = clock_mono_ms(), next = now + 60000;
         struct timespec t;
 
-        for (unsigned n = 0; n < s->cfg.shard_count; n++) {
+        for (unsigned n = 0; n < CONFIG_MAX_SHARDS; n++) {
             struct request *rq = s->polls[n];
 
             while (rq) {
@@ -2847,11 +2857,11 @@ static int sync_init(struct node_server *s)
  * polls (on = 0: stop listening). */
 static void listeners_set(struct node_server *s, int on)
 {
-    for (unsigned n = 0; s->local && n < s->cfg.shard_count; n++) {
+    for (unsigned n = 0; s->local && n < CONFIG_MAX_SHARDS; n++) {
         if (s->local[n])
             shard_lmdb_on_apply(s->local[n], on ? on_apply : NULL, s);
-        if (shard_repl_is(s->shards[n]))
-            shard_repl_on_sync_wanted(s->shards[n], on ? polls_wake : NULL, s);
+        if (shard_repl_is(shard_unwrap(s->shards[n])))
+            shard_repl_on_sync_wanted(shard_unwrap(s->shards[n]), on ? polls_wake : NULL, s);
     }
 }
 
@@ -2872,7 +2882,7 @@ int node_server_new_repl(const struct config *cfg, int self, struct shard *const
         set_err(err, errlen, "%s: a secret is required to serve ([cluster] secret)", cfg->path);
         return -EINVAL;
     }
-    count = cfg->shard_count ? cfg->shard_count : 1;
+    count = CONFIG_MAX_SHARDS; /* a split adds shards */
     s = calloc(1, sizeof(*s));
     if (!s)
         goto nomem;
@@ -2919,11 +2929,13 @@ void node_server_set_shard(struct node_server *s, unsigned n, struct shard *sh)
     if (!s || n >= CONFIG_MAX_SHARDS)
         return;
     /* the listener first: a sync waiting for replicas must wake their polls */
-    if (s->local && shard_repl_is(sh))
-        shard_repl_on_sync_wanted(sh, polls_wake, s);
+    if (s->local && shard_repl_is(shard_unwrap(sh)))
+        shard_repl_on_sync_wanted(shard_unwrap(sh), polls_wake, s);
     old = __atomic_exchange_n(&s->shards[n], sh, __ATOMIC_ACQ_REL);
-    if (old != sh && s->local && shard_repl_is(old))
-        shard_repl_on_sync_wanted(old, NULL, NULL);
+    /* a wrapper of the same shard_repl (a resharding's mirror) keeps it */
+    if (old && shard_unwrap(old) != shard_unwrap(sh) && s->local &&
+        shard_repl_is(shard_unwrap(old)))
+        shard_repl_on_sync_wanted(shard_unwrap(old), NULL, NULL);
 }
 
 void node_server_quiesce(struct node_server *s)
@@ -2950,7 +2962,7 @@ void node_server_set_local(struct node_server *s, unsigned n, struct shard *lmdb
 {
     struct shard *old;
 
-    if (!s || !s->local || n >= s->cfg.shard_count)
+    if (!s || !s->local || n >= CONFIG_MAX_SHARDS)
         return;
     if (lmdb)
         shard_lmdb_on_apply(lmdb, on_apply, s);

@@ -1186,7 +1186,7 @@ static void changes_make(struct replica_sync *rs)
     memset(rs->add_req, 0, sizeof(rs->add_req));
     memset(rs->remove_req, 0, sizeof(rs->remove_req));
     pthread_mutex_unlock(&rs->lock);
-    for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
         struct rshard *h = rs->sh[i];
 
         if (rm[i] && h) {
@@ -1229,7 +1229,7 @@ static void *sync_main(void *arg)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
     pthread_setname_np(pthread_self(), "replica-sync");
-    for (unsigned i = 0; i < rs->cfg->shard_count; i++)
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         if (rs->sh[i])
             rshard_begin(rs, rs->sh[i]);
     while (!atomic_load(&rs->stop)) {
@@ -1250,7 +1250,7 @@ static void *sync_main(void *arg)
         changes_make(rs);
         now = clock_mono_ms();
         wake = now + RS_POLL_MAX_MS;
-        for (unsigned i = 0; i < rs->cfg->shard_count; i++) {
+        for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
             struct rshard *h = rs->sh[i];
 
             if (!h)
@@ -1302,7 +1302,7 @@ static void *sync_main(void *arg)
         now = clock_mono_ms();
         curl_multi_poll(rs->multi, NULL, 0, wake > now ? (int)(wake - now) : 0, NULL);
     }
-    for (unsigned i = 0; i < rs->cfg->shard_count; i++)
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         if (rs->sh[i]) {
             transfer_drop(rs, rs->sh[i]);
             hasher_join(rs->sh[i]);
@@ -1414,7 +1414,7 @@ static int change_wait(struct replica_sync *rs, unsigned shard, struct shard *lo
     uint64_t want;
     int rc = 0;
 
-    if (!rs || !rs->started || shard >= rs->cfg->shard_count)
+    if (!rs || !rs->started || shard >= CONFIG_MAX_SHARDS)
         return -EINVAL;
     pthread_mutex_lock(&rs->lock);
     if (local && (rs->sh[shard] || rs->add_req[shard])) {

@@ -120,6 +120,10 @@ struct shard_ops {
     struct shard *(*remote_now)(struct shard *s);
     /* MAY: fill counters; -ENOSYS if unknown. */
     int (*stat)(struct shard *s, struct shard_stat *st);
+    /* MAY (pass-through wrappers, as a resharding's mirror): the shard s
+     * wraps, so that a server serving s still finds the replicated
+     * primary's wrapper under it (shard_unwrap). */
+    struct shard *(*inner)(struct shard *s);
     /* MUST: flush, sync and free; s is gone afterwards. NULL-safe in wrapper. */
     void (*close)(struct shard *s);
 };
@@ -197,6 +201,14 @@ static inline void shard_close(struct shard *s)
 {
     if (s)
         s->ops->close(s);
+}
+
+/* s without its pass-through wrappers (ops->inner); NULL-safe. */
+static inline struct shard *shard_unwrap(struct shard *s)
+{
+    while (s && s->ops->inner)
+        s = s->ops->inner(s);
+    return s;
 }
 
 #endif

@@ -1840,7 +1840,7 @@ void remote_owner_set(struct remote *r, unsigned index, int node)
 {
     const char *u;
 
-    if (index >= r->cfg->shard_count)
+    if (index >= CONFIG_MAX_SHARDS)
         return;
     u = node >= 0 && (unsigned)node < r->cfg->node_count ? r->cfg->nodes[node].url : "";
     pthread_mutex_lock(&r->lock);
@@ -1880,7 +1880,7 @@ const char *remote_owner_url(struct remote *r, unsigned index)
 {
     const char *u;
 
-    if (index >= r->cfg->shard_count)
+    if (index >= CONFIG_MAX_SHARDS)
         return NULL;
     pthread_mutex_lock(&r->lock);
     u = r->owner[index];

@@ -94,6 +94,7 @@
 #include <time.h>
 
 #include "clock.h"
+#include "placement.h"
 #include "shard_lmdb.h"
 
 struct peer {
@@ -137,6 +138,7 @@ struct shard_repl {
     struct shard base;
     struct shard *inner;
     struct shard_map *map;
+    int cfg_etcd; /* the map is etcd's: shards have depths of their own */
     int self;
     int ack;
     unsigned lag_ms;
@@ -188,20 +190,78 @@ static int repl_get(struct shard *s, const void *key, size_t klen, size_t off, v
     return shard_get(repl_of(s)->inner, key, klen, off, buf, buflen, vlen);
 }
 
+/* Scans show only the records the shard owns at the map's depth of it
+ * (DESIGN.md, Resharding in a cluster): a split's moved half stays in the
+ * source until its purge, and a merge's copy in the lower buddy before
+ * its cut-over, invisible to listings on every node, also after a
+ * failover in the middle. A record that is not placed is the shard's. */
+struct owned {
+    shard_scan_fn fn;
+    shard_join_fn jfn;
+    void *ctx;
+    unsigned index;
+    uint64_t mask;
+};
+
+static int owns(const struct owned *o, const uint8_t *k, size_t kl)
+{
+    uint64_t h;
+
+    return placement_key_hash(k, kl, &h) < 0 || (h & o->mask) == o->index;
+}
+
+static int owned_scan_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    struct owned *o = ctx;
+
+    return owns(o, k, kl) ? o->fn(o->ctx, k, kl, v, vl) : 0;
+}
+
+static int owned_join_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
+                          const uint8_t *jv, size_t jl)
+{
+    struct owned *o = ctx;
+
+    return owns(o, k, kl) ? o->jfn(o->ctx, k, kl, v, vl, jv, jl) : 0;
+}
+
+/* 1 and o set when scans of r must be filtered: the map gives the shard
+ * a depth (a static map's depth is the config's: nothing to hide). */
+static int owned_init(struct shard_repl *r, struct owned *o)
+{
+    struct shard_copies c;
+
+    if (!r->cfg_etcd || shard_map_get(r->map, r->base.index, &c) != 0 || c.depth >= 64)
+        return 0;
+    o->index = r->base.index;
+    o->mask = (1ull << c.depth) - 1;
+    return 1;
+}
+
 static int repl_scan(struct shard *s, const void *start, size_t slen, const void *end, size_t elen,
                      shard_scan_fn fn, void *ctx)
 {
-    if (moved(repl_of(s)))
+    struct shard_repl *r = repl_of(s);
+    struct owned o = {.fn = fn, .ctx = ctx};
+
+    if (moved(r))
         return -EREMCHG;
-    return shard_scan(repl_of(s)->inner, start, slen, end, elen, fn, ctx);
+    if (owned_init(r, &o))
+        return shard_scan(r->inner, start, slen, end, elen, owned_scan_one, &o);
+    return shard_scan(r->inner, start, slen, end, elen, fn, ctx);
 }
 
 static int repl_scan_join(struct shard *s, const void *start, size_t slen, const void *end,
                           size_t elen, const struct shard_join *j, shard_join_fn fn, void *ctx)
 {
-    if (moved(repl_of(s)))
+    struct shard_repl *r = repl_of(s);
+    struct owned o = {.jfn = fn, .ctx = ctx};
+
+    if (moved(r))
         return -EREMCHG;
-    return shard_scan_join(repl_of(s)->inner, start, slen, end, elen, j, fn, ctx);
+    if (owned_init(r, &o))
+        return shard_scan_join(r->inner, start, slen, end, elen, j, owned_join_one, &o);
+    return shard_scan_join(r->inner, start, slen, end, elen, j, fn, ctx);
 }
 
 static int repl_get_many(struct shard *s, struct shard_read *r, unsigned n)
@@ -791,6 +851,7 @@ int shard_repl_new(struct shard *lmdb, struct shard_map *map, const struct confi
     r->base.index = lmdb->index;
     r->inner = lmdb;
     r->map = map;
+    r->cfg_etcd = cfg->etcd[0] != 0;
     r->self = self;
     r->ack = cfg->ack;
     r->lag_ms = cfg->replica_lag_ms;

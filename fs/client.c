@@ -509,7 +509,8 @@ static void append_joining(char *state, size_t len, long long join_lsn)
  * position it acknowledged, whether it is in the in-sync set and how far
  * behind it is) and each replica's own (GET /v1/replicas on its node: the
  * position it holds, its phase, a snapshot's progress). */
-static void print_copies(struct client *c, const int *up, const struct shard_copies *copies)
+static void print_copies(struct client *c, const int *up, const struct shard_copies *copies,
+                         const unsigned char *shown, unsigned nshow)
 {
     json_t *own[CONFIG_MAX_NODES] = {0};
     int rc;
@@ -518,11 +519,13 @@ static void print_copies(struct client *c, const int *up, const struct shard_cop
         own[i] = up[i] ? get_json(c, i, "/v1/replicas", &rc) : NULL;
     printf("\n%-6s %-12s %-8s %6s %12s %8s %8s %7s  %s\n", "SHARD", "NODE", "ROLE", "EPOCH",
            "LSN", "LAG", "LAG_MS", "IN_SYNC", "STATE");
-    for (unsigned s = 0; s < c->cfg.shard_count; s++) {
+    for (unsigned s = 0; s < nshow; s++) {
         int owner = copies[s].primary;
         char path[64];
         json_t *pos = NULL, *peers;
 
+        if (!shown[s])
+            continue;
         snprintf(path, sizeof(path), "/v1/shard/%u/position", s);
         rc = -EHOSTUNREACH;
         if (owner < 0) {
@@ -697,19 +700,30 @@ int cmd_status(int argc, char **argv)
     }
     /* Who holds what: the shard map (etcd's, which failovers change, or the
      * file's). */
-    struct shard_copies copies[CONFIG_MAX_SHARDS];
+    static struct shard_copies copies[CONFIG_MAX_SHARDS];
+    static unsigned char shown[CONFIG_MAX_SHARDS];
     struct shard_map *map = NULL;
+    unsigned nshow = c.cfg.shard_count;
     char merr[256];
 
     if (c.cfg.etcd[0] && shard_map_open(&c.cfg, -1, &map, merr, sizeof(merr)) != 0)
         fprintf(stderr, "shardfs: the shard map in etcd: %s; showing shards.conf's\n", merr);
-    for (unsigned s = 0; s < c.cfg.shard_count; s++) {
-        copies[s] = (struct shard_copies){.primary = c.cfg.owner[s],
-                                          .nreplicas = c.cfg.nreplicas[s]};
-        for (unsigned k = 0; k < c.cfg.nreplicas[s]; k++)
-            copies[s].replicas[k] = c.cfg.replicas[s][k];
-        if (map && shard_map_get(map, s, &copies[s]) == 0)
+    if (map)
+        nshow = CONFIG_MAX_SHARDS; /* the map's shards: splits add some (reshard.h) */
+    for (unsigned s = 0; s < nshow; s++) {
+        shown[s] = s < c.cfg.shard_count;
+        if (s < c.cfg.shard_count) {
+            copies[s] = (struct shard_copies){.primary = c.cfg.owner[s],
+                                              .nreplicas = c.cfg.nreplicas[s]};
+            for (unsigned k = 0; k < c.cfg.nreplicas[s]; k++)
+                copies[s].replicas[k] = c.cfg.replicas[s][k];
+        }
+        if (map && shard_map_get(map, s, &copies[s]) == 0) {
+            shown[s] = 1;
             remote_owner_set(c.remote, s, copies[s].primary);
+        } else if (map) {
+            shown[s] = 0;
+        }
     }
     shard_map_close(map);
     /* In config order, once every node was pinged: a down node's line asks
@@ -736,12 +750,21 @@ int cmd_status(int argc, char **argv)
                    c.cfg.nodes[i].url, "-", strerror(-prc[i]));
     }
     printf("\n%-6s %-12s %12s %14s %8s\n", "SHARD", "OWNER", "RECORDS", "BYTES", "PENDING");
-    for (unsigned s = 0; s < c.cfg.shard_count; s++) {
+    for (unsigned s = 0; s < nshow; s++) {
         int owner = copies[s].primary;
         struct shard *sh = NULL;
         struct shard_stat st;
         int src = -EHOSTUNREACH;
 
+        if (!shown[s])
+            continue;
+        if (map && copies[s].building) {
+            /* not placed yet: its primary fills it (reshard.h) */
+            printf("%-6u %-12s %12s %14s %8s  (building: being split off shard %u, depth %u)\n",
+                   s, owner >= 0 ? c.cfg.nodes[owner].name : "-", "-", "-", "-",
+                   s - (1u << (copies[s].depth - 1)), copies[s].depth);
+            continue;
+        }
         if (owner < 0) {
             printf("%-6u %-12s %12s %14s %8s  (no primary)\n", s, "-", "-", "-", "-");
             continue;
@@ -758,14 +781,29 @@ int cmd_status(int argc, char **argv)
             printf("%-6u %-12s %12s %14s %8s  (%s)\n", s, c.cfg.nodes[owner].name, "-", "-", "-",
                    strerror(-src));
     }
-    for (unsigned s = 0; s < c.cfg.shard_count; s++) {
-        if (c.cfg.nreplicas[s] || copies[s].nreplicas) {
-            print_copies(&c, up, copies);
+    if (map) { /* map is closed: only whether there was one */
+        int deeper = 0;
+
+        for (unsigned s = 0; s < nshow; s++)
+            deeper |= shown[s] && copies[s].depth != c.cfg.shard_bits && !copies[s].building;
+        if (deeper) {
+            printf("\nlayout (the shard map):");
+            for (unsigned s = 0; s < nshow; s++)
+                if (shown[s] && !copies[s].building)
+                    printf(" %u:%u", s, copies[s].depth);
+            printf(" (shard:depth)\n");
+        }
+    }
+    for (unsigned s = 0; s < nshow; s++) {
+        if (shown[s] && ((s < c.cfg.shard_count && c.cfg.nreplicas[s]) || copies[s].nreplicas)) {
+            print_copies(&c, up, copies, shown, nshow);
             break;
         }
     }
-    /* Changes of the layout of the nodes whose data is on this machine. */
-    for (unsigned i = 0; store_layout_static(&c.cfg) && i < c.cfg.node_count; i++) {
+    /* Changes of the layout of the nodes whose data is on this machine (with
+     * etcd: a change their daemons are making). */
+    for (unsigned i = 0; (store_layout_static(&c.cfg) || c.cfg.etcd[0]) && i < c.cfg.node_count;
+         i++) {
         char prefix[CONFIG_NAME_MAX + 16] = "";
 
         if (access(c.cfg.nodes[i].data_dir, F_OK) != 0)

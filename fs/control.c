@@ -24,6 +24,7 @@
 struct control {
     struct ns *ns;
     struct node_server *srv;
+    struct failover *fo;    /* with etcd: the node's (reshard.h) */
     const struct config *cfg;
     int node;
     int fd;                 /* listening */
@@ -35,7 +36,7 @@ struct control {
      * control thread still answers `status` meanwhile. */
     pthread_mutex_t lock;
     int busy;               /* protected by lock: a change runs */
-    int merge;              /* protected by lock: what it is */
+    int op;                 /* protected by lock: what it is (enum reshard_op) */
     unsigned shard;
     struct reshard_stats last; /* protected by lock: its last progress */
     pthread_t job;
@@ -136,7 +137,7 @@ static void *job_main(void *arg)
     char err[1024] = "";
     int rc;
 
-    rc = reshard_online(ctl->ns, ctl->srv, ctl->cfg, ctl->node, ctl->merge, ctl->shard,
+    rc = reshard_online(ctl->ns, ctl->srv, ctl->fo, ctl->cfg, ctl->node, ctl->op, ctl->shard,
                         &ctl->cancel, &o, err, sizeof(err));
     /* Over before its client hears so: it may ask for the next at once. */
     pthread_mutex_lock(&ctl->lock);
@@ -156,7 +157,7 @@ static void *job_main(void *arg)
 
 /* Start the change on its thread, which then owns fd. 0, or -errno (a
  * change already runs: -EBUSY) with fd still the caller's. */
-static int job_start(struct control *ctl, int fd, int merge, unsigned shard)
+static int job_start(struct control *ctl, int fd, int op, unsigned shard)
 {
     struct job *j;
     sigset_t all, old;
@@ -166,7 +167,7 @@ static int job_start(struct control *ctl, int fd, int merge, unsigned shard)
     rc = ctl->busy ? -EBUSY : 0;
     if (rc == 0) {
         ctl->busy = 1;
-        ctl->merge = merge;
+        ctl->op = op;
         ctl->shard = shard;
         ctl->last = (struct reshard_stats){.phase = "starting"};
     }
@@ -200,12 +201,13 @@ static int job_start(struct control *ctl, int fd, int merge, unsigned shard)
 static void say_status(struct control *ctl, struct conn *c)
 {
     struct reshard_stats st;
-    int busy, merge;
+    static const char *const names[] = {"split", "merge", "resume"};
+    int busy, op;
     unsigned shard;
 
     pthread_mutex_lock(&ctl->lock);
     busy = ctl->busy;
-    merge = ctl->merge;
+    op = ctl->op;
     shard = ctl->shard;
     st = ctl->last;
     pthread_mutex_unlock(&ctl->lock);
@@ -213,7 +215,7 @@ static void say_status(struct control *ctl, struct conn *c)
         say(c, "idle\n");
         return;
     }
-    say(c, "change %s %u %s %llu %llu %llu %llu %.3f\n", merge ? "merge" : "split", shard,
+    say(c, "change %s %u %s %llu %llu %llu %llu %.3f\n", names[op], shard,
         st.phase, (unsigned long long)st.records, (unsigned long long)st.bytes,
         (unsigned long long)st.estimate, (unsigned long long)st.purged, st.seconds);
 }
@@ -243,11 +245,20 @@ static int serve_one(struct control *ctl, int fd)
         say_status(ctl, &c);
         return 0;
     }
-    if (sscanf(line, "%15s %u", what, &s) != 2 || (strcmp(what, "split") && strcmp(what, "merge"))) {
-        say(&c, "error %d expected \"split S\", \"merge S\" or \"status\"\n", EINVAL);
+    if (strcmp(line, "resume") == 0) {
+        strcpy(what, "resume");
+        s = 0;
+    } else if (sscanf(line, "%15s %u", what, &s) != 2 ||
+               (strcmp(what, "split") && strcmp(what, "merge"))) {
+        say(&c, "error %d expected \"split S\", \"merge S\", \"resume\" or \"status\"\n",
+            EINVAL);
         return 0;
     }
-    rc = job_start(ctl, fd, !strcmp(what, "merge"), s);
+    rc = job_start(ctl, fd,
+                   !strcmp(what, "merge")    ? RESHARD_MERGE
+                   : !strcmp(what, "resume") ? RESHARD_RESUME
+                                             : RESHARD_SPLIT,
+                   s);
     if (rc == -EBUSY)
         say(&c, "error %d another change of the layout is in progress (shardfs status)\n", EBUSY);
     else if (rc)
@@ -277,8 +288,8 @@ static void *control_main(void *arg)
     return NULL;
 }
 
-int control_start(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
-                  struct control **out)
+int control_start(struct ns *ns, struct node_server *srv, struct failover *fo,
+                  const struct config *cfg, int node, struct control **out)
 {
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     struct control *ctl;
@@ -294,6 +305,7 @@ int control_start(struct ns *ns, struct node_server *srv, const struct config *c
         return -ENOMEM;
     ctl->ns = ns;
     ctl->srv = srv;
+    ctl->fo = fo;
     ctl->cfg = cfg;
     ctl->node = node;
     ctl->stop[0] = ctl->stop[1] = -1;

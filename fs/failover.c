@@ -57,6 +57,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "batch.h"
 #include "clock.h"
@@ -77,6 +78,8 @@ struct fo_shard {
                            * failover thread changes it (placement) */
     struct shard *remote; /* the shard at its primary */
     int unfit;            /* never take the primary role: see failover_open */
+    int in_ns;            /* under fo->lock: the namespace's layout holds it (it
+                           * closes it); else failover_close does */
     int handing;          /* under fo->lock: a handover (failover_handover) runs */
     /* under fo->lock: */
     enum fo_role role;
@@ -318,7 +321,7 @@ static void role_primary(struct failover *fo, struct fo_shard *f, struct shard *
 /* Step down: the namespace goes to the new primary (ops on the wrapper
  * drain first: they fail, the map names another), the server redirects,
  * the copy is pulled again. */
-static void step_down(struct failover *fo, struct fo_shard *f)
+static void step_down(struct failover *fo, struct fo_shard *f, const char *why)
 {
     unsigned n = f->base.index;
 
@@ -332,8 +335,7 @@ static void step_down(struct failover *fo, struct fo_shard *f)
     if (fo->srv)
         node_server_set_shard(fo->srv, n, NULL);
     replica_sync_kick(fo->rs, n);
-    fprintf(stderr, "shardfs: shard %u: another node is its primary now; this copy is a replica\n",
-            n);
+    fprintf(stderr, "shardfs: shard %u: %s\n", n, why);
 }
 
 /* Sleep ms, or until stop. 1 if stopped. */
@@ -480,7 +482,7 @@ static void copy_add(struct failover *fo, struct fo_shard *f, const struct shard
     f->lmdb = lmdb;
     /* named primary with no copy here (no txn of ours does that: only an
      * in-sync replica becomes one): never serve what was just created */
-    f->unfit = c->primary == fo->self && copy_unfit(lmdb, c, fo->cfg);
+    f->unfit = c->primary == fo->self && !c->building && copy_unfit(lmdb, c, fo->cfg);
     pthread_mutex_unlock(&fo->lock);
     node_server_set_local(fo->srv, n, lmdb);
     rc = replica_sync_add(fo->rs, n, lmdb);
@@ -513,6 +515,23 @@ static void copy_drop(struct failover *fo, struct fo_shard *f)
                 "removed\n", n);
 }
 
+/* DESIGN: resharding. The map holds no shard n any more (a merge took it,
+ * or an abandoned split): no role, no copy. The switch stays (the
+ * namespace of this or another thread may still route to it until it
+ * follows the layout); a later split making n again reuses it. */
+static void shard_gone(struct failover *fo, struct fo_shard *f)
+{
+    enum fo_role role;
+
+    pthread_mutex_lock(&fo->lock);
+    role = f->role;
+    pthread_mutex_unlock(&fo->lock);
+    if (role == FO_PRIMARY)
+        step_down(fo, f, "the shard map holds it no more (merged, or its split taken back)");
+    if (f->lmdb)
+        copy_drop(fo, f);
+}
+
 /* DESIGN: one copy against the map. */
 static void reconcile(struct failover *fo, struct fo_shard *f)
 {
@@ -521,14 +540,16 @@ static void reconcile(struct failover *fo, struct fo_shard *f)
     enum fo_role role;
     int leader, slot;
 
-    if (shard_map_get(fo->map, n, &c) < 0)
+    if (shard_map_get(fo->map, n, &c) < 0) {
+        shard_gone(fo, f);
         return;
+    }
     leader = shard_map_leader(fo->map, n);
     pthread_mutex_lock(&fo->lock);
     role = f->role;
     pthread_mutex_unlock(&fo->lock);
     if (role == FO_PRIMARY && c.primary != fo->self) {
-        step_down(fo, f);
+        step_down(fo, f, "another node is its primary now; this copy is a replica");
         role = FO_REPLICA;
     }
     if (c.primary >= 0 && map_holds(&c, fo->self) && !f->lmdb)
@@ -555,9 +576,191 @@ static void reconcile(struct failover *fo, struct fo_shard *f)
         replica_sync_kick(fo->rs, n);
         return;
     }
-    if (role == FO_REPLICA && leader == -1 && c.primary != fo->self &&
+    if (role == FO_REPLICA && leader == -1 && c.primary != fo->self && !c.building &&
         (slot = in_sync_slot(&c, fo->self)) >= 0 && shard_map_lease_ok(fo->map))
         promote(fo, f, &c, slot);
+}
+
+/* ---- switches the map makes, and the layout (DESIGN: resharding) ---- */
+
+/* A switch for shard n, which a split made: ops go to its remote shard
+ * until the failover thread gives it a copy and a role. Not in the
+ * namespace until layout_follow puts it there. */
+static struct fo_shard *switch_new(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = calloc(1, sizeof(*f));
+
+    if (!f)
+        return NULL;
+    f->base.ops = &switch_ops;
+    f->base.index = n;
+    f->fo = fo;
+    remote_owner_set(fo->remote, n, shard_map_leader(fo->map, n));
+    if (shard_remote_open(fo->remote, n, &f->remote) != 0) {
+        free(f);
+        return NULL;
+    }
+    return f;
+}
+
+/* Shard n's switch; made when the map holds n and none exists yet. NULL
+ * when the map holds no n, or out of memory. */
+static struct fo_shard *switch_of(struct failover *fo, unsigned n)
+{
+    struct shard_copies c;
+    struct fo_shard *f, *made;
+
+    if (n >= CONFIG_MAX_SHARDS)
+        return NULL;
+    pthread_mutex_lock(&fo->lock);
+    f = fo->sh[n];
+    pthread_mutex_unlock(&fo->lock);
+    if (f || shard_map_get(fo->map, n, &c) != 0)
+        return f;
+    made = switch_new(fo, n);
+    if (!made)
+        return NULL;
+    pthread_mutex_lock(&fo->lock);
+    f = fo->sh[n];
+    if (!f)
+        f = fo->sh[n] = made;
+    pthread_mutex_unlock(&fo->lock);
+    if (f != made) { /* another thread made it first */
+        shard_close(made->remote);
+        free(made);
+    }
+    return f;
+}
+
+static struct fo_shard *switch_get(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f;
+
+    if (n >= CONFIG_MAX_SHARDS)
+        return NULL;
+    pthread_mutex_lock(&fo->lock);
+    f = fo->sh[n];
+    pthread_mutex_unlock(&fo->lock);
+    return f;
+}
+
+/* Split ns's shard i (depth d) once, with the switch of i + 2^d. */
+static int follow_split(struct failover *fo, unsigned i, unsigned d)
+{
+    unsigned t = i + (1u << d);
+    struct fo_shard *f = switch_of(fo, t);
+    int rc;
+
+    if (!f)
+        return -ENOMEM;
+    rc = ns_layout_split(fo->ns, i, &f->base);
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&fo->lock);
+    f->in_ns = 1;
+    pthread_mutex_unlock(&fo->lock);
+    remote_depth_set(fo->remote, i, d + 1);
+    remote_depth_set(fo->remote, t, d + 1);
+    return 1;
+}
+
+/* Merge ns's buddies at depth d that hold slot i; 0 when the upper one
+ * is split further (its own turn comes first). */
+static int follow_merge(struct failover *fo, unsigned i, unsigned d)
+{
+    unsigned low = i & ~(1u << (d - 1)), up = low + (1u << (d - 1));
+    struct ns *ns = fo->ns;
+    struct shard *gone;
+
+    if (!ns_is_shard(ns, low) || !ns_is_shard(ns, up) || ns_shard_depth(ns, low) != d ||
+        ns_shard_depth(ns, up) != d)
+        return 0;
+    gone = ns_layout_merge(ns, low);
+    if (!gone)
+        return 0;
+    pthread_mutex_lock(&fo->lock);
+    sw_of(gone)->in_ns = 0; /* a switch: every shard of the namespace is one */
+    pthread_mutex_unlock(&fo->lock);
+    remote_depth_set(fo->remote, low, d - 1);
+    remote_depth_set(fo->remote, up, d - 1);
+    return 1;
+}
+
+/* 1 if the namespace's layout is not the map's (want, slots). */
+static int layout_differs(struct failover *fo, const uint8_t *want, unsigned slots)
+{
+    unsigned n = ns_shard_count(fo->ns);
+
+    for (unsigned i = 0; i < n || i < slots; i++)
+        if (ns_shard_depth(fo->ns, i % n) != want[i % slots])
+            return 1;
+    return 0;
+}
+
+int failover_follow_paused(struct failover *fo)
+{
+    uint8_t want[CONFIG_MAX_SHARDS];
+    unsigned slots;
+    int changed = 0, rc = 0;
+
+    if (shard_map_layout(fo->map, want, &slots) != 0)
+        return -EIO;
+    for (int again = 1; again && rc >= 0;) {
+        again = 0;
+        for (unsigned i = 0; i < ns_shard_count(fo->ns) && rc >= 0; i++) {
+            unsigned d = ns_shard_depth(fo->ns, i), w = want[i % slots];
+
+            if (!ns_is_shard(fo->ns, i) || w == d)
+                continue;
+            rc = w > d ? follow_split(fo, i, d) : follow_merge(fo, i, d);
+            if (rc > 0)
+                again = changed = 1;
+        }
+    }
+    if (changed && fo->srv)
+        node_server_set_layout(fo->srv, want, slots);
+    if (rc < 0)
+        fprintf(stderr, "shardfs: cannot take the shard map's layout: %s\n", strerror(-rc));
+    return rc < 0 ? rc : changed;
+}
+
+/* The namespace's layout made the map's, operations paused meanwhile.
+ * 1 changed, 0 nothing to change, -errno. */
+static int layout_follow(struct failover *fo)
+{
+    uint8_t want[CONFIG_MAX_SHARDS];
+    unsigned slots;
+    int rc;
+
+    if (shard_map_layout(fo->map, want, &slots) != 0 || !layout_differs(fo, want, slots))
+        return 0;
+    ns_quiesce(fo->ns);
+    if (fo->srv)
+        node_server_quiesce(fo->srv);
+    rc = failover_follow_paused(fo);
+    if (fo->srv)
+        node_server_unquiesce(fo->srv);
+    ns_unquiesce(fo->ns);
+    if (rc > 0)
+        fprintf(stderr, "shardfs: took the shard map's layout (%u slots)\n",
+                ns_shard_count(fo->ns));
+    return rc;
+}
+
+/* ns_relayout_fn: a shard refused an operation for another layout. The
+ * node that refused acted on a map change this node's watch may not have
+ * brought yet: wait for it a little. 0 when the layout changed. */
+#define FO_RELAYOUT_WAIT_MS 2000
+#define FO_RELAYOUT_STEP_MS 10
+static int relayout(void *ctx)
+{
+    struct failover *fo = ctx;
+    int64_t until = clock_mono_ms() + FO_RELAYOUT_WAIT_MS;
+    int rc;
+
+    while ((rc = layout_follow(fo)) == 0 && clock_mono_ms() < until)
+        usleep(FO_RELAYOUT_STEP_MS * 1000);
+    return rc > 0 ? 0 : rc < 0 ? rc : -ENOENT;
 }
 
 static void *fo_main(void *arg)
@@ -573,11 +776,11 @@ static void *fo_main(void *arg)
 
         clock_deadline_in(&ts, period);
         pthread_mutex_lock(&fo->lock);
-        for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+        for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
             any |= fo->dirty[i];
         while (!fo->stop && !any &&
                pthread_cond_timedwait(&fo->cond, &fo->lock, &ts) != ETIMEDOUT)
-            for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+            for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
                 any |= fo->dirty[i];
         memcpy(todo, fo->dirty, sizeof(todo));
         memset(fo->dirty, 0, sizeof(fo->dirty));
@@ -586,15 +789,21 @@ static void *fo_main(void *arg)
             break;
         }
         pthread_mutex_unlock(&fo->lock);
-        /* a periodic round looks at every copy (todo unused then) */
-        for (unsigned i = 0; i < fo->cfg->shard_count; i++)
-            if (fo->sh[i] && (todo[i] || !any))
-                reconcile(fo, fo->sh[i]);
+        /* a periodic round looks at every copy (todo unused then); a
+         * shard a split made gets its switch here */
+        for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
+            struct fo_shard *f = todo[i] ? switch_of(fo, i) : switch_get(fo, i);
+
+            if (f && (todo[i] || !any))
+                reconcile(fo, f);
+        }
+        layout_follow(fo);
         /* A redirect from a node with an older view may have pointed a
          * shard's requests at a primary the map no longer names (the map
          * then says nothing new): the map's word again, every round. */
-        for (unsigned i = 0; !any && i < fo->cfg->shard_count; i++)
-            remote_owner_set(fo->remote, i, shard_map_leader(fo->map, i));
+        for (unsigned i = 0; !any && i < CONFIG_MAX_SHARDS; i++)
+            if (switch_get(fo, i))
+                remote_owner_set(fo->remote, i, shard_map_leader(fo->map, i));
     }
     return NULL;
 }
@@ -608,7 +817,7 @@ static void on_map_change(void *ctx, unsigned n)
     remote_owner_set(fo->remote, n, leader);
     replica_sync_kick(fo->rs, n);
     pthread_mutex_lock(&fo->lock);
-    if (fo->sh[n] && fo->sh[n]->role == FO_PRIMARY && fo->sh[n]->primary)
+    if (n < CONFIG_MAX_SHARDS && fo->sh[n] && fo->sh[n]->role == FO_PRIMARY && fo->sh[n]->primary)
         shard_repl_map_changed(fo->sh[n]->primary);
     fo->dirty[n] = 1;
     pthread_cond_broadcast(&fo->cond);
@@ -667,7 +876,7 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
                       char *err, size_t errlen)
 {
     unsigned tmo = fo->cfg->timeout_ms ? fo->cfg->timeout_ms : 5000;
-    struct fo_shard *f = n < fo->cfg->shard_count ? fo->sh[n] : NULL;
+    struct fo_shard *f = switch_get(fo, n);
     struct shard_repl_status st;
     struct shard_copies c;
     struct stream_pos p;
@@ -677,7 +886,7 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
     int rc, frozen = 0, moved = 0, slot = -1;
 
     memset(out, 0, sizeof(*out));
-    if (n >= fo->cfg->shard_count || to < 0 || (unsigned)to >= fo->cfg->node_count) {
+    if (!f || to < 0 || (unsigned)to >= fo->cfg->node_count) {
         snprintf(err, errlen, "no such shard or node");
         return -EINVAL;
     }
@@ -785,7 +994,7 @@ out:
 
 struct shard *failover_primary_get(struct failover *fo, unsigned n)
 {
-    struct fo_shard *f = n < fo->cfg->shard_count ? fo->sh[n] : NULL;
+    struct fo_shard *f = switch_get(fo, n);
     struct shard *w = NULL;
 
     if (!f)
@@ -798,6 +1007,31 @@ struct shard *failover_primary_get(struct failover *fo, unsigned n)
     }
     pthread_mutex_unlock(&fo->lock);
     return w;
+}
+
+struct shard_map *failover_map(struct failover *fo)
+{
+    return fo->map;
+}
+
+struct shard *failover_switch(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = switch_of(fo, n);
+
+    return f ? &f->base : NULL;
+}
+
+struct shard *failover_copy(struct failover *fo, unsigned n)
+{
+    struct fo_shard *f = switch_get(fo, n);
+    struct shard *lmdb = NULL;
+
+    if (f) {
+        pthread_mutex_lock(&fo->lock);
+        lmdb = f->lmdb;
+        pthread_mutex_unlock(&fo->lock);
+    }
+    return lmdb;
 }
 
 void failover_primary_put(struct failover *fo, unsigned n)
@@ -823,7 +1057,7 @@ int failover_primary_of(void *ctx, unsigned n, uint64_t *epoch)
         return -1;
     *epoch = c.epoch;
     pthread_mutex_lock(&fo->lock);
-    if (fo->sh[n])
+    if (n < CONFIG_MAX_SHARDS && fo->sh[n])
         role = fo->sh[n]->role;
     pthread_mutex_unlock(&fo->lock);
     return role != FO_REPLICA ? fo->self : c.primary;
@@ -868,6 +1102,8 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
         int holds, known;
 
         local[i] = NULL;
+        if (!ns_is_shard(ns, i))
+            continue; /* a slot of a shallower shard (the map's layout: main.c) */
         remote_owner_set(fo->remote, i, shard_map_leader(map, i));
         rc = shard_map_get(map, i, &c);
         holds = rc == 0 && map_holds(&c, node);
@@ -882,7 +1118,8 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
         f->base.ops = &switch_ops;
         f->base.index = i;
         f->fo = fo;
-        if (cfg->owner[i] == node) {
+        f->in_ns = 1;
+        if (ns_shard_is_local(ns, i)) {
             rc = shard_remote_open(fo->remote, i, &f->remote);
             if (rc) {
                 free(f);
@@ -949,7 +1186,15 @@ int failover_open(const struct config *cfg, int node, struct ns *ns, struct shar
             break;
         }
     }
-    return rc;
+    if (rc == 0) {
+        /* the map's layout (main.c opened the namespace with it; it may
+         * have changed since), and a refusal for another one follows it */
+        rc = failover_follow_paused(fo);
+        if (rc < 0)
+            snprintf(err, errlen, "failover: the shard map's layout: %s", strerror(-rc));
+        ns_set_relayout(ns, relayout, fo);
+    }
+    return rc < 0 ? rc : 0;
 }
 
 void failover_started(void *ctx, struct node_server *srv)
@@ -958,7 +1203,7 @@ void failover_started(void *ctx, struct node_server *srv)
 
     pthread_mutex_lock(&fo->lock);
     fo->srv = srv;
-    for (unsigned i = 0; i < fo->cfg->shard_count; i++)
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
         if (fo->sh[i])
             node_server_set_shard(srv, i, fo->sh[i]->role == FO_PRIMARY ? fo->sh[i]->primary
                                                                           : NULL);
@@ -972,9 +1217,13 @@ int failover_start(struct failover *fo, struct replica_sync *rs, char *err, size
 
     fo->rs = rs;
     shard_map_on_change(fo->map, on_map_change, fo);
-    /* what changed before we listened */
-    for (unsigned i = 0; i < fo->cfg->shard_count; i++)
-        on_map_change(fo, i);
+    /* what changed before we listened (a shard a split made too) */
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
+        struct shard_copies c;
+
+        if (fo->sh[i] || shard_map_get(fo->map, i, &c) == 0)
+            on_map_change(fo, i);
+    }
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     rc = -pthread_create(&fo->thread, NULL, fo_main, fo);
@@ -1008,9 +1257,16 @@ void failover_close(struct failover *fo)
     if (!fo)
         return;
     failover_stop(fo);
-    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++)
-        if (fo->sh[i])
-            fo->sh[i]->fo = NULL; /* ns_close did not run: the switch outlives us */
+    for (unsigned i = 0; i < CONFIG_MAX_SHARDS; i++) {
+        struct fo_shard *f = fo->sh[i];
+
+        if (f && !f->in_ns) {
+            f->fo = NULL;
+            sw_close(&f->base); /* no namespace closes it */
+        } else if (f) {
+            f->fo = NULL; /* ns_close did not run: the switch outlives us */
+        }
+    }
     pthread_cond_destroy(&fo->cond);
     pthread_mutex_destroy(&fo->lock);
     free(fo);

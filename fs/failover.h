@@ -116,6 +116,22 @@ int failover_handover(struct failover *fo, unsigned n, int to, struct failover_h
 struct shard *failover_primary_get(struct failover *fo, unsigned n);
 void failover_primary_put(struct failover *fo, unsigned n);
 
+/* Resharding (fs/reshard.c; DESIGN.md, Resharding in a cluster).
+ * failover_switch: shard n's switch, made when the map holds n (a split's
+ * target, building); NULL when it does not. It is the namespace's once
+ * its layout has n (failover_follow_paused), else failover_close's.
+ * failover_copy: this node's copy of n (the LMDB shard), or NULL; the
+ * caller holds n's primary (failover_primary_get), so it stays.
+ * failover_follow_paused: make the namespace's layout (and the node
+ * server's) the map's, with no operation in flight in either (the caller
+ * quiesced them): 1 changed, 0 the same, -errno. The failover thread does
+ * the same by itself after every change of the map, and a shard's refusal
+ * for another layout (ns_set_relayout) waits for the map to bring it. */
+struct shard_map *failover_map(struct failover *fo);
+struct shard *failover_switch(struct failover *fo, unsigned n);
+struct shard *failover_copy(struct failover *fo, unsigned n);
+int failover_follow_paused(struct failover *fo);
+
 /* How many times this process promoted a copy / stepped down. */
 void failover_counts(struct failover *fo, unsigned *promotions, unsigned *demotions);
 

@@ -230,6 +230,42 @@ static int load_config(const struct cli *c)
     return node;
 }
 
+/* With etcd the shard map holds the layout (splits and merges change it
+ * there): cfg takes it before a serving open, so the namespace opens the
+ * shards the map places. A shard a split made gets its base shard's
+ * copies in cfg, as the split gave them; the map's word on them is the
+ * truth after that (failover.h). 0, or -1 with a reason in err. */
+static int map_layout_load(char *err, size_t errlen)
+{
+    struct shard_map *m = NULL;
+    uint8_t depth[CONFIG_MAX_SHARDS];
+    unsigned slots;
+    int rc;
+
+    if (!cfg.etcd[0])
+        return 0;
+    rc = shard_map_open(&cfg, -1, &m, err, errlen);
+    if (rc == 0 && shard_map_layout(m, depth, &slots) != 0) {
+        snprintf(err, errlen, "the shard map in etcd holds no layout (a shard is missing)");
+        rc = -EIO;
+    }
+    shard_map_close(m);
+    if (rc)
+        return -1;
+    cfg.shard_count = slots;
+    memcpy(cfg.depth, depth, slots);
+    for (cfg.shard_bits = 0; (1u << cfg.shard_bits) < slots; cfg.shard_bits++)
+        ;
+    for (unsigned i = cfg.file_shards; i < slots; i++) {
+        unsigned base = i & (cfg.file_shards - 1);
+
+        cfg.owner[i] = cfg.owner[base];
+        cfg.nreplicas[i] = cfg.nreplicas[base];
+        memcpy(cfg.replicas[i], cfg.replicas[base], sizeof(cfg.replicas[i]));
+    }
+    return 0;
+}
+
 /* load_config, and refuse a store with a split or merge in flight. */
 static int load_store_config(const struct cli *c)
 {
@@ -415,7 +451,8 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     int rc = 1, mounted = 0, handlers = 0;
     struct store_lock_opts lock = lock_opts(c, "mount", mount_abs[0] ? mount_abs : NULL);
 
-    if (ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
+    if (map_layout_load(err, sizeof(err)) != 0 ||
+        ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
         goto out;
     fsck_after_unclean_stop(ns, stderr); /* a failure is said, and served as is */
     /* Other writers exist when other nodes do, or the key API. */
@@ -446,7 +483,8 @@ static int serve_mount(int node, const struct cli *c, int ready_fd)
     }
     mounted = 1;
     /* `shardfs reshard` of a mounted store asks this daemon (control.h). */
-    if (store_layout_static(&cfg) && control_start(ns, sv.srv, &cfg, node, &ctl) != 0)
+    if ((store_layout_static(&cfg) || replication_failover(sv.rep)) &&
+        control_start(ns, sv.srv, replication_failover(sv.rep), &cfg, node, &ctl) != 0)
         fprintf(stderr, "shardfs: %s/CONTROL: cannot listen: online resharding is off\n",
                 cfg.nodes[node].data_dir);
     report_ready(ready_fd, "");
@@ -598,7 +636,8 @@ static int serve_node(int node, const struct cli *c, int ready_fd)
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
-    if (ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
+    if (map_layout_load(err, sizeof(err)) != 0 ||
+        ns_open(&cfg, node, 0, &lock, &ns, err, sizeof(err)) != 0)
         goto out;
     fsck_after_unclean_stop(ns, stderr); /* a failure is said, and served as is */
     if (!server_wanted(node)) {
@@ -831,6 +870,23 @@ static int own_shard(int node, unsigned i)
     return config_shard_owner(&cfg, i) == node;
 }
 
+/* The shards the map makes node the primary of, in *list. 0 or -errno. */
+static int map_led_shards(int node, unsigned *list, unsigned *n, char *err, size_t errlen)
+{
+    struct shard_map *m = NULL;
+    int rc = shard_map_open(&cfg, -1, &m, err, errlen);
+
+    *n = 0;
+    for (unsigned i = 0; rc == 0 && i < CONFIG_MAX_SHARDS; i++) {
+        struct shard_copies c;
+
+        if (shard_map_get(m, i, &c) == 0 && !c.building && c.primary == node)
+            list[(*n)++] = i;
+    }
+    shard_map_close(m);
+    return rc;
+}
+
 /* The change of cmd_reshard through the daemon of the mounted store; prints
  * the same as offline (and the pause). 0 or -errno, the message in err. */
 static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
@@ -840,7 +896,11 @@ static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
     char line[64];
     int r = 0;
 
-    if (all) {
+    if (all && cfg.etcd[0]) {
+        r = map_led_shards(node, list, &n, err, errlen);
+        if (r)
+            return r;
+    } else if (all) {
         for (unsigned i = 0; i < cfg.shard_count; i++)
             if (placement_is_shard(cfg.depth, i) && own_shard(node, i))
                 list[n++] = i;
@@ -848,17 +908,21 @@ static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
         list[n++] = shard;
     }
     for (unsigned k = 0; k < n && r == 0; k++) {
-        snprintf(line, sizeof(line), "%s %u", sub, list[k]);
+        if (!strcmp(sub, "resume"))
+            snprintf(line, sizeof(line), "resume");
+        else
+            snprintf(line, sizeof(line), "%s %u", sub, list[k]);
         r = control_request(&cfg, node, line, o, err, errlen);
         if (r == 0) {
-            print_done(sub, o);
+            print_done(strcmp(sub, "resume") ? sub : "resumed", o);
             printf("%s: %llu writes passed on during the copy; operations waited %.1f ms at "
                    "the cut-over\n",
                    sub, (unsigned long long)o->mirrored, o->pause_ms);
         }
         if (r == 0) { /* the layout, as the daemon made it */
             char e2[ERR_MAX];
-            if (store_layout_apply(&cfg, node, e2, sizeof(e2)) != 0)
+            if ((cfg.etcd[0] ? map_layout_load(e2, sizeof(e2))
+                             : store_layout_apply(&cfg, node, e2, sizeof(e2))) != 0)
                 fprintf(stderr, "shardfs: %s\n", e2);
         }
     }
@@ -906,6 +970,26 @@ static int cmd_reshard(int argc, char **argv)
     if (node < 0)
         return 2;
     o.wait_ms = c.wait_ms;
+    if (cfg.etcd[0]) {
+        /* The map holds the layout and the change: the node's daemon
+         * makes it (reshard.h), and only a running node can. */
+        if (map_layout_load(err, sizeof(err)) != 0) {
+            r = -EIO;
+            goto fail;
+        }
+        err[0] = 0;
+        r = reshard_mounted(node, sub, all, (unsigned)shard, &o, err, sizeof(err));
+        if ((r == -ENOENT || r == -ECONNREFUSED) && !err[0])
+            snprintf(err, sizeof(err),
+                     "node %s is not mounted: with etcd, a running node changes the layout "
+                     "of the shards it leads (mount it, then ask again)",
+                     cfg.nodes[node].name);
+        if (r == 0)
+            return 0;
+        if (r == -ENOENT && !strcmp(sub, "resume"))
+            r = -EINVAL; /* nothing to resume: exit 1 */
+        goto fail;
+    }
     /* Every command finishes a change a kill interrupted first. */
     r = reshard_resume(&cfg, node, &o, err, sizeof(err));
     if (r == -EAGAIN && strcmp(sub, "resume")) {

@@ -78,6 +78,13 @@ static int push_in(void *ctx, unsigned shard, int from, uint64_t epoch,
     return rc;
 }
 
+/* Shard indexes to look at: with failover the map's (a split adds
+ * shards), else the config's. */
+static unsigned shard_limit(const struct replication *rep)
+{
+    return rep->fo ? CONFIG_MAX_SHARDS : rep->cfg->shard_count;
+}
+
 int replication_wanted(const struct config *cfg)
 {
     for (unsigned i = 0; i < cfg->shard_count; i++)
@@ -150,6 +157,11 @@ fail:
     /* Wrappers already in ns borrow the map: the caller closes ns first. */
     *out = rep;
     return rc;
+}
+
+struct failover *replication_failover(struct replication *rep)
+{
+    return rep ? rep->fo : NULL;
 }
 
 const struct node_server_repl *replication_server(struct replication *rep)
@@ -273,10 +285,10 @@ static void route_promote(struct replication *rep, const struct node_request *re
     int to = -1, rc;
 
     if (!json_is_integer(shard) || !json_is_string(node) || json_integer_value(shard) < 0 ||
-        json_integer_value(shard) >= (json_int_t)rep->cfg->shard_count) {
+        json_integer_value(shard) >= (json_int_t)shard_limit(rep)) {
         json_decref(in);
         node_response_error(resp, -EINVAL, "want {\"shard\": 0..%u, \"node\": NAME}",
-                            rep->cfg->shard_count - 1);
+                            shard_limit(rep) - 1);
         return;
     }
     for (unsigned i = 0; i < rep->cfg->node_count; i++)
@@ -337,7 +349,7 @@ void replication_drain(struct replication *rep, unsigned timeout_ms)
 {
     int64_t until = clock_mono_ms() + timeout_ms;
 
-    for (unsigned n = 0; rep && n < rep->cfg->shard_count; n++) {
+    for (unsigned n = 0; rep && n < shard_limit(rep); n++) {
         struct shard_repl_status st;
         struct shard *w = primary_get(rep, n);
 
@@ -520,7 +532,7 @@ static void route_checksum(struct replication *rep, const struct node_request *r
         return;
     }
     if (!json_is_integer(shard) || json_integer_value(shard) < 0 ||
-        json_integer_value(shard) >= (json_int_t)rep->cfg->shard_count ||
+        json_integer_value(shard) >= (json_int_t)shard_limit(rep) ||
         (json_object_get(in, "wait_ms") && json_u64_of(in, "wait_ms", &wait_ms) < 0)) {
         json_decref(in);
         node_response_error(resp, -EINVAL, "want {\"shard\": N[, \"wait_ms\": MS]"
@@ -597,7 +609,7 @@ int replication_route(struct replication *rep, const struct node_request *req,
     if (!route_is(req, REPLICATION_ROUTE, "GET", resp, &handled))
         return handled ? 0 : 1;
     list = json_array();
-    for (unsigned i = 0; list && rep && i < rep->cfg->shard_count; i++) {
+    for (unsigned i = 0; list && rep && i < shard_limit(rep); i++) {
         struct replica_status st;
 
         if (replica_sync_status(rep->sync, i, &st) == 0 && st.primary != rep->node &&

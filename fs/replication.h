@@ -85,6 +85,10 @@ int replication_wanted(const struct config *cfg);
 int replication_open(const struct config *cfg, int node, struct ns *ns, struct replication **out,
                      char *err, size_t errlen);
 /* What node_server_start_repl() takes; valid until replication_close(). */
+/* The node's failover (failover.h) with etcd, else NULL; NULL-safe. */
+struct failover;
+struct failover *replication_failover(struct replication *rep);
+
 const struct node_server_repl *replication_server(struct replication *rep);
 /* Start the replica-sync thread (a node with no replica starts none) and
  * let the map's changes reach it. 0 or -errno with a reason. */

@@ -24,13 +24,17 @@
 #include <unistd.h>
 
 #include "batch.h"
+#include "clock.h"
 #include "durable.h"
+#include "failover.h"
 #include "namespace.h"
 #include "node_server.h"
 #include "placement.h"
 #include "record.h"
 #include "shard.h"
 #include "shard_lmdb.h"
+#include "shard_map.h"
+#include "shard_repl.h"
 #include "store_layout.h"
 #include "store_lock.h"
 
@@ -357,9 +361,14 @@ static int meta_write(struct shard *sh, unsigned index, unsigned depth)
     return rc;
 }
 
+#define PURGE_ALL 64u /* purge_records' bit: every placed record */
+
 struct purge {
     struct batch b;
     unsigned bit, max;
+    int own;          /* else bit: delete what the shard `index` does not own at mask */
+    uint64_t mask;
+    unsigned index;
     size_t seen, seen_max; /* bytes read in this batch, and the bound */
     uint8_t last[BATCH_KEY_MAX];
     size_t lastlen;
@@ -374,23 +383,24 @@ static int purge_one(void *ctx, const uint8_t *k, size_t kl, const uint8_t *v, s
     memcpy(p->last, k, kl);
     p->lastlen = kl;
     p->seen += kl + vl; /* the scan read it: a batch's time is bounded by both */
-    if (record_placement(k, kl, &h) || !((h >> p->bit) & 1))
+    if (record_placement(k, kl, &h) ||
+        (p->own ? (h & p->mask) == p->index : p->bit != PURGE_ALL && !((h >> p->bit) & 1)))
         return p->seen >= p->seen_max ? 1 : 0;
     batch_del(&p->b, k, kl);
     return p->b.count >= p->max || p->seen >= p->seen_max ? 1 : 0;
 }
 
-/* Delete from sh every placed record whose hash has `bit` set; sync. */
-static int purge_records(struct job *j, struct shard *sh, unsigned bit)
+/* The purge of purge_through, as *pp says (bit, or own/mask/index). */
+static int purge_run(struct job *j, struct shard *scan, struct shard *sh, const struct purge *pp)
 {
-    struct purge p = {.bit = bit,
-                      .max = j->cancel ? ONLINE_PURGE_KEYS : PURGE_KEYS,
-                      .seen_max = 2 * chunk_bytes(j)};
+    struct purge p = *pp;
     uint8_t start[BATCH_KEY_MAX];
     struct timespec p0;
     size_t slen = 0;
     int rc;
 
+    p.max = j->cancel ? ONLINE_PURGE_KEYS : PURGE_KEYS;
+    p.seen_max = 2 * chunk_bytes(j);
     batch_init(&p.b);
     j->st.phase = "purge";
     report(j, 1);
@@ -398,7 +408,7 @@ static int purge_records(struct job *j, struct shard *sh, unsigned bit)
         clock_gettime(CLOCK_MONOTONIC, &p0);
         batch_reset(&p.b);
         p.seen = 0;
-        rc = shard_scan(sh, slen ? start : NULL, slen, NULL, 0, purge_one, &p);
+        rc = shard_scan(scan, slen ? start : NULL, slen, NULL, 0, purge_one, &p);
         if (rc >= 0 && p.b.count) {
             int r = shard_apply(sh, &p.b);
             if (r)
@@ -421,6 +431,22 @@ static int purge_records(struct job *j, struct shard *sh, unsigned bit)
         rc = shard_sync(sh);
     report(j, 1);
     return rc;
+}
+
+/* purge_records, reading scan and deleting through sh: in a cluster scan
+ * is the primary's own copy (its wrapper's scans hide what is not the
+ * shard's) and sh the wrapper, whose stream takes the deletes to the
+ * replicas. */
+static int purge_through(struct job *j, struct shard *scan, struct shard *sh, unsigned bit)
+{
+    return purge_run(j, scan, sh, &(struct purge){.bit = bit});
+}
+
+/* Delete from sh every placed record whose hash has `bit` set (PURGE_ALL:
+ * every one); sync. */
+static int purge_records(struct job *j, struct shard *sh, unsigned bit)
+{
+    return purge_through(j, sh, sh, bit);
 }
 
 /* ---- the phases ---- */
@@ -675,6 +701,19 @@ static int job_start(struct job *j)
     return rc;
 }
 
+/* A split of s at depth j->d: j->s, and -ERANGE when the new shard would
+ * be past CONFIG_MAX_SHARDS. */
+static int split_room(struct job *j, unsigned s)
+{
+    j->s = s;
+    if ((2u << j->d) > CONFIG_MAX_SHARDS) {
+        snprintf(j->err, j->errlen, "shard %u: a split would make shard %u, past the limit of %u",
+                 s, s + (1u << j->d), CONFIG_MAX_SHARDS);
+        return -ERANGE;
+    }
+    return 0;
+}
+
 /* Check that the change op of shard s can be made on the layout in j->l,
  * and set j->op, j->s (the shard split, or the lower buddy merged into) and
  * j->d (the depth the change starts from). -EINVAL: s is not a shard, or a
@@ -698,16 +737,8 @@ static int job_check(struct job *j, int op, unsigned s)
     }
     j->op = op;
     j->d = j->l.depth[s];
-    if (op == OP_SPLIT) {
-        j->s = s;
-        if ((2u << j->d) > CONFIG_MAX_SHARDS) {
-            snprintf(j->err, j->errlen,
-                     "shard %u: a split would make shard %u, past the limit of %u", s,
-                     s + (1u << j->d), CONFIG_MAX_SHARDS);
-            return -ERANGE;
-        }
-        return 0;
-    }
+    if (op == OP_SPLIT)
+        return split_room(j, s);
     j->s = s & ((1u << (j->d - 1)) - 1);
     if (j->cfg->node_count > 1 && (1u << (j->d - 1)) < j->l.base) {
         /* Buddies below the config's count are shards of the config, each
@@ -834,6 +865,11 @@ static void pass_close(struct shard *s)
     (void)s; /* the change owns the shards */
 }
 
+static struct shard *pass_inner(struct shard *s)
+{
+    return inner_of(s);
+}
+
 static void pass_init(struct pass *p, const struct shard_ops *ops, struct shard *inner)
 {
     p->base.ops = ops;
@@ -844,6 +880,7 @@ static void pass_init(struct pass *p, const struct shard_ops *ops, struct shard 
 struct mirror {
     struct pass p;          /* reads go to the source, p.inner */
     struct shard *dst;
+    struct shard *dst_all;  /* dst with nothing hidden, for a merge's range deletes */
     pthread_mutex_t mu;
     int all;                /* merge */
     unsigned bit;           /* split: the new bit; merge: the upper buddy's bit */
@@ -902,7 +939,8 @@ static int mir_part(struct mirror *m, const struct batch *b, struct batch *out)
                 batch_add(out, it.op, it.key, it.klen, it.val, it.vlen);
             } else {
                 struct range_dels r = {m, out};
-                rc = shard_scan(m->dst, it.key, it.klen, it.val, it.vlen, range_del_one, &r);
+                rc = shard_scan(m->dst_all, it.key, it.klen, it.val, it.vlen, range_del_one,
+                                &r);
                 if (rc < 0)
                     return rc;
             }
@@ -950,6 +988,7 @@ static const struct shard_ops mirror_ops = {
     .get_many = pass_get_many,
     .scan_join = pass_scan_join,
     .stat = pass_stat,
+    .inner = pass_inner,
     .close = pass_close,
 };
 
@@ -958,7 +997,7 @@ static void mirror_init(struct mirror *m, struct shard *src, struct shard *dst, 
 {
     memset(m, 0, sizeof(*m));
     pass_init(&m->p, &mirror_ops, src);
-    m->dst = dst;
+    m->dst = m->dst_all = dst;
     m->all = all;
     m->bit = bit;
     pthread_mutex_init(&m->mu, NULL);
@@ -1039,6 +1078,7 @@ static const struct shard_ops hide_ops = {
     .get_many = pass_get_many,
     .scan_join = hide_scan_join,
     .stat = pass_stat,
+    .inner = pass_inner,
     .close = pass_close,
 };
 
@@ -1249,10 +1289,509 @@ static int online_merge(struct job *j, struct ns *ns)
     return rc;
 }
 
-int reshard_online(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
-                   int merge, unsigned s, const volatile int *cancel, struct reshard_opts *o,
-                   char *err, size_t errlen)
+
+/* ---- online in a cluster with etcd (DESIGN.md, Resharding in a cluster) ----
+ *
+ * The job runs on the primary of the shard it changes, and every copy of
+ * the shard changes with it: the map makes the target (split_begin), the
+ * failover thread of each node named gives it a copy, this node's takes
+ * the target's primary role, and what the copy and the mirror write goes
+ * through the target's replicated wrapper, so its replicas build their
+ * copies from its stream as they would after a `replica add`. The map's
+ * one txn (split_commit, merge) is the cut-over; every node follows the
+ * new layout from the map (failover.h). The purge deletes through the
+ * source's wrapper, so its replicas purge by the stream too; until it is
+ * done, the wrappers' scans hide what a shard does not own at its map
+ * depth (shard_repl.c), on every node and after a failover. */
+
+#define CLUSTER_ROLE_MS 10000  /* for the failover thread to take the target's role */
+#define CLUSTER_LEVEL_MS 30000 /* for the target's replicas to copy what was written */
+#define CLUSTER_FINAL_MS 2000  /* the same in the cut-over's pause: the last writes */
+#define CLUSTER_STEP_MS 10
+
+/* A shard whose primary this node holds for the job (no handover meanwhile). */
+struct held {
+    struct failover *fo;
+    unsigned n;
+    struct shard *w;    /* the primary's wrapper (shard_repl.h) */
+    struct shard *sw;   /* its switch: what the namespace holds */
+    struct shard *copy; /* this node's LMDB copy: what the wrapper hides, unhidden */
+};
+
+/* Hold shard n's primary role, waiting up to ms for the failover thread to
+ * take it. 0, or -EPERM with the reason in j->err. */
+static int hold_primary(struct job *j, struct failover *fo, unsigned n, unsigned ms,
+                        struct held *h)
 {
+    int64_t until = clock_mono_ms() + ms;
+
+    memset(h, 0, sizeof(*h));
+    h->fo = fo;
+    h->n = n;
+    while (!(h->w = failover_primary_get(fo, n))) {
+        if (clock_mono_ms() >= until) {
+            snprintf(j->err, j->errlen,
+                     "shard %u: %s is not its primary (run the command on its primary's node; "
+                     "`shardfs status` names it), or a handover of it is under way",
+                     n, j->cfg->nodes[j->node].name);
+            return -EPERM;
+        }
+        usleep(CLUSTER_STEP_MS * 1000);
+    }
+    h->sw = failover_switch(fo, n);
+    h->copy = failover_copy(fo, n);
+    if (!h->sw || !h->copy) {
+        failover_primary_put(fo, n);
+        h->w = NULL;
+        snprintf(j->err, j->errlen, "shard %u: no switch or copy of it here", n);
+        return -EIO;
+    }
+    return 0;
+}
+
+static void let_go(struct held *h)
+{
+    if (h->w)
+        failover_primary_put(h->fo, h->n);
+    h->w = NULL;
+}
+
+/* A shard that may hold records it does not own at its map depth (a
+ * split's source until its purge is done, a merge's lower buddy from its
+ * copy until its cut-over) carries this record, written through its
+ * wrapper: its replicas hold it too, so after a kill or a failover the
+ * shard's primary, whoever it is by then, finds it and purges
+ * (`shardfs reshard resume`). Ordinary data to the layers below. */
+static const char purge_mark[] = "Mreshard-purge";
+
+static int mark_set(struct shard *w, int on)
+{
+    struct batch b;
+    int rc;
+
+    batch_init(&b);
+    if (on)
+        batch_put(&b, purge_mark, sizeof(purge_mark) - 1, "", 0);
+    else
+        batch_del(&b, purge_mark, sizeof(purge_mark) - 1);
+    rc = shard_apply(w, &b);
+    batch_free(&b);
+    return rc;
+}
+
+/* Delete from h's shard every placed record it does not own at depth,
+ * through its wrapper; then its mark. Counted in j->st.purged. */
+static int purge_unowned(struct job *j, const struct held *h, unsigned depth)
+{
+    struct purge p = {.own = 1, .mask = (1ull << depth) - 1, .index = h->n};
+    int rc = purge_run(j, h->copy, h->w, &p);
+
+    return rc ? rc : mark_set(h->w, 0);
+}
+
+/* What an earlier try left in the target (the copy only adds): gone
+ * first, not counted as the change's purge. */
+static int clear_target(struct job *j, const struct held *h)
+{
+    uint64_t purged = j->st.purged;
+    int rc = purge_through(j, h->copy, h->w, PURGE_ALL);
+
+    j->st.purged = purged;
+    j->st.phase = "copy";
+    return rc;
+}
+
+/* Shard index is s for the namespace and srv for the node's server (a
+ * mirror for both, or the switch and its wrapper again); paused. */
+static void serve_pair(struct job *j, struct ns *ns, unsigned index, struct shard *s,
+                       struct shard *srv)
+{
+    ns_shard_swap(ns, index, s);
+    if (j->srv)
+        node_server_set_shard(j->srv, index, srv);
+}
+
+static void serve_pair_paused(struct job *j, struct ns *ns, unsigned index, struct shard *s,
+                              struct shard *srv)
+{
+    pause_all(j, ns);
+    serve_pair(j, ns, index, s, srv);
+    resume_all(j, ns);
+}
+
+/* Wait up to ms until every replica the map gives shard t has what its
+ * primary wrapper w holds now and is in t's in-sync set. 0, or
+ * -ETIMEDOUT with the laggard named in j->err. */
+static int replicas_level(struct job *j, struct shard_map *map, unsigned t, struct shard *w,
+                          unsigned ms)
+{
+    int64_t until = clock_mono_ms() + ms;
+    struct shard_repl_status st;
+    struct shard_copies c;
+    int rc = shard_repl_status(w, &st);
+
+    if (rc == 0)
+        rc = shard_map_get(map, t, &c);
+    for (unsigned i = 0; rc == 0 && i < c.nreplicas; i++) {
+        int64_t left = until - clock_mono_ms();
+
+        rc = shard_repl_wait_level(w, c.replicas[i], st.position.lsn,
+                                   left > 0 ? (unsigned)left : 0);
+        if (rc == 0)
+            continue;
+        snprintf(j->err, j->errlen, "shard %u: its replica on %s did not catch up within %u ms",
+                 t, c.replicas[i] >= 0 ? j->cfg->nodes[c.replicas[i]].name : "?", ms);
+        return rc;
+    }
+    while (rc == 0 && shard_map_get(map, t, &c) == 0 &&
+           c.in_sync != (1u << c.nreplicas) - 1) {
+        if (clock_mono_ms() >= until) {
+            snprintf(j->err, j->errlen,
+                     "shard %u: its replicas are level but not all in its in-sync set after "
+                     "%u ms", t, ms);
+            return -ETIMEDOUT;
+        }
+        usleep(CLUSTER_STEP_MS * 1000);
+    }
+    return rc;
+}
+
+/* The map's txn of a cut-over returned rc: an etcd error may hide a txn
+ * that was made (its reply lost). 0 when the map shows the change made
+ * (s at depth want), else rc. */
+static int txn_outcome(struct shard_map *map, unsigned s, unsigned want, int rc)
+{
+    struct shard_copies c;
+
+    for (int k = 0; rc < 0 && rc != -EPERM && rc != -ESTALE && k < 100; k++) {
+        if (shard_map_get(map, s, &c) == 0 && c.depth == want && !c.building)
+            return 0;
+        usleep(CLUSTER_STEP_MS * 1000);
+    }
+    return rc;
+}
+
+/* The cut-over of a cluster's change: paused, this node must still lead
+ * `lead` (a failover meanwhile takes the change back), then the map's
+ * txn; the namespace gets src's switch back (and the server its wrapper),
+ * then follows the map's layout. 1 when the change is made. */
+static int cluster_cut_over(struct job *j, struct ns *ns, struct failover *fo,
+                            struct shard_map *map, const struct held *src, unsigned lead,
+                            int merge)
+{
+    unsigned s = j->s, d = j->d;
+    int rc = 0;
+
+    if (shard_map_leader(map, lead) != j->node || !shard_map_lease_ok(map)) {
+        snprintf(j->err, j->errlen, "shard %u: %s lost its lease or the role meanwhile", lead,
+                 j->cfg->nodes[j->node].name);
+        rc = -EPERM;
+    }
+    if (rc == 0)
+        rc = merge ? shard_map_merge(map, s, d) : shard_map_split_commit(map, s, d);
+    if (rc)
+        rc = txn_outcome(map, s, merge ? d - 1 : d + 1, rc);
+    if (rc && !j->err[0])
+        snprintf(j->err, j->errlen, "shard %u: the shard map refused the cut-over: %s", s,
+                 strerror(-rc));
+    serve_pair(j, ns, src->n, src->sw, src->w);
+    if (rc)
+        return rc;
+    kill_point("cut-over");
+    rc = failover_follow_paused(fo);
+    if (rc < 0)
+        fprintf(stderr, "shardfs: %s of shard %u: made in the map, but this node's layout "
+                "did not follow it: %s (the failover thread tries again)\n",
+                merge ? "merge" : "split", s, strerror(-rc));
+    return 1;
+}
+
+/* The copy of src (held here) into dst through a mirror that also takes
+ * the writes of the namespace and the server meanwhile; split: the
+ * records with bit d, merge (all): every one. On a failure the mirror is
+ * out again. */
+static int cluster_copy(struct job *j, struct ns *ns, struct mirror *m, const struct held *src,
+                        const struct held *dst, int all, unsigned bit)
+{
+    int rc;
+
+    mirror_init(m, src->w, dst->w, all, bit);
+    m->dst_all = dst->copy; /* dst's wrapper hides what the copy put there */
+    serve_pair_paused(j, ns, src->n, &m->p.base, &m->p.base);
+    rc = copy_records(j, src->w, dst->w, all, bit, &m->mu);
+    if (rc == 0 && m->failed)
+        rc = m->failed;
+    if (rc) {
+        serve_pair_paused(j, ns, src->n, src->sw, src->w);
+        pthread_mutex_destroy(&m->mu);
+    }
+    return rc;
+}
+
+static int cluster_split(struct job *j, struct ns *ns, struct failover *fo,
+                         struct shard_map *map)
+{
+    unsigned s = j->s, d = j->d, t = s + (1u << d);
+    struct held hs, ht = {0};
+    struct timespec p0;
+    struct mirror m;
+    int rc, begun = 0, made = 0;
+
+    rc = hold_primary(j, fo, s, 0, &hs);
+    if (rc)
+        return rc;
+    rc = mark_set(hs.w, 1);
+    if (rc == 0)
+        rc = shard_map_split_begin(map, s, d);
+    if (rc == -EEXIST) {
+        /* a split another primary of s began (a failover since): its
+         * target goes, every node drops its copy, and this one begins */
+        rc = shard_map_split_abandon(map, s, d);
+        if (rc == 0)
+            rc = shard_map_split_begin(map, s, d);
+    }
+    if (rc) {
+        snprintf(j->err, j->errlen, "shard %u: the shard map refused the split: %s", s,
+                 strerror(-rc));
+        goto out;
+    }
+    begun = 1;
+    rc = hold_primary(j, fo, t, CLUSTER_ROLE_MS, &ht);
+    if (rc == 0)
+        rc = clear_target(j, &ht);
+    if (rc == 0)
+        rc = meta_write(ht.w, t, d + 1);
+    if (rc == 0)
+        rc = cluster_copy(j, ns, &m, &hs, &ht, 0, d);
+    if (rc)
+        goto out;
+    /* most of the replicas' catching up while writes go on */
+    rc = replicas_level(j, map, t, ht.w, CLUSTER_LEVEL_MS);
+    if (rc == 0) {
+        j->st.phase = "cut-over";
+        report(j, 1);
+        clock_gettime(CLOCK_MONOTONIC, &p0);
+        pause_all(j, ns);
+        rc = m.failed ? m.failed : shard_sync(ht.w);
+        if (rc == 0)
+            rc = replicas_level(j, map, t, ht.w, CLUSTER_FINAL_MS);
+        if (rc == 0)
+            rc = cluster_cut_over(j, ns, fo, map, &hs, s, 0);
+        else
+            serve_pair(j, ns, s, hs.sw, hs.w);
+        resume_all(j, ns);
+        cutover_end(j, &m, &p0);
+        made = rc == 1;
+        rc = rc == 1 ? 0 : rc;
+    } else {
+        serve_pair_paused(j, ns, s, hs.sw, hs.w);
+        pthread_mutex_destroy(&m.mu);
+    }
+    if (made) {
+        j->o->shard_a = s;
+        j->o->shard_b = t;
+        j->o->depth = d + 1;
+        rc = meta_write(hs.w, s, d + 1);
+        if (rc == 0)
+            rc = purge_unowned(j, &hs, d + 1);
+    }
+out:
+    let_go(&ht); /* before an abandon: t's step-down waits for it */
+    if (begun && !made && shard_map_split_abandon(map, s, d) == 0 && mark_set(hs.w, 0) == 0)
+        j->undone = 1;
+    let_go(&hs);
+    return rc;
+}
+
+/* A merge's copies of the upper buddy's records (bit `bit` set) out of
+ * the lower one again, not counted as a purge. */
+static int clear_merged(struct job *j, const struct held *low, unsigned bit)
+{
+    const char *phase = j->st.phase;
+    uint64_t purged = j->st.purged;
+    int rc = purge_through(j, low->copy, low->w, bit);
+
+    j->st.purged = purged;
+    j->st.phase = phase;
+    return rc;
+}
+
+static int cluster_merge(struct job *j, struct ns *ns, struct failover *fo,
+                         struct shard_map *map)
+{
+    unsigned s = j->s, d = j->d, u = s + (1u << (d - 1));
+    struct held hs, hu = {0};
+    struct timespec p0;
+    struct mirror m;
+    int rc, made = 0;
+
+    rc = hold_primary(j, fo, s, 0, &hs);
+    if (rc == 0)
+        rc = hold_primary(j, fo, u, 0, &hu);
+    if (rc == 0)
+        rc = mark_set(hs.w, 1);
+    /* what an earlier try copied goes first (u's records: bit d - 1 set) */
+    if (rc == 0)
+        rc = clear_merged(j, &hs, d - 1);
+    if (rc == 0)
+        rc = cluster_copy(j, ns, &m, &hu, &hs, 1, d - 1);
+    if (rc)
+        goto out;
+    j->st.phase = "cut-over";
+    report(j, 1);
+    clock_gettime(CLOCK_MONOTONIC, &p0);
+    pause_all(j, ns);
+    rc = m.failed ? m.failed : shard_sync(hs.w);
+    if (rc == 0 && shard_map_leader(map, u) != j->node) {
+        snprintf(j->err, j->errlen, "shard %u: %s lost its role meanwhile", u,
+                 j->cfg->nodes[j->node].name);
+        rc = -EPERM;
+    }
+    if (rc == 0)
+        rc = cluster_cut_over(j, ns, fo, map, &hu, s, 1);
+    else
+        serve_pair(j, ns, u, hu.sw, hu.w);
+    resume_all(j, ns);
+    cutover_end(j, &m, &p0);
+    made = rc == 1;
+    rc = made ? 0 : rc;
+    if (made) {
+        j->o->shard_a = j->o->shard_b = s;
+        j->o->depth = d - 1;
+        rc = meta_write(hs.w, s, d - 1);
+        if (rc == 0)
+            rc = mark_set(hs.w, 0);
+        if (rc == 0)
+            rc = shard_sync(hs.w);
+        j->st.phase = "purge"; /* u's copies go with its entry (failover.c) */
+        report(j, 1);
+    }
+out:
+    let_go(&hu); /* its step-down waits for it */
+    if (!made && rc && hs.w && clear_merged(j, &hs, d - 1) == 0 && mark_set(hs.w, 0) == 0)
+        j->undone = 1;
+    let_go(&hs);
+    return rc;
+}
+
+/* Check the change against the map (j->op, j->s, j->d set as job_check
+ * does for a static store). */
+static int cluster_check(struct job *j, struct shard_map *map, int op, unsigned s)
+{
+    struct shard_copies c = {0}, b;
+
+    if (shard_map_get(map, s, &c) != 0 || c.building) {
+        snprintf(j->err, j->errlen, "shard %u: no such shard in the shard map%s", s,
+                 c.building ? " (it is being split off another)" : "");
+        return -EINVAL;
+    }
+    j->op = op;
+    j->d = c.depth;
+    if (op == OP_SPLIT)
+        return split_room(j, s);
+    if (j->d == 0 || (1u << (j->d - 1)) < j->cfg->file_shards) {
+        snprintf(j->err, j->errlen,
+                 "shard %u: a merge goes no lower than the %u shards the store was made with",
+                 s, j->cfg->file_shards);
+        return -EINVAL;
+    }
+    j->s = s & ((1u << (j->d - 1)) - 1);
+    if (shard_map_get(map, j->s, &c) != 0 || c.depth != j->d || c.building ||
+        shard_map_get(map, j->s + (1u << (j->d - 1)), &b) != 0 || b.depth != j->d ||
+        b.building) {
+        snprintf(j->err, j->errlen, "shard %u: its buddy %u was split further; merge that first",
+                 s, s ^ (1u << (j->d - 1)));
+        return -EBUSY;
+    }
+    return 0;
+}
+
+/* Resume's second part: purge every shard this node leads that carries
+ * the mark (a change was killed after its cut-over, or in a merge's
+ * copy). 1 when one was found, 0 when none. */
+static int cluster_purge_marked(struct job *j, struct failover *fo, struct shard_map *map)
+{
+    int found = 0;
+
+    for (unsigned n = 0; n < CONFIG_MAX_SHARDS; n++) {
+        struct shard_copies c;
+        struct held h;
+        uint8_t v[1];
+        size_t vl;
+        int rc;
+
+        if (shard_map_get(map, n, &c) != 0 || c.building || !shard_map_is_primary(map, n) ||
+            hold_primary(j, fo, n, 0, &h) != 0)
+            continue;
+        rc = shard_get(h.w, purge_mark, sizeof(purge_mark) - 1, 0, v, 0, &vl);
+        if (rc == 0) {
+            found = 1;
+            j->op = OP_SPLIT;
+            j->s = j->o->shard_a = j->o->shard_b = n;
+            j->o->depth = c.depth;
+            rc = purge_unowned(j, &h, c.depth);
+        }
+        let_go(&h);
+        if (rc < 0 && rc != -ENOENT) {
+            snprintf(j->err, j->errlen, "shard %u: the purge of what it does not own: %s", n,
+                     strerror(-rc));
+            return rc;
+        }
+    }
+    j->err[0] = 0; /* hold_primary's word on shards this node does not lead */
+    if (!found)
+        snprintf(j->err, j->errlen, "no split in flight and nothing to purge on the shards %s "
+                 "leads", j->cfg->nodes[j->node].name);
+    return found;
+}
+
+/* Resume: a split this node leads the source of, left building (a kill):
+ * run again; then the purges left (cluster_purge_marked). 1 when one was
+ * found and finished, 0 when none. */
+static int cluster_resume(struct job *j, struct ns *ns, struct failover *fo,
+                          struct shard_map *map)
+{
+    for (unsigned t = 1; t < CONFIG_MAX_SHARDS; t++) {
+        struct shard_copies c;
+        unsigned s;
+        int rc;
+
+        if (shard_map_get(map, t, &c) != 0 || !c.building || c.depth == 0)
+            continue;
+        s = t - (1u << (c.depth - 1));
+        if (!shard_map_is_primary(map, s))
+            continue;
+        j->op = OP_SPLIT;
+        j->s = s;
+        j->d = c.depth - 1;
+        rc = cluster_split(j, ns, fo, map);
+        return rc < 0 ? rc : 1;
+    }
+    return cluster_purge_marked(j, fo, map);
+}
+
+static int reshard_cluster(struct job *j, struct ns *ns, struct failover *fo, int op, unsigned s)
+{
+    struct shard_map *map = failover_map(fo);
+    int rc;
+
+    if (op == RESHARD_RESUME) {
+        rc = cluster_resume(j, ns, fo, map);
+        if (rc == 0)
+            return -ENOENT;
+        return rc < 0 ? rc : 0;
+    }
+    rc = cluster_check(j, map, op == RESHARD_MERGE ? OP_MERGE : OP_SPLIT, s);
+    if (rc == 0)
+        rc = j->op == OP_SPLIT ? cluster_split(j, ns, fo, map) : cluster_merge(j, ns, fo, map);
+    return rc;
+}
+
+int reshard_online(struct ns *ns, struct node_server *srv, struct failover *fo,
+                   const struct config *cfg, int node, int op, unsigned s,
+                   const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen)
+{
+    int merge = op == RESHARD_MERGE;
     struct job j;
     int rc;
 
@@ -1270,6 +1809,23 @@ int reshard_online(struct ns *ns, struct node_server *srv, const struct config *
     o->pause_ms = 0;
     o->mirrored = 0;
     clock_gettime(CLOCK_MONOTONIC, &j.t0);
+    if (fo) {
+        rc = reshard_cluster(&j, ns, fo, op, s);
+        if (rc == 0) {
+            j.st.phase = "done";
+            report(&j, 1);
+            o->done = j.st;
+        } else if (!err[0]) {
+            snprintf(err, errlen, "%s of shard %u: %s", merge ? "merge" : "split", s,
+                     strerror(-rc));
+        }
+        return rc;
+    }
+    if (op == RESHARD_RESUME) {
+        snprintf(err, errlen, "a mounted store without etcd resumes nothing: unmount it and "
+                 "run `shardfs reshard resume`");
+        return -EINVAL;
+    }
     rc = store_layout_read(cfg, node, &j.l, err, errlen);
     if (rc)
         return rc < 0 ? -EINVAL : -EIO;

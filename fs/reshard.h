@@ -9,7 +9,9 @@
  * It works on a store without replicas or etcd (store_layout_static): a
  * single node, or a node of such a cluster changing one of its own
  * shards, whose new shard stays on it (the other nodes learn the layout
- * from its refusals, wire.h "Layouts"). Unmounted, the command takes the
+ * from its refusals, wire.h "Layouts"); and, mounted only, on a cluster
+ * with etcd, where the shard's primary changes it and every copy follows
+ * (reshard_online below). Unmounted, the command takes the
  * store's lock (reshard_split/merge/resume); mounted, it asks the daemon
  * (control.h), which runs reshard_online(). Each change runs in phases,
  * and the state file DATA_DIR/RESHARD ("split S D" or "merge S D") is
@@ -109,11 +111,23 @@ int reshard_resume(struct config *cfg, int node, struct reshard_opts *o, char *e
  * state; while it is there, another change is refused with -EBUSY. The
  * caller runs one change at a time and holds nothing of ns. Errors as
  * above. */
+/*
+ * In a cluster with etcd (fo: the node's failover, failover.h), the change
+ * runs on the primary of the shard (of both buddies for a merge: hand one
+ * over first, `shardfs promote`) and every copy of it follows (reshard.c,
+ * "online in a cluster"; DESIGN.md, Resharding in a cluster). No state
+ * file: the map holds the change (a split's target "building" until its
+ * cut-over). RESHARD_RESUME finishes a split this node's shard was left
+ * in by a kill (-ENOENT when there is none); a split asked again does the
+ * same. -EPERM: this node is not the shard's primary.
+ */
+enum reshard_op { RESHARD_SPLIT, RESHARD_MERGE, RESHARD_RESUME };
 struct ns;
 struct node_server;
-int reshard_online(struct ns *ns, struct node_server *srv, const struct config *cfg, int node,
-                   int merge, unsigned s, const volatile int *cancel, struct reshard_opts *o,
-                   char *err, size_t errlen);
+struct failover;
+int reshard_online(struct ns *ns, struct node_server *srv, struct failover *fo,
+                   const struct config *cfg, int node, int op, unsigned s,
+                   const volatile int *cancel, struct reshard_opts *o, char *err, size_t errlen);
 
 /* 1 if DATA_DIR/RESHARD of node exists (a change is in flight), 0 if not,
  * -1 with the reason in err. With what (may be NULL), the change it names:

@@ -259,8 +259,11 @@ int store_layout_check(const struct config *cfg, int node, char *err, size_t err
 
     if (rc < 0)
         return -1;
+    /* With etcd the map holds the layout (main.c loads it), STORE only
+     * the count the store was made with. */
     if (l.base != cfg->file_shards ||
-        (rc == 0 && (l.slots != cfg->shard_count || memcmp(l.depth, cfg->depth, l.slots)))) {
+        (rc == 0 && !cfg->etcd[0] &&
+         (l.slots != cfg->shard_count || memcmp(l.depth, cfg->depth, l.slots)))) {
         snprintf(err, errlen,
                  "%s: the store in %s has another shard layout than this process loaded "
                  "(split or merged since?)",
