@@ -912,7 +912,8 @@ int cmd_promote(int argc, char **argv)
     if (rc)
         return rc;
     rc = 2;
-    if (parse_shard(o.args[0], c.cfg.shard_count, &n) < 0) {
+    /* with etcd, a split makes shards past the config's count: the map says */
+    if (parse_shard(o.args[0], c.cfg.etcd[0] ? CONFIG_MAX_SHARDS : c.cfg.shard_count, &n) < 0) {
         fprintf(stderr, "shardfs: promote: no shard '%s' (the store has shards 0-%u)\n",
                 o.args[0], c.cfg.shard_count - 1);
         goto out;
@@ -1202,7 +1203,7 @@ int cmd_replica(int argc, char **argv)
     if (rc)
         return rc;
     rc = 2;
-    if (parse_shard(o.args[0], c.cfg.shard_count, &n) < 0) {
+    if (parse_shard(o.args[0], c.cfg.etcd[0] ? CONFIG_MAX_SHARDS : c.cfg.shard_count, &n) < 0) {
         fprintf(stderr, "shardfs: replica %s: no shard '%s' (the store has shards 0-%u)\n",
                 argv[1], o.args[0], c.cfg.shard_count - 1);
         goto out;

@@ -107,7 +107,7 @@ static const char usage_where[] =
     "-w SECONDS: as for fsck.\n";
 
 static const char usage_reshard[] =
-    "usage: shardfs reshard split [-c CONF] [-n NODE] [-w SECONDS] SHARD|--all\n"
+    "usage: shardfs reshard split [-c CONF] [-n NODE] [-w SECONDS] SHARD|--all [--to NODE]\n"
     "       shardfs reshard merge [-c CONF] [-n NODE] [-w SECONDS] SHARD\n"
     "       shardfs reshard resume [-c CONF] [-n NODE] [-w SECONDS]\n"
     "\n"
@@ -116,11 +116,16 @@ static const char usage_reshard[] =
     "merge: S and its buddy S ^ 2^(D-1) (same depth D) become the lower of the two,\n"
     "at depth D - 1. resume: finish a split or merge that was killed (every reshard\n"
     "command does that first; a mount refuses a store with one in flight).\n"
-    "The store must have no replicas and no etcd, for now. Unmounted, the command\n"
-    "takes the store's lock (-w SECONDS: as for fsck); mounted, the daemon makes the\n"
-    "change while the store is in use (DATA_DIR/CONTROL). In a cluster, run it on\n"
-    "the node that owns the shard (-n NODE; --all: that node's shards): the new\n"
-    "shard stays on that node, and the other nodes learn the layout from it.\n"
+    "Unmounted, the command takes the store's lock (-w SECONDS: as for fsck);\n"
+    "mounted, the daemon makes the change while the store is in use\n"
+    "(DATA_DIR/CONTROL). In a cluster without etcd, run it on the node that owns\n"
+    "the shard (-n NODE; --all: that node's shards): the new shard stays on that\n"
+    "node, and the other nodes learn the layout from it. With etcd (replicas or\n"
+    "not), run it on the shard's primary, mounted (-n NODE; --all: the shards it\n"
+    "leads; merge: it must lead both buddies): the new shard gets the shard's\n"
+    "copies, and every node takes the layout from the shard map. --to NODE then\n"
+    "makes NODE the new shard's primary (a replica add, a promote and a replica\n"
+    "drop of the old primary's copy, as `shardfs replica` and `promote` do).\n"
     "Progress goes to stderr; the layout after the change to stdout, one line per\n"
     "shard: \"shard S depth D\". Exits 0 on success, 1 on a refused change (no such\n"
     "shard, a buddy split further), 2 on errors.\n";
@@ -706,6 +711,11 @@ static int open_offline(const struct cli *c, const char *what, struct ns **ns)
 
     if (node < 0)
         return 2;
+    /* with etcd, the layout splits and merges made (the map's), when it
+     * can be read: a check of one node's data needs none */
+    if (map_layout_load(err, sizeof(err)) != 0)
+        fprintf(stderr, "shardfs: %s; using the layout of %s (%u shards)\n", err, cfg.path,
+                cfg.shard_count);
     if (ns_open(&cfg, node, NS_OPEN_NO_RECOVER, &lock, ns, err, sizeof(err)) != 0) {
         fprintf(stderr, "shardfs: %s\n", err);
         return 2;
@@ -931,6 +941,64 @@ static int reshard_mounted(int node, const char *sub, int all, unsigned shard,
     return r;
 }
 
+/* --to NODE of a split with etcd: NODE becomes shard t's primary, the
+ * number of its copies unchanged (shardfs replica add, promote, replica
+ * drop of the old primary). 0 or -errno. */
+static int move_to(unsigned t, const char *to, char *err, size_t errlen)
+{
+    struct shard_map *m = NULL;
+    struct shard_copies c;
+    char shard[16];
+    int node = config_node_index(&cfg, to), holds = 0, rc;
+
+    if (node < 0) {
+        snprintf(err, errlen, "--to %.64s: %.512s names no such node", to, cfg.path);
+        return -EINVAL;
+    }
+    rc = shard_map_open(&cfg, -1, &m, err, errlen);
+    if (rc == 0)
+        rc = shard_map_get(m, t, &c);
+    shard_map_close(m);
+    if (rc) {
+        if (!err[0])
+            snprintf(err, errlen, "shard %u: %s", t, strerror(-rc));
+        return rc;
+    }
+    if (c.primary == node)
+        return 0;
+    for (unsigned k = 0; k < c.nreplicas; k++)
+        holds |= c.replicas[k] == node;
+    snprintf(shard, sizeof(shard), "%u", t);
+    fflush(stdout);
+    if (!holds) {
+        char *add[] = {"replica", "add", "-c", (char *)cfg.path, shard, (char *)to, NULL};
+
+        optind = 0; /* getopt anew (glibc) */
+        if (cmd_replica(6, add) != 0)
+            goto failed;
+    }
+    {
+        char *promote[] = {"promote", "-c", (char *)cfg.path, shard, (char *)to, NULL};
+
+        optind = 0;
+        if (cmd_promote(5, promote) != 0)
+            goto failed;
+    }
+    if (!holds) {
+        char *drop[] = {"replica", "drop", "-c", (char *)cfg.path, shard,
+                        (char *)cfg.nodes[c.primary].name, NULL};
+
+        optind = 0;
+        if (cmd_replica(6, drop) != 0)
+            goto failed;
+    }
+    return 0;
+failed:
+    snprintf(err, errlen, "shard %u was split, but moving it to %.64s failed (above); it stays "
+             "where it is: finish with shardfs replica add/drop and promote", t, to);
+    return -EIO;
+}
+
 static int cmd_reshard(int argc, char **argv)
 {
     char err[ERR_MAX];
@@ -938,6 +1006,7 @@ static int cmd_reshard(int argc, char **argv)
     int tty = isatty(STDERR_FILENO), all = 0, node, r;
     struct reshard_opts o = {.progress = reshard_progress, .ctx = &tty};
     const char *sub = argc > 1 ? argv[1] : "";
+    const char *to = NULL;
     long shard = -1;
 
     if (!strcmp(sub, "-h") || !strcmp(sub, "--help")) {
@@ -955,6 +1024,13 @@ static int cmd_reshard(int argc, char **argv)
             argc--;
             break;
         }
+    for (int i = 2; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--to") && !strcmp(sub, "split")) {
+            to = argv[i + 1];
+            memmove(argv + i, argv + i + 2, (size_t)(argc - i - 2) * sizeof(*argv));
+            argc -= 2;
+            break;
+        }
     r = parse_cli(argc - 1, argv + 1, "+c:n:w:h", usage_reshard, &c);
     if (r)
         return r > 0 ? 0 : 2;
@@ -970,6 +1046,11 @@ static int cmd_reshard(int argc, char **argv)
     if (node < 0)
         return 2;
     o.wait_ms = c.wait_ms;
+    if (to && !cfg.etcd[0]) {
+        fprintf(stderr, "shardfs: reshard: --to NODE needs the shard map in etcd (shards.conf "
+                "has no etcd directive)\n");
+        return 2;
+    }
     if (cfg.etcd[0]) {
         /* The map holds the layout and the change: the node's daemon
          * makes it (reshard.h), and only a running node can. */
@@ -978,7 +1059,13 @@ static int cmd_reshard(int argc, char **argv)
             goto fail;
         }
         err[0] = 0;
+        if (to && all) {
+            fprintf(stderr, "shardfs: reshard: --to moves one new shard: name the shard\n");
+            return 2;
+        }
         r = reshard_mounted(node, sub, all, (unsigned)shard, &o, err, sizeof(err));
+        if (r == 0 && to)
+            r = move_to(o.shard_b, to, err, sizeof(err));
         if ((r == -ENOENT || r == -ECONNREFUSED) && !err[0])
             snprintf(err, sizeof(err),
                      "node %s is not mounted: with etcd, a running node changes the layout "

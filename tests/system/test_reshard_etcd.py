@@ -16,6 +16,7 @@ sync. kill -9 of the primary in the copy leaves the target building;
 running the split again on the restarted node finishes it.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -23,7 +24,8 @@ import time
 
 import pytest
 
-from conftest import SHARDFS_BIN, assert_same_tree, make_tree, run, tree_snapshot, wait_for
+from conftest import (SHARDFS_BIN, assert_same_tree, fsck_says_clean, make_tree, run,
+                      tree_snapshot, wait_for)
 from test_cluster import NODES, serve_cluster
 from test_failover import FailoverCluster
 from test_replcheck import fsck_replicas
@@ -37,7 +39,6 @@ class ReshardCluster(FailoverCluster):
     def shard_map(self):
         """{shard: entry} of every shard the map holds (splits add some)."""
         every = self._range(self.prefix, self.prefix[:-1] + "0")
-        import json
         out = {}
         for k, v in every.items():
             if k.startswith(self.prefix + "shard/"):
@@ -143,6 +144,18 @@ def test_only_the_primary_changes_a_shard(ecluster):
     r = reshard(c, "a", "resume", check=False)
     assert r.returncode == 1 and "no split in flight" in r.stderr, r.stderr
     assert depths(c) == {i: 3 for i in range(8)}
+    # --all: every shard the node leads (c: 6 and 7)
+    r = reshard(c, "c", "split", "--all")
+    assert [m.group(2, 3) for m in DONE.finditer(r.stdout)] == [("6", "14"), ("7", "15")], \
+        r.stdout
+    assert depths(c) == {**{i: 3 for i in range(6)}, 6: 4, 7: 4, 14: 4, 15: 4}
+    with open(c.p("a", "x"), "wb") as f:
+        f.write(b"x" * 5000)
+    for s in ("14", "15"):
+        reshard(c, "c", "merge", s)
+    assert depths(c) == {i: 3 for i in range(8)}
+    for n in NODES:
+        assert open(c.p(n, "x"), "rb").read() == b"x" * 5000
 
 
 def shard_records(c, shard):
@@ -245,6 +258,9 @@ def test_a_restarted_node_takes_the_layout_from_the_map(ecluster):
     c._stop("c")
     with open(c.p("a", "t", "late"), "wb") as f:
         f.write(b"written while c was down\n")
+    # an offline check of c takes the split layout from the map too
+    r = run([SHARDFS_BIN, "fsck", "-c", c.conf, "-n", "c"], check=False, timeout=120)
+    assert r.returncode == 0 and fsck_says_clean(r), r.stdout + r.stderr
     c.start("c")
     settle(c, range(8))
     for n in NODES:
@@ -258,6 +274,44 @@ def test_a_restarted_node_takes_the_layout_from_the_map(ecluster):
     settle(c, range(8))
     r = reshard(c, "c", "merge", "12")
     assert DONE.search(r.stdout).group(2, 3, 4) == ("4", "4", "3"), r.stdout
+    for n in NODES:
+        same_tree(snap, c.p(n, "t"))
+    replicas_ok(c)
+
+
+def test_split_to_another_node_then_back(ecluster):
+    """split 1 --to c: shard 9 is made beside shard 1 on a (and its replica
+    b), then c gets a copy, takes the primary role and a's copy goes, so
+    the new shard's data crossed to c. To merge back one node must lead
+    both buddies: a gets a copy of 9 again and its role, then merges."""
+    c = ecluster
+    src = os.path.join(c.top, "src")
+    make_tree(src, seed=43)
+    snap = tree_snapshot(src, mtimes=False, dir_mtimes=False, owners=False)
+    run(["rsync", "-aH", src + "/", c.p("a", "t") + "/"], timeout=300)
+    w = StrictWriter(c.p("b", "w"))
+    r = reshard(c, "a", "split", "1", "--to", "c")
+    w.finish()
+    assert DONE.search(r.stdout).group(2, 3, 4) == ("1", "9", "4"), r.stdout
+    m = c.shard_map()
+    assert m[9]["primary"] == "c" and m[9]["leader"] == "c", m[9]
+    assert sorted(m[9]["replicas"]) == ["b"] and m[9]["in_sync"] == ["b"], m[9]
+    assert m[1]["primary"] == "a" and m[1]["depth"] == 4, m[1]
+    wait_for(lambda: not os.path.exists(os.path.join(c.data["a"], "shard-9")), 30,
+             "a's copy of shard 9 removed")
+    assert os.path.exists(os.path.join(c.data["c"], "shard-9", "data.mdb"))
+    for n in NODES:
+        same_tree(snap, c.p(n, "t"))
+    w.verify()
+    replicas_ok(c)
+    r = reshard(c, "a", "merge", "9", check=False)
+    assert r.returncode != 0 and "not its primary" in r.stderr, r.stderr
+    for args in (["replica", "add", "-c", c.conf, "9", "a"], ["promote", "-c", c.conf, "9", "a"]):
+        p = run([SHARDFS_BIN] + args, check=False, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+    r = reshard(c, "a", "merge", "9")
+    assert DONE.search(r.stdout).group(2, 3, 4) == ("1", "1", "3"), r.stdout
+    assert depths(c) == {i: 3 for i in range(8)}
     for n in NODES:
         same_tree(snap, c.p(n, "t"))
     replicas_ok(c)
