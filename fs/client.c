@@ -939,7 +939,13 @@ int cmd_promote(int argc, char **argv)
         fprintf(stderr, "shardfs: promote: the shard map in etcd: %s\n", merr);
         goto out;
     }
-    shard_map_get(map, n, &sc);
+    if (shard_map_get(map, n, &sc) != 0) {
+        fprintf(stderr, "shardfs: promote: no shard '%s' (the store has shards 0-%u, and those "
+                "splits made: shardfs status)\n", o.args[0], c.cfg.shard_count - 1);
+        shard_map_close(map);
+        rc = 2;
+        goto out;
+    }
     leader = shard_map_leader(map, n);
     shard_map_close(map);
     if (promote_check(&c, n, to, &sc, leader))
@@ -1229,7 +1235,12 @@ int cmd_replica(int argc, char **argv)
         fprintf(stderr, "shardfs: replica %s: the shard map in etcd: %s\n", argv[1], merr);
         goto out;
     }
-    shard_map_get(map, n, &sc);
+    if (shard_map_get(map, n, &sc) != 0) {
+        fprintf(stderr, "shardfs: replica %s: no shard '%s' (the store has shards 0-%u, and those "
+                "splits made: shardfs status)\n", argv[1], o.args[0], c.cfg.shard_count - 1);
+        rc = 2;
+        goto out;
+    }
     want = sc;
     rc = add ? shard_copies_add_replica(&want, node) : shard_copies_drop_replica(&want, node);
     if (rc < 0) {

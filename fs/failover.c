@@ -581,6 +581,19 @@ static void reconcile(struct failover *fo, struct fo_shard *f)
         promote(fo, f, &c, slot);
 }
 
+/* Requests for shard n go where the map's leader key says; a shard the
+ * map holds no more (a merge took it) keeps its last owner: a request
+ * with the old layout gets that node's 421 and the sender follows the map
+ * (layout_follow), where a blank owner would make it wait for a leader
+ * that never comes. */
+static void owner_follow(struct failover *fo, unsigned n)
+{
+    struct shard_copies c;
+
+    if (shard_map_get(fo->map, n, &c) == 0)
+        remote_owner_set(fo->remote, n, shard_map_leader(fo->map, n));
+}
+
 /* ---- switches the map makes, and the layout (DESIGN: resharding) ---- */
 
 /* A switch for shard n, which a split made: ops go to its remote shard
@@ -803,7 +816,7 @@ static void *fo_main(void *arg)
          * then says nothing new): the map's word again, every round. */
         for (unsigned i = 0; !any && i < CONFIG_MAX_SHARDS; i++)
             if (switch_get(fo, i))
-                remote_owner_set(fo->remote, i, shard_map_leader(fo->map, i));
+                owner_follow(fo, i);
     }
     return NULL;
 }
@@ -812,9 +825,8 @@ static void *fo_main(void *arg)
 static void on_map_change(void *ctx, unsigned n)
 {
     struct failover *fo = ctx;
-    int leader = shard_map_leader(fo->map, n);
 
-    remote_owner_set(fo->remote, n, leader);
+    owner_follow(fo, n);
     replica_sync_kick(fo->rs, n);
     pthread_mutex_lock(&fo->lock);
     if (n < CONFIG_MAX_SHARDS && fo->sh[n] && fo->sh[n]->role == FO_PRIMARY && fo->sh[n]->primary)

@@ -144,7 +144,7 @@ def test_promote_refusals(fcluster, tmp_path):
             args, r.returncode, r.stdout, r.stderr)
         assert not r.stdout, r.stdout
 
-    refused(["8", "b"], 2, r"no shard '8' \(the store has shards 0-7\)")
+    refused(["8", "b"], 2, r"no shard '8' \(the store has shards 0-7\b")
     refused(["x", "b"], 2, r"no shard 'x'")
     refused(["0", "zz"], 2, r"unknown node 'zz'")
     refused(["0"], 2, r"usage: shardfs promote")

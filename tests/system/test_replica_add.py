@@ -155,7 +155,7 @@ def test_replica_cli_errors(fcluster, tmp_path):
             args, r.returncode, r.stdout, r.stderr)
         assert not r.stdout, r.stdout
 
-    refused(["add", "8", "c"], 2, r"no shard '8' \(the store has shards 0-7\)")
+    refused(["add", "8", "c"], 2, r"no shard '8' \(the store has shards 0-7\b")
     refused(["drop", "x", "c"], 2, r"no shard 'x'")
     refused(["add", "0", "zz"], 2, r"unknown node 'zz'")
     refused(["add", "0"], 2, r"usage: shardfs replica add")
