@@ -1220,6 +1220,16 @@ void failover_started(void *ctx, struct node_server *srv)
             node_server_set_shard(srv, i, fo->sh[i]->role == FO_PRIMARY ? fo->sh[i]->primary
                                                                           : NULL);
     pthread_mutex_unlock(&fo->lock);
+    {
+        /* the server was made with the config's layout, which the map may
+         * have changed since (failover_open followed it): the namespace's */
+        uint8_t depth[CONFIG_MAX_SHARDS];
+        unsigned n = ns_shard_count(fo->ns);
+
+        for (unsigned i = 0; i < n; i++)
+            depth[i] = (uint8_t)ns_shard_depth(fo->ns, i);
+        node_server_set_layout(srv, depth, n);
+    }
 }
 
 int failover_start(struct failover *fo, struct replica_sync *rs, char *err, size_t errlen)

@@ -369,6 +369,7 @@ struct purge {
     int own;          /* else bit: delete what the shard `index` does not own at mask */
     uint64_t mask;
     unsigned index;
+    const char *phase; /* what progress says meanwhile (NULL: "purge") */
     size_t seen, seen_max; /* bytes read in this batch, and the bound */
     uint8_t last[BATCH_KEY_MAX];
     size_t lastlen;
@@ -402,7 +403,7 @@ static int purge_run(struct job *j, struct shard *scan, struct shard *sh, const 
     p.max = j->cancel ? ONLINE_PURGE_KEYS : PURGE_KEYS;
     p.seen_max = 2 * chunk_bytes(j);
     batch_init(&p.b);
-    j->st.phase = "purge";
+    j->st.phase = p.phase ? p.phase : "purge";
     report(j, 1);
     do {
         clock_gettime(CLOCK_MONOTONIC, &p0);
@@ -1394,10 +1395,9 @@ static int purge_unowned(struct job *j, const struct held *h, unsigned depth)
 static int clear_target(struct job *j, const struct held *h)
 {
     uint64_t purged = j->st.purged;
-    int rc = purge_through(j, h->copy, h->w, PURGE_ALL);
+    int rc = purge_run(j, h->copy, h->w, &(struct purge){.bit = PURGE_ALL, .phase = "copy"});
 
     j->st.purged = purged;
-    j->st.phase = "copy";
     return rc;
 }
 
@@ -1433,18 +1433,25 @@ static int replicas_level(struct job *j, struct shard_map *map, unsigned t, stru
     if (rc == 0)
         rc = shard_map_get(map, t, &c);
     for (unsigned i = 0; rc == 0 && i < c.nreplicas; i++) {
-        int64_t left = until - clock_mono_ms();
+        /* in slices: a cancel (the mount going away) ends the wait */
+        do {
+            int64_t left = until - clock_mono_ms();
 
-        rc = shard_repl_wait_level(w, c.replicas[i], st.position.lsn,
-                                   left > 0 ? (unsigned)left : 0);
+            rc = shard_repl_wait_level(w, c.replicas[i], st.position.lsn,
+                                       left > 200 ? 200 : left > 0 ? (unsigned)left : 0);
+        } while (rc == -ETIMEDOUT && clock_mono_ms() < until && !(j->cancel && *j->cancel));
         if (rc == 0)
             continue;
+        if (j->cancel && *j->cancel)
+            return -ECANCELED;
         snprintf(j->err, j->errlen, "shard %u: its replica on %s did not catch up within %u ms",
                  t, c.replicas[i] >= 0 ? j->cfg->nodes[c.replicas[i]].name : "?", ms);
         return rc;
     }
     while (rc == 0 && shard_map_get(map, t, &c) == 0 &&
            c.in_sync != (1u << c.nreplicas) - 1) {
+        if (j->cancel && *j->cancel)
+            return -ECANCELED;
         if (clock_mono_ms() >= until) {
             snprintf(j->err, j->errlen,
                      "shard %u: its replicas are level but not all in its in-sync set after "
@@ -1597,8 +1604,10 @@ static int cluster_split(struct job *j, struct ns *ns, struct failover *fo,
     }
 out:
     let_go(&ht); /* before an abandon: t's step-down waits for it */
-    if (begun && !made && shard_map_split_abandon(map, s, d) == 0 && mark_set(hs.w, 0) == 0)
-        j->undone = 1;
+    if (begun && !made && shard_map_split_abandon(map, s, d) == 0)
+        begun = 0, j->undone = 1;
+    if (!made && !begun)
+        mark_set(hs.w, 0); /* nothing of the change is left (else resume needs it) */
     let_go(&hs);
     return rc;
 }
@@ -1607,12 +1616,11 @@ out:
  * the lower one again, not counted as a purge. */
 static int clear_merged(struct job *j, const struct held *low, unsigned bit)
 {
-    const char *phase = j->st.phase;
     uint64_t purged = j->st.purged;
-    int rc = purge_through(j, low->copy, low->w, bit);
+    int rc = purge_run(j, low->copy, low->w,
+                       &(struct purge){.bit = bit, .phase = j->st.phase ? j->st.phase : "copy"});
 
     j->st.purged = purged;
-    j->st.phase = phase;
     return rc;
 }
 

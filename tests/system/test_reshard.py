@@ -549,8 +549,11 @@ def test_full_disk_split_is_taken_back(shardfs_factory, tmp_top):
         fs.allow_stderr(r"(?i)no space|ENOSPC|MAP_FULL|full")
         os.mkdir(fs.path("t"))
         files = {}
-        for i in range(12):
-            files["f%d" % i] = os.urandom(1 << 20)
+        # A file's chunks move together (placed by its inode): 40 files of
+        # 256 KiB, so that the half that moves surely passes the 2 MiB left
+        # (12 files of 1 MiB moved one file in about 1 run of 300).
+        for i in range(40):
+            files["f%d" % i] = os.urandom(256 << 10)
             write_file(fs.path("t", "f%d" % i), files["f%d" % i])
         fs.unmount()
         # Fill the disk but for a little: the split's copy cannot fit.

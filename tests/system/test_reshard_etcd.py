@@ -19,7 +19,9 @@ running the split again on the restarted node finishes it.
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -315,3 +317,47 @@ def test_split_to_another_node_then_back(ecluster):
     for n in NODES:
         same_tree(snap, c.p(n, "t"))
     replicas_ok(c)
+
+
+def test_a_node_that_missed_the_split_is_refused_and_follows(ecluster):
+    """c is stopped (SIGSTOP) while a splits shard 1, so its map and
+    layout are the old ones when it goes on with writes queued in its
+    FUSE device: a write it sends to shard 1 for a key that moved is
+    refused (421) before it does anything, c takes the map's layout and
+    sends it to shard 9. Every file is then read back through every mount,
+    and the copies are equal."""
+    c = ecluster
+    names = ["s%03d" % i for i in range(120)]
+    os.makedirs(c.p("c", "d"))
+    pid = c.proc["c"].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = reshard(c, "a", "split", "1")
+        assert DONE.search(r.stdout).group(2, 3) == ("1", "9"), r.stdout
+        errors = []
+
+        def write(name):
+            try:
+                with open(c.p("c", "d", name), "wb") as f:
+                    f.write(name.encode() * 10)
+            except OSError as e:
+                errors.append((name, e))
+        threads = [threading.Thread(target=write, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # the writes wait in c's FUSE queue
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    for n in NODES:
+        got = sorted(os.listdir(c.p(n, "d")))
+        assert got == names, (n, len(got))
+        for name in names:
+            assert open(c.p(n, "d", name), "rb").read() == name.encode() * 10, (n, name)
+    settle(c, range(8))
+    replicas_ok(c)
+    reshard(c, "a", "merge", "9")
+    for n in NODES:
+        assert sorted(os.listdir(c.p(n, "d"))) == names, n
