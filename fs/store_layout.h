@@ -19,11 +19,13 @@
  * made with, and an older shardfs (format 1 only) refuses such a store
  * instead of placing records by the wrong count.
  *
- * Only a store without replicas and etcd (store_layout_static: a single
- * node, or a cluster whose nodes each keep the layout of their own shards)
- * may have a layout other than its uniform one, for now. The shard map of
- * a replicated cluster (shard_map.h) has a depth per shard and the txns of
- * a split and a merge, but the nodes do not reshard through it yet.
+ * A store without replicas and etcd (store_layout_static: a single node,
+ * or a cluster whose nodes each keep the layout of their own shards) keeps
+ * its layout here. With etcd the shard map (shard_map.h) holds it, a depth
+ * per shard, and STORE only the count the store was made with
+ * (store_layout_check compares nothing else then; fs/main.c loads the
+ * map's layout before a serving open). A cluster with replicas but no
+ * etcd keeps its uniform layout.
  *
  * Errors: 0 or -1 with "FILE[:LINE]: reason" in err, or -errno.
  */
@@ -57,11 +59,11 @@ int store_layout_write(const struct config *cfg, int node, const struct store_la
 int store_layout_create(const struct config *cfg, int node);
 
 /* 1 if node is cfg's only node, owns every shard, and the cluster has no
- * replicas and no etcd: the stores whose layout may change, for now. */
+ * replicas and no etcd. */
 int store_layout_single_node(const struct config *cfg, int node);
 
 /* 1 if cfg's store has no shard map (etcd) and no replicas: the stores
- * whose layout may change, for now. On a cluster of them each node changes
+ * whose layout STORE holds. On a cluster of them each node changes
  * the layout of its own shards (a split puts the new shard beside the old,
  * on the same node) and is the authority on it; the others learn it from
  * its refusals (namespace.c). */

@@ -361,3 +361,47 @@ def test_a_node_that_missed_the_split_is_refused_and_follows(ecluster):
     reshard(c, "a", "merge", "9")
     for n in NODES:
         assert sorted(os.listdir(c.p(n, "d"))) == names, n
+
+
+@pytest.mark.timeout_s(600)
+def test_kill9_of_the_targets_replica_during_the_copy(ecluster, monkeypatch):
+    """b holds the replica of shard 1, so of the new shard 9 too. a's copy
+    is held for 3 s (SHARDFS_TEST_HOLD_AT) and b is killed -9 meanwhile and
+    started again: the cut-over waits until b's copy of 9 has caught up and
+    is in sync, then the split is made; nothing is lost or left twice."""
+    c = ecluster
+    src = os.path.join(c.top, "src")
+    make_tree(src, seed=47)
+    os.makedirs(os.path.join(src, "more"))
+    for i in range(200):
+        with open(os.path.join(src, "more", "f%03d" % i), "wb") as f:
+            f.write(b"%d\n" % i)
+    snap = tree_snapshot(src, mtimes=False, dir_mtimes=False, owners=False)
+    run(["rsync", "-aH", src + "/", c.p("c", "t") + "/"], timeout=300)
+    c._stop("a")
+    monkeypatch.setenv("SHARDFS_TEST_HOLD_AT", "copy:3000")
+    c.start("a")
+    monkeypatch.delenv("SHARDFS_TEST_HOLD_AT")
+    settle(c, range(8))
+    promote(c, 1, "a")
+    before = shard_records(c, 1)[1]
+    p = subprocess.Popen([SHARDFS_BIN, "reshard", "split", "-c", c.conf, "-n", "a", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert p.poll() is None, p.communicate()
+    c.kill9("b")
+    c.start("b")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, out + err
+    assert DONE.search(out).group(2, 3) == ("1", "9"), out
+    m = c.shard_map()
+    assert m[9]["replicas"] == ["b"] and m[9]["in_sync"] == ["b"], m[9]
+    settle(c, range(8))
+    for n in NODES:
+        same_tree(snap, c.p(n, "t"))
+    replicas_ok(c)
+    counts = shard_records(c, 1)
+    assert counts[1] + counts[9] - before in (0, 1, 2), (before, counts)
+    reshard(c, "a", "merge", "9")
+    for n in NODES:
+        same_tree(snap, c.p(n, "t"))
