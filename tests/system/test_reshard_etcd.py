@@ -168,6 +168,19 @@ def shard_records(c, shard):
         r"^shard (\d+): position .* primary: (\d+) records", text, re.M)}
 
 
+def copy_in_many(c, via, seed, count):
+    """make_tree plus count small files (enough records that a split moves
+    many), rsync'd to t through node via; the tree's snapshot."""
+    src = os.path.join(c.top, "src")
+    make_tree(src, seed=seed)
+    os.makedirs(os.path.join(src, "more"))
+    for i in range(count):
+        with open(os.path.join(src, "more", "f%03d" % i), "wb") as f:
+            f.write(b"%d\n" % i)
+    run(["rsync", "-aH", src + "/", c.p(via, "t") + "/"], timeout=300)
+    return tree_snapshot(src, mtimes=False, dir_mtimes=False, owners=False)
+
+
 def leader_of(c, shard):
     return c.shard_map()[shard]["leader"]
 
@@ -199,14 +212,7 @@ def test_kill9_of_the_primary_at_each_phase_then_resume(ecluster, monkeypatch):
     of shards 1 and 9 add up to shard 1's before the split (nothing left
     twice)."""
     c = ecluster
-    src = os.path.join(c.top, "src")
-    make_tree(src, seed=37)
-    os.makedirs(os.path.join(src, "more"))
-    for i in range(300):
-        with open(os.path.join(src, "more", "f%03d" % i), "wb") as f:
-            f.write(b"%d\n" % i)
-    snap = tree_snapshot(src, mtimes=False, dir_mtimes=False, owners=False)
-    run(["rsync", "-aH", src + "/", c.p("b", "t") + "/"], timeout=300)
+    snap = copy_in_many(c, "b", seed=37, count=300)
     settle(c, range(8))
     before = shard_records(c, 1)[1]
     for phase in ("copy", "cut-over", "purge"):
@@ -370,14 +376,7 @@ def test_kill9_of_the_targets_replica_during_the_copy(ecluster, monkeypatch):
     started again: the cut-over waits until b's copy of 9 has caught up and
     is in sync, then the split is made; nothing is lost or left twice."""
     c = ecluster
-    src = os.path.join(c.top, "src")
-    make_tree(src, seed=47)
-    os.makedirs(os.path.join(src, "more"))
-    for i in range(200):
-        with open(os.path.join(src, "more", "f%03d" % i), "wb") as f:
-            f.write(b"%d\n" % i)
-    snap = tree_snapshot(src, mtimes=False, dir_mtimes=False, owners=False)
-    run(["rsync", "-aH", src + "/", c.p("c", "t") + "/"], timeout=300)
+    snap = copy_in_many(c, "c", seed=47, count=200)
     c._stop("a")
     monkeypatch.setenv("SHARDFS_TEST_HOLD_AT", "copy:3000")
     c.start("a")
