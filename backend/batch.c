@@ -15,7 +15,7 @@
 static int op_has_value(unsigned op)
 {
     return op == BATCH_PUT || op == BATCH_ASSERT_VALUE || op == BATCH_DEL_RANGE ||
-           op == BATCH_ASSERT_EMPTY;
+           op == BATCH_ASSERT_EMPTY || op == BATCH_AWAIT_VALUE;
 }
 
 void batch_init(struct batch *b)

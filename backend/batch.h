@@ -28,8 +28,12 @@ enum batch_op {
     BATCH_ASSERT_ABSENT = 4, /* fails the batch with -EEXIST if key exists */
     BATCH_ASSERT_VALUE = 5,  /* fails with -EAGAIN unless key holds exactly value */
     BATCH_ASSERT_EMPTY = 6,  /* fails with -ENOTEMPTY if a key in [key, end) exists */
+    /* BATCH_ASSERT_VALUE that the shard may wait for, up to SHARD_AWAIT_MS
+     * (shard.h): the sender has a batch in flight that makes key hold
+     * value (pipelined writes of one file). Only as a batch's first item. */
+    BATCH_AWAIT_VALUE = 7,
 };
-#define BATCH_OP_MAX BATCH_ASSERT_EMPTY
+#define BATCH_OP_MAX BATCH_AWAIT_VALUE
 
 struct batch {
     uint8_t *buf;

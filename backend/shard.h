@@ -40,6 +40,11 @@
 
 #include "batch.h"
 
+/* How long a batch led by BATCH_AWAIT_VALUE (batch.h) may wait at its
+ * shard for the key to hold the value: the sender's batch before it is in
+ * flight, and arrives within a round trip. */
+#define SHARD_AWAIT_MS 500u
+
 struct shard;
 
 /* Scan callback: key and value are borrowed for the duration of the call only.

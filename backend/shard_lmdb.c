@@ -48,6 +48,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "clock.h"
 #include "durable.h"
 #include "endian.h"
 
@@ -101,6 +102,8 @@ struct shard_lmdb {
     char dir[4096];
     pthread_mutex_t lock;
     pthread_cond_t wake;        /* flusher sleeps on it; signalled at close */
+    pthread_cond_t applied;     /* a batch was applied (await_turn); with lock */
+    unsigned awaiting;          /* batches in await_turn; protected by lock */
     pthread_t flusher;
     int flusher_started;
     int closing;                /* protected by lock */
@@ -310,6 +313,7 @@ static int apply_items(MDB_txn *txn, MDB_dbi dbi, const uint8_t *buf, size_t len
             break;
         case BATCH_ASSERT_ABSENT:
         case BATCH_ASSERT_VALUE:
+        case BATCH_AWAIT_VALUE:
             rc = mode == ITEMS_CHECKED ? check_assert(txn, dbi, &it) : 0;
             break;
         case BATCH_ASSERT_EMPTY:
@@ -1346,6 +1350,38 @@ static void notify(struct shard_lmdb *sl, const struct stream_pos *p)
     pthread_rwlock_unlock(&sl->listen_lock);
 }
 
+/* A batch led by BATCH_AWAIT_VALUE that found its key otherwise: wait, the
+ * lock held, for the next batch applied (perhaps the one the sender sent
+ * before it) or until deadline_ms. 0 to try again, -EAGAIN if the time is
+ * up, -EWOULDBLOCK where no waiting is allowed (the node server's
+ * event thread: it redoes the request on a worker). */
+static int await_turn(struct shard_lmdb *sl, const struct batch *b, uint64_t *deadline_ms)
+{
+    struct batch_item it;
+    size_t pos = 0;
+    uint64_t now = (uint64_t)clock_mono_ms();
+
+    if (batch_next(b->buf, b->len, &pos, &it) != 1 || it.op != BATCH_AWAIT_VALUE)
+        return -EAGAIN;
+    if (shard_nowait_refuse())
+        return -EWOULDBLOCK;
+    if (!*deadline_ms)
+        *deadline_ms = now + SHARD_AWAIT_MS;
+    if (now >= *deadline_ms)
+        return -EAGAIN;
+    struct timespec t;
+    clock_deadline_at(&t, (int64_t)*deadline_ms);
+    /* Woken by every batch applied: try the whole batch again (its check,
+     * its log record) only once its first item holds. */
+    sl->awaiting++;
+    do {
+        if (pthread_cond_timedwait(&sl->applied, &sl->lock, &t) == ETIMEDOUT)
+            break;
+    } while (txn_ensure(sl) == 0 && check_assert(sl->txn, sl->dbi, &it) == -EAGAIN);
+    sl->awaiting--;
+    return 0;
+}
+
 int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_pos *out)
 {
     struct shard_lmdb *sl = to_lmdb(s);
@@ -1364,26 +1400,32 @@ int shard_lmdb_apply_pos(struct shard *s, const struct batch *b, struct stream_p
             *out = sl->pos;
         goto out;
     }
-    if (sl->snapshotting) {
-        rc = -EBUSY;
-        goto out;
+    for (uint64_t deadline = 0;;) {
+        if (sl->snapshotting) {
+            rc = -EBUSY;
+            goto out;
+        }
+        /* Without waiting: a batch that needs no commit (the log write
+         * goes to the page cache). */
+        if (sl->pending_bytes + 2 * b->len >= sl->commit_bytes && shard_nowait_refuse()) {
+            rc = -EWOULDBLOCK;
+            goto out;
+        }
+        rc = space_admit(sl, b->len);
+        if (rc == 0)
+            rc = lsn_reserve(sl);
+        if (rc)
+            goto out;
+        r.pos.epoch = sl->epoch;
+        r.pos.lsn = sl->next_lsn;
+        r.pos.check = stream_check_next(sl->pos.check, r.pos.epoch, r.pos.lsn, b->buf, b->len);
+        r.time_ms = now_ms();
+        rc = record_apply(sl, &r, b->buf, b->len, ITEMS_CHECKED);
+        if (rc != -EAGAIN || (rc = await_turn(sl, b, &deadline)) != 0)
+            break;
     }
-    /* Without waiting: a batch that needs no commit (the log write goes to
-     * the page cache). */
-    if (sl->pending_bytes + 2 * b->len >= sl->commit_bytes && shard_nowait_refuse()) {
-        rc = -EWOULDBLOCK;
-        goto out;
-    }
-    rc = space_admit(sl, b->len);
-    if (rc == 0)
-        rc = lsn_reserve(sl);
-    if (rc)
-        goto out;
-    r.pos.epoch = sl->epoch;
-    r.pos.lsn = sl->next_lsn;
-    r.pos.check = stream_check_next(sl->pos.check, r.pos.epoch, r.pos.lsn, b->buf, b->len);
-    r.time_ms = now_ms();
-    rc = record_apply(sl, &r, b->buf, b->len, ITEMS_CHECKED);
+    if (rc == 0 && sl->awaiting)
+        pthread_cond_broadcast(&sl->applied);
     if (rc == 0 && out)
         *out = r.pos;
 out:
@@ -1534,6 +1576,7 @@ static void lmdb_close(struct shard *s)
         if (sl->logs[i].fd >= 0)
             close(sl->logs[i].fd);
     pthread_cond_destroy(&sl->wake);
+    pthread_cond_destroy(&sl->applied);
     pthread_mutex_destroy(&sl->lock);
     pthread_rwlock_destroy(&sl->listen_lock);
     free(sl);
@@ -1722,6 +1765,11 @@ int shard_lmdb_open(const char *dir, unsigned index, const struct shard_lmdb_opt
     sl->logs[0].fd = sl->logs[1].fd = -1;
     pthread_mutex_init(&sl->lock, NULL);
     pthread_cond_init(&sl->wake, NULL);
+    pthread_condattr_t mono;
+    pthread_condattr_init(&mono);
+    pthread_condattr_setclock(&mono, CLOCK_MONOTONIC);
+    pthread_cond_init(&sl->applied, &mono);
+    pthread_condattr_destroy(&mono);
     pthread_rwlock_init(&sl->listen_lock, NULL);
     sl->interval_ms = opt && opt->commit_interval_ms ? opt->commit_interval_ms : DEFAULT_INTERVAL_MS;
     sl->commit_bytes = opt && opt->commit_bytes ? opt->commit_bytes : DEFAULT_COMMIT_BYTES;

@@ -52,6 +52,7 @@
  * ESTALE enough while renames keep coming (node_reached_by_old_name()).
  */
 #include "fuse_ops.h"
+#include "write_behind.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -128,6 +129,7 @@ struct fs {
     int direct_append;       /* O_APPEND opens use direct I/O: others write too */
     int direct_io_mmap;      /* the kernel maps direct-I/O files shared; set by op_init */
     int other_nodes;         /* other nodes' mounts may replace files */
+    struct wb *wb;           /* writes to other nodes' shards; NULL alone */
     struct fuse_session *se; /* for invalidations; NULL until fs_start() */
     pthread_mutex_t inval_lock;
     pthread_cond_t inval_cond;
@@ -741,11 +743,12 @@ static int open_begin(struct fs *fs, struct node *n)
 
 static void fill_open(struct fs *fs, struct fuse_file_info *fi, struct handle *h)
 {
-    (void)fs;
     fi->fh = (uint64_t)(uintptr_t)h;
-    /* Nothing is buffered in the daemon: every write is applied and logged
-     * before it is answered, so close() needs no FLUSH round trip. */
-    fi->noflush = 1;
+    /* Every write to this node's shards is applied and logged before it is
+     * answered, so close() needs no FLUSH round trip; one that may write to
+     * another node's shard does: close() waits for the writes behind
+     * (write_behind.h) and reports their failure. */
+    fi->noflush = !fs->wb || (fi->flags & O_ACCMODE) == O_RDONLY;
     fi->keep_cache = fs->keep_cache;
     fi->direct_io = h->direct_io;
 }
@@ -795,6 +798,12 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         fuse_reply_entry(req, &e);
         return;
     }
+    if (rc == 0 && wb_holds(fs->wb, &ino.id)) {
+        /* Being written here: the size the writes behind make, not the
+         * store's of now (the kernel would cut its cached pages to it). */
+        wb_wait(fs->wb, &ino.id);
+        rc = ns_getattr(fs->ns, &ino.id, &ino);
+    }
     if (rc) {
         reply_rc(req, rc);
         return;
@@ -830,8 +839,10 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
      * is older than the timeout. An open reads afresh (op_open), so
      * close-to-open holds. */
     struct node *n = node_of(fs, ino);
-    int rc = ns_getattr_recent(fs->ns, &n->id, (unsigned)(fs->attr_timeout * 1000), &node,
-                               &age_ms);
+    int rc;
+
+    wb_wait(fs->wb, &n->id); /* its size and times as written here */
+    rc = ns_getattr_recent(fs->ns, &n->id, (unsigned)(fs->attr_timeout * 1000), &node, &age_ms);
 
     (void)fi;
     if (rc == 0 && unnamed_file(&node) && node_reached_by_old_name(fs, n, 0))
@@ -875,6 +886,7 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
         sa.mask |= NS_SET_CTIME, sa.ctime = attr->st_ctim;
     if (to_set & (FUSE_SET_ATTR_KILL_SUID | FUSE_SET_ATTR_KILL_SGID | FUSE_SET_ATTR_KILL_PRIV))
         sa.mask |= NS_SET_KILL_SUIDGID;
+    wb_wait(fs->wb, &node_of(fs, ino)->id); /* a truncate after the writes before it */
     rc = ns_setattr(fs->ns, &node_of(fs, ino)->id, &sa, &node);
     if (sa.mask & NS_SET_SIZE)
         atomic_fetch_add(&node_of(fs, ino)->wgen, 1); /* after the apply: open_snapshot */
@@ -969,8 +981,11 @@ static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const 
 {
     struct fs *fs = fs_of(req);
     struct inode node;
-    int rc = ns_link(fs->ns, &node_of(fs, ino)->id, &node_of(fs, newparent)->id, newname,
-                     strlen(newname), &node);
+    int rc;
+
+    wb_wait(fs->wb, &node_of(fs, ino)->id); /* its entry's attributes */
+    rc = ns_link(fs->ns, &node_of(fs, ino)->id, &node_of(fs, newparent)->id, newname,
+                 strlen(newname), &node);
 
     if (rc) {
         reply_rc(req, rc);
@@ -996,6 +1011,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
      * through a name the kernel cached before that must not find it, nor
      * truncate it (node_reached_by_old_name). */
     int strict = node_reached_by_old_name(fs, n, 1);
+    wb_wait(fs->wb, &n->id); /* an O_TRUNC after them; the size after them */
     uint64_t wgen = atomic_load(&n->wgen);
     /* With other nodes the open is registered on the inode's shard first,
      * in the batch that reads (asserts) or truncates the inode: registered
@@ -1103,6 +1119,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, ENOMEM);
         return;
     }
+    wb_wait(fs->wb, &nd->id); /* the bytes written here */
     n = open_snapshot_read(fs, (struct handle *)(uintptr_t)fi->fh, nd, off, size, buf);
     if (n < 0)
         n = ns_read(fs->ns, &nd->id, (uint64_t)off, size, buf);
@@ -1158,6 +1175,21 @@ static int inval_queue(struct fs *fs, fuse_req_t req, fuse_ino_t ino, off_t off,
     return 0;
 }
 
+/* A write that may go behind (write_behind.h): a buffered write(2) of at
+ * least WB_MIN_WRITE bytes, or one that follows such writes, to another
+ * node's shard. Appends (placed at the end by the store), direct and
+ * synchronous writes and a mapping's pages (writepage) are applied before
+ * they are answered, as before. */
+#define WB_MIN_WRITE (32u << 10)
+static int write_behind_ok(struct fs *fs, const struct fuse_file_info *fi, int placed,
+                           struct node *nd, size_t size)
+{
+    if (!fs->wb || placed || fi->writepage || (fi->flags & (O_DSYNC | O_SYNC)) ||
+        size > WB_BATCH_MAX || !ns_inode_is_remote(fs->ns, &nd->id))
+        return 0;
+    return size >= WB_MIN_WRITE || wb_holds(fs->wb, &nd->id);
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
@@ -1176,6 +1208,22 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 
     if (!direct)
         atomic_store(&nd->paged, 1); /* the kernel keeps what it wrote */
+    if (write_behind_ok(fs, fi, append || direct, nd, size)) {
+        int rc = wb_write(fs->wb, &nd->id, (uint64_t)off, buf, size, 0);
+        atomic_fetch_add(&nd->wgen, 1); /* open_snapshot: its data changed */
+        if (rc)
+            reply_rc(req, rc);
+        else
+            fuse_reply_write(req, size);
+        return;
+    }
+    /* After the writes behind, and failing as they did (write_behind.h). */
+    int wrc = wb_drain(fs->wb, &nd->id);
+    if (wrc) {
+        reply_rc(req, wrc);
+        return;
+    }
+    wb_wait(fs->wb, &nd->id); /* this write changes the inode they expect */
     n = ns_write(fs->ns, &nd->id, (uint64_t)off, buf, size, append, 0, direct ? &new_size : NULL);
     atomic_fetch_add(&nd->wgen, 1); /* after the apply: open_snapshot */
     if (n < 0) {
@@ -1194,16 +1242,22 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     fuse_reply_write(req, (size_t)n);
 }
 
+/* close(): the writes behind have landed, or it fails with their error. */
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    (void)ino, (void)fi;
-    fuse_reply_err(req, 0);
+    struct fs *fs = fs_of(req);
+
+    (void)fi;
+    reply_rc(req, wb_drain(fs->wb, &node_of(fs, ino)->id));
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
 
+    /* Landed before the last close's reap or unregistration; a failure
+     * was the FLUSH's to report. */
+    wb_wait(fs->wb, &node_of(fs, ino)->id);
     handle_free(fs, (struct handle *)(uintptr_t)fi->fh);
     open_end(fs, node_of(fs, ino));
     fuse_reply_err(req, 0);
@@ -1212,14 +1266,17 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
+    int rc = wb_drain(fs->wb, &node_of(fs, ino)->id);
+
     (void)datasync, (void)fi;
-    reply_rc(req, ns_sync(fs->ns, &node_of(fs, ino)->id));
+    reply_rc(req, rc ? rc : ns_sync(fs->ns, &node_of(fs, ino)->id));
 }
 
 static void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     struct fs *fs = fs_of(req);
     (void)ino, (void)datasync, (void)fi;
+    wb_drain_all(fs->wb); /* syncfs: every write taken so far */
     reply_rc(req, ns_sync(fs->ns, NULL));
 }
 
@@ -1377,7 +1434,8 @@ static int dir_entry_param(struct fs *fs, struct dir_handle *d, const struct dir
     struct node *n;
     int rc;
 
-    if (de->has_attr && monotonic_ms() - d->loaded_ms <= DIR_ATTR_FRESH_MS) {
+    if (de->has_attr && monotonic_ms() - d->loaded_ms <= DIR_ATTR_FRESH_MS &&
+        !wb_holds(fs->wb, &de->id)) {
         if (!(n = node_ref(fs, &de->id, 0)))
             return -ENOMEM;
         memset(e, 0, sizeof(*e));
@@ -1388,6 +1446,7 @@ static int dir_entry_param(struct fs *fs, struct dir_handle *d, const struct dir
         e->entry_timeout = fs->entry_timeout;
         return 0;
     }
+    wb_wait(fs->wb, &de->id);
     rc = ns_getattr(fs->ns, &de->id, &child);
     if (rc == -ENOENT || rc == -ESTALE)
         return 1;
@@ -1506,6 +1565,7 @@ static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const 
                         size_t size, int flags)
 {
     struct fs *fs = fs_of(req);
+    wb_wait(fs->wb, &node_of(fs, ino)->id); /* a change of the inode */
     reply_rc(req, ns_setxattr(fs->ns, &node_of(fs, ino)->id, name, value, size, flags));
 }
 
@@ -1552,6 +1612,7 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 {
     struct fs *fs = fs_of(req);
+    wb_wait(fs->wb, &node_of(fs, ino)->id); /* a change of the inode */
     reply_rc(req, ns_removexattr(fs->ns, &node_of(fs, ino)->id, name));
 }
 
@@ -1598,6 +1659,10 @@ struct fs *fs_new(struct ns *ns, double cache_timeout, int shared)
     fs->inval_tail = &fs->inval_head;
     fs->root.id = record_root_id;
     fs->root.nlookup = 1;
+    if (fs->other_nodes && !(fs->wb = wb_new(ns))) {
+        fs_free(fs);
+        return NULL;
+    }
     return fs;
 }
 
@@ -1629,6 +1694,8 @@ int fs_start(struct fs *fs, struct fuse_session *se)
     rc = thread_start(&fs->inval_thread, inval_main, fs, "shardfs-inval", &fs->inval_running);
     if (rc == 0 && fs->other_nodes)
         rc = thread_start(&fs->reg_thread, reg_main, fs, "shardfs-openreg", &fs->reg_running);
+    if (rc == 0 && fs->wb)
+        rc = wb_start(fs->wb);
     return rc;
 }
 
@@ -1700,6 +1767,7 @@ void fs_stop(struct fs *fs)
 {
     if (!fs)
         return;
+    wb_stop(fs->wb); /* what write() answered lands before anything stops */
     inval_thread_stop(fs);
     reg_thread_stop(fs);
     reap_orphans(fs);
@@ -1709,6 +1777,7 @@ void fs_free(struct fs *fs)
 {
     if (!fs)
         return;
+    wb_free(fs->wb);
     inval_thread_stop(fs); /* if fs_stop() was not called: nothing is queued */
     reg_thread_stop(fs);
     free(fs->reg_queue);

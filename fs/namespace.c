@@ -698,6 +698,11 @@ static int inode_is_remote(const struct ns *ns, const struct ino_id *id)
     return !ns_shard_is_local(ns, home_of(ns, record_id_hash(id)));
 }
 
+int ns_inode_is_remote(const struct ns *ns, const struct ino_id *id)
+{
+    return inode_is_remote(ns, id);
+}
+
 /* id's guess slot, one of GUESS_WAYS of its lock stripe: guarded by it.
  * An open's registration asserts the guess instead of reading the inode
  * (ns_setattr, NS_SET_REGISTER), so a reader walking a directory (tar,
@@ -744,6 +749,22 @@ static void guess_note(struct ns *ns, const struct inode *ino)
         return;
     lock_inode(ns, &ino->id);
     guess_set(ns, ino);
+    unlock_inode(ns, &ino->id);
+}
+
+/* guess_note unless the guess is of a later change of the inode (ctime
+ * moves strictly forward): pipelined writes of one file land in order,
+ * but their answers may come back in any. */
+static void guess_advance(struct ns *ns, const struct inode *ino)
+{
+    struct inode now;
+
+    if (!inode_is_remote(ns, &ino->id))
+        return;
+    lock_inode(ns, &ino->id);
+    if (guess_get(ns, &ino->id, &now, NULL) != 0 || now.ctime.tv_sec < ino->ctime.tv_sec ||
+        (now.ctime.tv_sec == ino->ctime.tv_sec && now.ctime.tv_nsec <= ino->ctime.tv_nsec))
+        guess_set(ns, ino);
     unlock_inode(ns, &ino->id);
 }
 
@@ -1874,6 +1895,8 @@ static int chunk_load(struct ns *ns, const struct inode *ino, uint64_t idx, uint
         memcpy(buf, ino->tail, ino->tail_len);
         return (int)ino->tail_len;
     }
+    if (idx * RECORD_CHUNK >= ino->size)
+        return 0; /* none lies wholly past the end (data_resize, fsck) */
     rc = shard_get(inode_shard(ns, &ino->id), key, record_chunk_key(key, &ino->id, idx), 0, buf,
                    RECORD_CHUNK, &vlen);
     if (rc == -ENOENT)
@@ -2248,7 +2271,7 @@ static int write_change(struct ns *ns, struct batch *b, struct inode *ino, const
 }
 
 static ssize_t write_held(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
-                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+                 size_t size, int append, int kill_suidgid, struct inode *after)
 {
     struct write_args w = {off, data, size, append, kill_suidgid};
     struct inode ino;
@@ -2256,9 +2279,17 @@ static ssize_t write_held(struct ns *ns, const struct ino_id *id, uint64_t off, 
 
     if (rc)
         return rc;
-    if (new_size)
-        *new_size = ino.size;
+    if (after)
+        *after = ino;
     return (ssize_t)size;
+}
+
+/* A planned write reads nothing from the store: it starts in a chunk at
+ * or past base's end (no old chunk lies there), of a file not inline. */
+int ns_write_plannable(const struct inode *base, uint64_t off)
+{
+    return S_ISREG(base->mode) && base->size > RECORD_INLINE_MAX &&
+           off / RECORD_CHUNK * RECORD_CHUNK >= base->size;
 }
 
 /* ---- setattr ---- */
@@ -3873,8 +3904,8 @@ ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t 
     return e < 0 ? e : rc;
 }
 
-ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
-                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+static ssize_t write_again(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+                           size_t size, int append, int kill_suidgid, struct inode *after)
 {
     unsigned tries = 0;
     ssize_t rc;
@@ -3882,11 +3913,68 @@ ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const voi
 
     do {
         ns_hold(ns);
-        rc = write_held(ns, id, off, data, size, append, kill_suidgid, new_size);
+        rc = write_held(ns, id, off, data, size, append, kill_suidgid, after);
         ns_unhold(ns);
         e = rc < 0 ? (int)rc : 0;
     } while (ns_again(ns, &e, tries++, 1));
     return e < 0 ? e : rc;
+}
+
+ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+                 size_t size, int append, int kill_suidgid, uint64_t *new_size)
+{
+    struct inode after;
+    ssize_t rc = write_again(ns, id, off, data, size, append, kill_suidgid, &after);
+
+    if (rc >= 0 && new_size)
+        *new_size = after.size;
+    return rc;
+}
+
+ssize_t ns_write_ino(struct ns *ns, const struct ino_id *id, uint64_t off, const void *data,
+                     size_t size, struct inode *after)
+{
+    return write_again(ns, id, off, data, size, 0, 0, after);
+}
+
+int ns_write_plan(struct ns *ns, const struct inode *base, uint64_t off, const void *data,
+                  size_t size, int behind, struct batch *b, struct inode *after)
+{
+    struct write_args w = {off, data, size, 0, 0};
+    uint8_t key[RECORD_KEY_MAX], old[RECORD_INODE_MAX];
+    int rc;
+
+    if (!ns_write_plannable(base, off))
+        return -EINVAL;
+    *after = *base;
+    batch_init(b);
+    /* Awaited when the batch before it may be in flight still. */
+    batch_add(b, behind ? BATCH_AWAIT_VALUE : BATCH_ASSERT_VALUE, key,
+              record_inode_key(key, &base->id), old,
+              record_inode_encode(old, base));
+    rc = write_change(ns, b, after, &w); /* reads nothing: ns_write_plannable */
+    if (rc == INODE_PUT) {
+        batch_put_inode(b, after);
+        rc = b->error;
+    } else if (rc >= 0) {
+        rc = -EIO; /* a write always puts the inode */
+    }
+    if (rc)
+        batch_free(b);
+    return rc;
+}
+
+int ns_write_planned(struct ns *ns, struct batch *b, const struct inode *after)
+{
+    int rc;
+
+    ns_hold(ns);
+    rc = shard_apply(inode_shard(ns, &after->id), b);
+    ns_unhold(ns);
+    batch_free(b);
+    if (rc == 0)
+        guess_advance(ns, after);
+    return rc;
 }
 
 int ns_setattr(struct ns *ns, const struct ino_id *id, const struct ns_setattr *sa,

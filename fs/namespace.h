@@ -23,6 +23,7 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "batch.h"
 #include "config.h"
 #include "record.h"
 #include "shard.h"
@@ -119,6 +120,9 @@ unsigned ns_home(const struct ns *ns, uint64_t hash);
 unsigned ns_shard_depth(const struct ns *ns, unsigned index);
 /* 1 if this node owns shard index (it is an LMDB environment here). */
 int ns_shard_is_local(const struct ns *ns, unsigned index);
+/* 1 if id's inode (and so its data) lives on a shard this node does not
+ * hold: a change of it is a round trip to another node. */
+int ns_inode_is_remote(const struct ns *ns, const struct ino_id *id);
 struct shard *ns_shard(struct ns *ns, unsigned index);
 /* This node's replica of shard index (shards.conf `replicas`): an LMDB
  * shard ns_open() opened beside the namespace for the replica-sync thread
@@ -240,6 +244,26 @@ ssize_t ns_read_at(struct ns *ns, const struct inode *ino, uint64_t off, size_t 
  * written, and the file's new size in *new_size when not NULL. */
 ssize_t ns_write(struct ns *ns, const struct ino_id *id, uint64_t off, const void *buf,
                  size_t size, int append, int kill_suidgid, uint64_t *new_size);
+/* ns_write (not an append) that gives the inode it left in *after. */
+ssize_t ns_write_ino(struct ns *ns, const struct ino_id *id, uint64_t off, const void *buf,
+                     size_t size, struct inode *after);
+
+/* Pipelined writes (write_behind.h). ns_write_plan builds, with no round
+ * trip, the batch of a write of [off, off + size) onto the inode *base (as
+ * a write not yet landed will leave it): it asserts *base, puts the chunks
+ * and the new inode, which it also gives in *after. Only a write that
+ * reads no old chunk can be planned: base a regular file larger than
+ * RECORD_INLINE_MAX, and off in a chunk at or past base's end; else
+ * -EINVAL. behind: the write that leaves *base may still be in flight, and
+ * the shard waits a little for it (BATCH_AWAIT_VALUE). 0, or -errno (b is then freed). ns_write_planned applies b (and
+ * frees it): 0; -EAGAIN if the inode is not *base (the write before has
+ * not landed, or another change came first); -EBADSLT if the shard's
+ * layout changed; either way nothing changed and the write is to be done
+ * again with ns_write_ino once the writes before it are done; or -errno. */
+int ns_write_plannable(const struct inode *base, uint64_t off);
+int ns_write_plan(struct ns *ns, const struct inode *base, uint64_t off, const void *buf,
+                  size_t size, int behind, struct batch *b, struct inode *after);
+int ns_write_planned(struct ns *ns, struct batch *b, const struct inode *after);
 
 int ns_readdir(struct ns *ns, const struct ino_id *dir, ns_dirent_fn fn, void *ctx);
 

@@ -30,7 +30,7 @@ static void put_u32le(uint8_t *p, uint32_t v)
 static int op_has_value(enum batch_op op)
 {
     return op == BATCH_PUT || op == BATCH_DEL_RANGE || op == BATCH_ASSERT_VALUE ||
-           op == BATCH_ASSERT_EMPTY;
+           op == BATCH_ASSERT_EMPTY || op == BATCH_AWAIT_VALUE;
 }
 
 /* ---- a table of operations, built and walked back ---- */
