@@ -405,6 +405,74 @@ def test_listing_attributes_across_nodes(cluster):
 
 
 @pytest.mark.timeout_s(120)
+def test_listing_while_another_node_renames(cluster):
+    """Node b renames files of a directory back and forth (rsync's temporary
+    names, and renames over other names) while node a lists it again and
+    again: the listing joins each entry with its inode on the entry's shard,
+    and reads the rest after. A file renamed between the scan and the join
+    is listed with its own attributes or not at all, never with another
+    file's: each file has a size of its own, so every (inode, size) listed
+    must be a pair that exists, and each name comes once a listing. (One
+    file may show under its old name and its new one, when the rename moved
+    it from a shard the listing had read to one it read after: POSIX leaves
+    a name removed or added after opendir unspecified, and ext4 can do the
+    same.)"""
+    d = {n: cluster.p(n, "rndir") for n in NODES}
+    os.mkdir(d["b"])
+    sizes = {}
+    for i in range(40):
+        path = os.path.join(d["b"], "f%02d" % i)
+        write_file(path, b"z" * (100 + 7 * i))
+        sizes[os.stat(path).st_ino] = 100 + 7 * i
+    stop = threading.Event()
+    errors = []
+
+    def renamer():
+        rng = random.Random(5)
+        try:
+            while not stop.is_set():
+                i, j = rng.randrange(40), rng.randrange(40)
+                src = os.path.join(d["b"], "f%02d" % i)
+                tmp = os.path.join(d["b"], ".tmp.f%02d" % i)
+                os.rename(src, tmp)
+                os.rename(tmp, src)
+                if i != j:  # swap two names through a third
+                    other = os.path.join(d["b"], "f%02d" % j)
+                    os.rename(src, tmp)
+                    os.rename(other, src)
+                    os.rename(tmp, other)
+        except OSError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=renamer, daemon=True)
+    t.start()
+    listings = 0
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not errors:
+            names = set()
+            with os.scandir(d["a"]) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # renamed away since the listing: not listed
+                    assert st.st_ino in sizes, "%s: an inode never made (%d)" % (e.name, st.st_ino)
+                    assert st.st_size == sizes[st.st_ino], \
+                        "%s listed with inode %d and size %d: that inode's size is %d" % (
+                            e.name, st.st_ino, st.st_size, sizes[st.st_ino])
+                    assert e.name not in names, "%s listed twice" % e.name
+                    names.add(e.name)
+            listings += 1
+    finally:
+        stop.set()
+        t.join(30)
+    assert not errors, errors
+    assert listings >= 10, "only %d listings in 15 s" % listings
+    assert sorted(_listing_attrs(d["a"])) == sorted(os.listdir(d["b"]))
+
+
+@pytest.mark.timeout_s(120)
 def test_reads_through_other_nodes_at_every_boundary(cluster):
     """Files made through b (their shards on every node) read back through a
     and c with pread at offsets and lengths around the 64 KiB chunks: a read
